@@ -1,0 +1,234 @@
+"""The headless command line: ``fedtray-client`` and ``python -m client``.
+
+Contract:
+
+* :func:`main` parses ``argv``, sets up logging and runs one command; it returns the
+  exit code and never lets a traceback reach the user for expected problems:
+  0 ok, 1 the disk refused (e.g. settings could not be saved), 2 usage or validation
+  error, 130 interrupted. Every error is one line on stderr starting with ``error:``.
+* Without a subcommand it runs the client: ``--server``, ``--name`` and
+  ``--battery-threshold`` are validated and saved to the settings first
+  (:func:`apply_cli_overrides`), then :func:`run_client` is called.
+* ``config show [--json]`` / ``config path`` / ``config set KEY VALUE`` read and change
+  the settings; the auth token is never printed.
+* ``info`` prints this device's description and a resource snapshot as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from client import __version__
+from client.config import (
+    SETTABLE_KEYS,
+    Settings,
+    SettingsError,
+    config_path,
+    load_settings,
+    redacted,
+    save_settings,
+    with_setting,
+)
+from client.logsetup import LogLevelError, add_secret, parse_level, setup_logging
+
+__all__ = ["apply_cli_overrides", "build_parser", "main", "run_client"]
+
+PROG = "fedtray-client"
+EXIT_OK = 0
+EXIT_IO = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+# (argparse dest, settings key) for the run-mode flags that persist.
+_OVERRIDES: tuple[tuple[str, str], ...] = (
+    ("server", "server_url"),
+    ("name", "device_name"),
+    ("battery_threshold", "battery_threshold"),
+)
+
+
+def _log_level(value: str) -> str:
+    try:
+        parse_level(value)
+    except LogLevelError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value.upper()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every command (exposed for tests and later commands)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Lend this computer's spare power to federated training (headless client).",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument(
+        "--log-level",
+        type=_log_level,
+        default="INFO",
+        metavar="LEVEL",
+        help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default: INFO)",
+    )
+    run = parser.add_argument_group("running the client (saved to the settings)")
+    # Default None rather than the URL: only a value the user typed may overwrite the
+    # saved setting. The setting itself defaults to http://localhost:3001.
+    run.add_argument(
+        "--server",
+        "-s",
+        metavar="URL",
+        help="server URL to connect to (default: the saved setting, initially "
+        "http://localhost:3001)",
+    )
+    run.add_argument("--name", "-n", metavar="NAME", help="this device's display name")
+    run.add_argument(
+        "--no-reconnect",
+        action="store_true",
+        help="exit instead of reconnecting when the connection drops",
+    )
+    run.add_argument(
+        "--battery-threshold",
+        metavar="PERCENT",
+        help="on battery, only train above this charge (0-100; 100 = only when plugged in)",
+    )
+
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    config = commands.add_parser("config", help="show or change the settings")
+    config_cmds = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    show = config_cmds.add_parser("show", help="print the settings (the token is hidden)")
+    show.add_argument("--json", action="store_true", help="print JSON instead of key = value")
+    config_cmds.add_parser("path", help="print the settings file's path")
+    set_ = config_cmds.add_parser("set", help="change one setting and save it")
+    set_.add_argument("key", metavar="KEY", help=f"one of: {', '.join(SETTABLE_KEYS)}")
+    set_.add_argument("value", metavar="VALUE", help="new value ('none' clears an optional one)")
+    commands.add_parser("info", help="print device info and a resource snapshot as JSON")
+    return parser
+
+
+def _format_value(value: object) -> str:
+    if value is None:
+        return "(not set)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+def _print_settings(settings: Settings, *, as_json: bool) -> None:
+    shown = redacted(settings)
+    if as_json:
+        print(json.dumps(shown, indent=2, ensure_ascii=False))
+        return
+    for key, value in shown.items():
+        print(f"{key} = {_format_value(value)}")
+
+
+def apply_cli_overrides(
+    settings: Settings, args: argparse.Namespace, *, path: Path | None = None
+) -> Settings:
+    """Validate ``--server``/``--name``/``--battery-threshold`` and save them when they change.
+
+    Returns the updated settings. Raises :class:`SettingsError` for a bad value (nothing
+    is saved then) and :class:`OSError` when the settings cannot be written.
+    """
+    updated = settings
+    for dest, key in _OVERRIDES:
+        raw = getattr(args, dest, None)
+        if raw is not None:
+            updated = with_setting(updated, key, str(raw))
+    if updated != settings:
+        save_settings(updated, path)
+    return updated
+
+
+def run_client(args: argparse.Namespace) -> int:
+    """Run the networked session. Placeholder until the session is built."""
+    print(f"{PROG}: the networked session is not built yet", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    if args.config_command == "path":
+        print(config_path())
+        return EXIT_OK
+    settings = load_settings()
+    if args.config_command == "show":
+        _print_settings(settings, as_json=args.json)
+        return EXIT_OK
+    # config set
+    updated = with_setting(settings, args.key, args.value)
+    try:
+        save_settings(updated)
+    except OSError as exc:
+        _error(f"could not save settings to {config_path()}: {exc}")
+        return EXIT_IO
+    print(f"{args.key} = {_format_value(redacted(updated)[args.key])}")
+    return EXIT_OK
+
+
+def _cmd_info() -> int:
+    # Imported here so that `config` commands work without probing the hardware.
+    from client.device import detect_device
+    from client.resources import ResourceMonitor
+
+    device = detect_device()
+    snapshot = ResourceMonitor().snapshot()
+    report = {
+        "device": device.model_dump(mode="json", by_alias=True),
+        "resources": snapshot.model_dump(mode="json", by_alias=True),
+    }
+    print(json.dumps(report, indent=2, ensure_ascii=False))
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    try:
+        settings = apply_cli_overrides(settings, args)
+    except OSError as exc:
+        # Not fatal: run with the values given, they just will not be remembered.
+        _error(f"could not save settings to {config_path()} ({exc}); continuing without saving")
+    if settings.auth_token:
+        add_secret(settings.auth_token)
+    return run_client(args)
+
+
+def _error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``fedtray-client``; returns the process exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits for --help, --version and usage errors
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+
+    if args.command is not None:
+        given = [f"--{dest.replace('_', '-')}" for dest, _ in _OVERRIDES if getattr(args, dest)]
+        if given or args.no_reconnect:
+            given += ["--no-reconnect"] if args.no_reconnect else []
+            verb = "applies" if len(given) == 1 else "apply"
+            _error(
+                f"{', '.join(given)} {verb} only when running the client; "
+                "use `config set KEY VALUE` to change settings"
+            )
+            return EXIT_USAGE
+
+    setup_logging(args.log_level)
+    try:
+        if args.command == "config":
+            return _cmd_config(args)
+        if args.command == "info":
+            return _cmd_info()
+        return _cmd_run(args)
+    except SettingsError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED

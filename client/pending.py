@@ -1,0 +1,231 @@
+"""Trained updates waiting to be accepted by the server, kept on disk until acknowledged.
+
+Contract:
+
+* :meth:`PendingStore.add` moves the worker's update file into the pending directory
+  FIRST and then writes its JSON sidecar (round id, task, base version, sample count,
+  metrics, size, SHA-256, format), both atomically (:mod:`client.atomicfile`). An entry
+  exists only once its sidecar exists. On a disk error it raises :class:`OSError`, and
+  the update is left where it was (moved back when the sidecar could not be written).
+* :meth:`PendingStore.entries` lists complete entries, oldest first. Leftovers of a
+  crash (a data file without sidecar, a sidecar without data, temp files) are removed
+  with a log line; a sidecar that does not validate is renamed ``*.corrupt`` (kept for
+  inspection, never submitted) with a log line.
+* :meth:`PendingStore.read` returns the bytes only when they still match the recorded
+  size and SHA-256 (else :class:`client.errors.FedtrayError` ``checksum_mismatch`` /
+  ``size_mismatch``).
+* :meth:`PendingStore.remove` deletes an entry (idempotent). Only the session calls it,
+  after the server acknowledged the update (accepted, ``duplicate`` or ``round_closed``).
+* File names are derived from a hash of the round id, so any round id is a safe name.
+
+Not thread-safe: owned by the session's event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import platformdirs
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from client.atomicfile import move_into, write_atomic
+from client.errors import FedtrayError
+from client.protocol import Identifier, Metrics, NonNegInt, PosInt, Sha256Hex, WeightFormat
+
+log = logging.getLogger(__name__)
+
+SIDECAR_SUFFIX: Final = ".json"
+DATA_SUFFIX: Final = ".update"
+CORRUPT_SUFFIX: Final = ".corrupt"
+
+
+def default_pending_dir() -> Path:
+    """``<user data dir>/pending`` (honours ``XDG_DATA_HOME``; computed per call)."""
+    return Path(platformdirs.user_data_dir("fedtray", appauthor=False)) / "pending"
+
+
+class _Sidecar(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+
+    round_id: Identifier
+    task: Identifier
+    base_version: NonNegInt
+    num_samples: PosInt
+    metrics: Metrics = Field(default_factory=dict)
+    size: NonNegInt
+    sha256: Sha256Hex
+    format: WeightFormat
+    created: float
+
+
+@dataclass(frozen=True)
+class PendingUpdate:
+    """One update on disk, ready to send."""
+
+    round_id: str
+    task: str
+    base_version: int
+    num_samples: int
+    metrics: dict[str, float]
+    size: int
+    sha256: str
+    format: WeightFormat
+    created: float
+    path: Path
+    sidecar: Path
+
+
+def _stem(round_id: str) -> str:
+    return hashlib.sha256(round_id.encode("utf-8")).hexdigest()[:32]
+
+
+def _file_sha256(path: Path) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as fh:
+        while block := fh.read(1024 * 1024):
+            digest.update(block)
+            size += len(block)
+    return size, digest.hexdigest()
+
+
+class PendingStore:
+    """The pending-updates directory."""
+
+    def __init__(self, directory: Path | None = None) -> None:
+        self.directory = directory if directory is not None else default_pending_dir()
+
+    def _paths(self, round_id: str) -> tuple[Path, Path]:
+        stem = _stem(round_id)
+        return self.directory / f"{stem}{DATA_SUFFIX}", self.directory / f"{stem}{SIDECAR_SUFFIX}"
+
+    def add(
+        self,
+        source: Path,
+        *,
+        round_id: str,
+        task: str,
+        base_version: int,
+        num_samples: int,
+        metrics: dict[str, float],
+        fmt: WeightFormat,
+        created: float,
+    ) -> PendingUpdate:
+        """Move ``source`` into the store and record its sidecar; raise OSError on disk errors.
+
+        An earlier entry for the same round is replaced (a round is trained once per base).
+        """
+        data_path, sidecar_path = self._paths(round_id)
+        size, sha = _file_sha256(source)
+        sidecar = _Sidecar(
+            round_id=round_id,
+            task=task,
+            base_version=base_version,
+            num_samples=num_samples,
+            metrics=dict(metrics),
+            size=size,
+            sha256=sha,
+            format=fmt,
+            created=created,
+        )
+        move_into(source, data_path)
+        try:
+            write_atomic(sidecar_path, sidecar.model_dump_json().encode("utf-8"))
+        except OSError:
+            # Put the update back where the worker left it rather than orphan it here.
+            with contextlib.suppress(OSError):
+                move_into(data_path, source)
+            raise
+        return self._entry(sidecar, data_path, sidecar_path)
+
+    def entries(self) -> list[PendingUpdate]:
+        """Complete entries, oldest first; cleans up crash leftovers (see module docstring)."""
+        if not self.directory.is_dir():
+            return []
+        found: list[PendingUpdate] = []
+        sidecars = {p.name[: -len(SIDECAR_SUFFIX)]: p for p in self.directory.glob("*.json")}
+        for path in sorted(self.directory.iterdir()):
+            name = path.name
+            if name.startswith(".") and name.endswith(".tmp"):
+                log.info("removing an unfinished temporary file %s", path)
+                _unlink(path)
+            elif name.endswith(DATA_SUFFIX) and name[: -len(DATA_SUFFIX)] not in sidecars:
+                log.warning("removing update %s: its description was never written", path)
+                _unlink(path)
+        for stem, sidecar_path in sorted(sidecars.items()):
+            data_path = self.directory / f"{stem}{DATA_SUFFIX}"
+            try:
+                sidecar = _Sidecar.model_validate_json(sidecar_path.read_bytes())
+            except (OSError, ValidationError) as exc:
+                log.warning(
+                    "pending update %s has an unreadable description (%s); set aside as %s",
+                    sidecar_path,
+                    str(exc).splitlines()[0],
+                    CORRUPT_SUFFIX,
+                )
+                for p in (sidecar_path, data_path):
+                    with contextlib.suppress(OSError):
+                        os.replace(p, p.with_name(p.name + CORRUPT_SUFFIX))
+                continue
+            if not data_path.is_file():
+                log.warning(
+                    "pending update for round %s lost its data file; forgetting it",
+                    sidecar.round_id,
+                )
+                _unlink(sidecar_path)
+                continue
+            found.append(self._entry(sidecar, data_path, sidecar_path))
+        found.sort(key=lambda u: u.created)
+        return found
+
+    def get(self, round_id: str) -> PendingUpdate | None:
+        """The entry of ``round_id``, if any."""
+        return next((u for u in self.entries() if u.round_id == round_id), None)
+
+    def read(self, update: PendingUpdate) -> bytes:
+        """The update's bytes, verified against its sidecar; raises FedtrayError or OSError."""
+        data = update.path.read_bytes()
+        if len(data) != update.size:
+            raise FedtrayError(
+                "size_mismatch",
+                f"pending update for round {update.round_id} is {len(data)} bytes, "
+                f"expected {update.size}",
+            )
+        if hashlib.sha256(data).hexdigest() != update.sha256:
+            raise FedtrayError(
+                "checksum_mismatch",
+                f"pending update for round {update.round_id} changed on disk",
+            )
+        return data
+
+    def remove(self, update: PendingUpdate) -> None:
+        """Delete an entry (data first, then the sidecar); missing files are fine."""
+        _unlink(update.path)
+        _unlink(update.sidecar)
+
+    @staticmethod
+    def _entry(sidecar: _Sidecar, data_path: Path, sidecar_path: Path) -> PendingUpdate:
+        return PendingUpdate(
+            round_id=sidecar.round_id,
+            task=sidecar.task,
+            base_version=sidecar.base_version,
+            num_samples=sidecar.num_samples,
+            metrics=dict(sidecar.metrics),
+            size=sidecar.size,
+            sha256=sidecar.sha256,
+            format=sidecar.format,
+            created=sidecar.created,
+            path=data_path,
+            sidecar=sidecar_path,
+        )
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()

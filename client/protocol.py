@@ -1,0 +1,428 @@
+"""Wire protocol v1: every payload exchanged between a fedtray client and a server.
+
+This module is the one wire contract; the reference server imports it, and
+``docs/protocol.md`` is generated from it (``python -m client.protocol_doc``).
+
+Conventions (promised to every peer):
+
+- Transport: Socket.IO v5 (socket.io 4.x compatible), default namespace ``/``,
+  WebSocket transport preferred. The client may send ``auth: {"token": "..."}`` when
+  connecting.
+- Field names are camelCase on the wire; Python code uses snake_case attributes.
+- Unknown fields are ignored (a newer peer may add optional fields); missing required
+  fields, wrong types and out-of-range values are refused with an :class:`ErrorAck`
+  whose code is ``bad_request``.
+- Binary data (``bytes`` fields) travels as Socket.IO binary attachments, never as base64.
+- Every acknowledged request is answered with its positive ack model or with
+  :class:`ErrorAck` ``{ok: false, code, message}``.
+
+Nothing here performs I/O; :func:`parse` turns a raw event payload into a model or
+raises :class:`client.errors.FedtrayError` with code ``bad_request``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from client.errors import ErrorCode, FedtrayError
+
+PROTOCOL_VERSION: Literal[1] = 1
+
+# Event names. The first seven come from the original client and are fixed.
+EV_REGISTER = "device:register"
+EV_REGISTERED = "device:registered"
+EV_HEARTBEAT = "device:heartbeat"
+EV_TRAINING_START = "training:start"
+EV_TRAINING_PROGRESS = "training:progress"
+EV_WEIGHTS_SUBMIT = "weights:submit"
+EV_WEIGHTS_GLOBAL = "weights:global"
+EV_TRAINING_CANCEL = "training:cancel"
+EV_TRAINING_ERROR = "training:error"
+EV_BLOB_CHUNK = "blob:chunk"
+EV_BLOB_STATUS = "blob:status"
+
+DEFAULT_CHUNK_BYTES = 1024 * 1024
+DEFAULT_MAX_BLOB_BYTES = 512 * 1024 * 1024
+DEFAULT_INFLIGHT_CHUNKS = 4
+
+Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]
+DeviceId = Annotated[
+    str,
+    StringConstraints(
+        pattern=r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+    ),
+]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+ShortText = Annotated[str, StringConstraints(max_length=1000)]
+Percent = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
+NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PosInt = Annotated[int, Field(ge=1)]
+
+DeviceType = Literal["laptop", "desktop", "server"]
+DeviceState = Literal["idle", "training", "paused", "uploading"]
+PauseReason = Literal["user_paused", "battery_low", "unplugged"]
+WeightFormat = Literal["safetensors", "json"]
+Optimizer = Literal["sgd", "adam"]
+PartitionScheme = Literal["iid", "label_skew"]
+RefusalReason = Literal["busy", "unknown_task", "missing_base", "deadline_passed"]
+
+
+class WireModel(BaseModel):
+    """Base of every payload: camelCase aliases, strict types, unknown fields ignored."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="ignore",
+        strict=True,
+        frozen=True,
+    )
+
+    def to_wire(self) -> dict[str, Any]:
+        """The payload as a Socket.IO event argument (camelCase keys, bytes kept as bytes)."""
+        return self.model_dump(by_alias=True, mode="python")
+
+
+# --- device description and resources -------------------------------------------------
+
+
+class BatteryStatus(WireModel):
+    """A battery reading. Absent (``null``) on machines without a battery."""
+
+    percent: Percent
+    plugged_in: bool | None = Field(
+        description="True on mains power, false on battery, null when the OS cannot tell."
+    )
+
+
+class ResourceSnapshot(WireModel):
+    """Current load of the machine, sent at registration and with every heartbeat."""
+
+    cpu_percent: Percent = Field(description="System-wide CPU use, 0-100.")
+    ram_used_percent: Percent
+    ram_available_mb: NonNegInt
+    battery: BatteryStatus | None = Field(
+        description="null when the machine has no battery (never reported as 'on battery')."
+    )
+
+
+class GpuInfo(WireModel):
+    """An accelerator torch can use."""
+
+    kind: Literal["cuda", "mps"]
+    name: ShortText | None = None
+    memory_mb: NonNegInt | None = None
+
+
+class PlatformInfo(WireModel):
+    """Operating system and interpreter."""
+
+    os: ShortText = Field(description="OS name as Python's platform.system() gives it.")
+    release: ShortText
+    arch: ShortText
+    python: ShortText
+
+
+class HardwareInfo(WireModel):
+    """Static hardware facts."""
+
+    cpu_cores: PosInt
+    ram_total_mb: PosInt
+    gpu: GpuInfo | None = None
+    battery_present: bool
+
+
+class Capabilities(WireModel):
+    """What the device can do."""
+
+    torch_version: ShortText | None = Field(description="null when torch is not installed.")
+    simulation: bool = Field(description="True when the device fakes training (no torch).")
+    tasks: list[Identifier] = Field(max_length=256, description="Task names installed here.")
+    weight_formats: list[WeightFormat] = Field(min_length=1)
+    max_chunk_bytes: PosInt = Field(description="Largest blob chunk this device accepts.")
+
+
+# --- registration and heartbeat --------------------------------------------------------
+
+
+class DeviceRegister(WireModel):
+    """``device:register`` (client -> server, acked with DeviceRegistered or ErrorAck).
+
+    Sent after every (re)connect with the same ``deviceId``.
+    """
+
+    protocol: Literal[1] = PROTOCOL_VERSION
+    device_id: DeviceId
+    name: Name
+    device_type: DeviceType
+    platform: PlatformInfo
+    hardware: HardwareInfo
+    resources: ResourceSnapshot
+    capabilities: Capabilities
+    client_version: ShortText
+    weights_version: NonNegInt | None = Field(
+        default=None, description="Global weights version the device holds, null if none."
+    )
+
+
+class Limits(WireModel):
+    """Transfer limits of the server; the client never sends more than these."""
+
+    max_chunk_bytes: PosInt = DEFAULT_CHUNK_BYTES
+    max_blob_bytes: PosInt = DEFAULT_MAX_BLOB_BYTES
+    max_inflight_chunks: PosInt = DEFAULT_INFLIGHT_CHUNKS
+
+
+class DeviceRegistered(WireModel):
+    """``device:registered`` (server -> client), also the positive ack of ``device:register``."""
+
+    ok: Literal[True] = True
+    protocol: Literal[1] = PROTOCOL_VERSION
+    device_id: DeviceId
+    heartbeat_interval_sec: Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False)]
+    server_version: ShortText
+    limits: Limits
+    task: Identifier | None = Field(default=None, description="The task the server trains.")
+    global_version: NonNegInt | None = Field(
+        default=None, description="Current global weights version, null before the first."
+    )
+
+
+class Heartbeat(WireModel):
+    """``device:heartbeat`` (client -> server, acked with OkAck or ErrorAck)."""
+
+    state: DeviceState
+    pause_reason: PauseReason | None = None
+    pause_detail: ShortText | None = Field(
+        default=None, description="Plain words, e.g. 'On battery at 42 %'."
+    )
+    round_id: Identifier | None = None
+    weights_version: NonNegInt | None = None
+    resources: ResourceSnapshot
+
+
+# --- training --------------------------------------------------------------------------
+
+
+class TrainingConfig(WireModel):
+    """Hyper-parameters of one local round."""
+
+    epochs: Annotated[int, Field(ge=1, le=1000)]
+    batch_size: Annotated[int, Field(ge=1, le=1_000_000)]
+    learning_rate: Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)]
+    optimizer: Optimizer = "sgd"
+    momentum: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.0
+    seed: NonNegInt = 0
+
+
+class Partition(WireModel):
+    """Which share of the task's data this device trains on: part ``index`` of ``count``."""
+
+    index: NonNegInt
+    count: PosInt
+    seed: NonNegInt = 0
+    scheme: PartitionScheme = "iid"
+
+    @model_validator(mode="after")
+    def _index_in_range(self) -> Partition:
+        if self.index >= self.count:
+            raise ValueError(f"partition index {self.index} must be below count {self.count}")
+        return self
+
+
+class TrainingStart(WireModel):
+    """``training:start`` (server -> client, acked with TrainingStartAck)."""
+
+    round_id: Identifier
+    task: Identifier
+    model_params: dict[str, JsonValue] = Field(
+        default_factory=dict, description="Task-specific model parameters (JSON object)."
+    )
+    config: TrainingConfig
+    partition: Partition
+    base_version: NonNegInt = Field(description="Global weights version to start from.")
+    deadline: NonNegFloat = Field(description="Unix time (seconds) after which the round closes.")
+    weight_format: WeightFormat = "safetensors"
+
+
+class TrainingStartAck(WireModel):
+    """Answer to ``training:start``. A refusal names a reason; a paused device gives its pause
+    reason and plain-words detail."""
+
+    accepted: bool
+    reason: RefusalReason | PauseReason | None = None
+    detail: ShortText | None = None
+
+
+class TrainingProgress(WireModel):
+    """``training:progress`` (client -> server, not acked); at most 2 per second."""
+
+    round_id: Identifier
+    epoch: NonNegInt
+    epochs: PosInt
+    step: NonNegInt
+    steps: PosInt
+    fraction: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+    loss: FiniteFloat | None = None
+    samples_per_sec: NonNegFloat | None = None
+    batch_size: PosInt | None = Field(default=None, description="Effective batch size.")
+    state: Literal["training", "paused"] = "training"
+    pause_reason: PauseReason | None = None
+
+
+class TrainingCancel(WireModel):
+    """``training:cancel`` (server -> client, not acked): stop work on the round."""
+
+    round_id: Identifier
+    reason: ShortText = ""
+
+
+class TrainingError(WireModel):
+    """``training:error`` (client -> server, not acked): the round failed on the device."""
+
+    round_id: Identifier | None
+    code: ErrorCode
+    message: ShortText
+
+
+# --- weights ---------------------------------------------------------------------------
+
+
+class WeightsRef(WireModel):
+    """A weights document, inline (``data``) or in a blob sent before (``blobId``)."""
+
+    format: WeightFormat
+    size: NonNegInt = Field(description="Byte length of the encoded document.")
+    sha256: Sha256Hex = Field(description="Lower-case hex SHA-256 of the encoded document.")
+    data: bytes | None = Field(default=None, description="Inline bytes (binary attachment).")
+    blob_id: Identifier | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> WeightsRef:
+        if (self.data is None) == (self.blob_id is None):
+            raise ValueError("exactly one of 'data' and 'blobId' must be given")
+        if self.data is not None and len(self.data) != self.size:
+            raise ValueError(f"inline data is {len(self.data)} bytes but size says {self.size}")
+        return self
+
+
+Metrics = dict[Identifier, FiniteFloat]
+
+
+class WeightsSubmit(WireModel):
+    """``weights:submit`` (client -> server, acked with SubmitAccepted or ErrorAck)."""
+
+    round_id: Identifier
+    base_version: NonNegInt
+    num_samples: PosInt
+    metrics: Metrics = Field(default_factory=dict, description="e.g. trainLoss, seconds.")
+    weights: WeightsRef
+
+
+class SubmitAccepted(WireModel):
+    """Positive ack of ``weights:submit``: the update is counted exactly once."""
+
+    ok: Literal[True] = True
+    round_id: Identifier
+    received: NonNegInt = Field(description="Updates counted in this round so far.")
+
+
+class WeightsGlobal(WireModel):
+    """``weights:global`` (server -> client, acked with OkAck or ErrorAck)."""
+
+    version: NonNegInt
+    task: Identifier
+    round_id: Identifier | None = None
+    metrics: Metrics = Field(default_factory=dict, description="e.g. evalLoss, evalAccuracy.")
+    weights: WeightsRef
+
+
+# --- blob transfer sub-protocol ----------------------------------------------------------
+
+
+class BlobChunk(WireModel):
+    """``blob:chunk`` (either direction, acked with BlobProgress or ErrorAck).
+
+    Chunks of one blob are sent in order; ``offset`` must equal what the receiver holds
+    (a repeated chunk below it is acknowledged without effect; one past it is refused
+    with ``offset_gap``). ``total`` and ``sha256`` are the whole blob's and must be the
+    same in every chunk.
+    """
+
+    blob_id: Identifier
+    offset: NonNegInt
+    total: PosInt
+    sha256: Sha256Hex
+    data: bytes
+
+
+class BlobStatus(WireModel):
+    """``blob:status`` (either direction, acked with BlobProgress): how much is held."""
+
+    blob_id: Identifier
+
+
+class BlobProgress(WireModel):
+    """Bytes of the blob the receiver holds (0 when unknown); the sender resumes there."""
+
+    ok: Literal[True] = True
+    received: NonNegInt
+    complete: bool = False
+
+
+# --- acks ------------------------------------------------------------------------------
+
+
+class OkAck(WireModel):
+    """A plain positive ack."""
+
+    ok: Literal[True] = True
+
+
+class ErrorAck(WireModel):
+    """The refusal used everywhere: a stable code and a plain-words message."""
+
+    ok: Literal[False] = False
+    code: ErrorCode
+    message: ShortText
+
+
+M = TypeVar("M", bound=WireModel)
+
+
+def parse(model: type[M], payload: object) -> M:
+    """Validate a raw event payload; raise FedtrayError('bad_request', ...) when it does not fit.
+
+    The message names the offending fields (camelCase, as on the wire) in plain words.
+    """
+    if not isinstance(payload, dict):
+        raise FedtrayError(
+            "bad_request", f"{model.__name__} must be an object, got {type(payload).__name__}"
+        )
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(payload)'}: {err['msg']}"
+            for err in exc.errors(include_url=False)[:5]
+        )
+        raise FedtrayError("bad_request", f"invalid {model.__name__}: {problems}") from None
+
+
+def error_ack(code: ErrorCode, message: str) -> dict[str, Any]:
+    """An ErrorAck as a wire dict."""
+    return ErrorAck(code=code, message=message[:1000]).to_wire()

@@ -1,0 +1,222 @@
+"""The task plugin API: what a federated learning task must provide.
+
+A *task* bundles a model architecture, a data set and the loss. fedtray's trainer
+(:mod:`client.trainer`) and the reference server only talk to tasks through
+:class:`Task`, so a third-party package can add a task by subclassing it and
+registering the class under the ``fedtray.tasks`` entry-point group (see
+``docs/tasks.md``).
+
+Contract:
+
+* Importing this module never imports torch. Methods that need torch import it
+  inside their body, so the tray and session processes can list and describe tasks
+  without paying for (or even having) torch.
+* :meth:`Task.build_model` is deterministic for a seed: the server builds the initial
+  global weights with it and every client must get the same layout.
+* :meth:`Task.load_data` returns plain numpy arrays and never imports torch.
+* Parameters: a task instance holds its resolved parameters in :attr:`Task.params`
+  (``default_params`` overridden by :meth:`Task.configure`). An unknown or badly typed
+  parameter raises :class:`client.errors.FedtrayError` with code ``bad_request``.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import JsonValue
+
+from client.errors import FedtrayError
+from client.protocol import Partition
+from client.tasks.partition import partition_indices
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "Split",
+    "Task",
+    "apply_partition",
+    "int_param",
+    "seeded_build",
+]
+
+Split = Literal["train", "test"]
+
+#: Batch size :meth:`Task.evaluate` uses, so evaluating a large split stays within memory.
+EVAL_BATCH = 1024
+
+M = TypeVar("M")
+
+
+class Task(ABC):
+    """A federated learning task (in the spirit of Flower's client verbs).
+
+    Subclasses set the class attributes and implement :meth:`build_model` and
+    :meth:`load_data`; :meth:`train_step`, :meth:`evaluate` and
+    :meth:`sample_bytes_hint` have sensible defaults for classification.
+
+    Class attributes:
+
+    * ``name`` -- the identifier used on the wire (``[A-Za-z0-9_.:-]{1,128}``).
+    * ``description`` -- one line of plain words, shown in the tray.
+    * ``default_params`` -- model/data parameters (a JSON object); the server's
+      ``modelParams`` override them key by key.
+    * ``default_config`` -- recommended :class:`client.protocol.TrainingConfig` values
+      (camelCase or snake_case keys) a server may use when it has none of its own.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    default_params: ClassVar[dict[str, JsonValue]] = {}
+    default_config: ClassVar[dict[str, JsonValue]] = {}
+
+    def __init__(self) -> None:
+        self.params: dict[str, JsonValue] = dict(self.default_params)
+
+    # -- parameters ---------------------------------------------------------------
+
+    def resolve_params(self, params: Mapping[str, JsonValue] | None) -> dict[str, JsonValue]:
+        """``default_params`` overridden by ``params``; unknown keys raise ``bad_request``.
+
+        Tasks with stricter rules override :meth:`validate_params`.
+        """
+        merged: dict[str, JsonValue] = dict(self.default_params)
+        for key, value in (params or {}).items():
+            if key not in self.default_params:
+                known = ", ".join(sorted(self.default_params)) or "none"
+                raise FedtrayError(
+                    "bad_request",
+                    f"task '{self.name}' has no parameter '{key}' (known: {known})",
+                )
+            merged[key] = value
+        self.validate_params(merged)
+        return merged
+
+    def validate_params(self, params: Mapping[str, JsonValue]) -> None:
+        """Raise ``FedtrayError('bad_request', ...)`` when ``params`` are unusable.
+
+        The default accepts anything; built-in tasks check ranges with :func:`int_param`.
+        """
+
+    def configure(self, params: Mapping[str, JsonValue] | None) -> Self:
+        """Resolve and store ``params`` in :attr:`params` (for :meth:`load_data`); return self."""
+        self.params = self.resolve_params(params)
+        return self
+
+    # -- the verbs ----------------------------------------------------------------
+
+    @abstractmethod
+    def build_model(self, params: Mapping[str, JsonValue], seed: int) -> torch.nn.Module:
+        """A freshly initialised model; the same ``params`` and ``seed`` give the same weights.
+
+        Use :func:`seeded_build` to make initialisation deterministic without touching
+        the caller's global random state.
+        """
+
+    @abstractmethod
+    def load_data(
+        self, split: Split, partition: Partition | None
+    ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+        """Features and labels of ``split`` as numpy arrays (first axis = samples).
+
+        ``partition=None`` means the whole split; otherwise only this device's share
+        (use :func:`apply_partition`). Data may depend on :attr:`params`
+        (set by :meth:`configure`). Never imports torch.
+        """
+
+    def train_step(
+        self, model: torch.nn.Module, x_batch: torch.Tensor, y_batch: torch.Tensor
+    ) -> torch.Tensor:
+        """The loss of one batch (a scalar tensor); the trainer calls ``backward`` on it.
+
+        Default: cross-entropy of the model's logits against integer labels.
+        """
+        import torch.nn.functional as F
+
+        loss: torch.Tensor = F.cross_entropy(model(x_batch), y_batch.long())
+        return loss
+
+    def evaluate(
+        self, model: torch.nn.Module, x: npt.NDArray[Any], y: npt.NDArray[Any]
+    ) -> dict[str, float]:
+        """``{"loss": mean cross-entropy, "accuracy": fraction correct}`` of ``model`` on x, y.
+
+        Runs in eval mode without gradients, in batches of :data:`EVAL_BATCH`, on the
+        device of the model's parameters; the model's training mode is restored after.
+        """
+        import torch
+        import torch.nn.functional as F
+
+        n = len(y)
+        if n == 0:
+            return {"loss": math.nan, "accuracy": math.nan}
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        loss_sum = 0.0
+        correct = 0
+        try:
+            with torch.no_grad():
+                for start in range(0, n, EVAL_BATCH):
+                    xb = torch.as_tensor(x[start : start + EVAL_BATCH]).to(device)
+                    yb = torch.as_tensor(y[start : start + EVAL_BATCH]).to(device).long()
+                    logits = model(xb)
+                    loss_sum += float(F.cross_entropy(logits, yb, reduction="sum").item())
+                    correct += int((logits.argmax(dim=1) == yb).sum().item())
+        finally:
+            model.train(was_training)
+        return {"loss": loss_sum / n, "accuracy": correct / n}
+
+    def sample_bytes_hint(self, params: Mapping[str, JsonValue]) -> int | None:
+        """Optional: memory one training sample needs (activations + gradients), in bytes.
+
+        ``None`` (the default) lets the trainer estimate it from the model.
+        """
+        return None
+
+
+# -- helpers for task authors -----------------------------------------------------------
+
+
+def apply_partition(
+    x: npt.NDArray[Any], y: npt.NDArray[Any], partition: Partition | None
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+    """The rows of ``x``/``y`` that belong to ``partition`` (all rows for ``None``)."""
+    if partition is None:
+        return x, y
+    idx = partition_indices(y, partition)
+    return x[idx], y[idx]
+
+
+def int_param(params: Mapping[str, JsonValue], key: str, low: int, high: int) -> int:
+    """``params[key]`` as an int in ``[low, high]``, or ``FedtrayError('bad_request')``."""
+    value = params.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FedtrayError("bad_request", f"parameter '{key}' must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise FedtrayError(
+            "bad_request", f"parameter '{key}' must be between {low} and {high}, got {value}"
+        )
+    return value
+
+
+def seeded_build(seed: int, factory: Callable[[], M]) -> M:
+    """Call ``factory`` with torch's CPU RNG seeded by ``seed``, restoring the RNG after.
+
+    So model initialisation is deterministic and the caller's random stream is unchanged.
+    """
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return factory()
+
+
+def as_float_features(x: npt.NDArray[Any], scale: float) -> npt.NDArray[np.float32]:
+    """``x / scale`` as C-contiguous float32 (features ready for torch)."""
+    return np.ascontiguousarray(x, dtype=np.float32) / np.float32(scale)

@@ -1,0 +1,278 @@
+"""The chunked, acknowledged, resumable blob sub-protocol, for both peers.
+
+Why chunks: one multi-megabyte Socket.IO message starves the engine.io ping/pong and
+drops the connection (socket.io#3135, python-socketio#479). Blobs are therefore sent as
+``blob:chunk`` messages of at most the receiver's ``maxChunkBytes``, with a small window
+of chunks in flight, and a sender that reconnects asks ``blob:status`` and resumes from
+the receiver's offset instead of from zero.
+
+Receiving side: :class:`BlobStore`, pure bookkeeping (no I/O, no clock of its own),
+keyed by ``(peer, blobId)`` where ``peer`` is a stable identity (the device id, not the
+Socket.IO sid) so partial blobs survive a reconnect until they expire. It promises:
+
+- limits are checked *before* anything is buffered: a chunk over ``max_chunk_bytes``,
+  a total over ``max_blob_bytes``, or a peer holding more than ``max_peer_bytes`` is
+  refused with its code, and no memory is reserved for a claimed total (the buffer
+  grows only with bytes actually received);
+- a repeated chunk (offset below what is held) is acknowledged without effect; a chunk
+  past it is refused with ``offset_gap``; ``total``/``sha256`` must match the first chunk;
+- :meth:`BlobStore.take` hands out a blob only when complete and its size and SHA-256
+  match, then forgets it.
+
+Sending side: :func:`send_blob`, an async function over any ``call(event, payload)``
+coroutine that returns the peer's ack (python-socketio's ``call`` on either side).
+Errors raise :class:`client.errors.FedtrayError` with the peer's code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from client.errors import FedtrayError
+from client.protocol import (
+    EV_BLOB_CHUNK,
+    EV_BLOB_STATUS,
+    BlobChunk,
+    BlobProgress,
+    BlobStatus,
+    ErrorAck,
+    WeightFormat,
+    WeightsRef,
+)
+
+Call = Callable[[str, dict[str, Any]], Awaitable[Any]]
+
+
+def sha256_hex(data: bytes | bytearray | memoryview) -> str:
+    """Lower-case hex SHA-256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class _Partial:
+    total: int
+    sha256: str
+    buffer: bytearray = field(default_factory=bytearray)
+    touched: float = 0.0
+
+
+class BlobStore:
+    """Partial and complete blobs received from peers, with limits and expiry.
+
+    Not thread-safe: it is owned by one asyncio loop (the session's or the server's).
+    ``now`` arguments are monotonic seconds supplied by the caller, which keeps this
+    class free of clocks and easy to test.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_chunk_bytes: int,
+        max_blob_bytes: int,
+        max_peer_bytes: int | None = None,
+        ttl_sec: float = 600.0,
+    ) -> None:
+        self.max_chunk_bytes = max_chunk_bytes
+        self.max_blob_bytes = max_blob_bytes
+        # Two blobs per peer (an update being resent beside a new one) by default.
+        self.max_peer_bytes = max_peer_bytes if max_peer_bytes is not None else 2 * max_blob_bytes
+        self.ttl_sec = ttl_sec
+        self._blobs: dict[tuple[str, str], _Partial] = {}
+
+    def accept_chunk(self, peer: str, chunk: BlobChunk, now: float) -> BlobProgress:
+        """Append one chunk; return what is now held. Raises FedtrayError on refusal."""
+        size = len(chunk.data)
+        if size > self.max_chunk_bytes:
+            raise FedtrayError(
+                "chunk_too_large",
+                f"chunk of {size} bytes is over the limit of {self.max_chunk_bytes} bytes",
+            )
+        if chunk.total > self.max_blob_bytes:
+            raise FedtrayError(
+                "blob_too_large",
+                f"blob of {chunk.total} bytes is over the limit of {self.max_blob_bytes} bytes",
+            )
+        key = (peer, chunk.blob_id)
+        partial = self._blobs.get(key)
+        if partial is None:
+            if chunk.offset != 0:
+                raise FedtrayError(
+                    "offset_gap", f"blob {chunk.blob_id} is unknown here: start at offset 0"
+                )
+            held = self.bytes_held(peer)
+            if held + chunk.total > self.max_peer_bytes:
+                raise FedtrayError(
+                    "blob_too_large",
+                    f"this device already has {held} bytes in transfer; the limit is "
+                    f"{self.max_peer_bytes} bytes",
+                )
+            partial = _Partial(total=chunk.total, sha256=chunk.sha256)
+            self._blobs[key] = partial
+        elif partial.total != chunk.total or partial.sha256 != chunk.sha256:
+            raise FedtrayError(
+                "blob_mismatch",
+                f"blob {chunk.blob_id} was announced with another size or checksum",
+            )
+        partial.touched = now
+        received = len(partial.buffer)
+        if chunk.offset < received:
+            # A resent chunk after a lost ack: already held, acknowledge idempotently.
+            return self._progress(partial)
+        if chunk.offset > received:
+            raise FedtrayError(
+                "offset_gap",
+                f"chunk at offset {chunk.offset} but only {received} bytes of blob "
+                f"{chunk.blob_id} are held; ask blob:status and resume",
+            )
+        if received + size > partial.total:
+            raise FedtrayError(
+                "size_mismatch",
+                f"chunk would grow blob {chunk.blob_id} past its announced {partial.total} bytes",
+            )
+        partial.buffer += chunk.data
+        return self._progress(partial)
+
+    def status(self, peer: str, blob_id: str, now: float) -> BlobProgress:
+        """What is held of a blob (0 when unknown); refreshes its expiry."""
+        partial = self._blobs.get((peer, blob_id))
+        if partial is None:
+            return BlobProgress(received=0)
+        partial.touched = now
+        return self._progress(partial)
+
+    def take(self, peer: str, ref: WeightsRef) -> bytes:
+        """The verified bytes a weights reference points to (inline or blob).
+
+        A blob is forgotten once taken. Raises FedtrayError: ``blob_unknown``,
+        ``blob_incomplete``, ``size_mismatch`` or ``checksum_mismatch``.
+        """
+        if ref.data is not None:
+            data = ref.data
+        else:
+            assert ref.blob_id is not None  # guaranteed by WeightsRef's validator
+            partial = self._blobs.get((peer, ref.blob_id))
+            if partial is None:
+                raise FedtrayError("blob_unknown", f"blob {ref.blob_id} was never received")
+            if len(partial.buffer) < partial.total:
+                raise FedtrayError(
+                    "blob_incomplete",
+                    f"blob {ref.blob_id} holds {len(partial.buffer)} of {partial.total} bytes",
+                )
+            data = bytes(partial.buffer)
+            del self._blobs[(peer, ref.blob_id)]
+        verify(data, size=ref.size, sha256=ref.sha256)
+        return data
+
+    def discard(self, peer: str, blob_id: str) -> None:
+        """Forget a blob (idempotent)."""
+        self._blobs.pop((peer, blob_id), None)
+
+    def expire(self, now: float) -> int:
+        """Drop blobs untouched for ``ttl_sec``; return how many were dropped."""
+        stale = [k for k, p in self._blobs.items() if now - p.touched > self.ttl_sec]
+        for key in stale:
+            del self._blobs[key]
+        return len(stale)
+
+    def bytes_held(self, peer: str | None = None) -> int:
+        """Bytes buffered for one peer, or for all when ``peer`` is None."""
+        return sum(len(p.buffer) for (owner, _), p in self._blobs.items() if peer in (None, owner))
+
+    @staticmethod
+    def _progress(partial: _Partial) -> BlobProgress:
+        received = len(partial.buffer)
+        return BlobProgress(received=received, complete=received == partial.total)
+
+
+def verify(data: bytes, *, size: int, sha256: str) -> None:
+    """Raise FedtrayError unless ``data`` has exactly ``size`` bytes hashing to ``sha256``."""
+    if len(data) != size:
+        raise FedtrayError("size_mismatch", f"expected {size} bytes, got {len(data)}")
+    actual = sha256_hex(data)
+    if actual != sha256:
+        raise FedtrayError("checksum_mismatch", f"sha256 is {actual}, expected {sha256}")
+
+
+def _check_ack(ack: Any, what: str) -> BlobProgress:
+    """Turn a peer's ack into BlobProgress, or raise FedtrayError with the peer's code."""
+    if isinstance(ack, dict) and ack.get("ok") is False:
+        try:
+            err = ErrorAck.model_validate(ack)
+        except ValueError:
+            raise FedtrayError("internal_error", f"peer refused {what}: {ack!r:.200}") from None
+        raise FedtrayError(err.code, err.message)
+    try:
+        return BlobProgress.model_validate(ack)
+    except ValueError:
+        raise FedtrayError("bad_request", f"unexpected ack to {what}: {ack!r:.200}") from None
+
+
+async def send_blob(
+    call: Call,
+    data: bytes,
+    *,
+    blob_id: str,
+    chunk_bytes: int,
+    window: int = 4,
+    sha256: str | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """Send ``data`` as blob ``blob_id``, resuming from what the peer already holds.
+
+    Up to ``window`` chunks are in flight at once (Socket.IO keeps their order on one
+    connection). Returns when the peer holds the whole blob. Raises FedtrayError with
+    the peer's code on a refusal; a lost connection surfaces as the transport's own
+    exception, and calling again after a reconnect resumes.
+    """
+    if chunk_bytes < 1 or window < 1:
+        raise ValueError("chunk_bytes and window must be positive")
+    total = len(data)
+    digest = sha256 or sha256_hex(data)
+    view = memoryview(data)
+    status = _check_ack(
+        await call(EV_BLOB_STATUS, BlobStatus(blob_id=blob_id).to_wire()), "blob:status"
+    )
+    offset = status.received
+    if offset > total:
+        raise FedtrayError("blob_mismatch", f"peer holds {offset} bytes of a {total}-byte blob")
+    if on_progress is not None:
+        on_progress(offset, total)
+    in_flight: list[asyncio.Task[Any]] = []
+    try:
+        while offset < total or in_flight:
+            while offset < total and len(in_flight) < window:
+                end = min(offset + chunk_bytes, total)
+                chunk = BlobChunk(
+                    blob_id=blob_id,
+                    offset=offset,
+                    total=total,
+                    sha256=digest,
+                    data=bytes(view[offset:end]),
+                )
+                in_flight.append(asyncio.ensure_future(call(EV_BLOB_CHUNK, chunk.to_wire())))
+                offset = end
+            progress = _check_ack(await in_flight.pop(0), "blob:chunk")
+            if on_progress is not None:
+                on_progress(progress.received, total)
+    finally:
+        for task in in_flight:
+            task.cancel()
+
+
+def weights_ref_for(
+    data: bytes, fmt: WeightFormat, *, inline_limit: int, sha256: str | None = None
+) -> WeightsRef:
+    """A WeightsRef for ``data``: inline when it fits ``inline_limit``, else a blob reference.
+
+    The blob id is the content's SHA-256, so the same document keeps the same id across
+    restarts and a resumed upload finds its partial blob. When ``ref.blob_id`` is set the
+    caller sends the blob (:func:`send_blob`) before the message that carries the ref.
+    """
+    digest = sha256 or sha256_hex(data)
+    if len(data) <= inline_limit:
+        return WeightsRef(format=fmt, size=len(data), sha256=digest, data=data)
+    return WeightsRef(format=fmt, size=len(data), sha256=digest, blob_id=digest)

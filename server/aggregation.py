@@ -1,0 +1,115 @@
+"""Aggregation strategies: how a round's client updates become the next global model.
+
+Contract: a :class:`Strategy` is used once per round as ``begin(global_state)``, then
+``add(update, num_samples)`` for each accepted update as it arrives, then ``result()``.
+Updates must have the global model's layout (the server checks it with the codec before
+calling ``add``); ``add`` raises ``ValueError`` otherwise and ``result`` raises
+``ValueError`` when nothing was added. Pure numpy, no I/O.
+
+:class:`FedAvg` (McMahan et al. 2017) is the mean of the updates weighted by their sample
+counts. It keeps one float64 running sum per tensor, so its memory is O(model), not
+O(clients x model): the accumulator count never grows with the number of updates. The
+result has the global model's dtypes (integer tensors are rounded). Other strategies
+(FedProx's server side is FedAvg; FedAdam keeps optimizer moments next to the sums) fit
+the same three calls.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+StateDict = dict[str, npt.NDArray[Any]]
+
+
+class Strategy(ABC):
+    """One round's aggregation: ``begin``, then ``add`` per update, then ``result``."""
+
+    @abstractmethod
+    def begin(self, global_state: StateDict) -> None:
+        """Start a round from the current global weights (forgets any previous round)."""
+
+    @abstractmethod
+    def add(self, update: StateDict, num_samples: int) -> None:
+        """Fold in one client's weights, trained on ``num_samples`` samples."""
+
+    @abstractmethod
+    def result(self) -> StateDict:
+        """The new global weights."""
+
+    @property
+    @abstractmethod
+    def count(self) -> int:
+        """Updates added since ``begin``."""
+
+
+class FedAvg(Strategy):
+    """Sample-weighted mean of client weights, accumulated in float64 as updates arrive."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, npt.NDArray[np.float64]] = {}
+        self._dtypes: dict[str, np.dtype[Any]] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._weight = 0.0
+        self._count = 0
+
+    def begin(self, global_state: StateDict) -> None:
+        self._dtypes = {k: v.dtype for k, v in global_state.items()}
+        self._shapes = {k: tuple(v.shape) for k, v in global_state.items()}
+        self._sums = {}
+        self._weight = 0.0
+        self._count = 0
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    @property
+    def accumulators(self) -> int:
+        """Number of arrays held (one per tensor, whatever the number of updates)."""
+        return len(self._sums)
+
+    def add(self, update: StateDict, num_samples: int) -> None:
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be positive, got {num_samples}")
+        if set(update) != set(self._shapes):
+            raise ValueError("the update's tensor names differ from the global model's")
+        for name, shape in self._shapes.items():
+            if tuple(update[name].shape) != shape:
+                raise ValueError(f"tensor {name} has shape {update[name].shape}, not {shape}")
+        weight = float(num_samples)
+        for name, arr in update.items():
+            # One tensor at a time: the temporary is the size of one tensor, not the model.
+            contribution = np.multiply(arr, weight, dtype=np.float64)
+            acc = self._sums.get(name)
+            if acc is None:
+                self._sums[name] = contribution
+            else:
+                np.add(acc, contribution, out=acc)
+        self._weight += weight
+        self._count += 1
+
+    def result(self) -> StateDict:
+        if self._count == 0:
+            raise ValueError("no update was added in this round")
+        out: StateDict = {}
+        for name, acc in self._sums.items():
+            mean = acc / self._weight
+            dtype = self._dtypes[name]
+            if np.issubdtype(dtype, np.integer):
+                mean = np.rint(mean)
+            elif dtype == np.bool_:
+                mean = mean >= 0.5
+            out[name] = mean.astype(dtype)
+        return out
+
+
+def weighted_mean(values: list[tuple[float, int]]) -> float | None:
+    """Mean of ``(value, weight)`` pairs weighted by the weights; None when empty."""
+    total = sum(w for _, w in values)
+    if total <= 0:
+        return None
+    return sum(v * w for v, w in values) / total

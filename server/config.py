@@ -1,0 +1,141 @@
+"""The reference server's settings: one frozen dataclass, checked when it is built.
+
+Contract: :class:`ServerConfig` holds every setting the server reads (network, task,
+round policy, local-training hyper-parameters, persistence, auth, transfer limits).
+Building one with an out-of-range value raises :class:`ConfigError` (a ``ValueError``)
+whose message is one plain line naming the setting as its command-line flag. Nothing
+here performs I/O except :func:`default_state_dir`, which only computes a path.
+Tokens are held here but never appear in ``repr()``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+from client.protocol import Limits, PartitionScheme
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 3001
+#: Engine.IO messages may be this much larger than one chunk: the chunk's envelope, or an
+#: inline weights document of up to one chunk plus its metrics. Anything bigger is cut.
+MESSAGE_MARGIN_BYTES = 64 * 1024
+
+
+class ConfigError(ValueError):
+    """A setting is out of range; the message is one line naming the flag."""
+
+
+def default_state_dir() -> Path:
+    """Where global weights and history live unless ``--state-dir`` says otherwise."""
+    return Path(platformdirs.user_data_dir("fedtray-server", appauthor=False))
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Every setting of one server process (see ``fedtray-server --help``)."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    task: str = "digits"
+    #: Overrides merged over the task's default model parameters.
+    model_params: dict[str, Any] = field(default_factory=dict)
+    rounds: int = 0  # 0 = run forever
+    min_clients: int = 2
+    clients_per_round: int = 10
+    round_timeout: float = 300.0
+    min_completion: float = 0.5
+    epochs: int = 2
+    batch_size: int = 32
+    lr: float = 0.05
+    partition: PartitionScheme = "label_skew"
+    seed: int = 0
+    heartbeat_interval: float = 10.0
+    state_dir: Path = field(default_factory=default_state_dir)
+    tokens: tuple[str, ...] = field(default=(), repr=False)
+    log_level: str = "INFO"
+    limits: Limits = field(default_factory=Limits)
+    #: Seconds a device has to acknowledge ``training:start`` or one weights message.
+    ack_timeout: float = 30.0
+    #: Partial blobs untouched this long are dropped.
+    blob_ttl: float = 600.0
+    #: The "round N waiting: ..." line is repeated at least this often while nothing changes.
+    wait_log_interval: float = 30.0
+    #: Pause after an abandoned round before the next attempt (0 = heartbeat interval).
+    retry_delay: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(bool(self.host.strip()), "--host must not be empty")
+        _check(0 <= self.port <= 65535, f"--port must be 0-65535, got {self.port}")
+        _check(bool(self.task.strip()), "--task must not be empty")
+        _check(self.rounds >= 0, f"--rounds must be 0 (forever) or more, got {self.rounds}")
+        _check(self.min_clients >= 1, f"--min-clients must be at least 1, got {self.min_clients}")
+        _check(
+            self.clients_per_round >= self.min_clients,
+            f"--clients-per-round ({self.clients_per_round}) must be at least "
+            f"--min-clients ({self.min_clients})",
+        )
+        _check(
+            _finite(self.round_timeout) and self.round_timeout > 0,
+            f"--round-timeout must be a positive number of seconds, got {self.round_timeout}",
+        )
+        _check(
+            _finite(self.min_completion) and 0 < self.min_completion <= 1,
+            f"--min-completion must be a fraction in (0, 1], got {self.min_completion}",
+        )
+        _check(1 <= self.epochs <= 1000, f"--epochs must be 1-1000, got {self.epochs}")
+        _check(
+            1 <= self.batch_size <= 1_000_000,
+            f"--batch-size must be 1-1000000, got {self.batch_size}",
+        )
+        _check(_finite(self.lr) and 0 < self.lr <= 10, f"--lr must be in (0, 10], got {self.lr}")
+        _check(
+            self.partition in ("iid", "label_skew"),
+            f"--partition must be iid or label_skew, got {self.partition!r}",
+        )
+        _check(self.seed >= 0, f"--seed must be 0 or more, got {self.seed}")
+        _check(
+            _finite(self.heartbeat_interval) and 0 < self.heartbeat_interval <= 3600,
+            f"--heartbeat-interval must be in (0, 3600] seconds, got {self.heartbeat_interval}",
+        )
+        _check(all(t.strip() for t in self.tokens), "a --token must not be empty")
+        for name in ("ack_timeout", "blob_ttl", "wait_log_interval"):
+            value = getattr(self, name)
+            _check(_finite(value) and value > 0, f"{name} must be positive, got {value}")
+        _check(
+            _finite(self.retry_delay) and self.retry_delay >= 0,
+            f"retry_delay must be 0 or more, got {self.retry_delay}",
+        )
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The Engine.IO ``max_http_buffer_size``: one chunk plus the envelope margin."""
+        return self.limits.max_chunk_bytes + MESSAGE_MARGIN_BYTES
+
+    @property
+    def effective_retry_delay(self) -> float:
+        """Seconds to wait after an abandoned round."""
+        return self.retry_delay if self.retry_delay > 0 else self.heartbeat_interval
+
+    @property
+    def stale_after(self) -> float:
+        """A device that has not been heard from for this long is stale (3 missed beats)."""
+        return 3 * self.heartbeat_interval
+
+    def required_reports(self, selected: int) -> int:
+        """Reports needed for a round with ``selected`` devices to succeed (at least 1)."""
+        # The epsilon keeps 0.5 * 4 == 2 from rounding up through float noise.
+        return max(1, math.ceil(self.min_completion * selected - 1e-9))
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)

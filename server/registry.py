@@ -1,0 +1,196 @@
+"""The device registry: who is connected, in what state, and who may be selected.
+
+Contract: :class:`Registry` is pure bookkeeping owned by one asyncio loop (no I/O, no
+clock: every method that needs the time takes ``now``, in seconds of any monotonic-enough
+clock the caller uses consistently). One :class:`DeviceRecord` per device id; a device
+that registers again (a reconnect) keeps its record and gets the new Socket.IO sid.
+A device is *stale* when connected but not heard from for ``stale_after`` seconds
+(3 missed heartbeats). A device is *eligible* for a round when it is connected,
+registered, not paused, not stale and has the task installed. Nothing here raises for
+bad input; payloads arrive already validated by :mod:`client.protocol`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from client.protocol import (
+    Capabilities,
+    DeviceRegister,
+    DeviceState,
+    DeviceType,
+    HardwareInfo,
+    Heartbeat,
+    PauseReason,
+    PlatformInfo,
+    ResourceSnapshot,
+    TrainingProgress,
+)
+
+
+@dataclass
+class DeviceRecord:
+    """Everything the server knows about one device."""
+
+    device_id: str
+    name: str
+    device_type: DeviceType
+    platform: PlatformInfo
+    hardware: HardwareInfo
+    capabilities: Capabilities
+    client_version: str
+    resources: ResourceSnapshot
+    state: DeviceState = "idle"
+    pause_reason: PauseReason | None = None
+    pause_detail: str | None = None
+    last_seen: float = 0.0
+    rounds_completed: int = 0
+    sid: str | None = None
+    weights_version: int | None = None
+    progress: TrainingProgress | None = None
+    first_seen: float = field(default=0.0)
+
+    @property
+    def connected(self) -> bool:
+        return self.sid is not None
+
+
+class Registry:
+    """Devices by id, and the sid -> device id map of live connections."""
+
+    def __init__(self, stale_after: float) -> None:
+        self.stale_after = stale_after
+        self._devices: dict[str, DeviceRecord] = {}
+        self._by_sid: dict[str, str] = {}
+
+    # --- updates --------------------------------------------------------------------
+
+    def register(self, reg: DeviceRegister, sid: str, now: float) -> tuple[DeviceRecord, str | None]:
+        """Record a registration; return the record and the replaced sid, if another."""
+        old_device = self._by_sid.pop(sid, None)
+        if old_device is not None and old_device != reg.device_id:
+            # The same connection now speaks for another device: the first is gone.
+            self._devices[old_device].sid = None
+        record = self._devices.get(reg.device_id)
+        replaced: str | None = None
+        if record is None:
+            record = DeviceRecord(
+                device_id=reg.device_id,
+                name=reg.name,
+                device_type=reg.device_type,
+                platform=reg.platform,
+                hardware=reg.hardware,
+                capabilities=reg.capabilities,
+                client_version=reg.client_version,
+                resources=reg.resources,
+                first_seen=now,
+            )
+            self._devices[reg.device_id] = record
+        else:
+            if record.sid is not None and record.sid != sid:
+                replaced = record.sid
+                self._by_sid.pop(record.sid, None)
+            record.name = reg.name
+            record.device_type = reg.device_type
+            record.platform = reg.platform
+            record.hardware = reg.hardware
+            record.capabilities = reg.capabilities
+            record.client_version = reg.client_version
+            record.resources = reg.resources
+        record.sid = sid
+        record.weights_version = reg.weights_version
+        record.state = "idle"
+        record.pause_reason = None
+        record.pause_detail = None
+        record.progress = None
+        record.last_seen = now
+        self._by_sid[sid] = reg.device_id
+        return record, replaced
+
+    def heartbeat(self, device_id: str, hb: Heartbeat, now: float) -> None:
+        record = self._devices[device_id]
+        record.state = hb.state
+        record.pause_reason = hb.pause_reason if hb.state == "paused" else None
+        record.pause_detail = hb.pause_detail if hb.state == "paused" else None
+        record.resources = hb.resources
+        if hb.weights_version is not None:
+            record.weights_version = hb.weights_version
+        record.last_seen = now
+
+    def progress(self, device_id: str, progress: TrainingProgress, now: float) -> None:
+        record = self._devices[device_id]
+        record.progress = progress
+        record.state = progress.state
+        record.pause_reason = progress.pause_reason if progress.state == "paused" else None
+        if progress.state != "paused":
+            record.pause_detail = None
+        record.last_seen = now
+
+    def touch(self, device_id: str, now: float) -> None:
+        """Any message from a device proves it is alive."""
+        self._devices[device_id].last_seen = now
+
+    def disconnect(self, sid: str) -> DeviceRecord | None:
+        """Forget a connection; return its device when the sid was its current one."""
+        device_id = self._by_sid.pop(sid, None)
+        if device_id is None:
+            return None
+        record = self._devices[device_id]
+        if record.sid == sid:
+            record.sid = None
+            record.progress = None
+        return record
+
+    # --- queries --------------------------------------------------------------------
+
+    def by_sid(self, sid: str) -> DeviceRecord | None:
+        device_id = self._by_sid.get(sid)
+        return None if device_id is None else self._devices[device_id]
+
+    def get(self, device_id: str) -> DeviceRecord | None:
+        return self._devices.get(device_id)
+
+    def all(self) -> list[DeviceRecord]:
+        return list(self._devices.values())
+
+    def connected(self) -> list[DeviceRecord]:
+        return [d for d in self._devices.values() if d.connected]
+
+    def is_stale(self, record: DeviceRecord, now: float) -> bool:
+        return record.connected and now - record.last_seen > self.stale_after
+
+    def ineligibility(self, record: DeviceRecord, task: str, now: float) -> str | None:
+        """Why a device cannot be selected (a short reason key), or None when it can."""
+        if not record.connected:
+            return "disconnected"
+        if record.state == "paused":
+            return f"paused: {record.pause_reason or 'unknown'}"
+        if self.is_stale(record, now):
+            return "stale"
+        if task not in record.capabilities.tasks:
+            return f"missing task {task}"
+        return None
+
+    def eligible(self, task: str, now: float) -> list[DeviceRecord]:
+        return [d for d in self._devices.values() if self.ineligibility(d, task, now) is None]
+
+    def waiting_summary(self, task: str, now: float, needed: int) -> str:
+        """E.g. ``1 of 2 eligible devices (1 paused: battery_low, 1 stale)``."""
+        eligible = 0
+        reasons: Counter[str] = Counter()
+        for record in self._devices.values():
+            reason = self.ineligibility(record, task, now)
+            if reason is None:
+                eligible += 1
+            elif reason != "disconnected":
+                reasons[reason] += 1
+        disconnected = len(self._devices) - len(self.connected())
+        if disconnected:
+            reasons["disconnected"] = disconnected
+        text = f"{eligible} of {needed} eligible devices"
+        if reasons:
+            text += " (" + ", ".join(f"{n} {why}" for why, n in sorted(reasons.items())) + ")"
+        elif not self._devices:
+            text += " (none registered yet)"
+        return text

@@ -1,0 +1,173 @@
+"""The round state machine: selection, slots, reports, closing, and submission checks.
+
+Contract: :class:`Round` is pure bookkeeping for one training round attempt (no I/O, no
+clock: callers pass ``now``). Each selected device has a slot that moves
+``starting -> training -> reported``, or ends ``refused``, ``dropped`` (disconnected or
+stale) or ``failed`` (training:error, weights send failed). The round is *settled* when no
+slot is starting or training; it *succeeds* when reports reach the required count.
+
+:meth:`Round.check_submit` applies the ``weights:submit`` checks in the documented order,
+each with its own :class:`client.errors.FedtrayError` code: ``round_closed`` (unknown,
+closed or past deadline), ``not_selected``, ``duplicate``, ``stale_base``. It never
+changes state, so a refused submission is never counted; :meth:`Round.record_report`
+counts an accepted one exactly once. :func:`select_devices` picks at random with the
+caller's ``random.Random``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, TypeVar
+
+from client.errors import FedtrayError
+
+SlotState = Literal["starting", "training", "reported", "refused", "dropped", "failed"]
+Phase = Literal["starting", "training", "closed"]
+WORKING: frozenset[SlotState] = frozenset({"starting", "training"})
+
+T = TypeVar("T")
+
+
+def select_devices(candidates: Sequence[T], k: int, rng: random.Random) -> list[T]:
+    """Up to ``k`` candidates chosen uniformly at random without replacement."""
+    return rng.sample(list(candidates), min(k, len(candidates)))
+
+
+@dataclass
+class Slot:
+    """One selected device's progress through the round."""
+
+    state: SlotState = "starting"
+    detail: str | None = None
+    num_samples: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Round:
+    """One attempt at a round (a retried round gets a new id and a new Round)."""
+
+    round_id: str
+    number: int
+    attempt: int
+    base_version: int
+    deadline: float
+    started_at: float
+    required: int
+    slots: dict[str, Slot] = field(default_factory=dict)
+    phase: Phase = "starting"
+
+    @classmethod
+    def open(
+        cls,
+        *,
+        round_id: str,
+        number: int,
+        attempt: int,
+        base_version: int,
+        selected: Sequence[str],
+        now: float,
+        timeout: float,
+        required: int,
+    ) -> Round:
+        return cls(
+            round_id=round_id,
+            number=number,
+            attempt=attempt,
+            base_version=base_version,
+            deadline=now + timeout,
+            started_at=now,
+            required=required,
+            slots={device_id: Slot() for device_id in selected},
+        )
+
+    # --- queries --------------------------------------------------------------------
+
+    @property
+    def selected(self) -> list[str]:
+        return list(self.slots)
+
+    def in_state(self, *states: SlotState) -> list[str]:
+        return [d for d, s in self.slots.items() if s.state in states]
+
+    @property
+    def reported(self) -> list[str]:
+        return self.in_state("reported")
+
+    @property
+    def working(self) -> list[str]:
+        return self.in_state(*WORKING)
+
+    @property
+    def settled(self) -> bool:
+        """No device is still expected to report."""
+        return not self.working
+
+    @property
+    def succeeded(self) -> bool:
+        return len(self.reported) >= self.required
+
+    @property
+    def can_still_succeed(self) -> bool:
+        return len(self.reported) + len(self.working) >= self.required
+
+    def is_open(self, now: float) -> bool:
+        return self.phase != "closed" and now <= self.deadline
+
+    # --- transitions ----------------------------------------------------------------
+
+    def mark(self, device_id: str, state: SlotState, detail: str | None = None) -> bool:
+        """Move a working slot to ``state``; False (no change) when it is not working."""
+        slot = self.slots.get(device_id)
+        if slot is None or slot.state not in WORKING:
+            return False
+        slot.state = state
+        slot.detail = detail
+        return True
+
+    def check_submit(
+        self, device_id: str, round_id: str, base_version: int, now: float
+    ) -> None:
+        """Raise FedtrayError unless this submission may be counted (changes nothing)."""
+        if round_id != self.round_id or not self.is_open(now):
+            raise FedtrayError(
+                "round_closed", f"round {round_id} is closed or unknown; the update is not counted"
+            )
+        slot = self.slots.get(device_id)
+        if slot is None or slot.state == "refused":
+            raise FedtrayError("not_selected", f"this device was not selected for round {round_id}")
+        if slot.state == "reported":
+            raise FedtrayError(
+                "duplicate", f"this device's update for round {round_id} was already counted"
+            )
+        if base_version != self.base_version:
+            raise FedtrayError(
+                "stale_base",
+                f"the update was trained from version {base_version}, but round {round_id} "
+                f"starts from version {self.base_version}",
+            )
+
+    def record_report(self, device_id: str, num_samples: int, metrics: dict[str, float]) -> int:
+        """Count an accepted update (after check_submit passed); return reports so far.
+
+        A device whose slot was freed (dropped, failed) but which reports in time is
+        counted: its work is not thrown away.
+        """
+        slot = self.slots[device_id]
+        if slot.state in ("reported", "refused"):
+            raise ValueError(f"device {device_id} cannot report in state {slot.state}")
+        slot.state = "reported"
+        slot.num_samples = num_samples
+        slot.metrics = dict(metrics)
+        return len(self.reported)
+
+    def close(self) -> list[str]:
+        """Close the round; return the devices still working (to be sent training:cancel)."""
+        self.phase = "closed"
+        working = self.working
+        for device_id in working:
+            self.slots[device_id].state = "dropped"
+            self.slots[device_id].detail = "round closed"
+        return working

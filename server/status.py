@@ -1,0 +1,160 @@
+"""The status API's models (``GET /api/status``) and the pure function that builds them.
+
+Contract: every model here is a pydantic model with camelCase JSON names, listed in
+:data:`STATUS_MODELS` so ``docs/protocol.md`` can carry their JSON Schema. The status
+never contains a token or any auth material: it is built only from the registry, the
+current round and the round history. :func:`build_status` performs no I/O.
+:class:`RoundRecord` is also the format of each entry of the persisted ``history.json``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from client.protocol import DeviceState, DeviceType, PauseReason
+from server.registry import Registry
+from server.rounds import Round
+
+
+class StatusModel(BaseModel):
+    """Base of the status models: camelCase on the wire, unknown fields ignored."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+
+class RoundRecord(StatusModel):
+    """One finished round attempt."""
+
+    round_id: str
+    number: int = Field(description="Round number (1-based); a retried round keeps its number.")
+    outcome: Literal["completed", "abandoned"]
+    version: int = Field(description="Global version after the round (unchanged if abandoned).")
+    clients_selected: int
+    clients_reported: int
+    train_loss: float | None = Field(description="Mean of metrics.trainLoss weighted by samples.")
+    eval_loss: float | None = None
+    eval_accuracy: float | None = None
+    seconds: float
+    finished_at: float = Field(description="Unix time.")
+    detail: str | None = Field(default=None, description="Why an attempt was abandoned.")
+
+
+class CurrentRound(StatusModel):
+    """The round being prepared or run."""
+
+    number: int
+    phase: Literal["waiting", "starting", "training", "aggregating"]
+    round_id: str | None = None
+    waiting_reason: str | None = None
+    selected: list[str] = Field(default_factory=list, description="Device ids.")
+    reported: list[str] = Field(default_factory=list, description="Device ids.")
+    required: int | None = Field(default=None, description="Reports needed to succeed.")
+    deadline: float | None = Field(default=None, description="Unix time the round closes.")
+
+
+class DeviceStatus(StatusModel):
+    """One device as the server sees it."""
+
+    id: str
+    name: str
+    type: DeviceType
+    state: DeviceState
+    pause_reason: PauseReason | None = None
+    pause_detail: str | None = None
+    battery_percent: float | None = None
+    plugged_in: bool | None = None
+    cpu_percent: float
+    last_seen: float = Field(description="Unix time of the last message.")
+    rounds_completed: int
+    connected: bool
+    stale: bool
+    weights_version: int | None = None
+    progress: float | None = Field(default=None, description="Local training fraction, 0-1.")
+    client_version: str
+
+
+class ServerStatus(StatusModel):
+    """``GET /api/status``."""
+
+    server_version: str
+    protocol: int
+    task: str
+    global_version: int
+    rounds_target: int = Field(description="Rounds to run; 0 means forever.")
+    current_round: CurrentRound | None
+    history: list[RoundRecord]
+    devices: list[DeviceStatus]
+
+
+STATUS_MODELS: list[type[BaseModel]] = [
+    ServerStatus,
+    CurrentRound,
+    RoundRecord,
+    DeviceStatus,
+]
+
+
+def build_status(
+    *,
+    server_version: str,
+    protocol: int,
+    task: str,
+    global_version: int,
+    rounds_target: int,
+    current: CurrentRound | None,
+    history: list[RoundRecord],
+    registry: Registry,
+    now_mono: float,
+    now_unix: float,
+) -> ServerStatus:
+    """The status document. Registry times are monotonic; they are shown as Unix times."""
+    devices = []
+    for rec in registry.all():
+        battery = rec.resources.battery
+        devices.append(
+            DeviceStatus(
+                id=rec.device_id,
+                name=rec.name,
+                type=rec.device_type,
+                state=rec.state,
+                pause_reason=rec.pause_reason,
+                pause_detail=rec.pause_detail,
+                battery_percent=battery.percent if battery else None,
+                plugged_in=battery.plugged_in if battery else None,
+                cpu_percent=rec.resources.cpu_percent,
+                last_seen=now_unix - (now_mono - rec.last_seen),
+                rounds_completed=rec.rounds_completed,
+                connected=rec.connected,
+                stale=registry.is_stale(rec, now_mono),
+                weights_version=rec.weights_version,
+                progress=rec.progress.fraction if rec.progress else None,
+                client_version=rec.client_version,
+            )
+        )
+    return ServerStatus(
+        server_version=server_version,
+        protocol=protocol,
+        task=task,
+        global_version=global_version,
+        rounds_target=rounds_target,
+        current_round=current,
+        history=list(history),
+        devices=devices,
+    )
+
+
+def current_from_round(rnd: Round, phase: Literal["starting", "training", "aggregating"],
+                       now_mono: float, now_unix: float) -> CurrentRound:
+    """The CurrentRound view of a running round."""
+    return CurrentRound(
+        number=rnd.number,
+        phase=phase,
+        round_id=rnd.round_id,
+        selected=rnd.selected,
+        reported=rnd.reported,
+        required=rnd.required,
+        deadline=now_unix + (rnd.deadline - now_mono),
+    )

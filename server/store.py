@@ -1,0 +1,135 @@
+"""Persistence of the server's progress: global weights and round history.
+
+Contract: :class:`Store` keeps, in its state directory, the current global weights as a
+safetensors file written by the codec (``global-v<version>.safetensors``; never a pickle)
+and ``history.json`` naming that file, its SHA-256, the version, the number of completed
+rounds, the task and the round history. Every file is written atomically (temporary file
+in the same directory, fsync, ``os.replace``), and the weights file is written before
+``history.json`` points to it, so a crash at any moment leaves the previous consistent
+state. :meth:`Store.load` returns None when the directory holds no state, and raises
+:class:`StoreError` with a one-line message when the state is unreadable, corrupt, or
+belongs to another task or model layout. Older weights files are removed after a save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from client.weights import Layout, StateDict, WeightsError, decode, encode, sha256_hex
+from server.status import RoundRecord
+
+HISTORY_FILE = "history.json"
+STATE_FORMAT = 1
+
+
+class StoreError(Exception):
+    """The state directory cannot be used; the message says why and what to do."""
+
+
+@dataclass
+class Saved:
+    """What a previous run left behind."""
+
+    task: str
+    version: int
+    rounds_completed: int
+    state: StateDict
+    history: list[RoundRecord]
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see the old or the new file, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+class Store:
+    """The state directory of one server."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+
+    def load(self, task: str, layout: Layout) -> Saved | None:
+        """The saved state, checked against ``task`` and the model ``layout``."""
+        meta_path = self.state_dir / HISTORY_FILE
+        if not meta_path.exists():
+            return None
+        hint = "; move it away or pass another --state-dir"
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
+                raise StoreError(f"{meta_path} is not a fedtray-server state file{hint}")
+            saved_task = str(meta["task"])
+            version = int(meta["version"])
+            rounds_completed = int(meta["roundsCompleted"])
+            weights_name = str(meta["weightsFile"])
+            weights_sha = str(meta["weightsSha256"])
+            history = [RoundRecord.model_validate(r) for r in meta["history"]]
+        except StoreError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, ValidationError) as exc:
+            raise StoreError(f"cannot read {meta_path}: {exc}{hint}") from None
+        if saved_task != task:
+            raise StoreError(
+                f"{self.state_dir} holds training state for task {saved_task!r}, not {task!r}{hint}"
+            )
+        weights_path = self.state_dir / Path(weights_name).name
+        try:
+            data = weights_path.read_bytes()
+        except OSError as exc:
+            raise StoreError(f"cannot read {weights_path}: {exc}{hint}") from None
+        if sha256_hex(data) != weights_sha:
+            raise StoreError(f"{weights_path} does not match its checksum in {meta_path}{hint}")
+        try:
+            state = decode(data, "safetensors", expected=layout)
+        except WeightsError as exc:
+            raise StoreError(
+                f"{weights_path} does not fit the current model ({exc.code}: {exc.message}){hint}"
+            ) from None
+        return Saved(saved_task, version, rounds_completed, state, history)
+
+    def save(
+        self,
+        *,
+        task: str,
+        version: int,
+        rounds_completed: int,
+        state: StateDict,
+        history: list[RoundRecord],
+        encoded: bytes | None = None,
+    ) -> None:
+        """Persist a new global version (``encoded`` = its safetensors bytes, if at hand)."""
+        data = encoded if encoded is not None else encode(state, "safetensors")
+        weights_name = f"global-v{version}.safetensors"
+        atomic_write(self.state_dir / weights_name, data)
+        meta: dict[str, Any] = {
+            "format": STATE_FORMAT,
+            "task": task,
+            "version": version,
+            "roundsCompleted": rounds_completed,
+            "weightsFile": weights_name,
+            "weightsSha256": sha256_hex(data),
+            "history": [r.model_dump(by_alias=True, mode="json") for r in history],
+        }
+        atomic_write(
+            self.state_dir / HISTORY_FILE, json.dumps(meta, indent=1).encode("utf-8")
+        )
+        for old in self.state_dir.glob("global-v*.safetensors"):
+            if old.name != weights_name:
+                old.unlink(missing_ok=True)

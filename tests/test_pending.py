@@ -1,0 +1,125 @@
+"""The pending-update store: an update survives until the server acknowledged it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from client.errors import FedtrayError
+from client.pending import PendingStore, default_pending_dir
+
+
+def _update_file(tmp_path: Path, content: bytes = b"weights-bytes") -> Path:
+    src = tmp_path / "work" / "update.safetensors"
+    src.parent.mkdir(parents=True, exist_ok=True)
+    src.write_bytes(content)
+    return src
+
+
+def _add(store: PendingStore, src: Path, round_id: str = "r-1", created: float = 1.0) -> None:
+    store.add(
+        src,
+        round_id=round_id,
+        task="digits",
+        base_version=3,
+        num_samples=120,
+        metrics={"trainLoss": 0.5},
+        fmt="safetensors",
+        created=created,
+    )
+
+
+def test_default_dir_follows_xdg_data_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    assert default_pending_dir() == tmp_path / "data" / "fedtray" / "pending"
+
+
+def test_lifecycle_add_list_read_remove(tmp_path: Path) -> None:
+    store = PendingStore(tmp_path / "pending")
+    src = _update_file(tmp_path)
+    _add(store, src)
+    assert not src.exists(), "the update must be moved, not copied"
+    [entry] = store.entries()
+    assert entry.round_id == "r-1"
+    assert entry.base_version == 3
+    assert entry.num_samples == 120
+    assert entry.metrics == {"trainLoss": 0.5}
+    assert entry.sha256 == hashlib.sha256(b"weights-bytes").hexdigest()
+    assert entry.size == len(b"weights-bytes")
+    assert store.read(entry) == b"weights-bytes"
+    # A new store over the same directory (a restarted client) sees the same entry.
+    assert PendingStore(tmp_path / "pending").get("r-1") == entry
+    store.remove(entry)
+    assert store.entries() == []
+    assert list((tmp_path / "pending").iterdir()) == []
+    store.remove(entry)  # idempotent
+
+
+def test_entries_are_oldest_first_and_round_ids_need_not_be_file_names(tmp_path: Path) -> None:
+    store = PendingStore(tmp_path / "pending")
+    _add(store, _update_file(tmp_path, b"b"), round_id="round:2..", created=5.0)
+    _add(store, _update_file(tmp_path, b"a"), round_id="..", created=2.0)
+    assert [e.round_id for e in store.entries()] == ["..", "round:2.."]
+
+
+def test_tampered_data_is_refused_on_read(tmp_path: Path) -> None:
+    store = PendingStore(tmp_path / "pending")
+    _add(store, _update_file(tmp_path))
+    [entry] = store.entries()
+    entry.path.write_bytes(b"weights-bytez")
+    with pytest.raises(FedtrayError) as exc:
+        store.read(entry)
+    assert exc.value.code == "checksum_mismatch"
+    entry.path.write_bytes(b"short")
+    with pytest.raises(FedtrayError) as exc:
+        store.read(entry)
+    assert exc.value.code == "size_mismatch"
+
+
+def test_crash_leftovers_are_cleaned(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    directory = tmp_path / "pending"
+    store = PendingStore(directory)
+    _add(store, _update_file(tmp_path))
+    [entry] = store.entries()
+    orphan = directory / "abc.update"  # data moved in, then a crash before the sidecar
+    orphan.write_bytes(b"x")
+    temp = directory / ".abc.json.123.tmp"
+    temp.write_bytes(b"{")
+    lonely = directory / "def.json"  # sidecar whose data vanished
+    lonely.write_text(entry.sidecar.read_text())
+    with caplog.at_level(logging.INFO, logger="client.pending"):
+        assert [e.round_id for e in store.entries()] == ["r-1"]
+    assert not orphan.exists()
+    assert not temp.exists()
+    assert not lonely.exists()
+    assert "never written" in caplog.text
+    assert "lost its data file" in caplog.text
+
+
+def test_corrupt_sidecar_is_set_aside_not_submitted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = PendingStore(tmp_path / "pending")
+    _add(store, _update_file(tmp_path))
+    [entry] = store.entries()
+    data = json.loads(entry.sidecar.read_text())
+    data["numSamples" if "numSamples" in data else "num_samples"] = -4
+    entry.sidecar.write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING, logger="client.pending"):
+        assert store.entries() == []
+    assert "unreadable description" in caplog.text
+    assert (entry.path.parent / (entry.path.name + ".corrupt")).read_bytes() == b"weights-bytes"
+
+
+def test_disk_error_raises_and_keeps_the_update(tmp_path: Path) -> None:
+    blocker = tmp_path / "pending"
+    blocker.write_text("a file where the directory should be")
+    store = PendingStore(blocker)
+    src = _update_file(tmp_path)
+    with pytest.raises(OSError):
+        _add(store, src)
+    assert src.read_bytes() == b"weights-bytes", "nothing may be lost on a disk error"

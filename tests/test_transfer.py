@@ -1,0 +1,179 @@
+"""BlobStore bookkeeping (pure) and send_blob against a BlobStore peer (in-process)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from client.errors import FedtrayError
+from client.protocol import (
+    EV_BLOB_CHUNK,
+    EV_BLOB_STATUS,
+    BlobChunk,
+    BlobStatus,
+    WeightsRef,
+    error_ack,
+    parse,
+)
+from client.transfer import BlobStore, send_blob, sha256_hex, verify, weights_ref_for
+
+DATA = bytes(range(256)) * 40  # 10,240 bytes
+DIGEST = sha256_hex(DATA)
+
+
+def chunk(offset: int, size: int, *, total: int = len(DATA), digest: str = DIGEST) -> BlobChunk:
+    return BlobChunk(
+        blob_id="b1", offset=offset, total=total, sha256=digest, data=DATA[offset : offset + size]
+    )
+
+
+def store(**kw: Any) -> BlobStore:
+    args: dict[str, Any] = {"max_chunk_bytes": 4096, "max_blob_bytes": 1 << 20}
+    args.update(kw)
+    return BlobStore(**args)
+
+
+def test_chunks_in_order_complete_and_take_verifies() -> None:
+    s = store()
+    p = s.accept_chunk("dev", chunk(0, 4096), now=0)
+    assert (p.received, p.complete) == (4096, False)
+    s.accept_chunk("dev", chunk(4096, 4096), now=1)
+    p = s.accept_chunk("dev", chunk(8192, 4096), now=2)
+    assert (p.received, p.complete) == (len(DATA), True)
+    ref = WeightsRef(format="safetensors", size=len(DATA), sha256=DIGEST, blob_id="b1")
+    assert s.take("dev", ref) == DATA
+    assert s.status("dev", "b1", now=3).received == 0  # forgotten once taken
+
+
+def test_repeated_chunk_is_idempotent() -> None:
+    s = store()
+    s.accept_chunk("dev", chunk(0, 4096), now=0)
+    again = s.accept_chunk("dev", chunk(0, 4096), now=0)
+    assert again.received == 4096
+    assert s.bytes_held("dev") == 4096
+
+
+@pytest.mark.parametrize(
+    ("setup", "bad", "code"),
+    [
+        ([], chunk(4096, 10), "offset_gap"),  # unknown blob must start at 0
+        ([chunk(0, 100)], chunk(200, 100), "offset_gap"),
+        ([chunk(0, 100)], chunk(100, 100, total=len(DATA) + 1), "blob_mismatch"),
+        ([chunk(0, 100)], chunk(100, 100, digest="0" * 64), "blob_mismatch"),
+        ([], chunk(0, 4097), "chunk_too_large"),
+        ([], chunk(0, 10, total=(1 << 20) + 1), "blob_too_large"),
+        ([], chunk(0, 20, total=10), "size_mismatch"),
+    ],
+)
+def test_refusals_have_codes_and_buffer_nothing(
+    setup: list[BlobChunk], bad: BlobChunk, code: str
+) -> None:
+    s = store()
+    for c in setup:
+        s.accept_chunk("dev", c, now=0)
+    held = s.bytes_held()
+    with pytest.raises(FedtrayError) as info:
+        s.accept_chunk("dev", bad, now=0)
+    assert info.value.code == code
+    assert s.bytes_held() == held
+
+
+def test_peer_budget_is_checked_before_buffering() -> None:
+    s = store(max_blob_bytes=len(DATA), max_peer_bytes=len(DATA) + 10)
+    s.accept_chunk("dev", chunk(0, 4096), now=0)
+    other = BlobChunk(blob_id="b2", offset=0, total=len(DATA), sha256=DIGEST, data=DATA[:10])
+    with pytest.raises(FedtrayError) as info:
+        s.accept_chunk("dev", other, now=0)
+    assert info.value.code == "blob_too_large"
+    s.accept_chunk("other-dev", other, now=0)  # budgets are per peer
+
+
+def test_partial_blobs_are_per_peer_and_expire() -> None:
+    s = store(ttl_sec=10)
+    s.accept_chunk("a", chunk(0, 100), now=0)
+    assert s.status("b", "b1", now=0).received == 0
+    assert s.status("a", "b1", now=5).received == 100  # status refreshes expiry
+    assert s.expire(now=14) == 0
+    assert s.expire(now=16) == 1
+    assert s.status("a", "b1", now=16).received == 0
+
+
+@pytest.mark.parametrize(
+    ("ref_kw", "code"),
+    [
+        ({"blob_id": "nope"}, "blob_unknown"),
+        ({"blob_id": "b1"}, "blob_incomplete"),
+        ({"data": DATA[:10], "size": 10, "sha256": "0" * 64}, "checksum_mismatch"),
+    ],
+)
+def test_take_refusals(ref_kw: dict[str, Any], code: str) -> None:
+    s = store()
+    s.accept_chunk("dev", chunk(0, 100), now=0)
+    fields: dict[str, Any] = {"format": "safetensors", "size": len(DATA), "sha256": DIGEST}
+    fields.update(ref_kw)
+    with pytest.raises(FedtrayError) as info:
+        s.take("dev", WeightsRef(**fields))
+    assert info.value.code == code
+
+
+def test_verify_size_and_checksum() -> None:
+    verify(DATA, size=len(DATA), sha256=DIGEST)
+    with pytest.raises(FedtrayError, match="size_mismatch"):
+        verify(DATA, size=1, sha256=DIGEST)
+    with pytest.raises(FedtrayError, match="checksum_mismatch"):
+        verify(DATA[:-1] + b"x", size=len(DATA), sha256=DIGEST)
+
+
+def test_weights_ref_inline_or_blob() -> None:
+    small = weights_ref_for(b"abc", "json", inline_limit=3)
+    assert small.data == b"abc" and small.blob_id is None
+    big = weights_ref_for(DATA, "safetensors", inline_limit=100)
+    assert big.data is None and big.blob_id == DIGEST and big.size == len(DATA)
+
+
+class Peer:
+    """A receiving peer in-process: routes events to a BlobStore like a server would."""
+
+    def __init__(self, s: BlobStore, *, fail_after: int | None = None) -> None:
+        self.store = s
+        self.fail_after = fail_after
+        self.chunks_seen: list[int] = []
+
+    async def call(self, event: str, payload: dict[str, Any]) -> Any:
+        await asyncio.sleep(0)
+        try:
+            if event == EV_BLOB_STATUS:
+                st = parse(BlobStatus, payload)
+                return self.store.status("dev", st.blob_id, now=0).to_wire()
+            assert event == EV_BLOB_CHUNK
+            c = parse(BlobChunk, payload)
+            if self.fail_after is not None and len(self.chunks_seen) >= self.fail_after:
+                raise ConnectionError("connection lost")
+            self.chunks_seen.append(c.offset)
+            return self.store.accept_chunk("dev", c, now=0).to_wire()
+        except FedtrayError as exc:
+            return error_ack(exc.code, exc.message)
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_send_blob_resumes_from_peer_offset(window: int) -> None:
+    s = store(max_chunk_bytes=1000)
+    flaky = Peer(s, fail_after=4)
+    with pytest.raises(ConnectionError):
+        asyncio.run(send_blob(flaky.call, DATA, blob_id="b1", chunk_bytes=1000, window=window))
+    held = s.status("dev", "b1", now=0).received
+    assert held == 4000
+    healthy = Peer(s)
+    asyncio.run(send_blob(healthy.call, DATA, blob_id="b1", chunk_bytes=1000, window=window))
+    assert healthy.chunks_seen[0] == held  # resumed, not restarted
+    ref = WeightsRef(format="safetensors", size=len(DATA), sha256=DIGEST, blob_id="b1")
+    assert s.take("dev", ref) == DATA
+
+
+def test_send_blob_raises_peer_refusal_code() -> None:
+    peer = Peer(store(max_chunk_bytes=100))
+    with pytest.raises(FedtrayError) as info:
+        asyncio.run(send_blob(peer.call, DATA, blob_id="b1", chunk_bytes=1000))
+    assert info.value.code == "chunk_too_large"

@@ -1,0 +1,1 @@
+"""fedtray's system-tray shell over :mod:`client`. Never imports torch."""
