@@ -1,0 +1,95 @@
+"""What the session shows the outside world, and how pause decisions combine.
+
+Contract: pure data and pure functions, no I/O, no threads. :class:`ClientSnapshot` is
+immutable, so the session hands the same object to every subscriber and to any thread
+without copying. :func:`effective_decision` combines the decisions of every pause
+source (the user, later the power policy) into the one the session applies.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from client.protocol import DeviceState, PauseReason
+
+ConnectionState = Literal["disconnected", "connecting", "connected", "auth_failed", "stopped"]
+
+
+@dataclass(frozen=True)
+class PauseDecision:
+    """Whether training is allowed now; when not, why (a stable reason and plain words)."""
+
+    allowed: bool
+    reason: PauseReason | None = None
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        if self.allowed and self.reason is not None:
+            raise ValueError("an allowing decision has no pause reason")
+        if not self.allowed and self.reason is None:
+            raise ValueError("a pausing decision needs a reason")
+
+
+ALLOW = PauseDecision(allowed=True)
+USER_PAUSED = PauseDecision(allowed=False, reason="user_paused", detail="Paused by you")
+
+
+def effective_decision(decisions: Iterable[PauseDecision]) -> PauseDecision:
+    """The first pausing decision in ``decisions`` (so order = priority), else ALLOW."""
+    for decision in decisions:
+        if not decision.allowed:
+            return decision
+    return ALLOW
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where the current round's local training is."""
+
+    fraction: float = 0.0
+    epoch: int = 0
+    epochs: int = 0
+    loss: float | None = None
+    samples_per_sec: float | None = None
+
+
+@dataclass(frozen=True)
+class ClientSnapshot:
+    """The whole visible state of a :class:`client.session.DistributedClient`.
+
+    ``next_retry_at`` is a :func:`time.monotonic` time; use :meth:`retry_in` for the
+    seconds left (the snapshot itself never changes while the clock runs).
+    """
+
+    server_url: str
+    device_id: str
+    device_name: str
+    connection: ConnectionState = "disconnected"
+    next_retry_at: float | None = None
+    last_error: str | None = None
+    device_state: DeviceState = "idle"
+    pause_reason: PauseReason | None = None
+    pause_detail: str = ""
+    round_id: str | None = None
+    progress: Progress = field(default_factory=Progress)
+    weights_version: int | None = None
+    task: str | None = None
+    rounds_completed: int = 0
+    simulation: bool = False
+
+    def retry_in(self, now: float | None = None) -> float | None:
+        """Seconds until the next connection attempt (``None`` when none is scheduled)."""
+        if self.next_retry_at is None:
+            return None
+        return max(0.0, self.next_retry_at - (time.monotonic() if now is None else now))
+
+    def describe_connection(self, now: float | None = None) -> str:
+        """The connection state in plain words, e.g. ``"disconnected, retrying in 4 s"``."""
+        wait = self.retry_in(now)
+        text = self.connection.replace("_", " ")
+        if wait is not None and self.connection in ("disconnected", "auth_failed"):
+            text += f", retrying in {wait:.0f} s"
+        return text

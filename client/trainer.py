@@ -1,0 +1,701 @@
+"""Local training of one federated round: :class:`LocalTrainer` and its job/result types.
+
+Contract:
+
+* Importing this module does not import torch (the session process needs
+  :class:`TrainJob`, :class:`TrainResult` and :class:`Cancelled`); :meth:`LocalTrainer.run`
+  imports it. ``run`` is meant to execute in the training worker process.
+* ``run`` reads the base weights (safetensors, via :mod:`client.weights`) and checks them
+  against the task's model: a different layout raises :class:`client.errors.FedtrayError`
+  ``layout_mismatch`` / ``shape_mismatch`` / ``dtype_mismatch`` before any training.
+* It trains ``config.epochs`` epochs over the device's partition. Each epoch's sample
+  order comes from a ``torch.Generator`` seeded by ``(config.seed, partition.index,
+  epoch)``, so a run is reproducible; on CPU with a fixed thread count it is
+  bit-for-bit reproducible.
+* At every batch boundary it asks ``control.check()``: ``"pause"`` first writes a
+  checkpoint (model, optimizer state, RNG states, epoch, position, sample order, running
+  loss sums, batch size) to ``job.checkpoint_path`` -- tensors as safetensors, the rest as
+  JSON in the safetensors metadata, never pickle -- then calls
+  ``control.wait_while_paused()``; ``"cancel"`` raises :class:`Cancelled`.
+* A later ``run`` of a job with the same round, task, parameters, config, partition and
+  base weights resumes from that checkpoint and produces weights bit-identical to an
+  uninterrupted run (also in a fresh process). A checkpoint of anything else, or an
+  unreadable one, is deleted and ignored. The checkpoint is deleted when the round
+  finishes or is cancelled; it is kept when training fails otherwise.
+* The batch size is ``config.batch_size`` capped by the memory available
+  (:func:`cap_batch_size`); when an epoch runs out of memory anyway, it is retried from
+  the state at the start of the epoch with half the batch size, down to 1, after which
+  ``FedtrayError('training_failed')`` is raised. The effective batch size is reported.
+* The trained state dict is written as safetensors to ``job.output_path`` atomically
+  (temporary file + ``os.replace``): readers see the old file or the whole new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import numpy as np
+import numpy.typing as npt
+import psutil
+from pydantic import JsonValue
+
+from client.errors import FedtrayError
+from client.protocol import Partition, TrainingConfig
+from client.tasks import get_task
+from client.tasks.base import Task
+from client.weights import decode, encode, layout_of, sha256_hex
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "DEFAULT_MEMORY_SAFETY",
+    "Cancelled",
+    "Command",
+    "LocalTrainer",
+    "NeverInterrupt",
+    "ProgressCallback",
+    "TrainControl",
+    "TrainJob",
+    "TrainResult",
+    "atomic_write",
+    "cap_batch_size",
+    "epoch_seed",
+    "is_out_of_memory",
+]
+
+log = logging.getLogger(__name__)
+
+#: Share of the free memory a batch may use (the rest is left to the owner of the machine).
+DEFAULT_MEMORY_SAFETY = 0.25
+_CHECKPOINT_VERSION = 1
+_META_KEY = "fedtray.checkpoint"
+
+Command = Literal["run", "pause", "cancel"]
+ProgressCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One local round to train; plain, picklable data (it crosses the worker pipe).
+
+    ``base_weights_path`` is a safetensors file of the global model, or ``None`` to start
+    from ``task.build_model(model_params, config.seed)``. ``torch_threads=None`` lets the
+    worker choose (all cores but one).
+    """
+
+    round_id: str
+    task: str
+    model_params: dict[str, JsonValue]
+    config: TrainingConfig
+    partition: Partition
+    base_weights_path: Path | None
+    output_path: Path
+    checkpoint_path: Path
+    torch_threads: int | None = None
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """A finished round: where the weights are and what training measured.
+
+    ``metrics`` holds ``trainLoss`` (mean loss of the last epoch), ``trainAccuracy`` (the
+    trained model on the partition), ``seconds`` (training time without pauses) and
+    ``batchSize``; ``batch_size`` is the effective batch size.
+    """
+
+    round_id: str
+    output_path: Path
+    num_samples: int
+    metrics: dict[str, float]
+    batch_size: int
+
+
+class Cancelled(Exception):  # noqa: N818 -- the public name of the original client
+    """Training stopped because the control said ``"cancel"``."""
+
+
+class TrainControl(Protocol):
+    """How the owner steers a running round; asked at every batch boundary."""
+
+    def check(self) -> Command:
+        """``"run"`` to go on, ``"pause"`` to checkpoint and wait, ``"cancel"`` to stop."""
+        ...
+
+    def wait_while_paused(self) -> None:
+        """Block until the pause is lifted (resumed or cancelled); called after a checkpoint."""
+        ...
+
+
+class NeverInterrupt:
+    """A :class:`TrainControl` that always says ``"run"``."""
+
+    def check(self) -> Command:
+        return "run"
+
+    def wait_while_paused(self) -> None:
+        return None
+
+
+# -- pure helpers -----------------------------------------------------------------------
+
+
+def cap_batch_size(
+    requested: int,
+    num_samples: int,
+    bytes_per_sample: int,
+    available_bytes: int,
+    *,
+    fixed_bytes: int = 0,
+    safety: float = DEFAULT_MEMORY_SAFETY,
+) -> int:
+    """The batch size to use: ``requested``, at most ``num_samples``, at most what fits.
+
+    A batch may use ``available_bytes * safety - fixed_bytes`` (``fixed_bytes`` = model,
+    gradients and optimizer state); it is never below 1.
+    """
+    budget = int(available_bytes * safety) - fixed_bytes
+    fits = budget // max(1, bytes_per_sample)
+    return max(1, min(requested, num_samples, fits))
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says the machine or accelerator ran out of memory."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text
+    )
+
+
+def epoch_seed(seed: int, partition_index: int, epoch: int) -> int:
+    """The shuffle seed of one epoch, mixed by numpy's SeedSequence (fits torch's uint64)."""
+    state = np.random.SeedSequence([seed, partition_index, epoch]).generate_state(
+        1, dtype=np.uint64
+    )
+    return int(state[0])
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see the old file or all of the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# -- the trainer ------------------------------------------------------------------------
+
+
+@dataclass
+class _Position:
+    """Where training is; everything here goes into a checkpoint."""
+
+    batch_size: int
+    epoch: int = 0
+    pos: int = 0  # samples of this epoch already trained
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    last_epoch_loss: float = math.nan
+    train_seconds: float = 0.0
+    order: torch.Tensor | None = None  # this epoch's sample order
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size,
+            "epoch": self.epoch,
+            "pos": self.pos,
+            "loss_sum": self.loss_sum,
+            "loss_count": self.loss_count,
+            "last_epoch_loss": None if math.isnan(self.last_epoch_loss) else self.last_epoch_loss,
+            "train_seconds": self.train_seconds,
+        }
+
+
+@dataclass
+class _Snapshot:
+    """In-memory state at the start of an epoch, to retry it after running out of memory."""
+
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    rng: torch.Tensor
+    position: _Position
+
+
+class LocalTrainer:
+    """Trains one round of a task on this machine; see the module docstring for guarantees.
+
+    ``task_loader`` resolves a task name and parameters (default
+    :func:`client.tasks.get_task`); ``device`` forces ``"cpu"``/``"cuda"``/``"mps"``
+    (default: CUDA, else MPS, else CPU); ``memory_safety`` is the share of free memory a
+    batch may use; ``available_memory`` overrides the free-memory probe (bytes).
+    """
+
+    def __init__(
+        self,
+        *,
+        task_loader: Callable[[str, Mapping[str, JsonValue]], Task] = get_task,
+        device: str | None = None,
+        memory_safety: float = DEFAULT_MEMORY_SAFETY,
+        available_memory: Callable[[], int] | None = None,
+    ) -> None:
+        self._task_loader = task_loader
+        self._device_name = device
+        self._memory_safety = memory_safety
+        self._available_memory = available_memory
+
+    # -- public -------------------------------------------------------------------------
+
+    def run(
+        self,
+        job: TrainJob,
+        control: TrainControl | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> TrainResult:
+        """Train ``job`` and write its weights; see the module docstring.
+
+        Raises :class:`Cancelled`, :class:`client.errors.FedtrayError` (``bad_request``,
+        ``unknown_task``, a weights code, ``training_failed``) or the task's own errors.
+        """
+        import torch
+
+        ctl: TrainControl = control or NeverInterrupt()
+        report: ProgressCallback = on_progress or (lambda _p: None)
+        task = self._task_loader(job.task, job.model_params)
+        x_np, y_np = task.load_data("train", job.partition)
+        n = len(y_np)
+        if n == 0:
+            raise FedtrayError("bad_request", "this device's data partition holds no samples")
+        device = self._device()
+        model = task.build_model(task.params, job.config.seed)
+        layout = layout_of(_numpy_state(model))
+        base_sha = "none"
+        if job.base_weights_path is not None:
+            try:
+                raw = job.base_weights_path.read_bytes()
+            except OSError as exc:
+                raise FedtrayError(
+                    "training_failed", f"cannot read the base weights: {exc}"
+                ) from exc
+            base_sha = sha256_hex(raw)
+            base = decode(raw, "safetensors", expected=layout)
+            model.load_state_dict({k: torch.from_numpy(v) for k, v in base.items()})
+        fingerprint = _fingerprint(job, task.params, base_sha, n)
+        model.to(device)
+        model.train()
+        optimizer = _make_optimizer(model, job.config)
+        x = torch.as_tensor(x_np).to(device)
+        y = torch.as_tensor(y_np).to(device)
+
+        position = self._resume(job, fingerprint, model, optimizer, device)
+        if position is None:
+            batch = self._initial_batch_size(task, model, x[:1], job.config, n, device)
+            position = _Position(batch_size=batch)
+        try:
+            while position.epoch < job.config.epochs:
+                snapshot = _snapshot(model, optimizer, position)
+                try:
+                    self._train_epoch(
+                        job, task, model, optimizer, x, y, position, ctl, report, fingerprint
+                    )
+                except Exception as exc:
+                    if not is_out_of_memory(exc):
+                        raise
+                    if position.batch_size <= 1:
+                        raise FedtrayError(
+                            "training_failed",
+                            "ran out of memory even with a batch size of 1",
+                        ) from exc
+                    smaller = max(1, position.batch_size // 2)
+                    log.warning(
+                        "out of memory at batch size %d; retrying the epoch with %d",
+                        position.batch_size,
+                        smaller,
+                    )
+                    _restore(snapshot, model, optimizer)
+                    position = snapshot.position
+                    position.batch_size = smaller
+                    _free_accelerator_memory(device)
+        except Cancelled:
+            job.checkpoint_path.unlink(missing_ok=True)
+            raise
+
+        evaluation = task.evaluate(model, x_np, y_np)
+        atomic_write(job.output_path, encode(_numpy_state(model), "safetensors"))
+        job.checkpoint_path.unlink(missing_ok=True)
+        metrics = {
+            "trainLoss": position.last_epoch_loss,
+            "trainAccuracy": float(evaluation.get("accuracy", math.nan)),
+            "seconds": position.train_seconds,
+            "batchSize": float(position.batch_size),
+        }
+        return TrainResult(
+            round_id=job.round_id,
+            output_path=job.output_path,
+            num_samples=n,
+            metrics={k: v for k, v in metrics.items() if math.isfinite(v)},
+            batch_size=position.batch_size,
+        )
+
+    # -- training -----------------------------------------------------------------------
+
+    def _train_epoch(
+        self,
+        job: TrainJob,
+        task: Task,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        position: _Position,
+        control: TrainControl,
+        report: ProgressCallback,
+        fingerprint: str,
+    ) -> None:
+        import torch
+
+        n = len(y)
+        epochs = job.config.epochs
+        if position.order is None:
+            gen = torch.Generator().manual_seed(
+                epoch_seed(job.config.seed, job.partition.index, position.epoch)
+            )
+            position.order = torch.randperm(n, generator=gen)
+        while position.pos < n:
+            command = control.check()
+            if command == "pause":
+                self._save_checkpoint(job, fingerprint, model, optimizer, position)
+                while command == "pause":
+                    control.wait_while_paused()
+                    command = control.check()
+            if command == "cancel":
+                raise Cancelled(f"round {job.round_id} was cancelled")
+            started = time.perf_counter()
+            bs = position.batch_size
+            idx = position.order[position.pos : position.pos + bs].to(x.device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = task.train_step(model, x[idx], y[idx])
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            value = float(loss.detach().item())
+            taken = len(idx)
+            position.loss_sum += value * taken
+            position.loss_count += taken
+            position.pos += taken
+            elapsed = time.perf_counter() - started
+            position.train_seconds += elapsed
+            steps = math.ceil(n / bs)
+            report(
+                {
+                    "round_id": job.round_id,
+                    "epoch": position.epoch + 1,
+                    "epochs": epochs,
+                    "step": math.ceil(position.pos / bs),
+                    "steps": steps,
+                    "fraction": min(1.0, (position.epoch * n + position.pos) / (epochs * n)),
+                    "loss": value if math.isfinite(value) else None,
+                    "samples_per_sec": taken / elapsed if elapsed > 0 else None,
+                    "batch_size": bs,
+                    "state": "training",
+                }
+            )
+        position.last_epoch_loss = position.loss_sum / max(1, position.loss_count)
+        position.epoch += 1
+        position.pos = 0
+        position.loss_sum = 0.0
+        position.loss_count = 0
+        position.order = None
+
+    def _device(self) -> torch.device:
+        import torch
+
+        if self._device_name is not None:
+            return torch.device(self._device_name)
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+
+    def _free_bytes(self, device: torch.device) -> int:
+        import torch
+
+        if self._available_memory is not None:
+            return self._available_memory()
+        if device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(device)
+            return int(free)
+        return int(psutil.virtual_memory().available)
+
+    def _initial_batch_size(
+        self,
+        task: Task,
+        model: torch.nn.Module,
+        one_sample: torch.Tensor,
+        config: TrainingConfig,
+        n: int,
+        device: torch.device,
+    ) -> int:
+        per_sample = task.sample_bytes_hint(task.params) or _estimate_sample_bytes(
+            model, one_sample
+        )
+        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        slots = 2 if config.optimizer == "adam" else (1 if config.momentum > 0 else 0)
+        batch = cap_batch_size(
+            config.batch_size,
+            n,
+            per_sample,
+            self._free_bytes(device),
+            fixed_bytes=param_bytes * (1 + slots),
+            safety=self._memory_safety,
+        )
+        if batch < min(config.batch_size, n):
+            log.info("batch size capped from %d to %d by free memory", config.batch_size, batch)
+        return batch
+
+    # -- checkpoints --------------------------------------------------------------------
+
+    def _save_checkpoint(
+        self,
+        job: TrainJob,
+        fingerprint: str,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        position: _Position,
+    ) -> None:
+        import torch
+        from safetensors.torch import save
+
+        tensors: dict[str, torch.Tensor] = {
+            f"model.{k}": _cpu_copy(v) for k, v in model.state_dict().items()
+        }
+        scalars: dict[str, JsonValue] = {}
+        for index, state in optimizer.state_dict()["state"].items():
+            for key, value in state.items():
+                name = f"{index}.{key}"
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optim.{name}"] = _cpu_copy(value)
+                else:
+                    scalars[name] = value
+        tensors["rng.torch"] = torch.get_rng_state()
+        if position.order is not None:
+            tensors["order"] = position.order.clone()
+        np_state = np.random.get_state()
+        meta = {
+            "version": _CHECKPOINT_VERSION,
+            "fingerprint": fingerprint,
+            "round_id": job.round_id,
+            "position": position.meta(),
+            "optim_scalars": scalars,
+            "numpy_rng": [
+                np_state[0],
+                np.asarray(np_state[1]).tolist(),
+                int(np_state[2]),
+                int(np_state[3]),
+                float(np_state[4]),
+            ],
+            "python_rng": _json_tuple(random.getstate()),
+        }
+        data = save(tensors, metadata={_META_KEY: json.dumps(meta)})
+        atomic_write(job.checkpoint_path, data)
+        log.info("checkpointed round %s at epoch %d", job.round_id, position.epoch + 1)
+
+    def _resume(
+        self,
+        job: TrainJob,
+        fingerprint: str,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+    ) -> _Position | None:
+        path = job.checkpoint_path
+        if not path.exists():
+            return None
+        try:
+            return _load_checkpoint(path, fingerprint, model, optimizer, device)
+        except _StaleCheckpoint as exc:
+            log.info("ignoring checkpoint %s: %s", path, exc)
+        except Exception:
+            log.warning("ignoring unreadable checkpoint %s", path, exc_info=True)
+        path.unlink(missing_ok=True)
+        return None
+
+
+class _StaleCheckpoint(Exception):
+    """The checkpoint belongs to another job."""
+
+
+def _load_checkpoint(
+    path: Path,
+    fingerprint: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+) -> _Position:
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as fh:
+        meta = json.loads((fh.metadata() or {})[_META_KEY])
+        if meta.get("version") != _CHECKPOINT_VERSION or meta.get("fingerprint") != fingerprint:
+            raise _StaleCheckpoint("it was written for another job")
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 -- not a dict
+    # Build everything first, then apply: a bad checkpoint changes nothing.
+    model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    optim_state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            index, _, name = key[len("optim.") :].partition(".")
+            optim_state.setdefault(int(index), {})[name] = value
+    for key, scalar in meta["optim_scalars"].items():
+        index, _, name = key.partition(".")
+        optim_state.setdefault(int(index), {})[name] = scalar
+    pos = meta["position"]
+    last = pos["last_epoch_loss"]
+    position = _Position(
+        batch_size=int(pos["batch_size"]),
+        epoch=int(pos["epoch"]),
+        pos=int(pos["pos"]),
+        loss_sum=float(pos["loss_sum"]),
+        loss_count=int(pos["loss_count"]),
+        last_epoch_loss=math.nan if last is None else float(last),
+        train_seconds=float(pos["train_seconds"]),
+        order=tensors.get("order"),
+    )
+    name, keys, np_pos, has_gauss, cached = meta["numpy_rng"]
+    np_rng = (str(name), np.asarray(keys, dtype=np.uint32), int(np_pos), int(has_gauss), cached)
+    py_rng = _tuple_json(meta["python_rng"])
+
+    model.load_state_dict(model_state)
+    model.to(device)
+    groups = optimizer.state_dict()["param_groups"]
+    optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
+    torch.set_rng_state(tensors["rng.torch"])
+    np.random.set_state(np_rng)
+    random.setstate(py_rng)
+    log.info("resuming at epoch %d, sample %d", position.epoch + 1, position.pos)
+    return position
+
+
+# -- small torch helpers ----------------------------------------------------------------
+
+
+def _numpy_state(model: torch.nn.Module) -> dict[str, npt.NDArray[Any]]:
+    return {
+        k: np.ascontiguousarray(v.detach().cpu().numpy()) for k, v in model.state_dict().items()
+    }
+
+
+def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to(device="cpu", copy=True).contiguous()
+
+
+def _make_optimizer(model: torch.nn.Module, config: TrainingConfig) -> torch.optim.Optimizer:
+    import torch
+
+    if config.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    return torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum)
+
+
+def _snapshot(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, position: _Position
+) -> _Snapshot:
+    import copy
+
+    import torch
+
+    return _Snapshot(
+        model={k: _cpu_copy(v) for k, v in model.state_dict().items()},
+        optimizer=copy.deepcopy(optimizer.state_dict()),
+        rng=torch.get_rng_state(),
+        position=copy.deepcopy(position),
+    )
+
+
+def _restore(snapshot: _Snapshot, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    import copy
+
+    import torch
+
+    model.load_state_dict(snapshot.model)
+    optimizer.load_state_dict(copy.deepcopy(snapshot.optimizer))
+    torch.set_rng_state(snapshot.rng)
+
+
+def _free_accelerator_memory(device: torch.device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _estimate_sample_bytes(model: torch.nn.Module, one_sample: torch.Tensor) -> int:
+    """Activations of one sample (measured by a forward pass) x 3 for gradients and scratch."""
+    import torch
+
+    total = 0
+
+    def count(_module: torch.nn.Module, _inputs: object, output: object) -> None:
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output.numel() * output.element_size()
+
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    hooks = [m.register_forward_hook(count) for m in leaves]
+    was_training = model.training
+    model.eval()  # no dropout draws, no batch-norm statistics updates
+    try:
+        with torch.no_grad():
+            model(one_sample)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return max(1, 3 * total + one_sample.numel() * one_sample.element_size())
+
+
+def _fingerprint(
+    job: TrainJob, params: Mapping[str, JsonValue], base_sha: str, num_samples: int
+) -> str:
+    identity = {
+        "round_id": job.round_id,
+        "task": job.task,
+        "params": dict(params),
+        "config": job.config.model_dump(),
+        "partition": job.partition.model_dump(),
+        "base": base_sha,
+        "samples": num_samples,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _json_tuple(value: object) -> JsonValue:
+    """random.getstate() (nested tuples of ints/floats/None) as JSON lists."""
+    if isinstance(value, tuple):
+        return [_json_tuple(v) for v in value]
+    return value  # type: ignore[return-value]
+
+
+def _tuple_json(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_tuple_json(v) for v in value)
+    return value
