@@ -27,7 +27,6 @@ Errors raise :class:`client.errors.FedtrayError` with the peer's code.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,13 +42,9 @@ from client.protocol import (
     WeightFormat,
     WeightsRef,
 )
+from client.weights import sha256_hex, verify_blob
 
 Call = Callable[[str, dict[str, Any]], Awaitable[Any]]
-
-
-def sha256_hex(data: bytes | bytearray | memoryview) -> str:
-    """Lower-case hex SHA-256 of ``data``."""
-    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass
@@ -164,7 +159,7 @@ class BlobStore:
                 )
             data = bytes(partial.buffer)
             del self._blobs[(peer, ref.blob_id)]
-        verify(data, size=ref.size, sha256=ref.sha256)
+        verify_blob(data, size=ref.size, sha256=ref.sha256)
         return data
 
     def discard(self, peer: str, blob_id: str) -> None:
@@ -186,15 +181,6 @@ class BlobStore:
     def _progress(partial: _Partial) -> BlobProgress:
         received = len(partial.buffer)
         return BlobProgress(received=received, complete=received == partial.total)
-
-
-def verify(data: bytes, *, size: int, sha256: str) -> None:
-    """Raise FedtrayError unless ``data`` has exactly ``size`` bytes hashing to ``sha256``."""
-    if len(data) != size:
-        raise FedtrayError("size_mismatch", f"expected {size} bytes, got {len(data)}")
-    actual = sha256_hex(data)
-    if actual != sha256:
-        raise FedtrayError("checksum_mismatch", f"sha256 is {actual}, expected {sha256}")
 
 
 def _check_ack(ack: Any, what: str) -> BlobProgress:

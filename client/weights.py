@@ -27,16 +27,16 @@ import json
 import math
 import struct
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import numpy as np
 import numpy.typing as npt
 from safetensors.numpy import save as _st_save
 
 from client.errors import FedtrayError
+from client.protocol import WeightFormat
 
 StateDict = dict[str, npt.NDArray[Any]]
-WeightFormat = Literal["safetensors", "json"]
 WEIGHT_FORMATS: tuple[str, ...] = get_args(WeightFormat)
 
 #: The largest document (and the largest single tensor) ``decode`` accepts by default.

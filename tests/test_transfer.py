@@ -17,7 +17,8 @@ from client.protocol import (
     error_ack,
     parse,
 )
-from client.transfer import BlobStore, send_blob, sha256_hex, verify, weights_ref_for
+from client.transfer import BlobStore, send_blob, weights_ref_for
+from client.weights import sha256_hex
 
 DATA = bytes(range(256)) * 40  # 10,240 bytes
 DIGEST = sha256_hex(DATA)
@@ -116,14 +117,6 @@ def test_take_refusals(ref_kw: dict[str, Any], code: str) -> None:
     with pytest.raises(FedtrayError) as info:
         s.take("dev", WeightsRef(**fields))
     assert info.value.code == code
-
-
-def test_verify_size_and_checksum() -> None:
-    verify(DATA, size=len(DATA), sha256=DIGEST)
-    with pytest.raises(FedtrayError, match="size_mismatch"):
-        verify(DATA, size=1, sha256=DIGEST)
-    with pytest.raises(FedtrayError, match="checksum_mismatch"):
-        verify(DATA[:-1] + b"x", size=len(DATA), sha256=DIGEST)
 
 
 def test_weights_ref_inline_or_blob() -> None:
