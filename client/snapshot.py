@@ -75,6 +75,7 @@ class ClientSnapshot:
     pause_detail: str = ""
     round_id: str | None = None
     progress: Progress = field(default_factory=Progress)
+    upload_fraction: float | None = None
     weights_version: int | None = None
     task: str | None = None
     rounds_completed: int = 0

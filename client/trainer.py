@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -498,7 +498,7 @@ class LocalTrainer:
         tensors["rng.torch"] = torch.get_rng_state()
         if position.order is not None:
             tensors["order"] = position.order.clone()
-        np_state = np.random.get_state()
+        np_state = cast(tuple[Any, ...], np.random.get_state(legacy=True))
         meta = {
             "version": _CHECKPOINT_VERSION,
             "fingerprint": fingerprint,
@@ -531,7 +531,7 @@ class LocalTrainer:
             return None
         try:
             return _load_checkpoint(path, fingerprint, model, optimizer, device)
-        except _StaleCheckpoint as exc:
+        except _StaleCheckpointError as exc:
             log.info("ignoring checkpoint %s: %s", path, exc)
         except Exception:
             log.warning("ignoring unreadable checkpoint %s", path, exc_info=True)
@@ -539,7 +539,7 @@ class LocalTrainer:
         return None
 
 
-class _StaleCheckpoint(Exception):
+class _StaleCheckpointError(Exception):
     """The checkpoint belongs to another job."""
 
 
@@ -556,10 +556,15 @@ def _load_checkpoint(
     with safe_open(str(path), framework="pt", device="cpu") as fh:
         meta = json.loads((fh.metadata() or {})[_META_KEY])
         if meta.get("version") != _CHECKPOINT_VERSION or meta.get("fingerprint") != fingerprint:
-            raise _StaleCheckpoint("it was written for another job")
+            raise _StaleCheckpointError("it was written for another job")
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 -- not a dict
     # Build everything first, then apply: a bad checkpoint changes nothing.
     model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    current = model.state_dict()
+    if model_state.keys() != current.keys() or any(
+        v.shape != current[k].shape or v.dtype != current[k].dtype for k, v in model_state.items()
+    ):
+        raise _StaleCheckpointError("its tensors do not fit the model")
     optim_state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):

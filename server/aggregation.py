@@ -23,6 +23,8 @@ import numpy as np
 import numpy.typing as npt
 
 StateDict = dict[str, npt.NDArray[Any]]
+#: Elements per step of the blockwise loops (bounds temporaries to ~0.5 MB).
+BLOCK = 1 << 16
 
 
 class Strategy(ABC):
@@ -82,13 +84,14 @@ class FedAvg(Strategy):
                 raise ValueError(f"tensor {name} has shape {update[name].shape}, not {shape}")
         weight = float(num_samples)
         for name, arr in update.items():
-            # One tensor at a time: the temporary is the size of one tensor, not the model.
-            contribution = np.multiply(arr, weight, dtype=np.float64)
             acc = self._sums.get(name)
             if acc is None:
-                self._sums[name] = contribution
-            else:
-                np.add(acc, contribution, out=acc)
+                acc = self._sums[name] = np.zeros(arr.shape, dtype=np.float64)
+            flat_acc, flat_in = acc.reshape(-1), np.ascontiguousarray(arr).reshape(-1)
+            # In blocks: the float64 temporary is BLOCK elements, not a whole tensor.
+            for start in range(0, flat_acc.size, BLOCK):
+                end = start + BLOCK
+                flat_acc[start:end] += flat_in[start:end].astype(np.float64) * weight
         self._weight += weight
         self._count += 1
 
@@ -97,13 +100,18 @@ class FedAvg(Strategy):
             raise ValueError("no update was added in this round")
         out: StateDict = {}
         for name, acc in self._sums.items():
-            mean = acc / self._weight
             dtype = self._dtypes[name]
-            if np.issubdtype(dtype, np.integer):
-                mean = np.rint(mean)
-            elif dtype == np.bool_:
-                mean = mean >= 0.5
-            out[name] = mean.astype(dtype)
+            result = np.empty(acc.shape, dtype=dtype)
+            flat_out, flat_acc = result.reshape(-1), acc.reshape(-1)
+            for start in range(0, flat_acc.size, BLOCK):
+                mean = flat_acc[start : start + BLOCK] / self._weight
+                if dtype == np.bool_:
+                    flat_out[start : start + BLOCK] = mean >= 0.5
+                elif np.issubdtype(dtype, np.integer):
+                    flat_out[start : start + BLOCK] = np.rint(mean)
+                else:
+                    flat_out[start : start + BLOCK] = mean
+            out[name] = result
         return out
 
 

@@ -66,7 +66,9 @@ class Registry:
 
     # --- updates --------------------------------------------------------------------
 
-    def register(self, reg: DeviceRegister, sid: str, now: float) -> tuple[DeviceRecord, str | None]:
+    def register(
+        self, reg: DeviceRegister, sid: str, now: float
+    ) -> tuple[DeviceRecord, str | None]:
         """Record a registration; return the record and the replaced sid, if another."""
         old_device = self._by_sid.pop(sid, None)
         if old_device is not None and old_device != reg.device_id:

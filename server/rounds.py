@@ -127,9 +127,7 @@ class Round:
         slot.detail = detail
         return True
 
-    def check_submit(
-        self, device_id: str, round_id: str, base_version: int, now: float
-    ) -> None:
+    def check_submit(self, device_id: str, round_id: str, base_version: int, now: float) -> None:
         """Raise FedtrayError unless this submission may be counted (changes nothing)."""
         if round_id != self.round_id or not self.is_open(now):
             raise FedtrayError(

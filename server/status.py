@@ -146,8 +146,12 @@ def build_status(
     )
 
 
-def current_from_round(rnd: Round, phase: Literal["starting", "training", "aggregating"],
-                       now_mono: float, now_unix: float) -> CurrentRound:
+def current_from_round(
+    rnd: Round,
+    phase: Literal["starting", "training", "aggregating"],
+    now_mono: float,
+    now_unix: float,
+) -> CurrentRound:
     """The CurrentRound view of a running round."""
     return CurrentRound(
         number=rnd.number,

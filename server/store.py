@@ -127,9 +127,7 @@ class Store:
             "weightsSha256": sha256_hex(data),
             "history": [r.model_dump(by_alias=True, mode="json") for r in history],
         }
-        atomic_write(
-            self.state_dir / HISTORY_FILE, json.dumps(meta, indent=1).encode("utf-8")
-        )
+        atomic_write(self.state_dir / HISTORY_FILE, json.dumps(meta, indent=1).encode("utf-8"))
         for old in self.state_dir.glob("global-v*.safetensors"):
             if old.name != weights_name:
                 old.unlink(missing_ok=True)

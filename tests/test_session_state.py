@@ -35,7 +35,7 @@ def test_effective_decision(decisions: list[PauseDecision], expected: PauseDecis
 
 
 @pytest.mark.parametrize(("allowed", "reason"), [(True, "user_paused"), (False, None)])
-def test_inconsistent_decisions_are_refused(allowed: bool, reason: None | str) -> None:
+def test_inconsistent_decisions_are_refused(allowed: bool, reason: str | None) -> None:
     with pytest.raises(ValueError):
         PauseDecision(allowed=allowed, reason=reason)  # type: ignore[arg-type]
 

@@ -26,7 +26,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self, TypeVar
 
-import numpy as np
 import numpy.typing as npt
 from pydantic import JsonValue
 
@@ -102,6 +101,7 @@ class Task(ABC):
 
         The default accepts anything; built-in tasks check ranges with :func:`int_param`.
         """
+        return None
 
     def configure(self, params: Mapping[str, JsonValue] | None) -> Self:
         """Resolve and store ``params`` in :attr:`params` (for :meth:`load_data`); return self."""
@@ -136,9 +136,9 @@ class Task(ABC):
 
         Default: cross-entropy of the model's logits against integer labels.
         """
-        import torch.nn.functional as F
+        from torch.nn import functional
 
-        loss: torch.Tensor = F.cross_entropy(model(x_batch), y_batch.long())
+        loss: torch.Tensor = functional.cross_entropy(model(x_batch), y_batch.long())
         return loss
 
     def evaluate(
@@ -150,7 +150,7 @@ class Task(ABC):
         device of the model's parameters; the model's training mode is restored after.
         """
         import torch
-        import torch.nn.functional as F
+        from torch.nn import functional
 
         n = len(y)
         if n == 0:
@@ -166,7 +166,7 @@ class Task(ABC):
                     xb = torch.as_tensor(x[start : start + EVAL_BATCH]).to(device)
                     yb = torch.as_tensor(y[start : start + EVAL_BATCH]).to(device).long()
                     logits = model(xb)
-                    loss_sum += float(F.cross_entropy(logits, yb, reduction="sum").item())
+                    loss_sum += float(functional.cross_entropy(logits, yb, reduction="sum").item())
                     correct += int((logits.argmax(dim=1) == yb).sum().item())
         finally:
             model.train(was_training)
@@ -215,8 +215,3 @@ def seeded_build(seed: int, factory: Callable[[], M]) -> M:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return factory()
-
-
-def as_float_features(x: npt.NDArray[Any], scale: float) -> npt.NDArray[np.float32]:
-    """``x / scale`` as C-contiguous float32 (features ready for torch)."""
-    return np.ascontiguousarray(x, dtype=np.float32) / np.float32(scale)

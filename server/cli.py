@@ -1,0 +1,167 @@
+"""The ``fedtray-server`` command: parse flags, set up logging, run the server.
+
+Contract: :func:`main` returns the process exit status and never raises for bad input:
+a bad flag prints one ``fedtray-server: error: ...`` line to stderr and returns 2; a
+server that cannot start (unknown task, unusable state dir, port in use) prints one such
+line and returns 1; a clean stop (SIGINT, SIGTERM, or ``--rounds`` rounds complete)
+returns 0. Once listening it prints ``fedtray-server listening on http://HOST:PORT`` to
+stdout (the real port, also with ``--port 0``), which scripts and tests parse. Tokens
+are registered with the log redactor and never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from client.logsetup import LogLevelError, add_secret, parse_level, setup_logging
+from client.protocol import PartitionScheme
+from server import __version__
+from server.auth import TokenFileError, read_tokens_file
+from server.config import DEFAULT_HOST, DEFAULT_PORT, ConfigError, ServerConfig, default_state_dir
+
+log = logging.getLogger(__name__)
+
+PROG = "fedtray-server"
+LISTENING_PREFIX = f"{PROG} listening on "
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors as one line and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{PROG}: error: {message}\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="fedtray reference training server (FedAvg).")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    p.add_argument(
+        "--host", default=DEFAULT_HOST, help="address to listen on (default: %(default)s)"
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help="port; 0 picks a free one (default: %(default)s)",
+    )
+    p.add_argument("--task", default="digits", help="task to train (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=0, help="rounds to run in total; 0 = forever")
+    p.add_argument("--min-clients", type=int, default=2, help="devices needed to start a round")
+    p.add_argument("--clients-per-round", type=int, default=10, help="devices selected per round")
+    p.add_argument(
+        "--round-timeout", type=float, default=300.0, help="seconds before a round closes"
+    )
+    p.add_argument(
+        "--min-completion",
+        type=float,
+        default=0.5,
+        help="fraction of selected devices that must report for a round to count",
+    )
+    p.add_argument("--epochs", type=int, default=2, help="local epochs per round")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=0.05, help="local learning rate")
+    p.add_argument("--partition", choices=["iid", "label_skew"], default="label_skew")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--heartbeat-interval", type=float, default=10.0, help="seconds")
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help=f"where weights and history are kept (default: {default_state_dir()})",
+    )
+    p.add_argument(
+        "--token", action="append", default=[], help="accepted device token (repeatable)"
+    )
+    p.add_argument("--tokens-file", type=Path, help="file of tokens, one per line (# comments)")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """A checked ServerConfig; raises ConfigError, TokenFileError or LogLevelError."""
+    tokens = list(args.token)
+    if args.tokens_file is not None:
+        tokens.extend(read_tokens_file(args.tokens_file))
+    parse_level(args.log_level)
+    partition: PartitionScheme = args.partition
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        task=args.task,
+        rounds=args.rounds,
+        min_clients=args.min_clients,
+        clients_per_round=args.clients_per_round,
+        round_timeout=args.round_timeout,
+        min_completion=args.min_completion,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        partition=partition,
+        seed=args.seed,
+        heartbeat_interval=args.heartbeat_interval,
+        state_dir=args.state_dir if args.state_dir is not None else default_state_dir(),
+        tokens=tuple(tokens),
+        log_level=args.log_level,
+    )
+
+
+async def serve(config: ServerConfig) -> int:
+    """Run until a signal or until the configured rounds are complete; the exit status."""
+    from server.app import FedServer, StartupError
+
+    server = FedServer(config)
+    try:
+        port = await server.start()
+    except StartupError as exc:
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        await server.stop()
+        return 1
+    print(f"{LISTENING_PREFIX}http://{config.host}:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(server.finished.wait())]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        if stop.is_set():
+            log.info("stopping on signal")
+        await server.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    try:
+        config = config_from_args(args)
+    except (ConfigError, TokenFileError, LogLevelError) as exc:
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        return 2
+    for token in config.tokens:
+        add_secret(token)
+    setup_logging(config.log_level, app=PROG)
+    try:
+        return asyncio.run(serve(config))
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

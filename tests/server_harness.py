@@ -1,0 +1,553 @@
+"""Test harness for the reference server: run it in-process or as a subprocess, and script
+devices with raw python-socketio clients.
+
+Stable API (other test modules rely on it):
+
+* ``running_server(tmp_path, **config_overrides)`` -- context manager; starts a
+  :class:`server.app.FedServer` on a free loopback port (bound with port 0, the real port
+  read back: no race) in a background thread with its own event loop and yields a
+  :class:`ServerHandle` (``.url``, ``.port``, ``.config``, ``.server``, ``.status()``,
+  ``.wait_for(predicate, timeout)``, ``await .await_status(predicate, timeout)``,
+  ``.stop()``). Defaults suit fast tests: the tiny ``synthetic`` task (:data:`TINY_PARAMS`),
+  0.5 s heartbeats, 10 s round timeout, state in ``tmp_path / "server-state"``.
+* ``server_process(tmp_path, *args)`` -- context manager; runs ``python -m server --port 0``
+  as a subprocess (same test defaults unless ``args`` override them; XDG dirs under
+  ``tmp_path``), parses the ``fedtray-server listening on http://HOST:PORT`` line and yields
+  a :class:`ProcessHandle` (``.url``, ``.port``, ``.proc``, ``.output()``, ``.status()``,
+  ``.wait_for()``, ``.terminate()``, ``.kill()``). It is killed on exit if still running.
+* :class:`ScriptedDevice` -- an ``AsyncClient`` that registers, heartbeats, records
+  ``training:start``/``training:cancel``/``device:registered``, receives and decodes
+  ``weights:global`` (inline or chunked) and submits updates, all driven by the test.
+
+Nothing here sleeps blindly: every wait polls a condition with a timeout and raises
+``TimeoutError`` with the last state seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import socketio
+
+from client.protocol import (
+    EV_BLOB_CHUNK,
+    EV_BLOB_STATUS,
+    EV_HEARTBEAT,
+    EV_REGISTER,
+    EV_REGISTERED,
+    EV_TRAINING_CANCEL,
+    EV_TRAINING_START,
+    EV_WEIGHTS_GLOBAL,
+    EV_WEIGHTS_SUBMIT,
+    BlobChunk,
+    BlobStatus,
+    WeightsGlobal,
+    error_ack,
+    parse,
+)
+from client.transfer import BlobStore, send_blob, weights_ref_for
+from client.weights import StateDict, decode, encode
+from server.app import FedServer
+from server.config import ServerConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TINY_PARAMS: dict[str, Any] = {"features": 8, "classes": 3, "hidden": 8, "samples": 300}
+LISTENING_RE = re.compile(r"fedtray-server listening on (http://[^\s:]+:(\d+))")
+
+TEST_DEFAULTS: dict[str, Any] = {
+    "host": "127.0.0.1",
+    "port": 0,
+    "task": "synthetic",
+    "model_params": TINY_PARAMS,
+    "min_clients": 2,
+    "clients_per_round": 10,
+    "round_timeout": 10.0,
+    "epochs": 1,
+    "heartbeat_interval": 0.5,
+    "retry_delay": 0.2,
+}
+
+
+def _get_json(url: str, timeout: float = 5.0) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        data: dict[str, Any] = json.loads(resp.read().decode("utf-8"))
+    return data
+
+
+def _poll(
+    fetch: Callable[[], dict[str, Any]],
+    predicate: Callable[[dict[str, Any]], bool],
+    timeout: float,
+    what: str,
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] = {}
+    while True:
+        last = fetch()
+        if predicate(last):
+            return last
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"timed out after {timeout} s waiting for {what}; last status: {last}"
+            )
+        time.sleep(0.05)
+
+
+@dataclass
+class ServerHandle:
+    """A server running in a background thread (see :func:`running_server`)."""
+
+    server: FedServer
+    config: ServerConfig
+    port: int
+    loop: asyncio.AbstractEventLoop
+    _stop: Callable[[], None]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def status(self) -> dict[str, Any]:
+        return _get_json(f"{self.url}/api/status")
+
+    def wait_for(
+        self,
+        predicate: Callable[[dict[str, Any]], bool],
+        timeout: float = 10.0,
+        what: str = "a status condition",
+    ) -> dict[str, Any]:
+        """Poll the status until ``predicate(status)``; return it (blocking)."""
+        return _poll(self.status, predicate, timeout, what)
+
+    async def await_status(
+        self,
+        predicate: Callable[[dict[str, Any]], bool],
+        timeout: float = 10.0,
+        what: str = "a status condition",
+    ) -> dict[str, Any]:
+        """Like :meth:`wait_for` but without blocking the caller's event loop."""
+        deadline = time.monotonic() + timeout
+        while True:
+            last = await asyncio.to_thread(self.status)
+            if predicate(last):
+                return last
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out after {timeout} s waiting for {what}; last: {last}")
+            await asyncio.sleep(0.05)
+
+    def run(self, coro: Awaitable[Any], timeout: float = 10.0) -> Any:
+        """Run a coroutine on the server's loop (for introspection in tests)."""
+
+        async def _wrap() -> Any:
+            return await coro
+
+        return asyncio.run_coroutine_threadsafe(_wrap(), self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self._stop()
+
+
+@contextlib.contextmanager
+def running_server(tmp_path: Path, **config_overrides: Any) -> Iterator[ServerHandle]:
+    """Start a server in a thread on a free port; stop it on exit."""
+    settings = {**TEST_DEFAULTS, "state_dir": tmp_path / "server-state", **config_overrides}
+    config = ServerConfig(**settings)
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        stop_event = asyncio.Event()
+        server = FedServer(config)
+        box["server"], box["stop_event"] = server, stop_event
+        try:
+            box["port"] = loop.run_until_complete(server.start())
+        except BaseException as exc:
+            box["error"] = exc
+            loop.run_until_complete(server.stop())
+            ready.set()
+            loop.close()
+            return
+        ready.set()
+        try:
+            loop.run_until_complete(stop_event.wait())
+        finally:
+            loop.run_until_complete(server.stop())
+            loop.close()
+
+    thread = threading.Thread(target=run, name="fedtray-test-server", daemon=True)
+    thread.start()
+    if not ready.wait(60):
+        raise TimeoutError("the test server did not start within 60 s")
+    if "error" in box:
+        thread.join(10)
+        raise box["error"]
+    stopped = threading.Event()
+
+    def stop() -> None:
+        if stopped.is_set():
+            return
+        stopped.set()
+        loop.call_soon_threadsafe(box["stop_event"].set)
+        thread.join(30)
+        if thread.is_alive():
+            raise TimeoutError("the test server did not stop within 30 s")
+
+    handle = ServerHandle(
+        server=box["server"], config=config, port=box["port"], loop=loop, _stop=stop
+    )
+    try:
+        yield handle
+    finally:
+        stop()
+
+
+@dataclass
+class ProcessHandle:
+    """A ``python -m server`` subprocess (see :func:`server_process`)."""
+
+    proc: subprocess.Popen[str]
+    url: str
+    port: int
+    _lines: list[str]
+
+    def output(self) -> str:
+        return "".join(self._lines)
+
+    def status(self) -> dict[str, Any]:
+        return _get_json(f"{self.url}/api/status")
+
+    def wait_for(
+        self,
+        predicate: Callable[[dict[str, Any]], bool],
+        timeout: float = 10.0,
+        what: str = "a status condition",
+    ) -> dict[str, Any]:
+        return _poll(self.status, predicate, timeout, what)
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM, then wait; the exit status."""
+        self.proc.terminate()
+        return self.proc.wait(timeout)
+
+    def kill(self) -> int:
+        self.proc.kill()
+        return self.proc.wait(30)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        return self.proc.wait(timeout)
+
+
+def subprocess_env(tmp_path: Path) -> dict[str, str]:
+    """The environment for subprocesses: XDG dirs under ``tmp_path``, repo on the path."""
+    env = dict(os.environ)
+    for var in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME", "XDG_DATA_HOME"):
+        env[var] = str(tmp_path / "xdg" / var.lower())
+    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def server_args(tmp_path: Path, *args: str) -> list[str]:
+    """Test-default flags for ``python -m server`` (later flags in ``args`` win)."""
+    return [
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--task",
+        "synthetic",
+        "--state-dir",
+        str(tmp_path / "server-state"),
+        "--heartbeat-interval",
+        "0.5",
+        "--round-timeout",
+        "10",
+        "--epochs",
+        "1",
+        *args,
+    ]
+
+
+@contextlib.contextmanager
+def server_process(
+    tmp_path: Path, *args: str, start_timeout: float = 90.0
+) -> Iterator[ProcessHandle]:
+    """Run the server as a subprocess on a free port; kill it on exit if still running.
+
+    The tiny synthetic model params cannot be passed by flag, so the subprocess trains the
+    synthetic task's defaults (still small).
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", *server_args(tmp_path, *args)],
+        cwd=REPO_ROOT,
+        env=subprocess_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    found = threading.Event()
+    assert proc.stdout is not None
+    stdout = proc.stdout
+
+    def drain() -> None:
+        for line in stdout:
+            lines.append(line)
+            if LISTENING_RE.search(line):
+                found.set()
+        found.set()  # EOF: stop waiting
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        found.wait(start_timeout)
+        match = next((m for m in map(LISTENING_RE.search, list(lines)) if m), None)
+        if match is None:
+            proc.kill()
+            proc.wait(30)
+            raise RuntimeError("the server process did not start:\n" + "".join(lines))
+        yield ProcessHandle(proc=proc, url=match.group(1), port=int(match.group(2)), _lines=lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def register_payload(
+    device_id: str,
+    name: str = "test-device",
+    *,
+    tasks: tuple[str, ...] = ("synthetic",),
+    weights_version: int | None = None,
+    max_chunk_bytes: int = 1024 * 1024,
+    battery: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A valid ``device:register`` payload (camelCase, as on the wire)."""
+    return {
+        "protocol": 1,
+        "deviceId": device_id,
+        "name": name,
+        "deviceType": "laptop",
+        "platform": {"os": "Linux", "release": "6.1", "arch": "x86_64", "python": "3.11.9"},
+        "hardware": {"cpuCores": 4, "ramTotalMb": 8192, "gpu": None, "batteryPresent": True},
+        "resources": resources(battery=battery),
+        "capabilities": {
+            "torchVersion": None,
+            "simulation": True,
+            "tasks": list(tasks),
+            "weightFormats": ["safetensors", "json"],
+            "maxChunkBytes": max_chunk_bytes,
+        },
+        "clientVersion": "test",
+        "weightsVersion": weights_version,
+    }
+
+
+def resources(cpu: float = 12.5, battery: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "cpuPercent": cpu,
+        "ramUsedPercent": 40.0,
+        "ramAvailableMb": 4096,
+        "battery": battery,
+    }
+
+
+@dataclass
+class ScriptedDevice:
+    """A raw Socket.IO device driven step by step by a test (no training logic)."""
+
+    url: str
+    name: str = "dev"
+    device_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    tasks: tuple[str, ...] = ("synthetic",)
+    token: str | None = None
+    #: What ``training:start`` is answered with.
+    start_reply: dict[str, Any] = field(default_factory=lambda: {"accepted": True})
+    #: Chunk limit announced at registration (server -> device blobs use it).
+    max_chunk_bytes: int = 1024 * 1024
+    starts: list[dict[str, Any]] = field(default_factory=list)
+    cancels: list[dict[str, Any]] = field(default_factory=list)
+    registered_events: list[dict[str, Any]] = field(default_factory=list)
+    connect_errors: list[Any] = field(default_factory=list)
+    weights: dict[int, StateDict] = field(default_factory=dict)
+    globals_meta: list[dict[str, Any]] = field(default_factory=list)
+    sio: socketio.AsyncClient = field(init=False)
+    _blobs: BlobStore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._blobs = BlobStore(max_chunk_bytes=self.max_chunk_bytes, max_blob_bytes=1 << 30)
+        self._new_client()
+
+    def _new_client(self) -> None:
+        self.sio = socketio.AsyncClient(reconnection=False)
+        self.sio.on(EV_REGISTERED, self._on_registered)
+        self.sio.on("connect_error", self._on_connect_error)
+        self.sio.on(EV_TRAINING_START, self._on_start)
+        self.sio.on(EV_TRAINING_CANCEL, self._on_cancel)
+        self.sio.on(EV_WEIGHTS_GLOBAL, self._on_global)
+        self.sio.on(EV_BLOB_CHUNK, self._on_chunk)
+        self.sio.on(EV_BLOB_STATUS, self._on_blob_status)
+
+    async def _on_registered(self, payload: dict[str, Any]) -> None:
+        self.registered_events.append(payload)
+
+    async def _on_connect_error(self, data: Any = None) -> None:
+        self.connect_errors.append(data)
+
+    async def _on_start(self, payload: dict[str, Any]) -> dict[str, Any]:
+        self.starts.append(payload)
+        return dict(self.start_reply)
+
+    async def _on_cancel(self, payload: dict[str, Any]) -> None:
+        self.cancels.append(payload)
+
+    async def _on_chunk(self, payload: Any) -> dict[str, Any]:
+        try:
+            chunk = parse(BlobChunk, payload)
+            return self._blobs.accept_chunk("server", chunk, time.monotonic()).to_wire()
+        except Exception as exc:
+            return error_ack("bad_request", str(exc))
+
+    async def _on_blob_status(self, payload: Any) -> dict[str, Any]:
+        query = parse(BlobStatus, payload)
+        return self._blobs.status("server", query.blob_id, time.monotonic()).to_wire()
+
+    async def _on_global(self, payload: Any) -> dict[str, Any]:
+        msg = parse(WeightsGlobal, payload)
+        data = self._blobs.take("server", msg.weights)
+        self.weights[msg.version] = decode(data, msg.weights.format)
+        self.globals_meta.append(
+            {
+                "version": msg.version,
+                "roundId": msg.round_id,
+                "metrics": dict(msg.metrics),
+                "inline": msg.weights.data is not None,
+            }
+        )
+        return {"ok": True}
+
+    # --- driving --------------------------------------------------------------------
+
+    async def connect(self, *, auth: dict[str, Any] | None = None) -> None:
+        given = auth if auth is not None else ({"token": self.token} if self.token else None)
+        await self.sio.connect(self.url, auth=given, transports=["websocket"], wait_timeout=10)
+        _LIVE.add(self)
+
+    async def register(
+        self, weights_version: int | None = None, **overrides: Any
+    ) -> dict[str, Any]:
+        payload = register_payload(
+            self.device_id,
+            self.name,
+            tasks=self.tasks,
+            weights_version=weights_version,
+            max_chunk_bytes=self.max_chunk_bytes,
+        )
+        payload.update(overrides)
+        ack: dict[str, Any] = await self.call(EV_REGISTER, payload)
+        return ack
+
+    async def join(self, weights_version: int | None = None) -> dict[str, Any]:
+        await self.connect()
+        return await self.register(weights_version)
+
+    async def heartbeat(self, state: str = "idle", **extra: Any) -> dict[str, Any]:
+        payload = {"state": state, "resources": resources(), **extra}
+        ack: dict[str, Any] = await self.call(EV_HEARTBEAT, payload)
+        return ack
+
+    async def call(self, event: str, *payload: Any, timeout: float = 10.0) -> Any:
+        data: Any = payload[0] if len(payload) == 1 else (tuple(payload) if payload else None)
+        return await self.sio.call(event, data, timeout=timeout)
+
+    async def submit(
+        self,
+        round_id: str,
+        base_version: int,
+        state: StateDict,
+        *,
+        num_samples: int,
+        metrics: dict[str, float] | None = None,
+        inline_limit: int = 1 << 20,
+        fmt: str = "safetensors",
+    ) -> dict[str, Any]:
+        """Encode ``state`` and submit it (sending a blob first when over ``inline_limit``)."""
+        data = encode(state, fmt)  # type: ignore[arg-type]
+        ref = weights_ref_for(data, fmt, inline_limit=inline_limit)  # type: ignore[arg-type]
+        if ref.blob_id is not None:
+            await send_blob(
+                self.call, data, blob_id=ref.blob_id, chunk_bytes=min(inline_limit, 1 << 20)
+            )
+        payload = {
+            "roundId": round_id,
+            "baseVersion": base_version,
+            "numSamples": num_samples,
+            "metrics": metrics or {},
+            "weights": ref.to_wire(),
+        }
+        ack: dict[str, Any] = await self.call(EV_WEIGHTS_SUBMIT, payload)
+        return ack
+
+    async def disconnect(self) -> None:
+        _LIVE.discard(self)
+        await self.sio.disconnect()
+        self._new_client()
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    async def until(
+        self, predicate: Callable[[], bool], timeout: float = 10.0, what: str = "a device condition"
+    ) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: timed out after {timeout} s waiting for {what}")
+            await asyncio.sleep(0.02)
+
+    async def heartbeat_forever(
+        self, state: str = "idle", period: float = 0.2, **extra: Any
+    ) -> None:
+        """Heartbeat until cancelled (run it as a task)."""
+        while True:
+            with contextlib.suppress(Exception):
+                await self.heartbeat(state, **extra)
+            await asyncio.sleep(period)
+
+
+_LIVE: set[ScriptedDevice] = set()
+
+
+def run_devices(coro: Awaitable[Any]) -> Any:
+    """``asyncio.run`` a device scenario, disconnecting every ScriptedDevice afterwards."""
+
+    async def wrapper() -> Any:
+        try:
+            return await coro
+        finally:
+            live = list(_LIVE)
+            _LIVE.clear()
+            await asyncio.gather(*(d.sio.disconnect() for d in live), return_exceptions=True)
+
+    return asyncio.run(wrapper())

@@ -1,0 +1,235 @@
+"""End-to-end rounds against a real server on loopback, with scripted Socket.IO devices."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from server_harness import ScriptedDevice, ServerHandle, run_devices, running_server
+
+from client.weights import StateDict
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def perturbed(state: StateDict, delta: float) -> StateDict:
+    return {k: (v + np.float32(delta)).astype(v.dtype) for k, v in state.items()}
+
+
+async def start_of(dev: ScriptedDevice, n: int = 1, timeout: float = 10.0) -> dict[str, Any]:
+    await dev.until(lambda: len(dev.starts) >= n, timeout, f"training:start #{n}")
+    return dev.starts[n - 1]
+
+
+async def joined(srv: ServerHandle, *names: str, **kwargs: Any) -> list[ScriptedDevice]:
+    devices = [ScriptedDevice(srv.url, name=name, **kwargs) for name in names]
+    for dev in devices:
+        ack = await dev.join()
+        assert ack["ok"] is True
+    return devices
+
+
+def test_full_round_is_the_weighted_fedavg(tmp_path: Path) -> None:
+    async def scenario(srv: ServerHandle) -> None:
+        devs = await joined(srv, "a", "b", "c")
+        # Each device received version 0 at registration.
+        for dev in devs:
+            await dev.until(lambda d=dev: 0 in d.weights, what="version 0")
+        base = devs[0].weights[0]
+        for dev in devs[1:]:
+            for name in base:
+                np.testing.assert_array_equal(dev.weights[0][name], base[name])
+        starts = [await start_of(dev) for dev in devs]
+        round_id = starts[0]["roundId"]
+        assert {s["roundId"] for s in starts} == {round_id}
+        assert sorted(s["partition"]["index"] for s in starts) == [0, 1, 2]
+        assert all(s["partition"]["count"] == 3 and s["baseVersion"] == 0 for s in starts)
+        samples = {"a": 10, "b": 30, "c": 60}
+        deltas = {"a": 1.0, "b": -2.0, "c": 0.5}
+        for i, dev in enumerate(devs):
+            ack = await dev.submit(
+                round_id,
+                0,
+                perturbed(base, deltas[dev.name]),
+                num_samples=samples[dev.name],
+                metrics={"trainLoss": float(i + 1)},
+            )
+            assert ack == {"ok": True, "roundId": round_id, "received": i + 1}
+        status = await srv.await_status(lambda s: s["globalVersion"] == 1, what="version 1")
+        for dev in devs:
+            await dev.until(lambda d=dev: 1 in d.weights, what="version 1 broadcast")
+        expected_shift = sum(samples[n] * deltas[n] for n in samples) / sum(samples.values())
+        for name, arr in devs[0].weights[1].items():
+            np.testing.assert_allclose(arr, base[name] + expected_shift, rtol=1e-6, atol=1e-6)
+        record = status["history"][-1]
+        assert record["outcome"] == "completed"
+        assert record["clientsSelected"] == 3 and record["clientsReported"] == 3
+        assert record["trainLoss"] == pytest.approx((1 * 10 + 2 * 30 + 3 * 60) / 100)
+        assert 0.0 <= record["evalAccuracy"] <= 1.0 and record["evalLoss"] > 0
+        meta = devs[0].globals_meta[-1]
+        assert meta["version"] == 1 and set(meta["metrics"]) == {"evalLoss", "evalAccuracy"}
+        assert {d["roundsCompleted"] for d in status["devices"]} == {1}
+
+    with running_server(tmp_path, min_clients=3) as srv:
+        run_devices(scenario(srv))
+
+
+def test_paused_refusal_lets_the_round_proceed_with_others(tmp_path: Path) -> None:
+    async def scenario(srv: ServerHandle) -> None:
+        a, b, paused = await joined(srv, "a", "b", "paused")
+        paused.start_reply = {"accepted": False, "reason": "user_paused", "detail": "by the user"}
+        starts = {dev.name: await start_of(dev) for dev in (a, b, paused)}
+        round_id = starts["a"]["roundId"]
+        base = a.weights[0]
+        status = await srv.await_status(
+            lambda s: any(d["state"] == "paused" for d in s["devices"]), what="paused device"
+        )
+        shown = next(d for d in status["devices"] if d["name"] == "paused")
+        assert shown["pauseReason"] == "user_paused" and shown["pauseDetail"] == "by the user"
+        assert (await a.submit(round_id, 0, perturbed(base, 1.0), num_samples=5))["ok"]
+        refused = await paused.submit(round_id, 0, perturbed(base, 9.0), num_samples=5)
+        assert refused["code"] == "not_selected"  # a refusal gives up the slot
+        assert (await b.submit(round_id, 0, perturbed(base, 1.0), num_samples=5))["ok"]
+        status = await srv.await_status(lambda s: s["globalVersion"] == 1, what="version 1")
+        assert status["history"][-1]["clientsReported"] == 2
+        await a.until(lambda: 1 in a.weights, what="version 1")
+        for name, arr in a.weights[1].items():
+            np.testing.assert_allclose(arr, base[name] + 1.0, rtol=1e-6)
+
+    with running_server(tmp_path, min_clients=3, min_completion=0.5) as srv:
+        run_devices(scenario(srv))
+
+
+def test_dropout_frees_the_slot_and_the_round_succeeds(tmp_path: Path) -> None:
+    async def scenario(srv: ServerHandle) -> None:
+        a, b, c = await joined(srv, "a", "b", "c")
+        round_id = (await start_of(a))["roundId"]
+        await start_of(b)
+        await start_of(c)
+        await c.disconnect()
+        for dev in (a, b):
+            ack = await dev.submit(round_id, 0, perturbed(a.weights[0], 0.1), num_samples=3)
+            assert ack["ok"] is True
+        # Settles as soon as the two remaining report, well before the 10 s deadline.
+        status = await srv.await_status(lambda s: s["globalVersion"] == 1, 5, "version 1")
+        record = status["history"][-1]
+        assert (record["clientsSelected"], record["clientsReported"]) == (3, 2)
+        gone = next(d for d in status["devices"] if d["name"] == "c")
+        assert gone["connected"] is False
+
+    with running_server(tmp_path, min_clients=3, min_completion=0.5) as srv:
+        run_devices(scenario(srv))
+
+
+def test_round_timeout_abandons_cancels_and_retries(tmp_path: Path) -> None:
+    async def scenario(srv: ServerHandle) -> None:
+        a, b = await joined(srv, "a", "b")
+        beats = [asyncio.create_task(d.heartbeat_forever("training")) for d in (a, b)]
+        first = (await start_of(a))["roundId"]
+        await start_of(b)
+        # Nobody reports: the round times out, devices are told to stop, a new attempt starts.
+        await a.until(lambda: len(a.cancels) >= 1, 10, "training:cancel")
+        assert a.cancels[0]["roundId"] == first
+        second = (await start_of(a, 2))["roundId"]
+        assert second != first
+        status = await srv.await_status(lambda s: len(s["history"]) >= 1, what="history")
+        record = status["history"][0]
+        assert record["outcome"] == "abandoned" and record["version"] == 0
+        assert "timed out" in record["detail"]
+        assert status["globalVersion"] == 0
+        assert status["currentRound"]["number"] == 1  # a retried round keeps its number
+        late = await a.submit(first, 0, a.weights[0], num_samples=1)
+        assert late["code"] == "round_closed"
+        for task in beats:
+            task.cancel()
+
+    with running_server(tmp_path, round_timeout=1.0, retry_delay=0.1) as srv:
+        run_devices(scenario(srv))
+
+
+def test_submission_refusals_are_not_double_counted(tmp_path: Path) -> None:
+    async def scenario(srv: ServerHandle) -> None:
+        devs = await joined(srv, "a", "b", "c")
+        status = await srv.await_status(
+            lambda s: (s["currentRound"] or {}).get("phase") == "training", what="a round"
+        )
+        selected = set(status["currentRound"]["selected"])
+        a, b = (d for d in devs if d.device_id in selected)
+        round_id = (await start_of(a))["roundId"]
+        await start_of(b)
+        base = a.weights[0]
+        update = perturbed(base, 1.0)
+        first = await a.submit(round_id, 0, update, num_samples=4)
+        assert first["received"] == 1
+        duplicate = await a.submit(round_id, 0, perturbed(base, 50.0), num_samples=400)
+        assert duplicate["code"] == "duplicate"
+        stale = await b.submit(round_id, 7, update, num_samples=4)
+        assert stale["code"] == "stale_base"
+        wrong_round = await b.submit("r99-1-xx", 0, update, num_samples=4)
+        assert wrong_round["code"] == "round_closed"
+        bad_layout = await b.submit(round_id, 0, {"w": np.zeros(3, np.float32)}, num_samples=4)
+        assert bad_layout["code"] == "layout_mismatch"
+        # After all those refusals b's good update is only the second one counted.
+        assert (await b.submit(round_id, 0, update, num_samples=4))["received"] == 2
+        status = await srv.await_status(lambda s: s["globalVersion"] == 1, what="version 1")
+        assert status["history"][-1]["clientsReported"] == 2
+        await a.until(lambda: 1 in a.weights, what="version 1")
+        for name, arr in a.weights[1].items():
+            np.testing.assert_allclose(arr, base[name] + 1.0, rtol=1e-6)
+        late = await a.submit(round_id, 0, update, num_samples=4)
+        assert late["code"] == "round_closed"
+
+    # c is connected but not selected: clients_per_round=2 with 3 eligible.
+    with running_server(tmp_path, min_clients=2, clients_per_round=2, min_completion=1.0) as srv:
+        run_devices(scenario(srv))
+
+
+def test_not_selected_device_is_refused(tmp_path: Path) -> None:
+    async def scenario(srv: ServerHandle) -> None:
+        devs = await joined(srv, "a", "b", "c")
+        await srv.await_status(
+            lambda s: (s["currentRound"] or {}).get("phase") == "training", what="a round"
+        )
+        status = srv.status()
+        selected = set(status["currentRound"]["selected"])
+        outsider = next(d for d in devs if d.device_id not in selected)
+        insider = next(d for d in devs if d.device_id in selected)
+        round_id = (await start_of(insider))["roundId"]
+        ack = await outsider.submit(round_id, 0, outsider.weights[0], num_samples=1)
+        assert ack["code"] == "not_selected"
+        status = srv.status()
+        assert status["currentRound"]["reported"] == []
+
+    with running_server(tmp_path, min_clients=2, clients_per_round=2) as srv:
+        run_devices(scenario(srv))
+
+
+def test_waiting_reason_is_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario(srv: ServerHandle) -> None:
+        (b,) = await joined(srv, "b")
+        ack = await b.heartbeat(
+            "paused", pauseReason="battery_low", pauseDetail="On battery at 12 %"
+        )
+        assert ack == {"ok": True}
+        await joined(srv, "a")
+        status = await srv.await_status(
+            lambda s: "paused" in ((s["currentRound"] or {}).get("waitingReason") or ""),
+            what="waiting reason",
+        )
+        assert status["currentRound"]["waitingReason"] == (
+            "1 of 2 eligible devices (1 paused: battery_low)"
+        )
+        assert status["currentRound"]["phase"] == "waiting"
+        shown = next(d for d in status["devices"] if d["name"] == "b")
+        assert shown["pauseDetail"] == "On battery at 12 %"
+
+    caplog.set_level(logging.INFO, logger="server.app")
+    with running_server(tmp_path, min_clients=2, heartbeat_interval=5.0) as srv:
+        run_devices(scenario(srv))
+    messages = [r.getMessage() for r in caplog.records]
+    assert "round 1 waiting: 0 of 2 eligible devices (none registered yet)" in messages
+    assert "round 1 waiting: 1 of 2 eligible devices (1 paused: battery_low)" in messages

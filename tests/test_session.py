@@ -1,0 +1,366 @@
+"""The networked session against the real reference server, with the real worker.
+
+No mocks: each test runs :class:`server.app.FedServer` (in a thread or as a subprocess)
+and a :class:`client.session.DistributedClient` whose worker trains in a real child
+process. Every wait is on a condition with a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import pytest
+
+from client.backoff import Backoff
+from client.config import Settings
+from client.device import DeviceInfo, detect_device
+from client.global_store import GlobalStore
+from client.pending import PendingStore
+from client.protocol import Limits
+from client.session import DistributedClient
+from client.snapshot import ClientSnapshot
+from client.weights import encode
+from tests.server_harness import (
+    REPO_ROOT,
+    ScriptedDevice,
+    running_server,
+    server_process,
+    subprocess_env,
+)
+
+pytestmark = pytest.mark.slow
+
+_DEVICE: list[DeviceInfo] = []
+
+
+def _device_info() -> DeviceInfo:
+    # Detecting once without the GPU probe keeps each test from importing torch for it.
+    if not _DEVICE:
+        _DEVICE.append(detect_device(probe_gpu=False))
+    return _DEVICE[0]
+
+
+@pytest.fixture
+def make_client(tmp_path: Path) -> Iterator[Callable[..., DistributedClient]]:
+    made: list[DistributedClient] = []
+
+    def make(url: str, **kwargs: Any) -> DistributedClient:
+        settings_kwargs = {
+            k: kwargs.pop(k) for k in ("auth_token", "paused", "device_id") if k in kwargs
+        }
+        settings = Settings(server_url=url, device_name=f"t{len(made)}", **settings_kwargs)
+        saved: list[Settings] = kwargs.pop("saved", [])
+        client = DistributedClient(
+            settings,
+            device_info=_device_info(),
+            data_dir=kwargs.pop("data_dir", tmp_path / f"client{len(made)}"),
+            backoff=Backoff(base=0.1, cap=0.5),
+            save=saved.append,
+            **kwargs,
+        )
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        assert client.stop(30), "the session did not stop in time"
+
+
+def _until(pred: Callable[[], bool], timeout: float = 10.0, what: str = "a condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def _wait(client: DistributedClient, pred: Callable[[ClientSnapshot], bool], t: float = 60) -> Any:
+    return client.wait_for(pred, t)
+
+
+def test_register_round_submit_and_global(
+    tmp_path: Path, make_client: Callable[..., DistributedClient]
+) -> None:
+    with running_server(tmp_path, min_clients=1, clients_per_round=1, rounds=2) as server:
+        client = make_client(server.url)
+        seen: list[ClientSnapshot] = []
+        client.subscribe(seen.append)
+        client.start()
+        snap = _wait(client, lambda s: s.rounds_completed >= 2 and s.weights_version == 2)
+        assert snap.connection == "connected"
+        assert snap.task == "synthetic"
+        status = server.status()
+        [device] = status["devices"]
+        assert device["id"] == snap.device_id
+        assert device["weightsVersion"] == 2
+        assert [r["outcome"] for r in status["history"]] == ["completed", "completed"]
+        # The device went through training and uploading, reporting progress.
+        states = {s.device_state for s in seen}
+        assert {"idle", "training", "uploading"} <= states
+        assert any(s.progress.fraction == 1.0 for s in seen)
+        # Nothing is left pending; the stored global is the server's version 2.
+        data_dir = tmp_path / "client0"
+        assert PendingStore(data_dir / "pending").entries() == []
+        held = GlobalStore(data_dir / "global").current()
+        assert held is not None and held.version == 2
+
+
+def test_user_pause_refuses_rounds_persists_and_resumes(
+    tmp_path: Path, make_client: Callable[..., DistributedClient]
+) -> None:
+    saved: list[Settings] = []
+    with running_server(tmp_path, min_clients=1, clients_per_round=1, rounds=1) as server:
+        client = make_client(server.url, paused=True, saved=saved)
+        client.start()
+        _wait(client, lambda s: s.connection == "connected")
+        # The server sees the pause in heartbeats and does not get a round accepted.
+        server.wait_for(
+            lambda st: any(d["pauseReason"] == "user_paused" for d in st["devices"]),
+            what="the device reported as paused",
+        )
+        assert client.snapshot().device_state == "paused"
+        assert client.snapshot().rounds_completed == 0
+        client.resume()
+        _wait(client, lambda s: s.rounds_completed == 1)
+        _until(lambda: bool(saved) and saved[-1].paused is False, what="resume persisted")
+        client.pause()
+        snap = _wait(client, lambda s: s.device_state == "paused")
+        assert snap.pause_reason == "user_paused"
+        assert snap.pause_detail == "Paused by you"
+        _until(lambda: saved[-1].paused is True, what="the pause persisted")
+
+
+def _holder_device(url: str) -> tuple[ScriptedDevice, Callable[[], None]]:
+    """A scripted device that accepts rounds and never reports, keeping a round open."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    device = ScriptedDevice(url, name="holder")
+    asyncio.run_coroutine_threadsafe(device.join(), loop).result(20)
+    beats = asyncio.run_coroutine_threadsafe(device.heartbeat_forever("training"), loop)
+
+    def close() -> None:
+        beats.cancel()
+        asyncio.run_coroutine_threadsafe(device.sio.disconnect(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+    return device, close
+
+
+def test_pending_upload_resumes_from_the_servers_offset(
+    tmp_path: Path,
+    make_client: Callable[..., DistributedClient],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    limits = Limits(max_chunk_bytes=64, max_inflight_chunks=1)
+    with running_server(
+        tmp_path, min_clients=2, clients_per_round=2, rounds=1, limits=limits, round_timeout=60
+    ) as server:
+        _, close_holder = _holder_device(server.url)
+        try:
+            client = make_client(server.url)
+            interrupted = threading.Event()
+
+            def interrupt_mid_upload(snap: ClientSnapshot) -> None:
+                fraction = snap.upload_fraction
+                if not interrupted.is_set() and fraction is not None and 0 < fraction < 0.5:
+                    interrupted.set()
+                    client.disconnect()
+
+            client.subscribe(interrupt_mid_upload)
+            with caplog.at_level(logging.INFO, logger="client.session"):
+                client.start()
+                _wait(client, lambda s: interrupted.is_set() and s.connection == "disconnected")
+                pending = PendingStore(tmp_path / "client0" / "pending").entries()
+                assert len(pending) == 1, "the interrupted update must stay on disk"
+                client.connect()
+                _wait(client, lambda s: s.rounds_completed == 1)
+            match = re.search(
+                r"resuming the upload of round \S+ at byte (\d+) of (\d+)", caplog.text
+            )
+            assert match is not None, caplog.text
+            assert 0 < int(match.group(1)) < int(match.group(2))
+            assert PendingStore(tmp_path / "client0" / "pending").entries() == []
+            current = server.status()["currentRound"]
+            assert (
+                current is None
+                or client.snapshot().device_id in current["reported"]
+                or (server.status()["history"])
+            )
+        finally:
+            close_holder()
+
+
+def test_reconnects_after_a_server_restart_with_the_same_device_id(
+    tmp_path: Path, make_client: Callable[..., DistributedClient]
+) -> None:
+    with server_process(tmp_path, "--min-clients", "5") as first:
+        port = first.port
+        client = make_client(first.url)
+        client.start()
+        snap = _wait(client, lambda s: s.connection == "connected")
+        device_id = snap.device_id
+        first.wait_for(lambda st: [d["id"] for d in st["devices"]] == [device_id])
+        first.kill()
+        _wait(client, lambda s: s.connection != "connected" and s.next_retry_at is not None)
+        assert client.snapshot().last_error
+    with server_process(tmp_path, "--min-clients", "5", "--port", str(port)) as second:
+        _wait(client, lambda s: s.connection == "connected", 90)
+        status = second.wait_for(lambda st: len(st["devices"]) == 1)
+        assert status["devices"][0]["id"] == device_id
+        assert status["devices"][0]["connected"] is True
+
+
+def _worker_children() -> list[psutil.Process]:
+    return [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if "spawn_main" in " ".join(p.cmdline()) and "resource_tracker" not in " ".join(p.cmdline())
+    ]
+
+
+def test_worker_crash_is_reported_and_the_next_round_works(
+    tmp_path: Path,
+    make_client: Callable[..., DistributedClient],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    params = {"features": 8, "classes": 3, "hidden": 8, "samples": 3000}
+    with running_server(
+        tmp_path,
+        min_clients=1,
+        clients_per_round=1,
+        rounds=1,
+        epochs=60,
+        model_params=params,
+        round_timeout=60,
+    ) as server:
+        client = make_client(server.url)
+        with caplog.at_level(logging.INFO):
+            client.start()
+            _wait(client, lambda s: s.device_state == "training" and s.progress.fraction > 0)
+            [child] = _worker_children()
+            child.kill()
+            _wait(client, lambda s: s.device_state == "idle" and s.round_id is None)
+            server.wait_for(
+                lambda st: any(r["outcome"] == "abandoned" for r in st["history"]),
+                timeout=30,
+                what="the failed round abandoned",
+            )
+            assert "training_failed" in caplog.text
+            assert any(
+                r.name.startswith("server") and "training_failed" in r.getMessage()
+                for r in caplog.records
+            ), "the server must have received training:error with the code"
+            _wait(client, lambda s: s.rounds_completed == 1, 120)
+        server.wait_for(
+            lambda st: st["history"][-1]["outcome"] == "completed", what="the retried round"
+        )
+
+
+def test_layout_mismatch_is_reported_with_its_code(
+    tmp_path: Path,
+    make_client: Callable[..., DistributedClient],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    data_dir = tmp_path / "client0"
+    # A valid weights document of the wrong model, held as the server's version 0.
+    wrong = encode({"weight": np.zeros((2, 2), dtype=np.float32)})
+    GlobalStore(data_dir / "global").save(version=0, task="synthetic", data=wrong)
+    with running_server(tmp_path, min_clients=1, clients_per_round=1, rounds=1) as server:
+        client = make_client(server.url, data_dir=data_dir)
+        with caplog.at_level(logging.INFO):
+            client.start()
+            server.wait_for(
+                lambda st: any(r["outcome"] == "abandoned" for r in st["history"]),
+                timeout=30,
+                what="the round abandoned after the device's error",
+            )
+        client_lines = [r.getMessage() for r in caplog.records if r.name == "client.session"]
+        assert any("layout_mismatch" in line for line in client_lines), client_lines
+        assert any(
+            r.name.startswith("server") and "layout_mismatch" in r.getMessage()
+            for r in caplog.records
+        ), "the server must have received training:error with code layout_mismatch"
+        assert client.snapshot().connection == "connected", "the session keeps running"
+
+
+def test_refused_token_gives_auth_failed_without_a_tight_loop(
+    tmp_path: Path,
+    make_client: Callable[..., DistributedClient],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with running_server(tmp_path, tokens=("right-token",), min_clients=5) as server:
+        client = make_client(server.url, auth_token="wrong-token")
+        with caplog.at_level(logging.WARNING, logger="server"):
+            client.start()
+            snap = _wait(client, lambda s: s.connection == "auth_failed" and s.next_retry_at)
+            assert "refused this device's token" in (snap.last_error or "")
+            retry_in = snap.retry_in()
+            assert retry_in is not None and retry_in > 50, "must wait the maximum backoff"
+            # No new attempt is made meanwhile: wait a little past what backoff would allow.
+            deadline = time.monotonic() + 1.5
+            while time.monotonic() < deadline:
+                assert client.snapshot().connection == "auth_failed"
+                time.sleep(0.1)
+        refusals = [r for r in caplog.records if "refused a connection" in r.getMessage()]
+        assert len(refusals) == 1
+        client.update_settings(client._settings.model_copy(update={"auth_token": "right-token"}))
+        _wait(client, lambda s: s.connection == "connected", 20)
+
+
+def test_simulation_mode_without_torch(tmp_path: Path) -> None:
+    script = r"""
+import json, sys
+sys.modules["torch"] = None  # torch cannot be imported in this process
+from client.config import Settings
+from client.session import DistributedClient
+from client.device import detect_device
+from pathlib import Path
+
+def main():
+    c = DistributedClient(Settings(server_url=sys.argv[1], device_name="sim"),
+                          device_info=detect_device(probe_gpu=False),
+                          data_dir=Path(sys.argv[2]))
+    c.start()
+    try:
+        s = c.wait_for(lambda s: s.rounds_completed >= 1 and s.weights_version == 1, 90)
+        print(json.dumps({"simulation": s.simulation, "version": s.weights_version,
+                          "torch_loaded": sys.modules.get("torch") is not None}))
+    finally:
+        c.stop(30)
+
+if __name__ == "__main__":
+    main()
+"""
+    path = tmp_path / "sim_client.py"
+    path.write_text(script)
+    with running_server(tmp_path, min_clients=1, clients_per_round=1, rounds=1) as server:
+        proc = subprocess.run(
+            [sys.executable, str(path), server.url, str(tmp_path / "sim-data")],
+            cwd=REPO_ROOT,
+            env=subprocess_env(tmp_path),
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=150,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert result == {"simulation": True, "version": 1, "torch_loaded": False}
+        [device] = server.status()["devices"]
+        assert (
+            device["rounds_completed" if "rounds_completed" in device else "roundsCompleted"] == 1
+        )

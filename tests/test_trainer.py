@@ -1,0 +1,403 @@
+"""LocalTrainer: correctness, reproducibility, pause/resume, cancel, memory handling."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from pydantic import JsonValue
+from safetensors import safe_open
+from safetensors.torch import save
+
+from client.errors import FedtrayError
+from client.protocol import Partition, TrainingConfig, TrainingProgress
+from client.tasks import get_task
+from client.tasks.base import Task
+from client.tasks.digits import DigitsTask
+from client.trainer import (
+    Cancelled,
+    Command,
+    LocalTrainer,
+    TrainJob,
+    cap_batch_size,
+    epoch_seed,
+    is_out_of_memory,
+)
+from client.weights import decode, encode
+
+torch.set_num_threads(1)
+
+
+def _job(tmp_path: Path, **changes: Any) -> TrainJob:
+    job = TrainJob(
+        round_id="round-1",
+        task="digits",
+        model_params={"hidden": 16},
+        config=TrainingConfig(epochs=2, batch_size=32, learning_rate=0.05, momentum=0.9, seed=3),
+        partition=Partition(index=1, count=3, seed=4, scheme="label_skew"),
+        base_weights_path=None,
+        output_path=tmp_path / "out.safetensors",
+        checkpoint_path=tmp_path / "ckpt.safetensors",
+        torch_threads=1,
+    )
+    return replace(job, **changes)
+
+
+def _state_of(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+# -- pure helpers ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("requested", "samples", "per_sample", "available", "fixed", "expected"),
+    [
+        (32, 1000, 1000, 10**9, 0, 32),  # plenty of memory
+        (32, 10, 1000, 10**9, 0, 10),  # never more than the data
+        (512, 10**6, 10**6, 400 * 10**6, 0, 100),  # 25 % of 400 MB / 1 MB
+        (512, 10**6, 10**6, 400 * 10**6, 50 * 10**6, 50),  # model takes its share first
+        (512, 10**6, 10**6, 10**6, 0, 1),  # less than one sample fits: still 1
+        (64, 100, 0, 10**6, 0, 64),  # a zero estimate does not divide by zero
+        (64, 100, 10, 10**9, 10**12, 1),  # fixed costs above the budget
+    ],
+)
+def test_cap_batch_size(
+    requested: int, samples: int, per_sample: int, available: int, fixed: int, expected: int
+) -> None:
+    assert cap_batch_size(requested, samples, per_sample, available, fixed_bytes=fixed) == expected
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (MemoryError(), True),
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), True),
+        (RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory"), True),
+        (RuntimeError("MPS backend out of memory"), True),
+        (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), False),
+        (ValueError("out of memory"), False),
+    ],
+)
+def test_is_out_of_memory(exc: BaseException, expected: bool) -> None:
+    assert is_out_of_memory(exc) is expected
+
+
+def test_epoch_seeds_are_stable_and_distinct() -> None:
+    seeds = {epoch_seed(s, i, e) for s in range(3) for i in range(3) for e in range(3)}
+    assert len(seeds) == 27
+    assert epoch_seed(1, 2, 3) == epoch_seed(1, 2, 3)
+    assert all(0 <= s < 2**64 for s in seeds)
+
+
+# -- correctness ---------------------------------------------------------------------------
+
+
+def test_full_batch_sgd_round_equals_centralized_training(tmp_path: Path) -> None:
+    task = get_task("digits", {"hidden": 16})
+    # base weights from another seed than config.seed, so using the base file is tested too
+    base_model = task.build_model(task.params, seed=99)
+    base_path = tmp_path / "base.safetensors"
+    base_path.write_bytes(encode(_state_of(base_model)))
+    config = TrainingConfig(epochs=1, batch_size=10_000, learning_rate=0.5, momentum=0.0)
+    job = _job(
+        tmp_path, config=config, partition=Partition(index=0, count=1), base_weights_path=base_path
+    )
+    result = LocalTrainer(device="cpu").run(job)
+
+    x, y = task.load_data("train", None)
+    loss = torch.nn.functional.cross_entropy(base_model(torch.from_numpy(x)), torch.from_numpy(y))
+    loss.backward()  # type: ignore[no-untyped-call]
+    with torch.no_grad():
+        for param in base_model.parameters():
+            assert param.grad is not None
+            param.sub_(0.5 * param.grad)
+    expected = _state_of(base_model)
+    got = decode(result.output_path.read_bytes())
+    assert got.keys() == expected.keys()
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=1e-6)
+    assert not np.allclose(got["0.weight"], decode(base_path.read_bytes())["0.weight"])
+    assert result.num_samples == 1438
+    assert result.batch_size == 1438
+    assert result.metrics["trainLoss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert set(result.metrics) == {"trainLoss", "trainAccuracy", "seconds", "batchSize"}
+
+
+def test_runs_are_reproducible_and_seed_dependent(tmp_path: Path) -> None:
+    a = LocalTrainer(device="cpu").run(_job(tmp_path, output_path=tmp_path / "a"))
+    b = LocalTrainer(device="cpu").run(_job(tmp_path, output_path=tmp_path / "b"))
+    config = _job(tmp_path).config.model_copy(update={"seed": 4})
+    c = LocalTrainer(device="cpu").run(_job(tmp_path, output_path=tmp_path / "c", config=config))
+    assert a.output_path.read_bytes() == b.output_path.read_bytes()
+    assert a.output_path.read_bytes() != c.output_path.read_bytes()
+    assert not (tmp_path / "ckpt.safetensors").exists()
+
+
+def test_progress_reports_validate_as_training_progress(tmp_path: Path) -> None:
+    seen: list[dict[str, Any]] = []
+    LocalTrainer(device="cpu").run(_job(tmp_path), on_progress=seen.append)
+    assert len(seen) == 2 * math.ceil(479 / 32)
+    messages = [TrainingProgress.model_validate(p) for p in seen]
+    assert [m.epoch for m in messages[:2]] == [1, 1] and messages[-1].epoch == 2
+    assert messages[-1].fraction == 1.0 and messages[-1].step == messages[-1].steps == 15
+    fractions = [m.fraction for m in messages]
+    assert fractions == sorted(fractions)
+    assert all(m.batch_size == 32 for m in messages)
+
+
+# -- pause, resume, restart --------------------------------------------------------------
+
+
+class PauseAt:
+    """Says "pause" once, before batch number ``at`` (counting checks from 1)."""
+
+    def __init__(self, at: int, *, then: Command = "run", die: bool = False) -> None:
+        self.at, self.then, self.die = at, then, die
+        self.checks = 0
+        self.waits = 0
+        self.checkpoint_seen = False
+        self.path: Path | None = None
+
+    def check(self) -> Command:
+        self.checks += 1
+        if self.checks == self.at:
+            return "pause"
+        return self.then if self.waits else "run"
+
+    def wait_while_paused(self) -> None:
+        self.waits += 1
+        assert self.path is not None
+        self.checkpoint_seen = self.path.exists()
+        if self.die:
+            raise KeyboardInterrupt("the process died while paused")
+
+
+CONFIGS = {
+    "sgd-momentum": TrainingConfig(
+        epochs=2, batch_size=32, learning_rate=0.05, momentum=0.9, seed=3
+    ),
+    "adam": TrainingConfig(epochs=2, batch_size=16, learning_rate=0.01, optimizer="adam", seed=5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("at", [1, 7, 16, 25])  # first batch, mid-epoch, epoch edge, epoch 2
+def test_pause_and_resume_is_bit_identical(tmp_path: Path, name: str, at: int) -> None:
+    config = CONFIGS[name]
+    plain = LocalTrainer(device="cpu").run(
+        _job(tmp_path, config=config, output_path=tmp_path / "plain")
+    )
+    control = PauseAt(at)
+    control.path = tmp_path / "ckpt.safetensors"
+    paused = LocalTrainer(device="cpu").run(
+        _job(tmp_path, config=config, output_path=tmp_path / "paused"), control
+    )
+    assert control.waits == 1 and control.checkpoint_seen
+    assert paused.output_path.read_bytes() == plain.output_path.read_bytes()
+    assert paused.metrics["trainLoss"] == plain.metrics["trainLoss"]
+    assert not control.path.exists()
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_restart_from_checkpoint_in_a_fresh_trainer_is_bit_identical(
+    tmp_path: Path, name: str
+) -> None:
+    config = CONFIGS[name]
+    task = get_task("digits", {"hidden": 16})
+    base = tmp_path / "base.safetensors"
+    base.write_bytes(encode(_state_of(task.build_model(task.params, seed=1))))
+    job = _job(tmp_path, config=config, base_weights_path=base)
+    plain = LocalTrainer(device="cpu").run(replace(job, output_path=tmp_path / "plain"))
+
+    control = PauseAt(math.ceil(479 / config.batch_size) + 4, die=True)  # in epoch 2
+    control.path = job.checkpoint_path
+    with pytest.raises(KeyboardInterrupt):
+        LocalTrainer(device="cpu").run(job, control)
+    assert job.checkpoint_path.exists() and not job.output_path.exists()
+    # Disturb every random stream the checkpoint should restore.
+    torch.manual_seed(12345)
+    np.random.seed(54321)
+    progress: list[dict[str, Any]] = []
+    resumed = LocalTrainer(device="cpu").run(job, on_progress=progress.append)
+    assert resumed.output_path.read_bytes() == plain.output_path.read_bytes()
+    assert resumed.metrics["trainLoss"] == plain.metrics["trainLoss"]
+    assert progress[0]["epoch"] == 2  # it did not start over
+    assert not job.checkpoint_path.exists()
+
+
+def test_a_checkpoint_of_another_round_or_a_damaged_one_is_ignored(tmp_path: Path) -> None:
+    job = _job(tmp_path)
+    plain = LocalTrainer(device="cpu").run(replace(job, output_path=tmp_path / "plain"))
+    control = PauseAt(5, die=True)
+    control.path = job.checkpoint_path
+    with pytest.raises(KeyboardInterrupt):
+        LocalTrainer(device="cpu").run(replace(job, round_id="other-round"), control)
+    assert job.checkpoint_path.exists()
+    result = LocalTrainer(device="cpu").run(job)
+    assert result.output_path.read_bytes() == plain.output_path.read_bytes()
+
+    job.checkpoint_path.write_bytes(b"\x80\x04garbage, perhaps a pickle")
+    again = LocalTrainer(device="cpu").run(job)
+    assert again.output_path.read_bytes() == plain.output_path.read_bytes()
+    assert not job.checkpoint_path.exists()
+
+    # A checkpoint of this very job whose tensors do not fit the model changes nothing.
+    control = PauseAt(5, die=True)
+    control.path = job.checkpoint_path
+    with pytest.raises(KeyboardInterrupt):
+        LocalTrainer(device="cpu").run(job, control)
+    with safe_open(str(job.checkpoint_path), framework="pt") as fh:
+        meta = fh.metadata()
+        tensors = {k: fh.get_tensor(k) for k in fh.keys() if k != "model.2.bias"}  # noqa: SIM118
+    tensors["model.0.weight"] = torch.full_like(tensors["model.0.weight"], 1e6)
+    job.checkpoint_path.write_bytes(save(tensors, metadata=meta))
+    third = LocalTrainer(device="cpu").run(job)
+    assert third.output_path.read_bytes() == plain.output_path.read_bytes()
+
+
+def test_cancel_while_paused_raises_and_removes_the_checkpoint(tmp_path: Path) -> None:
+    job = _job(tmp_path)
+    control = PauseAt(3, then="cancel")
+    control.path = job.checkpoint_path
+    with pytest.raises(Cancelled):
+        LocalTrainer(device="cpu").run(job, control)
+    assert control.checkpoint_seen
+    assert not job.checkpoint_path.exists()
+    assert not job.output_path.exists()
+
+
+# -- base weights that do not fit ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        (lambda s: {**s, "extra.weight": np.zeros(3, np.float32)}, "layout_mismatch"),
+        (lambda s: {k: v for k, v in s.items() if k != "2.bias"}, "layout_mismatch"),
+        (lambda s: {**s, "2.bias": np.zeros(11, np.float32)}, "shape_mismatch"),
+        (lambda s: {**s, "2.bias": s["2.bias"].astype(np.float64)}, "dtype_mismatch"),
+    ],
+)
+def test_base_weights_of_another_layout_are_refused(tmp_path: Path, change: Any, code: str) -> None:
+    task = get_task("digits", {"hidden": 16})
+    base = tmp_path / "base.safetensors"
+    base.write_bytes(encode(change(_state_of(task.build_model(task.params, 0)))))
+    with pytest.raises(FedtrayError) as info:
+        LocalTrainer(device="cpu").run(_job(tmp_path, base_weights_path=base))
+    assert info.value.code == code
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+# -- memory ------------------------------------------------------------------------------
+
+
+class OomAbove(DigitsTask):
+    """Digits, but a batch larger than ``limit`` 'runs out of memory'."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.sizes: list[int] = []
+
+    def train_step(
+        self, model: torch.nn.Module, x_batch: torch.Tensor, y_batch: torch.Tensor
+    ) -> torch.Tensor:
+        self.sizes.append(len(x_batch))
+        if len(x_batch) > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+        return super().train_step(model, x_batch, y_batch)
+
+
+def _loader(task: Task) -> Any:
+    def load(name: str, params: Mapping[str, JsonValue]) -> Task:
+        return task.configure(params)
+
+    return load
+
+
+def test_out_of_memory_halves_the_batch_and_retries_the_epoch(tmp_path: Path) -> None:
+    task = OomAbove(limit=10)
+    config = TrainingConfig(epochs=1, batch_size=40, learning_rate=0.05, momentum=0.9, seed=3)
+    result = LocalTrainer(device="cpu", task_loader=_loader(task)).run(
+        _job(tmp_path, config=config)
+    )
+    assert result.batch_size == 10 and result.metrics["batchSize"] == 10
+    assert task.sizes[:2] == [40, 20]
+    # the retried epoch starts from the saved state: same as training with 10 from the start
+    plain = LocalTrainer(device="cpu").run(
+        _job(
+            tmp_path,
+            config=config.model_copy(update={"batch_size": 10}),
+            output_path=tmp_path / "plain",
+        )
+    )
+    assert result.output_path.read_bytes() == plain.output_path.read_bytes()
+
+
+def test_out_of_memory_at_batch_size_one_fails(tmp_path: Path) -> None:
+    task = OomAbove(limit=0)
+    with pytest.raises(FedtrayError) as info:
+        LocalTrainer(device="cpu", task_loader=_loader(task)).run(_job(tmp_path))
+    assert info.value.code == "training_failed"
+    assert "batch size of 1" in info.value.message
+    assert task.sizes[-1] == 1
+
+
+def test_the_batch_is_capped_by_free_memory(tmp_path: Path) -> None:
+    # hidden=16: the estimate is 3 x (16 + 16 + 10) x 4 + 64 x 4 = 760 bytes per sample;
+    # the model's 1210 float32 parameters and their momentum come first; 25 % is usable.
+    fixed = 2 * 4 * 1210
+    for fits, available in ((8, 4 * (8 * 760 + fixed)), (7, 4 * (8 * 760 + fixed) - 4)):
+        trainer = LocalTrainer(device="cpu", available_memory=functools.partial(int, available))
+        result = trainer.run(_job(tmp_path))
+        assert result.batch_size == fits
+
+
+# -- the target: federated digits -------------------------------------------------------
+
+
+def test_three_label_skewed_clients_reach_90_percent_in_ten_fedavg_rounds(
+    tmp_path: Path,
+) -> None:
+    task = get_task("digits")
+    model = task.build_model(task.params, seed=0)
+    state = _state_of(model)
+    base = tmp_path / "global.safetensors"
+    base.write_bytes(encode(state))
+    config = TrainingConfig.model_validate(DigitsTask.default_config)
+    x_test, y_test = task.load_data("test", None)
+    accuracy = 0.0
+    for rnd in range(10):
+        updates = []
+        for client in range(3):
+            job = TrainJob(
+                round_id=f"r{rnd}",
+                task="digits",
+                model_params={},
+                config=config.model_copy(update={"seed": rnd}),
+                partition=Partition(index=client, count=3, seed=0, scheme="label_skew"),
+                base_weights_path=base,
+                output_path=tmp_path / f"c{client}.safetensors",
+                checkpoint_path=tmp_path / f"c{client}.ckpt",
+            )
+            result = LocalTrainer(device="cpu").run(job)
+            updates.append((decode(result.output_path.read_bytes()), result.num_samples))
+        total = sum(n for _, n in updates)
+        state = {
+            k: (np.sum([u[k].astype(np.float64) * n for u, n in updates], axis=0) / total).astype(
+                np.float32
+            )
+            for k in state
+        }
+        base.write_bytes(encode(state))
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+        accuracy = task.evaluate(model, x_test, y_test)["accuracy"]
+    assert accuracy >= 0.90

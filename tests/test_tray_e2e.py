@@ -1,0 +1,198 @@
+"""End to end on a real X server: the tray docks, its menu drives the server-visible state,
+a notification arrives, and Quit exits 0 quickly.
+
+Uses ``tests/xharness.py`` (Xvfb + trayer + D-Bus + a notification service) and the
+reference server from ``tests/server_harness.py``. Screenshots of the menu and of each icon
+state reached go to ``test-artifacts/tray/``; the menu one is also saved as
+``docs/tray-menu.png`` for the README.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from server_harness import running_server
+from xharness import XSession, _poll, xsession  # noqa: F401  (fixture)
+
+from client.config import Settings, save_settings
+from client.snapshot import ClientSnapshot
+from tray.menu import MenuEntry, build_menu
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts" / "tray"
+DEVICE_ID = "3f0c8a52-6d1e-4b8e-9a43-0d2a1f7e5c11"
+
+
+def selectable_labels(snapshot: ClientSnapshot) -> list[str]:
+    """The top-level items a keyboard can select, in order (GTK skips disabled items)."""
+    settings = Settings(device_id=DEVICE_ID, device_name="tray-e2e")
+    menu = build_menu(snapshot, settings, monotonic_now=0.0, wall_now=datetime.now())
+    return [n.label for n in menu if isinstance(n, MenuEntry) and n.enabled]
+
+
+CONNECTED = ClientSnapshot(server_url="http://h:1", device_id=DEVICE_ID, device_name="n",
+                           connection="connected")  # fmt: skip
+
+
+@dataclass
+class Tray:
+    proc: subprocess.Popen[bytes]
+    x: XSession
+    icon: int
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+    def icon_center(self) -> tuple[int, int]:
+        left, top, width, height = self.x.window_geometry(self.icon)
+        return left + width // 2, top + height // 2
+
+    def menu_window(self) -> int | None:
+        """The open popup menu of the tray process (its biggest visible window)."""
+        out = self.x.run("xdotool", "search", "--onlyvisible", "--pid", str(self.proc.pid),
+                         check=False)  # fmt: skip
+        best: tuple[int, int] | None = None
+        for token in out.split():
+            try:
+                _l, _t, width, height = self.x.window_geometry(int(token))
+            except (RuntimeError, KeyError):
+                continue  # the window went away between the search and the query
+            if height >= 150 and (best is None or width * height > best[1]):
+                best = (int(token), width * height)
+        return best[0] if best else None
+
+    def open_menu(self) -> int:
+        x, y = self.icon_center()
+        self.x.xdotool("mousemove", str(x), str(y), "click", "3")
+        return int(_poll(self.menu_window, 10, "the menu to open"))
+
+    def choose(self, label: str, snapshot: ClientSnapshot) -> None:
+        """Open the menu and activate ``label`` with the keyboard."""
+        presses = selectable_labels(snapshot).index(label) + 1
+        self.open_menu()
+        self.x.xdotool("key", "--delay", "60", *(["Down"] * presses), "Return")
+        _poll(lambda: self.menu_window() is None, 10, "the menu to close")
+
+    def icon_shot(self, name: str) -> None:
+        left, top, width, height = self.x.window_geometry(self.icon)
+        self.x.screenshot(ARTIFACTS / f"icon-{name}.png", (left, top, left + width, top + height))
+
+
+@pytest.fixture
+def tray(xsession: XSession, tmp_path: Path) -> Iterator[tuple[Tray, Any]]:  # noqa: F811
+    with running_server(tmp_path) as server:
+        env = dict(xsession.env)
+        for var in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME", "XDG_DATA_HOME"):
+            path = tmp_path / "user" / var.lower()
+            path.mkdir(parents=True)
+            env[var] = str(path)
+        env["HOME"] = str(tmp_path / "user")
+        save_settings(
+            Settings(server_url=server.url, device_name="tray-e2e", device_id=DEVICE_ID),
+            Path(env["XDG_CONFIG_HOME"]) / "fedtray" / "config.toml",
+        )
+        log = tmp_path / "tray-output.txt"
+        with log.open("wb") as sink:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "tray", "--log-level", "DEBUG"],
+                cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        try:
+            icon = xsession.wait_for_docked(60)
+            yield Tray(proc, xsession, icon, log), server
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
+def device(status: dict[str, Any]) -> dict[str, Any]:
+    found = [d for d in status.get("devices", []) if d.get("id") == DEVICE_ID]
+    return found[0] if found else {}
+
+
+def test_tray_end_to_end(tray: tuple[Tray, Any], xsession: XSession) -> None:  # noqa: F811
+    app, server = tray
+    server.wait_for(lambda s: device(s).get("connected") is True, 30, "the tray's device online")
+
+    note = xsession.wait_for_notification(lambda n: n["summary"] == "fedtray is connected", 20)
+    assert server.url.removeprefix("http://") in note["body"]
+    _poll(lambda: "waiting for a round" in app.x.run("xwininfo", "-id", str(app.icon)), 10,
+          "the tooltip title")  # fmt: skip
+    app.icon_shot("idle")
+
+    # The menu, as the README shows it.
+    menu = app.open_menu()
+    left, top, width, height = app.x.window_geometry(menu)
+    tray_left, _t, tray_width, _h = app.x.window_geometry(app.x.tray_window)
+    box = (max(0, left - 8), 0, min(800, max(left + width, tray_left + tray_width) + 8),
+           top + height + 8)  # fmt: skip
+    shot = app.x.screenshot(ARTIFACTS / "menu.png", box)
+    (ROOT / "docs").mkdir(exist_ok=True)
+    (ROOT / "docs" / "tray-menu.png").write_bytes(shot.read_bytes())
+    app.x.xdotool("key", "Escape")
+    _poll(lambda: app.menu_window() is None, 10, "the menu to close")
+
+    app.choose("Pause training", CONNECTED)
+    paused = server.wait_for(
+        lambda s: device(s).get("pauseReason") == "user_paused", 20, "the device paused by the user"
+    )
+    assert device(paused)["state"] == "paused"
+    user_paused = ClientSnapshot(**{**CONNECTED.__dict__, "pause_reason": "user_paused",
+                                    "device_state": "paused"})  # fmt: skip
+    _poll(lambda: "Paused by you" in app.x.run("xwininfo", "-id", str(app.icon)), 10, "title")
+    app.icon_shot("paused-user")
+
+    app.choose("Resume training", user_paused)
+    server.wait_for(
+        lambda s: device(s).get("pauseReason") is None and device(s).get("state") == "idle",
+        20,
+        "the device resumed",
+    )
+
+    app.choose("Disconnect", CONNECTED)
+    server.wait_for(lambda s: device(s).get("connected") is False, 20, "the device offline")
+    _poll(lambda: "Not connected" in app.x.run("xwininfo", "-id", str(app.icon)), 10, "title")
+    app.icon_shot("disconnected")
+    off = ClientSnapshot(**{**CONNECTED.__dict__, "connection": "disconnected"})
+    app.choose("Connect", off)
+    server.wait_for(lambda s: device(s).get("connected") is True, 20, "the device back online")
+
+    started = time.monotonic()
+    app.choose("Quit", CONNECTED)
+    code = app.proc.wait(15)
+    elapsed = time.monotonic() - started
+    assert code == 0, app.output()
+    assert elapsed < 10, f"Quit took {elapsed:.1f} s"
+    server.wait_for(lambda s: device(s).get("connected") is False, 20, "the device offline")
+    assert "Traceback" not in app.output()
+
+
+def test_second_launch_is_refused(tray: tuple[Tray, Any], xsession: XSession) -> None:  # noqa: F811
+    app, _server = tray
+    env = dict(xsession.env)
+    # The same user dirs as the running tray: read them back from its environment.
+    proc_env = Path(f"/proc/{app.proc.pid}/environ").read_bytes().split(b"\0")
+    for item in proc_env:
+        key, _, value = item.decode(errors="replace").partition("=")
+        if key.startswith("XDG_") or key == "HOME":
+            env[key] = value
+    second = subprocess.run(
+        [sys.executable, "-m", "tray"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+    assert second.returncode == 1
+    assert f"fedtray is already running (process {app.proc.pid})" in second.stderr
+    xsession.wait_for_notification(lambda n: n["summary"] == "fedtray is already running", 15)
+    assert app.proc.poll() is None  # the first one keeps running

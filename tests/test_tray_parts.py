@@ -1,0 +1,342 @@
+"""Single instance, settings form validation, the CLI and the app logic with fakes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from client import __version__
+from client.config import Settings, SettingsError, load_settings, save_settings
+from client.snapshot import ClientSnapshot
+from tray import single_instance
+from tray.app import TrayApp
+from tray.autostart import AutostartEnv
+from tray.menu import MenuEntry, MenuNode, find_entry
+from tray.settings_dialog import validate_form
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- single instance -------------------------------------------------------------------
+
+
+def test_second_lock_is_refused_and_asks_first_to_show(tmp_path: Path) -> None:
+    first = single_instance.acquire(tmp_path)
+    assert not first.take_show_request()
+    # A separate process, as a second launch would be (flock is per open file).
+    code = (
+        "import sys; from pathlib import Path; from tray import single_instance as s\n"
+        "try:\n    s.acquire(Path(sys.argv[1]))\nexcept s.AlreadyRunningError as e:\n"
+        "    print(e); sys.exit(1)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert f"already running (process {os.getpid()})" in proc.stdout
+    assert first.take_show_request()
+    assert not first.take_show_request()  # once per request
+    first.release()
+    first.release()
+    again = single_instance.acquire(tmp_path)  # released: a new tray may start
+    again.release()
+
+
+def test_stale_lock_file_does_not_block(tmp_path: Path) -> None:
+    (tmp_path / single_instance.LOCK_FILENAME).write_text("999999\n", encoding="ascii")
+    (tmp_path / single_instance.SHOW_REQUEST_FILENAME).touch()
+    lock = single_instance.acquire(tmp_path)
+    assert not lock.take_show_request()  # an old request is dropped at start
+    assert (tmp_path / single_instance.LOCK_FILENAME).read_text() == f"{os.getpid()}\n"
+    lock.release()
+
+
+# -- settings form -------------------------------------------------------------------
+
+CURRENT = Settings(server_url="http://127.0.0.1:3001", device_name="laptop", auth_token="old-tok")
+
+
+@pytest.mark.parametrize(
+    ("url", "name", "token", "expected"),
+    [
+        (
+            "https://fed.example:8443",
+            "my pc",
+            "s3cret",
+            ("https://fed.example:8443", "my pc", "s3cret"),
+        ),
+        (" http://h:1 ", "pc", "", ("http://h:1", "pc", None)),
+        ("http://h:1", "pc", "none", ("http://h:1", "pc", None)),
+    ],
+)
+def test_validate_form_accepts(
+    url: str, name: str, token: str, expected: tuple[str, str, str | None]
+) -> None:
+    updated = validate_form(CURRENT, url, name, token)
+    assert (updated.server_url, updated.device_name, updated.auth_token) == expected
+    assert updated.device_id == CURRENT.device_id
+
+
+def test_validate_form_lists_every_problem_without_the_token() -> None:
+    with pytest.raises(SettingsError) as info:
+        validate_form(CURRENT, "ftp://x", "   ", "has space secret")
+    lines = str(info.value).splitlines()
+    assert len(lines) == 3
+    assert lines[0].startswith("server_url must be")
+    assert lines[1].startswith("device_name must be")
+    assert lines[2].startswith("auth_token must be")
+    assert "secret" not in str(info.value)
+
+
+# -- command line ----------------------------------------------------------------------
+
+
+def test_version_starts_nothing() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "tray", "--version"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0
+    assert proc.stdout.strip() == f"fedtray {__version__}"
+
+
+def test_tray_never_imports_torch() -> None:
+    code = (
+        "import sys, tray.app, tray.__main__, tray.settings_dialog, client.session\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\nprint('ok')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+
+
+# -- app logic with a fake session and a fake icon ------------------------------------
+
+
+class FakeClient:
+    def __init__(self, snapshot: ClientSnapshot) -> None:
+        self.snap = snapshot
+        self.calls: list[str] = []
+        self.subscribers: list[Callable[[ClientSnapshot], None]] = []
+        self.settings: list[Settings] = []
+
+    def start(self) -> None:
+        self.calls.append("start")
+
+    def stop(self, timeout: float = 15.0) -> bool:
+        self.calls.append("stop")
+        return True
+
+    def connect(self) -> None:
+        self.calls.append("connect")
+
+    def disconnect(self) -> None:
+        self.calls.append("disconnect")
+
+    def pause(self) -> None:
+        self.calls.append("pause")
+
+    def resume(self) -> None:
+        self.calls.append("resume")
+
+    def update_settings(self, settings: Settings) -> None:
+        self.settings.append(settings)
+
+    def snapshot(self) -> ClientSnapshot:
+        return self.snap
+
+    def subscribe(self, callback: Callable[[ClientSnapshot], None]) -> Callable[[], None]:
+        self.subscribers.append(callback)
+        callback(self.snap)
+        return lambda: None
+
+    def publish(self, **changes: Any) -> None:
+        self.snap = replace(self.snap, **changes)
+        for cb in self.subscribers:
+            cb(self.snap)
+
+
+class FakeIcon:
+    has_menu = True
+
+    def __init__(self) -> None:
+        self.images: list[Image.Image] = []
+        self.titles: list[str] = []
+        self.menus: list[tuple[MenuNode, ...]] = []
+        self.notes: list[tuple[str, str]] = []
+        self.stopped = threading.Event()
+        self.on_action: Callable[[MenuEntry], None] | None = None
+
+    def set_image(self, image: Image.Image) -> None:
+        self.images.append(image)
+
+    def set_title(self, title: str) -> None:
+        self.titles.append(title)
+
+    def set_menu(self, menu: tuple[MenuNode, ...], on_action: Callable[[MenuEntry], None]) -> None:
+        self.menus.append(menu)
+        self.on_action = on_action
+
+    def notify(self, title: str, message: str) -> None:
+        self.notes.append((title, message))
+
+    def run(self, setup: Callable[[], None]) -> None:
+        setup()
+        assert self.stopped.wait(20), "the app did not quit"
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def click(self, label: str) -> None:
+        entry = find_entry(self.menus[-1], label)
+        assert entry is not None and entry.enabled, label
+        assert self.on_action is not None
+        self.on_action(entry)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    done = threading.Event()
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        done.wait(0.02)
+
+
+@pytest.fixture
+def app_parts(tmp_path: Path) -> tuple[TrayApp, FakeClient, FakeIcon, Clock, Path]:
+    config = tmp_path / "config.toml"
+    settings = Settings(server_url="http://127.0.0.1:3001", device_name="pc")
+    save_settings(settings, config)
+    client = FakeClient(
+        ClientSnapshot(
+            server_url=settings.server_url,
+            device_id=settings.device_id,
+            device_name="pc",
+            connection="connecting",
+        )
+    )
+    icon = FakeIcon()
+    clock = Clock()
+    app = TrayApp(
+        client,
+        icon,
+        settings,
+        log_dir=tmp_path,
+        config_file=config,
+        autostart_env=AutostartEnv("linux", tmp_path, ("fedtray",), xdg_config_home=tmp_path / "x"),
+        clock=clock,
+        wall_clock=lambda: datetime(2026, 5, 4, 14, 30),
+    )
+    return app, client, icon, clock, config
+
+
+def run_app(app: TrayApp) -> threading.Thread:
+    box: dict[str, int] = {}
+    thread = threading.Thread(target=lambda: box.setdefault("code", app.run()), daemon=True)
+    thread.start()
+    return thread
+
+
+def test_app_follows_session_and_menu_drives_it(
+    app_parts: tuple[TrayApp, FakeClient, FakeIcon, Clock, Path], tmp_path: Path
+) -> None:
+    app, client, icon, clock, config = app_parts
+    thread = run_app(app)
+    wait_until(lambda: "start" in client.calls, "session start")
+    assert icon.titles[-1] == "Connecting to 127.0.0.1:3001…"
+    client.publish(connection="connected")
+    wait_until(lambda: icon.titles[-1].startswith("fedtray — connected"), "connected title")
+    wait_until(lambda: [t for t, _ in icon.notes] == ["fedtray is connected"], "notification")
+    images_before = len(icon.images)
+
+    icon.click("Pause training")
+    wait_until(lambda: client.calls[-1] == "pause", "pause")
+    client.publish(device_state="paused", pause_reason="user_paused")
+    wait_until(lambda: find_entry(icon.menus[-1], "Resume training") is not None, "resume item")
+    assert len(icon.images) == images_before + 1  # the paused icon
+    icon.click("Resume training")
+    wait_until(lambda: client.calls[-1] == "resume", "resume")
+
+    # Pause for 1 hour: paused now, resumed by itself when the hour is up.
+    icon.click("Pause for 1 hour")
+    wait_until(lambda: client.calls[-1] == "pause", "snooze pause")
+    client.publish(device_state="paused", pause_reason="user_paused")
+    wait_until(lambda: icon.titles[-1] == "Paused by you until 15:30", "snooze title")
+    clock.t += timedelta(hours=1).total_seconds()
+    wait_until(lambda: client.calls[-1] == "resume", "snooze end")
+
+    icon.click("Above 80 %")
+    wait_until(lambda: load_settings(config).battery_threshold == 80, "threshold saved")
+    wait_until(
+        lambda: bool(client.settings) and client.settings[-1].battery_threshold == 80,
+        "threshold applied",
+    )
+
+    icon.click("Start at login")
+    desktop = tmp_path / "x" / "autostart" / "fedtray.desktop"
+    wait_until(desktop.is_file, "autostart file")
+    wait_until(lambda: load_settings(config).autostart, "autostart setting")
+    wait_until(
+        lambda: find_entry(icon.menus[-1], "Start at login").checked is True,  # type: ignore[union-attr]
+        "checkbox",
+    )
+
+    icon.click("Disconnect")
+    wait_until(lambda: client.calls[-1] == "disconnect", "disconnect")
+    icon.click("Quit")
+    thread.join(10)
+    assert not thread.is_alive()
+    assert client.calls[-1] == "stop"
+
+
+def test_settings_window_saved_reloads(
+    app_parts: tuple[TrayApp, FakeClient, FakeIcon, Clock, Path], tmp_path: Path
+) -> None:
+    app, client, icon, _clock, _config = app_parts
+    # Stand-in for the dialog process: writes new settings and exits 0.
+    script = tmp_path / "dialog.py"
+    script.write_text(
+        "import sys\nfrom pathlib import Path\nfrom client.config import load_settings, "
+        "save_settings, with_setting\np = Path(sys.argv[sys.argv.index('--config') + 1])\n"
+        "save_settings(with_setting(load_settings(p), 'server_url', 'http://127.0.0.1:9'), p)\n",
+        encoding="utf-8",
+    )
+    app._dialog_command = [sys.executable, str(script)]
+    thread = run_app(app)
+    wait_until(lambda: bool(icon.menus), "menu")
+    icon.click("Settings…")
+    wait_until(lambda: bool(client.settings), "settings applied", timeout=30)
+    assert client.settings[-1].server_url == "http://127.0.0.1:9"
+    icon.click("Quit")
+    thread.join(10)
+    assert not thread.is_alive()

@@ -1,0 +1,139 @@
+"""The Settings… window: server URL, device name and token, in its own process.
+
+Run as ``python -m tray.settings_dialog [--config PATH]``. It runs in a separate process
+so that tkinter's main loop never competes with the tray's (macOS allows one GUI loop
+per process, on the main thread).
+
+Contract:
+
+* :func:`validate_form` is pure: it checks the three fields with :mod:`client.config`'s
+  own rules and returns the new :class:`client.config.Settings`, or raises
+  :class:`client.config.SettingsError` whose message lists every problem, one line
+  each, naming the field. The token is never echoed.
+* :func:`main` shows the window. Save validates; problems are shown in the window and
+  nothing is written. A valid form is written with :func:`client.config.save_settings`
+  (atomic) and the process exits :data:`EXIT_SAVED` (0); Cancel or closing the window
+  exits :data:`EXIT_CANCELLED` (1); a display or disk problem exits :data:`EXIT_ERROR`
+  (2) with one ``error:`` line on stderr. The tray reloads the settings after exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final
+
+from client.config import Settings, SettingsError, load_settings, save_settings, with_setting
+
+__all__ = ["EXIT_CANCELLED", "EXIT_ERROR", "EXIT_SAVED", "main", "validate_form"]
+
+EXIT_SAVED: Final = 0
+EXIT_CANCELLED: Final = 1
+EXIT_ERROR: Final = 2
+
+# (settings key, label shown in the window)
+FIELDS: Final = (
+    ("server_url", "Server URL"),
+    ("device_name", "Device name"),
+    ("auth_token", "Token (leave empty for none)"),
+)
+
+
+def validate_form(current: Settings, server_url: str, device_name: str, token: str) -> Settings:
+    """``current`` with the three fields replaced; raises SettingsError listing all problems."""
+    updated = current
+    problems: list[str] = []
+    for key, raw in (
+        ("server_url", server_url),
+        ("device_name", device_name),
+        ("auth_token", token),
+    ):
+        try:
+            updated = with_setting(updated, key, raw)
+        except SettingsError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise SettingsError("\n".join(problems))
+    return updated
+
+
+def _run_window(path: Path | None) -> int:
+    import tkinter as tk
+    from tkinter import ttk
+
+    current = load_settings(path)
+    root = tk.Tk()
+    root.title("fedtray settings")
+    root.resizable(False, False)
+    frame = ttk.Frame(root, padding=12)
+    frame.grid(sticky="nsew")
+
+    values = {
+        "server_url": tk.StringVar(value=current.server_url),
+        "device_name": tk.StringVar(value=current.device_name),
+        "auth_token": tk.StringVar(value=current.auth_token or ""),
+    }
+    for row, (key, label) in enumerate(FIELDS):
+        ttk.Label(frame, text=label).grid(row=row, column=0, sticky="w", padx=(0, 8), pady=3)
+        entry = ttk.Entry(
+            frame, textvariable=values[key], width=42, show="•" if key == "auth_token" else ""
+        )
+        entry.grid(row=row, column=1, sticky="ew", pady=3)
+        if row == 0:
+            entry.focus_set()
+
+    message = tk.StringVar(value="")
+    ttk.Label(frame, textvariable=message, foreground="#b00020", wraplength=420).grid(
+        row=len(FIELDS), column=0, columnspan=2, sticky="w", pady=(6, 0)
+    )
+    result = {"code": EXIT_CANCELLED}
+
+    def save(*_: object) -> None:
+        try:
+            updated = validate_form(
+                current,
+                values["server_url"].get(),
+                values["device_name"].get(),
+                values["auth_token"].get(),
+            )
+        except SettingsError as exc:
+            message.set(str(exc))
+            return
+        try:
+            save_settings(updated, path)
+        except OSError as exc:
+            message.set(f"Could not save the settings: {exc.strerror or exc}")
+            return
+        result["code"] = EXIT_SAVED
+        root.destroy()
+
+    def cancel(*_: object) -> None:
+        root.destroy()
+
+    buttons = ttk.Frame(frame)
+    buttons.grid(row=len(FIELDS) + 1, column=0, columnspan=2, sticky="e", pady=(10, 0))
+    ttk.Button(buttons, text="Cancel", command=cancel).grid(row=0, column=0, padx=(0, 6))
+    ttk.Button(buttons, text="Save", command=save).grid(row=0, column=1)
+    root.bind("<Return>", save)
+    root.bind("<Escape>", cancel)
+    root.protocol("WM_DELETE_WINDOW", cancel)
+    root.mainloop()
+    return result["code"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Show the window; the exit code says whether the settings were saved."""
+    parser = argparse.ArgumentParser(prog="python -m tray.settings_dialog")
+    parser.add_argument("--config", type=Path, default=None, help="settings file to edit")
+    args = parser.parse_args(argv)
+    try:
+        return _run_window(args.config)
+    except Exception as exc:  # tkinter.TclError (no display) and friends: one clear line
+        print(f"error: cannot show the settings window: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
