@@ -6,16 +6,22 @@ STAMP  := $(VENV)/.installed-stamp
 # pytest workers: independent slow tests run in parallel (pytest-xdist).
 JOBS   ?= auto
 
-.PHONY: venv test lint typecheck unit demo bench clean
+.PHONY: venv system-deps test lint typecheck unit demo bench clean
 
 $(STAMP): pyproject.toml constraints.txt
+	@bash .ci/install-system-packages
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch is pinned to ==2.13.0 (CPU build) in the `train` extra and in constraints.txt.
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[train,dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[train,tray,dev]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
+
+# Debian packages for PyGObject (the tray) and for the tray/dashboard tests (needs root
+# or sudo; does nothing when they are present).
+system-deps:
+	bash .ci/install-system-packages
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

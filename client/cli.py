@@ -133,7 +133,8 @@ def apply_cli_overrides(
     """Validate ``--server``/``--name``/``--battery-threshold`` and save them when they change.
 
     Returns the updated settings. Raises :class:`SettingsError` for a bad value (nothing
-    is saved then) and :class:`OSError` when the settings cannot be written.
+    is saved then). A settings file that cannot be written is reported on stderr and the
+    given values are used for this run only.
     """
     updated = settings
     for dest, key in _OVERRIDES:
@@ -141,14 +142,19 @@ def apply_cli_overrides(
         if raw is not None:
             updated = with_setting(updated, key, str(raw))
     if updated != settings:
-        save_settings(updated, path)
+        try:
+            save_settings(updated, path)
+        except OSError as exc:
+            _error(f"could not save settings to {path or config_path()} ({exc}); using them once")
     return updated
 
 
-def run_client(args: argparse.Namespace) -> int:
-    """Run the networked session. Placeholder until the session is built."""
-    print(f"{PROG}: the networked session is not built yet", file=sys.stderr)
-    return EXIT_USAGE
+def run_client(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the networked session until interrupted (see :mod:`client.headless`)."""
+    # Imported here so `config` and `info` stay quick and never load the session stack.
+    from client import headless
+
+    return headless.run_client(args, settings)
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -186,15 +192,10 @@ def _cmd_info() -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    settings = load_settings()
-    try:
-        settings = apply_cli_overrides(settings, args)
-    except OSError as exc:
-        # Not fatal: run with the values given, they just will not be remembered.
-        _error(f"could not save settings to {config_path()} ({exc}); continuing without saving")
+    settings = apply_cli_overrides(load_settings(), args)
     if settings.auth_token:
         add_secret(settings.auth_token)
-    return run_client(args)
+    return run_client(args, settings)
 
 
 def _error(message: str) -> None:

@@ -184,6 +184,10 @@ class FedServer:
             raise StartupError(f"task {cfg.task!r}: {exc.message}") from None
         self._task = task
         try:
+            self._training_config(0)  # the task's recommendation merged with the flags
+        except ValueError as exc:
+            raise StartupError(f"training settings for task {cfg.task!r}: {exc}") from None
+        try:
             fresh = await asyncio.to_thread(initial_state, task, task.params, cfg.seed)
         except ImportError as exc:
             raise StartupError(f"the server needs torch to build the model: {exc}") from None
@@ -548,6 +552,12 @@ class FedServer:
 
     # ================================================================== weights out
 
+    def _training_config(self, round_number: int) -> TrainingConfig:
+        """The task's recommended training settings, overridden by the operator's flags."""
+        fields = {**self.task.default_config, **self.config.training_overrides()}
+        fields["seed"] = self.config.seed + round_number
+        return TrainingConfig.model_validate(fields)
+
     def _format_for(self, record: DeviceRecord) -> WeightFormat:
         formats = record.capabilities.weight_formats
         return "safetensors" if "safetensors" in formats else formats[0]
@@ -903,12 +913,7 @@ class FedServer:
                 round_id=rnd.round_id,
                 task=cfg.task,
                 model_params=dict(self.task.params),
-                config=TrainingConfig(
-                    epochs=cfg.epochs,
-                    batch_size=cfg.batch_size,
-                    learning_rate=cfg.lr,
-                    seed=cfg.seed + rnd.number,
-                ),
+                config=self._training_config(rnd.number),
                 partition=Partition(index=index, count=count, seed=cfg.seed, scheme=cfg.partition),
                 base_version=rnd.base_version,
                 deadline=deadline_unix,

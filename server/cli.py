@@ -42,7 +42,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="fedtray reference training server (FedAvg).")
+    p = _Parser(
+        prog=PROG,
+        description="fedtray reference training server (FedAvg).",
+        epilog="`fedtray-server demo --help`: a whole federation on this machine.",
+    )
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     p.add_argument(
         "--host", default=DEFAULT_HOST, help="address to listen on (default: %(default)s)"
@@ -66,9 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.5,
         help="fraction of selected devices that must report for a round to count",
     )
-    p.add_argument("--epochs", type=int, default=2, help="local epochs per round")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.05, help="local learning rate")
+    p.add_argument(
+        "--epochs", type=int, default=None, help="local epochs per round (default: the task's)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="local batch size (default: the task's)"
+    )
+    p.add_argument(
+        "--lr", type=float, default=None, help="local learning rate (default: the task's)"
+    )
     p.add_argument("--partition", choices=["iid", "label_skew"], default="label_skew")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--heartbeat-interval", type=float, default=10.0, help="seconds")
@@ -144,6 +154,12 @@ async def serve(config: ServerConfig) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``fedtray-server``; ``fedtray-server demo ...`` runs the local demo."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:
+        from server import demo  # the demo orchestrates processes; load it only when asked
+
+        return demo.main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -49,9 +49,10 @@ class ServerConfig:
     clients_per_round: int = 10
     round_timeout: float = 300.0
     min_completion: float = 0.5
-    epochs: int = 2
-    batch_size: int = 32
-    lr: float = 0.05
+    #: Local training settings; None takes the task's recommendation (its default_config).
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
     partition: PartitionScheme = "label_skew"
     seed: int = 0
     heartbeat_interval: float = 10.0
@@ -67,6 +68,11 @@ class ServerConfig:
     wait_log_interval: float = 30.0
     #: Pause after an abandoned round before the next attempt (0 = heartbeat interval).
     retry_delay: float = 0.0
+
+    def training_overrides(self) -> dict[str, Any]:
+        """The local training settings given explicitly, as TrainingConfig fields."""
+        given = {"epochs": self.epochs, "batch_size": self.batch_size, "learning_rate": self.lr}
+        return {key: value for key, value in given.items() if value is not None}
 
     def __post_init__(self) -> None:
         _check(bool(self.host.strip()), "--host must not be empty")
@@ -87,12 +93,18 @@ class ServerConfig:
             _finite(self.min_completion) and 0 < self.min_completion <= 1,
             f"--min-completion must be a fraction in (0, 1], got {self.min_completion}",
         )
-        _check(1 <= self.epochs <= 1000, f"--epochs must be 1-1000, got {self.epochs}")
         _check(
-            1 <= self.batch_size <= 1_000_000,
+            self.epochs is None or 1 <= self.epochs <= 1000,
+            f"--epochs must be 1-1000, got {self.epochs}",
+        )
+        _check(
+            self.batch_size is None or 1 <= self.batch_size <= 1_000_000,
             f"--batch-size must be 1-1000000, got {self.batch_size}",
         )
-        _check(_finite(self.lr) and 0 < self.lr <= 10, f"--lr must be in (0, 10], got {self.lr}")
+        _check(
+            self.lr is None or (_finite(self.lr) and 0 < self.lr <= 10),
+            f"--lr must be in (0, 10], got {self.lr}",
+        )
         _check(
             self.partition in ("iid", "label_skew"),
             f"--partition must be iid or label_skew, got {self.partition!r}",

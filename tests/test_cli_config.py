@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import tomllib
@@ -125,16 +126,21 @@ def test_server_and_name_overrides_are_saved_before_running(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     identity = load_settings(cfg_file(tmp_path)).device_id
-    code = main(["-s", "https://fed.example.org", "-n", "lab pc", "--battery-threshold", "30"])
-    assert code == 2  # the placeholder run_client
-    assert "not built yet" in capsys.readouterr().err
+    url = f"http://127.0.0.1:{closed_port()}"
+    argv = ["-s", url, "-n", "lab pc", "--battery-threshold", "30", "--no-reconnect"]
+    assert main(argv) == 1  # nothing listens there, and --no-reconnect ends the run
+    assert "error:" in capsys.readouterr().err
     saved = load_settings(cfg_file(tmp_path))
-    assert (saved.server_url, saved.device_name, saved.battery_threshold) == (
-        "https://fed.example.org",
-        "lab pc",
-        30,
-    )
+    assert (saved.server_url, saved.device_name, saved.battery_threshold) == (url, "lab pc", 30)
     assert saved.device_id == identity
+
+
+def closed_port() -> int:
+    """A loopback port nobody listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
 
 
 def test_bad_override_is_refused_and_not_saved(

@@ -364,3 +364,31 @@ if __name__ == "__main__":
         assert (
             device["rounds_completed" if "rounds_completed" in device else "roundsCompleted"] == 1
         )
+
+
+def test_disk_error_keeping_the_update_is_reported_and_the_session_goes_on(
+    tmp_path: Path,
+    make_client: Callable[..., DistributedClient],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    data_dir = tmp_path / "client0"
+    data_dir.mkdir()
+    (data_dir / "pending").write_text("a file where the pending folder should be")
+    with running_server(tmp_path, min_clients=1, clients_per_round=1, rounds=1) as server:
+        client = make_client(server.url, data_dir=data_dir)
+        with caplog.at_level(logging.INFO):
+            client.start()
+            server.wait_for(
+                lambda st: any(r["outcome"] == "abandoned" for r in st["history"]),
+                timeout=30,
+                what="the round abandoned after the device's error",
+            )
+        assert any(
+            r.name.startswith("server") and "cannot keep the trained update" in r.getMessage()
+            for r in caplog.records
+        ), "the server must have received the training:error"
+        snap = client.snapshot()
+        assert snap.connection == "connected"
+        assert snap.device_state == "idle"
+        # The trained update was not lost: it is still where the worker wrote it.
+        assert list((data_dir / "work").glob("*.safetensors"))

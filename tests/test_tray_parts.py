@@ -340,3 +340,11 @@ def test_settings_window_saved_reloads(
     icon.click("Quit")
     thread.join(10)
     assert not thread.is_alive()
+
+
+def test_xharness_names_missing_programs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import xharness
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing to find
+    with pytest.raises(RuntimeError, match=r"missing: Xvfb \(apt package xvfb\)"):
+        xharness.start_xsession(tmp_path)

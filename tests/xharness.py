@@ -41,6 +41,7 @@ REQUIRED = {
     "dbus-daemon": "dbus",
     "xdotool": "xdotool",
     "xwininfo": "x11-utils",
+    "xdpyinfo": "x11-utils",
     "import": "imagemagick",
 }
 SCREEN = (800, 600)
@@ -211,11 +212,22 @@ def start_xsession(workdir: Path) -> XSession:
         xvfb = subprocess.Popen(
             ["Xvfb", "-displayfd", "1", "-screen", "0", f"{SCREEN[0]}x{SCREEN[1]}x24",
              "-nolisten", "tcp"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            stdout=subprocess.PIPE, stderr=(workdir / "xvfb.log").open("wb"), text=True,
         )  # fmt: skip
         procs.append(xvfb)
         assert xvfb.stdout is not None
         display = ":" + _read_line(xvfb.stdout, xvfb, 30, "Xvfb")
+
+        def x_answers() -> bool:
+            if xvfb.poll() is not None:
+                problem = (workdir / "xvfb.log").read_text(errors="replace").strip()
+                raise RuntimeError(f"Xvfb exited with code {xvfb.returncode}: {problem}")
+            probe = subprocess.run(
+                ["xdpyinfo", "-display", display], capture_output=True, timeout=10, check=False
+            )
+            return probe.returncode == 0
+
+        _poll(x_answers, 30, f"the X server on {display} to answer")
         # A calm grey desktop instead of black, so screenshots read well (cosmetic only).
         with contextlib.suppress(OSError):
             subprocess.run(
@@ -268,7 +280,10 @@ def start_xsession(workdir: Path) -> XSession:
             )  # fmt: skip
             if trayer.poll() is not None:
                 problem = (workdir / "trayer.log").read_text(errors="replace").strip()
-                raise RuntimeError(f"trayer exited with code {trayer.returncode}: {problem}")
+                xvfb_state = "running" if xvfb.poll() is None else f"exited ({xvfb.returncode})"
+                raise RuntimeError(
+                    f"trayer exited with code {trayer.returncode}: {problem} (Xvfb {xvfb_state})"
+                )
             # trayer has a hidden leader window too; the visible tray is named "panel".
             for wid in out.stdout.split():
                 name = subprocess.run(
@@ -291,10 +306,20 @@ def start_xsession(workdir: Path) -> XSession:
 
 @pytest.fixture(scope="module")
 def xsession(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XSession]:
-    try:
-        session = start_xsession(tmp_path_factory.mktemp("xsession"))
-    except (RuntimeError, TimeoutError, OSError) as exc:
-        pytest.fail(f"cannot start the X test session: {exc}", pytrace=False)
+    if _missing_programs():
+        pytest.fail("missing programs: " + ", ".join(_missing_programs()), pytrace=False)
+    problems: list[str] = []
+    session: XSession | None = None
+    # Two tries: a display number can be taken between Xvfb choosing it and trayer
+    # connecting when other X servers start on this machine at the same moment.
+    for _attempt in range(2):
+        try:
+            session = start_xsession(tmp_path_factory.mktemp("xsession"))
+            break
+        except (RuntimeError, TimeoutError, OSError) as exc:
+            problems.append(str(exc))
+    if session is None:
+        pytest.fail("cannot start the X test session: " + " | ".join(problems), pytrace=False)
     try:
         yield session
     finally:

@@ -14,8 +14,8 @@ Threading contract:
 * The icon port's setters are thread-safe (pystray hands them to the GUI loop), so the
   tray thread may call them; it calls them only when what they show changes.
 
-Quit: the session is stopped (training paused and checkpointed by the worker,
-disconnected) within :data:`QUIT_TIMEOUT`, then the GUI loop ends and :meth:`run`
+Quit: the session is stopped (:meth:`SessionFacade.stop`: the worker stops, the
+connection closes) within :data:`QUIT_TIMEOUT`, then the GUI loop ends and :meth:`run`
 returns. A "Pause for 1 hour" is the user's pause plus a resume when the hour is up.
 """
 

@@ -83,6 +83,7 @@ def _run_window(path: Path | None) -> int:
         entry.grid(row=row, column=1, sticky="ew", pady=3)
         if row == 0:
             entry.focus_set()
+            entry.select_range(0, "end")  # typing replaces the whole URL
 
     message = tk.StringVar(value="")
     ttk.Label(frame, textvariable=message, foreground="#b00020", wraplength=420).grid(
