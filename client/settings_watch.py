@@ -1,0 +1,118 @@
+"""Noticing changes to the settings file made by another process (``fedtray-client pause``,
+``config set``, the Settings window) while a client runs.
+
+Contract:
+
+* :class:`SettingsFileWatch` never writes, moves or repairs the file (unlike
+  :func:`client.config.load_settings`, which recovers a broken file): a running client
+  only reads it. :meth:`SettingsFileWatch.poll` returns the file's settings when its
+  content changed since the previous poll and parses cleanly, else ``None``. A missing,
+  unreadable or invalid file is logged once per distinct content and otherwise ignored
+  (the running settings stay as they are).
+* :func:`merge_live` is pure: it takes the keys a running session can apply
+  (:data:`LIVE_KEYS`) from the file's settings; the device id never changes under a
+  running session.
+* Cheap enough to poll every second: a stat, and a read of a small file only when the
+  stat changed (a rename by :func:`client.config.save_settings` changes the inode).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tomllib
+from pathlib import Path
+from typing import Final
+
+from pydantic import ValidationError
+
+from client.config import KEYS, Settings, explain_validation_error
+
+__all__ = ["LIVE_KEYS", "SettingsFileWatch", "merge_live"]
+
+log = logging.getLogger(__name__)
+
+#: Settings a running session applies when the file changes.
+LIVE_KEYS: Final[tuple[str, ...]] = (
+    "paused",
+    "battery_threshold",
+    "battery_hysteresis",
+    "server_url",
+    "device_name",
+    "auth_token",
+    "ca_file",
+)
+
+_Signature = tuple[int, int, int]
+
+
+def merge_live(current: Settings, from_file: Settings) -> Settings:
+    """``current`` with the :data:`LIVE_KEYS` of ``from_file``."""
+    changes = {
+        key: getattr(from_file, key)
+        for key in LIVE_KEYS
+        if getattr(from_file, key) != getattr(current, key)
+    }
+    return current.model_copy(update=changes) if changes else current
+
+
+def parse_settings_bytes(raw: bytes) -> Settings:
+    """Settings from a file's bytes; raises ValueError in plain words (nothing is repaired)."""
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"not valid UTF-8 TOML: {exc}") from exc
+    try:
+        return Settings.model_validate({k: v for k, v in data.items() if k in KEYS})
+    except ValidationError as exc:
+        raise ValueError(explain_validation_error(exc)) from exc
+
+
+class SettingsFileWatch:
+    """Polls one settings file for changes (see the module docstring). Not thread-safe."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._signature = self._stat()
+        self._digest = self._hash(self._read())
+        self._complained: str | None = None
+
+    def _stat(self) -> _Signature | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _read(self) -> bytes | None:
+        try:
+            return self.path.read_bytes()
+        except OSError:
+            return None
+
+    @staticmethod
+    def _hash(raw: bytes | None) -> str | None:
+        return None if raw is None else hashlib.sha256(raw).hexdigest()
+
+    def poll(self) -> Settings | None:
+        """The file's settings when its content changed since the last poll, else None."""
+        signature = self._stat()
+        if signature == self._signature:
+            return None
+        self._signature = signature
+        raw = self._read()
+        digest = self._hash(raw)
+        if digest == self._digest:
+            return None
+        self._digest = digest
+        if raw is None:
+            return None  # removed or unreadable: keep the running settings
+        try:
+            settings = parse_settings_bytes(raw)
+        except ValueError as exc:
+            if self._complained != digest:
+                self._complained = digest
+                log.warning("ignoring the changed settings file %s: %s", self.path, exc)
+            return None
+        return settings
