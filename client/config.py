@@ -35,13 +35,11 @@ Contract:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
 import secrets
 import socket
-import tempfile
 import tomllib
 import uuid
 from collections.abc import Callable, Mapping
@@ -53,6 +51,8 @@ from urllib.parse import urlsplit
 import platformdirs
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from client.atomicfile import write_atomic
 
 __all__ = [
     "DEFAULT_SERVER_URL",
@@ -365,26 +365,7 @@ def save_settings(settings: Settings, path: Path | None = None) -> None:
         parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         # mkdir's mode is masked by the umask; the config dir holds a token, so be exact.
         os.chmod(parent, 0o700)
-    data = _toml_bytes(settings)
-    fd, tmp_name = tempfile.mkstemp(dir=parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp_name, 0o600)  # mkstemp already uses 0600; be explicit for the token
-        os.replace(tmp_name, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
-    # Make the rename itself durable; not possible on every platform, so best effort.
-    with contextlib.suppress(OSError, AttributeError):
-        dir_fd = os.open(parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    write_atomic(target, _toml_bytes(settings), mode=0o600)  # it may hold a token
 
 
 # For a file that is not valid TOML at all: a line that still reads like `device_id = "..."`.

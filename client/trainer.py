@@ -36,7 +36,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -49,6 +48,7 @@ import numpy.typing as npt
 import psutil
 from pydantic import JsonValue
 
+from client.atomicfile import write_atomic
 from client.errors import FedtrayError
 from client.protocol import Partition, TrainingConfig
 from client.tasks import get_task
@@ -68,7 +68,6 @@ __all__ = [
     "TrainControl",
     "TrainJob",
     "TrainResult",
-    "atomic_write",
     "cap_batch_size",
     "epoch_seed",
     "is_out_of_memory",
@@ -185,20 +184,6 @@ def epoch_seed(seed: int, partition_index: int, epoch: int) -> int:
         1, dtype=np.uint64
     )
     return int(state[0])
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or all of the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # -- the trainer ------------------------------------------------------------------------
@@ -338,7 +323,7 @@ class LocalTrainer:
             raise
 
         evaluation = task.evaluate(model, x_np, y_np)
-        atomic_write(job.output_path, encode(_numpy_state(model), "safetensors"))
+        write_atomic(job.output_path, encode(_numpy_state(model), "safetensors"))
         job.checkpoint_path.unlink(missing_ok=True)
         metrics = {
             "trainLoss": position.last_epoch_loss,
@@ -515,7 +500,7 @@ class LocalTrainer:
             "python_rng": _json_tuple(random.getstate()),
         }
         data = save(tensors, metadata={_META_KEY: json.dumps(meta)})
-        atomic_write(job.checkpoint_path, data)
+        write_atomic(job.checkpoint_path, data)
         log.info("checkpointed round %s at epoch %d", job.round_id, position.epoch + 1)
 
     def _resume(

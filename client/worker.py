@@ -57,8 +57,9 @@ from typing import Any
 import psutil
 
 from client import trainer
+from client.atomicfile import write_atomic
 from client.errors import ErrorCode, FedtrayError
-from client.trainer import Command, TrainJob, TrainResult, atomic_write
+from client.trainer import Command, TrainJob, TrainResult
 
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT",
@@ -581,7 +582,7 @@ def _simulate(job: TrainJob, control: _ChildControl, throttle: ProgressThrottle)
         round_id=job.round_id,
         num_samples=_SIMULATED_SAMPLES,
     )
-    atomic_write(job.output_path, encode(state, "safetensors"))
+    write_atomic(job.output_path, encode(state, "safetensors"))
     return TrainResult(
         round_id=job.round_id,
         output_path=job.output_path,

@@ -14,14 +14,13 @@ belongs to another task or model layout. Older weights files are removed after a
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
+from client.atomicfile import write_atomic
 from client.weights import Layout, StateDict, WeightsError, decode, encode, sha256_hex
 from server.status import RoundRecord
 
@@ -42,21 +41,6 @@ class Saved:
     rounds_completed: int
     state: StateDict
     history: list[RoundRecord]
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old or the new file, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 class Store:
@@ -117,7 +101,7 @@ class Store:
         """Persist a new global version (``encoded`` = its safetensors bytes, if at hand)."""
         data = encoded if encoded is not None else encode(state, "safetensors")
         weights_name = f"global-v{version}.safetensors"
-        atomic_write(self.state_dir / weights_name, data)
+        write_atomic(self.state_dir / weights_name, data)
         meta: dict[str, Any] = {
             "format": STATE_FORMAT,
             "task": task,
@@ -127,7 +111,7 @@ class Store:
             "weightsSha256": sha256_hex(data),
             "history": [r.model_dump(by_alias=True, mode="json") for r in history],
         }
-        atomic_write(self.state_dir / HISTORY_FILE, json.dumps(meta, indent=1).encode("utf-8"))
+        write_atomic(self.state_dir / HISTORY_FILE, json.dumps(meta, indent=1).encode("utf-8"))
         for old in self.state_dir.glob("global-v*.safetensors"):
             if old.name != weights_name:
                 old.unlink(missing_ok=True)

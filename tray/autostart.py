@@ -39,11 +39,12 @@ import plistlib
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, NamedTuple, Protocol
+
+from client.atomicfile import write_atomic
 
 __all__ = [
     "DESKTOP_FILENAME",
@@ -196,20 +197,9 @@ def platform_key(platform: str) -> str | None:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        # 0644: the desktop session (or launchd) only needs to read it.
+        write_atomic(path, data, mode=0o644)
     except OSError as exc:
-        raise AutostartError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the desktop session only needs to read it
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         raise AutostartError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
