@@ -12,6 +12,9 @@ Contract:
 * ``config show [--json]`` / ``config path`` / ``config set KEY VALUE`` read and change
   the settings; the auth token is never printed.
 * ``info`` prints this device's description and a resource snapshot as JSON.
+* ``pause`` / ``resume`` set the user's ``paused`` setting and say what happened; a
+  running client (headless or tray) notices the settings file change within about a
+  second and pauses (checkpointing its round) or resumes.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from client.config import (
     save_settings,
     with_setting,
 )
-from client.logsetup import LogLevelError, add_secret, parse_level, setup_logging
+from client.logsetup import add_secret, log_level_arg, setup_logging
 
 __all__ = ["apply_cli_overrides", "build_parser", "main", "run_client"]
 
@@ -51,14 +54,6 @@ _OVERRIDES: tuple[tuple[str, str], ...] = (
 )
 
 
-def _log_level(value: str) -> str:
-    try:
-        parse_level(value)
-    except LogLevelError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return value.upper()
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every command (exposed for tests and later commands)."""
     parser = argparse.ArgumentParser(
@@ -68,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     parser.add_argument(
         "--log-level",
-        type=_log_level,
+        type=log_level_arg,
         default="INFO",
         metavar="LEVEL",
         help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default: INFO)",
@@ -105,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     set_.add_argument("key", metavar="KEY", help=f"one of: {', '.join(SETTABLE_KEYS)}")
     set_.add_argument("value", metavar="VALUE", help="new value ('none' clears an optional one)")
     commands.add_parser("info", help="print device info and a resource snapshot as JSON")
+    commands.add_parser(
+        "pause", help="pause training (a running client checkpoints and waits; survives restarts)"
+    )
+    commands.add_parser("resume", help="undo `pause` (battery rules still apply)")
     return parser
 
 
@@ -191,6 +190,26 @@ def _cmd_info() -> int:
     return EXIT_OK
 
 
+def _cmd_pause(paused: bool) -> int:
+    settings = load_settings()
+    if settings.paused == paused:
+        print("training is already paused" if paused else "training is not paused")
+        return EXIT_OK
+    try:
+        save_settings(settings.model_copy(update={"paused": paused}))
+    except OSError as exc:
+        _error(f"could not save settings to {config_path()}: {exc}")
+        return EXIT_IO
+    if paused:
+        print(
+            "paused training; a running client stops at its next batch and keeps its "
+            "progress (undo with `fedtray-client resume`)"
+        )
+    else:
+        print("resumed training; a running client continues where it stopped")
+    return EXIT_OK
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     settings = apply_cli_overrides(load_settings(), args)
     if settings.auth_token:
@@ -227,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_config(args)
         if args.command == "info":
             return _cmd_info()
+        if args.command in ("pause", "resume"):
+            return _cmd_pause(args.command == "pause")
         return _cmd_run(args)
     except SettingsError as exc:
         _error(str(exc))

@@ -17,6 +17,7 @@ Contract:
 
 from __future__ import annotations
 
+import argparse
 import logging
 import logging.handlers
 import sys
@@ -62,6 +63,15 @@ def parse_level(name: str) -> int:
     if upper not in LEVELS:
         raise LogLevelError(f"log level must be one of {', '.join(LEVELS)}, got {name!r}")
     return int(getattr(logging, upper))
+
+
+def log_level_arg(value: str) -> str:
+    """An argparse ``type=`` for ``--log-level``: the upper-case name, or a usage error."""
+    try:
+        parse_level(value)
+    except LogLevelError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value.upper()
 
 
 def add_secret(secret: str) -> None:

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from client import __version__
-from client.logsetup import LogLevelError, add_secret, parse_level, setup_logging
+from client.logsetup import add_secret, log_level_arg, setup_logging
 
 __all__ = ["build_parser", "main"]
 
@@ -32,14 +32,6 @@ EXIT_REFUSED = 1
 EXIT_USAGE = 2
 
 
-def _log_level(value: str) -> str:
-    try:
-        parse_level(value)
-    except LogLevelError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return value.upper()
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests)."""
     parser = argparse.ArgumentParser(
@@ -47,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     parser.add_argument(
-        "--log-level", type=_log_level, default="INFO", metavar="LEVEL", help="default: INFO"
+        "--log-level", type=log_level_arg, default="INFO", metavar="LEVEL", help="default: INFO"
     )
     sub = parser.add_subparsers(dest="command")
     auto = sub.add_parser("autostart", help="start fedtray at login: enable, disable or status")

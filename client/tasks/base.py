@@ -215,3 +215,19 @@ def seeded_build(seed: int, factory: Callable[[], M]) -> M:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return factory()
+
+
+def seeded_mlp(seed: int, features: int, hidden: int, classes: int) -> torch.nn.Module:
+    """A one-hidden-layer ReLU MLP, initialised deterministically from ``seed``."""
+    from torch import nn
+
+    return seeded_build(
+        seed,
+        lambda: nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, classes)),
+    )
+
+
+def check_split(split: object) -> None:
+    """Raise FedtrayError('bad_request') unless ``split`` is ``"train"`` or ``"test"``."""
+    if split not in ("train", "test"):
+        raise FedtrayError("bad_request", f"unknown data split {split!r}")

@@ -29,7 +29,7 @@ from pydantic import JsonValue
 
 from client.errors import FedtrayError
 from client.protocol import Partition
-from client.tasks.base import Split, Task, apply_partition, int_param, seeded_build
+from client.tasks.base import Split, Task, apply_partition, check_split, int_param, seeded_mlp
 
 if TYPE_CHECKING:
     import torch
@@ -81,21 +81,13 @@ class DigitsTask(Task):
         int_param(params, "hidden", 1, 4096)
 
     def build_model(self, params: Mapping[str, JsonValue], seed: int) -> torch.nn.Module:
-        from torch import nn
-
         hidden = int_param(self.resolve_params(params), "hidden", 1, 4096)
-        return seeded_build(
-            seed,
-            lambda: nn.Sequential(
-                nn.Linear(_FEATURES, hidden), nn.ReLU(), nn.Linear(hidden, _CLASSES)
-            ),
-        )
+        return seeded_mlp(seed, _FEATURES, hidden, _CLASSES)
 
     def load_data(
         self, split: Split, partition: Partition | None
     ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
-        if split not in ("train", "test"):
-            raise FedtrayError("bad_request", f"unknown data split {split!r}")
+        check_split(split)
         x, y = _splits()[split]
         # Copies, so a caller that writes into the arrays cannot corrupt the cache.
         px, py = apply_partition(x, y, partition)

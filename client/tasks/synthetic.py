@@ -28,7 +28,7 @@ from pydantic import JsonValue
 
 from client.errors import FedtrayError
 from client.protocol import Partition
-from client.tasks.base import Split, Task, apply_partition, int_param, seeded_build
+from client.tasks.base import Split, Task, apply_partition, check_split, int_param, seeded_mlp
 
 if TYPE_CHECKING:
     import torch
@@ -92,21 +92,13 @@ class SyntheticTask(Task):
         _sizes(params)
 
     def build_model(self, params: Mapping[str, JsonValue], seed: int) -> torch.nn.Module:
-        from torch import nn
-
         features, classes, hidden, _ = _sizes(self.resolve_params(params))
-        return seeded_build(
-            seed,
-            lambda: nn.Sequential(
-                nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, classes)
-            ),
-        )
+        return seeded_mlp(seed, features, hidden, classes)
 
     def load_data(
         self, split: Split, partition: Partition | None
     ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
-        if split not in ("train", "test"):
-            raise FedtrayError("bad_request", f"unknown data split {split!r}")
+        check_split(split)
         features, classes, _, samples = _sizes(self.params)
         x, y = _generate(features, classes, samples)
         n_train = samples - max(1, round(samples * TEST_FRACTION))
