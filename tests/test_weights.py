@@ -136,6 +136,62 @@ def test_safetensors_library_reads_our_output() -> None:
     assert_bit_equal(safetensors.numpy.load(encode(state)), state)
 
 
+def mixed_state() -> StateDict:
+    """Every dtype, with names whose order differs from the layout order."""
+    state: StateDict = {f"t.{dt}": edge_values(dt).reshape(3, 4) for dt in DTYPES}
+    state["a.scalar"] = np.array(2.5, np.float16)
+    state["z.empty"] = np.zeros((2, 0, 3), np.int32)
+    state['名前 "quoted"\n\t\x01'] = np.arange(3, dtype=np.int64)
+    return state
+
+
+# Documents whose bytes must equal what safetensors.numpy.save writes for the same state.
+LIBRARY_CASES: list[tuple[str, StateDict]] = [
+    ("empty dict", {}),
+    ("one float32", {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}),
+    ("every dtype", mixed_state()),
+    ("header needs no padding", {"abcdefghi": np.zeros(1, np.uint8)}),
+    *[(f"only {dt}", {"b": edge_values(dt), "a": edge_values(dt)[:5].copy()}) for dt in DTYPES],
+]
+
+
+@pytest.mark.parametrize("state", [c[1] for c in LIBRARY_CASES], ids=[c[0] for c in LIBRARY_CASES])
+def test_safetensors_bytes_equal_the_library(state: StateDict) -> None:
+    ours = encode(state)
+    assert ours == safetensors.numpy.save(state)
+    assert_bit_equal(safetensors.numpy.load(ours), state)
+    assert_bit_equal(decode(safetensors.numpy.save(state)), state)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_reads_library_output_for_every_dtype(dtype: str) -> None:
+    state = {"x": edge_values(dtype).reshape(2, 6), "y": edge_values(dtype)[::-1].copy()}
+    assert_bit_equal(decode(safetensors.numpy.save(state)), state)
+
+
+def test_safetensors_layout_is_padded_and_aligned() -> None:
+    blob = encode(mixed_state())
+    (header_len,) = struct.unpack_from("<Q", blob)
+    assert header_len % 8 == 0
+    header = json.loads(blob[8 : 8 + header_len])
+    itemsize = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "I16": 2}
+    for name, spec in header.items():
+        assert spec["data_offsets"][0] % itemsize.get(spec["dtype"], 1) == 0, name
+
+
+def test_encode_copies_the_tensor_bytes_once() -> None:
+    state = {f"w{i}": np.ones(500_000, np.float32) for i in range(4)}  # 8 MB
+    nbytes = sum(a.nbytes for a in state.values())
+    tracemalloc.start()
+    try:
+        blob = encode(state)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(blob) > nbytes
+    assert peak < nbytes + 1_000_000  # the returned bytes, and no second buffer
+
+
 def test_json_encoding_is_the_documented_shape() -> None:
     doc = json.loads(encode({"w": np.array([[1.5, -0.0]], dtype=np.float32)}, "json"))
     assert doc == {"w": {"dtype": "float32", "shape": [1, 2], "data": [1.5, -0.0]}}
@@ -173,7 +229,10 @@ def test_layout_of_and_expected_layout_accepts_match() -> None:
     st.sampled_from(WEIGHT_FORMATS),
 )
 def test_round_trip_property(state: StateDict, fmt: str) -> None:
-    assert_bit_equal(decode(encode(state, fmt), fmt), state)  # type: ignore[arg-type]
+    blob = encode(state, fmt)  # type: ignore[arg-type]
+    assert_bit_equal(decode(blob, fmt), state)  # type: ignore[arg-type]
+    if fmt == "safetensors":
+        assert blob == safetensors.numpy.save(state)
 
 
 # --------------------------------------------------------------------------- bad safetensors
@@ -350,6 +409,35 @@ def test_non_finite_is_refused_on_decode(fmt: str, dtype: str, bad: float) -> No
     assert "'w'" in excinfo.value.message
 
 
+# The check walks 1 MiB slices; a bad value must be found in any slice, at either edge.
+SLICE = {"float16": 1 << 19, "float32": 1 << 18, "float64": 1 << 17}
+
+
+@pytest.mark.parametrize("fmt", WEIGHT_FORMATS)
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("where", ["first", "slice end", "slice start", "last"])
+def test_non_finite_is_found_in_every_slice(fmt: str, dtype: str, where: str) -> None:
+    step = SLICE[dtype]
+    arr = np.ones(2 * step + 7, dtype=dtype)
+    index = {"first": 0, "slice end": step - 1, "slice start": step, "last": arr.size - 1}
+    ok = {"w": arr}
+    if fmt == "json":
+        ok = {"w": arr[: 3 * step // 100]}  # JSON is slow; the slicing is the same code
+        index = {k: min(v, ok["w"].size - 1) for k, v in index.items()}
+    blob = encode(ok, fmt)  # type: ignore[arg-type]
+    bad = ok["w"].copy()
+    bad[index[where]] = np.inf
+    with pytest.raises(WeightsError) as excinfo:
+        encode({"w": bad}, fmt)  # type: ignore[arg-type]
+    assert code_of(excinfo) == "non_finite"
+    if fmt == "safetensors":
+        poisoned = blob[: len(blob) - bad.nbytes] + bad.tobytes()
+        with pytest.raises(WeightsError) as excinfo:
+            decode(poisoned)
+        assert code_of(excinfo) == "non_finite"
+        assert "1 NaN or infinite" in excinfo.value.message
+
+
 @pytest.mark.parametrize("fmt", WEIGHT_FORMATS)
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -435,6 +523,8 @@ BAD_STATE: list[tuple[str, Any, str]] = [
     ("int name", {1: np.zeros(2, np.float32)}, "malformed"),
     ("reserved name", {"__metadata__": np.zeros(2, np.float32)}, "malformed"),
     ("not a dict", [np.zeros(2)], "malformed"),
+    ("lone surrogate name", {"w\ud800": np.zeros(2, np.float32)}, "malformed"),
+    ("bool byte not 0/1", {"m": np.array([1, 2], np.uint8).view(np.bool_)}, "malformed"),
 ]
 
 
