@@ -272,10 +272,10 @@ class TrainingProgress(WireModel):
     """``training:progress`` (client -> server, not acked); at most 2 per second."""
 
     round_id: Identifier
-    epoch: NonNegInt
+    epoch: NonNegInt = Field(description="Epoch in progress, 1-based (0 before the first batch).")
     epochs: PosInt
-    step: NonNegInt
-    steps: PosInt
+    step: NonNegInt = Field(description="Batches done in this epoch.")
+    steps: PosInt = Field(description="Batches per epoch.")
     fraction: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
     loss: FiniteFloat | None = None
     samples_per_sec: NonNegFloat | None = None

@@ -194,7 +194,11 @@ enough to write a compatible server or client in another language.
 - **Validation**: unknown fields are ignored (newer peers may add optional fields). Missing
   fields, wrong JSON types (no coercion: `"5"` is not a number) and out-of-range values are
   refused with code `bad_request`. A peer never crashes or disconnects on bad input.
-- **Protocol version**: `device:register` carries `protocol: 1`.
+- **Protocol version**: `device:register` carries `protocol: 1` (the number; it may be
+  omitted and then means 1). Any other value is refused with `unsupported_protocol`.
+- **Timeouts**: the server waits up to 30 s (its `ack_timeout`) for a device's answer to
+  `training:start`, `weights:global` and each `blob:chunk`; no answer counts as a refusal
+  (the device is dropped from that round, not disconnected).
 
 ## A session, step by step
 
@@ -202,12 +206,20 @@ enough to write a compatible server or client in another language.
 2. Client → `device:register` (ack `DeviceRegistered`); the server also emits
    `device:registered`. The `deviceId` is a UUID generated once per installation and
    reused on every reconnect; the server keeps one entry per deviceId.
-3. If the client does not hold the current global version (`weightsVersion`), the server
-   sends `weights:global` (blob first when large). The client acks after storing it.
+3. If the client does not hold the current global version (`weightsVersion` in the
+   registration and heartbeats), the server sends `weights:global` (blob first when
+   large). The client acks after storing it; the ack is how the server learns that the
+   device holds that version. A device that answers with an `ErrorAck` is skipped until
+   it reports the version. `weights:global` may arrive at any time after registration,
+   even before the registration ack is processed.
 4. Client → `device:heartbeat` every `heartbeatIntervalSec` (ack `OkAck`).
 5. When the server starts a round it selects eligible devices (connected, registered, not
-   paused, not stale, with the task), makes sure each holds the base version, then sends
-   `training:start`. The device acks `{accepted: true}` or refuses with a reason.
+   paused, not stale, and listing the server's task in `capabilities.tasks` — a device
+   lists every task it has installed; the server's task is in `DeviceRegistered.task` and
+   in `GET /api/status`), makes sure each holds the base version (step 3), then sends
+   `training:start`. The device acks `{accepted: true}` or refuses with a reason (a
+   refusal frees its slot; a pause reason marks it paused until a heartbeat says
+   otherwise). A malformed `training:start` is answered with an `ErrorAck`.
 6. While training, the device sends `training:progress`; when paused it reports
    `state: "paused"` with a `pauseReason`, and heartbeats say `paused` with a plain-words
    `pauseDetail`.
@@ -216,8 +228,10 @@ enough to write a compatible server or client in another language.
    `SubmitAccepted`, or the codes `duplicate` (already counted) or `round_closed` (too
    late; discarded). After a reconnect it resumes the blob from `blob:status`.
 8. When enough devices reported before the deadline, the server averages the updates
-   (FedAvg weighted by `numSamples`), evaluates, and broadcasts `weights:global` with the
-   new version. Devices still training a closed round get `training:cancel`.
+   (FedAvg weighted by `numSamples`, accumulated in float64 and stored in each tensor's
+   own dtype), evaluates, and broadcasts `weights:global` with the new version. Devices
+   still training a closed round get `training:cancel`. There is no "federation over"
+   message: when the server has run its rounds it simply starts no more.
 
 ## Events
 
@@ -233,7 +247,11 @@ The same sub-protocol carries weights in both directions.
 - A blob is identified by `blobId` (1–128 characters `[A-Za-z0-9_.:-]`); senders use the
   document's SHA-256 hex, so the id is stable across restarts. Receivers scope blob ids
   by the sending device (the server by `deviceId`, not by connection), so a partial blob
-  survives a reconnect for at least 10 minutes.
+  survives a reconnect for at least 10 minutes. Each direction has its own blobs: the
+  same id may travel both ways (a one-device round's global can equal the update), so a
+  peer keeps what it receives apart from what it sends.
+- A sender always asks `blob:status` before sending a blob (new or resumed), so a
+  receiver must answer it at any time (`received: 0` for an unknown blob).
 - Chunks are at most the receiver's `maxChunkBytes` (the server's `limits`, the client's
   `capabilities.maxChunkBytes`; default 1 MiB), so heartbeats and Engine.IO pings keep
   flowing during big transfers. A sender may have up to `maxInflightChunks` chunks
@@ -244,8 +262,9 @@ The same sub-protocol carries weights in both directions.
   above is refused with `offset_gap`), and answers `BlobProgress {received, complete}`.
 - To resume, the sender asks `blob:status {blobId}` (answer `received`, 0 when unknown)
   and continues from there.
-- A `WeightsRef` names either inline `data` (when the document fits in one chunk) or a
-  `blobId` received before. The receiver verifies `size` and `sha256` before decoding
+- A `WeightsRef` names either inline `data` (when the document fits in one chunk of the
+  *receiver's* `maxChunkBytes`) or a `blobId` received before; a sender may use a blob
+  for any size. The receiver verifies `size` and `sha256` before decoding
   (`size_mismatch`, `checksum_mismatch`; `blob_unknown`, `blob_incomplete`).
 
 ## Weight formats
@@ -258,8 +277,12 @@ The same sub-protocol carries weights in both directions.
   Never pickle.
 - `json`: UTF-8 JSON `{name: {"dtype": "float32", "shape": [64, 10], "data": [...]}}` with
   the values flattened in C order; numpy dtype names `float16 float32 float64 int8 int16
-  int32 int64 uint8 bool`. For simple peers; accepted on receive, produced on request
-  (`weightFormat` in `training:start`).
+  int32 int64 uint8 bool`; values are JSON numbers (`true`/`false` for `bool`), rounded
+  to the dtype by the receiver; `__metadata__` is not used. For simple peers; accepted
+  on receive, produced on request: the server sends `weights:global` in the first of
+  `capabilities.weightFormats` it supports (preferring `safetensors`) and asks for the
+  update's format with `weightFormat` in `training:start`.
+- `size` and `sha256` always describe the exact bytes sent.
 - Receivers refuse non-finite floats (`non_finite`), and the server refuses an update whose
   tensor names, shapes or dtypes differ from the global model (`layout_mismatch`,
   `shape_mismatch`, `dtype_mismatch`). Each kind of bad document has its own code (below).
@@ -310,7 +333,7 @@ def render() -> str:
     if status_models:
         out.append(
             "\n## HTTP status API\n\n`GET /api/status` on the server's port returns JSON "
-            "(`StatusResponse`). `GET /` serves the dashboard, `GET /healthz` answers `ok`.\n"
+            "(`ServerStatus`). `GET /` serves the dashboard, `GET /healthz` answers `ok`.\n"
         )
         for status_model in status_models:
             doc = (status_model.__doc__ or "").strip()
