@@ -6,8 +6,8 @@ Contract:
   exit code and never lets a traceback reach the user for expected problems:
   0 ok, 1 the disk refused (e.g. settings could not be saved), 2 usage or validation
   error, 130 interrupted. Every error is one line on stderr starting with ``error:``.
-* Without a subcommand it runs the client: ``--server``, ``--name`` and
-  ``--battery-threshold`` are validated and saved to the settings first
+* Without a subcommand it runs the client: ``--server``, ``--name``,
+  ``--battery-threshold`` and ``--ca-file`` are validated and saved to the settings first
   (:func:`apply_cli_overrides`), then :func:`run_client` is called.
 * ``config show [--json]`` / ``config path`` / ``config set KEY VALUE`` read and change
   the settings; the auth token is never printed.
@@ -51,7 +51,13 @@ _OVERRIDES: tuple[tuple[str, str], ...] = (
     ("server", "server_url"),
     ("name", "device_name"),
     ("battery_threshold", "battery_threshold"),
+    ("ca_file", "ca_file"),
 )
+
+
+def _absolute_path(value: str) -> str:
+    """An argparse ``type=``: the path made absolute, so the saved setting works anywhere."""
+    return str(Path(value).expanduser().absolute()) if value.strip() else value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-reconnect",
         action="store_true",
         help="exit instead of reconnecting when the connection drops",
+    )
+    run.add_argument(
+        "--ca-file",
+        metavar="PATH",
+        type=_absolute_path,
+        help="PEM file of the CA that signed an https:// server's certificate "
+        "(a private CA; public ones are trusted already)",
     )
     run.add_argument(
         "--battery-threshold",
@@ -129,7 +142,7 @@ def _print_settings(settings: Settings, *, as_json: bool) -> None:
 def apply_cli_overrides(
     settings: Settings, args: argparse.Namespace, *, path: Path | None = None
 ) -> Settings:
-    """Validate ``--server``/``--name``/``--battery-threshold`` and save them when they change.
+    """Validate the run-mode flags (``--server``, ``--ca-file``, ...) and save changed ones.
 
     Returns the updated settings. Raises :class:`SettingsError` for a bad value (nothing
     is saved then). A settings file that cannot be written is reported on stderr and the

@@ -11,7 +11,11 @@ tells devices still training to stop, disconnects everyone and releases the port
 Handlers never raise: every event gets its positive ack or an ``ErrorAck`` (a malformed
 payload is ``bad_request``, an event before ``device:register`` is ``not_registered``,
 an unknown event is ``bad_request``), a line is logged, and the server keeps serving
-everyone else. Tokens are never logged. Torch work (initial model, evaluation), weight
+everyone else. Tokens are never logged (they are registered with the log redactor).
+With ``certfile``/``keyfile`` the port serves HTTPS and WSS. Every connection has an
+event budget (:mod:`server.ratelimit`), checked before a payload is parsed: over it, an
+event is answered ``rate_limited``; a connection that keeps flooding is disconnected.
+Torch work (initial model, evaluation), weight
 decoding and aggregation of large updates run in threads so heartbeats keep flowing.
 
 Partitioning: in each round, the selected devices get parts ``0..n-1`` of ``n`` (in
@@ -37,6 +41,7 @@ from aiohttp import web
 
 from client import __version__
 from client.errors import FedtrayError
+from client.logsetup import add_secret
 from client.protocol import (
     EV_BLOB_CHUNK,
     EV_BLOB_STATUS,
@@ -79,6 +84,7 @@ from server.aggregation import FedAvg, Strategy, weighted_mean
 from server.auth import UNAUTHORIZED_MESSAGE, TokenChecker
 from server.config import ServerConfig
 from server.model import evaluate_state, initial_state
+from server.ratelimit import CHUNK_EVENT, ConnectionLimiter, Verdict
 from server.registry import DeviceRecord, Registry
 from server.rounds import Round, select_devices
 from server.status import (
@@ -89,6 +95,7 @@ from server.status import (
     current_from_round,
 )
 from server.store import Store, StoreError
+from server.tls import TLSConfigError, server_ssl_context
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +141,9 @@ class FedServer:
             ttl_sec=config.blob_ttl,
         )
         self.auth = TokenChecker(config.tokens)
+        for token in config.tokens:
+            add_secret(token)  # redacted from every log line, whoever started the server
+        self._limiters: dict[str, ConnectionLimiter] = {}
         self.strategy: Strategy = strategy if strategy is not None else FedAvg()
         self.store = Store(config.state_dir)
         self.port: int = 0
@@ -173,11 +183,18 @@ class FedServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.config.host}:{self.port}"
+        return f"{self.config.scheme}://{self.config.host}:{self.port}"
 
     async def start(self) -> int:
         """Load the task and state, bind, start the round loop; return the bound port."""
         cfg = self.config
+        ssl_context = None
+        if cfg.certfile is not None and cfg.keyfile is not None:
+            # First, so a bad certificate is reported before seconds of model building.
+            try:
+                ssl_context = server_ssl_context(cfg.certfile, cfg.keyfile)
+            except TLSConfigError as exc:
+                raise StartupError(str(exc)) from None
         try:
             task = get_task(cfg.task, cfg.model_params)
         except FedtrayError as exc:
@@ -240,16 +257,17 @@ class FedServer:
         self.port = int(sock.getsockname()[1])
         self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
-        await web.SockSite(self._runner, sock).start()
+        await web.SockSite(self._runner, sock, ssl_context=ssl_context).start()
         self._loops = [
             asyncio.create_task(self._round_loop(), name="round-loop"),
             asyncio.create_task(self._housekeeping(), name="housekeeping"),
         ]
         log.info(
-            "serving task %s on %s (tokens %s, %s)",
+            "serving task %s on %s (tokens %s, TLS %s, %s)",
             cfg.task,
             self.url,
             "required" if self.auth.enabled else "off",
+            "on" if ssl_context is not None else "off",
             f"{cfg.rounds} rounds" if cfg.rounds else "rounds forever",
         )
         return self.port
@@ -376,6 +394,9 @@ class FedServer:
         """Wrap a handler: exactly one payload object, and errors become an ErrorAck."""
 
         async def guarded(sid: str, *args: Any) -> Any:
+            refusal = self._admit(sid, event, args)
+            if refusal is not None:
+                return refusal
             try:
                 if len(args) != 1:
                     raise FedtrayError(
@@ -393,7 +414,42 @@ class FedServer:
 
         return guarded
 
+    def _admit(self, sid: str, event: str, args: tuple[Any, ...]) -> dict[str, Any] | None:
+        """None when ``sid`` may send ``event`` now; else the ``rate_limited`` ErrorAck.
+
+        Checked before anything is parsed or buffered. A connection that keeps flooding
+        after being refused is disconnected; refusals are logged once per connection, so
+        a flood cannot flood the log either.
+        """
+        limiter = self._limiters.get(sid)
+        if limiter is None:
+            # The connection is gone (events still queued after its disconnect): nobody
+            # reads the answer, so do no work and log nothing.
+            return error_ack("rate_limited", "this connection is closed")
+        size = 0
+        if event == CHUNK_EVENT and len(args) == 1 and isinstance(args[0], dict):
+            data = args[0].get("data")
+            size = len(data) if isinstance(data, bytes | str) else 0
+        verdict: Verdict = limiter.admit(event, time.monotonic(), size)
+        if verdict == "ok":
+            return None
+        record = self.registry.by_sid(sid)
+        who = record.name if record else f"sid {sid}"
+        if verdict == "limited" and limiter.refused == 1:
+            log.warning("%s is sending too fast: answering rate_limited", who)
+        elif verdict == "disconnect":
+            log.warning(
+                "%s kept flooding after %d rate_limited answers; disconnecting it",
+                who,
+                limiter.refused,
+            )
+            self._spawn(self.sio.disconnect(sid), f"disconnect-flooder-{sid}")
+        return error_ack("rate_limited", "too many events; slow down")
+
     async def _on_unknown(self, event: Any, sid: str, *args: Any) -> Any:
+        refusal = self._admit(sid, str(event), args)
+        if refusal is not None:
+            return refusal
         log.info("unknown event %s from sid %s answered with bad_request", _short(event), sid)
         return error_ack("bad_request", f"unknown event {_short(event, 64)}")
 
@@ -404,8 +460,10 @@ class FedServer:
                 environ.get("REMOTE_ADDR", "an unknown address"),
             )
             raise socketio.exceptions.ConnectionRefusedError(UNAUTHORIZED_MESSAGE)
+        self._limiters[sid] = ConnectionLimiter(self.config.rate_limits, time.monotonic())
 
     async def _on_disconnect(self, sid: str, reason: Any = None) -> None:
+        self._limiters.pop(sid, None)
         try:
             record = self.registry.disconnect(sid)
             if record is None:

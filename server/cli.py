@@ -5,8 +5,9 @@ a bad flag prints one ``fedtray-server: error: ...`` line to stderr and returns 
 server that cannot start (unknown task, unusable state dir, port in use) prints one such
 line and returns 1; a clean stop (SIGINT, SIGTERM, or ``--rounds`` rounds complete)
 returns 0. Once listening it prints ``fedtray-server listening on http://HOST:PORT`` to
-stdout (the real port, also with ``--port 0``), which scripts and tests parse. Tokens
-are registered with the log redactor and never printed.
+stdout (``https://`` with ``--certfile``/``--keyfile``; the real port, also with
+``--port 0``), which scripts and tests parse. Tokens are registered with the log
+redactor and never printed; ``--token`` is visible in ``ps``, ``--tokens-file`` is not.
 """
 
 from __future__ import annotations
@@ -89,9 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"where weights and history are kept (default: {default_state_dir()})",
     )
     p.add_argument(
-        "--token", action="append", default=[], help="accepted device token (repeatable)"
+        "--token",
+        action="append",
+        default=[],
+        help="accepted device token (repeatable); visible to other users in `ps`, "
+        "so prefer --tokens-file",
     )
     p.add_argument("--tokens-file", type=Path, help="file of tokens, one per line (# comments)")
+    p.add_argument(
+        "--certfile",
+        type=Path,
+        help="PEM certificate (chain): serve HTTPS and WSS on the port (needs --keyfile)",
+    )
+    p.add_argument("--keyfile", type=Path, help="the certificate's unencrypted PEM private key")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     return p
 
@@ -121,6 +132,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         state_dir=args.state_dir if args.state_dir is not None else default_state_dir(),
         tokens=tuple(tokens),
         log_level=args.log_level,
+        certfile=args.certfile,
+        keyfile=args.keyfile,
     )
 
 
@@ -135,7 +148,7 @@ async def serve(config: ServerConfig) -> int:
         sys.stderr.write(f"{PROG}: error: {exc}\n")
         await server.stop()
         return 1
-    print(f"{LISTENING_PREFIX}http://{config.host}:{port}", flush=True)
+    print(f"{LISTENING_PREFIX}{config.scheme}://{config.host}:{port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -18,6 +18,7 @@ from typing import Any
 import platformdirs
 
 from client.protocol import Limits, PartitionScheme
+from server.ratelimit import RateLimits
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 3001
@@ -68,6 +69,11 @@ class ServerConfig:
     wait_log_interval: float = 30.0
     #: Pause after an abandoned round before the next attempt (0 = heartbeat interval).
     retry_delay: float = 0.0
+    #: PEM certificate (chain) and its key: with both, the port serves HTTPS and WSS.
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    #: Per-connection event budgets (flood protection).
+    rate_limits: RateLimits = field(default_factory=RateLimits)
 
     def training_overrides(self) -> dict[str, Any]:
         """The local training settings given explicitly, as TrainingConfig fields."""
@@ -122,6 +128,20 @@ class ServerConfig:
             _finite(self.retry_delay) and self.retry_delay >= 0,
             f"retry_delay must be 0 or more, got {self.retry_delay}",
         )
+        _check(
+            (self.certfile is None) == (self.keyfile is None),
+            "--certfile and --keyfile go together: give both to serve HTTPS, or neither",
+        )
+
+    @property
+    def tls(self) -> bool:
+        """True when the server serves HTTPS/WSS (a certificate and key are set)."""
+        return self.certfile is not None and self.keyfile is not None
+
+    @property
+    def scheme(self) -> str:
+        """``https`` with TLS, else ``http``."""
+        return "https" if self.tls else "http"
 
     @property
     def max_message_bytes(self) -> int:

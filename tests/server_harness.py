@@ -66,7 +66,7 @@ from server.config import ServerConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_PARAMS: dict[str, Any] = {"features": 8, "classes": 3, "hidden": 8, "samples": 300}
-LISTENING_RE = re.compile(r"fedtray-server listening on (http://[^\s:]+:(\d+))")
+LISTENING_RE = re.compile(r"fedtray-server listening on (https?://[^\s:]+:(\d+))")
 
 TEST_DEFAULTS: dict[str, Any] = {
     "host": "127.0.0.1",

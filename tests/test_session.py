@@ -101,10 +101,13 @@ def test_register_round_submit_and_global(
         snap = _wait(client, lambda s: s.rounds_completed >= 2 and s.weights_version == 2)
         assert snap.connection == "connected"
         assert snap.task == "synthetic"
-        status = server.status()
+        # The server records the version when the device's ack arrives, just after the
+        # client has stored it: wait for that rather than read the status once.
+        status = server.wait_for(
+            lambda st: [d.get("weightsVersion") for d in st["devices"]] == [2], timeout=10
+        )
         [device] = status["devices"]
         assert device["id"] == snap.device_id
-        assert device["weightsVersion"] == 2
         assert [r["outcome"] for r in status["history"]] == ["completed", "completed"]
         # The device went through training and uploading, reporting progress.
         states = {s.device_state for s in seen}
