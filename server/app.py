@@ -162,7 +162,11 @@ class FedServer:
         self._waiting: CurrentRound | None = None
         self._round_phase: str = "starting"
         self._rng = random.Random(config.seed)
-        self._run_tag = secrets.token_hex(2)
+        # Distinguishes this process's round ids from a previous run's after a restart.
+        self._run_tag = secrets.token_hex(4)
+        # The round before the current one, so a resend whose ack was lost as that round
+        # closed is answered ``duplicate`` (counted) rather than ``round_closed``.
+        self._previous_round: Round | None = None
         self._send_locks: dict[str, asyncio.Lock] = {}
         self._agg_lock = asyncio.Lock()
         self._round_changed = asyncio.Event()
@@ -572,10 +576,17 @@ class FedServer:
         query = parse(BlobStatus, payload)
         return self.blobs.status(record.device_id, query.blob_id, time.monotonic()).to_wire()
 
+    def _round_for(self, round_id: str) -> Round | None:
+        """The current round, or the previous one when ``round_id`` names it."""
+        previous = self._previous_round
+        if previous is not None and previous.round_id == round_id:
+            return previous
+        return self.round
+
     async def _on_submit(self, sid: str, payload: Any) -> dict[str, Any]:
         record = self._require(sid)
         sub = parse(WeightsSubmit, payload)
-        rnd = self.round
+        rnd = self._round_for(sub.round_id)
         if rnd is None:
             raise FedtrayError("round_closed", f"round {sub.round_id} is closed or unknown")
         rnd.check_submit(record.device_id, sub.round_id, sub.base_version, time.monotonic())
@@ -781,6 +792,8 @@ class FedServer:
         deadline_unix = time.time() + cfg.round_timeout
         self.strategy.begin(self._global)
         self._round_phase = "starting"
+        if self.round is not None:
+            self._previous_round = self.round
         self.round = rnd
         names = ", ".join(self._name(d) for d in chosen)
         log.info(

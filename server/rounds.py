@@ -129,17 +129,19 @@ class Round:
 
     def check_submit(self, device_id: str, round_id: str, base_version: int, now: float) -> None:
         """Raise FedtrayError unless this submission may be counted (changes nothing)."""
+        slot = self.slots.get(device_id) if round_id == self.round_id else None
+        if slot is not None and slot.state == "reported":
+            # Checked before closure: a resend after a lost ack must learn that its update
+            # was counted, even when the round has closed since.
+            raise FedtrayError(
+                "duplicate", f"this device's update for round {round_id} was already counted"
+            )
         if round_id != self.round_id or not self.is_open(now):
             raise FedtrayError(
                 "round_closed", f"round {round_id} is closed or unknown; the update is not counted"
             )
-        slot = self.slots.get(device_id)
         if slot is None or slot.state == "refused":
             raise FedtrayError("not_selected", f"this device was not selected for round {round_id}")
-        if slot.state == "reported":
-            raise FedtrayError(
-                "duplicate", f"this device's update for round {round_id} was already counted"
-            )
         if base_version != self.base_version:
             raise FedtrayError(
                 "stale_base",

@@ -180,8 +180,15 @@ def test_submission_refusals_are_not_double_counted(tmp_path: Path) -> None:
         await a.until(lambda: 1 in a.weights, what="version 1")
         for name, arr in a.weights[1].items():
             np.testing.assert_allclose(arr, base[name] + 1.0, rtol=1e-6)
-        late = await a.submit(round_id, 0, update, num_samples=4)
+        # A resend after the round closed (its ack lost in a connection cut) learns that
+        # the update was counted; an update that was never counted is simply late.
+        resent = await a.submit(round_id, 0, update, num_samples=4)
+        assert resent["code"] == "duplicate"
+        (c,) = (d for d in devs if d.device_id not in selected)
+        late = await c.submit(round_id, 0, update, num_samples=4)
         assert late["code"] == "round_closed"
+        status = srv.status()
+        assert status["history"][-1]["clientsReported"] == 2
 
     # c is connected but not selected: clients_per_round=2 with 3 eligible.
     with running_server(tmp_path, min_clients=2, clients_per_round=2, min_completion=1.0) as srv:
