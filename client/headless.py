@@ -3,9 +3,10 @@
 Contract:
 
 * :func:`run_client` starts a :class:`client.session.DistributedClient` with the given
-  settings and blocks until Ctrl-C or SIGTERM (graceful: the worker's round is cancelled,
-  the session disconnects, exit status 0) or, with ``--no-reconnect``, until the
-  connection is refused or lost (exit status 1 and one ``error: ...`` line on stderr).
+  settings and blocks until Ctrl-C or SIGTERM (graceful: the worker's round is paused and
+  checkpointed, not cancelled, the session disconnects, exit status 0) or, with
+  ``--no-reconnect``, until the connection is refused or lost (exit status 1 and one
+  ``error: ...`` line on stderr).
 * When stdout is a terminal it shows a ``rich`` live panel (connection, round, epoch,
   loss, samples/s, state); otherwise it prints one plain line per meaningful change.
 * :func:`status_rows`, :func:`change_line` are pure (snapshot in, words out) and tested

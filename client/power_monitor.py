@@ -63,9 +63,7 @@ def transition_words(old: PauseDecision, new: PauseDecision) -> str | None:
 class PowerMonitor:
     """Polls a battery source and keeps the current power decision (loop-only object)."""
 
-    def __init__(
-        self, source: BatterySource, interval: float = DEFAULT_POLL_INTERVAL_S
-    ) -> None:
+    def __init__(self, source: BatterySource, interval: float = DEFAULT_POLL_INTERVAL_S) -> None:
         if not interval > 0:
             raise ValueError(f"the power poll interval must be positive, got {interval}")
         self.source = source

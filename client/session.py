@@ -24,11 +24,24 @@ Behaviour:
   backoff (or until :meth:`DistributedClient.connect` / new settings). With
   ``no_reconnect=True`` a refused or lost connection ends the session (``stopped`` with
   ``last_error``).
+* ``https://``/``wss://`` servers are verified against the system's CAs, or against
+  ``ca_file`` when set; verification is never turned off. A certificate refusal is put
+  in plain words in ``last_error`` (not trusted / hostname mismatch naming the
+  certificate's names / expired) and retried with the usual backoff.
 * Pausing is decided by sources (the user's persisted ``paused`` setting; others such
   as the power policy via :meth:`DistributedClient.set_pause_source`) combined by
   :func:`client.snapshot.effective_decision`; :meth:`_Session._apply_decision` is the one
   place that pauses/resumes the worker, reports ``paused`` progress, updates heartbeats
   and makes ``training:start`` refuse with the reason.
+* Power: a :class:`client.power_monitor.PowerMonitor` reads the battery (injectable
+  ``battery_source``) every ``power_poll_interval`` seconds on the loop (the reading in a
+  worker thread) and sets the ``"power"`` source; new battery settings re-decide at once.
+  A pause reaches the worker at its next batch boundary, where it checkpoints; the
+  server gets a heartbeat and a ``paused`` progress at once.
+* The settings file is polled (content hash) and its live keys applied, so
+  ``fedtray-client pause`` / ``resume`` / ``config set`` reach a running client.
+* :meth:`DistributedClient.stop` pauses (checkpoints) the round instead of cancelling
+  it, so the same round offered again after a restart resumes from the checkpoint.
 * ``training:start`` is acked accepted or refused (paused, ``busy``, ``unknown_task``,
   ``missing_base``, ``deadline_passed``); ``training:cancel`` cancels the round;
   ``weights:global`` (inline or via ``blob:chunk``) is verified, decoded with the codec
@@ -56,17 +69,20 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol, TypeVar
+from urllib.parse import urlsplit
 
 import aiohttp
 import platformdirs
 import socketio
 
 from client.backoff import MAX_DELAY_S, Backoff
-from client.config import Settings, save_settings
+from client.config import Settings, config_path, save_settings
 from client.device import DeviceInfo, detect_device
 from client.errors import ErrorCode, FedtrayError
 from client.global_store import GlobalStore, GlobalWeights
 from client.pending import PendingStore, PendingUpdate
+from client.power import PowerSettings
+from client.power_monitor import DEFAULT_POLL_INTERVAL_S, PowerMonitor, power_settings
 from client.protocol import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_BLOB_BYTES,
@@ -101,7 +117,8 @@ from client.protocol import (
     error_ack,
     parse,
 )
-from client.resources import ResourceMonitor
+from client.resources import BatterySource, ResourceMonitor, read_battery
+from client.settings_watch import SettingsFileWatch, merge_live
 from client.snapshot import (
     ALLOW,
     USER_PAUSED,
@@ -124,7 +141,8 @@ CLIENT_MAX_CHUNK_BYTES: Final = DEFAULT_CHUNK_BYTES
 CONNECT_TIMEOUT_S: Final = 10.0
 ACK_TIMEOUT_S: Final = 30.0
 SUBMIT_TIMEOUT_S: Final = 120.0
-PROGRESS_INTERVAL_S: Final = 0.5  # at most 2 progress messages per second
+PROGRESS_INTERVAL_S: Final = 0.5
+SETTINGS_POLL_INTERVAL_S: Final = 1.0  # at most 2 progress messages per second
 UPLOAD_RETRIES: Final = 5
 SERVER_PEER: Final = "server"
 
@@ -202,6 +220,90 @@ def _connect_error_words(message: str, url: str) -> str:
     return text
 
 
+#: OpenSSL verify codes meaning "no trusted CA vouches for this certificate".
+_UNTRUSTED_CODES: Final = frozenset({2, 18, 19, 20, 21})
+_HOSTNAME_CODES: Final = frozenset({62, 64})  # hostname / IP address mismatch
+_EXPIRED_CODE: Final = 10
+
+
+def _cert_error(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification failure behind a connection error, if that was it.
+
+    engine.io turns a TLS failure into a bare "Connection error"; the cause survives in
+    the exception chain (aiohttp's ``ClientConnectorCertificateError``).
+    """
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        # aiohttp's wrapper also subclasses the ssl error but lacks its verify_code.
+        if isinstance(current, ssl.SSLCertVerificationError) and hasattr(current, "verify_code"):
+            return current
+        todo.extend([current.__cause__, current.__context__])
+        inner = getattr(current, "certificate_error", None)
+        if isinstance(inner, BaseException):
+            todo.append(inner)
+    return None
+
+
+def _tls_words(
+    code: int | None, detail: str, host: str, ca_file: str | None, names: list[str]
+) -> str:
+    """A certificate refusal in plain words (pure; ``names``: the certificate's names)."""
+    if code in _HOSTNAME_CODES:
+        if names:
+            return (
+                f"the certificate is for {', '.join(names)}, not {host} (hostname mismatch): "
+                "connect with a name the certificate lists"
+            )
+        return f"the server's certificate is not valid for {host} (hostname mismatch)"
+    if code in _UNTRUSTED_CODES:
+        if ca_file:
+            return (
+                f"the server's certificate is not trusted (self-signed or unknown CA): "
+                f"the CA in ca_file {ca_file} did not sign it"
+            )
+        return (
+            "the server's certificate is not trusted (self-signed or unknown CA): "
+            "set ca_file to the CA that signed it "
+            "(`fedtray-client config set ca_file /path/ca.pem`)"
+        )
+    if code == _EXPIRED_CODE:
+        return "the server's certificate has expired (or this computer's clock is wrong)"
+    return f"the server's certificate was refused: {detail or 'verification failed'}"
+
+
+async def _certificate_names(url: str, ca_file: str | None) -> list[str]:
+    """The DNS/IP names of the server's certificate, read without the hostname check.
+
+    The chain is still verified, so this only reads what a trusted certificate claims;
+    any failure gives ``[]`` (the caller then words the error without the names).
+    """
+    parts = urlsplit(url)
+    host = parts.hostname
+    if not host:
+        return []
+    port = parts.port or 443
+    try:
+        ctx = ssl.create_default_context(cafile=ca_file)
+        ctx.check_hostname = False
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=ctx, server_hostname=host), 5.0
+        )
+    except (OSError, ssl.SSLError, TimeoutError):
+        return []
+    try:
+        cert = writer.get_extra_info("peercert") or {}
+        return [str(value) for _, value in cert.get("subjectAltName", ())]
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
 def _error_of(ack: object) -> ErrorAck | None:
     if isinstance(ack, dict) and ack.get("ok") is False:
         try:
@@ -235,6 +337,10 @@ class _Session:
         data_dir: Path | None,
         backoff: Backoff,
         save: Callable[[Settings], None],
+        battery_source: BatterySource,
+        power_poll_interval: float,
+        settings_file: Path | None,
+        settings_poll_interval: float,
     ) -> None:
         self.client = client
         self.settings = settings
@@ -247,7 +353,13 @@ class _Session:
         self.work_dir = base / "work" if base else default_work_dir()
         self.backoff = backoff
         self.save = save
-        self.monitor = ResourceMonitor()
+        self.power = PowerMonitor(battery_source, power_poll_interval)
+        # Heartbeats report the power monitor's last reading: reading the battery again
+        # on the loop could block it.
+        self.monitor = ResourceMonitor(battery_source=self.power.cached_reading)
+        self.settings_file = settings_file
+        self.settings_poll_interval = settings_poll_interval
+        self.watch_tasks: list[asyncio.Task[None]] = []
         self.blobs = BlobStore(
             max_chunk_bytes=CLIENT_MAX_CHUNK_BYTES, max_blob_bytes=DEFAULT_MAX_BLOB_BYTES
         )
@@ -255,7 +367,11 @@ class _Session:
         self.simulation = False
         self.held: GlobalWeights | None = None
         self.round: _Round | None = None
-        self.sources: dict[str, PauseDecision] = {"user": USER_PAUSED if settings.paused else ALLOW}
+        # Order = priority: the user's own pause is what the user sees first.
+        self.sources: dict[str, PauseDecision] = {
+            "user": USER_PAUSED if settings.paused else ALLOW,
+            "power": ALLOW,
+        }
         self.applied: PauseDecision = effective_decision(self.sources.values())
         self.want_connected = True
         self.stopping = False
@@ -312,6 +428,7 @@ class _Session:
                 simulation=self.simulation,
             )
             self.publish_state()
+            await self._start_watching()
             await self._connection_loop()
         except Exception as exc:  # a bug: log it and end visibly rather than hang
             log.exception("the session stopped on an unexpected error")
@@ -377,6 +494,9 @@ class _Session:
                     wait_timeout=CONNECT_TIMEOUT_S,
                 )
             except (socketio.exceptions.ConnectionError, ValueError, OSError) as exc:
+                cert_error = _cert_error(exc)
+                if cert_error is not None:
+                    return await self._certificate_refused(cert_error)
                 message = refusal[0] if refusal else str(exc)
                 return self._refused(message)
             outcome = await self._registered_session(sio, lost)
@@ -396,6 +516,16 @@ class _Session:
             if self.uploading is not None:
                 self.uploading = None
                 self.publish_state()
+
+    async def _certificate_refused(self, err: ssl.SSLCertVerificationError) -> Literal["refused"]:
+        url, ca_file = self.settings.server_url, self.settings.ca_file
+        host = urlsplit(url).hostname or url
+        code = err.verify_code
+        names = await _certificate_names(url, ca_file) if code in _HOSTNAME_CODES else []
+        words = _tls_words(code, err.verify_message or str(err), host, ca_file, names)
+        log.warning("connection to %s refused by this client: %s", url, words)
+        self.publish(connection="disconnected", last_error=words)
+        return "refused"
 
     def _refused(self, message: str) -> Literal["auth_failed", "refused"]:
         if _is_auth_refusal(message):
@@ -940,6 +1070,45 @@ class _Session:
             )
         return True
 
+    # -- watching the battery and the settings file ---------------------------------
+
+    async def _start_watching(self) -> None:
+        """Read the battery once before connecting (no round is accepted on a low battery),
+        then keep polling it and the settings file in loop tasks."""
+        await self.power.poll_once(self._power_settings, self._on_power)
+        self.watch_tasks.append(
+            asyncio.ensure_future(self.power.run(self._power_settings, self._on_power))
+        )
+        if self.settings_file is not None:
+            watch = await asyncio.to_thread(SettingsFileWatch, self.settings_file)
+            self.watch_tasks.append(asyncio.ensure_future(self._watch_settings(watch)))
+
+    def _power_settings(self) -> PowerSettings:
+        return power_settings(self.settings)
+
+    def _on_power(self, decision: PauseDecision) -> None:
+        self.set_source("power", decision)
+
+    async def _watch_settings(self, watch: SettingsFileWatch) -> None:
+        while True:
+            await asyncio.sleep(self.settings_poll_interval)
+            try:
+                from_file = await asyncio.to_thread(watch.poll)
+            except Exception:  # a bug here must not stop the session; keep watching
+                log.exception("watching the settings file failed")
+                continue
+            if from_file is None:
+                continue
+            merged = merge_live(self.settings, from_file)
+            if merged != self.settings:
+                changed = sorted(
+                    k
+                    for k in Settings.model_fields
+                    if getattr(merged, k) != getattr(self.settings, k)
+                )
+                log.info("the settings file changed (%s); applying it", ", ".join(changed))
+                await self.update_settings(merged)
+
     # -- pausing ----------------------------------------------------------------------
 
     def set_source(self, name: str, decision: PauseDecision) -> None:
@@ -1001,9 +1170,14 @@ class _Session:
 
     async def update_settings(self, settings: Settings) -> None:
         old, self.settings = self.settings, settings
+        self.client._settings = settings
         self.publish(device_name=settings.device_name, server_url=settings.server_url)
         if settings.paused != (self.sources["user"] != ALLOW):
             self.set_source("user", USER_PAUSED if settings.paused else ALLOW)
+        # A new threshold applies to the last reading at once, not at the next poll.
+        power = self.power.evaluate(power_settings(settings))
+        if power is not None:
+            self.set_source("power", power)
         changed = (old.server_url, old.auth_token, old.ca_file, old.device_name) != (
             settings.server_url,
             settings.auth_token,
@@ -1017,15 +1191,21 @@ class _Session:
             self.wake.set()
 
     async def shutdown(self) -> None:
+        # The round is NOT cancelled: the worker's shutdown pauses it first, so its
+        # checkpoint is written and the same round, offered again after a restart,
+        # resumes from it (see _teardown).
         self.stopping = True
-        if self.worker is not None and self.round is not None:
-            self.worker.cancel()
+        if self.round is not None:
+            log.info("stopping: round %s is checkpointed, not cancelled", self.round.start.round_id)
         if self.sio is not None:
             with contextlib.suppress(Exception):
                 await self.sio.disconnect()
         self.wake.set()
 
     async def _teardown(self) -> None:
+        for task in self.watch_tasks:
+            task.cancel()
+        await asyncio.gather(*self.watch_tasks, return_exceptions=True)
         self.flush_progress()
         if self.worker is not None:
             worker, self.worker = self.worker, None
@@ -1044,6 +1224,11 @@ class DistributedClient:
     TrainingWorker`); ``device_info`` skips device detection (tests); ``data_dir``
     replaces the user data dir (global weights, pending updates, work files);
     ``save`` persists settings changes (default :func:`client.config.save_settings`).
+    ``battery_source`` is read every ``power_poll_interval`` seconds (in a worker thread)
+    for the power policy. ``settings_file`` is polled every ``settings_poll_interval``
+    seconds and its live settings applied (``fedtray-client pause`` in another terminal);
+    by default it is :func:`client.config.config_path` when ``save`` is the default, and
+    nothing is watched when a custom ``save`` is given without a ``settings_file``.
     """
 
     def __init__(
@@ -1056,7 +1241,13 @@ class DistributedClient:
         data_dir: Path | None = None,
         backoff: Backoff | None = None,
         save: Callable[[Settings], None] = save_settings,
+        battery_source: BatterySource = read_battery,
+        power_poll_interval: float = DEFAULT_POLL_INTERVAL_S,
+        settings_file: Path | None = None,
+        settings_poll_interval: float = SETTINGS_POLL_INTERVAL_S,
     ) -> None:
+        if settings_file is None and save is save_settings:
+            settings_file = config_path()  # the file this session saves to is the one watched
         self._snapshot = ClientSnapshot(
             server_url=settings.server_url,
             device_id=settings.device_id,
@@ -1078,6 +1269,10 @@ class DistributedClient:
             data_dir=data_dir,
             backoff=backoff or Backoff(),
             save=save,
+            battery_source=battery_source,
+            power_poll_interval=power_poll_interval,
+            settings_file=settings_file,
+            settings_poll_interval=settings_poll_interval,
         )
         self._thread: threading.Thread | None = None
         self._subscribers: list[Subscriber] = []  # touched only on the session thread
@@ -1109,7 +1304,8 @@ class DistributedClient:
             loop.close()
 
     def stop(self, timeout: float = 15.0) -> bool:
-        """Cancel training, disconnect and end the session; True when it ended in time.
+        """Pause and checkpoint training, disconnect and end the session; True when it
+        ended in time (the round is not cancelled: offered again, it resumes).
 
         Safe to call more than once and after the session ended by itself.
         """

@@ -12,15 +12,15 @@ Contract:
 * :func:`merge_live` is pure: it takes the keys a running session can apply
   (:data:`LIVE_KEYS`) from the file's settings; the device id never changes under a
   running session.
-* Cheap enough to poll every second: a stat, and a read of a small file only when the
-  stat changed (a rename by :func:`client.config.save_settings` changes the inode).
+* Cheap enough to poll every second: one read of a small file and a hash. The content,
+  not the modification time, decides (two saves within the clock's granularity have the
+  same mtime).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import tomllib
 from pathlib import Path
 from typing import Final
@@ -43,8 +43,6 @@ LIVE_KEYS: Final[tuple[str, ...]] = (
     "auth_token",
     "ca_file",
 )
-
-_Signature = tuple[int, int, int]
 
 
 def merge_live(current: Settings, from_file: Settings) -> Settings:
@@ -74,16 +72,8 @@ class SettingsFileWatch:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._signature = self._stat()
         self._digest = self._hash(self._read())
         self._complained: str | None = None
-
-    def _stat(self) -> _Signature | None:
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
 
     def _read(self) -> bytes | None:
         try:
@@ -97,10 +87,6 @@ class SettingsFileWatch:
 
     def poll(self) -> Settings | None:
         """The file's settings when its content changed since the last poll, else None."""
-        signature = self._stat()
-        if signature == self._signature:
-            return None
-        self._signature = signature
         raw = self._read()
         digest = self._hash(raw)
         if digest == self._digest:
