@@ -177,6 +177,13 @@ class DeviceRegister(WireModel):
     weights_version: NonNegInt | None = Field(
         default=None, description="Global weights version the device holds, null if none."
     )
+    state: DeviceState = Field(
+        default="idle",
+        description="State when (re)connecting: a paused device says so here, so it is "
+        "never offered a round before its first heartbeat.",
+    )
+    pause_reason: PauseReason | None = None
+    pause_detail: ShortText | None = None
 
 
 class Limits(WireModel):

@@ -41,7 +41,13 @@ Behaviour:
 * The settings file is polled (content hash) and its live keys applied, so
   ``fedtray-client pause`` / ``resume`` / ``config set`` reach a running client.
 * :meth:`DistributedClient.stop` pauses (checkpoints) the round instead of cancelling
-  it, so the same round offered again after a restart resumes from the checkpoint.
+  it, so the same round offered again after a restart resumes from the checkpoint. The
+  worker also checkpoints every ``checkpoint_interval`` seconds of training, so even a
+  ``kill -9`` loses at most that much. Work files are named by the training work, not
+  the round id (:func:`client.workfiles.work_stem`): a round re-offered, or retried
+  under a new id with the same partition and base, resumes the same checkpoint. Starting
+  a round deletes the work files of other work; a newer ``weights:global`` deletes
+  those built on older bases (:func:`client.workfiles.remove_stale`).
 * ``training:start`` is acked accepted or refused (paused, ``busy``, ``unknown_task``,
   ``missing_base``, ``deadline_passed``); ``training:cancel`` cancels the round;
   ``weights:global`` (inline or via ``blob:chunk``) is verified, decoded with the codec
@@ -60,7 +66,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import ssl
 import threading
@@ -128,9 +133,10 @@ from client.snapshot import (
     effective_decision,
 )
 from client.tasks import available_tasks
-from client.trainer import TrainJob, TrainResult
+from client.trainer import DEFAULT_CHECKPOINT_INTERVAL, TrainJob, TrainResult
 from client.transfer import BlobStore, send_blob, weights_ref_for
 from client.weights import WeightsError, decode, encode
+from client.workfiles import remove_stale, work_stem
 
 __all__ = ["ClientSnapshot", "DistributedClient", "PauseDecision", "Worker", "WorkerFactory"]
 
@@ -341,8 +347,13 @@ class _Session:
         power_poll_interval: float,
         settings_file: Path | None,
         settings_poll_interval: float,
+        checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL,
     ) -> None:
         self.client = client
+        self.checkpoint_interval = checkpoint_interval
+        # Stems of finished rounds whose output is still being kept (moved to pending):
+        # no cleanup may touch their files meanwhile.
+        self.keeping: set[str] = set()
         self.settings = settings
         self.no_reconnect = no_reconnect
         self.worker_factory = worker_factory
@@ -610,6 +621,9 @@ class _Session:
             ),
             client_version=info.client_version,
             weights_version=self.held.version if self.held else None,
+            state="paused" if not self.applied.allowed else "idle",
+            pause_reason=self.applied.reason,
+            pause_detail=self.applied.detail or None,
         ).to_wire()
 
     async def _heartbeat_loop(self) -> None:
@@ -716,8 +730,16 @@ class _Session:
             log.info("refused round %s: %s (%s)", start.round_id, refusal.reason, refusal.detail)
             return refusal.to_wire()
         assert self.worker is not None and self.held is not None
-        # A stable name, so a restarted client resumes the same round from its checkpoint.
-        stem = "round-" + hashlib.sha256(start.round_id.encode("utf-8")).hexdigest()[:24]
+        # Named by the work, not the round id: the same work offered again (after a
+        # restart, or retried under a new id) resumes from its checkpoint.
+        stem = work_stem(
+            task=start.task,
+            model_params=start.model_params,
+            config=start.config,
+            partition=start.partition,
+            base_version=start.base_version,
+            base_sha256=self.held.sha256,
+        )
         job = TrainJob(
             round_id=start.round_id,
             task=start.task,
@@ -727,9 +749,14 @@ class _Session:
             base_weights_path=self.held.path,
             output_path=self.work_dir / f"{stem}.safetensors",
             checkpoint_path=self.work_dir / f"{stem}.ckpt",
+            checkpoint_interval=self.checkpoint_interval,
         )
         try:
             await asyncio.to_thread(self.work_dir.mkdir, parents=True, exist_ok=True)
+            # Checkpoints of other work can never be resumed: only this one's is kept.
+            await asyncio.to_thread(
+                remove_stale, self.work_dir, keep={stem}, busy=set(self.keeping)
+            )
             self.worker.submit(job)
         except OSError as exc:
             return TrainingStartAck(
@@ -802,7 +829,16 @@ class _Session:
         fmt = message.weights.format
         async with self.global_lock:
             held = await asyncio.to_thread(self._store_global, message, data, fmt)
+        older = self.held is not None and self.held.version < held.version
         self.held = held
+        if older:
+            # Rounds start only from the held version: work on older bases is dead.
+            busy = set(self.keeping)
+            if self.round is not None:
+                busy.add(self.round.job.checkpoint_path.stem)
+            await asyncio.to_thread(
+                remove_stale, self.work_dir, busy=busy, below_version=held.version
+            )
         self.publish(weights_version=held.version, task=held.task)
         metrics = ", ".join(f"{k} {v:.4g}" for k, v in message.metrics.items())
         log.info(
@@ -848,6 +884,7 @@ class _Session:
             if rnd is None:
                 log.warning("the worker finished an unknown round; ignoring its result")
             else:
+                self.keeping.add(rnd.job.checkpoint_path.stem)
                 self.background(self._keep_result(rnd, event.result))
             self.publish_state()
         elif isinstance(event, w.Failed):
@@ -909,6 +946,12 @@ class _Session:
         self.emit_soon(EV_TRAINING_PROGRESS, message.to_wire())
 
     async def _keep_result(self, rnd: _Round, result: TrainResult) -> None:
+        try:
+            await self._keep_result_files(rnd, result)
+        finally:
+            self.keeping.discard(rnd.job.checkpoint_path.stem)
+
+    async def _keep_result_files(self, rnd: _Round, result: TrainResult) -> None:
         start = rnd.start
         try:
             await asyncio.to_thread(self._convert_if_needed, result.output_path, start)
@@ -1229,6 +1272,8 @@ class DistributedClient:
     seconds and its live settings applied (``fedtray-client pause`` in another terminal);
     by default it is :func:`client.config.config_path` when ``save`` is the default, and
     nothing is watched when a custom ``save`` is given without a ``settings_file``.
+    ``checkpoint_interval``: seconds of training between the worker's periodic
+    checkpoints (0: only when paused or stopped).
     """
 
     def __init__(
@@ -1245,6 +1290,7 @@ class DistributedClient:
         power_poll_interval: float = DEFAULT_POLL_INTERVAL_S,
         settings_file: Path | None = None,
         settings_poll_interval: float = SETTINGS_POLL_INTERVAL_S,
+        checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL,
     ) -> None:
         if settings_file is None and save is save_settings:
             settings_file = config_path()  # the file this session saves to is the one watched
@@ -1273,6 +1319,7 @@ class DistributedClient:
             power_poll_interval=power_poll_interval,
             settings_file=settings_file,
             settings_poll_interval=settings_poll_interval,
+            checkpoint_interval=checkpoint_interval,
         )
         self._thread: threading.Thread | None = None
         self._subscribers: list[Subscriber] = []  # touched only on the session thread

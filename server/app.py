@@ -526,8 +526,25 @@ class FedServer:
         await self.sio.emit(EV_REGISTERED, ack, to=sid)
         if record.weights_version != self.version:
             self._spawn(self._ensure_global(record), f"global-to-{reg.device_id}", reg.device_id)
+        self._reoffer_round(record)
         self._devices_changed.set()
         return ack
+
+    def _reoffer_round(self, record: DeviceRecord) -> None:
+        """Offer a device that reconnects its part of the open round again (same round id,
+        partition and deadline), so it can resume from its checkpoint."""
+        rnd = self.round
+        if rnd is None or record.state == "paused":
+            return
+        index = rnd.reoffer(record.device_id, time.monotonic())
+        if index is None:
+            return
+        log.info("round %s: %s is back; offering its part again", rnd.round_id, record.name)
+        self._spawn(
+            self._start_device(rnd, record.device_id, index, len(rnd.slots), rnd.deadline_unix),
+            f"restart-{record.device_id}",
+            record.device_id,
+        )
 
     async def _on_heartbeat(self, sid: str, payload: Any) -> dict[str, Any]:
         record = self._require(sid)
@@ -779,6 +796,7 @@ class FedServer:
         chosen = select_devices([d.device_id for d in candidates], cfg.clients_per_round, self._rng)
         round_id = f"r{number}-{attempt}-{self._run_tag}"
         now = time.monotonic()
+        deadline_unix = time.time() + cfg.round_timeout
         rnd = Round.open(
             round_id=round_id,
             number=number,
@@ -788,8 +806,8 @@ class FedServer:
             now=now,
             timeout=cfg.round_timeout,
             required=cfg.required_reports(len(chosen)),
+            deadline_unix=deadline_unix,
         )
-        deadline_unix = time.time() + cfg.round_timeout
         self.strategy.begin(self._global)
         self._round_phase = "starting"
         if self.round is not None:

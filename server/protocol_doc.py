@@ -51,6 +51,9 @@ EXAMPLES: dict[type[p.WireModel], dict[str, Any]] = {
         },
         "clientVersion": "0.1.0",
         "weightsVersion": None,
+        "state": "idle",
+        "pauseReason": None,
+        "pauseDetail": None,
     },
     p.DeviceRegistered: {
         "ok": True,
@@ -205,7 +208,10 @@ enough to write a compatible server or client in another language.
 1. The client connects (with `auth` when it has a token).
 2. Client → `device:register` (ack `DeviceRegistered`); the server also emits
    `device:registered`. The `deviceId` is a UUID generated once per installation and
-   reused on every reconnect; the server keeps one entry per deviceId.
+   reused on every reconnect; the server keeps one entry per deviceId. A device that is
+   paused says so in the registration (`state`, `pauseReason`, `pauseDetail`). A device
+   that reconnects while a round it was training is still open is sent the same
+   `training:start` again (same `roundId`, partition and deadline), so it can resume.
 3. If the client does not hold the current global version (`weightsVersion` in the
    registration and heartbeats), the server sends `weights:global` (blob first when
    large). The client acks after storing it; the ack is how the server learns that the

@@ -102,9 +102,10 @@ class Registry:
             record.resources = reg.resources
         record.sid = sid
         record.weights_version = reg.weights_version
-        record.state = "idle"
-        record.pause_reason = None
-        record.pause_detail = None
+        # Training/uploading work belongs to the old connection; only a pause carries over.
+        record.state = "paused" if reg.state == "paused" else "idle"
+        record.pause_reason = reg.pause_reason if reg.state == "paused" else None
+        record.pause_detail = reg.pause_detail if reg.state == "paused" else None
         record.progress = None
         record.last_seen = now
         self._by_sid[sid] = reg.device_id

@@ -41,6 +41,7 @@ class Slot:
 
     state: SlotState = "starting"
     detail: str | None = None
+    index: int = 0  # the device's data partition: part ``index`` of ``len(slots)``
     num_samples: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -58,6 +59,7 @@ class Round:
     required: int
     slots: dict[str, Slot] = field(default_factory=dict)
     phase: Phase = "starting"
+    deadline_unix: float = 0.0  # the deadline as sent to devices (wall clock)
 
     @classmethod
     def open(
@@ -71,6 +73,7 @@ class Round:
         now: float,
         timeout: float,
         required: int,
+        deadline_unix: float = 0.0,
     ) -> Round:
         return cls(
             round_id=round_id,
@@ -80,7 +83,8 @@ class Round:
             deadline=now + timeout,
             started_at=now,
             required=required,
-            slots={device_id: Slot() for device_id in selected},
+            slots={device_id: Slot(index=i) for i, device_id in enumerate(selected)},
+            deadline_unix=deadline_unix,
         )
 
     # --- queries --------------------------------------------------------------------
@@ -126,6 +130,21 @@ class Round:
         slot.state = state
         slot.detail = detail
         return True
+
+    def reoffer(self, device_id: str, now: float) -> int | None:
+        """Give a device that lost its connection its slot back while the round is open.
+
+        Returns its partition index (to send the same ``training:start`` again, so it can
+        resume from its checkpoint), or None when there is nothing to re-offer.
+        """
+        slot = self.slots.get(device_id)
+        if slot is None or not self.is_open(now):
+            return None
+        if slot.state != "dropped" or slot.detail != "disconnected":
+            return None
+        slot.state = "starting"
+        slot.detail = None
+        return slot.index
 
     def check_submit(self, device_id: str, round_id: str, base_version: int, now: float) -> None:
         """Raise FedtrayError unless this submission may be counted (changes nothing)."""

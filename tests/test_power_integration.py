@@ -544,15 +544,7 @@ def _restart_round(
                 second.start()
                 second.wait_for(lambda s: s.connection == "connected", 30)
                 server.wait_for(lambda st: _device(st, device_id)["connected"] is True)
-                # The reference server does not re-offer a round to a device that
-                # reconnects; do what such a server would: start the same round again.
-                deadline_unix = time.time() + (rnd.deadline - time.monotonic())
-                server.run(
-                    server.server._start_device(
-                        rnd, device_id, index, len(rnd.selected), deadline_unix
-                    ),
-                    timeout=30,
-                )
+                # The server offers the open round to the reconnecting device again.
                 _until(lambda: bool(updates), 90, "the resumed round's update")
                 started = [f for f in fractions if f > 0]
                 assert started and started[0] >= stopped_at - 1e-9, (
@@ -633,7 +625,7 @@ def test_user_pause_survives_a_restart(
         assert again.snapshot().device_state == "paused"
         again.start()
         again.wait_for(lambda s: s.connection == "connected", 30)
-        # (Registration carries no pause state: the first heartbeat brings it.)
+        # The registration itself says the device is paused.
         server.wait_for(
             lambda st: (
                 _device(st, settings.device_id)["connected"]

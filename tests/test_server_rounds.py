@@ -125,6 +125,55 @@ def test_dropout_frees_the_slot_and_the_round_succeeds(tmp_path: Path) -> None:
         run_devices(scenario(srv))
 
 
+def test_a_device_that_reconnects_is_offered_its_part_of_the_open_round_again(
+    tmp_path: Path,
+) -> None:
+    async def scenario(srv: ServerHandle) -> None:
+        a, b = await joined(srv, "a", "b")
+        first = await start_of(b)
+        await start_of(a)
+        await b.disconnect()
+        await srv.await_status(
+            lambda s: not next(d for d in s["devices"] if d["name"] == "b")["connected"],
+            what="b disconnected",
+        )
+        back = ScriptedDevice(srv.url, name="b", device_id=b.device_id)
+        assert (await back.join(weights_version=0))["ok"] is True
+        again = await start_of(back)
+        # The same work: same round, partition and deadline, so it can resume.
+        for key in ("roundId", "partition", "deadline", "baseVersion", "config"):
+            assert again[key] == first[key], key
+        ack = await back.submit(first["roundId"], 0, perturbed(a.weights[0], 0.5), num_samples=2)
+        assert ack["ok"] is True
+
+    with running_server(tmp_path, min_clients=2, min_completion=0.5) as srv:
+        run_devices(scenario(srv))
+
+
+def test_a_device_that_registers_paused_is_never_selected(tmp_path: Path) -> None:
+    async def scenario(srv: ServerHandle) -> None:
+        paused = ScriptedDevice(srv.url, name="paused")
+        await paused.connect()
+        ack = await paused.register(
+            state="paused", pauseReason="battery_low", pauseDetail="On battery at 12 %"
+        )
+        assert ack["ok"] is True
+        status = await srv.await_status(
+            lambda s: any(d["pauseReason"] == "battery_low" for d in s["devices"]),
+            what="the paused registration",
+        )
+        [record] = status["devices"]
+        assert (record["state"], record["pauseDetail"]) == ("paused", "On battery at 12 %")
+        (ready,) = await joined(srv, "ready")
+        await start_of(ready)
+        status = await srv.await_status(lambda s: s["currentRound"] is not None, what="a round")
+        assert status["currentRound"]["selected"] == [ready.device_id]
+        assert paused.starts == []
+
+    with running_server(tmp_path, min_clients=1) as srv:
+        run_devices(scenario(srv))
+
+
 def test_round_timeout_abandons_cancels_and_retries(tmp_path: Path) -> None:
     async def scenario(srv: ServerHandle) -> None:
         a, b = await joined(srv, "a", "b")
