@@ -9,6 +9,7 @@ state reached go to ``test-artifacts/tray/``; the menu one is also saved as
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -196,3 +197,16 @@ def test_second_launch_is_refused(tray: tuple[Tray, Any], xsession: XSession) ->
     assert f"fedtray is already running (process {app.proc.pid})" in second.stderr
     xsession.wait_for_notification(lambda n: n["summary"] == "fedtray is already running", 15)
     assert app.proc.poll() is None  # the first one keeps running
+
+
+def test_sigterm_quits_like_the_menu(tray: tuple[Tray, Any]) -> None:
+    """A logout (or `kill`) sends SIGTERM: the tray disconnects and exits 0, quickly."""
+    app, server = tray
+    server.wait_for(lambda s: device(s).get("connected") is True, 30, "the tray's device online")
+    started = time.monotonic()
+    app.proc.send_signal(signal.SIGTERM)
+    code = app.proc.wait(15)
+    assert code == 0, app.output()
+    assert time.monotonic() - started < 10
+    assert "terminated by a signal: quitting" in app.output()
+    server.wait_for(lambda s: device(s).get("connected") is False, 20, "the device offline")

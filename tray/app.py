@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -206,9 +207,13 @@ class TrayApp:
             )
         self._apply_view(force=True)
         unsubscribe = self.client.subscribe(self._on_snapshot)
+        # A logout or `kill` sends SIGTERM: quit as from the menu (checkpoint, disconnect,
+        # exit 0). The handler only queues the action; the tray thread does the work.
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             self.icon.run(self._started)
         finally:
+            signal.signal(signal.SIGTERM, previous)
             unsubscribe()
             self._stopping.set()
             self._wake.set()
@@ -218,6 +223,10 @@ class TrayApp:
                 # The GUI loop ended without Quit (e.g. the desktop session closed).
                 self.client.stop(QUIT_TIMEOUT)
         return self.exit_code
+
+    def _on_sigterm(self, signum: int, frame: object) -> None:
+        log.info("terminated by a signal: quitting")
+        self.on_action(MenuEntry("Quit", action="quit"))
 
     def _started(self) -> None:
         """GUI loop is up (called by the port): start the session and the tray thread."""
