@@ -342,6 +342,27 @@ def test_settings_window_saved_reloads(
     assert not thread.is_alive()
 
 
+def test_menu_follows_settings_changed_by_another_process(
+    app_parts: tuple[TrayApp, FakeClient, FakeIcon, Clock, Path],
+) -> None:
+    app, _client, icon, _clock, config = app_parts
+    thread = run_app(app)
+    wait_until(lambda: bool(icon.menus), "menu")
+
+    def threshold_checked(label: str) -> bool:
+        entry = find_entry(icon.menus[-1], label)
+        return entry is not None and entry.checked is True
+
+    assert threshold_checked("Above 50 %")
+    # What `fedtray-client config set battery_threshold 80` does from another terminal.
+    save_settings(load_settings(config).model_copy(update={"battery_threshold": 80}), config)
+    app._wake.set()
+    wait_until(lambda: threshold_checked("Above 80 %"), "the menu shows the new threshold")
+    icon.click("Quit")
+    thread.join(10)
+    assert not thread.is_alive()
+
+
 def test_xharness_names_missing_programs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import xharness
 

@@ -38,6 +38,7 @@ from typing import Final, Protocol
 from PIL import Image
 
 from client.config import Settings, SettingsError, load_settings, save_settings, with_setting
+from client.settings_watch import SettingsFileWatch, merge_live
 from client.snapshot import ClientSnapshot
 from tray import autostart
 from tray.icons import IconState, icon_key, render_icon
@@ -165,6 +166,9 @@ class TrayApp:
         self.settings = settings
         self.log_dir = log_dir
         self.config_file = config_file
+        # Another process (`fedtray-client config set ...`) may change the file: the menu
+        # shows what the file says, as the session applies it.
+        self._file_watch = SettingsFileWatch(config_file) if config_file is not None else None
         self._show_requested = show_requested
         self._autostart_env = autostart_env
         self._dialog_command = list(dialog_command or [*self_command(), "settings"])
@@ -209,11 +213,13 @@ class TrayApp:
         unsubscribe = self.client.subscribe(self._on_snapshot)
         # A logout or `kill` sends SIGTERM: quit as from the menu (checkpoint, disconnect,
         # exit 0). The handler only queues the action; the tray thread does the work.
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        on_main = threading.current_thread() is threading.main_thread()  # signal's rule
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if on_main else None
         try:
             self.icon.run(self._started)
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            if on_main:
+                signal.signal(signal.SIGTERM, previous)
             unsubscribe()
             self._stopping.set()
             self._wake.set()
@@ -258,6 +264,9 @@ class TrayApp:
             self.client.resume()
         if self._show_requested():
             self.icon.notify("fedtray is already running", status_text(self._latest, now))
+        changed = self._file_watch.poll() if self._file_watch is not None else None
+        if changed is not None:
+            self.settings = merge_live(self.settings, changed)
         self._apply_view()
         snapshot = self._latest
         notes, self._memory = decide(self._prev_snapshot, snapshot, self._memory, now)
