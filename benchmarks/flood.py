@@ -13,8 +13,8 @@ weights, decoding and checking two updates, FedAvg, evaluation, saving). In the 
 1. baseline: rounds completed per second over ``--seconds``;
 2. flood: the same, while a raw python-socketio client in a child process floods the
    server as fast as it can (unknown events and unregistered heartbeats, reconnecting
-   every time it is dropped); reported with the events it sent, the answers it got by code and how often
-   the server disconnected it;
+   every time it is dropped); reported with the events it sent, the answers it got by
+   code and how often the server disconnected it;
 3. legitimate bulk: one device uploads ``--upload-mb`` MB with
    :func:`client.transfer.send_blob` at the server's announced limits (1 MiB chunks,
    window 4) and must never be answered ``rate_limited``; MB/s is reported.

@@ -15,10 +15,16 @@ Contract:
 * At every batch boundary it asks ``control.check()``: ``"pause"`` first writes a
   checkpoint (model, optimizer state, RNG states, epoch, position, sample order, running
   loss sums, batch size) to ``job.checkpoint_path`` -- tensors as safetensors, the rest as
-  JSON in the safetensors metadata, never pickle -- then calls
+  JSON in the safetensors metadata, never pickle, written atomically -- then calls
   ``control.wait_while_paused()``; ``"cancel"`` raises :class:`Cancelled`.
-* A later ``run`` of a job with the same round, task, parameters, config, partition and
-  base weights resumes from that checkpoint and produces weights bit-identical to an
+* It also writes that checkpoint at the first batch boundary after every
+  ``job.checkpoint_interval`` seconds of training (0 disables), so a ``kill -9`` of the
+  process loses at most about that much work. Writing a checkpoint reads the state and
+  changes nothing, so it never changes the result.
+* A later ``run`` of a job with the same task, parameters, config, partition and base
+  weights (SHA-256) resumes from that checkpoint -- whatever its ``round_id``: the result
+  is a pure function of those inputs, the round id only labels the envelope -- logging
+  ``resuming round <id> from epoch E step S``, and produces weights bit-identical to an
   uninterrupted run (also in a fresh process). A checkpoint of anything else, or an
   unreadable one, is deleted and ignored. The checkpoint is deleted when the round
   finishes or is cancelled; it is kept when training fails otherwise.
@@ -59,6 +65,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "DEFAULT_CHECKPOINT_INTERVAL",
     "DEFAULT_MEMORY_SAFETY",
     "Cancelled",
     "Command",
@@ -77,6 +84,8 @@ log = logging.getLogger(__name__)
 
 #: Share of the free memory a batch may use (the rest is left to the owner of the machine).
 DEFAULT_MEMORY_SAFETY = 0.25
+#: Seconds of training between periodic checkpoints (the work a ``kill -9`` may lose).
+DEFAULT_CHECKPOINT_INTERVAL = 30.0
 _CHECKPOINT_VERSION = 1
 _META_KEY = "fedtray.checkpoint"
 
@@ -90,7 +99,8 @@ class TrainJob:
 
     ``base_weights_path`` is a safetensors file of the global model, or ``None`` to start
     from ``task.build_model(model_params, config.seed)``. ``torch_threads=None`` lets the
-    worker choose (all cores but one).
+    worker choose (all cores but one). ``checkpoint_interval``: seconds of training
+    between periodic checkpoints; 0 writes checkpoints only when paused.
     """
 
     round_id: str
@@ -102,6 +112,7 @@ class TrainJob:
     output_path: Path
     checkpoint_path: Path
     torch_threads: int | None = None
+    checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL
 
 
 @dataclass(frozen=True)
@@ -214,6 +225,20 @@ class _Position:
         }
 
 
+class _Periodic:
+    """When the next periodic checkpoint is due (monotonic clock; time paused excluded)."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.last = time.monotonic()
+
+    def due(self) -> bool:
+        return self.interval > 0 and time.monotonic() - self.last >= self.interval
+
+    def reset(self) -> None:
+        self.last = time.monotonic()
+
+
 @dataclass
 class _Snapshot:
     """In-memory state at the start of an epoch, to retry it after running out of memory."""
@@ -293,12 +318,23 @@ class LocalTrainer:
         if position is None:
             batch = self._initial_batch_size(task, model, x[:1], job.config, n, device)
             position = _Position(batch_size=batch)
+        periodic = _Periodic(job.checkpoint_interval)
         try:
             while position.epoch < job.config.epochs:
                 snapshot = _snapshot(model, optimizer, position)
                 try:
                     self._train_epoch(
-                        job, task, model, optimizer, x, y, position, ctl, report, fingerprint
+                        job,
+                        task,
+                        model,
+                        optimizer,
+                        x,
+                        y,
+                        position,
+                        ctl,
+                        report,
+                        fingerprint,
+                        periodic,
                     )
                 except Exception as exc:
                     if not is_out_of_memory(exc):
@@ -353,6 +389,7 @@ class LocalTrainer:
         control: TrainControl,
         report: ProgressCallback,
         fingerprint: str,
+        periodic: _Periodic,
     ) -> None:
         import torch
 
@@ -370,8 +407,12 @@ class LocalTrainer:
                 while command == "pause":
                     control.wait_while_paused()
                     command = control.check()
+                periodic.reset()  # just written; time paused is not training time
             if command == "cancel":
                 raise Cancelled(f"round {job.round_id} was cancelled")
+            if periodic.due():
+                self._save_checkpoint(job, fingerprint, model, optimizer, position)
+                periodic.reset()
             started = time.perf_counter()
             bs = position.batch_size
             idx = position.order[position.pos : position.pos + bs].to(x.device)
@@ -501,7 +542,12 @@ class LocalTrainer:
         }
         data = save(tensors, metadata={_META_KEY: json.dumps(meta)})
         write_atomic(job.checkpoint_path, data)
-        log.info("checkpointed round %s at epoch %d", job.round_id, position.epoch + 1)
+        log.debug(
+            "checkpointed round %s at epoch %d step %d",
+            job.round_id,
+            position.epoch + 1,
+            math.ceil(position.pos / position.batch_size),
+        )
 
     def _resume(
         self,
@@ -515,11 +561,19 @@ class LocalTrainer:
         if not path.exists():
             return None
         try:
-            return _load_checkpoint(path, fingerprint, model, optimizer, device)
+            position = _load_checkpoint(path, fingerprint, model, optimizer, device)
         except _StaleCheckpointError as exc:
             log.info("ignoring checkpoint %s: %s", path, exc)
         except Exception:
             log.warning("ignoring unreadable checkpoint %s", path, exc_info=True)
+        else:
+            log.info(
+                "resuming round %s from epoch %d step %d",
+                job.round_id,
+                position.epoch + 1,
+                math.ceil(position.pos / position.batch_size),
+            )
+            return position
         path.unlink(missing_ok=True)
         return None
 
@@ -581,7 +635,6 @@ def _load_checkpoint(
     torch.set_rng_state(tensors["rng.torch"])
     np.random.set_state(np_rng)
     random.setstate(py_rng)
-    log.info("resuming at epoch %d, sample %d", position.epoch + 1, position.pos)
     return position
 
 
@@ -666,8 +719,8 @@ def _estimate_sample_bytes(model: torch.nn.Module, one_sample: torch.Tensor) -> 
 def _fingerprint(
     job: TrainJob, params: Mapping[str, JsonValue], base_sha: str, num_samples: int
 ) -> str:
+    # Not the round id (an envelope; see the module docstring), nor paths or intervals.
     identity = {
-        "round_id": job.round_id,
         "task": job.task,
         "params": dict(params),
         "config": job.config.model_dump(),

@@ -34,7 +34,10 @@ Contract (parent side, :class:`TrainingWorker`, torch-free):
 Child side (:func:`_child_main`, a module-level function importable without side
 effects): it lowers its own OS priority (``nice 10`` on Unix, below-normal priority class
 on Windows), sets torch's thread count to ``job.torch_threads`` or all cores but one,
-and reads control messages on a thread that sets the flags the trainer checks.
+and reads control messages on a thread that sets the flags the trainer checks. Its
+``client.*`` log records of level INFO and above (e.g. the trainer's ``resuming round
+...``) are sent to the parent and logged there under the same logger name, so they reach
+the session's log; they are not events.
 """
 
 from __future__ import annotations
@@ -330,6 +333,10 @@ class TrainingWorker:
 
     def _handle(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
+        if kind == "log":
+            level, name, text = message[1:]
+            logging.getLogger(str(name)).log(int(level), "%s", text)
+            return
         event: WorkerEvent
         with self._cond:
             if self._closed:
@@ -490,6 +497,19 @@ def _lower_priority() -> None:
         log.warning("could not lower the training process priority", exc_info=True)
 
 
+class _PipeLogHandler(logging.Handler):
+    """Sends the child's log records to the parent (see the module docstring)."""
+
+    def __init__(self, send: Callable[[tuple[Any, ...]], None]) -> None:
+        super().__init__(logging.INFO)
+        self._send = send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # OSError/ValueError: the parent is gone, nobody to tell.
+        with contextlib.suppress(OSError, ValueError):
+            self._send(("log", record.levelno, record.name, self.format(record)))
+
+
 def _child_main(conn: Connection, simulation: bool, progress_interval: float) -> None:
     """Entry point of the training process (spawned; see the module docstring)."""
     _lower_priority()
@@ -498,6 +518,10 @@ def _child_main(conn: Connection, simulation: bool, progress_interval: float) ->
     def send(message: tuple[Any, ...]) -> None:
         with send_lock:
             conn.send(message)
+
+    client_log = logging.getLogger("client")
+    client_log.addHandler(_PipeLogHandler(send))
+    client_log.setLevel(logging.INFO)
 
     control = _ChildControl(send, checkpointing=not simulation)
     jobs: queue.Queue[TrainJob | None] = queue.Queue()

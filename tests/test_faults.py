@@ -15,6 +15,10 @@ restarted server reopens the same round number under a NEW round id; an update t
 for the lost round is answered ``round_closed`` and the client discards it with a log
 line, then trains again in the new round, which counts it exactly once.
 
+A client killed with SIGKILL mid-training loses at most one checkpoint interval: after a
+restart it resumes the round (re-offered, or retried with the same work) from its last
+periodic checkpoint and completes it.
+
 Covered elsewhere (not repeated here): a ``kill -9`` of the training worker is reported as
 ``training:error`` and the next round works (``tests/test_session.py::
 test_worker_crash_is_reported_and_the_next_round_works``); a pending dir that cannot be
@@ -25,6 +29,7 @@ test_disk_error_keeping_the_update_is_reported_and_the_session_goes_on``).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import re
@@ -342,14 +347,44 @@ def test_server_killed_during_an_upload_and_restarted(
 
 # ------------------------------------------------------------- client killed mid-training
 
+# The real CLI, with periodic checkpoints every 0.3 s instead of every 30 s (so the test
+# need not train for half a minute before the kill).
+VICTIM = """
+import sys
+from client import session
+from client.cli import main
+
+plain_init = session.DistributedClient.__init__
+
+
+def init(self, *args, **kwargs):
+    kwargs.setdefault("checkpoint_interval", 0.3)
+    plain_init(self, *args, **kwargs)
+
+
+session.DistributedClient.__init__ = init
+sys.exit(main(sys.argv[1:]))
+"""
+
 
 def _client_cmd(url: str) -> list[str]:
-    return [sys.executable, "-m", "client", "--server", url, "--name", "victim"]
+    return [sys.executable, "-c", VICTIM, "--server", url, "--name", "victim"]
 
 
-def test_client_process_killed_mid_training_and_restarted(tmp_path: Path) -> None:
+def _checkpoint_position(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as fh:
+        position: dict[str, Any] = json.loads((fh.metadata() or {})["fedtray.checkpoint"])[
+            "position"
+        ]
+    return position
+
+
+def test_client_process_killed_mid_training_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     params = {"features": 8, "classes": 3, "hidden": 8, "samples": 3000}
     env = subprocess_env(tmp_path)
+    work = tmp_path / "xdg" / "xdg_data_home" / "fedtray" / "work"
     with running_server(
         tmp_path,
         min_clients=1,
@@ -373,6 +408,7 @@ def test_client_process_killed_mid_training_and_restarted(tmp_path: Path) -> Non
                 what="the client training",
             )
             [device] = srv.status()["devices"]
+            _until(lambda: bool(list(work.glob("*.ckpt"))), 30, "a periodic checkpoint")
             children = psutil.Process(proc.pid).children(recursive=True)
             assert children, "the worker child must exist while training"
             proc.kill()
@@ -380,15 +416,17 @@ def test_client_process_killed_mid_training_and_restarted(tmp_path: Path) -> Non
             # The worker notices its parent's pipe closing and leaves (no orphan trains on).
             _gone, alive = psutil.wait_procs(children, timeout=20)
             assert not alive, f"orphaned worker processes: {alive}"
-            srv.wait_for(
-                lambda st: any(r["outcome"] == "abandoned" for r in st["history"]),
-                timeout=30,
-                what="the killed client's round abandoned",
-            )
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(30)
+        # Nothing writes it any more: this is where the restarted client must go on from.
+        [checkpoint] = work.glob("*.ckpt")
+        position = _checkpoint_position(checkpoint)
+        assert position["epoch"] > 0 or position["pos"] > 0
+        # The server either offers the same round again to the device that comes back, or
+        # abandons it and retries the same work (partition, base) under a new round id;
+        # the checkpoint is named by the work, so both resume it.
         restarted = subprocess.Popen(
             _client_cmd(srv.url),
             cwd=REPO_ROOT,
@@ -401,13 +439,18 @@ def test_client_process_killed_mid_training_and_restarted(tmp_path: Path) -> Non
             status = srv.wait_for(
                 lambda st: any(r["outcome"] == "completed" for r in st["history"]),
                 timeout=120,
-                what="the retried round completed by the restarted client",
+                what="the round completed by the restarted client",
             )
         finally:
             restarted.terminate()
             out, _ = restarted.communicate(timeout=60)
     # Same identity after the restart (the settings file kept the device id).
     assert [d["id"] for d in status["devices"]] == [device["id"]]
-    completed = [r for r in status["history"] if r["outcome"] == "completed"]
-    assert len(completed) == 1 and completed[0]["clientsReported"] == 1
+    [completed] = [r for r in status["history"] if r["outcome"] == "completed"]
+    assert completed["clientsReported"] == 1
     assert "update accepted" in out, out[-3000:]
+    # It resumed from the checkpoint (not from zero), in the round it completed.
+    resumed = re.findall(r"resuming round (\S+) from epoch (\d+) step (\d+)", out)
+    step = -(-position["pos"] // position["batch_size"])
+    assert resumed == [(completed["roundId"], str(position["epoch"] + 1), str(step))], out[-3000:]
+    assert list(work.glob("*.ckpt")) == [], "a finished round leaves no checkpoint"

@@ -31,6 +31,7 @@ from client.pending import PendingStore
 from client.protocol import Limits
 from client.session import DistributedClient
 from client.snapshot import ClientSnapshot
+from client.trainer import TrainJob, TrainResult
 from client.weights import encode
 from tests.server_harness import (
     REPO_ROOT,
@@ -271,6 +272,77 @@ def test_worker_crash_is_reported_and_the_next_round_works(
         server.wait_for(
             lambda st: st["history"][-1]["outcome"] == "completed", what="the retried round"
         )
+
+
+class _FakeWorker:
+    """Stands in for the training worker: the first job "dies" leaving a checkpoint (as a
+    ``kill -9`` after a periodic checkpoint would), the next one finishes with the base
+    weights as its update but dies before deleting its checkpoint."""
+
+    def __init__(self, on_event: Callable[[object], None]) -> None:
+        self.on_event = on_event
+        self.jobs: list[TrainJob] = []
+        self.checkpoint_found: list[bool] = []
+
+    @property
+    def is_busy(self) -> bool:
+        return False
+
+    def submit(self, job: TrainJob) -> None:
+        from client import worker as w
+
+        self.jobs.append(job)
+        self.checkpoint_found.append(job.checkpoint_path.exists())
+        job.checkpoint_path.write_bytes(b"a periodic checkpoint")
+        if len(self.jobs) == 1:
+            self.on_event(w.Failed("training_failed", "killed", job.round_id))
+            return
+        assert job.base_weights_path is not None
+        job.output_path.write_bytes(job.base_weights_path.read_bytes())
+        result = TrainResult(job.round_id, job.output_path, 10, {"trainLoss": 1.0}, 1)
+        self.on_event(w.Done(result))
+
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
+    def cancel(self) -> None: ...
+    def shutdown(self) -> None: ...
+
+
+def test_a_retried_round_resumes_the_same_checkpoint_and_stale_work_is_deleted(
+    tmp_path: Path, make_client: Callable[..., DistributedClient]
+) -> None:
+    work = tmp_path / "client0" / "work"
+    work.mkdir(parents=True)
+    stale = [
+        f"work-v0-{'e' * 24}.ckpt",  # other work on the same base
+        f"round-{'d' * 24}.safetensors",  # the old round-id naming
+        f".work-v0-{'e' * 24}.ckpt.k9.tmp",  # a write cut by kill -9
+    ]
+    for name in [*stale, "notes.txt"]:
+        (work / name).write_bytes(b"x")
+    workers: list[_FakeWorker] = []
+
+    def factory(on_event: Callable[[object], None]) -> _FakeWorker:
+        workers.append(_FakeWorker(on_event))
+        return workers[-1]
+
+    with running_server(tmp_path, min_clients=1, clients_per_round=1, rounds=1) as server:
+        client = make_client(server.url, worker_factory=factory, checkpoint_interval=7.5)
+        client.start()
+        _wait(client, lambda s: s.rounds_completed == 1 and s.weights_version == 1)
+        [worker] = workers
+        first, second = worker.jobs
+        # The server retried the abandoned round under a new id, with the same work.
+        assert first.round_id != second.round_id
+        assert first.checkpoint_path == second.checkpoint_path
+        assert first.checkpoint_path.name.startswith("work-v0-")
+        assert worker.checkpoint_found == [False, True], "the retry must find the checkpoint"
+        assert first.checkpoint_interval == 7.5
+        assert sorted(p.name for p in work.iterdir() if p.name in stale) == []
+        # Global v1 arrived: the checkpoint built on v0 can never be resumed; it goes.
+        _until(lambda: not second.checkpoint_path.exists(), what="the v0 checkpoint deleted")
+        assert (work / "notes.txt").exists(), "unknown files are never deleted"
+        assert server.status()["history"][-1]["outcome"] == "completed"
 
 
 def test_layout_mismatch_is_reported_with_its_code(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import replace
@@ -233,13 +234,28 @@ def test_restart_from_checkpoint_in_a_fresh_trainer_is_bit_identical(
     assert not job.checkpoint_path.exists()
 
 
-def test_a_checkpoint_of_another_round_or_a_damaged_one_is_ignored(tmp_path: Path) -> None:
+def _other_base(tmp_path: Path) -> dict[str, Any]:
+    task = get_task("digits", {"hidden": 16})
+    base = tmp_path / "other-base.safetensors"
+    base.write_bytes(encode(_state_of(task.build_model(task.params, seed=99))))
+    return {"base_weights_path": base}
+
+
+OTHER_WORK = {
+    "seed": lambda _t: {"config": CONFIGS["sgd-momentum"].model_copy(update={"seed": 4})},
+    "partition": lambda _t: {"partition": Partition(index=2, count=3, seed=4, scheme="label_skew")},
+    "base weights": _other_base,
+}
+
+
+@pytest.mark.parametrize("other", sorted(OTHER_WORK))
+def test_a_checkpoint_of_other_work_or_a_damaged_one_is_ignored(tmp_path: Path, other: str) -> None:
     job = _job(tmp_path)
     plain = LocalTrainer(device="cpu").run(replace(job, output_path=tmp_path / "plain"))
     control = PauseAt(5, die=True)
     control.path = job.checkpoint_path
     with pytest.raises(KeyboardInterrupt):
-        LocalTrainer(device="cpu").run(replace(job, round_id="other-round"), control)
+        LocalTrainer(device="cpu").run(replace(job, **OTHER_WORK[other](tmp_path)), control)
     assert job.checkpoint_path.exists()
     result = LocalTrainer(device="cpu").run(job)
     assert result.output_path.read_bytes() == plain.output_path.read_bytes()
@@ -261,6 +277,68 @@ def test_a_checkpoint_of_another_round_or_a_damaged_one_is_ignored(tmp_path: Pat
     job.checkpoint_path.write_bytes(save(tensors, metadata=meta))
     third = LocalTrainer(device="cpu").run(job)
     assert third.output_path.read_bytes() == plain.output_path.read_bytes()
+
+
+class DieAt:
+    """Runs until check number ``at``, then "dies" there (as a ``kill -9`` would: no
+    cleanup, no pause checkpoint)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+        self.checks = 0
+
+    def check(self) -> Command:
+        self.checks += 1
+        if self.checks == self.at:
+            raise KeyboardInterrupt("killed")
+        return "run"
+
+    def wait_while_paused(self) -> None:
+        raise AssertionError("never paused")
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("at", [2, 19])  # epoch 1; epoch 2
+def test_a_periodic_checkpoint_resumes_bit_identically_under_another_round_id(
+    tmp_path: Path, name: str, at: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = CONFIGS[name]
+    steps = config.epochs * math.ceil(479 / config.batch_size)
+    plain_progress: list[dict[str, Any]] = []
+    plain = LocalTrainer(device="cpu").run(
+        _job(tmp_path, config=config, output_path=tmp_path / "plain", checkpoint_interval=0),
+        on_progress=plain_progress.append,
+    )
+    assert len(plain_progress) == steps
+    # An interval shorter than any batch: a checkpoint at every batch boundary.
+    job = _job(tmp_path, config=config, checkpoint_interval=1e-9)
+    with pytest.raises(KeyboardInterrupt):
+        LocalTrainer(device="cpu").run(job, DieAt(at))
+    assert job.checkpoint_path.exists() and not job.output_path.exists()
+    torch.manual_seed(12345)
+    np.random.seed(54321)
+    progress: list[dict[str, Any]] = []
+    # The server retried the round under a new id: the same work resumes.
+    with caplog.at_level(logging.INFO, logger="client.trainer"):
+        resumed = LocalTrainer(device="cpu").run(
+            replace(job, round_id="round-1-retry"), on_progress=progress.append
+        )
+    assert resumed.output_path.read_bytes() == plain.output_path.read_bytes()
+    assert resumed.metrics["trainLoss"] == plain.metrics["trainLoss"]
+    # The checkpoint was written at the boundary before the fatal check: at - 2 batches.
+    done = at - 2
+    assert len(progress) == steps - done, "it must resume, not start over"
+    per_epoch = steps // config.epochs
+    epoch, step = divmod(done, per_epoch)
+    assert f"resuming round round-1-retry from epoch {epoch + 1} step {step}" in caplog.text
+    assert not job.checkpoint_path.exists()
+
+
+def test_interval_zero_writes_no_periodic_checkpoint(tmp_path: Path) -> None:
+    job = _job(tmp_path, checkpoint_interval=0)
+    with pytest.raises(KeyboardInterrupt):
+        LocalTrainer(device="cpu").run(job, DieAt(20))
+    assert not job.checkpoint_path.exists()
 
 
 def test_cancel_while_paused_raises_and_removes_the_checkpoint(tmp_path: Path) -> None:

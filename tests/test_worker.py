@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import signal
 import subprocess
@@ -16,6 +18,7 @@ from typing import Any
 import numpy as np
 import psutil
 import pytest
+from safetensors import safe_open
 
 from client.errors import FedtrayError
 from client.protocol import Partition, TrainingConfig, TrainingProgress
@@ -223,6 +226,39 @@ def test_kill_9_of_the_child_fails_the_job_and_the_next_job_works(
     w.submit(digits_job(tmp_path, "after-kill"))
     assert isinstance(events.wait_for(Done, Failed), Done)
     assert w.pid not in (None, pid)
+
+
+def test_kill_9_after_a_periodic_checkpoint_resumes_bit_identically(
+    worker: tuple[TrainingWorker, Events], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    w, events = worker
+    job = digits_job(tmp_path, "periodic", epochs=2, batch=1, checkpoint_interval=0.05)
+    w.submit(replace(job, output_path=tmp_path / "plain.safetensors", checkpoint_interval=0))
+    plain = events.wait_for(Done, Failed)
+    assert isinstance(plain, Done), plain
+
+    events.clear()
+    w.submit(job)
+    wait_until(job.checkpoint_path.exists, timeout=TIMEOUT)
+    pid = w.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    assert isinstance(events.wait_for(Failed, Done), Failed)
+    assert job.checkpoint_path.exists() and not job.output_path.exists()
+    with safe_open(str(job.checkpoint_path), framework="numpy") as fh:
+        position = json.loads((fh.metadata() or {})["fedtray.checkpoint"])["position"]
+    at = f"epoch {position['epoch'] + 1} step {position['pos']}"  # batch size 1
+
+    events.clear()
+    # A fresh child, and the round retried under a new id: the same work resumes.
+    with caplog.at_level(logging.INFO, logger="client.trainer"):
+        w.submit(replace(job, round_id="periodic-retry"))
+        done = events.wait_for(Done, Failed)
+    assert isinstance(done, Done), done
+    assert w.pid not in (None, pid)
+    assert f"resuming round periodic-retry from {at}" in caplog.text
+    assert done.result.output_path.read_bytes() == plain.result.output_path.read_bytes()
+    assert not job.checkpoint_path.exists()
 
 
 def test_base_weights_of_another_layout_fail_with_the_codec_code(

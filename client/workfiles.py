@@ -1,0 +1,131 @@
+"""The training worker's files in the work dir: their names, and which of them are stale.
+
+Contract:
+
+* :func:`work_stem` names the files of one piece of training work
+  (``work-v<base_version>-<24 hex>``; the checkpoint is ``<stem>.ckpt``, the output
+  ``<stem>.safetensors``). The hash covers exactly what decides the result of the work:
+  the task, its model parameters, the training config (seed included), the data
+  partition and the base weights (version and SHA-256). The round id, the deadline and
+  the wire format of the update are NOT in it: they are the envelope the server puts
+  around the work, not the work. Why that is safe: the trainer seeds every random stream
+  from the config and the partition and starts from the base weights, so the trained
+  update is a pure function of the hashed inputs; a checkpoint of one offer of the work
+  is a valid prefix of any other offer of the same work (e.g. the server re-offering a
+  round to a device that reconnects, or retrying an abandoned round under a new round id
+  with the same partition). The trainer checks the same inputs again (its job key,
+  including the base weights' SHA-256) before it trusts a checkpoint.
+* :func:`stale_work_files` (pure) picks, from a directory listing, the files that can
+  never be resumed: checkpoints, outputs and interrupted temporary writes
+  (``.<stem>.<ext>.<random>.tmp``, left by a ``kill -9`` mid-write) of other work, and
+  files of the old round-id naming (``round-<24 hex>``). It never picks a name it does
+  not recognise, the files of a kept stem, nor anything of a busy stem (one being
+  written right now, temporaries included).
+* :func:`remove_stale` (the I/O edge) deletes what :func:`stale_work_files` picks;
+  a file that cannot be deleted is logged and skipped. It never raises for file problems.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Collection, Iterable, Mapping
+from pathlib import Path
+from typing import Final
+
+from pydantic import JsonValue
+
+from client.protocol import Partition, TrainingConfig
+
+__all__ = ["CHECKPOINT_SUFFIX", "OUTPUT_SUFFIX", "remove_stale", "stale_work_files", "work_stem"]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_SUFFIX: Final = ".ckpt"
+OUTPUT_SUFFIX: Final = ".safetensors"
+_STEM = r"(?:work-v(?P<version>\d+)|round)-[0-9a-f]{24}"
+_FINAL = re.compile(rf"(?P<stem>{_STEM})\.(?:ckpt|safetensors)")
+_TEMP = re.compile(rf"\.(?P<stem>{_STEM})\.(?:ckpt|safetensors)\.[^/\\]+\.tmp")
+
+
+def work_stem(
+    *,
+    task: str,
+    model_params: Mapping[str, JsonValue],
+    config: TrainingConfig,
+    partition: Partition,
+    base_version: int,
+    base_sha256: str,
+) -> str:
+    """The file stem of this training work (see the module docstring)."""
+    identity = {
+        "task": task,
+        "params": dict(model_params),
+        "config": config.model_dump(mode="json"),
+        "partition": partition.model_dump(mode="json"),
+        "base_version": base_version,
+        "base_sha256": base_sha256,
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()
+    return f"work-v{base_version}-{digest[:24]}"
+
+
+def stale_work_files(
+    names: Iterable[str],
+    *,
+    keep: Collection[str] = (),
+    busy: Collection[str] = (),
+    below_version: int | None = None,
+) -> list[str]:
+    """The names among ``names`` to delete, sorted.
+
+    ``keep``: stems whose checkpoint and output stay (their leftover temporaries go);
+    ``busy``: stems none of whose files are touched. With ``below_version``, only work
+    on an older base is stale (old-style names, whose base is unknown, count as older).
+    """
+    stale: list[str] = []
+    for name in names:
+        final = _FINAL.fullmatch(name)
+        match = final or _TEMP.fullmatch(name)
+        if match is None:
+            continue
+        stem = match["stem"]
+        if stem in busy or (final is not None and stem in keep):
+            continue
+        version = match["version"]
+        if below_version is not None and version is not None and int(version) >= below_version:
+            continue
+        stale.append(name)
+    return sorted(stale)
+
+
+def remove_stale(
+    directory: Path,
+    *,
+    keep: Collection[str] = (),
+    busy: Collection[str] = (),
+    below_version: int | None = None,
+) -> list[Path]:
+    """Delete the stale files of ``directory`` (see :func:`stale_work_files`); the deleted."""
+    try:
+        names = [p.name for p in directory.iterdir()]
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        log.warning("cannot list the work folder %s: %s", directory, exc)
+        return []
+    removed: list[Path] = []
+    for name in stale_work_files(names, keep=keep, busy=busy, below_version=below_version):
+        path = directory / name
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("cannot delete the stale work file %s: %s", path, exc)
+            continue
+        removed.append(path)
+    if removed:
+        names_removed = ", ".join(p.name for p in removed)
+        log.info("deleted %d stale work file(s): %s", len(removed), names_removed)
+    return removed

@@ -1,0 +1,99 @@
+"""client.workfiles: work names keyed by the training work, and stale-file cleanup."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from client.protocol import Partition, TrainingConfig
+from client.workfiles import remove_stale, stale_work_files, work_stem
+
+WORK: dict[str, Any] = {
+    "task": "digits",
+    "model_params": {"hidden": 16},
+    "config": TrainingConfig(epochs=2, batch_size=32, learning_rate=0.05, seed=3),
+    "partition": Partition(index=1, count=3),
+    "base_version": 4,
+    "base_sha256": "ab" * 32,
+}
+A = "work-v4-" + "a" * 24
+B = "work-v3-" + "b" * 24
+C = "work-v5-" + "c" * 24
+OLD = "round-" + "d" * 24
+
+
+def test_the_stem_is_stable_and_names_the_base_version() -> None:
+    stem = work_stem(**WORK)
+    assert stem == work_stem(**{**WORK, "model_params": {"hidden": 16}})
+    assert stem.startswith("work-v4-") and len(stem) == len("work-v4-") + 24
+    assert stale_work_files([f"{stem}.ckpt"], keep={stem}) == []  # its own names parse
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"task": "synthetic"},
+        {"model_params": {"hidden": 17}},
+        {"config": TrainingConfig(epochs=2, batch_size=32, learning_rate=0.05, seed=4)},
+        {"config": TrainingConfig(epochs=3, batch_size=32, learning_rate=0.05, seed=3)},
+        {"partition": Partition(index=2, count=3)},
+        {"partition": Partition(index=1, count=3, seed=1)},
+        {"partition": Partition(index=1, count=3, scheme="label_skew")},
+        {"base_version": 5},
+        {"base_sha256": "cd" * 32},
+    ],
+)
+def test_any_change_of_the_work_changes_the_stem(change: dict[str, Any]) -> None:
+    assert work_stem(**{**WORK, **change}) != work_stem(**WORK)
+
+
+@pytest.mark.parametrize(
+    ("names", "kwargs", "stale"),
+    [
+        # A new job: everything of other work goes, its own checkpoint and output stay.
+        (
+            [f"{A}.ckpt", f"{A}.safetensors", f"{B}.ckpt", f"{C}.safetensors", f"{OLD}.ckpt"],
+            {"keep": {A}},
+            [f"{OLD}.ckpt", f"{B}.ckpt", f"{C}.safetensors"],
+        ),
+        # Interrupted writes (kill -9 mid-write) go, even the kept job's own.
+        (
+            [f".{A}.ckpt.x1y2.tmp", f".{B}.safetensors.zz.tmp", f"{A}.ckpt"],
+            {"keep": {A}},
+            [f".{B}.safetensors.zz.tmp", f".{A}.ckpt.x1y2.tmp"],
+        ),
+        # Busy stems (an output being moved to pending) are never touched.
+        (
+            [f"{B}.safetensors", f".{B}.safetensors.q.tmp", f"{C}.ckpt"],
+            {"keep": {A}, "busy": {B}},
+            [f"{C}.ckpt"],
+        ),
+        # A newer global: work on older bases goes, newer or equal stays.
+        (
+            [f"{A}.ckpt", f"{B}.ckpt", f"{C}.ckpt", f"{OLD}.safetensors", f".{B}.ckpt.r.tmp"],
+            {"below_version": 4},
+            [f".{B}.ckpt.r.tmp", f"{OLD}.safetensors", f"{B}.ckpt"],
+        ),
+        ([f"{B}.ckpt"], {"below_version": 4, "busy": {B}}, []),
+        # Names it does not recognise are never deleted.
+        (
+            ["notes.txt", f"{A}.ckpt.bak", f"{A}.pt", "work-v1-short.ckpt", f"x{A}.ckpt", ".tmp"],
+            {},
+            [],
+        ),
+        ([], {"keep": {A}}, []),
+    ],
+)
+def test_stale_work_files(names: list[str], kwargs: dict[str, Any], stale: list[str]) -> None:
+    assert stale_work_files(names, **kwargs) == stale
+
+
+def test_remove_stale_deletes_only_the_stale_files(tmp_path: Path) -> None:
+    for name in (f"{A}.ckpt", f"{B}.ckpt", f".{A}.ckpt.abc.tmp", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    removed = remove_stale(tmp_path, keep={A})
+    assert sorted(p.name for p in removed) == [f".{A}.ckpt.abc.tmp", f"{B}.ckpt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", f"{A}.ckpt"]
+    assert remove_stale(tmp_path / "missing", keep={A}) == []
