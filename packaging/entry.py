@@ -24,7 +24,6 @@ The exit status is the chosen program's; this script never prints anything itsel
 from __future__ import annotations
 
 import multiprocessing
-import os
 import sys
 from collections.abc import Sequence
 
@@ -41,7 +40,8 @@ def program_for(argv: Sequence[str]) -> tuple[str, list[str]]:
     args = list(argv[1:])
     if args == [GPU_PROBE_FLAG]:
         return "gpu-probe", []
-    invoked = os.path.basename(argv[0]) if argv else ""
+    # Either separator, whatever this OS is: the table tests cover Windows paths too.
+    invoked = argv[0].replace("\\", "/").rsplit("/", 1)[-1] if argv else ""
     stem = invoked[:-4] if invoked.lower().endswith(".exe") else invoked
     if stem == CLIENT_NAME:
         return "client", args
