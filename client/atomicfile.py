@@ -26,7 +26,7 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+def write_atomic(path: Path, data: bytes | bytearray | memoryview, *, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data`` atomically; creates the parent directory if needed.
 
     The file gets ``mode`` (default 0600: private, as mkstemp creates it) before it

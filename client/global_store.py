@@ -71,9 +71,15 @@ class GlobalStore:
     def weights_path(self) -> Path:
         return self.directory / WEIGHTS_NAME
 
-    def save(self, *, version: int, task: str, data: bytes) -> GlobalWeights:
-        """Store ``data`` (a safetensors document) as the current version."""
-        digest = hashlib.sha256(data).hexdigest()
+    def save(
+        self, *, version: int, task: str, data: bytes | bytearray, sha256: str | None = None
+    ) -> GlobalWeights:
+        """Store ``data`` (a safetensors document) as the current version.
+
+        ``sha256`` is the document's digest when the caller has already verified it (the
+        transfer did), which saves hashing it a second time.
+        """
+        digest = sha256 if sha256 is not None else hashlib.sha256(data).hexdigest()
         meta = _Meta(version=version, task=task, size=len(data), sha256=digest)
         write_atomic(self.weights_path, data)
         write_atomic(self.directory / META_NAME, meta.model_dump_json().encode("utf-8"))

@@ -135,7 +135,7 @@ from client.snapshot import (
 from client.tasks import available_tasks
 from client.trainer import DEFAULT_CHECKPOINT_INTERVAL, TrainJob, TrainResult
 from client.transfer import BlobStore, send_blob, weights_ref_for
-from client.weights import WeightsError, decode, encode
+from client.weights import decode, encode
 from client.workfiles import remove_stale, work_stem
 
 __all__ = ["ClientSnapshot", "DistributedClient", "PauseDecision", "Worker", "WorkerFactory"]
@@ -849,16 +849,22 @@ class _Session:
         )
         return OkAck().to_wire()
 
-    def _store_global(self, message: WeightsGlobal, data: bytes, fmt: str) -> GlobalWeights:
-        """Decode (full validation, never unpickling) and store; runs in a worker thread."""
-        try:
-            state = decode(data, "json" if fmt == "json" else "safetensors")
-        except WeightsError:
-            raise
+    def _store_global(
+        self, message: WeightsGlobal, data: bytes | bytearray, fmt: str
+    ) -> GlobalWeights:
+        """Decode (full validation, never unpickling) and store; runs in a worker thread.
+
+        ``data`` was verified against ``message.weights.sha256`` by the transfer.
+        """
+        state = decode(data, "json" if fmt == "json" else "safetensors")
+        digest: str | None = message.weights.sha256
         if fmt != "safetensors":
             data = encode(state, "safetensors")  # the trainer reads safetensors only
+            digest = None
         try:
-            return self.global_store.save(version=message.version, task=message.task, data=data)
+            return self.global_store.save(
+                version=message.version, task=message.task, data=data, sha256=digest
+            )
         except OSError as exc:
             raise FedtrayError(
                 "internal_error", f"cannot store global weights v{message.version}: {exc}"

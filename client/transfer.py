@@ -139,12 +139,13 @@ class BlobStore:
         partial.touched = now
         return self._progress(partial)
 
-    def take(self, peer: str, ref: WeightsRef) -> bytes:
+    def take(self, peer: str, ref: WeightsRef) -> bytes | bytearray:
         """The verified bytes a weights reference points to (inline or blob).
 
         A blob is forgotten once taken. Raises FedtrayError: ``blob_unknown``,
         ``blob_incomplete``, ``size_mismatch`` or ``checksum_mismatch``.
         """
+        data: bytes | bytearray
         if ref.data is not None:
             data = ref.data
         else:
@@ -157,7 +158,8 @@ class BlobStore:
                     "blob_incomplete",
                     f"blob {ref.blob_id} holds {len(partial.buffer)} of {partial.total} bytes",
                 )
-            data = bytes(partial.buffer)
+            # Handed over without a copy: the store forgets the blob, the caller owns it.
+            data = partial.buffer
             del self._blobs[(peer, ref.blob_id)]
         verify_blob(data, size=ref.size, sha256=ref.sha256)
         return data
