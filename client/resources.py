@@ -13,7 +13,15 @@ Contract:
   (``power_plugged=None``) gives ``pluggedIn=None``, never ``False``.
 * The battery source is injectable (:class:`BatterySource`) so the power policy can be
   driven by made-up readings; :func:`read_battery` is the real one.
-* :func:`battery_from_psutil` and :func:`cpu_busy_percent` are pure (no I/O).
+* ``FEDTRAY_SIMULATE_BATTERY`` (:data:`SIMULATE_BATTERY_ENV`) overrides what
+  :func:`read_battery` returns, for tests and for seeing the power policy on a desktop:
+  ``"42,unplugged"``, ``"80,plugged"``, ``"55,unknown"`` or ``"none"`` (no battery).
+  :func:`parse_simulated_battery` parses it strictly (pure; :class:`ValueError` with the
+  accepted forms for anything else). :func:`read_battery` logs one WARNING per distinct
+  value -- "battery is simulated" for a good one, the parse error for a bad one, which is
+  then ignored (the real battery is read) -- never one per reading.
+* :func:`battery_from_psutil`, :func:`parse_simulated_battery` and
+  :func:`cpu_busy_percent` are pure (no I/O).
 * Never imports torch or GUI code.
 """
 
@@ -21,8 +29,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import threading
 from collections.abc import Callable
-from typing import NamedTuple, Protocol
+from typing import Final, NamedTuple, Protocol
 
 import psutil
 
@@ -64,8 +74,78 @@ def battery_from_psutil(raw: object) -> BatteryStatus | None:
     return BatteryStatus(percent=_clamp_percent(float(percent)), plugged_in=plugged_in)
 
 
+SIMULATE_BATTERY_ENV: Final = "FEDTRAY_SIMULATE_BATTERY"
+_PLUG_WORDS: Final[dict[str, bool | None]] = {"plugged": True, "unplugged": False, "unknown": None}
+_SIMULATE_FORMS: Final = '"PERCENT,plugged", "PERCENT,unplugged", "PERCENT,unknown" or "none"'
+
+
+def parse_simulated_battery(text: str) -> BatteryStatus | None:
+    """A :data:`SIMULATE_BATTERY_ENV` value as a reading; ``None`` for ``"none"`` (no battery).
+
+    Strict: the percent is a number from 0 to 100 (no clamping: a typo such as 420 is an
+    error, not a full battery) and the plug word is one of ``plugged``, ``unplugged``,
+    ``unknown``; case and spaces around the parts do not matter. Raises
+    :class:`ValueError` naming the value and the accepted forms otherwise.
+    """
+    cleaned = text.strip().lower()
+    if cleaned == "none":
+        return None
+    percent_text, comma, plug_text = cleaned.partition(",")
+    problem = f"{SIMULATE_BATTERY_ENV}={text!r} is not understood; use {_SIMULATE_FORMS}"
+    plug_word = plug_text.strip()
+    if not comma or plug_word not in _PLUG_WORDS:
+        raise ValueError(problem)
+    try:
+        percent = float(percent_text.strip())
+    except ValueError:
+        raise ValueError(problem) from None
+    if not (math.isfinite(percent) and 0.0 <= percent <= 100.0):
+        raise ValueError(f"{problem} (the percent must be 0 to 100)")
+    return BatteryStatus(percent=percent, plugged_in=_PLUG_WORDS[plug_word])
+
+
+class _Unset:
+    """Marks a simulation value that failed to parse (the real battery is read instead)."""
+
+
+_UNSET: Final = _Unset()
+# One parse (and one log line) per distinct value of the variable; the battery is read
+# every few seconds from more than one thread.
+_simulated: dict[str, BatteryStatus | _Unset | None] = {}
+_simulated_lock = threading.Lock()
+
+
+def _simulated_reading(value: str) -> BatteryStatus | _Unset | None:
+    with _simulated_lock:
+        if value in _simulated:
+            return _simulated[value]
+        result: BatteryStatus | _Unset | None
+        try:
+            result = parse_simulated_battery(value)
+        except ValueError as exc:
+            logger.warning("%s; ignoring it and reading the real battery", exc)
+            result = _UNSET
+        else:
+            shown = "no battery" if result is None else f"{value.strip()!r}"
+            logger.warning(
+                "the battery is SIMULATED (%s=%s): power decisions follow it, not the real battery",
+                SIMULATE_BATTERY_ENV,
+                shown,
+            )
+        _simulated[value] = result
+        return result
+
+
 def read_battery() -> BatteryStatus | None:
-    """The real battery reading through psutil; ``None`` when there is none or on any error."""
+    """The battery reading through psutil; ``None`` when there is none or on any error.
+
+    :data:`SIMULATE_BATTERY_ENV`, when set to a valid value, replaces the reading.
+    """
+    override = os.environ.get(SIMULATE_BATTERY_ENV)
+    if override is not None:
+        simulated = _simulated_reading(override)
+        if not isinstance(simulated, _Unset):
+            return simulated
     # sensors_battery does not exist on every platform psutil supports.
     sensors_battery: Callable[[], object] | None = getattr(psutil, "sensors_battery", None)
     if sensors_battery is None:

@@ -11,12 +11,15 @@ from typing import Any
 import psutil
 import pytest
 
+import client.resources
 from client.protocol import BatteryStatus, ResourceSnapshot, parse
 from client.resources import (
+    SIMULATE_BATTERY_ENV,
     ResourceMonitor,
     battery_from_psutil,
     battery_present,
     cpu_busy_percent,
+    parse_simulated_battery,
     read_battery,
 )
 
@@ -38,6 +41,10 @@ def cpu_times(**fields: float) -> Any:
 def _isolated_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME", "XDG_DATA_HOME"):
         monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    # A simulated battery in the developer's shell must not leak into these tests, and
+    # each test starts with no remembered simulation values (so each logs afresh).
+    monkeypatch.delenv(SIMULATE_BATTERY_ENV, raising=False)
+    monkeypatch.setattr(client.resources, "_simulated", {})
 
 
 # --- battery conversion ----------------------------------------------------------------------
@@ -169,3 +176,89 @@ def test_first_snapshot_is_meaningful_from_another_thread() -> None:
     worker.join(timeout=30)
     assert not worker.is_alive()
     assert result[0].cpu_percent > 0
+
+
+# --- simulated battery (FEDTRAY_SIMULATE_BATTERY) ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("42,unplugged", BatteryStatus(percent=42, plugged_in=False)),
+        ("80,plugged", BatteryStatus(percent=80, plugged_in=True)),
+        ("55,unknown", BatteryStatus(percent=55, plugged_in=None)),
+        (" 12.5 , Unplugged ", BatteryStatus(percent=12.5, plugged_in=False)),
+        ("0,unplugged", BatteryStatus(percent=0, plugged_in=False)),
+        ("100,PLUGGED", BatteryStatus(percent=100, plugged_in=True)),
+        ("none", None),
+        ("  None ", None),
+    ],
+)
+def test_parse_simulated_battery(text: str, expected: BatteryStatus | None) -> None:
+    assert parse_simulated_battery(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("", "is not understood"),
+        ("42", "is not understood"),  # no plug state
+        ("unplugged", "is not understood"),
+        ("42,", "is not understood"),
+        ("42,on battery", "is not understood"),
+        ("42,true", "is not understood"),
+        ("forty,unplugged", "is not understood"),
+        ("42,unplugged,extra", "is not understood"),
+        ("101,plugged", "0 to 100"),  # a typo is an error, never clamped to a full battery
+        ("-1,unplugged", "0 to 100"),
+        ("nan,unplugged", "0 to 100"),
+        ("inf,plugged", "0 to 100"),
+        ("null", "is not understood"),
+    ],
+)
+def test_parse_simulated_battery_rejects(text: str, words: str) -> None:
+    with pytest.raises(ValueError, match=words) as info:
+        parse_simulated_battery(text)
+    assert SIMULATE_BATTERY_ENV in str(info.value)
+    assert '"none"' in str(info.value)  # says what would have been accepted
+
+
+def test_simulated_battery_replaces_the_real_one_and_warns_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(psutil, "sensors_battery", lambda: FakeBattery(90, 1, True))
+    monkeypatch.setenv(SIMULATE_BATTERY_ENV, "10,unplugged")
+    with caplog.at_level("WARNING", logger="client.resources"):
+        readings = [read_battery() for _ in range(5)]
+        snapshot = ResourceMonitor().snapshot()
+    assert readings == [BatteryStatus(percent=10, plugged_in=False)] * 5
+    assert snapshot.battery == BatteryStatus(percent=10, plugged_in=False)
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, caplog.text
+    assert "SIMULATED" in warnings[0].getMessage()
+    assert "10,unplugged" in warnings[0].getMessage()
+
+
+def test_simulating_no_battery_hides_a_real_one(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(psutil, "sensors_battery", lambda: FakeBattery(90, 1, False))
+    monkeypatch.setenv(SIMULATE_BATTERY_ENV, "none")
+    with caplog.at_level("WARNING", logger="client.resources"):
+        assert read_battery() is None
+        assert battery_present() is False
+    assert "SIMULATED" in caplog.text and "no battery" in caplog.text
+
+
+def test_a_bad_simulation_value_is_ignored_with_one_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(psutil, "sensors_battery", lambda: FakeBattery(77, 1, True))
+    monkeypatch.setenv(SIMULATE_BATTERY_ENV, "10%,unplugged")
+    with caplog.at_level("WARNING", logger="client.resources"):
+        readings = [read_battery() for _ in range(3)]
+    assert readings == [BatteryStatus(percent=77, plugged_in=True)] * 3  # the real one
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert "'10%,unplugged' is not understood" in warnings[0]
+    assert "reading the real battery" in warnings[0]

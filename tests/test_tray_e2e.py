@@ -9,6 +9,7 @@ state reached go to ``test-artifacts/tray/``; the menu one is also saved as
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -85,37 +86,64 @@ class Tray:
         self.x.xdotool("key", "--delay", "60", *(["Down"] * presses), "Return")
         _poll(lambda: self.menu_window() is None, 10, "the menu to close")
 
-    def icon_shot(self, name: str) -> None:
+    def icon_shot(self, name: str) -> Path:
         left, top, width, height = self.x.window_geometry(self.icon)
-        self.x.screenshot(ARTIFACTS / f"icon-{name}.png", (left, top, left + width, top + height))
+        box = (left, top, left + width, top + height)
+        return self.x.screenshot(ARTIFACTS / f"icon-{name}.png", box)
+
+    def title(self) -> str:
+        """What X says about the icon window; its title is the tooltip sentence."""
+        return self.x.run("xwininfo", "-id", str(self.icon))
+
+
+@contextlib.contextmanager
+def launched_tray(
+    xsession: XSession,  # noqa: F811
+    tmp_path: Path,
+    settings: Settings,
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[Tray]:
+    """Run ``python -m tray`` with ``settings`` in user dirs under ``tmp_path``; yield it
+    once its icon is docked. The process is always killed on exit."""
+    env = dict(xsession.env)
+    for var in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME", "XDG_DATA_HOME"):
+        path = tmp_path / "user" / var.lower()
+        path.mkdir(parents=True)
+        env[var] = str(path)
+    env["HOME"] = str(tmp_path / "user")
+    env.update(extra_env or {})
+    save_settings(settings, config_file(tmp_path))
+    log = tmp_path / "tray-output.txt"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tray", "--log-level", "DEBUG"],
+            cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        icon = xsession.wait_for_docked(60)
+        yield Tray(proc, xsession, icon, log)
+    finally:
+        # SIGTERM first so the tray stops its training worker itself; kill if it lingers.
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+def config_file(tmp_path: Path) -> Path:
+    """The settings file of a tray started by :func:`launched_tray` with this ``tmp_path``."""
+    return tmp_path / "user" / "xdg_config_home" / "fedtray" / "config.toml"
 
 
 @pytest.fixture
 def tray(xsession: XSession, tmp_path: Path) -> Iterator[tuple[Tray, Any]]:  # noqa: F811
     with running_server(tmp_path) as server:
-        env = dict(xsession.env)
-        for var in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME", "XDG_DATA_HOME"):
-            path = tmp_path / "user" / var.lower()
-            path.mkdir(parents=True)
-            env[var] = str(path)
-        env["HOME"] = str(tmp_path / "user")
-        save_settings(
-            Settings(server_url=server.url, device_name="tray-e2e", device_id=DEVICE_ID),
-            Path(env["XDG_CONFIG_HOME"]) / "fedtray" / "config.toml",
-        )
-        log = tmp_path / "tray-output.txt"
-        with log.open("wb") as sink:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "tray", "--log-level", "DEBUG"],
-                cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        try:
-            icon = xsession.wait_for_docked(60)
-            yield Tray(proc, xsession, icon, log), server
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+        settings = Settings(server_url=server.url, device_name="tray-e2e", device_id=DEVICE_ID)
+        with launched_tray(xsession, tmp_path, settings) as app:
+            yield app, server
 
 
 def device(status: dict[str, Any]) -> dict[str, Any]:
