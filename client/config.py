@@ -341,6 +341,11 @@ def config_path() -> Path:
     return Path(platformdirs.user_config_dir(APP_NAME, appauthor=False)) / CONFIG_FILENAME
 
 
+def data_dir() -> Path:
+    """The user data dir (global weights, pending updates, work files); computed per call."""
+    return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
+
+
 def _utc_now() -> datetime:
     return datetime.now(UTC)
 

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-import platformdirs
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from client.atomicfile import write_atomic
+from client.config import data_dir
 from client.protocol import Identifier, NonNegInt, Sha256Hex
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ META_NAME: Final = "current.json"
 
 def default_global_dir() -> Path:
     """``<user data dir>/global`` (honours ``XDG_DATA_HOME``; computed per call)."""
-    return Path(platformdirs.user_data_dir("fedtray", appauthor=False)) / "global"
+    return data_dir() / "global"
 
 
 class _Meta(BaseModel):

@@ -31,10 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from client.atomicfile import move_into, write_atomic
+from client.config import data_dir
 from client.errors import FedtrayError
 from client.protocol import Identifier, Metrics, NonNegInt, PosInt, Sha256Hex, WeightFormat
 
@@ -47,7 +47,7 @@ CORRUPT_SUFFIX: Final = ".corrupt"
 
 def default_pending_dir() -> Path:
     """``<user data dir>/pending`` (honours ``XDG_DATA_HOME``; computed per call)."""
-    return Path(platformdirs.user_data_dir("fedtray", appauthor=False)) / "pending"
+    return data_dir() / "pending"
 
 
 class _Sidecar(BaseModel):

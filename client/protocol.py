@@ -289,6 +289,9 @@ class TrainingProgress(WireModel):
     batch_size: PosInt | None = Field(default=None, description="Effective batch size.")
     state: Literal["training", "paused"] = "training"
     pause_reason: PauseReason | None = None
+    pause_detail: ShortText | None = Field(
+        default=None, description="Plain words when paused, as in the heartbeat."
+    )
 
 
 class TrainingCancel(WireModel):

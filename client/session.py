@@ -49,7 +49,9 @@ Behaviour:
   a round deletes the work files of other work; a newer ``weights:global`` deletes
   those built on older bases (:func:`client.workfiles.remove_stale`).
 * ``training:start`` is acked accepted or refused (paused, ``busy``, ``unknown_task``,
-  ``missing_base``, ``deadline_passed``); ``training:cancel`` cancels the round;
+  ``missing_base``, ``deadline_passed``); a round offered again that is being trained,
+  or whose update is pending, is accepted without new work (the update is sent);
+  ``training:cancel`` cancels the round;
   ``weights:global`` (inline or via ``blob:chunk``) is verified, decoded with the codec
   and stored (:mod:`client.global_store`) as the base of the next round.
 * A finished update is moved into :mod:`client.pending` FIRST, then sent (blob +
@@ -77,11 +79,10 @@ from typing import Any, Final, Literal, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
-import platformdirs
 import socketio
 
 from client.backoff import MAX_DELAY_S, Backoff
-from client.config import Settings, config_path, save_settings
+from client.config import Settings, config_path, data_dir, save_settings
 from client.device import DeviceInfo, detect_device
 from client.errors import ErrorCode, FedtrayError
 from client.global_store import GlobalStore, GlobalWeights
@@ -210,7 +211,7 @@ def _default_worker_factory(on_event: Callable[[object], None]) -> Worker:
 
 def default_work_dir() -> Path:
     """``<user data dir>/work``: the worker's outputs and checkpoints."""
-    return Path(platformdirs.user_data_dir("fedtray", appauthor=False)) / "work"
+    return data_dir() / "work"
 
 
 def _is_auth_refusal(message: str) -> bool:
@@ -725,6 +726,17 @@ class _Session:
 
     async def on_training_start(self, payload: object) -> dict[str, Any]:
         start = parse(TrainingStart, payload)
+        # The same round offered again (after a reconnect or a server restart) is
+        # accepted, not refused as ``busy``: a refusal would free the slot and the update
+        # would then be answered ``not_selected``. Already trained: it is sent (resumed
+        # from the server's offset); still training: the training goes on.
+        if self.round is not None and self.round.start.round_id == start.round_id:
+            log.info("round %s offered again; still training it", start.round_id)
+            return TrainingStartAck(accepted=True).to_wire()
+        if await asyncio.to_thread(self.pending.get, start.round_id) is not None:
+            log.info("round %s offered again; its update is trained, sending it", start.round_id)
+            self.kick_uploads()
+            return TrainingStartAck(accepted=True).to_wire()
         refusal = self._refusal_for(start)
         if refusal is not None:
             log.info("refused round %s: %s (%s)", start.round_id, refusal.reason, refusal.detail)
@@ -1200,6 +1212,7 @@ class _Session:
                             loss=snap.loss,
                             state="paused",
                             pause_reason=decision.reason,
+                            pause_detail=decision.detail or None,
                         )
                     )
         elif not was_allowed:

@@ -6,9 +6,10 @@ drops the connection (socket.io#3135, python-socketio#479). Blobs are therefore 
 of chunks in flight, and a sender that reconnects asks ``blob:status`` and resumes from
 the receiver's offset instead of from zero.
 
-Receiving side: :class:`BlobStore`, pure bookkeeping (no I/O, no clock of its own),
-keyed by ``(peer, blobId)`` where ``peer`` is a stable identity (the device id, not the
-Socket.IO sid) so partial blobs survive a reconnect until they expire. It promises:
+Receiving side: :class:`BlobStore`, bookkeeping (no clock of its own; no I/O unless
+given a ``spill_dir``, see below), keyed by ``(peer, blobId)`` where ``peer`` is a stable
+identity (the device id, not the Socket.IO sid) so partial blobs survive a reconnect
+until they expire. It promises:
 
 - limits are checked *before* anything is buffered: a chunk over ``max_chunk_bytes``,
   a total over ``max_blob_bytes``, or a peer holding more than ``max_peer_bytes`` is
@@ -19,6 +20,16 @@ Socket.IO sid) so partial blobs survive a reconnect until they expire. It promis
 - :meth:`BlobStore.take` hands out a blob only when complete and its size and SHA-256
   match, then forgets it.
 
+By default blobs are held in memory. With ``spill_dir`` (the server's, so an upload
+survives a server restart) each partial blob is a ``.part`` file appended chunk by chunk
+beside a small JSON sidecar (peer, blob id, total, SHA-256), under a folder per peer;
+:meth:`BlobStore.restore` picks them up after a restart, so ``status`` reports the bytes
+already held and the sender resumes from there. The rules above (limits checked before
+anything is written, offsets, mismatches) are the same in both modes: only where the
+bytes go differs. Plain writes are enough to survive a ``kill -9`` of the process (the
+data is in the page cache); a disk that refuses a write answers ``internal_error`` and
+the chunk is not counted.
+
 Sending side: :func:`send_blob`, an async function over any ``call(event, payload)``
 coroutine that returns the peer's ack (python-socketio's ``call`` on either side).
 Errors raise :class:`client.errors.FedtrayError` with the peer's code.
@@ -27,10 +38,16 @@ Errors raise :class:`client.errors.FedtrayError` with the peer's code.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import json
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from client.atomicfile import write_atomic
 from client.errors import FedtrayError
 from client.protocol import (
     EV_BLOB_CHUNK,
@@ -47,12 +64,92 @@ from client.weights import sha256_hex, verify_blob
 Call = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
 
+log = logging.getLogger(__name__)
+
+
 @dataclass
 class _Partial:
     total: int
     sha256: str
-    buffer: bytearray = field(default_factory=bytearray)
+    buffer: bytearray = field(default_factory=bytearray)  # in memory mode only
+    received: int = 0
     touched: float = 0.0
+
+
+def _name_hash(text: str) -> str:
+    """A file-name-safe stand-in for a peer or blob id (ids may hold ``:`` or ``.``)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+class _SpillDir:
+    """Where a disk-backed BlobStore keeps its bytes: ``<dir>/<peer>/<blob>.part`` + ``.json``.
+
+    All the I/O of the blob store lives here; the rules live in :class:`BlobStore`.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def _paths(self, peer: str, blob_id: str) -> tuple[Path, Path]:
+        base = self.directory / _name_hash(peer) / _name_hash(blob_id)
+        return base.with_suffix(".part"), base.with_suffix(".json")
+
+    def create(self, peer: str, blob_id: str, total: int, sha256: str) -> None:
+        """An empty partial blob; the sidecar is written first so a part file is never
+        orphaned of its description."""
+        part, meta = self._paths(peer, blob_id)
+        doc = {"peer": peer, "blobId": blob_id, "total": total, "sha256": sha256}
+        write_atomic(meta, json.dumps(doc).encode("utf-8"))
+        part.unlink(missing_ok=True)
+        part.touch(mode=0o600)  # private, like the sidecar: it holds a device's weights
+
+    def append(self, peer: str, blob_id: str, held: int, data: bytes) -> None:
+        """Append ``data`` after the ``held`` bytes (cutting any torn tail of a failed write)."""
+        part, _ = self._paths(peer, blob_id)
+        with part.open("r+b") as fh:
+            fh.truncate(held)
+            fh.seek(held)
+            fh.write(data)
+
+    def read(self, peer: str, blob_id: str) -> bytes:
+        part, _ = self._paths(peer, blob_id)
+        return part.read_bytes()
+
+    def remove(self, peer: str, blob_id: str) -> None:
+        part, meta = self._paths(peer, blob_id)
+        for path in (meta, part):
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            part.parent.rmdir()  # only when empty
+
+    def scan(self) -> list[tuple[str, str, int, str, int]]:
+        """``(peer, blob_id, total, sha256, bytes held)`` of every readable partial blob;
+        unreadable leftovers are deleted."""
+        found: list[tuple[str, str, int, str, int]] = []
+        if not self.directory.is_dir():
+            return found
+        for meta in sorted(self.directory.glob("*/*.json")):
+            part = meta.with_suffix(".part")
+            try:
+                doc = json.loads(meta.read_text(encoding="utf-8"))
+                peer, blob_id = str(doc["peer"]), str(doc["blobId"])
+                total, sha256 = int(doc["total"]), str(doc["sha256"])
+                size = part.stat().st_size
+                if self._paths(peer, blob_id)[1] != meta or size > total:
+                    raise ValueError("does not describe its part file")
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("dropping unreadable partial blob %s: %s", meta, exc)
+                for path in (meta, part):
+                    with contextlib.suppress(OSError):
+                        path.unlink(missing_ok=True)
+                continue
+            found.append((peer, blob_id, total, sha256, size))
+        for part in self.directory.glob("*/*.part"):
+            if not part.with_suffix(".json").exists():
+                with contextlib.suppress(OSError):
+                    part.unlink()
+        return found
 
 
 class BlobStore:
@@ -70,6 +167,7 @@ class BlobStore:
         max_blob_bytes: int,
         max_peer_bytes: int | None = None,
         ttl_sec: float = 600.0,
+        spill_dir: Path | None = None,
     ) -> None:
         self.max_chunk_bytes = max_chunk_bytes
         self.max_blob_bytes = max_blob_bytes
@@ -77,6 +175,21 @@ class BlobStore:
         self.max_peer_bytes = max_peer_bytes if max_peer_bytes is not None else 2 * max_blob_bytes
         self.ttl_sec = ttl_sec
         self._blobs: dict[tuple[str, str], _Partial] = {}
+        self._spill = _SpillDir(spill_dir) if spill_dir is not None else None
+
+    def restore(self, now: float) -> int:
+        """Pick up the partial blobs a previous process left in ``spill_dir``.
+
+        Returns how many were restored (0 in memory mode). Their expiry starts at ``now``.
+        """
+        if self._spill is None:
+            return 0
+        found = self._spill.scan()
+        for peer, blob_id, total, sha256, size in found:
+            self._blobs[(peer, blob_id)] = _Partial(
+                total=total, sha256=sha256, received=size, touched=now
+            )
+        return len(found)
 
     def accept_chunk(self, peer: str, chunk: BlobChunk, now: float) -> BlobProgress:
         """Append one chunk; return what is now held. Raises FedtrayError on refusal."""
@@ -98,6 +211,12 @@ class BlobStore:
                 raise FedtrayError(
                     "offset_gap", f"blob {chunk.blob_id} is unknown here: start at offset 0"
                 )
+            if size > chunk.total:
+                # Checked before the blob is recorded, so a refused first chunk leaves nothing.
+                raise FedtrayError(
+                    "size_mismatch",
+                    f"chunk of {size} bytes is larger than blob {chunk.blob_id} ({chunk.total})",
+                )
             held = self.bytes_held(peer)
             if held + chunk.total > self.max_peer_bytes:
                 raise FedtrayError(
@@ -106,6 +225,12 @@ class BlobStore:
                     f"{self.max_peer_bytes} bytes",
                 )
             partial = _Partial(total=chunk.total, sha256=chunk.sha256)
+            if self._spill is not None:
+                try:
+                    self._spill.create(peer, chunk.blob_id, chunk.total, chunk.sha256)
+                except OSError as exc:
+                    self._spill.remove(peer, chunk.blob_id)
+                    raise FedtrayError("internal_error", f"cannot store the blob: {exc}") from None
             self._blobs[key] = partial
         elif partial.total != chunk.total or partial.sha256 != chunk.sha256:
             raise FedtrayError(
@@ -113,7 +238,7 @@ class BlobStore:
                 f"blob {chunk.blob_id} was announced with another size or checksum",
             )
         partial.touched = now
-        received = len(partial.buffer)
+        received = partial.received
         if chunk.offset < received:
             # A resent chunk after a lost ack: already held, acknowledge idempotently.
             return self._progress(partial)
@@ -128,7 +253,14 @@ class BlobStore:
                 "size_mismatch",
                 f"chunk would grow blob {chunk.blob_id} past its announced {partial.total} bytes",
             )
-        partial.buffer += chunk.data
+        if self._spill is None:
+            partial.buffer += chunk.data
+        else:
+            try:
+                self._spill.append(peer, chunk.blob_id, received, chunk.data)
+            except OSError as exc:
+                raise FedtrayError("internal_error", f"cannot store the chunk: {exc}") from None
+        partial.received += size
         return self._progress(partial)
 
     def status(self, peer: str, blob_id: str, now: float) -> BlobProgress:
@@ -153,36 +285,44 @@ class BlobStore:
             partial = self._blobs.get((peer, ref.blob_id))
             if partial is None:
                 raise FedtrayError("blob_unknown", f"blob {ref.blob_id} was never received")
-            if len(partial.buffer) < partial.total:
+            if partial.received < partial.total:
                 raise FedtrayError(
                     "blob_incomplete",
-                    f"blob {ref.blob_id} holds {len(partial.buffer)} of {partial.total} bytes",
+                    f"blob {ref.blob_id} holds {partial.received} of {partial.total} bytes",
                 )
-            # Handed over without a copy: the store forgets the blob, the caller owns it.
-            data = partial.buffer
-            del self._blobs[(peer, ref.blob_id)]
+            if self._spill is None:
+                # Handed over without a copy: the store forgets the blob, the caller owns it.
+                data = partial.buffer
+            else:
+                try:
+                    data = self._spill.read(peer, ref.blob_id)
+                except OSError as exc:
+                    raise FedtrayError(
+                        "internal_error", f"cannot read blob {ref.blob_id}: {exc}"
+                    ) from None
+            self.discard(peer, ref.blob_id)
         verify_blob(data, size=ref.size, sha256=ref.sha256)
         return data
 
     def discard(self, peer: str, blob_id: str) -> None:
-        """Forget a blob (idempotent)."""
-        self._blobs.pop((peer, blob_id), None)
+        """Forget a blob (idempotent); its files too in disk mode."""
+        if self._blobs.pop((peer, blob_id), None) is not None and self._spill is not None:
+            self._spill.remove(peer, blob_id)
 
     def expire(self, now: float) -> int:
         """Drop blobs untouched for ``ttl_sec``; return how many were dropped."""
         stale = [k for k, p in self._blobs.items() if now - p.touched > self.ttl_sec]
-        for key in stale:
-            del self._blobs[key]
+        for peer, blob_id in stale:
+            self.discard(peer, blob_id)
         return len(stale)
 
     def bytes_held(self, peer: str | None = None) -> int:
-        """Bytes buffered for one peer, or for all when ``peer`` is None."""
-        return sum(len(p.buffer) for (owner, _), p in self._blobs.items() if peer in (None, owner))
+        """Bytes held (in memory or on disk) for one peer, or for all when ``peer`` is None."""
+        return sum(p.received for (owner, _), p in self._blobs.items() if peer in (None, owner))
 
     @staticmethod
     def _progress(partial: _Partial) -> BlobProgress:
-        received = len(partial.buffer)
-        return BlobProgress(received=received, complete=received == partial.total)
+        return BlobProgress(received=partial.received, complete=partial.received == partial.total)
 
 
 def _check_ack(ack: Any, what: str) -> BlobProgress:

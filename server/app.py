@@ -20,6 +20,19 @@ decoding and aggregation of large updates run in threads so heartbeats keep flow
 
 Partitioning: in each round, the selected devices get parts ``0..n-1`` of ``n`` (in
 selection order) of the task's training split, with the server's seed and scheme.
+
+Surviving a crash (even ``kill -9``): partial uploads are kept on disk in
+``state_dir/blobs`` (:class:`client.transfer.BlobStore` with a spill dir), so a device
+that reconnects resumes from the bytes the server already holds. The open round is kept
+in ``state_dir/round.json`` and each accepted update in ``state_dir/round/``, written
+before the update is acknowledged (:mod:`server.roundstore`). On start, a saved round whose
+base is the saved global version and whose deadline has not passed is restored under
+the SAME round id: its saved updates are folded into the strategy again (each counted
+once), and the slots of devices that had not reported wait up to
+:data:`RETURN_GRACE_S` (or the deadline) for their devices to reconnect, which are then
+offered their part again (a device that already holds the trained update just sends
+it). Any other saved round is discarded with a log line saying why. The round's files
+are removed only after the round's new global version and history are saved.
 """
 
 from __future__ import annotations
@@ -86,7 +99,8 @@ from server.config import ServerConfig
 from server.model import evaluate_state, initial_state
 from server.ratelimit import CHUNK_EVENT, ConnectionLimiter, Verdict
 from server.registry import DeviceRecord, Registry
-from server.rounds import Round, select_devices
+from server.rounds import Round, Slot, select_devices
+from server.roundstore import RoundStore, SavedRound, SavedSlot
 from server.status import (
     CurrentRound,
     RoundRecord,
@@ -100,6 +114,8 @@ from server.tls import TLSConfigError, server_ssl_context
 log = logging.getLogger(__name__)
 
 DASHBOARD_FILE = Path(__file__).with_name("dashboard.html")
+#: After a restart, how long (at least) a restored round waits for its devices to return.
+RETURN_GRACE_S = 10.0
 Handler = Callable[..., Awaitable[Any]]
 
 
@@ -139,6 +155,8 @@ class FedServer:
             max_chunk_bytes=limits.max_chunk_bytes,
             max_blob_bytes=limits.max_blob_bytes,
             ttl_sec=config.blob_ttl,
+            # On disk, so an upload interrupted by a server crash resumes where it stopped.
+            spill_dir=config.state_dir / "blobs",
         )
         self.auth = TokenChecker(config.tokens)
         for token in config.tokens:
@@ -146,6 +164,7 @@ class FedServer:
         self._limiters: dict[str, ConnectionLimiter] = {}
         self.strategy: Strategy = strategy if strategy is not None else FedAvg()
         self.store = Store(config.state_dir)
+        self.round_store = RoundStore(config.state_dir)
         self.port: int = 0
         self.version = 0
         self.rounds_completed = 0
@@ -167,6 +186,9 @@ class FedServer:
         # The round before the current one, so a resend whose ack was lost as that round
         # closed is answered ``duplicate`` (counted) rather than ``round_closed``.
         self._previous_round: Round | None = None
+        # A round restored from round.json, run first by the round loop.
+        self._restored: Round | None = None
+        self._return_grace_until = 0.0
         self._send_locks: dict[str, asyncio.Lock] = {}
         self._agg_lock = asyncio.Lock()
         self._round_changed = asyncio.Event()
@@ -248,6 +270,15 @@ class FedServer:
                 self.rounds_completed,
             )
         self._test_data = await asyncio.to_thread(task.load_data, "test", None)
+        try:
+            held = await asyncio.to_thread(self.blobs.restore, time.monotonic())
+        except OSError as exc:
+            raise StartupError(f"cannot read partial uploads in {cfg.state_dir}: {exc}") from None
+        if held:
+            log.info("kept %d partial uploads from the previous run", held)
+        self._restored = await asyncio.to_thread(self._restore_round)
+        if self._restored is not None:
+            self.round = self._restored
 
         sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
         try:
@@ -277,9 +308,12 @@ class FedServer:
         return self.port
 
     async def stop(self) -> None:
-        """Stop rounds, tell working devices, disconnect everyone, release the port.
+        """Stop rounds, disconnect everyone, release the port.
 
-        Every step is bounded in time, so a stuck peer cannot keep the server alive.
+        An open round is not cancelled: it is on disk (:mod:`server.roundstore`), so after a
+        restart before its deadline the devices finish it and their updates count; past
+        the deadline they are refused as late. Every step is bounded in time, so a stuck
+        peer cannot keep the server alive.
         """
         pending = [*self._loops, *self._background]
         for work in pending:
@@ -287,13 +321,6 @@ class FedServer:
         if pending:
             await asyncio.wait(pending, timeout=5)
         self._loops = []
-        rnd = self.round
-        if rnd is not None and rnd.phase != "closed":
-            working = rnd.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(
-                    self._cancel_devices(rnd, working, "the server is shutting down"), 5
-                )
         sids = [r.sid for r in self.registry.connected() if r.sid is not None]
         if sids:
             await asyncio.wait(
@@ -616,11 +643,37 @@ class FedServer:
             max_bytes=self.config.limits.max_blob_bytes,
         )
         del data
+        # On disk before it is counted and acknowledged: an acknowledged update survives a
+        # server crash (the device deletes its copy on the ack).
+        try:
+            update = await asyncio.to_thread(encode, state, "safetensors")
+            await asyncio.to_thread(self.round_store.save_update, record.device_id, update)
+            del update
+        except OSError as exc:
+            log.error("cannot save the update of %s: %s", record.name, exc)
+            raise FedtrayError(
+                "internal_error", "the server cannot store the update now; send it again later"
+            ) from None
         async with self._agg_lock:
             # The round may have closed, or a concurrent duplicate been counted, meanwhile.
             if self.round is not rnd:
                 raise FedtrayError("round_closed", f"round {sub.round_id} is closed")
             rnd.check_submit(record.device_id, sub.round_id, sub.base_version, time.monotonic())
+            saved = self._saved_round(rnd)
+            saved.slots[record.device_id] = SavedSlot(
+                index=rnd.slots[record.device_id].index,
+                reported=True,
+                num_samples=sub.num_samples,
+                metrics=dict(sub.metrics),
+                update_file=self.round_store.update_file_name(record.device_id),
+            )
+            try:
+                await asyncio.to_thread(self.round_store.save, saved)
+            except OSError as exc:
+                log.error("cannot save round %s: %s", rnd.round_id, exc)
+                raise FedtrayError(
+                    "internal_error", "the server cannot store the update now; send it again later"
+                ) from None
             await asyncio.to_thread(self.strategy.add, state, sub.num_samples)
             received = rnd.record_report(record.device_id, sub.num_samples, sub.metrics)
         record.state = "idle"
@@ -747,6 +800,12 @@ class FedServer:
         cfg = self.config
         attempt = 0
         number = 0
+        restored, self._restored = self._restored, None
+        if restored is not None:
+            number, attempt = restored.number, restored.attempt
+            self._return_grace_until = time.monotonic() + max(RETURN_GRACE_S, cfg.stale_after)
+            if not await self._drive_round(restored, []):
+                await asyncio.sleep(cfg.effective_retry_delay)
         while True:
             if cfg.rounds and self.rounds_completed >= cfg.rounds:
                 log.info(
@@ -813,6 +872,10 @@ class FedServer:
         if self.round is not None:
             self._previous_round = self.round
         self.round = rnd
+        try:
+            await asyncio.to_thread(self._persist_open_round, rnd)
+        except OSError as exc:
+            log.error("cannot save round %s in %s: %s", round_id, cfg.state_dir, exc)
         names = ", ".join(self._name(d) for d in chosen)
         log.info(
             "round %d started (%s): %d selected [%s], %d reports needed, deadline in %.0f s",
@@ -827,13 +890,22 @@ class FedServer:
             asyncio.create_task(self._start_device(rnd, device_id, i, len(chosen), deadline_unix))
             for i, device_id in enumerate(chosen)
         ]
+        return await self._drive_round(rnd, starters)
+
+    async def _drive_round(self, rnd: Round, starters: list[asyncio.Task[None]]) -> bool:
+        """Wait for an open round's reports, then close it; True when it completed."""
+        cfg = self.config
+        number, round_id, chosen = rnd.number, rnd.round_id, rnd.selected
         rnd.phase = "training"
         try:
             while True:
                 self._round_changed.clear()
                 now = time.monotonic()
                 self._drop_stale(rnd, now)
-                if rnd.settled or not rnd.can_still_succeed or now >= rnd.deadline:
+                if now >= rnd.deadline or (
+                    (rnd.settled or not rnd.can_still_succeed)
+                    and not self._awaiting_return(rnd, now)
+                ):
                     break
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(
@@ -875,10 +947,136 @@ class FedServer:
                     detail=detail,
                 )
             )
+            await self._forget_round()
             self._round_phase = "starting"
             return False
         await self._complete_round(rnd)
         return True
+
+    def _awaiting_return(self, rnd: Round, now: float) -> bool:
+        """True while a restored round still waits for a device not yet back since the
+        restart (within the grace), so the round is not closed before it can return."""
+        if now >= self._return_grace_until:
+            return False
+        return any(
+            slot.state == "dropped"
+            and slot.detail == "disconnected"
+            and self.registry.get(device_id) is None
+            for device_id, slot in rnd.slots.items()
+        )
+
+    def _saved_round(self, rnd: Round) -> SavedRound:
+        """What ``round.json`` holds for ``rnd`` (reported slots name their update file)."""
+        slots: dict[str, SavedSlot] = {}
+        for device_id, slot in rnd.slots.items():
+            reported = slot.state == "reported"
+            slots[device_id] = SavedSlot(
+                index=slot.index,
+                reported=reported,
+                num_samples=slot.num_samples if reported else 0,
+                metrics=dict(slot.metrics) if reported else {},
+                update_file=self.round_store.update_file_name(device_id) if reported else None,
+            )
+        return SavedRound(
+            task=self.config.task,
+            round_id=rnd.round_id,
+            number=rnd.number,
+            attempt=rnd.attempt,
+            base_version=rnd.base_version,
+            started_unix=time.time() - (time.monotonic() - rnd.started_at),
+            deadline_unix=rnd.deadline_unix,
+            required=rnd.required,
+            slots=slots,
+        )
+
+    def _persist_open_round(self, rnd: Round) -> None:
+        """A new round replaces whatever round files a previous round left."""
+        self.round_store.clear()
+        self.round_store.save(self._saved_round(rnd))
+
+    async def _forget_round(self) -> None:
+        """Remove the closed round's files (after its outcome is saved, if it completed)."""
+        try:
+            await asyncio.to_thread(self.round_store.clear)
+        except OSError as exc:
+            log.warning("cannot remove the closed round's files: %s", exc)
+
+    def _restore_round(self) -> Round | None:
+        """The open round a previous run saved, if it can go on; else None (files removed).
+
+        Runs in a thread at start, after the global weights are loaded.
+        """
+        try:
+            saved = self.round_store.load()
+        except StoreError as exc:
+            log.warning("discarding the saved open round: %s", exc)
+            self.round_store.clear()
+            return None
+        if saved is None:
+            return None
+        now_unix = time.time()
+        why: str | None = None
+        if saved.task != self.config.task:
+            why = f"it trains task {saved.task}"
+        elif saved.base_version != self.version or saved.number != self.rounds_completed + 1:
+            why = (
+                f"it is round {saved.number} from version {saved.base_version}, but the saved "
+                f"global is version {self.version} after {self.rounds_completed} rounds"
+            )
+        elif saved.deadline_unix <= now_unix:
+            why = "its deadline has passed"
+        elif self.config.rounds and self.rounds_completed >= self.config.rounds:
+            why = "all rounds are complete"
+        if why is not None:
+            log.info("discarding the saved open round %s: %s", saved.round_id, why)
+            self.round_store.clear()
+            return None
+        slots: dict[str, Slot] = {}
+        self.strategy.begin(self._global)
+        try:
+            for device_id, kept in saved.slots.items():
+                if kept.reported and kept.update_file is not None:
+                    update = self.round_store.load_update(kept.update_file, self._layout)
+                    self.strategy.add(update, kept.num_samples)
+                    slots[device_id] = Slot(
+                        state="reported",
+                        index=kept.index,
+                        num_samples=kept.num_samples,
+                        metrics=dict(kept.metrics),
+                    )
+                else:
+                    # Offered its part again when it reconnects (see _reoffer_round).
+                    slots[device_id] = Slot(
+                        state="dropped", detail="disconnected", index=kept.index
+                    )
+        except (StoreError, ValueError) as exc:
+            log.warning("discarding the saved open round %s: %s", saved.round_id, exc)
+            self.round_store.clear()
+            return None
+        now = time.monotonic()
+        rnd = Round(
+            round_id=saved.round_id,
+            number=saved.number,
+            attempt=saved.attempt,
+            base_version=saved.base_version,
+            deadline=now + (saved.deadline_unix - now_unix),
+            started_at=now - max(0.0, now_unix - saved.started_unix),
+            required=saved.required,
+            slots=slots,
+            phase="training",
+            deadline_unix=saved.deadline_unix,
+        )
+        log.info(
+            "restored round %d (%s) after a restart: %d of %d reported, %d needed, "
+            "deadline in %.0f s",
+            rnd.number,
+            rnd.round_id,
+            len(rnd.reported),
+            len(rnd.slots),
+            rnd.required,
+            saved.deadline_unix - now_unix,
+        )
+        return rnd
 
     async def _complete_round(self, rnd: Round) -> None:
         cfg = self.config
@@ -930,6 +1128,9 @@ class FedServer:
             )
         except OSError as exc:
             log.error("could not save version %d to %s: %s", new_version, cfg.state_dir, exc)
+        else:
+            # Only now: until the new version is saved, the round's updates live in its files.
+            await self._forget_round()
         for device_id in rnd.reported:
             device = self.registry.get(device_id)
             if device is not None:

@@ -107,6 +107,7 @@ EXAMPLES: dict[type[p.WireModel], dict[str, Any]] = {
         "batchSize": 32,
         "state": "training",
         "pauseReason": None,
+        "pauseDetail": None,
     },
     p.TrainingCancel: {"roundId": "r12", "reason": "round timed out"},
     p.TrainingError: {
@@ -225,14 +226,20 @@ enough to write a compatible server or client in another language.
    in `GET /api/status`), makes sure each holds the base version (step 3), then sends
    `training:start`. The device acks `{accepted: true}` or refuses with a reason (a
    refusal frees its slot; a pause reason marks it paused until a heartbeat says
-   otherwise). A malformed `training:start` is answered with an `ErrorAck`.
+   otherwise). A malformed `training:start` is answered with an `ErrorAck`. The same
+   `roundId` may be offered again (after a reconnect, or after the server restarted and
+   restored the open round): a device still training that round, or holding its trained
+   update unsent, acks `{accepted: true}` and carries on (sends the update) — refusing
+   `busy` would free its slot, and the update would then be `not_selected`.
 6. While training, the device sends `training:progress`; when paused it reports
    `state: "paused"` with a `pauseReason`, and heartbeats say `paused` with a plain-words
    `pauseDetail`.
 7. When done, the device writes the update to disk, sends it as a blob (or inline when it
    fits in one chunk) and sends `weights:submit`. It deletes its copy only after the ack:
    `SubmitAccepted`, or the codes `duplicate` (already counted) or `round_closed` (too
-   late; discarded). After a reconnect it resumes the blob from `blob:status`.
+   late; discarded). After a reconnect it resumes the blob from `blob:status`. The
+   reference server writes an update to disk before it acks it, and keeps the open round
+   and partial blobs on disk, so a server restart loses neither.
 8. When enough devices reported before the deadline, the server averages the updates
    (FedAvg weighted by `numSamples`, accumulated in float64 and stored in each tensor's
    own dtype), evaluates, and broadcasts `weights:global` with the new version. Devices

@@ -125,9 +125,9 @@ class Registry:
         record = self._devices[device_id]
         record.progress = progress
         record.state = progress.state
-        record.pause_reason = progress.pause_reason if progress.state == "paused" else None
-        if progress.state != "paused":
-            record.pause_detail = None
+        paused = progress.state == "paused"
+        record.pause_reason = progress.pause_reason if paused else None
+        record.pause_detail = progress.pause_detail if paused else None
         record.last_seen = now
 
     def touch(self, device_id: str, now: float) -> None:

@@ -9,6 +9,7 @@ in the same directory, fsync, ``os.replace``), and the weights file is written b
 state. :meth:`Store.load` returns None when the directory holds no state, and raises
 :class:`StoreError` with a one-line message when the state is unreadable, corrupt, or
 belongs to another task or model layout. Older weights files are removed after a save.
+The open round (its accepted updates) is kept apart, by :mod:`server.roundstore`.
 """
 
 from __future__ import annotations

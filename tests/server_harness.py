@@ -18,6 +18,10 @@ Stable API (other test modules rely on it):
 * :class:`ScriptedDevice` -- an ``AsyncClient`` that registers, heartbeats, records
   ``training:start``/``training:cancel``/``device:registered``, receives and decodes
   ``weights:global`` (inline or chunked) and submits updates, all driven by the test.
+* :class:`LoopThread` -- an asyncio loop in a thread for driving devices from synchronous
+  tests; ``close()`` cancels what is left on it before closing it.
+* :class:`HolderDevice` -- a ScriptedDevice on its own LoopThread that accepts rounds and
+  never reports, keeping a round open until ``close()``.
 
 Nothing here sleeps blindly: every wait polls a condition with a timeout and raises
 ``TimeoutError`` with the last state seen.
@@ -26,6 +30,7 @@ Nothing here sleeps blindly: every wait polls a condition with a timeout and rai
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -39,7 +44,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import socketio
 
@@ -63,6 +68,9 @@ from client.transfer import BlobStore, send_blob, weights_ref_for
 from client.weights import StateDict, decode, encode
 from server.app import FedServer
 from server.config import ServerConfig
+from tests.waiting import poll, poll_async, wait_until_async
+
+T = TypeVar("T")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_PARAMS: dict[str, Any] = {"features": 8, "classes": 3, "hidden": 8, "samples": 300}
@@ -86,25 +94,6 @@ def _get_json(url: str, timeout: float = 5.0) -> dict[str, Any]:
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         data: dict[str, Any] = json.loads(resp.read().decode("utf-8"))
     return data
-
-
-def _poll(
-    fetch: Callable[[], dict[str, Any]],
-    predicate: Callable[[dict[str, Any]], bool],
-    timeout: float,
-    what: str,
-) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    last: dict[str, Any] = {}
-    while True:
-        last = fetch()
-        if predicate(last):
-            return last
-        if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"timed out after {timeout} s waiting for {what}; last status: {last}"
-            )
-        time.sleep(0.05)
 
 
 @dataclass
@@ -131,7 +120,7 @@ class ServerHandle:
         what: str = "a status condition",
     ) -> dict[str, Any]:
         """Poll the status until ``predicate(status)``; return it (blocking)."""
-        return _poll(self.status, predicate, timeout, what)
+        return poll(self.status, predicate, timeout, what)
 
     async def await_status(
         self,
@@ -140,14 +129,7 @@ class ServerHandle:
         what: str = "a status condition",
     ) -> dict[str, Any]:
         """Like :meth:`wait_for` but without blocking the caller's event loop."""
-        deadline = time.monotonic() + timeout
-        while True:
-            last = await asyncio.to_thread(self.status)
-            if predicate(last):
-                return last
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out after {timeout} s waiting for {what}; last: {last}")
-            await asyncio.sleep(0.05)
+        return await poll_async(self.status, predicate, timeout, what)
 
     def run(self, coro: Awaitable[Any], timeout: float = 10.0) -> Any:
         """Run a coroutine on the server's loop (for introspection in tests)."""
@@ -166,37 +148,40 @@ def running_server(tmp_path: Path, **config_overrides: Any) -> Iterator[ServerHa
     """Start a server in a thread on a free port; stop it on exit."""
     settings = {**TEST_DEFAULTS, "state_dir": tmp_path / "server-state", **config_overrides}
     config = ServerConfig(**settings)
-    loop = asyncio.new_event_loop()
     ready = threading.Event()
     box: dict[str, Any] = {}
 
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        stop_event = asyncio.Event()
+    async def serve() -> None:
         server = FedServer(config)
-        box["server"], box["stop_event"] = server, stop_event
+        stop_event = asyncio.Event()
+        box.update(server=server, stop_event=stop_event, loop=asyncio.get_running_loop())
         try:
-            box["port"] = loop.run_until_complete(server.start())
+            box["port"] = await server.start()
         except BaseException as exc:
             box["error"] = exc
-            loop.run_until_complete(server.stop())
-            ready.set()
-            loop.close()
-            return
         ready.set()
         try:
-            loop.run_until_complete(stop_event.wait())
+            if "error" not in box:
+                await stop_event.wait()
         finally:
-            loop.run_until_complete(server.stop())
-            loop.close()
+            await server.stop()
+
+    def run() -> None:
+        # asyncio.run cancels and awaits what the libraries leave behind (engine.io's
+        # ping timers) before it closes the loop: no task is destroyed while pending.
+        try:
+            asyncio.run(serve())
+        finally:
+            ready.set()
 
     thread = threading.Thread(target=run, name="fedtray-test-server", daemon=True)
     thread.start()
     if not ready.wait(60):
         raise TimeoutError("the test server did not start within 60 s")
-    if "error" in box:
+    if "port" not in box:
         thread.join(10)
-        raise box["error"]
+        raise box.get("error") or RuntimeError("the test server thread ended before starting")
+    loop: asyncio.AbstractEventLoop = box["loop"]
     stopped = threading.Event()
 
     def stop() -> None:
@@ -238,7 +223,7 @@ class ProcessHandle:
         timeout: float = 10.0,
         what: str = "a status condition",
     ) -> dict[str, Any]:
-        return _poll(self.status, predicate, timeout, what)
+        return poll(self.status, predicate, timeout, what)
 
     def terminate(self, timeout: float = 30.0) -> int:
         """SIGTERM, then wait; the exit status."""
@@ -286,15 +271,18 @@ def server_args(tmp_path: Path, *args: str) -> list[str]:
 
 @contextlib.contextmanager
 def server_process(
-    tmp_path: Path, *args: str, start_timeout: float = 90.0
+    tmp_path: Path, *args: str, start_timeout: float = 90.0, code: str | None = None
 ) -> Iterator[ProcessHandle]:
     """Run the server as a subprocess on a free port; kill it on exit if still running.
 
     The tiny synthetic model params cannot be passed by flag, so the subprocess trains the
-    synthetic task's defaults (still small).
+    synthetic task's defaults (still small). ``code``, when given, is run with
+    ``python -c`` instead of ``-m server`` (to patch a setting no flag reaches, then call
+    ``server.cli.main(sys.argv[1:])``).
     """
+    launcher = ["-c", code] if code is not None else ["-m", "server"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server", *server_args(tmp_path, *args)],
+        [sys.executable, *launcher, *server_args(tmp_path, *args)],
         cwd=REPO_ROOT,
         env=subprocess_env(tmp_path),
         stdout=subprocess.PIPE,
@@ -520,11 +508,7 @@ class ScriptedDevice:
     async def until(
         self, predicate: Callable[[], bool], timeout: float = 10.0, what: str = "a device condition"
     ) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.name}: timed out after {timeout} s waiting for {what}")
-            await asyncio.sleep(0.02)
+        await wait_until_async(predicate, timeout, f"{self.name}: {what}")
 
     async def heartbeat_forever(
         self, state: str = "idle", period: float = 0.2, **extra: Any
@@ -537,6 +521,66 @@ class ScriptedDevice:
 
 
 _LIVE: set[ScriptedDevice] = set()
+
+
+class LoopThread:
+    """An asyncio loop in its own thread, to drive async peers from synchronous tests.
+
+    It is the one owner of its loop: :meth:`close` cancels and awaits every task still on
+    it (library timers included) before it closes the loop, so none is destroyed pending.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Awaitable[T], timeout: float = 30.0) -> T:
+        """Run ``coro`` on the loop and return its result (blocking)."""
+        return self.start(coro).result(timeout)
+
+    def start(self, coro: Awaitable[T]) -> concurrent.futures.Future[T]:
+        """Start ``coro`` on the loop; its future (cancel it to stop the coroutine)."""
+
+        async def wrap() -> T:
+            return await coro
+
+        return asyncio.run_coroutine_threadsafe(wrap(), self.loop)
+
+    def close(self) -> None:
+        if not self.thread.is_alive():
+            return
+
+        async def cancel_the_rest() -> None:
+            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in rest:
+                task.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
+
+        self.run(cancel_the_rest(), 10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+class HolderDevice:
+    """A scripted device that accepts rounds and never reports: it keeps a round open.
+
+    It heartbeats "training" on its own :class:`LoopThread` until :meth:`close`.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.loop = LoopThread()
+        self.device = ScriptedDevice(url, name="holder")
+        self.loop.run(self.device.join(), 20)
+        self.beats = self.loop.start(self.device.heartbeat_forever("training"))
+
+    def close(self) -> None:
+        if not self.loop.thread.is_alive():
+            return
+        self.beats.cancel()
+        self.loop.run(self.device.disconnect(), 10)
+        self.loop.close()
 
 
 def run_devices(coro: Awaitable[Any]) -> Any:

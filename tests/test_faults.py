@@ -7,13 +7,13 @@ a real child process, and cuts the TCP links with :class:`tests.tcpproxy.TcpProx
 Nothing is mocked; the server's aggregation strategy and blob store are only *wrapped* to
 count what reached them. Every wait is on a condition with a timeout.
 
-What the server promises across its own restart (``server/store.py``): only completed
-rounds survive -- the global weights of the last completed version and the round history
-are written atomically before a version is published. An open round (its selection, the
-reports received so far, partial blobs) lives in memory and dies with the process. A
-restarted server reopens the same round number under a NEW round id; an update trained
-for the lost round is answered ``round_closed`` and the client discards it with a log
-line, then trains again in the new round, which counts it exactly once.
+What the server promises across its own ``kill -9`` (``server/store.py``,
+``server/roundstore.py``): the global weights and round history of the last completed
+version, the open round (its id, selection and every update it acknowledged) and the
+partial uploads it holds all survive. Restarted on the same state dir, it restores the
+round under the SAME id, a client resumes its upload from the server's offset, and the
+round's aggregate counts each update exactly once -- including those acknowledged before
+the kill.
 
 A client killed with SIGKILL mid-training loses at most one checkpoint interval: after a
 restart it resumes the round (re-offered, or retried with the same work) from its last
@@ -28,7 +28,6 @@ test_disk_error_keeping_the_update_is_reported_and_the_session_goes_on``).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import random
@@ -36,42 +35,38 @@ import re
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 import pytest
 
 from client.backoff import Backoff
 from client.config import Settings
-from client.device import DeviceInfo, detect_device
 from client.pending import PendingStore
 from client.protocol import BlobChunk, BlobProgress, Limits
 from client.session import DistributedClient
 from client.snapshot import ClientSnapshot
 from client.weights import StateDict
+from tests.device_info import quick_device_info
 from tests.server_harness import (
     REPO_ROOT,
+    HolderDevice,
     ScriptedDevice,
     ServerHandle,
+    run_devices,
     running_server,
     server_process,
     subprocess_env,
 )
 from tests.tcpproxy import TcpProxy
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
-_DEVICE: list[DeviceInfo] = []
 DISCARDED = "closed before the update arrived; discarded it"
-
-
-def _device_info() -> DeviceInfo:
-    if not _DEVICE:
-        _DEVICE.append(detect_device(probe_gpu=False))
-    return _DEVICE[0]
 
 
 @pytest.fixture(autouse=True)
@@ -88,7 +83,7 @@ def make_client(tmp_path: Path) -> Iterator[Callable[..., DistributedClient]]:
         settings = Settings(server_url=url, device_name=f"f{len(made)}")
         client = DistributedClient(
             settings,
-            device_info=_device_info(),
+            device_info=quick_device_info(),
             data_dir=kwargs.pop("data_dir", tmp_path / f"client{len(made)}"),
             backoff=Backoff(base=0.05, cap=0.3),
             save=lambda _s: None,
@@ -101,14 +96,6 @@ def make_client(tmp_path: Path) -> Iterator[Callable[..., DistributedClient]]:
     yield make
     for client in made:
         assert client.stop(30), "the session did not stop in time"
-
-
-def _until(pred: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 class _Counting:
@@ -137,31 +124,6 @@ class _Counting:
         self.server.blobs.accept_chunk = counted_chunk  # type: ignore[method-assign]
 
 
-class _Holder:
-    """A scripted device that accepts rounds and reports nothing: it keeps a round open."""
-
-    def __init__(self, url: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.device = ScriptedDevice(url, name="holder")
-        self._run(self.device.join())
-        self.beats = asyncio.run_coroutine_threadsafe(
-            self.device.heartbeat_forever("training"), self.loop
-        )
-
-    def _run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(20)
-
-    def close(self) -> None:
-        if not self.thread.is_alive():
-            return
-        self.beats.cancel()
-        self._run(self.device.sio.disconnect())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
 # ------------------------------------------------------------------------ connection cut
 
 BIG = {"features": 1000, "classes": 3, "hidden": 1250, "samples": 300}  # ~5 MB of weights
@@ -184,7 +146,7 @@ def test_cut_during_a_large_upload_resumes_from_the_servers_offset(
         model_params=BIG,
     ) as srv:
         counting = _Counting(srv)
-        holder = _Holder(srv.url)
+        holder = HolderDevice(srv.url)
         try:
             with TcpProxy(srv.port) as proxy:
                 client = make_client(proxy.url)
@@ -223,6 +185,46 @@ def test_cut_during_a_large_upload_resumes_from_the_servers_offset(
     assert counting.adds == {record["roundId"]: 1}, "the update must be aggregated exactly once"
 
 
+def test_a_device_cut_mid_training_accepts_the_same_round_offered_again(
+    tmp_path: Path,
+    make_client: Callable[..., DistributedClient],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A holder keeps the round open while the device is away, so it is offered again.
+    with running_server(
+        tmp_path,
+        min_clients=2,
+        clients_per_round=2,
+        rounds=1,
+        round_timeout=90,
+        epochs=60,
+        model_params={"features": 8, "classes": 3, "hidden": 8, "samples": 3000},
+    ) as srv:
+        holder = HolderDevice(srv.url)
+        try:
+            with TcpProxy(srv.port) as proxy, caplog.at_level(logging.INFO):
+                client = make_client(proxy.url)
+                client.start()
+                snap = client.wait_for(lambda s: s.device_state == "training", 60)
+                round_id = snap.round_id
+                assert round_id is not None
+                assert proxy.cut() >= 1
+                client.wait_for(lambda s: s.rounds_completed == 1, 90)
+        finally:
+            holder.close()
+        status = srv.wait_for(lambda st: bool(st["history"]), 30, "the round to close")
+    # Accepted again (still training it, or sending the finished update), never refused
+    # busy: a refusal would have freed its slot and lost the update as not_selected.
+    assert f"round {round_id} offered again" in caplog.text
+    assert "not_selected" not in caplog.text
+    [record] = status["history"]
+    assert (record["roundId"], record["outcome"], record["clientsReported"]) == (
+        round_id,
+        "completed",
+        1,
+    )
+
+
 # ----------------------------------------------------------------- cuts at random intervals
 
 
@@ -239,7 +241,8 @@ def test_random_cuts_over_several_rounds_lose_and_double_count_nothing(
         rounds=rounds,
         round_timeout=45,
         retry_delay=0.1,
-        epochs=25,
+        # Rounds long enough (a few seconds each) for the chaos to cut them several times.
+        epochs=150,
         model_params={"features": 8, "classes": 3, "hidden": 8, "samples": 3000},
     ) as srv:
         counting = _Counting(srv)
@@ -268,7 +271,7 @@ def test_random_cuts_over_several_rounds_lose_and_double_count_nothing(
                 client.wait_for(
                     lambda s: s.connection == "connected" and s.device_state == "idle", 60
                 )
-                _until(
+                wait_until(
                     lambda i=i: not PendingStore(tmp_path / f"client{i}" / "pending").entries(),
                     30,
                     "pending updates resolved",
@@ -297,52 +300,145 @@ def test_random_cuts_over_several_rounds_lose_and_double_count_nothing(
 
 # ------------------------------------------------------------------ server killed mid-upload
 
+# The real server CLI with 1 KiB chunks, one in flight: the synthetic model's ~10 KB update
+# takes about ten chunks, so the upload can be caught halfway.
+SMALL_CHUNKS = """
+import dataclasses
+import sys
+from client.protocol import Limits
+from server import app
+from server.cli import main
 
-def test_server_killed_during_an_upload_and_restarted(
+plain_init = app.FedServer.__init__
+
+
+def init(self, config, **kwargs):
+    limits = Limits(max_chunk_bytes=1024, max_inflight_chunks=1)
+    plain_init(self, dataclasses.replace(config, limits=limits), **kwargs)
+
+
+app.FedServer.__init__ = init
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _partial_blobs(state_dir: Path) -> list[int]:
+    return [part.stat().st_size for part in (state_dir / "blobs").glob("*/*.part")]
+
+
+def test_server_killed_during_an_upload_resumes_it_in_the_same_round(
     tmp_path: Path,
     make_client: Callable[..., DistributedClient],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Rounds forever: the server stays up to be asked; only the first round is examined.
-    args = ("--min-clients", "1", "--clients-per-round", "1")
-    with server_process(tmp_path, *args) as first:
+    args = ("--min-clients", "1", "--clients-per-round", "1", "--round-timeout", "60")
+    state_dir = tmp_path / "server-state"
+    with server_process(tmp_path, *args, code=SMALL_CHUNKS) as first:
         port = first.port
         client = make_client(first.url)
-        killed: list[str] = []
+        killed: list[tuple[str, float]] = []
 
-        def kill_when_uploading(snap: ClientSnapshot) -> None:
+        def kill_mid_upload(snap: ClientSnapshot) -> None:
             # On the session thread: the upload cannot go on while this runs, so the
-            # server dies after the update is on disk and before the server has it.
-            if not killed and snap.device_state == "uploading" and snap.round_id:
-                killed.append(snap.round_id)
+            # server dies holding part of the update (each acked chunk is on its disk).
+            fraction = snap.upload_fraction
+            if not killed and snap.round_id and fraction is not None and 0.2 < fraction < 0.7:
+                killed.append((snap.round_id, fraction))
                 first.kill()
 
-        client.subscribe(kill_when_uploading)
+        client.subscribe(kill_mid_upload)
         with caplog.at_level(logging.INFO):
             client.start()
             client.wait_for(lambda s: bool(killed) and s.connection != "connected", 120)
-            [lost_round] = killed
+            [(round_id, _fraction)] = killed
             [kept] = PendingStore(tmp_path / "client0" / "pending").entries()
-            assert kept.round_id == lost_round, "the update must be kept on disk"
-            assert client.snapshot().rounds_completed == 0
-            with server_process(tmp_path, *args, "--port", str(port)) as second:
-                client.wait_for(
-                    lambda s: s.rounds_completed >= 1 and (s.weights_version or 0) >= 1, 120
-                )
+            assert kept.round_id == round_id
+            [held] = _partial_blobs(state_dir)
+            assert 0 < held < kept.size, "the server must die holding part of the upload"
+            assert (state_dir / "round.json").is_file()
+            with server_process(tmp_path, *args, "--port", str(port), code=SMALL_CHUNKS) as second:
+                client.wait_for(lambda s: s.rounds_completed >= 1, 60)
                 status = second.wait_for(
-                    lambda st: bool(st["history"]), timeout=60, what="the new round"
+                    lambda st: bool(st["history"]), timeout=60, what="the restored round"
                 )
                 output = second.output()
-    # The open round died with the server: its update was refused and discarded cleanly...
-    assert f"round {lost_round} {DISCARDED}" in caplog.text
-    assert PendingStore(tmp_path / "client0" / "pending").get(lost_round) is None
-    # ...and the device trained again in the reopened round, counted exactly once.
+    # Resumed from the server's offset, not from zero...
+    match = re.search(
+        rf"resuming the upload of round {re.escape(round_id)} at byte (\d+) of (\d+)",
+        caplog.text,
+    )
+    assert match is not None, "the upload restarted instead of resuming"
+    assert (int(match.group(1)), int(match.group(2))) == (held, kept.size)
+    assert DISCARDED not in caplog.text
+    # Offered its part of the restored round again, it sends the update instead of
+    # refusing (busy) or training again.
+    assert f"round {round_id} offered again; its update is trained, sending it" in caplog.text
+    assert f"round {round_id}: training" not in caplog.text.split("offered again", 1)[1]
+    assert PendingStore(tmp_path / "client0" / "pending").get(round_id) is None
+    # ...in the same round, restored under its id, which counted the update exactly once.
+    assert f"restored round 1 ({round_id})" in output, output
     record = status["history"][0]
     assert record["outcome"] == "completed" and record["number"] == 1
-    assert record["roundId"] != lost_round
+    assert record["roundId"] == round_id
     assert record["clientsReported"] == 1
-    assert output.count(f"round {record['roundId']}: update from") == 1, output
-    assert f"round {lost_round}: update from" not in output
+    assert output.count(f"round {round_id}: update from") == 1, output
+    assert not (state_dir / "round.json").exists() or round_id not in (
+        state_dir / "round.json"
+    ).read_text(encoding="utf-8")
+
+
+def _filled(like: StateDict, value: float) -> StateDict:
+    return {name: np.full_like(arr, value) for name, arr in like.items()}
+
+
+def test_an_update_accepted_before_a_server_kill_still_counts_after_the_restart(
+    tmp_path: Path,
+) -> None:
+    args = ("--min-clients", "2", "--clients-per-round", "2", "--round-timeout", "60")
+    a = ScriptedDevice("", name="a")
+    b = ScriptedDevice("", name="b")
+
+    async def first_half(url: str) -> tuple[str, StateDict]:
+        for device in (a, b):
+            device.url = url
+            await device.join()
+        await a.until(lambda: bool(a.starts) and bool(b.starts), 30, "both devices started")
+        start = a.starts[0]
+        base = a.weights[0]
+        ack = await a.submit(start["roundId"], 0, _filled(base, 1.0), num_samples=1)
+        assert ack["ok"] is True and ack["received"] == 1, ack
+        return str(start["roundId"]), base
+
+    async def second_half(url: str, round_id: str, base: StateDict) -> dict[str, Any]:
+        for device in (a, b):
+            await device.disconnect()  # the old connections died with the server
+            device.url = url
+            await device.join(weights_version=0)
+        await b.until(lambda: len(b.starts) == 2, 30, "b offered its part again")
+        assert b.starts[1]["roundId"] == round_id
+        again = await a.submit(round_id, 0, _filled(base, 1.0), num_samples=1)
+        assert again["ok"] is False and again["code"] == "duplicate", again
+        ack = await b.submit(round_id, 0, _filled(base, 4.0), num_samples=3)
+        assert ack["ok"] is True and ack["received"] == 2, ack
+        await b.until(lambda: 1 in b.weights, 30, "the new global version")
+        return b.weights[1]
+
+    with server_process(tmp_path, *args) as first:
+        port = first.port
+        round_id, base = run_devices(first_half(first.url))
+        first.kill()
+    with server_process(tmp_path, *args, "--port", str(port)) as second:
+        new_global = run_devices(second_half(second.url, round_id, base))
+        status = second.wait_for(lambda st: bool(st["history"]), 30, "the round's record")
+        output = second.output()
+    # FedAvg of a (1.0 on 1 sample) and b (4.0 on 3 samples): a counted once, after the kill.
+    for name, arr in new_global.items():
+        np.testing.assert_allclose(arr, np.full_like(base[name], 3.25), rtol=1e-6)
+    [record] = [r for r in status["history"] if r["number"] == 1]
+    assert record["roundId"] == round_id and record["outcome"] == "completed"
+    assert record["clientsReported"] == 2
+    assert f"restored round 1 ({round_id}) after a restart: 1 of 2 reported" in output, output
 
 
 # ------------------------------------------------------------- client killed mid-training
@@ -408,7 +504,7 @@ def test_client_process_killed_mid_training_resumes_from_its_checkpoint(tmp_path
                 what="the client training",
             )
             [device] = srv.status()["devices"]
-            _until(lambda: bool(list(work.glob("*.ckpt"))), 30, "a periodic checkpoint")
+            wait_until(lambda: bool(list(work.glob("*.ckpt"))), 30, "a periodic checkpoint")
             children = psutil.Process(proc.pid).children(recursive=True)
             assert children, "the worker child must exist while training"
             proc.kill()

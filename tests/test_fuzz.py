@@ -23,11 +23,9 @@ payloads per event; this module searches the space around them.
 
 from __future__ import annotations
 
-import asyncio
 import math
-import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import pytest
@@ -60,12 +58,14 @@ from client.protocol import (
 from client.session import DistributedClient
 from client.weights import encode, sha256_hex
 from tests.server_harness import (
+    LoopThread,
     ScriptedDevice,
     ServerHandle,
     register_payload,
     resources,
     running_server,
 )
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -167,29 +167,10 @@ def _check_error(ack: Any, context: object) -> None:
 # --------------------------------------------------------------------------- the server
 
 
-class _LoopThread:
-    """An asyncio loop in a thread, to drive async peers from synchronous hypothesis tests."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Awaitable[T], timeout: float = 30.0) -> T:
-        async def wrap() -> T:
-            return await coro
-
-        return asyncio.run_coroutine_threadsafe(wrap(), self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
 class _Attacker:
     """A registered raw device plus the bytes it has sent in blob chunks."""
 
-    def __init__(self, srv: ServerHandle, loop: _LoopThread) -> None:
+    def __init__(self, srv: ServerHandle, loop: LoopThread) -> None:
         self.srv, self.loop = srv, loop
         self.device = ScriptedDevice(srv.url, name="attacker")
         self.sent_chunk_bytes = 0
@@ -224,7 +205,7 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHand
 
 @pytest.fixture(scope="module")
 def attacker(fuzz_server: ServerHandle) -> Iterator[_Attacker]:
-    loop = _LoopThread()
+    loop = LoopThread()
     try:
         attack = _Attacker(fuzz_server, loop)
         yield attack
@@ -314,7 +295,7 @@ def test_server_answers_boundary_payloads(attacker: _Attacker, event: str, paylo
 class _FakeServer:
     """A scripted Socket.IO server that a real client registers with (the attacker)."""
 
-    def __init__(self, loop: _LoopThread) -> None:
+    def __init__(self, loop: LoopThread) -> None:
         self.loop = loop
         self.sio = socketio.AsyncServer(async_mode="aiohttp", max_http_buffer_size=1 << 22)
         self.app = web.Application()
@@ -383,7 +364,7 @@ class _Victim:
 @pytest.fixture(scope="module")
 def victim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Victim]:
     tmp = tmp_path_factory.mktemp("fuzz-client")
-    loop = _LoopThread()
+    loop = LoopThread()
     fake = _FakeServer(loop)
     client = DistributedClient(
         Settings(server_url=f"http://127.0.0.1:{fake.port}", device_name="victim"),
@@ -396,25 +377,17 @@ def victim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Victim]:
     client.start()
     try:
         client.wait_for(lambda s: s.connection == "connected", 30)
-        _until(lambda: fake.sid is not None, 10, "registration")
+        wait_until(lambda: fake.sid is not None, 10, "registration")
         yield _Victim(fake, client)
         # The barrage is over: the session is alive, connected and still heartbeating.
         assert client.running
         assert client.snapshot().connection == "connected"
         beats = fake.heartbeats
-        _until(lambda: fake.heartbeats > beats, 10, "a heartbeat after the barrage")
+        wait_until(lambda: fake.heartbeats > beats, 10, "a heartbeat after the barrage")
     finally:
         assert client.stop(30)
         fake.close()
         loop.close()
-
-
-def _until(pred: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 _WEIGHTS = encode({})

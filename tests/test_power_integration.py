@@ -23,7 +23,6 @@ import pytest
 
 from client.backoff import Backoff
 from client.config import Settings, load_settings, save_settings
-from client.device import DeviceInfo, detect_device
 from client.power import PowerSettings
 from client.power_monitor import PowerMonitor, power_settings, transition_words
 from client.protocol import (
@@ -36,7 +35,9 @@ from client.protocol import (
 from client.session import DistributedClient
 from client.settings_watch import SettingsFileWatch, merge_live, parse_settings_bytes
 from client.snapshot import ALLOW, ClientSnapshot, PauseDecision
-from tests.server_harness import ScriptedDevice, ServerHandle, running_server
+from tests.device_info import quick_device_info
+from tests.server_harness import HolderDevice, ServerHandle, running_server
+from tests.waiting import holds_for, wait_until
 
 LOW = BatteryStatus(percent=20.0, plugged_in=False)
 HIGH = BatteryStatus(percent=90.0, plugged_in=False)
@@ -185,15 +186,6 @@ class FakeBattery:
             return self._reading
 
 
-_DEVICE: list[DeviceInfo] = []
-
-
-def _device_info() -> DeviceInfo:
-    if not _DEVICE:
-        _DEVICE.append(detect_device(probe_gpu=False))
-    return _DEVICE[0]
-
-
 @pytest.fixture
 def make_client(tmp_path: Path) -> Iterator[Callable[..., DistributedClient]]:
     made: list[DistributedClient] = []
@@ -212,7 +204,7 @@ def make_client(tmp_path: Path) -> Iterator[Callable[..., DistributedClient]]:
         kwargs.setdefault("power_poll_interval", POLL)
         client = DistributedClient(
             settings,
-            device_info=_device_info(),
+            device_info=quick_device_info(),
             data_dir=kwargs.pop("data_dir", tmp_path / f"client{len(made)}"),
             backoff=Backoff(base=0.1, cap=0.5),
             **kwargs,
@@ -228,14 +220,6 @@ def make_client(tmp_path: Path) -> Iterator[Callable[..., DistributedClient]]:
 def _device(status: dict[str, Any], device_id: str) -> dict[str, Any]:
     [found] = [d for d in status["devices"] if d["id"] == device_id]
     return found
-
-
-def _until(pred: Callable[[], bool], timeout: float = 10.0, what: str = "a condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
 
 
 def _checkpoints(data_dir: Path) -> list[Path]:
@@ -306,7 +290,7 @@ def test_low_battery_pauses_within_the_bound_and_resumes(
             what="the server seeing the pause",
         )
         server_latency = time.monotonic() - t0
-        _until(lambda: bool(_checkpoints(data_dir)), 5, "the worker's checkpoint")
+        wait_until(lambda: bool(_checkpoints(data_dir)), 5, "the worker's checkpoint")
         checkpoint_latency = time.monotonic() - t0
         dev = _device(status, device_id)
         assert dev["pauseReason"] == "battery_low"
@@ -322,10 +306,7 @@ def test_low_battery_pauses_within_the_bound_and_resumes(
         assert checkpoint_latency < POLL + 3.0
         # While paused no training happens: progress stays where it stopped.
         frozen = client.snapshot().progress.fraction
-        t_wait = time.monotonic() + 1.0
-        while time.monotonic() < t_wait:
-            assert client.snapshot().progress.fraction == frozen
-            time.sleep(0.05)
+        holds_for(lambda: client.snapshot().progress.fraction == frozen, 1.0, "the progress frozen")
         t1 = time.monotonic()
         battery.set(HIGH)
         server.wait_for(
@@ -377,9 +358,8 @@ def test_paused_device_refuses_starts_and_is_never_selected(
         assert ack["reason"] == "battery_low"
         assert "training resumes at 55 %" in ack["detail"]
 
-        # Registration carries no pause state, so the server may have offered a round in
-        # the instant before the first heartbeat (refused as above). Once it knows, it keeps
-        # waiting over several heartbeats and starts nothing.
+        # The registration already says the device is paused: the server keeps waiting
+        # over several heartbeats and starts nothing.
         def waiting(st: dict[str, Any]) -> bool:
             current = st["currentRound"]
             return (
@@ -390,12 +370,21 @@ def test_paused_device_refuses_starts_and_is_never_selected(
 
         known = server.wait_for(waiting, what="the server waiting, the device paused")
         history = len(known["history"])
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline:
-            st = server.status()
-            assert waiting(st) and len(st["history"]) == history, st["currentRound"]
-            assert client.snapshot().device_state == "paused"
-            time.sleep(0.1)
+
+        def still_waiting() -> bool:
+            status = server.status()
+            return (
+                waiting(status)
+                and len(status["history"]) == history
+                and client.snapshot().device_state == "paused"
+            )
+
+        holds_for(
+            still_waiting,
+            2.0,
+            "the server waiting with no new round, the device paused",
+            interval=0.1,
+        )
         battery.set(HIGH)
         client.wait_for(lambda s: s.rounds_completed == 1, 60)
 
@@ -469,7 +458,7 @@ def _run_round(
                 found = _checkpoints(data_dir)
                 return bool(found) and found[0].stat().st_mtime_ns != before
 
-            _until(fresh_checkpoint, 10, "a new checkpoint")
+            wait_until(fresh_checkpoint, 10, "a new checkpoint")
             last_mtime = _checkpoints(data_dir)[0].stat().st_mtime_ns
             battery.set(HIGH)
             client.wait_for(lambda s: s.device_state == "training", 10)
@@ -487,26 +476,6 @@ def test_paused_rounds_give_bit_identical_updates(
     _assert_identical(baseline, _run_round(tmp_path / "thrice", make_client, pauses=3))
 
 
-class _Holder:
-    """A scripted device that accepts its round and never reports (keeps a round open)."""
-
-    def __init__(self, url: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.device = ScriptedDevice(url, name="holder")
-        asyncio.run_coroutine_threadsafe(self.device.join(), self.loop).result(20)
-        self.beats = asyncio.run_coroutine_threadsafe(
-            self.device.heartbeat_forever("training"), self.loop
-        )
-
-    def close(self) -> None:
-        self.beats.cancel()
-        asyncio.run_coroutine_threadsafe(self.device.sio.disconnect(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
 def _restart_round(
     tmp: Path, make_client: Callable[..., DistributedClient], restart: bool
 ) -> tuple[dict[str, np.ndarray], int]:
@@ -517,7 +486,7 @@ def _restart_round(
         tmp / "server", min_clients=2, clients_per_round=2, round_timeout=120
     ) as server:
         updates = _capture_updates(server)
-        holder = _Holder(server.url)
+        holder = HolderDevice(server.url)
         try:
             data_dir = tmp / "client"
             first = make_client(server.url, battery_source=FakeBattery(None), data_dir=data_dir)
@@ -545,13 +514,13 @@ def _restart_round(
                 second.wait_for(lambda s: s.connection == "connected", 30)
                 server.wait_for(lambda st: _device(st, device_id)["connected"] is True)
                 # The server offers the open round to the reconnecting device again.
-                _until(lambda: bool(updates), 90, "the resumed round's update")
+                wait_until(lambda: bool(updates), 90, "the resumed round's update")
                 started = [f for f in fractions if f > 0]
                 assert started and started[0] >= stopped_at - 1e-9, (
                     "the restarted worker must resume from the checkpoint, not from zero"
                 )
             else:
-                _until(lambda: bool(updates), 90, "the update")
+                wait_until(lambda: bool(updates), 90, "the update")
             assert _checkpoints(data_dir) == []
             return updates[0], index
         finally:
@@ -580,7 +549,7 @@ def test_deadline_while_paused_abandons_the_round_cleanly(
         client.start()
         _wait_training(client)
         battery.set(LOW)
-        _until(lambda: bool(_checkpoints(data_dir)), 5, "the checkpoint")
+        wait_until(lambda: bool(_checkpoints(data_dir)), 5, "the checkpoint")
         server.wait_for(
             lambda st: any(r["outcome"] == "abandoned" for r in st["history"]),
             timeout=15,
@@ -588,7 +557,9 @@ def test_deadline_while_paused_abandons_the_round_cleanly(
         )
         snap = client.wait_for(lambda s: s.round_id is None, 10)
         assert snap.device_state == "paused" and snap.pause_reason == "battery_low"
-        _until(lambda: _checkpoints(data_dir) == [], 5, "the cancelled round's checkpoint removed")
+        wait_until(
+            lambda: _checkpoints(data_dir) == [], 5, "the cancelled round's checkpoint removed"
+        )
         assert updates == []
         pending = data_dir / "pending"
         assert not pending.exists() or list(pending.iterdir()) == [], "nothing to submit"
@@ -613,7 +584,7 @@ def test_user_pause_survives_a_restart(
         client.wait_for(lambda s: s.connection == "connected", 30)
         client.pause()
         server.wait_for(lambda st: _device(st, settings.device_id)["pauseReason"] == "user_paused")
-        _until(lambda: load_settings(path).paused, 5, "the pause saved")
+        wait_until(lambda: load_settings(path).paused, 5, "the pause saved")
         assert client.stop(30)
         again = make_client(
             server.url,

@@ -7,14 +7,12 @@ process. Every wait is on a condition with a timeout.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,6 @@ import pytest
 
 from client.backoff import Backoff
 from client.config import Settings
-from client.device import DeviceInfo, detect_device
 from client.global_store import GlobalStore
 from client.pending import PendingStore
 from client.protocol import Limits
@@ -33,24 +30,17 @@ from client.session import DistributedClient
 from client.snapshot import ClientSnapshot
 from client.trainer import TrainJob, TrainResult
 from client.weights import encode
+from tests.device_info import quick_device_info
 from tests.server_harness import (
     REPO_ROOT,
-    ScriptedDevice,
+    HolderDevice,
     running_server,
     server_process,
     subprocess_env,
 )
+from tests.waiting import holds_for, wait_until
 
 pytestmark = pytest.mark.slow
-
-_DEVICE: list[DeviceInfo] = []
-
-
-def _device_info() -> DeviceInfo:
-    # Detecting once without the GPU probe keeps each test from importing torch for it.
-    if not _DEVICE:
-        _DEVICE.append(detect_device(probe_gpu=False))
-    return _DEVICE[0]
 
 
 @pytest.fixture
@@ -65,7 +55,7 @@ def make_client(tmp_path: Path) -> Iterator[Callable[..., DistributedClient]]:
         saved: list[Settings] = kwargs.pop("saved", [])
         client = DistributedClient(
             settings,
-            device_info=_device_info(),
+            device_info=quick_device_info(),
             data_dir=kwargs.pop("data_dir", tmp_path / f"client{len(made)}"),
             backoff=Backoff(base=0.1, cap=0.5),
             save=saved.append,
@@ -77,14 +67,6 @@ def make_client(tmp_path: Path) -> Iterator[Callable[..., DistributedClient]]:
     yield make
     for client in made:
         assert client.stop(30), "the session did not stop in time"
-
-
-def _until(pred: Callable[[], bool], timeout: float = 10.0, what: str = "a condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def _wait(client: DistributedClient, pred: Callable[[ClientSnapshot], bool], t: float = 60) -> Any:
@@ -138,30 +120,12 @@ def test_user_pause_refuses_rounds_persists_and_resumes(
         assert client.snapshot().rounds_completed == 0
         client.resume()
         _wait(client, lambda s: s.rounds_completed == 1)
-        _until(lambda: bool(saved) and saved[-1].paused is False, what="resume persisted")
+        wait_until(lambda: bool(saved) and saved[-1].paused is False, what="resume persisted")
         client.pause()
         snap = _wait(client, lambda s: s.device_state == "paused")
         assert snap.pause_reason == "user_paused"
         assert snap.pause_detail == "Paused by you"
-        _until(lambda: saved[-1].paused is True, what="the pause persisted")
-
-
-def _holder_device(url: str) -> tuple[ScriptedDevice, Callable[[], None]]:
-    """A scripted device that accepts rounds and never reports, keeping a round open."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    device = ScriptedDevice(url, name="holder")
-    asyncio.run_coroutine_threadsafe(device.join(), loop).result(20)
-    beats = asyncio.run_coroutine_threadsafe(device.heartbeat_forever("training"), loop)
-
-    def close() -> None:
-        beats.cancel()
-        asyncio.run_coroutine_threadsafe(device.sio.disconnect(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-
-    return device, close
+        wait_until(lambda: saved[-1].paused is True, what="the pause persisted")
 
 
 def test_pending_upload_resumes_from_the_servers_offset(
@@ -173,7 +137,7 @@ def test_pending_upload_resumes_from_the_servers_offset(
     with running_server(
         tmp_path, min_clients=2, clients_per_round=2, rounds=1, limits=limits, round_timeout=60
     ) as server:
-        _, close_holder = _holder_device(server.url)
+        holder = HolderDevice(server.url)
         try:
             client = make_client(server.url)
             interrupted = threading.Event()
@@ -205,7 +169,7 @@ def test_pending_upload_resumes_from_the_servers_offset(
                 or (server.status()["history"])
             )
         finally:
-            close_holder()
+            holder.close()
 
 
 def test_reconnects_after_a_server_restart_with_the_same_device_id(
@@ -340,7 +304,7 @@ def test_a_retried_round_resumes_the_same_checkpoint_and_stale_work_is_deleted(
         assert first.checkpoint_interval == 7.5
         assert sorted(p.name for p in work.iterdir() if p.name in stale) == []
         # Global v1 arrived: the checkpoint built on v0 can never be resumed; it goes.
-        _until(lambda: not second.checkpoint_path.exists(), what="the v0 checkpoint deleted")
+        wait_until(lambda: not second.checkpoint_path.exists(), what="the v0 checkpoint deleted")
         assert (work / "notes.txt").exists(), "unknown files are never deleted"
         assert server.status()["history"][-1]["outcome"] == "completed"
 
@@ -386,10 +350,12 @@ def test_refused_token_gives_auth_failed_without_a_tight_loop(
             retry_in = snap.retry_in()
             assert retry_in is not None and retry_in > 50, "must wait the maximum backoff"
             # No new attempt is made meanwhile: wait a little past what backoff would allow.
-            deadline = time.monotonic() + 1.5
-            while time.monotonic() < deadline:
-                assert client.snapshot().connection == "auth_failed"
-                time.sleep(0.1)
+            holds_for(
+                lambda: client.snapshot().connection == "auth_failed",
+                1.5,
+                "no new connection attempt",
+                interval=0.1,
+            )
         refusals = [r for r in caplog.records if "refused a connection" in r.getMessage()]
         assert len(refusals) == 1
         client.update_settings(client._settings.model_copy(update={"auth_token": "right-token"}))

@@ -14,8 +14,6 @@ import json
 import ssl
 import subprocess
 import sys
-import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,12 +24,19 @@ import pytest
 
 from client.backoff import Backoff
 from client.config import Settings
-from client.device import DeviceInfo, detect_device
 from client.session import DistributedClient, _tls_words
 from client.snapshot import ClientSnapshot
 from server.config import ConfigError, ServerConfig
 from server.tls import TLSConfigError, server_ssl_context
-from tests.server_harness import REPO_ROOT, running_server, server_args, subprocess_env
+from tests.device_info import quick_device_info
+from tests.server_harness import (
+    REPO_ROOT,
+    running_server,
+    server_args,
+    server_process,
+    subprocess_env,
+)
+from tests.waiting import poll
 
 pytestmark = pytest.mark.slow
 
@@ -87,18 +92,13 @@ def _isolated_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(var, str(tmp_path / "xdg" / var.lower()))
 
 
-_DEVICE: list[DeviceInfo] = []
-
-
 def _client(tmp_path: Path, url: str, ca_file: Path | None) -> DistributedClient:
-    if not _DEVICE:
-        _DEVICE.append(detect_device(probe_gpu=False))
     settings = Settings(
         server_url=url, device_name="tls-dev", ca_file=str(ca_file) if ca_file else None
     )
     return DistributedClient(
         settings,
-        device_info=_DEVICE[0],
+        device_info=quick_device_info(),
         data_dir=tmp_path / "client",
         backoff=Backoff(base=0.2, cap=1.0),
         save=lambda _: None,
@@ -118,17 +118,6 @@ def _https_json(url: str, ca: Path) -> dict[str, Any]:
     with urllib.request.urlopen(url, timeout=10, context=ctx) as resp:
         data: dict[str, Any] = json.loads(resp.read().decode("utf-8"))
     return data
-
-
-def _wait_status(url: str, ca: Path, pred: Any, timeout: float = 30.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = _https_json(url, ca)
-        if pred(status):
-            return status
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for a status condition; last: {status}")
-        time.sleep(0.05)
 
 
 # --------------------------------------------------------------------------- server side
@@ -218,7 +207,12 @@ def test_client_registers_over_tls_with_the_ca(
         client.start()
         client.wait_for(_connected, 30)
         # The dashboard and status are served over HTTPS too, and show the device.
-        status = _wait_status(f"{url}/api/status", pki.ca, lambda st: len(st["devices"]) == 1)
+        status = poll(
+            lambda: _https_json(f"{url}/api/status", pki.ca),
+            lambda st: len(st["devices"]) == 1,
+            30.0,
+            "the device in the status",
+        )
         assert status["devices"][0]["name"] == "tls-dev"
         ctx = ssl.create_default_context(cafile=str(pki.ca))
         with urllib.request.urlopen(f"{url}/", timeout=10, context=ctx) as resp:
@@ -267,37 +261,11 @@ def test_client_on_a_wrong_hostname_names_the_certificate(
 
 
 def test_server_process_serves_https_with_the_flags(tmp_path: Path, pki: Pki) -> None:
-    args = server_args(tmp_path, "--certfile", str(pki.cert), "--keyfile", str(pki.key))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server", *args, "--min-clients", "5"],
-        cwd=REPO_ROOT,
-        env=subprocess_env(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines: list[str] = []
-    found = threading.Event()
-    assert proc.stdout is not None
-    stdout = proc.stdout
-
-    def drain() -> None:
-        for line in stdout:
-            lines.append(line)
-            if "listening on" in line:
-                found.set()
-        found.set()
-
-    threading.Thread(target=drain, daemon=True).start()
-    try:
-        assert found.wait(90), "the server did not start"
-        [line] = [ln for ln in lines if "listening on" in ln]
-        assert line.startswith("fedtray-server listening on https://127.0.0.1:")
-        url = line.split()[-1]
-        assert _https_json(f"{url}/api/status", pki.ca)["task"] == "synthetic"
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    flags = ("--certfile", str(pki.cert), "--keyfile", str(pki.key), "--min-clients", "5")
+    with server_process(tmp_path, *flags) as server:
+        assert server.url.startswith("https://127.0.0.1:")
+        assert _https_json(f"{server.url}/api/status", pki.ca)["task"] == "synthetic"
+        server.terminate()
 
 
 def test_server_process_with_a_bad_key_exits_with_one_line(tmp_path: Path, pki: Pki) -> None:

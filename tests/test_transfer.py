@@ -1,8 +1,10 @@
-"""BlobStore bookkeeping (pure) and send_blob against a BlobStore peer (in-process)."""
+"""BlobStore bookkeeping (in memory and spilled to disk) and send_blob against a BlobStore
+peer (in-process). The rule tests run in both modes (the ``spill`` fixture)."""
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,14 +32,24 @@ def chunk(offset: int, size: int, *, total: int = len(DATA), digest: str = DIGES
     )
 
 
-def store(**kw: Any) -> BlobStore:
+def store(spill: Path | None = None, **kw: Any) -> BlobStore:
     args: dict[str, Any] = {"max_chunk_bytes": 4096, "max_blob_bytes": 1 << 20}
     args.update(kw)
-    return BlobStore(**args)
+    return BlobStore(spill_dir=spill, **args)
 
 
-def test_chunks_in_order_complete_and_take_verifies() -> None:
-    s = store()
+@pytest.fixture(params=["memory", "disk"])
+def spill(request: pytest.FixtureRequest, tmp_path: Path) -> Path | None:
+    """The spill dir of the store under test: None (in memory) or a folder."""
+    return tmp_path / "blobs" if request.param == "disk" else None
+
+
+def files_in(spill: Path | None) -> list[Path]:
+    return sorted(p for p in spill.rglob("*") if p.is_file()) if spill is not None else []
+
+
+def test_chunks_in_order_complete_and_take_verifies(spill: Path | None) -> None:
+    s = store(spill)
     p = s.accept_chunk("dev", chunk(0, 4096), now=0)
     assert (p.received, p.complete) == (4096, False)
     s.accept_chunk("dev", chunk(4096, 4096), now=1)
@@ -46,10 +58,11 @@ def test_chunks_in_order_complete_and_take_verifies() -> None:
     ref = WeightsRef(format="safetensors", size=len(DATA), sha256=DIGEST, blob_id="b1")
     assert s.take("dev", ref) == DATA
     assert s.status("dev", "b1", now=3).received == 0  # forgotten once taken
+    assert files_in(spill) == []
 
 
-def test_repeated_chunk_is_idempotent() -> None:
-    s = store()
+def test_repeated_chunk_is_idempotent(spill: Path | None) -> None:
+    s = store(spill)
     s.accept_chunk("dev", chunk(0, 4096), now=0)
     again = s.accept_chunk("dev", chunk(0, 4096), now=0)
     assert again.received == 4096
@@ -69,20 +82,22 @@ def test_repeated_chunk_is_idempotent() -> None:
     ],
 )
 def test_refusals_have_codes_and_buffer_nothing(
-    setup: list[BlobChunk], bad: BlobChunk, code: str
+    setup: list[BlobChunk], bad: BlobChunk, code: str, spill: Path | None
 ) -> None:
-    s = store()
+    s = store(spill)
     for c in setup:
         s.accept_chunk("dev", c, now=0)
-    held = s.bytes_held()
+    held, files = s.bytes_held(), files_in(spill)
+    sizes = [f.stat().st_size for f in files]
     with pytest.raises(FedtrayError) as info:
         s.accept_chunk("dev", bad, now=0)
     assert info.value.code == code
     assert s.bytes_held() == held
+    assert files_in(spill) == files and [f.stat().st_size for f in files] == sizes
 
 
-def test_peer_budget_is_checked_before_buffering() -> None:
-    s = store(max_blob_bytes=len(DATA), max_peer_bytes=len(DATA) + 10)
+def test_peer_budget_is_checked_before_buffering(spill: Path | None) -> None:
+    s = store(spill, max_blob_bytes=len(DATA), max_peer_bytes=len(DATA) + 10)
     s.accept_chunk("dev", chunk(0, 4096), now=0)
     other = BlobChunk(blob_id="b2", offset=0, total=len(DATA), sha256=DIGEST, data=DATA[:10])
     with pytest.raises(FedtrayError) as info:
@@ -91,14 +106,15 @@ def test_peer_budget_is_checked_before_buffering() -> None:
     s.accept_chunk("other-dev", other, now=0)  # budgets are per peer
 
 
-def test_partial_blobs_are_per_peer_and_expire() -> None:
-    s = store(ttl_sec=10)
+def test_partial_blobs_are_per_peer_and_expire(spill: Path | None) -> None:
+    s = store(spill, ttl_sec=10)
     s.accept_chunk("a", chunk(0, 100), now=0)
     assert s.status("b", "b1", now=0).received == 0
     assert s.status("a", "b1", now=5).received == 100  # status refreshes expiry
     assert s.expire(now=14) == 0
     assert s.expire(now=16) == 1
     assert s.status("a", "b1", now=16).received == 0
+    assert files_in(spill) == []  # expiry deletes the files too
 
 
 @pytest.mark.parametrize(
@@ -109,8 +125,8 @@ def test_partial_blobs_are_per_peer_and_expire() -> None:
         ({"data": DATA[:10], "size": 10, "sha256": "0" * 64}, "checksum_mismatch"),
     ],
 )
-def test_take_refusals(ref_kw: dict[str, Any], code: str) -> None:
-    s = store()
+def test_take_refusals(ref_kw: dict[str, Any], code: str, spill: Path | None) -> None:
+    s = store(spill)
     s.accept_chunk("dev", chunk(0, 100), now=0)
     fields: dict[str, Any] = {"format": "safetensors", "size": len(DATA), "sha256": DIGEST}
     fields.update(ref_kw)
@@ -170,3 +186,68 @@ def test_send_blob_raises_peer_refusal_code() -> None:
     with pytest.raises(FedtrayError) as info:
         asyncio.run(send_blob(peer.call, DATA, blob_id="b1", chunk_bytes=1000))
     assert info.value.code == "chunk_too_large"
+
+
+# ------------------------------------------------------------------ disk mode across restarts
+
+
+def test_a_restarted_disk_store_reports_what_it_held_and_the_sender_resumes(
+    tmp_path: Path,
+) -> None:
+    spill = tmp_path / "blobs"
+    before = store(spill, max_chunk_bytes=1000)
+    flaky = Peer(before, fail_after=4)
+    with pytest.raises(ConnectionError):
+        asyncio.run(send_blob(flaky.call, DATA, blob_id="b1", chunk_bytes=1000))
+    # A new process on the same folder: nothing in memory until restored.
+    after = store(spill, max_chunk_bytes=1000)
+    assert after.status("dev", "b1", now=0).received == 0
+    assert after.restore(now=100.0) == 1
+    assert after.status("dev", "b1", now=100).received == 4000
+    assert after.bytes_held("dev") == 4000  # counts against the peer's budget
+    healthy = Peer(after)
+    asyncio.run(send_blob(healthy.call, DATA, blob_id="b1", chunk_bytes=1000))
+    assert healthy.chunks_seen[0] == 4000  # resumed, not restarted
+    ref = WeightsRef(format="safetensors", size=len(DATA), sha256=DIGEST, blob_id="b1")
+    assert after.take("dev", ref) == DATA
+    assert files_in(spill) == []
+
+
+def test_restore_starts_expiry_at_now_and_drops_unreadable_leftovers(tmp_path: Path) -> None:
+    spill = tmp_path / "blobs"
+    first = store(spill, ttl_sec=10)
+    first.accept_chunk("dev", chunk(0, 100), now=0)
+    first.accept_chunk(
+        "dev", BlobChunk(blob_id="b2", offset=0, total=50, sha256=DIGEST, data=b"x" * 50), now=0
+    )
+    [meta2] = [m for m in spill.glob("*/*.json") if '"b2"' in m.read_text()]
+    meta2.write_text("{not json")  # a torn sidecar
+    (spill / "x").mkdir()
+    orphan = spill / "x" / "orphan.part"
+    orphan.write_bytes(b"abc")  # a part file without a sidecar
+    second = store(spill, ttl_sec=10)
+    assert second.restore(now=1000.0) == 1
+    assert second.expire(now=1005.0) == 0  # not expired by the time spent down
+    assert second.status("dev", "b1", now=1005).received == 100
+    assert second.status("dev", "b2", now=1005).received == 0
+    assert not orphan.exists() and not meta2.exists()
+    assert second.expire(now=1020.0) == 1
+    assert files_in(spill) == []
+
+
+def test_memory_mode_restores_nothing_and_writes_nothing(tmp_path: Path) -> None:
+    s = store()
+    s.accept_chunk("dev", chunk(0, 100), now=0)
+    assert s.restore(now=0) == 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_disk_that_refuses_answers_internal_error_and_counts_nothing(tmp_path: Path) -> None:
+    spill = tmp_path / "blobs"
+    spill.write_text("a file where the folder should be")
+    s = store(spill)
+    with pytest.raises(FedtrayError) as info:
+        s.accept_chunk("dev", chunk(0, 100), now=0)
+    assert info.value.code == "internal_error"
+    assert s.bytes_held() == 0
+    assert s.status("dev", "b1", now=0).received == 0

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from client.worker import (
     TrainingWorker,
     WorkerEvent,
 )
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 60.0
@@ -79,13 +80,6 @@ class Events:
 
     def kinds(self) -> list[str]:
         return [type(e).__name__ for _, e in self.items]
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
 
 
 def digits_job(
