@@ -36,33 +36,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from server.aggregation import FedAvg  # noqa: E402
+from tests.server_harness import register_payload, resources  # noqa: E402
 
 LISTENING = re.compile(r"listening on (http://\S+)")
-
-
-def _register_payload(device_id: str, i: int) -> dict[str, Any]:
-    return {
-        "protocol": 1,
-        "deviceId": device_id,
-        "name": f"sim-{i}",
-        "deviceType": "desktop",
-        "platform": {"os": "Linux", "release": "6", "arch": "x86_64", "python": "3.11"},
-        "hardware": {"cpuCores": 4, "ramTotalMb": 8192, "batteryPresent": False},
-        "resources": _resources(),
-        "capabilities": {
-            "torchVersion": None,
-            "simulation": True,
-            "tasks": ["synthetic"],
-            "weightFormats": ["safetensors"],
-            "maxChunkBytes": 1 << 20,
-        },
-        "clientVersion": "bench",
-        "weightsVersion": 0,  # skip the initial weights download: this measures sessions
-    }
-
-
-def _resources() -> dict[str, Any]:
-    return {"cpuPercent": 5.0, "ramUsedPercent": 30.0, "ramAvailableMb": 4000, "battery": None}
 
 
 async def _hold(url: str, n: int, beats: int) -> dict[str, Any]:
@@ -75,7 +51,9 @@ async def _hold(url: str, n: int, beats: int) -> dict[str, Any]:
             try:
                 await sio.connect(url, transports=["websocket"], wait_timeout=30)
                 ack = await sio.call(
-                    "device:register", _register_payload(str(uuid.uuid4()), i), timeout=30
+                    "device:register",
+                    register_payload(str(uuid.uuid4()), f"sim-{i}", weights_version=0),
+                    timeout=30,
                 )
             except Exception as exc:
                 print(f"  device {i} failed to join: {type(exc).__name__}: {exc}")
@@ -91,7 +69,7 @@ async def _hold(url: str, n: int, beats: int) -> dict[str, Any]:
     async def beat(sio: socketio.AsyncClient) -> None:
         start = time.perf_counter()
         ack = await sio.call(
-            "device:heartbeat", {"state": "idle", "resources": _resources()}, timeout=30
+            "device:heartbeat", {"state": "idle", "resources": resources()}, timeout=30
         )
         if isinstance(ack, dict) and ack.get("ok"):
             rtts.append(time.perf_counter() - start)

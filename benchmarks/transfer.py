@@ -54,6 +54,8 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tests.server_harness import register_payload
+
 MB = 1_000_000
 GB = 1_000_000_000
 RATIO_TARGET = 0.2
@@ -214,7 +216,11 @@ async def _upload(url: str, data: bytes, repeats: int) -> list[tuple[float, floa
     sio = socketio.AsyncClient(reconnection=False)
     await sio.connect(url, transports=["websocket"], wait_timeout=30)
     try:
-        ack = await sio.call(EV_REGISTER, _register_payload(str(uuid.uuid4())), timeout=60)
+        ack = await sio.call(
+            EV_REGISTER,
+            register_payload(str(uuid.uuid4()), "bench-upload", weights_version=0),
+            timeout=60,
+        )
         limits = parse(DeviceRegistered, ack).limits
 
         async def call(event: str, payload: dict[str, Any]) -> Any:
@@ -240,32 +246,6 @@ async def _upload(url: str, data: bytes, repeats: int) -> list[tuple[float, floa
         return results
     finally:
         await sio.disconnect()
-
-
-def _register_payload(device_id: str) -> dict[str, Any]:
-    return {
-        "protocol": 1,
-        "deviceId": device_id,
-        "name": "bench-upload",
-        "deviceType": "desktop",
-        "platform": {"os": "Linux", "release": "6", "arch": "x86_64", "python": "3.11"},
-        "hardware": {"cpuCores": 2, "ramTotalMb": 8192, "batteryPresent": False},
-        "resources": {
-            "cpuPercent": 5.0,
-            "ramUsedPercent": 30.0,
-            "ramAvailableMb": 4000,
-            "battery": None,
-        },
-        "capabilities": {
-            "torchVersion": None,
-            "simulation": True,
-            "tasks": ["synthetic"],
-            "weightFormats": ["safetensors"],
-            "maxChunkBytes": 1 << 20,
-        },
-        "clientVersion": "bench",
-        "weightsVersion": 0,  # the server holds version 0: no download to this device
-    }
 
 
 # -- client download (a real DistributedClient) ------------------------------------------
