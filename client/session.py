@@ -124,7 +124,7 @@ from client.protocol import (
     parse,
 )
 from client.resources import BatterySource, ResourceMonitor, read_battery
-from client.settings_watch import SettingsFileWatch, merge_live
+from client.settings_watch import SettingsFileWatch, merge_live, parse_settings_bytes
 from client.snapshot import (
     ALLOW,
     USER_PAUSED,
@@ -1181,9 +1181,22 @@ class _Session:
         if self.settings.paused != paused:
             self.settings = self.settings.model_copy(update={"paused": paused})
             try:
-                await asyncio.to_thread(self.save, self.settings)
+                await asyncio.to_thread(self._save_pause, paused)
             except OSError as exc:
                 log.warning("could not save the pause setting: %s", exc)
+
+    def _save_pause(self, paused: bool) -> None:
+        """Save the pause on top of the file as it is now (runs in a worker thread).
+
+        Another process may have changed other keys since the last poll of the file
+        (`fedtray-client config set ...`); writing back the session's older copy would undo
+        that, so the file's current settings are the base.
+        """
+        base = self.settings
+        if self.settings_file is not None:
+            with contextlib.suppress(OSError, ValueError):
+                base = parse_settings_bytes(self.settings_file.read_bytes())
+        self.save(base.model_copy(update={"paused": paused}))
 
     def _apply_decision(self) -> None:
         """THE place where a pause decision takes effect (worker, progress, heartbeat)."""

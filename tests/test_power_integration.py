@@ -607,3 +607,28 @@ def test_user_pause_survives_a_restart(
         save_settings(load_settings(path).model_copy(update={"paused": False}), path)
         server.wait_for(lambda st: _device(st, settings.device_id)["state"] == "idle", timeout=5)
         assert again.snapshot().pause_reason is None
+
+
+@pytest.mark.slow
+def test_pausing_keeps_what_another_process_just_wrote(
+    tmp_path: Path, make_client: Callable[..., DistributedClient]
+) -> None:
+    path = tmp_path / "settings.toml"
+    with running_server(tmp_path, min_clients=5) as server:
+        settings = Settings(server_url=server.url, device_name="k")
+        save_settings(settings, path)
+        client = make_client(
+            server.url,
+            settings=settings,
+            save=lambda s: save_settings(s, path),
+            settings_file=path,
+            settings_poll_interval=3600.0,  # the session will not have read the change
+            battery_source=FakeBattery(None),
+        )
+        client.start()
+        client.wait_for(lambda s: s.connection == "connected", 30)
+        # `fedtray-client config set battery_threshold 80` from another terminal...
+        save_settings(load_settings(path).model_copy(update={"battery_threshold": 80}), path)
+        client.pause()  # ...then the tray's "Pause training" right after
+        wait_until(lambda: load_settings(path).paused, 5, "the pause saved")
+        assert load_settings(path).battery_threshold == 80
