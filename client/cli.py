@@ -14,16 +14,22 @@ Contract:
 * ``info`` prints this device's description and a resource snapshot as JSON.
 * ``pause`` / ``resume`` set the user's ``paused`` setting and say what happened; a
   running client (headless or tray) notices the settings file change within about a
-  second and pauses (checkpointing its round) or resumes.
+  second and pauses (checkpointing its round) or resumes. ``pause --for DURATION``
+  (:func:`parse_duration`: ``30m``, ``1h``, ``2h30m``) also sets ``paused_until``, when
+  the running client resumes by itself; plain ``pause`` drops any such deadline and
+  ``resume`` clears both.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Final
 
 from client import __version__
 from client.config import (
@@ -38,7 +44,7 @@ from client.config import (
 )
 from client.logsetup import add_secret, log_level_arg, setup_logging
 
-__all__ = ["apply_cli_overrides", "build_parser", "main", "run_client"]
+__all__ = ["apply_cli_overrides", "build_parser", "main", "parse_duration", "run_client"]
 
 PROG = "fedtray-client"
 EXIT_OK = 0
@@ -53,6 +59,49 @@ _OVERRIDES: tuple[tuple[str, str], ...] = (
     ("battery_threshold", "battery_threshold"),
     ("ca_file", "ca_file"),
 )
+
+
+#: The longest timed pause: past a week, a plain `pause` (ended by `resume`) says it better.
+MAX_PAUSE: Final = timedelta(days=7)
+_DURATION: Final = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+_DURATION_WORDS: Final = "a duration such as 30m, 1h or 2h30m (units d, h, m, s, in that order)"
+
+
+def parse_duration(text: str) -> timedelta:
+    """``"2h30m"`` -> 2 h 30 min (pure). Units d, h, m, s, each at most once, in that
+    order, whole numbers; case and surrounding spaces are ignored. Raises ValueError in
+    plain words for anything else, for zero, and for more than :data:`MAX_PAUSE`."""
+    raw = text.strip().lower()
+    match = _DURATION.fullmatch(raw)
+    if not raw or match is None:
+        raise ValueError(f"expected {_DURATION_WORDS}, got {text!r}")
+    days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
+    try:
+        total = timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+    except OverflowError:  # more days than a timedelta holds: far past the limit anyway
+        total = timedelta.max
+    if total <= timedelta(0):
+        raise ValueError(f"the duration must be longer than zero, got {text!r}")
+    if total > MAX_PAUSE:
+        raise ValueError(
+            f"at most {MAX_PAUSE.days} days, got {text!r}; for longer, use `pause` without "
+            "--for and `resume` when you want"
+        )
+    return total
+
+
+def _duration_arg(text: str) -> timedelta:
+    """An argparse ``type=``: :func:`parse_duration` with argparse's error type."""
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _when(until: datetime, now: datetime) -> str:
+    """``"15:30"`` in local time; with the day when it is not today."""
+    local, today = until.astimezone(), now.astimezone()
+    return f"{local:%H:%M}" if local.date() == today.date() else f"{local:%a %d %b %H:%M}"
 
 
 def _absolute_path(value: str) -> str:
@@ -113,8 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     set_.add_argument("key", metavar="KEY", help=f"one of: {', '.join(SETTABLE_KEYS)}")
     set_.add_argument("value", metavar="VALUE", help="new value ('none' clears an optional one)")
     commands.add_parser("info", help="print device info and a resource snapshot as JSON")
-    commands.add_parser(
+    pause = commands.add_parser(
         "pause", help="pause training (a running client checkpoints and waits; survives restarts)"
+    )
+    pause.add_argument(
+        "--for",
+        dest="duration",
+        metavar="DURATION",
+        type=_duration_arg,
+        help="resume by itself after this long, e.g. 30m, 1h, 2h30m (also after a restart)",
     )
     commands.add_parser("resume", help="undo `pause` (battery rules still apply)")
     return parser
@@ -203,20 +259,30 @@ def _cmd_info() -> int:
     return EXIT_OK
 
 
-def _cmd_pause(paused: bool) -> int:
+def _cmd_pause(paused: bool, duration: timedelta | None = None) -> int:
     settings = load_settings()
-    if settings.paused == paused:
+    now = datetime.now(UTC).replace(microsecond=0)
+    until = now + duration if paused and duration is not None else None
+    earlier = settings.paused_until if settings.paused else None
+    if (settings.paused, settings.paused_until) == (paused, until):
         print("training is already paused" if paused else "training is not paused")
         return EXIT_OK
     try:
-        save_settings(settings.model_copy(update={"paused": paused}))
+        save_settings(settings.model_copy(update={"paused": paused, "paused_until": until}))
     except OSError as exc:
         _error(f"could not save settings to {config_path()}: {exc}")
         return EXIT_IO
-    if paused:
+    if until is not None:
         print(
-            "paused training; a running client stops at its next batch and keeps its "
-            "progress (undo with `fedtray-client resume`)"
+            f"Paused until {_when(until, now)}: a running client stops at its next batch, "
+            "keeps its progress and resumes by itself then (earlier with "
+            "`fedtray-client resume`)"
+        )
+    elif paused:
+        dropped = f" (no longer ending at {_when(earlier, now)})" if earlier else ""
+        print(
+            f"paused training{dropped}; a running client stops at its next batch and keeps "
+            "its progress (undo with `fedtray-client resume`)"
         )
     else:
         print("resumed training; a running client continues where it stopped")
@@ -259,8 +325,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_config(args)
         if args.command == "info":
             return _cmd_info()
-        if args.command in ("pause", "resume"):
-            return _cmd_pause(args.command == "pause")
+        if args.command == "pause":
+            return _cmd_pause(True, args.duration)
+        if args.command == "resume":
+            return _cmd_pause(False)
         return _cmd_run(args)
     except SettingsError as exc:
         _error(str(exc))

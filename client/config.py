@@ -28,6 +28,11 @@ Contract:
 * :func:`save_settings` writes atomically (0600 temp file in the same directory,
   fsync, ``os.replace``), creates the directory with mode 0700 when missing, and
   raises :class:`OSError` on disk problems.
+* ``paused_until`` (a timezone-aware datetime, stored in UTC; TOML writes it natively)
+  is when a timed pause ends. It means something only with ``paused = true``: a model
+  with ``paused = false`` drops it (so a stale deadline never lingers). It is set by
+  ``fedtray-client pause --for`` and the tray's "Pause for 1 hour", never by
+  :func:`parse_setting`, which refuses it with a message naming those commands.
 * Validation and parsing (:class:`Settings`, :func:`parse_setting`,
   :func:`with_setting`, :func:`redacted`) do no I/O. The token is never part of
   :func:`redacted` output.
@@ -50,7 +55,14 @@ from urllib.parse import urlsplit
 
 import platformdirs
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from client.atomicfile import write_atomic
 
@@ -91,6 +103,7 @@ ALLOWED: Final[Mapping[str, str]] = {
     ),
     "autostart": "true or false (also yes/no, on/off, 1/0)",
     "ca_file": "the path of a PEM CA bundle, or 'none' to clear it",
+    "paused_until": "a date and time with a time zone (e.g. 2026-05-04T13:30:00Z), or unset",
 }
 
 
@@ -165,6 +178,18 @@ def _check_ca_file(value: str | None) -> str | None:
     raise ValueError(f"ca_file must be {ALLOWED['ca_file']}, got {value!r}")
 
 
+def _check_paused_until(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(
+            f"paused_until must be {ALLOWED['paused_until']}: {value.isoformat()} has no "
+            "time zone, so when it ends is ambiguous"
+        )
+    # One spelling for one instant: the file always says UTC.
+    return value.astimezone(UTC)
+
+
 def _new_device_id() -> str:
     return str(uuid.uuid4())
 
@@ -195,6 +220,18 @@ class Settings(BaseModel):
     auth_token: str | None = None
     autostart: bool = False
     ca_file: str | None = None
+    paused_until: datetime | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_deadline_when_not_paused(cls, data: Any) -> Any:
+        # A deadline without a pause means nothing; keeping it would make a later plain
+        # pause end by itself. Only an explicit `paused = false` drops it (a wrong type
+        # for `paused` still fails validation with its own message).
+        stale = isinstance(data, dict) and data.get("paused", False) is False
+        if stale and data.get("paused_until") is not None:
+            data = {**data, "paused_until": None}
+        return data
 
     @field_validator("server_url")
     @classmethod
@@ -231,11 +268,18 @@ class Settings(BaseModel):
     def _v_ca_file(cls, v: str | None) -> str | None:
         return _check_ca_file(v)
 
+    @field_validator("paused_until")
+    @classmethod
+    def _v_paused_until(cls, v: datetime | None) -> datetime | None:
+        return _check_paused_until(v)
+
 
 KEYS: Final[tuple[str, ...]] = tuple(Settings.model_fields)
 # device_id is the identity the server knows this device by; changing it would make
 # the server see a new device and lose its history, so users cannot set it.
-SETTABLE_KEYS: Final[tuple[str, ...]] = tuple(k for k in KEYS if k != "device_id")
+# paused_until belongs to a pause: `pause --for` sets both together, `resume` clears both.
+_UNSETTABLE: Final = frozenset({"device_id", "paused_until"})
+SETTABLE_KEYS: Final[tuple[str, ...]] = tuple(k for k in KEYS if k not in _UNSETTABLE)
 _OPTIONAL_KEYS: Final = frozenset({"auth_token", "ca_file"})
 _INT_KEYS: Final = frozenset({"battery_threshold", "battery_hysteresis"})
 _BOOL_KEYS: Final = frozenset({"paused", "autostart"})
@@ -284,6 +328,11 @@ def parse_setting(key: str, raw: str) -> object:
             "device_id is this device's permanent identity on the server and cannot be "
             "changed; delete the config file to start over as a new device"
         )
+    if key == "paused_until":
+        raise SettingsError(
+            "paused_until is set together with the pause: use `fedtray-client pause --for "
+            "DURATION` (e.g. 30m, 1h, 2h30m); `fedtray-client resume` clears it"
+        )
     if key not in SETTABLE_KEYS:
         raise SettingsError(f"unknown setting {key!r}; valid keys: {', '.join(SETTABLE_KEYS)}")
     text = raw.strip()
@@ -325,10 +374,15 @@ def with_setting(settings: Settings, key: str, raw: str) -> Settings:
 
 
 def redacted(settings: Settings) -> dict[str, object]:
-    """The settings as a plain dict for display, with the auth token replaced by ``***``."""
+    """The settings as a plain dict for display, with the auth token replaced by ``***``.
+
+    ``paused_until`` is an ISO 8601 string (UTC), so the dict is JSON-ready.
+    """
     data: dict[str, object] = settings.model_dump()
     if data.get("auth_token") is not None:
         data["auth_token"] = REDACTED
+    if settings.paused_until is not None:
+        data["paused_until"] = settings.paused_until.isoformat()
     return data
 
 

@@ -33,6 +33,12 @@ Behaviour:
   :func:`client.snapshot.effective_decision`; :meth:`_Session._apply_decision` is the one
   place that pauses/resumes the worker, reports ``paused`` progress, updates heartbeats
   and makes ``training:start`` refuse with the reason.
+* A timed pause (``paused_until`` in the settings, from :meth:`DistributedClient.pause`
+  with ``until``, ``fedtray-client pause --for`` or the tray's "Pause for 1 hour") says
+  "Paused by you until 15:30" (local time) and ends by itself at the deadline: a loop
+  task wakes at least once a second (a suspended laptop or a changed clock cannot make
+  it miss), resumes, clears ``paused`` and ``paused_until`` in the settings file and
+  logs it. A session started after its deadline starts unpaused and clears them too.
 * Power: a :class:`client.power_monitor.PowerMonitor` reads the battery (injectable
   ``battery_source``) every ``power_poll_interval`` seconds on the loop (the reading in a
   worker thread) and sets the ``"power"`` source; new battery settings re-decide at once.
@@ -74,6 +80,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol, TypeVar
 from urllib.parse import urlsplit
@@ -139,7 +146,14 @@ from client.transfer import BlobStore, send_blob, weights_ref_for
 from client.weights import decode, encode
 from client.workfiles import remove_stale, work_stem
 
-__all__ = ["ClientSnapshot", "DistributedClient", "PauseDecision", "Worker", "WorkerFactory"]
+__all__ = [
+    "ClientSnapshot",
+    "DistributedClient",
+    "PauseDecision",
+    "Worker",
+    "WorkerFactory",
+    "user_decision",
+]
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +164,8 @@ ACK_TIMEOUT_S: Final = 30.0
 SUBMIT_TIMEOUT_S: Final = 120.0
 PROGRESS_INTERVAL_S: Final = 0.5
 SETTINGS_POLL_INTERVAL_S: Final = 1.0  # at most 2 progress messages per second
+#: Longest sleep of the timed-pause task: wall-clock jumps (suspend, NTP) are noticed within it.
+DEADLINE_CHECK_S: Final = 1.0
 UPLOAD_RETRIES: Final = 5
 SERVER_PEER: Final = "server"
 
@@ -183,6 +199,28 @@ AUTH_FAILED_WORDS: Final = (
 
 T = TypeVar("T")
 Subscriber = Callable[[ClientSnapshot], None]
+
+
+def user_decision(settings: Settings, now: datetime) -> PauseDecision:
+    """The user's pause source for ``settings`` at the aware time ``now`` (pure).
+
+    A pause whose ``paused_until`` has passed allows training; one still running says
+    until when, in local time ("Paused by you until 15:30").
+    """
+    if not settings.paused:
+        return ALLOW
+    until = settings.paused_until
+    if until is None:
+        return USER_PAUSED
+    if until <= now:
+        return ALLOW
+    return dataclasses.replace(
+        USER_PAUSED, detail=f"{USER_PAUSED.detail} until {until.astimezone():%H:%M}"
+    )
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
 
 
 class Worker(Protocol):
@@ -381,9 +419,10 @@ class _Session:
         self.round: _Round | None = None
         # Order = priority: the user's own pause is what the user sees first.
         self.sources: dict[str, PauseDecision] = {
-            "user": USER_PAUSED if settings.paused else ALLOW,
+            "user": user_decision(settings, _utc_now()),
             "power": ALLOW,
         }
+        self.deadline_task: asyncio.Task[None] | None = None
         self.applied: PauseDecision = effective_decision(self.sources.values())
         self.want_connected = True
         self.stopping = False
@@ -440,6 +479,10 @@ class _Session:
                 simulation=self.simulation,
             )
             self.publish_state()
+            if self.settings.paused and self.sources["user"] == ALLOW:
+                log.info("the timed pause ended while fedtray was not running; resuming training")
+                await self.set_user_paused(False)
+            self._arm_deadline()
             await self._start_watching()
             await self._connection_loop()
         except Exception as exc:  # a bug: log it and end visibly rather than hang
@@ -1176,16 +1219,45 @@ class _Session:
         self.sources[name] = decision
         self._apply_decision()
 
-    async def set_user_paused(self, paused: bool) -> None:
-        self.set_source("user", USER_PAUSED if paused else ALLOW)
-        if self.settings.paused != paused:
-            self.settings = self.settings.model_copy(update={"paused": paused})
-            try:
-                await asyncio.to_thread(self._save_pause, paused)
-            except OSError as exc:
-                log.warning("could not save the pause setting: %s", exc)
+    async def set_user_paused(self, paused: bool, until: datetime | None = None) -> None:
+        """The user's pause (``until``: when it ends by itself; ignored when resuming)."""
+        until = until.astimezone(UTC) if paused and until is not None else None
+        changed = (self.settings.paused, self.settings.paused_until) != (paused, until)
+        if changed:
+            self.settings = self.settings.model_copy(
+                update={"paused": paused, "paused_until": until}
+            )
+            self.client._settings = self.settings
+        self.set_source("user", user_decision(self.settings, _utc_now()))
+        self._arm_deadline()
+        if not changed and self.settings_file is None:
+            return  # nothing new, and no file that another process may have changed
+        try:
+            await asyncio.to_thread(self._save_pause, paused, until)
+        except OSError as exc:
+            log.warning("could not save the pause setting: %s", exc)
 
-    def _save_pause(self, paused: bool) -> None:
+    def _arm_deadline(self) -> None:
+        """(Re)start the task that ends a timed pause, or stop it when there is none."""
+        task, self.deadline_task = self.deadline_task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+        until = self.settings.paused_until
+        if self.settings.paused and until is not None and not self.stopping:
+            self.deadline_task = asyncio.ensure_future(self._end_pause_at(until))
+
+    async def _end_pause_at(self, until: datetime) -> None:
+        # Short sleeps against the wall clock rather than one long monotonic sleep: the
+        # deadline is a wall-clock time, and a laptop may sleep through it.
+        while (left := (until - _utc_now()).total_seconds()) > 0:
+            await asyncio.sleep(min(left, DEADLINE_CHECK_S))
+        if self.deadline_task is not asyncio.current_task():
+            return  # replaced meanwhile
+        self.deadline_task = None
+        log.info("the pause until %s is over; resuming training", f"{until.astimezone():%H:%M}")
+        await self.set_user_paused(False)
+
+    def _save_pause(self, paused: bool, until: datetime | None) -> None:
         """Save the pause on top of the file as it is now (runs in a worker thread).
 
         Another process may have changed other keys since the last poll of the file
@@ -1195,8 +1267,11 @@ class _Session:
         base = self.settings
         if self.settings_file is not None:
             with contextlib.suppress(OSError, ValueError):
-                base = parse_settings_bytes(self.settings_file.read_bytes())
-        self.save(base.model_copy(update={"paused": paused}))
+                from_file = parse_settings_bytes(self.settings_file.read_bytes())
+                if (from_file.paused, from_file.paused_until) == (paused, until):
+                    return  # the file says so already (`fedtray-client pause` wrote it)
+                base = from_file
+        self.save(base.model_copy(update={"paused": paused, "paused_until": until}))
 
     def _apply_decision(self) -> None:
         """THE place where a pause decision takes effect (worker, progress, heartbeat)."""
@@ -1247,8 +1322,11 @@ class _Session:
         old, self.settings = self.settings, settings
         self.client._settings = settings
         self.publish(device_name=settings.device_name, server_url=settings.server_url)
-        if settings.paused != (self.sources["user"] != ALLOW):
-            self.set_source("user", USER_PAUSED if settings.paused else ALLOW)
+        user = user_decision(settings, _utc_now())
+        if user != self.sources["user"]:
+            self.set_source("user", user)
+        if (old.paused, old.paused_until) != (settings.paused, settings.paused_until):
+            self._arm_deadline()  # a deadline already passed ends the pause at once
         # A new threshold applies to the last reading at once, not at the next poll.
         power = self.power.evaluate(power_settings(settings))
         if power is not None:
@@ -1278,9 +1356,11 @@ class _Session:
         self.wake.set()
 
     async def _teardown(self) -> None:
-        for task in self.watch_tasks:
+        tasks = [*self.watch_tasks, *([self.deadline_task] if self.deadline_task else [])]
+        self.deadline_task = None
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self.watch_tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self.flush_progress()
         if self.worker is not None:
             worker, self.worker = self.worker, None
@@ -1326,13 +1406,14 @@ class DistributedClient:
     ) -> None:
         if settings_file is None and save is save_settings:
             settings_file = config_path()  # the file this session saves to is the one watched
+        user = user_decision(settings, _utc_now())  # a deadline already passed: unpaused
         self._snapshot = ClientSnapshot(
             server_url=settings.server_url,
             device_id=settings.device_id,
             device_name=settings.device_name,
-            device_state="paused" if settings.paused else "idle",
-            pause_reason="user_paused" if settings.paused else None,
-            pause_detail=USER_PAUSED.detail if settings.paused else "",
+            device_state="idle" if user.allowed else "paused",
+            pause_reason=user.reason,
+            pause_detail=user.detail,
         )
         self._settings = settings
         # The loop and the session exist from the start, so subscribe(), pause() and
@@ -1411,9 +1492,16 @@ class DistributedClient:
         """Disconnect and stay disconnected until :meth:`connect`."""
         self._submit(lambda s: s.set_connected(False))
 
-    def pause(self) -> None:
-        """Pause training (the user's choice, saved in the settings; survives a restart)."""
-        self._submit(lambda s: s.set_user_paused(True))
+    def pause(self, until: datetime | None = None) -> None:
+        """Pause training (the user's choice, saved in the settings; survives a restart).
+
+        With ``until`` (a timezone-aware time) the pause ends by itself then, even across
+        a restart; without it, any earlier deadline is dropped. Raises ValueError for a
+        naive ``until``.
+        """
+        if until is not None and until.utcoffset() is None:
+            raise ValueError("pause(until=...) needs a timezone-aware datetime")
+        self._submit(lambda s: s.set_user_paused(True, until))
 
     def resume(self) -> None:
         """Undo :meth:`pause` (other pause sources, such as power, still apply)."""

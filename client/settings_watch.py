@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 #: Settings a running session applies when the file changes.
 LIVE_KEYS: Final[tuple[str, ...]] = (
     "paused",
+    "paused_until",
     "battery_threshold",
     "battery_hysteresis",
     "server_url",

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tomllib
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,23 @@ def test_config_show_lines_and_json_hide_the_token(
     assert shown["auth_token"] == "***"
     assert shown["device_name"] == "box"
     assert shown["ca_file"] is None
+    assert shown["paused_until"] is None
+
+
+def test_config_shows_a_deadline_and_refuses_to_set_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    until = datetime(2026, 5, 4, 13, 30, tzinfo=UTC)
+    save_settings(Settings(paused=True, paused_until=until), cfg_file(tmp_path))
+    assert main(["config", "show"]) == 0
+    assert 'paused_until = "2026-05-04T13:30:00+00:00"' in capsys.readouterr().out
+    assert main(["config", "show", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["paused_until"] == "2026-05-04T13:30:00+00:00"
+    assert main(["config", "set", "paused_until", "2026-05-04T14:00:00Z"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: paused_until is set together with the pause")
+    assert "pause --for" in err
+    assert load_settings().paused_until == until  # unchanged
 
 
 def test_config_set_saves_and_prints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,77 @@ def test_pause_and_resume_write_the_setting_and_say_so(
     assert "resumed training" in capsys.readouterr().out
     assert cli.main(["resume"]) == 0
     assert "not paused" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("30m", timedelta(minutes=30)),
+        ("1h", timedelta(hours=1)),
+        ("2h30m", timedelta(hours=2, minutes=30)),
+        (" 1H30M ", timedelta(hours=1, minutes=30)),
+        ("90m", timedelta(minutes=90)),
+        ("45s", timedelta(seconds=45)),
+        ("1d2h", timedelta(days=1, hours=2)),
+        ("7d", timedelta(days=7)),
+    ],
+)
+def test_parse_duration(text: str, expected: timedelta) -> None:
+    assert cli.parse_duration(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("", "expected a duration such as 30m, 1h or 2h30m"),
+        ("1", "expected a duration"),
+        ("h", "expected a duration"),
+        ("1x", "expected a duration"),
+        ("30m1h", "expected a duration"),  # units out of order
+        ("1h1h", "expected a duration"),
+        ("-1h", "expected a duration"),
+        ("1.5h", "expected a duration"),
+        ("1h 30m", "expected a duration"),
+        ("0m", "longer than zero"),
+        ("0h0m", "longer than zero"),
+        ("8d", "at most 7 days"),
+        ("99999999999h", "at most 7 days"),
+    ],
+)
+def test_parse_duration_refuses(text: str, fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        cli.parse_duration(text)
+
+
+def test_pause_for_sets_a_deadline_and_plain_pause_or_resume_clears_it(
+    xdg: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = datetime.now(UTC)
+    assert cli.main(["pause", "--for", "1h"]) == 0
+    after = datetime.now(UTC)
+    settings = load_settings()
+    assert settings.paused is True and settings.paused_until is not None
+    assert before + timedelta(hours=1) - timedelta(seconds=1) <= settings.paused_until
+    assert settings.paused_until <= after + timedelta(hours=1)
+    local = f"{settings.paused_until.astimezone():%H:%M}"
+    assert f"Paused until {local}" in capsys.readouterr().out
+    # Plain `pause` keeps the pause and drops the deadline, and says so.
+    assert cli.main(["pause"]) == 0
+    assert f"no longer ending at {local}" in capsys.readouterr().out
+    assert (load_settings().paused, load_settings().paused_until) == (True, None)
+    assert cli.main(["pause", "--for", "30m"]) == 0
+    assert cli.main(["resume"]) == 0
+    assert "resumed training" in capsys.readouterr().out
+    assert (load_settings().paused, load_settings().paused_until) == (False, None)
+
+
+def test_pause_for_a_bad_duration_exits_2_and_changes_nothing(
+    xdg: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["pause", "--for", "soon"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "argument --for: expected a duration such as 30m, 1h or 2h30m" in err
+    assert not config_path().exists() or load_settings().paused is False
 
 
 def test_pause_refuses_run_flags(xdg: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -96,9 +168,9 @@ def test_pause_and_resume_reach_a_running_client_process(tmp_path: Path) -> None
                 what="the client process registered",
             )
 
-            def command(name: str) -> str:
+            def command(name: str, *extra: str) -> str:
                 done = subprocess.run(
-                    [sys.executable, "-m", "client", name],
+                    [sys.executable, "-m", "client", name, *extra],
                     cwd=REPO_ROOT,
                     env=env,
                     capture_output=True,
@@ -121,6 +193,21 @@ def test_pause_and_resume_reach_a_running_client_process(tmp_path: Path) -> None
                 lambda st: _device(st)["state"] == "idle" and _device(st)["pauseReason"] is None,
                 timeout=5,
                 what="the running client resumed by `fedtray-client resume`",
+            )
+            said = command("pause", "--for", "1h")
+            assert said.startswith("Paused until "), said
+            status = server.wait_for(
+                lambda st: (_device(st)["pauseDetail"] or "").startswith("Paused by you until "),
+                timeout=5,
+                what="the running client paused by `fedtray-client pause --for 1h`",
+            )
+            hhmm = said.removeprefix("Paused until ")[:5]
+            assert _device(status)["pauseDetail"] == f"Paused by you until {hhmm}"
+            assert "resumed training" in command("resume")
+            server.wait_for(
+                lambda st: _device(st)["pauseReason"] is None,
+                timeout=5,
+                what="the timed pause ended by `fedtray-client resume`",
             )
             client.send_signal(signal.SIGTERM)
             assert client.wait(60) == 0

@@ -8,7 +8,7 @@ import stat
 import tempfile
 import tomllib
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -114,6 +114,51 @@ def test_valid_values_are_accepted(field: str, value: object, stored: object) ->
     assert getattr(Settings.model_validate({field: value}), field) == stored
 
 
+DEADLINE = datetime(2026, 5, 4, 13, 30, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        (datetime(2026, 5, 4, 13, 30), "has no time zone"),  # naive: when is that?
+        ("2026-05-04T13:30:00Z", "got str"),  # strict: a string is not a datetime
+        (1777901400, "got int"),
+    ],
+)
+def test_paused_until_must_be_an_aware_datetime(value: object, fragment: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        Settings.model_validate({"paused": True, "paused_until": value})
+    message = config.explain_validation_error(info.value)
+    assert message.startswith("paused_until must be a date and time with a time zone"), message
+    assert fragment in message
+
+
+@pytest.mark.parametrize(
+    ("data", "stored"),
+    [
+        ({"paused": True, "paused_until": DEADLINE}, DEADLINE),
+        # Another offset is the same instant, stored in UTC.
+        (
+            {
+                "paused": True,
+                "paused_until": datetime(2026, 5, 4, 15, 30, tzinfo=timezone(timedelta(hours=2))),
+            },
+            DEADLINE,
+        ),
+        ({"paused": True}, None),
+        # Without a pause a deadline means nothing: dropped, not an error.
+        ({"paused": False, "paused_until": DEADLINE}, None),
+        ({"paused_until": DEADLINE}, None),
+        ({"paused_until": datetime(2026, 5, 4, 13, 30)}, None),
+    ],
+)
+def test_paused_until_values(data: dict[str, object], stored: datetime | None) -> None:
+    value = Settings.model_validate(data).paused_until
+    assert value == stored
+    if value is not None:
+        assert value.utcoffset() == timedelta(0)
+
+
 def test_unknown_field_is_refused_by_the_model() -> None:
     with pytest.raises(ValidationError) as info:
         Settings.model_validate({"colour": "red"})
@@ -184,6 +229,7 @@ def test_parse_setting(key: str, raw: str, expected: object) -> None:
         ("autostart", "", "autostart must be true or false"),
         ("auth_token", "two words", "auth_token must be"),
         ("device_id", FIXED_ID, "device_id is this device's permanent identity"),
+        ("paused_until", "2026-05-04T13:30:00Z", "use `fedtray-client pause --for DURATION`"),
         ("colour", "red", "unknown setting 'colour'; valid keys: server_url"),
     ],
 )
@@ -199,6 +245,7 @@ def test_unknown_key_error_lists_every_settable_key() -> None:
     for key in SETTABLE_KEYS:
         assert key in str(info.value)
     assert "device_id" not in SETTABLE_KEYS
+    assert "paused_until" not in SETTABLE_KEYS
 
 
 def test_with_setting_returns_a_new_settings_and_keeps_the_old() -> None:
@@ -219,6 +266,12 @@ def test_redacted_hides_the_token() -> None:
     assert TOKEN not in repr(shown)
     assert shown["device_id"] == FIXED_ID
     assert redacted(Settings())["auth_token"] is None
+
+
+def test_redacted_shows_the_deadline_as_iso_8601() -> None:
+    shown = redacted(Settings(paused=True, paused_until=DEADLINE))
+    assert shown["paused_until"] == "2026-05-04T13:30:00+00:00"
+    assert redacted(Settings(paused=True))["paused_until"] is None
 
 
 # --- files ---------------------------------------------------------------------------
@@ -254,6 +307,34 @@ def test_round_trip(cfg: Path) -> None:
     data = tomllib.loads(cfg.read_text("utf-8"))
     assert "auth_token" not in data and "ca_file" not in data  # TOML has no null
     assert load_settings(cfg) == minimal
+
+
+def test_round_trip_of_a_timed_pause_uses_a_toml_datetime(cfg: Path) -> None:
+    s = Settings(device_id=FIXED_ID, device_name="n", paused=True, paused_until=DEADLINE)
+    save_settings(s, cfg)
+    text = cfg.read_text("utf-8")
+    assert "paused_until = 2026-05-04 13:30:00+00:00" in text  # a TOML datetime, not a string
+    assert tomllib.loads(text)["paused_until"] == DEADLINE
+    assert load_settings(cfg) == s
+    assert not corrupt_files(cfg)
+    # Unset: the key is left out, like the other optional settings.
+    save_settings(s.model_copy(update={"paused": False, "paused_until": None}), cfg)
+    assert "paused_until" not in tomllib.loads(cfg.read_text("utf-8"))
+
+
+def test_a_naive_deadline_in_the_file_is_moved_aside_with_a_clear_warning(
+    cfg: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg.parent.mkdir(parents=True)
+    cfg.write_text(
+        f'device_id = "{FIXED_ID}"\npaused = true\npaused_until = 2026-05-04T13:30:00\n',
+        encoding="utf-8",
+    )
+    with caplog.at_level(logging.WARNING):
+        s = load_settings(cfg)
+    assert s.device_id == FIXED_ID and s.paused is False
+    assert "paused_until must be a date and time with a time zone" in caplog.text
+    assert len(corrupt_files(cfg)) == 1
 
 
 def test_save_sets_private_modes(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from client.protocol import (
     TrainingConfig,
     TrainingStart,
 )
-from client.session import DistributedClient
+from client.session import DistributedClient, user_decision
 from client.settings_watch import SettingsFileWatch, merge_live, parse_settings_bytes
 from client.snapshot import ALLOW, ClientSnapshot, PauseDecision
 from tests.device_info import quick_device_info
@@ -632,3 +633,156 @@ def test_pausing_keeps_what_another_process_just_wrote(
         client.pause()  # ...then the tray's "Pause training" right after
         wait_until(lambda: load_settings(path).paused, 5, "the pause saved")
         assert load_settings(path).battery_threshold == 80
+
+
+# ------------------------------------------------------------------ timed pause
+
+
+def _settings_file_client(
+    make_client: Callable[..., DistributedClient], url: str, path: Path
+) -> DistributedClient:
+    return make_client(
+        url,
+        settings=load_settings(path),
+        save=lambda s: save_settings(s, path),
+        settings_file=path,
+        battery_source=FakeBattery(None),
+    )
+
+
+def _cleared(path: Path) -> bool:
+    settings = load_settings(path)
+    return (settings.paused, settings.paused_until) == (False, None)
+
+
+@pytest.mark.slow
+def test_a_timed_pause_ends_by_itself_and_clears_the_file(
+    tmp_path: Path, make_client: Callable[..., DistributedClient]
+) -> None:
+    path = tmp_path / "settings.toml"
+    with running_server(tmp_path, min_clients=5) as server:
+        settings = Settings(server_url=server.url, device_name="t")
+        save_settings(settings, path)
+        client = _settings_file_client(make_client, server.url, path)
+        details: list[str] = []
+        client.subscribe(lambda s: details.append(s.pause_detail))
+        client.start()
+        client.wait_for(lambda s: s.connection == "connected", 30)
+        until = datetime.now(UTC) + timedelta(seconds=2)
+        client.pause(until=until)
+        expected = f"Paused by you until {until.astimezone():%H:%M}"
+        status = server.wait_for(
+            lambda st: _device(st, settings.device_id)["pauseReason"] == "user_paused",
+            timeout=2,
+            what="the timed pause reported",
+        )
+        assert _device(status, settings.device_id)["pauseDetail"] == expected
+        wait_until(
+            lambda: (load_settings(path).paused, load_settings(path).paused_until) == (True, until),
+            1.5,
+            "the timed pause saved",
+        )
+        # It ends by itself: the server sees the device idle again, the file is cleared.
+        server.wait_for(
+            lambda st: (
+                _device(st, settings.device_id)["state"] == "idle"
+                and _device(st, settings.device_id)["pauseReason"] is None
+            ),
+            timeout=5,
+            what="the timed pause ended",
+        )
+        assert datetime.now(UTC) >= until
+        wait_until(lambda: _cleared(path), 5, "paused and paused_until cleared in the file")
+        assert expected in details and client.snapshot().pause_reason is None
+        with pytest.raises(ValueError, match="timezone-aware"):
+            client.pause(until=datetime.now() + timedelta(hours=1))  # naive: refused
+
+
+@pytest.mark.slow
+def test_a_timed_pause_survives_a_restart_within_its_window(
+    tmp_path: Path, make_client: Callable[..., DistributedClient]
+) -> None:
+    path = tmp_path / "settings.toml"
+    with running_server(tmp_path, min_clients=5) as server:
+        settings = Settings(server_url=server.url, device_name="w")
+        save_settings(settings, path)
+        first = _settings_file_client(make_client, server.url, path)
+        first.start()
+        first.wait_for(lambda s: s.connection == "connected", 30)
+        until = datetime.now(UTC) + timedelta(seconds=8)
+        first.pause(until=until)
+        wait_until(lambda: load_settings(path).paused_until == until, 5, "the deadline saved")
+        assert first.stop(30)
+        expected = f"Paused by you until {until.astimezone():%H:%M}"
+        again = _settings_file_client(make_client, server.url, path)
+        assert (again.snapshot().device_state, again.snapshot().pause_detail) == (
+            "paused",
+            expected,
+        )
+        again.start()
+        # The registration itself says paused, with the deadline; then it ends on time.
+        status = server.wait_for(
+            lambda st: (
+                _device(st, settings.device_id)["connected"]
+                and _device(st, settings.device_id)["pauseReason"] == "user_paused"
+            ),
+            timeout=5,
+            what="the restarted client registered paused",
+        )
+        assert datetime.now(UTC) < until, "too slow to prove the pause survived"
+        assert _device(status, settings.device_id)["pauseDetail"] == expected
+        server.wait_for(
+            lambda st: _device(st, settings.device_id)["pauseReason"] is None,
+            timeout=(until - datetime.now(UTC)).total_seconds() + 4,
+            what="the timed pause ended after the restart",
+        )
+        assert datetime.now(UTC) >= until
+        wait_until(lambda: _cleared(path), 5, "the file cleared")
+
+
+@pytest.mark.slow
+def test_a_restart_after_the_deadline_starts_unpaused_and_clears_it(
+    tmp_path: Path, make_client: Callable[..., DistributedClient]
+) -> None:
+    path = tmp_path / "settings.toml"
+    with running_server(tmp_path, min_clients=5) as server:
+        past = datetime.now(UTC) - timedelta(minutes=5)
+        settings = Settings(server_url=server.url, device_name="a", paused=True, paused_until=past)
+        save_settings(settings, path)
+        client = _settings_file_client(make_client, server.url, path)
+        assert client.snapshot().device_state == "idle"
+        assert client.snapshot().pause_reason is None
+        client.start()
+        wait_until(lambda: _cleared(path), 10, "the expired deadline cleared in the file")
+        status = server.wait_for(
+            lambda st: any(d["id"] == settings.device_id and d["connected"] for d in st["devices"]),
+            timeout=30,
+            what="the client registered",
+        )
+        device = _device(status, settings.device_id)
+        assert (device["state"], device["pauseReason"]) == ("idle", None)
+
+
+NOW = datetime(2026, 5, 4, 13, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("paused", "until", "allowed", "detail"),
+    [
+        (False, None, True, ""),
+        (True, None, False, "Paused by you"),
+        (True, NOW + timedelta(minutes=30), False, "until"),
+        (True, NOW, True, ""),  # the deadline itself: over
+        (True, NOW - timedelta(seconds=1), True, ""),
+    ],
+)
+def test_user_decision(paused: bool, until: datetime | None, allowed: bool, detail: str) -> None:
+    settings = Settings(paused=paused, paused_until=until)
+    decision = user_decision(settings, NOW)
+    assert decision.allowed is allowed
+    assert decision.reason == (None if allowed else "user_paused")
+    if detail == "until":
+        assert until is not None
+        assert decision.detail == f"Paused by you until {until.astimezone():%H:%M}"
+    else:
+        assert decision.detail == detail

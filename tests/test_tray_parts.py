@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from PIL import Image
 from client import __version__
 from client.config import Settings, SettingsError, load_settings, save_settings
 from client.snapshot import ClientSnapshot
+from tests.waiting import holds_for
 from tray import single_instance
 from tray.app import TrayApp
 from tray.autostart import AutostartEnv
@@ -135,11 +136,22 @@ def test_tray_never_imports_torch() -> None:
 
 
 class FakeClient:
-    def __init__(self, snapshot: ClientSnapshot) -> None:
+    """Records calls; like the real session, saves the user's pause to ``config``."""
+
+    def __init__(self, snapshot: ClientSnapshot, config: Path | None = None) -> None:
         self.snap = snapshot
+        self.config = config
         self.calls: list[str] = []
+        self.untils: list[datetime | None] = []
         self.subscribers: list[Callable[[ClientSnapshot], None]] = []
         self.settings: list[Settings] = []
+
+    def _save_pause(self, paused: bool, until: datetime | None) -> None:
+        if self.config is not None:
+            fresh = load_settings(self.config)
+            save_settings(
+                fresh.model_copy(update={"paused": paused, "paused_until": until}), self.config
+            )
 
     def start(self) -> None:
         self.calls.append("start")
@@ -154,11 +166,19 @@ class FakeClient:
     def disconnect(self) -> None:
         self.calls.append("disconnect")
 
-    def pause(self) -> None:
+    def pause(self, until: datetime | None = None) -> None:
+        self.untils.append(until)
+        self._save_pause(True, until)
         self.calls.append("pause")
 
     def resume(self) -> None:
+        self._save_pause(False, None)
         self.calls.append("resume")
+
+    def end_timed_pause(self) -> None:
+        """What the session does when ``paused_until`` passes: clear it, resume, publish."""
+        self._save_pause(False, None)
+        self.publish(device_state="idle", pause_reason=None)
 
     def update_settings(self, settings: Settings) -> None:
         self.settings.append(settings)
@@ -243,7 +263,8 @@ def app_parts(tmp_path: Path) -> tuple[TrayApp, FakeClient, FakeIcon, Clock, Pat
             device_id=settings.device_id,
             device_name="pc",
             connection="connecting",
-        )
+        ),
+        config,
     )
     icon = FakeIcon()
     clock = Clock()
@@ -287,13 +308,21 @@ def test_app_follows_session_and_menu_drives_it(
     icon.click("Resume training")
     wait_until(lambda: client.calls[-1] == "resume", "resume")
 
-    # Pause for 1 hour: paused now, resumed by itself when the hour is up.
+    # Pause for 1 hour: the session gets the deadline (the wall clock says 14:30 local)...
     icon.click("Pause for 1 hour")
     wait_until(lambda: client.calls[-1] == "pause", "snooze pause")
+    assert client.untils[-1] == datetime(2026, 5, 4, 15, 30).astimezone(UTC)
+    assert load_settings(config).paused_until == datetime(2026, 5, 4, 15, 30).astimezone(UTC)
     client.publish(device_state="paused", pause_reason="user_paused")
     wait_until(lambda: icon.titles[-1] == "Paused by you until 15:30", "snooze title")
-    clock.t += timedelta(hours=1).total_seconds()
-    wait_until(lambda: client.calls[-1] == "resume", "snooze end")
+    # ...and the session, not the tray, ends it: the tray keeps no timer of its own.
+    clock.t += 2 * 3600.0
+    app._wake.set()
+    holds_for(lambda: client.calls[-1] == "pause", 1.5, "no resume from the tray's clock")
+    client.end_timed_pause()
+    wait_until(lambda: icon.titles[-1].startswith("fedtray — connected"), "resumed title")
+    wait_until(lambda: find_entry(icon.menus[-1], "Pause training") is not None, "pause item")
+    wait_until(lambda: app.settings.paused_until is None, "the tray read the cleared deadline")
 
     icon.click("Above 80 %")
     wait_until(lambda: load_settings(config).battery_threshold == 80, "threshold saved")
@@ -358,6 +387,29 @@ def test_menu_follows_settings_changed_by_another_process(
     save_settings(load_settings(config).model_copy(update={"battery_threshold": 80}), config)
     app._wake.set()
     wait_until(lambda: threshold_checked("Above 80 %"), "the menu shows the new threshold")
+    icon.click("Quit")
+    thread.join(10)
+    assert not thread.is_alive()
+
+
+def test_tooltip_shows_a_deadline_set_by_another_process(
+    app_parts: tuple[TrayApp, FakeClient, FakeIcon, Clock, Path],
+) -> None:
+    app, client, icon, _clock, config = app_parts
+    thread = run_app(app)
+    wait_until(lambda: bool(icon.menus), "menu")
+    client.publish(connection="connected")
+    # What `fedtray-client pause --for 40m` writes; the session then reports the pause.
+    until = datetime(2026, 5, 4, 15, 10).astimezone(UTC)
+    save_settings(
+        load_settings(config).model_copy(update={"paused": True, "paused_until": until}), config
+    )
+    client.publish(device_state="paused", pause_reason="user_paused")
+    wait_until(lambda: icon.titles[-1] == "Paused by you until 15:10", "the deadline shown")
+    # `fedtray-client pause` (no --for) drops the deadline: plain "Paused by you" again.
+    save_settings(load_settings(config).model_copy(update={"paused_until": None}), config)
+    app._wake.set()
+    wait_until(lambda: icon.titles[-1] == "Paused by you", "the deadline dropped")
     icon.click("Quit")
     thread.join(10)
     assert not thread.is_alive()

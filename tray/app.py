@@ -16,7 +16,9 @@ Threading contract:
 
 Quit: the session is stopped (:meth:`SessionFacade.stop`: the worker stops, the
 connection closes) within :data:`QUIT_TIMEOUT`, then the GUI loop ends and :meth:`run`
-returns. A "Pause for 1 hour" is the user's pause plus a resume when the hour is up.
+returns. A "Pause for 1 hour" is the user's pause with a deadline
+(``paused_until`` in the settings): the session ends it, even across a restart of either
+process; the menu and tooltip show the deadline the settings hold, not a timer of their own.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, Protocol
 
@@ -63,7 +65,7 @@ class SessionFacade(Protocol):
     def stop(self, timeout: float = ...) -> bool: ...
     def connect(self) -> None: ...
     def disconnect(self) -> None: ...
-    def pause(self) -> None: ...
+    def pause(self, until: datetime | None = None) -> None: ...
     def resume(self) -> None: ...
     def update_settings(self, settings: Settings) -> None: ...
     def snapshot(self) -> ClientSnapshot: ...
@@ -181,8 +183,6 @@ class TrayApp:
         self._view: TrayView | None = None
         self._prev_snapshot: ClientSnapshot | None = None
         self._memory = NotifyMemory()
-        self._snooze_deadline: float | None = None
-        self._snoozed_until: datetime | None = None
         self._dialog: subprocess.Popen[bytes] | None = None
         self._thread = threading.Thread(target=self._loop, name="fedtray-tray", daemon=True)
         self.exit_code = 0
@@ -258,10 +258,6 @@ class TrayApp:
             if self._stopping.is_set():
                 return
         now = self._clock()
-        if self._snooze_deadline is not None and now >= self._snooze_deadline:
-            log.info("the hour's pause is over; resuming training")
-            self._clear_snooze()
-            self.client.resume()
         if self._show_requested():
             self.icon.notify("fedtray is already running", status_text(self._latest, now))
         changed = self._file_watch.poll() if self._file_watch is not None else None
@@ -281,7 +277,7 @@ class TrayApp:
             self.settings,
             monotonic_now=self._clock(),
             wall_now=self._wall(),
-            snoozed_until=self._snoozed_until,
+            snoozed_until=self._paused_until(),
         )
         old = self._view
         if force or old is None or old.icon != view.icon:
@@ -294,9 +290,15 @@ class TrayApp:
 
     # -- actions (tray thread) --------------------------------------------------------
 
-    def _clear_snooze(self) -> None:
-        self._snooze_deadline = None
-        self._snoozed_until = None
+    def _paused_until(self) -> datetime | None:
+        """When the user's timed pause ends, in local time (from the settings), or None."""
+        until = self.settings.paused_until
+        return until.astimezone() if self.settings.paused and until is not None else None
+
+    def _note_pause(self, paused: bool, until: datetime | None = None) -> None:
+        # The session saves the same to the file, which the watch reads back a tick
+        # later; noting it now shows the deadline in the very next view.
+        self.settings = self.settings.model_copy(update={"paused": paused, "paused_until": until})
 
     def _do(self, entry: MenuEntry) -> None:
         action = entry.action
@@ -306,15 +308,16 @@ class TrayApp:
         elif action == "disconnect":
             self.client.disconnect()
         elif action == "pause":
-            self._clear_snooze()
+            self._note_pause(True)
             self.client.pause()
         elif action == "resume":
-            self._clear_snooze()
+            self._note_pause(False)
             self.client.resume()
         elif action == "snooze":
-            self._snooze_deadline = self._clock() + SNOOZE.total_seconds()
-            self._snoozed_until = self._wall() + SNOOZE
-            self.client.pause()
+            # A naive wall clock is local time; astimezone() makes it an exact instant.
+            until = (self._wall() + SNOOZE).astimezone(UTC)
+            self._note_pause(True, until)
+            self.client.pause(until=until)
         elif action == "set_threshold" and entry.value is not None:
             self._change_setting("battery_threshold", str(entry.value))
         elif action == "toggle_autostart":

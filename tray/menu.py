@@ -133,7 +133,8 @@ def build_menu(
 
     ``monotonic_now`` is :func:`time.monotonic` (for "retrying in N s");
     ``wall_now`` is the local wall-clock time (for "until 15:30");
-    ``snoozed_until`` is when a running "Pause for 1 hour" ends.
+    ``snoozed_until`` is when the user's timed pause ends (the settings' ``paused_until``
+    in local time), if one is running.
     """
     user_paused = is_user_paused(snapshot)
     pause = (

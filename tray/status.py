@@ -84,7 +84,8 @@ def _connected_words(snapshot: ClientSnapshot, snoozed_until: datetime | None) -
 def status_text(snapshot: ClientSnapshot, now: float, snoozed_until: datetime | None = None) -> str:
     """One plain sentence for ``snapshot``; ``now`` is a :func:`time.monotonic` time.
 
-    ``snoozed_until`` is when a "Pause for 1 hour" ends (wall clock), if one is running.
+    ``snoozed_until`` is when the user's timed pause ends (the settings' ``paused_until``,
+    local wall clock), if one is running.
     """
     conn = snapshot.connection
     wait = snapshot.retry_in(now)
