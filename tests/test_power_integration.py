@@ -566,6 +566,20 @@ def test_deadline_while_paused_abandons_the_round_cleanly(
         assert not pending.exists() or list(pending.iterdir()) == [], "nothing to submit"
 
 
+def _settings_file_client(
+    make_client: Callable[..., DistributedClient], url: str, path: Path, **kwargs: Any
+) -> DistributedClient:
+    """A client that saves to, and watches, the settings file at ``path`` (no battery)."""
+    return make_client(
+        url,
+        settings=load_settings(path),
+        save=lambda s: save_settings(s, path),
+        settings_file=path,
+        battery_source=FakeBattery(None),
+        **kwargs,
+    )
+
+
 @pytest.mark.slow
 def test_user_pause_survives_a_restart(
     tmp_path: Path, make_client: Callable[..., DistributedClient]
@@ -574,26 +588,14 @@ def test_user_pause_survives_a_restart(
     with running_server(tmp_path, min_clients=5) as server:
         settings = Settings(server_url=server.url, device_name="u")
         save_settings(settings, path)
-        client = make_client(
-            server.url,
-            settings=settings,
-            save=lambda s: save_settings(s, path),
-            settings_file=path,
-            battery_source=FakeBattery(None),
-        )
+        client = _settings_file_client(make_client, server.url, path)
         client.start()
         client.wait_for(lambda s: s.connection == "connected", 30)
         client.pause()
         server.wait_for(lambda st: _device(st, settings.device_id)["pauseReason"] == "user_paused")
         wait_until(lambda: load_settings(path).paused, 5, "the pause saved")
         assert client.stop(30)
-        again = make_client(
-            server.url,
-            settings=load_settings(path),
-            save=lambda s: save_settings(s, path),
-            settings_file=path,
-            battery_source=FakeBattery(None),
-        )
+        again = _settings_file_client(make_client, server.url, path)
         assert again.snapshot().device_state == "paused"
         again.start()
         again.wait_for(lambda s: s.connection == "connected", 30)
@@ -618,14 +620,8 @@ def test_pausing_keeps_what_another_process_just_wrote(
     with running_server(tmp_path, min_clients=5) as server:
         settings = Settings(server_url=server.url, device_name="k")
         save_settings(settings, path)
-        client = make_client(
-            server.url,
-            settings=settings,
-            save=lambda s: save_settings(s, path),
-            settings_file=path,
-            settings_poll_interval=3600.0,  # the session will not have read the change
-            battery_source=FakeBattery(None),
-        )
+        # With an hour between polls the session will not have read the change below.
+        client = _settings_file_client(make_client, server.url, path, settings_poll_interval=3600.0)
         client.start()
         client.wait_for(lambda s: s.connection == "connected", 30)
         # `fedtray-client config set battery_threshold 80` from another terminal...
@@ -636,18 +632,6 @@ def test_pausing_keeps_what_another_process_just_wrote(
 
 
 # ------------------------------------------------------------------ timed pause
-
-
-def _settings_file_client(
-    make_client: Callable[..., DistributedClient], url: str, path: Path
-) -> DistributedClient:
-    return make_client(
-        url,
-        settings=load_settings(path),
-        save=lambda s: save_settings(s, path),
-        settings_file=path,
-        battery_source=FakeBattery(None),
-    )
 
 
 def _cleared(path: Path) -> bool:
