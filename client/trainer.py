@@ -2,9 +2,14 @@
 
 Contract:
 
-* Importing this module does not import torch (the session process needs
-  :class:`TrainJob`, :class:`TrainResult` and :class:`Cancelled`); :meth:`LocalTrainer.run`
-  imports it. ``run`` is meant to execute in the training worker process.
+* :class:`LocalTrainer` is the torch :class:`client.worker_messages.Trainer`. Importing
+  this module does not import torch (it re-exports the seam's :class:`TrainJob`,
+  :class:`TrainResult` and :class:`Cancelled`, which the session process needs);
+  :meth:`LocalTrainer.run` imports it. ``run`` is meant to execute in the training
+  worker process. Progress is reported as :class:`client.worker_messages.TrainProgress`
+  after every batch (unthrottled: the worker throttles).
+* The base file must have the SHA-256 the job names (``job.base_sha256``, when set),
+  else ``FedtrayError('stale_base')`` before any training.
 * ``run`` reads the base weights (safetensors, via :mod:`client.weights`) and checks them
   against the task's model: a different layout raises :class:`client.errors.FedtrayError`
   ``layout_mismatch`` / ``shape_mismatch`` / ``dtype_mismatch`` before any training.
@@ -21,9 +26,11 @@ Contract:
   ``job.checkpoint_interval`` seconds of training (0 disables), so a ``kill -9`` of the
   process loses at most about that much work. Writing a checkpoint reads the state and
   changes nothing, so it never changes the result.
-* A later ``run`` of a job with the same task, parameters, config, partition and base
-  weights (SHA-256) resumes from that checkpoint -- whatever its ``round_id``: the result
-  is a pure function of those inputs, the round id only labels the envelope -- logging
+* A later ``run`` of a job with the same work key (:func:`client.workfiles.work_key`:
+  task, parameters, config, partition and base weights; taken from ``job.work_key``, or
+  derived from the job by that same function when the job carries none) resumes from
+  that checkpoint -- whatever its ``round_id``: the result is a pure function of those
+  inputs, the round id only labels the envelope -- logging
   ``resuming round <id> from epoch E step S``, and produces weights bit-identical to an
   uninterrupted run (also in a fresh process). A checkpoint of anything else, or an
   unreadable one, is deleted and ignored. The checkpoint is deleted when the round
@@ -32,13 +39,14 @@ Contract:
   (:func:`cap_batch_size`); when an epoch runs out of memory anyway, it is retried from
   the state at the start of the epoch with half the batch size, down to 1, after which
   ``FedtrayError('training_failed')`` is raised. The effective batch size is reported.
-* The trained state dict is written as safetensors to ``job.output_path`` atomically
-  (temporary file + ``os.replace``): readers see the old file or the whole new one.
+* The trained state dict (:func:`client.tasks.base.model_state`: every tensor in its own
+  dtype) is written as safetensors to ``job.output_path`` atomically: readers see the old
+  file or the whole new one. Every file write and delete goes through
+  :class:`client.workfiles.JobFiles`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -47,19 +55,29 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
-import numpy.typing as npt
 import psutil
 from pydantic import JsonValue
 
-from client.atomicfile import write_atomic
 from client.errors import FedtrayError
-from client.protocol import Partition, TrainingConfig
+from client.protocol import TrainingConfig
 from client.tasks import get_task
-from client.tasks.base import Task
+from client.tasks.base import Task, model_state
 from client.weights import decode, encode, layout_of, sha256_hex
+from client.worker_messages import (
+    DEFAULT_CHECKPOINT_INTERVAL,
+    Command,
+    NeverInterrupt,
+    ProgressCallback,
+    TrainControl,
+    TrainJob,
+    TrainProgress,
+    TrainResult,
+)
+from client.worker_messages import JobCancelled as Cancelled
+from client.workfiles import JobFiles, work_key
 
 if TYPE_CHECKING:
     import torch
@@ -84,77 +102,8 @@ log = logging.getLogger(__name__)
 
 #: Share of the free memory a batch may use (the rest is left to the owner of the machine).
 DEFAULT_MEMORY_SAFETY = 0.25
-#: Seconds of training between periodic checkpoints (the work a ``kill -9`` may lose).
-DEFAULT_CHECKPOINT_INTERVAL = 30.0
-_CHECKPOINT_VERSION = 1
+_CHECKPOINT_VERSION = 2  # 2: the fingerprint is the work key
 _META_KEY = "fedtray.checkpoint"
-
-Command = Literal["run", "pause", "cancel"]
-ProgressCallback = Callable[[dict[str, Any]], None]
-
-
-@dataclass(frozen=True)
-class TrainJob:
-    """One local round to train; plain, picklable data (it crosses the worker pipe).
-
-    ``base_weights_path`` is a safetensors file of the global model, or ``None`` to start
-    from ``task.build_model(model_params, config.seed)``. ``torch_threads=None`` lets the
-    worker choose (all cores but one). ``checkpoint_interval``: seconds of training
-    between periodic checkpoints; 0 writes checkpoints only when paused.
-    """
-
-    round_id: str
-    task: str
-    model_params: dict[str, JsonValue]
-    config: TrainingConfig
-    partition: Partition
-    base_weights_path: Path | None
-    output_path: Path
-    checkpoint_path: Path
-    torch_threads: int | None = None
-    checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """A finished round: where the weights are and what training measured.
-
-    ``metrics`` holds ``trainLoss`` (mean loss of the last epoch), ``trainAccuracy`` (the
-    trained model on the partition), ``seconds`` (training time without pauses) and
-    ``batchSize``; ``batch_size`` is the effective batch size.
-    """
-
-    round_id: str
-    output_path: Path
-    num_samples: int
-    metrics: dict[str, float]
-    batch_size: int
-
-
-class Cancelled(Exception):  # noqa: N818 -- the public name of the original client
-    """Training stopped because the control said ``"cancel"``."""
-
-
-class TrainControl(Protocol):
-    """How the owner steers a running round; asked at every batch boundary."""
-
-    def check(self) -> Command:
-        """``"run"`` to go on, ``"pause"`` to checkpoint and wait, ``"cancel"`` to stop."""
-        ...
-
-    def wait_while_paused(self) -> None:
-        """Block until the pause is lifted (resumed or cancelled); called after a checkpoint."""
-        ...
-
-
-class NeverInterrupt:
-    """A :class:`TrainControl` that always says ``"run"``."""
-
-    def check(self) -> Command:
-        return "run"
-
-    def wait_while_paused(self) -> None:
-        return None
 
 
 # -- pure helpers -----------------------------------------------------------------------
@@ -250,7 +199,7 @@ class _Snapshot:
 
 
 class LocalTrainer:
-    """Trains one round of a task on this machine; see the module docstring for guarantees.
+    """The torch trainer: trains one round of a task on this machine (module docstring).
 
     ``task_loader`` resolves a task name and parameters (default
     :func:`client.tasks.get_task`); ``device`` forces ``"cpu"``/``"cuda"``/``"mps"``
@@ -273,6 +222,11 @@ class LocalTrainer:
 
     # -- public -------------------------------------------------------------------------
 
+    @property
+    def checkpoints(self) -> bool:
+        """True: a pause writes a checkpoint first."""
+        return True
+
     def run(
         self,
         job: TrainJob,
@@ -282,7 +236,8 @@ class LocalTrainer:
         """Train ``job`` and write its weights; see the module docstring.
 
         Raises :class:`Cancelled`, :class:`client.errors.FedtrayError` (``bad_request``,
-        ``unknown_task``, a weights code, ``training_failed``) or the task's own errors.
+        ``unknown_task``, ``stale_base``, a weights code, ``training_failed``) or the
+        task's own errors.
         """
         import torch
 
@@ -295,7 +250,7 @@ class LocalTrainer:
             raise FedtrayError("bad_request", "this device's data partition holds no samples")
         device = self._device()
         model = task.build_model(task.params, job.config.seed)
-        layout = layout_of(_numpy_state(model))
+        layout = layout_of(model_state(model))
         base_sha = "none"
         if job.base_weights_path is not None:
             try:
@@ -305,16 +260,23 @@ class LocalTrainer:
                     "training_failed", f"cannot read the base weights: {exc}"
                 ) from exc
             base_sha = sha256_hex(raw)
+            if job.base_sha256 is not None and base_sha != job.base_sha256:
+                raise FedtrayError(
+                    "stale_base",
+                    f"the base weights file changed: it is no longer the base of round "
+                    f"{job.round_id}",
+                )
             base = decode(raw, "safetensors", expected=layout)
             model.load_state_dict({k: torch.from_numpy(v) for k, v in base.items()})
-        fingerprint = _fingerprint(job, task.params, base_sha, n)
+        fingerprint = _work_key_of(job, base_sha)
+        files = JobFiles.of(job)
         model.to(device)
         model.train()
         optimizer = _make_optimizer(model, job.config)
         x = torch.as_tensor(x_np).to(device)
         y = torch.as_tensor(y_np).to(device)
 
-        position = self._resume(job, fingerprint, model, optimizer, device)
+        position = self._resume(job, files, fingerprint, model, optimizer, device)
         if position is None:
             batch = self._initial_batch_size(task, model, x[:1], job.config, n, device)
             position = _Position(batch_size=batch)
@@ -333,6 +295,7 @@ class LocalTrainer:
                         position,
                         ctl,
                         report,
+                        files,
                         fingerprint,
                         periodic,
                     )
@@ -355,12 +318,12 @@ class LocalTrainer:
                     position.batch_size = smaller
                     _free_accelerator_memory(device)
         except Cancelled:
-            job.checkpoint_path.unlink(missing_ok=True)
+            files.discard_checkpoint()
             raise
 
         evaluation = task.evaluate(model, x_np, y_np)
-        write_atomic(job.output_path, encode(_numpy_state(model), "safetensors"))
-        job.checkpoint_path.unlink(missing_ok=True)
+        files.write_output(encode(model_state(model), "safetensors"))
+        files.discard_checkpoint()
         metrics = {
             "trainLoss": position.last_epoch_loss,
             "trainAccuracy": float(evaluation.get("accuracy", math.nan)),
@@ -388,6 +351,7 @@ class LocalTrainer:
         position: _Position,
         control: TrainControl,
         report: ProgressCallback,
+        files: JobFiles,
         fingerprint: str,
         periodic: _Periodic,
     ) -> None:
@@ -403,7 +367,7 @@ class LocalTrainer:
         while position.pos < n:
             command = control.check()
             if command == "pause":
-                self._save_checkpoint(job, fingerprint, model, optimizer, position)
+                self._save_checkpoint(job, files, fingerprint, model, optimizer, position)
                 while command == "pause":
                     control.wait_while_paused()
                     command = control.check()
@@ -411,7 +375,7 @@ class LocalTrainer:
             if command == "cancel":
                 raise Cancelled(f"round {job.round_id} was cancelled")
             if periodic.due():
-                self._save_checkpoint(job, fingerprint, model, optimizer, position)
+                self._save_checkpoint(job, files, fingerprint, model, optimizer, position)
                 periodic.reset()
             started = time.perf_counter()
             bs = position.batch_size
@@ -429,18 +393,17 @@ class LocalTrainer:
             position.train_seconds += elapsed
             steps = math.ceil(n / bs)
             report(
-                {
-                    "round_id": job.round_id,
-                    "epoch": position.epoch + 1,
-                    "epochs": epochs,
-                    "step": math.ceil(position.pos / bs),
-                    "steps": steps,
-                    "fraction": min(1.0, (position.epoch * n + position.pos) / (epochs * n)),
-                    "loss": value if math.isfinite(value) else None,
-                    "samples_per_sec": taken / elapsed if elapsed > 0 else None,
-                    "batch_size": bs,
-                    "state": "training",
-                }
+                TrainProgress(
+                    round_id=job.round_id,
+                    epoch=position.epoch + 1,
+                    epochs=epochs,
+                    step=math.ceil(position.pos / bs),
+                    steps=steps,
+                    fraction=min(1.0, (position.epoch * n + position.pos) / (epochs * n)),
+                    loss=value if math.isfinite(value) else None,
+                    samples_per_sec=taken / elapsed if elapsed > 0 else None,
+                    batch_size=bs,
+                )
             )
         position.last_epoch_loss = position.loss_sum / max(1, position.loss_count)
         position.epoch += 1
@@ -502,6 +465,7 @@ class LocalTrainer:
     def _save_checkpoint(
         self,
         job: TrainJob,
+        files: JobFiles,
         fingerprint: str,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
@@ -541,7 +505,7 @@ class LocalTrainer:
             "python_rng": _json_tuple(random.getstate()),
         }
         data = save(tensors, metadata={_META_KEY: json.dumps(meta)})
-        write_atomic(job.checkpoint_path, data)
+        files.write_checkpoint(data)
         log.debug(
             "checkpointed round %s at epoch %d step %d",
             job.round_id,
@@ -552,6 +516,7 @@ class LocalTrainer:
     def _resume(
         self,
         job: TrainJob,
+        files: JobFiles,
         fingerprint: str,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
@@ -574,7 +539,7 @@ class LocalTrainer:
                 math.ceil(position.pos / position.batch_size),
             )
             return position
-        path.unlink(missing_ok=True)
+        files.discard_checkpoint()
         return None
 
 
@@ -639,12 +604,6 @@ def _load_checkpoint(
 
 
 # -- small torch helpers ----------------------------------------------------------------
-
-
-def _numpy_state(model: torch.nn.Module) -> dict[str, npt.NDArray[Any]]:
-    return {
-        k: np.ascontiguousarray(v.detach().cpu().numpy()) for k, v in model.state_dict().items()
-    }
 
 
 def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
@@ -716,19 +675,18 @@ def _estimate_sample_bytes(model: torch.nn.Module, one_sample: torch.Tensor) -> 
     return max(1, 3 * total + one_sample.numel() * one_sample.element_size())
 
 
-def _fingerprint(
-    job: TrainJob, params: Mapping[str, JsonValue], base_sha: str, num_samples: int
-) -> str:
-    # Not the round id (an envelope; see the module docstring), nor paths or intervals.
-    identity = {
-        "task": job.task,
-        "params": dict(params),
-        "config": job.config.model_dump(),
-        "partition": job.partition.model_dump(),
-        "base": base_sha,
-        "samples": num_samples,
-    }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+def _work_key_of(job: TrainJob, base_sha: str) -> str:
+    """The job's work key; a job built without one gets it from the same function."""
+    if job.work_key is not None:
+        return job.work_key
+    return work_key(
+        task=job.task,
+        model_params=job.model_params,
+        config=job.config,
+        partition=job.partition,
+        base_version=0,
+        base_sha256=base_sha,
+    )
 
 
 def _json_tuple(value: object) -> JsonValue:

@@ -1,8 +1,9 @@
-"""The training worker's files in the work dir: their names, and which of them are stale.
+"""The training worker's files in the work dir: their names, which are stale, and their owner.
 
 Contract:
 
-* :func:`work_stem` names the files of one piece of training work
+* :func:`work_key` (also :func:`work_stem`, its former name) names one piece of training
+  work and its files
   (``work-v<base_version>-<24 hex>``; the checkpoint is ``<stem>.ckpt``, the output
   ``<stem>.safetensors``). The hash covers exactly what decides the result of the work:
   the task, its model parameters, the training config (seed included), the data
@@ -13,8 +14,10 @@ Contract:
   update is a pure function of the hashed inputs; a checkpoint of one offer of the work
   is a valid prefix of any other offer of the same work (e.g. the server re-offering a
   round to a device that reconnects, or retrying an abandoned round under a new round id
-  with the same partition). The trainer checks the same inputs again (its job key,
-  including the base weights' SHA-256) before it trusts a checkpoint.
+  with the same partition). The key is computed once, where the job is built
+  (:meth:`WorkDir.job`), and travels in the :class:`client.worker_messages.TrainJob`; the
+  trainer trusts a checkpoint only when it records the same key, and refuses a base
+  file whose SHA-256 is not the one in the job.
 * :func:`stale_work_files` (pure) picks, from a directory listing, the files that can
   never be resumed: checkpoints, outputs and interrupted temporary writes
   (``.<stem>.<ext>.<random>.tmp``, left by a ``kill -9`` mid-write) of other work, and
@@ -23,6 +26,10 @@ Contract:
   written right now, temporaries included).
 * :func:`remove_stale` (the I/O edge) deletes what :func:`stale_work_files` picks;
   a file that cannot be deleted is logged and skipped. It never raises for file problems.
+* :class:`WorkDir` is the ONE owner of the work directory: it builds jobs (key and file
+  names), creates the directory and deletes stale files; :class:`JobFiles` is the only
+  writer and deleter of one job's checkpoint and output (the trainers use it). Nothing
+  else creates or deletes files there.
 """
 
 from __future__ import annotations
@@ -32,14 +39,26 @@ import json
 import logging
 import re
 from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from pydantic import JsonValue
 
+from client.atomicfile import write_atomic
 from client.protocol import Partition, TrainingConfig
+from client.worker_messages import DEFAULT_CHECKPOINT_INTERVAL, TrainJob
 
-__all__ = ["CHECKPOINT_SUFFIX", "OUTPUT_SUFFIX", "remove_stale", "stale_work_files", "work_stem"]
+__all__ = [
+    "CHECKPOINT_SUFFIX",
+    "OUTPUT_SUFFIX",
+    "JobFiles",
+    "WorkDir",
+    "remove_stale",
+    "stale_work_files",
+    "work_key",
+    "work_stem",
+]
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +69,7 @@ _FINAL = re.compile(rf"(?P<stem>{_STEM})\.(?:ckpt|safetensors)")
 _TEMP = re.compile(rf"\.(?P<stem>{_STEM})\.(?:ckpt|safetensors)\.[^/\\]+\.tmp")
 
 
-def work_stem(
+def work_key(
     *,
     task: str,
     model_params: Mapping[str, JsonValue],
@@ -59,7 +78,7 @@ def work_stem(
     base_version: int,
     base_sha256: str,
 ) -> str:
-    """The file stem of this training work (see the module docstring)."""
+    """The key (and file stem) of this training work (see the module docstring)."""
     identity = {
         "task": task,
         "params": dict(model_params),
@@ -70,6 +89,10 @@ def work_stem(
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()
     return f"work-v{base_version}-{digest[:24]}"
+
+
+#: The former name of :func:`work_key`.
+work_stem = work_key
 
 
 def stale_work_files(
@@ -129,3 +152,96 @@ def remove_stale(
         names_removed = ", ".join(p.name for p in removed)
         log.info("deleted %d stale work file(s): %s", len(removed), names_removed)
     return removed
+
+
+@dataclass(frozen=True)
+class JobFiles:
+    """The checkpoint and output file of one job; the only code that writes or deletes them.
+
+    Writes are atomic (:func:`client.atomicfile.write_atomic`): a reader sees the old file
+    or the whole new one. ``OSError`` from the disk passes through.
+    """
+
+    checkpoint: Path
+    output: Path
+
+    @classmethod
+    def of(cls, job: TrainJob) -> JobFiles:
+        return cls(checkpoint=job.checkpoint_path, output=job.output_path)
+
+    def write_checkpoint(self, data: bytes | bytearray) -> None:
+        write_atomic(self.checkpoint, data)
+
+    def discard_checkpoint(self) -> None:
+        """Delete the checkpoint (finished, cancelled or unusable work); none is fine."""
+        self.checkpoint.unlink(missing_ok=True)
+
+    def write_output(self, data: bytes | bytearray) -> None:
+        write_atomic(self.output, data)
+
+
+class WorkDir:
+    """The work directory and its one owner (see the module docstring)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def files(self, key: str) -> JobFiles:
+        """The files of the work ``key``: ``<key>.ckpt`` and ``<key>.safetensors``."""
+        return JobFiles(
+            checkpoint=self.directory / f"{key}{CHECKPOINT_SUFFIX}",
+            output=self.directory / f"{key}{OUTPUT_SUFFIX}",
+        )
+
+    def job(
+        self,
+        *,
+        round_id: str,
+        task: str,
+        model_params: Mapping[str, JsonValue],
+        config: TrainingConfig,
+        partition: Partition,
+        base_weights_path: Path,
+        base_version: int,
+        base_sha256: str,
+        checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL,
+        torch_threads: int | None = None,
+    ) -> TrainJob:
+        """The job for this work: its key computed here, once, and its files named by it."""
+        key = work_key(
+            task=task,
+            model_params=model_params,
+            config=config,
+            partition=partition,
+            base_version=base_version,
+            base_sha256=base_sha256,
+        )
+        files = self.files(key)
+        return TrainJob(
+            round_id=round_id,
+            task=task,
+            model_params=dict(model_params),
+            config=config,
+            partition=partition,
+            base_weights_path=base_weights_path,
+            output_path=files.output,
+            checkpoint_path=files.checkpoint,
+            torch_threads=torch_threads,
+            checkpoint_interval=checkpoint_interval,
+            work_key=key,
+            base_sha256=base_sha256,
+        )
+
+    def prepare(self, job: TrainJob, *, busy: Collection[str] = ()) -> None:
+        """Make the directory and delete every file no later run can use but ``job``'s.
+
+        ``busy``: keys whose files are in use elsewhere (e.g. an output being kept).
+        Raises ``OSError`` when the directory cannot be made.
+        """
+        self.directory.mkdir(parents=True, exist_ok=True)
+        keep = job.work_key if job.work_key is not None else job.checkpoint_path.stem
+        remove_stale(self.directory, keep={keep}, busy=busy)
+
+    def drop_older_than(self, version: int, *, busy: Collection[str] = ()) -> list[Path]:
+        """Delete the work built on a base older than ``version``; the deleted files."""
+        return remove_stale(self.directory, busy=busy, below_version=version)

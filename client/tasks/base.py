@@ -26,6 +26,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self, TypeVar
 
+import numpy as np
 import numpy.typing as npt
 from pydantic import JsonValue
 
@@ -41,6 +42,7 @@ __all__ = [
     "Task",
     "apply_partition",
     "int_param",
+    "model_state",
     "seeded_build",
 ]
 
@@ -203,6 +205,21 @@ def int_param(params: Mapping[str, JsonValue], key: str, low: int, high: int) ->
             "bad_request", f"parameter '{key}' must be between {low} and {high}, got {value}"
         )
     return value
+
+
+def model_state(model: torch.nn.Module) -> dict[str, npt.NDArray[Any]]:
+    """The model's state dict as C-contiguous numpy arrays on the CPU: THE model -> numpy
+    helper of fedtray (the server's initial weights and every trained update use it).
+
+    Dtype rule: every tensor keeps its own dtype. Nothing is cast -- a float64 model gives
+    float64 arrays, a float32 one float32 -- so the server's global weights, a device's
+    base and its update always have the layout the codec checks (``dtype_mismatch``
+    otherwise). Works without importing torch (it only calls tensor methods).
+    """
+    return {
+        name: np.ascontiguousarray(tensor.detach().cpu().numpy())
+        for name, tensor in model.state_dict().items()
+    }
 
 
 def seeded_build(seed: int, factory: Callable[[], M]) -> M:

@@ -1,0 +1,260 @@
+"""The training process: :func:`child_main`, spawned by :class:`client.worker.TrainingWorker`.
+
+Contract:
+
+* Importable without side effects and without torch; torch is imported only when a real
+  (non-simulated) job runs.
+* It lowers its own OS priority (``nice 10`` on Unix, below-normal priority class on
+  Windows) and reads :data:`client.worker_messages.WorkerCommand` values on a thread that
+  sets the flags the trainer checks at every batch boundary.
+* It picks the trainer once (:func:`make_trainer`): :class:`client.simulation.
+  SimulatedTrainer` when simulating, else :class:`client.trainer.LocalTrainer` (torch's
+  thread count set to ``job.torch_threads`` or all cores but one).
+* It sends only :data:`client.worker_messages.ChildMessage` values: per job
+  :class:`ProgressEvent` (through THE progress throttle, :class:`ProgressThrottle`: at
+  most one per ``progress_interval`` plus the last of the round), :class:`Paused`,
+  :class:`Resumed` and exactly one of :class:`Done`, :class:`Failed`, :class:`Cancelled`;
+  and :class:`LogRecord` for its ``client.*`` log records of level INFO and above.
+* :class:`Exit` while a job runs leaves at once without the cancel path, so the job's
+  checkpoint stays (the parent pauses a job before it asks it to exit).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Generic, TypeVar
+
+import psutil
+
+from client.errors import FedtrayError
+from client.worker_messages import (
+    Cancel,
+    Cancelled,
+    ChildMessage,
+    Command,
+    Done,
+    Exit,
+    Failed,
+    JobCancelled,
+    LogRecord,
+    Pause,
+    Paused,
+    ProgressEvent,
+    Resume,
+    Resumed,
+    Submit,
+    Trainer,
+    TrainJob,
+    TrainProgress,
+    WorkerCommand,
+)
+
+__all__ = ["ProgressThrottle", "child_main", "make_trainer"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class ProgressThrottle(Generic[T]):
+    """Forwards at most one progress report per ``interval`` seconds; :meth:`flush` sends
+    the last one held back. The first report is held until ``interval`` has passed since
+    creation, so ``N`` seconds give at most ``2N`` reports plus the flushed last one."""
+
+    def __init__(
+        self,
+        send: Callable[[T], None],
+        interval: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._send = send
+        self._interval = interval
+        self._clock = clock
+        self._last = clock()
+        self._pending: T | None = None
+
+    def __call__(self, progress: T) -> None:
+        now = self._clock()
+        if now - self._last >= self._interval:
+            self._last = now
+            self._pending = None
+            self._send(progress)
+        else:
+            self._pending = progress
+
+    def flush(self) -> None:
+        """Send the report held back, if any."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._send(pending)
+
+
+class _ChildControl:
+    """The trainer's :class:`client.worker_messages.TrainControl`, fed by the reader thread."""
+
+    def __init__(self, send: Callable[[ChildMessage], None]) -> None:
+        self._send = send
+        self._cond = threading.Condition()
+        self._paused = False
+        self._cancelled = False
+        self._round_id: str | None = None
+        self._checkpoints = True
+
+    def reset(self, round_id: str) -> None:
+        """A new job: not paused, not cancelled (called before the job is queued)."""
+        with self._cond:
+            self._paused = self._cancelled = False
+            self._round_id = round_id
+
+    def use(self, trainer: Trainer) -> None:
+        """Whether pauses of the job checkpoint, as ``trainer`` does."""
+        with self._cond:
+            self._checkpoints = trainer.checkpoints
+
+    def apply(self, command: Pause | Resume | Cancel) -> None:
+        with self._cond:
+            if isinstance(command, Pause):
+                self._paused = True
+            elif isinstance(command, Resume):
+                self._paused = False
+            else:
+                self._cancelled = True
+            self._cond.notify_all()
+
+    def check(self) -> Command:
+        with self._cond:
+            if self._cancelled:
+                return "cancel"
+            return "pause" if self._paused else "run"
+
+    def wait_while_paused(self) -> None:
+        self._send(Paused(self._checkpoints, self._round_id))
+        with self._cond:
+            while self._paused and not self._cancelled:
+                self._cond.wait()
+            cancelled = self._cancelled
+        if not cancelled:
+            self._send(Resumed(self._round_id))
+
+
+def _lower_priority() -> None:
+    """Make training yield the CPU to everything the owner runs."""
+    try:
+        if sys.platform == "win32":
+            psutil.Process().nice(psutil.BELOW_NORMAL_PRIORITY_CLASS)
+        else:
+            os.nice(10)
+    except (OSError, psutil.Error):
+        log.warning("could not lower the training process priority", exc_info=True)
+
+
+class _PipeLogHandler(logging.Handler):
+    """Sends the child's log records to the parent (see the module docstring)."""
+
+    def __init__(self, send: Callable[[ChildMessage], None]) -> None:
+        super().__init__(logging.INFO)
+        self._send = send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # OSError/ValueError: the parent is gone, nobody to tell.
+        with contextlib.suppress(OSError, ValueError):
+            self._send(LogRecord(record.levelno, record.name, self.format(record)))
+
+
+def make_trainer(simulation: bool, job: TrainJob) -> Trainer:
+    """The trainer of this process: simulated, or torch's with the job's thread count."""
+    if simulation:
+        from client.simulation import SimulatedTrainer
+
+        return SimulatedTrainer()
+    import torch
+
+    from client.trainer import LocalTrainer
+
+    torch.set_num_threads(job.torch_threads or max(1, (os.cpu_count() or 2) - 1))
+    return LocalTrainer()
+
+
+def child_main(conn: Connection, simulation: bool, progress_interval: float) -> None:
+    """Entry point of the training process (spawned; see the module docstring)."""
+    _lower_priority()
+    send_lock = threading.Lock()
+
+    def send(message: ChildMessage) -> None:
+        with send_lock:
+            conn.send(message)
+
+    client_log = logging.getLogger("client")
+    client_log.addHandler(_PipeLogHandler(send))
+    client_log.setLevel(logging.INFO)
+
+    control = _ChildControl(send)
+    jobs: queue.Queue[TrainJob | None] = queue.Queue()
+    running = threading.Event()
+
+    def read() -> None:
+        while True:
+            command: WorkerCommand
+            try:
+                command = conn.recv()
+            except (EOFError, OSError):
+                command = Exit()  # the parent is gone
+            if isinstance(command, Submit):
+                control.reset(command.job.round_id)
+                running.set()
+                jobs.put(command.job)
+            elif isinstance(command, Exit):
+                if running.is_set():
+                    # Leave without the cancel path, which would delete the checkpoint.
+                    os._exit(0)
+                jobs.put(None)
+                return
+            elif isinstance(command, Pause | Resume | Cancel):
+                control.apply(command)
+            else:
+                log.warning("ignoring an unknown worker command %r", command)
+
+    threading.Thread(target=read, name="fedtray-control", daemon=True).start()
+    while (job := jobs.get()) is not None:
+        try:
+            reply = _run_job(job, control, send, simulation, progress_interval)
+        finally:
+            running.clear()
+        try:
+            send(reply)
+        except (OSError, ValueError):
+            break
+    conn.close()
+
+
+def _run_job(
+    job: TrainJob,
+    control: _ChildControl,
+    send: Callable[[ChildMessage], None],
+    simulation: bool,
+    progress_interval: float,
+) -> Done | Failed | Cancelled:
+    throttle: ProgressThrottle[TrainProgress] = ProgressThrottle(
+        lambda p: send(ProgressEvent(p)), progress_interval
+    )
+    try:
+        trainer = make_trainer(simulation, job)
+        control.use(trainer)
+        result = trainer.run(job, control, throttle)
+        throttle.flush()
+        return Done(result)
+    except JobCancelled:
+        return Cancelled(job.round_id)
+    except FedtrayError as exc:
+        return Failed(exc.code, exc.message, job.round_id)
+    except Exception as exc:
+        log.exception("training round %s failed", job.round_id)
+        return Failed("training_failed", f"{type(exc).__name__}: {exc}", job.round_id)

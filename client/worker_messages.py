@@ -1,0 +1,297 @@
+"""The typed seam between the session, the training worker and a trainer.
+
+Contract:
+
+* Pure data and interfaces: no I/O, no threads, and importing it never imports torch
+  (the session process uses every name here). Every value is a frozen dataclass that
+  pickles, so it crosses the worker pipe as is; nothing is tagged by a string.
+* :class:`TrainJob` is one local round to train. ``work_key`` names the work (see
+  :func:`client.workfiles.work_key`): it is computed ONCE, where the job is built
+  (:meth:`client.workfiles.WorkDir.job`), and names the checkpoint and output files,
+  decides which leftover files are stale and is the identity a checkpoint is trusted by.
+* :class:`TrainProgress` is the ONE shape of training progress from a trainer to the
+  worker's owner; the owner turns it into the wire's
+  :class:`client.protocol.TrainingProgress` (its field names are the wire's).
+* Commands go parent -> child: :class:`Submit`, :class:`Pause`, :class:`Resume`,
+  :class:`Cancel`, :class:`Exit`. Messages go child -> parent: the events
+  (:data:`WorkerEvent`: :class:`ProgressEvent`, :class:`Paused`, :class:`Resumed` and
+  exactly one of :class:`Done`, :class:`Failed`, :class:`Cancelled` per job) and
+  :class:`LogRecord` (a child log line, logged by the parent, never an event).
+* :class:`Trainer` is what trains a job: :class:`client.trainer.LocalTrainer` (torch)
+  and :class:`client.simulation.SimulatedTrainer` implement it. A trainer asks its
+  :class:`TrainControl` at every batch boundary and raises :class:`JobCancelled` when
+  told to cancel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from pydantic import JsonValue
+
+from client.errors import ErrorCode
+from client.protocol import Partition, TrainingConfig
+
+__all__ = [
+    "DEFAULT_CHECKPOINT_INTERVAL",
+    "Cancel",
+    "Cancelled",
+    "ChildMessage",
+    "Command",
+    "Done",
+    "Exit",
+    "Failed",
+    "JobCancelled",
+    "LogRecord",
+    "NeverInterrupt",
+    "Pause",
+    "Paused",
+    "ProgressCallback",
+    "ProgressEvent",
+    "Resume",
+    "Resumed",
+    "Submit",
+    "TrainControl",
+    "TrainJob",
+    "TrainProgress",
+    "TrainResult",
+    "Trainer",
+    "WorkerCommand",
+    "WorkerEvent",
+]
+
+#: Seconds of training between periodic checkpoints (the work a ``kill -9`` may lose).
+DEFAULT_CHECKPOINT_INTERVAL = 30.0
+
+#: A control's answer at a batch boundary.
+Command = Literal["run", "pause", "cancel"]
+
+
+# -- the job and its result ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One local round to train; plain, picklable data (it crosses the worker pipe).
+
+    ``base_weights_path`` is a safetensors file of the global model, or ``None`` to start
+    from ``task.build_model(model_params, config.seed)``; ``base_sha256`` is its SHA-256
+    as the job's builder knew it (the trainer refuses a file that differs, with
+    ``stale_base``). ``work_key`` names the work (module docstring); a job built without
+    one gets it derived by the trainer from the job itself, by the same function.
+    ``torch_threads=None`` lets the worker choose (all cores but one).
+    ``checkpoint_interval``: seconds of training between periodic checkpoints; 0 writes
+    checkpoints only when paused.
+    """
+
+    round_id: str
+    task: str
+    model_params: dict[str, JsonValue]
+    config: TrainingConfig
+    partition: Partition
+    base_weights_path: Path | None
+    output_path: Path
+    checkpoint_path: Path
+    torch_threads: int | None = None
+    checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL
+    work_key: str | None = None
+    base_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """A finished round: where the weights are and what training measured.
+
+    ``metrics`` holds ``trainLoss`` (mean loss of the last epoch), ``trainAccuracy`` (the
+    trained model on the partition), ``seconds`` (training time without pauses) and
+    ``batchSize``; ``batch_size`` is the effective batch size.
+    """
+
+    round_id: str
+    output_path: Path
+    num_samples: int
+    metrics: dict[str, float]
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class TrainProgress(Mapping[str, Any]):
+    """Where a running round is; field names and meanings are those of
+    :class:`client.protocol.TrainingProgress` (``epoch`` and ``step`` count from 1).
+
+    It also reads as a read-only mapping of its fields, so
+    ``TrainingProgress.model_validate({**p, "state": "training"})`` builds the wire
+    message (and code written against the former dict shape keeps working).
+    """
+
+    round_id: str
+    epoch: int
+    epochs: int
+    step: int
+    steps: int
+    fraction: float
+    loss: float | None = None
+    samples_per_sec: float | None = None
+    batch_size: int | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in _PROGRESS_FIELDS:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_PROGRESS_FIELDS)
+
+    def __len__(self) -> int:
+        return len(_PROGRESS_FIELDS)
+
+
+_PROGRESS_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(TrainProgress))
+
+ProgressCallback = Callable[[TrainProgress], None]
+
+
+# -- how a trainer is steered -------------------------------------------------------------
+
+
+class JobCancelled(Exception):  # noqa: N818 -- exported as client.trainer.Cancelled
+    """Training stopped because the control said ``"cancel"``."""
+
+
+class TrainControl(Protocol):
+    """How the owner steers a running round; asked at every batch boundary."""
+
+    def check(self) -> Command:
+        """``"run"`` to go on, ``"pause"`` to checkpoint and wait, ``"cancel"`` to stop."""
+        ...
+
+    def wait_while_paused(self) -> None:
+        """Block until the pause is lifted (resumed or cancelled); called after a checkpoint."""
+        ...
+
+
+class NeverInterrupt:
+    """A :class:`TrainControl` that always says ``"run"``."""
+
+    def check(self) -> Command:
+        return "run"
+
+    def wait_while_paused(self) -> None:
+        return None
+
+
+class Trainer(Protocol):
+    """Trains one job: reports progress, obeys ``control``, writes ``job.output_path``.
+
+    Raises :class:`JobCancelled` when cancelled, :class:`client.errors.FedtrayError` with
+    a code for a job it cannot train; anything else is a crash (``training_failed``).
+    """
+
+    @property
+    def checkpoints(self) -> bool:
+        """Whether a pause writes a checkpoint first (reported in :class:`Paused`)."""
+        ...
+
+    def run(
+        self,
+        job: TrainJob,
+        control: TrainControl | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> TrainResult: ...
+
+
+# -- parent -> child ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Submit:
+    """Train ``job`` (the child is idle)."""
+
+    job: TrainJob
+
+
+@dataclass(frozen=True)
+class Pause:
+    """Checkpoint at the next batch boundary and wait."""
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Go on after a pause."""
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Stop the job at the next batch boundary, deleting its checkpoint."""
+
+
+@dataclass(frozen=True)
+class Exit:
+    """Leave the process (a running job stays checkpointed: it is not cancelled)."""
+
+
+WorkerCommand = Submit | Pause | Resume | Cancel | Exit
+
+
+# -- child -> parent ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """Training progress, at most one per the worker's progress interval plus the last."""
+
+    progress: TrainProgress
+
+
+@dataclass(frozen=True)
+class Paused:
+    """The job is paused; ``checkpointed`` is True when a checkpoint was written first."""
+
+    checkpointed: bool
+    round_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """The paused job runs again."""
+
+    round_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Done:
+    """The job finished; the weights are at ``result.output_path``."""
+
+    result: TrainResult
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The job failed; ``code`` is an :data:`client.errors.ErrorCode`."""
+
+    code: ErrorCode
+    message: str
+    round_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    """The job stopped after a :class:`Cancel`."""
+
+    round_id: str | None = None
+
+
+@dataclass(frozen=True)
+class LogRecord:
+    """A log line of the child (``client.*``, INFO and above), re-logged by the parent."""
+
+    level: int
+    name: str
+    text: str
+
+
+WorkerEvent = ProgressEvent | Paused | Resumed | Done | Failed | Cancelled
+ChildMessage = WorkerEvent | LogRecord
