@@ -31,7 +31,9 @@ from client.trainer import (
     epoch_seed,
     is_out_of_memory,
 )
-from client.weights import decode, encode
+from client.weights import decode, encode, sha256_hex
+from client.worker_messages import TrainProgress
+from client.workfiles import WorkDir
 
 torch.set_num_threads(1)
 
@@ -143,10 +145,11 @@ def test_runs_are_reproducible_and_seed_dependent(tmp_path: Path) -> None:
 
 
 def test_progress_reports_validate_as_training_progress(tmp_path: Path) -> None:
-    seen: list[dict[str, Any]] = []
+    seen: list[TrainProgress] = []
     LocalTrainer(device="cpu").run(_job(tmp_path), on_progress=seen.append)
     assert len(seen) == 2 * math.ceil(479 / 32)
-    messages = [TrainingProgress.model_validate(p) for p in seen]
+    assert all(isinstance(p, TrainProgress) and p.round_id == "round-1" for p in seen)
+    messages = [TrainingProgress.model_validate({**p}) for p in seen]
     assert [m.epoch for m in messages[:2]] == [1, 1] and messages[-1].epoch == 2
     assert messages[-1].fraction == 1.0 and messages[-1].step == messages[-1].steps == 15
     fractions = [m.fraction for m in messages]
@@ -226,7 +229,7 @@ def test_restart_from_checkpoint_in_a_fresh_trainer_is_bit_identical(
     # Disturb every random stream the checkpoint should restore.
     torch.manual_seed(12345)
     np.random.seed(54321)
-    progress: list[dict[str, Any]] = []
+    progress: list[TrainProgress] = []
     resumed = LocalTrainer(device="cpu").run(job, on_progress=progress.append)
     assert resumed.output_path.read_bytes() == plain.output_path.read_bytes()
     assert resumed.metrics["trainLoss"] == plain.metrics["trainLoss"]
@@ -304,7 +307,7 @@ def test_a_periodic_checkpoint_resumes_bit_identically_under_another_round_id(
 ) -> None:
     config = CONFIGS[name]
     steps = config.epochs * math.ceil(479 / config.batch_size)
-    plain_progress: list[dict[str, Any]] = []
+    plain_progress: list[TrainProgress] = []
     plain = LocalTrainer(device="cpu").run(
         _job(tmp_path, config=config, output_path=tmp_path / "plain", checkpoint_interval=0),
         on_progress=plain_progress.append,
@@ -317,7 +320,7 @@ def test_a_periodic_checkpoint_resumes_bit_identically_under_another_round_id(
     assert job.checkpoint_path.exists() and not job.output_path.exists()
     torch.manual_seed(12345)
     np.random.seed(54321)
-    progress: list[dict[str, Any]] = []
+    progress: list[TrainProgress] = []
     # The server retried the round under a new id: the same work resumes.
     with caplog.at_level(logging.INFO, logger="client.trainer"):
         resumed = LocalTrainer(device="cpu").run(
@@ -349,6 +352,63 @@ def test_cancel_while_paused_raises_and_removes_the_checkpoint(tmp_path: Path) -
         LocalTrainer(device="cpu").run(job, control)
     assert control.checkpoint_seen
     assert not job.checkpoint_path.exists()
+    assert not job.output_path.exists()
+
+
+def test_the_work_key_of_the_job_decides_which_checkpoint_resumes(tmp_path: Path) -> None:
+    task = get_task("digits", {"hidden": 16})
+    base = tmp_path / "base.safetensors"
+    base.write_bytes(encode(_state_of(task.build_model(task.params, seed=1))))
+    work = WorkDir(tmp_path / "work")
+    config = CONFIGS["sgd-momentum"]
+
+    def job(round_id: str, seed: int) -> TrainJob:
+        return work.job(
+            round_id=round_id,
+            task="digits",
+            model_params={"hidden": 16},
+            config=config.model_copy(update={"seed": seed}),
+            partition=Partition(index=1, count=3),
+            base_weights_path=base,
+            base_version=2,
+            base_sha256=sha256_hex(base.read_bytes()),
+            torch_threads=1,
+        )
+
+    first = job("r1", seed=3)
+    assert first.work_key is not None and first.checkpoint_path.stem == first.work_key
+    plain = LocalTrainer(device="cpu").run(replace(first, output_path=tmp_path / "plain"))
+    control = PauseAt(5, die=True)
+    control.path = first.checkpoint_path
+    with pytest.raises(KeyboardInterrupt):
+        LocalTrainer(device="cpu").run(first, control)
+    # Another key at the same path (a job whose key was computed from other work):
+    # the checkpoint is not trusted, and it is deleted.
+    other = replace(first, work_key=job("r1", seed=4).work_key)
+    progress: list[TrainProgress] = []
+    LocalTrainer(device="cpu").run(
+        replace(other, output_path=tmp_path / "o"), None, progress.append
+    )
+    assert progress[0].epoch == 1 and progress[0].step == 1
+    assert not first.checkpoint_path.exists()
+    # The same work under another round id resumes its checkpoint.
+    control = PauseAt(5, die=True)
+    control.path = first.checkpoint_path
+    with pytest.raises(KeyboardInterrupt):
+        LocalTrainer(device="cpu").run(first, control)
+    resumed = LocalTrainer(device="cpu").run(replace(job("r2", seed=3)))
+    assert resumed.output_path.read_bytes() == plain.output_path.read_bytes()
+    assert resumed.round_id == "r2" and not first.checkpoint_path.exists()
+
+
+def test_a_base_file_that_is_not_the_jobs_base_is_refused(tmp_path: Path) -> None:
+    task = get_task("digits", {"hidden": 16})
+    base = tmp_path / "base.safetensors"
+    base.write_bytes(encode(_state_of(task.build_model(task.params, seed=1))))
+    job = _job(tmp_path, base_weights_path=base, base_sha256="0" * 64)
+    with pytest.raises(FedtrayError) as info:
+        LocalTrainer(device="cpu").run(job)
+    assert info.value.code == "stale_base"
     assert not job.output_path.exists()
 
 

@@ -1,4 +1,8 @@
-"""TrainingWorker with real child processes: events, control, crashes, idle exit."""
+"""TrainingWorker with real child processes: events, control, crashes, idle exit.
+
+The fast tier uses the simulated trainer (its child never imports torch); the tests whose
+child trains with torch are marked slow.
+"""
 
 from __future__ import annotations
 
@@ -29,12 +33,13 @@ from client.worker import (
     Done,
     Failed,
     Paused,
-    Progress,
+    ProgressEvent,
     ProgressThrottle,
     Resumed,
     TrainingWorker,
     WorkerEvent,
 )
+from client.worker_messages import LogRecord, TrainProgress
 from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,6 +128,7 @@ def worker(shared: tuple[TrainingWorker, Events]) -> tuple[TrainingWorker, Event
     return w, events
 
 
+@pytest.mark.slow
 def test_a_job_completes_in_a_niced_child_and_writes_decodable_weights(
     worker: tuple[TrainingWorker, Events], tmp_path: Path
 ) -> None:
@@ -139,6 +145,7 @@ def test_a_job_completes_in_a_niced_child_and_writes_decodable_weights(
     assert events.threads == {"fedtray-worker-reader"}
 
 
+@pytest.mark.slow
 def test_busy_worker_refuses_a_second_job(
     worker: tuple[TrainingWorker, Events], tmp_path: Path
 ) -> None:
@@ -151,6 +158,7 @@ def test_busy_worker_refuses_a_second_job(
     assert isinstance(events.wait_for(Cancelled, Done, Failed), Cancelled)
 
 
+@pytest.mark.slow
 def test_progress_is_throttled_and_pause_resume_is_bit_identical(
     worker: tuple[TrainingWorker, Events], tmp_path: Path
 ) -> None:
@@ -160,16 +168,18 @@ def test_progress_is_throttled_and_pause_resume_is_bit_identical(
     plain = events.wait_for(Done, Failed)
     assert isinstance(plain, Done), plain
     elapsed = time.monotonic() - started
-    progress = events.of(Progress)
+    progress = events.of(ProgressEvent)
     assert 1 <= len(progress) <= 2 * elapsed + 1
-    messages = [TrainingProgress.model_validate(p.progress) for p in progress]
+    messages = [
+        TrainingProgress.model_validate({**p.progress, "state": "training"}) for p in progress
+    ]
     assert messages[-1].fraction == 1.0  # the last one of the round is always sent
     assert len(messages) < 4 * 1438 / 10  # throttled: far fewer than one per batch
 
     events.clear()
     job = long_job(tmp_path, "paused")
     w.submit(job)
-    events.wait_for(Progress)  # now it is mid-run
+    events.wait_for(ProgressEvent)  # now it is mid-run
     w.pause()
     paused = events.wait_for(Paused, Done, Failed)
     assert paused == Paused(checkpointed=True, round_id="paused")
@@ -184,13 +194,14 @@ def test_progress_is_throttled_and_pause_resume_is_bit_identical(
     assert not job.checkpoint_path.exists()
 
 
+@pytest.mark.slow
 def test_cancel_stops_the_job_and_the_worker_goes_on(
     worker: tuple[TrainingWorker, Events], tmp_path: Path
 ) -> None:
     w, events = worker
     job = long_job(tmp_path, "cancelled")
     w.submit(job)
-    events.wait_for(Progress)
+    events.wait_for(ProgressEvent)
     w.cancel()
     assert events.wait_for(Cancelled, Done, Failed) == Cancelled(round_id="cancelled")
     assert not w.is_busy
@@ -200,12 +211,13 @@ def test_cancel_stops_the_job_and_the_worker_goes_on(
     assert isinstance(events.wait_for(Done, Failed), Done)
 
 
+@pytest.mark.slow
 def test_kill_9_of_the_child_fails_the_job_and_the_next_job_works(
     worker: tuple[TrainingWorker, Events], tmp_path: Path
 ) -> None:
     w, events = worker
     w.submit(long_job(tmp_path, "killed"))
-    events.wait_for(Progress)
+    events.wait_for(ProgressEvent)
     pid = w.pid
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
@@ -222,6 +234,7 @@ def test_kill_9_of_the_child_fails_the_job_and_the_next_job_works(
     assert w.pid not in (None, pid)
 
 
+@pytest.mark.slow
 def test_kill_9_after_a_periodic_checkpoint_resumes_bit_identically(
     worker: tuple[TrainingWorker, Events], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -255,6 +268,7 @@ def test_kill_9_after_a_periodic_checkpoint_resumes_bit_identically(
     assert not job.checkpoint_path.exists()
 
 
+@pytest.mark.slow
 def test_base_weights_of_another_layout_fail_with_the_codec_code(
     worker: tuple[TrainingWorker, Events], tmp_path: Path
 ) -> None:
@@ -268,6 +282,7 @@ def test_base_weights_of_another_layout_fail_with_the_codec_code(
     assert "fc.weight" in failed.message
 
 
+@pytest.mark.slow
 def test_an_unknown_task_fails_cleanly(
     worker: tuple[TrainingWorker, Events], tmp_path: Path
 ) -> None:
@@ -311,12 +326,13 @@ def test_simulation_idle_timeout_and_restart(tmp_path: Path) -> None:
     assert w.pid is None
 
 
+@pytest.mark.slow
 def test_shutdown_while_training_keeps_the_checkpoint(tmp_path: Path) -> None:
     events = Events()
     w = TrainingWorker(events, simulation=False)
     job = long_job(tmp_path, "interrupted")
     w.submit(job)
-    events.wait_for(Progress)
+    events.wait_for(ProgressEvent)
     pid = w.pid
     assert pid is not None
     w.shutdown(10)
@@ -325,6 +341,107 @@ def test_shutdown_while_training_keeps_the_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(FedtrayError) as info:
         w.submit(job)
     assert info.value.code == "internal_error"
+
+
+# -- the simulated trainer: the same seam without torch (fast tier) --------------------
+
+
+def sim_base(tmp: Path) -> Path:
+    base = tmp / "base.safetensors"
+    base.write_bytes(encode({"w": np.ones((4, 3), np.float32)}))
+    return base
+
+
+@pytest.fixture(scope="module")
+def sim_shared() -> Iterator[tuple[TrainingWorker, Events]]:
+    events = Events()
+    worker = TrainingWorker(events, simulation=True)
+    yield worker, events
+    worker.shutdown(10)
+
+
+@pytest.fixture
+def sim(sim_shared: tuple[TrainingWorker, Events]) -> tuple[TrainingWorker, Events]:
+    w, events = sim_shared
+    wait_until(lambda: not w.is_busy)
+    events.clear()
+    return w, events
+
+
+def test_simulated_round_delivers_typed_events_throttled_in_the_child(
+    sim: tuple[TrainingWorker, Events], tmp_path: Path
+) -> None:
+    w, events = sim
+    started = time.monotonic()
+    w.submit(digits_job(tmp_path, "typed", base_weights_path=sim_base(tmp_path)))
+    done = events.wait_for(Done, Failed)
+    elapsed = time.monotonic() - started
+    assert isinstance(done, Done), done
+    assert done.result.round_id == "typed" and done.result.num_samples == 100
+    progress = [e.progress for e in events.of(ProgressEvent)]
+    assert all(isinstance(p, TrainProgress) and p.round_id == "typed" for p in progress)
+    # 10 steps in ~0.5 s, throttled to one per 0.5 s: far fewer than one per step.
+    assert 1 <= len(progress) <= 2 * elapsed + 1 < 10
+    assert progress[-1].fraction == 1.0 and progress[-1].step == progress[-1].steps
+    wire = TrainingProgress.model_validate({**progress[-1], "state": "training"})
+    assert wire.round_id == "typed" and wire.batch_size == 32
+    assert events.kinds()[-1] == "Done" and events.threads == {"fedtray-worker-reader"}
+
+
+def test_simulated_busy_cancel_and_kill_9(
+    sim: tuple[TrainingWorker, Events], tmp_path: Path
+) -> None:
+    w, events = sim
+    base = sim_base(tmp_path)
+    w.submit(digits_job(tmp_path, "first", base_weights_path=base))
+    with pytest.raises(FedtrayError) as info:
+        w.submit(digits_job(tmp_path, "second", base_weights_path=base))
+    assert info.value.code == "busy"
+    w.cancel()
+    assert events.wait_for(Cancelled, Done, Failed) == Cancelled(round_id="first")
+    assert not w.is_busy and not (tmp_path / "first.safetensors").exists()
+
+    events.clear()
+    w.submit(digits_job(tmp_path, "killed", base_weights_path=base))
+    w.pause()  # hold it mid-round, so the kill lands while it runs
+    assert events.wait_for(Paused, Done, Failed) == Paused(checkpointed=False, round_id="killed")
+    pid = w.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    assert events.wait_for(Failed, Done) == Failed(
+        "training_failed", "the training process exited unexpectedly (signal 9)", "killed"
+    )
+    events.clear()
+    w.submit(digits_job(tmp_path, "after-kill", base_weights_path=base))
+    assert isinstance(events.wait_for(Done, Failed), Done)
+    assert w.pid not in (None, pid)
+
+
+def test_a_simulated_job_without_base_weights_fails_with_a_code(
+    sim: tuple[TrainingWorker, Events], tmp_path: Path
+) -> None:
+    w, events = sim
+    w.submit(digits_job(tmp_path, "no-base"))
+    failed = events.wait_for(Failed, Done)
+    assert failed == Failed("training_failed", failed.message, "no-base")
+    assert "needs the global weights" in failed.message
+
+
+def test_child_log_records_are_logged_and_unknown_messages_ignored(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    events = Events()
+    w = TrainingWorker(events, simulation=True)
+    with caplog.at_level(logging.INFO):
+        w._handle(LogRecord(logging.INFO, "client.trainer", "resuming round r from epoch 2"))
+        w._handle(("progress", {"epoch": 1}))  # the old untyped shape is not an event
+    assert events.items == []
+    assert any(
+        r.name == "client.trainer" and r.getMessage() == "resuming round r from epoch 2"
+        for r in caplog.records
+    )
+    assert "ignoring an unknown message" in caplog.text
+    w.shutdown(1)
 
 
 PARENT_SCRIPT = """
@@ -339,7 +456,7 @@ finished = threading.Event()
 seen = []
 def on_event(event):
     seen.append(event)
-    if not type(event).__name__ == "Progress":
+    if not type(event).__name__ == "ProgressEvent":
         finished.set()
 worker = TrainingWorker(on_event)
 assert not worker.simulation
@@ -353,6 +470,7 @@ print("torch imported:", "torch" in sys.modules)
 """
 
 
+@pytest.mark.slow
 def test_the_parent_process_never_imports_torch(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-c", PARENT_SCRIPT, str(tmp_path)],
@@ -379,7 +497,9 @@ def test_the_parent_process_never_imports_torch(tmp_path: Path) -> None:
 def test_progress_throttle(times: list[float], sent: list[int]) -> None:
     clock = iter([0.0, *times])
     out: list[dict[str, Any]] = []
-    throttle = ProgressThrottle(out.append, 0.5, clock=lambda: next(clock))
+    throttle: ProgressThrottle[dict[str, Any]] = ProgressThrottle(
+        out.append, 0.5, clock=lambda: next(clock)
+    )
     for i in range(len(times)):
         throttle({"i": i})
     assert [p["i"] for p in out] == sent
