@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from client.protocol import Partition, TrainingConfig
-from client.workfiles import remove_stale, stale_work_files, work_stem
+from client.worker_messages import TrainJob
+from client.workfiles import WorkDir, remove_stale, stale_work_files, work_stem
 
 WORK: dict[str, Any] = {
     "task": "digits",
@@ -97,3 +98,51 @@ def test_remove_stale_deletes_only_the_stale_files(tmp_path: Path) -> None:
     assert sorted(p.name for p in removed) == [f".{A}.ckpt.abc.tmp", f"{B}.ckpt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", f"{A}.ckpt"]
     assert remove_stale(tmp_path / "missing", keep={A}) == []
+
+
+def _job_in(work: WorkDir, base: Path, **changes: Any) -> TrainJob:
+    spec: dict[str, Any] = {
+        "round_id": "r1",
+        "task": WORK["task"],
+        "model_params": WORK["model_params"],
+        "config": WORK["config"],
+        "partition": WORK["partition"],
+        "base_weights_path": base,
+        "base_version": WORK["base_version"],
+        "base_sha256": WORK["base_sha256"],
+        **changes,
+    }
+    return work.job(**spec)
+
+
+def test_the_work_dir_computes_the_key_once_and_names_the_files_by_it(tmp_path: Path) -> None:
+    work = WorkDir(tmp_path / "work")
+    job = _job_in(work, tmp_path / "base.safetensors", checkpoint_interval=7.5)
+    assert job.work_key == work_stem(**WORK)
+    assert job.checkpoint_path == work.directory / f"{job.work_key}.ckpt"
+    assert job.output_path == work.directory / f"{job.work_key}.safetensors"
+    assert job.base_sha256 == WORK["base_sha256"] and job.checkpoint_interval == 7.5
+    # The round id is the envelope, not the work: same key.
+    assert _job_in(work, tmp_path / "b", round_id="r2").work_key == job.work_key
+
+
+def test_the_work_dir_prepares_a_job_and_drops_older_work(tmp_path: Path) -> None:
+    work = WorkDir(tmp_path / "work")
+    job = _job_in(work, tmp_path / "base.safetensors")
+    work.prepare(job)  # creates the directory
+    files = work.files(job.work_key or "")
+    files.write_checkpoint(b"ckpt")
+    for name in (f"{B}.ckpt", f"{C}.safetensors", f"{OLD}.ckpt", "notes.txt"):
+        (work.directory / name).write_bytes(b"x")
+    work.prepare(job, busy={C})
+    assert sorted(p.name for p in work.directory.iterdir()) == sorted(
+        [f"{job.work_key}.ckpt", f"{C}.safetensors", "notes.txt"]
+    )
+    assert [p.name for p in work.drop_older_than(5)] == [f"{job.work_key}.ckpt"]
+    files.write_output(b"out")
+    assert files.output.read_bytes() == b"out"
+    files.discard_checkpoint()
+    files.discard_checkpoint()  # none is fine
+    assert sorted(p.name for p in work.directory.iterdir()) == sorted(
+        [f"{C}.safetensors", f"{job.work_key}.safetensors", "notes.txt"]
+    )
