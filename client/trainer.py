@@ -43,28 +43,45 @@ Contract:
   dtype) is written as safetensors to ``job.output_path`` atomically: readers see the old
   file or the whole new one. Every file write and delete goes through
   :class:`client.workfiles.JobFiles`.
+
+Its parts: the checkpoint format and :class:`client.checkpoint.Position` live in
+:mod:`client.checkpoint`, the batch-size cap and the out-of-memory retry in
+:mod:`client.train_memory`; this module runs the loop over them. Its names
+(``cap_batch_size``, ``is_out_of_memory``, ``DEFAULT_MEMORY_SAFETY``, the seam's job types)
+stay importable from here.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING
 
 import numpy as np
 import psutil
 from pydantic import JsonValue
 
+from client.checkpoint import (
+    CheckpointClock,
+    Position,
+    StaleCheckpointError,
+    checkpoint_bytes,
+    load_checkpoint,
+)
 from client.errors import FedtrayError
 from client.protocol import TrainingConfig
 from client.tasks import get_task
 from client.tasks.base import Task, model_state
+from client.train_memory import (
+    DEFAULT_MEMORY_SAFETY,
+    EpochSnapshot,
+    cap_batch_size,
+    estimate_sample_bytes,
+    free_accelerator_memory,
+    is_out_of_memory,
+)
 from client.weights import decode, encode, layout_of, sha256_hex
 from client.worker_messages import (
     DEFAULT_CHECKPOINT_INTERVAL,
@@ -100,43 +117,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Share of the free memory a batch may use (the rest is left to the owner of the machine).
-DEFAULT_MEMORY_SAFETY = 0.25
-_CHECKPOINT_VERSION = 2  # 2: the fingerprint is the work key
-_META_KEY = "fedtray.checkpoint"
-
-
-# -- pure helpers -----------------------------------------------------------------------
-
-
-def cap_batch_size(
-    requested: int,
-    num_samples: int,
-    bytes_per_sample: int,
-    available_bytes: int,
-    *,
-    fixed_bytes: int = 0,
-    safety: float = DEFAULT_MEMORY_SAFETY,
-) -> int:
-    """The batch size to use: ``requested``, at most ``num_samples``, at most what fits.
-
-    A batch may use ``available_bytes * safety - fixed_bytes`` (``fixed_bytes`` = model,
-    gradients and optimizer state); it is never below 1.
-    """
-    budget = int(available_bytes * safety) - fixed_bytes
-    fits = budget // max(1, bytes_per_sample)
-    return max(1, min(requested, num_samples, fits))
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` says the machine or accelerator ran out of memory."""
-    if isinstance(exc, MemoryError):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and (
-        "out of memory" in text or "can't allocate memory" in text
-    )
-
 
 def epoch_seed(seed: int, partition_index: int, epoch: int) -> int:
     """The shuffle seed of one epoch, mixed by numpy's SeedSequence (fits torch's uint64)."""
@@ -144,58 +124,6 @@ def epoch_seed(seed: int, partition_index: int, epoch: int) -> int:
         1, dtype=np.uint64
     )
     return int(state[0])
-
-
-# -- the trainer ------------------------------------------------------------------------
-
-
-@dataclass
-class _Position:
-    """Where training is; everything here goes into a checkpoint."""
-
-    batch_size: int
-    epoch: int = 0
-    pos: int = 0  # samples of this epoch already trained
-    loss_sum: float = 0.0
-    loss_count: int = 0
-    last_epoch_loss: float = math.nan
-    train_seconds: float = 0.0
-    order: torch.Tensor | None = None  # this epoch's sample order
-
-    def meta(self) -> dict[str, Any]:
-        return {
-            "batch_size": self.batch_size,
-            "epoch": self.epoch,
-            "pos": self.pos,
-            "loss_sum": self.loss_sum,
-            "loss_count": self.loss_count,
-            "last_epoch_loss": None if math.isnan(self.last_epoch_loss) else self.last_epoch_loss,
-            "train_seconds": self.train_seconds,
-        }
-
-
-class _Periodic:
-    """When the next periodic checkpoint is due (monotonic clock; time paused excluded)."""
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self.last = time.monotonic()
-
-    def due(self) -> bool:
-        return self.interval > 0 and time.monotonic() - self.last >= self.interval
-
-    def reset(self) -> None:
-        self.last = time.monotonic()
-
-
-@dataclass
-class _Snapshot:
-    """In-memory state at the start of an epoch, to retry it after running out of memory."""
-
-    model: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]
-    rng: torch.Tensor
-    position: _Position
 
 
 class LocalTrainer:
@@ -279,11 +207,11 @@ class LocalTrainer:
         position = self._resume(job, files, fingerprint, model, optimizer, device)
         if position is None:
             batch = self._initial_batch_size(task, model, x[:1], job.config, n, device)
-            position = _Position(batch_size=batch)
-        periodic = _Periodic(job.checkpoint_interval)
+            position = Position(batch_size=batch)
+        periodic = CheckpointClock(job.checkpoint_interval)
         try:
             while position.epoch < job.config.epochs:
-                snapshot = _snapshot(model, optimizer, position)
+                snapshot = EpochSnapshot.take(model, optimizer, position)
                 try:
                     self._train_epoch(
                         job,
@@ -313,10 +241,9 @@ class LocalTrainer:
                         position.batch_size,
                         smaller,
                     )
-                    _restore(snapshot, model, optimizer)
-                    position = snapshot.position
+                    position = snapshot.restore(model, optimizer)
                     position.batch_size = smaller
-                    _free_accelerator_memory(device)
+                    free_accelerator_memory(device)
         except Cancelled:
             files.discard_checkpoint()
             raise
@@ -348,12 +275,12 @@ class LocalTrainer:
         optimizer: torch.optim.Optimizer,
         x: torch.Tensor,
         y: torch.Tensor,
-        position: _Position,
+        position: Position,
         control: TrainControl,
         report: ProgressCallback,
         files: JobFiles,
         fingerprint: str,
-        periodic: _Periodic,
+        periodic: CheckpointClock,
     ) -> None:
         import torch
 
@@ -443,9 +370,7 @@ class LocalTrainer:
         n: int,
         device: torch.device,
     ) -> int:
-        per_sample = task.sample_bytes_hint(task.params) or _estimate_sample_bytes(
-            model, one_sample
-        )
+        per_sample = task.sample_bytes_hint(task.params) or estimate_sample_bytes(model, one_sample)
         param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         slots = 2 if config.optimizer == "adam" else (1 if config.momentum > 0 else 0)
         batch = cap_batch_size(
@@ -469,48 +394,21 @@ class LocalTrainer:
         fingerprint: str,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
-        position: _Position,
+        position: Position,
     ) -> None:
-        import torch
-        from safetensors.torch import save
-
-        tensors: dict[str, torch.Tensor] = {
-            f"model.{k}": _cpu_copy(v) for k, v in model.state_dict().items()
-        }
-        scalars: dict[str, JsonValue] = {}
-        for index, state in optimizer.state_dict()["state"].items():
-            for key, value in state.items():
-                name = f"{index}.{key}"
-                if isinstance(value, torch.Tensor):
-                    tensors[f"optim.{name}"] = _cpu_copy(value)
-                else:
-                    scalars[name] = value
-        tensors["rng.torch"] = torch.get_rng_state()
-        if position.order is not None:
-            tensors["order"] = position.order.clone()
-        np_state = cast(tuple[Any, ...], np.random.get_state(legacy=True))
-        meta = {
-            "version": _CHECKPOINT_VERSION,
-            "fingerprint": fingerprint,
-            "round_id": job.round_id,
-            "position": position.meta(),
-            "optim_scalars": scalars,
-            "numpy_rng": [
-                np_state[0],
-                np.asarray(np_state[1]).tolist(),
-                int(np_state[2]),
-                int(np_state[3]),
-                float(np_state[4]),
-            ],
-            "python_rng": _json_tuple(random.getstate()),
-        }
-        data = save(tensors, metadata={_META_KEY: json.dumps(meta)})
+        data = checkpoint_bytes(
+            round_id=job.round_id,
+            fingerprint=fingerprint,
+            model=model,
+            optimizer=optimizer,
+            position=position,
+        )
         files.write_checkpoint(data)
         log.debug(
             "checkpointed round %s at epoch %d step %d",
             job.round_id,
             position.epoch + 1,
-            math.ceil(position.pos / position.batch_size),
+            position.step,
         )
 
     def _resume(
@@ -521,13 +419,13 @@ class LocalTrainer:
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         device: torch.device,
-    ) -> _Position | None:
+    ) -> Position | None:
         path = job.checkpoint_path
         if not path.exists():
             return None
         try:
-            position = _load_checkpoint(path, fingerprint, model, optimizer, device)
-        except _StaleCheckpointError as exc:
+            position = load_checkpoint(path, fingerprint, model, optimizer, device)
+        except StaleCheckpointError as exc:
             log.info("ignoring checkpoint %s: %s", path, exc)
         except Exception:
             log.warning("ignoring unreadable checkpoint %s", path, exc_info=True)
@@ -536,78 +434,11 @@ class LocalTrainer:
                 "resuming round %s from epoch %d step %d",
                 job.round_id,
                 position.epoch + 1,
-                math.ceil(position.pos / position.batch_size),
+                position.step,
             )
             return position
         files.discard_checkpoint()
         return None
-
-
-class _StaleCheckpointError(Exception):
-    """The checkpoint belongs to another job."""
-
-
-def _load_checkpoint(
-    path: Path,
-    fingerprint: str,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    device: torch.device,
-) -> _Position:
-    import torch
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt", device="cpu") as fh:
-        meta = json.loads((fh.metadata() or {})[_META_KEY])
-        if meta.get("version") != _CHECKPOINT_VERSION or meta.get("fingerprint") != fingerprint:
-            raise _StaleCheckpointError("it was written for another job")
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 -- not a dict
-    # Build everything first, then apply: a bad checkpoint changes nothing.
-    model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-    current = model.state_dict()
-    if model_state.keys() != current.keys() or any(
-        v.shape != current[k].shape or v.dtype != current[k].dtype for k, v in model_state.items()
-    ):
-        raise _StaleCheckpointError("its tensors do not fit the model")
-    optim_state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            index, _, name = key[len("optim.") :].partition(".")
-            optim_state.setdefault(int(index), {})[name] = value
-    for key, scalar in meta["optim_scalars"].items():
-        index, _, name = key.partition(".")
-        optim_state.setdefault(int(index), {})[name] = scalar
-    pos = meta["position"]
-    last = pos["last_epoch_loss"]
-    position = _Position(
-        batch_size=int(pos["batch_size"]),
-        epoch=int(pos["epoch"]),
-        pos=int(pos["pos"]),
-        loss_sum=float(pos["loss_sum"]),
-        loss_count=int(pos["loss_count"]),
-        last_epoch_loss=math.nan if last is None else float(last),
-        train_seconds=float(pos["train_seconds"]),
-        order=tensors.get("order"),
-    )
-    name, keys, np_pos, has_gauss, cached = meta["numpy_rng"]
-    np_rng = (str(name), np.asarray(keys, dtype=np.uint32), int(np_pos), int(has_gauss), cached)
-    py_rng = _tuple_json(meta["python_rng"])
-
-    model.load_state_dict(model_state)
-    model.to(device)
-    groups = optimizer.state_dict()["param_groups"]
-    optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
-    torch.set_rng_state(tensors["rng.torch"])
-    np.random.set_state(np_rng)
-    random.setstate(py_rng)
-    return position
-
-
-# -- small torch helpers ----------------------------------------------------------------
-
-
-def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.detach().to(device="cpu", copy=True).contiguous()
 
 
 def _make_optimizer(model: torch.nn.Module, config: TrainingConfig) -> torch.optim.Optimizer:
@@ -616,63 +447,6 @@ def _make_optimizer(model: torch.nn.Module, config: TrainingConfig) -> torch.opt
     if config.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     return torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum)
-
-
-def _snapshot(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, position: _Position
-) -> _Snapshot:
-    import copy
-
-    import torch
-
-    return _Snapshot(
-        model={k: _cpu_copy(v) for k, v in model.state_dict().items()},
-        optimizer=copy.deepcopy(optimizer.state_dict()),
-        rng=torch.get_rng_state(),
-        position=copy.deepcopy(position),
-    )
-
-
-def _restore(snapshot: _Snapshot, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    import copy
-
-    import torch
-
-    model.load_state_dict(snapshot.model)
-    optimizer.load_state_dict(copy.deepcopy(snapshot.optimizer))
-    torch.set_rng_state(snapshot.rng)
-
-
-def _free_accelerator_memory(device: torch.device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _estimate_sample_bytes(model: torch.nn.Module, one_sample: torch.Tensor) -> int:
-    """Activations of one sample (measured by a forward pass) x 3 for gradients and scratch."""
-    import torch
-
-    total = 0
-
-    def count(_module: torch.nn.Module, _inputs: object, output: object) -> None:
-        nonlocal total
-        if isinstance(output, torch.Tensor):
-            total += output.numel() * output.element_size()
-
-    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
-    hooks = [m.register_forward_hook(count) for m in leaves]
-    was_training = model.training
-    model.eval()  # no dropout draws, no batch-norm statistics updates
-    try:
-        with torch.no_grad():
-            model(one_sample)
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
-    return max(1, 3 * total + one_sample.numel() * one_sample.element_size())
 
 
 def _work_key_of(job: TrainJob, base_sha: str) -> str:
@@ -687,16 +461,3 @@ def _work_key_of(job: TrainJob, base_sha: str) -> str:
         base_version=0,
         base_sha256=base_sha,
     )
-
-
-def _json_tuple(value: object) -> JsonValue:
-    """random.getstate() (nested tuples of ints/floats/None) as JSON lists."""
-    if isinstance(value, tuple):
-        return [_json_tuple(v) for v in value]
-    return value  # type: ignore[return-value]
-
-
-def _tuple_json(value: Any) -> Any:
-    if isinstance(value, list):
-        return tuple(_tuple_json(v) for v in value)
-    return value
