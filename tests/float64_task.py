@@ -23,6 +23,11 @@ class Float64Task(Task):
     name: ClassVar[str] = "float64"
     description: ClassVar[str] = "A float64 linear classifier (tests)"
     default_params: ClassVar[dict[str, JsonValue]] = {"width": 6}
+    default_config: ClassVar[dict[str, JsonValue]] = {
+        "batchSize": 16,
+        "learningRate": 0.1,
+        "momentum": 0.9,
+    }
 
     def validate_params(self, params: Mapping[str, JsonValue]) -> None:
         int_param(params, "width", 2, 64)
