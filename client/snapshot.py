@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from client.config import Settings
 from client.protocol import DeviceState, PauseReason
 
 ConnectionState = Literal["disconnected", "connecting", "connected", "auth_failed", "stopped"]
@@ -60,13 +61,12 @@ class Progress:
 class ClientSnapshot:
     """The whole visible state of a :class:`client.session.DistributedClient`.
 
-    ``next_retry_at`` is a :func:`time.monotonic` time; use :meth:`retry_in` for the
+    ``settings`` are the ones the session runs with (it owns them; a GUI shows these and
+    keeps no copy). ``next_retry_at`` is a :func:`time.monotonic` time; use :meth:`retry_in` for the
     seconds left (the snapshot itself never changes while the clock runs).
     """
 
-    server_url: str
-    device_id: str
-    device_name: str
+    settings: Settings
     connection: ConnectionState = "disconnected"
     next_retry_at: float | None = None
     last_error: str | None = None
@@ -80,6 +80,18 @@ class ClientSnapshot:
     task: str | None = None
     rounds_completed: int = 0
     simulation: bool = False
+
+    @property
+    def server_url(self) -> str:
+        return self.settings.server_url
+
+    @property
+    def device_id(self) -> str:
+        return self.settings.device_id
+
+    @property
+    def device_name(self) -> str:
+        return self.settings.device_name
 
     def retry_in(self, now: float | None = None) -> float | None:
         """Seconds until the next connection attempt (``None`` when none is scheduled)."""

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from client.config import Settings
 from client.snapshot import ClientSnapshot
 from tray.notify import (
     AUTH_INTERVAL,
@@ -19,7 +20,13 @@ from tray.notify import (
     decide,
 )
 
-BASE = ClientSnapshot(server_url="http://127.0.0.1:3001", device_id="d", device_name="n")
+BASE = ClientSnapshot(
+    settings=Settings(
+        server_url="http://127.0.0.1:3001",
+        device_id="00000000-0000-4000-8000-00000000000d",
+        device_name="n",
+    )
+)
 
 
 def snap(**changes: Any) -> ClientSnapshot:

@@ -17,11 +17,20 @@ NOW = 100.0
 WALL = datetime(2026, 5, 4, 14, 30)
 
 
-BASE = ClientSnapshot(server_url="http://127.0.0.1:3001", device_id="d", device_name="n")
+BASE = ClientSnapshot(
+    settings=Settings(
+        server_url="http://127.0.0.1:3001",
+        device_id="00000000-0000-4000-8000-00000000000d",
+        device_name="n",
+    )
+)
 
 
 def snap(**changes: Any) -> ClientSnapshot:
-    return replace(BASE, **changes)
+    """BASE with snapshot fields and setting keys (e.g. ``server_url``) changed."""
+    keys = {k: changes.pop(k) for k in list(changes) if k in Settings.model_fields}
+    settings = changes.pop("settings", BASE.settings).model_copy(update=keys)
+    return replace(BASE, settings=settings, **changes)
 
 
 CONNECTED: dict[str, Any] = {"connection": "connected"}
@@ -139,8 +148,7 @@ def menu_for(
     snoozed_until: datetime | None = None,
 ) -> tuple[MenuNode, ...]:
     return build_menu(
-        snap(**changes),
-        settings,
+        snap(settings=settings, **changes),
         monotonic_now=NOW,
         wall_now=WALL,
         snoozed_until=snoozed_until,
