@@ -58,12 +58,31 @@ class Progress:
 
 
 @dataclass(frozen=True)
+class FederationResult:
+    """The server said the federation finished (``federation:finished``)."""
+
+    task: str
+    rounds: int
+    accuracy: float | None = None
+    """The final model's accuracy (0..1) when the server evaluated one."""
+
+    def describe(self) -> str:
+        """``"digits, 10 rounds, 95.3 %"``."""
+        words = f"{self.task}, {self.rounds} round{'s' if self.rounds != 1 else ''}"
+        if self.accuracy is not None:
+            words += f", {self.accuracy * 100:.1f} %"
+        return words
+
+
+@dataclass(frozen=True)
 class ClientSnapshot:
     """The whole visible state of a :class:`client.session.DistributedClient`.
 
     ``settings`` are the ones the session runs with (it owns them; a GUI shows these and
-    keeps no copy). ``next_retry_at`` is a :func:`time.monotonic` time; use :meth:`retry_in` for the
-    seconds left (the snapshot itself never changes while the clock runs).
+    keeps no copy). ``finished`` is set when the server said the federation is over
+    (cleared when a new round starts). ``next_retry_at`` is a :func:`time.monotonic`
+    time; use :meth:`retry_in` for the seconds left (the snapshot itself never changes
+    while the clock runs).
     """
 
     settings: Settings
@@ -80,6 +99,7 @@ class ClientSnapshot:
     task: str | None = None
     rounds_completed: int = 0
     simulation: bool = False
+    finished: FederationResult | None = None
 
     @property
     def server_url(self) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from client.config import Settings
-from client.snapshot import ClientSnapshot, Progress
+from client.snapshot import ClientSnapshot, FederationResult, Progress
 from tray.menu import MenuEntry, MenuNode, Separator, build_menu, find_entry
 from tray.status import MAX_TOOLTIP, round_label, status_text
 
@@ -34,6 +34,7 @@ def snap(**changes: Any) -> ClientSnapshot:
 
 
 CONNECTED: dict[str, Any] = {"connection": "connected"}
+RESULT = FederationResult(task="digits", rounds=10, accuracy=0.953)
 
 
 @pytest.mark.parametrize(
@@ -107,6 +108,18 @@ CONNECTED: dict[str, Any] = {"connection": "connected"}
             },
             None,
             "fedtray — training round custom, 100 %",
+        ),
+        # the end of a federation is a state, connected or after the server went away
+        ({**CONNECTED, "finished": RESULT}, None, "Finished — digits, 10 rounds, 95.3 %"),
+        (
+            {"connection": "disconnected", "next_retry_at": 130.0, "finished": RESULT},
+            None,
+            "Finished — digits, 10 rounds, 95.3 %",
+        ),
+        (
+            {**CONNECTED, "finished": FederationResult(task="synthetic", rounds=1)},
+            None,
+            "Finished — synthetic, 1 round",
         ),
     ],
 )
