@@ -38,9 +38,10 @@ from client.config import (
     SettingsError,
     config_path,
     load_settings,
+    parse_setting,
     redacted,
-    save_settings,
-    with_setting,
+    update_settings,
+    with_changes,
 )
 from client.logsetup import add_secret, log_level_arg, setup_logging
 
@@ -204,14 +205,17 @@ def apply_cli_overrides(
     is saved then). A settings file that cannot be written is reported on stderr and the
     given values are used for this run only.
     """
-    updated = settings
-    for dest, key in _OVERRIDES:
-        raw = getattr(args, dest, None)
-        if raw is not None:
-            updated = with_setting(updated, key, str(raw))
+    changes = {
+        key: parse_setting(key, str(raw))
+        for dest, key in _OVERRIDES
+        if (raw := getattr(args, dest, None)) is not None
+    }
+    if not changes:
+        return settings
+    updated = with_changes(settings, changes)  # raises SettingsError before anything is saved
     if updated != settings:
         try:
-            save_settings(updated, path)
+            updated = update_settings(path, **changes)
         except OSError as exc:
             _error(f"could not save settings to {path or config_path()} ({exc}); using them once")
     return updated
@@ -229,14 +233,13 @@ def _cmd_config(args: argparse.Namespace) -> int:
     if args.config_command == "path":
         print(config_path())
         return EXIT_OK
-    settings = load_settings()
     if args.config_command == "show":
-        _print_settings(settings, as_json=args.json)
+        _print_settings(load_settings(), as_json=args.json)
         return EXIT_OK
     # config set
-    updated = with_setting(settings, args.key, args.value)
+    value = parse_setting(args.key, args.value)
     try:
-        save_settings(updated)
+        updated = update_settings(**{args.key: value})
     except OSError as exc:
         _error(f"could not save settings to {config_path()}: {exc}")
         return EXIT_IO
@@ -268,7 +271,7 @@ def _cmd_pause(paused: bool, duration: timedelta | None = None) -> int:
         print("training is already paused" if paused else "training is not paused")
         return EXIT_OK
     try:
-        save_settings(settings.model_copy(update={"paused": paused, "paused_until": until}))
+        update_settings(paused=paused, paused_until=until)
     except OSError as exc:
         _error(f"could not save settings to {config_path()}: {exc}")
         return EXIT_IO

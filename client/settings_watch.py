@@ -23,27 +23,14 @@ import hashlib
 import logging
 import tomllib
 from pathlib import Path
-from typing import Final
 
 from pydantic import ValidationError
 
-from client.config import KEYS, Settings, explain_validation_error
+from client.config import KEYS, LIVE_KEYS, Settings, explain_validation_error
 
 __all__ = ["LIVE_KEYS", "SettingsFileWatch", "merge_live"]
 
 log = logging.getLogger(__name__)
-
-#: Settings a running session applies when the file changes.
-LIVE_KEYS: Final[tuple[str, ...]] = (
-    "paused",
-    "paused_until",
-    "battery_threshold",
-    "battery_hysteresis",
-    "server_url",
-    "device_name",
-    "auth_token",
-    "ca_file",
-)
 
 
 def merge_live(current: Settings, from_file: Settings) -> Settings:

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from client.config import Settings
 from client.protocol import DeviceState, PauseReason
 
 ConnectionState = Literal["disconnected", "connecting", "connected", "auth_failed", "stopped"]
@@ -57,16 +58,34 @@ class Progress:
 
 
 @dataclass(frozen=True)
+class FederationResult:
+    """The server said the federation finished (``federation:finished``)."""
+
+    task: str
+    rounds: int
+    accuracy: float | None = None
+    """The final model's accuracy (0..1) when the server evaluated one."""
+
+    def describe(self) -> str:
+        """``"digits, 10 rounds, 95.3 %"``."""
+        words = f"{self.task}, {self.rounds} round{'s' if self.rounds != 1 else ''}"
+        if self.accuracy is not None:
+            words += f", {self.accuracy * 100:.1f} %"
+        return words
+
+
+@dataclass(frozen=True)
 class ClientSnapshot:
     """The whole visible state of a :class:`client.session.DistributedClient`.
 
-    ``next_retry_at`` is a :func:`time.monotonic` time; use :meth:`retry_in` for the
-    seconds left (the snapshot itself never changes while the clock runs).
+    ``settings`` are the ones the session runs with (it owns them; a GUI shows these and
+    keeps no copy). ``finished`` is set when the server said the federation is over
+    (cleared when a new round starts). ``next_retry_at`` is a :func:`time.monotonic`
+    time; use :meth:`retry_in` for the seconds left (the snapshot itself never changes
+    while the clock runs).
     """
 
-    server_url: str
-    device_id: str
-    device_name: str
+    settings: Settings
     connection: ConnectionState = "disconnected"
     next_retry_at: float | None = None
     last_error: str | None = None
@@ -80,6 +99,19 @@ class ClientSnapshot:
     task: str | None = None
     rounds_completed: int = 0
     simulation: bool = False
+    finished: FederationResult | None = None
+
+    @property
+    def server_url(self) -> str:
+        return self.settings.server_url
+
+    @property
+    def device_id(self) -> str:
+        return self.settings.device_id
+
+    @property
+    def device_name(self) -> str:
+        return self.settings.device_name
 
     def retry_in(self, now: float | None = None) -> float | None:
         """Seconds until the next connection attempt (``None`` when none is scheduled)."""

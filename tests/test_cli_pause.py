@@ -133,7 +133,7 @@ def test_pause_reports_an_unwritable_settings_file(
     def refuse(*_: Any, **__: Any) -> None:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(cli, "save_settings", refuse)
+    monkeypatch.setattr(cli, "update_settings", refuse)
     assert cli.main(["pause"]) == cli.EXIT_IO
     assert "could not save settings" in capsys.readouterr().err
     assert load_settings().paused is False

@@ -14,11 +14,19 @@ from client.config import Settings
 from client.headless import EXIT_ENDED, change_line, run_client, status_rows
 from client.snapshot import ClientSnapshot, Progress
 
-BASE = ClientSnapshot(server_url="http://127.0.0.1:3001", device_id="id-1", device_name="box")
+BASE = ClientSnapshot(
+    settings=Settings(
+        server_url="http://127.0.0.1:3001",
+        device_id="00000000-0000-4000-8000-000000000001",
+        device_name="box",
+    )
+)
 TRAINING = ClientSnapshot(
-    server_url=BASE.server_url,
-    device_id="id-1",
-    device_name="box",
+    settings=Settings(
+        server_url=BASE.server_url,
+        device_id="00000000-0000-4000-8000-000000000001",
+        device_name="box",
+    ),
     connection="connected",
     device_state="training",
     round_id="r1",

@@ -269,10 +269,9 @@ def test_packaged_client_completes_a_round(package: Installed, tmp_path: Path) -
 
 def _quit_presses(server_url: str) -> int:
     """Down-arrow presses that select Quit in the connected tray's menu."""
-    snapshot = ClientSnapshot(server_url=server_url, device_id=DEVICE_ID, device_name="pkg",
-                              connection="connected")  # fmt: skip
-    settings = Settings(device_id=DEVICE_ID, device_name="pkg")
-    menu = build_menu(snapshot, settings, monotonic_now=0.0, wall_now=datetime.now())
+    settings = Settings(server_url=server_url, device_id=DEVICE_ID, device_name="pkg")
+    snapshot = ClientSnapshot(settings=settings, connection="connected")
+    menu = build_menu(snapshot, monotonic_now=0.0, wall_now=datetime.now())
     labels = [n.label for n in menu if isinstance(n, MenuEntry) and n.enabled]
     return labels.index("Quit") + 1
 

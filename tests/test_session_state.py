@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from client.config import Settings
 from client.global_store import GlobalStore, default_global_dir
 from client.snapshot import (
     ALLOW,
@@ -55,9 +56,11 @@ def test_describe_connection(
     connection: str, retry_at: float | None, now: float, expected: str
 ) -> None:
     snap = ClientSnapshot(
-        server_url="http://127.0.0.1:1",
-        device_id="d",
-        device_name="n",
+        settings=Settings(
+            server_url="http://127.0.0.1:1",
+            device_id="00000000-0000-4000-8000-00000000000d",
+            device_name="n",
+        ),
         connection=connection,  # type: ignore[arg-type]
         next_retry_at=retry_at,
     )

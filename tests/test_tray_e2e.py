@@ -39,13 +39,14 @@ DEVICE_ID = "3f0c8a52-6d1e-4b8e-9a43-0d2a1f7e5c11"
 
 def selectable_labels(snapshot: ClientSnapshot) -> list[str]:
     """The top-level items a keyboard can select, in order (GTK skips disabled items)."""
-    settings = Settings(device_id=DEVICE_ID, device_name="tray-e2e")
-    menu = build_menu(snapshot, settings, monotonic_now=0.0, wall_now=datetime.now())
+    menu = build_menu(snapshot, monotonic_now=0.0, wall_now=datetime.now())
     return [n.label for n in menu if isinstance(n, MenuEntry) and n.enabled]
 
 
-CONNECTED = ClientSnapshot(server_url="http://h:1", device_id=DEVICE_ID, device_name="n",
-                           connection="connected")  # fmt: skip
+CONNECTED = ClientSnapshot(
+    settings=Settings(server_url="http://h:1", device_id=DEVICE_ID, device_name="tray-e2e"),
+    connection="connected",
+)
 
 
 @dataclass

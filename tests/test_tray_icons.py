@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from PIL import Image, ImageChops
 
+from client.config import Settings
 from client.snapshot import ClientSnapshot, Progress
 from tray.icons import (
     ICON_SIZES,
@@ -19,7 +20,13 @@ from tray.icons import (
     render_icon,
 )
 
-BASE = ClientSnapshot(server_url="http://127.0.0.1:1", device_id="d", device_name="n")
+BASE = ClientSnapshot(
+    settings=Settings(
+        server_url="http://127.0.0.1:1",
+        device_id="00000000-0000-4000-8000-00000000000d",
+        device_name="n",
+    )
+)
 
 
 def snap(**changes: Any) -> ClientSnapshot:

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from client.snapshot import ClientSnapshot
+from client.config import Settings
+from client.snapshot import ClientSnapshot, FederationResult
 from tray.notify import (
     AUTH_INTERVAL,
     POWER_INTERVAL,
@@ -19,7 +20,13 @@ from tray.notify import (
     decide,
 )
 
-BASE = ClientSnapshot(server_url="http://127.0.0.1:3001", device_id="d", device_name="n")
+BASE = ClientSnapshot(
+    settings=Settings(
+        server_url="http://127.0.0.1:3001",
+        device_id="00000000-0000-4000-8000-00000000000d",
+        device_name="n",
+    )
+)
 
 
 def snap(**changes: Any) -> ClientSnapshot:
@@ -42,6 +49,9 @@ TRAINING = snap(
 )
 DONE = snap(connection="connected", round_id="r4-1-x", rounds_completed=3)
 REFUSED = snap(connection="auth_failed", next_retry_at=900.0)
+RESULT = FederationResult(task="digits", rounds=10, accuracy=0.953)
+FINISHED = snap(connection="connected", finished=RESULT)
+FINISHED_GONE = snap(connection="disconnected", next_retry_at=5.0, finished=RESULT)
 CONNECTED_BEFORE = NotifyMemory(ever_connected=True)
 
 
@@ -54,6 +64,18 @@ def sent(
 @pytest.mark.parametrize(
     ("prev", "new", "memory", "now", "kind", "words"),
     [
+        # the end of the federation: once, in words; a server that stops after it is no outage
+        (UP, FINISHED, CONNECTED_BEFORE, 10.0, "finished", "complete (digits, 10 rounds, 95.3 %)"),
+        (FINISHED, FINISHED, CONNECTED_BEFORE, 10.0, None, None),
+        (FINISHED, FINISHED_GONE, CONNECTED_BEFORE, 10.0, None, None),
+        (
+            FINISHED_GONE,
+            FINISHED_GONE,
+            replace(CONNECTED_BEFORE, trying_since=0.0),
+            UNREACHABLE_AFTER + 1,
+            None,
+            None,
+        ),
         # first connection of the run, but not a later reconnect
         (CONNECTING, UP, NotifyMemory(), 10.0, "connected", "Connected to 127.0.0.1:3001"),
         (None, UP, NotifyMemory(), 10.0, "connected", "Connected to 127.0.0.1:3001"),

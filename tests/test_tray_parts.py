@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from PIL import Image
 
 from client import __version__
-from client.config import Settings, SettingsError, load_settings, save_settings
+from client.config import Settings, SettingsError, load_settings, save_settings, update_settings
 from client.snapshot import ClientSnapshot
 from tests.waiting import holds_for
 from tray import single_instance
@@ -69,8 +70,6 @@ def test_stale_lock_file_does_not_block(tmp_path: Path) -> None:
 
 # -- settings form -------------------------------------------------------------------
 
-CURRENT = Settings(server_url="http://127.0.0.1:3001", device_name="laptop", auth_token="old-tok")
-
 
 @pytest.mark.parametrize(
     ("url", "name", "token", "expected"),
@@ -88,14 +87,13 @@ CURRENT = Settings(server_url="http://127.0.0.1:3001", device_name="laptop", aut
 def test_validate_form_accepts(
     url: str, name: str, token: str, expected: tuple[str, str, str | None]
 ) -> None:
-    updated = validate_form(CURRENT, url, name, token)
-    assert (updated.server_url, updated.device_name, updated.auth_token) == expected
-    assert updated.device_id == CURRENT.device_id
+    changes = validate_form(url, name, token)
+    assert changes == dict(zip(("server_url", "device_name", "auth_token"), expected, strict=True))
 
 
 def test_validate_form_lists_every_problem_without_the_token() -> None:
     with pytest.raises(SettingsError) as info:
-        validate_form(CURRENT, "ftp://x", "   ", "has space secret")
+        validate_form("ftp://x", "   ", "has space secret")
     lines = str(info.value).splitlines()
     assert len(lines) == 3
     assert lines[0].startswith("server_url must be")
@@ -136,22 +134,25 @@ def test_tray_never_imports_torch() -> None:
 
 
 class FakeClient:
-    """Records calls; like the real session, saves the user's pause to ``config``."""
+    """Records calls; like the real session, owns the settings: it saves changes and the
+    user's pause to ``config`` and publishes the settings it runs with in the snapshot."""
 
-    def __init__(self, snapshot: ClientSnapshot, config: Path | None = None) -> None:
+    def __init__(self, snapshot: ClientSnapshot, config: Path) -> None:
         self.snap = snapshot
         self.config = config
         self.calls: list[str] = []
         self.untils: list[datetime | None] = []
         self.subscribers: list[Callable[[ClientSnapshot], None]] = []
-        self.settings: list[Settings] = []
+        self.changes: list[dict[str, object]] = []
 
-    def _save_pause(self, paused: bool, until: datetime | None) -> None:
-        if self.config is not None:
-            fresh = load_settings(self.config)
-            save_settings(
-                fresh.model_copy(update={"paused": paused, "paused_until": until}), self.config
-            )
+    def _save(self, **changes: object) -> Settings:
+        saved = update_settings(self.config, **changes)
+        self.publish(settings=saved)
+        return saved
+
+    def follow_file(self) -> None:
+        """What the session does when another process changed the settings file."""
+        self.publish(settings=load_settings(self.config))
 
     def start(self) -> None:
         self.calls.append("start")
@@ -168,20 +169,23 @@ class FakeClient:
 
     def pause(self, until: datetime | None = None) -> None:
         self.untils.append(until)
-        self._save_pause(True, until)
+        self._save(paused=True, paused_until=until)
         self.calls.append("pause")
 
     def resume(self) -> None:
-        self._save_pause(False, None)
+        self._save(paused=False, paused_until=None)
         self.calls.append("resume")
 
     def end_timed_pause(self) -> None:
         """What the session does when ``paused_until`` passes: clear it, resume, publish."""
-        self._save_pause(False, None)
+        self._save(paused=False, paused_until=None)
         self.publish(device_state="idle", pause_reason=None)
 
-    def update_settings(self, settings: Settings) -> None:
-        self.settings.append(settings)
+    def update_settings(self, **changes: object) -> Future[Settings]:
+        self.changes.append(changes)
+        done: Future[Settings] = Future()
+        done.set_result(self._save(**changes))
+        return done
 
     def snapshot(self) -> ClientSnapshot:
         return self.snap
@@ -257,21 +261,12 @@ def app_parts(tmp_path: Path) -> tuple[TrayApp, FakeClient, FakeIcon, Clock, Pat
     config = tmp_path / "config.toml"
     settings = Settings(server_url="http://127.0.0.1:3001", device_name="pc")
     save_settings(settings, config)
-    client = FakeClient(
-        ClientSnapshot(
-            server_url=settings.server_url,
-            device_id=settings.device_id,
-            device_name="pc",
-            connection="connecting",
-        ),
-        config,
-    )
+    client = FakeClient(ClientSnapshot(settings=settings, connection="connecting"), config)
     icon = FakeIcon()
     clock = Clock()
     app = TrayApp(
         client,
         icon,
-        settings,
         log_dir=tmp_path,
         config_file=config,
         autostart_env=AutostartEnv("linux", tmp_path, ("fedtray",), xdg_config_home=tmp_path / "x"),
@@ -322,13 +317,14 @@ def test_app_follows_session_and_menu_drives_it(
     client.end_timed_pause()
     wait_until(lambda: icon.titles[-1].startswith("fedtray — connected"), "resumed title")
     wait_until(lambda: find_entry(icon.menus[-1], "Pause training") is not None, "pause item")
-    wait_until(lambda: app.settings.paused_until is None, "the tray read the cleared deadline")
+    assert load_settings(config).paused_until is None
 
     icon.click("Above 80 %")
     wait_until(lambda: load_settings(config).battery_threshold == 80, "threshold saved")
+    assert client.changes[-1] == {"battery_threshold": 80}  # asked the session, once
     wait_until(
-        lambda: bool(client.settings) and client.settings[-1].battery_threshold == 80,
-        "threshold applied",
+        lambda: find_entry(icon.menus[-1], "Above 80 %").checked is True,  # type: ignore[union-attr]
+        "the menu shows the session's new threshold",
     )
 
     icon.click("Start at login")
@@ -348,24 +344,25 @@ def test_app_follows_session_and_menu_drives_it(
     assert client.calls[-1] == "stop"
 
 
-def test_settings_window_saved_reloads(
+def test_settings_window_saves_through_the_file_and_leaves_the_facade_alone(
     app_parts: tuple[TrayApp, FakeClient, FakeIcon, Clock, Path], tmp_path: Path
 ) -> None:
     app, client, icon, _clock, _config = app_parts
     # Stand-in for the dialog process: writes new settings and exits 0.
     script = tmp_path / "dialog.py"
     script.write_text(
-        "import sys\nfrom pathlib import Path\nfrom client.config import load_settings, "
-        "save_settings, with_setting\np = Path(sys.argv[sys.argv.index('--config') + 1])\n"
-        "save_settings(with_setting(load_settings(p), 'server_url', 'http://127.0.0.1:9'), p)\n",
+        "import sys\nfrom pathlib import Path\nfrom client.config import update_settings\n"
+        "p = Path(sys.argv[sys.argv.index('--config') + 1])\n"
+        "update_settings(p, server_url='http://127.0.0.1:9')\n",
         encoding="utf-8",
     )
     app._dialog_command = [sys.executable, str(script)]
     thread = run_app(app)
     wait_until(lambda: bool(icon.menus), "menu")
     icon.click("Settings…")
-    wait_until(lambda: bool(client.settings), "settings applied", timeout=30)
-    assert client.settings[-1].server_url == "http://127.0.0.1:9"
+    wait_until(lambda: app._dialog is not None and app._dialog.poll() == 0, "window saved", 30)
+    assert load_settings(_config).server_url == "http://127.0.0.1:9"
+    assert client.changes == []  # the session follows the file; no call from that thread
     icon.click("Quit")
     thread.join(10)
     assert not thread.is_alive()
@@ -383,9 +380,10 @@ def test_menu_follows_settings_changed_by_another_process(
         return entry is not None and entry.checked is True
 
     assert threshold_checked("Above 50 %")
-    # What `fedtray-client config set battery_threshold 80` does from another terminal.
-    save_settings(load_settings(config).model_copy(update={"battery_threshold": 80}), config)
-    app._wake.set()
+    # What `fedtray-client config set battery_threshold 80` does from another terminal,
+    # and the session following the file.
+    update_settings(config, battery_threshold=80)
+    _client.follow_file()
     wait_until(lambda: threshold_checked("Above 80 %"), "the menu shows the new threshold")
     icon.click("Quit")
     thread.join(10)
@@ -401,14 +399,13 @@ def test_tooltip_shows_a_deadline_set_by_another_process(
     client.publish(connection="connected")
     # What `fedtray-client pause --for 40m` writes; the session then reports the pause.
     until = datetime(2026, 5, 4, 15, 10).astimezone(UTC)
-    save_settings(
-        load_settings(config).model_copy(update={"paused": True, "paused_until": until}), config
-    )
+    update_settings(config, paused=True, paused_until=until)
+    client.follow_file()
     client.publish(device_state="paused", pause_reason="user_paused")
     wait_until(lambda: icon.titles[-1] == "Paused by you until 15:10", "the deadline shown")
     # `fedtray-client pause` (no --for) drops the deadline: plain "Paused by you" again.
-    save_settings(load_settings(config).model_copy(update={"paused_until": None}), config)
-    app._wake.set()
+    update_settings(config, paused_until=None)
+    client.follow_file()
     wait_until(lambda: icon.titles[-1] == "Paused by you", "the deadline dropped")
     icon.click("Quit")
     thread.join(10)

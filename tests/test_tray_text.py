@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from client.config import Settings
-from client.snapshot import ClientSnapshot, Progress
+from client.snapshot import ClientSnapshot, FederationResult, Progress
 from tray.menu import MenuEntry, MenuNode, Separator, build_menu, find_entry
 from tray.status import MAX_TOOLTIP, round_label, status_text
 
@@ -17,14 +17,24 @@ NOW = 100.0
 WALL = datetime(2026, 5, 4, 14, 30)
 
 
-BASE = ClientSnapshot(server_url="http://127.0.0.1:3001", device_id="d", device_name="n")
+BASE = ClientSnapshot(
+    settings=Settings(
+        server_url="http://127.0.0.1:3001",
+        device_id="00000000-0000-4000-8000-00000000000d",
+        device_name="n",
+    )
+)
 
 
 def snap(**changes: Any) -> ClientSnapshot:
-    return replace(BASE, **changes)
+    """BASE with snapshot fields and setting keys (e.g. ``server_url``) changed."""
+    keys = {k: changes.pop(k) for k in list(changes) if k in Settings.model_fields}
+    settings = changes.pop("settings", BASE.settings).model_copy(update=keys)
+    return replace(BASE, settings=settings, **changes)
 
 
 CONNECTED: dict[str, Any] = {"connection": "connected"}
+RESULT = FederationResult(task="digits", rounds=10, accuracy=0.953)
 
 
 @pytest.mark.parametrize(
@@ -99,6 +109,18 @@ CONNECTED: dict[str, Any] = {"connection": "connected"}
             None,
             "fedtray — training round custom, 100 %",
         ),
+        # the end of a federation is a state, connected or after the server went away
+        ({**CONNECTED, "finished": RESULT}, None, "Finished — digits, 10 rounds, 95.3 %"),
+        (
+            {"connection": "disconnected", "next_retry_at": 130.0, "finished": RESULT},
+            None,
+            "Finished — digits, 10 rounds, 95.3 %",
+        ),
+        (
+            {**CONNECTED, "finished": FederationResult(task="synthetic", rounds=1)},
+            None,
+            "Finished — synthetic, 1 round",
+        ),
     ],
 )
 def test_status_text(changes: dict[str, object], snoozed: datetime | None, expected: str) -> None:
@@ -139,8 +161,7 @@ def menu_for(
     snoozed_until: datetime | None = None,
 ) -> tuple[MenuNode, ...]:
     return build_menu(
-        snap(**changes),
-        settings,
+        snap(settings=settings, **changes),
         monotonic_now=NOW,
         wall_now=WALL,
         snoozed_until=snoozed_until,

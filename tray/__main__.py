@@ -54,7 +54,7 @@ def _error(message: str) -> None:
 
 
 def _cmd_autostart(action: str) -> int:
-    from client.config import load_settings, save_settings
+    from client.config import update_settings
     from tray import autostart
 
     try:
@@ -67,19 +67,16 @@ def _cmd_autostart(action: str) -> int:
         return EXIT_REFUSED
     print(autostart.describe())
     if action != "status":
-        settings = load_settings()
-        wanted = action == "enable"
-        if settings.autostart != wanted:
-            try:
-                save_settings(settings.model_copy(update={"autostart": wanted}))
-            except OSError as exc:
-                _error(f"start at login changed, but the setting could not be saved: {exc}")
-                return EXIT_REFUSED
+        try:
+            update_settings(autostart=action == "enable")
+        except OSError as exc:
+            _error(f"start at login changed, but the setting could not be saved: {exc}")
+            return EXIT_REFUSED
     return EXIT_OK
 
 
 def _run_tray(level: str) -> int:
-    from client.config import config_path, load_settings, save_settings
+    from client.config import config_path, load_settings, update_settings
     from tray import single_instance
 
     log_file = setup_logging(level)
@@ -101,20 +98,18 @@ def _run_tray(level: str) -> int:
             )
             return EXIT_REFUSED
         from client.session import DistributedClient
-        from tray.app import TrayApp, image_for, reconcile_autostart
+        from tray.app import TrayApp, autostart_differs, image_for
         from tray.icons import icon_key
         from tray.status import status_text
 
         settings = load_settings()
         if settings.auth_token:
             add_secret(settings.auth_token)
-        reconciled = reconcile_autostart(settings)
-        if reconciled != settings:
+        if autostart_differs(settings):
             try:
-                save_settings(reconciled)
+                settings = update_settings(autostart=not settings.autostart)
             except OSError as exc:
                 _error(f"cannot save the settings: {exc}")
-        settings = reconciled
 
         client = DistributedClient(settings)
         snapshot = client.snapshot()
@@ -130,7 +125,6 @@ def _run_tray(level: str) -> int:
         app = TrayApp(
             client,
             port,
-            settings,
             log_dir=log_file.parent,
             config_file=config_path(),
             show_requested=lock.take_show_request,

@@ -8,9 +8,14 @@ Threading contract:
   the session's worker process; this process never imports torch.
 * Session subscribers only store the newest snapshot and wake the tray's own
   ``fedtray-tray`` thread; menu clicks (on the GUI thread) only queue an action. That
-  thread does everything else: it applies actions to the facade and the settings file,
-  recomputes the view (icon, tooltip, menu) from the snapshot, and decides
-  notifications with :func:`tray.notify.decide`. No other state is shared.
+  thread does everything else: it applies actions to the facade, recomputes the view
+  (icon, tooltip, menu) from the snapshot, and decides notifications with
+  :func:`tray.notify.decide`. No other state is shared; the Settings window's waiting
+  thread only logs and wakes the tray thread.
+* The session owns the settings: the tray shows what the snapshot's ``settings`` say
+  (the session follows the file, so a change made by ``fedtray-client config set`` or
+  the Settings window shows within a poll) and changes them only through
+  :meth:`SessionFacade.update_settings`. It keeps no copy and never writes the file.
 * The icon port's setters are thread-safe (pystray hands them to the GUI loop), so the
   tray thread may call them; it calls them only when what they show changes.
 
@@ -32,6 +37,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,8 +45,7 @@ from typing import Final, Protocol
 
 from PIL import Image
 
-from client.config import Settings, SettingsError, load_settings, save_settings, with_setting
-from client.settings_watch import SettingsFileWatch, merge_live
+from client.config import Settings, SettingsError, parse_setting
 from client.snapshot import ClientSnapshot
 from tray import autostart
 from tray.icons import IconState, icon_key, render_icon
@@ -67,7 +72,7 @@ class SessionFacade(Protocol):
     def disconnect(self) -> None: ...
     def pause(self, until: datetime | None = None) -> None: ...
     def resume(self) -> None: ...
-    def update_settings(self, settings: Settings) -> None: ...
+    def update_settings(self, **changes: object) -> Future[Settings]: ...
     def snapshot(self) -> ClientSnapshot: ...
     def subscribe(self, callback: Callable[[ClientSnapshot], None]) -> Callable[[], None]: ...
 
@@ -98,7 +103,6 @@ class TrayView:
 
 def compute_view(
     snapshot: ClientSnapshot,
-    settings: Settings,
     *,
     monotonic_now: float,
     wall_now: datetime,
@@ -110,7 +114,6 @@ def compute_view(
         title=status_text(snapshot, monotonic_now, snoozed_until),
         menu=build_menu(
             snapshot,
-            settings,
             monotonic_now=monotonic_now,
             wall_now=wall_now,
             snoozed_until=snoozed_until,
@@ -153,7 +156,6 @@ class TrayApp:
         self,
         client: SessionFacade,
         icon: IconPort,
-        settings: Settings,
         *,
         log_dir: Path,
         config_file: Path | None = None,
@@ -165,12 +167,8 @@ class TrayApp:
     ) -> None:
         self.client = client
         self.icon = icon
-        self.settings = settings
         self.log_dir = log_dir
         self.config_file = config_file
-        # Another process (`fedtray-client config set ...`) may change the file: the menu
-        # shows what the file says, as the session applies it.
-        self._file_watch = SettingsFileWatch(config_file) if config_file is not None else None
         self._show_requested = show_requested
         self._autostart_env = autostart_env
         self._dialog_command = list(dialog_command or [*self_command(), "settings"])
@@ -260,9 +258,6 @@ class TrayApp:
         now = self._clock()
         if self._show_requested():
             self.icon.notify("fedtray is already running", status_text(self._latest, now))
-        changed = self._file_watch.poll() if self._file_watch is not None else None
-        if changed is not None:
-            self.settings = merge_live(self.settings, changed)
         self._apply_view()
         snapshot = self._latest
         notes, self._memory = decide(self._prev_snapshot, snapshot, self._memory, now)
@@ -274,7 +269,6 @@ class TrayApp:
     def _apply_view(self, force: bool = False) -> None:
         view = compute_view(
             self._latest,
-            self.settings,
             monotonic_now=self._clock(),
             wall_now=self._wall(),
             snoozed_until=self._paused_until(),
@@ -292,13 +286,9 @@ class TrayApp:
 
     def _paused_until(self) -> datetime | None:
         """When the user's timed pause ends, in local time (from the settings), or None."""
-        until = self.settings.paused_until
-        return until.astimezone() if self.settings.paused and until is not None else None
-
-    def _note_pause(self, paused: bool, until: datetime | None = None) -> None:
-        # The session saves the same to the file, which the watch reads back a tick
-        # later; noting it now shows the deadline in the very next view.
-        self.settings = self.settings.model_copy(update={"paused": paused, "paused_until": until})
+        settings = self._latest.settings
+        until = settings.paused_until
+        return until.astimezone() if settings.paused and until is not None else None
 
     def _do(self, entry: MenuEntry) -> None:
         action = entry.action
@@ -308,15 +298,12 @@ class TrayApp:
         elif action == "disconnect":
             self.client.disconnect()
         elif action == "pause":
-            self._note_pause(True)
             self.client.pause()
         elif action == "resume":
-            self._note_pause(False)
             self.client.resume()
         elif action == "snooze":
             # A naive wall clock is local time; astimezone() makes it an exact instant.
             until = (self._wall() + SNOOZE).astimezone(UTC)
-            self._note_pause(True, until)
             self.client.pause(until=until)
         elif action == "set_threshold" and entry.value is not None:
             self._change_setting("battery_threshold", str(entry.value))
@@ -343,26 +330,21 @@ class TrayApp:
         self.icon.stop()
 
     def _change_setting(self, key: str, raw: str) -> bool:
-        # Re-read the file first: the session saves the user's pause in it, and writing
-        # back an older copy would undo that.
-        fresh = load_settings(self.config_file)
+        """Ask the session (the settings' owner) to change one key; True when saved."""
         try:
-            updated = with_setting(fresh, key, raw)
+            value = parse_setting(key, raw)
+            self.client.update_settings(**{key: value}).result(QUIT_TIMEOUT)
         except SettingsError as exc:
             log.error("cannot change %s: %s", key, exc)
             return False
-        try:
-            save_settings(updated, self.config_file)
-        except OSError as exc:
+        except (OSError, TimeoutError) as exc:
             log.error("cannot save the settings: %s", exc)
             self.icon.notify("Cannot save the settings", str(exc))
             return False
-        self.settings = updated
-        self.client.update_settings(updated)
         return True
 
     def _toggle_autostart(self) -> None:
-        want = not self.settings.autostart
+        want = not self._latest.settings.autostart
         try:
             if want:
                 autostart.enable(self._autostart_env)
@@ -391,21 +373,17 @@ class TrayApp:
         ).start()
 
     def _wait_dialog(self, dialog: subprocess.Popen[bytes]) -> None:
-        code = dialog.wait()
-        if code != 0 or self._stopping.is_set():
-            return
-        updated = load_settings(self.config_file)
-        log.info("settings saved in the Settings window; applying them")
-        self.settings = updated
-        self.client.update_settings(updated)
-        self._wake.set()
+        # Runs on its own thread: it only logs and wakes the tray thread. The window
+        # saved through the settings file, which the session follows.
+        if dialog.wait() == 0 and not self._stopping.is_set():
+            log.info("settings saved in the Settings window; the session applies them")
+            self._wake.set()
 
 
-def reconcile_autostart(settings: Settings, env: autostart.AutostartEnv | None = None) -> Settings:
-    """``settings`` with ``autostart`` matching the OS (the OS is the truth: the user may
-    have switched the login item off in the desktop's own settings)."""
+def autostart_differs(settings: Settings, env: autostart.AutostartEnv | None = None) -> bool:
+    """Whether the ``autostart`` setting disagrees with the OS (the OS is the truth: the
+    user may have switched the login item off in the desktop's own settings)."""
     actual = autostart.is_enabled(env)
-    if actual == settings.autostart:
-        return settings
-    log.info("start at login is %s in the OS; updating the setting", "on" if actual else "off")
-    return settings.model_copy(update={"autostart": actual})
+    if actual != settings.autostart:
+        log.info("start at login is %s in the OS; updating the setting", "on" if actual else "off")
+    return actual != settings.autostart

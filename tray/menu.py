@@ -123,7 +123,6 @@ def _about_menu(settings: Settings) -> MenuEntry:
 
 def build_menu(
     snapshot: ClientSnapshot,
-    settings: Settings,
     *,
     monotonic_now: float,
     wall_now: datetime,
@@ -136,6 +135,7 @@ def build_menu(
     ``snoozed_until`` is when the user's timed pause ends (the settings' ``paused_until``
     in local time), if one is running.
     """
+    settings = snapshot.settings
     user_paused = is_user_paused(snapshot)
     pause = (
         MenuEntry("Resume training", "resume")

@@ -16,7 +16,8 @@ What notifies, and how often at most:
 * the server refusing this device's token ("auth_failed"): at most one per
   :data:`AUTH_INTERVAL`;
 * the server unreachable for :data:`UNREACHABLE_AFTER` while the client keeps trying
-  ("unreachable"): once per outage.
+  ("unreachable"): once per outage, and never after the federation finished;
+* the federation finished ("finished"): once per finish.
 
 Nothing notifies for what the user just did (their own pause, resume or disconnect).
 """
@@ -51,6 +52,7 @@ NotificationKind = Literal[
     "round_submitted",
     "auth_failed",
     "unreachable",
+    "finished",
 ]
 
 POWER_INTERVAL: Final = 60.0
@@ -104,6 +106,14 @@ def _candidate(
     prev: ClientSnapshot | None, new: ClientSnapshot, memory: NotifyMemory, now: float
 ) -> Notification | None:
     host = server_host(new.server_url)
+    if new.finished is not None:
+        if prev is None or prev.finished != new.finished:
+            return Notification(
+                "finished",
+                "Training finished",
+                f"The federation is complete ({new.finished.describe()}). Thank you!",
+            )
+        return None  # a server that stops after the end is no outage to report
     was_connected = prev is not None and prev.connection == "connected"
     if new.connection == "connected" and not was_connected:
         if not memory.ever_connected:

@@ -7,14 +7,15 @@ per process, on the main thread).
 Contract:
 
 * :func:`validate_form` is pure: it checks the three fields with :mod:`client.config`'s
-  own rules and returns the new :class:`client.config.Settings`, or raises
+  own rules and returns the changes (key -> typed value), or raises
   :class:`client.config.SettingsError` whose message lists every problem, one line
   each, naming the field. The token is never echoed.
 * :func:`main` shows the window. Save validates; problems are shown in the window and
-  nothing is written. A valid form is written with :func:`client.config.save_settings`
-  (atomic) and the process exits :data:`EXIT_SAVED` (0); Cancel or closing the window
-  exits :data:`EXIT_CANCELLED` (1); a display or disk problem exits :data:`EXIT_ERROR`
-  (2) with one ``error:`` line on stderr. The tray reloads the settings after exit 0.
+  nothing is written. A valid form is written with :func:`client.config.update_settings`
+  (only these three keys, atomic, under the file's lock) and the process exits
+  :data:`EXIT_SAVED` (0); Cancel or closing the window exits :data:`EXIT_CANCELLED`
+  (1); a display or disk problem exits :data:`EXIT_ERROR` (2) with one ``error:``
+  line on stderr. The running session follows the file.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-from client.config import Settings, SettingsError, load_settings, save_settings, with_setting
+from client.config import SettingsError, load_settings, parse_setting, update_settings
 
 __all__ = ["EXIT_CANCELLED", "EXIT_ERROR", "EXIT_SAVED", "main", "validate_form"]
 
@@ -41,9 +42,9 @@ FIELDS: Final = (
 )
 
 
-def validate_form(current: Settings, server_url: str, device_name: str, token: str) -> Settings:
-    """``current`` with the three fields replaced; raises SettingsError listing all problems."""
-    updated = current
+def validate_form(server_url: str, device_name: str, token: str) -> dict[str, object]:
+    """The three fields as typed changes; raises SettingsError listing all problems."""
+    changes: dict[str, object] = {}
     problems: list[str] = []
     for key, raw in (
         ("server_url", server_url),
@@ -51,12 +52,12 @@ def validate_form(current: Settings, server_url: str, device_name: str, token: s
         ("auth_token", token),
     ):
         try:
-            updated = with_setting(updated, key, raw)
+            changes[key] = parse_setting(key, raw)
         except SettingsError as exc:
             problems.append(str(exc))
     if problems:
         raise SettingsError("\n".join(problems))
-    return updated
+    return changes
 
 
 def _run_window(path: Path | None) -> int:
@@ -93,8 +94,7 @@ def _run_window(path: Path | None) -> int:
 
     def save(*_: object) -> None:
         try:
-            updated = validate_form(
-                current,
+            changes = validate_form(
                 values["server_url"].get(),
                 values["device_name"].get(),
                 values["auth_token"].get(),
@@ -103,7 +103,7 @@ def _run_window(path: Path | None) -> int:
             message.set(str(exc))
             return
         try:
-            save_settings(updated, path)
+            update_settings(path, **changes)
         except OSError as exc:
             message.set(f"Could not save the settings: {exc.strerror or exc}")
             return

@@ -89,7 +89,11 @@ def status_text(snapshot: ClientSnapshot, now: float, snoozed_until: datetime | 
     """
     conn = snapshot.connection
     wait = snapshot.retry_in(now)
-    if conn == "connected":
+    if snapshot.finished is not None:
+        # The end of a federation is a state: it stays while the server keeps serving
+        # and after it went away, until a new round starts.
+        text = f"Finished — {snapshot.finished.describe()}"
+    elif conn == "connected":
         text = _connected_words(snapshot, snoozed_until)
     elif conn == "connecting":
         text = f"Connecting to {server_host(snapshot.server_url)}…"

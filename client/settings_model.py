@@ -1,0 +1,403 @@
+"""The settings, declared once: each key's type, default, words and whether it applies live.
+
+Contract:
+
+* :class:`Settings` is an immutable pydantic model; every field is validated with a
+  plain-words message naming the field and what is allowed. Construction is strict
+  (no silent ``"50"`` -> ``50`` coercion): strings from a command line go through
+  :func:`parse_setting` / :func:`with_setting`, which convert and validate them.
+* Each field is declared ONCE, as ``Annotated[type, Key(...), AfterValidator(check)] =
+  default``: :class:`Key` holds what the key accepts (in the words every error message
+  uses), what it does, whether a running session applies a change at once (``live``)
+  and, for the keys ``config set`` may not change, why. Every other table is derived
+  from the model: :data:`KEYS`, :data:`ALLOWED`, :data:`LIVE_KEYS`,
+  :data:`SETTABLE_KEYS`, how :func:`parse_setting` reads a string (from the field's
+  type) and which check it runs (the field's own validator). Adding a setting is one
+  field here.
+* ``paused_until`` (a timezone-aware datetime, stored in UTC) is when a timed pause
+  ends. It means something only with ``paused = true``: a model with ``paused = false``
+  drops it (so a stale deadline never lingers).
+* Everything here is pure (no I/O); the file lives in :mod:`client.config`. The token
+  never appears in an error message or in :func:`redacted` output.
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import types
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any, Final, Union, cast, get_args, get_origin
+from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "ALLOWED",
+    "DEFAULT_SERVER_URL",
+    "KEYS",
+    "LIVE_KEYS",
+    "SETTABLE_KEYS",
+    "Key",
+    "Settings",
+    "SettingsError",
+    "explain_validation_error",
+    "parse_setting",
+    "redacted",
+    "with_changes",
+    "with_setting",
+]
+
+DEFAULT_SERVER_URL: Final = "http://localhost:3001"
+URL_SCHEMES: Final = ("http", "https", "ws", "wss")
+MAX_NAME_LEN: Final = 64
+MAX_TOKEN_LEN: Final = 512
+MAX_PATH_LEN: Final = 4096
+REDACTED: Final = "***"
+
+
+class SettingsError(ValueError):
+    """A setting value or key was refused; the message says which key and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Key:
+    """What one setting is, beside its type and default (declared in :class:`Settings`)."""
+
+    allowed: str
+    """What the key accepts, in plain words; every error message about the key uses it."""
+    about: str
+    """What the key does, for help texts."""
+    live: bool
+    """A running session applies a change at once (else at the next start)."""
+    fixed: str | None = None
+    """Why ``config set`` cannot change the key, or None when it can."""
+
+
+# ---------------------------------------------------------------------------
+# Pure field checks. Each returns the (possibly normalised) value or raises ValueError
+# with a message that names the field and uses the field's ``Key.allowed`` words.
+
+
+def _refusal(key: str, value: object) -> ValueError:
+    return ValueError(f"{key} must be {ALLOWED[key]}, got {value!r}")
+
+
+def _check_server_url(value: str) -> str:
+    ok = not any(ch.isspace() or not ch.isprintable() for ch in value)
+    if ok:
+        try:
+            parts = urlsplit(value)
+            _ = parts.port  # raises ValueError for a non-numeric or out-of-range port
+            ok = parts.scheme.lower() in URL_SCHEMES and bool(parts.hostname)
+        except ValueError:
+            ok = False
+    if ok:
+        return value
+    raise _refusal("server_url", value)
+
+
+def _check_device_name(value: str) -> str:
+    if 1 <= len(value) <= MAX_NAME_LEN and value.isprintable() and value.strip() != "":
+        return value
+    raise _refusal("device_name", value)
+
+
+def check_device_id(value: str) -> str:
+    try:
+        # Normalise to the canonical lower-case hyphenated form so one id has one spelling.
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise _refusal("device_id", value) from None
+
+
+def _percent_check(key: str, highest: int) -> Callable[[int], int]:
+    def check(value: int) -> int:
+        if 0 <= value <= highest:
+            return value
+        raise ValueError(f"{key} must be {ALLOWED[key]}, got {value}")
+
+    return check
+
+
+def _check_token(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if (
+        1 <= len(value) <= MAX_TOKEN_LEN
+        and value.isprintable()
+        and not any(ch.isspace() for ch in value)
+    ):
+        return value
+    # Never echo the token itself, even a malformed one.
+    raise ValueError(f"auth_token must be {ALLOWED['auth_token']} (got {len(value)} characters)")
+
+
+def _check_ca_file(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if 1 <= len(value) <= MAX_PATH_LEN and value.isprintable() and value.strip() != "":
+        return value
+    raise _refusal("ca_file", value)
+
+
+def _check_paused_until(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(
+            f"paused_until must be {ALLOWED['paused_until']}: {value.isoformat()} has no "
+            "time zone, so when it ends is ambiguous"
+        )
+    # One spelling for one instant: the file always says UTC.
+    return value.astimezone(UTC)
+
+
+def _new_device_id() -> str:
+    return str(uuid.uuid4())
+
+
+def _new_device_name() -> str:
+    """Short hostname plus a short random suffix, e.g. ``myhost-3f9a``."""
+    try:
+        host = socket.gethostname()
+    except OSError:  # pragma: no cover - gethostname practically never fails
+        host = ""
+    short = "".join(ch for ch in host.split(".")[0] if ch.isprintable() and not ch.isspace())
+    short = short[: MAX_NAME_LEN - 5] or "device"
+    return f"{short}-{secrets.token_hex(2)}"
+
+
+_BOOL_WORDS: Final = "true or false (also yes/no, on/off, 1/0)"
+
+
+class Settings(BaseModel):
+    """Everything the user can configure, plus this device's permanent identity."""
+
+    # hide_input_in_errors: a ValidationError printed anywhere must not show the token.
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, hide_input_in_errors=True)
+
+    server_url: Annotated[
+        str,
+        Key(
+            "an http://, https://, ws:// or wss:// URL with a host",
+            "the training server to connect to",
+            live=True,
+        ),
+        AfterValidator(_check_server_url),
+    ] = DEFAULT_SERVER_URL
+    device_name: Annotated[
+        str,
+        Key(
+            f"1 to {MAX_NAME_LEN} printable characters, not only spaces",
+            "the name the server's dashboard shows for this device",
+            live=True,
+        ),
+        AfterValidator(_check_device_name),
+    ] = Field(default_factory=_new_device_name)
+    device_id: Annotated[
+        str,
+        Key(
+            "a UUID such as 3f0c8a52-6d1e-4b8e-9a43-0d2a1f7e5c11",
+            "this device's permanent identity on the server",
+            live=False,
+            fixed=(
+                "device_id is this device's permanent identity on the server and cannot be "
+                "changed; delete the config file to start over as a new device"
+            ),
+        ),
+        AfterValidator(check_device_id),
+    ] = Field(default_factory=_new_device_id)
+    battery_threshold: Annotated[
+        int,
+        Key(
+            "a whole percent from 0 to 100 (100 = only when plugged in, 0 = always)",
+            "on battery, train only above this charge",
+            live=True,
+        ),
+        AfterValidator(_percent_check("battery_threshold", 100)),
+    ] = 50
+    battery_hysteresis: Annotated[
+        int,
+        Key(
+            "a whole percent from 0 to 50",
+            "after a battery pause, resume only this many percent above the threshold",
+            live=True,
+        ),
+        AfterValidator(_percent_check("battery_hysteresis", 50)),
+    ] = 5
+    paused: Annotated[
+        bool, Key(_BOOL_WORDS, "the user paused training (survives restarts)", live=True)
+    ] = False
+    auth_token: Annotated[
+        str | None,
+        Key(
+            f"1 to {MAX_TOKEN_LEN} printable characters without spaces, or 'none' to clear it",
+            "the token the server asks for (never printed)",
+            live=True,
+        ),
+        AfterValidator(_check_token),
+    ] = None
+    autostart: Annotated[bool, Key(_BOOL_WORDS, "start the tray app at login", live=False)] = False
+    ca_file: Annotated[
+        str | None,
+        Key(
+            "the path of a PEM CA bundle, or 'none' to clear it",
+            "a private CA that signed an https:// server's certificate",
+            live=True,
+        ),
+        AfterValidator(_check_ca_file),
+    ] = None
+    paused_until: Annotated[
+        datetime | None,
+        Key(
+            "a date and time with a time zone (e.g. 2026-05-04T13:30:00Z), or unset",
+            "when a timed pause ends by itself",
+            live=True,
+            fixed=(
+                "paused_until is set together with the pause: use `fedtray-client pause --for "
+                "DURATION` (e.g. 30m, 1h, 2h30m); `fedtray-client resume` clears it"
+            ),
+        ),
+        AfterValidator(_check_paused_until),
+    ] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_deadline_when_not_paused(cls, data: Any) -> Any:
+        # A deadline without a pause means nothing; keeping it would make a later plain
+        # pause end by itself. Only an explicit `paused = false` drops it (a wrong type
+        # for `paused` still fails validation with its own message).
+        stale = isinstance(data, dict) and data.get("paused", False) is False
+        if stale and data.get("paused_until") is not None:
+            data = {**data, "paused_until": None}
+        return data
+
+
+# ---------------------------------------------------------------------------
+# Tables derived from the declaration above.
+
+
+def _key_of(name: str) -> Key:
+    (key,) = (m for m in Settings.model_fields[name].metadata if isinstance(m, Key))
+    return key
+
+
+def _checks_of(name: str) -> tuple[Callable[[Any], Any], ...]:
+    metadata = Settings.model_fields[name].metadata
+    return tuple(
+        cast(Callable[[Any], Any], m.func) for m in metadata if isinstance(m, AfterValidator)
+    )
+
+
+def _value_type(name: str) -> tuple[type, bool]:
+    """The field's type without ``None``, and whether ``None`` is allowed."""
+    annotation = Settings.model_fields[name].annotation
+    if get_origin(annotation) in (Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        (only,) = args
+        return only, True
+    assert isinstance(annotation, type)
+    return annotation, False
+
+
+KEYS: Final[tuple[str, ...]] = tuple(Settings.model_fields)
+SPECS: Final[Mapping[str, Key]] = {name: _key_of(name) for name in KEYS}
+ALLOWED: Final[Mapping[str, str]] = {name: spec.allowed for name, spec in SPECS.items()}
+#: Settings a running session applies when they change.
+LIVE_KEYS: Final[tuple[str, ...]] = tuple(name for name in KEYS if SPECS[name].live)
+#: Settings ``config set`` may change.
+SETTABLE_KEYS: Final[tuple[str, ...]] = tuple(n for n in KEYS if SPECS[n].fixed is None)
+_TRUE: Final = frozenset({"true", "yes", "1", "on"})
+_FALSE: Final = frozenset({"false", "no", "0", "off"})
+
+
+def explain_validation_error(exc: ValidationError) -> str:
+    """One line, in plain words, for every problem in ``exc`` (each names its field)."""
+    problems: list[str] = []
+    for err in exc.errors(include_url=False):
+        field = ".".join(str(p) for p in err["loc"]) or "settings"
+        ctx_error = err.get("ctx", {}).get("error")
+        if err["type"] == "value_error" and ctx_error is not None:
+            problems.append(str(ctx_error))
+        elif err["type"] == "extra_forbidden":
+            problems.append(f"{field} is not a setting (valid keys: {', '.join(KEYS)})")
+        elif field in ALLOWED:
+            got = "a secret value" if field == "auth_token" else repr(err["input"])
+            kind = type(err["input"]).__name__
+            problems.append(f"{field} must be {ALLOWED[field]}, got {kind} {got}")
+        else:
+            problems.append(f"{field}: {err['msg']}")
+    return "; ".join(problems)
+
+
+def parse_setting(key: str, raw: str) -> object:
+    """Convert the command-line string ``raw`` to the type of setting ``key`` and validate it.
+
+    Booleans accept true/false, yes/no, on/off, 1/0 (any case); ``none`` or an empty
+    string clears an optional setting. Surrounding whitespace is ignored. Raises
+    :class:`SettingsError` naming the key and what is allowed; an unknown key lists the
+    valid ones; a key ``config set`` may not change says why.
+    """
+    spec = SPECS.get(key)
+    if spec is not None and spec.fixed is not None:
+        raise SettingsError(spec.fixed)
+    if spec is None:
+        raise SettingsError(f"unknown setting {key!r}; valid keys: {', '.join(SETTABLE_KEYS)}")
+    text = raw.strip()
+    kind, optional = _value_type(key)
+    if optional and text.lower() in ("", "none"):
+        return None
+    value: object = text
+    if kind is bool:
+        low = text.lower()
+        if low not in _TRUE | _FALSE:
+            raise SettingsError(f"{key} must be {spec.allowed}, got {raw!r}")
+        return low in _TRUE
+    if kind is int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise SettingsError(f"{key} must be {spec.allowed}, got {raw!r}") from None
+    try:
+        for check in _checks_of(key):
+            value = check(value)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+    return value
+
+
+def with_changes(settings: Settings, changes: Mapping[str, object]) -> Settings:
+    """A validated copy of ``settings`` with typed ``changes`` applied (pure).
+
+    Raises :class:`SettingsError` listing every problem (unknown keys included); the
+    given ``settings`` are never changed.
+    """
+    try:
+        return Settings.model_validate({**settings.model_dump(), **changes})
+    except ValidationError as exc:
+        raise SettingsError(explain_validation_error(exc)) from None
+
+
+def with_setting(settings: Settings, key: str, raw: str) -> Settings:
+    """A copy of ``settings`` with ``key`` set from the command-line string ``raw``.
+
+    Raises :class:`SettingsError` exactly as :func:`parse_setting` does.
+    """
+    return with_changes(settings, {key: parse_setting(key, raw)})
+
+
+def redacted(settings: Settings) -> dict[str, object]:
+    """The settings as a plain dict for display, with the auth token replaced by ``***``.
+
+    ``paused_until`` is an ISO 8601 string (UTC), so the dict is JSON-ready.
+    """
+    data: dict[str, object] = settings.model_dump()
+    if data.get("auth_token") is not None:
+        data["auth_token"] = REDACTED
+    if settings.paused_until is not None:
+        data["paused_until"] = settings.paused_until.isoformat()
+    return data

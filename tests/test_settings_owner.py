@@ -1,0 +1,157 @@
+"""The settings' one writer: update_settings (file, lock) and SettingsOwner (a running client)."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+from pathlib import Path
+
+import pytest
+
+from client import settings_model
+from client.config import (
+    ALLOWED,
+    KEYS,
+    LIVE_KEYS,
+    SETTABLE_KEYS,
+    Settings,
+    SettingsError,
+    load_settings,
+    save_settings,
+    update_settings,
+)
+from client.settings_owner import SettingsOwner
+
+FIXED_ID = "3f0c8a52-6d1e-4b8e-9a43-0d2a1f7e5c11"
+
+
+# --- the tables are derived from the one declaration -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "live", "settable"),
+    [
+        ("server_url", True, True),
+        ("device_name", True, True),
+        ("device_id", False, False),
+        ("battery_threshold", True, True),
+        ("battery_hysteresis", True, True),
+        ("paused", True, True),
+        ("auth_token", True, True),
+        ("autostart", False, True),
+        ("ca_file", True, True),
+        ("paused_until", True, False),
+    ],
+)
+def test_each_key_is_declared_once_with_its_traits(key: str, live: bool, settable: bool) -> None:
+    assert (key in LIVE_KEYS, key in SETTABLE_KEYS) == (live, settable)
+    assert ALLOWED[key] == settings_model.SPECS[key].allowed
+    assert settings_model.SPECS[key].about
+
+
+def test_every_field_of_the_model_is_a_declared_key() -> None:
+    assert set(KEYS) == set(Settings.model_fields) == set(settings_model.SPECS)
+
+
+# --- update_settings: read, merge, validate, write ---------------------------------------
+
+
+def test_update_changes_only_the_given_keys(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    save_settings(Settings(device_id=FIXED_ID, device_name="a", battery_threshold=30), path)
+    updated = update_settings(path, paused=True)
+    assert updated.paused and updated.battery_threshold == 30 and updated.device_name == "a"
+    assert load_settings(path) == updated
+
+
+def test_a_refused_update_writes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    save_settings(Settings(device_id=FIXED_ID, device_name="a"), path)
+    before = path.read_bytes()
+    with pytest.raises(SettingsError, match="battery_threshold must be a whole percent"):
+        update_settings(path, battery_threshold=101, paused=True)
+    with pytest.raises(SettingsError, match="colour is not a setting"):
+        update_settings(path, colour="red")
+    assert path.read_bytes() == before
+
+
+def _hammer(path: str, key: str, values: list[object]) -> None:
+    for value in values:
+        update_settings(Path(path), **{key: value})
+
+
+def test_two_processes_changing_different_keys_never_undo_each_other(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    save_settings(Settings(device_id=FIXED_ID, device_name="start"), path)
+    rounds = 120
+    ctx = multiprocessing.get_context("spawn")
+    writers = [
+        ctx.Process(
+            target=_hammer, args=(str(path), "battery_threshold", list(range(1, rounds + 1)))
+        ),
+        ctx.Process(
+            target=_hammer,
+            args=(str(path), "device_name", [f"name-{i}" for i in range(1, rounds + 1)]),
+        ),
+    ]
+    for proc in writers:
+        proc.start()
+    for proc in writers:
+        proc.join()
+        assert proc.exitcode == 0
+    final = load_settings(path)
+    # Without the read-merge-write under one lock, one writer's older copy of the other
+    # key would win now and then.
+    assert (final.battery_threshold, final.device_name) == (rounds, f"name-{rounds}")
+    assert final.device_id == FIXED_ID
+
+
+# --- SettingsOwner: the running client's settings -----------------------------------------
+
+
+def test_owner_writes_through_the_file_and_keeps_other_processes_keys(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    start = Settings(device_id=FIXED_ID, device_name="a")
+    save_settings(start, path)
+
+    async def scenario() -> tuple[Settings, Settings]:
+        owner = SettingsOwner(start, path)
+        update_settings(path, battery_threshold=80)  # another process, not yet followed
+        after = await owner.update(paused=True)
+        return after, load_settings(path)
+
+    after, on_disk = asyncio.run(scenario())
+    assert after.paused and on_disk.paused
+    assert after.battery_threshold == on_disk.battery_threshold == 80
+
+
+def test_owner_follows_live_keys_and_never_the_identity(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    start = Settings(device_id=FIXED_ID, device_name="a")
+    save_settings(start, path)
+
+    async def scenario() -> tuple[Settings | None, Settings | None, Settings]:
+        owner = SettingsOwner(start, path)
+        unchanged = await owner.follow_file()
+        other = "0b0c8a52-6d1e-4b8e-9a43-0d2a1f7e5c11"
+        save_settings(start.model_copy(update={"battery_threshold": 90, "device_id": other}), path)
+        followed = await owner.follow_file()
+        return unchanged, followed, owner.current
+
+    unchanged, followed, current = asyncio.run(scenario())
+    assert unchanged is None
+    assert followed is not None and followed.battery_threshold == 90
+    assert current.device_id == FIXED_ID
+
+
+def test_owner_without_a_file_validates_in_memory() -> None:
+    start = Settings(device_id=FIXED_ID, device_name="a")
+
+    async def scenario() -> Settings:
+        owner = SettingsOwner(start, None)
+        with pytest.raises(SettingsError):
+            await owner.update(battery_threshold=-1)
+        assert owner.current == start
+        return await owner.update(autostart=True)
+
+    assert asyncio.run(scenario()).autostart
