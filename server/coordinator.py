@@ -463,10 +463,12 @@ class RoundCoordinator:
             finished_at=time.time(),
         )
         # Persist first, then publish: a version anyone has seen survives a crash.
-        if await self._model.publish(new_state, record, metrics):
+        saved, encoded = await self._model.persist(new_state, record)
+        if saved:
             # Only now: until the new version is saved, the round's updates live in its files.
             await self._forget_round()
         self._registry.rounds_counted(rnd.reported)
+        self._model.publish(new_state, record, metrics, encoded)
         log.info(
             "round %d: %d selected, %d reported, train loss %s, eval loss %s, "
             "eval accuracy %s, %.1f s (version %d)",

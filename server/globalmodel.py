@@ -3,10 +3,10 @@
 Contract: :class:`GlobalModel` is the one owner (and writer) of the global weights, their
 version, the number of completed rounds, the round history and the last round's metrics.
 :meth:`GlobalModel.adopt` takes what :class:`server.store.Store` saved (or version 0 of a
-new federation). :meth:`GlobalModel.publish` persists a new version *before* anyone can
-see it (a version a device has seen survives a crash) and returns whether the save
-succeeded; the new version is published either way, as before a crash nothing is lost
-that a device could not send again. :meth:`GlobalModel.encoded` encodes the current
+new federation). :meth:`GlobalModel.persist` saves a new version and
+:meth:`GlobalModel.publish` then makes it the global: persist first, so a version anyone
+has seen survives a crash (a failed save is logged; the version is still published, its
+round's updates stay on disk). :meth:`GlobalModel.encoded` encodes the current
 version once per format (in a thread) and caches it until the next version. Owned by the
 server's one event loop; blocking work (encoding, saving) runs in threads.
 """
@@ -71,17 +71,10 @@ class GlobalModel:
         """An abandoned attempt joins the history (kept in memory until the next save)."""
         self.history.append(record)
 
-    async def publish(
-        self,
-        state: StateDict,
-        record: RoundRecord,
-        metrics: dict[str, float],
-    ) -> bool:
-        """Save version ``record.version`` with ``record`` in the history, then make it the
-        global; True when it was saved."""
-        history = [*self.history, record]
+    async def persist(self, state: StateDict, record: RoundRecord) -> tuple[bool, bytes]:
+        """Save version ``record.version`` with ``record`` in the history (not yet the
+        global: call :meth:`publish` next); whether it was saved, and its safetensors."""
         encoded = await asyncio.to_thread(encode, state, "safetensors")
-        saved = True
         try:
             await asyncio.to_thread(
                 self._store.save,
@@ -89,22 +82,27 @@ class GlobalModel:
                 version=record.version,
                 rounds_completed=record.number,
                 state=state,
-                history=history,
+                history=[*self.history, record],
                 encoded=encoded,
             )
         except OSError as exc:
             log.error(
                 "could not save version %d to %s: %s", record.version, self._store.state_dir, exc
             )
-            saved = False
+            return False, encoded
+        return True, encoded
+
+    def publish(
+        self, state: StateDict, record: RoundRecord, metrics: dict[str, float], encoded: bytes
+    ) -> None:
+        """Make version ``record.version`` the global (after :meth:`persist`)."""
         self.state = state
         self.version = record.version
         self.rounds_completed = record.number
-        self.history = history
+        self.history = [*self.history, record]
         self._encoded = {"safetensors": (record.version, encoded, sha256_hex(encoded))}
         self.metrics = {k: v for k, v in metrics.items() if np.isfinite(v)}
         self.round_id = record.round_id
-        return saved
 
     async def encoded(self, fmt: WeightFormat) -> Encoded:
         """The current version encoded as ``fmt`` (cached per version)."""
