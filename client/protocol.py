@@ -361,6 +361,24 @@ class WeightsGlobal(WireModel):
     weights: WeightsRef
 
 
+EV_FEDERATION_FINISHED = "federation:finished"
+
+
+class FederationFinished(WireModel):
+    """``federation:finished`` (server -> client, no ack): every round is complete.
+
+    Sent after the final ``weights:global`` (so a device holds the final model), and to a
+    device that registers after the end. The server keeps serving until it is stopped.
+    """
+
+    task: Identifier
+    rounds_completed: NonNegInt
+    version: NonNegInt = Field(description="The final global version.")
+    metrics: Metrics = Field(
+        default_factory=dict, description="The final version's evaluation, e.g. evalAccuracy."
+    )
+
+
 # --- blob transfer sub-protocol ----------------------------------------------------------
 
 

@@ -3,11 +3,15 @@
 Contract: :func:`main` returns the process exit status and never raises for bad input:
 a bad flag prints one ``fedtray-server: error: ...`` line to stderr and returns 2; a
 server that cannot start (unknown task, unusable state dir, port in use) prints one such
-line and returns 1; a clean stop (SIGINT, SIGTERM, or ``--rounds`` rounds complete)
-returns 0. Once listening it prints ``fedtray-server listening on http://HOST:PORT`` to
-stdout (``https://`` with ``--certfile``/``--keyfile``; the real port, also with
-``--port 0``), which scripts and tests parse. Tokens are registered with the log
-redactor and never printed; ``--token`` is visible in ``ps``, ``--tokens-file`` is not.
+line and returns 1; a clean stop returns 0: SIGINT, SIGTERM, or -- only with
+``--exit-when-done`` -- the end of the federation (``--rounds`` rounds complete, the final
+global and ``federation:finished`` sent to every connected device). Without that flag a
+finished server keeps serving the final global, ``/api/status`` (phase ``finished``) and
+the dashboard until it is stopped. Once listening it prints
+``fedtray-server listening on http://HOST:PORT`` to stdout (``https://`` with
+``--certfile``/``--keyfile``; the real port, also with ``--port 0``), which scripts
+and tests parse. Tokens are registered with the log redactor and never printed;
+``--token`` is visible in ``ps``, ``--tokens-file`` is not.
 """
 
 from __future__ import annotations
@@ -60,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--task", default="digits", help="task to train (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=0, help="rounds to run in total; 0 = forever")
+    p.add_argument(
+        "--exit-when-done",
+        action="store_true",
+        help="exit once --rounds rounds are complete and devices were told "
+        "(default: keep serving the final model until stopped)",
+    )
     p.add_argument("--min-clients", type=int, default=2, help="devices needed to start a round")
     p.add_argument("--clients-per-round", type=int, default=10, help="devices selected per round")
     p.add_argument(
@@ -137,8 +147,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
 
 
-async def serve(config: ServerConfig) -> int:
-    """Run until a signal or until the configured rounds are complete; the exit status."""
+async def serve(config: ServerConfig, *, exit_when_done: bool = False) -> int:
+    """Run until a signal (or, with ``exit_when_done``, the federation's end); the status."""
     from server.app import FedServer, StartupError
 
     server = FedServer(config)
@@ -154,7 +164,9 @@ async def serve(config: ServerConfig) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(server.finished.wait())]
+    waiters = [asyncio.create_task(stop.wait())]
+    if exit_when_done:
+        waiters.append(asyncio.create_task(server.finished.wait()))
     try:
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -162,6 +174,8 @@ async def serve(config: ServerConfig) -> int:
             waiter.cancel()
         if stop.is_set():
             log.info("stopping on signal")
+        else:
+            log.info("the federation is finished; exiting (--exit-when-done)")
         await server.stop()
     return 0
 
@@ -187,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         add_secret(token)
     setup_logging(config.log_level, app=PROG)
     try:
-        return asyncio.run(serve(config))
+        return asyncio.run(serve(config, exit_when_done=args.exit_when_done))
     except KeyboardInterrupt:
         return 0
 

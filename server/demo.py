@@ -2,8 +2,9 @@
 
 Contract:
 
-* :func:`main` starts the reference server (``python -m server --port 0 ...`` with a
-  temporary state dir; the bound port is parsed from its ``listening on`` line) and
+* :func:`main` starts the reference server (``python -m server --port 0
+  --exit-when-done ...`` with a temporary state dir; the bound port is parsed from its
+  ``listening on`` line) and
   ``--clients`` headless clients (``python -m client --server URL --name demo-i``), each
   with its own temporary ``XDG_*`` dirs so they are distinct devices. It prints one line
   per finished round (number, clients, train loss, eval accuracy, seconds; read from the
@@ -298,6 +299,7 @@ def _start_server(args: argparse.Namespace, work: Path, state_dir: Path) -> tupl
         args.task,
         "--rounds",
         str(args.rounds),
+        "--exit-when-done",
         "--min-clients",
         str(args.clients),
         "--clients-per-round",

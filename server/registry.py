@@ -8,6 +8,12 @@ A device is *stale* when connected but not heard from for ``stale_after`` second
 (3 missed heartbeats). A device is *eligible* for a round when it is connected,
 registered, not paused, not stale and has the task installed. Nothing here raises for
 bad input; payloads arrive already validated by :mod:`client.protocol`.
+
+The registry is the one writer of every :class:`DeviceRecord` field: the rest of the
+server reads records and changes them only through the named transitions below
+(``register``, ``heartbeat``, ``progress``, ``touch``, ``disconnect``,
+``training_started``, ``refused_paused``, ``training_failed``, ``update_accepted``,
+``holds_version``, ``rounds_counted``). A transition for an unknown device id does nothing.
 """
 
 from __future__ import annotations
@@ -134,6 +140,49 @@ class Registry:
         """Any message from a device proves it is alive."""
         self._devices[device_id].last_seen = now
 
+    def training_started(self, device_id: str) -> None:
+        """The device accepted ``training:start``: it trains, and is no longer paused."""
+        record = self._devices.get(device_id)
+        if record is not None:
+            record.state = "training"
+            record.pause_reason = None
+            record.pause_detail = None
+
+    def refused_paused(self, device_id: str, reason: PauseReason, detail: str | None) -> None:
+        """The device refused a round because it is paused: not eligible again until a
+        heartbeat says it is back."""
+        record = self._devices.get(device_id)
+        if record is not None:
+            record.state = "paused"
+            record.pause_reason = reason
+            record.pause_detail = detail
+
+    def training_failed(self, device_id: str) -> None:
+        """The device reported a training error: it is idle again."""
+        record = self._devices.get(device_id)
+        if record is not None:
+            record.state = "idle"
+
+    def update_accepted(self, device_id: str) -> None:
+        """The device's update was counted: idle, no training progress to show."""
+        record = self._devices.get(device_id)
+        if record is not None:
+            record.state = "idle"
+            record.progress = None
+
+    def holds_version(self, device_id: str, version: int) -> None:
+        """The device acknowledged global version ``version``."""
+        record = self._devices.get(device_id)
+        if record is not None:
+            record.weights_version = version
+
+    def rounds_counted(self, device_ids: list[str]) -> None:
+        """Each device's update counted in a completed round."""
+        for device_id in device_ids:
+            record = self._devices.get(device_id)
+            if record is not None:
+                record.rounds_completed += 1
+
     def disconnect(self, sid: str) -> DeviceRecord | None:
         """Forget a connection; return its device when the sid was its current one."""
         device_id = self._by_sid.pop(sid, None)
@@ -153,6 +202,11 @@ class Registry:
 
     def get(self, device_id: str) -> DeviceRecord | None:
         return self._devices.get(device_id)
+
+    def name_of(self, device_id: str) -> str:
+        """The device's name, or its id when unknown (for log lines)."""
+        record = self._devices.get(device_id)
+        return record.name if record is not None else device_id
 
     def all(self) -> list[DeviceRecord]:
         return list(self._devices.values())

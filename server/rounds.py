@@ -10,8 +10,11 @@ slot is starting or training; it *succeeds* when reports reach the required coun
 each with its own :class:`client.errors.FedtrayError` code: ``round_closed`` (unknown,
 closed or past deadline), ``not_selected``, ``duplicate``, ``stale_base``. It never
 changes state, so a refused submission is never counted; :meth:`Round.record_report`
-counts an accepted one exactly once. :func:`select_devices` picks at random with the
-caller's ``random.Random``.
+counts an accepted one exactly once. :func:`drop_stale`, :func:`awaiting_return` and
+:func:`abandon_detail` judge a round's slots against the device registry.
+:meth:`Round.close` closes it to submissions; the federation's phase (waiting,
+training, aggregating, ...) is not kept here but by :class:`server.phase.PhaseMachine`.
+:func:`select_devices` picks at random with the caller's ``random.Random``.
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
 from client.errors import FedtrayError
+from server.registry import Registry
 
 SlotState = Literal["starting", "training", "reported", "refused", "dropped", "failed"]
-Phase = Literal["starting", "training", "closed"]
 WORKING: frozenset[SlotState] = frozenset({"starting", "training"})
 
 T = TypeVar("T")
@@ -58,7 +61,7 @@ class Round:
     started_at: float
     required: int
     slots: dict[str, Slot] = field(default_factory=dict)
-    phase: Phase = "starting"
+    closed: bool = False
     deadline_unix: float = 0.0  # the deadline as sent to devices (wall clock)
 
     @classmethod
@@ -118,7 +121,7 @@ class Round:
         return len(self.reported) + len(self.working) >= self.required
 
     def is_open(self, now: float) -> bool:
-        return self.phase != "closed" and now <= self.deadline
+        return not self.closed and now <= self.deadline
 
     # --- transitions ----------------------------------------------------------------
 
@@ -184,9 +187,43 @@ class Round:
 
     def close(self) -> list[str]:
         """Close the round; return the devices still working (to be sent training:cancel)."""
-        self.phase = "closed"
+        self.closed = True
         working = self.working
         for device_id in working:
             self.slots[device_id].state = "dropped"
             self.slots[device_id].detail = "round closed"
         return working
+
+
+def drop_stale(rnd: Round, registry: Registry, now: float) -> list[str]:
+    """Free the working slots of devices gone or stale; the names of the stale ones."""
+    stale = []
+    for device_id in rnd.working:
+        record = registry.get(device_id)
+        if record is None or not record.connected:
+            rnd.mark(device_id, "dropped", "disconnected")
+        elif registry.is_stale(record, now):
+            rnd.mark(device_id, "dropped", "stale (missed 3 heartbeats)")
+            stale.append(record.name)
+    return stale
+
+
+def awaiting_return(rnd: Round, registry: Registry) -> bool:
+    """True while a restored round has a slot whose device has not been back since the
+    restart (the caller bounds this by a grace time)."""
+    return any(
+        slot.state == "dropped" and slot.detail == "disconnected" and registry.get(d) is None
+        for d, slot in rnd.slots.items()
+    )
+
+
+def abandon_detail(rnd: Round, registry: Registry, now: float) -> str:
+    """Why a round that did not succeed was abandoned, slot by slot."""
+    parts = [
+        f"{registry.name_of(d)} {slot.state}" + (f" ({slot.detail})" if slot.detail else "")
+        for d, slot in rnd.slots.items()
+        if slot.state != "reported"
+    ]
+    if now >= rnd.deadline:
+        parts.insert(0, "timed out")
+    return "; ".join(parts) or "no report"

@@ -18,6 +18,9 @@ from client.protocol import DeviceState, DeviceType, PauseReason
 from server.registry import Registry
 from server.rounds import Round
 
+#: Where the federation stands (owned by :class:`server.phase.PhaseMachine`).
+FederationPhase = Literal["closed", "waiting", "starting", "training", "aggregating", "finished"]
+
 
 class StatusModel(BaseModel):
     """Base of the status models: camelCase on the wire, unknown fields ignored."""
@@ -84,6 +87,10 @@ class ServerStatus(StatusModel):
     task: str
     global_version: int
     rounds_target: int = Field(description="Rounds to run; 0 means forever.")
+    phase: FederationPhase = Field(
+        description="closed (between rounds), waiting, starting, training, aggregating, or "
+        "finished (every round is complete; the final global stays available)."
+    )
     current_round: CurrentRound | None
     history: list[RoundRecord]
     devices: list[DeviceStatus]
@@ -104,6 +111,7 @@ def build_status(
     task: str,
     global_version: int,
     rounds_target: int,
+    phase: FederationPhase,
     current: CurrentRound | None,
     history: list[RoundRecord],
     registry: Registry,
@@ -140,6 +148,7 @@ def build_status(
         task=task,
         global_version=global_version,
         rounds_target=rounds_target,
+        phase=phase,
         current_round=current,
         history=list(history),
         devices=devices,

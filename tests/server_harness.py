@@ -16,7 +16,8 @@ Stable API (other test modules rely on it):
   a :class:`ProcessHandle` (``.url``, ``.port``, ``.proc``, ``.output()``, ``.status()``,
   ``.wait_for()``, ``.terminate()``, ``.kill()``). It is killed on exit if still running.
 * :class:`ScriptedDevice` -- an ``AsyncClient`` that registers, heartbeats, records
-  ``training:start``/``training:cancel``/``device:registered``, receives and decodes
+  ``training:start``/``training:cancel``/``device:registered``/``federation:finished``
+  (with the global version it held when that came), receives and decodes
   ``weights:global`` (inline or chunked) and submits updates, all driven by the test.
 * :class:`LoopThread` -- an asyncio loop in a thread for driving devices from synchronous
   tests; ``close()`` cancels what is left on it before closing it.
@@ -51,6 +52,7 @@ import socketio
 from client.protocol import (
     EV_BLOB_CHUNK,
     EV_BLOB_STATUS,
+    EV_FEDERATION_FINISHED,
     EV_HEARTBEAT,
     EV_REGISTER,
     EV_REGISTERED,
@@ -377,6 +379,8 @@ class ScriptedDevice:
     connect_errors: list[Any] = field(default_factory=list)
     weights: dict[int, StateDict] = field(default_factory=dict)
     globals_meta: list[dict[str, Any]] = field(default_factory=list)
+    #: ``federation:finished`` payloads, each with ``heldVersion``: the newest version held.
+    finished: list[dict[str, Any]] = field(default_factory=list)
     sio: socketio.AsyncClient = field(init=False)
     _blobs: BlobStore = field(init=False)
 
@@ -393,6 +397,7 @@ class ScriptedDevice:
         self.sio.on(EV_WEIGHTS_GLOBAL, self._on_global)
         self.sio.on(EV_BLOB_CHUNK, self._on_chunk)
         self.sio.on(EV_BLOB_STATUS, self._on_blob_status)
+        self.sio.on(EV_FEDERATION_FINISHED, self._on_finished)
 
     async def _on_registered(self, payload: dict[str, Any]) -> None:
         self.registered_events.append(payload)
@@ -406,6 +411,9 @@ class ScriptedDevice:
 
     async def _on_cancel(self, payload: dict[str, Any]) -> None:
         self.cancels.append(payload)
+
+    async def _on_finished(self, payload: dict[str, Any]) -> None:
+        self.finished.append({**payload, "heldVersion": max(self.weights, default=None)})
 
     async def _on_chunk(self, payload: Any) -> dict[str, Any]:
         try:

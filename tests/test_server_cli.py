@@ -90,13 +90,14 @@ def test_restart_continues_from_saved_version_and_round(tmp_path: Path) -> None:
         run_devices(_one_round(proc.url, 0))
         proc.wait_for(lambda s: s["globalVersion"] == 1, 30, "version 1")
         proc.kill()  # no clean shutdown: what was published must already be on disk
-    with server_process(tmp_path, *flags, "--rounds", "2") as proc:
+    with server_process(tmp_path, *flags, "--rounds", "2", "--exit-when-done") as proc:
         status = proc.wait_for(lambda s: s["currentRound"] is not None, 10, "round 2 waiting")
         assert status["globalVersion"] == 1
         assert status["currentRound"]["number"] == 2
         assert [r["outcome"] for r in status["history"]] == ["completed"]
         run_devices(_one_round(proc.url, 1))
-        # --rounds 2 counts rounds in total: the process stops by itself after round 2.
+        # --rounds 2 counts rounds in total; with --exit-when-done the process stops by
+        # itself after round 2.
         assert proc.wait(60) == 0
         output = proc.output()
     assert "resuming task synthetic" in output and "version 1 after 1 completed rounds" in output

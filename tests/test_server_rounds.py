@@ -283,7 +283,7 @@ def test_waiting_reason_is_logged(tmp_path: Path, caplog: pytest.LogCaptureFixtu
         shown = next(d for d in status["devices"] if d["name"] == "b")
         assert shown["pauseDetail"] == "On battery at 12 %"
 
-    caplog.set_level(logging.INFO, logger="server.app")
+    caplog.set_level(logging.INFO, logger="server")
     with running_server(tmp_path, min_clients=2, heartbeat_interval=5.0) as srv:
         run_devices(scenario(srv))
     messages = [r.getMessage() for r in caplog.records]

@@ -222,7 +222,7 @@ def test_round_settles_succeeds_and_closes() -> None:
     rnd2 = _round()
     rnd2.record_report("a", 1, {})
     rnd2.record_report("b", 1, {})
-    assert rnd2.succeeded and rnd2.close() == ["c"] and rnd2.phase == "closed"
+    assert rnd2.succeeded and rnd2.close() == ["c"] and rnd2.closed
 
 
 def test_select_devices_is_random_without_replacement() -> None:

@@ -1,0 +1,489 @@
+"""The round coordinator: runs rounds from waiting to a new global version, and the end.
+
+Contract: :class:`RoundCoordinator` owns the federation's one round phase (a
+:class:`server.phase.PhaseMachine`; the status API reads it from :attr:`phase`), the round
+loop and everything that decides a round: selection (random, with the server's seed),
+partitioning (the selected devices get parts ``0..n-1`` of ``n`` in selection order),
+``training:start``/``training:cancel`` (:mod:`server.starter`), counting updates exactly
+once (:meth:`accept_update`, saved on disk before it is acknowledged), closing, aggregating,
+evaluating and publishing the new version (:class:`server.globalmodel.GlobalModel`).
+Device records change only through the registry's named transitions.
+
+The end is a state: after ``config.rounds`` rounds the phase becomes ``finished``, every
+connected device gets the final ``weights:global`` and then ``federation:finished``
+(:meth:`finished_message`), and :attr:`finished` is set; a device that registers later
+gets both too (:meth:`welcome`). The server goes on serving until it is stopped.
+
+Surviving a crash: the open round is kept in ``state_dir/round.json`` and each accepted
+update in ``state_dir/round/`` (:mod:`server.roundstore`); a round restored at start
+(:mod:`server.restore`) runs first, under the SAME round id, and the slots of devices that
+had not reported wait up to :data:`RETURN_GRACE_S` (or the deadline) for their devices to
+reconnect. The round's files are removed only after its new version is saved.
+
+Never raises into a handler except :class:`client.errors.FedtrayError` (the refusal to
+answer); torch work, decoding and aggregation run in threads so heartbeats keep flowing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import secrets
+import time
+from typing import Any
+
+import numpy as np
+import socketio
+
+from client.errors import FedtrayError
+from client.protocol import (
+    FederationFinished,
+    SubmitAccepted,
+    TrainingError,
+    WeightsSubmit,
+)
+from client.tasks import Task
+from client.transfer import BlobStore
+from client.weights import decode, encode
+from server.aggregation import Strategy, weighted_mean
+from server.background import Background
+from server.config import ServerConfig
+from server.distribution import Distributor
+from server.globalmodel import GlobalModel
+from server.model import evaluate_state
+from server.phase import PhaseMachine
+from server.registry import DeviceRecord, Registry
+from server.restore import saved_round_of
+from server.rounds import Round, abandon_detail, awaiting_return, drop_stale, select_devices
+from server.roundstore import RoundStore, SavedSlot
+from server.starter import RoundStarter
+from server.status import RoundRecord
+
+log = logging.getLogger(__name__)
+
+#: After a restart, how long (at least) a restored round waits for its devices to return.
+RETURN_GRACE_S = 10.0
+TestData = tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+class RoundCoordinator:
+    """Runs the rounds of one federation (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        config: ServerConfig,
+        sio: socketio.AsyncServer,
+        registry: Registry,
+        model: GlobalModel,
+        strategy: Strategy,
+        round_store: RoundStore,
+        blobs: BlobStore,
+        distributor: Distributor,
+        background: Background,
+    ) -> None:
+        self._config = config
+        self._sio = sio
+        self._registry = registry
+        self._model = model
+        self.strategy = strategy
+        self._round_store = round_store
+        self._blobs = blobs
+        self._distributor = distributor
+        self._background = background
+        self._starter = RoundStarter(sio, config, registry, distributor)
+        self.phase = PhaseMachine()
+        self.finished = asyncio.Event()
+        self._rng = random.Random(config.seed)
+        # Distinguishes this process's round ids from a previous run's after a restart.
+        self._run_tag = secrets.token_hex(4)
+        self._task: Task | None = None
+        self._test_data: TestData | None = None
+        self._restored: Round | None = None
+        self._return_grace_until = 0.0
+        self._agg_lock = asyncio.Lock()
+        self._round_changed = asyncio.Event()
+        self._devices_changed = asyncio.Event()
+
+    def prepare(self, task: Task, test_data: TestData, restored: Round | None) -> None:
+        """Set up before :meth:`run`: the task, its test split, a round restored from disk."""
+        self._task, self._test_data = task, test_data
+        if restored is not None:
+            self._restored = restored
+            self.phase.open(restored)
+
+    @property
+    def task(self) -> Task:
+        if self._task is None:
+            raise RuntimeError("the server is not started")
+        return self._task
+
+    @property
+    def round(self) -> Round | None:
+        return self.phase.round
+
+    @property
+    def version(self) -> int:
+        """The current global version."""
+        return self._model.version
+
+    # ============================================================ events from devices
+
+    def devices_changed(self) -> None:
+        """A device registered, heartbeat, paused or resumed: re-check who is eligible."""
+        self._devices_changed.set()
+
+    def device_left(self, record: DeviceRecord) -> None:
+        """A device disconnected: free its slot in the open round."""
+        rnd = self.phase.round
+        if rnd is not None and rnd.mark(record.device_id, "dropped", "disconnected"):
+            log.info("round %s: slot of %s freed (disconnected)", rnd.round_id, record.name)
+        self._round_changed.set()
+        self._devices_changed.set()
+
+    def training_failed(self, record: DeviceRecord, err: TrainingError) -> None:
+        """A device reported ``training:error``: its slot has failed."""
+        self._registry.training_failed(record.device_id)
+        rnd = self.phase.round
+        if rnd is not None and err.round_id == rnd.round_id:
+            rnd.mark(record.device_id, "failed", f"{err.code}: {err.message}")
+            self._round_changed.set()
+
+    def welcome(self, record: DeviceRecord) -> None:
+        """A device (re)registered: bring it up to date, re-offer its part of the open round,
+        or, once finished, send it the final global and ``federation:finished``."""
+        if self.phase.finished:
+            self._background.spawn(
+                self._distributor.deliver_final(record, self.finished_message()),
+                f"final-to-{record.device_id}",
+                record.device_id,
+            )
+            return
+        self._distributor.send_global_later(record)
+        self._reoffer(record)
+        self._devices_changed.set()
+
+    def _reoffer(self, record: DeviceRecord) -> None:
+        """Offer a device that reconnects its part of the open round again (same round id,
+        partition and deadline), so it can resume from its checkpoint."""
+        rnd = self.phase.round
+        if rnd is None or record.state == "paused":
+            return
+        index = rnd.reoffer(record.device_id, time.monotonic())
+        if index is None:
+            return
+        log.info("round %s: %s is back; offering its part again", rnd.round_id, record.name)
+        self._background.spawn(
+            self._start_device(rnd, record.device_id, index, len(rnd.slots)),
+            f"restart-{record.device_id}",
+            record.device_id,
+        )
+
+    async def accept_update(self, record: DeviceRecord, sub: WeightsSubmit) -> dict[str, Any]:
+        """Count a ``weights:submit`` exactly once; the ack. Raises FedtrayError to refuse."""
+        rnd = self.phase.round_for(sub.round_id)
+        if rnd is None:
+            raise FedtrayError("round_closed", f"round {sub.round_id} is closed or unknown")
+        rnd.check_submit(record.device_id, sub.round_id, sub.base_version, time.monotonic())
+        data = self._blobs.take(record.device_id, sub.weights)
+        state = await asyncio.to_thread(
+            decode,
+            data,
+            sub.weights.format,
+            expected=self._model.layout,
+            max_bytes=self._config.limits.max_blob_bytes,
+        )
+        del data
+        # On disk before it is counted and acknowledged: an acknowledged update survives a
+        # server crash (the device deletes its copy on the ack).
+        unsaved = FedtrayError(
+            "internal_error", "the server cannot store the update now; send it again later"
+        )
+        try:
+            update = await asyncio.to_thread(encode, state, "safetensors")
+            await asyncio.to_thread(self._round_store.save_update, record.device_id, update)
+            del update
+        except OSError as exc:
+            log.error("cannot save the update of %s: %s", record.name, exc)
+            raise unsaved from None
+        async with self._agg_lock:
+            # The round may have closed, or a concurrent duplicate been counted, meanwhile.
+            if self.phase.round is not rnd:
+                raise FedtrayError("round_closed", f"round {sub.round_id} is closed")
+            rnd.check_submit(record.device_id, sub.round_id, sub.base_version, time.monotonic())
+            saved = saved_round_of(rnd, self._config.task, self._round_store, time.time())
+            saved.slots[record.device_id] = SavedSlot(
+                index=rnd.slots[record.device_id].index,
+                reported=True,
+                num_samples=sub.num_samples,
+                metrics=dict(sub.metrics),
+                update_file=self._round_store.update_file_name(record.device_id),
+            )
+            try:
+                await asyncio.to_thread(self._round_store.save, saved)
+            except OSError as exc:
+                log.error("cannot save round %s: %s", rnd.round_id, exc)
+                raise unsaved from None
+            await asyncio.to_thread(self.strategy.add, state, sub.num_samples)
+            received = rnd.record_report(record.device_id, sub.num_samples, sub.metrics)
+        self._registry.update_accepted(record.device_id)
+        log.info(
+            "round %s: update from %s accepted (%d samples; %d of %d reported)",
+            rnd.round_id,
+            record.name,
+            sub.num_samples,
+            received,
+            len(rnd.slots),
+        )
+        self._round_changed.set()
+        return SubmitAccepted(round_id=rnd.round_id, received=received).to_wire()
+
+    # ============================================================ the loop
+
+    def finished_message(self) -> FederationFinished:
+        """What ``federation:finished`` says."""
+        return FederationFinished(
+            task=self._config.task,
+            rounds_completed=self._model.rounds_completed,
+            version=self._model.version,
+            metrics=self._model.final_metrics(),
+        )
+
+    async def run(self) -> None:
+        """The round loop: until the configured rounds are complete (forever with 0)."""
+        cfg = self._config
+        attempt = 0
+        number = 0
+        restored, self._restored = self._restored, None
+        if restored is not None:
+            number, attempt = restored.number, restored.attempt
+            self._return_grace_until = time.monotonic() + max(RETURN_GRACE_S, cfg.stale_after)
+            if not await self._drive_round(restored, []):
+                await asyncio.sleep(cfg.effective_retry_delay)
+        while True:
+            if cfg.rounds and self._model.rounds_completed >= cfg.rounds:
+                await self._finish()
+                return
+            if number != self._model.rounds_completed + 1:
+                number, attempt = self._model.rounds_completed + 1, 0
+            candidates = await self._wait_for_devices(number)
+            attempt += 1
+            if not await self._run_round(number, attempt, candidates):
+                self.phase.wait(number, "retrying after an abandoned round")
+                await asyncio.sleep(cfg.effective_retry_delay)
+
+    async def _finish(self) -> None:
+        cfg, model = self._config, self._model
+        log.info(
+            "all %d rounds are complete (version %d); the federation is finished",
+            cfg.rounds,
+            model.version,
+        )
+        self.phase.finish()
+        await self._distributor.deliver_final_to_all(self.finished_message())
+        self.finished.set()
+
+    async def _wait_for_devices(self, number: int) -> list[DeviceRecord]:
+        """Eligible devices once there are enough; logs why it waits, never silently."""
+        cfg = self._config
+        last_reason: str | None = None
+        last_logged = 0.0
+        while True:
+            self._devices_changed.clear()
+            now = time.monotonic()
+            eligible = self._registry.eligible(cfg.task, now)
+            if len(eligible) >= cfg.min_clients:
+                return eligible
+            reason = self._registry.waiting_summary(cfg.task, now, cfg.min_clients)
+            self.phase.wait(number, reason)
+            if reason != last_reason or now - last_logged >= cfg.wait_log_interval:
+                log.info("round %d waiting: %s", number, reason)
+                last_reason, last_logged = reason, now
+            # Staleness changes with time alone, so wake up now and then even without events.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._devices_changed.wait(), timeout=min(cfg.heartbeat_interval, 5.0)
+                )
+
+    async def _run_round(self, number: int, attempt: int, candidates: list[DeviceRecord]) -> bool:
+        cfg = self._config
+        chosen = select_devices([d.device_id for d in candidates], cfg.clients_per_round, self._rng)
+        round_id = f"r{number}-{attempt}-{self._run_tag}"
+        rnd = Round.open(
+            round_id=round_id,
+            number=number,
+            attempt=attempt,
+            base_version=self._model.version,
+            selected=chosen,
+            now=time.monotonic(),
+            timeout=cfg.round_timeout,
+            required=cfg.required_reports(len(chosen)),
+            deadline_unix=time.time() + cfg.round_timeout,
+        )
+        self.strategy.begin(self._model.state)
+        self.phase.open(rnd)
+        try:
+            await asyncio.to_thread(self._persist_open_round, rnd)
+        except OSError as exc:
+            log.error("cannot save round %s in %s: %s", round_id, cfg.state_dir, exc)
+        log.info(
+            "round %d started (%s): %d selected [%s], %d reports needed, deadline in %.0f s",
+            number,
+            round_id,
+            len(chosen),
+            ", ".join(self._registry.name_of(d) for d in chosen),
+            rnd.required,
+            cfg.round_timeout,
+        )
+        starters = [
+            asyncio.create_task(self._start_device(rnd, device_id, i, len(chosen)))
+            for i, device_id in enumerate(chosen)
+        ]
+        return await self._drive_round(rnd, starters)
+
+    async def _drive_round(self, rnd: Round, starters: list[asyncio.Task[None]]) -> bool:
+        """Wait for an open round's reports, then close it; True when it completed."""
+        cfg = self._config
+        self.phase.train()
+        try:
+            while True:
+                self._round_changed.clear()
+                now = time.monotonic()
+                for name in drop_stale(rnd, self._registry, now):
+                    log.info("round %s: slot of %s freed (stale)", rnd.round_id, name)
+                if now >= rnd.deadline or (
+                    (rnd.settled or not rnd.can_still_succeed)
+                    and not (
+                        now < self._return_grace_until and awaiting_return(rnd, self._registry)
+                    )
+                ):
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._round_changed.wait(),
+                        timeout=min(rnd.deadline - now, cfg.heartbeat_interval),
+                    )
+        finally:
+            for starter in starters:
+                starter.cancel()
+            await asyncio.gather(*starters, return_exceptions=True)
+        async with self._agg_lock:
+            working = self.phase.aggregate()
+        if working:
+            await self._starter.cancel(rnd, working, "the round is closed")
+        if not rnd.succeeded:
+            self._abandon(rnd)
+            await self._forget_round()
+            self.phase.close()
+            return False
+        await self._complete_round(rnd)
+        self.phase.close()
+        self._distributor.broadcast()
+        return True
+
+    def _abandon(self, rnd: Round) -> None:
+        now = time.monotonic()
+        detail = abandon_detail(rnd, self._registry, now)
+        log.warning(
+            "round %d abandoned (%s): %d of %d reported, %d needed; %s; retrying",
+            rnd.number,
+            rnd.round_id,
+            len(rnd.reported),
+            len(rnd.slots),
+            rnd.required,
+            detail,
+        )
+        self._model.record_abandoned(
+            RoundRecord(
+                round_id=rnd.round_id,
+                number=rnd.number,
+                outcome="abandoned",
+                version=self._model.version,
+                clients_selected=len(rnd.slots),
+                clients_reported=len(rnd.reported),
+                train_loss=None,
+                seconds=round(now - rnd.started_at, 3),
+                finished_at=time.time(),
+                detail=detail,
+            )
+        )
+
+    def _persist_open_round(self, rnd: Round) -> None:
+        """A new round replaces whatever round files a previous round left."""
+        self._round_store.clear()
+        self._round_store.save(
+            saved_round_of(rnd, self._config.task, self._round_store, time.time())
+        )
+
+    async def _forget_round(self) -> None:
+        """Remove the closed round's files (after its outcome is saved, if it completed)."""
+        try:
+            await asyncio.to_thread(self._round_store.clear)
+        except OSError as exc:
+            log.warning("cannot remove the closed round's files: %s", exc)
+
+    async def _complete_round(self, rnd: Round) -> None:
+        new_state = await asyncio.to_thread(self.strategy.result)
+        metrics: dict[str, float] = {}
+        try:
+            assert self._test_data is not None
+            x_test, y_test = self._test_data
+            task = self.task
+            scores = await asyncio.to_thread(
+                evaluate_state, task, task.params, new_state, x_test, y_test
+            )
+            metrics = {"evalLoss": float(scores["loss"]), "evalAccuracy": float(scores["accuracy"])}
+        except Exception:
+            log.exception("evaluation of round %d failed; continuing without it", rnd.number)
+        train_loss = weighted_mean(
+            [
+                (slot.metrics["trainLoss"], slot.num_samples)
+                for slot in rnd.slots.values()
+                if slot.state == "reported" and "trainLoss" in slot.metrics
+            ]
+        )
+        seconds = time.monotonic() - rnd.started_at
+        record = RoundRecord(
+            round_id=rnd.round_id,
+            number=rnd.number,
+            outcome="completed",
+            version=self._model.version + 1,
+            clients_selected=len(rnd.slots),
+            clients_reported=len(rnd.reported),
+            train_loss=train_loss,
+            eval_loss=metrics.get("evalLoss"),
+            eval_accuracy=metrics.get("evalAccuracy"),
+            seconds=round(seconds, 3),
+            finished_at=time.time(),
+        )
+        # Persist first, then publish: a version anyone has seen survives a crash.
+        saved, encoded = await self._model.persist(new_state, record)
+        if saved:
+            # Only now: until the new version is saved, the round's updates live in its files.
+            await self._forget_round()
+        self._registry.rounds_counted(rnd.reported)
+        self._model.publish(new_state, record, metrics, encoded)
+        log.info(
+            "round %d: %d selected, %d reported, train loss %s, eval loss %s, "
+            "eval accuracy %s, %.1f s (version %d)",
+            rnd.number,
+            len(rnd.slots),
+            len(rnd.reported),
+            _fmt(train_loss),
+            _fmt(metrics.get("evalLoss")),
+            _fmt(metrics.get("evalAccuracy")),
+            seconds,
+            self._model.version,
+        )
+
+    async def _start_device(self, rnd: Round, device_id: str, index: int, count: int) -> None:
+        try:
+            await self._starter.start(self.task, rnd, device_id, index, count)
+        finally:
+            self._round_changed.set()

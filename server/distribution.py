@@ -1,0 +1,167 @@
+"""Weight distribution: getting the global model (and the end of the federation) to devices.
+
+Contract: :class:`Distributor` sends ``weights:global`` in the format each device prefers
+(safetensors when it lists it, else its first format), inline up to the smaller of the
+two chunk limits and as a ``blob:chunk`` transfer above it. :meth:`Distributor.ensure_global`
+sends the current version unless the device already holds it (one send per device at a
+time) and returns whether the device now holds it; it never raises for a peer's failure
+(timeouts, disconnects, refusals are logged and answered False). On success the registry
+records the version the device holds (:meth:`server.registry.Registry.holds_version`).
+:meth:`Distributor.broadcast` starts that for every connected device in the background.
+:meth:`Distributor.deliver_final` sends the final global and then ``federation:finished``,
+at most once per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import socketio
+
+from client.errors import FedtrayError
+from client.protocol import (
+    EV_FEDERATION_FINISHED,
+    EV_WEIGHTS_GLOBAL,
+    ErrorAck,
+    FederationFinished,
+    WeightFormat,
+    WeightsGlobal,
+)
+from client.transfer import send_blob, weights_ref_for
+from server.background import Background
+from server.config import ServerConfig
+from server.globalmodel import GlobalModel
+from server.registry import DeviceRecord, Registry
+
+log = logging.getLogger(__name__)
+
+
+def short(value: object, limit: int = 80) -> str:
+    """A value safe and short enough for a log line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def format_for(record: DeviceRecord) -> WeightFormat:
+    """The weights format a device gets: safetensors when it takes it, else its first."""
+    formats = record.capabilities.weight_formats
+    return "safetensors" if "safetensors" in formats else formats[0]
+
+
+class Distributor:
+    """Sends the global model to devices (see the module docstring)."""
+
+    def __init__(
+        self,
+        sio: socketio.AsyncServer,
+        config: ServerConfig,
+        registry: Registry,
+        model: GlobalModel,
+        background: Background,
+    ) -> None:
+        self._sio = sio
+        self._config = config
+        self._registry = registry
+        self._model = model
+        self._background = background
+        self._send_locks: dict[str, asyncio.Lock] = {}
+        self._told_finished: set[str] = set()  # sids sent federation:finished
+
+    async def ensure_global(self, record: DeviceRecord) -> bool:
+        """Send the current global weights unless the device holds them; True on success."""
+        lock = self._send_locks.setdefault(record.device_id, asyncio.Lock())
+        async with lock:
+            if record.weights_version == self._model.version:
+                return True
+            sid = record.sid
+            if sid is None:
+                return False
+            return await self._send(record, sid)
+
+    async def _send(self, record: DeviceRecord, sid: str) -> bool:
+        cfg = self._config
+        fmt = format_for(record)
+        version, data, digest = await self._model.encoded(fmt)
+        chunk = min(cfg.limits.max_chunk_bytes, record.capabilities.max_chunk_bytes)
+        ref = weights_ref_for(data, fmt, inline_limit=chunk, sha256=digest)
+
+        async def call(event: str, payload: dict[str, Any]) -> Any:
+            return await self._sio.call(event, payload, to=sid, timeout=cfg.ack_timeout)
+
+        message = WeightsGlobal(
+            version=version,
+            task=cfg.task,
+            round_id=self._model.round_id,
+            metrics=self._model.metrics,
+            weights=ref,
+        )
+        try:
+            if ref.blob_id is not None:
+                await send_blob(
+                    call,
+                    data,
+                    blob_id=ref.blob_id,
+                    chunk_bytes=chunk,
+                    window=cfg.limits.max_inflight_chunks,
+                    sha256=digest,
+                )
+            ack = await call(EV_WEIGHTS_GLOBAL, message.to_wire())
+        except FedtrayError as exc:
+            log.warning(
+                "sending version %d to %s failed: %s: %s",
+                version,
+                record.name,
+                exc.code,
+                exc.message,
+            )
+            return False
+        except Exception as exc:  # timeouts and disconnects of the transport
+            log.warning(
+                "sending version %d to %s failed: %s", version, record.name, type(exc).__name__
+            )
+            return False
+        if isinstance(ack, dict) and ack.get("ok") is False:
+            try:
+                err = ErrorAck.model_validate(ack)
+                why = f"{err.code}: {err.message}"
+            except ValueError:
+                why = short(ack)
+            log.warning("device %s refused version %d: %s", record.name, version, why)
+            return False
+        self._registry.holds_version(record.device_id, version)
+        log.debug("device %s now holds version %d", record.name, version)
+        return True
+
+    def send_global_later(self, record: DeviceRecord) -> None:
+        """Bring one device up to date in the background (if it is not already)."""
+        if record.weights_version != self._model.version:
+            self._background.spawn(
+                self.ensure_global(record), f"global-to-{record.device_id}", record.device_id
+            )
+
+    def broadcast(self) -> None:
+        """Send the current version to every connected device, concurrently."""
+        for record in self._registry.connected():
+            self.send_global_later(record)
+
+    async def deliver_final(self, record: DeviceRecord, finished: FederationFinished) -> None:
+        """The final global, then ``federation:finished`` (once per connection)."""
+        await self.ensure_global(record)
+        sid = record.sid
+        if sid is None or sid in self._told_finished:
+            return
+        self._told_finished.add(sid)
+        try:
+            await self._sio.emit(EV_FEDERATION_FINISHED, finished.to_wire(), to=sid)
+        except Exception as exc:  # a transport failure: the device is gone
+            log.info("telling %s the federation finished failed: %s", record.name, exc)
+
+    async def deliver_final_to_all(self, finished: FederationFinished) -> None:
+        """:meth:`deliver_final` to every connected device, concurrently; returns when done."""
+        sends = [self.deliver_final(r, finished) for r in self._registry.connected()]
+        await asyncio.gather(*sends, return_exceptions=True)
+
+    def forget_connection(self, sid: str) -> None:
+        self._told_finished.discard(sid)

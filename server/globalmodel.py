@@ -1,0 +1,117 @@
+"""The federation's global model: its weights, version, history and encodings.
+
+Contract: :class:`GlobalModel` is the one owner (and writer) of the global weights, their
+version, the number of completed rounds, the round history and the last round's metrics.
+:meth:`GlobalModel.adopt` takes what :class:`server.store.Store` saved (or version 0 of a
+new federation). :meth:`GlobalModel.persist` saves a new version and
+:meth:`GlobalModel.publish` then makes it the global: persist first, so a version anyone
+has seen survives a crash (a failed save is logged; the version is still published, its
+round's updates stay on disk). :meth:`GlobalModel.encoded` encodes the current
+version once per format (in a thread) and caches it until the next version. Owned by the
+server's one event loop; blocking work (encoding, saving) runs in threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import numpy as np
+
+from client.protocol import WeightFormat
+from client.weights import Layout, StateDict, encode, sha256_hex
+from server.status import RoundRecord
+from server.store import Saved, Store
+
+log = logging.getLogger(__name__)
+
+#: One encoding of the global: (version, bytes, sha256 hex).
+Encoded = tuple[int, bytes, str]
+
+
+class GlobalModel:
+    """The global weights of one task and what the federation has done with them."""
+
+    def __init__(self, store: Store, task: str) -> None:
+        self._store = store
+        self._task = task
+        self.state: StateDict = {}
+        self.layout: Layout = {}
+        self.version = 0
+        self.rounds_completed = 0
+        self.history: list[RoundRecord] = []
+        #: The last completed round's finite evaluation metrics (sent with weights:global).
+        self.metrics: dict[str, float] = {}
+        self.round_id: str | None = None
+        self._encoded: dict[WeightFormat, Encoded] = {}
+
+    def adopt(self, state: StateDict, layout: Layout, saved: Saved | None) -> None:
+        """Start from ``saved`` (a restart) or, when None, from ``state`` as version 0."""
+        self.layout = layout
+        if saved is None:
+            self.state = state
+            return
+        self.state = saved.state
+        self.version = saved.version
+        self.rounds_completed = saved.rounds_completed
+        self.history = saved.history
+        if saved.history:
+            self.round_id = saved.history[-1].round_id
+
+    def final_metrics(self) -> dict[str, float]:
+        """The evaluation of the current version, from the last completed round's record."""
+        done = [r for r in self.history if r.outcome == "completed"]
+        if not done:
+            return {}
+        last = done[-1]
+        scores = {"evalLoss": last.eval_loss, "evalAccuracy": last.eval_accuracy}
+        return {k: v for k, v in scores.items() if v is not None and np.isfinite(v)}
+
+    def record_abandoned(self, record: RoundRecord) -> None:
+        """An abandoned attempt joins the history (kept in memory until the next save)."""
+        self.history.append(record)
+
+    async def persist(self, state: StateDict, record: RoundRecord) -> tuple[bool, bytes]:
+        """Save version ``record.version`` with ``record`` in the history (not yet the
+        global: call :meth:`publish` next); whether it was saved, and its safetensors."""
+        encoded = await asyncio.to_thread(encode, state, "safetensors")
+        try:
+            await asyncio.to_thread(
+                self._store.save,
+                task=self._task,
+                version=record.version,
+                rounds_completed=record.number,
+                state=state,
+                history=[*self.history, record],
+                encoded=encoded,
+            )
+        except OSError as exc:
+            log.error(
+                "could not save version %d to %s: %s", record.version, self._store.state_dir, exc
+            )
+            return False, encoded
+        return True, encoded
+
+    def publish(
+        self, state: StateDict, record: RoundRecord, metrics: dict[str, float], encoded: bytes
+    ) -> None:
+        """Make version ``record.version`` the global (after :meth:`persist`)."""
+        self.state = state
+        self.version = record.version
+        self.rounds_completed = record.number
+        self.history = [*self.history, record]
+        self._encoded = {"safetensors": (record.version, encoded, sha256_hex(encoded))}
+        self.metrics = {k: v for k, v in metrics.items() if np.isfinite(v)}
+        self.round_id = record.round_id
+
+    async def encoded(self, fmt: WeightFormat) -> Encoded:
+        """The current version encoded as ``fmt`` (cached per version)."""
+        version, state = self.version, self.state
+        cached = self._encoded.get(fmt)
+        if cached is not None and cached[0] == version:
+            return cached
+        data = await asyncio.to_thread(encode, state, fmt)
+        entry = (version, data, sha256_hex(data))
+        if self.version == version:
+            self._encoded[fmt] = entry
+        return entry

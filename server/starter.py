@@ -1,0 +1,141 @@
+"""Starting and stopping devices' work in a round: ``training:start`` and ``training:cancel``.
+
+Contract: :meth:`RoundStarter.start` brings one selected device up to date (the current
+global, through :class:`server.distribution.Distributor`), sends it ``training:start``
+(its partition, the round's base version and deadline, the task's training settings
+merged with the operator's flags, :func:`training_config`) and records the answer in the
+round's slot: ``training`` when it accepts, ``refused`` (a device refusing because it is
+paused is marked paused in the registry, not eligible until a heartbeat says it is back),
+``dropped`` when it is gone or does not answer, ``failed`` when the weights cannot be sent
+or it answers badly. It never raises except ``CancelledError``: a bug is logged and
+the slot fails. :meth:`RoundStarter.cancel` sends ``training:cancel`` and ignores peers
+that are gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import get_args
+
+import socketio
+
+from client.errors import FedtrayError
+from client.protocol import (
+    EV_TRAINING_CANCEL,
+    EV_TRAINING_START,
+    Partition,
+    PauseReason,
+    TrainingCancel,
+    TrainingConfig,
+    TrainingStart,
+    TrainingStartAck,
+    parse,
+)
+from client.tasks import Task
+from server.config import ServerConfig
+from server.distribution import Distributor, format_for
+from server.registry import Registry
+from server.rounds import Round
+
+log = logging.getLogger(__name__)
+
+_PAUSE_REASONS: dict[str, PauseReason] = {r: r for r in get_args(PauseReason)}
+
+
+def training_config(task: Task, config: ServerConfig, round_number: int) -> TrainingConfig:
+    """The task's recommended training settings, overridden by the operator's flags."""
+    fields = {**task.default_config, **config.training_overrides()}
+    fields["seed"] = config.seed + round_number
+    return TrainingConfig.model_validate(fields)
+
+
+class RoundStarter:
+    """Sends ``training:start`` and ``training:cancel`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        sio: socketio.AsyncServer,
+        config: ServerConfig,
+        registry: Registry,
+        distributor: Distributor,
+    ) -> None:
+        self._sio = sio
+        self._config = config
+        self._registry = registry
+        self._distributor = distributor
+
+    async def cancel(self, rnd: Round, device_ids: list[str], reason: str) -> None:
+        """Tell the devices still working on ``rnd`` to stop (``training:cancel``)."""
+        message = TrainingCancel(round_id=rnd.round_id, reason=reason).to_wire()
+        sends = []
+        for device_id in device_ids:
+            record = self._registry.get(device_id)
+            if record is not None and record.sid is not None:
+                sends.append(self._sio.emit(EV_TRAINING_CANCEL, message, to=record.sid))
+        await asyncio.gather(*sends, return_exceptions=True)
+
+    async def start(self, task: Task, rnd: Round, device_id: str, index: int, count: int) -> None:
+        """Bring one selected device up to date and start it; free its slot on failure."""
+        try:
+            await self._start_one(task, rnd, device_id, index, count)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("bug while starting %s in round %s", device_id, rnd.round_id)
+            rnd.mark(device_id, "failed", "server error")
+
+    async def _start_one(
+        self, task: Task, rnd: Round, device_id: str, index: int, count: int
+    ) -> None:
+        cfg = self._config
+        record = self._registry.get(device_id)
+        if record is None or record.sid is None:
+            rnd.mark(device_id, "dropped", "disconnected")
+            return
+        if not await self._distributor.ensure_global(record):
+            rnd.mark(device_id, "failed", "could not send the global weights")
+            return
+        sid = record.sid
+        if sid is None:
+            rnd.mark(device_id, "dropped", "disconnected")
+            return
+        start = TrainingStart(
+            round_id=rnd.round_id,
+            task=cfg.task,
+            model_params=dict(task.params),
+            config=training_config(task, cfg, rnd.number),
+            partition=Partition(index=index, count=count, seed=cfg.seed, scheme=cfg.partition),
+            base_version=rnd.base_version,
+            deadline=rnd.deadline_unix,
+            weight_format=format_for(record),
+        )
+        try:
+            ack = await self._sio.call(
+                EV_TRAINING_START, start.to_wire(), to=sid, timeout=cfg.ack_timeout
+            )
+        except Exception as exc:  # timeout or disconnect
+            rnd.mark(device_id, "dropped", f"no answer to training:start ({type(exc).__name__})")
+            return
+        try:
+            answer = parse(TrainingStartAck, ack)
+        except FedtrayError as exc:
+            log.warning("device %s answered training:start badly: %s", record.name, exc.message)
+            rnd.mark(device_id, "failed", "bad answer to training:start")
+            return
+        if answer.accepted:
+            rnd.mark(device_id, "training")
+            self._registry.training_started(device_id)
+            return
+        rnd.mark(device_id, "refused", answer.reason)
+        log.info(
+            "round %s: %s refused to train: %s%s",
+            rnd.round_id,
+            record.name,
+            answer.reason or "no reason given",
+            f" ({answer.detail})" if answer.detail else "",
+        )
+        pause = _PAUSE_REASONS.get(answer.reason or "")
+        if pause is not None:
+            # Not eligible again until a heartbeat says it is back.
+            self._registry.refused_paused(device_id, pause, answer.detail)
