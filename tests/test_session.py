@@ -358,7 +358,7 @@ def test_refused_token_gives_auth_failed_without_a_tight_loop(
             )
         refusals = [r for r in caplog.records if "refused a connection" in r.getMessage()]
         assert len(refusals) == 1
-        client.update_settings(client._settings.model_copy(update={"auth_token": "right-token"}))
+        client.update_settings(client.settings.model_copy(update={"auth_token": "right-token"}))
         _wait(client, lambda s: s.connection == "connected", 20)
 
 
