@@ -491,7 +491,7 @@ def _restart_round(
         try:
             data_dir = tmp / "client"
             first = make_client(server.url, battery_source=FakeBattery(None), data_dir=data_dir)
-            settings = first._settings
+            settings = first.settings
             first.start()
             device_id = settings.device_id
             stopped_at = _wait_training(first, above=0.2).progress.fraction
