@@ -426,13 +426,13 @@ def test_a_new_threshold_applies_at_once_without_waiting_for_a_poll(
         device_id = client.wait_for(lambda s: s.connection == "connected", 30).device_id
         server.wait_for(lambda st: _device(st, device_id)["state"] == "idle")
         t0 = time.monotonic()
-        client.update_settings(client._settings.model_copy(update={"battery_threshold": 60}))
+        client.update_settings(client.settings.model_copy(update={"battery_threshold": 60}))
         status = server.wait_for(
             lambda st: _device(st, device_id)["pauseReason"] == "battery_low", timeout=3
         )
         assert time.monotonic() - t0 < 3
         assert "65 %" in _device(status, device_id)["pauseDetail"]
-        client.update_settings(client._settings.model_copy(update={"battery_threshold": 0}))
+        client.update_settings(client.settings.model_copy(update={"battery_threshold": 0}))
         server.wait_for(lambda st: _device(st, device_id)["state"] == "idle", timeout=3)
 
 
@@ -491,7 +491,7 @@ def _restart_round(
         try:
             data_dir = tmp / "client"
             first = make_client(server.url, battery_source=FakeBattery(None), data_dir=data_dir)
-            settings = first._settings
+            settings = first.settings
             first.start()
             device_id = settings.device_id
             stopped_at = _wait_training(first, above=0.2).progress.fraction

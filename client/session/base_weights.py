@@ -1,0 +1,128 @@
+"""The held global weights: received from the server, verified, stored; the base of rounds.
+
+Contract (a loop-only object; decoding and disk work run in worker threads):
+
+* ``blob:chunk`` / ``blob:status`` feed a :class:`client.transfer.BlobStore` bounded by
+  the limits this device advertises (:data:`CLIENT_MAX_CHUNK_BYTES`); ``weights:global``
+  (inline or via a blob) is verified against its sha256, decoded with full validation
+  (never unpickled) and stored by :class:`client.global_store.GlobalStore` (in
+  safetensors, which the trainer reads) as :attr:`BaseWeights.held`.
+* A newer version deletes the work files built on older bases
+  (:func:`client.workfiles.remove_stale`), except those ``busy_stems()`` names (the
+  round being trained, results being kept).
+* A disk error storing the weights is refused with ``internal_error`` (a
+  :class:`client.errors.FedtrayError`, which the handler guard turns into an ErrorAck).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
+from client.errors import FedtrayError
+from client.global_store import GlobalStore, GlobalWeights
+from client.protocol import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_MAX_BLOB_BYTES,
+    BlobChunk,
+    BlobStatus,
+    OkAck,
+    WeightsGlobal,
+    parse,
+)
+from client.session.hub import SnapshotHub
+from client.transfer import BlobStore
+from client.weights import decode, encode
+from client.workfiles import remove_stale
+
+__all__ = ["CLIENT_MAX_CHUNK_BYTES", "BaseWeights"]
+
+log = logging.getLogger(__name__)
+
+#: Largest blob chunk this device accepts from a server (advertised at registration).
+CLIENT_MAX_CHUNK_BYTES: Final = DEFAULT_CHUNK_BYTES
+SERVER_PEER: Final = "server"
+
+
+class BaseWeights:
+    """Receives and holds the global weights (see the module docstring)."""
+
+    def __init__(
+        self,
+        hub: SnapshotHub,
+        store: GlobalStore,
+        *,
+        work_dir: Path,
+        busy_stems: Callable[[], set[str]],
+    ) -> None:
+        self._hub = hub
+        self._store = store
+        self._work_dir = work_dir
+        self._busy_stems = busy_stems
+        self.blobs = BlobStore(
+            max_chunk_bytes=CLIENT_MAX_CHUNK_BYTES, max_blob_bytes=DEFAULT_MAX_BLOB_BYTES
+        )
+        self.held: GlobalWeights | None = None
+        self._lock = asyncio.Lock()
+
+    async def load(self) -> None:
+        """Read the weights kept on disk (at session start; the caller publishes them)."""
+        self.held = await asyncio.to_thread(self._store.current)
+
+    def expire(self) -> None:
+        """Drop transfers the server abandoned (called with every heartbeat)."""
+        self.blobs.expire(time.monotonic())
+
+    async def on_blob_chunk(self, payload: object) -> dict[str, Any]:
+        chunk = parse(BlobChunk, payload)
+        return self.blobs.accept_chunk(SERVER_PEER, chunk, time.monotonic()).to_wire()
+
+    async def on_blob_status(self, payload: object) -> dict[str, Any]:
+        status = parse(BlobStatus, payload)
+        return self.blobs.status(SERVER_PEER, status.blob_id, time.monotonic()).to_wire()
+
+    async def on_weights_global(self, payload: object) -> dict[str, Any]:
+        message = parse(WeightsGlobal, payload)
+        data = self.blobs.take(SERVER_PEER, message.weights)
+        fmt = message.weights.format
+        async with self._lock:
+            held = await asyncio.to_thread(self._save, message, data, fmt)
+        older = self.held is not None and self.held.version < held.version
+        self.held = held
+        if older:
+            # Rounds start only from the held version: work on older bases is dead.
+            await asyncio.to_thread(
+                remove_stale, self._work_dir, busy=self._busy_stems(), below_version=held.version
+            )
+        self._hub.publish(weights_version=held.version, task=held.task)
+        metrics = ", ".join(f"{k} {v:.4g}" for k, v in message.metrics.items())
+        log.info(
+            "received global weights v%d of %s%s",
+            held.version,
+            held.task,
+            f" ({metrics})" if metrics else "",
+        )
+        return OkAck().to_wire()
+
+    def _save(self, message: WeightsGlobal, data: bytes | bytearray, fmt: str) -> GlobalWeights:
+        """Decode (full validation, never unpickling) and store; runs in a worker thread.
+
+        ``data`` was verified against ``message.weights.sha256`` by the transfer.
+        """
+        state = decode(data, "json" if fmt == "json" else "safetensors")
+        digest: str | None = message.weights.sha256
+        if fmt != "safetensors":
+            data = encode(state, "safetensors")  # the trainer reads safetensors only
+            digest = None
+        try:
+            return self._store.save(
+                version=message.version, task=message.task, data=data, sha256=digest
+            )
+        except OSError as exc:
+            raise FedtrayError(
+                "internal_error", f"cannot store global weights v{message.version}: {exc}"
+            ) from exc

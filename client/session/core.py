@@ -1,0 +1,289 @@
+"""The session's wiring: builds the parts, gives each its narrow collaborators, runs them.
+
+Contract (a loop-only object, built by :class:`client.session.DistributedClient` on the
+caller's thread and run on the session loop; the facade calls it only through the loop):
+
+* Owns the parts: :class:`~client.session.live_settings.LiveSettings` (the settings in
+  use), :class:`~client.session.pause.PauseBoard` with its sources,
+  :class:`~client.session.base_weights.BaseWeights`, :class:`~client.session.rounds.
+  Rounds`, :class:`~client.session.uploader.Uploader` and :class:`~client.session.link.
+  ServerLink`. The parts never know each other; they get callables from here.
+* :meth:`SessionCore.handlers` is THE one table of the server events the session
+  handles; :meth:`SessionCore._pause_applied` is THE one place a pause decision takes
+  effect (worker, ``paused`` progress, snapshot, heartbeat); :meth:`update_settings`
+  is the one entry for new settings (pause sources re-decide, connection settings
+  reconnect at once).
+* :meth:`run` reads the device, the held weights and builds the worker off the loop,
+  starts the pause sources (the battery is read before connecting) and the settings
+  watch, then connects until :meth:`shutdown`. An unexpected exception is logged and
+  shown as ``last_error`` rather than hanging; the snapshot always ends ``stopped``.
+* :meth:`shutdown` pauses (checkpoints) the round instead of cancelling it, so the same
+  round offered again after a restart resumes from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from client.backoff import Backoff
+from client.config import Settings
+from client.device import DeviceInfo, detect_device
+from client.global_store import GlobalStore
+from client.pending import PendingStore
+from client.power_monitor import PowerMonitor
+from client.protocol import (
+    EV_BLOB_CHUNK,
+    EV_BLOB_STATUS,
+    EV_REGISTERED,
+    EV_TRAINING_CANCEL,
+    EV_TRAINING_START,
+    EV_WEIGHTS_GLOBAL,
+    Capabilities,
+    DeviceRegister,
+    DeviceState,
+    Heartbeat,
+)
+from client.resources import BatterySource, ResourceMonitor
+from client.session.base_weights import CLIENT_MAX_CHUNK_BYTES, BaseWeights
+from client.session.decisions import device_state
+from client.session.hub import SnapshotHub
+from client.session.link import Handler, ServerLink
+from client.session.live_settings import LiveSettings
+from client.session.pause import PauseBoard, PowerPause, UserPause
+from client.session.rounds import Rounds, WorkerFactory, default_work_dir
+from client.session.uploader import Uploader
+from client.snapshot import PauseDecision
+from client.tasks import available_tasks
+from client.transfer import BlobStore
+
+__all__ = ["SessionCore"]
+
+log = logging.getLogger(__name__)
+
+
+class SessionCore:
+    """The parts of one session, wired (see the module docstring)."""
+
+    def __init__(
+        self,
+        hub: SnapshotHub,
+        settings: LiveSettings,
+        *,
+        no_reconnect: bool,
+        worker_factory: WorkerFactory,
+        device_info: DeviceInfo | None,
+        data_dir: Path | None,
+        backoff: Backoff,
+        battery_source: BatterySource,
+        power_poll_interval: float,
+        checkpoint_interval: float,
+    ) -> None:
+        self.hub = hub
+        self.settings = settings
+        self._device_info = device_info
+        power = PowerMonitor(battery_source, power_poll_interval)
+        # Heartbeats report the power monitor's last reading: reading the battery again
+        # on the loop could block it.
+        self._monitor = ResourceMonitor(battery_source=power.cached_reading)
+        self.pauses = PauseBoard(self._pause_applied)
+        # Order = priority: the user's own pause is what the user sees first.
+        self.user_pause = UserPause(settings, self.pauses.set)
+        self.pauses.register(self.user_pause)
+        self.pauses.register(PowerPause(settings, power, self.pauses.set))
+        work_dir = data_dir / "work" if data_dir else default_work_dir()
+        # Built in dependency order; the link's callbacks reach later parts through
+        # this object's methods.
+        self.link = ServerLink(
+            hub,
+            settings,
+            backoff=backoff,
+            no_reconnect=no_reconnect,
+            handlers=self.handlers,
+            register_payload=self._register_payload,
+            heartbeat=self._heartbeat,
+            on_heartbeat=self._heartbeat_sent,
+            on_connected=self._connected,
+            on_disconnected=self._disconnected,
+        )
+        self.uploads = Uploader(
+            hub,
+            PendingStore(data_dir / "pending" if data_dir else None),
+            caller=self.link.caller,
+            spawn=self.link.spawn,
+            limits=lambda: self.link.limits,
+            state_changed=self.publish_state,
+        )
+        self.rounds = Rounds(
+            hub,
+            worker_factory=worker_factory,
+            work_dir=work_dir,
+            checkpoint_interval=checkpoint_interval,
+            pending=self.uploads.pending,
+            held=lambda: self.weights.held,
+            pause=lambda: self.pauses.applied,
+            emit=self.link.emit_soon,
+            kick_uploads=self.uploads.kick,
+            state_changed=self.publish_state,
+        )
+        self.weights = BaseWeights(
+            hub,
+            GlobalStore(data_dir / "global" if data_dir else None),
+            work_dir=work_dir,
+            busy_stems=self.rounds.busy_stems,
+        )
+
+    @property
+    def blobs(self) -> BlobStore:
+        """Transfers from the server in progress (tests check it stays bounded)."""
+        return self.weights.blobs
+
+    def handlers(self) -> Mapping[str, Handler]:
+        """THE table of server events this session handles (the link guards each)."""
+        return {
+            EV_TRAINING_START: self.rounds.on_training_start,
+            EV_TRAINING_CANCEL: self.rounds.on_training_cancel,
+            EV_WEIGHTS_GLOBAL: self.weights.on_weights_global,
+            EV_BLOB_CHUNK: self.weights.on_blob_chunk,
+            EV_BLOB_STATUS: self.weights.on_blob_status,
+            EV_REGISTERED: self.link.on_registered_event,
+        }
+
+    def _heartbeat_sent(self) -> None:
+        self.weights.expire()
+
+    def _connected(self) -> None:
+        self.uploads.kick()
+
+    def _disconnected(self) -> None:
+        self.uploads.connection_ended()
+
+    # -- what the device reports ------------------------------------------------------
+
+    def device_state(self) -> DeviceState:
+        return device_state(
+            uploading=self.uploads.uploading is not None,
+            allowed=self.pauses.applied.allowed,
+            training=self.rounds.current is not None,
+        )
+
+    def _round_id(self) -> str | None:
+        return self.rounds.round_id or self.uploads.uploading
+
+    def publish_state(self) -> None:
+        applied = self.pauses.applied
+        self.hub.publish(
+            device_state=self.device_state(),
+            pause_reason=applied.reason,
+            pause_detail=applied.detail,
+            round_id=self._round_id(),
+        )
+
+    def _register_payload(self) -> dict[str, Any]:
+        info = self._device_info
+        assert info is not None
+        settings = self.settings.value
+        held = self.weights.held
+        applied = self.pauses.applied
+        simulation = self.rounds.simulation
+        return DeviceRegister(
+            device_id=settings.device_id,
+            name=settings.device_name,
+            device_type=info.device_type,
+            platform=info.platform,
+            hardware=info.hardware,
+            resources=self._monitor.snapshot(),
+            capabilities=Capabilities(
+                torch_version=None if simulation else info.torch_version,
+                simulation=simulation,
+                tasks=available_tasks(),
+                weight_formats=["safetensors", "json"],
+                max_chunk_bytes=CLIENT_MAX_CHUNK_BYTES,
+            ),
+            client_version=info.client_version,
+            weights_version=held.version if held else None,
+            state="paused" if not applied.allowed else "idle",
+            pause_reason=applied.reason,
+            pause_detail=applied.detail or None,
+        ).to_wire()
+
+    def _heartbeat(self) -> Heartbeat:
+        held = self.weights.held
+        applied = self.pauses.applied
+        return Heartbeat(
+            state=self.device_state(),
+            pause_reason=applied.reason,
+            pause_detail=applied.detail or None,
+            round_id=self._round_id(),
+            weights_version=held.version if held else None,
+            resources=self._monitor.snapshot(),
+        )
+
+    # -- pausing ----------------------------------------------------------------------
+
+    def _pause_applied(self, old: PauseDecision, new: PauseDecision) -> None:
+        """THE place where a pause decision takes effect (worker, progress, heartbeat)."""
+        if not new.allowed:
+            log.info("paused: %s", new.detail or new.reason)
+        elif not old.allowed:
+            log.info("resumed")
+        self.rounds.pause_changed(new, old.allowed)
+        self.publish_state()
+        self.link.heartbeat_soon()
+
+    def set_pause_source(self, name: str, decision: PauseDecision) -> None:
+        self.pauses.set(name, decision)
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            if self._device_info is None:
+                # The GPU probe may take seconds the first time: keep it off the loop.
+                self._device_info = await asyncio.to_thread(detect_device)
+            await self.weights.load()
+            await self.rounds.start_worker()
+            held = self.weights.held
+            self.hub.publish(
+                weights_version=held.version if held else None,
+                task=held.task if held else None,
+                simulation=self.rounds.simulation,
+            )
+            self.publish_state()
+            await self.pauses.start()
+            await self.settings.start_watching(self.update_settings)
+            await self.link.run()
+        except Exception as exc:  # a bug: log it and end visibly rather than hang
+            log.exception("the session stopped on an unexpected error")
+            self.hub.publish(last_error=f"internal error: {exc}")
+        finally:
+            await self._teardown()
+
+    async def update_settings(self, settings: Settings) -> None:
+        old = self.settings.replace(settings)
+        self.hub.publish(device_name=settings.device_name, server_url=settings.server_url)
+        self.pauses.settings_changed(old, settings)
+        if _connection_key(old) != _connection_key(settings):
+            await self.link.reconnect_now()
+
+    async def shutdown(self) -> None:
+        # The round is NOT cancelled: the worker's shutdown pauses it first, so its
+        # checkpoint is written and the same round, offered again after a restart,
+        # resumes from it (see _teardown).
+        if self.rounds.current is not None:
+            log.info("stopping: round %s is checkpointed, not cancelled", self.rounds.round_id)
+        await self.link.shutdown()
+
+    async def _teardown(self) -> None:
+        await self.pauses.stop()
+        await self.settings.stop()
+        await self.rounds.stop_worker()
+        self.hub.publish(connection="stopped", next_retry_at=None, upload_fraction=None)
+
+
+def _connection_key(settings: Settings) -> tuple[object, ...]:
+    """The settings a connection is made with: a change reconnects at once."""
+    return (settings.server_url, settings.auth_token, settings.ca_file, settings.device_name)

@@ -1,0 +1,68 @@
+"""The snapshot hub: the one owner of the session's current :class:`ClientSnapshot`.
+
+Contract:
+
+* :attr:`SnapshotHub.current` may be read from any thread: the snapshot is immutable
+  and its reference is swapped atomically.
+* Everything else runs ON THE SESSION THREAD only: :meth:`SnapshotHub.publish` (the
+  one writer of the snapshot; every part of the session reports through it),
+  :meth:`add` and :meth:`remove` (the facade posts them to the loop).
+* A subscriber is called once when added, with the current snapshot, then on every
+  change (an unchanged snapshot is not announced). A subscriber that raises is logged
+  and stays subscribed; it never stops the session or the other subscribers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from client.snapshot import ClientSnapshot
+
+__all__ = ["SnapshotHub", "Subscriber"]
+
+log = logging.getLogger(__name__)
+
+Subscriber = Callable[[ClientSnapshot], None]
+
+
+class SnapshotHub:
+    """Holds the current snapshot and tells subscribers of every change."""
+
+    def __init__(self, initial: ClientSnapshot) -> None:
+        self._current = initial
+        self._subscribers: list[Subscriber] = []  # session thread only
+
+    @property
+    def current(self) -> ClientSnapshot:
+        """The current snapshot (any thread)."""
+        return self._current
+
+    def publish(self, **changes: Any) -> None:
+        """Session thread only: apply ``changes`` and tell the subscribers if it changed."""
+        snap = dataclasses.replace(self._current, **changes)
+        if snap == self._current:
+            return
+        self._current = snap
+        for callback in list(self._subscribers):
+            _notify(callback, snap)
+
+    def add(self, callback: Subscriber) -> None:
+        """Session thread only: subscribe ``callback`` and call it with the current state."""
+        self._subscribers.append(callback)
+        _notify(callback, self._current)
+
+    def remove(self, callback: Subscriber) -> None:
+        """Session thread only: unsubscribe ``callback`` (no error when it is not there)."""
+        with contextlib.suppress(ValueError):
+            self._subscribers.remove(callback)
+
+
+def _notify(callback: Subscriber, snap: ClientSnapshot) -> None:
+    try:
+        callback(snap)
+    except Exception:
+        log.exception("a snapshot subscriber failed")

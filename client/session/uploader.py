@@ -1,0 +1,203 @@
+"""The uploader: sends the kept updates (:mod:`client.pending`) and settles each one.
+
+Contract (a loop-only object; disk work runs in worker threads):
+
+* An update is in the :class:`client.pending.PendingStore` BEFORE it is sent (the
+  rounds part puts it there); the uploader sends it (blob + ``weights:submit``) and
+  deletes it only after the server's answer, as :func:`client.session.decisions.
+  submit_outcome` says: accepted or ``duplicate`` (counted in ``rounds_completed``),
+  ``round_closed`` or another final refusal (each logged); any other refusal, an
+  unreadable answer or a lost connection keeps it for a later try.
+* Updates go one at a time, oldest first, while connected; :meth:`Uploader.kick` starts
+  that unless it is under way (after every registration, and whenever an update is
+  kept). After :data:`client.session.decisions.UPLOAD_RETRIES` failures in a row it
+  waits for the next reconnect (:func:`upload_retry_delay`). A blob is resumed from the
+  server's offset (:func:`client.transfer.send_blob`).
+* An update that cannot be read back from disk is discarded (logged), never retried.
+* While sending, :attr:`Uploader.uploading` names the round (the device state is then
+  ``uploading``) and the snapshot's ``upload_fraction`` follows the blob.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any, Final
+
+import socketio
+
+from client.errors import FedtrayError
+from client.pending import PendingStore, PendingUpdate
+from client.protocol import EV_WEIGHTS_SUBMIT, Limits, SubmitAccepted, WeightsSubmit, parse
+from client.session.decisions import submit_outcome, upload_retry_delay
+from client.session.hub import SnapshotHub
+from client.session.link import ACK_TIMEOUT_S, Call, error_of
+from client.transfer import send_blob, weights_ref_for
+
+__all__ = ["SUBMIT_TIMEOUT_S", "Uploader"]
+
+log = logging.getLogger(__name__)
+
+SUBMIT_TIMEOUT_S: Final = 120.0
+
+
+class Uploader:
+    """Sends pending updates over the current connection (see the module docstring).
+
+    ``caller`` gives the current connection's acked call (``None``: not connected);
+    ``spawn`` runs a task of the current connection; ``limits`` are the server's;
+    ``state_changed`` is told whenever :attr:`uploading` changes.
+    """
+
+    def __init__(
+        self,
+        hub: SnapshotHub,
+        pending: PendingStore,
+        *,
+        caller: Callable[[], Call | None],
+        spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]],
+        limits: Callable[[], Limits],
+        state_changed: Callable[[], None],
+    ) -> None:
+        self._hub = hub
+        self.pending = pending
+        self._caller = caller
+        self._spawn = spawn
+        self._limits = limits
+        self._state_changed = state_changed
+        self._task: asyncio.Task[None] | None = None
+        self.uploading: str | None = None
+
+    def kick(self) -> None:
+        """Start sending pending updates unless that is already under way."""
+        if self._caller() is None or (self._task is not None and not self._task.done()):
+            return
+        self._task = self._spawn(self._upload_all())
+
+    def connection_ended(self) -> None:
+        """The connection (and with it the sending task) ended."""
+        if self.uploading is not None:
+            self.uploading = None
+            self._state_changed()
+
+    async def _upload_all(self) -> None:
+        failures = 0
+        while self._caller() is not None:
+            entries = await asyncio.to_thread(self.pending.entries)
+            if not entries:
+                return
+            update = entries[0]
+            self.uploading = update.round_id
+            self._state_changed()
+            try:
+                done = await self._upload(update)
+            finally:
+                self.uploading = None
+                self._state_changed()
+            if done:
+                failures = 0
+                continue
+            failures += 1
+            delay = upload_retry_delay(failures)
+            if delay is None:
+                log.warning("giving up sending for now; will retry after the next reconnect")
+                return
+            await asyncio.sleep(delay)
+
+    async def _upload(self, update: PendingUpdate) -> bool:
+        """Send one update; True when it is resolved (and deleted), False to retry later."""
+        call = self._caller()
+        if call is None:
+            return False
+        try:
+            data = await asyncio.to_thread(self.pending.read, update)
+        except (FedtrayError, OSError) as exc:
+            log.error("discarding the update of round %s: %s", update.round_id, exc)
+            await asyncio.to_thread(self.pending.remove, update)
+            return True
+
+        async def blob_call(event: str, payload: dict[str, Any]) -> Any:
+            return await call(event, payload, ACK_TIMEOUT_S)
+
+        limits = self._limits()
+        ref = weights_ref_for(
+            data, update.format, inline_limit=limits.max_chunk_bytes, sha256=update.sha256
+        )
+        try:
+            if ref.blob_id is not None:
+                first = True
+
+                def on_progress(received: int, total: int) -> None:
+                    nonlocal first
+                    if first and received > 0:
+                        log.info(
+                            "resuming the upload of round %s at byte %d of %d",
+                            update.round_id,
+                            received,
+                            total,
+                        )
+                    first = False
+                    self._hub.publish(upload_fraction=received / total if total else 1.0)
+
+                await send_blob(
+                    blob_call,
+                    data,
+                    blob_id=ref.blob_id,
+                    chunk_bytes=limits.max_chunk_bytes,
+                    window=limits.max_inflight_chunks,
+                    sha256=update.sha256,
+                    on_progress=on_progress,
+                )
+            submit = WeightsSubmit(
+                round_id=update.round_id,
+                base_version=update.base_version,
+                num_samples=update.num_samples,
+                metrics=update.metrics,
+                weights=ref,
+            )
+            ack = await call(EV_WEIGHTS_SUBMIT, submit.to_wire(), SUBMIT_TIMEOUT_S)
+        except FedtrayError as exc:
+            return await self._settle(update, exc.code, exc.message)
+        except (socketio.exceptions.SocketIOError, TimeoutError) as exc:
+            log.info("sending the update of round %s was interrupted: %s", update.round_id, exc)
+            return False
+        finally:
+            self._hub.publish(upload_fraction=None)
+        err = error_of(ack)
+        if err is not None:
+            return await self._settle(update, err.code, err.message)
+        try:
+            accepted = parse(SubmitAccepted, ack)
+        except FedtrayError as exc:
+            log.warning("unexpected answer to weights:submit: %s", exc.message)
+            return False
+        await self._settle(update, None, "")
+        log.info(
+            "round %s: update accepted (%d received so far)", update.round_id, accepted.received
+        )
+        return True
+
+    async def _settle(self, update: PendingUpdate, code: str | None, message: str) -> bool:
+        """Act on the server's answer (``code`` None: accepted); True when it is final."""
+        outcome = submit_outcome(code)
+        if outcome == "retry":
+            log.warning(
+                "the server could not take round %s yet (%s): %s", update.round_id, code, message
+            )
+            return False
+        await asyncio.to_thread(self.pending.remove, update)
+        if outcome in ("accepted", "duplicate"):
+            if outcome == "duplicate":
+                log.info("round %s: the server already counted this update", update.round_id)
+            self._hub.publish(rounds_completed=self._hub.current.rounds_completed + 1)
+        elif outcome == "round_closed":
+            log.warning("round %s closed before the update arrived; discarded it", update.round_id)
+        else:
+            log.warning(
+                "the server refused the update of round %s (%s): %s; discarded it",
+                update.round_id,
+                code,
+                message,
+            )
+        return True
