@@ -108,7 +108,7 @@ CODES: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
         ),
         "checksum_mismatch": CodeSpec(
             "retry",
-            "Bytes do not hash to the announced sha256 (a completed blob that does is dropped).",
+            "Bytes do not hash to the announced sha256 (a blob failing at completion is dropped).",
         ),
         "size_mismatch": CodeSpec(
             "retry", "Bytes do not have the announced size (or a chunk runs past the blob's total)."

@@ -424,8 +424,11 @@ class BlobChunk(WireModel):
 
     Chunks of one blob are sent in order; ``offset`` must equal what the receiver holds
     (a repeated chunk below it is acknowledged without effect; one past it is refused
-    with ``offset_gap``). ``total`` and ``sha256`` are the whole blob's and must be the
-    same in every chunk.
+    with ``offset_gap``; one that would run past ``total`` is refused with
+    ``size_mismatch`` and changes nothing). ``total`` and ``sha256`` are the whole blob's
+    and must be the same in every chunk. The chunk that completes the blob is refused
+    with ``checksum_mismatch``, and the blob dropped, when the blob does not hash to
+    ``sha256``.
     """
 
     blob_id: Identifier
