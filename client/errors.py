@@ -4,8 +4,16 @@ Every refusal on the wire (an ``ErrorAck``), every ``training:error`` and every
 :class:`client.weights.WeightsError` carries one of these codes, so a peer can branch
 on the code and show the message. Codes are stable strings; new ones may be added,
 and a peer that meets an unknown code treats it as ``internal_error``.
+
+Each code is declared once, in :data:`CODES`, with its plain-words meaning and whether a
+device retries an update refused with it or drops it (:func:`submit_outcome`); the other
+tables (:data:`ERROR_DESCRIPTIONS`, :data:`FINAL_SUBMIT_CODES`, the doc's table) derive
+from it. Pure data; no I/O.
 """
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Literal, get_args
 
 ErrorCode = Literal[
@@ -47,44 +55,113 @@ ErrorCode = Literal[
     "training_failed",
 ]
 
-ERROR_CODES: tuple[str, ...] = get_args(ErrorCode)
+ERROR_CODES: tuple[ErrorCode, ...] = get_args(ErrorCode)
 
-# Plain-words meaning of each code, shown in docs/protocol.md; a test checks that every
-# code has one.
-ERROR_DESCRIPTIONS: dict[str, str] = {
-    "bad_request": "Payload failed validation (wrong type, missing field, out of range).",
-    "unsupported_protocol": "Registration asked for a protocol version we do not speak.",
-    "unauthorized": "Missing or invalid auth token.",
-    "not_registered": "Event sent before a successful device:register.",
-    "rate_limited": "Too many events in a short time.",
-    "internal_error": "A bug on the answering side; the request may be retried.",
-    "chunk_too_large": "One chunk is over the receiver's maxChunkBytes.",
-    "blob_too_large": "The announced total is over the receiver's maxBlobBytes.",
-    "offset_gap": "Chunk offset is past what the receiver holds; ask blob:status.",
-    "blob_mismatch": "Total or sha256 differ from the first chunk of that blobId.",
-    "blob_unknown": "A weights reference names a blob the receiver does not hold.",
-    "blob_incomplete": "A weights reference names a blob that is not fully received.",
-    "checksum_mismatch": "Bytes do not hash to the announced sha256.",
-    "size_mismatch": "Bytes do not have the announced size.",
-    "unsupported_format": "Weights format other than safetensors/json.",
-    "malformed": "Not a valid safetensors/json weights document (e.g. a pickle).",
-    "unknown_dtype": "A tensor dtype outside the supported set.",
-    "bad_offsets": "Safetensors offsets overlap, leave gaps or disagree with shapes.",
-    "truncated": "Data ends before the header says it should.",
-    "oversized": "Document or a tensor is larger than the allowed maximum.",
-    "non_finite": "A float tensor holds NaN or +/-Inf.",
-    "layout_mismatch": "Tensor names differ from the expected model.",
-    "shape_mismatch": "A tensor's shape differs from the expected model.",
-    "dtype_mismatch": "A tensor's dtype differs from the expected model.",
-    "unknown_task": "The task is not installed on this peer.",
-    "round_closed": "Submission for a round that is over (late) or unknown.",
-    "not_selected": "Submission from a device that was not selected for the round.",
-    "duplicate": "This device already submitted for this round (already counted).",
-    "stale_base": "The update was trained from another global version.",
-    "busy": "The device is already training another round.",
-    "paused": "The device is paused (see the pause reason).",
-    "training_failed": "The local training crashed or ran out of memory.",
-}
+SubmitOutcome = Literal["retry", "final"]
+"""What a device does with its trained update when ``weights:submit`` (or the blob
+transfer before it) is refused with a code: ``retry`` keeps it and sends it again later
+(after a backoff or the next reconnect); ``final`` deletes it, since no retry can
+change the answer."""
+
+
+@dataclass(frozen=True)
+class CodeSpec:
+    """Everything declared about one error code."""
+
+    submit: SubmitOutcome
+    """What a device does with an update refused with this code."""
+    description: str
+    """Plain-words meaning, shown in docs/protocol.md."""
+
+
+#: Each code, declared once: its meaning and the retry-or-final class of a submit refused
+#: with it. A test checks that every code of :data:`ErrorCode` is here.
+CODES: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
+    {
+        "bad_request": CodeSpec(
+            "final", "Payload failed validation (wrong type, missing field, out of range)."
+        ),
+        "unsupported_protocol": CodeSpec(
+            "retry", "Registration asked for a protocol version we do not speak."
+        ),
+        "unauthorized": CodeSpec("retry", "Missing or invalid auth token."),
+        "not_registered": CodeSpec("retry", "Event sent before a successful device:register."),
+        "rate_limited": CodeSpec("retry", "Too many events in a short time."),
+        "internal_error": CodeSpec(
+            "retry", "A bug on the answering side; the request may be retried."
+        ),
+        "chunk_too_large": CodeSpec("retry", "One chunk is over the receiver's maxChunkBytes."),
+        "blob_too_large": CodeSpec(
+            "final", "The announced total is over the receiver's maxBlobBytes."
+        ),
+        "offset_gap": CodeSpec(
+            "retry", "Chunk offset is past what the receiver holds; ask blob:status."
+        ),
+        "blob_mismatch": CodeSpec(
+            "retry", "Total or sha256 differ from the first chunk of that blobId."
+        ),
+        "blob_unknown": CodeSpec(
+            "retry", "A weights reference names a blob the receiver does not hold."
+        ),
+        "blob_incomplete": CodeSpec(
+            "retry", "A weights reference names a blob that is not fully received."
+        ),
+        "checksum_mismatch": CodeSpec(
+            "retry",
+            "Bytes do not hash to the announced sha256 (a blob failing at completion is dropped).",
+        ),
+        "size_mismatch": CodeSpec(
+            "retry", "Bytes do not have the announced size (or a chunk runs past the blob's total)."
+        ),
+        "unsupported_format": CodeSpec("final", "Weights format other than safetensors/json."),
+        "malformed": CodeSpec(
+            "final", "Not a valid safetensors/json weights document (e.g. a pickle)."
+        ),
+        "unknown_dtype": CodeSpec("final", "A tensor dtype outside the supported set."),
+        "bad_offsets": CodeSpec(
+            "final", "Safetensors offsets overlap, leave gaps or disagree with shapes."
+        ),
+        "truncated": CodeSpec("final", "Data ends before the header says it should."),
+        "oversized": CodeSpec("final", "Document or a tensor is larger than the allowed maximum."),
+        "non_finite": CodeSpec("final", "A float tensor holds NaN or +/-Inf."),
+        "layout_mismatch": CodeSpec("final", "Tensor names differ from the expected model."),
+        "shape_mismatch": CodeSpec("final", "A tensor's shape differs from the expected model."),
+        "dtype_mismatch": CodeSpec("final", "A tensor's dtype differs from the expected model."),
+        "unknown_task": CodeSpec("final", "The task is not installed on this peer."),
+        "round_closed": CodeSpec("final", "Submission for a round that is over (late) or unknown."),
+        "not_selected": CodeSpec(
+            "final", "Submission from a device that was not selected for the round."
+        ),
+        "duplicate": CodeSpec(
+            "final", "This device already submitted for this round (already counted)."
+        ),
+        "stale_base": CodeSpec("final", "The update was trained from another global version."),
+        "busy": CodeSpec("retry", "The device is already training another round."),
+        "paused": CodeSpec("retry", "The device is paused (see the pause reason)."),
+        "training_failed": CodeSpec("retry", "The local training crashed or ran out of memory."),
+    }
+)
+
+#: Plain-words meaning of each code (derived from :data:`CODES`).
+ERROR_DESCRIPTIONS: Mapping[str, str] = MappingProxyType(
+    {code: spec.description for code, spec in CODES.items()}
+)
+
+#: Refusals of an update that no retry can change: the update is deleted after them
+#: (derived from :data:`CODES`).
+FINAL_SUBMIT_CODES: frozenset[str] = frozenset(
+    code for code, spec in CODES.items() if spec.submit == "final"
+)
+
+
+def submit_outcome(code: str) -> SubmitOutcome:
+    """Retry or final, for an update refused with ``code``.
+
+    A code this peer does not know is treated as ``internal_error`` (retry), as the
+    module promises for unknown codes.
+    """
+    known: ErrorCode = code if code in ERROR_CODES else "internal_error"
+    return CODES[known].submit
 
 
 class FedtrayError(Exception):

@@ -17,8 +17,14 @@ until they expire. It promises:
   grows only with bytes actually received);
 - a repeated chunk (offset below what is held) is acknowledged without effect; a chunk
   past it is refused with ``offset_gap``; ``total``/``sha256`` must match the first chunk;
+- a chunk that would run past ``total`` is refused with ``size_mismatch`` and changes
+  nothing (the bytes held stay as they were, so a correct chunk can follow);
+- the chunk that completes a blob is acknowledged ``complete`` only when the whole blob
+  hashes to its announced SHA-256 (hashed incrementally as chunks arrive); otherwise the
+  blob is dropped (memory and files freed, ``status`` answers 0 again) and the chunk is
+  refused with ``checksum_mismatch``, so a sender never believes a corrupt blob arrived;
 - :meth:`BlobStore.take` hands out a blob only when complete and its size and SHA-256
-  match, then forgets it.
+  match the weights reference, then forgets it.
 
 By default blobs are held in memory. With ``spill_dir`` (the server's, so an upload
 survives a server restart) each partial blob is a ``.part`` file appended chunk by chunk
@@ -33,6 +39,8 @@ the chunk is not counted.
 Sending side: :func:`send_blob`, an async function over any ``call(event, payload)``
 coroutine that returns the peer's ack (python-socketio's ``call`` on either side).
 Errors raise :class:`client.errors.FedtrayError` with the peer's code.
+:func:`limits_towards` is the pure rule for what a server may send a device (the smaller
+of its own limits and the ones the device advertised at registration).
 """
 
 from __future__ import annotations
@@ -55,7 +63,9 @@ from client.protocol import (
     BlobChunk,
     BlobProgress,
     BlobStatus,
+    Capabilities,
     ErrorAck,
+    Limits,
     WeightFormat,
     WeightsRef,
 )
@@ -74,6 +84,10 @@ class _Partial:
     buffer: bytearray = field(default_factory=bytearray)  # in memory mode only
     received: int = 0
     touched: float = 0.0
+    # SHA-256 of the bytes held, fed chunk by chunk; None for a blob restored from disk
+    # (hashed from its file when it completes).
+    hasher: Any = field(default_factory=hashlib.sha256)
+    verified: bool = False  # complete, and the whole blob hashes to ``sha256``
 
 
 def _name_hash(text: str) -> str:
@@ -114,6 +128,15 @@ class _SpillDir:
     def read(self, peer: str, blob_id: str) -> bytes:
         part, _ = self._paths(peer, blob_id)
         return part.read_bytes()
+
+    def digest(self, peer: str, blob_id: str) -> str:
+        """SHA-256 hex of the part file, read a piece at a time."""
+        part, _ = self._paths(peer, blob_id)
+        hasher = hashlib.sha256()
+        with part.open("rb") as fh:
+            while piece := fh.read(1 << 20):
+                hasher.update(piece)
+        return hasher.hexdigest()
 
     def remove(self, peer: str, blob_id: str) -> None:
         part, meta = self._paths(peer, blob_id)
@@ -187,12 +210,16 @@ class BlobStore:
         found = self._spill.scan()
         for peer, blob_id, total, sha256, size in found:
             self._blobs[(peer, blob_id)] = _Partial(
-                total=total, sha256=sha256, received=size, touched=now
+                total=total, sha256=sha256, received=size, touched=now, hasher=None
             )
         return len(found)
 
     def accept_chunk(self, peer: str, chunk: BlobChunk, now: float) -> BlobProgress:
-        """Append one chunk; return what is now held. Raises FedtrayError on refusal."""
+        """Append one chunk; return what is now held. Raises FedtrayError on refusal.
+
+        The chunk that completes the blob is checked against the blob's SHA-256; on a
+        mismatch the blob is dropped and ``checksum_mismatch`` raised.
+        """
         size = len(chunk.data)
         if size > self.max_chunk_bytes:
             raise FedtrayError(
@@ -260,8 +287,32 @@ class BlobStore:
                 self._spill.append(peer, chunk.blob_id, received, chunk.data)
             except OSError as exc:
                 raise FedtrayError("internal_error", f"cannot store the chunk: {exc}") from None
+        if partial.hasher is not None:
+            partial.hasher.update(chunk.data)
         partial.received += size
+        if partial.received == partial.total:
+            self._verify_complete(peer, chunk.blob_id, partial)
         return self._progress(partial)
+
+    def _verify_complete(self, peer: str, blob_id: str, partial: _Partial) -> None:
+        """Check a just-completed blob against its announced SHA-256; drop it if it fails."""
+        if partial.hasher is not None:
+            digest = partial.hasher.hexdigest()
+        else:
+            assert self._spill is not None  # only restored (disk) blobs lack a hasher
+            try:
+                digest = self._spill.digest(peer, blob_id)
+            except OSError as exc:
+                raise FedtrayError("internal_error", f"cannot read blob {blob_id}: {exc}") from None
+        partial.hasher = None  # complete: nothing more to feed it
+        if digest != partial.sha256:
+            self.discard(peer, blob_id)
+            raise FedtrayError(
+                "checksum_mismatch",
+                f"blob {blob_id} is complete but hashes to sha256 {digest}, not the announced "
+                f"{partial.sha256}; it was dropped: send it again from offset 0",
+            )
+        partial.verified = True
 
     def status(self, peer: str, blob_id: str, now: float) -> BlobProgress:
         """What is held of a blob (0 when unknown); refreshes its expiry."""
@@ -278,6 +329,9 @@ class BlobStore:
         ``blob_incomplete``, ``size_mismatch`` or ``checksum_mismatch``.
         """
         data: bytes | bytearray
+        # A blob hashed as it arrived and held in memory by this store only since is not
+        # hashed again; one read back from disk, or named with other size/sha256, is.
+        verified = False
         if ref.data is not None:
             data = ref.data
         else:
@@ -293,6 +347,10 @@ class BlobStore:
             if self._spill is None:
                 # Handed over without a copy: the store forgets the blob, the caller owns it.
                 data = partial.buffer
+                verified = partial.verified and (ref.size, ref.sha256) == (
+                    partial.total,
+                    partial.sha256,
+                )
             else:
                 try:
                     data = self._spill.read(peer, ref.blob_id)
@@ -301,7 +359,8 @@ class BlobStore:
                         "internal_error", f"cannot read blob {ref.blob_id}: {exc}"
                     ) from None
             self.discard(peer, ref.blob_id)
-        verify_blob(data, size=ref.size, sha256=ref.sha256)
+        if not verified:
+            verify_blob(data, size=ref.size, sha256=ref.sha256)
         return data
 
     def discard(self, peer: str, blob_id: str) -> None:
@@ -323,6 +382,16 @@ class BlobStore:
     @staticmethod
     def _progress(partial: _Partial) -> BlobProgress:
         return BlobProgress(received=partial.received, complete=partial.received == partial.total)
+
+
+def limits_towards(device: Capabilities, own: Limits) -> Limits:
+    """The limits a server keeps to when it sends blobs to ``device``: the smaller of its
+    own and the ones the device advertised (chunk size, chunks in flight, blob size)."""
+    return Limits(
+        max_chunk_bytes=min(own.max_chunk_bytes, device.max_chunk_bytes),
+        max_blob_bytes=min(own.max_blob_bytes, device.max_blob_bytes),
+        max_inflight_chunks=min(own.max_inflight_chunks, device.max_inflight_chunks),
+    )
 
 
 def _check_ack(ack: Any, what: str) -> BlobProgress:

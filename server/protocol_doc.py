@@ -2,9 +2,11 @@
 
 ``python -m server.protocol_doc`` rewrites the file; ``--check`` exits 1 when it is stale
 (a test runs the check). The prose below is the part of the contract that types cannot
-say (order of events, the blob rules, the formats); the schemas come from
-:mod:`client.protocol` and :mod:`server.status`, the examples are validated against the
-models by the tests.
+say (order of events, the blob rules, the formats); the event table comes from
+:data:`client.protocol.events.EVENTS`, the error codes (with their retry-or-final class)
+from :data:`client.errors.CODES`, the schemas from :mod:`client.protocol` and
+:mod:`server.status`; the examples are validated against the models by the tests.
+Pure: :func:`render` does no I/O; only :func:`main` reads or writes the file.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from client import protocol as p
-from client.errors import ERROR_DESCRIPTIONS
+from client.errors import CODES
+from client.protocol.events import EVENTS, EventSpec
 
 DOC_PATH = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 
@@ -47,7 +50,9 @@ EXAMPLES: dict[type[p.WireModel], dict[str, Any]] = {
             "simulation": False,
             "tasks": ["digits", "synthetic"],
             "weightFormats": ["safetensors", "json"],
-            "maxChunkBytes": 1048576,
+            "maxChunkBytes": 524288,
+            "maxBlobBytes": 536870912,
+            "maxInflightChunks": 4,
         },
         "clientVersion": "0.1.0",
         "weightsVersion": None,
@@ -61,7 +66,7 @@ EXAMPLES: dict[type[p.WireModel], dict[str, Any]] = {
         "deviceId": DEVICE_ID,
         "heartbeatIntervalSec": 10.0,
         "serverVersion": "0.1.0",
-        "limits": {"maxChunkBytes": 1048576, "maxBlobBytes": 536870912, "maxInflightChunks": 4},
+        "limits": {"maxChunkBytes": 524288, "maxBlobBytes": 536870912, "maxInflightChunks": 4},
         "task": "digits",
         "globalVersion": 3,
     },
@@ -113,15 +118,15 @@ EXAMPLES: dict[type[p.WireModel], dict[str, Any]] = {
     p.TrainingError: {
         "roundId": "r12",
         "code": "layout_mismatch",
-        "message": "weights for task digits lack tensor 'fc2.bias'",
+        "message": "weights for task digits lack tensor '2.bias'",
     },
-    p.WeightsRef: {"format": "safetensors", "size": 17802, "sha256": SHA, "blobId": SHA},
+    p.WeightsRef: {"format": "safetensors", "size": 19520, "sha256": SHA, "blobId": SHA},
     p.WeightsSubmit: {
         "roundId": "r12",
         "baseVersion": 3,
         "numSamples": 480,
         "metrics": {"trainLoss": 0.31, "trainAccuracy": 0.91, "seconds": 2.4},
-        "weights": {"format": "safetensors", "size": 17802, "sha256": SHA, "blobId": SHA},
+        "weights": {"format": "safetensors", "size": 19520, "sha256": SHA, "blobId": SHA},
     },
     p.SubmitAccepted: {"ok": True, "roundId": "r12", "received": 2},
     p.WeightsGlobal: {
@@ -129,17 +134,17 @@ EXAMPLES: dict[type[p.WireModel], dict[str, Any]] = {
         "task": "digits",
         "roundId": "r12",
         "metrics": {"evalLoss": 0.28, "evalAccuracy": 0.93},
-        "weights": {"format": "safetensors", "size": 17802, "sha256": SHA, "blobId": SHA},
+        "weights": {"format": "safetensors", "size": 19520, "sha256": SHA, "blobId": SHA},
     },
     p.BlobChunk: {
         "blobId": SHA,
-        "offset": 1048576,
-        "total": 3145728,
+        "offset": 524288,
+        "total": 1572864,
         "sha256": SHA,
-        "data": b"<1 MiB of bytes, sent as a binary attachment>",
+        "data": b"<512 KiB of bytes, sent as a binary attachment>",
     },
     p.BlobStatus: {"blobId": SHA},
-    p.BlobProgress: {"ok": True, "received": 2097152, "complete": False},
+    p.BlobProgress: {"ok": True, "received": 1048576, "complete": False},
     p.OkAck: {"ok": True},
     p.ErrorAck: {
         "ok": False,
@@ -148,58 +153,72 @@ EXAMPLES: dict[type[p.WireModel], dict[str, Any]] = {
     },
 }
 
-# (event, direction, payload model, answer, what it is for)
-EVENTS: list[tuple[str, str, str, str, str]] = [
-    (p.EV_REGISTER, "client → server", "DeviceRegister", "ack: DeviceRegistered or ErrorAck",
-     "Announce the device; repeated after every reconnect with the same deviceId."),
-    (p.EV_REGISTERED, "server → client", "DeviceRegistered", "—",
-     "Registration confirmed (same payload as the ack, for clients that do not use acks)."),
-    (p.EV_HEARTBEAT, "client → server", "Heartbeat", "ack: OkAck or ErrorAck",
-     "State and resources every heartbeatIntervalSec; 3 missed intervals mark a device stale."),
-    (p.EV_WEIGHTS_GLOBAL, "server → client", "WeightsGlobal", "ack: OkAck or ErrorAck",
-     "New global model; the client stores it and trains the next round from it."),
-    (p.EV_TRAINING_START, "server → client", "TrainingStart", "ack: TrainingStartAck",
-     "Ask the device to train one round; a paused or busy device refuses with a reason."),
-    (p.EV_TRAINING_PROGRESS, "client → server", "TrainingProgress", "—",
-     "At most 2 per second, plus the last of the round; state 'paused' while paused."),
-    (p.EV_WEIGHTS_SUBMIT, "client → server", "WeightsSubmit", "ack: SubmitAccepted or ErrorAck",
-     "The trained update; counted exactly once per device and round."),
-    (p.EV_TRAINING_CANCEL, "server → client", "TrainingCancel", "—",
-     "Stop work on a round (it timed out or was abandoned)."),
-    (p.EV_TRAINING_ERROR, "client → server", "TrainingError", "—",
-     "The round failed on the device (bad weights, crash, out of memory)."),
-    (p.EV_BLOB_CHUNK, "either way", "BlobChunk", "ack: BlobProgress or ErrorAck",
-     "One chunk of a blob (see Transfers)."),
-    (p.EV_BLOB_STATUS, "either way", "BlobStatus", "ack: BlobProgress",
-     "How many bytes of a blob the receiver holds, to resume after a reconnect."),
-]  # fmt: skip
+ARROWS = {"device→server": "device → server", "server→device": "server → device"}
+
+
+def _event_row(spec: EventSpec[Any, Any]) -> str:
+    """One row of the events table, from the event table of :mod:`client.protocol.events`."""
+    direction = ARROWS.get(spec.direction, "either way")
+    answer = f"ack: `{spec.ack.__name__}` or `ErrorAck`" if spec.ack is not None else "none"
+    payload = spec.payload.__name__
+    return f"| `{spec.name}` | {direction} | `{payload}` | {answer} | {spec.description} |\n"
+
 
 PROSE_HEAD = """\
 # fedtray wire protocol, version 1
 
 This document is generated by `python -m server.protocol_doc` from the models in
-`client/protocol.py` and `server/status.py`; do not edit it by hand. It is meant to be
-enough to write a compatible server or client in another language.
+`client/protocol/` (the payload models, and the event table in
+`client/protocol/events.py`), the error codes in `client/errors.py` and the status models
+in `server/status.py`; do not edit it by hand. It is meant to be enough to write a
+compatible server or client in another language.
 
 ## Transport
 
 - **Socket.IO v5** (the protocol of socket.io 4.x; Engine.IO v4), default namespace `/`,
   default path `/socket.io/`. Clients should prefer the WebSocket transport.
+- **Message size**: a Socket.IO library refuses an Engine.IO message larger than its
+  `maxHttpBufferSize` (socket.io's and python-engineio's default: 1,000,000 bytes) by
+  closing the connection. The largest messages of this protocol are blob chunks: the
+  chunk's bytes travel as one binary message of at most `maxChunkBytes` (base64-encoded,
+  4/3 of that, over HTTP long-polling), and the JSON part is a separate small message.
+  The default `maxChunkBytes` is **512 KiB** (524,288 bytes; 699,052 base64-encoded), so
+  a peer built with the library defaults takes default chunks with room to spare. A peer
+  that announces a larger `maxChunkBytes` must raise its `maxHttpBufferSize` to match:
+  the reference server sets it to its `maxChunkBytes` + 64 KiB. Over long-polling one
+  HTTP request may carry several messages and must stay under the limit as a whole; the
+  reference device uses WebSocket only.
 - **Authentication**: when the server is configured with tokens, the client passes
   `auth: {"token": "<token>"}` in the Socket.IO CONNECT packet. A missing or wrong token
   is refused at connect time with a connect error whose message starts with
   `unauthorized:`. Clients must not retry a refused token in a tight loop.
 - **TLS**: use `https://` / `wss://` URLs; certificates are verified.
-- **Payloads** are one JSON object per event (the event's single argument). Field names are
-  camelCase. `bytes` fields (`data`) are Socket.IO **binary attachments**, never base64.
-- **Acks**: events marked *ack* use Socket.IO acknowledgements; the answer is one object,
-  either the positive model (which has `ok: true`, except `TrainingStartAck`) or an
-  `ErrorAck` `{"ok": false, "code": ..., "message": ...}`.
+- **Payloads** are exactly one JSON object per event (the event's single argument); an
+  event with no argument, or with more than one, is refused with `bad_request`. Field
+  names are camelCase. `bytes` fields (`data`) are Socket.IO **binary attachments**,
+  never base64.
+- **Acks**: events whose Answer (below) is *ack* use Socket.IO acknowledgements; the
+  answer is one object, either the event's positive model (which has `ok: true`, except
+  `TrainingStartAck`) or an `ErrorAck` `{"ok": false, "code": ..., "message": ...}`. Any
+  acknowledged event may be answered with an `ErrorAck` (a malformed `training:start`
+  too). Events whose Answer is *none* are never answered: a receiver that refuses one
+  (malformed, or sent before registration) logs it and otherwise ignores it.
 - **Validation**: unknown fields are ignored (newer peers may add optional fields). Missing
   fields, wrong JSON types (no coercion: `"5"` is not a number) and out-of-range values are
   refused with code `bad_request`. A peer never crashes or disconnects on bad input.
-- **Protocol version**: `device:register` carries `protocol: 1` (the number; it may be
-  omitted and then means 1). Any other value is refused with `unsupported_protocol`.
+- **Protocol version**: `device:register` (and its answer `DeviceRegistered`) carries
+  `protocol: 1`. The field may be omitted and then means 1; when present it must be the
+  JSON number 1 (`1` or `1.0`). Any other value — `2`, the string `"1"`, `true`, `null` —
+  is refused with `unsupported_protocol` (not `bad_request`), with a message naming the
+  value, e.g. `DeviceRegister says protocol "1"; this peer speaks protocol 1 (the JSON
+  number 1)`. The device stays connected but unregistered. A device that gets a
+  `DeviceRegistered` with another `protocol` treats the registration as refused: the
+  reference device shows the refusal, disconnects and tries again later with backoff.
+- **Registration first**: the server answers every event a device sends before a
+  successful `device:register` — `blob:status` and `blob:chunk` included — with
+  `ErrorAck` code `not_registered` (unacknowledged ones are ignored), checked before the
+  payload is validated. Devices answer the server's events, `blob:status` included, at
+  any time, even before the registration ack has arrived.
 - **Timeouts**: the server waits up to 30 s (its `ack_timeout`) for a device's answer to
   `training:start`, `weights:global` and each `blob:chunk`; no answer counts as a refusal
   (the device is dropped from that round, not disconnected).
@@ -235,11 +254,13 @@ enough to write a compatible server or client in another language.
    `state: "paused"` with a `pauseReason`, and heartbeats say `paused` with a plain-words
    `pauseDetail`.
 7. When done, the device writes the update to disk, sends it as a blob (or inline when it
-   fits in one chunk) and sends `weights:submit`. It deletes its copy only after the ack:
-   `SubmitAccepted`, or the codes `duplicate` (already counted) or `round_closed` (too
-   late; discarded). After a reconnect it resumes the blob from `blob:status`. The
-   reference server writes an update to disk before it acks it, and keeps the open round
-   and partial blobs on disk, so a server restart loses neither.
+   fits in one chunk) and sends `weights:submit`. It deletes its copy only after the ack
+   (`SubmitAccepted`) or a *final* refusal; after a *retry* refusal, a timeout or a lost
+   connection it keeps the update and sends it again later (the error codes table says
+   which codes are which; `duplicate` means already counted, `round_closed` too late).
+   After a reconnect it resumes the blob from `blob:status`. The reference server writes
+   an update to disk before it acks it, and keeps the open round and partial blobs on
+   disk, so a server restart loses neither.
 8. When enough devices reported before the deadline, the server averages the updates
    (FedAvg weighted by `numSamples`, accumulated in float64 and stored in each tensor's
    own dtype), evaluates, and broadcasts `weights:global` with the new version. Devices
@@ -264,21 +285,52 @@ The same sub-protocol carries weights in both directions.
   same id may travel both ways (a one-device round's global can equal the update), so a
   peer keeps what it receives apart from what it sends.
 - A sender always asks `blob:status` before sending a blob (new or resumed), so a
-  receiver must answer it at any time (`received: 0` for an unknown blob).
-- Chunks are at most the receiver's `maxChunkBytes` (the server's `limits`, the client's
-  `capabilities.maxChunkBytes`; default 1 MiB), so heartbeats and Engine.IO pings keep
-  flowing during big transfers. A sender may have up to `maxInflightChunks` chunks
-  un-acknowledged at once; chunks of one blob are sent in order.
-- Each chunk repeats the whole blob's `total` size and `sha256`. The receiver checks the
-  size limits *before* buffering (`chunk_too_large`, `blob_too_large`), accepts a chunk
-  only at `offset == received` (a repeat below it is acknowledged without effect; one
-  above is refused with `offset_gap`), and answers `BlobProgress {received, complete}`.
+  receiver must answer it whenever it answers events at all (`received: 0` for an
+  unknown blob; the server answers `not_registered` before registration, see
+  Transport).
+- **Limits.** Each receiver announces its limits: the server in
+  `DeviceRegistered.limits`, the device in `DeviceRegister.capabilities`
+  (`maxChunkBytes`, required; `maxBlobBytes` and `maxInflightChunks`, optional, default
+  512 MiB and 4). A sender keeps to the receiver's: chunks of at most `maxChunkBytes`
+  (default 512 KiB, see Transport; small chunks also keep heartbeats and Engine.IO pings
+  flowing during big transfers), at most `maxInflightChunks` chunks un-acknowledged at
+  once, chunks of one blob in order, and no blob over `maxBlobBytes`.
+- **Current behaviour of the reference peers.** The device announces
+  `maxChunkBytes` 512 KiB, `maxBlobBytes` 512 MiB and `maxInflightChunks` 4. It holds
+  partial blobs from the server in memory, at most 2 × `maxBlobBytes` at once (a second
+  blob is refused `blob_too_large` beyond that), and drops one untouched for 10 minutes
+  (checked at each heartbeat); no tighter bound on that memory is enforced yet. The
+  server sends chunks of the smaller of its own and the device's `maxChunkBytes`, with up
+  to its own `maxInflightChunks` (default 4) in flight — it does not read the device's
+  `maxInflightChunks` or `maxBlobBytes` yet — and relies on the device refusing a blob
+  over its `maxBlobBytes` (`blob_too_large` on the first chunk; the device is then
+  skipped until it reports the version).
+- Each chunk repeats the whole blob's `total` size and `sha256`. The receiver checks, in
+  this order and *before* buffering anything: the chunk size (`chunk_too_large`), the
+  total (`blob_too_large`), for an unknown blob that the chunk starts at 0 (`offset_gap`)
+  and is not larger than `total` (`size_mismatch`), for a known one that `total` and
+  `sha256` equal those of its first chunk (`blob_mismatch`). It then accepts a chunk only
+  at `offset == received`: a chunk below it is a repeat and is acknowledged without
+  effect (its bytes are not compared); one above is refused with `offset_gap`; one that
+  would run past `total` is refused with `size_mismatch` and changes nothing (the bytes
+  held stay as they were, so the sender may follow with a correct chunk). Each accepted
+  chunk is answered `BlobProgress {received, complete}`.
+- **Completion.** The chunk that brings `received` to `total` is checked: the receiver
+  hashes the whole blob, and answers `complete: true` only when it hashes to the
+  announced `sha256`. Otherwise it drops the blob at once (its bytes are freed; a later
+  `blob:status` answers `received: 0`) and refuses that chunk with
+  `checksum_mismatch`; the sender may send the blob again from offset 0. A sender thus
+  never sees `complete: true` for a blob that would fail the check.
+- A refused chunk is not counted; a `blob:chunk` answered with an `ErrorAck` ends the
+  sender's transfer attempt (the reference sender retries the whole upload later, starting
+  with `blob:status`).
 - To resume, the sender asks `blob:status {blobId}` (answer `received`, 0 when unknown)
   and continues from there.
 - A `WeightsRef` names either inline `data` (when the document fits in one chunk of the
   *receiver's* `maxChunkBytes`) or a `blobId` received before; a sender may use a blob
-  for any size. The receiver verifies `size` and `sha256` before decoding
-  (`size_mismatch`, `checksum_mismatch`; `blob_unknown`, `blob_incomplete`).
+  for any size. The receiver verifies `size` and `sha256` of the bytes against the
+  reference before decoding (`size_mismatch`, `checksum_mismatch`; `blob_unknown`,
+  `blob_incomplete`) and forgets the blob once it has taken it.
 
 ## Weight formats
 
@@ -288,13 +340,19 @@ The same sub-protocol carries weights in both directions.
   then the tensor bytes, little-endian, C order. Offsets must be contiguous, start at 0,
   not overlap, and match `shape × itemsize`. Dtypes: `F16 F32 F64 I8 I16 I32 I64 U8 BOOL`.
   Never pickle.
-- `json`: UTF-8 JSON `{name: {"dtype": "float32", "shape": [64, 10], "data": [...]}}` with
-  the values flattened in C order; numpy dtype names `float16 float32 float64 int8 int16
-  int32 int64 uint8 bool`; values are JSON numbers (`true`/`false` for `bool`), rounded
-  to the dtype by the receiver; `__metadata__` is not used. For simple peers; accepted
-  on receive, produced on request: the server sends `weights:global` in the first of
-  `capabilities.weightFormats` it supports (preferring `safetensors`) and asks for the
-  update's format with `weightFormat` in `training:start`.
+- `json`: UTF-8 JSON `{name: {"dtype": "float32", "shape": [10, 64], "data": [...]}}`
+  (e.g. the tensor `2.weight` of the built-in `digits` task) with the values flattened in
+  C order; numpy dtype names `float16 float32 float64 int8 int16 int32 int64 uint8
+  bool`; values are JSON numbers (`true`/`false` for `bool`), rounded to the dtype by the
+  receiver; `__metadata__` is not used. For simple peers.
+- Tensor names are the task model's PyTorch `state_dict` keys; the built-in `digits`
+  task's are `0.weight` `[hidden, 64]`, `0.bias` `[hidden]`, `2.weight` `[10, hidden]`,
+  `2.bias` `[10]` (`hidden` is 64 by default).
+- **Which format is used.** `capabilities.weightFormats` lists the formats a device
+  decodes; its order is not a preference. The reference server sends `weights:global`
+  in `safetensors` when the list contains it, and in `json` only when the list is
+  `["json"]`; it asks for the update in the same format with `weightFormat` in
+  `training:start`. Every peer accepts both formats on receive.
 - `size` and `sha256` always describe the exact bytes sent.
 - Receivers refuse non-finite floats (`non_finite`), and the server refuses an update whose
   tensor names, shapes or dtypes differ from the global model (`layout_mismatch`,
@@ -302,8 +360,13 @@ The same sub-protocol carries weights in both directions.
 
 ## Error codes
 
-| Code | Meaning |
-|---|---|
+*Submit* says what a device does with its trained update when `weights:submit`, or the
+blob transfer before it, is refused with the code: **retry** keeps the update and sends it
+again later; **final** deletes it, since no retry can change the answer. A code a peer
+does not know is treated as `internal_error`.
+
+| Code | Meaning | Submit |
+|---|---|---|
 """
 
 
@@ -330,11 +393,10 @@ def _status_models() -> list[type[BaseModel]]:
 def render() -> str:
     """The whole document as a string."""
     out = [PROSE_HEAD]
-    for event, direction, payload, answer, purpose in EVENTS:
-        out.append(f"| `{event}` | {direction} | `{payload}` | {answer} | {purpose} |\n")
+    out.extend(_event_row(spec) for spec in EVENTS)
     out.append(PROSE_TRANSFER)
-    for code, meaning in ERROR_DESCRIPTIONS.items():
-        out.append(f"| `{code}` | {meaning} |\n")
+    for code, spec in CODES.items():
+        out.append(f"| `{code}` | {spec.description} | {spec.submit} |\n")
     out.append("\n## Payloads\n\nEach model's JSON Schema (draft 2020-12) and an example.\n")
     for model, example in EXAMPLES.items():
         doc = (model.__doc__ or "").strip()

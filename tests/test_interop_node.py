@@ -190,7 +190,9 @@ def test_node_client_inline_and_error_codes(tmp_path: Path, node: str) -> None:
         return ack["code"]
 
     assert code("heartbeat_before_register") == "not_registered"
+    assert code("blob_status_before_register") == "not_registered"
     assert code("register_protocol_2") == "unsupported_protocol"
+    assert code("register_protocol_string") == "unsupported_protocol"
     # Wrong JSON types and out-of-range values are `bad_request` (no coercion).
     assert code("cpuPercent_string") == "bad_request"
     assert code("state_missing") == "bad_request"
@@ -200,6 +202,15 @@ def test_node_client_inline_and_error_codes(tmp_path: Path, node: str) -> None:
     assert code("blob_offset_gap") == "offset_gap"
     assert code("blob_chunk_too_large") == "chunk_too_large"
     assert code("submit_unknown_round") == "round_closed"
+    # A chunk past the total is size_mismatch; a completing chunk that fails the checksum
+    # is checksum_mismatch and the blob is dropped.
+    assert code("blob_past_total") == "size_mismatch"
+    assert code("blob_bad_checksum") == "checksum_mismatch"
+    assert probes["blob_status_after_bad_checksum"] == {
+        "ok": True,
+        "received": 0,
+        "complete": False,
+    }
     # Unknown fields are ignored; an unknown blob is 0 bytes held.
     assert probes["unknown_field_ignored"] == {"ok": True}
     assert probes["blob_status_unknown"] == {"ok": True, "received": 0, "complete": False}

@@ -8,7 +8,15 @@ from typing import Any
 import pytest
 
 from client import protocol as p
-from client.errors import ERROR_CODES, ERROR_DESCRIPTIONS, FedtrayError
+from client.errors import (
+    CODES,
+    ERROR_CODES,
+    ERROR_DESCRIPTIONS,
+    FINAL_SUBMIT_CODES,
+    FedtrayError,
+    submit_outcome,
+)
+from client.protocol import events
 from server import protocol_doc
 
 EXAMPLES = protocol_doc.EXAMPLES
@@ -65,7 +73,6 @@ DELETE = object()
 BAD = [
     (p.DeviceRegister, "deviceId", "not-a-uuid"),
     (p.DeviceRegister, "deviceId", DELETE),
-    (p.DeviceRegister, "protocol", 2),
     (p.DeviceRegister, "name", ""),
     (p.DeviceRegister, "name", "x" * 65),
     (p.DeviceRegister, "deviceType", "phone"),
@@ -76,6 +83,8 @@ BAD = [
     (p.DeviceRegister, "capabilities.weightFormats", []),
     (p.DeviceRegister, "capabilities.weightFormats", ["pickle"]),
     (p.DeviceRegister, "capabilities.tasks", ["bad name with spaces"]),
+    (p.DeviceRegister, "capabilities.maxBlobBytes", 0),
+    (p.DeviceRegister, "capabilities.maxInflightChunks", "4"),
     (p.DeviceRegistered, "heartbeatIntervalSec", 0),
     (p.DeviceRegistered, "limits.maxChunkBytes", 0),
     (p.Heartbeat, "state", "sleeping"),
@@ -150,3 +159,143 @@ def test_protocol_doc_is_current() -> None:
     assert protocol_doc.DOC_PATH.read_text(encoding="utf-8") == protocol_doc.render(), (
         "docs/protocol.md is stale: run `python -m server.protocol_doc`"
     )
+
+
+# ------------------------------------------------------------------ protocol version
+
+
+@pytest.mark.parametrize("model", [p.DeviceRegister, p.DeviceRegistered], ids=lambda m: m.__name__)
+@pytest.mark.parametrize(
+    ("value", "code"),
+    [
+        (1, None),
+        (1.0, None),
+        (DELETE, None),
+        (2, "unsupported_protocol"),
+        ("1", "unsupported_protocol"),
+        (True, "unsupported_protocol"),
+        (None, "unsupported_protocol"),
+        ([1], "unsupported_protocol"),
+    ],
+)
+def test_protocol_value(model: type[p.WireModel], value: Any, code: str | None) -> None:
+    payload = mutate(EXAMPLES[model], "protocol", value)
+    if code is None:
+        assert p.parse(model, payload).to_wire()["protocol"] == 1
+        return
+    with pytest.raises(FedtrayError) as info:
+        p.parse(model, payload)
+    assert info.value.code == code
+    assert "speaks protocol 1" in info.value.message
+
+
+def test_device_limits_are_optional_and_default() -> None:
+    register = copy.deepcopy(EXAMPLES[p.DeviceRegister])
+    del register["capabilities"]["maxBlobBytes"], register["capabilities"]["maxInflightChunks"]
+    caps = p.parse(p.DeviceRegister, register).capabilities
+    assert (caps.max_blob_bytes, caps.max_inflight_chunks) == (
+        p.DEFAULT_MAX_BLOB_BYTES,
+        p.DEFAULT_INFLIGHT_CHUNKS,
+    )
+
+
+def test_default_chunk_fits_socketio_default_buffer_even_base64_encoded() -> None:
+    base64_len = 4 * -(-p.DEFAULT_CHUNK_BYTES // 3)
+    envelope = 64 * 1024  # generous room for the packet prefix and a batched JSON part
+    assert base64_len + envelope <= p.SOCKETIO_DEFAULT_MAX_BUFFER_BYTES
+    assert p.Limits().max_chunk_bytes == p.DEFAULT_CHUNK_BYTES
+
+
+# ------------------------------------------------------------------ the event table
+
+# Declared here a second time on purpose: the table must say exactly this.
+EXPECTED_EVENTS = [
+    ("device:register", "device→server", "DeviceRegister", "DeviceRegistered"),
+    ("device:registered", "server→device", "DeviceRegistered", None),
+    ("device:heartbeat", "device→server", "Heartbeat", "OkAck"),
+    ("weights:global", "server→device", "WeightsGlobal", "OkAck"),
+    ("training:start", "server→device", "TrainingStart", "TrainingStartAck"),
+    ("training:progress", "device→server", "TrainingProgress", None),
+    ("weights:submit", "device→server", "WeightsSubmit", "SubmitAccepted"),
+    ("training:cancel", "server→device", "TrainingCancel", None),
+    ("training:error", "device→server", "TrainingError", None),
+    ("blob:chunk", "both", "BlobChunk", "BlobProgress"),
+    ("blob:status", "both", "BlobStatus", "BlobProgress"),
+]
+
+
+def test_event_table() -> None:
+    got = [
+        (e.name, e.direction, e.payload.__name__, e.ack.__name__ if e.ack else None)
+        for e in events.EVENTS
+    ]
+    assert got == EXPECTED_EVENTS
+    assert all(e.description and "\n" not in e.description for e in events.EVENTS)
+
+
+def test_every_event_name_constant_is_in_the_table() -> None:
+    names = {v for k, v in vars(p).items() if k.startswith("EV_")}
+    assert names == set(events.BY_NAME)
+
+
+def test_every_model_of_the_table_has_an_example() -> None:
+    for spec in events.EVENTS:
+        assert spec.payload in EXAMPLES
+        assert spec.ack is None or spec.ack in EXAMPLES
+
+
+@pytest.mark.parametrize(
+    ("peer", "handled"),
+    [
+        (
+            "device",
+            {"device:registered", "weights:global", "training:start", "training:cancel"}
+            | {"blob:chunk", "blob:status"},
+        ),
+        (
+            "server",
+            {"device:register", "device:heartbeat", "training:progress", "weights:submit"}
+            | {"training:error", "blob:chunk", "blob:status"},
+        ),
+    ],
+)
+def test_handled_by(peer: events.Peer, handled: set[str]) -> None:
+    assert {e.name for e in events.handled_by(peer)} == handled
+    other: events.Peer = "server" if peer == "device" else "device"
+    assert all(e.sent_by(other) for e in events.handled_by(peer))
+
+
+def test_the_doc_lists_every_event_with_its_answer() -> None:
+    text = protocol_doc.render()
+    for spec in events.EVENTS:
+        answer = f"ack: `{spec.ack.__name__}` or `ErrorAck`" if spec.ack else "none"
+        assert f"| `{spec.name}` |" in text and f"| {answer} | {spec.description} |" in text
+
+
+# ------------------------------------------------------------------ error codes
+
+
+SUBMIT_FINAL = {
+    "duplicate", "round_closed", "not_selected", "stale_base", "bad_request",
+    "unsupported_format", "malformed", "unknown_dtype", "bad_offsets", "truncated",
+    "oversized", "non_finite", "layout_mismatch", "shape_mismatch", "dtype_mismatch",
+    "unknown_task", "blob_too_large",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("code", ERROR_CODES)
+def test_each_code_is_declared_once_with_its_submit_outcome(code: str) -> None:
+    expected = "final" if code in SUBMIT_FINAL else "retry"
+    assert CODES[code].submit == submit_outcome(code) == expected  # type: ignore[index]
+    assert (code in FINAL_SUBMIT_CODES) == (expected == "final")
+    assert ERROR_DESCRIPTIONS[code] == CODES[code].description  # type: ignore[index]
+
+
+def test_an_unknown_code_is_retried_like_internal_error() -> None:
+    assert submit_outcome("some_future_code") == "retry"
+
+
+def test_the_doc_gives_each_code_its_submit_outcome() -> None:
+    text = protocol_doc.render()
+    for code, spec in CODES.items():
+        assert f"| `{code}` | {spec.description} | {spec.submit} |" in text

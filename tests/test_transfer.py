@@ -15,11 +15,13 @@ from client.protocol import (
     EV_BLOB_STATUS,
     BlobChunk,
     BlobStatus,
+    Capabilities,
+    Limits,
     WeightsRef,
     error_ack,
     parse,
 )
-from client.transfer import BlobStore, send_blob, weights_ref_for
+from client.transfer import BlobStore, limits_towards, send_blob, weights_ref_for
 from client.weights import sha256_hex
 
 DATA = bytes(range(256)) * 40  # 10,240 bytes
@@ -79,6 +81,8 @@ def test_repeated_chunk_is_idempotent(spill: Path | None) -> None:
         ([], chunk(0, 4097), "chunk_too_large"),
         ([], chunk(0, 10, total=(1 << 20) + 1), "blob_too_large"),
         ([], chunk(0, 20, total=10), "size_mismatch"),
+        # A chunk that runs past the total changes nothing; a correct one may follow.
+        ([chunk(0, 100, total=150)], chunk(100, 100, total=150), "size_mismatch"),
     ],
 )
 def test_refusals_have_codes_and_buffer_nothing(
@@ -115,6 +119,112 @@ def test_partial_blobs_are_per_peer_and_expire(spill: Path | None) -> None:
     assert s.expire(now=16) == 1
     assert s.status("a", "b1", now=16).received == 0
     assert files_in(spill) == []  # expiry deletes the files too
+
+
+def test_after_a_too_long_chunk_the_right_one_completes_the_blob(spill: Path | None) -> None:
+    s = store(spill)
+    short = sha256_hex(DATA[:6000])
+    s.accept_chunk("dev", chunk(0, 4096, total=6000, digest=short), now=0)
+    with pytest.raises(FedtrayError, match="past its announced"):
+        s.accept_chunk("dev", chunk(4096, 4096, total=6000, digest=short), now=0)
+    assert s.status("dev", "b1", now=0).received == 4096
+    assert s.accept_chunk("dev", chunk(4096, 1904, total=6000, digest=short), now=0).complete
+
+
+@pytest.mark.parametrize("sizes", [[len(DATA)], [4096, 4096, 2048]], ids=["one", "three"])
+def test_a_completing_chunk_that_fails_the_checksum_drops_the_blob(
+    sizes: list[int], spill: Path | None
+) -> None:
+    s = store(spill, max_chunk_bytes=len(DATA))
+    wrong = sha256_hex(b"something else")
+    offset = 0
+    for size in sizes[:-1]:
+        s.accept_chunk("dev", chunk(offset, size, digest=wrong), now=0)
+        offset += size
+    with pytest.raises(FedtrayError) as info:
+        s.accept_chunk("dev", chunk(offset, sizes[-1], digest=wrong), now=0)
+    assert info.value.code == "checksum_mismatch"
+    assert "send it again from offset 0" in info.value.message
+    # Dropped: nothing held, nothing on disk, the sender starts again from 0.
+    assert s.bytes_held() == 0 and files_in(spill) == []
+    assert s.status("dev", "b1", now=0).received == 0
+    assert s.accept_chunk("dev", chunk(0, 4096), now=0).received == 4096
+
+
+def test_a_restored_blob_is_hashed_from_disk_when_it_completes(tmp_path: Path) -> None:
+    spill = tmp_path / "blobs"
+    wrong = sha256_hex(b"something else")
+
+    def part(blob_id: str, offset: int, digest: str) -> BlobChunk:
+        data = DATA[offset : offset + 4096]
+        return BlobChunk(blob_id=blob_id, offset=offset, total=len(DATA), sha256=digest, data=data)
+
+    first = store(spill)
+    first.accept_chunk("dev", part("good", 0, DIGEST), now=0)
+    first.accept_chunk("dev", part("bad", 0, wrong), now=0)
+    second = store(spill)  # a restart: the hash of the first chunk is not in memory
+    assert second.restore(now=0) == 2
+    for blob_id, digest in (("good", DIGEST), ("bad", wrong)):
+        second.accept_chunk("dev", part(blob_id, 4096, digest), now=0)
+    assert second.accept_chunk("dev", part("good", 8192, DIGEST), now=0).complete
+    with pytest.raises(FedtrayError) as info:
+        second.accept_chunk("dev", part("bad", 8192, wrong), now=0)
+    assert info.value.code == "checksum_mismatch"
+    assert second.status("dev", "bad", now=0).received == 0
+    ref = WeightsRef(format="safetensors", size=len(DATA), sha256=DIGEST, blob_id="good")
+    assert second.take("dev", ref) == DATA
+    assert files_in(spill) == []
+
+
+@pytest.mark.parametrize(
+    ("ref_kw", "code"),
+    [
+        ({"sha256": sha256_hex(b"other")}, "checksum_mismatch"),
+        ({"size": len(DATA) - 1}, "size_mismatch"),
+    ],
+)
+def test_a_complete_blob_is_checked_against_the_reference_too(
+    ref_kw: dict[str, Any], code: str, spill: Path | None
+) -> None:
+    s = store(spill)
+    for offset in (0, 4096, 8192):
+        s.accept_chunk("dev", chunk(offset, 4096), now=0)
+    fields: dict[str, Any] = {
+        "format": "safetensors",
+        "size": len(DATA),
+        "sha256": DIGEST,
+        "blob_id": "b1",
+    }
+    fields.update(ref_kw)
+    with pytest.raises(FedtrayError) as info:
+        s.take("dev", WeightsRef(**fields))
+    assert info.value.code == code
+
+
+@pytest.mark.parametrize(
+    ("own", "device", "expected"),
+    [
+        # (chunk, blob, in flight) of the server, the device, and what the server uses.
+        ((4096, 1 << 20, 4), (1024, 1 << 30, 8), (1024, 1 << 20, 4)),
+        ((1024, 1 << 30, 8), (4096, 1 << 20, 2), (1024, 1 << 20, 2)),
+        ((512, 512, 1), (512, 512, 1), (512, 512, 1)),
+    ],
+)
+def test_limits_towards_a_device_are_the_smaller_of_both(
+    own: tuple[int, int, int], device: tuple[int, int, int], expected: tuple[int, int, int]
+) -> None:
+    caps = Capabilities(
+        torch_version=None,
+        simulation=True,
+        tasks=[],
+        weight_formats=["json"],
+        max_chunk_bytes=device[0],
+        max_blob_bytes=device[1],
+        max_inflight_chunks=device[2],
+    )
+    mine = Limits(max_chunk_bytes=own[0], max_blob_bytes=own[1], max_inflight_chunks=own[2])
+    got = limits_towards(caps, mine)
+    assert (got.max_chunk_bytes, got.max_blob_bytes, got.max_inflight_chunks) == expected
 
 
 @pytest.mark.parametrize(
@@ -181,6 +291,20 @@ def test_send_blob_resumes_from_peer_offset(window: int) -> None:
     assert s.take("dev", ref) == DATA
 
 
+def test_send_blob_with_a_wrong_checksum_is_refused_at_the_last_chunk() -> None:
+    s = store(max_chunk_bytes=1000)
+    peer = Peer(s)
+    with pytest.raises(FedtrayError) as info:
+        asyncio.run(send_blob(peer.call, DATA, blob_id="b1", chunk_bytes=1000, sha256="0" * 64))
+    assert info.value.code == "checksum_mismatch"
+    assert s.bytes_held() == 0
+    # Sent again with the right checksum, it starts from 0 and completes.
+    again = Peer(s)
+    asyncio.run(send_blob(again.call, DATA, blob_id="b1", chunk_bytes=1000))
+    assert again.chunks_seen[0] == 0
+    assert s.status("dev", "b1", now=0).complete
+
+
 def test_send_blob_raises_peer_refusal_code() -> None:
     peer = Peer(store(max_chunk_bytes=100))
     with pytest.raises(FedtrayError) as info:
@@ -218,7 +342,7 @@ def test_restore_starts_expiry_at_now_and_drops_unreadable_leftovers(tmp_path: P
     first = store(spill, ttl_sec=10)
     first.accept_chunk("dev", chunk(0, 100), now=0)
     first.accept_chunk(
-        "dev", BlobChunk(blob_id="b2", offset=0, total=50, sha256=DIGEST, data=b"x" * 50), now=0
+        "dev", BlobChunk(blob_id="b2", offset=0, total=80, sha256=DIGEST, data=b"x" * 50), now=0
     )
     [meta2] = [m for m in spill.glob("*/*.json") if '"b2"' in m.read_text()]
     meta2.write_text("{not json")  # a torn sidecar

@@ -3,7 +3,7 @@
 //
 // Usage: node fedtray-node-client.mjs URL ROUNDS [options]
 //   --chunk-bytes N    maxChunkBytes announced to the server, and the largest chunk / inline
-//                      document this client sends (default 1048576; a small value forces
+//                      document this client sends (default 524288; a small value forces
 //                      the blob sub-protocol in both directions)
 //   --tasks a,b        capabilities.tasks (default: the server's task from GET /api/status,
 //                      else "synthetic,digits")
@@ -29,7 +29,7 @@ function usage(msg) {
 function parseArgs(argv) {
   const pos = [];
   const opts = {
-    chunkBytes: 1 << 20,
+    chunkBytes: 512 * 1024,
     tasks: null,
     delta: 0.01,
     numSamples: 100,
@@ -273,6 +273,11 @@ class BlobStore {
         throw new ProtoError("size_mismatch", "chunk runs past the announced total");
       b.parts.push(Buffer.from(data));
       b.received += data.length;
+      // The chunk that completes the blob is checked; a blob that fails is dropped.
+      if (b.received === b.total && sha256hex(Buffer.concat(b.parts)) !== b.sha256) {
+        this.blobs.delete(p.blobId);
+        throw new ProtoError("checksum_mismatch", "the complete blob does not hash to sha256");
+      }
     }
     return { ok: true, received: b.received, complete: b.received === b.total };
   }
@@ -366,6 +371,8 @@ function registerPayload(tasks) {
       tasks,
       weightFormats: ["json"],
       maxChunkBytes: args.chunkBytes,
+      maxBlobBytes: MAX_BLOB_BYTES,
+      maxInflightChunks: 4,
     },
     clientVersion: "node-interop/0.0.0",
     weightsVersion: state.global ? state.global.version : null,
@@ -428,7 +435,7 @@ async function probeErrors() {
     ["unknown_field_ignored", { ...heartbeatPayload(), someFutureField: { x: 1 } }],
   ].map(([name, payload]) => [name, "device:heartbeat", payload]);
   const fakeSha = "0".repeat(64);
-  const big = (state.registered?.limits?.maxChunkBytes ?? 1 << 20) + 1;
+  const big = (state.registered?.limits?.maxChunkBytes ?? 512 * 1024) + 1;
   probes.push(
     ["blob_status_unknown", "blob:status", { blobId: "node-probe-unknown" }],
     [
@@ -441,6 +448,17 @@ async function probeErrors() {
       "blob:chunk",
       { blobId: "node-probe-big", offset: 0, total: big, sha256: fakeSha, data: Buffer.alloc(big) },
     ],
+    [
+      "blob_past_total",
+      "blob:chunk",
+      { blobId: "node-probe-past", offset: 0, total: 4, sha256: fakeSha, data: Buffer.alloc(5) },
+    ],
+    [
+      "blob_bad_checksum",
+      "blob:chunk",
+      { blobId: "node-probe-sum", offset: 0, total: 4, sha256: fakeSha, data: Buffer.alloc(4) },
+    ],
+    ["blob_status_after_bad_checksum", "blob:status", { blobId: "node-probe-sum" }],
     [
       "blob_data_base64_string",
       "blob:chunk",
@@ -470,11 +488,16 @@ async function probeErrors() {
 
 async function register(tasks, first) {
   if (first && args.probeErrors) {
-    try {
-      const ack = await call("device:heartbeat", heartbeatPayload());
-      emitLine("probe", { probe: "heartbeat_before_register", ack });
-    } catch (e) {
-      emitLine("probe", { probe: "heartbeat_before_register", error: String(e) });
+    for (const [name, event, payload] of [
+      ["heartbeat_before_register", "device:heartbeat", heartbeatPayload()],
+      ["blob_status_before_register", "blob:status", { blobId: "node-probe-early" }],
+    ]) {
+      try {
+        const ack = await call(event, payload);
+        emitLine("probe", { probe: name, ack });
+      } catch (e) {
+        emitLine("probe", { probe: name, error: String(e) });
+      }
     }
   }
   if (first && args.probeErrors) {

@@ -1,7 +1,10 @@
 """Wire protocol v1: every payload exchanged between a fedtray client and a server.
 
-This module is the one wire contract; the reference server imports it, and
-``docs/protocol.md`` is generated from it (``python -m client.protocol_doc``).
+This package is the one wire contract; the reference server imports it, and
+``docs/protocol.md`` is generated from it (``python -m server.protocol_doc``). This module
+holds the payload models; :mod:`client.protocol.events` declares the event table (each
+event's direction, payload and ack model) and :mod:`client.protocol.guard` is the one
+handler guard both peers register their handlers through.
 
 Conventions (promised to every peer):
 
@@ -17,11 +20,13 @@ Conventions (promised to every peer):
   :class:`ErrorAck` ``{ok: false, code, message}``.
 
 Nothing here performs I/O; :func:`parse` turns a raw event payload into a model or
-raises :class:`client.errors.FedtrayError` with code ``bad_request``.
+raises :class:`client.errors.FedtrayError` with code ``bad_request`` (or the code a
+model's :meth:`WireModel.check_wire` names, e.g. ``unsupported_protocol``).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
@@ -52,7 +57,13 @@ EV_TRAINING_ERROR = "training:error"
 EV_BLOB_CHUNK = "blob:chunk"
 EV_BLOB_STATUS = "blob:status"
 
-DEFAULT_CHUNK_BYTES = 1024 * 1024
+#: Default largest blob chunk. 512 KiB, so that one chunk (a single Engine.IO binary
+#: message, or 4/3 of it base64-encoded over HTTP long-polling) fits socket.io's default
+#: ``maxHttpBufferSize`` of 1,000,000 bytes with room to spare: a peer built with the
+#: library defaults does not drop the connection on a full chunk.
+DEFAULT_CHUNK_BYTES = 512 * 1024
+#: socket.io's (and python-engineio's) default ``maxHttpBufferSize``, in bytes.
+SOCKETIO_DEFAULT_MAX_BUFFER_BYTES = 1_000_000
 DEFAULT_MAX_BLOB_BYTES = 512 * 1024 * 1024
 DEFAULT_INFLIGHT_CHUNKS = 4
 
@@ -95,6 +106,28 @@ class WireModel(BaseModel):
     def to_wire(self) -> dict[str, Any]:
         """The payload as a Socket.IO event argument (camelCase keys, bytes kept as bytes)."""
         return self.model_dump(by_alias=True, mode="python")
+
+    @classmethod
+    def check_wire(cls, payload: dict[str, Any]) -> None:
+        """Refusals of a raw payload that need a code other than ``bad_request``.
+
+        Runs before validation; raises FedtrayError. Nothing to check by default.
+        """
+
+
+def _check_protocol(model: str, payload: dict[str, Any]) -> None:
+    """``protocol`` absent means 1; present, it must be the JSON number 1 (``1`` or
+    ``1.0``). Anything else (``2``, ``"1"``, ``true``, ``null``) is ``unsupported_protocol``."""
+    if "protocol" not in payload:
+        return
+    value = payload["protocol"]
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != PROTOCOL_VERSION:
+        shown = json.dumps(value, default=lambda v: type(v).__name__)[:20]
+        raise FedtrayError(
+            "unsupported_protocol",
+            f"{model} says protocol {shown}; this peer speaks protocol {PROTOCOL_VERSION} "
+            "(the JSON number 1)",
+        )
 
 
 # --- device description and resources -------------------------------------------------
@@ -152,8 +185,22 @@ class Capabilities(WireModel):
     torch_version: ShortText | None = Field(description="null when torch is not installed.")
     simulation: bool = Field(description="True when the device fakes training (no torch).")
     tasks: list[Identifier] = Field(max_length=256, description="Task names installed here.")
-    weight_formats: list[WeightFormat] = Field(min_length=1)
+    weight_formats: list[WeightFormat] = Field(
+        min_length=1,
+        description="Formats this device decodes. The order is not a preference: a server "
+        "sends safetensors when it is listed, else json.",
+    )
     max_chunk_bytes: PosInt = Field(description="Largest blob chunk this device accepts.")
+    max_blob_bytes: PosInt = Field(
+        default=DEFAULT_MAX_BLOB_BYTES,
+        description="Largest blob (announced total) this device accepts from the server; "
+        "absent means the default, 512 MiB.",
+    )
+    max_inflight_chunks: PosInt = Field(
+        default=DEFAULT_INFLIGHT_CHUNKS,
+        description="Most blob:chunk messages a server may have unacknowledged at once "
+        "towards this device; absent means the default, 4.",
+    )
 
 
 # --- registration and heartbeat --------------------------------------------------------
@@ -185,6 +232,10 @@ class DeviceRegister(WireModel):
     pause_reason: PauseReason | None = None
     pause_detail: ShortText | None = None
 
+    @classmethod
+    def check_wire(cls, payload: dict[str, Any]) -> None:
+        _check_protocol(cls.__name__, payload)
+
 
 class Limits(WireModel):
     """Transfer limits of the server; the client never sends more than these."""
@@ -207,6 +258,10 @@ class DeviceRegistered(WireModel):
     global_version: NonNegInt | None = Field(
         default=None, description="Current global weights version, null before the first."
     )
+
+    @classmethod
+    def check_wire(cls, payload: dict[str, Any]) -> None:
+        _check_protocol(cls.__name__, payload)
 
 
 class Heartbeat(WireModel):
@@ -387,8 +442,11 @@ class BlobChunk(WireModel):
 
     Chunks of one blob are sent in order; ``offset`` must equal what the receiver holds
     (a repeated chunk below it is acknowledged without effect; one past it is refused
-    with ``offset_gap``). ``total`` and ``sha256`` are the whole blob's and must be the
-    same in every chunk.
+    with ``offset_gap``; one that would run past ``total`` is refused with
+    ``size_mismatch`` and changes nothing). ``total`` and ``sha256`` are the whole blob's
+    and must be the same in every chunk. The chunk that completes the blob is refused
+    with ``checksum_mismatch``, and the blob dropped, when the blob does not hash to
+    ``sha256``.
     """
 
     blob_id: Identifier
@@ -436,11 +494,13 @@ def parse(model: type[M], payload: object) -> M:
     """Validate a raw event payload; raise FedtrayError('bad_request', ...) when it does not fit.
 
     The message names the offending fields (camelCase, as on the wire) in plain words.
+    A model's :meth:`WireModel.check_wire` may refuse with another code first.
     """
     if not isinstance(payload, dict):
         raise FedtrayError(
             "bad_request", f"{model.__name__} must be an object, got {type(payload).__name__}"
         )
+    model.check_wire(payload)
     try:
         return model.model_validate(payload)
     except ValidationError as exc:
