@@ -263,7 +263,7 @@ def _download_once(url: str, work: Path, device_info: Any) -> tuple[float, float
         no_reconnect=True,
         device_info=device_info,
         data_dir=work,
-        save=lambda _s: None,
+        settings_file=None,
     )
     store: BlobStore = client._session.blobs
     complete: dict[str, float] = {}

@@ -165,20 +165,25 @@ def _file_lock(target: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock on every OS
 
 
-def update_settings(path: Path | None = None, /, **changes: Any) -> Settings:
+def update_settings(
+    path: Path | None = None, /, *, if_missing: Settings | None = None, **changes: Any
+) -> Settings:
     """Change the given keys in the settings file and return the settings as saved.
 
     Reads the file as it is now (recovering a broken one as :func:`load_settings`
     does), applies ``changes`` (typed values, e.g. ``paused=True``), validates, and
     writes atomically, all under the file's lock, so keys that another process changed
-    meanwhile are kept. Raises :class:`SettingsError` (nothing written) or
+    meanwhile are kept. A missing file starts from ``if_missing`` when given (a running
+    client's settings: its identity must not change because the file was deleted), else
+    from a fresh identity. Raises :class:`SettingsError` (nothing written) or
     :class:`OSError` (the previous file stays).
     """
     target = path if path is not None else config_path()
     with _file_lock(target):
-        current = load_settings(target)
+        missing = if_missing is not None and not target.exists()
+        current = if_missing if missing and if_missing is not None else load_settings(target)
         updated = with_changes(current, changes)
-        if updated != current:
+        if updated != current or missing:
             save_settings(updated, target)
     return updated
 

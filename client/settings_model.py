@@ -334,7 +334,7 @@ def explain_validation_error(exc: ValidationError) -> str:
     return "; ".join(problems)
 
 
-def parse_setting(key: str, raw: str) -> object:
+def parse_setting(key: str, raw: str) -> Any:
     """Convert the command-line string ``raw`` to the type of setting ``key`` and validate it.
 
     Booleans accept true/false, yes/no, on/off, 1/0 (any case); ``none`` or an empty
@@ -351,7 +351,7 @@ def parse_setting(key: str, raw: str) -> object:
     kind, optional = _value_type(key)
     if optional and text.lower() in ("", "none"):
         return None
-    value: object = text
+    value: Any = text
     if kind is bool:
         low = text.lower()
         if low not in _TRUE | _FALSE:

@@ -47,7 +47,7 @@ def clients(tmp_path: Path) -> Iterator[Callable[[str], DistributedClient]]:
             device_info=info,
             data_dir=tmp_path / f"client{len(made)}",
             backoff=Backoff(base=0.1, cap=0.5),
-            save=lambda _settings: None,
+            settings_file=None,
         )
         made.append(client)
         client.start()

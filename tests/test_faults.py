@@ -86,8 +86,7 @@ def make_client(tmp_path: Path) -> Iterator[Callable[..., DistributedClient]]:
             device_info=quick_device_info(),
             data_dir=kwargs.pop("data_dir", tmp_path / f"client{len(made)}"),
             backoff=Backoff(base=0.05, cap=0.3),
-            save=lambda _s: None,
-            settings_file=tmp_path / "no-settings-file.toml",
+            settings_file=None,
             **kwargs,
         )
         made.append(client)

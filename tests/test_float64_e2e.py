@@ -91,7 +91,7 @@ def test_a_float64_task_trains_a_round_through_server_session_and_worker(
             device_info=quick_device_info(),
             data_dir=data_dir,
             backoff=Backoff(base=0.1, cap=0.5),
-            save=lambda _s: None,
+            settings_file=None,
             worker_factory=_torch_worker,
         )
         try:

@@ -371,8 +371,7 @@ def victim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Victim]:
         device_info=detect_device(probe_gpu=False),
         data_dir=tmp / "data",
         backoff=Backoff(base=0.05, cap=0.2),
-        save=lambda _s: None,
-        settings_file=tmp / "none.toml",
+        settings_file=None,
     )
     client.start()
     try:

@@ -201,7 +201,7 @@ def make_client(tmp_path: Path) -> Iterator[Callable[..., DistributedClient]]:
                 if k in kwargs
             },
         )
-        kwargs.setdefault("save", lambda s: None)
+        kwargs.setdefault("settings_file", None)
         kwargs.setdefault("power_poll_interval", POLL)
         client = DistributedClient(
             settings,
@@ -426,13 +426,13 @@ def test_a_new_threshold_applies_at_once_without_waiting_for_a_poll(
         device_id = client.wait_for(lambda s: s.connection == "connected", 30).device_id
         server.wait_for(lambda st: _device(st, device_id)["state"] == "idle")
         t0 = time.monotonic()
-        client.update_settings(client.settings.model_copy(update={"battery_threshold": 60}))
+        client.update_settings(battery_threshold=60)
         status = server.wait_for(
             lambda st: _device(st, device_id)["pauseReason"] == "battery_low", timeout=3
         )
         assert time.monotonic() - t0 < 3
         assert "65 %" in _device(status, device_id)["pauseDetail"]
-        client.update_settings(client.settings.model_copy(update={"battery_threshold": 0}))
+        client.update_settings(battery_threshold=0)
         server.wait_for(lambda st: _device(st, device_id)["state"] == "idle", timeout=3)
 
 
@@ -573,7 +573,6 @@ def _settings_file_client(
     return make_client(
         url,
         settings=load_settings(path),
-        save=lambda s: save_settings(s, path),
         settings_file=path,
         battery_source=FakeBattery(None),
         **kwargs,

@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from client.backoff import Backoff
-from client.config import Settings
+from client.config import Settings, load_settings
 from client.global_store import GlobalStore
 from client.pending import PendingStore
 from client.protocol import Limits
@@ -52,13 +52,12 @@ def make_client(tmp_path: Path) -> Iterator[Callable[..., DistributedClient]]:
             k: kwargs.pop(k) for k in ("auth_token", "paused", "device_id") if k in kwargs
         }
         settings = Settings(server_url=url, device_name=f"t{len(made)}", **settings_kwargs)
-        saved: list[Settings] = kwargs.pop("saved", [])
         client = DistributedClient(
             settings,
             device_info=quick_device_info(),
             data_dir=kwargs.pop("data_dir", tmp_path / f"client{len(made)}"),
             backoff=Backoff(base=0.1, cap=0.5),
-            save=saved.append,
+            settings_file=kwargs.pop("settings_file", None),
             **kwargs,
         )
         made.append(client)
@@ -101,14 +100,25 @@ def test_register_round_submit_and_global(
         assert PendingStore(data_dir / "pending").entries() == []
         held = GlobalStore(data_dir / "global").current()
         assert held is not None and held.version == 2
+        # The end of the federation is a state: the final global came first, and the
+        # device stays connected to a server that keeps serving.
+        end = _wait(client, lambda s: s.finished is not None)
+        assert end.finished is not None
+        assert (end.finished.task, end.finished.rounds) == ("synthetic", 2)
+        assert (end.connection, end.weights_version, end.device_state) == ("connected", 2, "idle")
+        holds_for(
+            lambda: client.snapshot().connection == "connected",
+            3 * server.server.config.heartbeat_interval,
+            "the device stays connected after the end",
+        )
 
 
 def test_user_pause_refuses_rounds_persists_and_resumes(
     tmp_path: Path, make_client: Callable[..., DistributedClient]
 ) -> None:
-    saved: list[Settings] = []
+    settings_file = tmp_path / "settings.toml"  # missing: the session writes its own
     with running_server(tmp_path, min_clients=1, clients_per_round=1, rounds=1) as server:
-        client = make_client(server.url, paused=True, saved=saved)
+        client = make_client(server.url, paused=True, settings_file=settings_file)
         client.start()
         _wait(client, lambda s: s.connection == "connected")
         # The server sees the pause in heartbeats and does not get a round accepted.
@@ -120,12 +130,14 @@ def test_user_pause_refuses_rounds_persists_and_resumes(
         assert client.snapshot().rounds_completed == 0
         client.resume()
         _wait(client, lambda s: s.rounds_completed == 1)
-        wait_until(lambda: bool(saved) and saved[-1].paused is False, what="resume persisted")
+        saved = load_settings(settings_file)
+        assert saved.paused is False, "resume persisted"
+        assert saved.device_id == client.settings.device_id
         client.pause()
         snap = _wait(client, lambda s: s.device_state == "paused")
         assert snap.pause_reason == "user_paused"
         assert snap.pause_detail == "Paused by you"
-        wait_until(lambda: saved[-1].paused is True, what="the pause persisted")
+        assert load_settings(settings_file).paused is True, "the pause persisted"
 
 
 def test_pending_upload_resumes_from_the_servers_offset(
@@ -360,7 +372,7 @@ def test_refused_token_gives_auth_failed_without_a_tight_loop(
             )
         refusals = [r for r in caplog.records if "refused a connection" in r.getMessage()]
         assert len(refusals) == 1
-        client.update_settings(client.settings.model_copy(update={"auth_token": "right-token"}))
+        client.update_settings(auth_token="right-token").result(10)
         _wait(client, lambda s: s.connection == "connected", 20)
 
 

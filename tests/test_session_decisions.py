@@ -9,12 +9,14 @@ timed pause that ran out while fedtray was stopped is cleared).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from client.config import Settings
+from client.config import Settings, load_settings
 from client.protocol import Partition, TrainingConfig, TrainingStart
 from client.session.decisions import (
     FINAL_SUBMIT_CODES,
@@ -258,12 +260,22 @@ def test_a_paused_first_decision_counts_without_an_effect() -> None:
     assert seen == [], "the first decisions are the starting state, not a change"
 
 
-def test_a_timed_pause_that_ran_out_while_stopped_is_cleared_at_start() -> None:
-    saved: list[Settings] = []
+def _wired(live: LiveSettings, apply: Callable[[PauseDecision, PauseDecision], None]) -> PauseBoard:
+    """A board whose sources hear of settings changes, as the session wires them."""
+    board = PauseBoard(apply)
+
+    async def changed(old: Settings, new: Settings) -> None:
+        board.settings_changed(old, new)
+
+    live.on_change = changed
+    return board
+
+
+def test_a_timed_pause_that_ran_out_while_stopped_is_cleared_at_start(tmp_path: Path) -> None:
     ran_out = _settings(paused=True, paused_until=NOW - timedelta(minutes=5))
-    live = LiveSettings(ran_out, save=saved.append, file=None, poll_interval=1.0)
+    live = LiveSettings(ran_out, file=tmp_path / "settings.toml", poll_interval=1.0)
     seen: list[PauseDecision] = []
-    board = PauseBoard(lambda old, new: seen.append(new))
+    board = _wired(live, lambda old, new: seen.append(new))
     user = UserPause(live, board.set, now=lambda: NOW)
     board.register(user)
     assert board.applied == ALLOW, "a deadline already passed does not pause"
@@ -274,14 +286,22 @@ def test_a_timed_pause_that_ran_out_while_stopped_is_cleared_at_start() -> None:
 
     asyncio.run(start())
     assert (live.value.paused, live.value.paused_until) == (False, None)
-    assert [(s.paused, s.paused_until) for s in saved] == [(False, None)]
+    on_disk = load_settings(tmp_path / "settings.toml")
+    assert (on_disk.paused, on_disk.paused_until) == (False, None)
     assert seen == []
 
 
 def test_a_timed_pause_ends_by_itself_at_its_deadline() -> None:
+    live = LiveSettings(_settings(), file=None, poll_interval=1.0)
+    board = _wired(live, lambda old, new: None)
+    wired = live.on_change
     saved: list[Settings] = []
-    live = LiveSettings(_settings(), save=saved.append, file=None, poll_interval=1.0)
-    board = PauseBoard(lambda old, new: None)
+
+    async def record(old: Settings, new: Settings) -> None:
+        saved.append(new)
+        await wired(old, new)
+
+    live.on_change = record
     clock = [NOW]
     user = UserPause(live, board.set, now=lambda: clock[0])
     board.register(user)

@@ -101,7 +101,7 @@ def _client(tmp_path: Path, url: str, ca_file: Path | None) -> DistributedClient
         device_info=quick_device_info(),
         data_dir=tmp_path / "client",
         backoff=Backoff(base=0.2, cap=1.0),
-        save=lambda _: None,
+        settings_file=None,
     )
 
 

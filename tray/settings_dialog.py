@@ -24,7 +24,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from client.config import SettingsError, load_settings, parse_setting, update_settings
 
@@ -42,9 +42,9 @@ FIELDS: Final = (
 )
 
 
-def validate_form(server_url: str, device_name: str, token: str) -> dict[str, object]:
+def validate_form(server_url: str, device_name: str, token: str) -> dict[str, Any]:
     """The three fields as typed changes; raises SettingsError listing all problems."""
-    changes: dict[str, object] = {}
+    changes: dict[str, Any] = {}
     problems: list[str] = []
     for key, raw in (
         ("server_url", server_url),

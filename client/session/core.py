@@ -10,9 +10,10 @@ caller's thread and run on the session loop; the facade calls it only through th
   ServerLink`. The parts never know each other; they get callables from here.
 * :meth:`SessionCore.handlers` is THE one table of the server events the session
   handles; :meth:`SessionCore._pause_applied` is THE one place a pause decision takes
-  effect (worker, ``paused`` progress, snapshot, heartbeat); :meth:`update_settings`
-  is the one entry for new settings (pause sources re-decide, connection settings
-  reconnect at once).
+  effect (worker, ``paused`` progress, snapshot, heartbeat);
+  :meth:`SessionCore._settings_changed` is THE one place new settings take effect,
+  whoever changed them (the snapshot shows them, pause sources re-decide, connection
+  settings reconnect at once).
 * :meth:`run` reads the device, the held weights and builds the worker off the loop,
   starts the pause sources (the battery is read before connecting) and the settings
   watch, then connects until :meth:`shutdown`. An unexpected exception is logged and
@@ -38,6 +39,7 @@ from client.power_monitor import PowerMonitor
 from client.protocol import (
     EV_BLOB_CHUNK,
     EV_BLOB_STATUS,
+    EV_FEDERATION_FINISHED,
     EV_REGISTERED,
     EV_TRAINING_CANCEL,
     EV_TRAINING_START,
@@ -45,7 +47,9 @@ from client.protocol import (
     Capabilities,
     DeviceRegister,
     DeviceState,
+    FederationFinished,
     Heartbeat,
+    parse,
 )
 from client.resources import BatterySource, ResourceMonitor
 from client.session.base_weights import CLIENT_MAX_CHUNK_BYTES, BaseWeights
@@ -56,7 +60,7 @@ from client.session.live_settings import LiveSettings
 from client.session.pause import PauseBoard, PowerPause, UserPause
 from client.session.rounds import Rounds, WorkerFactory, default_work_dir
 from client.session.uploader import Uploader
-from client.snapshot import PauseDecision
+from client.snapshot import FederationResult, PauseDecision
 from client.tasks import available_tasks
 from client.transfer import BlobStore
 
@@ -84,6 +88,7 @@ class SessionCore:
     ) -> None:
         self.hub = hub
         self.settings = settings
+        settings.on_change = self._settings_changed
         self._device_info = device_info
         power = PowerMonitor(battery_source, power_poll_interval)
         # Heartbeats report the power monitor's last reading: reading the battery again
@@ -150,7 +155,21 @@ class SessionCore:
             EV_BLOB_CHUNK: self.weights.on_blob_chunk,
             EV_BLOB_STATUS: self.weights.on_blob_status,
             EV_REGISTERED: self.link.on_registered_event,
+            EV_FEDERATION_FINISHED: self._on_federation_finished,
         }
+
+    async def _on_federation_finished(self, payload: object) -> None:
+        """The server says every round is complete: a state the snapshot keeps (until a
+        new round starts), not a disconnect."""
+        end = parse(FederationFinished, payload)
+        log.info("the federation finished: %s, %d rounds", end.task, end.rounds_completed)
+        self.hub.publish(
+            finished=FederationResult(
+                task=end.task,
+                rounds=end.rounds_completed,
+                accuracy=end.metrics.get("evalAccuracy"),
+            )
+        )
 
     def _heartbeat_sent(self) -> None:
         self.weights.expire()
@@ -175,7 +194,10 @@ class SessionCore:
 
     def publish_state(self) -> None:
         applied = self.pauses.applied
+        training = self.rounds.current is not None
         self.hub.publish(
+            # A new round means a new federation: the finished one is history.
+            finished=None if training else self.hub.current.finished,
             device_state=self.device_state(),
             pause_reason=applied.reason,
             pause_detail=applied.detail,
@@ -254,7 +276,7 @@ class SessionCore:
             )
             self.publish_state()
             await self.pauses.start()
-            await self.settings.start_watching(self.update_settings)
+            await self.settings.start_watching()
             await self.link.run()
         except Exception as exc:  # a bug: log it and end visibly rather than hang
             log.exception("the session stopped on an unexpected error")
@@ -262,11 +284,10 @@ class SessionCore:
         finally:
             await self._teardown()
 
-    async def update_settings(self, settings: Settings) -> None:
-        old = self.settings.replace(settings)
-        self.hub.publish(device_name=settings.device_name, server_url=settings.server_url)
-        self.pauses.settings_changed(old, settings)
-        if _connection_key(old) != _connection_key(settings):
+    async def _settings_changed(self, old: Settings, new: Settings) -> None:
+        self.hub.publish(settings=new)
+        self.pauses.settings_changed(old, new)
+        if _connection_key(old) != _connection_key(new):
             await self.link.reconnect_now()
 
     async def shutdown(self) -> None:

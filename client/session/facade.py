@@ -33,10 +33,11 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from datetime import datetime
 from pathlib import Path
+from types import EllipsisType
 from typing import Final, TypeVar
 
 from client.backoff import Backoff
-from client.config import Settings, config_path, save_settings
+from client.config import Settings, config_path
 from client.device import DeviceInfo
 from client.power_monitor import DEFAULT_POLL_INTERVAL_S
 from client.resources import BatterySource, read_battery
@@ -63,13 +64,12 @@ class DistributedClient:
 
     ``worker_factory`` builds the training worker (default: :class:`client.worker.
     TrainingWorker`); ``device_info`` skips device detection (tests); ``data_dir``
-    replaces the user data dir (global weights, pending updates, work files);
-    ``save`` persists settings changes (default :func:`client.config.save_settings`).
+    replaces the user data dir (global weights, pending updates, work files).
     ``battery_source`` is read every ``power_poll_interval`` seconds (in a worker thread)
-    for the power policy. ``settings_file`` is polled every ``settings_poll_interval``
-    seconds and its live settings applied (``fedtray-client pause`` in another terminal);
-    by default it is :func:`client.config.config_path` when ``save`` is the default, and
-    nothing is watched when a custom ``save`` is given without a ``settings_file``.
+    for the power policy. ``settings_file`` (default ``...``: :func:`client.config.
+    config_path`) is where the session saves settings changes and what it follows,
+    polled every ``settings_poll_interval`` seconds (``fedtray-client pause`` in another
+    terminal); ``None`` keeps the settings in memory only.
     ``checkpoint_interval``: seconds of training between the worker's periodic
     checkpoints (0: only when paused or stopped).
     """
@@ -83,28 +83,25 @@ class DistributedClient:
         device_info: DeviceInfo | None = None,
         data_dir: Path | None = None,
         backoff: Backoff | None = None,
-        save: Callable[[Settings], None] = save_settings,
         battery_source: BatterySource = read_battery,
         power_poll_interval: float = DEFAULT_POLL_INTERVAL_S,
-        settings_file: Path | None = None,
+        settings_file: Path | EllipsisType | None = ...,
         settings_poll_interval: float = SETTINGS_POLL_INTERVAL_S,
         checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL,
     ) -> None:
-        if settings_file is None and save is save_settings:
-            settings_file = config_path()  # the file this session saves to is the one watched
+        if settings_file is ...:
+            settings_file = config_path()
         user = user_decision(settings, utc_now())  # a deadline already passed: unpaused
         self._hub = SnapshotHub(
             ClientSnapshot(
-                server_url=settings.server_url,
-                device_id=settings.device_id,
-                device_name=settings.device_name,
+                settings=settings,
                 device_state="idle" if user.allowed else "paused",
                 pause_reason=user.reason,
                 pause_detail=user.detail,
             )
         )
         self._live = LiveSettings(
-            settings, save=save, file=settings_file, poll_interval=settings_poll_interval
+            settings, file=settings_file, poll_interval=settings_poll_interval
         )
         # The loop and the session exist from the start, so subscribe(), pause() and
         # friends may be called before start(): their work waits in the loop's queue.
@@ -202,9 +199,16 @@ class DistributedClient:
             raise ValueError("use pause()/resume() for the user's decision")
         self._call_soon(lambda s: s.set_pause_source(name, decision))
 
-    def update_settings(self, settings: Settings) -> None:
-        """Apply changed settings; a new URL, token, CA file or name reconnects at once."""
-        self._submit(lambda s: s.update_settings(settings))
+    def update_settings(self, **changes: object) -> Future[Settings]:
+        """Change settings (typed values, e.g. ``battery_threshold=80``): the session saves
+        them to its settings file and applies them; a new URL, token, CA file or name
+        reconnects at once.
+
+        The future gives the settings now in use, or raises
+        :class:`client.config.SettingsError` (refused, nothing changed) or
+        :class:`OSError` (not saved; they apply to this run all the same).
+        """
+        return self._submit(lambda s: s.settings.update(**changes))
 
     # -- observing --------------------------------------------------------------------
 

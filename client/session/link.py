@@ -209,7 +209,7 @@ class ServerLink:
         # Any wake-up asked for before this attempt is answered by the attempt itself.
         self._wake.clear()
         settings = self._settings.value
-        self._hub.publish(connection="connecting", server_url=settings.server_url)
+        self._hub.publish(connection="connecting")
         http_session: aiohttp.ClientSession | None = None
         if settings.ca_file:
             try:

@@ -1,107 +1,98 @@
-"""The settings a running session uses: one current value, the one place they are saved,
-and the watch on the settings file.
+"""The settings a running session uses: their one owner and writer in the process.
 
 Contract (every method runs on the session loop; :attr:`LiveSettings.value` may be read
 from any thread, since settings are immutable and the reference is swapped atomically):
 
-* :meth:`LiveSettings.replace` and :meth:`LiveSettings.set_pause` are the only writers
-  of the current value.
-* :meth:`LiveSettings.save_pause` is THE one place the session writes the settings file
-  (through the injected ``save``, by default :func:`client.config.save_settings`). It
-  saves on top of the file as it is now, so keys another process just wrote
-  (``fedtray-client config set ...``) are kept; when the file already says the same
-  pause it writes nothing. A failed save is logged, never raised.
+* :meth:`LiveSettings.update` is THE one way a running client changes its settings
+  (the user's pause, the tray's menu, new connection settings). With a ``file`` it
+  calls :func:`client.config.update_settings` in a worker thread (read the file as it
+  is now, apply only these keys, validate, write atomically under the file's lock), so
+  keys another process changed meanwhile are kept; without one (tests, embedding) the
+  change is validated and kept in memory. Updates are serialised. A refused change
+  raises :class:`client.config.SettingsError` and changes nothing; when the disk
+  refuses, the change still applies to this run and :class:`OSError` is raised after
+  (the caller says it was not saved).
 * When a ``file`` is given it is polled every ``poll_interval`` seconds (content hash,
   :class:`client.settings_watch.SettingsFileWatch`); a change of its live keys
-  (:func:`client.settings_watch.merge_live`) is logged and handed to ``apply``, so
-  ``fedtray-client pause`` / ``resume`` / ``config set`` reach a running client. A bug
-  in the watch is logged and the watch goes on.
+  (:data:`client.config.LIVE_KEYS`) made by another process (``fedtray-client pause``,
+  ``config set``, the Settings window) is logged and applied. Keys that do not apply
+  live (the device id) never change under a running session. A bug in the watch is
+  logged and the watch goes on.
+* Every change, from either path, is announced once to ``on_change(old, new)`` (set by
+  the session: the snapshot, the pause sources and the connection follow it).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
+from typing import Any
 
-from client.config import Settings
-from client.settings_watch import SettingsFileWatch, merge_live, parse_settings_bytes
+from client.config import Settings, update_settings, with_changes
+from client.settings_watch import SettingsFileWatch, merge_live
 
-__all__ = ["LiveSettings"]
+__all__ = ["LiveSettings", "SettingsListener"]
 
 log = logging.getLogger(__name__)
+
+#: Told of every change: ``await on_change(old, new)``.
+SettingsListener = Callable[[Settings, Settings], Awaitable[None]]
+
+
+async def _nobody(old: Settings, new: Settings) -> None:
+    """The listener until the session sets one."""
 
 
 class LiveSettings:
     """The session's current settings (see the module docstring)."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        save: Callable[[Settings], None],
-        file: Path | None,
-        poll_interval: float,
-    ) -> None:
+    def __init__(self, settings: Settings, *, file: Path | None, poll_interval: float) -> None:
         self._value = settings
-        self._save = save
         self.file = file
         self._poll_interval = poll_interval
+        self._lock = asyncio.Lock()  # binds to the session loop at first use
         self._watch_task: asyncio.Task[None] | None = None
+        self.on_change: SettingsListener = _nobody
 
     @property
     def value(self) -> Settings:
         """The settings in use now (any thread)."""
         return self._value
 
-    def replace(self, settings: Settings) -> Settings:
-        """Use ``settings`` from now on; returns the previous ones."""
-        old, self._value = self._value, settings
-        return old
+    async def update(self, **changes: Any) -> Settings:
+        """Apply ``changes`` (typed values, e.g. ``paused=True``), save them, announce them."""
+        async with self._lock:
+            wanted = with_changes(self._value, changes)  # SettingsError: nothing changes
+            unsaved: OSError | None = None
+            if self.file is not None:
+                try:
+                    written = await asyncio.to_thread(
+                        partial(update_settings, self.file, if_missing=self._value, **changes)
+                    )
+                    # Another process's live changes come along; our keys are as asked.
+                    wanted = merge_live(self._value, written).model_copy(update=changes)
+                except OSError as exc:
+                    log.warning("could not save the settings to %s: %s", self.file, exc)
+                    unsaved = exc
+            await self._adopt(wanted)
+        if unsaved is not None:
+            raise unsaved
+        return self._value
 
-    def set_pause(self, paused: bool, until: datetime | None) -> bool:
-        """Set the user's pause in the current settings; True when that changed them."""
-        until = until.astimezone(UTC) if paused and until is not None else None
-        current = self._value
-        if (current.paused, current.paused_until) == (paused, until):
-            return False
-        self._value = current.model_copy(update={"paused": paused, "paused_until": until})
-        return True
+    async def _adopt(self, new: Settings) -> None:
+        old, self._value = self._value, new
+        if new != old:
+            await self.on_change(old, new)
 
-    async def save_pause(self, changed: bool) -> None:
-        """Save the current pause to the settings file (``changed``: as :meth:`set_pause`
-        said; with nothing new and no file another process may have changed, nothing is
-        written)."""
-        if not changed and self.file is None:
-            return
-        paused, until = self._value.paused, self._value.paused_until
-        try:
-            await asyncio.to_thread(self._save_pause, paused, until)
-        except OSError as exc:
-            log.warning("could not save the pause setting: %s", exc)
-
-    def _save_pause(self, paused: bool, until: datetime | None) -> None:
-        """Runs in a worker thread. Writing back the session's older copy would undo keys
-        another process changed since the last poll, so the file's current settings are
-        the base."""
-        base = self._value
-        if self.file is not None:
-            with contextlib.suppress(OSError, ValueError):
-                from_file = parse_settings_bytes(self.file.read_bytes())
-                if (from_file.paused, from_file.paused_until) == (paused, until):
-                    return  # the file says so already (`fedtray-client pause` wrote it)
-                base = from_file
-        self._save(base.model_copy(update={"paused": paused, "paused_until": until}))
-
-    async def start_watching(self, apply: Callable[[Settings], Awaitable[None]]) -> None:
+    async def start_watching(self) -> None:
         """Remember the file's content now, then poll it in a loop task (no file: nothing)."""
         if self.file is None:
             return
         watch = await asyncio.to_thread(SettingsFileWatch, self.file)
-        self._watch_task = asyncio.ensure_future(self._watch(watch, apply))
+        self._watch_task = asyncio.ensure_future(self._watch(watch))
 
     async def stop(self) -> None:
         """Stop watching the file."""
@@ -110,24 +101,22 @@ class LiveSettings:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
-    async def _watch(
-        self, watch: SettingsFileWatch, apply: Callable[[Settings], Awaitable[None]]
-    ) -> None:
+    async def _watch(self, watch: SettingsFileWatch) -> None:
         while True:
             await asyncio.sleep(self._poll_interval)
             try:
                 from_file = await asyncio.to_thread(watch.poll)
+                if from_file is not None:
+                    async with self._lock:
+                        await self._follow(from_file)
             except Exception:  # a bug here must not stop the session; keep watching
                 log.exception("watching the settings file failed")
-                continue
-            if from_file is None:
-                continue
-            merged = merge_live(self._value, from_file)
-            if merged != self._value:
-                changed = sorted(
-                    k
-                    for k in Settings.model_fields
-                    if getattr(merged, k) != getattr(self._value, k)
-                )
-                log.info("the settings file changed (%s); applying it", ", ".join(changed))
-                await apply(merged)
+
+    async def _follow(self, from_file: Settings) -> None:
+        merged = merge_live(self._value, from_file)
+        if merged == self._value:
+            return
+        old = self._value
+        changed = sorted(k for k in Settings.model_fields if getattr(merged, k) != getattr(old, k))
+        log.info("the settings file changed (%s); applying it", ", ".join(changed))
+        await self._adopt(merged)

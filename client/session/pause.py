@@ -31,6 +31,7 @@ Contract (loop-only objects):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -149,11 +150,15 @@ class UserPause:
         self._arm_deadline()
 
     async def set(self, paused: bool, until: datetime | None = None) -> None:
-        """The user's pause (``until``: when it ends by itself; ignored when resuming)."""
-        changed = self._settings.set_pause(paused, until)
-        self._report(self.name, self._decide())
-        self._arm_deadline()
-        await self._settings.save_pause(changed)
+        """The user's pause (``until``: when it ends by itself; ignored when resuming).
+
+        Saved through the settings' owner, whose change announcement re-decides
+        (:meth:`settings_changed`). A settings file the disk refuses is logged; the
+        pause applies to this run all the same.
+        """
+        until = until.astimezone(UTC) if paused and until is not None else None
+        with contextlib.suppress(OSError):  # logged by the owner; the pause holds this run
+            await self._settings.update(paused=paused, paused_until=until)
 
     def settings_changed(self, old: Settings, new: Settings) -> None:
         self._report(self.name, self._decide())

@@ -1,4 +1,4 @@
-"""The settings' one writer: update_settings (file, lock) and SettingsOwner (a running client)."""
+"""The settings' one writer: update_settings (file, lock) and LiveSettings (a running client)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from client.config import (
     save_settings,
     update_settings,
 )
-from client.settings_owner import SettingsOwner
+from client.session.live_settings import LiveSettings
 
 FIXED_ID = "3f0c8a52-6d1e-4b8e-9a43-0d2a1f7e5c11"
 
@@ -83,7 +83,7 @@ def _hammer(path: str, key: str, values: list[object]) -> None:
 def test_two_processes_changing_different_keys_never_undo_each_other(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
     save_settings(Settings(device_id=FIXED_ID, device_name="start"), path)
-    rounds = 120
+    rounds = 100  # battery_threshold goes up to 100
     ctx = multiprocessing.get_context("spawn")
     writers = [
         ctx.Process(
@@ -106,52 +106,86 @@ def test_two_processes_changing_different_keys_never_undo_each_other(tmp_path: P
     assert final.device_id == FIXED_ID
 
 
-# --- SettingsOwner: the running client's settings -----------------------------------------
+# --- LiveSettings: the running client's settings, their one owner -----------------------
 
 
-def test_owner_writes_through_the_file_and_keeps_other_processes_keys(tmp_path: Path) -> None:
+Announced = list[tuple[Settings, Settings]]
+
+
+def _live(start: Settings, path: Path | None) -> tuple[LiveSettings, Announced]:
+    live = LiveSettings(start, file=path, poll_interval=0.01)
+    announced: Announced = []
+
+    async def listen(old: Settings, new: Settings) -> None:
+        announced.append((old, new))
+
+    live.on_change = listen
+    return live, announced
+
+
+def test_live_settings_write_through_the_file_and_keep_other_processes_keys(
+    tmp_path: Path,
+) -> None:
     path = tmp_path / "config.toml"
     start = Settings(device_id=FIXED_ID, device_name="a")
     save_settings(start, path)
-
-    async def scenario() -> tuple[Settings, Settings]:
-        owner = SettingsOwner(start, path)
-        update_settings(path, battery_threshold=80)  # another process, not yet followed
-        after = await owner.update(paused=True)
-        return after, load_settings(path)
-
-    after, on_disk = asyncio.run(scenario())
+    live, announced = _live(start, path)
+    update_settings(path, battery_threshold=80)  # another process, not yet followed
+    after = asyncio.run(live.update(paused=True))
+    on_disk = load_settings(path)
     assert after.paused and on_disk.paused
     assert after.battery_threshold == on_disk.battery_threshold == 80
+    assert announced == [(start, after)]
 
 
-def test_owner_follows_live_keys_and_never_the_identity(tmp_path: Path) -> None:
+def test_a_missing_file_is_written_from_the_running_settings_not_a_new_identity(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "gone" / "config.toml"
+    start = Settings(device_id=FIXED_ID, device_name="a", battery_threshold=70)
+    live, _ = _live(start, path)
+    asyncio.run(live.update(paused=True))
+    on_disk = load_settings(path)
+    assert (on_disk.device_id, on_disk.battery_threshold, on_disk.paused) == (FIXED_ID, 70, True)
+
+
+def test_live_settings_follow_live_keys_and_never_the_identity(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
     start = Settings(device_id=FIXED_ID, device_name="a")
     save_settings(start, path)
+    live, announced = _live(start, path)
+    other = "0b0c8a52-6d1e-4b8e-9a43-0d2a1f7e5c11"
 
-    async def scenario() -> tuple[Settings | None, Settings | None, Settings]:
-        owner = SettingsOwner(start, path)
-        unchanged = await owner.follow_file()
-        other = "0b0c8a52-6d1e-4b8e-9a43-0d2a1f7e5c11"
+    async def scenario() -> None:
+        await live.start_watching()
         save_settings(start.model_copy(update={"battery_threshold": 90, "device_id": other}), path)
-        followed = await owner.follow_file()
-        return unchanged, followed, owner.current
+        for _ in range(500):  # the watch polls every 10 ms; each poll is one small read
+            if announced:
+                break
+            await asyncio.sleep(0.01)
+        await live.stop()
 
-    unchanged, followed, current = asyncio.run(scenario())
-    assert unchanged is None
-    assert followed is not None and followed.battery_threshold == 90
-    assert current.device_id == FIXED_ID
+    asyncio.run(scenario())
+    assert [new.battery_threshold for _, new in announced] == [90]
+    assert live.value.battery_threshold == 90
+    assert live.value.device_id == FIXED_ID
 
 
-def test_owner_without_a_file_validates_in_memory() -> None:
+def test_a_disk_that_refuses_still_applies_the_change_to_this_run(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the settings folder should be", encoding="utf-8")
     start = Settings(device_id=FIXED_ID, device_name="a")
+    live, announced = _live(start, blocker / "config.toml")
+    with pytest.raises(OSError):
+        asyncio.run(live.update(paused=True))
+    assert live.value.paused
+    assert len(announced) == 1
 
-    async def scenario() -> Settings:
-        owner = SettingsOwner(start, None)
-        with pytest.raises(SettingsError):
-            await owner.update(battery_threshold=-1)
-        assert owner.current == start
-        return await owner.update(autostart=True)
 
-    assert asyncio.run(scenario()).autostart
+def test_live_settings_without_a_file_validate_in_memory() -> None:
+    start = Settings(device_id=FIXED_ID, device_name="a")
+    live, announced = _live(start, None)
+    with pytest.raises(SettingsError):
+        asyncio.run(live.update(battery_threshold=-1))
+    assert live.value == start and announced == []
+    assert asyncio.run(live.update(autostart=True)).autostart
