@@ -7,6 +7,8 @@
   the header and exported as ``FEDTRAY_TEST_TIME_SCALE`` so xdist workers and subprocesses
   use the same value. Set that variable yourself to skip the measurement (``make test``
   needs nothing: the measurement is the default).
+* pytest-timeout's per-test limits (the ini's ``timeout`` and ``@pytest.mark.timeout``) are
+  reference seconds too: each test's limit is multiplied by the time scale.
 * The "not slow" tier spawns no torch process: while a test not marked ``slow`` runs, every
   Python process it starts carries tests/torchguard on ``PYTHONPATH``, which records any
   ``import torch`` there; such a test fails, naming the process, and should be marked slow.
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.waiting import SCALE_ENV, time_scale
+from tests.waiting import SCALE_ENV, scaled, time_scale
 
 TORCH_GUARD_DIR_ENV = "FEDTRAY_TORCH_GUARD_DIR"
 _GUARD_PATH = Path(__file__).resolve().parent / "torchguard"
@@ -29,6 +31,28 @@ _GUARD_PATH = Path(__file__).resolve().parent / "torchguard"
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ[SCALE_ENV] = f"{time_scale():g}"
+
+
+def _base_timeout(config: pytest.Config) -> float | None:
+    """pytest-timeout's per-test limit from the command line or the ini file (None: none)."""
+    try:
+        given = config.getoption("timeout", None) or config.getini("timeout")
+    except ValueError:  # pytest-timeout is not loaded
+        return None
+    return float(given) if given else None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Scale every test's pytest-timeout limit (marker, option or ini) by the time scale."""
+    default = _base_timeout(config)
+    for item in items:
+        marker = item.get_closest_marker("timeout")
+        args, kwargs = (marker.args, dict(marker.kwargs)) if marker else ((), {})
+        limit = kwargs.pop("timeout", args[0] if args else default)
+        if limit:
+            item.add_marker(
+                pytest.mark.timeout(scaled(float(limit)), *args[1:], **kwargs), append=False
+            )
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -97,10 +97,17 @@ def test_device_goes_stale_after_three_missed_heartbeats(tmp_path: Path) -> None
     async def scenario(srv: ServerHandle) -> None:
         dev = ScriptedDevice(srv.url, name="quiet")
         await dev.join()
-        status = await srv.await_status(
-            lambda s: s["devices"] and s["devices"][0]["stale"], timeout=5, what="stale"
+        # Stale after 3 heartbeat intervals; the round loop says so within one more.
+        await srv.await_status(
+            lambda s: s["devices"] and s["devices"][0]["stale"],
+            timeout=5 * srv.config.heartbeat_interval + 5,
+            what="stale",
         )
-        assert "1 stale" in status["currentRound"]["waitingReason"]
+        await srv.await_status(
+            lambda s: "1 stale" in ((s["currentRound"] or {}).get("waitingReason") or ""),
+            timeout=2 * srv.config.heartbeat_interval + 5,
+            what="the round waiting on the stale device",
+        )
         beating = asyncio.create_task(dev.heartbeat_forever(period=0.1))
         await srv.await_status(lambda s: not s["devices"][0]["stale"], what="fresh again")
         beating.cancel()
