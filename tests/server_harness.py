@@ -90,6 +90,7 @@ TEST_DEFAULTS: dict[str, Any] = {
     "epochs": 1,
     "heartbeat_interval": 0.5,
     "retry_delay": 0.2,
+    "ack_timeout": 30.0,
 }
 #: Server durations in reference seconds: running_server multiplies them by the time scale.
 SCALED_SETTINGS = ("round_timeout", "heartbeat_interval", "retry_delay", "ack_timeout")
