@@ -31,7 +31,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
 
@@ -99,6 +99,32 @@ def time_scale() -> float:
 def scaled(seconds: float) -> float:
     """``seconds`` of reference time as a deadline for this run."""
     return seconds * time_scale()
+
+
+class SnapshotWaiter(Protocol):
+    """What :func:`scale_waits` wraps: ``DistributedClient.wait_for(predicate, timeout)``."""
+
+    def wait_for(self, predicate: Callable[[Any], bool], timeout: float) -> Any: ...
+
+
+W = TypeVar("W", bound=SnapshotWaiter)
+
+
+def scale_waits(client: W) -> W:
+    """``client`` with its ``wait_for(predicate, timeout)`` taking reference seconds.
+
+    For tests that create a session (:class:`client.session.DistributedClient`): its own
+    ``wait_for`` takes plain seconds, so the test's fixture wraps it once here and every
+    ``client.wait_for(pred, 30)`` in the test is scaled like the waits in this module.
+    Only the deadline changes; the call is the client's own.
+    """
+    plain = client.wait_for
+
+    def wait_for(predicate: Callable[[Any], bool], timeout: float) -> Any:
+        return plain(predicate, scaled(timeout))
+
+    client.wait_for = wait_for  # type: ignore[method-assign]
+    return client
 
 
 def _timed_out(timeout: float, allowed: float, what: str) -> str:
