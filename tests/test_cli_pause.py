@@ -24,6 +24,7 @@ from client.device import detect_device
 from client.protocol import BatteryStatus
 from client.session import DistributedClient
 from tests.server_harness import REPO_ROOT, running_server, subprocess_env
+from tests.waiting import scaled
 
 
 @pytest.fixture
@@ -252,4 +253,4 @@ def test_battery_threshold_flag_is_saved_and_applied(
             )
             assert "training resumes at 75 %" in _device(status)["pauseDetail"]
         finally:
-            assert client.stop(30)
+            assert client.stop(scaled(30))

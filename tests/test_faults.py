@@ -62,7 +62,7 @@ from tests.server_harness import (
     subprocess_env,
 )
 from tests.tcpproxy import TcpProxy
-from tests.waiting import wait_until
+from tests.waiting import scale_waits, scaled, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -91,11 +91,11 @@ def make_client(tmp_path: Path) -> Iterator[Callable[..., DistributedClient]]:
             **kwargs,
         )
         made.append(client)
-        return client
+        return scale_waits(client)
 
     yield make
     for client in made:
-        assert client.stop(30), "the session did not stop in time"
+        assert client.stop(scaled(30)), "the session did not stop in time"
 
 
 class _Counting:

@@ -65,7 +65,7 @@ from tests.server_harness import (
     resources,
     running_server,
 )
-from tests.waiting import wait_until
+from tests.waiting import scale_waits, scaled, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -374,6 +374,7 @@ def victim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Victim]:
         save=lambda _s: None,
         settings_file=tmp / "none.toml",
     )
+    scale_waits(client)
     client.start()
     try:
         client.wait_for(lambda s: s.connection == "connected", 30)
@@ -385,7 +386,7 @@ def victim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Victim]:
         beats = fake.heartbeats
         wait_until(lambda: fake.heartbeats > beats, 10, "a heartbeat after the barrage")
     finally:
-        assert client.stop(30)
+        assert client.stop(scaled(30))
         fake.close()
         loop.close()
 

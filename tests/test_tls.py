@@ -36,7 +36,7 @@ from tests.server_harness import (
     server_process,
     subprocess_env,
 )
-from tests.waiting import poll
+from tests.waiting import poll, scale_waits, scaled
 
 pytestmark = pytest.mark.slow
 
@@ -96,13 +96,14 @@ def _client(tmp_path: Path, url: str, ca_file: Path | None) -> DistributedClient
     settings = Settings(
         server_url=url, device_name="tls-dev", ca_file=str(ca_file) if ca_file else None
     )
-    return DistributedClient(
+    client = DistributedClient(
         settings,
         device_info=quick_device_info(),
         data_dir=tmp_path / "client",
         backoff=Backoff(base=0.2, cap=1.0),
         save=lambda _: None,
     )
+    return scale_waits(client)
 
 
 @pytest.fixture
@@ -110,7 +111,7 @@ def clients() -> Iterator[list[DistributedClient]]:
     made: list[DistributedClient] = []
     yield made
     for client in made:
-        assert client.stop(30), "the session did not stop in time"
+        assert client.stop(scaled(30)), "the session did not stop in time"
 
 
 def _https_json(url: str, ca: Path) -> dict[str, Any]:
