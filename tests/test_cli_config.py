@@ -18,6 +18,7 @@ import pytest
 from client import __version__, logsetup
 from client.cli import apply_cli_overrides, build_parser, main
 from client.config import Settings, load_settings, save_settings
+from tests.waiting import scaled
 
 TOKEN = "tok-9f8e7d6c5b4a"
 REPO = Path(__file__).resolve().parents[1]
@@ -195,7 +196,7 @@ def test_python_dash_m_prints_config_path(tmp_path: Path) -> None:
         env=env,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=scaled(60),
         check=False,
     )
     assert done.returncode == 0, done.stderr

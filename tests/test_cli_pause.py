@@ -176,7 +176,7 @@ def test_pause_and_resume_reach_a_running_client_process(tmp_path: Path) -> None
                     env=env,
                     capture_output=True,
                     text=True,
-                    timeout=60,
+                    timeout=scaled(60),
                     check=False,
                 )
                 assert done.returncode == 0, done.stderr
@@ -211,12 +211,12 @@ def test_pause_and_resume_reach_a_running_client_process(tmp_path: Path) -> None
                 what="the timed pause ended by `fedtray-client resume`",
             )
             client.send_signal(signal.SIGTERM)
-            assert client.wait(60) == 0
+            assert client.wait(scaled(60)) == 0
         finally:
             if client.poll() is None:
                 client.kill()
-                client.wait(30)
-        reader.join(10)
+                client.wait(scaled(30))
+        reader.join(scaled(10))
         text = "".join(lines)
         assert "state: paused: Paused by you" in text, text
 

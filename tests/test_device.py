@@ -28,6 +28,7 @@ from client.device import (
 )
 from client.errors import FedtrayError
 from client.protocol import GpuInfo, parse
+from tests.waiting import scaled
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -215,7 +216,7 @@ def test_detect_device_never_imports_torch(tmp_path: Path) -> None:
         [sys.executable, "-c", code],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=scaled(120),
         env=env,
         cwd=tmp_path,
         check=False,
@@ -407,7 +408,7 @@ def test_gpu_probe_prints_null_without_torch() -> None:
         [sys.executable, "-c", code],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=scaled(60),
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         check=False,
     )
@@ -421,7 +422,7 @@ def test_gpu_probe_module_does_not_import_torch() -> None:
         [sys.executable, "-c", code],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=scaled(60),
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         check=False,
     )

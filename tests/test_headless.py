@@ -13,6 +13,7 @@ import pytest
 from client.config import Settings
 from client.headless import EXIT_ENDED, change_line, run_client, status_rows
 from client.snapshot import ClientSnapshot, Progress
+from tests.waiting import scaled
 
 BASE = ClientSnapshot(server_url="http://127.0.0.1:3001", device_id="id-1", device_name="box")
 TRAINING = ClientSnapshot(
@@ -133,7 +134,7 @@ def test_cli_no_reconnect_in_a_subprocess(tmp_path: Path) -> None:
         check=False,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=scaled(120),
     )
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot reach the server")

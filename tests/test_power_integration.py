@@ -358,7 +358,9 @@ def test_paused_device_refuses_starts_and_is_never_selected(
             weight_format="safetensors",
         )
         ack = server.run(
-            server.server.sio.call(EV_TRAINING_START, start.to_wire(), to=record.sid, timeout=10),
+            server.server.sio.call(
+                EV_TRAINING_START, start.to_wire(), to=record.sid, timeout=scaled(10)
+            ),
             timeout=15,
         )
         assert ack["accepted"] is False

@@ -19,7 +19,7 @@ from PIL import Image
 from client import __version__
 from client.config import Settings, SettingsError, load_settings, save_settings
 from client.snapshot import ClientSnapshot
-from tests.waiting import holds_for
+from tests.waiting import holds_for, scaled
 from tray import single_instance
 from tray.app import TrayApp
 from tray.autostart import AutostartEnv
@@ -113,7 +113,7 @@ def test_version_starts_nothing() -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=scaled(60),
         check=False,
     )
     assert proc.returncode == 0
@@ -223,7 +223,7 @@ class FakeIcon:
 
     def run(self, setup: Callable[[], None]) -> None:
         setup()
-        assert self.stopped.wait(20), "the app did not quit"
+        assert self.stopped.wait(scaled(20)), "the app did not quit"
 
     def stop(self) -> None:
         self.stopped.set()
@@ -343,7 +343,7 @@ def test_app_follows_session_and_menu_drives_it(
     icon.click("Disconnect")
     wait_until(lambda: client.calls[-1] == "disconnect", "disconnect")
     icon.click("Quit")
-    thread.join(10)
+    thread.join(scaled(10))
     assert not thread.is_alive()
     assert client.calls[-1] == "stop"
 
@@ -367,7 +367,7 @@ def test_settings_window_saved_reloads(
     wait_until(lambda: bool(client.settings), "settings applied", timeout=30)
     assert client.settings[-1].server_url == "http://127.0.0.1:9"
     icon.click("Quit")
-    thread.join(10)
+    thread.join(scaled(10))
     assert not thread.is_alive()
 
 
@@ -388,7 +388,7 @@ def test_menu_follows_settings_changed_by_another_process(
     app._wake.set()
     wait_until(lambda: threshold_checked("Above 80 %"), "the menu shows the new threshold")
     icon.click("Quit")
-    thread.join(10)
+    thread.join(scaled(10))
     assert not thread.is_alive()
 
 
@@ -411,7 +411,7 @@ def test_tooltip_shows_a_deadline_set_by_another_process(
     app._wake.set()
     wait_until(lambda: icon.titles[-1] == "Paused by you", "the deadline dropped")
     icon.click("Quit")
-    thread.join(10)
+    thread.join(scaled(10))
     assert not thread.is_alive()
 
 
