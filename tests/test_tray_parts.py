@@ -21,7 +21,7 @@ from client.config import Settings, SettingsError, load_settings, save_settings
 from client.snapshot import ClientSnapshot
 from tests.waiting import holds_for, scaled
 from tray import single_instance
-from tray.app import TrayApp
+from tray.app import TICK_S, TrayApp
 from tray.autostart import AutostartEnv
 from tray.menu import MenuEntry, MenuNode, find_entry
 from tray.settings_dialog import validate_form
@@ -318,7 +318,11 @@ def test_app_follows_session_and_menu_drives_it(
     # ...and the session, not the tray, ends it: the tray keeps no timer of its own.
     clock.t += 2 * 3600.0
     app._wake.set()
-    holds_for(lambda: client.calls[-1] == "pause", 1.5, "no resume from the tray's clock")
+    # The wake-up runs the tray's loop at once; wait half a tick more (scaled: a busy
+    # machine may run that loop late).
+    holds_for(
+        lambda: client.calls[-1] == "pause", scaled(1.5 * TICK_S), "no resume from the tray's clock"
+    )
     client.end_timed_pause()
     wait_until(lambda: icon.titles[-1].startswith("fedtray — connected"), "resumed title")
     wait_until(lambda: find_entry(icon.menus[-1], "Pause training") is not None, "pause item")
