@@ -141,6 +141,8 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 # --- run mode overrides ------------------------------------------------------------------
 
 
+# Slow: detecting the device runs the GPU probe, a child process that imports torch.
+@pytest.mark.slow
 def test_server_and_name_overrides_are_saved_before_running(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -288,6 +290,8 @@ def test_config_file_is_valid_toml_after_cli_use(tmp_path: Path) -> None:
     assert data["autostart"] is True
 
 
+# Slow: detecting the device runs the GPU probe, a child process that imports torch.
+@pytest.mark.slow
 def test_info_prints_device_and_resources_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info"]) == 0
     report = json.loads(capsys.readouterr().out)

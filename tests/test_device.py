@@ -154,6 +154,8 @@ def test_torch_version_reported_iff_torch_installed() -> None:
 # --- real detection on this machine ------------------------------------------------------
 
 
+# Slow: the real GPU probe is a child process that imports torch.
+@pytest.mark.slow
 def test_detect_device_on_this_machine(tmp_path: Path) -> None:
     info = detect_device(cache_dir=tmp_path)
     assert info.platform.os == platform.system()
@@ -230,6 +232,8 @@ def test_detect_device_never_imports_torch(tmp_path: Path) -> None:
 # --- GPU cache -----------------------------------------------------------------------------
 
 
+# Slow: the real GPU probe is a child process that imports torch.
+@pytest.mark.slow
 def test_gpu_cache_written_and_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(device, "torch_version", lambda: "2.13.0")
     probe = CountingProbe(real=True)
@@ -385,6 +389,8 @@ def test_probe_that_cannot_start_gives_none(
     assert "could not start" in caplog.text
 
 
+# Slow: the real GPU probe is a child process that imports torch.
+@pytest.mark.slow
 def test_real_probe_succeeds_from_a_foreign_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -112,6 +112,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# Slow: detecting the device runs the GPU probe, a child process that imports torch.
+@pytest.mark.slow
 def test_no_reconnect_exits_1_with_a_one_line_reason(capsys: pytest.CaptureFixture[str]) -> None:
     settings = Settings(server_url=f"http://127.0.0.1:{_free_port()}", device_name="t")
     code = run_client(argparse.Namespace(no_reconnect=True), settings)
