@@ -195,7 +195,7 @@ async def browser(tmp_path: Path) -> AsyncIterator[Page]:
         )
     try:
         port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + scaled(30)
         while not (port_file.exists() and port_file.read_text().strip()):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(
