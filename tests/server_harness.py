@@ -25,7 +25,10 @@ Stable API (other test modules rely on it):
   never reports, keeping a round open until ``close()``.
 
 Nothing here sleeps blindly: every wait polls a condition with a timeout and raises
-``TimeoutError`` with the last state seen.
+``TimeoutError`` with the last state seen. Durations are reference seconds (see
+tests/waiting.py): every wait here is scaled by the suite's time scale, and so are the server
+durations in :data:`SCALED_SETTINGS` / :data:`SCALED_FLAGS`, whether defaults or given by a
+test (``srv.config`` holds the scaled values: derive expectations from it).
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ from client.transfer import BlobStore, send_blob, weights_ref_for
 from client.weights import StateDict, decode, encode
 from server.app import FedServer
 from server.config import ServerConfig
-from tests.waiting import poll, poll_async, wait_until_async
+from tests.waiting import poll, poll_async, scaled, wait_until_async
 
 T = TypeVar("T")
 
@@ -89,11 +92,30 @@ TEST_DEFAULTS: dict[str, Any] = {
     "epochs": 1,
     "heartbeat_interval": 0.5,
     "retry_delay": 0.2,
+    "ack_timeout": 30.0,
 }
+#: Server durations in reference seconds: running_server multiplies them by the time scale.
+SCALED_SETTINGS = ("round_timeout", "heartbeat_interval", "retry_delay", "ack_timeout")
+#: The same for ``python -m server`` flags (server_args scales the value after each).
+SCALED_FLAGS = ("--round-timeout", "--heartbeat-interval")
+
+
+def scale_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with the durations in :data:`SCALED_SETTINGS` scaled for this run."""
+    return {k: scaled(v) if k in SCALED_SETTINGS and v else v for k, v in settings.items()}
+
+
+def scale_flags(args: list[str]) -> list[str]:
+    """``args`` with the value after each flag in :data:`SCALED_FLAGS` scaled for this run."""
+    out = list(args)
+    for i, arg in enumerate(out[:-1]):
+        if arg in SCALED_FLAGS:
+            out[i + 1] = f"{scaled(float(out[i + 1])):g}"
+    return out
 
 
 def _get_json(url: str, timeout: float = 5.0) -> dict[str, Any]:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
+    with urllib.request.urlopen(url, timeout=scaled(timeout)) as resp:
         data: dict[str, Any] = json.loads(resp.read().decode("utf-8"))
     return data
 
@@ -139,7 +161,7 @@ class ServerHandle:
         async def _wrap() -> Any:
             return await coro
 
-        return asyncio.run_coroutine_threadsafe(_wrap(), self.loop).result(timeout)
+        return asyncio.run_coroutine_threadsafe(_wrap(), self.loop).result(scaled(timeout))
 
     def stop(self) -> None:
         self._stop()
@@ -148,7 +170,8 @@ class ServerHandle:
 @contextlib.contextmanager
 def running_server(tmp_path: Path, **config_overrides: Any) -> Iterator[ServerHandle]:
     """Start a server in a thread on a free port; stop it on exit."""
-    settings = {**TEST_DEFAULTS, "state_dir": tmp_path / "server-state", **config_overrides}
+    given = scale_settings({**TEST_DEFAULTS, **config_overrides})
+    settings = {"state_dir": tmp_path / "server-state", **given}
     config = ServerConfig(**settings)
     ready = threading.Event()
     box: dict[str, Any] = {}
@@ -178,10 +201,10 @@ def running_server(tmp_path: Path, **config_overrides: Any) -> Iterator[ServerHa
 
     thread = threading.Thread(target=run, name="fedtray-test-server", daemon=True)
     thread.start()
-    if not ready.wait(60):
-        raise TimeoutError("the test server did not start within 60 s")
+    if not ready.wait(scaled(60)):
+        raise TimeoutError(f"the test server did not start within {scaled(60):g} s")
     if "port" not in box:
-        thread.join(10)
+        thread.join(scaled(10))
         raise box.get("error") or RuntimeError("the test server thread ended before starting")
     loop: asyncio.AbstractEventLoop = box["loop"]
     stopped = threading.Event()
@@ -191,9 +214,9 @@ def running_server(tmp_path: Path, **config_overrides: Any) -> Iterator[ServerHa
             return
         stopped.set()
         loop.call_soon_threadsafe(box["stop_event"].set)
-        thread.join(30)
+        thread.join(scaled(30))
         if thread.is_alive():
-            raise TimeoutError("the test server did not stop within 30 s")
+            raise TimeoutError(f"the test server did not stop within {scaled(30):g} s")
 
     handle = ServerHandle(
         server=box["server"], config=config, port=box["port"], loop=loop, _stop=stop
@@ -230,14 +253,14 @@ class ProcessHandle:
     def terminate(self, timeout: float = 30.0) -> int:
         """SIGTERM, then wait; the exit status."""
         self.proc.terminate()
-        return self.proc.wait(timeout)
+        return self.proc.wait(scaled(timeout))
 
     def kill(self) -> int:
         self.proc.kill()
-        return self.proc.wait(30)
+        return self.proc.wait(scaled(30))
 
     def wait(self, timeout: float = 30.0) -> int:
-        return self.proc.wait(timeout)
+        return self.proc.wait(scaled(timeout))
 
 
 def subprocess_env(tmp_path: Path) -> dict[str, str]:
@@ -251,24 +274,27 @@ def subprocess_env(tmp_path: Path) -> dict[str, str]:
 
 
 def server_args(tmp_path: Path, *args: str) -> list[str]:
-    """Test-default flags for ``python -m server`` (later flags in ``args`` win)."""
-    return [
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--task",
-        "synthetic",
-        "--state-dir",
-        str(tmp_path / "server-state"),
-        "--heartbeat-interval",
-        "0.5",
-        "--round-timeout",
-        "10",
-        "--epochs",
-        "1",
-        *args,
-    ]
+    """Test-default flags for ``python -m server`` (later flags in ``args`` win; the
+    durations in :data:`SCALED_FLAGS` are scaled)."""
+    return scale_flags(
+        [
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--task",
+            "synthetic",
+            "--state-dir",
+            str(tmp_path / "server-state"),
+            "--heartbeat-interval",
+            "0.5",
+            "--round-timeout",
+            "10",
+            "--epochs",
+            "1",
+            *args,
+        ]
+    )
 
 
 @contextlib.contextmanager
@@ -305,17 +331,17 @@ def server_process(
 
     threading.Thread(target=drain, daemon=True).start()
     try:
-        found.wait(start_timeout)
+        found.wait(scaled(start_timeout))
         match = next((m for m in map(LISTENING_RE.search, list(lines)) if m), None)
         if match is None:
             proc.kill()
-            proc.wait(30)
+            proc.wait(scaled(30))
             raise RuntimeError("the server process did not start:\n" + "".join(lines))
         yield ProcessHandle(proc=proc, url=match.group(1), port=int(match.group(2)), _lines=lines)
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait(30)
+            proc.wait(scaled(30))
 
 
 # --------------------------------------------------------------------------- devices
@@ -444,7 +470,9 @@ class ScriptedDevice:
 
     async def connect(self, *, auth: dict[str, Any] | None = None) -> None:
         given = auth if auth is not None else ({"token": self.token} if self.token else None)
-        await self.sio.connect(self.url, auth=given, transports=["websocket"], wait_timeout=10)
+        await self.sio.connect(
+            self.url, auth=given, transports=["websocket"], wait_timeout=round(scaled(10))
+        )
         _LIVE.add(self)
 
     async def register(
@@ -472,7 +500,7 @@ class ScriptedDevice:
 
     async def call(self, event: str, *payload: Any, timeout: float = 10.0) -> Any:
         data: Any = payload[0] if len(payload) == 1 else (tuple(payload) if payload else None)
-        return await self.sio.call(event, data, timeout=timeout)
+        return await self.sio.call(event, data, timeout=scaled(timeout))
 
     async def submit(
         self,
@@ -545,7 +573,7 @@ class LoopThread:
 
     def run(self, coro: Awaitable[T], timeout: float = 30.0) -> T:
         """Run ``coro`` on the loop and return its result (blocking)."""
-        return self.start(coro).result(timeout)
+        return self.start(coro).result(scaled(timeout))
 
     def start(self, coro: Awaitable[T]) -> concurrent.futures.Future[T]:
         """Start ``coro`` on the loop; its future (cancel it to stop the coroutine)."""
@@ -567,7 +595,7 @@ class LoopThread:
 
         self.run(cancel_the_rest(), 10)
         self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+        self.thread.join(scaled(10))
         self.loop.close()
 
 

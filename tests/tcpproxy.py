@@ -31,6 +31,8 @@ from collections.abc import Coroutine
 from types import TracebackType
 from typing import Any, TypeVar
 
+from tests.waiting import scaled
+
 _READ = 64 * 1024
 T = TypeVar("T")
 
@@ -102,7 +104,7 @@ class TcpProxy:
 
         self._run(shutdown())
         self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+        self._thread.join(scaled(10))
         self._loop.close()
 
     def __enter__(self) -> TcpProxy:
@@ -123,7 +125,7 @@ class TcpProxy:
     # -- the loop side -----------------------------------------------------------------
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(scaled(10))
 
     async def _start(self) -> int:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)

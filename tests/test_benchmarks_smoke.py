@@ -14,6 +14,8 @@ import pytest
 from benchmarks import idle, training_overhead, transfer
 
 
+# Slow: the benchmarks start servers and clients that import torch.
+@pytest.mark.slow
 def test_transfer_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert transfer.main(["--size-mb", "2", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
@@ -21,6 +23,8 @@ def test_transfer_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert re.search(r"^ratio download / raw TCP\s+\d+\.\d+x", out, re.M), out
 
 
+# Slow: the benchmarks start servers and clients that import torch.
+@pytest.mark.slow
 def test_training_overhead_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["--samples", "2000", "--epochs", "1", "--hidden", "32", "--repeats", "1"]
     assert training_overhead.main([*argv, "--progress-interval", "0.01"]) == 0
@@ -29,6 +33,8 @@ def test_training_overhead_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert "trained weights bit-identical: yes" in out, out
 
 
+# Slow: the benchmarks start servers and clients that import torch.
+@pytest.mark.slow
 def test_idle_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert idle.main(["--seconds", "1"]) == 0
     out = capsys.readouterr().out

@@ -18,6 +18,7 @@ import pytest
 from client import __version__, logsetup
 from client.cli import apply_cli_overrides, build_parser, main
 from client.config import Settings, load_settings, save_settings
+from tests.waiting import scaled
 
 TOKEN = "tok-9f8e7d6c5b4a"
 REPO = Path(__file__).resolve().parents[1]
@@ -140,6 +141,8 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 # --- run mode overrides ------------------------------------------------------------------
 
 
+# Slow: detecting the device runs the GPU probe, a child process that imports torch.
+@pytest.mark.slow
 def test_server_and_name_overrides_are_saved_before_running(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -195,7 +198,7 @@ def test_python_dash_m_prints_config_path(tmp_path: Path) -> None:
         env=env,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=scaled(60),
         check=False,
     )
     assert done.returncode == 0, done.stderr
@@ -287,6 +290,8 @@ def test_config_file_is_valid_toml_after_cli_use(tmp_path: Path) -> None:
     assert data["autostart"] is True
 
 
+# Slow: detecting the device runs the GPU probe, a child process that imports torch.
+@pytest.mark.slow
 def test_info_prints_device_and_resources_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info"]) == 0
     report = json.loads(capsys.readouterr().out)

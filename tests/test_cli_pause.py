@@ -24,6 +24,7 @@ from client.device import detect_device
 from client.protocol import BatteryStatus
 from client.session import DistributedClient
 from tests.server_harness import REPO_ROOT, running_server, subprocess_env
+from tests.waiting import scaled
 
 
 @pytest.fixture
@@ -175,7 +176,7 @@ def test_pause_and_resume_reach_a_running_client_process(tmp_path: Path) -> None
                     env=env,
                     capture_output=True,
                     text=True,
-                    timeout=60,
+                    timeout=scaled(60),
                     check=False,
                 )
                 assert done.returncode == 0, done.stderr
@@ -210,12 +211,12 @@ def test_pause_and_resume_reach_a_running_client_process(tmp_path: Path) -> None
                 what="the timed pause ended by `fedtray-client resume`",
             )
             client.send_signal(signal.SIGTERM)
-            assert client.wait(60) == 0
+            assert client.wait(scaled(60)) == 0
         finally:
             if client.poll() is None:
                 client.kill()
-                client.wait(30)
-        reader.join(10)
+                client.wait(scaled(30))
+        reader.join(scaled(10))
         text = "".join(lines)
         assert "state: paused: Paused by you" in text, text
 
@@ -252,4 +253,4 @@ def test_battery_threshold_flag_is_saved_and_applied(
             )
             assert "training resumes at 75 %" in _device(status)["pauseDetail"]
         finally:
-            assert client.stop(30)
+            assert client.stop(scaled(30))

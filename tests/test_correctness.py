@@ -26,6 +26,7 @@ from client.session import DistributedClient
 from client.tasks import get_task
 from client.weights import StateDict, decode
 from tests.server_harness import ServerHandle, running_server
+from tests.waiting import scale_waits, scaled
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -51,11 +52,11 @@ def clients(tmp_path: Path) -> Iterator[Callable[[str], DistributedClient]]:
         )
         made.append(client)
         client.start()
-        return client
+        return scale_waits(client)
 
     yield make
     for client in made:
-        assert client.stop(30)
+        assert client.stop(scaled(30))
 
 
 def capture_updates(server: ServerHandle) -> list[StateDict]:

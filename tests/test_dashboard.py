@@ -33,6 +33,8 @@ from server_harness import (
     running_server,
 )
 
+from tests.waiting import scaled
+
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
 ARTIFACTS = REPO_ROOT / "test-artifacts"
@@ -139,8 +141,8 @@ class Page:
         return result["result"].get("value")
 
     async def wait_js(self, expression: str, timeout: float = 15.0, what: str = "") -> Any:
-        """Poll ``expression`` until it is truthy; return its value."""
-        deadline = time.monotonic() + timeout
+        """Poll ``expression`` until it is truthy; return its value (``timeout`` scaled)."""
+        deadline = time.monotonic() + scaled(timeout)
         value: Any = None
         while time.monotonic() < deadline:
             value = await self.js(expression)
@@ -193,7 +195,7 @@ async def browser(tmp_path: Path) -> AsyncIterator[Page]:
         )
     try:
         port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + scaled(30)
         while not (port_file.exists() and port_file.read_text().strip()):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(
@@ -221,7 +223,7 @@ async def browser(tmp_path: Path) -> AsyncIterator[Page]:
                 await page.close()
     finally:
         proc.kill()
-        proc.wait(30)
+        proc.wait(scaled(30))
 
 
 async def open_dashboard(page: Page, url: str) -> None:
@@ -336,7 +338,7 @@ def test_dashboard_shows_rounds_devices_and_escapes_names(tmp_path: Path) -> Non
             ids = {d.device_id for d in (alpha, evil, gamma, silent)}
             await page.wait_js(
                 f"!!{ROW.format(id=silent.device_id)}?.querySelector('[data-stale]')",
-                timeout=20,
+                timeout=scaled(20),
                 what="the silent device marked stale",
             )
             shown = await page.js(
@@ -404,4 +406,4 @@ def test_dashboard_banner_when_server_is_down_then_recovers(tmp_path: Path) -> N
         assert page.exceptions == [], page.exceptions
         assert await page.js("document.getElementById('errors').textContent") == ""
 
-    asyncio.run(asyncio.wait_for(in_browser(scenario), 100))
+    asyncio.run(asyncio.wait_for(in_browser(scenario), scaled(100)))

@@ -28,6 +28,7 @@ from client.device import (
 )
 from client.errors import FedtrayError
 from client.protocol import GpuInfo, parse
+from tests.waiting import scaled
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -153,6 +154,8 @@ def test_torch_version_reported_iff_torch_installed() -> None:
 # --- real detection on this machine ------------------------------------------------------
 
 
+# Slow: the real GPU probe is a child process that imports torch.
+@pytest.mark.slow
 def test_detect_device_on_this_machine(tmp_path: Path) -> None:
     info = detect_device(cache_dir=tmp_path)
     assert info.platform.os == platform.system()
@@ -215,7 +218,7 @@ def test_detect_device_never_imports_torch(tmp_path: Path) -> None:
         [sys.executable, "-c", code],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=scaled(120),
         env=env,
         cwd=tmp_path,
         check=False,
@@ -229,6 +232,8 @@ def test_detect_device_never_imports_torch(tmp_path: Path) -> None:
 # --- GPU cache -----------------------------------------------------------------------------
 
 
+# Slow: the real GPU probe is a child process that imports torch.
+@pytest.mark.slow
 def test_gpu_cache_written_and_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(device, "torch_version", lambda: "2.13.0")
     probe = CountingProbe(real=True)
@@ -384,6 +389,8 @@ def test_probe_that_cannot_start_gives_none(
     assert "could not start" in caplog.text
 
 
+# Slow: the real GPU probe is a child process that imports torch.
+@pytest.mark.slow
 def test_real_probe_succeeds_from_a_foreign_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -407,7 +414,7 @@ def test_gpu_probe_prints_null_without_torch() -> None:
         [sys.executable, "-c", code],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=scaled(60),
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         check=False,
     )
@@ -421,7 +428,7 @@ def test_gpu_probe_module_does_not_import_torch() -> None:
         [sys.executable, "-c", code],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=scaled(60),
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         check=False,
     )

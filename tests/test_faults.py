@@ -62,7 +62,7 @@ from tests.server_harness import (
     subprocess_env,
 )
 from tests.tcpproxy import TcpProxy
-from tests.waiting import wait_until
+from tests.waiting import scale_waits, scaled, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -90,11 +90,11 @@ def make_client(tmp_path: Path) -> Iterator[Callable[..., DistributedClient]]:
             **kwargs,
         )
         made.append(client)
-        return client
+        return scale_waits(client)
 
     yield make
     for client in made:
-        assert client.stop(30), "the session did not stop in time"
+        assert client.stop(scaled(30)), "the session did not stop in time"
 
 
 class _Counting:
@@ -507,14 +507,14 @@ def test_client_process_killed_mid_training_resumes_from_its_checkpoint(tmp_path
             children = psutil.Process(proc.pid).children(recursive=True)
             assert children, "the worker child must exist while training"
             proc.kill()
-            proc.wait(30)
+            proc.wait(scaled(30))
             # The worker notices its parent's pipe closing and leaves (no orphan trains on).
-            _gone, alive = psutil.wait_procs(children, timeout=20)
+            _gone, alive = psutil.wait_procs(children, timeout=scaled(20))
             assert not alive, f"orphaned worker processes: {alive}"
         finally:
             if proc.poll() is None:
                 proc.kill()
-                proc.wait(30)
+                proc.wait(scaled(30))
         # Nothing writes it any more: this is where the restarted client must go on from.
         [checkpoint] = work.glob("*.ckpt")
         position = _checkpoint_position(checkpoint)
@@ -538,7 +538,7 @@ def test_client_process_killed_mid_training_resumes_from_its_checkpoint(tmp_path
             )
         finally:
             restarted.terminate()
-            out, _ = restarted.communicate(timeout=60)
+            out, _ = restarted.communicate(timeout=scaled(60))
     # Same identity after the restart (the settings file kept the device id).
     assert [d["id"] for d in status["devices"]] == [device["id"]]
     [completed] = [r for r in status["history"] if r["outcome"] == "completed"]

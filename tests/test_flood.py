@@ -22,6 +22,7 @@ import socketio
 
 from client.protocol import EV_HEARTBEAT
 from tests.server_harness import ScriptedDevice, ServerHandle, run_devices, running_server
+from tests.waiting import scaled
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +67,7 @@ async def _flood(url: str, keep_going: Any) -> tuple[int, Counter[str], list[Any
             gone.set()
 
         rogue.on("disconnect", on_disconnect)
-        await rogue.connect(url, transports=["websocket"], wait_timeout=10)
+        await rogue.connect(url, transports=["websocket"], wait_timeout=round(scaled(10)))
         try:
             while not gone.is_set() and sent < MAX_EVENTS:
                 event = EV_HEARTBEAT if sent % 2 else "flood:junk"
@@ -80,7 +81,7 @@ async def _flood(url: str, keep_going: Any) -> tuple[int, Counter[str], list[Any
                     # the rogue notices being dropped and comes back for more.
                     await asyncio.sleep(0.001)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(gone.wait(), 10)
+                await asyncio.wait_for(gone.wait(), scaled(10))
         finally:
             await rogue.disconnect()
     return sent, acks, drops

@@ -65,7 +65,7 @@ from tests.server_harness import (
     resources,
     running_server,
 )
-from tests.waiting import wait_until
+from tests.waiting import scale_waits, scaled, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -373,6 +373,7 @@ def victim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Victim]:
         backoff=Backoff(base=0.05, cap=0.2),
         settings_file=None,
     )
+    scale_waits(client)
     client.start()
     try:
         client.wait_for(lambda s: s.connection == "connected", 30)
@@ -384,7 +385,7 @@ def victim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Victim]:
         beats = fake.heartbeats
         wait_until(lambda: fake.heartbeats > beats, 10, "a heartbeat after the barrage")
     finally:
-        assert client.stop(30)
+        assert client.stop(scaled(30))
         fake.close()
         loop.close()
 

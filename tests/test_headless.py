@@ -13,6 +13,7 @@ import pytest
 from client.config import Settings
 from client.headless import EXIT_ENDED, change_line, run_client, status_rows
 from client.snapshot import ClientSnapshot, Progress
+from tests.waiting import scaled
 
 BASE = ClientSnapshot(
     settings=Settings(
@@ -119,6 +120,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# Slow: detecting the device runs the GPU probe, a child process that imports torch.
+@pytest.mark.slow
 def test_no_reconnect_exits_1_with_a_one_line_reason(capsys: pytest.CaptureFixture[str]) -> None:
     settings = Settings(server_url=f"http://127.0.0.1:{_free_port()}", device_name="t")
     code = run_client(argparse.Namespace(no_reconnect=True), settings)
@@ -141,7 +144,7 @@ def test_cli_no_reconnect_in_a_subprocess(tmp_path: Path) -> None:
         check=False,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=scaled(120),
     )
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot reach the server")

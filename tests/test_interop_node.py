@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from tests.server_harness import REPO_ROOT, running_server
+from tests.waiting import scaled
 
 INTEROP_DIR = REPO_ROOT / "tests" / "interop"
 CLIENT = INTEROP_DIR / "fedtray-node-client.mjs"
@@ -57,7 +58,7 @@ def node() -> str:
             env=env,
             capture_output=True,
             text=True,
-            timeout=300,
+            timeout=scaled(300),
             check=False,
         )
         assert proc.returncode == 0, f"npm failed:\n{proc.stdout}\n{proc.stderr}"

@@ -33,6 +33,7 @@ from xharness import XSession, _poll, xsession  # noqa: F401  (fixture)
 from client import __version__
 from client.config import Settings, save_settings
 from client.snapshot import ClientSnapshot
+from tests.waiting import scaled
 from tray.menu import MenuEntry, build_menu
 
 # The build alone takes minutes; each test's limit includes the shared fixture's setup.
@@ -91,7 +92,7 @@ def package(tmp_path_factory: pytest.TempPathFactory) -> Installed:
         assert len(debs) == 1, f"expected one .deb in dist/, found {debs}"
         deb = debs[0]
     root = tmp_path_factory.mktemp("deb-root")
-    subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True, timeout=300)
+    subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True, timeout=scaled(300))
     return Installed(deb, root)
 
 
@@ -174,7 +175,7 @@ def test_deb_installs_commands_menu_entry_and_icon(package: Installed) -> None:
     def field(name: str) -> str:
         done = subprocess.run(
             ["dpkg-deb", "--field", str(package.deb), name],
-            capture_output=True, text=True, check=True, timeout=60,
+            capture_output=True, text=True, check=True, timeout=scaled(60),
         )  # fmt: skip
         return done.stdout.strip()
 
@@ -189,7 +190,7 @@ def test_deb_installs_commands_menu_entry_and_icon(package: Installed) -> None:
 def test_uninstall_scripts_leave_user_data_alone(package: Installed, tmp_path: Path) -> None:
     control = tmp_path / "control"
     subprocess.run(["dpkg-deb", "--control", str(package.deb), str(control)], check=True,
-                   timeout=60)  # fmt: skip
+                   timeout=scaled(60))  # fmt: skip
     scripts = [p for p in control.iterdir() if p.name in ("preinst", "postinst", "prerm", "postrm")]
     assert {p.name for p in scripts} >= {"postrm"}
     for script in scripts:
@@ -255,7 +256,7 @@ def test_packaged_client_completes_a_round(package: Installed, tmp_path: Path) -
         finally:
             if proc.poll() is None:
                 proc.terminate()
-                proc.wait(30)
+                proc.wait(scaled(30))
     output = log.read_text(errors="replace")
     record = status["history"][0]
     assert record["outcome"] == "completed", f"{record}\nclient output:\n{output}"
@@ -300,7 +301,7 @@ def packaged_tray(
         finally:
             if proc.poll() is None:
                 proc.kill()
-                proc.wait(10)
+                proc.wait(scaled(10))
 
 
 def test_packaged_tray_docks_and_quits(
@@ -337,7 +338,7 @@ def test_packaged_tray_docks_and_quits(
     _poll(menu_open, 15, "the packaged tray's menu to open")
     presses = _quit_presses(server.url)
     xsession.xdotool("key", "--delay", "60", *(["Down"] * presses), "Return")
-    code = proc.wait(20)
+    code = proc.wait(scaled(20))
     output = log.read_text(errors="replace")
     assert code == 0, output
     assert "Traceback" not in output

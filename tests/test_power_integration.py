@@ -36,9 +36,10 @@ from client.protocol import (
 from client.session import DistributedClient, user_decision
 from client.settings_watch import SettingsFileWatch, merge_live, parse_settings_bytes
 from client.snapshot import ALLOW, ClientSnapshot, PauseDecision
+from client.worker import DEFAULT_PROGRESS_INTERVAL
 from tests.device_info import quick_device_info
 from tests.server_harness import HolderDevice, ServerHandle, running_server
-from tests.waiting import holds_for, wait_until
+from tests.waiting import holds_for, scale_waits, scaled, wait_until
 
 LOW = BatteryStatus(percent=20.0, plugged_in=False)
 HIGH = BatteryStatus(percent=90.0, plugged_in=False)
@@ -211,11 +212,11 @@ def make_client(tmp_path: Path) -> Iterator[Callable[..., DistributedClient]]:
             **kwargs,
         )
         made.append(client)
-        return client
+        return scale_waits(client)
 
     yield make
     for client in made:
-        assert client.stop(30), "the session did not stop in time"
+        assert client.stop(scaled(30)), "the session did not stop in time"
 
 
 def _device(status: dict[str, Any], device_id: str) -> dict[str, Any]:
@@ -303,11 +304,16 @@ def test_low_battery_pauses_within_the_bound_and_resumes(
         print(
             f"pause latency: server {server_latency:.3f} s, checkpoint {checkpoint_latency:.3f} s"
         )
-        assert server_latency < POLL + 2.5
-        assert checkpoint_latency < POLL + 3.0
+        assert server_latency < POLL + scaled(2.5)
+        assert checkpoint_latency < POLL + scaled(3.0)
         # While paused no training happens: progress stays where it stopped.
         frozen = client.snapshot().progress.fraction
-        holds_for(lambda: client.snapshot().progress.fraction == frozen, 1.0, "the progress frozen")
+        # A running worker reports progress every DEFAULT_PROGRESS_INTERVAL: two of them.
+        holds_for(
+            lambda: client.snapshot().progress.fraction == frozen,
+            2 * DEFAULT_PROGRESS_INTERVAL,
+            "the progress frozen",
+        )
         t1 = time.monotonic()
         battery.set(HIGH)
         server.wait_for(
@@ -352,7 +358,9 @@ def test_paused_device_refuses_starts_and_is_never_selected(
             weight_format="safetensors",
         )
         ack = server.run(
-            server.server.sio.call(EV_TRAINING_START, start.to_wire(), to=record.sid, timeout=10),
+            server.server.sio.call(
+                EV_TRAINING_START, start.to_wire(), to=record.sid, timeout=scaled(10)
+            ),
             timeout=15,
         )
         assert ack["accepted"] is False
@@ -382,7 +390,7 @@ def test_paused_device_refuses_starts_and_is_never_selected(
 
         holds_for(
             still_waiting,
-            2.0,
+            4 * server.config.heartbeat_interval,
             "the server waiting with no new round, the device paused",
             interval=0.1,
         )
@@ -499,7 +507,7 @@ def _restart_round(
             assert rnd is not None
             index = rnd.selected.index(device_id)
             if restart:
-                assert first.stop(30)
+                assert first.stop(scaled(30))
                 [checkpoint] = _checkpoints(data_dir)  # written, not deleted by stop()
                 assert checkpoint.stat().st_size > 0
                 assert updates == []
@@ -593,7 +601,7 @@ def test_user_pause_survives_a_restart(
         client.pause()
         server.wait_for(lambda st: _device(st, settings.device_id)["pauseReason"] == "user_paused")
         wait_until(lambda: load_settings(path).paused, 5, "the pause saved")
-        assert client.stop(30)
+        assert client.stop(scaled(30))
         again = _settings_file_client(make_client, server.url, path)
         assert again.snapshot().device_state == "paused"
         again.start()
@@ -651,7 +659,7 @@ def test_a_timed_pause_ends_by_itself_and_clears_the_file(
         client.subscribe(lambda s: details.append(s.pause_detail))
         client.start()
         client.wait_for(lambda s: s.connection == "connected", 30)
-        until = datetime.now(UTC) + timedelta(seconds=2)
+        until = datetime.now(UTC) + timedelta(seconds=scaled(2))
         client.pause(until=until)
         expected = f"Paused by you until {until.astimezone():%H:%M}"
         status = server.wait_for(
@@ -692,10 +700,10 @@ def test_a_timed_pause_survives_a_restart_within_its_window(
         first = _settings_file_client(make_client, server.url, path)
         first.start()
         first.wait_for(lambda s: s.connection == "connected", 30)
-        until = datetime.now(UTC) + timedelta(seconds=8)
+        until = datetime.now(UTC) + timedelta(seconds=scaled(8))
         first.pause(until=until)
         wait_until(lambda: load_settings(path).paused_until == until, 5, "the deadline saved")
-        assert first.stop(30)
+        assert first.stop(scaled(30))
         expected = f"Paused by you until {until.astimezone():%H:%M}"
         again = _settings_file_client(make_client, server.url, path)
         assert (again.snapshot().device_state, again.snapshot().pause_detail) == (

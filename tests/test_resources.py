@@ -22,6 +22,7 @@ from client.resources import (
     parse_simulated_battery,
     read_battery,
 )
+from tests.waiting import scaled
 
 # psutil's own shape (sbattery) for battery readings: no battery exists on the test
 # machine, so made-up readings are the only way to exercise the conversion.
@@ -173,7 +174,7 @@ def test_first_snapshot_is_meaningful_from_another_thread() -> None:
     result: list[ResourceSnapshot] = []
     worker = threading.Thread(target=lambda: result.append(monitor.snapshot()))
     worker.start()
-    worker.join(timeout=30)
+    worker.join(timeout=scaled(30))
     assert not worker.is_alive()
     assert result[0].cpu_percent > 0
 

@@ -18,6 +18,7 @@ from server_harness import (
 )
 
 from server.cli import build_parser, config_from_args
+from tests.waiting import scaled
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
@@ -43,7 +44,7 @@ def test_bad_flags_give_one_line_and_status_2(
         env=subprocess_env(tmp_path),
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=scaled(60),
     )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -58,7 +59,7 @@ def test_unknown_task_fails_to_start_with_status_1(tmp_path: Path) -> None:
         env=subprocess_env(tmp_path),
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=scaled(60),
     )
     assert proc.returncode == 1
     assert "fedtray-server: error: task 'nope'" in proc.stderr
@@ -98,7 +99,7 @@ def test_restart_continues_from_saved_version_and_round(tmp_path: Path) -> None:
         run_devices(_one_round(proc.url, 1))
         # --rounds 2 counts rounds in total; with --exit-when-done the process stops by
         # itself after round 2.
-        assert proc.wait(60) == 0
+        assert proc.wait(scaled(60)) == 0
         output = proc.output()
     assert "resuming task synthetic" in output and "version 1 after 1 completed rounds" in output
     assert "all 2 rounds are complete" in output

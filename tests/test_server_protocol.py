@@ -47,7 +47,7 @@ def test_registration_ack_event_and_reconnect_keep_one_entry(tmp_path: Path) -> 
         dev = ScriptedDevice(srv.url, name="laptop-1")
         ack = await dev.join()
         assert ack["ok"] is True and ack["deviceId"] == dev.device_id
-        assert ack["heartbeatIntervalSec"] == 0.5
+        assert ack["heartbeatIntervalSec"] == srv.config.heartbeat_interval
         assert ack["task"] == "synthetic" and ack["globalVersion"] == 0
         assert ack["limits"] == Limits().to_wire()
         await dev.until(lambda: len(dev.registered_events) == 1, what="device:registered")
@@ -97,15 +97,15 @@ def test_device_goes_stale_after_three_missed_heartbeats(tmp_path: Path) -> None
     async def scenario(srv: ServerHandle) -> None:
         dev = ScriptedDevice(srv.url, name="quiet")
         await dev.join()
-        # The status computes staleness when asked; the round loop re-checks who is
-        # eligible at least once per heartbeat interval, so the reason follows shortly.
+        # Stale after 3 heartbeat intervals; the round loop re-checks who is eligible at
+        # least once per interval, so the waiting reason says so within one more.
         await srv.await_status(
             lambda s: (
                 bool(s["devices"])
                 and s["devices"][0]["stale"]
-                and "1 stale" in (s["currentRound"] or {}).get("waitingReason", "")
+                and "1 stale" in ((s["currentRound"] or {}).get("waitingReason") or "")
             ),
-            timeout=5,
+            timeout=5 * srv.config.heartbeat_interval + 5,
             what="stale, and said so in the waiting reason",
         )
         beating = asyncio.create_task(dev.heartbeat_forever(period=0.1))

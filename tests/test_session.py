@@ -38,9 +38,18 @@ from tests.server_harness import (
     server_process,
     subprocess_env,
 )
-from tests.waiting import holds_for, wait_until
+from tests.waiting import holds_for, scaled, wait_until
 
 pytestmark = pytest.mark.slow
+
+#: The session's reconnect backoff in these tests (seconds, not scaled: a client setting).
+BACKOFF_CAP = 0.5
+#: Round timeout (reference seconds) for rounds trained by the real worker: the first one
+#: includes starting the worker process and importing torch there, many seconds on a busy
+#: machine. With the harness's 10 s default such a round timed out under load; the retry
+#: found the session still cancelling it ("busy"), and every retry 0.2 s later was refused
+#: the same way until the worker was free: dozens of rounds abandoned in one wait.
+WORKER_ROUND_TIMEOUT = 90.0
 
 
 @pytest.fixture
@@ -56,7 +65,7 @@ def make_client(tmp_path: Path) -> Iterator[Callable[..., DistributedClient]]:
             settings,
             device_info=quick_device_info(),
             data_dir=kwargs.pop("data_dir", tmp_path / f"client{len(made)}"),
-            backoff=Backoff(base=0.1, cap=0.5),
+            backoff=Backoff(base=0.1, cap=BACKOFF_CAP),
             settings_file=kwargs.pop("settings_file", None),
             **kwargs,
         )
@@ -65,17 +74,19 @@ def make_client(tmp_path: Path) -> Iterator[Callable[..., DistributedClient]]:
 
     yield make
     for client in made:
-        assert client.stop(30), "the session did not stop in time"
+        assert client.stop(scaled(30)), "the session did not stop in time"
 
 
 def _wait(client: DistributedClient, pred: Callable[[ClientSnapshot], bool], t: float = 60) -> Any:
-    return client.wait_for(pred, t)
+    return client.wait_for(pred, scaled(t))
 
 
 def test_register_round_submit_and_global(
     tmp_path: Path, make_client: Callable[..., DistributedClient]
 ) -> None:
-    with running_server(tmp_path, min_clients=1, clients_per_round=1, rounds=2) as server:
+    with running_server(
+        tmp_path, min_clients=1, clients_per_round=1, rounds=2, round_timeout=WORKER_ROUND_TIMEOUT
+    ) as server:
         client = make_client(server.url)
         seen: list[ClientSnapshot] = []
         client.subscribe(seen.append)
@@ -117,7 +128,9 @@ def test_user_pause_refuses_rounds_persists_and_resumes(
     tmp_path: Path, make_client: Callable[..., DistributedClient]
 ) -> None:
     settings_file = tmp_path / "settings.toml"  # missing: the session writes its own
-    with running_server(tmp_path, min_clients=1, clients_per_round=1, rounds=1) as server:
+    with running_server(
+        tmp_path, min_clients=1, clients_per_round=1, rounds=1, round_timeout=WORKER_ROUND_TIMEOUT
+    ) as server:
         client = make_client(server.url, paused=True, settings_file=settings_file)
         client.start()
         _wait(client, lambda s: s.connection == "connected")
@@ -330,7 +343,9 @@ def test_layout_mismatch_is_reported_with_its_code(
     # A valid weights document of the wrong model, held as the server's version 0.
     wrong = encode({"weight": np.zeros((2, 2), dtype=np.float32)})
     GlobalStore(data_dir / "global").save(version=0, task="synthetic", data=wrong)
-    with running_server(tmp_path, min_clients=1, clients_per_round=1, rounds=1) as server:
+    with running_server(
+        tmp_path, min_clients=1, clients_per_round=1, rounds=1, round_timeout=WORKER_ROUND_TIMEOUT
+    ) as server:
         client = make_client(server.url, data_dir=data_dir)
         with caplog.at_level(logging.INFO):
             client.start()
@@ -363,10 +378,10 @@ def test_refused_token_gives_auth_failed_without_a_tight_loop(
             assert "refused this device's token" in (snap.last_error or "")
             retry_in = snap.retry_in()
             assert retry_in is not None and retry_in > 50, "must wait the maximum backoff"
-            # No new attempt is made meanwhile: wait a little past what backoff would allow.
+            # No new attempt is made meanwhile: wait well past what backoff would allow.
             holds_for(
                 lambda: client.snapshot().connection == "auth_failed",
-                1.5,
+                3 * BACKOFF_CAP,
                 "no new connection attempt",
                 interval=0.1,
             )
@@ -384,6 +399,7 @@ from client.config import Settings
 from client.session import DistributedClient
 from client.device import detect_device
 from pathlib import Path
+from tests.waiting import scaled
 
 def main():
     c = DistributedClient(Settings(server_url=sys.argv[1], device_name="sim"),
@@ -391,18 +407,20 @@ def main():
                           data_dir=Path(sys.argv[2]))
     c.start()
     try:
-        s = c.wait_for(lambda s: s.rounds_completed >= 1 and s.weights_version == 1, 90)
+        s = c.wait_for(lambda s: s.rounds_completed >= 1 and s.weights_version == 1, scaled(90))
         print(json.dumps({"simulation": s.simulation, "version": s.weights_version,
                           "torch_loaded": sys.modules.get("torch") is not None}))
     finally:
-        c.stop(30)
+        c.stop(scaled(30))
 
 if __name__ == "__main__":
     main()
 """
     path = tmp_path / "sim_client.py"
     path.write_text(script)
-    with running_server(tmp_path, min_clients=1, clients_per_round=1, rounds=1) as server:
+    with running_server(
+        tmp_path, min_clients=1, clients_per_round=1, rounds=1, round_timeout=WORKER_ROUND_TIMEOUT
+    ) as server:
         proc = subprocess.run(
             [sys.executable, str(path), server.url, str(tmp_path / "sim-data")],
             cwd=REPO_ROOT,
@@ -410,7 +428,7 @@ if __name__ == "__main__":
             check=False,
             capture_output=True,
             text=True,
-            timeout=150,
+            timeout=scaled(150),
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -429,7 +447,9 @@ def test_disk_error_keeping_the_update_is_reported_and_the_session_goes_on(
     data_dir = tmp_path / "client0"
     data_dir.mkdir()
     (data_dir / "pending").write_text("a file where the pending folder should be")
-    with running_server(tmp_path, min_clients=1, clients_per_round=1, rounds=1) as server:
+    with running_server(
+        tmp_path, min_clients=1, clients_per_round=1, rounds=1, round_timeout=WORKER_ROUND_TIMEOUT
+    ) as server:
         client = make_client(server.url, data_dir=data_dir)
         with caplog.at_level(logging.INFO):
             client.start()

@@ -19,6 +19,7 @@ from client.tasks import available_tasks, get_task
 from client.tasks.digits import DigitsTask
 from client.trainer import LocalTrainer, TrainJob
 from client.weights import decode
+from tests.waiting import scaled
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN_SRC = ROOT / "tests" / "plugin_task"
@@ -37,7 +38,7 @@ def test_importing_tasks_and_listing_them_does_not_import_torch() -> None:
         check=False,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=scaled(60),
     )
     assert done.returncode == 0, done.stderr
     assert "'digits'" in done.stdout and "'synthetic'" in done.stdout
@@ -187,7 +188,7 @@ def plugin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         check=False,
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=scaled(180),
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert list(target.glob("fedtray_echo_task-*.dist-info/entry_points.txt"))

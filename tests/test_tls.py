@@ -36,7 +36,7 @@ from tests.server_harness import (
     server_process,
     subprocess_env,
 )
-from tests.waiting import poll
+from tests.waiting import poll, scale_waits, scaled
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +52,7 @@ class Pki:
 
 def _openssl(*args: str, cwd: Path) -> None:
     done = subprocess.run(
-        ["openssl", *args], cwd=cwd, capture_output=True, text=True, timeout=60, check=False
+        ["openssl", *args], cwd=cwd, capture_output=True, text=True, timeout=scaled(60), check=False
     )
     assert done.returncode == 0, f"openssl {' '.join(args)} failed: {done.stderr}"
 
@@ -96,13 +96,14 @@ def _client(tmp_path: Path, url: str, ca_file: Path | None) -> DistributedClient
     settings = Settings(
         server_url=url, device_name="tls-dev", ca_file=str(ca_file) if ca_file else None
     )
-    return DistributedClient(
+    client = DistributedClient(
         settings,
         device_info=quick_device_info(),
         data_dir=tmp_path / "client",
         backoff=Backoff(base=0.2, cap=1.0),
         settings_file=None,
     )
+    return scale_waits(client)
 
 
 @pytest.fixture
@@ -110,12 +111,12 @@ def clients() -> Iterator[list[DistributedClient]]:
     made: list[DistributedClient] = []
     yield made
     for client in made:
-        assert client.stop(30), "the session did not stop in time"
+        assert client.stop(scaled(30)), "the session did not stop in time"
 
 
 def _https_json(url: str, ca: Path) -> dict[str, Any]:
     ctx = ssl.create_default_context(cafile=str(ca))
-    with urllib.request.urlopen(url, timeout=10, context=ctx) as resp:
+    with urllib.request.urlopen(url, timeout=scaled(10), context=ctx) as resp:
         data: dict[str, Any] = json.loads(resp.read().decode("utf-8"))
     return data
 
@@ -215,11 +216,11 @@ def test_client_registers_over_tls_with_the_ca(
         )
         assert status["devices"][0]["name"] == "tls-dev"
         ctx = ssl.create_default_context(cafile=str(pki.ca))
-        with urllib.request.urlopen(f"{url}/", timeout=10, context=ctx) as resp:
+        with urllib.request.urlopen(f"{url}/", timeout=scaled(10), context=ctx) as resp:
             assert resp.status == 200 and b"<html" in resp.read().lower()
         # Plain HTTP to the TLS port does not get the status.
         with pytest.raises(OSError):
-            urllib.request.urlopen(f"http://127.0.0.1:{server.port}/api/status", timeout=5)
+            urllib.request.urlopen(f"http://127.0.0.1:{server.port}/api/status", timeout=scaled(5))
 
 
 def test_client_without_the_ca_says_not_trusted(
@@ -276,7 +277,7 @@ def test_server_process_with_a_bad_key_exits_with_one_line(tmp_path: Path, pki: 
         env=subprocess_env(tmp_path),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=scaled(120),
         check=False,
     )
     assert done.returncode == 1

@@ -24,6 +24,7 @@ import socketio
 from client.cli import main as client_main
 from client.config import config_path
 from tests.server_harness import REPO_ROOT, ScriptedDevice, server_process, subprocess_env
+from tests.waiting import scaled
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +76,7 @@ def test_token_never_leaks_from_a_real_server_and_client(tmp_path: Path) -> None
         env=env,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=scaled(60),
         check=False,
     )
     assert set_token.returncode == 0, set_token.stderr
@@ -120,10 +121,10 @@ def test_token_never_leaks_from_a_real_server_and_client(tmp_path: Path) -> None
         finally:
             client.send_signal(signal.SIGINT)
             try:
-                client_out, client_err = client.communicate(timeout=60)
+                client_out, client_err = client.communicate(timeout=scaled(60))
             except subprocess.TimeoutExpired:
                 client.kill()
-                client_out, client_err = client.communicate(timeout=30)
+                client_out, client_err = client.communicate(timeout=scaled(30))
         assert server.terminate() == 0
         server_out = server.output()
     # The logs were written at DEBUG, so there was plenty of text to leak into.

@@ -28,6 +28,7 @@ from xharness import XSession, _poll, xsession  # noqa: F401  (fixture)
 
 from client.config import Settings, save_settings
 from client.snapshot import ClientSnapshot
+from tests.waiting import scaled
 from tray.menu import MenuEntry, build_menu
 
 pytestmark = pytest.mark.slow
@@ -130,10 +131,10 @@ def launched_tray(
         if proc.poll() is None:
             proc.terminate()
             try:
-                proc.wait(10)
+                proc.wait(scaled(10))
             except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.wait(10)
+                proc.wait(scaled(10))
 
 
 def config_file(tmp_path: Path) -> Path:
@@ -203,7 +204,7 @@ def test_tray_end_to_end(tray: tuple[Tray, Any], xsession: XSession) -> None:  #
 
     started = time.monotonic()
     app.choose("Quit", CONNECTED)
-    code = app.proc.wait(15)
+    code = app.proc.wait(scaled(15))
     elapsed = time.monotonic() - started
     assert code == 0, app.output()
     assert elapsed < 10, f"Quit took {elapsed:.1f} s"
@@ -222,7 +223,7 @@ def test_second_launch_is_refused(tray: tuple[Tray, Any], xsession: XSession) ->
             env[key] = value
     second = subprocess.run(
         [sys.executable, "-m", "tray"], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=60, check=False,
+        timeout=scaled(60), check=False,
     )  # fmt: skip
     assert second.returncode == 1
     assert f"fedtray is already running (process {app.proc.pid})" in second.stderr
@@ -236,7 +237,7 @@ def test_sigterm_quits_like_the_menu(tray: tuple[Tray, Any]) -> None:
     server.wait_for(lambda s: device(s).get("connected") is True, 30, "the tray's device online")
     started = time.monotonic()
     app.proc.send_signal(signal.SIGTERM)
-    code = app.proc.wait(15)
+    code = app.proc.wait(scaled(15))
     assert code == 0, app.output()
     assert time.monotonic() - started < 10
     assert "terminated by a signal: quitting" in app.output()

@@ -20,9 +20,9 @@ from PIL import Image
 from client import __version__
 from client.config import Settings, SettingsError, load_settings, save_settings, update_settings
 from client.snapshot import ClientSnapshot
-from tests.waiting import holds_for
+from tests.waiting import holds_for, scaled
 from tray import single_instance
-from tray.app import TrayApp
+from tray.app import TICK_S, TrayApp
 from tray.autostart import AutostartEnv
 from tray.menu import MenuEntry, MenuNode, find_entry
 from tray.settings_dialog import validate_form
@@ -111,7 +111,7 @@ def test_version_starts_nothing() -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=scaled(60),
         check=False,
     )
     assert proc.returncode == 0
@@ -227,7 +227,7 @@ class FakeIcon:
 
     def run(self, setup: Callable[[], None]) -> None:
         setup()
-        assert self.stopped.wait(20), "the app did not quit"
+        assert self.stopped.wait(scaled(20)), "the app did not quit"
 
     def stop(self) -> None:
         self.stopped.set()
@@ -313,7 +313,11 @@ def test_app_follows_session_and_menu_drives_it(
     # ...and the session, not the tray, ends it: the tray keeps no timer of its own.
     clock.t += 2 * 3600.0
     app._wake.set()
-    holds_for(lambda: client.calls[-1] == "pause", 1.5, "no resume from the tray's clock")
+    # The wake-up runs the tray's loop at once; wait half a tick more (scaled: a busy
+    # machine may run that loop late).
+    holds_for(
+        lambda: client.calls[-1] == "pause", scaled(1.5 * TICK_S), "no resume from the tray's clock"
+    )
     client.end_timed_pause()
     wait_until(lambda: icon.titles[-1].startswith("fedtray — connected"), "resumed title")
     wait_until(lambda: find_entry(icon.menus[-1], "Pause training") is not None, "pause item")
@@ -339,7 +343,7 @@ def test_app_follows_session_and_menu_drives_it(
     icon.click("Disconnect")
     wait_until(lambda: client.calls[-1] == "disconnect", "disconnect")
     icon.click("Quit")
-    thread.join(10)
+    thread.join(scaled(10))
     assert not thread.is_alive()
     assert client.calls[-1] == "stop"
 
@@ -364,7 +368,7 @@ def test_settings_window_saves_through_the_file_and_leaves_the_facade_alone(
     assert load_settings(_config).server_url == "http://127.0.0.1:9"
     assert client.changes == []  # the session follows the file; no call from that thread
     icon.click("Quit")
-    thread.join(10)
+    thread.join(scaled(10))
     assert not thread.is_alive()
 
 
@@ -386,7 +390,7 @@ def test_menu_follows_settings_changed_by_another_process(
     _client.follow_file()
     wait_until(lambda: threshold_checked("Above 80 %"), "the menu shows the new threshold")
     icon.click("Quit")
-    thread.join(10)
+    thread.join(scaled(10))
     assert not thread.is_alive()
 
 
@@ -408,7 +412,7 @@ def test_tooltip_shows_a_deadline_set_by_another_process(
     client.follow_file()
     wait_until(lambda: icon.titles[-1] == "Paused by you", "the deadline dropped")
     icon.click("Quit")
-    thread.join(10)
+    thread.join(scaled(10))
     assert not thread.is_alive()
 
 

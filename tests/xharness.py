@@ -34,6 +34,8 @@ from typing import IO, Any
 
 import pytest
 
+from tests.waiting import scaled
+
 # program -> Debian package that provides it
 REQUIRED = {
     "Xvfb": "xvfb",
@@ -49,7 +51,10 @@ TRAY_HEIGHT = 32
 
 
 def _poll(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Call ``check`` until it returns something truthy; raise TimeoutError otherwise."""
+    """Call ``check`` until it returns something truthy; raise TimeoutError otherwise.
+
+    ``timeout`` is in reference seconds (scaled, see tests/waiting.py)."""
+    timeout = scaled(timeout)
     deadline = time.monotonic() + timeout
     last: Any = None
     while True:
@@ -62,9 +67,11 @@ def _poll(check: Callable[[], Any], timeout: float, what: str, interval: float =
 
 
 def _read_line(stream: IO[str], proc: subprocess.Popen[str], timeout: float, what: str) -> str:
-    """One line from a child's stdout, failing clearly if it exits or stays silent."""
+    """One line from a child's stdout, failing clearly if it exits or stays silent
+    (``timeout``: reference seconds, scaled)."""
     import selectors
 
+    timeout = scaled(timeout)
     sel = selectors.DefaultSelector()
     sel.register(stream, selectors.EVENT_READ)
     try:
@@ -74,7 +81,7 @@ def _read_line(stream: IO[str], proc: subprocess.Popen[str], timeout: float, wha
     finally:
         sel.close()
     if not line:
-        raise RuntimeError(f"{what}: exited with code {proc.wait(5)} before it was ready")
+        raise RuntimeError(f"{what}: exited with code {proc.wait(scaled(5))} before it was ready")
     return line.strip()
 
 
@@ -111,7 +118,12 @@ class XSession:
 
     def run(self, *args: str, check: bool = True) -> str:
         proc = subprocess.run(
-            list(args), env=self.env, capture_output=True, text=True, timeout=30, check=False
+            list(args),
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=scaled(30),
+            check=False,
         )
         if check and proc.returncode != 0:
             raise RuntimeError(f"{args[0]} failed ({proc.returncode}): {proc.stderr.strip()}")
@@ -186,10 +198,10 @@ class XSession:
                 proc.terminate()
         for proc in reversed(self._procs):
             try:
-                proc.wait(5)
+                proc.wait(scaled(5))
             except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.wait(5)
+                proc.wait(scaled(5))
 
 
 def _missing_programs() -> list[str]:
@@ -223,7 +235,10 @@ def start_xsession(workdir: Path) -> XSession:
                 problem = (workdir / "xvfb.log").read_text(errors="replace").strip()
                 raise RuntimeError(f"Xvfb exited with code {xvfb.returncode}: {problem}")
             probe = subprocess.run(
-                ["xdpyinfo", "-display", display], capture_output=True, timeout=10, check=False
+                ["xdpyinfo", "-display", display],
+                capture_output=True,
+                timeout=scaled(10),
+                check=False,
             )
             return probe.returncode == 0
 
@@ -232,7 +247,7 @@ def start_xsession(workdir: Path) -> XSession:
         with contextlib.suppress(OSError):
             subprocess.run(
                 ["xsetroot", "-solid", "#5e6a7d"], env={**os.environ, "DISPLAY": display},
-                timeout=10, check=False,
+                timeout=scaled(10), check=False,
             )  # fmt: skip
 
         bus = subprocess.Popen(
