@@ -75,6 +75,8 @@ class Key:
     """A running session applies a change at once (else at the next start)."""
     fixed: str | None = None
     """Why ``config set`` cannot change the key, or None when it can."""
+    default_words: str | None = None
+    """The default in words, when it is made at first start (else the field's default)."""
 
 
 # ---------------------------------------------------------------------------
@@ -184,7 +186,7 @@ class Settings(BaseModel):
         str,
         Key(
             "an http://, https://, ws:// or wss:// URL with a host",
-            "the training server to connect to",
+            "http/https/ws/wss URL of the training server",
             live=True,
         ),
         AfterValidator(_check_server_url),
@@ -193,8 +195,9 @@ class Settings(BaseModel):
         str,
         Key(
             f"1 to {MAX_NAME_LEN} printable characters, not only spaces",
-            "the name the server's dashboard shows for this device",
+            "shown to the server's operator (1–64 characters)",
             live=True,
+            default_words="host name + suffix",
         ),
         AfterValidator(_check_device_name),
     ] = Field(default_factory=_new_device_name)
@@ -202,8 +205,9 @@ class Settings(BaseModel):
         str,
         Key(
             "a UUID such as 3f0c8a52-6d1e-4b8e-9a43-0d2a1f7e5c11",
-            "this device's permanent identity on the server",
+            "the device's identity on the server; never changes",
             live=False,
+            default_words="a UUID, generated once",
             fixed=(
                 "device_id is this device's permanent identity on the server and cannot be "
                 "changed; delete the config file to start over as a new device"
@@ -215,7 +219,7 @@ class Settings(BaseModel):
         int,
         Key(
             "a whole percent from 0 to 100 (100 = only when plugged in, 0 = always)",
-            "on battery, train only above this charge",
+            "train on battery only above this percent (100: only when plugged in; 0: always)",
             live=True,
         ),
         AfterValidator(_percent_check("battery_threshold", 100)),
@@ -224,29 +228,31 @@ class Settings(BaseModel):
         int,
         Key(
             "a whole percent from 0 to 50",
-            "after a battery pause, resume only this many percent above the threshold",
+            "after a low-battery pause, resume at threshold + this",
             live=True,
         ),
         AfterValidator(_percent_check("battery_hysteresis", 50)),
     ] = 5
     paused: Annotated[
-        bool, Key(_BOOL_WORDS, "the user paused training (survives restarts)", live=True)
+        bool, Key(_BOOL_WORDS, "the user's pause, kept across restarts", live=True)
     ] = False
     auth_token: Annotated[
         str | None,
         Key(
             f"1 to {MAX_TOKEN_LEN} printable characters without spaces, or 'none' to clear it",
-            "the token the server asks for (never printed)",
+            "token the server requires, if any (never printed)",
             live=True,
         ),
         AfterValidator(_check_token),
     ] = None
-    autostart: Annotated[bool, Key(_BOOL_WORDS, "start the tray app at login", live=False)] = False
+    autostart: Annotated[
+        bool, Key(_BOOL_WORDS, "start the tray app at login (the tray's menu follows)", live=True)
+    ] = False
     ca_file: Annotated[
         str | None,
         Key(
             "the path of a PEM CA bundle, or 'none' to clear it",
-            "a private CA that signed an https:// server's certificate",
+            "a private CA bundle to trust for `https://` servers",
             live=True,
         ),
         AfterValidator(_check_ca_file),
@@ -255,7 +261,11 @@ class Settings(BaseModel):
         datetime | None,
         Key(
             "a date and time with a time zone (e.g. 2026-05-04T13:30:00Z), or unset",
-            "when a timed pause ends by itself",
+            (
+                "when a timed pause ends (UTC date-time; set by `fedtray-client pause --for "
+                '1h` or the tray\'s "Pause for 1 hour", cleared by `resume`; the client '
+                "resumes by itself then, even after a restart)"
+            ),
             live=True,
             fixed=(
                 "paused_until is set together with the pause: use `fedtray-client pause --for "

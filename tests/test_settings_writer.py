@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from client import settings_model
+from client import settings_doc, settings_model
 from client.config import (
     ALLOWED,
     KEYS,
@@ -38,7 +38,7 @@ FIXED_ID = "3f0c8a52-6d1e-4b8e-9a43-0d2a1f7e5c11"
         ("battery_hysteresis", True, True),
         ("paused", True, True),
         ("auth_token", True, True),
-        ("autostart", False, True),
+        ("autostart", True, True),
         ("ca_file", True, True),
         ("paused_until", True, False),
     ],
@@ -51,6 +51,18 @@ def test_each_key_is_declared_once_with_its_traits(key: str, live: bool, settabl
 
 def test_every_field_of_the_model_is_a_declared_key() -> None:
     assert set(KEYS) == set(Settings.model_fields) == set(settings_model.SPECS)
+
+
+def test_the_readme_settings_table_is_current() -> None:
+    readme = settings_doc.README_PATH.read_text(encoding="utf-8")
+    assert settings_doc.with_table(readme) == readme, "run `python -m client.settings_doc`"
+    for key in KEYS:
+        assert f"| `{key}` |" in readme
+
+
+def test_the_table_needs_its_markers() -> None:
+    with pytest.raises(ValueError, match="the README needs the lines"):
+        settings_doc.with_table("# no table here\n")
 
 
 # --- update_settings: read, merge, validate, write ---------------------------------------
