@@ -12,7 +12,7 @@ Stable API:
   ``.xdotool(*args)``, ``.screenshot(path, box=None)``, ``.window_geometry(wid)``.
 
 Nothing sleeps blindly: every wait polls a condition with a timeout and fails with the
-last state it saw. Run ``python tests/xharness.py --notification-service FILE`` to start
+last state it saw. Run ``python -m tests.xharness --notification-service FILE`` to start
 only the notification service (that is how the fixture starts it): it owns
 ``org.freedesktop.Notifications`` on the session bus, appends each notification as one
 JSON line to FILE and prints ``ready`` once the name is owned.
@@ -270,9 +270,9 @@ def start_xsession(workdir: Path) -> XSession:
 
         notify_log = workdir / "notifications.jsonl"
         service = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--notification-service",
+            [sys.executable, "-m", "tests.xharness", "--notification-service",
              str(notify_log)],
-            env=env, stdout=subprocess.PIPE, text=True,
+            env=env, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent,
         )  # fmt: skip
         procs.append(service)
         assert service.stdout is not None
