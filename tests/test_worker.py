@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -171,7 +171,8 @@ def test_progress_is_throttled_and_pause_resume_is_bit_identical(
     progress = events.of(ProgressEvent)
     assert 1 <= len(progress) <= 2 * elapsed + 1
     messages = [
-        TrainingProgress.model_validate({**p.progress, "state": "training"}) for p in progress
+        TrainingProgress.model_validate({**asdict(p.progress), "state": "training"})
+        for p in progress
     ]
     assert messages[-1].fraction == 1.0  # the last one of the round is always sent
     assert len(messages) < 4 * 1438 / 10  # throttled: far fewer than one per batch
