@@ -384,7 +384,7 @@ def test_simulated_round_delivers_typed_events_throttled_in_the_child(
     # 10 steps in ~0.5 s, throttled to one per 0.5 s: far fewer than one per step.
     assert 1 <= len(progress) <= 2 * elapsed + 1 < 10
     assert progress[-1].fraction == 1.0 and progress[-1].step == progress[-1].steps
-    wire = TrainingProgress.model_validate({**progress[-1], "state": "training"})
+    wire = TrainingProgress.model_validate({**asdict(progress[-1]), "state": "training"})
     assert wire.round_id == "typed" and wire.batch_size == 32
     assert events.kinds()[-1] == "Done" and events.threads == {"fedtray-worker-reader"}
 
