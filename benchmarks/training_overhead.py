@@ -164,7 +164,7 @@ def worker_run(
     progress_interval: float = DEFAULT_PROGRESS_INTERVAL,
 ) -> tuple[float, list[tuple[float, int]], int]:
     """(end-to-end seconds, [(receive time, global step)], steps per epoch) of one round."""
-    from client.worker import Cancelled, Done, Failed, Progress, TrainingWorker, WorkerEvent
+    from client.worker import Cancelled, Done, Failed, ProgressEvent, TrainingWorker, WorkerEvent
 
     events: list[tuple[float, int]] = []
     finished = threading.Event()
@@ -173,10 +173,10 @@ def worker_run(
 
     def on_event(event: WorkerEvent) -> None:
         now = time.perf_counter()
-        if isinstance(event, Progress):
+        if isinstance(event, ProgressEvent):
             p = event.progress
-            steps_per_epoch[0] = int(p["steps"])
-            events.append((now, (int(p["epoch"]) - 1) * int(p["steps"]) + int(p["step"])))
+            steps_per_epoch[0] = p.steps
+            events.append((now, (p.epoch - 1) * p.steps + p.step))
         elif isinstance(event, Done | Failed | Cancelled):
             outcome.append(event)
             finished.set()

@@ -2,11 +2,13 @@
 
 Contract:
 
-* :meth:`PendingStore.add` moves the worker's update file into the pending directory
-  FIRST and then writes its JSON sidecar (round id, task, base version, sample count,
-  metrics, size, SHA-256, format), both atomically (:mod:`client.atomicfile`). An entry
-  exists only once its sidecar exists. On a disk error it raises :class:`OSError`, and
-  the update is left where it was (moved back when the sidecar could not be written).
+* :meth:`PendingStore.add` takes a finished job's output from the work directory's
+  owner (:meth:`client.workfiles.JobFiles.handing_over_output`: this module never moves
+  or deletes a work file itself) into the pending directory FIRST and then writes its
+  JSON sidecar (round id, task, base version, sample count, metrics, size, SHA-256,
+  format), both atomically (:mod:`client.atomicfile`). An entry exists only once its
+  sidecar exists. On a disk error it raises :class:`OSError`, and the update is left
+  where it was (the owner moves it back when the sidecar could not be written).
 * :meth:`PendingStore.entries` lists complete entries, oldest first. Leftovers of a
   crash (a data file without sidecar, a sidecar without data, temp files) are removed
   with a log line; a sidecar that does not validate is renamed ``*.corrupt`` (kept for
@@ -33,10 +35,11 @@ from typing import Final
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from client.atomicfile import move_into, write_atomic
+from client.atomicfile import write_atomic
 from client.config import data_dir
 from client.errors import FedtrayError
 from client.protocol import Identifier, Metrics, NonNegInt, PosInt, Sha256Hex, WeightFormat
+from client.workfiles import JobFiles
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +110,7 @@ class PendingStore:
 
     def add(
         self,
-        source: Path,
+        source: JobFiles,
         *,
         round_id: str,
         task: str,
@@ -117,12 +120,13 @@ class PendingStore:
         fmt: WeightFormat,
         created: float,
     ) -> PendingUpdate:
-        """Move ``source`` into the store and record its sidecar; raise OSError on disk errors.
+        """Take ``source``'s output into the store and record its sidecar; raise OSError
+        on disk errors (the output is then back in the work directory).
 
         An earlier entry for the same round is replaced (a round is trained once per base).
         """
         data_path, sidecar_path = self._paths(round_id)
-        size, sha = _file_sha256(source)
+        size, sha = _file_sha256(source.output)
         sidecar = _Sidecar(
             round_id=round_id,
             task=task,
@@ -134,14 +138,8 @@ class PendingStore:
             format=fmt,
             created=created,
         )
-        move_into(source, data_path)
-        try:
+        with source.handing_over_output(data_path):
             write_atomic(sidecar_path, sidecar.model_dump_json().encode("utf-8"))
-        except OSError:
-            # Put the update back where the worker left it rather than orphan it here.
-            with contextlib.suppress(OSError):
-                move_into(data_path, source)
-            raise
         return self._entry(sidecar, data_path, sidecar_path)
 
     def entries(self) -> list[PendingUpdate]:

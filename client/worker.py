@@ -76,7 +76,6 @@ __all__ = [
     "Done",
     "Failed",
     "Paused",
-    "Progress",
     "ProgressEvent",
     "ProgressThrottle",
     "Resumed",
@@ -90,9 +89,6 @@ log = logging.getLogger(__name__)
 DEFAULT_IDLE_TIMEOUT = 300.0
 DEFAULT_PROGRESS_INTERVAL = 0.5
 _POLL_SECONDS = 0.2
-
-#: The former name of :class:`client.worker_messages.ProgressEvent`.
-Progress = ProgressEvent
 
 
 def torch_available() -> bool:

@@ -25,10 +25,10 @@ Contract:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 from pydantic import JsonValue
 
@@ -118,13 +118,12 @@ class TrainResult:
 
 
 @dataclass(frozen=True)
-class TrainProgress(Mapping[str, Any]):
+class TrainProgress:
     """Where a running round is; field names and meanings are those of
     :class:`client.protocol.TrainingProgress` (``epoch`` and ``step`` count from 1).
 
-    It also reads as a read-only mapping of its fields, so
-    ``TrainingProgress.model_validate({**p, "state": "training"})`` builds the wire
-    message (and code written against the former dict shape keeps working).
+    The worker's owner converts it, in one place, into the wire message and the
+    snapshot's :class:`client.snapshot.Progress` (see :mod:`client.session.rounds`).
     """
 
     round_id: str
@@ -137,19 +136,6 @@ class TrainProgress(Mapping[str, Any]):
     samples_per_sec: float | None = None
     batch_size: int | None = None
 
-    def __getitem__(self, key: str) -> Any:
-        if key not in _PROGRESS_FIELDS:
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(_PROGRESS_FIELDS)
-
-    def __len__(self) -> int:
-        return len(_PROGRESS_FIELDS)
-
-
-_PROGRESS_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(TrainProgress))
 
 ProgressCallback = Callable[[TrainProgress], None]
 

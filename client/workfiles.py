@@ -2,8 +2,7 @@
 
 Contract:
 
-* :func:`work_key` (also :func:`work_stem`, its former name) names one piece of training
-  work and its files
+* :func:`work_key` names one piece of training work and its files
   (``work-v<base_version>-<24 hex>``; the checkpoint is ``<stem>.ckpt``, the output
   ``<stem>.safetensors``). The hash covers exactly what decides the result of the work:
   the task, its model parameters, the training config (seed included), the data
@@ -28,24 +27,27 @@ Contract:
   a file that cannot be deleted is logged and skipped. It never raises for file problems.
 * :class:`WorkDir` is the ONE owner of the work directory: it builds jobs (key and file
   names), creates the directory and deletes stale files; :class:`JobFiles` is the only
-  writer and deleter of one job's checkpoint and output (the trainers use it). Nothing
-  else creates or deletes files there.
+  writer, deleter and mover of one job's checkpoint and output (the trainers and the
+  session use it). A finished output leaves the work directory only through
+  :meth:`JobFiles.handing_over_output` (e.g. to :class:`client.pending.PendingStore`).
+  Nothing else creates, deletes or moves files there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import re
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from pydantic import JsonValue
 
-from client.atomicfile import write_atomic
+from client.atomicfile import move_into, write_atomic
 from client.protocol import Partition, TrainingConfig
 from client.worker_messages import DEFAULT_CHECKPOINT_INTERVAL, TrainJob
 
@@ -57,7 +59,6 @@ __all__ = [
     "remove_stale",
     "stale_work_files",
     "work_key",
-    "work_stem",
 ]
 
 log = logging.getLogger(__name__)
@@ -89,10 +90,6 @@ def work_key(
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()
     return f"work-v{base_version}-{digest[:24]}"
-
-
-#: The former name of :func:`work_key`.
-work_stem = work_key
 
 
 def stale_work_files(
@@ -178,6 +175,24 @@ class JobFiles:
 
     def write_output(self, data: bytes | bytearray) -> None:
         write_atomic(self.output, data)
+
+    @contextlib.contextmanager
+    def handing_over_output(self, target: Path) -> Iterator[Path]:
+        """Hand the finished output to its next owner: move it to ``target`` (outside the
+        work directory) for the ``with`` block, which records it there.
+
+        When the block raises, the output is moved back (best effort: the work is not
+        lost) and the error passes on; from a block that returns, ``target`` belongs to
+        the receiver. ``OSError`` from the first move passes through, the output left in
+        place.
+        """
+        move_into(self.output, target)
+        try:
+            yield target
+        except BaseException:
+            with contextlib.suppress(OSError):
+                move_into(target, self.output)
+            raise
 
 
 class WorkDir:

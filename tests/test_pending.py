@@ -10,17 +10,20 @@ from pathlib import Path
 import pytest
 
 from client.errors import FedtrayError
-from client.pending import PendingStore, default_pending_dir
+from client.pending import PendingStore, _stem, default_pending_dir
+from client.workfiles import JobFiles, WorkDir
 
 
-def _update_file(tmp_path: Path, content: bytes = b"weights-bytes") -> Path:
-    src = tmp_path / "work" / "update.safetensors"
-    src.parent.mkdir(parents=True, exist_ok=True)
-    src.write_bytes(content)
-    return src
+def _update_file(tmp_path: Path, content: bytes = b"weights-bytes") -> JobFiles:
+    """A finished job's output in the work folder, as the trainer leaves it."""
+    work = WorkDir(tmp_path / "work")
+    work.directory.mkdir(parents=True, exist_ok=True)
+    files = work.files(f"work-v3-{'a' * 24}")
+    files.write_output(content)
+    return files
 
 
-def _add(store: PendingStore, src: Path, round_id: str = "r-1", created: float = 1.0) -> None:
+def _add(store: PendingStore, src: JobFiles, round_id: str = "r-1", created: float = 1.0) -> None:
     store.add(
         src,
         round_id=round_id,
@@ -42,7 +45,7 @@ def test_lifecycle_add_list_read_remove(tmp_path: Path) -> None:
     store = PendingStore(tmp_path / "pending")
     src = _update_file(tmp_path)
     _add(store, src)
-    assert not src.exists(), "the update must be moved, not copied"
+    assert not src.output.exists(), "the update must be moved, not copied"
     [entry] = store.entries()
     assert entry.round_id == "r-1"
     assert entry.base_version == 3
@@ -122,4 +125,17 @@ def test_disk_error_raises_and_keeps_the_update(tmp_path: Path) -> None:
     src = _update_file(tmp_path)
     with pytest.raises(OSError):
         _add(store, src)
-    assert src.read_bytes() == b"weights-bytes", "nothing may be lost on a disk error"
+    assert src.output.read_bytes() == b"weights-bytes", "nothing may be lost on a disk error"
+
+
+def test_a_sidecar_that_cannot_be_written_hands_the_update_back(tmp_path: Path) -> None:
+    directory = tmp_path / "pending"
+    # A directory where the sidecar goes: the data moves in, then the sidecar write fails.
+    (directory / f"{_stem('r-1')}.json").mkdir(parents=True)
+    store = PendingStore(directory)
+    src = _update_file(tmp_path)
+    with pytest.raises(OSError):
+        _add(store, src)
+    assert src.output.read_bytes() == b"weights-bytes", "the update must be back in the work folder"
+    assert not (directory / f"{_stem('r-1')}.update").exists()
+    assert store.entries() == []

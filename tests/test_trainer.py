@@ -6,7 +6,7 @@ import functools
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +149,7 @@ def test_progress_reports_validate_as_training_progress(tmp_path: Path) -> None:
     LocalTrainer(device="cpu").run(_job(tmp_path), on_progress=seen.append)
     assert len(seen) == 2 * math.ceil(479 / 32)
     assert all(isinstance(p, TrainProgress) and p.round_id == "round-1" for p in seen)
-    messages = [TrainingProgress.model_validate({**p}) for p in seen]
+    messages = [TrainingProgress.model_validate(asdict(p)) for p in seen]
     assert [m.epoch for m in messages[:2]] == [1, 1] and messages[-1].epoch == 2
     assert messages[-1].fraction == 1.0 and messages[-1].step == messages[-1].steps == 15
     fractions = [m.fraction for m in messages]

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -171,7 +171,8 @@ def test_progress_is_throttled_and_pause_resume_is_bit_identical(
     progress = events.of(ProgressEvent)
     assert 1 <= len(progress) <= 2 * elapsed + 1
     messages = [
-        TrainingProgress.model_validate({**p.progress, "state": "training"}) for p in progress
+        TrainingProgress.model_validate({**asdict(p.progress), "state": "training"})
+        for p in progress
     ]
     assert messages[-1].fraction == 1.0  # the last one of the round is always sent
     assert len(messages) < 4 * 1438 / 10  # throttled: far fewer than one per batch
@@ -383,7 +384,7 @@ def test_simulated_round_delivers_typed_events_throttled_in_the_child(
     # 10 steps in ~0.5 s, throttled to one per 0.5 s: far fewer than one per step.
     assert 1 <= len(progress) <= 2 * elapsed + 1 < 10
     assert progress[-1].fraction == 1.0 and progress[-1].step == progress[-1].steps
-    wire = TrainingProgress.model_validate({**progress[-1], "state": "training"})
+    wire = TrainingProgress.model_validate({**asdict(progress[-1]), "state": "training"})
     assert wire.round_id == "typed" and wire.batch_size == 32
     assert events.kinds()[-1] == "Done" and events.threads == {"fedtray-worker-reader"}
 

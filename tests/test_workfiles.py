@@ -9,7 +9,7 @@ import pytest
 
 from client.protocol import Partition, TrainingConfig
 from client.worker_messages import TrainJob
-from client.workfiles import WorkDir, remove_stale, stale_work_files, work_stem
+from client.workfiles import WorkDir, remove_stale, stale_work_files, work_key
 
 WORK: dict[str, Any] = {
     "task": "digits",
@@ -26,8 +26,8 @@ OLD = "round-" + "d" * 24
 
 
 def test_the_stem_is_stable_and_names_the_base_version() -> None:
-    stem = work_stem(**WORK)
-    assert stem == work_stem(**{**WORK, "model_params": {"hidden": 16}})
+    stem = work_key(**WORK)
+    assert stem == work_key(**{**WORK, "model_params": {"hidden": 16}})
     assert stem.startswith("work-v4-") and len(stem) == len("work-v4-") + 24
     assert stale_work_files([f"{stem}.ckpt"], keep={stem}) == []  # its own names parse
 
@@ -47,7 +47,7 @@ def test_the_stem_is_stable_and_names_the_base_version() -> None:
     ],
 )
 def test_any_change_of_the_work_changes_the_stem(change: dict[str, Any]) -> None:
-    assert work_stem(**{**WORK, **change}) != work_stem(**WORK)
+    assert work_key(**{**WORK, **change}) != work_key(**WORK)
 
 
 @pytest.mark.parametrize(
@@ -118,7 +118,7 @@ def _job_in(work: WorkDir, base: Path, **changes: Any) -> TrainJob:
 def test_the_work_dir_computes_the_key_once_and_names_the_files_by_it(tmp_path: Path) -> None:
     work = WorkDir(tmp_path / "work")
     job = _job_in(work, tmp_path / "base.safetensors", checkpoint_interval=7.5)
-    assert job.work_key == work_stem(**WORK)
+    assert job.work_key == work_key(**WORK)
     assert job.checkpoint_path == work.directory / f"{job.work_key}.ckpt"
     assert job.output_path == work.directory / f"{job.work_key}.safetensors"
     assert job.base_sha256 == WORK["base_sha256"] and job.checkpoint_interval == 7.5
@@ -146,3 +146,21 @@ def test_the_work_dir_prepares_a_job_and_drops_older_work(tmp_path: Path) -> Non
     assert sorted(p.name for p in work.directory.iterdir()) == sorted(
         [f"{C}.safetensors", f"{job.work_key}.safetensors", "notes.txt"]
     )
+
+
+def test_handing_over_the_output_moves_it_out_and_back_on_failure(tmp_path: Path) -> None:
+    work = WorkDir(tmp_path / "work")
+    job = _job_in(work, tmp_path / "base.safetensors")
+    work.prepare(job)
+    files = work.files(job.work_key or "")
+    files.write_output(b"trained")
+    target = tmp_path / "pending" / "x.update"
+    with pytest.raises(RuntimeError), files.handing_over_output(target) as moved:
+        assert moved == target and target.read_bytes() == b"trained"
+        assert not files.output.exists()
+        raise RuntimeError("the receiver could not record it")
+    assert files.output.read_bytes() == b"trained" and not target.exists()
+    with files.handing_over_output(target):
+        pass
+    assert target.read_bytes() == b"trained" and not files.output.exists()
+    assert list(work.directory.iterdir()) == []

@@ -7,9 +7,9 @@ Contract (a loop-only object; decoding and disk work run in worker threads):
   (inline or via a blob) is verified against its sha256, decoded with full validation
   (never unpickled) and stored by :class:`client.global_store.GlobalStore` (in
   safetensors, which the trainer reads) as :attr:`BaseWeights.held`.
-* A newer version deletes the work files built on older bases
-  (:func:`client.workfiles.remove_stale`), except those ``busy_stems()`` names (the
-  round being trained, results being kept).
+* A newer version has the work folder's owner delete the work built on older bases
+  (:meth:`client.workfiles.WorkDir.drop_older_than`), except the work ``busy_keys()``
+  names (the round being trained, results being kept).
 * A disk error storing the weights is refused with ``internal_error`` (a
   :class:`client.errors.FedtrayError`, which the handler guard turns into an ErrorAck).
 """
@@ -20,7 +20,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Final
 
 from client.errors import FedtrayError
@@ -37,7 +36,7 @@ from client.protocol import (
 from client.session.hub import SnapshotHub
 from client.transfer import BlobStore
 from client.weights import decode, encode
-from client.workfiles import remove_stale
+from client.workfiles import WorkDir
 
 __all__ = ["CLIENT_MAX_CHUNK_BYTES", "BaseWeights"]
 
@@ -56,13 +55,13 @@ class BaseWeights:
         hub: SnapshotHub,
         store: GlobalStore,
         *,
-        work_dir: Path,
-        busy_stems: Callable[[], set[str]],
+        work: WorkDir,
+        busy_keys: Callable[[], set[str]],
     ) -> None:
         self._hub = hub
         self._store = store
-        self._work_dir = work_dir
-        self._busy_stems = busy_stems
+        self._work = work
+        self._busy_keys = busy_keys
         self.blobs = BlobStore(
             max_chunk_bytes=CLIENT_MAX_CHUNK_BYTES, max_blob_bytes=DEFAULT_MAX_BLOB_BYTES
         )
@@ -96,7 +95,7 @@ class BaseWeights:
         if older:
             # Rounds start only from the held version: work on older bases is dead.
             await asyncio.to_thread(
-                remove_stale, self._work_dir, busy=self._busy_stems(), below_version=held.version
+                self._work.drop_older_than, held.version, busy=self._busy_keys()
             )
         self._hub.publish(weights_version=held.version, task=held.task)
         metrics = ", ".join(f"{k} {v:.4g}" for k, v in message.metrics.items())

@@ -63,6 +63,7 @@ from client.session.uploader import Uploader
 from client.snapshot import FederationResult, PauseDecision
 from client.tasks import available_tasks
 from client.transfer import BlobStore
+from client.workfiles import WorkDir
 
 __all__ = ["SessionCore"]
 
@@ -99,7 +100,7 @@ class SessionCore:
         self.user_pause = UserPause(settings, self.pauses.set)
         self.pauses.register(self.user_pause)
         self.pauses.register(PowerPause(settings, power, self.pauses.set))
-        work_dir = data_dir / "work" if data_dir else default_work_dir()
+        work = WorkDir(data_dir / "work" if data_dir else default_work_dir())
         # Built in dependency order; the link's callbacks reach later parts through
         # this object's methods.
         self.link = ServerLink(
@@ -125,7 +126,7 @@ class SessionCore:
         self.rounds = Rounds(
             hub,
             worker_factory=worker_factory,
-            work_dir=work_dir,
+            work=work,
             checkpoint_interval=checkpoint_interval,
             pending=self.uploads.pending,
             held=lambda: self.weights.held,
@@ -137,8 +138,8 @@ class SessionCore:
         self.weights = BaseWeights(
             hub,
             GlobalStore(data_dir / "global" if data_dir else None),
-            work_dir=work_dir,
-            busy_stems=self.rounds.busy_stems,
+            work=work,
+            busy_keys=self.rounds.busy_keys,
         )
 
     @property

@@ -9,18 +9,24 @@ onto the loop; disk work runs in worker threads):
   ``deadline_passed``). A round offered again that is being trained, or whose update
   is pending, is accepted without new work (the update is sent). ``training:cancel``
   cancels the round being trained (any other is ignored).
-* Work files are named by the training work, not the round id
-  (:func:`client.workfiles.work_stem`): a round re-offered, or retried under a new id
-  with the same partition and base, resumes the same checkpoint. Starting a round
-  deletes the work files of other work, never those of results being kept
-  (:meth:`Rounds.busy_stems`). The worker checkpoints every ``checkpoint_interval``
+* Jobs are built by the one owner of the work folder, :class:`client.workfiles.WorkDir`
+  (:meth:`~client.workfiles.WorkDir.job`), which keys them by the training work, not the
+  round id: a round re-offered, or retried under a new id with the same partition and
+  base, resumes the same checkpoint. Starting a round has the owner delete the work
+  files of other work (:meth:`~client.workfiles.WorkDir.prepare`), never those of
+  results being kept (:meth:`Rounds.busy_keys`). This module never creates, moves or
+  deletes a work file itself. The worker checkpoints every ``checkpoint_interval``
   seconds of training, so even a ``kill -9`` loses at most that much.
-* Progress goes to the snapshot at once and to the server at most every
-  :data:`PROGRESS_INTERVAL_S` (the last one of a burst is never lost). A pause reaches
-  the worker (:meth:`Rounds.pause_changed`), which checkpoints at its next batch
-  boundary; the server gets a ``paused`` progress at once.
-* A finished update is moved into the :class:`client.pending.PendingStore` FIRST
-  (converted to the round's weight format), then the uploader is kicked.
+* Progress: each :class:`client.worker_messages.ProgressEvent` goes to the snapshot and
+  the server as it arrives (the worker's child is THE throttle: at most one per 0.5 s
+  plus the last of the round). :func:`wire_progress` and :func:`snapshot_progress` are
+  THE conversion of a :class:`client.worker_messages.TrainProgress`; a progress sent
+  while the applied decision is a pause says ``paused``. A pause reaches the worker
+  (:meth:`Rounds.pause_changed`), which checkpoints at its next batch boundary; the
+  server gets a ``paused`` progress at once, with the latest position.
+* A finished update is converted to the round's weight format in place and handed to
+  the :class:`client.pending.PendingStore` FIRST (through
+  :meth:`client.workfiles.JobFiles.handing_over_output`), then the uploader is kicked.
 * Worker failures and disk errors are sent as ``training:error`` and the session keeps
   running.
 """
@@ -34,7 +40,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Protocol
 
 from client.config import data_dir
 from client.errors import ErrorCode, FedtrayError
@@ -55,24 +61,34 @@ from client.session.hub import SnapshotHub
 from client.session.tasks import TaskSet
 from client.snapshot import PauseDecision, Progress
 from client.tasks import available_tasks
-from client.trainer import TrainJob, TrainResult
 from client.weights import decode, encode
-from client.workfiles import remove_stale, work_stem
+from client.worker_messages import (
+    Cancelled,
+    Done,
+    Failed,
+    Paused,
+    ProgressEvent,
+    Resumed,
+    TrainJob,
+    TrainProgress,
+    TrainResult,
+    WorkerEvent,
+)
+from client.workfiles import JobFiles, WorkDir
 
 __all__ = [
-    "PROGRESS_INTERVAL_S",
     "ActiveRound",
+    "OnWorkerEvent",
     "Rounds",
     "Worker",
     "WorkerFactory",
     "default_work_dir",
     "default_worker_factory",
+    "snapshot_progress",
+    "wire_progress",
 ]
 
 log = logging.getLogger(__name__)
-
-#: At most 2 progress messages per second to the server.
-PROGRESS_INTERVAL_S: Final = 0.5
 
 
 class Worker(Protocol):
@@ -88,11 +104,14 @@ class Worker(Protocol):
     def shutdown(self) -> object: ...
 
 
-#: Builds the worker; its ``on_event`` callback may be called from any thread.
-WorkerFactory = Callable[[Callable[[object], None]], Worker]
+#: The worker's event callback; it may be called from any thread.
+OnWorkerEvent = Callable[[WorkerEvent], None]
+
+#: Builds the worker from its event callback.
+WorkerFactory = Callable[[OnWorkerEvent], Worker]
 
 
-def default_worker_factory(on_event: Callable[[object], None]) -> Worker:
+def default_worker_factory(on_event: OnWorkerEvent) -> Worker:
     from client.worker import TrainingWorker
 
     worker: Worker = TrainingWorker(on_event=on_event)
@@ -104,12 +123,48 @@ def default_work_dir() -> Path:
     return data_dir() / "work"
 
 
+def wire_progress(progress: TrainProgress, pause: PauseDecision) -> TrainingProgress:
+    """THE wire message of ``progress``: ``paused`` (with the reason) under a pause.
+
+    Raises ``ValueError`` for a progress the wire cannot carry.
+    """
+    paused = not pause.allowed
+    return TrainingProgress(
+        round_id=progress.round_id,
+        epoch=progress.epoch,
+        epochs=progress.epochs,
+        step=progress.step,
+        steps=progress.steps,
+        fraction=progress.fraction,
+        loss=progress.loss,
+        samples_per_sec=progress.samples_per_sec,
+        batch_size=progress.batch_size,
+        state="paused" if paused else "training",
+        pause_reason=pause.reason if paused else None,
+        pause_detail=(pause.detail or None) if paused else None,
+    )
+
+
+def snapshot_progress(progress: TrainProgress) -> Progress:
+    """THE snapshot view of ``progress``."""
+    return Progress(
+        fraction=progress.fraction,
+        epoch=progress.epoch,
+        epochs=progress.epochs,
+        loss=progress.loss,
+        samples_per_sec=progress.samples_per_sec,
+    )
+
+
 @dataclasses.dataclass
 class ActiveRound:
-    """The round being trained here."""
+    """The round being trained here and the latest progress of it (before the first
+    report: epoch 0 of ``config.epochs``)."""
 
     start: TrainingStart
     job: TrainJob
+    key: str
+    progress: TrainProgress
 
 
 class Rounds:
@@ -125,7 +180,7 @@ class Rounds:
         hub: SnapshotHub,
         *,
         worker_factory: WorkerFactory,
-        work_dir: Path,
+        work: WorkDir,
         checkpoint_interval: float,
         pending: PendingStore,
         held: Callable[[], GlobalWeights | None],
@@ -136,7 +191,7 @@ class Rounds:
     ) -> None:
         self._hub = hub
         self._worker_factory = worker_factory
-        self.work_dir = work_dir
+        self._work = work
         self._checkpoint_interval = checkpoint_interval
         self._pending = pending
         self._held = held
@@ -147,23 +202,20 @@ class Rounds:
         self.worker: Worker | None = None
         self.simulation = False
         self.current: ActiveRound | None = None
-        # Stems of finished rounds whose output is still being kept (moved to pending):
-        # no cleanup may touch their files meanwhile.
+        # Work keys of finished rounds whose output is still being kept (handed to
+        # pending): no cleanup may touch their files meanwhile.
         self._keeping: set[str] = set()
         self._background = TaskSet()
-        self._progress_sent_at = 0.0
-        self._progress_pending: TrainingProgress | None = None
-        self._progress_flush: asyncio.TimerHandle | None = None
 
     @property
     def round_id(self) -> str | None:
         return self.current.start.round_id if self.current else None
 
-    def busy_stems(self) -> set[str]:
-        """Work files no cleanup may delete now: results being kept, the round in training."""
+    def busy_keys(self) -> set[str]:
+        """Work no cleanup may touch now: results being kept, the round in training."""
         busy = set(self._keeping)
         if self.current is not None:
-            busy.add(self.current.job.checkpoint_path.stem)
+            busy.add(self.current.key)
         return busy
 
     # -- the worker -------------------------------------------------------------------
@@ -177,44 +229,39 @@ class Rounds:
         self.simulation = bool(getattr(self.worker, "simulation", False))
 
     async def stop_worker(self) -> None:
-        """Send the last progress and shut the worker down (it checkpoints a running round
-        first, so the same round offered again resumes)."""
-        self.flush_progress()
+        """Shut the worker down (it checkpoints a running round first, so the same round
+        offered again resumes)."""
         if self.worker is not None:
             worker, self.worker = self.worker, None
             await asyncio.to_thread(worker.shutdown)
 
-    def _from_worker_thread(self, loop: asyncio.AbstractEventLoop, event: object) -> None:
+    def _from_worker_thread(self, loop: asyncio.AbstractEventLoop, event: WorkerEvent) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: the session ended
             loop.call_soon_threadsafe(self.on_worker_event, event)
 
-    def on_worker_event(self, event: object) -> None:
-        from client import worker as w
-
+    def on_worker_event(self, event: WorkerEvent) -> None:
         rnd = self.current
-        if isinstance(event, w.Progress):
-            self._on_progress(event)
-        elif isinstance(event, w.Paused | w.Resumed):
-            self._state_changed()
-        elif isinstance(event, w.Done):
-            self.flush_progress()
-            self.current = None
-            if rnd is None:
-                log.warning("the worker finished an unknown round; ignoring its result")
-            else:
-                self._keeping.add(rnd.job.checkpoint_path.stem)
-                self._background.spawn(self._keep_result(rnd, event.result))
-            self._state_changed()
-        elif isinstance(event, w.Failed):
-            self.current = None
-            self.report_error(rnd.start.round_id if rnd else None, event.code, event.message)
-            self._state_changed()
-        elif isinstance(event, w.Cancelled):
-            self.current = None
-            log.info("round %s cancelled", rnd.start.round_id if rnd else "-")
-            self._state_changed()
-        else:
-            log.debug("ignoring worker event %r", event)
+        match event:
+            case ProgressEvent(progress=progress):
+                self._on_progress(progress)
+            case Paused() | Resumed():
+                self._state_changed()
+            case Done(result=result):
+                self.current = None
+                if rnd is None:
+                    log.warning("the worker finished an unknown round; ignoring its result")
+                else:
+                    self._keeping.add(rnd.key)
+                    self._background.spawn(self._keep_result(rnd, result))
+                self._state_changed()
+            case Failed(code=code, message=message):
+                self.current = None
+                self.report_error(rnd.start.round_id if rnd else None, code, message)
+                self._state_changed()
+            case Cancelled():
+                self.current = None
+                log.info("round %s cancelled", rnd.start.round_id if rnd else "-")
+                self._state_changed()
 
     def report_error(self, round_id: str | None, code: ErrorCode, message: str) -> None:
         log.error("round %s failed (%s): %s", round_id or "-", code, message)
@@ -257,33 +304,23 @@ class Rounds:
     async def _start(
         self, start: TrainingStart, held: GlobalWeights, worker: Worker
     ) -> dict[str, Any]:
-        # Named by the work, not the round id: the same work offered again (after a
+        # Keyed by the work, not the round id: the same work offered again (after a
         # restart, or retried under a new id) resumes from its checkpoint.
-        stem = work_stem(
+        job = self._work.job(
+            round_id=start.round_id,
             task=start.task,
             model_params=start.model_params,
             config=start.config,
             partition=start.partition,
+            base_weights_path=held.path,
             base_version=start.base_version,
             base_sha256=held.sha256,
-        )
-        job = TrainJob(
-            round_id=start.round_id,
-            task=start.task,
-            model_params=dict(start.model_params),
-            config=start.config,
-            partition=start.partition,
-            base_weights_path=held.path,
-            output_path=self.work_dir / f"{stem}.safetensors",
-            checkpoint_path=self.work_dir / f"{stem}.ckpt",
             checkpoint_interval=self._checkpoint_interval,
         )
+        assert job.work_key is not None  # WorkDir.job always computes it
         try:
-            await asyncio.to_thread(self.work_dir.mkdir, parents=True, exist_ok=True)
             # Checkpoints of other work can never be resumed: only this one's is kept.
-            await asyncio.to_thread(
-                remove_stale, self.work_dir, keep={stem}, busy=set(self._keeping)
-            )
+            await asyncio.to_thread(self._work.prepare, job, busy=set(self._keeping))
             worker.submit(job)
         except OSError as exc:
             return TrainingStartAck(
@@ -291,10 +328,16 @@ class Rounds:
             ).to_wire()
         except FedtrayError as exc:
             return TrainingStartAck(accepted=False, reason="busy", detail=exc.message).to_wire()
-        self.current = ActiveRound(start=start, job=job)
-        self._progress_sent_at = 0.0
-        self._progress_pending = None
-        self._hub.publish(progress=Progress(epochs=start.config.epochs))
+        before_first = TrainProgress(
+            round_id=start.round_id,
+            epoch=0,
+            epochs=start.config.epochs,
+            step=0,
+            steps=1,
+            fraction=0.0,
+        )
+        self.current = ActiveRound(start=start, job=job, key=job.work_key, progress=before_first)
+        self._hub.publish(progress=snapshot_progress(before_first))
         self._state_changed()
         log.info(
             "round %s: training %s for %d epoch(s) from global v%d",
@@ -323,73 +366,27 @@ class Rounds:
             if rnd is not None and self.worker is not None and was_allowed:
                 self.worker.pause()
             if rnd is not None:
-                snap = self._hub.current.progress
-                self.flush_progress()
-                with contextlib.suppress(ValueError):
-                    self._send_progress(
-                        TrainingProgress(
-                            round_id=rnd.start.round_id,
-                            epoch=snap.epoch,
-                            epochs=max(1, snap.epochs or rnd.start.config.epochs),
-                            step=0,
-                            steps=1,
-                            fraction=snap.fraction,
-                            loss=snap.loss,
-                            state="paused",
-                            pause_reason=decision.reason,
-                            pause_detail=decision.detail or None,
-                        )
-                    )
+                self._send_progress(rnd.progress, decision)
         elif not was_allowed and rnd is not None and self.worker is not None:
             self.worker.resume()
 
     # -- progress ---------------------------------------------------------------------
 
-    def _on_progress(self, event: Any) -> None:
+    def _on_progress(self, progress: TrainProgress) -> None:
         rnd = self.current
-        if rnd is None:
+        if rnd is None or progress.round_id != rnd.start.round_id:
+            log.debug("ignoring progress of a round not being trained: %r", progress)
             return
+        rnd.progress = progress
+        self._hub.publish(progress=snapshot_progress(progress))
+        self._send_progress(progress, self._pause())
+
+    def _send_progress(self, progress: TrainProgress, pause: PauseDecision) -> None:
         try:
-            message = TrainingProgress.model_validate(
-                {**event.progress, "round_id": rnd.start.round_id, "state": "training"}
-            )
+            message = wire_progress(progress, pause)
         except ValueError as exc:
-            log.debug("unreportable progress %r: %s", event, exc)
+            log.debug("unreportable progress %r: %s", progress, exc)
             return
-        self._hub.publish(
-            progress=Progress(
-                fraction=message.fraction,
-                epoch=message.epoch,
-                epochs=message.epochs,
-                loss=message.loss,
-                samples_per_sec=message.samples_per_sec,
-            )
-        )
-        self._throttle_progress(message)
-
-    def _throttle_progress(self, message: TrainingProgress) -> None:
-        now = time.monotonic()
-        wait = self._progress_sent_at + PROGRESS_INTERVAL_S - now
-        if wait <= 0:
-            self._send_progress(message)
-            return
-        # Too soon: keep the latest and send it when the interval is up (so the last
-        # update of a burst is never lost).
-        self._progress_pending = message
-        if self._progress_flush is None:
-            loop = asyncio.get_running_loop()
-            self._progress_flush = loop.call_later(wait, self.flush_progress)
-
-    def flush_progress(self) -> None:
-        if self._progress_flush is not None:
-            self._progress_flush.cancel()
-            self._progress_flush = None
-        pending, self._progress_pending = self._progress_pending, None
-        if pending is not None:
-            self._send_progress(pending)
-
-    def _send_progress(self, message: TrainingProgress) -> None:
-        self._progress_sent_at = time.monotonic()
         self._emit(EV_TRAINING_PROGRESS, message.to_wire())
 
     # -- keeping results --------------------------------------------------------------
@@ -398,15 +395,16 @@ class Rounds:
         try:
             await self._keep_result_files(rnd, result)
         finally:
-            self._keeping.discard(rnd.job.checkpoint_path.stem)
+            self._keeping.discard(rnd.key)
 
     async def _keep_result_files(self, rnd: ActiveRound, result: TrainResult) -> None:
         start = rnd.start
+        files = self._work.files(rnd.key)
         try:
-            await asyncio.to_thread(_convert_if_needed, result.output_path, start)
+            await asyncio.to_thread(_convert_if_needed, files, start)
             await asyncio.to_thread(
                 self._pending.add,
-                result.output_path,
+                files,
                 round_id=start.round_id,
                 task=start.task,
                 base_version=start.base_version,
@@ -429,10 +427,8 @@ class Rounds:
         self._kick_uploads()
 
 
-def _convert_if_needed(path: Path, start: TrainingStart) -> None:
+def _convert_if_needed(files: JobFiles, start: TrainingStart) -> None:
     if start.weight_format == "safetensors":
         return
-    from client.atomicfile import write_atomic
-
-    state = decode(path.read_bytes(), "safetensors")
-    write_atomic(path, encode(state, start.weight_format))
+    state = decode(files.output.read_bytes(), "safetensors")
+    files.write_output(encode(state, start.weight_format))

@@ -1,0 +1,210 @@
+"""The session's local rounds (client/session/rounds.py) over a stand-in worker: no
+sockets, no processes. What goes to the server and the snapshot for each worker event,
+and who touches the work folder."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from client.config import Settings
+from client.global_store import GlobalWeights
+from client.pending import PendingStore
+from client.protocol import (
+    EV_TRAINING_PROGRESS,
+    Partition,
+    TrainingConfig,
+    TrainingProgress,
+    TrainingStart,
+    parse,
+)
+from client.session.hub import SnapshotHub
+from client.session.rounds import Rounds, snapshot_progress, wire_progress
+from client.snapshot import ALLOW, ClientSnapshot, PauseDecision, Progress
+from client.worker_messages import (
+    Done,
+    ProgressEvent,
+    TrainJob,
+    TrainProgress,
+    TrainResult,
+    WorkerEvent,
+)
+from client.workfiles import WorkDir, work_key
+
+BATTERY = PauseDecision(allowed=False, reason="battery_low", detail="On battery at 12 %")
+P = TrainProgress(
+    round_id="r7",
+    epoch=2,
+    epochs=3,
+    step=5,
+    steps=9,
+    fraction=0.6,
+    loss=0.5,
+    samples_per_sec=120.0,
+    batch_size=8,
+)
+
+
+@pytest.mark.parametrize(
+    ("pause", "state", "reason", "detail"),
+    [
+        (ALLOW, "training", None, None),
+        (BATTERY, "paused", "battery_low", "On battery at 12 %"),
+        (PauseDecision(allowed=False, reason="user_paused"), "paused", "user_paused", None),
+    ],
+)
+def test_wire_progress_carries_the_position_and_the_pause(
+    pause: PauseDecision, state: str, reason: str | None, detail: str | None
+) -> None:
+    wire = wire_progress(P, pause)
+    assert (wire.round_id, wire.epoch, wire.epochs, wire.step, wire.steps) == ("r7", 2, 3, 5, 9)
+    assert (wire.fraction, wire.loss, wire.samples_per_sec, wire.batch_size) == (
+        0.6,
+        0.5,
+        120.0,
+        8,
+    )
+    assert (wire.state, wire.pause_reason, wire.pause_detail) == (state, reason, detail)
+
+
+def test_snapshot_progress_and_an_unreportable_progress() -> None:
+    assert snapshot_progress(P) == Progress(
+        fraction=0.6, epoch=2, epochs=3, loss=0.5, samples_per_sec=120.0
+    )
+    with pytest.raises(ValueError):
+        wire_progress(TrainProgress("r7", 1, 0, 0, 1, 0.0), ALLOW)  # zero epochs
+
+
+class _Worker:
+    def __init__(self) -> None:
+        self.jobs: list[TrainJob] = []
+        self.calls: list[str] = []
+
+    @property
+    def is_busy(self) -> bool:
+        return False
+
+    def submit(self, job: TrainJob) -> None:
+        self.jobs.append(job)
+
+    def pause(self) -> None:
+        self.calls.append("pause")
+
+    def resume(self) -> None:
+        self.calls.append("resume")
+
+    def cancel(self) -> None:
+        self.calls.append("cancel")
+
+    def shutdown(self) -> None:
+        self.calls.append("shutdown")
+
+
+def test_a_round_from_start_to_pending_update(tmp_path: Path) -> None:
+    asyncio.run(_a_round(tmp_path))
+
+
+async def _a_round(tmp_path: Path) -> None:
+    hub = SnapshotHub(
+        ClientSnapshot(settings=Settings(server_url="http://127.0.0.1:1", device_name="t"))
+    )
+    base = tmp_path / "global.safetensors"
+    base.write_bytes(b"base")
+    held = GlobalWeights(version=3, task="synthetic", path=base, size=4, sha256="ab" * 32)
+    work = WorkDir(tmp_path / "work")
+    pending = PendingStore(tmp_path / "pending")
+    sent: list[tuple[str, dict[str, Any]]] = []
+    pause = [ALLOW]
+    kicked = asyncio.Event()
+    worker = _Worker()
+    events: list[WorkerEvent] = []
+    rounds = Rounds(
+        hub,
+        worker_factory=lambda on_event: worker,
+        work=work,
+        checkpoint_interval=7.5,
+        pending=pending,
+        held=lambda: held,
+        pause=lambda: pause[0],
+        emit=lambda event, payload: sent.append((event, payload)),
+        kick_uploads=kicked.set,
+        state_changed=lambda: None,
+    )
+    await rounds.start_worker()
+    work.directory.mkdir()
+    stale, other = work.directory / f"work-v2-{'e' * 24}.ckpt", work.directory / "notes.txt"
+    stale.write_bytes(b"x")
+    other.write_bytes(b"x")
+    start = TrainingStart(
+        round_id="r7",
+        task="synthetic",
+        config=TrainingConfig(epochs=3, batch_size=8, learning_rate=0.1),
+        partition=Partition(index=0, count=2),
+        base_version=3,
+        deadline=time.time() + 3600,
+    )
+    ack = await rounds.on_training_start(start.to_wire())
+    assert ack["accepted"] is True, ack
+
+    # The job comes from the work folder's owner, keyed once; other work is gone.
+    [job] = worker.jobs
+    assert job.work_key == work_key(
+        task="synthetic",
+        model_params={},
+        config=start.config,
+        partition=start.partition,
+        base_version=3,
+        base_sha256=held.sha256,
+    )
+    assert job.checkpoint_interval == 7.5 and job.base_weights_path == base
+    assert not stale.exists() and other.exists()
+    assert rounds.busy_keys() == {job.work_key}
+    assert hub.current.progress == Progress(epochs=3)
+
+    def progress_sent() -> list[TrainingProgress]:
+        return [parse(TrainingProgress, p) for e, p in sent if e == EV_TRAINING_PROGRESS]
+
+    # No throttle here: every progress the worker sends goes on (the child throttles).
+    for step in (1, 2, 3):
+        events.append(ProgressEvent(TrainProgress("r7", 1, 3, step, 9, step / 27)))
+        rounds.on_worker_event(events[-1])
+    assert [(m.step, m.state) for m in progress_sent()] == [(s, "training") for s in (1, 2, 3)]
+    assert hub.current.progress == Progress(fraction=3 / 27, epoch=1, epochs=3)
+    rounds.on_worker_event(ProgressEvent(TrainProgress("old-round", 1, 3, 4, 9, 0.5)))
+    assert len(progress_sent()) == 3, "progress of another round is not reported"
+
+    # A pause: the worker checkpoints, the server hears "paused" at the latest position.
+    pause[0] = BATTERY
+    rounds.pause_changed(BATTERY, was_allowed=True)
+    assert worker.calls == ["pause"]
+    last = progress_sent()[-1]
+    assert (last.state, last.pause_reason, last.epoch, last.step, last.steps) == (
+        "paused",
+        "battery_low",
+        1,
+        3,
+        9,
+    )
+    # One still in the pipe when the pause arrived says "paused" too.
+    rounds.on_worker_event(ProgressEvent(TrainProgress("r7", 1, 3, 4, 9, 4 / 27)))
+    assert (progress_sent()[-1].state, progress_sent()[-1].step) == ("paused", 4)
+    pause[0] = ALLOW
+    rounds.pause_changed(ALLOW, was_allowed=False)
+    assert worker.calls == ["pause", "resume"]
+
+    # Done: the output is handed from the work folder to the pending store.
+    files = work.files(job.work_key or "")
+    files.write_output(b"trained")
+    rounds.on_worker_event(Done(TrainResult("r7", job.output_path, 10, {"trainLoss": 1.0}, 8)))
+    assert rounds.current is None
+    await asyncio.wait_for(kicked.wait(), 30)
+    entry = pending.get("r7")
+    assert entry is not None and pending.read(entry) == b"trained"
+    assert not files.output.exists()
+    assert rounds.busy_keys() == set()
+    await rounds.stop_worker()
+    assert worker.calls[-1] == "shutdown"
