@@ -136,7 +136,7 @@ def test_merge_live_keeps_the_identity() -> None:
     merged = merge_live(current, other)
     assert merged.device_id == current.device_id  # never changes under a running session
     assert (merged.device_name, merged.paused, merged.battery_threshold) == ("b", True, 80)
-    assert merged.autostart == current.autostart  # not a live key
+    assert merged.autostart  # live: the tray's checkbox follows `fedtray autostart enable`
     assert merge_live(current, current) is current
 
 

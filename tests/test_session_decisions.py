@@ -31,6 +31,7 @@ from client.session.decisions import (
 from client.session.live_settings import LiveSettings
 from client.session.pause import PauseBoard, UserPause
 from client.snapshot import ALLOW, USER_PAUSED, PauseDecision
+from tests.waiting import wait_until_async
 
 NOW = datetime(2026, 5, 4, 12, 0, tzinfo=UTC)
 BATTERY = PauseDecision(allowed=False, reason="battery_low", detail="On battery at 12 %")
@@ -311,10 +312,8 @@ def test_a_timed_pause_ends_by_itself_at_its_deadline() -> None:
         assert board.applied.reason == "user_paused"
         assert live.value.paused_until == NOW + timedelta(milliseconds=50)
         clock[0] = NOW + timedelta(seconds=1)  # the wall clock jumps past the deadline
-        for _ in range(200):
-            if board.applied.allowed:
-                break
-            await asyncio.sleep(0.01)
+        # The deadline task sleeps at most until the deadline it saw (50 ms) between checks.
+        await wait_until_async(lambda: board.applied.allowed, what="the timed pause ended")
         await user.stop()
 
     asyncio.run(scenario())

@@ -233,7 +233,7 @@ def test_restart_from_checkpoint_in_a_fresh_trainer_is_bit_identical(
     resumed = LocalTrainer(device="cpu").run(job, on_progress=progress.append)
     assert resumed.output_path.read_bytes() == plain.output_path.read_bytes()
     assert resumed.metrics["trainLoss"] == plain.metrics["trainLoss"]
-    assert progress[0]["epoch"] == 2  # it did not start over
+    assert progress[0].epoch == 2  # it did not start over
     assert not job.checkpoint_path.exists()
 
 
