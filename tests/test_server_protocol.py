@@ -100,9 +100,11 @@ def test_device_goes_stale_after_three_missed_heartbeats(tmp_path: Path) -> None
         # The status computes staleness when asked; the round loop re-checks who is
         # eligible at least once per heartbeat interval, so the reason follows shortly.
         await srv.await_status(
-            lambda s: bool(s["devices"])
-            and s["devices"][0]["stale"]
-            and "1 stale" in (s["currentRound"] or {}).get("waitingReason", ""),
+            lambda s: (
+                bool(s["devices"])
+                and s["devices"][0]["stale"]
+                and "1 stale" in (s["currentRound"] or {}).get("waitingReason", "")
+            ),
             timeout=5,
             what="stale, and said so in the waiting reason",
         )
