@@ -80,15 +80,14 @@ def event_handlers(cls: type[DeviceNamespace]) -> Mapping[str, str]:
     (an event without a handler, a handler of an event the server does not receive, two
     handlers of one event)."""
     found: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        for attr, value in vars(klass).items():
-            spec = getattr(value, _SPEC_ATTR, None)
-            if not isinstance(spec, EventSpec):
-                continue
-            other = found.get(spec.name)
-            if other is not None and other != attr:
-                raise TypeError(f"{spec.name} has two handlers: {other} and {attr}")
-            found[spec.name] = attr
+    for attr in dir(cls):  # what the class resolves each name to, overrides included
+        spec = getattr(getattr(cls, attr, None), _SPEC_ATTR, None)
+        if not isinstance(spec, EventSpec):
+            continue
+        other = found.get(spec.name)
+        if other is not None:
+            raise TypeError(f"{spec.name} has two handlers: {other} and {attr}")
+        found[spec.name] = attr
     expected = {spec.name for spec in ev.handled_by("server")}
     if missing := expected - set(found):
         raise TypeError(f"{cls.__name__} handles no {sorted(missing)}")

@@ -54,6 +54,7 @@ from typing import Any, TypeVar
 import socketio
 
 from client.protocol import (
+    DEFAULT_CHUNK_BYTES,
     EV_BLOB_CHUNK,
     EV_BLOB_STATUS,
     EV_FEDERATION_FINISHED,
@@ -67,7 +68,6 @@ from client.protocol import (
     BlobChunk,
     BlobProgress,
     BlobStatus,
-    DEFAULT_CHUNK_BYTES,
     WeightsGlobal,
     error_ack,
     parse,
