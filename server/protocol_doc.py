@@ -282,8 +282,9 @@ compatible server or client in another language.
    that registers after the end — a new one, one that reconnects, or any device after
    a restart of a finished server — gets the same: the final `weights:global` when it
    does not hold that version, then `federation:finished`, and never a
-   `training:start`; a late `weights:submit` is refused `round_closed`. A device tells
-   "finished" (this event) from "kicked" (a disconnect without it).
+   `training:start`; a late `weights:submit` is refused (`round_closed`, or `duplicate`
+   for an update already counted). A device tells "finished" (this event) from "kicked"
+   (a disconnect without it).
 
 ## Events
 
