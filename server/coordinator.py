@@ -185,7 +185,7 @@ class RoundCoordinator:
             record.device_id,
         )
 
-    async def accept_update(self, record: DeviceRecord, sub: WeightsSubmit) -> dict[str, Any]:
+    async def accept_update(self, record: DeviceRecord, sub: WeightsSubmit) -> SubmitAccepted:
         """Count a ``weights:submit`` exactly once; the ack. Raises FedtrayError to refuse."""
         rnd = self.phase.round_for(sub.round_id)
         if rnd is None:
@@ -242,7 +242,7 @@ class RoundCoordinator:
             len(rnd.slots),
         )
         self._round_changed.set()
-        return SubmitAccepted(round_id=rnd.round_id, received=received).to_wire()
+        return SubmitAccepted(round_id=rnd.round_id, received=received)
 
     # ============================================================ the loop
 

@@ -1,15 +1,19 @@
 """Weight distribution: getting the global model (and the end of the federation) to devices.
 
 Contract: :class:`Distributor` sends ``weights:global`` in the format each device prefers
-(safetensors when it lists it, else its first format), inline up to the smaller of the
-two chunk limits and as a ``blob:chunk`` transfer above it. :meth:`Distributor.ensure_global`
-sends the current version unless the device already holds it (one send per device at a
-time) and returns whether the device now holds it; it never raises for a peer's failure
-(timeouts, disconnects, refusals are logged and answered False). On success the registry
-records the version the device holds (:meth:`server.registry.Registry.holds_version`).
-:meth:`Distributor.broadcast` starts that for every connected device in the background.
-:meth:`Distributor.deliver_final` sends the final global and then ``federation:finished``,
-at most once per connection.
+(safetensors when it lists it, else json) within the limits towards that device
+(:func:`client.transfer.limits_towards`: the smaller of the server's own and the ones the
+device advertised in its capabilities): inline when the document fits one chunk, else as
+a ``blob:chunk`` transfer of chunks of at most that ``maxChunkBytes`` with at most that
+``maxInflightChunks`` unacknowledged. A global over the device's ``maxBlobBytes`` is not
+sent at all (one warning per device and version says so; the device is skipped until it
+can take it). :meth:`Distributor.ensure_global` sends the current version unless the
+device already holds it (one send per device at a time) and returns whether the device
+now holds it; it never raises for a peer's failure (timeouts, disconnects, refusals are
+logged and answered False). On success the registry records the version the device holds
+(:meth:`server.registry.Registry.holds_version`). :meth:`Distributor.broadcast` starts
+that for every connected device in the background. :meth:`Distributor.deliver_final`
+sends the final global and then ``federation:finished``, at most once per connection.
 """
 
 from __future__ import annotations
@@ -22,14 +26,13 @@ import socketio
 
 from client.errors import FedtrayError
 from client.protocol import (
-    EV_FEDERATION_FINISHED,
-    EV_WEIGHTS_GLOBAL,
     ErrorAck,
     FederationFinished,
     WeightFormat,
     WeightsGlobal,
 )
-from client.transfer import send_blob, weights_ref_for
+from client.protocol.events import FEDERATION_FINISHED, WEIGHTS_GLOBAL
+from client.transfer import limits_towards, send_blob, weights_ref_for
 from server.background import Background
 from server.config import ServerConfig
 from server.globalmodel import GlobalModel
@@ -68,6 +71,7 @@ class Distributor:
         self._background = background
         self._send_locks: dict[str, asyncio.Lock] = {}
         self._told_finished: set[str] = set()  # sids sent federation:finished
+        self._too_large: dict[str, int] = {}  # device id -> the version warned about
 
     async def ensure_global(self, record: DeviceRecord) -> bool:
         """Send the current global weights unless the device holds them; True on success."""
@@ -84,7 +88,22 @@ class Distributor:
         cfg = self._config
         fmt = format_for(record)
         version, data, digest = await self._model.encoded(fmt)
-        chunk = min(cfg.limits.max_chunk_bytes, record.capabilities.max_chunk_bytes)
+        limits = limits_towards(record.capabilities, cfg.limits)
+        if len(data) > limits.max_blob_bytes:
+            if self._too_large.get(record.device_id) != version:
+                self._too_large[record.device_id] = version
+                log.warning(
+                    "not sending version %d to %s: the %s document is %d bytes, over the "
+                    "%d bytes the device takes (its maxBlobBytes); it is skipped until it "
+                    "can take it",
+                    version,
+                    record.name,
+                    fmt,
+                    len(data),
+                    limits.max_blob_bytes,
+                )
+            return False
+        chunk = limits.max_chunk_bytes
         ref = weights_ref_for(data, fmt, inline_limit=chunk, sha256=digest)
 
         async def call(event: str, payload: dict[str, Any]) -> Any:
@@ -104,10 +123,10 @@ class Distributor:
                     data,
                     blob_id=ref.blob_id,
                     chunk_bytes=chunk,
-                    window=cfg.limits.max_inflight_chunks,
+                    window=limits.max_inflight_chunks,
                     sha256=digest,
                 )
-            ack = await call(EV_WEIGHTS_GLOBAL, message.to_wire())
+            ack = await call(WEIGHTS_GLOBAL.name, message.to_wire())
         except FedtrayError as exc:
             log.warning(
                 "sending version %d to %s failed: %s: %s",
@@ -154,7 +173,7 @@ class Distributor:
             return
         self._told_finished.add(sid)
         try:
-            await self._sio.emit(EV_FEDERATION_FINISHED, finished.to_wire(), to=sid)
+            await self._sio.emit(FEDERATION_FINISHED.name, finished.to_wire(), to=sid)
         except Exception as exc:  # a transport failure: the device is gone
             log.info("telling %s the federation finished failed: %s", record.name, exc)
 

@@ -1,50 +1,51 @@
 """The Socket.IO handlers: one ``socketio.AsyncNamespace`` for the default namespace.
 
-Contract: :class:`DeviceNamespace` routes each device event to its ``on_*`` method
-(:data:`EVENT_METHODS`; names with ``:`` cannot be method names, so
-:meth:`DeviceNamespace.trigger_event` maps them). Handlers are thin: parse the payload
-(:func:`client.protocol.parse`), delegate to the registry, the blob store or the round
-coordinator, answer. They never raise: every event gets its positive ack or an
-``ErrorAck`` (a malformed payload is ``bad_request``, an event before ``device:register``
-is ``not_registered``, an unknown event is ``bad_request``, a bug is ``internal_error``),
-a line is logged, and the server keeps serving everyone else. Every connection has an
-event budget (:mod:`server.ratelimit`), checked before a payload is parsed: over it, an
-event is answered ``rate_limited``; a connection that keeps flooding is disconnected. A
-connection without a valid token (when tokens are configured) is refused at connect.
+Contract: :class:`DeviceNamespace` handles exactly the events the event table
+(:mod:`client.protocol.events`) says the server receives (:func:`event_handlers` checks
+that every such event has one ``@handles(spec)`` method and no method handles another
+event; a drift raises at construction). Each event passes, in order: the connection's
+event budget (:mod:`server.ratelimit`), checked before anything is parsed (over it, an
+event is answered ``rate_limited``; a connection that keeps flooding is disconnected);
+then the shared guard (:func:`client.protocol.guard.guard_sid`), which refuses an event
+before ``device:register`` with ``not_registered`` (every event but ``device:register``),
+parses the payload (a malformed one is ``bad_request``, a wrong ``protocol``
+``unsupported_protocol``) and turns a refusal (FedtrayError) or a bug into an
+``ErrorAck``. Handlers are thin ``async (sid, model)``: they delegate to the registry,
+the blob store or the round coordinator and return the event's ack model (``None`` for
+an unacknowledged event, which is never answered). An unknown event is ``bad_request``.
+Nothing raises into python-socketio: a line is logged and the server keeps serving
+everyone else. A connection without a valid token (when tokens are configured) is
+refused at connect.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 import socketio
 
 from client import __version__
 from client.errors import FedtrayError
 from client.protocol import (
-    EV_BLOB_CHUNK,
-    EV_BLOB_STATUS,
-    EV_HEARTBEAT,
-    EV_REGISTER,
-    EV_REGISTERED,
-    EV_TRAINING_ERROR,
-    EV_TRAINING_PROGRESS,
-    EV_WEIGHTS_SUBMIT,
-    PROTOCOL_VERSION,
     BlobChunk,
+    BlobProgress,
     BlobStatus,
     DeviceRegister,
     DeviceRegistered,
     Heartbeat,
     OkAck,
+    SubmitAccepted,
     TrainingError,
     TrainingProgress,
     WeightsSubmit,
     error_ack,
-    parse,
 )
+from client.protocol import events as ev
+from client.protocol.events import A, EventSpec, P
+from client.protocol.guard import Answer, guard_sid
 from client.transfer import BlobStore
 from server.auth import UNAUTHORIZED_MESSAGE, TokenChecker
 from server.background import Background
@@ -56,16 +57,43 @@ from server.registry import DeviceRecord, Registry
 
 log = logging.getLogger(__name__)
 
-#: Device event -> the method that handles it (each takes ``sid`` and one payload).
-EVENT_METHODS: dict[str, str] = {
-    EV_REGISTER: "on_device_register",
-    EV_HEARTBEAT: "on_device_heartbeat",
-    EV_TRAINING_PROGRESS: "on_training_progress",
-    EV_TRAINING_ERROR: "on_training_error",
-    EV_WEIGHTS_SUBMIT: "on_weights_submit",
-    EV_BLOB_CHUNK: "on_blob_chunk",
-    EV_BLOB_STATUS: "on_blob_status",
-}
+NS = TypeVar("NS", bound="DeviceNamespace")
+Method = Callable[[NS, str, P], Awaitable[A | None]]
+
+_SPEC_ATTR = "__fedtray_event__"
+
+
+def handles(spec: EventSpec[P, A]) -> Callable[[Method[NS, P, A]], Method[NS, P, A]]:
+    """Mark a :class:`DeviceNamespace` method as the handler of ``spec`` (type-checked:
+    it takes ``spec.payload`` and returns ``spec.ack`` or None)."""
+
+    def mark(method: Method[NS, P, A]) -> Method[NS, P, A]:
+        setattr(method, _SPEC_ATTR, spec)
+        return method
+
+    return mark
+
+
+def event_handlers(cls: type[DeviceNamespace]) -> Mapping[str, str]:
+    """Event name -> the name of the ``cls`` method that handles it, for every event the
+    server receives. Raises TypeError when the handlers and the event table drift apart
+    (an event without a handler, a handler of an event the server does not receive, two
+    handlers of one event)."""
+    found: dict[str, str] = {}
+    for attr in dir(cls):  # what the class resolves each name to, overrides included
+        spec = getattr(getattr(cls, attr, None), _SPEC_ATTR, None)
+        if not isinstance(spec, EventSpec):
+            continue
+        other = found.get(spec.name)
+        if other is not None:
+            raise TypeError(f"{spec.name} has two handlers: {other} and {attr}")
+        found[spec.name] = attr
+    expected = {spec.name for spec in ev.handled_by("server")}
+    if missing := expected - set(found):
+        raise TypeError(f"{cls.__name__} handles no {sorted(missing)}")
+    if extra := set(found) - expected:
+        raise TypeError(f"{cls.__name__} handles {sorted(extra)}, not sent to the server")
+    return found
 
 
 class DeviceNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
@@ -91,9 +119,16 @@ class DeviceNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         self._distributor = distributor
         self._background = background
         self._limiters: dict[str, ConnectionLimiter] = {}
+        self._guarded: dict[str, Callable[..., Awaitable[Answer]]] = {}
+        for name, attr in event_handlers(type(self)).items():
+            spec = ev.BY_NAME[name]
+            check = None if spec is ev.REGISTER else self._check_registered
+            handler = getattr(self, attr)
+            self._guarded[name] = guard_sid(spec, handler, check=check, who=self._who, logger=log)
 
     async def trigger_event(self, event: str, *args: Any) -> Any:
-        """Dispatch: connect/disconnect as they are, device events guarded, others refused."""
+        """Dispatch: connect/disconnect as they are, device events admitted and guarded,
+        unknown events refused."""
         if event == "connect":
             return await self.on_connect(*args)
         if event == "disconnect":
@@ -102,24 +137,16 @@ class DeviceNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         refusal = self._admit(sid, event, payload)
         if refusal is not None:
             return refusal
-        method = EVENT_METHODS.get(event)
-        if method is None:
+        guarded = self._guarded.get(event)
+        if guarded is None:
             log.info("unknown event %s from sid %s answered with bad_request", short(event), sid)
             return error_ack("bad_request", f"unknown event {short(event, 64)}")
-        try:
-            if len(payload) != 1:
-                raise FedtrayError(
-                    "bad_request", f"{event} takes exactly one payload object, got {len(payload)}"
-                )
-            return await getattr(self, method)(sid, payload[0])
-        except FedtrayError as exc:
-            record = self._registry.by_sid(sid)
-            who = record.name if record else f"sid {sid}"
-            log.info("%s from %s refused: %s: %s", event, who, exc.code, exc.message)
-            return error_ack(exc.code, exc.message)
-        except Exception:
-            log.exception("bug while handling %s from sid %s", event, sid)
-            return error_ack("internal_error", f"the server failed to handle {event}")
+        return await guarded(sid, *payload)
+
+    def _who(self, sid: str) -> str:
+        """The sender of ``sid`` for a log line: its device name once registered."""
+        record = self._registry.by_sid(sid)
+        return record.name if record else f"sid {sid}"
 
     def _admit(self, sid: str, event: str, args: tuple[Any, ...]) -> dict[str, Any] | None:
         """None when ``sid`` may send ``event`` now; else the ``rate_limited`` ErrorAck.
@@ -140,8 +167,7 @@ class DeviceNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         verdict: Verdict = limiter.admit(event, time.monotonic(), size)
         if verdict == "ok":
             return None
-        record = self._registry.by_sid(sid)
-        who = record.name if record else f"sid {sid}"
+        who = self._who(sid)
         if verdict == "limited" and limiter.refused == 1:
             log.warning("%s is sending too fast: answering rate_limited", who)
         elif verdict == "disconnect":
@@ -177,25 +203,25 @@ class DeviceNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         except Exception:
             log.exception("bug while handling a disconnect of sid %s", sid)
 
-    def _require(self, sid: str) -> DeviceRecord:
+    def _check_registered(self, sid: str) -> None:
+        """The guard's check for every event but ``device:register``: refuse
+        ``not_registered`` before registration; else note that the device is alive."""
         record = self._registry.by_sid(sid)
         if record is None:
             raise FedtrayError("not_registered", "send device:register first")
         self._registry.touch(record.device_id, time.monotonic())
+
+    def _record(self, sid: str) -> DeviceRecord:
+        """The registered device of ``sid`` (checked by the guard just before)."""
+        record = self._registry.by_sid(sid)
+        if record is None:
+            raise FedtrayError("not_registered", "send device:register first")
         return record
 
     # --------------------------------------------------------------- device events
 
-    async def on_device_register(self, sid: str, payload: Any) -> dict[str, Any]:
-        if isinstance(payload, dict) and payload.get("protocol", PROTOCOL_VERSION) != (
-            PROTOCOL_VERSION
-        ):
-            raise FedtrayError(
-                "unsupported_protocol",
-                f"this server speaks protocol {PROTOCOL_VERSION}, "
-                f"not {short(payload.get('protocol'), 20)}",
-            )
-        reg = parse(DeviceRegister, payload)
+    @handles(ev.REGISTER)
+    async def on_device_register(self, sid: str, reg: DeviceRegister) -> DeviceRegistered:
         record, replaced = self._registry.register(reg, sid, time.monotonic())
         if replaced is not None:
             log.info(
@@ -219,14 +245,14 @@ class DeviceNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
             limits=cfg.limits,
             task=cfg.task,
             global_version=self._coordinator.version,
-        ).to_wire()
-        await self.emit(EV_REGISTERED, ack, to=sid)
+        )
+        await self.emit(ev.REGISTERED.name, ack.to_wire(), to=sid)
         self._coordinator.welcome(record)
         return ack
 
-    async def on_device_heartbeat(self, sid: str, payload: Any) -> dict[str, Any]:
-        record = self._require(sid)
-        hb = parse(Heartbeat, payload)
+    @handles(ev.HEARTBEAT)
+    async def on_device_heartbeat(self, sid: str, hb: Heartbeat) -> OkAck:
+        record = self._record(sid)
         was = record.state
         self._registry.heartbeat(record.device_id, hb, time.monotonic())
         if hb.state == "paused" and was != "paused":
@@ -237,17 +263,17 @@ class DeviceNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
                 f" ({hb.pause_detail})" if hb.pause_detail else "",
             )
         self._coordinator.devices_changed()
-        return OkAck().to_wire()
+        return OkAck()
 
-    async def on_training_progress(self, sid: str, payload: Any) -> None:
-        record = self._require(sid)
-        progress = parse(TrainingProgress, payload)
+    @handles(ev.TRAINING_PROGRESS)
+    async def on_training_progress(self, sid: str, progress: TrainingProgress) -> None:
+        record = self._record(sid)
         self._registry.progress(record.device_id, progress, time.monotonic())
         self._coordinator.devices_changed()
 
-    async def on_training_error(self, sid: str, payload: Any) -> None:
-        record = self._require(sid)
-        err = parse(TrainingError, payload)
+    @handles(ev.TRAINING_ERROR)
+    async def on_training_error(self, sid: str, err: TrainingError) -> None:
+        record = self._record(sid)
         log.warning(
             "device %s reported a training error in round %s: %s: %s",
             record.name,
@@ -257,16 +283,16 @@ class DeviceNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         )
         self._coordinator.training_failed(record, err)
 
-    async def on_weights_submit(self, sid: str, payload: Any) -> dict[str, Any]:
-        record = self._require(sid)
-        return await self._coordinator.accept_update(record, parse(WeightsSubmit, payload))
+    @handles(ev.WEIGHTS_SUBMIT)
+    async def on_weights_submit(self, sid: str, sub: WeightsSubmit) -> SubmitAccepted:
+        return await self._coordinator.accept_update(self._record(sid), sub)
 
-    async def on_blob_chunk(self, sid: str, payload: Any) -> dict[str, Any]:
-        record = self._require(sid)
-        chunk = parse(BlobChunk, payload)
-        return self._blobs.accept_chunk(record.device_id, chunk, time.monotonic()).to_wire()
+    @handles(ev.BLOB_CHUNK)
+    async def on_blob_chunk(self, sid: str, chunk: BlobChunk) -> BlobProgress:
+        record = self._record(sid)
+        return self._blobs.accept_chunk(record.device_id, chunk, time.monotonic())
 
-    async def on_blob_status(self, sid: str, payload: Any) -> dict[str, Any]:
-        record = self._require(sid)
-        query = parse(BlobStatus, payload)
-        return self._blobs.status(record.device_id, query.blob_id, time.monotonic()).to_wire()
+    @handles(ev.BLOB_STATUS)
+    async def on_blob_status(self, sid: str, query: BlobStatus) -> BlobProgress:
+        record = self._record(sid)
+        return self._blobs.status(record.device_id, query.blob_id, time.monotonic())

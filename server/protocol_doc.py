@@ -136,6 +136,12 @@ EXAMPLES: dict[type[p.WireModel], dict[str, Any]] = {
         "metrics": {"evalLoss": 0.28, "evalAccuracy": 0.93},
         "weights": {"format": "safetensors", "size": 19520, "sha256": SHA, "blobId": SHA},
     },
+    p.FederationFinished: {
+        "task": "digits",
+        "roundsCompleted": 10,
+        "version": 10,
+        "metrics": {"evalLoss": 0.17, "evalAccuracy": 0.953},
+    },
     p.BlobChunk: {
         "blobId": SHA,
         "offset": 524288,
@@ -264,8 +270,21 @@ compatible server or client in another language.
 8. When enough devices reported before the deadline, the server averages the updates
    (FedAvg weighted by `numSamples`, accumulated in float64 and stored in each tensor's
    own dtype), evaluates, and broadcasts `weights:global` with the new version. Devices
-   still training a closed round get `training:cancel`. There is no "federation over"
-   message: when the server has run its rounds it simply starts no more.
+   still training a closed round get `training:cancel`.
+9. **The end.** When the server has completed its configured number of rounds, the
+   federation is finished: a state, not a disconnect. The server sends every connected
+   device the final `weights:global` (unless it holds it already) and then
+   `federation:finished` (`FederationFinished`: task, rounds completed, the final
+   version and its evaluation), once per connection. It then starts no more rounds but
+   keeps serving until it is stopped: devices stay connected, heartbeats are still
+   acked, `GET /api/status` reports phase `finished` and the dashboard stays up (the
+   reference server's `--exit-when-done` makes it exit instead, for scripts). A device
+   that registers after the end — a new one, one that reconnects, or any device after
+   a restart of a finished server — gets the same: the final `weights:global` when it
+   does not hold that version, then `federation:finished`, and never a
+   `training:start`; a late `weights:submit` is refused (`round_closed`, or `duplicate`
+   for an update already counted). A device tells "finished" (this event) from "kicked"
+   (a disconnect without it).
 
 ## Events
 
@@ -300,11 +319,14 @@ The same sub-protocol carries weights in both directions.
   partial blobs from the server in memory, at most 2 × `maxBlobBytes` at once (a second
   blob is refused `blob_too_large` beyond that), and drops one untouched for 10 minutes
   (checked at each heartbeat); no tighter bound on that memory is enforced yet. The
-  server sends chunks of the smaller of its own and the device's `maxChunkBytes`, with up
-  to its own `maxInflightChunks` (default 4) in flight — it does not read the device's
-  `maxInflightChunks` or `maxBlobBytes` yet — and relies on the device refusing a blob
-  over its `maxBlobBytes` (`blob_too_large` on the first chunk; the device is then
-  skipped until it reports the version).
+  server keeps, towards each device, to the smaller of its own limits and the device's:
+  it sends `weights:global` inline when the document fits one chunk, else as a blob of
+  chunks of at most that `maxChunkBytes`, with at most that `maxInflightChunks`
+  un-acknowledged. A global larger than the device's `maxBlobBytes` is not sent at all:
+  the server logs that it skips the device, and the device gets no `training:start`
+  (it cannot hold the base version) until it registers with a `maxBlobBytes` the global
+  fits. A device that refuses a blob with `blob_too_large` anyway is skipped until it
+  reports the version.
 - Each chunk repeats the whole blob's `total` size and `sha256`. The receiver checks, in
   this order and *before* buffering anything: the chunk size (`chunk_too_large`), the
   total (`blob_too_large`), for an unknown blob that the chunk starts at 0 (`offset_gap`)

@@ -19,6 +19,10 @@ Stable API (other test modules rely on it):
   ``training:start``/``training:cancel``/``device:registered``/``federation:finished``
   (with the global version it held when that came), receives and decodes
   ``weights:global`` (inline or chunked) and submits updates, all driven by the test.
+  Its chunk limit defaults to the protocol's ``DEFAULT_CHUNK_BYTES``; it can advertise
+  ``maxBlobBytes``/``maxInflightChunks`` (and enforces the former), records the size of
+  every chunk it gets and the most chunks it held unacknowledged at once, and with
+  ``hold_chunk_acks`` keeps the server's window full (see the field).
 * :class:`LoopThread` -- an asyncio loop in a thread for driving devices from synchronous
   tests; ``close()`` cancels what is left on it before closing it.
 * :class:`HolderDevice` -- a ScriptedDevice on its own LoopThread that accepts rounds and
@@ -53,6 +57,7 @@ from typing import Any, TypeVar
 import socketio
 
 from client.protocol import (
+    DEFAULT_CHUNK_BYTES,
     EV_BLOB_CHUNK,
     EV_BLOB_STATUS,
     EV_FEDERATION_FINISHED,
@@ -64,6 +69,7 @@ from client.protocol import (
     EV_WEIGHTS_GLOBAL,
     EV_WEIGHTS_SUBMIT,
     BlobChunk,
+    BlobProgress,
     BlobStatus,
     WeightsGlobal,
     error_ack,
@@ -353,10 +359,14 @@ def register_payload(
     *,
     tasks: tuple[str, ...] = ("synthetic",),
     weights_version: int | None = None,
-    max_chunk_bytes: int = 1024 * 1024,
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    max_blob_bytes: int | None = None,
+    max_inflight_chunks: int | None = None,
     battery: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A valid ``device:register`` payload (camelCase, as on the wire)."""
+    """A valid ``device:register`` payload (camelCase, as on the wire); the optional
+    transfer limits are advertised only when given."""
+    optional = {"maxBlobBytes": max_blob_bytes, "maxInflightChunks": max_inflight_chunks}
     return {
         "protocol": 1,
         "deviceId": device_id,
@@ -371,6 +381,7 @@ def register_payload(
             "tasks": list(tasks),
             "weightFormats": ["safetensors", "json"],
             "maxChunkBytes": max_chunk_bytes,
+            **{key: value for key, value in optional.items() if value is not None},
         },
         "clientVersion": "test",
         "weightsVersion": weights_version,
@@ -398,7 +409,20 @@ class ScriptedDevice:
     #: What ``training:start`` is answered with.
     start_reply: dict[str, Any] = field(default_factory=lambda: {"accepted": True})
     #: Chunk limit announced at registration (server -> device blobs use it).
-    max_chunk_bytes: int = 1024 * 1024
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    #: Blob size limit announced at registration and enforced; None: not announced.
+    max_blob_bytes: int | None = None
+    #: In-flight chunk limit announced at registration; None: not announced.
+    max_inflight_chunks: int | None = None
+    #: Hold each blob:chunk ack until ``max_inflight_chunks`` chunks wait unacknowledged
+    #: (or the blob's last chunk came), then, after a heartbeat round trip, release the
+    #: oldest: a sender that keeps to the window has it full at every step, and one that
+    #: does not exceeds it.
+    hold_chunk_acks: bool = False
+    #: The byte size of every blob:chunk received.
+    chunk_sizes: list[int] = field(default_factory=list)
+    #: The most blob:chunk messages received and not yet answered at one time.
+    most_chunks_unacked: int = 0
     starts: list[dict[str, Any]] = field(default_factory=list)
     cancels: list[dict[str, Any]] = field(default_factory=list)
     registered_events: list[dict[str, Any]] = field(default_factory=list)
@@ -409,9 +433,13 @@ class ScriptedDevice:
     finished: list[dict[str, Any]] = field(default_factory=list)
     sio: socketio.AsyncClient = field(init=False)
     _blobs: BlobStore = field(init=False)
+    _unacked: int = field(init=False, default=0)
+    _held: list[asyncio.Future[None]] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
-        self._blobs = BlobStore(max_chunk_bytes=self.max_chunk_bytes, max_blob_bytes=1 << 30)
+        self._blobs = BlobStore(
+            max_chunk_bytes=self.max_chunk_bytes, max_blob_bytes=self.max_blob_bytes or 1 << 30
+        )
         self._new_client()
 
     def _new_client(self) -> None:
@@ -442,11 +470,38 @@ class ScriptedDevice:
         self.finished.append({**payload, "heldVersion": max(self.weights, default=None)})
 
     async def _on_chunk(self, payload: Any) -> dict[str, Any]:
+        self._unacked += 1
+        self.most_chunks_unacked = max(self.most_chunks_unacked, self._unacked)
+        try:
+            # Accepted on arrival, in order; only the answer may be held back.
+            ack = self._accept_chunk(payload)
+            if self.hold_chunk_acks and isinstance(ack, BlobProgress):
+                await self._hold(last=ack.complete)
+            return ack.to_wire() if isinstance(ack, BlobProgress) else ack
+        finally:
+            self._unacked -= 1  # before the answer leaves: the sender may then send more
+
+    def _accept_chunk(self, payload: Any) -> BlobProgress | dict[str, Any]:
         try:
             chunk = parse(BlobChunk, payload)
-            return self._blobs.accept_chunk("server", chunk, time.monotonic()).to_wire()
+            self.chunk_sizes.append(len(chunk.data))
+            return self._blobs.accept_chunk("server", chunk, time.monotonic())
         except Exception as exc:
             return error_ack("bad_request", str(exc))
+
+    async def _hold(self, *, last: bool) -> None:
+        """Wait until this chunk's ack may go (see :attr:`hold_chunk_acks`)."""
+        mine = asyncio.get_running_loop().create_future()
+        self._held.append(mine)
+        window = self.max_inflight_chunks or 1
+        if not last and len(self._held) >= window:
+            # A round trip through the server first: one connection keeps the order of
+            # messages, so every chunk it sent before answering has arrived by then, and
+            # a sender over the window shows in most_chunks_unacked.
+            await self.heartbeat()
+        while self._held and (last or len(self._held) >= window):
+            self._held.pop(0).set_result(None)
+        await mine
 
     async def _on_blob_status(self, payload: Any) -> dict[str, Any]:
         query = parse(BlobStatus, payload)
@@ -484,6 +539,8 @@ class ScriptedDevice:
             tasks=self.tasks,
             weights_version=weights_version,
             max_chunk_bytes=self.max_chunk_bytes,
+            max_blob_bytes=self.max_blob_bytes,
+            max_inflight_chunks=self.max_inflight_chunks,
         )
         payload.update(overrides)
         ack: dict[str, Any] = await self.call(EV_REGISTER, payload)
@@ -510,7 +567,7 @@ class ScriptedDevice:
         *,
         num_samples: int,
         metrics: dict[str, float] | None = None,
-        inline_limit: int = 1 << 20,
+        inline_limit: int = DEFAULT_CHUNK_BYTES,
         fmt: str = "safetensors",
     ) -> dict[str, Any]:
         """Encode ``state`` and submit it (sending a blob first when over ``inline_limit``)."""
@@ -518,7 +575,10 @@ class ScriptedDevice:
         ref = weights_ref_for(data, fmt, inline_limit=inline_limit)  # type: ignore[arg-type]
         if ref.blob_id is not None:
             await send_blob(
-                self.call, data, blob_id=ref.blob_id, chunk_bytes=min(inline_limit, 1 << 20)
+                self.call,
+                data,
+                blob_id=ref.blob_id,
+                chunk_bytes=min(inline_limit, DEFAULT_CHUNK_BYTES),
             )
         payload = {
             "roundId": round_id,

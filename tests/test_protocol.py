@@ -221,6 +221,7 @@ EXPECTED_EVENTS = [
     ("training:error", "device→server", "TrainingError", None),
     ("blob:chunk", "both", "BlobChunk", "BlobProgress"),
     ("blob:status", "both", "BlobStatus", "BlobProgress"),
+    ("federation:finished", "server→device", "FederationFinished", None),
 ]
 
 
@@ -250,7 +251,7 @@ def test_every_model_of_the_table_has_an_example() -> None:
         (
             "device",
             {"device:registered", "weights:global", "training:start", "training:cancel"}
-            | {"blob:chunk", "blob:status"},
+            | {"blob:chunk", "blob:status", "federation:finished"},
         ),
         (
             "server",
@@ -299,3 +300,11 @@ def test_the_doc_gives_each_code_its_submit_outcome() -> None:
     text = protocol_doc.render()
     for code, spec in CODES.items():
         assert f"| `{code}` | {spec.description} | {spec.submit} |" in text
+
+
+def test_the_doc_says_how_a_federation_ends() -> None:
+    text = protocol_doc.render()
+    assert 'There is no "federation over"' not in text
+    for phrase in ("keeps serving until it is stopped", "registers after the end"):
+        assert phrase in text
+    assert "does not read the device's" not in text  # the server keeps to device limits

@@ -11,10 +11,11 @@ import pytest
 from server_harness import register_payload, resources
 
 from client.errors import FedtrayError
-from client.protocol import DeviceRegister, Heartbeat, parse
+from client.protocol import DeviceRegister, Heartbeat, OkAck, TrainingCancel, events, parse
 from client.weights import layout_of
 from server.auth import TokenChecker, parse_tokens
 from server.config import ConfigError, ServerConfig
+from server.handlers import DeviceNamespace, event_handlers, handles
 from server.registry import Registry
 from server.rounds import Round, select_devices
 from server.status import RoundRecord
@@ -297,3 +298,35 @@ def test_store_history_is_plain_json(tmp_path: Path) -> None:
     )
     meta = json.loads((tmp_path / "history.json").read_text())
     assert meta["history"][0]["roundId"] == "r1-1-ab" and meta["roundsCompleted"] == 1
+
+
+# --- the handlers and the event table ---------------------------------------------------
+
+
+def test_every_event_the_server_receives_has_exactly_one_handler() -> None:
+    handlers = event_handlers(DeviceNamespace)
+    assert set(handlers) == {spec.name for spec in events.handled_by("server")}
+    for name, attr in handlers.items():
+        assert getattr(DeviceNamespace, attr).__fedtray_event__ is events.BY_NAME[name]
+
+
+def test_handlers_and_table_cannot_drift() -> None:
+    class Missing(DeviceNamespace):
+        on_blob_status = None  # type: ignore[assignment]  # the handler of blob:status is gone
+
+    class Extra(DeviceNamespace):
+        @handles(events.TRAINING_CANCEL)  # a server -> device event
+        async def on_cancel(self, sid: str, cancel: TrainingCancel) -> None:
+            return None
+
+    class Twice(DeviceNamespace):
+        @handles(events.HEARTBEAT)
+        async def on_heartbeat_again(self, sid: str, hb: Heartbeat) -> OkAck:
+            return OkAck()
+
+    with pytest.raises(TypeError, match="handles no \\['blob:status'\\]"):
+        event_handlers(Missing)
+    with pytest.raises(TypeError, match="training:cancel"):
+        event_handlers(Extra)
+    with pytest.raises(TypeError, match="device:heartbeat has two handlers"):
+        event_handlers(Twice)

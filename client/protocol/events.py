@@ -21,6 +21,7 @@ from typing import Any, Final, Generic, Literal, Never, TypeVar
 from client.protocol import (
     EV_BLOB_CHUNK,
     EV_BLOB_STATUS,
+    EV_FEDERATION_FINISHED,
     EV_HEARTBEAT,
     EV_REGISTER,
     EV_REGISTERED,
@@ -35,6 +36,7 @@ from client.protocol import (
     BlobStatus,
     DeviceRegister,
     DeviceRegistered,
+    FederationFinished,
     Heartbeat,
     OkAck,
     SubmitAccepted,
@@ -161,6 +163,13 @@ BLOB_STATUS: Final = EventSpec(
     BlobProgress,
     "How many bytes of a blob the receiver holds, to resume after a reconnect.",
 )
+FEDERATION_FINISHED: Final[EventSpec[FederationFinished, Never]] = EventSpec(
+    EV_FEDERATION_FINISHED,
+    "server→device",
+    FederationFinished,
+    None,
+    "Every round is complete; sent after the final weights:global. The server keeps serving.",
+)
 
 #: The whole table, in the order of a session (the doc lists the events in this order).
 EVENTS: Final[tuple[EventSpec[Any, Any], ...]] = (
@@ -175,6 +184,7 @@ EVENTS: Final[tuple[EventSpec[Any, Any], ...]] = (
     TRAINING_ERROR,
     BLOB_CHUNK,
     BLOB_STATUS,
+    FEDERATION_FINISHED,
 )
 
 #: Each event's spec by its name.
