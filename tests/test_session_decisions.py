@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from client.config import Settings, load_settings
+from client.errors import FINAL_SUBMIT_CODES
 from client.protocol import Partition, TrainingConfig, TrainingStart
 from client.session.decisions import (
-    FINAL_SUBMIT_CODES,
     UPLOAD_RETRIES,
     HeldBase,
     device_state,

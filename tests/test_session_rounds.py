@@ -147,8 +147,8 @@ async def _a_round(tmp_path: Path) -> None:
         base_version=3,
         deadline=time.time() + 3600,
     )
-    ack = await rounds.on_training_start(start.to_wire())
-    assert ack["accepted"] is True, ack
+    ack = await rounds.on_training_start(start)
+    assert ack.accepted is True, ack
 
     # The job comes from the work folder's owner, keyed once; other work is gone.
     [job] = worker.jobs
@@ -208,3 +208,17 @@ async def _a_round(tmp_path: Path) -> None:
     assert rounds.busy_keys() == set()
     await rounds.stop_worker()
     assert worker.calls[-1] == "shutdown"
+
+
+def test_the_session_handles_exactly_the_events_the_protocol_sends_a_device(
+    tmp_path: Path,
+) -> None:
+    from client.protocol import events
+    from client.session import DistributedClient
+
+    client = DistributedClient(
+        Settings(device_name="t"), data_dir=tmp_path, settings_file=None
+    )  # built, never started: no thread, no network
+    handled = set(client._session.handlers())
+    assert handled == {spec.name for spec in events.handled_by("device")}
+    assert "federation:finished" in handled

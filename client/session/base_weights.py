@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Final
 
 from client.errors import FedtrayError
 from client.global_store import GlobalStore, GlobalWeights
@@ -28,10 +28,10 @@ from client.protocol import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_BLOB_BYTES,
     BlobChunk,
+    BlobProgress,
     BlobStatus,
     OkAck,
     WeightsGlobal,
-    parse,
 )
 from client.session.hub import SnapshotHub
 from client.transfer import BlobStore
@@ -76,16 +76,13 @@ class BaseWeights:
         """Drop transfers the server abandoned (called with every heartbeat)."""
         self.blobs.expire(time.monotonic())
 
-    async def on_blob_chunk(self, payload: object) -> dict[str, Any]:
-        chunk = parse(BlobChunk, payload)
-        return self.blobs.accept_chunk(SERVER_PEER, chunk, time.monotonic()).to_wire()
+    async def on_blob_chunk(self, chunk: BlobChunk) -> BlobProgress:
+        return self.blobs.accept_chunk(SERVER_PEER, chunk, time.monotonic())
 
-    async def on_blob_status(self, payload: object) -> dict[str, Any]:
-        status = parse(BlobStatus, payload)
-        return self.blobs.status(SERVER_PEER, status.blob_id, time.monotonic()).to_wire()
+    async def on_blob_status(self, status: BlobStatus) -> BlobProgress:
+        return self.blobs.status(SERVER_PEER, status.blob_id, time.monotonic())
 
-    async def on_weights_global(self, payload: object) -> dict[str, Any]:
-        message = parse(WeightsGlobal, payload)
+    async def on_weights_global(self, message: WeightsGlobal) -> OkAck:
         data = self.blobs.take(SERVER_PEER, message.weights)
         fmt = message.weights.format
         async with self._lock:
@@ -105,7 +102,7 @@ class BaseWeights:
             held.task,
             f" ({metrics})" if metrics else "",
         )
-        return OkAck().to_wire()
+        return OkAck()
 
     def _save(self, message: WeightsGlobal, data: bytes | bytearray, fmt: str) -> GlobalWeights:
         """Decode (full validation, never unpickling) and store; runs in a worker thread.

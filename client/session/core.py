@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,25 +37,20 @@ from client.global_store import GlobalStore
 from client.pending import PendingStore
 from client.power_monitor import PowerMonitor
 from client.protocol import (
-    EV_BLOB_CHUNK,
-    EV_BLOB_STATUS,
-    EV_FEDERATION_FINISHED,
-    EV_REGISTERED,
-    EV_TRAINING_CANCEL,
-    EV_TRAINING_START,
-    EV_WEIGHTS_GLOBAL,
     Capabilities,
     DeviceRegister,
     DeviceState,
     FederationFinished,
     Heartbeat,
-    parse,
+    events,
 )
+from client.protocol.events import A, EventSpec, P
+from client.protocol.guard import guard
 from client.resources import BatterySource, ResourceMonitor
 from client.session.base_weights import CLIENT_MAX_CHUNK_BYTES, BaseWeights
 from client.session.decisions import device_state
 from client.session.hub import SnapshotHub
-from client.session.link import Handler, ServerLink
+from client.session.link import Guarded, ServerLink
 from client.session.live_settings import LiveSettings
 from client.session.pause import PauseBoard, PowerPause, UserPause
 from client.session.rounds import Rounds, WorkerFactory, default_work_dir
@@ -141,28 +136,38 @@ class SessionCore:
             work=work,
             busy_keys=self.rounds.busy_keys,
         )
+        handled = set(self.handlers())
+        expected = {spec.name for spec in events.handled_by("device")}
+        if handled != expected:  # a bug: the table and the session drifted apart
+            raise TypeError(
+                f"the session handles {sorted(handled)}, the protocol {sorted(expected)}"
+            )
 
     @property
     def blobs(self) -> BlobStore:
         """Transfers from the server in progress (tests check it stays bounded)."""
         return self.weights.blobs
 
-    def handlers(self) -> Mapping[str, Handler]:
-        """THE table of server events this session handles (the link guards each)."""
-        return {
-            EV_TRAINING_START: self.rounds.on_training_start,
-            EV_TRAINING_CANCEL: self.rounds.on_training_cancel,
-            EV_WEIGHTS_GLOBAL: self.weights.on_weights_global,
-            EV_BLOB_CHUNK: self.weights.on_blob_chunk,
-            EV_BLOB_STATUS: self.weights.on_blob_status,
-            EV_REGISTERED: self.link.on_registered_event,
-            EV_FEDERATION_FINISHED: self._on_federation_finished,
-        }
+    def handlers(self) -> Mapping[str, Guarded]:
+        """THE table of the server events this session handles, each behind the shared
+        guard (:func:`client.protocol.guard.guard`: parse, refusals as ErrorAcks, never
+        raising into python-socketio); it covers exactly the events the protocol's table
+        sends to a device (checked when the session is built)."""
+        return dict(
+            (
+                _on(events.REGISTERED, self.link.on_registered_event),
+                _on(events.WEIGHTS_GLOBAL, self.weights.on_weights_global),
+                _on(events.TRAINING_START, self.rounds.on_training_start),
+                _on(events.TRAINING_CANCEL, self.rounds.on_training_cancel),
+                _on(events.BLOB_CHUNK, self.weights.on_blob_chunk),
+                _on(events.BLOB_STATUS, self.weights.on_blob_status),
+                _on(events.FEDERATION_FINISHED, self._on_federation_finished),
+            )
+        )
 
-    async def _on_federation_finished(self, payload: object) -> None:
+    async def _on_federation_finished(self, end: FederationFinished) -> None:
         """The server says every round is complete: a state the snapshot keeps (until a
         new round starts), not a disconnect."""
-        end = parse(FederationFinished, payload)
         log.info("the federation finished: %s, %d rounds", end.task, end.rounds_completed)
         self.hub.publish(
             finished=FederationResult(
@@ -309,3 +314,8 @@ class SessionCore:
 def _connection_key(settings: Settings) -> tuple[object, ...]:
     """The settings a connection is made with: a change reconnects at once."""
     return (settings.server_url, settings.auth_token, settings.ca_file, settings.device_name)
+
+
+def _on(spec: EventSpec[P, A], handler: Callable[[P], Awaitable[A | None]]) -> tuple[str, Guarded]:
+    """One row of the session's handler table: the event's name and its guarded handler."""
+    return spec.name, guard(spec, handler, logger=log)

@@ -11,8 +11,8 @@ Contract: every function here is a pure function of its arguments (the caller pa
   ``missing_base``, ``deadline_passed``; ``None`` accepts it.
 * :func:`submit_outcome`: what the server's answer to ``weights:submit`` means for the
   kept update: ``accepted`` and ``duplicate`` count a round and delete it,
-  ``round_closed`` and the other :data:`FINAL_SUBMIT_CODES` delete it, any other
-  refusal is ``retry`` (kept and sent again later).
+  ``round_closed`` and the other codes declared final (:data:`client.errors.CODES`)
+  delete it, any other refusal is ``retry`` (kept and sent again later).
 * :func:`upload_retry_delay`: the uploader's retry policy after consecutive failures.
 * :func:`device_state`: the state heartbeats and the snapshot report.
 """
@@ -24,12 +24,12 @@ from collections.abc import Collection
 from datetime import datetime
 from typing import Final, Literal
 
+from client import errors
 from client.config import Settings
 from client.protocol import DeviceState, TrainingStart, TrainingStartAck
 from client.snapshot import ALLOW, USER_PAUSED, PauseDecision
 
 __all__ = [
-    "FINAL_SUBMIT_CODES",
     "UPLOAD_RETRIES",
     "HeldBase",
     "SubmitOutcome",
@@ -44,29 +44,6 @@ __all__ = [
 UPLOAD_RETRIES: Final = 5
 #: Longest wait between two tries of the same update.
 UPLOAD_RETRY_CAP_S: Final = 30.0
-
-#: Refusals of an update that no retry can change: the update is deleted after them.
-FINAL_SUBMIT_CODES: Final[frozenset[str]] = frozenset(
-    {
-        "duplicate",
-        "round_closed",
-        "not_selected",
-        "stale_base",
-        "bad_request",
-        "unsupported_format",
-        "malformed",
-        "unknown_dtype",
-        "bad_offsets",
-        "truncated",
-        "oversized",
-        "non_finite",
-        "layout_mismatch",
-        "shape_mismatch",
-        "dtype_mismatch",
-        "unknown_task",
-        "blob_too_large",
-    }
-)
 
 SubmitOutcome = Literal["accepted", "duplicate", "round_closed", "retry", "final"]
 
@@ -140,7 +117,7 @@ def submit_outcome(code: str | None) -> SubmitOutcome:
         return "duplicate"
     if code == "round_closed":
         return "round_closed"
-    return "final" if code in FINAL_SUBMIT_CODES else "retry"
+    return errors.submit_outcome(code)
 
 
 def upload_retry_delay(failures: int) -> float | None:

@@ -50,9 +50,9 @@ from client.protocol import (
     ErrorAck,
     Heartbeat,
     Limits,
-    error_ack,
     parse,
 )
+from client.protocol.guard import Answer
 from client.session.hub import SnapshotHub
 from client.session.live_settings import LiveSettings
 from client.session.tasks import TaskSet
@@ -66,7 +66,7 @@ from client.session.tls import (
     tls_words,
 )
 
-__all__ = ["ACK_TIMEOUT_S", "Call", "Handler", "ServerLink", "error_of", "guard"]
+__all__ = ["ACK_TIMEOUT_S", "Call", "Guarded", "ServerLink", "error_of"]
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,8 @@ CONNECT_TIMEOUT_S: Final = 10.0
 ACK_TIMEOUT_S: Final = 30.0
 
 Outcome = Literal["auth_failed", "refused", "lost"]
-#: A session event handler: the payload in, the ack (or ``None``) out.
-Handler = Callable[[object], Awaitable[dict[str, Any] | None]]
+#: A server event's handler behind the shared guard (:func:`client.protocol.guard.guard`).
+Guarded = Callable[..., Awaitable[Answer]]
 #: An acked call on the current connection: ``await call(event, payload, timeout)``.
 Call = Callable[[str, dict[str, Any], float], Awaitable[Any]]
 
@@ -90,23 +90,6 @@ def error_of(ack: object) -> ErrorAck | None:
     return None
 
 
-def guard(handler: Handler) -> Callable[..., Awaitable[dict[str, Any] | None]]:
-    """Never let an exception reach python-socketio: refusals become ErrorAcks."""
-
-    async def wrapped(*args: object) -> dict[str, Any] | None:
-        payload = args[0] if args else None
-        try:
-            return await handler(payload)
-        except FedtrayError as exc:
-            log.warning("refused %s: %s", handler.__name__, exc.message)
-            return error_ack(exc.code, exc.message)
-        except Exception as exc:
-            log.exception("bug in %s", handler.__name__)
-            return error_ack("internal_error", f"{type(exc).__name__}: {exc}")
-
-    return wrapped
-
-
 class ServerLink:
     """The connection to the server (see the module docstring)."""
 
@@ -117,7 +100,7 @@ class ServerLink:
         *,
         backoff: Backoff,
         no_reconnect: bool,
-        handlers: Callable[[], Mapping[str, Handler]],
+        handlers: Callable[[], Mapping[str, Guarded]],
         register_payload: Callable[[], dict[str, Any]],
         heartbeat: Callable[[], Heartbeat],
         on_heartbeat: Callable[[], None],
@@ -266,7 +249,7 @@ class ServerLink:
         sio.on("connect_error", on_connect_error)
         sio.on("disconnect", on_disconnect)
         for event, handler in self._handlers().items():
-            sio.on(event, guard(handler))
+            sio.on(event, handler)
 
     async def _certificate_refused(self, err: ssl.SSLCertVerificationError) -> Outcome:
         url, ca_file = self._settings.value.server_url, self._settings.value.ca_file
@@ -336,9 +319,9 @@ class ServerLink:
         self._registered = registered
         self._limits = registered.limits
 
-    async def on_registered_event(self, payload: object) -> None:
+    async def on_registered_event(self, registered: DeviceRegistered) -> None:
         """``device:registered`` sent again by the server (new limits or interval)."""
-        self._set_registered(parse(DeviceRegistered, payload))
+        self._set_registered(registered)
 
     # -- while connected --------------------------------------------------------------
 

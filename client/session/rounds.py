@@ -54,7 +54,6 @@ from client.protocol import (
     TrainingProgress,
     TrainingStart,
     TrainingStartAck,
-    parse,
 )
 from client.session.decisions import HeldBase, refuse_round
 from client.session.hub import SnapshotHub
@@ -272,19 +271,18 @@ class Rounds:
 
     # -- handlers ---------------------------------------------------------------------
 
-    async def on_training_start(self, payload: object) -> dict[str, Any]:
-        start = parse(TrainingStart, payload)
+    async def on_training_start(self, start: TrainingStart) -> TrainingStartAck:
         # The same round offered again (after a reconnect or a server restart) is
         # accepted, not refused as ``busy``: a refusal would free the slot and the update
         # would then be answered ``not_selected``. Already trained: it is sent (resumed
         # from the server's offset); still training: the training goes on.
         if self.current is not None and self.current.start.round_id == start.round_id:
             log.info("round %s offered again; still training it", start.round_id)
-            return TrainingStartAck(accepted=True).to_wire()
+            return TrainingStartAck(accepted=True)
         if await asyncio.to_thread(self._pending.get, start.round_id) is not None:
             log.info("round %s offered again; its update is trained, sending it", start.round_id)
             self._kick_uploads()
-            return TrainingStartAck(accepted=True).to_wire()
+            return TrainingStartAck(accepted=True)
         held = self._held()
         refusal = refuse_round(
             start,
@@ -297,13 +295,13 @@ class Rounds:
         )
         if refusal is not None:
             log.info("refused round %s: %s (%s)", start.round_id, refusal.reason, refusal.detail)
-            return refusal.to_wire()
+            return refusal
         assert self.worker is not None and held is not None
         return await self._start(start, held, self.worker)
 
     async def _start(
         self, start: TrainingStart, held: GlobalWeights, worker: Worker
-    ) -> dict[str, Any]:
+    ) -> TrainingStartAck:
         # Keyed by the work, not the round id: the same work offered again (after a
         # restart, or retried under a new id) resumes from its checkpoint.
         job = self._work.job(
@@ -325,9 +323,9 @@ class Rounds:
         except OSError as exc:
             return TrainingStartAck(
                 accepted=False, reason="busy", detail=f"cannot prepare the work folder: {exc}"
-            ).to_wire()
+            )
         except FedtrayError as exc:
-            return TrainingStartAck(accepted=False, reason="busy", detail=exc.message).to_wire()
+            return TrainingStartAck(accepted=False, reason="busy", detail=exc.message)
         before_first = TrainProgress(
             round_id=start.round_id,
             epoch=0,
@@ -346,10 +344,9 @@ class Rounds:
             start.config.epochs,
             start.base_version,
         )
-        return TrainingStartAck(accepted=True).to_wire()
+        return TrainingStartAck(accepted=True)
 
-    async def on_training_cancel(self, payload: object) -> None:
-        cancel = parse(TrainingCancel, payload)
+    async def on_training_cancel(self, cancel: TrainingCancel) -> None:
         if self.current is not None and self.current.start.round_id == cancel.round_id:
             log.info("round %s cancelled by the server: %s", cancel.round_id, cancel.reason)
             if self.worker is not None:
