@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
+from typing import Final, Literal
 
 from client.config import Settings
 from client.protocol import DeviceState, PauseReason
+from client.worker_messages import TrainProgress
 
 ConnectionState = Literal["disconnected", "connecting", "connected", "auth_failed", "stopped"]
 
@@ -46,15 +47,8 @@ def effective_decision(decisions: Iterable[PauseDecision]) -> PauseDecision:
     return ALLOW
 
 
-@dataclass(frozen=True)
-class Progress:
-    """Where the current round's local training is."""
-
-    fraction: float = 0.0
-    epoch: int = 0
-    epochs: int = 0
-    loss: float | None = None
-    samples_per_sec: float | None = None
+#: The progress a snapshot shows before the first round: nothing trained yet.
+NO_PROGRESS: Final = TrainProgress(round_id="", epoch=0, epochs=0, step=0, steps=1, fraction=0.0)
 
 
 @dataclass(frozen=True)
@@ -93,7 +87,7 @@ class ClientSnapshot:
     pause_reason: PauseReason | None = None
     pause_detail: str = ""
     round_id: str | None = None
-    progress: Progress = field(default_factory=Progress)
+    progress: TrainProgress = NO_PROGRESS
     upload_fraction: float | None = None
     weights_version: int | None = None
     task: str | None = None

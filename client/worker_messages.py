@@ -122,8 +122,8 @@ class TrainProgress:
     """Where a running round is; field names and meanings are those of
     :class:`client.protocol.TrainingProgress` (``epoch`` and ``step`` count from 1).
 
-    The worker's owner converts it, in one place, into the wire message and the
-    snapshot's :class:`client.snapshot.Progress` (see :mod:`client.session.rounds`).
+    It is also what the session's snapshot shows; the session converts it, in one
+    place, into the wire message (:func:`client.session.rounds.wire_progress`).
     """
 
     round_id: str

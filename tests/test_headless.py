@@ -6,13 +6,14 @@ import argparse
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from client.config import Settings
 from client.headless import EXIT_ENDED, change_line, run_client, status_rows
-from client.snapshot import ClientSnapshot, Progress
+from client.snapshot import NO_PROGRESS, ClientSnapshot
 from tests.waiting import scaled
 
 BASE = ClientSnapshot(
@@ -31,7 +32,9 @@ TRAINING = ClientSnapshot(
     connection="connected",
     device_state="training",
     round_id="r1",
-    progress=Progress(fraction=0.5, epoch=1, epochs=2, loss=0.25, samples_per_sec=1234.0),
+    progress=replace(
+        NO_PROGRESS, fraction=0.5, epoch=1, epochs=2, loss=0.25, samples_per_sec=1234.0
+    ),
     weights_version=3,
 )
 
@@ -68,11 +71,15 @@ def _with(snap: ClientSnapshot, **changes: object) -> ClientSnapshot:
             "state: training (round r1)",
         ),
         (
-            _with(TRAINING, progress=Progress(epoch=0, epochs=2)),
+            _with(TRAINING, progress=replace(NO_PROGRESS, epoch=0, epochs=2)),
             TRAINING,
             "round r1: epoch 1/2 (50%), loss 0.2500, 1,234 samples/s",
         ),
-        (TRAINING, _with(TRAINING, progress=Progress(fraction=0.6, epoch=1, epochs=2)), None),
+        (
+            TRAINING,
+            _with(TRAINING, progress=replace(NO_PROGRESS, fraction=0.6, epoch=1, epochs=2)),
+            None,
+        ),
         (
             TRAINING,
             _with(

@@ -23,8 +23,8 @@ from client.protocol import (
     parse,
 )
 from client.session.hub import SnapshotHub
-from client.session.rounds import Rounds, snapshot_progress, wire_progress
-from client.snapshot import ALLOW, ClientSnapshot, PauseDecision, Progress
+from client.session.rounds import Rounds, wire_progress
+from client.snapshot import ALLOW, ClientSnapshot, PauseDecision
 from client.worker_messages import (
     Done,
     ProgressEvent,
@@ -71,10 +71,7 @@ def test_wire_progress_carries_the_position_and_the_pause(
     assert (wire.state, wire.pause_reason, wire.pause_detail) == (state, reason, detail)
 
 
-def test_snapshot_progress_and_an_unreportable_progress() -> None:
-    assert snapshot_progress(P) == Progress(
-        fraction=0.6, epoch=2, epochs=3, loss=0.5, samples_per_sec=120.0
-    )
+def test_an_unreportable_progress() -> None:
     with pytest.raises(ValueError):
         wire_progress(TrainProgress("r7", 1, 0, 0, 1, 0.0), ALLOW)  # zero epochs
 
@@ -163,7 +160,7 @@ async def _a_round(tmp_path: Path) -> None:
     assert job.checkpoint_interval == 7.5 and job.base_weights_path == base
     assert not stale.exists() and other.exists()
     assert rounds.busy_keys() == {job.work_key}
-    assert hub.current.progress == Progress(epochs=3)
+    assert hub.current.progress == TrainProgress("r7", 0, 3, 0, 1, 0.0)
 
     def progress_sent() -> list[TrainingProgress]:
         return [parse(TrainingProgress, p) for e, p in sent if e == EV_TRAINING_PROGRESS]
@@ -173,7 +170,7 @@ async def _a_round(tmp_path: Path) -> None:
         events.append(ProgressEvent(TrainProgress("r7", 1, 3, step, 9, step / 27)))
         rounds.on_worker_event(events[-1])
     assert [(m.step, m.state) for m in progress_sent()] == [(s, "training") for s in (1, 2, 3)]
-    assert hub.current.progress == Progress(fraction=3 / 27, epoch=1, epochs=3)
+    assert hub.current.progress == TrainProgress("r7", 1, 3, 3, 9, 3 / 27)  # the one shape
     rounds.on_worker_event(ProgressEvent(TrainProgress("old-round", 1, 3, 4, 9, 0.5)))
     assert len(progress_sent()) == 3, "progress of another round is not reported"
 

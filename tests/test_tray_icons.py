@@ -9,7 +9,7 @@ import pytest
 from PIL import Image, ImageChops
 
 from client.config import Settings
-from client.snapshot import ClientSnapshot, Progress
+from client.snapshot import NO_PROGRESS, ClientSnapshot
 from tray.icons import (
     ICON_SIZES,
     ICON_STATES,
@@ -106,15 +106,27 @@ def test_icon_state(changes: dict[str, object], expected: IconState) -> None:
     [
         ({"connection": "connected"}, ("idle", 0)),
         (
-            {"connection": "connected", "device_state": "training", "progress": Progress(0.5)},
+            {
+                "connection": "connected",
+                "device_state": "training",
+                "progress": replace(NO_PROGRESS, fraction=0.5),
+            },
             ("training", PROGRESS_STEPS // 2),
         ),
         (
-            {"connection": "connected", "device_state": "training", "progress": Progress(0.501)},
+            {
+                "connection": "connected",
+                "device_state": "training",
+                "progress": replace(NO_PROGRESS, fraction=0.501),
+            },
             ("training", PROGRESS_STEPS // 2),
         ),
         (
-            {"connection": "connected", "device_state": "uploading", "progress": Progress(0.2)},
+            {
+                "connection": "connected",
+                "device_state": "uploading",
+                "progress": replace(NO_PROGRESS, fraction=0.2),
+            },
             ("training", PROGRESS_STEPS),
         ),
     ],

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from client.config import Settings
-from client.snapshot import ClientSnapshot, FederationResult, Progress
+from client.snapshot import NO_PROGRESS, ClientSnapshot, FederationResult
 from tray.menu import MenuEntry, MenuNode, Separator, build_menu, find_entry
 from tray.status import MAX_TOOLTIP, round_label, status_text
 
@@ -45,7 +45,7 @@ RESULT = FederationResult(task="digits", rounds=10, accuracy=0.953)
                 **CONNECTED,
                 "device_state": "training",
                 "round_id": "r12-1-ab",
-                "progress": Progress(0.45),
+                "progress": replace(NO_PROGRESS, fraction=0.45),
             },
             None,
             "fedtray — training round 12, 45 %",
@@ -104,7 +104,7 @@ RESULT = FederationResult(task="digits", rounds=10, accuracy=0.953)
                 **CONNECTED,
                 "device_state": "training",
                 "round_id": "custom",
-                "progress": Progress(1.7),
+                "progress": replace(NO_PROGRESS, fraction=1.7),
             },
             None,
             "fedtray — training round custom, 100 %",

@@ -19,9 +19,10 @@ onto the loop; disk work runs in worker threads):
   seconds of training, so even a ``kill -9`` loses at most that much.
 * Progress: each :class:`client.worker_messages.ProgressEvent` goes to the snapshot and
   the server as it arrives (the worker's child is THE throttle: at most one per 0.5 s
-  plus the last of the round). :func:`wire_progress` and :func:`snapshot_progress` are
-  THE conversion of a :class:`client.worker_messages.TrainProgress`; a progress sent
-  while the applied decision is a pause says ``paused``. A pause reaches the worker
+  plus the last of the round). The one progress shape,
+  :class:`client.worker_messages.TrainProgress`, is what the snapshot shows;
+  :func:`wire_progress` is THE conversion to the wire; a progress sent while the
+  applied decision is a pause says ``paused``. A pause reaches the worker
   (:meth:`Rounds.pause_changed`), which checkpoints at its next batch boundary; the
   server gets a ``paused`` progress at once, with the latest position.
 * A finished update is converted to the round's weight format in place and handed to
@@ -58,7 +59,7 @@ from client.protocol import (
 from client.session.decisions import HeldBase, refuse_round
 from client.session.hub import SnapshotHub
 from client.session.tasks import TaskSet
-from client.snapshot import PauseDecision, Progress
+from client.snapshot import PauseDecision
 from client.tasks import available_tasks
 from client.weights import decode, encode
 from client.worker_messages import (
@@ -83,7 +84,6 @@ __all__ = [
     "WorkerFactory",
     "default_work_dir",
     "default_worker_factory",
-    "snapshot_progress",
     "wire_progress",
 ]
 
@@ -129,29 +129,10 @@ def wire_progress(progress: TrainProgress, pause: PauseDecision) -> TrainingProg
     """
     paused = not pause.allowed
     return TrainingProgress(
-        round_id=progress.round_id,
-        epoch=progress.epoch,
-        epochs=progress.epochs,
-        step=progress.step,
-        steps=progress.steps,
-        fraction=progress.fraction,
-        loss=progress.loss,
-        samples_per_sec=progress.samples_per_sec,
-        batch_size=progress.batch_size,
+        **dataclasses.asdict(progress),
         state="paused" if paused else "training",
         pause_reason=pause.reason if paused else None,
         pause_detail=(pause.detail or None) if paused else None,
-    )
-
-
-def snapshot_progress(progress: TrainProgress) -> Progress:
-    """THE snapshot view of ``progress``."""
-    return Progress(
-        fraction=progress.fraction,
-        epoch=progress.epoch,
-        epochs=progress.epochs,
-        loss=progress.loss,
-        samples_per_sec=progress.samples_per_sec,
     )
 
 
@@ -335,7 +316,7 @@ class Rounds:
             fraction=0.0,
         )
         self.current = ActiveRound(start=start, job=job, key=job.work_key, progress=before_first)
-        self._hub.publish(progress=snapshot_progress(before_first))
+        self._hub.publish(progress=before_first)
         self._state_changed()
         log.info(
             "round %s: training %s for %d epoch(s) from global v%d",
@@ -375,7 +356,7 @@ class Rounds:
             log.debug("ignoring progress of a round not being trained: %r", progress)
             return
         rnd.progress = progress
-        self._hub.publish(progress=snapshot_progress(progress))
+        self._hub.publish(progress=progress)
         self._send_progress(progress, self._pause())
 
     def _send_progress(self, progress: TrainProgress, pause: PauseDecision) -> None:
