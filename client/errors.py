@@ -53,6 +53,8 @@ ErrorCode = Literal[
     "busy",
     "paused",
     "training_failed",
+    # task packages
+    "bad_package",
 ]
 
 ERROR_CODES: tuple[ErrorCode, ...] = get_args(ErrorCode)
@@ -139,6 +141,7 @@ CODES: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
         "busy": CodeSpec("retry", "The device is already training another round."),
         "paused": CodeSpec("retry", "The device is paused (see the pause reason)."),
         "training_failed": CodeSpec("retry", "The local training crashed or ran out of memory."),
+        "bad_package": CodeSpec("final", "A task package's manifest.json is invalid."),
     }
 )
 
