@@ -70,6 +70,10 @@ class LocalData(_Strict):
 DataSource = Annotated[ServerData | LocalData, Field(discriminator="source")]
 
 
+def _loss_only() -> list[Metric]:
+    return ["loss"]
+
+
 class Manifest(_Strict):
     """Everything a device needs to know about a package besides the program and weights."""
 
@@ -81,7 +85,7 @@ class Manifest(_Strict):
     label: TensorSpec
     loss: Loss
     metrics: Annotated[list[Metric], Field(min_length=1, max_length=4)] = Field(
-        default_factory=lambda: ["loss"]
+        default_factory=_loss_only
     )
     num_classes: PosInt | None = Field(
         default=None,
