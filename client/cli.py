@@ -193,7 +193,11 @@ def _print_settings(settings: Settings, *, as_json: bool) -> None:
         print(json.dumps(shown, indent=2, ensure_ascii=False))
         return
     for key, value in shown.items():
-        print(f"{key} = {_format_value(value)}")
+        if isinstance(value, dict):  # a table: one line per entry, as `config set` takes it
+            for entry, item in sorted(value.items()):
+                print(f"{key}.{entry} = {_format_value(item)}")
+        else:
+            print(f"{key} = {_format_value(value)}")
 
 
 def apply_cli_overrides(
@@ -243,7 +247,11 @@ def _cmd_config(args: argparse.Namespace) -> int:
     except OSError as exc:
         _error(f"could not save settings to {config_path()}: {exc}")
         return EXIT_IO
-    print(f"{args.key} = {_format_value(redacted(updated)[args.key])}")
+    table, dot, entry = args.key.partition(".")
+    shown = redacted(updated)[table]
+    if dot:
+        shown = shown.get(entry) if isinstance(shown, dict) else None
+    print(f"{args.key} = {_format_value(shown)}")
     return EXIT_OK
 
 

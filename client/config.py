@@ -117,8 +117,9 @@ def _utc_now() -> datetime:
 
 
 def _toml_bytes(settings: Settings) -> bytes:
-    # TOML has no null: optional settings that are unset are simply left out.
-    body = tomli_w.dumps(settings.model_dump(exclude_none=True))
+    # TOML has no null: optional settings that are unset, and empty tables, are left out.
+    data = {k: v for k, v in settings.model_dump(exclude_none=True).items() if v != {}}
+    body = tomli_w.dumps(data)
     header = "# fedtray settings; edit with `fedtray-client config set KEY VALUE`.\n"
     return (header + body).encode("utf-8")
 

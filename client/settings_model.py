@@ -23,6 +23,8 @@ Contract:
 
 from __future__ import annotations
 
+import os
+import re
 import secrets
 import socket
 import types
@@ -56,6 +58,7 @@ URL_SCHEMES: Final = ("http", "https", "ws", "wss")
 MAX_NAME_LEN: Final = 64
 MAX_TOKEN_LEN: Final = 512
 MAX_PATH_LEN: Final = 4096
+MAX_TASK_FOLDERS: Final = 256
 REDACTED: Final = "***"
 
 
@@ -144,6 +147,25 @@ def _check_ca_file(value: str | None) -> str | None:
     if 1 <= len(value) <= MAX_PATH_LEN and value.isprintable() and value.strip() != "":
         return value
     raise _refusal("ca_file", value)
+
+
+_TASK_NAME: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
+
+def _check_folder(key: str, value: str) -> str:
+    if 1 <= len(value) <= MAX_PATH_LEN and value.isprintable() and value.strip() != "":
+        return value
+    raise ValueError(f"{key} must be a folder path, got {value!r}")
+
+
+def _check_task_data(value: dict[str, str]) -> dict[str, str]:
+    if len(value) > MAX_TASK_FOLDERS:
+        raise ValueError(f"task_data holds at most {MAX_TASK_FOLDERS} tasks, got {len(value)}")
+    for task, folder in value.items():
+        if not _TASK_NAME.match(task):
+            raise ValueError(f"task_data: {task!r} is not a task name ({ALLOWED['task_data']})")
+        _check_folder(f"task_data.{task}", folder)
+    return value
 
 
 def _check_paused_until(value: datetime | None) -> datetime | None:
@@ -275,6 +297,20 @@ class Settings(BaseModel):
         AfterValidator(_check_paused_until),
     ] = None
 
+    task_data: Annotated[
+        dict[str, str],
+        Key(
+            "task names with a folder each (task_data.NAME = /path/to/folder)",
+            (
+                "the folder with this device's own data for a task whose data stays on the "
+                "device (`config set task_data.NAME FOLDER`; `none` removes it)"
+            ),
+            live=True,
+            default_words="no folders",
+        ),
+        AfterValidator(_check_task_data),
+    ] = Field(default_factory=dict)
+
     @model_validator(mode="before")
     @classmethod
     def _drop_deadline_when_not_paused(cls, data: Any) -> Any:
@@ -319,6 +355,10 @@ SPECS: Final[Mapping[str, Key]] = {name: _key_of(name) for name in KEYS}
 ALLOWED: Final[Mapping[str, str]] = {name: spec.allowed for name, spec in SPECS.items()}
 #: Settings a running session applies when they change.
 LIVE_KEYS: Final[tuple[str, ...]] = tuple(name for name in KEYS if SPECS[name].live)
+#: Settings that are tables of entries, changed one entry at a time (``task_data.NAME``).
+_TABLE_KEYS: Final = frozenset(
+    n for n in KEYS if get_origin(Settings.model_fields[n].annotation) is dict
+)
 #: Settings ``config set`` may change.
 SETTABLE_KEYS: Final[tuple[str, ...]] = tuple(n for n in KEYS if SPECS[n].fixed is None)
 _TRUE: Final = frozenset({"true", "yes", "1", "on"})
@@ -352,11 +392,16 @@ def parse_setting(key: str, raw: str) -> Any:
     :class:`SettingsError` naming the key and what is allowed; an unknown key lists the
     valid ones; a key ``config set`` may not change says why.
     """
+    table, dot, entry = key.partition(".")
+    if dot and table in _TABLE_KEYS:
+        return _parse_entry(table, entry, raw)
     spec = SPECS.get(key)
     if spec is not None and spec.fixed is not None:
         raise SettingsError(spec.fixed)
     if spec is None:
         raise SettingsError(f"unknown setting {key!r}; valid keys: {', '.join(SETTABLE_KEYS)}")
+    if key in _TABLE_KEYS:
+        raise SettingsError(f"{key} is set one entry at a time: `config set {key}.NAME VALUE`")
     text = raw.strip()
     kind, optional = _value_type(key)
     if optional and text.lower() in ("", "none"):
@@ -380,14 +425,42 @@ def parse_setting(key: str, raw: str) -> Any:
     return value
 
 
+def _parse_entry(table: str, entry: str, raw: str) -> str | None:
+    """One entry of a table setting (``task_data.NAME``): a folder, or None to remove it."""
+    if not _TASK_NAME.match(entry):
+        raise SettingsError(f"{table}.{entry}: {entry!r} is not a task name ({ALLOWED[table]})")
+    text = raw.strip()
+    if text.lower() in ("", "none"):
+        return None
+    try:
+        # Absolute, so a client started from another folder reads the same place.
+        return _check_folder(f"{table}.{entry}", os.path.abspath(os.path.expanduser(text)))
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+
+
 def with_changes(settings: Settings, changes: Mapping[str, object]) -> Settings:
     """A validated copy of ``settings`` with typed ``changes`` applied (pure).
 
-    Raises :class:`SettingsError` listing every problem (unknown keys included); the
-    given ``settings`` are never changed.
+    A key ``TABLE.ENTRY`` (e.g. ``task_data.digits``) sets one entry of a table setting,
+    or removes it when the value is None, keeping the table's other entries. Raises
+    :class:`SettingsError` listing every problem (unknown keys included); the given
+    ``settings`` are never changed.
     """
+    data = settings.model_dump()
+    for key, value in changes.items():
+        table, dot, entry = key.partition(".")
+        if dot and table in _TABLE_KEYS:
+            entries = dict(data[table])
+            if value is None:
+                entries.pop(entry, None)
+            else:
+                entries[entry] = value
+            data[table] = entries
+        else:
+            data[key] = value
     try:
-        return Settings.model_validate({**settings.model_dump(), **changes})
+        return Settings.model_validate(data)
     except ValidationError as exc:
         raise SettingsError(explain_validation_error(exc)) from None
 

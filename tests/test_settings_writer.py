@@ -201,3 +201,52 @@ def test_live_settings_without_a_file_validate_in_memory() -> None:
         asyncio.run(live.update(battery_threshold=-1))
     assert live.value == start and announced == []
     assert asyncio.run(live.update(autostart=True)).autostart
+
+
+# --- a table setting: one folder per task ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "raw", "expected"),
+    [
+        ("task_data.digits", "/data/digits", "/data/digits"),
+        ("task_data.digits", " /data/x y ", "/data/x y"),
+        ("task_data.my-task.v2", "/d", "/d"),
+        ("task_data.digits", "none", None),
+        ("task_data.digits", "", None),
+    ],
+)
+def test_parse_a_task_folder(key: str, raw: str, expected: str | None) -> None:
+    assert settings_model.parse_setting(key, raw) == expected
+
+
+def test_a_relative_task_folder_is_made_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert settings_model.parse_setting("task_data.t", "data") == str(tmp_path / "data")
+
+
+@pytest.mark.parametrize(
+    ("key", "raw", "fragment"),
+    [
+        ("task_data", "/x", "set one entry at a time: `config set task_data.NAME VALUE`"),
+        ("task_data.bad name", "/x", "'bad name' is not a task name"),
+        ("task_data.t", "tab\there", "task_data.t must be a folder path"),
+    ],
+)
+def test_bad_task_folders_are_refused(key: str, raw: str, fragment: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        settings_model.parse_setting(key, raw)
+    assert fragment in str(info.value)
+
+
+def test_one_task_folder_changes_and_the_others_stay(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    save_settings(Settings(device_id=FIXED_ID, device_name="a"), path)
+    update_settings(path, **{"task_data.a": "/data/a"})
+    update_settings(path, **{"task_data.b": "/data/b"})
+    assert load_settings(path).task_data == {"a": "/data/a", "b": "/data/b"}
+    update_settings(path, **{"task_data.a": None})
+    assert load_settings(path).task_data == {"b": "/data/b"}
+    assert "[task_data]" in path.read_text(encoding="utf-8")

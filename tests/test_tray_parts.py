@@ -91,6 +91,15 @@ def test_validate_form_accepts(
     assert changes == dict(zip(("server_url", "device_name", "auth_token"), expected, strict=True))
 
 
+def test_validate_form_sets_or_removes_a_task_folder() -> None:
+    changes = validate_form("http://h:1", "pc", "", "digits", "/data/digits")
+    assert changes["task_data.digits"] == "/data/digits"
+    assert validate_form("http://h:1", "pc", "", "digits", "")["task_data.digits"] is None
+    assert not any(k.startswith("task_data") for k in validate_form("http://h:1", "pc", ""))
+    with pytest.raises(SettingsError, match="'no good' is not a task name"):
+        validate_form("http://h:1", "pc", "", "no good", "/x")
+
+
 def test_validate_form_lists_every_problem_without_the_token() -> None:
     with pytest.raises(SettingsError) as info:
         validate_form("ftp://x", "   ", "has space secret")

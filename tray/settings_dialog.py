@@ -1,4 +1,5 @@
-"""The Settings… window: server URL, device name and token, in its own process.
+"""The Settings… window: server URL, device name, token and a task's data folder, in its
+own process.
 
 Run as ``python -m tray.settings_dialog [--config PATH]``. It runs in a separate process
 so that tkinter's main loop never competes with the tray's (macOS allows one GUI loop
@@ -6,13 +7,13 @@ per process, on the main thread).
 
 Contract:
 
-* :func:`validate_form` is pure: it checks the three fields with :mod:`client.config`'s
-  own rules and returns the changes (key -> typed value), or raises
+* :func:`validate_form` is pure: it checks the fields (and the task's data folder, when
+  a task is named) with :mod:`client.config`'s own rules and returns the changes (key -> typed value), or raises
   :class:`client.config.SettingsError` whose message lists every problem, one line
   each, naming the field. The token is never echoed.
 * :func:`main` shows the window. Save validates; problems are shown in the window and
   nothing is written. A valid form is written with :func:`client.config.update_settings`
-  (only these three keys, atomic, under the file's lock) and the process exits
+  (only these keys, atomic, under the file's lock) and the process exits
   :data:`EXIT_SAVED` (0); Cancel or closing the window exits :data:`EXIT_CANCELLED`
   (1); a display or disk problem exits :data:`EXIT_ERROR` (2) with one ``error:``
   line on stderr. The running session follows the file.
@@ -42,15 +43,21 @@ FIELDS: Final = (
 )
 
 
-def validate_form(server_url: str, device_name: str, token: str) -> dict[str, Any]:
-    """The three fields as typed changes; raises SettingsError listing all problems."""
+def validate_form(
+    server_url: str, device_name: str, token: str, task: str = "", folder: str = ""
+) -> dict[str, Any]:
+    """The form as typed changes; raises SettingsError listing all problems.
+
+    ``task`` and ``folder`` name the folder with this device's own data for a task whose
+    data stays on the device (``task_data.TASK``); an empty task name changes nothing,
+    an empty folder removes the task's folder.
+    """
     changes: dict[str, Any] = {}
     problems: list[str] = []
-    for key, raw in (
-        ("server_url", server_url),
-        ("device_name", device_name),
-        ("auth_token", token),
-    ):
+    fields = [("server_url", server_url), ("device_name", device_name), ("auth_token", token)]
+    if task.strip():
+        fields.append((f"task_data.{task.strip()}", folder))
+    for key, raw in fields:
         try:
             changes[key] = parse_setting(key, raw)
         except SettingsError as exc:
@@ -62,7 +69,7 @@ def validate_form(server_url: str, device_name: str, token: str) -> dict[str, An
 
 def _run_window(path: Path | None) -> int:
     import tkinter as tk
-    from tkinter import ttk
+    from tkinter import filedialog, ttk
 
     current = load_settings(path)
     root = tk.Tk()
@@ -86,9 +93,27 @@ def _run_window(path: Path | None) -> int:
             entry.focus_set()
             entry.select_range(0, "end")  # typing replaces the whole URL
 
+    # A task whose data stays on this computer: which folder holds it.
+    task = tk.StringVar(value=next(iter(current.task_data), ""))
+    folder = tk.StringVar(value=current.task_data.get(task.get(), ""))
+    row = len(FIELDS)
+    ttk.Label(frame, text="Task with local data").grid(row=row, column=0, sticky="w", pady=3)
+    ttk.Entry(frame, textvariable=task, width=42).grid(row=row, column=1, sticky="ew", pady=3)
+    ttk.Label(frame, text="Its data folder").grid(row=row + 1, column=0, sticky="w", pady=3)
+    chooser = ttk.Frame(frame)
+    chooser.grid(row=row + 1, column=1, sticky="ew", pady=3)
+    ttk.Entry(chooser, textvariable=folder, width=32).grid(row=0, column=0, sticky="ew")
+
+    def browse() -> None:
+        chosen = filedialog.askdirectory(parent=root, initialdir=folder.get() or None)
+        if chosen:
+            folder.set(chosen)
+
+    ttk.Button(chooser, text="Browse…", command=browse).grid(row=0, column=1, padx=(6, 0))
+
     message = tk.StringVar(value="")
     ttk.Label(frame, textvariable=message, foreground="#b00020", wraplength=420).grid(
-        row=len(FIELDS), column=0, columnspan=2, sticky="w", pady=(6, 0)
+        row=row + 2, column=0, columnspan=2, sticky="w", pady=(6, 0)
     )
     result = {"code": EXIT_CANCELLED}
 
@@ -98,6 +123,8 @@ def _run_window(path: Path | None) -> int:
                 values["server_url"].get(),
                 values["device_name"].get(),
                 values["auth_token"].get(),
+                task.get(),
+                folder.get(),
             )
         except SettingsError as exc:
             message.set(str(exc))
@@ -114,7 +141,7 @@ def _run_window(path: Path | None) -> int:
         root.destroy()
 
     buttons = ttk.Frame(frame)
-    buttons.grid(row=len(FIELDS) + 1, column=0, columnspan=2, sticky="e", pady=(10, 0))
+    buttons.grid(row=row + 3, column=0, columnspan=2, sticky="e", pady=(10, 0))
     ttk.Button(buttons, text="Cancel", command=cancel).grid(row=0, column=0, padx=(0, 6))
     ttk.Button(buttons, text="Save", command=save).grid(row=0, column=1)
     root.bind("<Return>", save)

@@ -73,7 +73,7 @@ class LiveSettings:
                         partial(update_settings, self.file, if_missing=self._value, **changes)
                     )
                     # Another process's live changes come along; our keys are as asked.
-                    wanted = merge_live(self._value, written).model_copy(update=changes)
+                    wanted = with_changes(merge_live(self._value, written), changes)
                 except OSError as exc:
                     log.warning("could not save the settings to %s: %s", self.file, exc)
                     unsaved = exc
