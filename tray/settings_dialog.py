@@ -8,9 +8,9 @@ per process, on the main thread).
 Contract:
 
 * :func:`validate_form` is pure: it checks the fields (and the task's data folder, when
-  a task is named) with :mod:`client.config`'s own rules and returns the changes (key -> typed value), or raises
-  :class:`client.config.SettingsError` whose message lists every problem, one line
-  each, naming the field. The token is never echoed.
+  a task is named) with :mod:`client.config`'s own rules and returns the changes (key
+  -> typed value), or raises :class:`client.config.SettingsError` whose message lists
+  every problem, one line each, naming the field. The token is never echoed.
 * :func:`main` shows the window. Save validates; problems are shown in the window and
   nothing is written. A valid form is written with :func:`client.config.update_settings`
   (only these keys, atomic, under the file's lock) and the process exits
