@@ -55,6 +55,8 @@ ErrorCode = Literal[
     "training_failed",
     # task packages
     "bad_package",
+    "no_local_data",
+    "local_data_mismatch",
 ]
 
 ERROR_CODES: tuple[ErrorCode, ...] = get_args(ErrorCode)
@@ -142,6 +144,12 @@ CODES: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
         "paused": CodeSpec("retry", "The device is paused (see the pause reason)."),
         "training_failed": CodeSpec("retry", "The local training crashed or ran out of memory."),
         "bad_package": CodeSpec("final", "A task package's manifest.json is invalid."),
+        "no_local_data": CodeSpec(
+            "final", "The device has no data of its own for a task whose data stays local."
+        ),
+        "local_data_mismatch": CodeSpec(
+            "final", "The device's own data does not fit the task's input and label specs."
+        ),
     }
 )
 
