@@ -280,7 +280,7 @@ SUBMIT_FINAL = {
     "duplicate", "round_closed", "not_selected", "stale_base", "bad_request",
     "unsupported_format", "malformed", "unknown_dtype", "bad_offsets", "truncated",
     "oversized", "non_finite", "layout_mismatch", "shape_mismatch", "dtype_mismatch",
-    "unknown_task", "blob_too_large",
+    "unknown_task", "blob_too_large", "bad_package", "no_local_data", "local_data_mismatch",
 }  # fmt: skip
 
 
