@@ -369,10 +369,12 @@ nothing of packages keeps working with installed tasks.
 
 - **Who may train one.** A device that can train packages says `taskPackages: true` in
   its capabilities, with `packageCacheBytes`, the bytes of task files it keeps. A server
-  selects for a packaged round only such devices, and only when the package plus the
-  device's data share fit that cache and the package fits the device's `maxBlobBytes`;
-  the others are simply not selected (`capabilities.tasks` does not matter for a
-  packaged task, whose name is the package manifest's `name`).
+  selects for a packaged round only such devices, and only when the package fits that
+  cache and the device's `maxBlobBytes` (a data share that does not fit is refused, and
+  that device's part of the round fails); the others are simply not selected
+  (`capabilities.tasks` does not matter for a packaged task, whose name is the package
+  manifest's `name`). The package a device is sent carries no data members: each device
+  downloads only its own share of the data, never the whole set.
 - **Getting the files there.** Before `training:start` the server offers each file the
   round needs with `task:file {kind, sha256, size}` (no `blobId`): the package
   (`kind: package`) and, when the server holds the data, the device's share of the

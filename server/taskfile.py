@@ -5,9 +5,9 @@ Contract:
 * :func:`open_package` is THE server's seam to the package reader: it checks the file
   with :func:`client.taskpkg.archive.read_package` (the same checks a device makes;
   a bad package raises :class:`client.errors.FedtrayError` with that reader's code) and
-  returns a :class:`ServedPackage`: the file's bytes (what devices are sent), SHA-256,
-  manifest, initial weights (``weights.safetensors``) and, when the manifest says
-  ``server``, the train and test arrays. It never imports torch.
+  returns a :class:`ServedPackage`: the package devices are sent (without its data
+  members) and its SHA-256, the manifest, initial weights (``weights.safetensors``)
+  and, when the manifest says ``server``, the train and test arrays. It never imports torch.
 * :class:`DataShares` cuts the train arrays per device with the existing schemes
   (:func:`client.tasks.base.apply_partition`) and encodes each share once, as
   safetensors holding exactly ``x`` and ``y`` (the same partition gives the same bytes,
@@ -22,7 +22,6 @@ Contract:
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -68,30 +67,35 @@ class ServedPackage:
         return FileRef(sha256=self.sha256, size=self.size)
 
 
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise FedtrayError("bad_package", f"cannot read {path}: {exc.strerror or exc}") from None
-
-
 def open_package(path: Path) -> ServedPackage:
-    """Check ``path`` and hold what serving it needs; FedtrayError for a bad package."""
-    # PKG's reader: the same checks a device makes before it trains a package.
-    from client.taskpkg.archive import read_package  # type: ignore[import-untyped,unused-ignore]
+    """Check ``path`` and hold what serving it needs; FedtrayError for a bad package.
 
-    content = _read(path)
+    What devices are sent is the package WITHOUT its data members (rebuilt with the
+    package writer, byte-for-byte the same for the same package): each device gets only
+    its own share of the data (:class:`DataShares`), never the whole set.
+    """
+    # PKG's reader and writer: the same checks a device makes before it trains a package.
+    from client.taskpkg.archive import (  # type: ignore[import-untyped,unused-ignore]
+        package_bytes,
+        read_package,
+    )
+
     contents = read_package(path)
-    if hashlib.sha256(_read(path)).hexdigest() != sha256_hex(content):
-        raise FedtrayError("bad_package", f"{path} changed while it was being checked")
-    # The integration points with PackageContents (client.taskpkg.archive):
     manifest: Manifest = contents.manifest
-    weights = {k: np.ascontiguousarray(v) for k, v in contents.weights.items()}
+    weights: StateDict = {k: np.ascontiguousarray(v) for k, v in contents.weights.items()}
+    device_package: bytes = package_bytes(
+        manifest,
+        contents.train_program,
+        contents.eval_program,
+        contents.weights,
+        contents.constants,
+        None,
+    )
     data: Mapping[str, Arrays] | None = contents.data
     return ServedPackage(
         path=path,
-        content=content,
-        sha256=sha256_hex(content),
+        content=device_package,
+        sha256=sha256_hex(device_package),
         manifest=manifest,
         weights=weights,
         train=data["train"] if data else None,
@@ -164,7 +168,7 @@ class PackageTask(Task):
                     load_packaged_task,
                 )
 
-                self._loaded = load_packaged_task(self.package.path, None)
+                self._loaded = load_packaged_task(self.package.path)
             return self._loaded
 
     def build_model(self, params: Mapping[str, JsonValue], seed: int) -> torch.nn.Module:
