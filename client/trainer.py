@@ -8,6 +8,9 @@ Contract:
   :meth:`LocalTrainer.run` imports it. ``run`` is meant to execute in the training
   worker process. Progress is reported as :class:`client.worker_messages.TrainProgress`
   after every batch (unthrottled: the worker throttles).
+* The task comes from :func:`resolve_task`: a job naming a task package is trained on
+  the task built from it (the worker is the only process that loads a package), its
+  data share loaded whole; any other job's task is looked up by name.
 * The base file must have the SHA-256 the job names (``job.base_sha256``, when set),
   else ``FedtrayError('stale_base')`` before any training.
 * ``run`` reads the base weights (safetensors, via :mod:`client.weights`) and checks them
@@ -71,7 +74,7 @@ from client.checkpoint import (
     load_checkpoint,
 )
 from client.errors import FedtrayError
-from client.protocol import TrainingConfig
+from client.protocol import Partition, TrainingConfig
 from client.tasks import get_task
 from client.tasks.base import Task, model_state
 from client.train_memory import (
@@ -171,8 +174,8 @@ class LocalTrainer:
 
         ctl: TrainControl = control or NeverInterrupt()
         report: ProgressCallback = on_progress or (lambda _p: None)
-        task = self._task_loader(job.task, job.model_params)
-        x_np, y_np = task.load_data("train", job.partition)
+        task, data_partition = resolve_task(job, self._task_loader)
+        x_np, y_np = task.load_data("train", data_partition)
         n = len(y_np)
         if n == 0:
             raise FedtrayError("bad_request", "this device's data partition holds no samples")
@@ -449,6 +452,26 @@ def _make_optimizer(model: torch.nn.Module, config: TrainingConfig) -> torch.opt
     return torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum)
 
 
+def resolve_task(
+    job: TrainJob, task_loader: Callable[[str, Mapping[str, JsonValue]], Task] = get_task
+) -> tuple[Task, Partition | None]:
+    """THE task resolution of a job: the task, and the partition to load its data with.
+
+    A job with a package builds the task from the package
+    (:func:`client.taskpkg.task.load_packaged_task`, which never unpickles or runs
+    anything from the package); its ``data_path``, when given, is the device's share
+    already, so it is loaded whole (partition ``None``). Any other job looks its task up
+    by name (``task_loader``) and loads its partition.
+    """
+    if job.package_path is None:
+        return task_loader(job.task, job.model_params), job.partition
+    # PKG's module; the ignore goes once it is merged.
+    from client.taskpkg.task import load_packaged_task  # type: ignore[import-untyped,unused-ignore]
+
+    task = load_packaged_task(job.package_path, job.data_path)
+    return task, (None if job.data_path is not None else job.partition)
+
+
 def _work_key_of(job: TrainJob, base_sha: str) -> str:
     """The job's work key; a job built without one gets it from the same function."""
     if job.work_key is not None:
@@ -460,4 +483,6 @@ def _work_key_of(job: TrainJob, base_sha: str) -> str:
         partition=job.partition,
         base_version=0,
         base_sha256=base_sha,
+        package_sha256=job.package_sha256,
+        data_sha256=job.data_sha256,
     )

@@ -85,6 +85,11 @@ class TrainJob:
     ``torch_threads=None`` lets the worker choose (all cores but one).
     ``checkpoint_interval``: seconds of training between periodic checkpoints; 0 writes
     checkpoints only when paused.
+    ``package_path`` (with its ``package_sha256``) is a task package (``.fedtask``): the
+    task is then built from it (:func:`client.taskpkg.task.load_packaged_task`), not
+    looked up by ``task``; ``data_path`` (with ``data_sha256``) is this device's share of
+    its training data (safetensors ``x``, ``y``), already partitioned: it is trained on
+    whole, not partitioned again.
     """
 
     round_id: str
@@ -99,6 +104,10 @@ class TrainJob:
     checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL
     work_key: str | None = None
     base_sha256: str | None = None
+    package_path: Path | None = None
+    package_sha256: str | None = None
+    data_path: Path | None = None
+    data_sha256: str | None = None
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@ Contract:
   (``work-v<base_version>-<24 hex>``; the checkpoint is ``<stem>.ckpt``, the output
   ``<stem>.safetensors``). The hash covers exactly what decides the result of the work:
   the task, its model parameters, the training config (seed included), the data
-  partition and the base weights (version and SHA-256). The round id, the deadline and
+  partition, the base weights (version and SHA-256) and, for a packaged task, the
+  package's and the data share's SHA-256 (absent for an installed task, whose keys are
+  unchanged). The round id, the deadline and
   the wire format of the update are NOT in it: they are the envelope the server puts
   around the work, not the work. Why that is safe: the trainer seeds every random stream
   from the config and the partition and starts from the base weights, so the trained
@@ -78,9 +80,11 @@ def work_key(
     partition: Partition,
     base_version: int,
     base_sha256: str,
+    package_sha256: str | None = None,
+    data_sha256: str | None = None,
 ) -> str:
     """The key (and file stem) of this training work (see the module docstring)."""
-    identity = {
+    identity: dict[str, JsonValue] = {
         "task": task,
         "params": dict(model_params),
         "config": config.model_dump(mode="json"),
@@ -88,6 +92,10 @@ def work_key(
         "base_version": base_version,
         "base_sha256": base_sha256,
     }
+    if package_sha256 is not None:
+        identity["package_sha256"] = package_sha256
+    if data_sha256 is not None:
+        identity["data_sha256"] = data_sha256
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()
     return f"work-v{base_version}-{digest[:24]}"
 
@@ -221,8 +229,15 @@ class WorkDir:
         base_sha256: str,
         checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL,
         torch_threads: int | None = None,
+        package_path: Path | None = None,
+        package_sha256: str | None = None,
+        data_path: Path | None = None,
+        data_sha256: str | None = None,
     ) -> TrainJob:
-        """The job for this work: its key computed here, once, and its files named by it."""
+        """The job for this work: its key computed here, once, and its files named by it.
+
+        A packaged task gives its package (and data share) with their SHA-256.
+        """
         key = work_key(
             task=task,
             model_params=model_params,
@@ -230,6 +245,8 @@ class WorkDir:
             partition=partition,
             base_version=base_version,
             base_sha256=base_sha256,
+            package_sha256=package_sha256,
+            data_sha256=data_sha256,
         )
         files = self.files(key)
         return TrainJob(
@@ -245,6 +262,10 @@ class WorkDir:
             checkpoint_interval=checkpoint_interval,
             work_key=key,
             base_sha256=base_sha256,
+            package_path=package_path,
+            package_sha256=package_sha256,
+            data_path=data_path,
+            data_sha256=data_sha256,
         )
 
     def prepare(self, job: TrainJob, *, busy: Collection[str] = ()) -> None:

@@ -9,7 +9,9 @@ nothing about rounds or devices itself:
 * :class:`server.registry.Registry` -- the devices and every change of their state;
 * :class:`server.globalmodel.GlobalModel` -- the global weights, version and history.
 
-:meth:`FedServer.start` loads the task, restores or creates the global model (persisting
+:meth:`FedServer.start` loads the task (or, with ``config.task_file``, checks the task
+package and trains it: its weights are version 0, :mod:`server.taskfile`), restores
+or creates the global model (persisting
 version 0 on a first start, so a restart never re-initialises weights that devices
 already hold), restores an open round saved by a previous run, binds the port (``port=0``
 picks a free one; the real port is returned; with ``certfile``/``keyfile`` it serves
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import socket
 import time
@@ -47,7 +50,7 @@ from server.aggregation import FedAvg, Strategy
 from server.auth import TokenChecker
 from server.background import Background
 from server.config import ServerConfig
-from server.coordinator import RETURN_GRACE_S, RoundCoordinator
+from server.coordinator import RETURN_GRACE_S, RoundCoordinator, TestData
 from server.distribution import Distributor
 from server.globalmodel import GlobalModel
 from server.handlers import DeviceNamespace
@@ -59,6 +62,7 @@ from server.roundstore import RoundStore
 from server.starter import training_config
 from server.status import RoundRecord, ServerStatus, build_status
 from server.store import Store, StoreError
+from server.taskfile import PackageTask, ServedPackage, open_package
 from server.tls import TLSConfigError, server_ssl_context
 
 __all__ = ["RETURN_GRACE_S", "FedServer", "StartupError"]
@@ -75,8 +79,16 @@ class StartupError(Exception):
 class FedServer:
     """One running reference server (see the module docstring)."""
 
-    def __init__(self, config: ServerConfig, *, strategy: Strategy | None = None) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        strategy: Strategy | None = None,
+        package: ServedPackage | None = None,
+    ) -> None:
         self.config = config
+        #: The checked package of ``config.task_file`` (read at start when not given).
+        self._package = package
         self.sio = socketio.AsyncServer(
             async_mode="aiohttp",
             max_http_buffer_size=config.max_message_bytes,
@@ -180,7 +192,7 @@ class FedServer:
                 raise StartupError(str(exc)) from None
         task = await self._load_task()
         await self._load_model(task)
-        test_data = await asyncio.to_thread(task.load_data, "test", None)
+        test_data = await self._test_data(task)
         try:
             held = await asyncio.to_thread(self.blobs.restore, time.monotonic())
         except OSError as exc:
@@ -216,6 +228,8 @@ class FedServer:
 
     async def _load_task(self) -> Task:
         cfg = self.config
+        if cfg.task_file is not None:
+            return await self._load_package(cfg.task_file)
         try:
             task = get_task(cfg.task, cfg.model_params)
         except FedtrayError as exc:
@@ -226,11 +240,54 @@ class FedServer:
             raise StartupError(f"training settings for task {cfg.task!r}: {exc}") from None
         return task
 
+    async def _load_package(self, path: Path) -> PackageTask:
+        """The package of ``--task-file``, checked; its task (named by its manifest)."""
+        cfg = self.config
+        package = self._package
+        if package is None:
+            try:
+                package = await asyncio.to_thread(open_package, path)
+            except FedtrayError as exc:
+                raise StartupError(f"bad task package {path}: {exc.code}: {exc.message}") from None
+        if package.manifest.name != cfg.task:
+            raise StartupError(
+                f"the task package {path} trains {package.manifest.name!r}, not {cfg.task!r}"
+            )
+        task = PackageTask(package)
+        try:
+            training_config(task, cfg, 0)
+        except ValueError as exc:
+            raise StartupError(f"training settings for the package {path}: {exc}") from None
+        log.info(
+            "task package %s: %s %s (sha256 %s, %d bytes)",
+            path,
+            package.manifest.name,
+            package.manifest.version,
+            package.sha256[:12],
+            package.size,
+        )
+        return task
+
+    async def _test_data(self, task: Task) -> TestData | None:
+        """The test split new globals are evaluated on; None when the server does not
+        evaluate (a package without server data, or no torch to run it)."""
+        if isinstance(task, PackageTask):
+            if task.package.test is None or len(task.package.test[1]) == 0:
+                log.info("the package carries no test data: new globals are not evaluated")
+                return None
+            if importlib.util.find_spec("torch") is None:
+                log.info("no torch on this server: new globals are not evaluated")
+                return None
+        return await asyncio.to_thread(task.load_data, "test", None)
+
     async def _load_model(self, task: Task) -> None:
-        """The saved global model, or a new one saved as version 0."""
+        """The saved global model, or a new one saved as version 0 (a package's weights)."""
         cfg = self.config
         try:
-            fresh = await asyncio.to_thread(initial_state, task, task.params, cfg.seed)
+            if isinstance(task, PackageTask):
+                fresh = task.package.weights
+            else:
+                fresh = await asyncio.to_thread(initial_state, task, task.params, cfg.seed)
         except ImportError as exc:
             raise StartupError(f"the server needs torch to build the model: {exc}") from None
         except FedtrayError as exc:

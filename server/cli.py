@@ -2,7 +2,8 @@
 
 Contract: :func:`main` returns the process exit status and never raises for bad input:
 a bad flag prints one ``fedtray-server: error: ...`` line to stderr and returns 2; a
-server that cannot start (unknown task, unusable state dir, port in use) prints one such
+server that cannot start (unknown task, a bad ``--task-file`` package -- the line names
+the package reader's error code --, unusable state dir, port in use) prints one such
 line and returns 1; a clean stop returns 0: SIGINT, SIGTERM, or -- only with
 ``--exit-when-done`` -- the end of the federation (``--rounds`` rounds complete, the final
 global and ``federation:finished`` sent to every connected device). Without that flag a
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import sys
@@ -26,11 +28,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from client.errors import FedtrayError
 from client.logsetup import LogLevelError, add_secret, parse_level, setup_logging
 from client.protocol import PartitionScheme
 from server import __version__
 from server.auth import TokenFileError, read_tokens_file
 from server.config import DEFAULT_HOST, DEFAULT_PORT, ConfigError, ServerConfig, default_state_dir
+from server.taskfile import ServedPackage, open_package
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="port; 0 picks a free one (default: %(default)s)",
     )
     p.add_argument("--task", default="digits", help="task to train (default: %(default)s)")
+    p.add_argument(
+        "--task-file",
+        type=Path,
+        default=None,
+        help="a task package (.fedtask, made with `fedtray-server pack`) to train instead "
+        "of --task; its weights are the first global model",
+    )
     p.add_argument("--rounds", type=int, default=0, help="rounds to run in total; 0 = forever")
     p.add_argument(
         "--exit-when-done",
@@ -128,6 +139,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         host=args.host,
         port=args.port,
         task=args.task,
+        task_file=args.task_file,
         rounds=args.rounds,
         min_clients=args.min_clients,
         clients_per_round=args.clients_per_round,
@@ -147,11 +159,13 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
 
 
-async def serve(config: ServerConfig, *, exit_when_done: bool = False) -> int:
+async def serve(
+    config: ServerConfig, *, exit_when_done: bool = False, package: ServedPackage | None = None
+) -> int:
     """Run until a signal (or, with ``exit_when_done``, the federation's end); the status."""
     from server.app import FedServer, StartupError
 
-    server = FedServer(config)
+    server = FedServer(config, package=package)
     try:
         port = await server.start()
     except StartupError as exc:
@@ -199,9 +213,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for token in config.tokens:
         add_secret(token)
+    package: ServedPackage | None = None
+    if config.task_file is not None:
+        # Checked before anything starts: a bad package is one line and exit status 1.
+        try:
+            package = open_package(config.task_file)
+        except FedtrayError as exc:
+            sys.stderr.write(
+                f"{PROG}: error: bad task package {config.task_file}: {exc.code}: {exc.message}\n"
+            )
+            return 1
+        config = dataclasses.replace(config, task=package.manifest.name)
     setup_logging(config.log_level, app=PROG)
     try:
-        return asyncio.run(serve(config, exit_when_done=args.exit_when_done))
+        return asyncio.run(serve(config, exit_when_done=args.exit_when_done, package=package))
     except KeyboardInterrupt:
         return 0
 

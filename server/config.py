@@ -43,6 +43,9 @@ class ServerConfig:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     task: str = "digits"
+    #: A task package (.fedtask) to train instead of an installed task; ``task`` is then
+    #: its manifest's name (``fedtray-server --task-file`` sets both).
+    task_file: Path | None = None
     #: Overrides merged over the task's default model parameters.
     model_params: dict[str, Any] = field(default_factory=dict)
     rounds: int = 0  # 0 = run forever

@@ -46,7 +46,7 @@ from client.protocol import (
 )
 from client.tasks import Task
 from client.transfer import BlobStore
-from client.weights import decode, encode
+from client.weights import StateDict, decode, encode
 from server.aggregation import Strategy, weighted_mean
 from server.background import Background
 from server.config import ServerConfig
@@ -60,6 +60,7 @@ from server.rounds import Round, abandon_detail, awaiting_return, drop_stale, se
 from server.roundstore import RoundStore, SavedSlot
 from server.starter import RoundStarter
 from server.status import RoundRecord
+from server.taskfile import PackageTask
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,9 @@ class RoundCoordinator:
         self._round_changed = asyncio.Event()
         self._devices_changed = asyncio.Event()
 
-    def prepare(self, task: Task, test_data: TestData, restored: Round | None) -> None:
-        """Set up before :meth:`run`: the task, its test split, a round restored from disk."""
+    def prepare(self, task: Task, test_data: TestData | None, restored: Round | None) -> None:
+        """Set up before :meth:`run`: the task, its test split (None: new globals are not
+        evaluated), a round restored from disk."""
         self._task, self._test_data = task, test_data
         if restored is not None:
             self._restored = restored
@@ -127,6 +129,11 @@ class RoundCoordinator:
     @property
     def round(self) -> Round | None:
         return self.phase.round
+
+    def _package_bytes(self) -> int | None:
+        """The size of the task's package; None for an installed task."""
+        task = self._task
+        return task.package.size if isinstance(task, PackageTask) else None
 
     @property
     def version(self) -> int:
@@ -297,10 +304,11 @@ class RoundCoordinator:
         while True:
             self._devices_changed.clear()
             now = time.monotonic()
-            eligible = self._registry.eligible(cfg.task, now)
+            package_bytes = self._package_bytes()
+            eligible = self._registry.eligible(cfg.task, now, package_bytes)
             if len(eligible) >= cfg.min_clients:
                 return eligible
-            reason = self._registry.waiting_summary(cfg.task, now, cfg.min_clients)
+            reason = self._registry.waiting_summary(cfg.task, now, cfg.min_clients, package_bytes)
             self.phase.wait(number, reason)
             if reason != last_reason or now - last_logged >= cfg.wait_log_interval:
                 log.info("round %d waiting: %s", number, reason)
@@ -430,17 +438,7 @@ class RoundCoordinator:
 
     async def _complete_round(self, rnd: Round) -> None:
         new_state = await asyncio.to_thread(self.strategy.result)
-        metrics: dict[str, float] = {}
-        try:
-            assert self._test_data is not None
-            x_test, y_test = self._test_data
-            task = self.task
-            scores = await asyncio.to_thread(
-                evaluate_state, task, task.params, new_state, x_test, y_test
-            )
-            metrics = {"evalLoss": float(scores["loss"]), "evalAccuracy": float(scores["accuracy"])}
-        except Exception:
-            log.exception("evaluation of round %d failed; continuing without it", rnd.number)
+        metrics = await self._evaluate(rnd, new_state)
         train_loss = weighted_mean(
             [
                 (slot.metrics["trainLoss"], slot.num_samples)
@@ -481,6 +479,22 @@ class RoundCoordinator:
             seconds,
             self._model.version,
         )
+
+    async def _evaluate(self, rnd: Round, state: StateDict) -> dict[str, float]:
+        """``evalLoss``/``evalAccuracy`` of ``state`` on the test split; {} when the server
+        does not evaluate (no test data) or evaluation fails (logged)."""
+        if self._test_data is None:
+            return {}
+        x_test, y_test = self._test_data
+        task = self.task
+        try:
+            scores = await asyncio.to_thread(
+                evaluate_state, task, task.params, state, x_test, y_test
+            )
+        except Exception:
+            log.exception("evaluation of round %d failed; continuing without it", rnd.number)
+            return {}
+        return {"evalLoss": float(scores["loss"]), "evalAccuracy": float(scores["accuracy"])}
 
     async def _start_device(self, rnd: Round, device_id: str, index: int, count: int) -> None:
         try:

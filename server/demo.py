@@ -258,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="local batch size (default: the task's)")
     p.add_argument("--partition", choices=["iid", "label_skew"], default="label_skew")
     p.add_argument("--task", default="digits", help="task to train (default: digits)")
+    p.add_argument(
+        "--task-file",
+        type=Path,
+        default=None,
+        help="a task package (.fedtask) to train instead of --task",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--target", type=float, default=0.9, help="eval accuracy to reach (default: 0.9)"
@@ -295,8 +301,11 @@ def _start_server(args: argparse.Namespace, work: Path, state_dir: Path) -> tupl
         "127.0.0.1",
         "--port",
         "0",
-        "--task",
-        args.task,
+        *(
+            ["--task-file", str(args.task_file.resolve())]
+            if args.task_file is not None
+            else ["--task", args.task]
+        ),
         "--rounds",
         str(args.rounds),
         "--exit-when-done",
@@ -356,7 +365,7 @@ def _run(args: argparse.Namespace, work: Path, children: list[Child]) -> int:
     server, url = _start_server(args, work, state_dir)
     children.append(server)
     print(
-        f"server {url}: {args.task}, {args.partition}, {args.rounds} rounds; "
+        f"server {url}: {args.task_file or args.task}, {args.partition}, {args.rounds} rounds; "
         f"starting {args.clients} clients",
         flush=True,
     )

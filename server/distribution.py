@@ -14,6 +14,11 @@ logged and answered False). On success the registry records the version the devi
 (:meth:`server.registry.Registry.holds_version`). :meth:`Distributor.broadcast` starts
 that for every connected device in the background. :meth:`Distributor.deliver_final`
 sends the final global and then ``federation:finished``, at most once per connection.
+:meth:`Distributor.ensure_file` gives a device a task file (a package or a data share):
+``task:file`` asks whether it holds it; when not, the file goes as a blob (id = its
+SHA-256, same limits as weights) followed by ``task:file`` naming the blob; True once
+the device says it holds it, False (logged) otherwise. It never raises for a peer's
+failure either.
 """
 
 from __future__ import annotations
@@ -28,10 +33,14 @@ from client.errors import FedtrayError
 from client.protocol import (
     ErrorAck,
     FederationFinished,
+    TaskFile,
+    TaskFileHeld,
+    TaskFileKind,
     WeightFormat,
     WeightsGlobal,
+    parse,
 )
-from client.protocol.events import FEDERATION_FINISHED, WEIGHTS_GLOBAL
+from client.protocol.events import FEDERATION_FINISHED, TASK_FILE, WEIGHTS_GLOBAL
 from client.transfer import limits_towards, send_blob, weights_ref_for
 from server.background import Background
 from server.config import ServerConfig
@@ -70,6 +79,7 @@ class Distributor:
         self._model = model
         self._background = background
         self._send_locks: dict[str, asyncio.Lock] = {}
+        self._file_locks: dict[str, asyncio.Lock] = {}
         self._told_finished: set[str] = set()  # sids sent federation:finished
         self._too_large: dict[str, int] = {}  # device id -> the version warned about
 
@@ -151,6 +161,73 @@ class Distributor:
             return False
         self._registry.holds_version(record.device_id, version)
         log.debug("device %s now holds version %d", record.name, version)
+        return True
+
+    async def ensure_file(
+        self, record: DeviceRecord, kind: TaskFileKind, data: bytes, sha256: str
+    ) -> bool:
+        """Give the device a task file unless it holds it; True once it does."""
+        lock = self._file_locks.setdefault(record.device_id, asyncio.Lock())
+        async with lock:
+            sid = record.sid
+            if sid is None:
+                return False
+            try:
+                return await self._send_file(record, sid, kind, data, sha256)
+            except FedtrayError as exc:
+                log.warning(
+                    "giving %s the %s file failed: %s: %s",
+                    record.name,
+                    kind,
+                    exc.code,
+                    exc.message,
+                )
+            except Exception as exc:  # timeouts and disconnects of the transport
+                log.warning(
+                    "giving %s the %s file failed: %s", record.name, kind, type(exc).__name__
+                )
+            return False
+
+    async def _send_file(
+        self, record: DeviceRecord, sid: str, kind: TaskFileKind, data: bytes, sha256: str
+    ) -> bool:
+        cfg = self._config
+
+        async def call(event: str, payload: dict[str, Any]) -> Any:
+            return await self._sio.call(event, payload, to=sid, timeout=cfg.ack_timeout)
+
+        async def offer(blob_id: str | None) -> bool:
+            message = TaskFile(kind=kind, sha256=sha256, size=len(data), blob_id=blob_id)
+            ack = await call(TASK_FILE.name, message.to_wire())
+            if isinstance(ack, dict) and ack.get("ok") is False:
+                err = parse(ErrorAck, ack)
+                raise FedtrayError(err.code, err.message)
+            return parse(TaskFileHeld, ack).held
+
+        if await offer(None):
+            return True
+        limits = limits_towards(record.capabilities, cfg.limits)
+        if len(data) > limits.max_blob_bytes:
+            log.warning(
+                "not sending the %s file to %s: %d bytes, over its maxBlobBytes %d",
+                kind,
+                record.name,
+                len(data),
+                limits.max_blob_bytes,
+            )
+            return False
+        log.info("sending the %s file (%d bytes) to %s", kind, len(data), record.name)
+        await send_blob(
+            call,
+            data,
+            blob_id=sha256,
+            chunk_bytes=limits.max_chunk_bytes,
+            window=limits.max_inflight_chunks,
+            sha256=sha256,
+        )
+        if not await offer(sha256):
+            log.warning("device %s did not keep the %s file", record.name, kind)
+            return False
         return True
 
     def send_global_later(self, record: DeviceRecord) -> None:

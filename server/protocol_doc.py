@@ -53,6 +53,8 @@ EXAMPLES: dict[type[p.WireModel], dict[str, Any]] = {
             "maxChunkBytes": 524288,
             "maxBlobBytes": 536870912,
             "maxInflightChunks": 4,
+            "taskPackages": True,
+            "packageCacheBytes": 1073741824,
         },
         "clientVersion": "0.1.0",
         "weightsVersion": None,
@@ -94,7 +96,12 @@ EXAMPLES: dict[type[p.WireModel], dict[str, Any]] = {
         "baseVersion": 3,
         "deadline": 1796000000.0,
         "weightFormat": "safetensors",
+        "package": None,
+        "data": None,
     },
+    p.FileRef: {"size": 48213, "sha256": SHA},
+    p.TaskFile: {"kind": "package", "sha256": SHA, "size": 48213, "blobId": SHA},
+    p.TaskFileHeld: {"ok": True, "held": True},
     p.TrainingStartAck: {
         "accepted": False,
         "reason": "battery_low",
@@ -353,6 +360,43 @@ The same sub-protocol carries weights in both directions.
   for any size. The receiver verifies `size` and `sha256` of the bytes against the
   reference before decoding (`size_mismatch`, `checksum_mismatch`; `blob_unknown`,
   `blob_incomplete`) and forgets the blob once it has taken it.
+
+## Task packages (`task:file`)
+
+A server may train a *task package* (a `.fedtask` file, `docs/task-package.md`) instead
+of a task installed on the devices. All of it is optional on the wire; a peer that knows
+nothing of packages keeps working with installed tasks.
+
+- **Who may train one.** A device that can train packages says `taskPackages: true` in
+  its capabilities, with `packageCacheBytes`, the bytes of task files it keeps. A server
+  selects for a packaged round only such devices, and only when the package fits that
+  cache and the device's `maxBlobBytes` (a data share that does not fit is refused, and
+  that device's part of the round fails); the others are simply not selected
+  (`capabilities.tasks` does not matter for a packaged task, whose name is the package
+  manifest's `name`). The package a device is sent carries no data members: each device
+  downloads only its own share of the data, never the whole set.
+- **Getting the files there.** Before `training:start` the server offers each file the
+  round needs with `task:file {kind, sha256, size}` (no `blobId`): the package
+  (`kind: package`) and, when the server holds the data, the device's share of the
+  training data (`kind: data`: safetensors with exactly two tensors, `x` and `y`, the
+  rows of this device's partition). The device answers `TaskFileHeld {held}` from its
+  cache. When it does not hold the file, the server sends it as a blob (see Transfers;
+  `blobId` is the file's SHA-256) and then `task:file` again with `blobId`; the device
+  takes the blob, checks its `size` and `sha256` (`size_mismatch`,
+  `checksum_mismatch`, `blob_unknown`, `blob_incomplete`), keeps it and answers
+  `held: true`. A device refuses a file that cannot fit its cache with
+  `blob_too_large`.
+- **Caching.** Files are kept by SHA-256 under the device's data folder, at most
+  `packageCacheBytes` in all, the least recently used evicted first (never a file of
+  the round being trained); the cache survives restarts, so a file crosses the network
+  once per device. The reference server encodes each data share once per partition, so
+  the same share has the same SHA-256 across rounds and restarts.
+- **The round.** `training:start` then names the package (`package {sha256, size}`) and
+  the share (`data`, absent when devices read their own data). A device that does not
+  hold both refuses with reason `missing_package`. The `task` field is the manifest's
+  name; `modelParams` is empty. The global weights (`weights:global`) are the model's
+  parameters and buffers, named as in the package's `weights.safetensors`; version 0 is
+  that file.
 
 ## Weight formats
 

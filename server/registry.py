@@ -6,7 +6,9 @@ clock the caller uses consistently). One :class:`DeviceRecord` per device id; a 
 that registers again (a reconnect) keeps its record and gets the new Socket.IO sid.
 A device is *stale* when connected but not heard from for ``stale_after`` seconds
 (3 missed heartbeats). A device is *eligible* for a round when it is connected,
-registered, not paused, not stale and has the task installed. Nothing here raises for
+registered, not paused, not stale and has the task installed -- or, for a packaged task
+(``package_bytes`` given), advertises ``taskPackages`` with a package cache and a
+``maxBlobBytes`` the package fits. Nothing here raises for
 bad input; payloads arrive already validated by :mod:`client.protocol`.
 
 The registry is the one writer of every :class:`DeviceRecord` field: the rest of the
@@ -217,27 +219,47 @@ class Registry:
     def is_stale(self, record: DeviceRecord, now: float) -> bool:
         return record.connected and now - record.last_seen > self.stale_after
 
-    def ineligibility(self, record: DeviceRecord, task: str, now: float) -> str | None:
-        """Why a device cannot be selected (a short reason key), or None when it can."""
+    def ineligibility(
+        self, record: DeviceRecord, task: str, now: float, package_bytes: int | None = None
+    ) -> str | None:
+        """Why a device cannot be selected (a short reason key), or None when it can.
+
+        ``package_bytes``: the task is a package of that size (installed tasks: None).
+        """
         if not record.connected:
             return "disconnected"
         if record.state == "paused":
             return f"paused: {record.pause_reason or 'unknown'}"
         if self.is_stale(record, now):
             return "stale"
-        if task not in record.capabilities.tasks:
+        caps = record.capabilities
+        if package_bytes is not None:
+            if not caps.task_packages:
+                return "cannot take task packages"
+            if min(caps.package_cache_bytes, caps.max_blob_bytes) < package_bytes:
+                return "package too large for it"
+            return None
+        if task not in caps.tasks:
             return f"missing task {task}"
         return None
 
-    def eligible(self, task: str, now: float) -> list[DeviceRecord]:
-        return [d for d in self._devices.values() if self.ineligibility(d, task, now) is None]
+    def eligible(
+        self, task: str, now: float, package_bytes: int | None = None
+    ) -> list[DeviceRecord]:
+        return [
+            d
+            for d in self._devices.values()
+            if self.ineligibility(d, task, now, package_bytes) is None
+        ]
 
-    def waiting_summary(self, task: str, now: float, needed: int) -> str:
+    def waiting_summary(
+        self, task: str, now: float, needed: int, package_bytes: int | None = None
+    ) -> str:
         """E.g. ``1 of 2 eligible devices (1 paused: battery_low, 1 stale)``."""
         eligible = 0
         reasons: Counter[str] = Counter()
         for record in self._devices.values():
-            reason = self.ineligibility(record, task, now)
+            reason = self.ineligibility(record, task, now, package_bytes)
             if reason is None:
                 eligible += 1
             elif reason != "disconnected":

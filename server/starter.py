@@ -3,7 +3,10 @@
 Contract: :meth:`RoundStarter.start` brings one selected device up to date (the current
 global, through :class:`server.distribution.Distributor`), sends it ``training:start``
 (its partition, the round's base version and deadline, the task's training settings
-merged with the operator's flags, :func:`training_config`) and records the answer in the
+merged with the operator's flags, :func:`training_config`). For a packaged task
+(:class:`server.taskfile.PackageTask`) the device is first given the package and its
+share of the train data (:meth:`server.distribution.Distributor.ensure_file`), and
+``training:start`` names both and records the answer in the
 round's slot: ``training`` when it accepts, ``refused`` (a device refusing because it is
 paused is marked paused in the registry, not eligible until a heartbeat says it is back),
 ``dropped`` when it is gone or does not answer, ``failed`` when the weights cannot be sent
@@ -24,6 +27,7 @@ from client.errors import FedtrayError
 from client.protocol import (
     EV_TRAINING_CANCEL,
     EV_TRAINING_START,
+    FileRef,
     Partition,
     PauseReason,
     TrainingCancel,
@@ -35,8 +39,9 @@ from client.protocol import (
 from client.tasks import Task
 from server.config import ServerConfig
 from server.distribution import Distributor, format_for
-from server.registry import Registry
+from server.registry import DeviceRecord, Registry
 from server.rounds import Round
+from server.taskfile import PackageTask
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +50,8 @@ _PAUSE_REASONS: dict[str, PauseReason] = {r: r for r in get_args(PauseReason)}
 
 def training_config(task: Task, config: ServerConfig, round_number: int) -> TrainingConfig:
     """The task's recommended training settings, overridden by the operator's flags."""
-    fields = {**task.default_config, **config.training_overrides()}
+    defaults = task.training_defaults() if isinstance(task, PackageTask) else task.default_config
+    fields = {**defaults, **config.training_overrides()}
     fields["seed"] = config.seed + round_number
     return TrainingConfig.model_validate(fields)
 
@@ -85,6 +91,27 @@ class RoundStarter:
             log.exception("bug while starting %s in round %s", device_id, rnd.round_id)
             rnd.mark(device_id, "failed", "server error")
 
+    async def _send_task_files(
+        self, task: PackageTask, record: DeviceRecord, partition: Partition
+    ) -> tuple[FileRef, FileRef | None] | None:
+        """Make sure the device holds the package and its data share; their refs, or None
+        when it could not be given them (logged by the distributor)."""
+        package = task.package
+        if not await self._distributor.ensure_file(
+            record, "package", package.content, package.sha256
+        ):
+            return None
+        if task.shares is None:
+            return package.ref, None
+        try:
+            share = await asyncio.to_thread(task.shares.share, partition)
+        except FedtrayError as exc:
+            log.warning("cannot cut the data share %s: %s", partition, exc.message)
+            return None
+        if not await self._distributor.ensure_file(record, "data", share.content, share.sha256):
+            return None
+        return package.ref, share.ref
+
     async def _start_one(
         self, task: Task, rnd: Round, device_id: str, index: int, count: int
     ) -> None:
@@ -96,6 +123,15 @@ class RoundStarter:
         if not await self._distributor.ensure_global(record):
             rnd.mark(device_id, "failed", "could not send the global weights")
             return
+        partition = Partition(index=index, count=count, seed=cfg.seed, scheme=cfg.partition)
+        package: FileRef | None = None
+        data: FileRef | None = None
+        if isinstance(task, PackageTask):
+            sent = await self._send_task_files(task, record, partition)
+            if sent is None:
+                rnd.mark(device_id, "failed", "could not send the task package")
+                return
+            package, data = sent
         sid = record.sid
         if sid is None:
             rnd.mark(device_id, "dropped", "disconnected")
@@ -105,10 +141,12 @@ class RoundStarter:
             task=cfg.task,
             model_params=dict(task.params),
             config=training_config(task, cfg, rnd.number),
-            partition=Partition(index=index, count=count, seed=cfg.seed, scheme=cfg.partition),
+            partition=partition,
             base_version=rnd.base_version,
             deadline=rnd.deadline_unix,
             weight_format=format_for(record),
+            package=package,
+            data=data,
         )
         try:
             ack = await self._sio.call(

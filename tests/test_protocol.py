@@ -214,6 +214,7 @@ EXPECTED_EVENTS = [
     ("device:registered", "server→device", "DeviceRegistered", None),
     ("device:heartbeat", "device→server", "Heartbeat", "OkAck"),
     ("weights:global", "server→device", "WeightsGlobal", "OkAck"),
+    ("task:file", "server→device", "TaskFile", "TaskFileHeld"),
     ("training:start", "server→device", "TrainingStart", "TrainingStartAck"),
     ("training:progress", "device→server", "TrainingProgress", None),
     ("weights:submit", "device→server", "WeightsSubmit", "SubmitAccepted"),
@@ -251,7 +252,7 @@ def test_every_model_of_the_table_has_an_example() -> None:
         (
             "device",
             {"device:registered", "weights:global", "training:start", "training:cancel"}
-            | {"blob:chunk", "blob:status", "federation:finished"},
+            | {"blob:chunk", "blob:status", "federation:finished", "task:file"},
         ),
         (
             "server",

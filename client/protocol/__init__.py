@@ -56,6 +56,7 @@ EV_TRAINING_CANCEL = "training:cancel"
 EV_TRAINING_ERROR = "training:error"
 EV_BLOB_CHUNK = "blob:chunk"
 EV_BLOB_STATUS = "blob:status"
+EV_TASK_FILE = "task:file"
 
 #: Default largest blob chunk. 512 KiB, so that one chunk (a single Engine.IO binary
 #: message, or 4/3 of it base64-encoded over HTTP long-polling) fits socket.io's default
@@ -89,7 +90,12 @@ PauseReason = Literal["user_paused", "battery_low", "unplugged"]
 WeightFormat = Literal["safetensors", "json"]
 Optimizer = Literal["sgd", "adam"]
 PartitionScheme = Literal["iid", "label_skew"]
-RefusalReason = Literal["busy", "unknown_task", "missing_base", "deadline_passed"]
+RefusalReason = Literal[
+    "busy", "unknown_task", "missing_base", "deadline_passed", "missing_package"
+]
+TaskFileKind = Literal["package", "data"]
+#: Package cache a device allows when it does not say (it takes no packages then).
+DEFAULT_PACKAGE_CACHE_BYTES = 0
 
 
 class WireModel(BaseModel):
@@ -201,6 +207,16 @@ class Capabilities(WireModel):
         description="Most blob:chunk messages a server may have unacknowledged at once "
         "towards this device; absent means the default, 4.",
     )
+    task_packages: bool = Field(
+        default=False,
+        description="True when the device trains task packages (.fedtask) it receives "
+        "with task:file; absent means false: it is never selected for a packaged task.",
+    )
+    package_cache_bytes: NonNegInt = Field(
+        default=DEFAULT_PACKAGE_CACHE_BYTES,
+        description="Bytes of task files (packages and data shares) the device keeps; a "
+        "server selects it for a packaged task only when the package and its share fit.",
+    )
 
 
 # --- registration and heartbeat --------------------------------------------------------
@@ -306,8 +322,20 @@ class Partition(WireModel):
         return self
 
 
+class FileRef(WireModel):
+    """A task file (a package or a data share) by its content: what ``task:file`` sent."""
+
+    sha256: Sha256Hex = Field(description="Lower-case hex SHA-256 of the file.")
+    size: PosInt = Field(description="Byte length of the file.")
+
+
 class TrainingStart(WireModel):
-    """``training:start`` (server -> client, acked with TrainingStartAck)."""
+    """``training:start`` (server -> client, acked with TrainingStartAck).
+
+    A packaged task names its package (and, when the server holds the data, this
+    device's share of the training data); the server offers both with ``task:file``
+    before, and a device that does not hold them refuses with ``missing_package``.
+    """
 
     round_id: Identifier
     task: Identifier
@@ -319,6 +347,15 @@ class TrainingStart(WireModel):
     base_version: NonNegInt = Field(description="Global weights version to start from.")
     deadline: NonNegFloat = Field(description="Unix time (seconds) after which the round closes.")
     weight_format: WeightFormat = "safetensors"
+    package: FileRef | None = Field(
+        default=None,
+        description="The task package (.fedtask) to train; absent for an installed task.",
+    )
+    data: FileRef | None = Field(
+        default=None,
+        description="This device's share of the training data (safetensors with x and y, "
+        "already partitioned); absent when the device reads its own data.",
+    )
 
 
 class TrainingStartAck(WireModel):
@@ -468,6 +505,31 @@ class BlobProgress(WireModel):
     ok: Literal[True] = True
     received: NonNegInt
     complete: bool = False
+
+
+# --- task files ------------------------------------------------------------------------
+
+
+class TaskFile(WireModel):
+    """``task:file`` (server -> client, acked with TaskFileHeld or ErrorAck).
+
+    Without ``blobId``: a question, "do you hold this file?" (the device answers from its
+    cache). With ``blobId``: the file was just sent as that blob (see Transfers); the
+    device checks its size and SHA-256 and keeps it in its task-file cache. Only a device
+    that advertised ``taskPackages`` is sent one.
+    """
+
+    kind: TaskFileKind = Field(description="package: a .fedtask; data: a data share.")
+    sha256: Sha256Hex
+    size: PosInt
+    blob_id: Identifier | None = None
+
+
+class TaskFileHeld(WireModel):
+    """Answer to ``task:file``: whether the device now holds the file."""
+
+    ok: Literal[True] = True
+    held: bool
 
 
 # --- acks ------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from client.protocol import (
     EV_HEARTBEAT,
     EV_REGISTER,
     EV_REGISTERED,
+    EV_TASK_FILE,
     EV_TRAINING_CANCEL,
     EV_TRAINING_ERROR,
     EV_TRAINING_PROGRESS,
@@ -40,6 +41,8 @@ from client.protocol import (
     Heartbeat,
     OkAck,
     SubmitAccepted,
+    TaskFile,
+    TaskFileHeld,
     TrainingCancel,
     TrainingError,
     TrainingProgress,
@@ -163,6 +166,13 @@ BLOB_STATUS: Final = EventSpec(
     BlobProgress,
     "How many bytes of a blob the receiver holds, to resume after a reconnect.",
 )
+TASK_FILE: Final = EventSpec(
+    EV_TASK_FILE,
+    "server→device",
+    TaskFile,
+    TaskFileHeld,
+    "Offer a task package or data share (see Task packages); before training:start.",
+)
 FEDERATION_FINISHED: Final[EventSpec[FederationFinished, Never]] = EventSpec(
     EV_FEDERATION_FINISHED,
     "server→device",
@@ -177,6 +187,7 @@ EVENTS: Final[tuple[EventSpec[Any, Any], ...]] = (
     REGISTERED,
     HEARTBEAT,
     WEIGHTS_GLOBAL,
+    TASK_FILE,
     TRAINING_START,
     TRAINING_PROGRESS,
     WEIGHTS_SUBMIT,

@@ -5,9 +5,11 @@ caller's thread and run on the session loop; the facade calls it only through th
 
 * Owns the parts: :class:`~client.session.live_settings.LiveSettings` (the settings in
   use), :class:`~client.session.pause.PauseBoard` with its sources,
-  :class:`~client.session.base_weights.BaseWeights`, :class:`~client.session.rounds.
-  Rounds`, :class:`~client.session.uploader.Uploader` and :class:`~client.session.link.
-  ServerLink`. The parts never know each other; they get callables from here.
+  :class:`~client.session.base_weights.BaseWeights`, :class:`~client.session.
+  package_cache.TaskFiles` (task packages and data shares, cached under
+  ``<data dir>/packages``), :class:`~client.session.rounds.Rounds`,
+  :class:`~client.session.uploader.Uploader` and :class:`~client.session.link.ServerLink`.
+  The parts never know each other; they get callables from here.
 * :meth:`SessionCore.handlers` is THE one table of the server events the session
   handles; :meth:`SessionCore._pause_applied` is THE one place a pause decision takes
   effect (worker, ``paused`` progress, snapshot, heartbeat);
@@ -49,9 +51,11 @@ from client.protocol.guard import guard
 from client.resources import BatterySource, ResourceMonitor
 from client.session.base_weights import CLIENT_MAX_CHUNK_BYTES, BaseWeights
 from client.session.decisions import device_state
+from client.session.filecache import FileCache
 from client.session.hub import SnapshotHub
 from client.session.link import Guarded, ServerLink
 from client.session.live_settings import LiveSettings
+from client.session.package_cache import DEFAULT_PACKAGE_CACHE_BYTES, TaskFiles
 from client.session.pause import PauseBoard, PowerPause, UserPause
 from client.session.rounds import Rounds, WorkerFactory, default_work_dir
 from client.session.uploader import Uploader
@@ -81,6 +85,7 @@ class SessionCore:
         battery_source: BatterySource,
         power_poll_interval: float,
         checkpoint_interval: float,
+        package_cache_bytes: int = DEFAULT_PACKAGE_CACHE_BYTES,
     ) -> None:
         self.hub = hub
         self.settings = settings
@@ -118,6 +123,20 @@ class SessionCore:
             limits=lambda: self.link.limits,
             state_changed=self.publish_state,
         )
+        self.weights = BaseWeights(
+            hub,
+            GlobalStore(data_dir / "global" if data_dir else None),
+            work=work,
+            busy_keys=self._busy_keys,
+        )
+        self.task_files = TaskFiles(
+            self.weights.blobs,
+            FileCache(
+                (data_dir if data_dir else default_work_dir().parent) / "packages",
+                package_cache_bytes,
+            ),
+            in_use=self._files_in_use,
+        )
         self.rounds = Rounds(
             hub,
             worker_factory=worker_factory,
@@ -129,12 +148,7 @@ class SessionCore:
             emit=self.link.emit_soon,
             kick_uploads=self.uploads.kick,
             state_changed=self.publish_state,
-        )
-        self.weights = BaseWeights(
-            hub,
-            GlobalStore(data_dir / "global" if data_dir else None),
-            work=work,
-            busy_keys=self.rounds.busy_keys,
+            task_files=self.task_files,
         )
         handled = set(self.handlers())
         expected = {spec.name for spec in events.handled_by("device")}
@@ -142,6 +156,12 @@ class SessionCore:
             raise TypeError(
                 f"the session handles {sorted(handled)}, the protocol {sorted(expected)}"
             )
+
+    def _busy_keys(self) -> set[str]:
+        return self.rounds.busy_keys()
+
+    def _files_in_use(self) -> set[str]:
+        return self.rounds.files_in_use()
 
     @property
     def blobs(self) -> BlobStore:
@@ -157,6 +177,7 @@ class SessionCore:
             (
                 _on(events.REGISTERED, self.link.on_registered_event),
                 _on(events.WEIGHTS_GLOBAL, self.weights.on_weights_global),
+                _on(events.TASK_FILE, self.task_files.on_task_file),
                 _on(events.TRAINING_START, self.rounds.on_training_start),
                 _on(events.TRAINING_CANCEL, self.rounds.on_training_cancel),
                 _on(events.BLOB_CHUNK, self.weights.on_blob_chunk),
@@ -230,6 +251,8 @@ class SessionCore:
                 tasks=available_tasks(),
                 weight_formats=["safetensors", "json"],
                 max_chunk_bytes=CLIENT_MAX_CHUNK_BYTES,
+                task_packages=not simulation,
+                package_cache_bytes=0 if simulation else self.task_files.cache.max_bytes,
             ),
             client_version=info.client_version,
             weights_version=held.version if held else None,

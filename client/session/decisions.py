@@ -84,14 +84,15 @@ def refuse_round(
 
     ``training``: the round being trained here; ``worker_busy``: the worker cannot take
     work (absent, or busy with a round this session does not know); ``tasks``: the tasks
-    installed; ``now``: Unix time.
+    installed (a packaged round's task is its package, not an installed one: whether the
+    device holds its files is checked after, ``missing_package``); ``now``: Unix time.
     """
     if not pause.allowed:
         return TrainingStartAck(accepted=False, reason=pause.reason, detail=pause.detail)
     if training is not None or worker_busy:
         current = training or "another round"
         return TrainingStartAck(accepted=False, reason="busy", detail=f"training {current}")
-    if start.task not in tasks:
+    if start.package is None and start.task not in tasks:
         return TrainingStartAck(
             accepted=False, reason="unknown_task", detail=f"task {start.task} is not installed here"
         )

@@ -6,7 +6,10 @@ onto the loop; disk work runs in worker threads):
 
 * ``training:start`` is acked accepted or refused as :func:`client.session.decisions.
   refuse_round` says (paused, ``busy``, ``unknown_task``, ``missing_base``,
-  ``deadline_passed``). A round offered again that is being trained, or whose update
+  ``deadline_passed``); a packaged round (``package`` set) is then refused
+  ``missing_package`` unless :meth:`client.session.package_cache.TaskFiles.locate`
+  finds its package and data share in the cache, and its job names those files.
+  A round offered again that is being trained, or whose update
   is pending, is accepted without new work (the update is sent). ``training:cancel``
   cancels the round being trained (any other is ignored).
 * Jobs are built by the one owner of the work folder, :class:`client.workfiles.WorkDir`
@@ -58,6 +61,7 @@ from client.protocol import (
 )
 from client.session.decisions import HeldBase, refuse_round
 from client.session.hub import SnapshotHub
+from client.session.package_cache import LocatedFiles, TaskFiles
 from client.session.tasks import TaskSet
 from client.snapshot import PauseDecision
 from client.tasks import available_tasks
@@ -168,6 +172,7 @@ class Rounds:
         emit: Callable[[str, dict[str, Any]], None],
         kick_uploads: Callable[[], None],
         state_changed: Callable[[], None],
+        task_files: TaskFiles | None = None,
     ) -> None:
         self._hub = hub
         self._worker_factory = worker_factory
@@ -179,6 +184,7 @@ class Rounds:
         self._emit = emit
         self._kick_uploads = kick_uploads
         self._state_changed = state_changed
+        self._task_files = task_files
         self.worker: Worker | None = None
         self.simulation = False
         self.current: ActiveRound | None = None
@@ -197,6 +203,14 @@ class Rounds:
         if self.current is not None:
             busy.add(self.current.key)
         return busy
+
+    def files_in_use(self) -> set[str]:
+        """SHA-256 of the task files of the round being trained (never evicted)."""
+        rnd = self.current
+        if rnd is None:
+            return set()
+        refs = (rnd.start.package, rnd.start.data)
+        return {ref.sha256 for ref in refs if ref is not None}
 
     # -- the worker -------------------------------------------------------------------
 
@@ -278,10 +292,29 @@ class Rounds:
             log.info("refused round %s: %s (%s)", start.round_id, refusal.reason, refusal.detail)
             return refusal
         assert self.worker is not None and held is not None
-        return await self._start(start, held, self.worker)
+        files: LocatedFiles | None = None
+        if start.package is not None:
+            if self._task_files is None or self.simulation:
+                return TrainingStartAck(
+                    accepted=False,
+                    reason="missing_package",
+                    detail="this device does not train task packages",
+                )
+            located = await self._task_files.locate(start)
+            if isinstance(located, TrainingStartAck):
+                log.info("refused round %s: %s", start.round_id, located.detail)
+                return located
+            files = located
+        if self.current is not None or self.worker.is_busy:  # changed while locating
+            return TrainingStartAck(accepted=False, reason="busy", detail="training another round")
+        return await self._start(start, held, self.worker, files)
 
     async def _start(
-        self, start: TrainingStart, held: GlobalWeights, worker: Worker
+        self,
+        start: TrainingStart,
+        held: GlobalWeights,
+        worker: Worker,
+        files: LocatedFiles | None = None,
     ) -> TrainingStartAck:
         # Keyed by the work, not the round id: the same work offered again (after a
         # restart, or retried under a new id) resumes from its checkpoint.
@@ -295,6 +328,10 @@ class Rounds:
             base_version=start.base_version,
             base_sha256=held.sha256,
             checkpoint_interval=self._checkpoint_interval,
+            package_path=files.package if files else None,
+            package_sha256=files.package_sha256 if files else None,
+            data_path=files.data if files else None,
+            data_sha256=files.data_sha256 if files else None,
         )
         assert job.work_key is not None  # WorkDir.job always computes it
         try:
