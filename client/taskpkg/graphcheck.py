@@ -51,35 +51,19 @@ _FORBIDDEN_ARGUMENTS: Final = frozenset(
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,199}$")
 _FQN = re.compile(r"^[A-Za-z0-9_]{1,200}(\.[A-Za-z0-9_]{1,200}){0,31}$")
 _SYMBOL = re.compile(r"^[a-z]{1,2}[0-9]{1,9}$")
-_EXPR_TOKEN = re.compile(r"\s+|[0-9]+(\.[0-9]+)?|[A-Za-z_][A-Za-z0-9_]*|\*\*|//|[-+*/%(),<>=!]")
+# sympy's srepr form, e.g. "Symbol('s77', positive=True, integer=True)": numbers, quoted
+# symbol names, the names below and arithmetic -- no attribute access, no other names.
+_EXPR_TOKEN = re.compile(
+    r"\s+|[0-9]+(\.[0-9]+)?|'[a-z]{1,2}[0-9]{1,9}'|[A-Za-z_][A-Za-z0-9_]*|\*\*|//|[-+*/%(),<>=!]"
+)
 _EXPR_FUNCTIONS: Final = frozenset(
-    [
-        "Eq",
-        "Ne",
-        "Lt",
-        "Le",
-        "Gt",
-        "Ge",
-        "And",
-        "Or",
-        "Not",
-        "Mod",
-        "Max",
-        "Min",
-        "FloorDiv",
-        "CleanDiv",
-        "PythonMod",
-        "CeilToInt",
-        "FloorToInt",
-        "TruncToInt",
-        "IntTrueDiv",
-        "ModularIndexing",
-        "Where",
-        "True",
-        "False",
-        "oo",
-        "int_oo",
-    ]
+    (
+        "Symbol Integer Rational Add Mul Pow Eq Ne Lt Le Gt Ge StrictLessThan "
+        "StrictGreaterThan LessThan GreaterThan Equality Unequality And Or Not Mod Max Min "
+        "FloorDiv CleanDiv PythonMod CeilToInt FloorToInt TruncToInt IntTrueDiv "
+        "ModularIndexing Where True False oo int_oo positive negative nonnegative "
+        "nonpositive integer real finite infinite zero nonzero even odd commutative"
+    ).split()
 )
 _MAX_EXPR = 1000
 
