@@ -174,7 +174,10 @@ PICKLE = b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x94\x8c\x06sys
 HOSTILE: dict[str, tuple[Callable[[bytes], bytes], str]] = {
     "pickle member": (with_member("model.pkl", PICKLE), "package_pickle"),
     "pickle as weights": (with_member(WEIGHTS, PICKLE), "package_pickle"),
-    "torch.save archive as weights": (with_member(WEIGHTS, rezip({"a/data.txt": b"x"})), "package_pickle"),
+    "torch.save archive as weights": (
+        with_member(WEIGHTS, rezip({"a/data.txt": b"x"})),
+        "package_pickle",
+    ),
     "path traversal": (with_member("../evil.json", b"{}"), "package_member"),
     "absolute name": (with_member("/etc/evil.json", b"{}"), "package_member"),
     "backslash name": (with_member("data\\train.safetensors", b"{}"), "package_member"),
@@ -197,12 +200,18 @@ HOSTILE: dict[str, tuple[Callable[[bytes], bytes], str]] = {
     "manifest lies about shapes": (lying_manifest, "package_shape"),
     "data of another dtype": (wrong_data, "package_data_mismatch"),
     "data with fewer samples than the manifest": (too_few_samples, "package_data_mismatch"),
-    "custom operator": (replace_json(TRAIN_PROGRAM, set_target("torch.ops.mylib.evil.default")), "package_operator"),
+    "custom operator": (
+        replace_json(TRAIN_PROGRAM, set_target("torch.ops.mylib.evil.default")),
+        "package_operator",
+    ),
     "higher-order operator": (
         replace_json(EVAL_PROGRAM, set_target("torch.ops.higher_order.cond")),
         "package_operator",
     ),
-    "python builtin as operator": (replace_json(TRAIN_PROGRAM, set_target("builtins.exec")), "package_operator"),
+    "python builtin as operator": (
+        replace_json(TRAIN_PROGRAM, set_target("builtins.exec")),
+        "package_operator",
+    ),
     "program not json": (with_member(TRAIN_PROGRAM, b"[1, 2"), "package_program"),
     "program of another schema": (
         replace_json(TRAIN_PROGRAM, lambda d: d.update(schema_version={"major": 99, "minor": 0})),
@@ -221,7 +230,10 @@ HOSTILE: dict[str, tuple[Callable[[bytes], bytes], str]] = {
         "package_program",
     ),
     "weights of another model": (extra_weight, "package_weights"),
-    "weights not safetensors": (with_member(WEIGHTS, b"\x08\x00\x00\x00\x00\x00\x00\x00{}"), "package_weights"),
+    "weights not safetensors": (
+        with_member(WEIGHTS, b"\x08\x00\x00\x00\x00\x00\x00\x00{}"),
+        "package_weights",
+    ),
 }
 
 

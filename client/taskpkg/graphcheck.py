@@ -56,15 +56,14 @@ _SYMBOL = re.compile(r"^[a-z]{1,2}[0-9]{1,9}$")
 _EXPR_TOKEN = re.compile(
     r"\s+|[0-9]+(\.[0-9]+)?|'[a-z]{1,2}[0-9]{1,9}'|[A-Za-z_][A-Za-z0-9_]*|\*\*|//|[-+*/%(),<>=!]"
 )
-_EXPR_FUNCTIONS: Final = frozenset(
-    (
-        "Symbol Integer Rational Add Mul Pow Eq Ne Lt Le Gt Ge StrictLessThan "
-        "StrictGreaterThan LessThan GreaterThan Equality Unequality And Or Not Mod Max Min "
-        "FloorDiv CleanDiv PythonMod CeilToInt FloorToInt TruncToInt IntTrueDiv "
-        "ModularIndexing Where True False oo int_oo positive negative nonnegative "
-        "nonpositive integer real finite infinite zero nonzero even odd commutative"
-    ).split()
+_EXPR_NAMES: Final = (
+    "Symbol Integer Rational Add Mul Pow Eq Ne Lt Le Gt Ge StrictLessThan "
+    "StrictGreaterThan LessThan GreaterThan Equality Unequality And Or Not Mod Max Min "
+    "FloorDiv CleanDiv PythonMod CeilToInt FloorToInt TruncToInt IntTrueDiv "
+    "ModularIndexing Where True False oo int_oo positive negative nonnegative "
+    "nonpositive integer real finite infinite zero nonzero even odd commutative"
 )
+_EXPR_FUNCTIONS: Final = frozenset(_EXPR_NAMES.split())
 _MAX_EXPR = 1000
 
 _SCALAR_TYPES: Final[dict[TensorDtype, int]] = {

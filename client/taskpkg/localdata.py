@@ -91,7 +91,11 @@ def read_data(path: Path, manifest: Manifest) -> dict[DataSplit, Arrays]:
         if train is None:
             raise _fail(f"no train.safetensors or train.npz in {path}")
         out: dict[DataSplit, Arrays] = {}
-        for split, file in (("train", train), ("test", _find(path, "test"))):
+        splits: tuple[tuple[DataSplit, Path | None], ...] = (
+            ("train", train),
+            ("test", _find(path, "test")),
+        )
+        for split, file in splits:
             if file is not None:
                 arrays = _read_arrays(file)
                 if set(arrays) != {"x", "y"}:

@@ -151,7 +151,7 @@ def load_program(
         state[name] = torch.nn.Parameter(tensor) if name in info.parameters else tensor
     consts = {name: as_tensor(constants[name]) for name in info.constants}
     try:
-        parsed = _dict_to_dataclass(schema.ExportedProgram, data)
+        parsed = _dict_to_dataclass(schema.ExportedProgram, data)  # type: ignore[no-untyped-call]
         program: ExportedProgram = ExportedProgramDeserializer().deserialize(
             parsed, state_dict=state, constants=consts, example_inputs=example_inputs
         )

@@ -72,7 +72,8 @@ def build_packaged_module(contents: PackageContents) -> torch.nn.Module:
             (contents.eval_program, EVAL_PROGRAM),
         )
     ]
-    return _packaged_module_class()(programs[0], programs[1])
+    module: torch.nn.Module = _packaged_module_class()(programs[0], programs[1])
+    return module
 
 
 @functools.cache
