@@ -279,3 +279,15 @@ def test_a_server_data_package_without_data_is_accepted_only_when_asked(good: by
     with pytest.raises(Exception, match="package_member"):
         read_package_bytes(blob)
     assert read_package_bytes(blob, require_data=False).data is None
+
+
+def test_the_doc_lists_every_allowed_operator_and_package_code() -> None:
+    from client.taskpkg.operators import OPERATOR_GROUPS
+
+    doc = (REPO / "docs" / "task-package.md").read_text()
+    for ops in OPERATOR_GROUPS.values():
+        for op in ops.split():
+            assert f"`{op}`" in doc, op
+    for code in CODES:
+        if code.startswith("package_") or code == "bad_package":
+            assert f"| `{code}` |" in doc, code
