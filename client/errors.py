@@ -56,7 +56,17 @@ ErrorCode = Literal[
     # task packages
     "bad_package",
     "no_local_data",
-    "local_data_mismatch",
+    "package_member",
+    "package_pickle",
+    "package_compression",
+    "package_too_large",
+    "package_bomb",
+    "package_truncated",
+    "package_weights",
+    "package_data_mismatch",
+    "package_shape",
+    "package_program",
+    "package_operator",
 ]
 
 ERROR_CODES: tuple[ErrorCode, ...] = get_args(ErrorCode)
@@ -147,8 +157,49 @@ CODES: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
         "no_local_data": CodeSpec(
             "final", "The device has no data of its own for a task whose data stays local."
         ),
-        "local_data_mismatch": CodeSpec(
-            "final", "The device's own data does not fit the task's input and label specs."
+        "package_member": CodeSpec(
+            "final",
+            "A task package holds a member it must not (unknown, duplicate, directory, "
+            "absolute or '..' name, backslash) or lacks a required one.",
+        ),
+        "package_pickle": CodeSpec(
+            "final", "A task package member is a pickle or a torch.save archive."
+        ),
+        "package_compression": CodeSpec(
+            "final",
+            "A task package member is encrypted or compressed other than STORED/DEFLATED.",
+        ),
+        "package_too_large": CodeSpec(
+            "final", "A task package, or one of its members, is over the size limit."
+        ),
+        "package_bomb": CodeSpec(
+            "final",
+            "A task package member's real size differs from its declared size, or its "
+            "compression ratio is over the limit (a zip bomb).",
+        ),
+        "package_truncated": CodeSpec(
+            "final", "A task package is not a complete zip archive (truncated or damaged)."
+        ),
+        "package_weights": CodeSpec(
+            "final",
+            "A task package's weights or constants are not valid safetensors or do not "
+            "match the program's parameters and buffers.",
+        ),
+        "package_data_mismatch": CodeSpec(
+            "final",
+            "A task package's data arrays do not match the manifest's specs or sample counts.",
+        ),
+        "package_shape": CodeSpec(
+            "final",
+            "A task package's manifest input/label specs disagree with its program.",
+        ),
+        "package_program": CodeSpec(
+            "final",
+            "A task package's program is not a valid torch.export program of the "
+            "supported schema (or carries guards, custom objects or unsafe expressions).",
+        ),
+        "package_operator": CodeSpec(
+            "final", "A task package's program calls an operator outside the allowlist."
         ),
     }
 )

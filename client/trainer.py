@@ -19,7 +19,8 @@ Contract:
 * It trains ``config.epochs`` epochs over the device's partition. Each epoch's sample
   order comes from a ``torch.Generator`` seeded by ``(config.seed, partition.index,
   epoch)``, so a run is reproducible; on CPU with a fixed thread count it is
-  bit-for-bit reproducible.
+  bit-for-bit reproducible. Torch's global RNG (the model's dropout draws) is seeded
+  from ``(config.seed, partition.index)`` when a run starts fresh.
 * At every batch boundary it asks ``control.check()``: ``"pause"`` first writes a
   checkpoint (model, optimizer state, RNG states, epoch, position, sample order, running
   loss sums, batch size) to ``job.checkpoint_path`` -- tensors as safetensors, the rest as
@@ -121,6 +122,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+#: The ``epoch`` argument of :func:`epoch_seed` that seeds torch's global RNG (dropout).
+MODEL_RNG_STREAM = 1 << 32
+
+
 def epoch_seed(seed: int, partition_index: int, epoch: int) -> int:
     """The shuffle seed of one epoch, mixed by numpy's SeedSequence (fits torch's uint64)."""
     state = np.random.SeedSequence([seed, partition_index, epoch]).generate_state(
@@ -209,6 +214,9 @@ class LocalTrainer:
 
         position = self._resume(job, files, fingerprint, model, optimizer, device)
         if position is None:
+            # The model's own random draws (dropout) start from the job's seed, so a run
+            # is reproducible; a resumed run restores the RNG from its checkpoint.
+            torch.manual_seed(epoch_seed(job.config.seed, job.partition.index, MODEL_RNG_STREAM))
             batch = self._initial_batch_size(task, model, x[:1], job.config, n, device)
             position = Position(batch_size=batch)
         periodic = CheckpointClock(job.checkpoint_interval)
@@ -465,8 +473,7 @@ def resolve_task(
     """
     if job.package_path is None:
         return task_loader(job.task, job.model_params), job.partition
-    # PKG's module; the ignore goes once it is merged.
-    from client.taskpkg.task import load_packaged_task  # type: ignore[import-untyped,unused-ignore]
+    from client.taskpkg.task import load_packaged_task
 
     task = load_packaged_task(job.package_path, job.data_path)
     return task, (None if job.data_path is not None else job.partition)

@@ -74,8 +74,8 @@ def open_package(path: Path) -> ServedPackage:
     package writer, byte-for-byte the same for the same package): each device gets only
     its own share of the data (:class:`DataShares`), never the whole set.
     """
-    # PKG's reader and writer: the same checks a device makes before it trains a package.
-    from client.taskpkg.archive import (  # type: ignore[import-untyped,unused-ignore]
+    # The package reader and writer: the same checks a device makes before it trains.
+    from client.taskpkg.archive import (
         package_bytes,
         read_package,
     )
@@ -91,7 +91,7 @@ def open_package(path: Path) -> ServedPackage:
         contents.constants,
         None,
     )
-    data: Mapping[str, Arrays] | None = contents.data
+    data = contents.data
     return ServedPackage(
         path=path,
         content=device_package,
@@ -163,8 +163,8 @@ class PackageTask(Task):
     def _torch_task(self) -> Task:
         with self._load_lock:
             if self._loaded is None:
-                # PKG's adapter (needs torch); the package was checked by open_package.
-                from client.taskpkg.task import (  # type: ignore[import-untyped,unused-ignore]
+                # The package adapter (needs torch); the package was checked by open_package.
+                from client.taskpkg.task import (
                     load_packaged_task,
                 )
 

@@ -281,7 +281,11 @@ SUBMIT_FINAL = {
     "duplicate", "round_closed", "not_selected", "stale_base", "bad_request",
     "unsupported_format", "malformed", "unknown_dtype", "bad_offsets", "truncated",
     "oversized", "non_finite", "layout_mismatch", "shape_mismatch", "dtype_mismatch",
-    "unknown_task", "blob_too_large", "bad_package", "no_local_data", "local_data_mismatch",
+    "unknown_task", "blob_too_large",
+    # task packages: no retry changes a package
+    "bad_package", "no_local_data", "package_member", "package_pickle", "package_compression",
+    "package_too_large", "package_bomb", "package_truncated", "package_weights",
+    "package_data_mismatch", "package_shape", "package_program", "package_operator",
 }  # fmt: skip
 
 

@@ -1,22 +1,20 @@
-"""Device-local data: a task's data that never leaves the device.
+"""A device's own data for a task package, read from a file or folder and checked.
 
-A package whose manifest says ``data.source == "local"`` carries no data; each device
-reads its own from the folder the user chose for that task (the ``task_data.NAME``
-setting: ``fedtray-client config set task_data.NAME FOLDER`` or the Settings window).
+Contract (torch-free, no pickle): :func:`read_data` reads
 
-Contract (torch-free, no network; reading is the only I/O):
+* a folder holding ``train.safetensors`` or ``train.npz`` (required) and optionally
+  ``test.safetensors`` / ``test.npz``, each with the arrays ``x`` and ``y``; or
+* one ``.safetensors`` / ``.npz`` file holding ``x`` and ``y`` (train only) or
+  ``x_train``, ``y_train``, ``x_test``, ``y_test``,
 
-* The folder holds exactly one of :data:`DATA_FILES`: ``data.safetensors`` or
-  ``data.npz``, with two arrays, ``x`` (samples, then the manifest's ``input.shape``,
-  of ``input.dtype``) and ``y`` (samples, then ``label.shape``, of ``label.dtype``).
-  ``.npz`` is read with ``allow_pickle=False``: an object array is refused, never
-  unpickled.
-* :func:`find_local_data` says which file to read, or raises
-  :class:`client.errors.FedtrayError` ``no_local_data`` in plain words (no folder set
-  for the task, the folder missing, no data file, two data files).
-* :func:`read_local_data` returns ``(x, y)`` checked against the manifest, or raises
-  ``local_data_mismatch`` naming what differs (array missing, shape, dtype, sample
-  counts, an empty set). Nothing is converted silently.
+and checks every array against the manifest's input and label specs (dtype and
+per-sample shape; any number of samples). :func:`data_folder` finds where a task's data
+is from the ``task_data`` setting (``fedtray-client config set task_data.NAME FOLDER``
+or the Settings window) and raises ``FedtrayError('no_local_data', ...)`` in plain words
+when none is set or it is gone. ``.npz`` files are read with
+``allow_pickle=False``; safetensors through :func:`client.weights.decode`. A missing,
+unreadable or mismatched file raises ``FedtrayError('package_data_mismatch', ...)``
+naming the file and what is wrong.
 """
 
 from __future__ import annotations
@@ -30,16 +28,20 @@ import numpy as np
 import numpy.typing as npt
 
 from client.errors import FedtrayError
+from client.taskpkg.archive import Arrays, DataSplit
 from client.taskpkg.manifest import Manifest, TensorSpec
+from client.weights import decode
+from client.weights.spec import WeightsError
 
-__all__ = ["DATA_FILES", "find_local_data", "read_local_data"]
+__all__ = ["MAX_DATA_BYTES", "data_folder", "read_data"]
 
-#: The file names a data folder may hold (exactly one of them).
-DATA_FILES: Final = ("data.safetensors", "data.npz")
+#: Largest data file read.
+MAX_DATA_BYTES: Final = 4 * 1024**3
+_SUFFIXES: Final = (".safetensors", ".npz")
 
 
-def find_local_data(task: str, folders: Mapping[str, str]) -> Path:
-    """The data file of ``task`` in its folder from ``folders`` (the ``task_data`` setting)."""
+def data_folder(task: str, folders: Mapping[str, str]) -> Path:
+    """Where this device's own data for ``task`` is (``folders``: the ``task_data`` setting)."""
     folder = folders.get(task)
     if folder is None:
         raise FedtrayError(
@@ -47,69 +49,86 @@ def find_local_data(task: str, folders: Mapping[str, str]) -> Path:
             f"no data folder is set for task '{task}': choose one in Settings, or run "
             f"`fedtray-client config set task_data.{task} FOLDER`",
         )
-    root = Path(folder)
-    if not root.is_dir():
-        raise FedtrayError(
-            "no_local_data", f"the data folder for task '{task}' ({root}) does not exist"
-        )
-    found = [root / name for name in DATA_FILES if (root / name).is_file()]
-    if not found:
-        raise FedtrayError(
-            "no_local_data",
-            f"the data folder for task '{task}' ({root}) holds neither {' nor '.join(DATA_FILES)}",
-        )
-    if len(found) > 1:
-        raise FedtrayError(
-            "no_local_data",
-            f"the data folder for task '{task}' ({root}) holds both {' and '.join(DATA_FILES)}; "
-            "keep one",
-        )
-    return found[0]
+    path = Path(folder)
+    if not path.exists():
+        raise FedtrayError("no_local_data", f"the data for task '{task}' ({path}) is not there")
+    return path
 
 
-def _mismatch(path: Path, message: str) -> FedtrayError:
-    return FedtrayError("local_data_mismatch", f"{path}: {message}")
+def _fail(message: str) -> FedtrayError:
+    return FedtrayError("package_data_mismatch", message)
 
 
-def _arrays(path: Path) -> dict[str, npt.NDArray[Any]]:
+def _read_arrays(path: Path) -> dict[str, npt.NDArray[Any]]:
     try:
+        size = path.stat().st_size
+        if size > MAX_DATA_BYTES:
+            raise _fail(f"{path} is {size} bytes; at most {MAX_DATA_BYTES}")
         if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as archive:
-                return {name: archive[name] for name in archive.files}
-        from safetensors.numpy import load_file
-
-        loaded: dict[str, npt.NDArray[Any]] = load_file(str(path))
-        return loaded
-    except ValueError as exc:  # np.load refusing an object (pickled) array lands here too
-        raise _mismatch(path, f"cannot read the arrays: {exc}") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise _mismatch(path, f"cannot read the file: {exc}") from None
-    except Exception as exc:  # safetensors raises its own error type for a bad header
-        raise _mismatch(path, f"not a valid data file: {type(exc).__name__}: {exc}") from None
+            with np.load(path, allow_pickle=False) as npz:
+                return {name: np.asarray(npz[name]) for name in npz.files}
+        return decode(path.read_bytes(), "safetensors", max_bytes=MAX_DATA_BYTES)
+    except FedtrayError:
+        raise
+    except WeightsError as exc:
+        raise _fail(f"{path}: {exc.message}") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise _fail(f"cannot read the data file {path}: {exc}") from None
 
 
-def _check(path: Path, name: str, array: npt.NDArray[Any], spec: TensorSpec) -> None:
-    want = ("samples", *spec.shape)
-    if array.ndim != len(want) or tuple(array.shape[1:]) != tuple(spec.shape):
-        raise _mismatch(path, f"{name} has shape {tuple(array.shape)}; the task wants {want}")
-    if str(array.dtype) != spec.dtype:
-        raise _mismatch(path, f"{name} is {array.dtype}; the task wants {spec.dtype}")
-
-
-def read_local_data(path: Path, manifest: Manifest) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
-    """``(x, y)`` from ``path`` (a file :func:`find_local_data` found), checked against
-    ``manifest``'s input and label specs."""
-    arrays = _arrays(path)
-    missing = [name for name in ("x", "y") if name not in arrays]
-    if missing:
-        raise _mismatch(
-            path, f"needs arrays x and y; missing {', '.join(missing)} (found: {sorted(arrays)})"
+def _checked(arr: npt.NDArray[Any], spec: TensorSpec, what: str) -> npt.NDArray[Any]:
+    if arr.dtype.name != spec.dtype or list(arr.shape[1:]) != spec.shape:
+        raise _fail(
+            f"{what} is {arr.dtype.name} with sample shape {list(arr.shape[1:])}; the task "
+            f"needs {spec.dtype} {spec.shape}"
         )
-    x, y = arrays["x"], arrays["y"]
-    _check(path, "x", x, manifest.input)
-    _check(path, "y", y, manifest.label)
+    return arr
+
+
+def _pair(
+    arrays: dict[str, npt.NDArray[Any]], xk: str, yk: str, manifest: Manifest, where: str
+) -> Arrays:
+    x = _checked(arrays[xk], manifest.input, f"{where} '{xk}'")
+    y = _checked(arrays[yk], manifest.label, f"{where} '{yk}'")
     if len(x) != len(y):
-        raise _mismatch(path, f"x has {len(x)} samples but y has {len(y)}")
-    if len(x) == 0:
-        raise _mismatch(path, "holds no samples")
+        raise _fail(f"{where}: '{xk}' has {len(x)} samples but '{yk}' has {len(y)}")
     return x, y
+
+
+def _find(folder: Path, stem: str) -> Path | None:
+    for suffix in _SUFFIXES:
+        candidate = folder / f"{stem}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_data(path: Path, manifest: Manifest) -> dict[DataSplit, Arrays]:
+    """``{"train": (x, y), "test": (x, y)}`` from ``path`` (module docstring)."""
+    if path.is_dir():
+        train = _find(path, "train")
+        if train is None:
+            raise _fail(f"no train.safetensors or train.npz in {path}")
+        out: dict[DataSplit, Arrays] = {}
+        splits: tuple[tuple[DataSplit, Path | None], ...] = (
+            ("train", train),
+            ("test", _find(path, "test")),
+        )
+        for split, file in splits:
+            if file is not None:
+                arrays = _read_arrays(file)
+                if set(arrays) != {"x", "y"}:
+                    raise _fail(f"{file} must hold exactly 'x' and 'y', not {sorted(arrays)}")
+                out[split] = _pair(arrays, "x", "y", manifest, str(file))
+        return out
+    if not path.is_file() or path.suffix not in _SUFFIXES:
+        raise _fail(f"no data at {path} (a folder, .safetensors or .npz file)")
+    arrays = _read_arrays(path)
+    if set(arrays) == {"x", "y"}:
+        return {"train": _pair(arrays, "x", "y", manifest, str(path))}
+    if set(arrays) == {"x_train", "y_train", "x_test", "y_test"}:
+        return {
+            "train": _pair(arrays, "x_train", "y_train", manifest, str(path)),
+            "test": _pair(arrays, "x_test", "y_test", manifest, str(path)),
+        }
+    raise _fail(f"{path} must hold x, y or x_train, y_train, x_test, y_test; not {sorted(arrays)}")

@@ -216,8 +216,10 @@ def model_state(model: torch.nn.Module) -> dict[str, npt.NDArray[Any]]:
     base and its update always have the layout the codec checks (``dtype_mismatch``
     otherwise). Works without importing torch (it only calls tensor methods).
     """
+    # np.asarray keeps 0-d tensors 0-d (np.ascontiguousarray would make them 1-d, so a
+    # batch norm's num_batches_tracked would change shape between layouts).
     return {
-        name: np.ascontiguousarray(tensor.detach().cpu().numpy())
+        name: np.asarray(tensor.detach().cpu().numpy(), order="C")
         for name, tensor in model.state_dict().items()
     }
 
