@@ -32,7 +32,6 @@ from tests.device_info import quick_device_info
 from tests.float64_task import Float64Task
 from tests.server_harness import running_server
 
-pytest.importorskip("torch")
 pytestmark = [pytest.mark.slow, pytest.mark.torch]
 
 FLOAT64 = np.dtype(np.float64)

@@ -7,7 +7,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-import pytest
 from pydantic import JsonValue
 
 from client.protocol import Partition, TrainingConfig
@@ -18,8 +17,6 @@ from client.workfiles import WorkDir
 from server.aggregation import FedAvg
 from server.model import evaluate_state, initial_state
 from tests.float64_task import Float64Task
-
-pytest.importorskip("torch")
 
 
 def _loader(name: str, params: Mapping[str, JsonValue]) -> Task:

@@ -13,17 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from client.backoff import Backoff
 from client.config import Settings
 from client.session import DistributedClient, Worker
+from client.taskpkg import archive, program
 from server import cli
 from tests.device_info import quick_device_info
 from tests.server_harness import running_server
-
-torch = pytest.importorskip("torch")
-archive = pytest.importorskip("client.taskpkg.archive")
-program = pytest.importorskip("client.taskpkg.program")
 
 NAME = "tiny-mlp"
 CLASSES = 3
