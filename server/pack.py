@@ -50,6 +50,8 @@ from server.pack_data import (
 if TYPE_CHECKING:
     from torch import nn
 
+    from client.tasks.base import Task
+
 __all__ = ["PackError", "PackResult", "load_factory", "pack", "pack_with_result"]
 
 SUFFIX: Final = ".fedtask"
@@ -412,23 +414,12 @@ def _check_package(
     local_data: bool,
 ) -> None:
     """Load ``path`` as a device would and train one step; PackError if anything fails."""
-    import torch
-
-    from client.taskpkg.archive import read_package
-    from client.taskpkg.task import load_packaged_task
+    from client.taskpkg.task import load_packaged_task  # reads and checks the whole package
 
     try:
-        read_package(path)
         with _local_data_file(x, y) if local_data else contextlib.nullcontext(None) as data:
             task = load_packaged_task(path, data)
-            packaged = task.build_model(task.params, 0)
-            packaged.train()
-            optimizer = torch.optim.SGD(packaged.parameters(), lr=1e-3)
-            xb, yb = torch.from_numpy(example_batch(x)), torch.from_numpy(example_batch(y))
-            step_loss = task.train_step(packaged, xb, yb)
-            step_loss.backward()
-            optimizer.step()
-            train_loss = float(step_loss.item())
+            train_loss = _train_step(task, x, y)
             # A fresh copy of the initial weights for the eval comparison.
             packaged = task.build_model(task.params, 0)
             metrics = task.evaluate(packaged, x, y)
@@ -449,6 +440,21 @@ def _check_package(
             f"the packaged model computes a different loss than the model itself "
             f"({got:.6g} vs {expected:.6g} in eval mode); please report this with the model"
         )
+
+
+def _train_step(task: Task, x: npt.NDArray[Any], y: npt.NDArray[Any]) -> float:
+    """One SGD step of ``task``'s model on a few samples; the step's loss."""
+    import torch
+
+    model = task.build_model(task.params, 0)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    step_loss = task.train_step(
+        model, torch.from_numpy(example_batch(x)), torch.from_numpy(example_batch(y))
+    )
+    step_loss.backward()  # type: ignore[no-untyped-call]
+    optimizer.step()
+    return float(step_loss.item())
 
 
 def _eager_loss(model: nn.Module, loss: Loss, x: npt.NDArray[Any], y: npt.NDArray[Any]) -> float:
@@ -474,10 +480,10 @@ def _eager_loss(model: nn.Module, loss: Loss, x: npt.NDArray[Any], y: npt.NDArra
 
 @contextlib.contextmanager
 def _local_data_file(x: npt.NDArray[Any], y: npt.NDArray[Any]) -> Iterator[Path]:
-    """A device-local data folder (``data.npz`` with ``x`` and ``y``) for the check."""
+    """A device-local data folder (``train.npz`` with ``x`` and ``y``) for the check."""
     with tempfile.TemporaryDirectory(prefix="fedtray-pack-") as tmp:
         folder = Path(tmp)
-        np.savez(folder / "data.npz", x=x, y=y)
+        np.savez(folder / "train.npz", x=x, y=y)
         yield folder
 
 

@@ -1,9 +1,10 @@
 """Export an operator's model with ``torch.export``, or say in plain words why it cannot be.
 
 Contract: :func:`export_programs` exports the model twice -- in train mode and in eval mode
--- with a dynamic batch axis (``torch.export.Dim("batch", min=1)`` on the first dimension
-of the one input), so the programs run at any batch size (a fixed batch would fail its
-guard on the last partial batch or a halved batch). The model's mode is restored after;
+-- with a dynamic batch axis (:func:`client.taskpkg.program.export_program`:
+``torch.export.Dim("batch")`` on the first dimension of the one input), so the programs
+run at any batch size (a fixed batch would fail its guard on the last partial batch or a
+halved batch). The model's mode is restored after;
 its parameters and buffers are not changed. A model that cannot be exported raises
 :class:`server.pack_data.PackError` with one line: what to change in the model, followed
 by torch's own first line (:func:`explain_export_error`). :func:`check_model_output`
@@ -14,6 +15,9 @@ torch (only the packer and tests import this module).
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -84,7 +88,8 @@ def explain_export_error(exc: BaseException) -> str:
             advice = words
             break
     detail = next((line.strip() for line in text.splitlines() if line.strip()), kind)
-    return f"the model cannot be exported: {advice} (torch: {kind}: {one_line(ValueError(detail), 240)})"
+    torch_line = one_line(ValueError(detail), 240)
+    return f"the model cannot be exported: {advice} (torch: {kind}: {torch_line})"
 
 
 def _batch_tensor(x: npt.NDArray[Any]) -> torch.Tensor:
@@ -159,12 +164,19 @@ def export_programs(model: nn.Module, example: npt.NDArray[Any]) -> ExportedProg
     return ExportedPrograms(train=train, eval=evaluation)
 
 
+def quiet_torch_logs() -> None:
+    """Keep torch's export warnings (symbolic shapes, tracing) off an operator's terminal."""
+    with contextlib.suppress(Exception):  # a private torch API: best effort only
+        torch._logging.set_logs(all=logging.ERROR)  # type: ignore[attr-defined]
+
+
 def _export(model: nn.Module, example: npt.NDArray[Any]) -> torch.export.ExportedProgram:
-    batch = torch.export.Dim("batch", min=1)
+    from client.taskpkg.program import export_program  # the one export: dynamic batch axis
+
+    # On failure torch.export prints the traced graph to stderr; the error says enough.
     try:
-        return torch.export.export(
-            model, (_batch_tensor(example),), dynamic_shapes=({0: batch},), strict=False
-        )
+        with contextlib.redirect_stderr(io.StringIO()):
+            return export_program(model, _batch_tensor(example))
     except Exception as exc:
         raise PackError(explain_export_error(exc)) from None
 
