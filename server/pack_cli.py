@@ -12,7 +12,6 @@ only once the flags are valid.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -98,8 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.num_classes is not None and args.num_classes < 1:
         sys.stderr.write(f"{PROG}: error: --num-classes must be at least 1\n")
         return 2
-    logging.getLogger("torch").setLevel(logging.ERROR)  # export's warnings are not for operators
     from server.pack import pack_with_result
+    from server.pack_export import quiet_torch_logs
+
+    quiet_torch_logs()
 
     try:
         result = pack_with_result(

@@ -14,6 +14,7 @@ line of plain words saying what to change. Nothing here writes files.
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,11 +112,15 @@ def _read_arrays(path: Path) -> dict[str, Arrays]:
         raise PackError(f"data file {path} does not exist")
     try:
         if suffix == ".npz":
+            if not zipfile.is_zipfile(path):
+                raise PackError(f"cannot read {path.name}: it is not a .npz (zip) archive")
             with np.load(path, allow_pickle=False) as npz:
                 return {name: npz[name] for name in npz.files if name in ARRAY_NAMES}
         from safetensors.numpy import load_file
 
         return {k: v for k, v in load_file(str(path)).items() if k in ARRAY_NAMES}
+    except PackError:
+        raise
     except ValueError as exc:
         if "allow_pickle" in str(exc):
             raise PackError(
