@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog=PROG,
         description="fedtray reference training server (FedAvg).",
-        epilog="`fedtray-server demo --help`: a whole federation on this machine.",
+        epilog="`fedtray-server demo --help`: a whole federation on this machine. "
+        "`fedtray-server pack --help`: package your own model for the fleet.",
     )
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     p.add_argument(
@@ -195,12 +196,17 @@ async def serve(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``fedtray-server``; ``fedtray-server demo ...`` runs the local demo."""
+    """Entry point of ``fedtray-server``; ``fedtray-server demo ...`` runs the local demo,
+    ``fedtray-server pack ...`` packs a model (:mod:`server.pack_cli`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["demo"]:
         from server import demo  # the demo orchestrates processes; load it only when asked
 
         return demo.main(argv[1:])
+    if argv[:1] == ["pack"]:
+        from server import pack_cli  # packing imports torch; load it only when asked
+
+        return pack_cli.main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
