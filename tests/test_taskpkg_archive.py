@@ -291,3 +291,19 @@ def test_the_doc_lists_every_allowed_operator_and_package_code() -> None:
     for code in CODES:
         if code.startswith("package_") or code == "bad_package":
             assert f"| `{code}` |" in doc, code
+
+
+@pytest.mark.parametrize(
+    ("data", "pickle"),
+    [
+        (PICKLE, True),
+        # A safetensors file whose 1,408-byte header length opens with \x80\x05: not a pickle.
+        ((0x0580).to_bytes(8, "little") + b"{" + b" " * 0x057F, False),
+        # ...but a header length that runs past the file does not make a pickle one.
+        (b"\x80\x05" + b"\x00" * 6 + b"{" + b"." * 4, True),
+    ],
+)
+def test_a_safetensors_header_length_is_not_taken_for_a_pickle(data: bytes, pickle: bool) -> None:
+    from client.taskpkg.archive import _looks_like_pickle
+
+    assert _looks_like_pickle(data) is pickle

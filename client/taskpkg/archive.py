@@ -240,11 +240,20 @@ def _read_member(fh: BinaryIO, info: zipfile.ZipInfo, archive_size: int) -> byte
             )
     if zlib.crc32(data) != info.CRC:
         raise _err("package_truncated", f"member {name!r} fails its CRC check (damaged)")
-    if data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+    if _looks_like_pickle(data):
         raise _err("package_pickle", f"member {name!r} is a pickle")
     if data[:4] == _LOCAL_SIG:
         raise _err("package_pickle", f"member {name!r} is a zip archive (torch.save format)")
     return data
+
+
+def _looks_like_pickle(data: bytes) -> bool:
+    """A pickle of protocol 2+ opens with PROTO (``\\x80`` and the protocol). A safetensors
+    file opens with its header length (8 bytes, little-endian) and then ``{``, and that
+    length may start with ``\\x80`` too (0x0580 = 1,408 bytes): that is not a pickle."""
+    proto = data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    safetensors = data[8:9] == b"{" and int.from_bytes(data[:8], "little") <= len(data) - 8
+    return proto and not safetensors
 
 
 # -- content level ----------------------------------------------------------------------
