@@ -52,6 +52,9 @@ class DeviceRecord:
     state: DeviceState = "idle"
     pause_reason: PauseReason | None = None
     pause_detail: str | None = None
+    refusal: str | None = None
+    """Why the device last refused a round for a reason other than a pause (e.g. it has
+    no data of its own for the task), until it accepts one again."""
     last_seen: float = 0.0
     rounds_completed: int = 0
     sid: str | None = None
@@ -149,6 +152,7 @@ class Registry:
             record.state = "training"
             record.pause_reason = None
             record.pause_detail = None
+            record.refusal = None
 
     def refused_paused(self, device_id: str, reason: PauseReason, detail: str | None) -> None:
         """The device refused a round because it is paused: not eligible again until a
@@ -158,6 +162,13 @@ class Registry:
             record.state = "paused"
             record.pause_reason = reason
             record.pause_detail = detail
+
+    def refused_round(self, device_id: str, reason: str, detail: str | None) -> None:
+        """The device refused a round for a reason other than a pause: say why (the
+        dashboard shows it) until it accepts one."""
+        record = self._devices.get(device_id)
+        if record is not None:
+            record.refusal = f"{reason}: {detail}" if detail else reason
 
     def training_failed(self, device_id: str) -> None:
         """The device reported a training error: it is idle again."""

@@ -177,3 +177,5 @@ class RoundStarter:
         if pause is not None:
             # Not eligible again until a heartbeat says it is back.
             self._registry.refused_paused(device_id, pause, answer.detail)
+        elif answer.reason is not None:
+            self._registry.refused_round(device_id, answer.reason, answer.detail)

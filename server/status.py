@@ -67,6 +67,11 @@ class DeviceStatus(StatusModel):
     state: DeviceState
     pause_reason: PauseReason | None = None
     pause_detail: str | None = None
+    refusal: str | None = Field(
+        default=None,
+        description="Why the device last refused a round (not a pause), until it accepts one; "
+        "e.g. no_local_data: no data folder is set for the task.",
+    )
     battery_percent: float | None = None
     plugged_in: bool | None = None
     cpu_percent: float
@@ -130,6 +135,7 @@ def build_status(
                 state=rec.state,
                 pause_reason=rec.pause_reason,
                 pause_detail=rec.pause_detail,
+                refusal=rec.refusal,
                 battery_percent=battery.percent if battery else None,
                 plugged_in=battery.plugged_in if battery else None,
                 cpu_percent=rec.resources.cpu_percent,

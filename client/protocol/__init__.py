@@ -91,7 +91,7 @@ WeightFormat = Literal["safetensors", "json"]
 Optimizer = Literal["sgd", "adam"]
 PartitionScheme = Literal["iid", "label_skew"]
 RefusalReason = Literal[
-    "busy", "unknown_task", "missing_base", "deadline_passed", "missing_package"
+    "busy", "unknown_task", "missing_base", "deadline_passed", "missing_package", "no_local_data"
 ]
 TaskFileKind = Literal["package", "data"]
 #: Package cache a device allows when it does not say (it takes no packages then).

@@ -136,6 +136,7 @@ class SessionCore:
                 package_cache_bytes,
             ),
             in_use=self._files_in_use,
+            task_data=lambda: self.settings.value.task_data,
         )
         self.rounds = Rounds(
             hub,

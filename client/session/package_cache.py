@@ -12,15 +12,22 @@ Contract (a loop-only object; disk work runs in worker threads, one at a time):
 * :meth:`TaskFiles.locate` finds the files a ``training:start`` names: the paths, or a
   ``missing_package`` refusal in plain words. The files of the round being trained
   (``in_use()``) are never evicted.
-* Torch-free: nothing here reads a package; the worker process is the only place one is
-  loaded (:func:`client.taskpkg.task.load_packaged_task`).
+* A package whose data stays on the device (manifest ``data.source == "local"``; the
+  server sends no data share) trains on the folder the user chose for that task (the
+  ``task_data`` setting, read through ``task_data()``): :meth:`TaskFiles.locate` checks
+  the package and that data against the manifest (torch-free, in a worker thread) and
+  refuses the round ``no_local_data`` in plain words when there is none or it does not
+  fit, so the dashboard shows why.
+* Torch-free: the package is only read as data here (manifest, arrays); the worker
+  process is the only place its program is built
+  (:func:`client.taskpkg.task.load_packaged_task`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -36,6 +43,8 @@ from client.protocol import (
     WeightsRef,
 )
 from client.session.filecache import FileCache
+from client.taskpkg.archive import read_package
+from client.taskpkg.localdata import data_folder, read_data
 from client.transfer import BlobStore
 
 __all__ = ["DEFAULT_PACKAGE_CACHE_BYTES", "SUFFIX", "LocatedFiles", "TaskFiles"]
@@ -63,11 +72,17 @@ class TaskFiles:
     """Receives task files and finds them for rounds (see the module docstring)."""
 
     def __init__(
-        self, blobs: BlobStore, cache: FileCache, *, in_use: Callable[[], set[str]]
+        self,
+        blobs: BlobStore,
+        cache: FileCache,
+        *,
+        in_use: Callable[[], set[str]],
+        task_data: Callable[[], Mapping[str, str]] = dict,
     ) -> None:
         self._blobs = blobs
         self.cache = cache
         self._in_use = in_use
+        self._task_data = task_data
         self._lock = asyncio.Lock()
 
     async def on_task_file(self, message: TaskFile) -> TaskFileHeld:
@@ -118,6 +133,11 @@ class TaskFiles:
                 detail=f"this device does not hold the round's {' and '.join(missing)} file",
             )
         assert package is not None
+        if start.data is None:
+            try:
+                data = await asyncio.to_thread(local_data_of, package, self._task_data())
+            except FedtrayError as exc:
+                return TrainingStartAck(accepted=False, reason="no_local_data", detail=exc.message)
         return LocatedFiles(
             package=package,
             package_sha256=start.package.sha256,
@@ -134,3 +154,19 @@ class TaskFiles:
         except OSError:
             return None
         return path if size == ref.size else None
+
+
+def local_data_of(package: Path, folders: Mapping[str, str]) -> Path | None:
+    """The device's own data folder for ``package`` when its data stays local (checked
+    against the manifest), None when the server sends the data; FedtrayError when the
+    package or the data cannot be used (blocking: run it in a thread)."""
+    contents = read_package(package, require_data=False)
+    manifest = contents.manifest
+    if manifest.data.source != "local":
+        return None
+    folder = data_folder(manifest.name, folders)
+    try:
+        read_data(folder, manifest)
+    except FedtrayError as exc:
+        raise FedtrayError("no_local_data", exc.message) from None
+    return folder
