@@ -191,7 +191,7 @@ def lifted_constants(programs: ExportedPrograms) -> dict[str, npt.NDArray[Any]]:
                     f"the model holds a non-tensor constant {name!r} "
                     f"({type(value).__name__}); a package carries only tensors"
                 )
-            array = np.ascontiguousarray(value.detach().cpu().numpy())
+            array = np.require(value.detach().cpu().numpy(), requirements="C")  # keeps 0-d as 0-d
             if name in out and not np.array_equal(out[name], array):
                 raise PackError(f"the constant {name!r} differs between train and eval mode")
             out[name] = array

@@ -154,11 +154,19 @@ def test_locate_refuses_a_round_whose_files_are_missing(tmp_path: Path) -> None:
         refused = await files.locate(_start(ref))
         assert getattr(refused, "reason", None) == "missing_package"
         cache.put(ref.sha256, pkg, ".fedtask")
-        located = await files.locate(_start(ref))
-        assert getattr(located, "package", None) == tmp_path / f"{ref.sha256}.fedtask"
         share = FileRef(sha256="0" * 64, size=5)
         refused = await files.locate(_start(ref, share))
         assert "data" in (getattr(refused, "detail", "") or "")
+        data = b"x" * 5
+        share = FileRef(sha256=sha(data), size=len(data))
+        cache.put(share.sha256, data, ".safetensors")
+        located = await files.locate(_start(ref, share))
+        assert getattr(located, "package", None) == tmp_path / f"{ref.sha256}.fedtask"
+        assert getattr(located, "data", None) == tmp_path / f"{share.sha256}.safetensors"
+        # Without a data share the package says where its data is; one it cannot read
+        # is refused, never trained.
+        unreadable = await files.locate(_start(ref))
+        assert getattr(unreadable, "reason", None) == "missing_package"
 
     asyncio.run(scenario())
 

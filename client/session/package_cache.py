@@ -137,7 +137,8 @@ class TaskFiles:
             try:
                 data = await asyncio.to_thread(local_data_of, package, self._task_data())
             except FedtrayError as exc:
-                return TrainingStartAck(accepted=False, reason="no_local_data", detail=exc.message)
+                reason = "no_local_data" if exc.code == "no_local_data" else "missing_package"
+                return TrainingStartAck(accepted=False, reason=reason, detail=exc.message)
         return LocatedFiles(
             package=package,
             package_sha256=start.package.sha256,
