@@ -5,7 +5,10 @@ What breaks if packaging is wrong: the .deb layout (command symlinks, menu entry
 Depends), ``fedtray --version`` and the ``fedtray-client`` argv[0] dispatch, the frozen
 GPU probe route, a full training round from the packaged headless client against the
 reference server from this source tree (frozen ``spawn`` worker, bundled torch and digits
-data), and the packaged tray docking on a real X server and quitting with exit 0.
+data), a round of a task package the bundle has never seen (packed in the test from a
+model file that is then deleted, served with ``--task-file``: the frozen worker rebuilds
+the programs from JSON with torch's serde, ``torch.export`` and sympy, and trains them),
+and the packaged tray docking on a real X server and quitting with exit 0.
 
 The bundle and .deb are built once per session (:func:`package`), by
 ``packaging/build-linux.sh`` -- the script ``make package`` runs. A ``dist/fedtray_*.deb``
@@ -18,7 +21,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,8 +31,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
-from server_harness import running_server
+from server_harness import REPO_ROOT, running_server, server_process, subprocess_env
 from xharness import XSession, _poll, xsession  # noqa: F401  (fixture)
 
 from client import __version__
@@ -265,6 +271,125 @@ def test_packaged_client_completes_a_round(package: Installed, tmp_path: Path) -
     [device] = status["devices"]
     assert device["name"] == "packaged"
     assert device["roundsCompleted"] >= 1
+    assert "Traceback" not in output
+
+
+#: The operator's models for the package test, in a file no device ever sees: a
+#: convolution with dropout (train and eval programs differ), and the same with batch
+#: norm (running statistics and a 0-d ``num_batches_tracked`` buffer).
+OPERATOR_MODELS = {
+    "conv-dropout": """
+from torch import nn
+
+
+def make_model():
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Dropout(0.1),
+        nn.Flatten(), nn.Linear(4 * 4 * 4, 3),
+    )
+""",
+    "conv-batchnorm-dropout": """
+from torch import nn
+
+
+def make_model():
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.1),
+        nn.Flatten(), nn.Linear(4 * 4 * 4, 3),
+    )
+""",
+}
+#: server/taskfile.py takes the package's initial weights with np.ascontiguousarray,
+#: which makes a 0-d tensor 1-d, so the served global weights say [1] for batch norm's
+#: num_batches_tracked and every device refuses them (shape_mismatch). Not a packaging
+#: bug: from the source tree too. Strict: this fails once the server keeps 0-d tensors.
+SERVER_0D_BUG = pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="server/taskfile.py: np.ascontiguousarray makes 0-d weights 1-d (shape_mismatch)",
+)
+
+
+def _image_data(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """1x4x4 images of 3 classes, each class lighting its own row: learnable."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n).astype(np.int64)
+    x = rng.normal(0, 0.3, (n, 1, 4, 4)).astype(np.float32)
+    x[np.arange(n), 0, y, :] += 2.0
+    return x, y
+
+
+def _pack_operator_model(tmp_path: Path, source: str) -> Path:
+    """Pack the model in ``source`` from the source tree (the operator's side), then delete
+    the model file: only the package knows the model."""
+    work = tmp_path / "operator"
+    work.mkdir()
+    model = work / "operator_model.py"
+    model.write_text(source, encoding="utf-8")
+    data = work / "data.npz"
+    x_train, y_train = _image_data(1, 240)
+    x_test, y_test = _image_data(2, 60)
+    np.savez(data, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    out = tmp_path / "unseen.fedtask"
+    done = subprocess.run(
+        [sys.executable, "-m", "server", "pack", f"{model}:make_model", "--data", str(data),
+         "-o", str(out), "--name", "unseen", "--epochs", "1", "--batch-size", "16"],
+        cwd=REPO_ROOT, env=subprocess_env(tmp_path / "operator-env"), capture_output=True,
+        text=True, timeout=scaled(300), check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    shutil.rmtree(work)
+    return out
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        "conv-dropout",
+        pytest.param("conv-batchnorm-dropout", marks=SERVER_0D_BUG),
+    ],
+)
+def test_packaged_client_trains_a_task_package_it_has_never_seen(
+    package: Installed, tmp_path: Path, model: str
+) -> None:
+    fedtask = _pack_operator_model(tmp_path, OPERATOR_MODELS[model])
+    env = user_env(tmp_path)
+    alias = tmp_path / "bin" / "fedtray-client"
+    alias.parent.mkdir()
+    alias.symlink_to(package.exe)
+    flags = ("--task-file", str(fedtask), "--rounds", "1", "--min-clients", "1",
+             "--round-timeout", "180")  # fmt: skip
+    with server_process(tmp_path, *flags) as server:
+        log = tmp_path / "client-output.txt"
+        with log.open("wb") as sink:
+            proc = subprocess.Popen(
+                [str(alias), "--server", server.url, "--name", "packaged"],
+                env=env, cwd=env["HOME"], stdout=sink, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        try:
+            # Completed or abandoned (the frozen worker failed): no waiting out a timeout.
+            status = server.wait_for(
+                lambda s: len(s["history"]) >= 1, 300, "a packaged round with the bundle"
+            )
+        except TimeoutError as exc:
+            raise AssertionError(
+                f"{exc}\nclient output:\n{log.read_text(errors='replace')}"
+                f"\nserver output:\n{server.output()}"
+            ) from exc
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(scaled(30))
+    output = log.read_text(errors="replace")
+    record = status["history"][0]
+    assert record["outcome"] == "completed", f"{record}\nclient output:\n{output}"
+    assert record["clientsReported"] == 1
+    assert record["trainLoss"] is not None
+    [device] = status["devices"]
+    assert (device["name"], device["roundsCompleted"]) == ("packaged", 1), device
+    # The bundle downloaded the (device's copy of the) package and keeps it in its cache.
+    cached = list(Path(env["XDG_DATA_HOME"]).glob("fedtray/packages/*.fedtask"))
+    assert len(cached) == 1, cached
     assert "Traceback" not in output
 
 
