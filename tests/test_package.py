@@ -299,15 +299,6 @@ def make_model():
     )
 """,
 }
-#: server/taskfile.py takes the package's initial weights with np.ascontiguousarray,
-#: which makes a 0-d tensor 1-d, so the served global weights say [1] for batch norm's
-#: num_batches_tracked and every device refuses them (shape_mismatch). Not a packaging
-#: bug: from the source tree too. Strict: this fails once the server keeps 0-d tensors.
-SERVER_0D_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="server/taskfile.py: np.ascontiguousarray makes 0-d weights 1-d (shape_mismatch)",
-)
 
 
 def _image_data(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -346,7 +337,7 @@ def _pack_operator_model(tmp_path: Path, source: str) -> Path:
     "model",
     [
         "conv-dropout",
-        pytest.param("conv-batchnorm-dropout", marks=SERVER_0D_BUG),
+        "conv-batchnorm-dropout",
     ],
 )
 def test_packaged_client_trains_a_task_package_it_has_never_seen(

@@ -137,8 +137,11 @@ class TaskFiles:
             try:
                 data = await asyncio.to_thread(local_data_of, package, self._task_data())
             except FedtrayError as exc:
-                reason = "no_local_data" if exc.code == "no_local_data" else "missing_package"
-                return TrainingStartAck(accepted=False, reason=reason, detail=exc.message)
+                return TrainingStartAck(
+                    accepted=False,
+                    reason="no_local_data" if exc.code == "no_local_data" else "missing_package",
+                    detail=exc.message,
+                )
         return LocatedFiles(
             package=package,
             package_sha256=start.package.sha256,
