@@ -82,7 +82,9 @@ def open_package(path: Path) -> ServedPackage:
 
     contents = read_package(path)
     manifest: Manifest = contents.manifest
-    weights: StateDict = {k: np.ascontiguousarray(v) for k, v in contents.weights.items()}
+    # np.require, not np.ascontiguousarray: the latter turns a 0-d tensor (batch norm's
+    # num_batches_tracked) into shape (1,), which devices refuse as shape_mismatch.
+    weights: StateDict = {k: np.require(v, requirements="C") for k, v in contents.weights.items()}
     device_package: bytes = package_bytes(
         manifest,
         contents.train_program,
