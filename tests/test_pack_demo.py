@@ -78,3 +78,46 @@ def test_the_packed_cnn_reaches_95_percent_with_three_label_skewed_clients(
         if p.pid not in before and p.is_running()
     ]
     assert [p for p in leftovers if p.status() != psutil.STATUS_ZOMBIE] == []
+
+
+@pytest.mark.torch
+def test_the_packaged_module_calls_its_programs_past_their_hooks_with_the_same_results(
+    packed: Path,
+) -> None:
+    """The adapter skips the rebuilt programs' input pre-hooks (call overhead): same
+    outputs and gradients as calling the program with them, same refusals."""
+    import torch
+
+    from client.taskpkg.task import _hooks_are_exports_own, load_packaged_task
+
+    model = load_packaged_task(packed).build_model({}, 0)
+    programs = object.__getattribute__(model, "_programs")
+    assert object.__getattribute__(model, "_direct") == (True, True)
+    x = torch.rand(5, 1, 8, 8)
+    for mode, program in ((True, programs[0]), (False, programs[1])):
+        model.train(mode)
+        torch.manual_seed(3)
+        direct = model(x)
+        direct.sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        assert len(grads) == len(list(model.parameters()))
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        hooked = program(x)  # with torch's own hooks
+        hooked.sum().backward()
+        assert torch.equal(direct, hooked)
+        for want, param in zip(grads, model.parameters(), strict=True):
+            assert param.grad is not None
+            assert torch.equal(want, param.grad)
+        model.zero_grad(set_to_none=True)
+    model.train()
+    for bad in (torch.rand(2, 1, 9, 8), torch.rand(2, 8, 8)):
+        with pytest.raises(AssertionError, match="Guard failed"):
+            model(bad)  # the graph's own guards
+        with pytest.raises(AssertionError, match="Guard failed"):
+            programs[0](bad)
+    with pytest.raises(TypeError, match="one tensor"):
+        model("x")
+    # A program with hooks other than export's own keeps them.
+    programs[0].register_forward_pre_hook(lambda module, args: None)
+    assert not _hooks_are_exports_own(programs[0])
