@@ -57,7 +57,7 @@ def _steps(model: Any, x: Any, y: Any, steps: int, batch: int) -> float:
         lo = (i * batch) % (n - batch + 1)
         opt.zero_grad(set_to_none=True)
         loss = functional.cross_entropy(model(x[lo : lo + batch]), y[lo : lo + batch])
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
 
     for i in range(5):
@@ -79,7 +79,7 @@ def run(threads: int, batch_size: int, steps: int, repeats: int) -> dict[str, An
     arrays = _data(max(1024, batch_size * 4))
     with tempfile.TemporaryDirectory(prefix="fedtray-bench-") as tmp:
         data = Path(tmp) / "data.npz"
-        np.savez(data, **arrays)
+        np.savez(data, **arrays)  # type: ignore[arg-type]
         package = pack(factory, data, Path(tmp) / "bench.fedtask", name="bench")
         loads = []
         for _ in range(repeats):
