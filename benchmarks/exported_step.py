@@ -80,7 +80,7 @@ def run(threads: int, batch_size: int, steps: int, repeats: int) -> dict[str, An
     with tempfile.TemporaryDirectory(prefix="fedtray-bench-") as tmp:
         data = Path(tmp) / "data.npz"
         np.savez(data, **arrays)  # type: ignore[arg-type]
-        package = pack(factory, data, Path(tmp) / "bench.fedtask", name="bench")
+        package = pack(factory, data, Path(tmp) / "bench.fedtask", name="bench").path
         loads = []
         for _ in range(repeats):
             t0 = time.perf_counter()

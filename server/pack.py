@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
     from client.tasks.base import Task
 
-__all__ = ["PackError", "PackResult", "load_factory", "pack", "pack_with_result"]
+__all__ = ["PackError", "PackResult", "load_factory", "pack"]
 
 SUFFIX: Final = ".fedtask"
 #: Samples the check step trains and evaluates on.
@@ -65,7 +65,7 @@ ModelSource = Callable[[], "nn.Module"] | str
 
 @dataclass(frozen=True)
 class PackResult:
-    """What :func:`pack_with_result` wrote."""
+    """What :func:`pack` wrote."""
 
     path: Path
     size: int
@@ -102,55 +102,10 @@ def pack(
     optimizer: Optimizer = "sgd",
     momentum: float = 0.9,
     seed: int = 0,
-) -> Path:
-    """Pack ``model`` (a factory, or ``"file.py:factory"`` / ``"pkg.mod:factory"``) with
-    ``data`` into ``out``; the path written. See the module contract; raises PackError."""
-    return pack_with_result(
-        model,
-        data,
-        out,
-        loss=loss,
-        name=name,
-        version=version,
-        description=description,
-        local_data=local_data,
-        input_shape=input_shape,
-        input_dtype=input_dtype,
-        label_shape=label_shape,
-        label_dtype=label_dtype,
-        num_classes=num_classes,
-        epochs=epochs,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        optimizer=optimizer,
-        momentum=momentum,
-        seed=seed,
-    ).path
-
-
-def pack_with_result(
-    model: ModelSource,
-    data: Path | str | None,
-    out: Path | str,
-    *,
-    loss: Loss = "cross_entropy",
-    name: str | None = None,
-    version: str = "1",
-    description: str = "",
-    local_data: bool = False,
-    input_shape: list[int] | None = None,
-    input_dtype: TensorDtype = "float32",
-    label_shape: list[int] | None = None,
-    label_dtype: TensorDtype | None = None,
-    num_classes: int | None = None,
-    epochs: int = 3,
-    batch_size: int = 32,
-    learning_rate: float = 0.05,
-    optimizer: Optimizer = "sgd",
-    momentum: float = 0.9,
-    seed: int = 0,
 ) -> PackResult:
-    """:func:`pack`, returning the path with its size, sha256 and parameter count."""
+    """Pack ``model`` (a factory, or ``"file.py:factory"`` / ``"pkg.mod:factory"``) with
+    ``data`` into ``out``: what was written (path, size, sha256, parameter count). See the
+    module contract; raises PackError."""
     out = Path(out)
     factory = load_factory(model) if isinstance(model, str) else model
     if name is None:

@@ -97,13 +97,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.num_classes is not None and args.num_classes < 1:
         sys.stderr.write(f"{PROG}: error: --num-classes must be at least 1\n")
         return 2
-    from server.pack import pack_with_result
+    from server.pack import pack
     from server.pack_export import quiet_torch_logs
 
     quiet_torch_logs()
 
     try:
-        result = pack_with_result(
+        result = pack(
             args.model,
             args.data,
             args.out,

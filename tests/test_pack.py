@@ -212,7 +212,6 @@ def test_cli_usage_errors_exit_2_without_torch(capsys: pytest.CaptureFixture[str
 def test_a_model_that_exists_only_in_a_deleted_file_still_loads_and_trains(
     tmp_path: Path,
 ) -> None:
-    pytest.importorskip("torch")
     import torch
 
     from client.taskpkg.archive import read_package
@@ -221,7 +220,7 @@ def test_a_model_that_exists_only_in_a_deleted_file_still_loads_and_trains(
 
     model_file = _model_file(tmp_path, MODEL_SOURCE)
     data = _npz(tmp_path, _arrays())
-    out = pack(f"{model_file}:make", data, tmp_path / "pkg" / "only.fedtask", name="only_here")
+    out = pack(f"{model_file}:make", data, tmp_path / "pkg" / "only.fedtask", name="only_here").path
     model_file.unlink()
     for name in list(sys.modules):
         if name.startswith("_fedtray_pack_only_here"):
@@ -253,16 +252,15 @@ def test_a_model_that_exists_only_in_a_deleted_file_still_loads_and_trains(
 
 @pytest.mark.torch
 def test_packing_leaves_the_model_and_its_file_alone(tmp_path: Path) -> None:
-    pytest.importorskip("torch")
     import torch
 
     from client.tasks.base import model_state
-    from server.pack import load_factory, pack_with_result
+    from server.pack import load_factory, pack
 
     factory = load_factory(f"{_model_file(tmp_path, MODEL_SOURCE)}:make")
     model = factory()
     before = model_state(model)
-    result = pack_with_result(lambda: model, _npz(tmp_path, _arrays()), tmp_path / "a.fedtask")
+    result = pack(lambda: model, _npz(tmp_path, _arrays()), tmp_path / "a.fedtask")
     assert model.training  # mode restored
     for name, array in model_state(model).items():
         np.testing.assert_array_equal(array, before[name])
@@ -283,7 +281,6 @@ def test_packing_leaves_the_model_and_its_file_alone(tmp_path: Path) -> None:
 def test_an_unexportable_model_is_explained_in_plain_words(
     tmp_path: Path, source: str, words: str
 ) -> None:
-    pytest.importorskip("torch")
     from server.pack import pack
 
     model_file = _model_file(tmp_path, source, "bad_model.py")
@@ -323,7 +320,6 @@ def test_an_unexportable_model_is_explained_in_plain_words(
 def test_data_that_does_not_suit_the_model_is_refused(
     tmp_path: Path, arrays: dict[str, Any], words: str
 ) -> None:
-    pytest.importorskip("torch")
     from server.pack import pack
 
     with pytest.raises(PackError, match=words):
@@ -337,7 +333,6 @@ def test_data_that_does_not_suit_the_model_is_refused(
 
 @pytest.mark.torch
 def test_model_spec_errors(tmp_path: Path) -> None:
-    pytest.importorskip("torch")
     from server.pack import load_factory
 
     with pytest.raises(PackError, match=r"path/to/file\.py:factory"):
@@ -353,7 +348,6 @@ def test_model_spec_errors(tmp_path: Path) -> None:
 
 @pytest.mark.torch
 def test_cli_exit_codes_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    pytest.importorskip("torch")
     from server.cli import main
 
     data = _npz(tmp_path, _arrays())
@@ -380,7 +374,6 @@ def test_cli_exit_codes_in_process(tmp_path: Path, capsys: pytest.CaptureFixture
 
 @pytest.mark.torch
 def test_local_data_package_carries_no_data(tmp_path: Path) -> None:
-    pytest.importorskip("torch")
     from client.taskpkg.archive import read_package
     from server.pack import pack
 
@@ -391,7 +384,7 @@ def test_local_data_package_carries_no_data(tmp_path: Path) -> None:
         local_data=True,
         input_shape=[1, 4, 4],
         num_classes=3,
-    )
+    ).path
     contents = read_package(out)
     assert contents.manifest.data.source == "local"
     assert contents.manifest.num_classes == 3
@@ -401,7 +394,6 @@ def test_local_data_package_carries_no_data(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.torch
 def test_the_command_packs_the_documented_digits_example(tmp_path: Path) -> None:
-    pytest.importorskip("torch")
     env_path = f"{ROOT}"
     subprocess.run(
         [sys.executable, str(ROOT / "docs/examples/digits_data.py"), str(tmp_path / "d.npz")],

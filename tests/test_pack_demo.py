@@ -26,7 +26,6 @@ EXAMPLE = ROOT / "docs/examples/digits_cnn.py"
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``digits_cnn.fedtask``, made with the commands docs/tasks.md shows."""
-    pytest.importorskip("torch")
     folder = tmp_path_factory.mktemp("digits_cnn")
     data = folder / "digits.npz"
     subprocess.run(
