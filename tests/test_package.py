@@ -33,7 +33,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from server_harness import REPO_ROOT, running_server, server_process, subprocess_env
+from server_harness import (
+    REPO_ROOT,
+    ProcessHandle,
+    ServerHandle,
+    running_server,
+    server_process,
+    subprocess_env,
+)
 from xharness import XSession, _poll, xsession  # noqa: F401  (fixture)
 
 from client import __version__
@@ -235,39 +242,53 @@ def test_installed_version_client_alias_and_gpu_probe(package: Installed, tmp_pa
     assert json.loads(output.strip().splitlines()[-1]) is None  # CPU torch: no accelerator
 
 
-def test_packaged_client_completes_a_round(package: Installed, tmp_path: Path) -> None:
-    env = user_env(tmp_path)
+def _one_round_with_the_bundle(
+    package: Installed,
+    tmp_path: Path,
+    server: ServerHandle | ProcessHandle,
+    env: dict[str, str],
+    wait: float,
+) -> tuple[dict[str, Any], str]:
+    """Run the installed client (through its ``fedtray-client`` alias) until the server
+    records a first round attempt, completed or abandoned (a broken bundle fails fast, no
+    waiting out a timeout); assert it completed with one report. The status and the
+    client's output."""
     alias = tmp_path / "bin" / "fedtray-client"
     alias.parent.mkdir()
     alias.symlink_to(package.exe)
-    # The real digits task: proves the bundled data file and torch, not only the wire.
-    with running_server(tmp_path, task="digits", model_params={"hidden": 16},
-                        min_clients=1, round_timeout=90.0) as server:  # fmt: skip
-        log = tmp_path / "client-output.txt"
-        with log.open("wb") as sink:
-            proc = subprocess.Popen(
-                [str(alias), "--server", server.url, "--name", "packaged"],
-                env=env, cwd=env["HOME"], stdout=sink, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        try:
-            # The first round attempt either completes or is abandoned (the worker failed):
-            # no waiting out a long timeout on a broken bundle.
-            status = server.wait_for(
-                lambda s: len(s["history"]) >= 1, 240, "a round attempt with the packaged client"
-            )
-        except TimeoutError as exc:
-            raise AssertionError(
-                f"{exc}\nclient output:\n{log.read_text(errors='replace')}"
-            ) from exc
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait(scaled(30))
+    log = tmp_path / "client-output.txt"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [str(alias), "--server", server.url, "--name", "packaged"],
+            env=env, cwd=env["HOME"], stdout=sink, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        status = server.wait_for(
+            lambda s: len(s["history"]) >= 1, wait, "a round attempt with the packaged client"
+        )
+    except TimeoutError as exc:
+        server_output = server.output() if isinstance(server, ProcessHandle) else ""
+        raise AssertionError(
+            f"{exc}\nclient output:\n{log.read_text(errors='replace')}\n{server_output}"
+        ) from exc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(scaled(30))
     output = log.read_text(errors="replace")
     record = status["history"][0]
     assert record["outcome"] == "completed", f"{record}\nclient output:\n{output}"
     assert record["clientsReported"] == 1
     assert record["trainLoss"] is not None
+    return status, output
+
+
+def test_packaged_client_completes_a_round(package: Installed, tmp_path: Path) -> None:
+    env = user_env(tmp_path)
+    # The real digits task: proves the bundled data file and torch, not only the wire.
+    with running_server(tmp_path, task="digits", model_params={"hidden": 16},
+                        min_clients=1, round_timeout=90.0) as server:  # fmt: skip
+        status, output = _one_round_with_the_bundle(package, tmp_path, server, env, 240)
     [device] = status["devices"]
     assert device["name"] == "packaged"
     assert device["roundsCompleted"] >= 1
@@ -345,37 +366,10 @@ def test_packaged_client_trains_a_task_package_it_has_never_seen(
 ) -> None:
     fedtask = _pack_operator_model(tmp_path, OPERATOR_MODELS[model])
     env = user_env(tmp_path)
-    alias = tmp_path / "bin" / "fedtray-client"
-    alias.parent.mkdir()
-    alias.symlink_to(package.exe)
     flags = ("--task-file", str(fedtask), "--rounds", "1", "--min-clients", "1",
              "--round-timeout", "180")  # fmt: skip
     with server_process(tmp_path, *flags) as server:
-        log = tmp_path / "client-output.txt"
-        with log.open("wb") as sink:
-            proc = subprocess.Popen(
-                [str(alias), "--server", server.url, "--name", "packaged"],
-                env=env, cwd=env["HOME"], stdout=sink, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        try:
-            # Completed or abandoned (the frozen worker failed): no waiting out a timeout.
-            status = server.wait_for(
-                lambda s: len(s["history"]) >= 1, 300, "a packaged round with the bundle"
-            )
-        except TimeoutError as exc:
-            raise AssertionError(
-                f"{exc}\nclient output:\n{log.read_text(errors='replace')}"
-                f"\nserver output:\n{server.output()}"
-            ) from exc
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait(scaled(30))
-    output = log.read_text(errors="replace")
-    record = status["history"][0]
-    assert record["outcome"] == "completed", f"{record}\nclient output:\n{output}"
-    assert record["clientsReported"] == 1
-    assert record["trainLoss"] is not None
+        status, output = _one_round_with_the_bundle(package, tmp_path, server, env, 300)
     [device] = status["devices"]
     assert (device["name"], device["roundsCompleted"]) == ("packaged", 1), device
     # The bundle downloaded the (device's copy of the) package and keeps it in its cache.
