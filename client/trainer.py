@@ -90,6 +90,7 @@ from client.weights import decode, encode, layout_of, sha256_hex
 from client.worker_messages import (
     DEFAULT_CHECKPOINT_INTERVAL,
     Command,
+    JobCancelled as Cancelled,
     NeverInterrupt,
     ProgressCallback,
     TrainControl,
@@ -97,7 +98,6 @@ from client.worker_messages import (
     TrainProgress,
     TrainResult,
 )
-from client.worker_messages import JobCancelled as Cancelled
 from client.workfiles import JobFiles, work_key
 
 if TYPE_CHECKING:

@@ -42,8 +42,8 @@ from client.protocol import (
     TrainingProgress,
     WeightsSubmit,
     error_ack,
+    events as ev,
 )
-from client.protocol import events as ev
 from client.protocol.events import A, EventSpec, P
 from client.protocol.guard import Answer, guard_sid
 from client.transfer import BlobStore

@@ -23,8 +23,7 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 from server.rounds import Round
-from server.status import CurrentRound, current_from_round
-from server.status import FederationPhase as Phase
+from server.status import CurrentRound, FederationPhase as Phase, current_from_round
 
 PHASES: tuple[Phase, ...] = get_args(Phase)
 

@@ -31,8 +31,7 @@ from typing import Any, TypeVar
 import pytest
 import socketio
 from aiohttp import web
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from client.backoff import Backoff
 from client.config import Settings
