@@ -47,7 +47,7 @@ from client.taskpkg.archive import (
 )
 from client.taskpkg.graphcheck import check_program, parse_program_json
 from client.taskpkg.localdata import read_data
-from client.tasks.base import EVAL_BATCH, Split, Task, check_split
+from client.tasks.base import Split, Task, check_split, eval_batches
 from client.tasks.partition import partition_indices
 
 if TYPE_CHECKING:
@@ -239,33 +239,21 @@ class PackagedTask(Task):
         self, model: torch.nn.Module, x: npt.NDArray[Any], y: npt.NDArray[Any]
     ) -> dict[str, float]:
         """``loss`` (mean per sample) and, when listed in the manifest, ``accuracy``."""
-        import torch
-
         n = len(y)
         want_accuracy = "accuracy" in self.manifest.metrics and self.manifest.loss != "mse"
         if n == 0:
             empty = {"loss": math.nan}
             return empty | ({"accuracy": math.nan} if want_accuracy else {})
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
         loss_sum = 0.0
         correct = 0.0
-        try:
-            with torch.no_grad():
-                for start in range(0, n, EVAL_BATCH):
-                    xb = torch.as_tensor(x[start : start + EVAL_BATCH]).to(device)
-                    yb = torch.as_tensor(y[start : start + EVAL_BATCH]).to(device)
-                    out = model(xb)
-                    per = self.loss(out, yb, reduction="none")
-                    loss_sum += float(per.reshape(len(yb), -1).mean(dim=1).sum().item())
-                    if self.manifest.loss == "cross_entropy":
-                        correct += float((out.argmax(dim=1) == yb.long()).sum().item())
-                    elif want_accuracy:
-                        hits = ((out > 0) == (yb > 0.5)).reshape(len(yb), -1)
-                        correct += float(hits.float().mean(dim=1).sum().item())
-        finally:
-            model.train(was_training)
+        for out, yb in eval_batches(model, x, y):
+            per = self.loss(out, yb, reduction="none")
+            loss_sum += float(per.reshape(len(yb), -1).mean(dim=1).sum().item())
+            if self.manifest.loss == "cross_entropy":
+                correct += float((out.argmax(dim=1) == yb.long()).sum().item())
+            elif want_accuracy:
+                hits = ((out > 0) == (yb > 0.5)).reshape(len(yb), -1)
+                correct += float(hits.float().mean(dim=1).sum().item())
         result = {"loss": loss_sum / n}
         if want_accuracy:
             result["accuracy"] = correct / n

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self, TypeVar
 
 import numpy as np
@@ -41,6 +41,7 @@ __all__ = [
     "Split",
     "Task",
     "apply_partition",
+    "eval_batches",
     "int_param",
     "model_state",
     "seeded_build",
@@ -151,27 +152,17 @@ class Task(ABC):
         Runs in eval mode without gradients, in batches of :data:`EVAL_BATCH`, on the
         device of the model's parameters; the model's training mode is restored after.
         """
-        import torch
         from torch.nn import functional
 
         n = len(y)
         if n == 0:
             return {"loss": math.nan, "accuracy": math.nan}
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
         loss_sum = 0.0
         correct = 0
-        try:
-            with torch.no_grad():
-                for start in range(0, n, EVAL_BATCH):
-                    xb = torch.as_tensor(x[start : start + EVAL_BATCH]).to(device)
-                    yb = torch.as_tensor(y[start : start + EVAL_BATCH]).to(device).long()
-                    logits = model(xb)
-                    loss_sum += float(functional.cross_entropy(logits, yb, reduction="sum").item())
-                    correct += int((logits.argmax(dim=1) == yb).sum().item())
-        finally:
-            model.train(was_training)
+        for logits, labels in eval_batches(model, x, y):
+            yb = labels.long()
+            loss_sum += float(functional.cross_entropy(logits, yb, reduction="sum").item())
+            correct += int((logits.argmax(dim=1) == yb).sum().item())
         return {"loss": loss_sum / n, "accuracy": correct / n}
 
     def sample_bytes_hint(self, params: Mapping[str, JsonValue]) -> int | None:
@@ -183,6 +174,27 @@ class Task(ABC):
 
 
 # -- helpers for task authors -----------------------------------------------------------
+
+
+def eval_batches(
+    model: torch.nn.Module, x: npt.NDArray[Any], y: npt.NDArray[Any]
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(model output, labels)`` per batch of :data:`EVAL_BATCH`, in eval mode without
+    gradients, on the device of the model's parameters; the model's training mode is
+    restored after (also when the caller stops early or raises)."""
+    import torch
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(y), EVAL_BATCH):
+                xb = torch.as_tensor(x[start : start + EVAL_BATCH]).to(device)
+                yb = torch.as_tensor(y[start : start + EVAL_BATCH]).to(device)
+                yield model(xb), yb
+    finally:
+        model.train(was_training)
 
 
 def apply_partition(
