@@ -10,7 +10,14 @@ Contract:
   ``--battery-threshold`` and ``--ca-file`` are validated and saved to the settings first
   (:func:`apply_cli_overrides`), then :func:`run_client` is called.
 * ``config show [--json]`` / ``config path`` / ``config set KEY VALUE`` read and change
-  the settings; the auth token is never printed.
+  the settings; the auth token is never printed. ``config show`` reads the file as the
+  client does (repairing a damaged one: every valid key kept, see
+  :mod:`client.config`) and marks each key it had to reset: ``  # reset: <why>`` after
+  the key's line, ``# ...`` lines with the rest of the report (where the original was
+  kept, a file that cannot be read); with ``--json``, a ``"_settings_report"`` object
+  (``reset``: key to why, ``file_problem``, ``kept_aside``, ``in_memory``), present only
+  when something was reset. A file a running client already repaired shows no marks
+  (the running client's tray or status says what it reset).
 * ``info`` prints this device's description and a resource snapshot as JSON.
 * ``pause`` / ``resume`` set the user's ``paused`` setting and say what happened; a
   running client (headless or tray) notices the settings file change within about a
@@ -36,8 +43,10 @@ from client.config import (
     SETTABLE_KEYS,
     Settings,
     SettingsError,
+    SettingsReport,
     config_path,
     load_settings,
+    load_settings_and_report,
     parse_setting,
     redacted,
     update_settings,
@@ -187,17 +196,40 @@ def _format_value(value: object) -> str:
     return json.dumps(str(value), ensure_ascii=False)
 
 
-def _print_settings(settings: Settings, *, as_json: bool) -> None:
+def _print_settings(
+    settings: Settings, *, as_json: bool, report: SettingsReport | None = None
+) -> None:
     shown = redacted(settings)
+    report = report if report is not None else SettingsReport()
+    marks = report.marks()
     if as_json:
-        print(json.dumps(shown, indent=2, ensure_ascii=False))
+        out: dict[str, object] = dict(shown)
+        if not report.ok:
+            out["_settings_report"] = {
+                "reset": marks,
+                "file_problem": report.file_problem,
+                "kept_aside": report.kept_aside,
+                "in_memory": report.in_memory,
+            }
+        print(json.dumps(out, indent=2, ensure_ascii=False))
         return
+
+    def line(key: str, value: object) -> str:
+        mark = f"  # reset: {marks[key]}" if key in marks else ""
+        return f"{key} = {_format_value(value)}{mark}"
+
     for key, value in shown.items():
         if isinstance(value, dict):  # a table: one line per entry, as `config set` takes it
             for entry, item in sorted(value.items()):
-                print(f"{key}.{entry} = {_format_value(item)}")
+                print(line(f"{key}.{entry}", item))
+            for gone in sorted(k for k in marks if k.startswith(f"{key}.")):
+                if gone.partition(".")[2] not in value:  # a refused entry: now unset
+                    print(line(gone, None))
         else:
-            print(f"{key} = {_format_value(value)}")
+            print(line(key, value))
+    for detail in report.lines():
+        if not detail.startswith("reset: "):
+            print(f"# {detail}")
 
 
 def apply_cli_overrides(
@@ -225,12 +257,14 @@ def apply_cli_overrides(
     return updated
 
 
-def run_client(args: argparse.Namespace, settings: Settings) -> int:
+def run_client(
+    args: argparse.Namespace, settings: Settings, report: SettingsReport | None = None
+) -> int:
     """Run the networked session until interrupted (see :mod:`client.headless`)."""
     # Imported here so `config` and `info` stay quick and never load the session stack.
     from client import headless
 
-    return headless.run_client(args, settings)
+    return headless.run_client(args, settings, report)
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -238,7 +272,8 @@ def _cmd_config(args: argparse.Namespace) -> int:
         print(config_path())
         return EXIT_OK
     if args.config_command == "show":
-        _print_settings(load_settings(), as_json=args.json)
+        settings, report = load_settings_and_report()
+        _print_settings(settings, as_json=args.json, report=report)
         return EXIT_OK
     # config set
     value = parse_setting(args.key, args.value)
@@ -301,10 +336,13 @@ def _cmd_pause(paused: bool, duration: timedelta | None = None) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    settings = apply_cli_overrides(load_settings(), args)
+    loaded, report = load_settings_and_report()
+    settings = apply_cli_overrides(loaded, args)
+    # A key given on the command line is no longer one that was reset.
+    report = report.without(key for dest, key in _OVERRIDES if getattr(args, dest, None))
     if settings.auth_token:
         add_secret(settings.auth_token)
-    return run_client(args, settings)
+    return run_client(args, settings, report)
 
 
 def _error(message: str) -> None:

@@ -15,23 +15,38 @@ Contract:
   (the tray saving a pause while ``fedtray-client config set`` changes the threshold).
   It raises :class:`SettingsError` for a refused change (nothing is written) and
   :class:`OSError` when the disk refuses (the previous file stays as it was).
-* :func:`load_settings` never raises for file problems:
+* :func:`load_settings` never raises for file problems, and never loses a valid key;
+  :func:`load_settings_and_report` also returns the :class:`SettingsReport` (which keys
+  were reset and why; empty when the file was fine):
 
   - missing file: defaults with a freshly generated ``device_id`` and ``device_name``,
     saved at once so the identity persists (if the save fails, a warning is logged);
-  - corrupt file (bad TOML, not UTF-8, wrong types, invalid values) or unreadable
-    path (e.g. a directory in its place): moved aside to
+  - invalid values (``battery_threshold = 150``, a wrong type, a bad ``task_data``
+    entry): **every valid key is kept** and each invalid one alone is reset to its
+    default (per key, by :func:`client.settings_salvage.salvage`, from the one
+    declaration in :mod:`client.settings_model`); the original file is moved aside to
     ``config.toml.corrupt-<YYYYmmddTHHMMSSZ>`` (never clobbering an earlier one), a
-    warning says what was wrong and where the old file went, and defaults are used and
-    saved. **A valid ``device_id`` found in the corrupt file is kept** (from the parsed
-    table, or, when the file is not TOML at all, from a single intact
-    ``device_id = "<uuid>"`` line), because this device's identity on the server must
-    never change silently. Nothing else is salvaged: the original bytes stay in the
-    moved-aside file. If the file cannot be moved aside, it is left untouched and
-    defaults are used in memory only;
+    warning names each reset key, why, and where the original went, and the repaired
+    settings are saved. A bad ``device_id`` is the one case that makes a new identity;
+  - not TOML, or not UTF-8 (the file cannot be parsed): moved aside the same way, and
+    salvaged line by line (:func:`client.settings_salvage.salvage_lines`): every line
+    that reads alone is kept, the others are named by number in the warning and the
+    report; a key on two lines (e.g. two different ``device_id`` lines) is trusted on
+    neither. The original bytes stay in the moved-aside file;
+  - a file that exists but cannot be read (permissions, e.g. mode 000): **left
+    untouched** (not moved, never written over, since it may hold this device's
+    ``device_id`` and ``auth_token``); an error is logged and the client runs on
+    temporary in-memory defaults (``report.in_memory``: the default server, a temporary
+    device id) until the file is fixed and the client restarted. Something other than
+    a file in its place (a directory) is moved aside instead, as a damaged file;
+  - if a damaged file cannot be moved aside, it is left untouched and the kept
+    settings are used in memory only (``report.in_memory``);
   - unknown keys are ignored with a warning (a newer version may have written them),
-    not treated as corruption.
+    not treated as damage.
 
+* :func:`update_settings` refuses with :class:`PermissionError` (an ``OSError``) to
+  write over a file that :func:`load_settings` left untouched (``report.in_memory``),
+  so a change made while the file cannot be read never replaces it.
 * :func:`save_settings` writes a whole :class:`Settings` atomically (0600 temp file in
   the same directory, fsync, ``os.replace``), creating the directory with mode 0700
   when missing; it is the primitive under :func:`update_settings` and for a fresh
@@ -41,19 +56,18 @@ Contract:
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
-import re
 import sys
-import tomllib
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
 import platformdirs
 import tomli_w
-from pydantic import ValidationError
 
 from client.atomicfile import write_atomic
 from client.settings_model import (
@@ -64,13 +78,13 @@ from client.settings_model import (
     SETTABLE_KEYS,
     Settings,
     SettingsError,
-    check_device_id,
     explain_validation_error,
     parse_setting,
     redacted,
     with_changes,
     with_setting,
 )
+from client.settings_salvage import ReadResult, Reset, SettingsReport, read_settings_bytes
 
 __all__ = [
     "ALLOWED",
@@ -78,16 +92,20 @@ __all__ = [
     "KEYS",
     "LIVE_KEYS",
     "SETTABLE_KEYS",
+    "Reset",
     "Settings",
     "SettingsError",
+    "SettingsReport",
     "config_path",
     "data_dir",
     "explain_validation_error",
     "load_settings",
+    "load_settings_and_report",
     "parse_setting",
     "redacted",
     "save_settings",
     "update_settings",
+    "update_settings_and_report",
     "with_changes",
     "with_setting",
 ]
@@ -171,6 +189,17 @@ def update_settings(
 ) -> Settings:
     """Change the given keys in the settings file and return the settings as saved.
 
+    See :func:`update_settings_and_report`, which this is without the report.
+    """
+    return update_settings_and_report(path, if_missing=if_missing, **changes)[0]
+
+
+def update_settings_and_report(
+    path: Path | None = None, /, *, if_missing: Settings | None = None, **changes: Any
+) -> tuple[Settings, SettingsReport]:
+    """Change the given keys in the settings file; the settings as saved, and the report
+    of the repair the read needed (empty when the file was fine).
+
     Reads the file as it is now (recovering a broken one as :func:`load_settings`
     does), applies ``changes`` (typed values, e.g. ``paused=True``), validates, and
     writes atomically, all under the file's lock, so keys that another process changed
@@ -180,36 +209,25 @@ def update_settings(
     :class:`OSError` (the previous file stays).
     """
     target = path if path is not None else config_path()
+    report = SettingsReport()
     with _file_lock(target):
         missing = if_missing is not None and not target.exists()
-        current = if_missing if missing and if_missing is not None else load_settings(target)
+        if missing and if_missing is not None:
+            current = if_missing
+        else:
+            current, report = load_settings_and_report(target)
+            if report.in_memory and os.path.lexists(target):
+                why = report.file_problem or "it could not be kept aside"
+                raise PermissionError(
+                    errno.EACCES,
+                    "not writing over the settings file, which is left as it is so that "
+                    f"nothing in it is lost ({why})",
+                    str(target),
+                )
         updated = with_changes(current, changes)
         if updated != current or missing:
             save_settings(updated, target)
-    return updated
-
-
-# For a file that is not valid TOML at all: a line that still reads like `device_id = "..."`.
-_DEVICE_ID_LINE: Final = re.compile(
-    r"""^[ \t]*device_id[ \t]*=[ \t]*["']([0-9A-Fa-f-]{32,36})["'][ \t]*(?:#.*)?$""",
-    re.MULTILINE,
-)
-
-
-def _salvage_device_id(data: object) -> str | None:
-    """A valid device_id from parsed data (a dict) or raw text, else None."""
-    candidate: object = None
-    if isinstance(data, dict):
-        candidate = data.get("device_id")
-    elif isinstance(data, str):
-        found = _DEVICE_ID_LINE.findall(data)
-        candidate = found[0] if len(found) == 1 else None  # two different ids: trust neither
-    if isinstance(candidate, str):
-        try:
-            return check_device_id(candidate)
-        except ValueError:
-            return None
-    return None
+    return updated, report.without(changes)
 
 
 def _move_aside(target: Path) -> Path | None:
@@ -240,36 +258,56 @@ def _save_quietly(settings: Settings, target: Path) -> None:
         )
 
 
-def _recover(target: Path, problem: str, data: object) -> Settings:
-    salvaged = _salvage_device_id(data)
-    settings = Settings(device_id=salvaged) if salvaged else Settings()
+def _unreadable(target: Path, exc: OSError) -> tuple[Settings, SettingsReport]:
+    """A file that is there but cannot be read: never moved, never written over."""
+    problem = f"{target} cannot be read: {exc.strerror or exc}"
+    settings = Settings()
+    log.error(
+        "%s; running on TEMPORARY settings (the default server, temporary device id %s) "
+        "and leaving the file untouched, so its device id and token are not lost; "
+        "changes made now are not saved. Fix the file's permissions and restart fedtray",
+        problem,
+        settings.device_id,
+    )
+    return settings, SettingsReport(file_problem=problem, in_memory=True)
+
+
+def _keep_aside(target: Path, read: ReadResult) -> tuple[Settings, SettingsReport]:
+    """Move the damaged file aside and save what was kept (or, if it cannot be moved,
+    leave it untouched and run on the kept settings in memory)."""
+    report = SettingsReport(resets=read.resets, file_problem=read.file_problem)
+    what = "; ".join(
+        ([read.file_problem] if read.file_problem else []) + [r.describe() for r in read.resets]
+    )
     moved = _move_aside(target)
-    kept = f"; kept device_id {salvaged}" if salvaged else ""
     if moved is None:
         log.warning(
-            "settings file %s is unusable (%s); using defaults for now and leaving the "
-            "file untouched%s",
+            "settings file %s has problems (%s); kept every other setting, using them for "
+            "now and leaving the file untouched",
             target,
-            problem,
-            kept,
+            what,
         )
-        return settings
+        return read.settings, replace(report, in_memory=True)
     log.warning(
-        "settings file %s is unusable (%s); moved it to %s and started from defaults%s",
+        "settings file %s has problems (%s); moved it to %s and saved every other setting",
         target,
-        problem,
+        what,
         moved,
-        kept,
     )
-    _save_quietly(settings, target)
-    return settings
+    _save_quietly(read.settings, target)
+    return read.settings, replace(report, kept_aside=str(moved))
 
 
 def load_settings(path: Path | None = None) -> Settings:
     """Read settings from ``path`` (default :func:`config_path`); never raises for file problems.
 
-    See the module docstring for what happens to a missing, corrupt or unreadable file.
+    See the module docstring for what happens to a missing, damaged or unreadable file.
     """
+    return load_settings_and_report(path)[0]
+
+
+def load_settings_and_report(path: Path | None = None) -> tuple[Settings, SettingsReport]:
+    """:func:`load_settings`, and what was wrong with the file (empty when nothing was)."""
     target = path if path is not None else config_path()
     try:
         raw = target.read_bytes()
@@ -279,32 +317,24 @@ def load_settings(path: Path | None = None) -> Settings:
             "no settings file at %s; created one for new device %s", target, settings.device_id
         )
         _save_quietly(settings, target)
-        return settings
+        return settings, SettingsReport()
     except OSError as exc:
-        return _recover(target, f"cannot be read: {exc.strerror or exc}", None)
+        if os.path.isfile(target):  # a file of ours we may not read: it may hold the identity
+            return _unreadable(target, exc)
+        # Something else in its place (a directory): moved aside, nothing in it is lost.
+        problem = f"cannot be read: {exc.strerror or exc}"
+        return _keep_aside(target, ReadResult(Settings(), (), problem, (), complete=False))
 
-    try:
-        data: dict[str, Any] = tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        text = raw.decode("utf-8", errors="replace")
-        return _recover(target, f"not UTF-8 text: {exc.reason} at byte {exc.start}", text)
-    except tomllib.TOMLDecodeError as exc:
-        return _recover(target, f"not valid TOML: {exc}", raw.decode("utf-8"))
-
-    unknown = sorted(set(data) - set(KEYS))
-    if unknown:
+    read = read_settings_bytes(raw)
+    if read.unknown:
         log.warning(
             "ignoring unknown settings in %s: %s (perhaps written by a newer version)",
             target,
-            ", ".join(unknown),
+            ", ".join(read.unknown),
         )
-    known = {k: v for k, v in data.items() if k in KEYS}
-    try:
-        settings = Settings.model_validate(known)
-    except ValidationError as exc:
-        return _recover(target, explain_validation_error(exc), known)
-
-    if "device_id" not in known or "device_name" not in known:
+    if read.file_problem is not None or read.resets:
+        return _keep_aside(target, read)
+    if not read.complete:
         # A fresh identity was just generated: save it now or it would change next start.
-        _save_quietly(settings, target)
-    return settings
+        _save_quietly(read.settings, target)
+    return read.settings, SettingsReport()

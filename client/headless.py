@@ -9,8 +9,12 @@ Contract:
   ``error: ...`` line on stderr).
 * When stdout is a terminal it shows a ``rich`` live panel (connection, round, epoch,
   loss, samples/s, state); otherwise it prints one plain line per meaningful change.
-* :func:`status_rows`, :func:`change_line` are pure (snapshot in, words out) and tested
-  by tables. Signal handlers are restored on return.
+* Settings that were reset (a typo in the file, a file that cannot be read; the
+  snapshot's ``settings_report``) are said where the user looks: a ``Settings`` row in
+  the live panel, and a ``settings: ...`` line (:func:`settings_line`) at start and
+  whenever the report changes; a terminal also gets every detail once at start.
+* :func:`status_rows`, :func:`change_line`, :func:`settings_line` are pure (snapshot
+  in, words out) and tested by tables. Signal handlers are restored on return.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any, Final, TextIO
 
-from client.config import Settings
+from client.config import Settings, SettingsReport
 from client.session import DistributedClient
 from client.snapshot import ClientSnapshot
 
@@ -81,7 +85,19 @@ def status_rows(snap: ClientSnapshot, now: float | None = None) -> list[tuple[st
         ("Samples/s", _speed_words(snap)),
         ("Global weights", weights),
         ("Rounds completed", str(snap.rounds_completed)),
-    ]
+    ] + ([("Settings", snap.settings_report.summary())] if not snap.settings_report.ok else [])
+
+
+def settings_line(old: ClientSnapshot | None, new: ClientSnapshot) -> str | None:
+    """``"settings: ..."`` when the settings report is new or changed (also when it
+    became empty: the user fixed it), else None."""
+    before = old.settings_report if old is not None else None
+    report = new.settings_report
+    if before == report or (before is None and report.ok):
+        return None
+    if report.ok:
+        return "settings: the settings file is fine again"
+    return f"settings: {report.summary()}"
 
 
 def change_line(
@@ -143,10 +159,11 @@ def _plain_printer(out: TextIO) -> Callable[[ClientSnapshot], None]:
     last: list[ClientSnapshot | None] = [None]
 
     def on_change(snap: ClientSnapshot) -> None:
-        line = change_line(last[0], snap)
+        lines = (settings_line(last[0], snap), change_line(last[0], snap))
         last[0] = snap
-        if line is not None:
-            print(line, file=out, flush=True)
+        for line in lines:
+            if line is not None:
+                print(line, file=out, flush=True)
 
     return on_change
 
@@ -157,10 +174,14 @@ def _wait(client: DistributedClient, stop: threading.Event, ended: threading.Eve
         stop.wait(0.25)
 
 
-def run_client(args: argparse.Namespace, settings: Settings) -> int:
-    """Run the session until a signal (exit 0) or, with --no-reconnect, a lost link (1)."""
+def run_client(
+    args: argparse.Namespace, settings: Settings, report: SettingsReport | None = None
+) -> int:
+    """Run the session until a signal (exit 0) or, with --no-reconnect, a lost link (1).
+
+    ``report``: what loading the settings repaired (shown until dealt with)."""
     no_reconnect = bool(getattr(args, "no_reconnect", False))
-    client = DistributedClient(settings, no_reconnect=no_reconnect)
+    client = DistributedClient(settings, no_reconnect=no_reconnect, settings_report=report)
     stop = threading.Event()
     ended = threading.Event()
 
@@ -184,6 +205,8 @@ def run_client(args: argparse.Namespace, settings: Settings) -> int:
                     table.add_row(label, value)
                 return table
 
+            for detail in report.lines() if report is not None else ():
+                print(f"settings: {detail}", file=out, flush=True)
             with Live(get_renderable=render, console=Console(file=out), refresh_per_second=4):
                 client.start()
                 _wait(client, stop, ended)

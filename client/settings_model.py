@@ -43,12 +43,14 @@ __all__ = [
     "KEYS",
     "LIVE_KEYS",
     "SETTABLE_KEYS",
+    "TABLE_KEYS",
     "Key",
     "Settings",
     "SettingsError",
     "explain_validation_error",
     "parse_setting",
     "redacted",
+    "validation_problems",
     "with_changes",
     "with_setting",
 ]
@@ -356,7 +358,7 @@ ALLOWED: Final[Mapping[str, str]] = {name: spec.allowed for name, spec in SPECS.
 #: Settings a running session applies when they change.
 LIVE_KEYS: Final[tuple[str, ...]] = tuple(name for name in KEYS if SPECS[name].live)
 #: Settings that are tables of entries, changed one entry at a time (``task_data.NAME``).
-_TABLE_KEYS: Final = frozenset(
+TABLE_KEYS: Final = frozenset(
     n for n in KEYS if get_origin(Settings.model_fields[n].annotation) is dict
 )
 #: Settings ``config set`` may change.
@@ -365,23 +367,31 @@ _TRUE: Final = frozenset({"true", "yes", "1", "on"})
 _FALSE: Final = frozenset({"false", "no", "0", "off"})
 
 
-def explain_validation_error(exc: ValidationError) -> str:
-    """One line, in plain words, for every problem in ``exc`` (each names its field)."""
-    problems: list[str] = []
+def validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
+    """``(key, words)`` for every problem in ``exc``: the top-level settings key it is
+    about (``""`` for the whole table) and one plain-words sentence naming the field."""
+    problems: list[tuple[str, str]] = []
     for err in exc.errors(include_url=False):
         field = ".".join(str(p) for p in err["loc"]) or "settings"
+        key = str(err["loc"][0]) if err["loc"] else ""
         ctx_error = err.get("ctx", {}).get("error")
         if err["type"] == "value_error" and ctx_error is not None:
-            problems.append(str(ctx_error))
+            words = str(ctx_error)
         elif err["type"] == "extra_forbidden":
-            problems.append(f"{field} is not a setting (valid keys: {', '.join(KEYS)})")
+            words = f"{field} is not a setting (valid keys: {', '.join(KEYS)})"
         elif field in ALLOWED:
             got = "a secret value" if field == "auth_token" else repr(err["input"])
             kind = type(err["input"]).__name__
-            problems.append(f"{field} must be {ALLOWED[field]}, got {kind} {got}")
+            words = f"{field} must be {ALLOWED[field]}, got {kind} {got}"
         else:
-            problems.append(f"{field}: {err['msg']}")
-    return "; ".join(problems)
+            words = f"{field}: {err['msg']}"
+        problems.append((key, words))
+    return problems
+
+
+def explain_validation_error(exc: ValidationError) -> str:
+    """One line, in plain words, for every problem in ``exc`` (each names its field)."""
+    return "; ".join(words for _, words in validation_problems(exc))
 
 
 def parse_setting(key: str, raw: str) -> Any:
@@ -393,14 +403,14 @@ def parse_setting(key: str, raw: str) -> Any:
     valid ones; a key ``config set`` may not change says why.
     """
     table, dot, entry = key.partition(".")
-    if dot and table in _TABLE_KEYS:
+    if dot and table in TABLE_KEYS:
         return _parse_entry(table, entry, raw)
     spec = SPECS.get(key)
     if spec is not None and spec.fixed is not None:
         raise SettingsError(spec.fixed)
     if spec is None:
         raise SettingsError(f"unknown setting {key!r}; valid keys: {', '.join(SETTABLE_KEYS)}")
-    if key in _TABLE_KEYS:
+    if key in TABLE_KEYS:
         raise SettingsError(f"{key} is set one entry at a time: `config set {key}.NAME VALUE`")
     text = raw.strip()
     kind, optional = _value_type(key)
@@ -450,7 +460,7 @@ def with_changes(settings: Settings, changes: Mapping[str, object]) -> Settings:
     data = settings.model_dump()
     for key, value in changes.items():
         table, dot, entry = key.partition(".")
-        if dot and table in _TABLE_KEYS:
+        if dot and table in TABLE_KEYS:
             entries = dict(data[table])
             if value is None:
                 entries.pop(entry, None)

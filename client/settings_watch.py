@@ -5,10 +5,14 @@ Contract:
 
 * :class:`SettingsFileWatch` never writes, moves or repairs the file (unlike
   :func:`client.config.load_settings`, which recovers a broken file): a running client
-  only reads it. :meth:`SettingsFileWatch.poll` returns the file's settings when its
-  content changed since the previous poll and parses cleanly, else ``None``. A missing,
-  unreadable or invalid file is logged once per distinct content and otherwise ignored
-  (the running settings stay as they are).
+  only reads it. :meth:`SettingsFileWatch.poll` returns what the file holds when its
+  content changed since the previous poll, else ``None``: the settings with **every
+  valid key** taken from the file and each invalid key (or, for a file that is not
+  TOML, each key on a line that cannot be read) kept at its running value, and the
+  :class:`client.config.SettingsReport` of what was refused (see
+  :func:`client.settings_salvage.read_settings_bytes`). A missing or unreadable file
+  returns ``None`` (the running settings stay as they are); problems are logged once
+  per distinct content.
 * :func:`merge_live` is pure: it takes the keys a running session can apply
   (:data:`LIVE_KEYS`) from the file's settings; the device id never changes under a
   running session.
@@ -26,7 +30,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from client.config import KEYS, LIVE_KEYS, Settings, explain_validation_error
+from client.config import KEYS, LIVE_KEYS, Settings, SettingsReport, explain_validation_error
+from client.settings_salvage import read_settings_bytes
 
 __all__ = ["LIVE_KEYS", "SettingsFileWatch", "merge_live"]
 
@@ -44,7 +49,9 @@ def merge_live(current: Settings, from_file: Settings) -> Settings:
 
 
 def parse_settings_bytes(raw: bytes) -> Settings:
-    """Settings from a file's bytes; raises ValueError in plain words (nothing is repaired)."""
+    """Settings from a file's bytes, all or nothing; raises ValueError in plain words
+    (nothing is repaired; :func:`client.settings_salvage.read_settings_bytes` keeps what
+    it can)."""
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
@@ -73,8 +80,9 @@ class SettingsFileWatch:
     def _hash(raw: bytes | None) -> str | None:
         return None if raw is None else hashlib.sha256(raw).hexdigest()
 
-    def poll(self) -> Settings | None:
-        """The file's settings when its content changed since the last poll, else None."""
+    def poll(self, running: Settings) -> tuple[Settings, SettingsReport] | None:
+        """What the file holds when its content changed since the last poll, else None;
+        an invalid key keeps its value from ``running``."""
         raw = self._read()
         digest = self._hash(raw)
         if digest == self._digest:
@@ -82,11 +90,13 @@ class SettingsFileWatch:
         self._digest = digest
         if raw is None:
             return None  # removed or unreadable: keep the running settings
-        try:
-            settings = parse_settings_bytes(raw)
-        except ValueError as exc:
-            if self._complained != digest:
-                self._complained = digest
-                log.warning("ignoring the changed settings file %s: %s", self.path, exc)
-            return None
-        return settings
+        read = read_settings_bytes(raw, fallback=running)
+        report = SettingsReport(resets=read.resets, file_problem=read.file_problem)
+        if not report.ok and self._complained != digest:
+            self._complained = digest
+            log.warning(
+                "the changed settings file %s has problems; every other setting applies: %s",
+                self.path,
+                " | ".join(report.lines()),
+            )
+        return read.settings, report

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from client.config import Settings
+from client.config import Settings, SettingsReport
 from client.protocol import DeviceState, PauseReason
 from client.worker_messages import TrainProgress
 
@@ -47,6 +47,9 @@ def effective_decision(decisions: Iterable[PauseDecision]) -> PauseDecision:
     return ALLOW
 
 
+#: The report when the settings needed no repair.
+NO_REPORT: Final = SettingsReport()
+
 #: The progress a snapshot shows before the first round: nothing trained yet.
 NO_PROGRESS: Final = TrainProgress(round_id="", epoch=0, epochs=0, step=0, steps=1, fraction=0.0)
 
@@ -73,10 +76,13 @@ class ClientSnapshot:
     """The whole visible state of a :class:`client.session.DistributedClient`.
 
     ``settings`` are the ones the session runs with (it owns them; a GUI shows these and
-    keeps no copy). ``finished`` is set when the server said the federation is over
-    (cleared when a new round starts). ``next_retry_at`` is a :func:`time.monotonic`
-    time; use :meth:`retry_in` for the seconds left (the snapshot itself never changes
-    while the clock runs).
+    keeps no copy). ``settings_report`` says which settings were reset and why (a typo in
+    the file, a file that could not be read; empty when none), from the session's one
+    owner of it (:class:`client.session.live_settings.LiveSettings`); the tray and the
+    headless status show it from here. ``finished`` is set when the server said the
+    federation is over (cleared when a new round starts). ``next_retry_at`` is a
+    :func:`time.monotonic` time; use :meth:`retry_in` for the seconds left (the
+    snapshot itself never changes while the clock runs).
     """
 
     settings: Settings
@@ -94,6 +100,7 @@ class ClientSnapshot:
     rounds_completed: int = 0
     simulation: bool = False
     finished: FederationResult | None = None
+    settings_report: SettingsReport = NO_REPORT
 
     @property
     def server_url(self) -> str:

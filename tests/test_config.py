@@ -331,8 +331,10 @@ def test_a_naive_deadline_in_the_file_is_moved_aside_with_a_clear_warning(
         encoding="utf-8",
     )
     with caplog.at_level(logging.WARNING):
-        s = load_settings(cfg)
-    assert s.device_id == FIXED_ID and s.paused is False
+        s, report = config.load_settings_and_report(cfg)
+    # Only the bad key is reset: the pause stays, without the ambiguous deadline.
+    assert (s.device_id, s.paused, s.paused_until) == (FIXED_ID, True, None)
+    assert report.reset_keys == ("paused_until",)
     assert "paused_until must be a date and time with a time zone" in caplog.text
     assert len(corrupt_files(cfg)) == 1
 

@@ -156,17 +156,21 @@ def test_parse_settings_bytes_refuses_bad_files(raw: bytes, problem: str) -> Non
 def test_settings_file_watch_sees_changes_and_never_repairs(tmp_path: Path) -> None:
     path = tmp_path / "settings.toml"
     save_settings(Settings(), path)
+    running = load_settings(path)
     watch = SettingsFileWatch(path)
-    assert watch.poll() is None  # unchanged
-    save_settings(load_settings(path).model_copy(update={"paused": True}), path)
-    seen = watch.poll()
-    assert seen is not None and seen.paused is True
-    assert watch.poll() is None
+    assert watch.poll(running) is None  # unchanged
+    save_settings(running.model_copy(update={"paused": True}), path)
+    seen = watch.poll(running)
+    assert seen is not None and seen[0].paused is True and seen[1].ok
+    assert watch.poll(running) is None
     path.write_bytes(b"this is = = not toml")
-    assert watch.poll() is None
+    damaged = watch.poll(running)
+    assert damaged is not None
+    assert damaged[0] == running  # nothing readable: everything stays as it runs
+    assert damaged[1].file_problem is not None and "line 1" in damaged[1].file_problem
     assert path.read_bytes() == b"this is = = not toml"  # left alone, not moved aside
     path.unlink()
-    assert watch.poll() is None
+    assert watch.poll(running) is None
 
 
 # ------------------------------------------------------------------ integration helpers

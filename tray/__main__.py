@@ -76,7 +76,7 @@ def _cmd_autostart(action: str) -> int:
 
 
 def _run_tray(level: str) -> int:
-    from client.config import config_path, load_settings, update_settings
+    from client.config import config_path, load_settings_and_report, update_settings
     from tray import single_instance
 
     log_file = setup_logging(level)
@@ -102,7 +102,7 @@ def _run_tray(level: str) -> int:
         from tray.icons import icon_key
         from tray.status import status_text
 
-        settings = load_settings()
+        settings, report = load_settings_and_report()
         if settings.auth_token:
             add_secret(settings.auth_token)
         if autostart_differs(settings):
@@ -111,7 +111,7 @@ def _run_tray(level: str) -> int:
             except OSError as exc:
                 _error(f"cannot save the settings: {exc}")
 
-        client = DistributedClient(settings)
+        client = DistributedClient(settings, settings_report=report)
         snapshot = client.snapshot()
         port = PystrayPort(PROG, image_for(icon_key(snapshot)), status_text(snapshot, 0.0))
         import logging

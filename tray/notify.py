@@ -17,7 +17,13 @@ What notifies, and how often at most:
   :data:`AUTH_INTERVAL`;
 * the server unreachable for :data:`UNREACHABLE_AFTER` while the client keeps trying
   ("unreachable"): once per outage, and never after the federation finished;
-* the federation finished ("finished"): once per finish.
+* the federation finished ("finished"): once per finish;
+* settings that were reset or a settings file that cannot be used (the snapshot's
+  ``settings_report``: a typo in the file, a file that cannot be read), at start and
+  whenever the report gains something ("settings_reset"), naming the keys and where the
+  original file was kept: at most one per :data:`SETTINGS_INTERVAL` (a file saved with
+  the same typo again and again is told once a minute at most). It comes before the
+  other notices: it explains them (a wrong server is why nothing connects).
 
 Nothing notifies for what the user just did (their own pause, resume or disconnect).
 """
@@ -37,6 +43,7 @@ __all__ = [
     "AUTH_INTERVAL",
     "POWER_INTERVAL",
     "ROUND_INTERVAL",
+    "SETTINGS_INTERVAL",
     "UNREACHABLE_AFTER",
     "Notification",
     "NotificationKind",
@@ -53,18 +60,21 @@ NotificationKind = Literal[
     "auth_failed",
     "unreachable",
     "finished",
+    "settings_reset",
 ]
 
 POWER_INTERVAL: Final = 60.0
 ROUND_INTERVAL: Final = 300.0
 AUTH_INTERVAL: Final = 3600.0
 UNREACHABLE_AFTER: Final = 300.0
+SETTINGS_INTERVAL: Final = 60.0
 
 _INTERVALS: Final[Mapping[NotificationKind, float]] = {
     "power_paused": POWER_INTERVAL,
     "power_resumed": POWER_INTERVAL,
     "round_submitted": ROUND_INTERVAL,
     "auth_failed": AUTH_INTERVAL,
+    "settings_reset": SETTINGS_INTERVAL,
 }
 _POWER_REASONS: Final[frozenset[PauseReason]] = frozenset({"battery_low", "unplugged"})
 
@@ -106,6 +116,9 @@ def _candidate(
     prev: ClientSnapshot | None, new: ClientSnapshot, memory: NotifyMemory, now: float
 ) -> Notification | None:
     host = server_host(new.server_url)
+    settings = _settings_notice(prev, new)
+    if settings is not None:
+        return settings
     if new.finished is not None:
         if prev is None or prev.finished != new.finished:
             return Notification(
@@ -161,6 +174,25 @@ def _candidate(
             f"{host} has not answered for {minutes} minutes{why}. fedtray keeps trying.",
         )
     return None
+
+
+def _settings_notice(prev: ClientSnapshot | None, new: ClientSnapshot) -> Notification | None:
+    """A notice when the settings report gained something since ``prev``."""
+    report = new.settings_report
+    before = prev.settings_report if prev is not None else None
+    if report.ok or report == before:
+        return None
+    if (
+        before is not None
+        and set(report.reset_keys) <= set(before.reset_keys)
+        and (report.file_problem in (None, before.file_problem))
+    ):
+        return None  # only fewer problems: the user is dealing with them
+    if report.in_memory and not report.resets:
+        title = "fedtray cannot read its settings"
+    else:
+        title = "Some settings were reset"
+    return Notification("settings_reset", title, report.summary())
 
 
 def decide(

@@ -90,6 +90,7 @@ class SessionCore:
         self.hub = hub
         self.settings = settings
         settings.on_change = self._settings_changed
+        settings.on_report = lambda report: hub.publish(settings_report=report)
         self._device_info = device_info
         power = PowerMonitor(battery_source, power_poll_interval)
         # Heartbeats report the power monitor's last reading: reading the battery again

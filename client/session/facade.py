@@ -37,7 +37,7 @@ from types import EllipsisType
 from typing import Final, TypeVar
 
 from client.backoff import Backoff
-from client.config import Settings, config_path
+from client.config import Settings, SettingsReport, config_path
 from client.device import DeviceInfo
 from client.power_monitor import DEFAULT_POLL_INTERVAL_S
 from client.resources import BatterySource, read_battery
@@ -70,6 +70,8 @@ class DistributedClient:
     config_path`) is where the session saves settings changes and what it follows,
     polled every ``settings_poll_interval`` seconds (``fedtray-client pause`` in another
     terminal); ``None`` keeps the settings in memory only.
+    ``settings_report``: what loading the settings repaired (from
+    :func:`client.config.load_settings_and_report`), shown in the snapshot.
     ``checkpoint_interval``: seconds of training between the worker's periodic
     checkpoints (0: only when paused or stopped).
     """
@@ -88,6 +90,7 @@ class DistributedClient:
         settings_file: Path | EllipsisType | None = ...,
         settings_poll_interval: float = SETTINGS_POLL_INTERVAL_S,
         checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL,
+        settings_report: SettingsReport | None = None,
     ) -> None:
         if settings_file is ...:
             settings_file = config_path()
@@ -98,10 +101,14 @@ class DistributedClient:
                 device_state="idle" if user.allowed else "paused",
                 pause_reason=user.reason,
                 pause_detail=user.detail,
+                settings_report=settings_report or SettingsReport(),
             )
         )
         self._live = LiveSettings(
-            settings, file=settings_file, poll_interval=settings_poll_interval
+            settings,
+            file=settings_file,
+            poll_interval=settings_poll_interval,
+            report=settings_report,
         )
         # The loop and the session exist from the start, so subscribe(), pause() and
         # friends may be called before start(): their work waits in the loop's queue.

@@ -18,6 +18,17 @@ from any thread, since settings are immutable and the reference is swapped atomi
   ``config set``, the Settings window) is logged and applied. Keys that do not apply
   live (the device id) never change under a running session. A bug in the watch is
   logged and the watch goes on.
+* A changed file with invalid values (one typo) or lines that are not TOML still
+  applies **every other live key**; each refused key keeps its running value, and the
+  problem goes into :attr:`LiveSettings.report`.
+* :attr:`LiveSettings.report` (a :class:`client.config.SettingsReport`) is THE one
+  owner of "which keys were reset and why" in a running client: it starts with what
+  the start-up load repaired, gains what a later file read refused, and loses a key's
+  reset when that key gets a new value (set through :meth:`update`, or a valid value
+  in the file; see :meth:`SettingsReport.carried`). A run on temporary settings (the
+  file could not be read at start) is reported until the restart. Every change of the
+  report is announced once to ``on_report(report)`` (the session puts it in the
+  snapshot, where the tray and the headless status read it).
 * Every change, from either path, is announced once to ``on_change(old, new)`` (set by
   the session: the snapshot, the pause sources and the connection follow it).
 """
@@ -31,10 +42,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from client.config import Settings, update_settings, with_changes
+from client.config import Settings, SettingsReport, update_settings_and_report, with_changes
 from client.settings_watch import SettingsFileWatch, merge_live
 
-__all__ = ["LiveSettings", "SettingsListener"]
+__all__ = ["LiveSettings", "ReportListener", "SettingsListener"]
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +53,32 @@ log = logging.getLogger(__name__)
 SettingsListener = Callable[[Settings, Settings], Awaitable[None]]
 
 
+#: Told of every change of the report: ``on_report(report)``.
+ReportListener = Callable[[SettingsReport], None]
+
+
 async def _nobody(old: Settings, new: Settings) -> None:
     """The listener until the session sets one."""
+
+
+def _no_one(report: SettingsReport) -> None:
+    """The report listener until the session sets one."""
 
 
 class LiveSettings:
     """The session's current settings (see the module docstring)."""
 
-    def __init__(self, settings: Settings, *, file: Path | None, poll_interval: float) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        file: Path | None,
+        poll_interval: float,
+        report: SettingsReport | None = None,
+    ) -> None:
         self._value = settings
+        self._report = report if report is not None else SettingsReport()
+        self.on_report: ReportListener = _no_one
         self.file = file
         self._poll_interval = poll_interval
         self._lock = asyncio.Lock()  # binds to the session loop at first use
@@ -62,25 +90,43 @@ class LiveSettings:
         """The settings in use now (any thread)."""
         return self._value
 
+    @property
+    def report(self) -> SettingsReport:
+        """Which keys were reset and why (any thread; empty when nothing was)."""
+        return self._report
+
     async def update(self, **changes: Any) -> Settings:
         """Apply ``changes`` (typed values, e.g. ``paused=True``), save them, announce them."""
         async with self._lock:
             wanted = with_changes(self._value, changes)  # SettingsError: nothing changes
+            repaired = SettingsReport()
             unsaved: OSError | None = None
             if self.file is not None:
                 try:
-                    written = await asyncio.to_thread(
-                        partial(update_settings, self.file, if_missing=self._value, **changes)
+                    written, repaired = await asyncio.to_thread(
+                        partial(
+                            update_settings_and_report,
+                            self.file,
+                            if_missing=self._value,
+                            **changes,
+                        )
                     )
                     # Another process's live changes come along; our keys are as asked.
                     wanted = with_changes(merge_live(self._value, written), changes)
                 except OSError as exc:
                     log.warning("could not save the settings to %s: %s", self.file, exc)
                     unsaved = exc
+            old = self._value
             await self._adopt(wanted)
+            self._set_report(self._report.carried(old, wanted, repaired).without(changes))
         if unsaved is not None:
             raise unsaved
         return self._value
+
+    def _set_report(self, report: SettingsReport) -> None:
+        if report != self._report:
+            self._report = report
+            self.on_report(report)
 
     async def _adopt(self, new: Settings) -> None:
         old, self._value = self._value, new
@@ -105,18 +151,20 @@ class LiveSettings:
         while True:
             await asyncio.sleep(self._poll_interval)
             try:
-                from_file = await asyncio.to_thread(watch.poll)
-                if from_file is not None:
-                    async with self._lock:
-                        await self._follow(from_file)
+                async with self._lock:
+                    from_file = await asyncio.to_thread(watch.poll, self._value)
+                    if from_file is not None:
+                        await self._follow(*from_file)
             except Exception:  # a bug here must not stop the session; keep watching
                 log.exception("watching the settings file failed")
 
-    async def _follow(self, from_file: Settings) -> None:
+    async def _follow(self, from_file: Settings, fresh: SettingsReport) -> None:
         merged = merge_live(self._value, from_file)
-        if merged == self._value:
-            return
         old = self._value
-        changed = sorted(k for k in Settings.model_fields if getattr(merged, k) != getattr(old, k))
-        log.info("the settings file changed (%s); applying it", ", ".join(changed))
-        await self._adopt(merged)
+        if merged != old:
+            changed = sorted(
+                k for k in Settings.model_fields if getattr(merged, k) != getattr(old, k)
+            )
+            log.info("the settings file changed (%s); applying it", ", ".join(changed))
+            await self._adopt(merged)
+        self._set_report(self._report.carried(old, merged, fresh))
