@@ -54,7 +54,7 @@ __all__ = [
 
 #: A table header on a line of its own: ``[task_data]``.
 _HEADER: Final = re.compile(r"^\s*\[\s*([A-Za-z0-9_-]+)\s*\]\s*(?:#.*)?$")
-#: Lines after a header that could not be read belong to no known table.
+#: Lines after a header that could not be read belong to no known table: ignored.
 _LOST_TABLE: Final = "\0lost"
 
 
@@ -327,6 +327,9 @@ def salvage_lines(text: str) -> tuple[dict[str, Any], list[int], set[str]]:
         if stripped.startswith("["):  # a header that cannot be read: its lines go nowhere
             bad.append(number)
             table = _LOST_TABLE
+            continue
+        if table == _LOST_TABLE:
+            bad.append(number)
             continue
         try:
             parsed = tomllib.loads(line)
