@@ -188,7 +188,7 @@ def test_a_reset_token_is_never_shown() -> None:
         (
             '[task_data]\na = "/a"\nb = \n[task_data\nc = "/c"\n',
             {"task_data": {"a": "/a"}},
-            [3, 4],
+            [3, 4, 5],
             [],
         ),
         ('# comment\n\nname = "caf\ufffd"\nautostart = true\n', {"autostart": True}, [3], []),
