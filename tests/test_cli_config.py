@@ -69,6 +69,56 @@ def test_config_show_lines_and_json_hide_the_token(
     assert shown["paused_until"] is None
 
 
+def test_config_show_marks_the_keys_it_reset(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = cfg_file(tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_text(
+        'server_url = "https://fed.example.org"\ndevice_name = "box"\n'
+        f'auth_token = "{TOKEN}"\nbattery_threshold = 150\n'
+        '[task_data]\ndigits = "/data/d"\nbad = ""\n',
+        encoding="utf-8",
+    )
+    assert main(["config", "show"]) == 0
+    out = capsys.readouterr().out
+    assert 'server_url = "https://fed.example.org"\n' in out  # kept, unmarked
+    assert 'device_name = "box"\n' in out and 'auth_token = "***"\n' in out
+    assert "battery_threshold = 50  # reset: battery_threshold must be a whole percent" in out
+    assert "got 150" in out
+    assert 'task_data.digits = "/data/d"\n' in out
+    assert "task_data.bad = (not set)  # reset: task_data.bad must be a folder path" in out
+    (aside,) = path.parent.glob("config.toml.corrupt-*")
+    assert f"# the original file is kept at {aside}" in out
+    assert TOKEN not in out
+    # Repaired: the next show is clean.
+    assert main(["config", "show", "--json"]) == 0
+    assert "_settings_report" not in json.loads(capsys.readouterr().out)
+
+
+def test_config_show_json_reports_an_unreadable_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = cfg_file(tmp_path)
+    save_settings(Settings(device_name="box", auth_token=TOKEN), path)
+    before = path.read_bytes()
+    real = Path.read_bytes
+
+    def denied(self: Path) -> bytes:  # root reads a mode-000 file; refuse as the OS would
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    assert main(["config", "show", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    report = shown["_settings_report"]
+    assert report["in_memory"] is True and "Permission denied" in report["file_problem"]
+    assert main(["config", "show"]) == 0
+    assert "# the file was left untouched" in capsys.readouterr().out
+    assert real(path) == before  # device_id and token untouched
+
+
 def test_config_shows_a_deadline_and_refuses_to_set_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from client.config import Settings
-from client.headless import EXIT_ENDED, change_line, run_client, status_rows
+from client.config import Reset, Settings, SettingsReport
+from client.headless import EXIT_ENDED, change_line, run_client, settings_line, status_rows
 from client.snapshot import NO_PROGRESS, ClientSnapshot
 from tests.waiting import scaled
 
@@ -119,6 +119,53 @@ def test_change_line(old: ClientSnapshot | None, new: ClientSnapshot, expected: 
 )
 def test_status_rows(snap: ClientSnapshot, label: str, value: str) -> None:
     assert dict(status_rows(snap, now=0.0))[label] == value
+
+
+RESET = SettingsReport(
+    resets=(Reset("battery_threshold", "battery_threshold must be ..., got 150", "50"),),
+    kept_aside="/cfg/config.toml.corrupt-20260504T133000Z",
+)
+UNREADABLE = SettingsReport(
+    file_problem="/cfg/config.toml cannot be read: Permission denied", in_memory=True
+)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        (None, BASE, None),
+        (BASE, BASE, None),
+        (
+            None,
+            _with(BASE, settings_report=RESET),
+            "settings: 1 setting was not valid and reset: battery_threshold; every other "
+            "setting was kept; the original is kept at /cfg/config.toml.corrupt-20260504T133000Z.",
+        ),
+        (_with(BASE, settings_report=RESET), _with(BASE, settings_report=RESET), None),
+        (
+            _with(BASE, settings_report=RESET),
+            BASE,
+            "settings: the settings file is fine again",
+        ),
+        (
+            None,
+            _with(BASE, settings_report=UNREADABLE),
+            "settings: Cannot use the settings file (/cfg/config.toml cannot be read: "
+            "Permission denied): fedtray runs on temporary settings and leaves the file as "
+            "it is. Fix it, then restart.",
+        ),
+    ],
+)
+def test_settings_line(
+    old: ClientSnapshot | None, new: ClientSnapshot, expected: str | None
+) -> None:
+    assert settings_line(old, new) == expected
+
+
+def test_status_rows_say_which_settings_were_reset() -> None:
+    assert "Settings" not in dict(status_rows(BASE, now=0.0))
+    row = dict(status_rows(_with(BASE, settings_report=RESET), now=0.0))["Settings"]
+    assert "reset: battery_threshold" in row and "corrupt-20260504T133000Z" in row
 
 
 def _free_port() -> int:

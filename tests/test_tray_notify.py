@@ -8,12 +8,13 @@ from typing import Any
 
 import pytest
 
-from client.config import Settings
+from client.config import Reset, Settings, SettingsReport
 from client.snapshot import ClientSnapshot, FederationResult
 from tray.notify import (
     AUTH_INTERVAL,
     POWER_INTERVAL,
     ROUND_INTERVAL,
+    SETTINGS_INTERVAL,
     UNREACHABLE_AFTER,
     NotificationKind,
     NotifyMemory,
@@ -135,6 +136,100 @@ def test_decide(
         assert [n.kind for n in notes] == [kind]
         assert words is not None and words in notes[0].message
         assert after.last_sent[notes[0].kind] == now
+
+
+RESET_ONE = SettingsReport(
+    resets=(Reset("battery_threshold", "battery_threshold must be ..., got 150", "50"),),
+    kept_aside="/cfg/config.toml.corrupt-1",
+)
+RESET_TWO = replace(
+    RESET_ONE,
+    resets=(*RESET_ONE.resets, Reset("server_url", "server_url must be ...", '"x"')),
+)
+CANNOT_READ = SettingsReport(file_problem="cannot be read: Permission denied", in_memory=True)
+
+
+@pytest.mark.parametrize(
+    ("prev", "new", "memory", "now", "title", "words"),
+    [
+        # at start, before anything else (it explains a wrong server)
+        (
+            None,
+            snap(settings_report=RESET_ONE),
+            NotifyMemory(),
+            1.0,
+            "Some settings were reset",
+            "reset: battery_threshold; every other setting was kept; the original is kept at "
+            "/cfg/config.toml.corrupt-1",
+        ),
+        (
+            None,
+            snap(settings_report=CANNOT_READ),
+            NotifyMemory(),
+            1.0,
+            "fedtray cannot read its settings",
+            "Permission denied",
+        ),
+        # a new typo while running
+        (
+            snap(settings_report=RESET_ONE),
+            snap(settings_report=RESET_TWO),
+            CONNECTED_BEFORE,
+            10.0,
+            "Some settings were reset",
+            "battery_threshold, server_url",
+        ),
+        # fewer problems, or the same again: nothing new to say
+        (
+            snap(settings_report=RESET_TWO),
+            snap(settings_report=RESET_ONE),
+            CONNECTED_BEFORE,
+            10.0,
+            None,
+            None,
+        ),
+        (
+            snap(settings_report=RESET_ONE),
+            snap(settings_report=RESET_ONE),
+            CONNECTED_BEFORE,
+            10.0,
+            None,
+            None,
+        ),
+        (snap(settings_report=RESET_ONE), BASE, CONNECTED_BEFORE, 10.0, None, None),
+        # rate-limited: a file saved with typos again and again
+        (
+            BASE,
+            snap(settings_report=RESET_ONE),
+            sent("settings_reset", 5.0),
+            5.0 + SETTINGS_INTERVAL - 1,
+            None,
+            None,
+        ),
+        (
+            BASE,
+            snap(settings_report=RESET_ONE),
+            sent("settings_reset", 5.0),
+            5.0 + SETTINGS_INTERVAL,
+            "Some settings were reset",
+            "battery_threshold",
+        ),
+    ],
+)
+def test_settings_reset_is_notified(
+    prev: ClientSnapshot | None,
+    new: ClientSnapshot,
+    memory: NotifyMemory,
+    now: float,
+    title: str | None,
+    words: str | None,
+) -> None:
+    notes, _ = decide(prev, new, memory, now)
+    if title is None:
+        assert notes == ()
+    else:
+        assert [(n.kind, n.title) for n in notes] == [("settings_reset", title)]
+        assert words is not None and words in notes[0].message
 
 
 def test_unreachable_for_long_notifies_once_per_outage() -> None:
