@@ -613,9 +613,9 @@ def test_layout_mismatch_lists_every_difference_within_the_ack_limit() -> None:
         decode(encode(state), expected=EXPECTED)
     err = excinfo.value
     assert err.code == "layout_mismatch"
-    assert err.problems == ["missing 'conv.w'", "missing 'conv.b'"] + [
-        f"unexpected 't{i}'" for i in range(200)
-    ]
+    assert sorted(err.problems) == sorted(
+        ["missing 'conv.w'", "missing 'conv.b'"] + [f"unexpected 't{i}'" for i in range(200)]
+    )
     assert "(202 differences)" in err.message
     assert len(err.message) <= MAX_MISMATCH_TEXT
     shown = err.message.count("; ") + 1
