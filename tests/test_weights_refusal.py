@@ -3,8 +3,8 @@
 * The layout check lists every difference, with the code of the first kind present
   (table tests of :func:`client.weights.check_layout_matches`).
 * :class:`client.session.expected_layout.ExpectedLayouts` knows the layout of a built-in
-  task's model from the message's ``modelParams`` without torch, and nothing for tasks it
-  cannot know cheaply.
+  task's model from the message's ``modelParams`` without torch, a held package's from its
+  weights, and nothing for tasks it cannot know cheaply.
 * A hostile server (a real python-socketio server on loopback) sends a real
   :class:`client.session.DistributedClient` weights that do not fit: the ack is
   ``ok: false`` with the exact code and every mismatch, nothing is stored, and the
@@ -58,6 +58,7 @@ from client.weights import (
     decode,
     encode,
     layout_mismatches,
+    layout_of,
     sha256_hex,
 )
 from client.weights.checks import mismatch_text
@@ -442,3 +443,21 @@ def test_the_server_records_the_refusal_and_stops_resending(
     assert refuser["refusal"].startswith("global weights v1: layout_mismatch: ")
     lines = [r.getMessage() for r in caplog.records if "as unusable" in r.getMessage()]
     assert len(lines) == 2 and all("refuser" in line for line in lines), lines
+
+
+@pytest.mark.slow
+def test_a_held_package_gives_the_layout_of_its_weights(tmp_path: Path) -> None:
+    from tests.taskpkg_packer import pack  # torch: the packer exports a model
+
+    path = tmp_path / "task.fedtask"
+    contents = pack(path)
+    sha = sha256_hex(path.read_bytes())
+    known = ExpectedLayouts(lambda s: path if s == sha else None)
+    ref = FileRef(sha256=sha, size=path.stat().st_size).to_wire()
+    found = known.of(_global("small-cnn", package=ref))
+    assert found is not None and found[0] == layout_of(contents.weights)
+    wrong = dict(contents.weights)
+    wrong.pop(sorted(wrong)[0])
+    with pytest.raises(LayoutMismatchError) as excinfo:
+        decode(encode(wrong), expected=found[0])
+    assert excinfo.value.problems == [f"missing {sorted(contents.weights)[0]!r}"]
