@@ -191,6 +191,8 @@ class FedServer:
             except TLSConfigError as exc:
                 raise StartupError(str(exc)) from None
         task = await self._load_task()
+        package = task.package.ref if isinstance(task, PackageTask) else None
+        self.distributor.describe_model(dict(task.params), package)
         await self._load_model(task)
         test_data = await self._test_data(task)
         try:

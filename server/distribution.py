@@ -7,11 +7,19 @@ device advertised in its capabilities): inline when the document fits one chunk,
 a ``blob:chunk`` transfer of chunks of at most that ``maxChunkBytes`` with at most that
 ``maxInflightChunks`` unacknowledged. A global over the device's ``maxBlobBytes`` is not
 sent at all (one warning per device and version says so; the device is skipped until it
-can take it). :meth:`Distributor.ensure_global` sends the current version unless the
-device already holds it (one send per device at a time) and returns whether the device
-now holds it; it never raises for a peer's failure (timeouts, disconnects, refusals are
-logged and answered False). On success the registry records the version the device holds
-(:meth:`server.registry.Registry.holds_version`). :meth:`Distributor.broadcast` starts
+can take it). ``weights:global`` names the model the weights are for, as
+``training:start`` does (``modelParams``, and ``package`` for a packaged task; set by
+:meth:`Distributor.describe_model`), so a device can check their layout on receipt.
+:meth:`Distributor.ensure_global` sends the current version unless the device already
+holds it (one send per device at a time) and returns whether the device now holds it;
+it never raises for a peer's failure (timeouts, disconnects, refusals are logged and
+answered False). On success the registry records the version the device holds
+(:meth:`server.registry.Registry.holds_version`). A device that refuses a version as
+unusable (an ErrorAck with one of :data:`UNUSABLE_CODES`: the tensors do not fit its
+model) is recorded in the registry (:meth:`server.registry.Registry.refused_weights`,
+which keeps it out of rounds), one warning line is logged, and that version is not sent
+to it again (``ensure_global`` answers False at once) until it holds it or a newer
+version; a newer version is offered as usual. :meth:`Distributor.broadcast` starts
 that for every connected device in the background. :meth:`Distributor.deliver_final`
 sends the final global and then ``federation:finished``, at most once per connection.
 :meth:`Distributor.ensure_file` gives a device a task file (a package or a data share):
@@ -28,11 +36,13 @@ import logging
 from typing import Any
 
 import socketio
+from pydantic import JsonValue
 
-from client.errors import FedtrayError
+from client.errors import ErrorCode, FedtrayError
 from client.protocol import (
     ErrorAck,
     FederationFinished,
+    FileRef,
     TaskFile,
     TaskFileHeld,
     TaskFileKind,
@@ -48,6 +58,12 @@ from server.globalmodel import GlobalModel
 from server.registry import DeviceRecord, Registry
 
 log = logging.getLogger(__name__)
+
+#: Refusals of ``weights:global`` that sending the same version again cannot change: the
+#: tensors do not fit the model the device builds for the task.
+UNUSABLE_CODES: frozenset[ErrorCode] = frozenset(
+    {"layout_mismatch", "shape_mismatch", "dtype_mismatch"}
+)
 
 
 def short(value: object, limit: int = 80) -> str:
@@ -82,6 +98,13 @@ class Distributor:
         self._file_locks: dict[str, asyncio.Lock] = {}
         self._told_finished: set[str] = set()  # sids sent federation:finished
         self._too_large: dict[str, int] = {}  # device id -> the version warned about
+        self._model_params: dict[str, JsonValue] = dict(config.model_params)
+        self._package: FileRef | None = None
+
+    def describe_model(self, params: dict[str, JsonValue], package: FileRef | None) -> None:
+        """The model ``weights:global`` names: the task's parameters and its package."""
+        self._model_params = dict(params)
+        self._package = package
 
     async def ensure_global(self, record: DeviceRecord) -> bool:
         """Send the current global weights unless the device holds them; True on success."""
@@ -89,6 +112,8 @@ class Distributor:
         async with lock:
             if record.weights_version == self._model.version:
                 return True
+            if record.refused_version == self._model.version:
+                return False  # it refused this version as unusable: not again
             sid = record.sid
             if sid is None:
                 return False
@@ -125,6 +150,8 @@ class Distributor:
             round_id=self._model.round_id,
             metrics=self._model.metrics,
             weights=ref,
+            model_params=self._model_params,
+            package=self._package,
         )
         try:
             if ref.blob_id is not None:
@@ -153,10 +180,21 @@ class Distributor:
             return False
         if isinstance(ack, dict) and ack.get("ok") is False:
             try:
-                err = ErrorAck.model_validate(ack)
-                why = f"{err.code}: {err.message}"
+                err: ErrorAck | None = ErrorAck.model_validate(ack)
             except ValueError:
-                why = short(ack)
+                err = None
+            if err is not None and err.code in UNUSABLE_CODES:
+                self._registry.refused_weights(record.device_id, version, err.code, err.message)
+                log.warning(
+                    "device %s refused version %d as unusable (%s: %s); not sending it "
+                    "again nor selecting the device until it holds a newer version",
+                    record.name,
+                    version,
+                    err.code,
+                    short(err.message, 300),
+                )
+                return False
+            why = f"{err.code}: {err.message}" if err is not None else short(ack)
             log.warning("device %s refused version %d: %s", record.name, version, why)
             return False
         self._registry.holds_version(record.device_id, version)

@@ -142,6 +142,7 @@ EXAMPLES: dict[type[p.WireModel], dict[str, Any]] = {
         "roundId": "r12",
         "metrics": {"evalLoss": 0.28, "evalAccuracy": 0.93},
         "weights": {"format": "safetensors", "size": 19520, "sha256": SHA, "blobId": SHA},
+        "modelParams": {"hidden": 64},
     },
     p.FederationFinished: {
         "task": "digits",
@@ -247,9 +248,16 @@ compatible server or client in another language.
    `training:start` again (same `roundId`, partition and deadline), so it can resume.
 3. If the client does not hold the current global version (`weightsVersion` in the
    registration and heartbeats), the server sends `weights:global` (blob first when
-   large). The client acks after storing it; the ack is how the server learns that the
-   device holds that version. A device that answers with an `ErrorAck` is skipped until
-   it reports the version. `weights:global` may arrive at any time after registration,
+   large), naming the model the weights are for as `training:start` does (`modelParams`,
+   `package`). The client acks after storing it; the ack is how the server learns that
+   the device holds that version. A device that knows that model's layout checks the
+   tensors first and refuses weights that do not fit with `layout_mismatch` (a name
+   missing or unexpected), else `dtype_mismatch`, else `shape_mismatch`, the message
+   listing every difference; it stores nothing and keeps its previous version. The
+   reference server then records the refusal (the dashboard shows it), does not send
+   that version to the device again, even after a reconnect, and does not select it for
+   rounds until it holds a newer version; other refusals are logged and the version is
+   offered again later. `weights:global` may arrive at any time after registration,
    even before the registration ack is processed.
 4. Client → `device:heartbeat` every `heartbeatIntervalSec` (ack `OkAck`).
 5. When the server starts a round it selects eligible devices (connected, registered, not
@@ -420,9 +428,11 @@ nothing of packages keeps working with installed tasks.
   `["json"]`; it asks for the update in the same format with `weightFormat` in
   `training:start`. Every peer accepts both formats on receive.
 - `size` and `sha256` always describe the exact bytes sent.
-- Receivers refuse non-finite floats (`non_finite`), and the server refuses an update whose
-  tensor names, shapes or dtypes differ from the global model (`layout_mismatch`,
-  `shape_mismatch`, `dtype_mismatch`). Each kind of bad document has its own code (below).
+- Receivers refuse non-finite floats (`non_finite`), the server refuses an update whose
+  tensor names, shapes or dtypes differ from the global model, and a device refuses a
+  global that does not fit the model it names (`layout_mismatch`, `shape_mismatch`,
+  `dtype_mismatch`, listing every difference). Each kind of bad document has its own code
+  (below).
 
 ## Error codes
 

@@ -6,16 +6,23 @@ clock the caller uses consistently). One :class:`DeviceRecord` per device id; a 
 that registers again (a reconnect) keeps its record and gets the new Socket.IO sid.
 A device is *stale* when connected but not heard from for ``stale_after`` seconds
 (3 missed heartbeats). A device is *eligible* for a round when it is connected,
-registered, not paused, not stale and has the task installed -- or, for a packaged task
+registered, not paused, not stale, has not refused the global weights as unusable (see
+``refused_weights``) and has the task installed -- or, for a packaged task
 (``package_bytes`` given), advertises ``taskPackages`` with a package cache and a
 ``maxBlobBytes`` the package fits. Nothing here raises for
 bad input; payloads arrive already validated by :mod:`client.protocol`.
 
+A device that refused global version ``v`` as unusable (``refused_weights``: its tensors
+do not fit the device's model) keeps ``refused_version = v`` -- across reconnects --
+until it holds ``v`` or a newer version (``holds_version``, or ``weightsVersion`` in a
+registration or heartbeat); until then it is not eligible.
+
 The registry is the one writer of every :class:`DeviceRecord` field: the rest of the
 server reads records and changes them only through the named transitions below
 (``register``, ``heartbeat``, ``progress``, ``touch``, ``disconnect``,
-``training_started``, ``refused_paused``, ``training_failed``, ``update_accepted``,
-``holds_version``, ``rounds_counted``). A transition for an unknown device id does nothing.
+``training_started``, ``refused_paused``, ``refused_round``, ``refused_weights``,
+``training_failed``, ``update_accepted``, ``holds_version``, ``rounds_counted``). A
+transition for an unknown device id does nothing.
 """
 
 from __future__ import annotations
@@ -55,6 +62,9 @@ class DeviceRecord:
     refusal: str | None = None
     """Why the device last refused a round for a reason other than a pause (e.g. it has
     no data of its own for the task), until it accepts one again."""
+    refused_version: int | None = None
+    """The global version the device refused as unusable (``refused_weights``), until it
+    holds that version or a newer one."""
     last_seen: float = 0.0
     rounds_completed: int = 0
     sid: str | None = None
@@ -113,6 +123,7 @@ class Registry:
             record.resources = reg.resources
         record.sid = sid
         record.weights_version = reg.weights_version
+        _clear_refused_weights(record)
         # Training/uploading work belongs to the old connection; only a pause carries over.
         record.state = "paused" if reg.state == "paused" else "idle"
         record.pause_reason = reg.pause_reason if reg.state == "paused" else None
@@ -130,6 +141,7 @@ class Registry:
         record.resources = hb.resources
         if hb.weights_version is not None:
             record.weights_version = hb.weights_version
+            _clear_refused_weights(record)
         record.last_seen = now
 
     def progress(self, device_id: str, progress: TrainingProgress, now: float) -> None:
@@ -170,6 +182,16 @@ class Registry:
         if record is not None:
             record.refusal = f"{reason}: {detail}" if detail else reason
 
+    def refused_weights(self, device_id: str, version: int, code: str, message: str) -> None:
+        """The device refused global version ``version`` as unusable (its tensors do not
+        fit the device's model): not eligible, and not sent that version again, until it
+        holds that version or a newer one; the dashboard shows why."""
+        record = self._devices.get(device_id)
+        if record is not None:
+            record.refused_version = version
+            detail = message if len(message) <= 300 else message[:297] + "..."
+            record.refusal = f"global weights v{version}: {code}: {detail}"
+
     def training_failed(self, device_id: str) -> None:
         """The device reported a training error: it is idle again."""
         record = self._devices.get(device_id)
@@ -188,6 +210,7 @@ class Registry:
         record = self._devices.get(device_id)
         if record is not None:
             record.weights_version = version
+            _clear_refused_weights(record)
 
     def rounds_counted(self, device_ids: list[str]) -> None:
         """Each device's update counted in a completed round."""
@@ -243,6 +266,8 @@ class Registry:
             return f"paused: {record.pause_reason or 'unknown'}"
         if self.is_stale(record, now):
             return "stale"
+        if record.refused_version is not None:
+            return "refused the global weights"
         caps = record.capabilities
         if package_bytes is not None:
             if not caps.task_packages:
@@ -284,3 +309,12 @@ class Registry:
         elif not self._devices:
             text += " (none registered yet)"
         return text
+
+
+def _clear_refused_weights(record: DeviceRecord) -> None:
+    """A device holding its refused version (or a newer one) is no longer refusing it."""
+    refused = record.refused_version
+    held = record.weights_version
+    if refused is not None and held is not None and held >= refused:
+        record.refused_version = None
+        record.refusal = None

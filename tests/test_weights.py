@@ -17,6 +17,7 @@ from hypothesis.extra import numpy as hnp
 
 from client.weights import (
     WEIGHT_FORMATS,
+    LayoutMismatchError,
     StateDict,
     TensorSpec,
     WeightsError,
@@ -26,6 +27,7 @@ from client.weights import (
     sha256_hex,
     verify_blob,
 )
+from client.weights.checks import MAX_MISMATCH_TEXT
 
 DTYPES = ["float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool"]
 FLOATS = ["float16", "float32", "float64"]
@@ -605,12 +607,19 @@ def test_expected_layout_mismatch(fmt: str, state: StateDict, code: str, words: 
         assert word in excinfo.value.message
 
 
-def test_layout_mismatch_lists_only_a_few_names() -> None:
-    state = {f"t{i}": np.zeros(1, np.float32) for i in range(20)}
-    with pytest.raises(WeightsError) as excinfo:
+def test_layout_mismatch_lists_every_difference_within_the_ack_limit() -> None:
+    state = {f"t{i}": np.zeros(1, np.float32) for i in range(200)}
+    with pytest.raises(LayoutMismatchError) as excinfo:
         decode(encode(state), expected=EXPECTED)
-    assert "and 15 more" in excinfo.value.message
-    assert "'t19'" not in excinfo.value.message
+    err = excinfo.value
+    assert err.code == "layout_mismatch"
+    assert sorted(err.problems) == sorted(
+        ["missing 'conv.w'", "missing 'conv.b'"] + [f"unexpected 't{i}'" for i in range(200)]
+    )
+    assert "(202 differences)" in err.message
+    assert len(err.message) <= MAX_MISMATCH_TEXT
+    shown = err.message.count("; ") + 1
+    assert err.message.endswith(f" and {202 - shown} more")
 
 
 # --------------------------------------------------------------------------- blob checks

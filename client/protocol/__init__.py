@@ -391,6 +391,16 @@ class WeightsGlobal(WireModel):
     round_id: Identifier | None = None
     metrics: Metrics = Field(default_factory=dict, description="e.g. evalLoss, evalAccuracy.")
     weights: WeightsRef
+    model_params: dict[str, JsonValue] = Field(
+        default_factory=dict,
+        description="The model the weights are for, as training:start names it; a device "
+        "that knows that model's layout refuses weights that do not fit it.",
+    )
+    package: FileRef | None = Field(
+        default=None,
+        description="The task package the weights are for, as training:start names it; "
+        "absent for an installed task.",
+    )
 
 
 EV_FEDERATION_FINISHED = "federation:finished"

@@ -7,6 +7,15 @@ Contract (a loop-only object; decoding and disk work run in worker threads):
   (inline or via a blob) is verified against its sha256, decoded with full validation
   (never unpickled) and stored by :class:`client.global_store.GlobalStore` (in
   safetensors, which the trainer reads) as :attr:`BaseWeights.held`.
+* Before anything is stored, the tensors are checked against the layout of the model the
+  message names when this process knows it without torch
+  (:class:`client.session.expected_layout.ExpectedLayouts`: a built-in task with its
+  ``modelParams``, or a task package the device holds). Weights that do not fit are
+  refused with ``layout_mismatch`` (a name missing or unexpected), else ``dtype_mismatch``,
+  else ``shape_mismatch``, the ErrorAck's message listing every difference
+  (:func:`client.weights.check_layout_matches`); nothing is stored, the held version and
+  the work built on it stay, and one warning line is logged. Where the layout is not
+  known here, the worker checks the base before training, as before.
 * A newer version has the work folder's owner delete the work built on older bases
   (:meth:`client.workfiles.WorkDir.drop_older_than`), except the work ``busy_keys()``
   names (the round being trained, results being kept).
@@ -33,9 +42,10 @@ from client.protocol import (
     OkAck,
     WeightsGlobal,
 )
+from client.session.expected_layout import Expected
 from client.session.hub import SnapshotHub
 from client.transfer import BlobStore
-from client.weights import decode, encode
+from client.weights import WeightsError, decode, encode
 from client.workfiles import WorkDir
 
 __all__ = ["CLIENT_MAX_CHUNK_BYTES", "BaseWeights"]
@@ -57,8 +67,12 @@ class BaseWeights:
         *,
         work: WorkDir,
         busy_keys: Callable[[], set[str]],
+        expected: Callable[[WeightsGlobal], Expected | None] = lambda _message: None,
     ) -> None:
+        """``expected``: the layout a message's weights must have, or None when unknown
+        (called in a worker thread; :meth:`ExpectedLayouts.of`)."""
         self._hub = hub
+        self._expected = expected
         self._store = store
         self._work = work
         self._busy_keys = busy_keys
@@ -86,7 +100,18 @@ class BaseWeights:
         data = self.blobs.take(SERVER_PEER, message.weights)
         fmt = message.weights.format
         async with self._lock:
-            held = await asyncio.to_thread(self._save, message, data, fmt)
+            try:
+                held = await asyncio.to_thread(self._save, message, data, fmt)
+            except WeightsError as exc:
+                log.warning(
+                    "refused global weights v%d of %s (keeping v%s): %s: %s",
+                    message.version,
+                    message.task,
+                    self.held.version if self.held is not None else "none",
+                    exc.code,
+                    exc.message,
+                )
+                raise
         older = self.held is not None and self.held.version < held.version
         self.held = held
         if older:
@@ -107,9 +132,16 @@ class BaseWeights:
     def _save(self, message: WeightsGlobal, data: bytes | bytearray, fmt: str) -> GlobalWeights:
         """Decode (full validation, never unpickling) and store; runs in a worker thread.
 
-        ``data`` was verified against ``message.weights.sha256`` by the transfer.
+        ``data`` was verified against ``message.weights.sha256`` by the transfer. Raises
+        :class:`WeightsError` (before anything is stored) for a bad document or one that
+        does not fit the expected layout.
         """
-        state = decode(data, "json" if fmt == "json" else "safetensors")
+        expected = self._expected(message)
+        state = decode(
+            data,
+            "json" if fmt == "json" else "safetensors",
+            expected=expected[0] if expected is not None else None,
+        )
         digest: str | None = message.weights.sha256
         if fmt != "safetensors":
             data = encode(state, "safetensors")  # the trainer reads safetensors only

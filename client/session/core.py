@@ -51,11 +51,12 @@ from client.protocol.guard import guard
 from client.resources import BatterySource, ResourceMonitor
 from client.session.base_weights import CLIENT_MAX_CHUNK_BYTES, BaseWeights
 from client.session.decisions import device_state
+from client.session.expected_layout import ExpectedLayouts
 from client.session.filecache import FileCache
 from client.session.hub import SnapshotHub
 from client.session.link import Guarded, ServerLink
 from client.session.live_settings import LiveSettings
-from client.session.package_cache import DEFAULT_PACKAGE_CACHE_BYTES, TaskFiles
+from client.session.package_cache import DEFAULT_PACKAGE_CACHE_BYTES, SUFFIX, TaskFiles
 from client.session.pause import PauseBoard, PowerPause, UserPause
 from client.session.rounds import Rounds, WorkerFactory, default_work_dir
 from client.session.uploader import Uploader
@@ -124,18 +125,20 @@ class SessionCore:
             limits=lambda: self.link.limits,
             state_changed=self.publish_state,
         )
+        file_cache = FileCache(
+            (data_dir if data_dir else default_work_dir().parent) / "packages",
+            package_cache_bytes,
+        )
         self.weights = BaseWeights(
             hub,
             GlobalStore(data_dir / "global" if data_dir else None),
             work=work,
             busy_keys=self._busy_keys,
+            expected=ExpectedLayouts(lambda sha: file_cache.path(sha, SUFFIX["package"])).of,
         )
         self.task_files = TaskFiles(
             self.weights.blobs,
-            FileCache(
-                (data_dir if data_dir else default_work_dir().parent) / "packages",
-                package_cache_bytes,
-            ),
+            file_cache,
             in_use=self._files_in_use,
             task_data=lambda: self.settings.value.task_data,
         )

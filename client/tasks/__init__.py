@@ -27,7 +27,7 @@ from pydantic import JsonValue
 from client.errors import FedtrayError
 from client.tasks.base import Task
 
-__all__ = ["ENTRY_POINT_GROUP", "Task", "available_tasks", "get_task"]
+__all__ = ["BUILTIN_TASKS", "ENTRY_POINT_GROUP", "Task", "available_tasks", "get_task"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ _BUILTINS: dict[str, str] = {
     "digits": "client.tasks.digits:DigitsTask",
     "synthetic": "client.tasks.synthetic:SyntheticTask",
 }
+#: The built-in task names: their modules never import torch at import time.
+BUILTIN_TASKS: frozenset[str] = frozenset(_BUILTINS)
 
 
 def _plugin_entry_points() -> dict[str, EntryPoint]:

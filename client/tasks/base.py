@@ -33,6 +33,7 @@ from pydantic import JsonValue
 from client.errors import FedtrayError
 from client.protocol import Partition
 from client.tasks.partition import partition_indices
+from client.weights import Layout, TensorSpec
 
 if TYPE_CHECKING:
     import torch
@@ -43,6 +44,7 @@ __all__ = [
     "apply_partition",
     "eval_batches",
     "int_param",
+    "mlp_layout",
     "model_state",
     "seeded_build",
 ]
@@ -165,6 +167,17 @@ class Task(ABC):
             correct += int((logits.argmax(dim=1) == yb).sum().item())
         return {"loss": loss_sum / n, "accuracy": correct / n}
 
+    def weights_layout(self, params: Mapping[str, JsonValue]) -> Layout | None:
+        """Optional, torch-free: the layout of :meth:`build_model`'s state dict for
+        ``params`` (names, numpy dtype names, shapes), or ``None`` (the default) when it
+        cannot be known without building the model.
+
+        The session checks received global weights against it before storing them, so a
+        server's weights that do not fit are refused at once. Raises ``bad_request`` for
+        bad parameters.
+        """
+        return None
+
     def sample_bytes_hint(self, params: Mapping[str, JsonValue]) -> int | None:
         """Optional: memory one training sample needs (activations + gradients), in bytes.
 
@@ -256,6 +269,16 @@ def seeded_mlp(seed: int, features: int, hidden: int, classes: int) -> torch.nn.
         seed,
         lambda: nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, classes)),
     )
+
+
+def mlp_layout(features: int, hidden: int, classes: int) -> Layout:
+    """The state-dict layout of :func:`seeded_mlp` with these sizes (float32), torch-free."""
+    return {
+        "0.weight": TensorSpec("float32", (hidden, features)),
+        "0.bias": TensorSpec("float32", (hidden,)),
+        "2.weight": TensorSpec("float32", (classes, hidden)),
+        "2.bias": TensorSpec("float32", (classes,)),
+    }
 
 
 def check_split(split: object) -> None:

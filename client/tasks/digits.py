@@ -29,7 +29,16 @@ from pydantic import JsonValue
 
 from client.errors import FedtrayError
 from client.protocol import Partition
-from client.tasks.base import Split, Task, apply_partition, check_split, int_param, seeded_mlp
+from client.tasks.base import (
+    Split,
+    Task,
+    apply_partition,
+    check_split,
+    int_param,
+    mlp_layout,
+    seeded_mlp,
+)
+from client.weights import Layout
 
 if TYPE_CHECKING:
     import torch
@@ -83,6 +92,10 @@ class DigitsTask(Task):
     def build_model(self, params: Mapping[str, JsonValue], seed: int) -> torch.nn.Module:
         hidden = int_param(self.resolve_params(params), "hidden", 1, 4096)
         return seeded_mlp(seed, _FEATURES, hidden, _CLASSES)
+
+    def weights_layout(self, params: Mapping[str, JsonValue]) -> Layout:
+        hidden = int_param(self.resolve_params(params), "hidden", 1, 4096)
+        return mlp_layout(_FEATURES, hidden, _CLASSES)
 
     def load_data(
         self, split: Split, partition: Partition | None

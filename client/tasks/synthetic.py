@@ -28,7 +28,16 @@ from pydantic import JsonValue
 
 from client.errors import FedtrayError
 from client.protocol import Partition
-from client.tasks.base import Split, Task, apply_partition, check_split, int_param, seeded_mlp
+from client.tasks.base import (
+    Split,
+    Task,
+    apply_partition,
+    check_split,
+    int_param,
+    mlp_layout,
+    seeded_mlp,
+)
+from client.weights import Layout
 
 if TYPE_CHECKING:
     import torch
@@ -94,6 +103,10 @@ class SyntheticTask(Task):
     def build_model(self, params: Mapping[str, JsonValue], seed: int) -> torch.nn.Module:
         features, classes, hidden, _ = _sizes(self.resolve_params(params))
         return seeded_mlp(seed, features, hidden, classes)
+
+    def weights_layout(self, params: Mapping[str, JsonValue]) -> Layout:
+        features, classes, hidden, _ = _sizes(self.resolve_params(params))
+        return mlp_layout(features, hidden, classes)
 
     def load_data(
         self, split: Split, partition: Partition | None

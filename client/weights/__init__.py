@@ -10,8 +10,8 @@ Contract:
   C-contiguous, native-byte-order arrays owned by the caller. Every byte of a peer's
   document is checked *before* anything is allocated for its tensors: header length and
   size, JSON structure, dtypes, shapes, and that the data offsets tile the data section
-  exactly. Optionally the result is checked against an expected :data:`Layout`, and float
-  tensors are checked for NaN/Inf.
+  exactly. Optionally the result is checked against an expected :data:`Layout` (every
+  difference listed, :func:`check_layout_matches`), and float tensors are checked for NaN/Inf.
 * ``decode(encode(x))`` equals ``x`` bit for bit (including ``-0.0``, subnormals and the
   payload of every dtype) for every supported dtype, in both formats.
 * Every refusal raises :class:`WeightsError` with its own :data:`client.errors.ErrorCode`
@@ -38,11 +38,14 @@ import numpy.typing as npt
 from client.protocol import WeightFormat
 from client.weights import json_format, safetensors_format
 from client.weights.checks import (
+    LayoutMismatchError,
     check_bool_bytes,
     check_finite,
     check_format,
     check_layout,
+    check_layout_matches,
     checked_items,
+    layout_mismatches,
     le_dtype_of,
 )
 from client.weights.spec import (
@@ -155,12 +158,15 @@ __all__ = [
     "MAX_HEADER_BYTES",
     "WEIGHT_FORMATS",
     "Layout",
+    "LayoutMismatchError",
     "StateDict",
     "TensorSpec",
     "WeightFormat",
     "WeightsError",
+    "check_layout_matches",
     "decode",
     "encode",
+    "layout_mismatches",
     "layout_of",
     "sha256_hex",
     "verify_blob",

@@ -6,7 +6,10 @@ Contract: each check either returns the validated value or raises
 ``shape_mismatch``, ``non_finite``) and a plain-words message naming the tensor where
 there is one. Nothing else escapes for bad input. Checks on a peer's header (dtype,
 shape, size) run on plain Python values before any tensor memory is allocated; the
-NaN/Inf and bool-byte checks read an array without copying it.
+NaN/Inf and bool-byte checks read an array without copying it. The layout check
+(:func:`check_layout_matches`) collects *every* difference from the expected layout
+(missing and unexpected names, shapes, dtypes) before raising, and names them all in a
+message bounded to fit an ErrorAck.
 
 Never: unpickle, do I/O, or allocate a tensor-sized temporary. Internal to the codec;
 code outside ``client.weights`` uses :func:`client.weights.encode` / ``decode``.
@@ -21,12 +24,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from client.errors import ErrorCode
 from client.weights.spec import (
     METADATA_KEY,
     NAME_TO_NP,
     WEIGHT_FORMATS,
     Entry,
     Layout,
+    TensorSpec,
     WeightsError,
 )
 
@@ -130,36 +135,96 @@ def checked_nbytes(name: str, dtype: np.dtype[Any], shape: tuple[int, ...], max_
     return nbytes
 
 
+#: At most this many characters of a layout refusal's message (an ErrorAck carries 1,000).
+MAX_MISMATCH_TEXT = 900
+#: A tensor name or shape is shown with at most this many characters in a mismatch line.
+_MAX_ITEM_TEXT = 60
+
+
+def layout_mismatches(got: Layout, expected: Layout) -> list[str]:
+    """Every difference between ``got`` and ``expected``, one plain-words line each.
+
+    In order: ``missing 'x'`` (expected, absent; in ``expected``'s order), ``unexpected
+    'y'`` (present, not expected; in ``got``'s order), then for each shared tensor in
+    ``got``'s order ``'w': shape [3, 4] expected [4, 4]`` and/or ``'b': dtype float64
+    expected float32``. Empty when the layouts match. Pure; never raises.
+    """
+    lines = [f"missing {_name(n)}" for n in expected if n not in got]
+    lines += [f"unexpected {_name(n)}" for n in got if n not in expected]
+    for name, spec in got.items():
+        want = expected.get(name)
+        if want is None:
+            continue
+        if tuple(spec.shape) != tuple(want.shape):
+            lines.append(f"{_name(name)}: shape {_shape(spec.shape)} expected {_shape(want.shape)}")
+        if spec.dtype != want.dtype:
+            lines.append(f"{_name(name)}: dtype {spec.dtype} expected {want.dtype}")
+    return lines
+
+
+def check_layout_matches(got: Layout, expected: Layout) -> None:
+    """Raise :class:`LayoutMismatchError` listing every difference, or return when they match.
+
+    The code is the first kind present of ``layout_mismatch`` (a name missing or
+    unexpected), ``dtype_mismatch``, ``shape_mismatch``; the message lists all the
+    differences (:func:`layout_mismatches`), bounded to :data:`MAX_MISMATCH_TEXT`
+    characters with the count of the ones left out; ``problems`` holds them all.
+    """
+    problems = layout_mismatches(got, expected)
+    if not problems:
+        return
+    names_differ = set(got) != set(expected)
+    dtypes_differ = any(got[n].dtype != expected[n].dtype for n in got if n in expected)
+    code: ErrorCode = (
+        "layout_mismatch"
+        if names_differ
+        else "dtype_mismatch"
+        if dtypes_differ
+        else "shape_mismatch"
+    )
+    raise LayoutMismatchError(code, problems)
+
+
 def check_layout(entries: list[Entry], expected: Layout) -> None:
-    got = {e.name for e in entries}
-    missing = [n for n in expected if n not in got]
-    unexpected = [e.name for e in entries if e.name not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {_some(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {_some(unexpected)}")
-        raise WeightsError(
-            "layout_mismatch", f"the tensors do not match the model: {'; '.join(parts)}"
-        )
-    for e in entries:
-        want = expected[e.name]
-        if e.dtype.name != want.dtype:
-            raise WeightsError(
-                "dtype_mismatch",
-                f"tensor {e.name!r}: expected dtype {want.dtype}, got {e.dtype.name}",
-            )
-        if e.shape != tuple(want.shape):
-            raise WeightsError(
-                "shape_mismatch",
-                f"tensor {e.name!r}: expected shape {list(want.shape)}, got {list(e.shape)}",
-            )
+    """:func:`check_layout_matches` for a document's entries (before any allocation)."""
+    check_layout_matches(
+        {e.name: TensorSpec(e.dtype.name, tuple(e.shape)) for e in entries}, expected
+    )
 
 
-def _some(names: list[str], limit: int = 5) -> str:
-    shown = ", ".join(repr(n) for n in names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+class LayoutMismatchError(WeightsError):
+    """Tensors that do not fit the expected model; ``problems`` lists every difference."""
+
+    def __init__(self, code: ErrorCode, problems: list[str]) -> None:
+        super().__init__(code, mismatch_text(problems))
+        self.problems = problems
+
+
+def mismatch_text(problems: list[str]) -> str:
+    """``the tensors do not match the model (N differences): a; b; ... and K more``,
+    at most :data:`MAX_MISMATCH_TEXT` characters."""
+    head = f"the tensors do not match the model ({len(problems)} difference"
+    head += "s): " if len(problems) != 1 else "): "
+    shown: list[str] = []
+    for i, line in enumerate(problems):
+        left = len(problems) - i - 1
+        tail = f" and {left} more" if left else ""
+        candidate = "; ".join([*shown, line])
+        if len(head) + len(candidate) + len(tail) > MAX_MISMATCH_TEXT:
+            break
+        shown.append(line)
+    rest = len(problems) - len(shown)
+    return head + "; ".join(shown) + (f" and {rest} more" if rest else "")
+
+
+def _name(name: str) -> str:
+    text = repr(name)
+    return text if len(text) <= _MAX_ITEM_TEXT else text[: _MAX_ITEM_TEXT - 3] + "..."
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    text = str(list(shape))
+    return text if len(text) <= _MAX_ITEM_TEXT else text[: _MAX_ITEM_TEXT - 4] + "...]"
 
 
 def check_finite(name: str, arr: npt.NDArray[Any]) -> None:
