@@ -379,7 +379,7 @@ class BlobStore:
         partial = self._blobs.get((peer, ref.blob_id))
         if partial is None or not partial.verified:
             return False
-        if (ref.size, ref.sha256.strip().lower()) != (partial.total, partial.sha256.lower()):
+        if (ref.size, ref.sha256) != (partial.total, partial.sha256):
             return False
         try:
             os.replace(self._spill.part_path(peer, ref.blob_id), dest)
