@@ -9,6 +9,7 @@ kept evaluation model; then a real server on loopback keeping an update byte for
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -122,9 +123,7 @@ def _spilled(tmp_path: Path, data: bytes) -> BlobStore:
 def test_take_file_moves_the_verified_blob_and_forgets_it(tmp_path: Path) -> None:
     data = _doc(STATE)
     blobs = _spilled(tmp_path, data)
-    ref = WeightsRef(
-        format="safetensors", size=len(data), sha256=sha256_hex(data), blob_id="x"
-    )
+    ref = WeightsRef(format="safetensors", size=len(data), sha256=sha256_hex(data), blob_id="x")
     dest = tmp_path / "dest.bin"
     assert blobs.take_file("dev", ref, dest) is True
     assert dest.read_bytes() == data
@@ -322,3 +321,14 @@ def test_the_server_keeps_a_blob_update_as_received_or_nothing(
             assert ack["ok"] is True, ack
             assert kept == [sent]
         assert [p for p in (state_dir / "blobs").rglob("*") if p.is_file()] == []
+
+
+# Slow: the benchmark builds torch models in this process.
+@pytest.mark.slow
+def test_server_round_benchmark_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import server_round
+
+    argv = ["--features", "16", "--hidden", "32", "--samples", "200", "--repeats", "1"]
+    assert server_round.main(argv) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^ratio after / before \(total\)\s+\d+\.\d+x", out, re.M), out
