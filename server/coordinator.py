@@ -5,8 +5,10 @@ Contract: :class:`RoundCoordinator` owns the federation's one round phase (a
 loop and everything that decides a round: selection (random, with the server's seed),
 partitioning (the selected devices get parts ``0..n-1`` of ``n`` in selection order),
 ``training:start``/``training:cancel`` (:mod:`server.starter`), counting updates exactly
-once (:meth:`accept_update`, saved on disk before it is acknowledged), closing, aggregating,
-evaluating and publishing the new version (:class:`server.globalmodel.GlobalModel`).
+once (:meth:`accept_update`, saved on disk before it is acknowledged: kept as the verified
+safetensors document received, checked in place, never re-encoded), closing, aggregating,
+evaluating (beside the new version's encoding and save, with one kept model) and publishing
+the new version (:class:`server.globalmodel.GlobalModel`).
 Device records change only through the registry's named transitions.
 
 The end is a state: after ``config.rounds`` rounds the phase becomes ``finished``, every
@@ -68,6 +70,12 @@ log = logging.getLogger(__name__)
 #: After a restart, how long (at least) a restored round waits for its devices to return.
 RETURN_GRACE_S = 10.0
 TestData = tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]
+
+
+def _unsaved() -> FedtrayError:
+    return FedtrayError(
+        "internal_error", "the server cannot store the update now; send it again later"
+    )
 
 
 def _fmt(value: float | None) -> str:
@@ -203,9 +211,7 @@ class RoundCoordinator:
         incoming = await self._receive(record, sub)
         # On disk (fsynced) before it is counted and acknowledged: an acknowledged update
         # survives a server crash (the device deletes its copy on the ack).
-        unsaved = FedtrayError(
-            "internal_error", "the server cannot store the update now; send it again later"
-        )
+        unsaved = _unsaved()
         store = self._round_store
         try:
             try:
@@ -264,9 +270,7 @@ class RoundCoordinator:
             incoming = await asyncio.to_thread(store.incoming_path, record.device_id)
         except OSError as exc:
             log.error("cannot save the update of %s: %s", record.name, exc)
-            raise FedtrayError(
-                "internal_error", "the server cannot store the update now; send it again later"
-            ) from None
+            raise _unsaved() from None
         try:
             if ref.format != "safetensors" or not self._blobs.take_file(
                 record.device_id, ref, incoming
@@ -284,9 +288,7 @@ class RoundCoordinator:
         except OSError as exc:
             incoming.unlink(missing_ok=True)
             log.error("cannot save the update of %s: %s", record.name, exc)
-            raise FedtrayError(
-                "internal_error", "the server cannot store the update now; send it again later"
-            ) from None
+            raise _unsaved() from None
         except BaseException:
             incoming.unlink(missing_ok=True)
             raise
