@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     # Makes the rename itself durable; directories cannot be opened on Windows.
     with contextlib.suppress(OSError, AttributeError):
         fd = os.open(directory, os.O_RDONLY)
@@ -46,7 +46,7 @@ def write_atomic(path: Path, data: bytes | bytearray | memoryview, *, mode: int 
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def move_into(source: Path, target: Path) -> None:
@@ -73,4 +73,4 @@ def move_into(source: Path, target: Path) -> None:
                 os.unlink(tmp)
             raise
         source.unlink()
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)

@@ -24,7 +24,8 @@ until they expire. It promises:
   blob is dropped (memory and files freed, ``status`` answers 0 again) and the chunk is
   refused with ``checksum_mismatch``, so a sender never believes a corrupt blob arrived;
 - :meth:`BlobStore.take` hands out a blob only when complete and its size and SHA-256
-  match the weights reference, then forgets it.
+  match the weights reference, then forgets it; :meth:`BlobStore.take_file` hands over a
+  verified spilled blob's file itself (moved, not read or hashed again).
 
 By default blobs are held in memory. With ``spill_dir`` (the server's, so an upload
 survives a server restart) each partial blob is a ``.part`` file appended chunk by chunk
@@ -50,6 +51,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +126,9 @@ class _SpillDir:
             fh.truncate(held)
             fh.seek(held)
             fh.write(data)
+
+    def part_path(self, peer: str, blob_id: str) -> Path:
+        return self._paths(peer, blob_id)[0]
 
     def read(self, peer: str, blob_id: str) -> bytes:
         part, _ = self._paths(peer, blob_id)
@@ -362,6 +367,26 @@ class BlobStore:
         if not verified:
             verify_blob(data, size=ref.size, sha256=ref.sha256)
         return data
+
+    def take_file(self, peer: str, ref: WeightsRef, dest: Path) -> bool:
+        """Move the verified spilled file of the blob ``ref`` names to ``dest`` (no read,
+        no second hash) and forget the blob; True when moved. False, changing nothing, when
+        there is no such file (inline data, memory mode, unknown, incomplete, not verified
+        since it arrived, another size/SHA-256, or the move fails): then use :meth:`take`.
+        """
+        if self._spill is None or ref.blob_id is None:
+            return False
+        partial = self._blobs.get((peer, ref.blob_id))
+        if partial is None or not partial.verified:
+            return False
+        if (ref.size, ref.sha256) != (partial.total, partial.sha256):
+            return False
+        try:
+            os.replace(self._spill.part_path(peer, ref.blob_id), dest)
+        except OSError:
+            return False
+        self.discard(peer, ref.blob_id)
+        return True
 
     def discard(self, peer: str, blob_id: str) -> None:
         """Forget a blob (idempotent); its files too in disk mode."""

@@ -2,13 +2,16 @@
 
 Contract: a :class:`Strategy` is used once per round as ``begin(global_state)``, then
 ``add(update, num_samples)`` for each accepted update as it arrives, then ``result()``.
+``add`` only reads the update: its arrays may be read-only, zero-copy views over the
+received document (any byte order, any alignment), and nothing of them is kept.
 Updates must have the global model's layout (the server checks it with the codec before
 calling ``add``); ``add`` raises ``ValueError`` otherwise and ``result`` raises
 ``ValueError`` when nothing was added. Pure numpy, no I/O.
 
 :class:`FedAvg` (McMahan et al. 2017) is the mean of the updates weighted by their sample
 counts. It keeps one float64 running sum per tensor, so its memory is O(model), not
-O(clients x model): the accumulator count never grows with the number of updates. The
+O(clients x model): the accumulator count never grows with the number of updates, and an
+update is read block by block into one reused float64 buffer (never copied whole). The
 result has the global model's dtypes (integer tensors are rounded). Other strategies
 (FedProx's server side is FedAvg; FedAdam keeps optimizer moments next to the sums) fit
 the same three calls.
@@ -57,6 +60,7 @@ class FedAvg(Strategy):
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._weight = 0.0
         self._count = 0
+        self._block = np.empty(BLOCK, dtype=np.float64)
 
     def begin(self, global_state: StateDict) -> None:
         self._dtypes = {k: v.dtype for k, v in global_state.items()}
@@ -83,15 +87,23 @@ class FedAvg(Strategy):
             if tuple(update[name].shape) != shape:
                 raise ValueError(f"tensor {name} has shape {update[name].shape}, not {shape}")
         weight = float(num_samples)
+        block = self._block
         for name, arr in update.items():
             acc = self._sums.get(name)
+            first = acc is None
             if acc is None:
-                acc = self._sums[name] = np.zeros(arr.shape, dtype=np.float64)
-            flat_acc, flat_in = acc.reshape(-1), np.ascontiguousarray(arr).reshape(-1)
-            # In blocks: the float64 temporary is BLOCK elements, not a whole tensor.
+                acc = self._sums[name] = np.empty(arr.shape, dtype=np.float64)
+            flat_acc = acc.reshape(-1)
+            flat_in = arr.reshape(-1)  # a view for contiguous input (a copy only otherwise)
+            # In blocks: the float64 temporary is BLOCK elements, reused, not a whole tensor.
             for start in range(0, flat_acc.size, BLOCK):
-                end = start + BLOCK
-                flat_acc[start:end] += flat_in[start:end].astype(np.float64) * weight
+                end = min(start + BLOCK, flat_acc.size)
+                if first:
+                    np.multiply(flat_in[start:end], weight, out=flat_acc[start:end])
+                else:
+                    tmp = block[: end - start]
+                    np.multiply(flat_in[start:end], weight, out=tmp)
+                    flat_acc[start:end] += tmp
         self._weight += weight
         self._count += 1
 

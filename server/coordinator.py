@@ -5,8 +5,10 @@ Contract: :class:`RoundCoordinator` owns the federation's one round phase (a
 loop and everything that decides a round: selection (random, with the server's seed),
 partitioning (the selected devices get parts ``0..n-1`` of ``n`` in selection order),
 ``training:start``/``training:cancel`` (:mod:`server.starter`), counting updates exactly
-once (:meth:`accept_update`, saved on disk before it is acknowledged), closing, aggregating,
-evaluating and publishing the new version (:class:`server.globalmodel.GlobalModel`).
+once (:meth:`accept_update`, saved on disk before it is acknowledged: kept as the verified
+safetensors document received, checked in place, never re-encoded), closing, aggregating,
+evaluating (beside the new version's encoding and save, with one kept model) and publishing
+the new version (:class:`server.globalmodel.GlobalModel`).
 Device records change only through the registry's named transitions.
 
 The end is a state: after ``config.rounds`` rounds the phase becomes ``finished``, every
@@ -32,6 +34,7 @@ import logging
 import random
 import secrets
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,7 +55,7 @@ from server.background import Background
 from server.config import ServerConfig
 from server.distribution import Distributor
 from server.globalmodel import GlobalModel
-from server.model import evaluate_state
+from server.model import Evaluator
 from server.phase import PhaseMachine
 from server.registry import DeviceRecord, Registry
 from server.restore import saved_round_of
@@ -67,6 +70,12 @@ log = logging.getLogger(__name__)
 #: After a restart, how long (at least) a restored round waits for its devices to return.
 RETURN_GRACE_S = 10.0
 TestData = tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]
+
+
+def _unsaved() -> FedtrayError:
+    return FedtrayError(
+        "internal_error", "the server cannot store the update now; send it again later"
+    )
 
 
 def _fmt(value: float | None) -> str:
@@ -106,6 +115,7 @@ class RoundCoordinator:
         self._run_tag = secrets.token_hex(4)
         self._task: Task | None = None
         self._test_data: TestData | None = None
+        self._evaluator: Evaluator | None = None
         self._restored: Round | None = None
         self._return_grace_until = 0.0
         self._agg_lock = asyncio.Lock()
@@ -198,47 +208,45 @@ class RoundCoordinator:
         if rnd is None:
             raise FedtrayError("round_closed", f"round {sub.round_id} is closed or unknown")
         rnd.check_submit(record.device_id, sub.round_id, sub.base_version, time.monotonic())
-        data = self._blobs.take(record.device_id, sub.weights)
-        state = await asyncio.to_thread(
-            decode,
-            data,
-            sub.weights.format,
-            expected=self._model.layout,
-            max_bytes=self._config.limits.max_blob_bytes,
-        )
-        del data
-        # On disk before it is counted and acknowledged: an acknowledged update survives a
-        # server crash (the device deletes its copy on the ack).
-        unsaved = FedtrayError(
-            "internal_error", "the server cannot store the update now; send it again later"
-        )
+        incoming = await self._receive(record, sub)
+        # On disk (fsynced) before it is counted and acknowledged: an acknowledged update
+        # survives a server crash (the device deletes its copy on the ack).
+        unsaved = _unsaved()
+        store = self._round_store
         try:
-            update = await asyncio.to_thread(encode, state, "safetensors")
-            await asyncio.to_thread(self._round_store.save_update, record.device_id, update)
-            del update
-        except OSError as exc:
-            log.error("cannot save the update of %s: %s", record.name, exc)
-            raise unsaved from None
-        async with self._agg_lock:
-            # The round may have closed, or a concurrent duplicate been counted, meanwhile.
-            if self.phase.round is not rnd:
-                raise FedtrayError("round_closed", f"round {sub.round_id} is closed")
-            rnd.check_submit(record.device_id, sub.round_id, sub.base_version, time.monotonic())
-            saved = saved_round_of(rnd, self._config.task, self._round_store, time.time())
-            saved.slots[record.device_id] = SavedSlot(
-                index=rnd.slots[record.device_id].index,
-                reported=True,
-                num_samples=sub.num_samples,
-                metrics=dict(sub.metrics),
-                update_file=self._round_store.update_file_name(record.device_id),
-            )
             try:
-                await asyncio.to_thread(self._round_store.save, saved)
+                await asyncio.to_thread(store.sync, incoming)
             except OSError as exc:
-                log.error("cannot save round %s: %s", rnd.round_id, exc)
+                log.error("cannot save the update of %s: %s", record.name, exc)
                 raise unsaved from None
-            await asyncio.to_thread(self.strategy.add, state, sub.num_samples)
-            received = rnd.record_report(record.device_id, sub.num_samples, sub.metrics)
+            async with self._agg_lock:
+                # The round may have closed, or a concurrent duplicate been counted, meanwhile.
+                if self.phase.round is not rnd:
+                    raise FedtrayError("round_closed", f"round {sub.round_id} is closed")
+                rnd.check_submit(record.device_id, sub.round_id, sub.base_version, time.monotonic())
+                saved = saved_round_of(rnd, self._config.task, store, time.time())
+                try:
+                    name = await asyncio.to_thread(store.commit_update, record.device_id, incoming)
+                    saved.slots[record.device_id] = SavedSlot(
+                        index=rnd.slots[record.device_id].index,
+                        reported=True,
+                        num_samples=sub.num_samples,
+                        metrics=dict(sub.metrics),
+                        update_file=name,
+                    )
+                    await asyncio.to_thread(store.save, saved)
+                except OSError as exc:
+                    log.error("cannot save round %s: %s", rnd.round_id, exc)
+                    raise unsaved from None
+                await asyncio.to_thread(
+                    store.fold_update,
+                    name,
+                    self._model.layout,
+                    lambda update: self.strategy.add(update, sub.num_samples),
+                )
+                received = rnd.record_report(record.device_id, sub.num_samples, sub.metrics)
+        finally:
+            incoming.unlink(missing_ok=True)  # gone once committed; removed when refused
         self._registry.update_accepted(record.device_id)
         log.info(
             "round %s: update from %s accepted (%d samples; %d of %d reported)",
@@ -250,6 +258,41 @@ class RoundCoordinator:
         )
         self._round_changed.set()
         return SubmitAccepted(round_id=rnd.round_id, received=received)
+
+    async def _receive(self, record: DeviceRecord, sub: WeightsSubmit) -> Path:
+        """The submitted update as a checked safetensors file in the round store (not yet
+        fsynced or counted). Each byte is hashed once (by the blob store, as it arrives)
+        and checked once where it lies; a safetensors document is kept as received, never
+        decoded and re-encoded (a JSON one is converted). Raises FedtrayError to refuse."""
+        ref, store = sub.weights, self._round_store
+        layout, max_bytes = self._model.layout, self._config.limits.max_blob_bytes
+        try:
+            incoming = await asyncio.to_thread(store.incoming_path, record.device_id)
+        except OSError as exc:
+            log.error("cannot save the update of %s: %s", record.name, exc)
+            raise _unsaved() from None
+        try:
+            if ref.format != "safetensors" or not self._blobs.take_file(
+                record.device_id, ref, incoming
+            ):
+                data = self._blobs.take(record.device_id, ref)
+                if ref.format != "safetensors":
+                    state = await asyncio.to_thread(
+                        decode, data, ref.format, expected=layout, max_bytes=max_bytes
+                    )
+                    data = await asyncio.to_thread(encode, state, "safetensors")
+                    del state
+                await asyncio.to_thread(store.write_incoming, incoming, data)
+                del data
+            await asyncio.to_thread(store.check_update, incoming, layout, max_bytes)
+        except OSError as exc:
+            incoming.unlink(missing_ok=True)
+            log.error("cannot save the update of %s: %s", record.name, exc)
+            raise _unsaved() from None
+        except BaseException:
+            incoming.unlink(missing_ok=True)
+            raise
+        return incoming
 
     # ============================================================ the loop
 
@@ -438,7 +481,14 @@ class RoundCoordinator:
 
     async def _complete_round(self, rnd: Round) -> None:
         new_state = await asyncio.to_thread(self.strategy.result)
-        metrics = await self._evaluate(rnd, new_state)
+        version = self._model.version + 1
+        # The evaluation runs beside the one encoding and the fsynced weights file, not
+        # after them; only the small history.json waits for it.
+        evaluation = asyncio.ensure_future(self._evaluate(rnd, new_state))
+        try:
+            prepared = await self._model.prepare(new_state, version)
+        finally:
+            metrics = await evaluation
         train_loss = weighted_mean(
             [
                 (slot.metrics["trainLoss"], slot.num_samples)
@@ -451,7 +501,7 @@ class RoundCoordinator:
             round_id=rnd.round_id,
             number=rnd.number,
             outcome="completed",
-            version=self._model.version + 1,
+            version=version,
             clients_selected=len(rnd.slots),
             clients_reported=len(rnd.reported),
             train_loss=train_loss,
@@ -461,12 +511,11 @@ class RoundCoordinator:
             finished_at=time.time(),
         )
         # Persist first, then publish: a version anyone has seen survives a crash.
-        saved, encoded = await self._model.persist(new_state, record)
-        if saved:
+        if await self._model.persist(prepared, record):
             # Only now: until the new version is saved, the round's updates live in its files.
             await self._forget_round()
         self._registry.rounds_counted(rnd.reported)
-        self._model.publish(new_state, record, metrics, encoded)
+        self._model.publish(prepared, record, metrics)
         log.info(
             "round %d: %d selected, %d reported, train loss %s, eval loss %s, "
             "eval accuracy %s, %.1f s (version %d)",
@@ -482,15 +531,15 @@ class RoundCoordinator:
 
     async def _evaluate(self, rnd: Round, state: StateDict) -> dict[str, float]:
         """``evalLoss``/``evalAccuracy`` of ``state`` on the test split; {} when the server
-        does not evaluate (no test data) or evaluation fails (logged)."""
+        does not evaluate (no test data) or evaluation fails (logged). One model is kept
+        for every round (:class:`server.model.Evaluator`)."""
         if self._test_data is None:
             return {}
         x_test, y_test = self._test_data
-        task = self.task
+        if self._evaluator is None:
+            self._evaluator = Evaluator(self.task, self.task.params)
         try:
-            scores = await asyncio.to_thread(
-                evaluate_state, task, task.params, state, x_test, y_test
-            )
+            scores = await asyncio.to_thread(self._evaluator.evaluate, state, x_test, y_test)
         except Exception:
             log.exception("evaluation of round %d failed; continuing without it", rnd.number)
             return {}

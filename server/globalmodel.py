@@ -3,18 +3,23 @@
 Contract: :class:`GlobalModel` is the one owner (and writer) of the global weights, their
 version, the number of completed rounds, the round history and the last round's metrics.
 :meth:`GlobalModel.adopt` takes what :class:`server.store.Store` saved (or version 0 of a
-new federation). :meth:`GlobalModel.persist` saves a new version and
-:meth:`GlobalModel.publish` then makes it the global: persist first, so a version anyone
-has seen survives a crash (a failed save is logged; the version is still published, its
-round's updates stay on disk). :meth:`GlobalModel.encoded` encodes the current
-version once per format (in a thread) and caches it until the next version. Owned by the
-server's one event loop; blocking work (encoding, saving) runs in threads.
+new federation). A new version goes through three steps: :meth:`GlobalModel.prepare`
+encodes it once as safetensors, hashes it once and writes its weights file (fsynced);
+:meth:`GlobalModel.persist` writes ``history.json`` naming it with its round's record; and
+:meth:`GlobalModel.publish` makes it the global. Persist first, so a version anyone has
+seen survives a crash (a failed save is logged; the version is still published, its
+round's updates stay on disk). The one encoding made by ``prepare`` is the bytes saved,
+the safetensors bytes sent to devices and their SHA-256: never encoded twice.
+:meth:`GlobalModel.encoded` encodes the current version once per other format (in a
+thread) and caches it until the next version. Owned by the server's one event loop;
+blocking work (encoding, hashing, saving) runs in threads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,6 +32,17 @@ log = logging.getLogger(__name__)
 
 #: One encoding of the global: (version, bytes, sha256 hex).
 Encoded = tuple[int, bytes, str]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A new version between :meth:`GlobalModel.prepare` and :meth:`GlobalModel.publish`."""
+
+    version: int
+    state: StateDict
+    encoded: bytes  # safetensors, the one encoding
+    sha256: str
+    weights_file: str | None  # None: the weights file could not be written
 
 
 class GlobalModel:
@@ -71,36 +87,47 @@ class GlobalModel:
         """An abandoned attempt joins the history (kept in memory until the next save)."""
         self.history.append(record)
 
-    async def persist(self, state: StateDict, record: RoundRecord) -> tuple[bool, bytes]:
-        """Save version ``record.version`` with ``record`` in the history (not yet the
-        global: call :meth:`publish` next); whether it was saved, and its safetensors."""
+    async def prepare(self, state: StateDict, version: int) -> Prepared:
+        """Encode and hash ``state`` once and write it as version ``version``'s weights
+        file (fsynced; a failure is logged and leaves ``weights_file`` None)."""
         encoded = await asyncio.to_thread(encode, state, "safetensors")
+        digest = await asyncio.to_thread(sha256_hex, encoded)
+        try:
+            name: str | None = await asyncio.to_thread(self._store.save_weights, version, encoded)
+        except OSError as exc:
+            log.error("could not save version %d to %s: %s", version, self._store.state_dir, exc)
+            name = None
+        return Prepared(version, state, encoded, digest, name)
+
+    async def persist(self, prepared: Prepared, record: RoundRecord) -> bool:
+        """Save version ``record.version`` with ``record`` in the history (not yet the
+        global: call :meth:`publish` next); whether it was saved."""
+        if prepared.weights_file is None:
+            return False
         try:
             await asyncio.to_thread(
-                self._store.save,
+                self._store.save_history,
                 task=self._task,
                 version=record.version,
                 rounds_completed=record.number,
-                state=state,
+                weights_name=prepared.weights_file,
+                weights_sha256=prepared.sha256,
                 history=[*self.history, record],
-                encoded=encoded,
             )
         except OSError as exc:
             log.error(
                 "could not save version %d to %s: %s", record.version, self._store.state_dir, exc
             )
-            return False, encoded
-        return True, encoded
+            return False
+        return True
 
-    def publish(
-        self, state: StateDict, record: RoundRecord, metrics: dict[str, float], encoded: bytes
-    ) -> None:
+    def publish(self, prepared: Prepared, record: RoundRecord, metrics: dict[str, float]) -> None:
         """Make version ``record.version`` the global (after :meth:`persist`)."""
-        self.state = state
+        self.state = prepared.state
         self.version = record.version
         self.rounds_completed = record.number
         self.history = [*self.history, record]
-        self._encoded = {"safetensors": (record.version, encoded, sha256_hex(encoded))}
+        self._encoded = {"safetensors": (record.version, prepared.encoded, prepared.sha256)}
         self.metrics = {k: v for k, v in metrics.items() if np.isfinite(v)}
         self.round_id = record.round_id
 

@@ -7,12 +7,17 @@ State dicts are numpy, every tensor in its own dtype (the one rule of
 :func:`client.tasks.base.model_state`, which the trainer uses too: a float64 task's global
 weights are float64, so its devices' updates fit them). Task errors
 (:class:`client.errors.FedtrayError`) pass through unchanged.
+
+:class:`Evaluator` keeps one model across rounds: built on its first use, each new
+global is loaded into it in place (``load_state_dict`` copies into the existing
+parameters), so a round never pays for building a model. It is used by one thread at a
+time (the coordinator evaluates one version after another).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import JsonValue
@@ -20,6 +25,9 @@ from pydantic import JsonValue
 from client.tasks import Task
 from client.tasks.base import model_state
 from client.weights import StateDict
+
+if TYPE_CHECKING:
+    import torch
 
 
 def initial_state(task: Task, params: Mapping[str, JsonValue], seed: int) -> StateDict:
@@ -40,3 +48,27 @@ def evaluate_state(
     model = task.build_model(params, 0)
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
     return task.evaluate(model, x, y)
+
+
+class Evaluator:
+    """Held-out evaluation of successive globals with one model, loaded in place."""
+
+    def __init__(self, task: Task, params: Mapping[str, JsonValue]) -> None:
+        self._task = task
+        self._params = params
+        self._model: torch.nn.Module | None = None
+
+    def evaluate(
+        self, state: StateDict, x: np.ndarray[Any, Any], y: np.ndarray[Any, Any]
+    ) -> dict[str, float]:
+        """``{"loss", "accuracy"}`` of the model holding ``state`` on ``x``, ``y``."""
+        import torch
+
+        if self._model is None:
+            self._model = self._task.build_model(self._params, 0)
+        # from_numpy shares memory; a read-only array is copied (torch wants writable).
+        tensors = {
+            k: torch.from_numpy(v if v.flags.writeable else np.array(v)) for k, v in state.items()
+        }
+        self._model.load_state_dict(tensors)
+        return self._task.evaluate(self._model, x, y)

@@ -4,14 +4,23 @@ Contract: :class:`RoundStore` keeps, in the server's state directory, ``round.js
 (:class:`SavedRound`: round id, number, attempt, base version, wall-clock start and
 deadline, required reports, and per selected device its partition index and, once it
 reported, its sample count, metrics and update file) and ``round/`` (each accepted
-update, as safetensors written by the codec; never a pickle). Every file is written
-atomically (:func:`client.atomicfile.write_atomic`: temporary file, fsync, replace).
+update, as the safetensors document the device sent, byte for byte; never a pickle, never
+decoded and re-encoded). ``round.json`` is written atomically
+(:func:`client.atomicfile.write_atomic`: temporary file, fsync, replace).
 
-The server writes an update's file, then ``round.json`` naming it, before it
-acknowledges the update; it clears both only after the round's new global version and
-history are saved (:class:`server.store.Store` first, then :meth:`RoundStore.clear`), so
-at any moment a crash either keeps the update here or has already folded it into a saved
-version. :meth:`RoundStore.load` and :meth:`RoundStore.load_update` raise
+An update arrives as an *incoming* file in ``round/`` (:meth:`RoundStore.incoming_path`:
+the verified blob file moved there, or :meth:`RoundStore.write_incoming` for bytes held
+in memory), is checked where it lies (:meth:`RoundStore.check_update`: header, layout,
+finite values, through a read-only memory map, no copy), fsynced
+(:meth:`RoundStore.sync`), and renamed to its device's update file
+(:meth:`RoundStore.commit_update`, directory fsynced). The server then writes
+``round.json`` naming it, and only then acknowledges the update; it clears both only after
+the round's new global version and history are saved (:class:`server.store.Store` first,
+then :meth:`RoundStore.clear`), so at any moment a crash either keeps the update here or
+has already folded it into a saved version. A leftover incoming file (a crash before the
+ack) is named by no ``round.json`` and removed with the round. :meth:`RoundStore.fold_update`
+hands an update's tensors as read-only views over its mapped file to a callable.
+:meth:`RoundStore.load` and :meth:`RoundStore.load_update` raise
 :class:`server.store.StoreError` with one line when the files are unreadable; deciding
 whether a saved round may go on is the server's job.
 """
@@ -20,14 +29,21 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import mmap
+import os
+import secrets
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
-from client.atomicfile import write_atomic
-from client.weights import Layout, StateDict, WeightsError, decode
+from client.atomicfile import fsync_dir, write_atomic
+from client.weights import Layout, StateDict, WeightsError, decode, decode_views
 from server.store import StoreError
+
+T = TypeVar("T")
 
 ROUND_FILE = "round.json"
 ROUND_DIR = "round"
@@ -81,6 +97,55 @@ class RoundStore:
         write_atomic(self.state_dir / ROUND_DIR / name, data)
         return name
 
+    def incoming_path(self, device_id: str) -> Path:
+        """A fresh path in ``round/`` for an update being checked (the folder exists)."""
+        folder = self.state_dir / ROUND_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = self.update_file_name(device_id).removesuffix(".safetensors")
+        return folder / f"{stem}.{secrets.token_hex(4)}.incoming"
+
+    @staticmethod
+    def write_incoming(path: Path, data: bytes | bytearray | memoryview) -> None:
+        """Write an update's bytes to its incoming file (fsynced later, by :meth:`sync`)."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+
+    @staticmethod
+    def check_update(path: Path, layout: Layout, max_bytes: int) -> None:
+        """Check an incoming update where it lies (WeightsError as the codec's ``decode``)."""
+        with _mapped(path) as data:
+            decode_views(data, expected=layout, max_bytes=max_bytes)
+
+    @staticmethod
+    def sync(path: Path) -> None:
+        """fsync an incoming file's bytes, so its rename can be made durable."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def commit_update(self, device_id: str, incoming: Path) -> str:
+        """Rename a checked, fsynced incoming file to the device's update file (directory
+        fsynced); return its name."""
+        name = self.update_file_name(device_id)
+        folder = self.state_dir / ROUND_DIR
+        os.replace(incoming, folder / name)
+        fsync_dir(folder)
+        return name
+
+    def fold_update(self, name: str, layout: Layout, use: Callable[[StateDict], T]) -> T:
+        """``use(update)`` with a committed update as read-only views over its mapped file
+        (the structure is checked again, the values were at intake); the map is closed
+        after, unless ``use`` kept a view."""
+        with _mapped(self.state_dir / ROUND_DIR / Path(name).name) as data:
+            views = decode_views(data, expected=layout, finite=False)
+            try:
+                return use(views)
+            finally:
+                del views
+
     def save(self, saved: SavedRound) -> None:
         """Persist the open round (atomically replacing the previous ``round.json``)."""
         write_atomic(
@@ -119,3 +184,20 @@ class RoundStore:
             for path in folder.iterdir():
                 with contextlib.suppress(OSError):
                     path.unlink()
+
+
+@contextlib.contextmanager
+def _mapped(path: Path) -> Iterator[bytes | mmap.mmap]:
+    """A file's bytes as a read-only memory map (an empty file as ``b""``)."""
+    with path.open("rb") as fh:
+        if os.fstat(fh.fileno()).st_size == 0:
+            mapped: bytes | mmap.mmap = b""
+        else:
+            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        yield mapped
+    finally:
+        if isinstance(mapped, mmap.mmap):
+            # A view still alive keeps the map exported; it is then freed with the view.
+            with contextlib.suppress(BufferError):
+                mapped.close()

@@ -9,6 +9,9 @@ in the same directory, fsync, ``os.replace``), and the weights file is written b
 state. :meth:`Store.load` returns None when the directory holds no state, and raises
 :class:`StoreError` with a one-line message when the state is unreadable, corrupt, or
 belongs to another task or model layout. Older weights files are removed after a save.
+A save is two steps the server may run apart (:meth:`Store.save_weights`, then
+:meth:`Store.save_history`), so that other work (the new version's evaluation) can run
+while the weights are written; only ``history.json`` makes a version the saved one.
 The open round (its accepted updates) is kept apart, by :mod:`server.roundstore`.
 """
 
@@ -101,15 +104,43 @@ class Store:
     ) -> None:
         """Persist a new global version (``encoded`` = its safetensors bytes, if at hand)."""
         data = encoded if encoded is not None else encode(state, "safetensors")
+        digest = sha256_hex(data)
+        name = self.save_weights(version, data)
+        self.save_history(
+            task=task,
+            version=version,
+            rounds_completed=rounds_completed,
+            weights_name=name,
+            weights_sha256=digest,
+            history=history,
+        )
+
+    def save_weights(self, version: int, data: bytes) -> str:
+        """Write version ``version``'s safetensors document (fsynced); its file name. Not
+        yet the saved state: :meth:`save_history` naming it makes it so."""
         weights_name = f"global-v{version}.safetensors"
         write_atomic(self.state_dir / weights_name, data)
+        return weights_name
+
+    def save_history(
+        self,
+        *,
+        task: str,
+        version: int,
+        rounds_completed: int,
+        weights_name: str,
+        weights_sha256: str,
+        history: list[RoundRecord],
+    ) -> None:
+        """Write ``history.json`` naming a weights file :meth:`save_weights` wrote (fsynced),
+        then remove the older weights files."""
         meta: dict[str, Any] = {
             "format": STATE_FORMAT,
             "task": task,
             "version": version,
             "roundsCompleted": rounds_completed,
             "weightsFile": weights_name,
-            "weightsSha256": sha256_hex(data),
+            "weightsSha256": weights_sha256,
             "history": [r.model_dump(by_alias=True, mode="json") for r in history],
         }
         write_atomic(self.state_dir / HISTORY_FILE, json.dumps(meta, indent=1).encode("utf-8"))

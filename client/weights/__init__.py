@@ -12,6 +12,9 @@ Contract:
   size, JSON structure, dtypes, shapes, and that the data offsets tile the data section
   exactly. Optionally the result is checked against an expected :data:`Layout` (every
   difference listed, :func:`check_layout_matches`), and float tensors are checked for NaN/Inf.
+* :func:`decode_views` runs exactly the checks of :func:`decode` on a safetensors document
+  but makes no copy: each tensor is a read-only array over the given buffer (``bytes``,
+  an ``mmap`` of a file, ...), valid while that buffer is.
 * ``decode(encode(x))`` equals ``x`` bit for bit (including ``-0.0``, subnormals and the
   payload of every dtype) for every supported dtype, in both formats.
 * Every refusal raises :class:`WeightsError` with its own :data:`client.errors.ErrorCode`
@@ -30,6 +33,7 @@ table, limits and shared types), :mod:`.checks` (the validation both formats sha
 from __future__ import annotations
 
 import hashlib
+import mmap
 from typing import Any
 
 import numpy as np
@@ -153,6 +157,40 @@ def decode(
     return out
 
 
+def decode_views(
+    data: bytes | bytearray | memoryview | mmap.mmap,
+    *,
+    expected: Layout | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    finite: bool = True,
+) -> StateDict:
+    """Check a safetensors document like :func:`decode`, without copying its tensors.
+
+    Returns read-only arrays over ``data`` itself (little-endian dtypes as stored; they
+    keep ``data``'s buffer exported until they are dropped). Raises :class:`WeightsError`
+    with the same codes, in the same order, as ``decode(data, "safetensors", ...)``.
+    ``finite=False`` skips only the NaN/Inf pass, for a document this process has
+    already checked (every structural and layout check still runs).
+    """
+    view = memoryview(data)
+    if view.ndim != 1 or view.format != "B":
+        view = view.cast("B")
+    if view.nbytes > max_bytes:
+        raise WeightsError(
+            "oversized", f"the weights are {view.nbytes} bytes; the limit is {max_bytes}"
+        )
+    entries, body_start = safetensors_format.parse(view, max_bytes)
+    if expected is not None:
+        check_layout(entries, expected)
+    out: StateDict = {}
+    for entry in entries:
+        arr = safetensors_format.view_of(view, body_start, entry)
+        if finite:
+            check_finite(entry.name, arr)
+        out[entry.name] = arr
+    return out
+
+
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "MAX_HEADER_BYTES",
@@ -165,6 +203,7 @@ __all__ = [
     "WeightsError",
     "check_layout_matches",
     "decode",
+    "decode_views",
     "encode",
     "layout_mismatches",
     "layout_of",

@@ -8,7 +8,8 @@ Contract:
 * :func:`parse` checks every byte of a peer's header (length and size, JSON structure,
   dtypes, shapes, and that the data offsets tile the data section exactly) before
   anything is allocated for its tensors; :func:`materialise` then makes one writable,
-  C-contiguous, native-byte-order array per tensor.
+  C-contiguous, native-byte-order array per tensor, or :func:`view_of` a read-only
+  array over the document's own bytes (no copy; little-endian as stored).
 * Refusals raise :class:`~client.weights.spec.WeightsError`: ``malformed``, ``oversized``,
   ``unknown_dtype``, ``bad_offsets``, ``truncated``.
 
@@ -171,3 +172,21 @@ def materialise(view: memoryview, body_start: int, entry: Entry) -> npt.NDArray[
     raw = np.frombuffer(view, dtype=entry.dtype, count=count, offset=body_start + entry.start)
     check_bool_bytes(entry.name, raw)
     return raw.reshape(entry.shape).astype(entry.dtype.newbyteorder("="), order="C")
+
+
+def view_of(view: memoryview, body_start: int, entry: Entry) -> npt.NDArray[Any]:
+    """A read-only array over the tensor's bytes in the document: no copy at all.
+
+    The dtype is the document's (little-endian); it keeps ``view``'s buffer alive. Bool
+    tensors are checked for bytes other than 0/1, as :func:`materialise` does.
+    """
+    count = math.prod(entry.shape)
+    if count == 0:
+        empty = np.empty(entry.shape, dtype=entry.dtype)
+        empty.flags.writeable = False
+        return empty
+    raw = np.frombuffer(view, dtype=entry.dtype, count=count, offset=body_start + entry.start)
+    check_bool_bytes(entry.name, raw)
+    arr = raw.reshape(entry.shape)
+    arr.flags.writeable = False
+    return arr
