@@ -16,6 +16,8 @@ server reads records and changes them only through the named transitions below
 (``register``, ``heartbeat``, ``progress``, ``touch``, ``disconnect``,
 ``training_started``, ``refused_paused``, ``training_failed``, ``update_accepted``,
 ``holds_version``, ``rounds_counted``). A transition for an unknown device id does nothing.
+``hardware_reported`` is the registration update a heartbeat may carry (the GPU found
+after registering): it replaces the registered hardware, idempotently.
 """
 
 from __future__ import annotations
@@ -131,6 +133,14 @@ class Registry:
         if hb.weights_version is not None:
             record.weights_version = hb.weights_version
         record.last_seen = now
+
+    def hardware_reported(self, device_id: str, hardware: HardwareInfo) -> bool:
+        """A heartbeat updated the device's hardware; True when it changed."""
+        record = self._devices.get(device_id)
+        if record is None or record.hardware == hardware:
+            return False
+        record.hardware = hardware
+        return True
 
     def progress(self, device_id: str, progress: TrainingProgress, now: float) -> None:
         record = self._devices[device_id]
