@@ -1,24 +1,31 @@
-"""What this device is: type, platform, hardware, torch version.
+"""What this device is: type, platform, hardware, torch version, and the GPU torch can use.
 
 Contract:
 
 * :func:`detect_device` returns a :class:`DeviceInfo` and never raises for a missing
   torch, a failing GPU probe or an unusable cache directory: those give ``gpu=None``
-  (with a logged warning for probe and cache problems).
+  (with a logged warning for probe and cache problems). With ``probe_gpu=False`` it
+  takes the GPU from the cache only (``None`` when nothing is cached) and returns in
+  milliseconds: a session registers with that and finds the GPU later
+  (:func:`find_gpu`, reported in a heartbeat, see :mod:`client.session.hardware`).
 * It never imports torch in the calling process. The torch version comes from package
-  metadata; the GPU comes from :mod:`client.gpu_probe` run as a subprocess (see
-  :func:`probe_command`), at most :data:`PROBE_TIMEOUT_S` seconds. The answer is cached
-  as JSON in ``<user cache dir>/gpu.json`` keyed by (``sys.executable``, torch version),
-  so the probe runs once per interpreter and torch install. A failed probe is not
-  cached (it may be transient) and is retried on the next call. The first call after a
-  torch install may therefore block for seconds: call it off the event loop.
+  metadata. :func:`find_gpu` answers from the cache, else from the OS without torch
+  (:mod:`client.gpu_facts`), else from :mod:`client.gpu_probe` run as a subprocess (see
+  :func:`probe_command`), at most :data:`PROBE_TIMEOUT_S` seconds and killed when the
+  caller is cancelled. :data:`GPU_PROBE_COMMAND_ENV` (a JSON list of strings), when
+  set, replaces both the OS and the torch probe with that command (for tests: a slow or
+  made-up probe). The answer is cached as JSON in ``<user cache dir>/gpu.json`` keyed
+  by (``sys.executable``, torch version), so a probe runs once per interpreter and
+  torch install (:func:`cached_gpu` reads it). A failed probe is not cached (it may be
+  transient) and is retried on the next call.
 * Without torch there is no probe and ``gpu`` is None.
-* :func:`classify_device`, :func:`has_display`, :func:`probe_command` and
-  :func:`parse_probe_output` are pure.
+* :func:`classify_device`, :func:`has_display`, :func:`probe_command`,
+  :func:`parse_probe_output` and :func:`parse_probe_command_env` are pure.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.metadata
 import json
@@ -29,14 +36,16 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import platformdirs
 import psutil
 from pydantic import ValidationError
 
 from client import __version__
+from client.gpu_facts import ASK_TORCH, AskTorch, decide, read_gpu_facts
 from client.gpu_probe import GPU_PROBE_FLAG
 from client.protocol import (
     DeviceType,
@@ -53,6 +62,7 @@ logger = logging.getLogger(__name__)
 APP_NAME = "fedtray"
 GPU_CACHE_FILENAME = "gpu.json"
 PROBE_TIMEOUT_S = 30.0
+GPU_PROBE_COMMAND_ENV: Final = "FEDTRAY_GPU_PROBE_COMMAND"
 _MIB = 1024 * 1024
 # Systems whose desktop is not X11/Wayland: a display is always there.
 _ALWAYS_DISPLAY = frozenset({"Darwin", "Windows"})
@@ -66,6 +76,17 @@ class DeviceInfo(WireModel):
     hardware: HardwareInfo
     torch_version: ShortText | None
     client_version: ShortText
+
+    def with_gpu(self, gpu: GpuInfo | None) -> DeviceInfo:
+        """This description with ``gpu`` as its GPU."""
+        return self.model_copy(update={"hardware": self.hardware.model_copy(update={"gpu": gpu})})
+
+
+@dataclass(frozen=True)
+class KnownGpu:
+    """A settled answer about the GPU (``gpu`` None: torch can use none)."""
+
+    gpu: GpuInfo | None
 
 
 class GpuProbeError(Exception):
@@ -136,6 +157,21 @@ def parse_probe_output(stdout: str) -> GpuInfo | None:
         raise GpuProbeError(f"the GPU probe's answer is invalid: {exc}") from None
 
 
+def parse_probe_command_env(text: str) -> list[str]:
+    """A :data:`GPU_PROBE_COMMAND_ENV` value: a non-empty JSON list of strings. Raises
+    :class:`ValueError` naming the variable otherwise."""
+    try:
+        value: Any = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not value or not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(
+            f"{GPU_PROBE_COMMAND_ENV}={text[:200]!r} is not a JSON list of strings "
+            '(e.g. ["python", "-c", "print(\'null\')"])'
+        )
+    return value
+
+
 # --- I/O at the edges ------------------------------------------------------------------
 
 
@@ -163,32 +199,38 @@ def _probe_env() -> dict[str, str]:
     return env
 
 
-def run_gpu_probe(command: Sequence[str], timeout: float) -> GpuInfo | None:
-    """Run the probe subprocess and return its answer; raise :class:`GpuProbeError` on failure."""
+async def run_gpu_probe(command: Sequence[str], timeout: float) -> GpuInfo | None:
+    """Run the probe subprocess and return its answer; raise :class:`GpuProbeError` on
+    failure. The child is killed on a timeout and when the caller is cancelled."""
     # No console window flashing up when the tray (a GUI app) starts the probe.
-    creationflags = 0
+    kwargs: dict[str, Any] = {}
     if sys.platform == "win32":
-        creationflags = subprocess.CREATE_NO_WINDOW
+        kwargs["creationflags"] = subprocess.CREATE_NO_WINDOW
     try:
-        done = subprocess.run(
-            list(command),
+        proc = await asyncio.create_subprocess_exec(
+            *command,
             stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            errors="replace",
-            timeout=timeout,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             env=_probe_env(),
-            creationflags=creationflags,
-            check=False,
+            **kwargs,
         )
-    except subprocess.TimeoutExpired:
-        raise GpuProbeError(f"the GPU probe did not answer within {timeout:g} s") from None
     except OSError as exc:
         raise GpuProbeError(f"the GPU probe could not start: {exc}") from None
-    if done.returncode != 0:
-        detail = done.stderr.strip()[-500:] or "no message"
-        raise GpuProbeError(f"the GPU probe exited with status {done.returncode}: {detail}")
-    return parse_probe_output(done.stdout)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        raise GpuProbeError(f"the GPU probe did not answer within {timeout:g} s") from None
+    finally:
+        if proc.returncode is None:  # timed out or cancelled: do not leave it running
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            with contextlib.suppress(Exception):
+                await asyncio.shield(proc.wait())
+    if proc.returncode != 0:
+        detail = err.decode(errors="replace").strip()[-500:] or "no message"
+        raise GpuProbeError(f"the GPU probe exited with status {proc.returncode}: {detail}")
+    return parse_probe_output(out.decode(errors="replace"))
 
 
 def _read_cache(path: Path, executable: str, version: str) -> _GpuCache | None:
@@ -227,6 +269,69 @@ def _write_cache(path: Path, entry: _GpuCache) -> None:
                 tmp.unlink(missing_ok=True)
 
 
+def cached_gpu(
+    torch_version: str, *, cache_dir: Path | None = None, executable: str | None = None
+) -> KnownGpu | None:
+    """The cached answer for this interpreter and torch version, or None (not cached)."""
+    exe = executable if executable is not None else sys.executable
+    path = (cache_dir if cache_dir is not None else default_cache_dir()) / GPU_CACHE_FILENAME
+    cached = _read_cache(path, exe, torch_version)
+    return KnownGpu(cached.gpu) if cached is not None else None
+
+
+def os_gpu_answer() -> GpuInfo | AskTorch | None:
+    """What the OS says without torch (:mod:`client.gpu_facts`); never raises."""
+    try:
+        return decide(read_gpu_facts())
+    except Exception as exc:  # a bug or an odd OS: the torch probe still answers
+        logger.warning("could not read the GPU from the OS (%r); asking torch", exc)
+        return ASK_TORCH
+
+
+async def find_gpu(
+    torch_version: str,
+    *,
+    cache_dir: Path | None = None,
+    executable: str | None = None,
+    command: Sequence[str] | None = None,
+    timeout: float = PROBE_TIMEOUT_S,
+) -> GpuInfo | None:
+    """The GPU torch can use: the cache, else the OS, else the torch probe; None on any
+    failure (logged). Never raises but :class:`asyncio.CancelledError`.
+
+    ``executable`` (default ``sys.executable``) is both part of the cache key and the
+    interpreter the probe runs with; ``command`` (or :data:`GPU_PROBE_COMMAND_ENV`)
+    replaces the OS and torch probes with that command.
+    """
+    exe = executable if executable is not None else sys.executable
+    cache = cache_dir if cache_dir is not None else default_cache_dir()
+    known = cached_gpu(torch_version, cache_dir=cache, executable=exe)
+    if known is not None:
+        return known.gpu
+    if command is None and (override := os.environ.get(GPU_PROBE_COMMAND_ENV)):
+        try:
+            command = parse_probe_command_env(override)
+        except ValueError as exc:
+            logger.warning("%s; ignoring it", exc)
+    answer: GpuInfo | AskTorch | None = ASK_TORCH
+    if command is None:
+        answer = await asyncio.to_thread(os_gpu_answer)
+    if isinstance(answer, AskTorch):
+        argv = (
+            list(command)
+            if command is not None
+            else probe_command(exe, bool(getattr(sys, "frozen", False)))
+        )
+        try:
+            answer = await run_gpu_probe(argv, timeout)
+        except GpuProbeError as exc:
+            logger.warning("GPU detection failed, training will use the CPU: %s", exc)
+            return None
+    entry = _GpuCache(executable=exe, torch_version=torch_version, gpu=answer)
+    await asyncio.to_thread(_write_cache, cache / GPU_CACHE_FILENAME, entry)
+    return answer
+
+
 def detect_gpu(
     torch_version: str,
     *,
@@ -235,28 +340,16 @@ def detect_gpu(
     command: Sequence[str] | None = None,
     timeout: float = PROBE_TIMEOUT_S,
 ) -> GpuInfo | None:
-    """The GPU torch can use, from the cache or a fresh probe; None on any failure (logged).
-
-    ``executable`` (default ``sys.executable``) is both part of the cache key and the
-    interpreter the probe runs with; ``command`` overrides the probe command line.
-    """
-    exe = executable if executable is not None else sys.executable
-    path = (cache_dir if cache_dir is not None else default_cache_dir()) / GPU_CACHE_FILENAME
-    cached = _read_cache(path, exe, torch_version)
-    if cached is not None:
-        return cached.gpu
-    argv = (
-        list(command)
-        if command is not None
-        else probe_command(exe, bool(getattr(sys, "frozen", False)))
+    """:func:`find_gpu` for synchronous callers with no running event loop."""
+    return asyncio.run(
+        find_gpu(
+            torch_version,
+            cache_dir=cache_dir,
+            executable=executable,
+            command=command,
+            timeout=timeout,
+        )
     )
-    try:
-        gpu = run_gpu_probe(argv, timeout)
-    except GpuProbeError as exc:
-        logger.warning("GPU detection failed, training will use the CPU: %s", exc)
-        return None
-    _write_cache(path, _GpuCache(executable=exe, torch_version=torch_version, gpu=gpu))
-    return gpu
 
 
 def detect_platform() -> PlatformInfo:
@@ -270,11 +363,17 @@ def detect_platform() -> PlatformInfo:
 
 
 def detect_device(*, probe_gpu: bool = True, cache_dir: Path | None = None) -> DeviceInfo:
-    """Describe this device for registration (see the module contract)."""
+    """Describe this device (see the module contract). ``probe_gpu=False``: the GPU from
+    the cache only, no probe (returns at once; None when nothing is cached)."""
     system = platform.system()
     battery = battery_present()
     version = torch_version()
-    gpu = detect_gpu(version, cache_dir=cache_dir) if probe_gpu and version is not None else None
+    gpu: GpuInfo | None = None
+    if version is not None:
+        if probe_gpu:
+            gpu = detect_gpu(version, cache_dir=cache_dir)
+        elif (known := cached_gpu(version, cache_dir=cache_dir)) is not None:
+            gpu = known.gpu
     hardware = HardwareInfo(
         cpu_cores=max(1, psutil.cpu_count(logical=True) or os.cpu_count() or 1),
         ram_total_mb=max(1, int(psutil.virtual_memory().total) // _MIB),

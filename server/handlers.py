@@ -255,6 +255,15 @@ class DeviceNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         record = self._record(sid)
         was = record.state
         self._registry.heartbeat(record.device_id, hb, time.monotonic())
+        if hb.hardware is not None and self._registry.hardware_reported(
+            record.device_id, hb.hardware
+        ):
+            gpu = hb.hardware.gpu
+            log.info(
+                "device %s updated its hardware: GPU %s",
+                record.name,
+                f"{gpu.kind} {gpu.name or ''}".strip() if gpu else "none",
+            )
         if hb.state == "paused" and was != "paused":
             log.info(
                 "device %s paused: %s%s",

@@ -260,6 +260,17 @@ compatible server or client in another language.
    offered again later. `weights:global` may arrive at any time after registration,
    even before the registration ack is processed.
 4. Client → `device:heartbeat` every `heartbeatIntervalSec` (ack `OkAck`).
+   **Updating the registration**: a device registers at once, before it knows
+   everything about itself (the reference device does not wait seconds for its GPU
+   probe: it registers with `hardware.gpu` null, or with the answer cached from an
+   earlier start). When it learns more, it sends a heartbeat at once with `hardware`
+   set; the server replaces the device's registered hardware with it (idempotently:
+   the same hardware again changes nothing) and shows it in `GET /api/status`
+   (`devices[].gpu`). The device repeats `hardware` in its heartbeats until one is
+   acknowledged; a heartbeat without `hardware` leaves the registered hardware as it
+   is. A new `device:register` (after a reconnect) carries the hardware as known then
+   and replaces it too. A `device:register` is not repeated on a live connection for
+   this: a registration resets the device's round state.
 5. When the server starts a round it selects eligible devices (connected, registered, not
    paused, not stale, and listing the server's task in `capabilities.tasks` — a device
    lists every task it has installed; the server's task is in `DeviceRegistered.task` and

@@ -21,8 +21,10 @@ The registry is the one writer of every :class:`DeviceRecord` field: the rest of
 server reads records and changes them only through the named transitions below
 (``register``, ``heartbeat``, ``progress``, ``touch``, ``disconnect``,
 ``training_started``, ``refused_paused``, ``refused_round``, ``refused_weights``,
-``training_failed``, ``update_accepted``, ``holds_version``, ``rounds_counted``). A
-transition for an unknown device id does nothing.
+``training_failed``, ``update_accepted``, ``holds_version``, ``rounds_counted``,
+``hardware_reported``). A transition for an unknown device id does nothing.
+``hardware_reported`` is the registration update a heartbeat may carry (the GPU found
+after registering): it replaces the registered hardware, idempotently.
 """
 
 from __future__ import annotations
@@ -143,6 +145,14 @@ class Registry:
             record.weights_version = hb.weights_version
             _clear_refused_weights(record)
         record.last_seen = now
+
+    def hardware_reported(self, device_id: str, hardware: HardwareInfo) -> bool:
+        """A heartbeat updated the device's hardware; True when it changed."""
+        record = self._devices.get(device_id)
+        if record is None or record.hardware == hardware:
+            return False
+        record.hardware = hardware
+        return True
 
     def progress(self, device_id: str, progress: TrainingProgress, now: float) -> None:
         record = self._devices[device_id]

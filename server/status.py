@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from client.protocol import DeviceState, DeviceType, PauseReason
+from client.protocol import DeviceState, DeviceType, GpuInfo, PauseReason
 from server.registry import Registry
 from server.rounds import Round
 
@@ -82,6 +82,11 @@ class DeviceStatus(StatusModel):
     weights_version: int | None = None
     progress: float | None = Field(default=None, description="Local training fraction, 0-1.")
     client_version: str
+    gpu: GpuInfo | None = Field(
+        default=None,
+        description="The accelerator the device reported (at registration or in a later "
+        "heartbeat), null for none or not known yet.",
+    )
 
 
 class ServerStatus(StatusModel):
@@ -146,6 +151,7 @@ def build_status(
                 weights_version=rec.weights_version,
                 progress=rec.progress.fraction if rec.progress else None,
                 client_version=rec.client_version,
+                gpu=rec.hardware.gpu,
             )
         )
     return ServerStatus(

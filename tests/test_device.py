@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import logging
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import platformdirs
+import psutil
 import pytest
 
 from client import __version__, device
@@ -27,6 +29,7 @@ from client.device import (
     probe_command,
 )
 from client.errors import FedtrayError
+from client.gpu_facts import ASK_TORCH
 from client.protocol import GpuInfo, parse
 from tests.waiting import scaled
 
@@ -39,6 +42,13 @@ def _isolated_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(var, str(tmp_path / var.lower()))
 
 
+@pytest.fixture(autouse=True)
+def _os_cannot_tell(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The OS answer is tested on its own (tests/test_gpu_facts.py); here the torch probe
+    must answer, whatever this machine's OS would say."""
+    monkeypatch.setattr(device, "os_gpu_answer", lambda: ASK_TORCH)
+
+
 class CountingProbe:
     """Wraps the probe runner to count how often a subprocess would be spawned."""
 
@@ -48,10 +58,10 @@ class CountingProbe:
         self.real = real
         self._real_runner = device.run_gpu_probe
 
-    def __call__(self, command: Sequence[str], timeout: float) -> GpuInfo | None:
+    async def __call__(self, command: Sequence[str], timeout: float) -> GpuInfo | None:
         self.calls.append(list(command))
         if self.real:
-            return self._real_runner(command, timeout)
+            return await self._real_runner(command, timeout)
         return self.answer
 
 
@@ -397,7 +407,7 @@ def test_real_probe_succeeds_from_a_foreign_directory(
     """The real probe subprocess gives a valid answer (run_gpu_probe raises otherwise), even
     when the working directory is not the source checkout."""
     monkeypatch.chdir(tmp_path)
-    gpu = device.run_gpu_probe(probe_command(sys.executable, frozen=False), 120)
+    gpu = asyncio.run(device.run_gpu_probe(probe_command(sys.executable, frozen=False), 120))
     if importlib.util.find_spec("torch") is None:
         assert gpu is None
     else:
@@ -433,3 +443,78 @@ def test_gpu_probe_module_does_not_import_torch() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr
+
+
+# --- the probe command override and cancellation -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('["python", "-c", "print(1)"]', ["python", "-c", "print(1)"]),
+        ('["/bin/probe"]', ["/bin/probe"]),
+        ("[]", None),
+        ("python -c x", None),
+        ('"python"', None),
+        ('["python", 3]', None),
+        ('{"a": 1}', None),
+    ],
+)
+def test_parse_probe_command_env(text: str, expected: list[str] | None) -> None:
+    if expected is None:
+        with pytest.raises(ValueError, match=device.GPU_PROBE_COMMAND_ENV):
+            device.parse_probe_command_env(text)
+    else:
+        assert device.parse_probe_command_env(text) == expected
+
+
+def test_probe_command_env_replaces_os_and_torch_probes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(device, "os_gpu_answer", lambda: None)  # would say "no GPU"
+    answer = '{"kind": "cuda", "name": "Env GPU", "memoryMb": 7}'
+    monkeypatch.setenv(
+        device.GPU_PROBE_COMMAND_ENV, json.dumps([sys.executable, "-c", f"print({answer!r})"])
+    )
+    assert detect_gpu("2.13.0", cache_dir=tmp_path) == GpuInfo(
+        kind="cuda", name="Env GPU", memory_mb=7
+    )
+
+
+def test_os_answer_settles_it_without_the_torch_probe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h200 = GpuInfo(kind="cuda", name="NVIDIA H200", memory_mb=143771)
+    monkeypatch.setattr(device, "os_gpu_answer", lambda: h200)
+    probe = CountingProbe(None)
+    monkeypatch.setattr(device, "run_gpu_probe", probe)
+    assert detect_gpu("2.13.0", cache_dir=tmp_path) == h200
+    assert probe.calls == []
+    # cached like a torch answer
+    assert device.cached_gpu("2.13.0", cache_dir=tmp_path) == device.KnownGpu(h200)
+
+
+def test_cancelled_probe_kills_its_subprocess(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    script = (
+        "import os, pathlib, time\n"
+        f"pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid()))\n"
+        "time.sleep(600)\n"
+    )
+
+    async def scenario() -> int:
+        task = asyncio.create_task(
+            device.find_gpu("2.13.0", cache_dir=tmp_path, command=[sys.executable, "-c", script])
+        )
+        deadline = asyncio.get_running_loop().time() + scaled(30)
+        while not pid_file.exists() or not pid_file.read_text():
+            assert asyncio.get_running_loop().time() < deadline, "the probe never started"
+            await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return int(pid_file.read_text())
+
+    pid = asyncio.run(scenario())
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert not (tmp_path / "gpu.json").exists()

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from server_harness import register_payload
 
-from client.protocol import DeviceRegister, Heartbeat, parse
+from client.protocol import DeviceRegister, GpuInfo, Heartbeat, parse
 from server.registry import DeviceRecord, Registry
 
 DEV = "00000000-0000-4000-8000-000000000001"
@@ -132,3 +132,16 @@ def test_name_of() -> None:
     registry = registry_with("idle")
     assert registry.name_of(DEV) == "dev"
     assert registry.name_of(OTHER) == OTHER
+
+
+def test_hardware_reported_replaces_the_registered_hardware_idempotently() -> None:
+    registry = registry_with("training")
+    hardware = parse(DeviceRegister, register_payload(DEV)).hardware
+    assert registry.hardware_reported(DEV, hardware) is False  # the same: nothing changes
+    h200 = hardware.model_copy(update={"gpu": GpuInfo(kind="cuda", name="H200", memory_mb=9)})
+    assert registry.hardware_reported(DEV, h200) is True
+    record = registry.get(DEV)
+    assert record is not None and record.hardware.gpu == h200.gpu
+    assert record.state == "training"  # an update, not a new registration
+    assert registry.hardware_reported(DEV, h200) is False
+    assert registry.hardware_reported(OTHER, h200) is False  # unknown device: nothing

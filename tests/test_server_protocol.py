@@ -94,6 +94,31 @@ def test_heartbeat_is_acked_and_status_shows_resources(tmp_path: Path) -> None:
         run_devices(scenario(srv))
 
 
+def test_heartbeat_hardware_updates_the_registration(tmp_path: Path) -> None:
+    """The registration update: a heartbeat with ``hardware`` replaces the registered
+    hardware (the GPU shows in the status); one without it changes nothing."""
+    gpu = {"kind": "cuda", "name": "NVIDIA H200", "memoryMb": 143771}
+
+    async def scenario(srv: ServerHandle) -> None:
+        dev = ScriptedDevice(srv.url, name="late-gpu")
+        await dev.join()
+        assert srv.status()["devices"][0]["gpu"] is None
+        hardware = {"cpuCores": 4, "ramTotalMb": 8192, "gpu": gpu, "batteryPresent": True}
+        for _ in range(2):  # idempotent
+            assert await dev.heartbeat(hardware=hardware) == {"ok": True}
+            status = await srv.await_status(lambda s: s["devices"][0]["gpu"] is not None)
+            assert status["devices"][0]["gpu"] == gpu
+            assert status["devices"][0]["connected"]
+        assert await dev.heartbeat() == {"ok": True}
+        assert srv.status()["devices"][0]["gpu"] == gpu
+        bad = {**hardware, "gpu": {"kind": "tpu"}}
+        assert (await dev.heartbeat(hardware=bad))["code"] == "bad_request"
+        assert srv.status()["devices"][0]["gpu"] == gpu
+
+    with running_server(tmp_path, **QUIET) as srv:
+        run_devices(scenario(srv))
+
+
 def test_device_goes_stale_after_three_missed_heartbeats(tmp_path: Path) -> None:
     async def scenario(srv: ServerHandle) -> None:
         dev = ScriptedDevice(srv.url, name="quiet")

@@ -231,6 +231,12 @@ class Heartbeat(WireModel):
     round_id: Identifier | None = None
     weights_version: NonNegInt | None = None
     resources: ResourceSnapshot
+    hardware: HardwareInfo | None = Field(
+        default=None,
+        description="The device's hardware when it changed since registration (its GPU "
+        "probe finished after it registered); it replaces the registered hardware. null: "
+        "unchanged. Sent until a heartbeat carrying it is acknowledged.",
+    )
 
 
 # --- training --------------------------------------------------------------------------

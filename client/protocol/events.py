@@ -108,7 +108,9 @@ HEARTBEAT: Final = EventSpec(
     "device→server",
     Heartbeat,
     OkAck,
-    "State and resources every heartbeatIntervalSec; 3 missed intervals mark a device stale.",
+    "State and resources every heartbeatIntervalSec; 3 missed intervals mark a device stale. "
+    "Also updates the registration: a heartbeat with hardware replaces the registered "
+    "hardware (the GPU, found after registering).",
 )
 WEIGHTS_GLOBAL: Final = EventSpec(
     EV_WEIGHTS_GLOBAL,

@@ -16,7 +16,9 @@ caller's thread and run on the session loop; the facade calls it only through th
   :meth:`SessionCore._settings_changed` is THE one place new settings take effect,
   whoever changed them (the snapshot shows them, pause sources re-decide, connection
   settings reconnect at once).
-* :meth:`run` reads the device, the held weights and builds the worker off the loop,
+* :meth:`run` describes the device at once (its GPU found in the background and
+  reported in a heartbeat, :mod:`client.session.hardware`), reads the held weights and
+  builds the worker off the loop,
   starts the pause sources (the battery is read before connecting) and the settings
   watch, then connects until :meth:`shutdown`. An unexpected exception is logged and
   shown as ``last_error`` rather than hanging; the snapshot always ends ``stopped``.
@@ -26,7 +28,6 @@ caller's thread and run on the session loop; the facade calls it only through th
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -34,7 +35,7 @@ from typing import Any
 
 from client.backoff import Backoff
 from client.config import Settings
-from client.device import DeviceInfo, detect_device
+from client.device import DeviceInfo
 from client.global_store import GlobalStore
 from client.pending import PendingStore
 from client.power_monitor import PowerMonitor
@@ -53,6 +54,7 @@ from client.session.base_weights import CLIENT_MAX_CHUNK_BYTES, BaseWeights
 from client.session.decisions import device_state
 from client.session.expected_layout import ExpectedLayouts
 from client.session.filecache import FileCache
+from client.session.hardware import DeviceDescription
 from client.session.hub import SnapshotHub
 from client.session.link import Guarded, ServerLink
 from client.session.live_settings import LiveSettings
@@ -92,7 +94,7 @@ class SessionCore:
         self.settings = settings
         settings.on_change = self._settings_changed
         settings.on_report = lambda report: hub.publish(settings_report=report)
-        self._device_info = device_info
+        self.device = DeviceDescription(device_info, on_found=self._hardware_found)
         power = PowerMonitor(battery_source, power_poll_interval)
         # Heartbeats report the power monitor's last reading: reading the battery again
         # on the loop could block it.
@@ -113,6 +115,7 @@ class SessionCore:
             handlers=self.handlers,
             register_payload=self._register_payload,
             heartbeat=self._heartbeat,
+            heartbeat_acked=self.device.acked,
             on_heartbeat=self._heartbeat_sent,
             on_connected=self._connected,
             on_disconnected=self._disconnected,
@@ -236,9 +239,11 @@ class SessionCore:
             round_id=self._round_id(),
         )
 
+    def _hardware_found(self) -> None:
+        self.link.heartbeat_soon()  # the registration update (Heartbeat.hardware)
+
     def _register_payload(self) -> dict[str, Any]:
-        info = self._device_info
-        assert info is not None
+        info = self.device.info
         settings = self.settings.value
         held = self.weights.held
         applied = self.pauses.applied
@@ -248,7 +253,7 @@ class SessionCore:
             name=settings.device_name,
             device_type=info.device_type,
             platform=info.platform,
-            hardware=info.hardware,
+            hardware=self.device.for_registration(),
             resources=self._monitor.snapshot(),
             capabilities=Capabilities(
                 torch_version=None if simulation else info.torch_version,
@@ -276,6 +281,7 @@ class SessionCore:
             round_id=self._round_id(),
             weights_version=held.version if held else None,
             resources=self._monitor.snapshot(),
+            hardware=self.device.unreported(),
         )
 
     # -- pausing ----------------------------------------------------------------------
@@ -297,9 +303,8 @@ class SessionCore:
 
     async def run(self) -> None:
         try:
-            if self._device_info is None:
-                # The GPU probe may take seconds the first time: keep it off the loop.
-                self._device_info = await asyncio.to_thread(detect_device)
+            # At once (no GPU probe); the GPU follows in a heartbeat when found.
+            await self.device.detect()
             await self.weights.load()
             await self.rounds.start_worker()
             held = self.weights.held
@@ -333,6 +338,7 @@ class SessionCore:
         await self.link.shutdown()
 
     async def _teardown(self) -> None:
+        await self.device.stop()
         await self.pauses.stop()
         await self.settings.stop()
         await self.rounds.stop_worker()

@@ -23,8 +23,10 @@ Contract (a loop-only object; every method runs on the session loop):
   log (never raise) a failure; :meth:`caller` gives the acked call of the current
   connection (``None`` when not connected).
 * Collaborators are callables: ``register_payload`` and ``heartbeat`` describe the
-  device, ``on_heartbeat`` runs with every beat, ``on_connected`` after each
-  registration, ``on_disconnected`` after each connection's tasks ended.
+  device, ``on_heartbeat`` runs with every beat, ``heartbeat_acked`` with each beat the
+  server acknowledged (a heartbeat may carry a registration update that is repeated
+  until then), ``on_connected`` after each registration, ``on_disconnected`` after each
+  connection's tasks ended.
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ class ServerLink:
         register_payload: Callable[[], dict[str, Any]],
         heartbeat: Callable[[], Heartbeat],
         on_heartbeat: Callable[[], None],
+        heartbeat_acked: Callable[[Heartbeat], None] = lambda _beat: None,
         on_connected: Callable[[], None],
         on_disconnected: Callable[[], None],
     ) -> None:
@@ -115,6 +118,7 @@ class ServerLink:
         self._register_payload = register_payload
         self._heartbeat = heartbeat
         self._on_heartbeat = on_heartbeat
+        self._heartbeat_acked = heartbeat_acked
         self._on_connected = on_connected
         self._on_disconnected = on_disconnected
         self._want_connected = True
@@ -360,6 +364,8 @@ class ServerLink:
         err = error_of(ack)
         if err is not None:
             log.warning("the server refused a heartbeat (%s): %s", err.code, err.message)
+            return
+        self._heartbeat_acked(beat)
 
     async def emit(self, event: str, payload: dict[str, Any]) -> None:
         """Send an unacknowledged event if connected; a failure is logged, never raised."""
