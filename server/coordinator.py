@@ -59,7 +59,7 @@ from server.restore import saved_round_of
 from server.rounds import Round, abandon_detail, awaiting_return, drop_stale, select_devices
 from server.roundstore import RoundStore, SavedSlot
 from server.starter import RoundStarter
-from server.status import RoundRecord
+from server.status import RoundRecord, RoundTiming
 from server.taskfile import PackageTask
 
 log = logging.getLogger(__name__)
@@ -381,6 +381,7 @@ class RoundCoordinator:
             for starter in starters:
                 starter.cancel()
             await asyncio.gather(*starters, return_exceptions=True)
+        collected_at = time.time()
         async with self._agg_lock:
             working = self.phase.aggregate()
         if working:
@@ -390,7 +391,7 @@ class RoundCoordinator:
             await self._forget_round()
             self.phase.close()
             return False
-        await self._complete_round(rnd)
+        await self._complete_round(rnd, collected_at)
         self.phase.close()
         self._distributor.broadcast()
         return True
@@ -436,7 +437,7 @@ class RoundCoordinator:
         except OSError as exc:
             log.warning("cannot remove the closed round's files: %s", exc)
 
-    async def _complete_round(self, rnd: Round) -> None:
+    async def _complete_round(self, rnd: Round, collected_at: float) -> None:
         new_state = await asyncio.to_thread(self.strategy.result)
         metrics = await self._evaluate(rnd, new_state)
         train_loss = weighted_mean(
@@ -447,6 +448,8 @@ class RoundCoordinator:
             ]
         )
         seconds = time.monotonic() - rnd.started_at
+        now = time.time()
+        timing = RoundTiming(opened_at=now - seconds, collected_at=collected_at, aggregated_at=now)
         record = RoundRecord(
             round_id=rnd.round_id,
             number=rnd.number,
@@ -458,7 +461,8 @@ class RoundCoordinator:
             eval_loss=metrics.get("evalLoss"),
             eval_accuracy=metrics.get("evalAccuracy"),
             seconds=round(seconds, 3),
-            finished_at=time.time(),
+            finished_at=now,
+            timing=timing,
         )
         # Persist first, then publish: a version anyone has seen survives a crash.
         saved, encoded = await self._model.persist(new_state, record)
@@ -467,6 +471,7 @@ class RoundCoordinator:
             await self._forget_round()
         self._registry.rounds_counted(rnd.reported)
         self._model.publish(new_state, record, metrics, encoded)
+        timing.published_at = time.time()  # the published record's own timing (status only)
         log.info(
             "round %d: %d selected, %d reported, train loss %s, eval loss %s, "
             "eval accuracy %s, %.1f s (version %d)",
