@@ -1,7 +1,8 @@
 """The ``fedtray-server`` command: parse flags, set up logging, run the server.
 
 Contract: :func:`main` returns the process exit status and never raises for bad input:
-a bad flag prints one ``fedtray-server: error: ...`` line to stderr and returns 2; a
+a bad flag prints one ``fedtray-server: error: ...`` line to stderr and returns 2 (so
+does a ``--task-param`` the task does not accept: :mod:`server.task_params`); a
 server that cannot start (unknown task, a bad ``--task-file`` package -- the line names
 the package reader's error code --, unusable state dir, port in use) prints one such
 line and returns 1; a clean stop returns 0: SIGINT, SIGTERM, or -- only with
@@ -34,6 +35,7 @@ from client.protocol import PartitionScheme
 from server import __version__
 from server.auth import TokenFileError, read_tokens_file
 from server.config import DEFAULT_HOST, DEFAULT_PORT, ConfigError, ServerConfig, default_state_dir
+from server.task_params import FLAG as TASK_PARAM_FLAG, task_params_from_flags
 from server.taskfile import ServedPackage, open_package
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="a task package (.fedtask, made with `fedtray-server pack`) to train instead "
         "of --task; its weights are the first global model",
+    )
+    p.add_argument(
+        TASK_PARAM_FLAG,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a model/data parameter of --task (repeatable), e.g. `--task synthetic "
+        "--task-param features=1024 --task-param hidden=24000`; VALUE is read as JSON "
+        '(numbers, true, "text") or else as text; checked against the task\'s parameters',
     )
     p.add_argument("--rounds", type=int, default=0, help="rounds to run in total; 0 = forever")
     p.add_argument(
@@ -136,11 +147,15 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         tokens.extend(read_tokens_file(args.tokens_file))
     parse_level(args.log_level)
     partition: PartitionScheme = args.partition
+    model_params = task_params_from_flags(
+        args.task_param, args.task, task_file=args.task_file is not None
+    )
     return ServerConfig(
         host=args.host,
         port=args.port,
         task=args.task,
         task_file=args.task_file,
+        model_params=model_params,
         rounds=args.rounds,
         min_clients=args.min_clients,
         clients_per_round=args.clients_per_round,

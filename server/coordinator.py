@@ -62,7 +62,7 @@ from server.restore import saved_round_of
 from server.rounds import Round, abandon_detail, awaiting_return, drop_stale, select_devices
 from server.roundstore import RoundStore, SavedSlot
 from server.starter import RoundStarter
-from server.status import RoundRecord
+from server.status import RoundRecord, RoundTiming
 from server.taskfile import PackageTask
 
 log = logging.getLogger(__name__)
@@ -424,6 +424,7 @@ class RoundCoordinator:
             for starter in starters:
                 starter.cancel()
             await asyncio.gather(*starters, return_exceptions=True)
+        collected_at = time.time()
         async with self._agg_lock:
             working = self.phase.aggregate()
         if working:
@@ -433,7 +434,7 @@ class RoundCoordinator:
             await self._forget_round()
             self.phase.close()
             return False
-        await self._complete_round(rnd)
+        await self._complete_round(rnd, collected_at)
         self.phase.close()
         self._distributor.broadcast()
         return True
@@ -479,7 +480,7 @@ class RoundCoordinator:
         except OSError as exc:
             log.warning("cannot remove the closed round's files: %s", exc)
 
-    async def _complete_round(self, rnd: Round) -> None:
+    async def _complete_round(self, rnd: Round, collected_at: float) -> None:
         new_state = await asyncio.to_thread(self.strategy.result)
         version = self._model.version + 1
         # The evaluation runs beside the one encoding and the fsynced weights file, not
@@ -497,6 +498,8 @@ class RoundCoordinator:
             ]
         )
         seconds = time.monotonic() - rnd.started_at
+        now = time.time()
+        timing = RoundTiming(opened_at=now - seconds, collected_at=collected_at, aggregated_at=now)
         record = RoundRecord(
             round_id=rnd.round_id,
             number=rnd.number,
@@ -508,7 +511,8 @@ class RoundCoordinator:
             eval_loss=metrics.get("evalLoss"),
             eval_accuracy=metrics.get("evalAccuracy"),
             seconds=round(seconds, 3),
-            finished_at=time.time(),
+            finished_at=now,
+            timing=timing,
         )
         # Persist first, then publish: a version anyone has seen survives a crash.
         if await self._model.persist(prepared, record):
@@ -516,6 +520,7 @@ class RoundCoordinator:
             await self._forget_round()
         self._registry.rounds_counted(rnd.reported)
         self._model.publish(prepared, record, metrics)
+        timing.published_at = time.time()  # the published record's own timing (status only)
         log.info(
             "round %d: %d selected, %d reported, train loss %s, eval loss %s, "
             "eval accuracy %s, %.1f s (version %d)",

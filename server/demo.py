@@ -17,6 +17,8 @@ Contract:
   out (terminate, then kill after a grace period), so no process is left behind, the
   clients' training processes included. The temporary directory is removed unless
   ``--keep`` is given; with ``--verbose`` the children's output is shown.
+* ``--task-param KEY=VALUE`` (repeatable) is checked against the task before anything
+  starts (a bad one: one ``error:`` line, exit status 2) and passed to the server.
 * :func:`parse_listening`, :func:`round_line`, :func:`summary` are pure.
 """
 
@@ -40,6 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any, Final
+
+from server.config import ConfigError
+from server.task_params import task_params_from_flags
 
 PROG: Final = "fedtray-server demo"
 LISTENING_RE: Final = re.compile(r"fedtray-server listening on (http://\S+:\d+)")
@@ -264,6 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="a task package (.fedtask) to train instead of --task",
     )
+    p.add_argument(
+        "--task-param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a model/data parameter of --task (repeatable), passed to the server; "
+        "e.g. --task synthetic --task-param hidden=256",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--target", type=float, default=0.9, help="eval accuracy to reach (default: 0.9)"
@@ -290,6 +303,11 @@ def _check_args(args: argparse.Namespace) -> None:
         raise DemoError(f"--target must be a fraction in [0, 1], got {args.target}")
     if args.timeout <= 0:
         raise DemoError(f"--timeout must be positive, got {args.timeout}")
+    # Checked here, before any process starts (the server would refuse them too).
+    try:
+        task_params_from_flags(args.task_param, args.task, task_file=args.task_file is not None)
+    except ConfigError as exc:
+        raise DemoError(str(exc)) from None
 
 
 def _start_server(args: argparse.Namespace, work: Path, state_dir: Path) -> tuple[Child, str]:
@@ -306,6 +324,7 @@ def _start_server(args: argparse.Namespace, work: Path, state_dir: Path) -> tupl
             if args.task_file is not None
             else ["--task", args.task]
         ),
+        *(arg for item in args.task_param for arg in ("--task-param", item)),
         "--rounds",
         str(args.rounds),
         "--exit-when-done",

@@ -28,6 +28,21 @@ class StatusModel(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
 
 
+class RoundTiming(StatusModel):
+    """When a completed round reached each step (Unix times; for benchmarks and operators)."""
+
+    opened_at: float = Field(description="The round opened: devices selected, starts sent.")
+    collected_at: float = Field(
+        description="Collection ended (every update in, or the deadline); aggregation began."
+    )
+    aggregated_at: float = Field(description="The new global was averaged and evaluated.")
+    published_at: float | None = Field(
+        default=None,
+        description="The new version was saved and published. Set after the record is "
+        "saved, so absent from history.json.",
+    )
+
+
 class RoundRecord(StatusModel):
     """One finished round attempt."""
 
@@ -43,6 +58,7 @@ class RoundRecord(StatusModel):
     seconds: float
     finished_at: float = Field(description="Unix time.")
     detail: str | None = Field(default=None, description="Why an attempt was abandoned.")
+    timing: RoundTiming | None = Field(default=None, description="Completed rounds only.")
 
 
 class CurrentRound(StatusModel):
@@ -110,6 +126,7 @@ STATUS_MODELS: list[type[BaseModel]] = [
     ServerStatus,
     CurrentRound,
     RoundRecord,
+    RoundTiming,
     DeviceStatus,
 ]
 

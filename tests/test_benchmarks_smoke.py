@@ -1,17 +1,19 @@
 """The headless client's benchmarks still run: each ``main`` with the tiniest sizes.
 
-No figure is asserted (timings belong to the benchmark runs, not to tests); each run must
-exit 0 and print its ratio line, and the facts a benchmark checks along the way (same
-weights on both training sides, no torch in the idle client) must hold.
+No measured figure is asserted (timings belong to the benchmark runs, not to tests); each
+run must exit 0 and print its ratio line, and the facts a benchmark checks along the way
+(same weights on both training sides, no torch in the idle client) must hold. The pure
+arithmetic of ``benchmarks/round_figures.py`` is checked on hand-made records (fast tier).
 """
 
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 
-from benchmarks import idle, training_overhead, transfer
+from benchmarks import idle, round_figures, training_overhead, transfer, vs_flower
 
 
 # Slow: the benchmarks start servers and clients that import torch.
@@ -40,3 +42,123 @@ def test_idle_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert re.search(r"^ratio client / bare RSS \(peak\)\s+\d+\.\d+x", out, re.M), out
     assert "torch loaded in the client: no" in out, out
+
+
+# Slow: the benchmark starts a server and clients that import torch.
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_vs_flower_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--sizes", "0.01", "--rounds", "2", "--pairs", "1", "--skip-flower"]
+    assert vs_flower.main([*argv, "--timeout", "300"]) == 0
+    out = capsys.readouterr().out
+    assert "== 0.01MB model" in out, out
+    assert re.search(r"^steady s/round \(median of rounds 2\.\.\)\s+\d+\.\d+\s+-", out, re.M), out
+    assert re.search(r"^client start -> first update s \(slowest\)\s+\d+\.\d+", out, re.M), out
+    for part in ("global to clients", "worker", "upload and intake", "aggregate and publish"):
+        assert re.search(rf"^  {part} .*\s\d+\.\d+$", out, re.M), out
+    assert "loadavg at the end" in out, out
+
+
+# -- the figures of vs_flower, from hand-made records (pure, fast) --------------------------
+
+_T0 = round_figures.log_time("2026-01-02 03:04:05,000")
+
+
+def _client_log(offsets: dict[str, float]) -> str:
+    """A client log with the four lines the figures read, at _T0 + offset seconds."""
+    lines = {
+        "registered": "INFO client.session.link: connected to http://127.0.0.1:1 as c (id)",
+        "started": "INFO client.session.rounds: round r2-1-x: training synthetic for 1 epoch(s)",
+        "trained": "INFO client.session.rounds: round r2-1-x: trained on 3 samples (); sending",
+        "accepted": "INFO client.session.uploader: round r2-1-x: update accepted (1 received)",
+    }
+    out = ["some other line", "2026-01-02 03:04:05,000 WARNING x: noise"]
+    for event, offset in offsets.items():
+        stamp = _T0 + offset
+        ms = round((stamp % 1) * 1000)
+        text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(int(stamp)))
+        out.append(f"{text},{ms:03d} {lines[event]}")
+    return "\n".join(out)
+
+
+def test_client_events_reads_the_first_time_of_each_step() -> None:
+    text = _client_log({"registered": 1.5, "started": 2.25, "trained": 3.0, "accepted": 3.5})
+    events = round_figures.client_events(text + "\n" + _client_log({"registered": 9.0}))
+    assert events.registered == pytest.approx(_T0 + 1.5)
+    assert events.rounds == {
+        "started": {"r2-1-x": pytest.approx(_T0 + 2.25)},
+        "trained": {"r2-1-x": pytest.approx(_T0 + 3.0)},
+        "accepted": {"r2-1-x": pytest.approx(_T0 + 3.5)},
+    }
+
+
+def _record(number: int, opened: float, collected: float, published: float) -> dict[str, object]:
+    timing = {"openedAt": _T0 + opened, "collectedAt": _T0 + collected}
+    return {
+        "roundId": f"r{number}-1-x",
+        "number": number,
+        "outcome": "completed",
+        "timing": {**timing, "aggregatedAt": _T0 + collected, "publishedAt": _T0 + published},
+    }
+
+
+def test_fedtray_trial_cuts_the_critical_path_of_each_round() -> None:
+    # Round 1: opened at 10, published at 14; round 2: opened 14.5, every start acked by
+    # 15.0 (slowest client), every worker done by 16.0, collected 16.75, published 17.0.
+    history = [
+        _record(2, 14.5, 16.75, 17.0),
+        _record(1, 10.0, 13.0, 14.0),
+        {"roundId": "r2-0-x", "number": 2, "outcome": "abandoned", "timing": None},
+    ]
+    logs = [
+        _client_log({"registered": 2.0, "started": 14.75, "trained": 15.5, "accepted": 16.5}),
+        _client_log({"registered": 3.0, "started": 15.0, "trained": 16.0, "accepted": 16.75}),
+    ]
+    # The first update counted is round 2's here (round 1 lines are not in these logs).
+    trial = round_figures.fedtray_trial(history, logs, starts=[_T0, _T0 + 0.5])
+    assert trial.first_round_s == pytest.approx(4.0)
+    assert trial.steady_s == pytest.approx(3.0)
+    assert trial.register_s == pytest.approx(2.5)
+    assert trial.first_update_s == pytest.approx(16.5)
+    assert trial.breakdown == pytest.approx(
+        {"between": 0.5, "global": 0.5, "worker": 1.0, "upload": 0.75, "aggregate": 0.25}
+    )
+    assert sum(trial.breakdown.values()) == pytest.approx(trial.steady_s)
+
+
+def test_flower_trial_matches_registrations_in_start_order() -> None:
+    server = {
+        "registered": [_T0 + 4.0, _T0 + 3.0],
+        "opened": {"1": _T0 + 4.0, "2": _T0 + 4.5, "3": _T0 + 4.7},
+        "aggregated": {"1": _T0 + 4.4, "2": _T0 + 4.6, "3": _T0 + 5.0},
+    }
+    fits = [[{"round": 1, "fitDone": _T0 + 4.2}], [{"round": 1, "fitDone": _T0 + 4.3}]]
+    trial = round_figures.flower_trial(server, fits, starts=[_T0 + 1.0, _T0])
+    assert trial.first_round_s == pytest.approx(0.4)
+    assert trial.steady_s == pytest.approx(0.3)  # median of 0.2 and 0.4
+    assert trial.register_s == pytest.approx(3.0)  # 3.0 - 0 and 4.0 - 1.0
+    assert trial.first_update_s == pytest.approx(4.3)
+
+
+@pytest.mark.parametrize(
+    ("fedtray_s", "flower_s", "words"),
+    [
+        (0.2, 0.1, "ratio fedtray / Flower (steady s/round) 2.00x  MISSES goal <= 1.0x"),
+        (0.05, 0.1, "ratio fedtray / Flower (steady s/round) 0.50x  meets goal <= 1.0x"),
+        (0.1, 0.1, "ratio fedtray / Flower (steady s/round) 1.00x  meets goal <= 1.0x"),
+    ],
+)
+def test_summary_lines_judge_the_ratio_against_the_goal(
+    fedtray_s: float, flower_s: float, words: str
+) -> None:
+    ours = round_figures.Trial("fedtray", 1.0, fedtray_s, 1.0, 6.0, 200.0, 300.0, {"worker": 0.1})
+    theirs = round_figures.Trial("Flower", 0.1, flower_s, 3.0, 3.0, 100.0, 100.0)
+    text = "\n".join(round_figures.summary_lines("0.4MB", 100_000, [ours], [theirs]))
+    assert words in text, text
+    assert "fedtray register 1.00 s: meets goal <= 2 s; first update 6.00 s: MISSES" in text
+    assert re.search(r"^peak RSS server MB\s+200\s+100\s+2\.00x$", text, re.M), text
+
+
+def test_synthetic_sizes_match_the_issue() -> None:
+    assert vs_flower.floats_of(vs_flower.shapes_for(100)) == pytest.approx(25_000_000, rel=1e-3)
+    assert vs_flower.floats_of(vs_flower.shapes_for(0.4)) == pytest.approx(100_000, rel=0.01)

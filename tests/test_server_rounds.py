@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +176,37 @@ def test_a_device_that_registers_paused_is_never_selected(tmp_path: Path) -> Non
         run_devices(scenario(srv))
 
 
+def test_a_completed_round_records_when_it_reached_each_step(tmp_path: Path) -> None:
+    async def scenario(srv: ServerHandle) -> tuple[dict[str, Any], float, float]:
+        a, b = await joined(srv, "a", "b")
+        for dev in (a, b):
+            await dev.until(lambda d=dev: 0 in d.weights, what="version 0")
+        round_id = (await start_of(a))["roundId"]
+        await start_of(b)
+        started_seen = time.time()
+        await a.submit(round_id, 0, a.weights[0], num_samples=1)
+        before_last = time.time()
+        await b.submit(round_id, 0, b.weights[0], num_samples=1)
+        status = await srv.await_status(
+            lambda s: s["globalVersion"] == 1 and s["history"][-1]["timing"]["publishedAt"],
+            what="version 1 published",
+        )
+        return status["history"][-1], started_seen, before_last
+
+    with running_server(tmp_path) as srv:
+        record, started_seen, before_last = run_devices(scenario(srv))
+        after = time.time()
+    timing = record["timing"]
+    assert timing["openedAt"] <= started_seen <= before_last <= timing["collectedAt"]
+    assert timing["collectedAt"] <= timing["aggregatedAt"] <= timing["publishedAt"] <= after
+    assert timing["aggregatedAt"] == record["finishedAt"]
+    assert timing["openedAt"] == pytest.approx(record["finishedAt"] - record["seconds"], abs=0.01)
+    # The saved history has the record without publishedAt (it is saved before publishing).
+    saved = json.loads((tmp_path / "server-state" / "history.json").read_text())
+    assert saved["history"][-1]["timing"]["publishedAt"] is None
+    assert saved["history"][-1]["timing"]["collectedAt"] == timing["collectedAt"]
+
+
 def test_round_timeout_abandons_cancels_and_retries(tmp_path: Path) -> None:
     async def scenario(srv: ServerHandle) -> None:
         a, b = await joined(srv, "a", "b")
@@ -188,6 +221,7 @@ def test_round_timeout_abandons_cancels_and_retries(tmp_path: Path) -> None:
         status = await srv.await_status(lambda s: len(s["history"]) >= 1, what="history")
         record = status["history"][0]
         assert record["outcome"] == "abandoned" and record["version"] == 0
+        assert record["timing"] is None
         assert "timed out" in record["detail"]
         assert status["globalVersion"] == 0
         assert status["currentRound"]["number"] == 1  # a retried round keeps its number
