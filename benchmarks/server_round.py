@@ -9,14 +9,20 @@ disk, as the server keeps it), round store, store and FedAvg:
   (read back from its file and hashed again), decode it, encode it again, write it with
   fsync, ``round.json``, fold a full float64 copy per block; then average, evaluate a
   freshly built model, encode, save with fsync, hash again for the cache.
-* **after** (the server's path now): move the verified blob file into the round store,
-  check it through a read-only memory map, fsync, rename, ``round.json``, fold zero-copy
-  views; then average, and evaluate with the one kept model *beside* the one encoding and
-  the fsynced weights file; ``history.json``; publish.
+* **beside** (issue 15's intake, evaluation still on the path): move the verified blob
+  file into the round store, check it through a read-only memory map, fsync, rename,
+  ``round.json``, fold zero-copy views; then average, and evaluate with the one kept model
+  *beside* the one encoding and the fsynced weights file; ``history.json``; publish.
+* **after** (the server's path now): the same intake; then average, encode once, the
+  fsynced weights file, ``history.json``, publish; the evaluation runs after that in the
+  background (:class:`server.evaluation.EvaluationQueue`) and is recorded into
+  ``history.json`` when ready (its own column: not on the round's path).
 
-The upload itself (chunks into the blob store, hashed as they arrive) is the same for both
-and not timed. Figures are medians of ``--repeats``; the ratio line compares the two
-paths measured side by side. Writes only in a temporary directory; stops by itself.
+"aggregate+publish" is the time from the last update accepted to the new global published
+(the next round could start). The upload itself (chunks into the blob store, hashed as
+they arrive) is the same for every path and not timed. Figures are medians of
+``--repeats``; the ratio lines compare paths measured side by side. Writes only in a
+temporary directory; stops by itself.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ from client.tasks import get_task
 from client.transfer import BlobStore
 from client.weights import Layout, StateDict, decode, encode, layout_of, sha256_hex
 from server.aggregation import BLOCK, FedAvg
+from server.background import Background
+from server.evaluation import EvaluationQueue
 from server.globalmodel import GlobalModel
 from server.model import Evaluator, evaluate_state, initial_state
 from server.roundstore import RoundStore, SavedRound, SavedSlot
@@ -91,7 +99,7 @@ def _saved_round(slots: dict[str, SavedSlot]) -> SavedRound:
     )
 
 
-def _record(version: int, metrics: dict[str, float]) -> RoundRecord:
+def _record(version: int, metrics: dict[str, float | None]) -> RoundRecord:
     return RoundRecord(
         round_id=f"r{version}-1-bench",
         number=version,
@@ -148,7 +156,10 @@ def _after(
     layout: Layout,
     evaluator: Evaluator,
     data: Data,
-) -> tuple[float, float]:
+    *,
+    background_eval: bool,
+) -> tuple[float, float, float]:
+    """(intake s, last update accepted -> published s, published -> evaluation recorded s)."""
     blobs = BlobStore(max_chunk_bytes=CHUNK, max_blob_bytes=1 << 30, spill_dir=state_dir / "b")
     refs = [_upload(blobs, f"dev{i}", doc) for i, doc in enumerate(docs)]
     rounds, strategy = RoundStore(state_dir), FedAvg()
@@ -157,7 +168,14 @@ def _after(
     strategy.begin(start)
     slots: dict[str, SavedSlot] = {}
 
-    async def run() -> tuple[float, float]:
+    async def evaluate(version: int, state: StateDict) -> dict[str, float]:
+        scores = await asyncio.to_thread(evaluator.evaluate, state, *data)
+        return {"evalLoss": scores["loss"], "evalAccuracy": scores["accuracy"]}
+
+    async def record(version: int, metrics: dict[str, float]) -> None:
+        await model.record_evaluation(version, metrics)
+
+    async def run() -> tuple[float, float, float]:
         t0 = time.perf_counter()
         for i, ref in enumerate(refs):
             dev = f"dev{i}"
@@ -171,14 +189,27 @@ def _after(
             await asyncio.to_thread(rounds.fold_update, name, layout, lambda u: strategy.add(u, 10))
         t1 = time.perf_counter()
         new = await asyncio.to_thread(strategy.result)
-        evaluation = asyncio.ensure_future(asyncio.to_thread(evaluator.evaluate, new, *data))
-        prepared = await model.prepare(new, 1)
-        scores = await evaluation
-        record = _record(1, scores)
-        assert await model.persist(prepared, record)
+        if background_eval:
+            prepared = await model.prepare(new, 1)
+            scores: dict[str, float] = {}
+        else:
+            evaluation = asyncio.ensure_future(evaluate(1, new))
+            prepared = await model.prepare(new, 1)
+            scores = await evaluation
+        record_ = _record(
+            1, {"loss": scores.get("evalLoss"), "accuracy": scores.get("evalAccuracy")}
+        )
+        assert await model.persist(prepared, record_)
         await asyncio.to_thread(rounds.clear)
-        model.publish(prepared, record, scores)
-        return t1 - t0, time.perf_counter() - t1
+        model.publish(prepared, record_, scores)
+        t2 = time.perf_counter()
+        if not background_eval:
+            return t1 - t0, t2 - t1, 0.0
+        queue = EvaluationQueue(evaluate=evaluate, record=record, background=Background())
+        queue.submit(1, new)
+        await queue.drained()
+        assert model.history[-1].eval_accuracy is not None, "the evaluation was not recorded"
+        return t1 - t0, t2 - t1, time.perf_counter() - t2
 
     return asyncio.run(run())
 
@@ -213,26 +244,46 @@ def main(argv: list[str] | None = None) -> int:
     size_mb = len(docs[0]) / 1e6
     evaluator = Evaluator(task, task.params)
     evaluator.evaluate(start, x, y)  # steady state: the kept model exists after round 1
-    results: dict[str, list[tuple[float, float]]] = {"before": [], "after": []}
+    paths = ("before", "beside", "after")
+    results: dict[str, list[tuple[float, float, float]]] = {path: [] for path in paths}
     with tempfile.TemporaryDirectory(prefix="fedtray-server-round-") as tmp:
         for repeat in range(args.repeats):
-            for path in ("before", "after") if repeat % 2 == 0 else ("after", "before"):
+            # Interleaved, the order rotated each repeat.
+            for path in paths[repeat % 3 :] + paths[: repeat % 3]:
                 state_dir = Path(tmp) / f"{path}-{repeat}"
                 if path == "before":
-                    got = _before(state_dir, docs, start, layout, task, (x, y))
+                    got = (*_before(state_dir, docs, start, layout, task, (x, y)), 0.0)
                 else:
-                    got = _after(state_dir, docs, start, layout, evaluator, (x, y))
+                    got = _after(
+                        state_dir,
+                        docs,
+                        start,
+                        layout,
+                        evaluator,
+                        (x, y),
+                        background_eval=path == "after",
+                    )
                 results[path].append(got)
     print(f"# server round: {args.updates} updates of {size_mb:.1f} MB, {args.repeats} repeats")
     print(f"loadavg {_loadavg()}")
-    print(f"{'path':<8} {'intake s':>9} {'aggregate+publish s':>20} {'total s':>8}")
+    print(
+        f"{'path':<8} {'intake s':>9} {'aggregate+publish s':>20} {'total s':>8} "
+        f"{'eval after publish s':>21}"
+    )
     totals: dict[str, float] = {}
+    publish: dict[str, float] = {}
     for path, runs in results.items():
         intake = statistics.median(r[0] for r in runs)
-        publish = statistics.median(r[1] for r in runs)
+        publish[path] = statistics.median(r[1] for r in runs)
+        late = statistics.median(r[2] for r in runs)
         totals[path] = statistics.median(r[0] + r[1] for r in runs)
-        print(f"{path:<8} {intake:>9.3f} {publish:>20.3f} {totals[path]:>8.3f}")
+        late_text = f"{late:>21.3f}" if path == "after" else f"{'(on the path)':>21}"
+        print(f"{path:<8} {intake:>9.3f} {publish[path]:>20.3f} {totals[path]:>8.3f} {late_text}")
     print(f"ratio after / before (total)  {totals['after'] / totals['before']:.2f}x")
+    print(
+        "ratio after / beside (last update accepted -> published)  "
+        f"{publish['after'] / publish['beside']:.2f}x"
+    )
     return 0
 
 

@@ -6,12 +6,22 @@ loop and everything that decides a round: selection (random, with the server's s
 partitioning (the selected devices get parts ``0..n-1`` of ``n`` in selection order),
 ``training:start``/``training:cancel`` (:mod:`server.starter`), counting updates exactly
 once (:meth:`accept_update`, saved on disk before it is acknowledged: kept as the verified
-safetensors document received, checked in place, never re-encoded), closing, aggregating,
-evaluating (beside the new version's encoding and save, with one kept model) and publishing
-the new version (:class:`server.globalmodel.GlobalModel`).
+safetensors document received, checked in place, never re-encoded), closing, aggregating
+and publishing the new version (:class:`server.globalmodel.GlobalModel`), then evaluating
+it off the critical path.
+
+A new version is published (``history.json`` saved, ``weights:global`` broadcast, the next
+round free to start) as soon as it is saved; its ``weights:global`` carries what is known
+then (the round's sample-weighted ``trainLoss``). Its evaluation on the server's test split
+(one kept model, :class:`server.model.Evaluator`) runs in the background, one at a time,
+stale versions skipped (:class:`server.evaluation.EvaluationQueue`), and is recorded into
+that version's history record (and ``history.json``) when ready; a later ``weights:global``
+of that version carries it too. The status API may show a new version before its
+evaluation. A crash or stop before it is recorded leaves the record without one.
 Device records change only through the registry's named transitions.
 
-The end is a state: after ``config.rounds`` rounds the phase becomes ``finished``, every
+The end is a state: after ``config.rounds`` rounds (and the final version's evaluation:
+the end waits for it, so ``federation:finished`` carries it) the phase becomes ``finished``, every
 connected device gets the final ``weights:global`` and then ``federation:finished``
 (:meth:`finished_message`), and :attr:`finished` is set; a device that registers later
 gets both too (:meth:`welcome`). The server goes on serving until it is stopped.
@@ -54,8 +64,9 @@ from server.aggregation import Strategy, weighted_mean
 from server.background import Background
 from server.config import ServerConfig
 from server.distribution import Distributor
+from server.evaluation import EvaluationQueue, Metrics
 from server.globalmodel import GlobalModel
-from server.model import Evaluator
+from server.model import Evaluator, ModelEvaluator
 from server.phase import PhaseMachine
 from server.registry import DeviceRecord, Registry
 from server.restore import saved_round_of
@@ -115,7 +126,10 @@ class RoundCoordinator:
         self._run_tag = secrets.token_hex(4)
         self._task: Task | None = None
         self._test_data: TestData | None = None
-        self._evaluator: Evaluator | None = None
+        self._evaluator: ModelEvaluator | None = None
+        self._evaluations = EvaluationQueue(
+            evaluate=self._evaluate, record=self._record_evaluation, background=background
+        )
         self._restored: Round | None = None
         self._return_grace_until = 0.0
         self._agg_lock = asyncio.Lock()
@@ -129,6 +143,15 @@ class RoundCoordinator:
         if restored is not None:
             self._restored = restored
             self.phase.open(restored)
+
+    def use_evaluator(self, evaluator: ModelEvaluator) -> None:
+        """Evaluate the next new globals with ``evaluator`` (built from the task when none
+        is given; tests inject a slow one)."""
+        self._evaluator = evaluator
+
+    async def evaluations_drained(self) -> None:
+        """Return once no evaluation runs or waits."""
+        await self._evaluations.drained()
 
     @property
     def task(self) -> Task:
@@ -335,6 +358,8 @@ class RoundCoordinator:
             cfg.rounds,
             model.version,
         )
+        # federation:finished carries the final version's evaluation: wait for it.
+        await self._evaluations.drained()
         self.phase.finish()
         await self._distributor.deliver_final_to_all(self.finished_message())
         self.finished.set()
@@ -483,13 +508,7 @@ class RoundCoordinator:
     async def _complete_round(self, rnd: Round, collected_at: float) -> None:
         new_state = await asyncio.to_thread(self.strategy.result)
         version = self._model.version + 1
-        # The evaluation runs beside the one encoding and the fsynced weights file, not
-        # after them; only the small history.json waits for it.
-        evaluation = asyncio.ensure_future(self._evaluate(rnd, new_state))
-        try:
-            prepared = await self._model.prepare(new_state, version)
-        finally:
-            metrics = await evaluation
+        prepared = await self._model.prepare(new_state, version)
         train_loss = weighted_mean(
             [
                 (slot.metrics["trainLoss"], slot.num_samples)
@@ -508,8 +527,6 @@ class RoundCoordinator:
             clients_selected=len(rnd.slots),
             clients_reported=len(rnd.reported),
             train_loss=train_loss,
-            eval_loss=metrics.get("evalLoss"),
-            eval_accuracy=metrics.get("evalAccuracy"),
             seconds=round(seconds, 3),
             finished_at=now,
             timing=timing,
@@ -519,36 +536,43 @@ class RoundCoordinator:
             # Only now: until the new version is saved, the round's updates live in its files.
             await self._forget_round()
         self._registry.rounds_counted(rnd.reported)
-        self._model.publish(prepared, record, metrics)
+        self._model.publish(
+            prepared, record, {} if train_loss is None else {"trainLoss": train_loss}
+        )
         timing.published_at = time.time()  # the published record's own timing (status only)
         log.info(
-            "round %d: %d selected, %d reported, train loss %s, eval loss %s, "
-            "eval accuracy %s, %.1f s (version %d)",
+            "round %d: %d selected, %d reported, train loss %s, %.1f s (version %d)",
             rnd.number,
             len(rnd.slots),
             len(rnd.reported),
             _fmt(train_loss),
-            _fmt(metrics.get("evalLoss")),
-            _fmt(metrics.get("evalAccuracy")),
             seconds,
             self._model.version,
         )
+        if self._test_data is not None:
+            self._evaluations.submit(version, new_state)
 
-    async def _evaluate(self, rnd: Round, state: StateDict) -> dict[str, float]:
-        """``evalLoss``/``evalAccuracy`` of ``state`` on the test split; {} when the server
-        does not evaluate (no test data) or evaluation fails (logged). One model is kept
-        for every round (:class:`server.model.Evaluator`)."""
+    async def _evaluate(self, version: int, state: StateDict) -> Metrics:
+        """``evalLoss``/``evalAccuracy`` of ``state`` on the test split (raises on failure;
+        the queue logs it). One model is kept for every version
+        (:class:`server.model.Evaluator`)."""
         if self._test_data is None:
             return {}
         x_test, y_test = self._test_data
         if self._evaluator is None:
             self._evaluator = Evaluator(self.task, self.task.params)
-        try:
-            scores = await asyncio.to_thread(self._evaluator.evaluate, state, x_test, y_test)
-        except Exception:
-            log.exception("evaluation of round %d failed; continuing without it", rnd.number)
-            return {}
+        scores = await asyncio.to_thread(self._evaluator.evaluate, state, x_test, y_test)
         return {"evalLoss": float(scores["loss"]), "evalAccuracy": float(scores["accuracy"])}
+
+    async def _record_evaluation(self, version: int, metrics: Metrics) -> None:
+        """Record version ``version``'s evaluation into its history record (and on disk)."""
+        await self._model.record_evaluation(version, metrics)
+        log.info(
+            "version %d evaluated: eval loss %s, eval accuracy %s",
+            version,
+            _fmt(metrics.get("evalLoss")),
+            _fmt(metrics.get("evalAccuracy")),
+        )
 
     async def _start_device(self, rnd: Round, device_id: str, index: int, count: int) -> None:
         try:

@@ -403,10 +403,17 @@ def _run(args: argparse.Namespace, work: Path, children: list[Child]) -> int:
     printed: set[str] = set()
     records: list[dict[str, Any]] = []
 
-    def show(new_records: list[dict[str, Any]]) -> None:
-        for record in new_records:
+    def show(new_records: list[dict[str, Any]], final: bool = True) -> None:
+        for i, record in enumerate(new_records):
             key = str(record.get("roundId"))
-            if key not in printed:
+            # The latest version's evaluation may arrive after its record: wait for it (or
+            # a later record, or the end, which waits for the final evaluation).
+            pending = (
+                record.get("outcome") == "completed"
+                and record.get("evalAccuracy") is None
+                and i == len(new_records) - 1
+            )
+            if key not in printed and not (pending and not final):
                 printed.add(key)
                 records.append(record)
                 print(round_line(record, args.rounds), flush=True)
@@ -414,7 +421,10 @@ def _run(args: argparse.Namespace, work: Path, children: list[Child]) -> int:
     while True:
         status = _get_status(url)
         if status is not None and isinstance(status.get("history"), list):
-            show([r for r in status["history"] if isinstance(r, dict)])
+            show(
+                [r for r in status["history"] if isinstance(r, dict)],
+                final=status.get("phase") == "finished",
+            )
         done = sum(1 for r in records if r.get("outcome") == "completed") >= args.rounds
         if done:
             break

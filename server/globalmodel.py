@@ -8,7 +8,12 @@ encodes it once as safetensors, hashes it once and writes its weights file (fsyn
 :meth:`GlobalModel.persist` writes ``history.json`` naming it with its round's record; and
 :meth:`GlobalModel.publish` makes it the global. Persist first, so a version anyone has
 seen survives a crash (a failed save is logged; the version is still published, its
-round's updates stay on disk). The one encoding made by ``prepare`` is the bytes saved,
+round's updates stay on disk). A version is published before its evaluation is known:
+:meth:`GlobalModel.record_evaluation` adds it to that version's history record later, in
+memory and in ``history.json`` (when that version is the saved one), so it survives a
+restart; a crash before then leaves the record without evaluation. Writes of
+``history.json`` are serialized (one at a time, each from the latest saved snapshot), so an
+older write never lands after a newer one. The one encoding made by ``prepare`` is the bytes saved,
 the safetensors bytes sent to devices and their SHA-256: never encoded twice.
 :meth:`GlobalModel.encoded` encodes the current version once per other format (in a
 thread) and caches it until the next version. Owned by the server's one event loop;
@@ -45,6 +50,38 @@ class Prepared:
     weights_file: str | None  # None: the weights file could not be written
 
 
+@dataclass(frozen=True)
+class _SavedHistory:
+    """The contents of the last ``history.json`` this process wrote."""
+
+    version: int
+    rounds_completed: int
+    weights_file: str
+    sha256: str
+    history: list[RoundRecord]
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if np.isfinite(v)}
+
+
+def _with_evaluation(
+    history: list[RoundRecord], version: int, metrics: dict[str, float]
+) -> list[RoundRecord] | None:
+    """``history`` with ``metrics`` in version ``version``'s completed record; None when
+    it holds no such record."""
+    for i, rec in enumerate(history):
+        if rec.outcome == "completed" and rec.version == version:
+            updated = rec.model_copy(
+                update={
+                    "eval_loss": metrics.get("evalLoss"),
+                    "eval_accuracy": metrics.get("evalAccuracy"),
+                }
+            )
+            return [*history[:i], updated, *history[i + 1 :]]
+    return None
+
+
 class GlobalModel:
     """The global weights of one task and what the federation has done with them."""
 
@@ -56,10 +93,14 @@ class GlobalModel:
         self.version = 0
         self.rounds_completed = 0
         self.history: list[RoundRecord] = []
-        #: The last completed round's finite evaluation metrics (sent with weights:global).
+        #: What is known about the current version (sent with weights:global): its round's
+        #: trainLoss from publish on, evalLoss/evalAccuracy once its evaluation is recorded.
         self.metrics: dict[str, float] = {}
         self.round_id: str | None = None
         self._encoded: dict[WeightFormat, Encoded] = {}
+        # What history.json holds now (written by this process), and one writer at a time.
+        self._saved: _SavedHistory | None = None
+        self._history_lock = asyncio.Lock()
 
     def adopt(self, state: StateDict, layout: Layout, saved: Saved | None) -> None:
         """Start from ``saved`` (a restart) or, when None, from ``state`` as version 0."""
@@ -104,16 +145,15 @@ class GlobalModel:
         global: call :meth:`publish` next); whether it was saved."""
         if prepared.weights_file is None:
             return False
+        saved = _SavedHistory(
+            version=record.version,
+            rounds_completed=record.number,
+            weights_file=prepared.weights_file,
+            sha256=prepared.sha256,
+            history=[*self.history, record],
+        )
         try:
-            await asyncio.to_thread(
-                self._store.save_history,
-                task=self._task,
-                version=record.version,
-                rounds_completed=record.number,
-                weights_name=prepared.weights_file,
-                weights_sha256=prepared.sha256,
-                history=[*self.history, record],
-            )
+            await self._write_history(saved)
         except OSError as exc:
             log.error(
                 "could not save version %d to %s: %s", record.version, self._store.state_dir, exc
@@ -122,14 +162,70 @@ class GlobalModel:
         return True
 
     def publish(self, prepared: Prepared, record: RoundRecord, metrics: dict[str, float]) -> None:
-        """Make version ``record.version`` the global (after :meth:`persist`)."""
+        """Make version ``record.version`` the global (after :meth:`persist`); ``metrics``
+        is what is known about it now (e.g. trainLoss; its evaluation comes later)."""
         self.state = prepared.state
         self.version = record.version
         self.rounds_completed = record.number
         self.history = [*self.history, record]
         self._encoded = {"safetensors": (record.version, prepared.encoded, prepared.sha256)}
-        self.metrics = {k: v for k, v in metrics.items() if np.isfinite(v)}
+        self.metrics = _finite(metrics)
         self.round_id = record.round_id
+
+    async def record_evaluation(self, version: int, metrics: dict[str, float]) -> bool:
+        """Add version ``version``'s evaluation (``evalLoss``/``evalAccuracy``; non-finite
+        values are dropped) to its history record, and to ``history.json`` if that record
+        is saved there; whether it was saved (a failure is logged)."""
+        metrics = _finite(metrics)
+        if not metrics:
+            return False
+        history = _with_evaluation(self.history, version, metrics)
+        if history is not None:
+            self.history = history
+        if version == self.version:
+            self.metrics = {**self.metrics, **metrics}
+        async with self._history_lock:
+            saved = self._saved
+            written = None if saved is None else _with_evaluation(saved.history, version, metrics)
+            if saved is None or written is None:
+                return False
+            try:
+                await self._write_history(
+                    _SavedHistory(
+                        saved.version,
+                        saved.rounds_completed,
+                        saved.weights_file,
+                        saved.sha256,
+                        written,
+                    ),
+                    locked=True,
+                )
+            except OSError as exc:
+                log.error(
+                    "could not save the evaluation of version %d to %s: %s",
+                    version,
+                    self._store.state_dir,
+                    exc,
+                )
+                return False
+        return True
+
+    async def _write_history(self, saved: _SavedHistory, *, locked: bool = False) -> None:
+        """Write ``saved`` as ``history.json`` (one writer at a time); raises OSError."""
+        if not locked:
+            async with self._history_lock:
+                await self._write_history(saved, locked=True)
+            return
+        await asyncio.to_thread(
+            self._store.save_history,
+            task=self._task,
+            version=saved.version,
+            rounds_completed=saved.rounds_completed,
+            weights_name=saved.weights_file,
+            weights_sha256=saved.sha256,
+            history=saved.history,
+        )
+        self._saved = saved
 
     async def encoded(self, fmt: WeightFormat) -> Encoded:
         """The current version encoded as ``fmt`` (cached per version)."""

@@ -11,13 +11,15 @@ weights are float64, so its devices' updates fit them). Task errors
 :class:`Evaluator` keeps one model across rounds: built on its first use, each new
 global is loaded into it in place (``load_state_dict`` copies into the existing
 parameters), so a round never pays for building a model. It is used by one thread at a
-time (the coordinator evaluates one version after another).
+time (:class:`server.evaluation.EvaluationQueue` evaluates one version after another, in
+the background, after the version is published). :class:`ModelEvaluator` is what the
+coordinator needs of it (tests inject a slow one).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from pydantic import JsonValue
@@ -48,6 +50,14 @@ def evaluate_state(
     model = task.build_model(params, 0)
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
     return task.evaluate(model, x, y)
+
+
+class ModelEvaluator(Protocol):
+    """Evaluates a state dict on a test split (blocking; one caller at a time)."""
+
+    def evaluate(
+        self, state: StateDict, x: np.ndarray[Any, Any], y: np.ndarray[Any, Any]
+    ) -> dict[str, float]: ...
 
 
 class Evaluator:

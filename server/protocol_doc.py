@@ -140,7 +140,7 @@ EXAMPLES: dict[type[p.WireModel], dict[str, Any]] = {
         "version": 4,
         "task": "digits",
         "roundId": "r12",
-        "metrics": {"evalLoss": 0.28, "evalAccuracy": 0.93},
+        "metrics": {"trainLoss": 0.31},
         "weights": {"format": "safetensors", "size": 19520, "sha256": SHA, "blobId": SHA},
         "modelParams": {"hidden": 64},
     },
@@ -295,8 +295,10 @@ compatible server or client in another language.
    disk, so a server restart loses neither.
 8. When enough devices reported before the deadline, the server averages the updates
    (FedAvg weighted by `numSamples`, accumulated in float64 and stored in each tensor's
-   own dtype), evaluates, and broadcasts `weights:global` with the new version. Devices
-   still training a closed round get `training:cancel`.
+   own dtype), saves and broadcasts `weights:global` with the new version. Devices
+   still training a closed round get `training:cancel`. The reference server evaluates
+   the new version afterwards, off the round's path: its `metrics` carry the round's
+   `trainLoss` at first, and the evaluation (`evalLoss`, `evalAccuracy`) once recorded.
 9. **The end.** When the server has completed its configured number of rounds, the
    federation is finished: a state, not a disconnect. The server sends every connected
    device the final `weights:global` (unless it holds it already) and then

@@ -5,6 +5,10 @@ Contract: every model here is a pydantic model with camelCase JSON names, listed
 never contains a token or any auth material: it is built only from the registry, the
 current round and the round history. :func:`build_status` performs no I/O.
 :class:`RoundRecord` is also the format of each entry of the persisted ``history.json``.
+A version appears (``globalVersion``, its completed record) as soon as it is published;
+its record's ``evalLoss``/``evalAccuracy`` may arrive later (null until the server's
+evaluation of it is recorded; null for good if it was skipped for a newer version, or the
+server stopped first, or it does not evaluate).
 """
 
 from __future__ import annotations
@@ -53,8 +57,14 @@ class RoundRecord(StatusModel):
     clients_selected: int
     clients_reported: int
     train_loss: float | None = Field(description="Mean of metrics.trainLoss weighted by samples.")
-    eval_loss: float | None = None
-    eval_accuracy: float | None = None
+    eval_loss: float | None = Field(
+        default=None,
+        description="The new version's loss on the server's test split; may arrive after "
+        "the record (null until then, or for good: skipped for a newer version, or none).",
+    )
+    eval_accuracy: float | None = Field(
+        default=None, description="Like evalLoss: may arrive after the record."
+    )
     seconds: float
     finished_at: float = Field(description="Unix time.")
     detail: str | None = Field(default=None, description="Why an attempt was abandoned.")

@@ -10,8 +10,9 @@ state. :meth:`Store.load` returns None when the directory holds no state, and ra
 :class:`StoreError` with a one-line message when the state is unreadable, corrupt, or
 belongs to another task or model layout. Older weights files are removed after a save.
 A save is two steps the server may run apart (:meth:`Store.save_weights`, then
-:meth:`Store.save_history`), so that other work (the new version's evaluation) can run
-while the weights are written; only ``history.json`` makes a version the saved one.
+:meth:`Store.save_history`); only ``history.json`` makes a version the saved one.
+:meth:`Store.save_history` may be called again for the same weights file with an updated
+history (a version's evaluation, recorded after the version was published).
 The open round (its accepted updates) is kept apart, by :mod:`server.roundstore`.
 """
 

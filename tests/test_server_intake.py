@@ -332,3 +332,5 @@ def test_server_round_benchmark_smoke(capsys: pytest.CaptureFixture[str]) -> Non
     assert server_round.main(argv) == 0
     out = capsys.readouterr().out
     assert re.search(r"^ratio after / before \(total\)\s+\d+\.\d+x", out, re.M), out
+    assert re.search(r"^ratio after / beside \(last update accepted -> published\)", out, re.M)
+    assert re.search(r"^after( +\d+\.\d+){4}$", out, re.M), out  # its eval column

@@ -68,12 +68,21 @@ def test_full_round_is_the_weighted_fedavg(tmp_path: Path) -> None:
         for name, arr in devs[0].weights[1].items():
             np.testing.assert_allclose(arr, base[name] + expected_shift, rtol=1e-6, atol=1e-6)
         record = status["history"][-1]
-        assert record["outcome"] == "completed"
+        train_loss = (1 * 10 + 2 * 30 + 3 * 60) / 100
+        assert record["outcome"] == "completed" and record["version"] == 1
         assert record["clientsSelected"] == 3 and record["clientsReported"] == 3
-        assert record["trainLoss"] == pytest.approx((1 * 10 + 2 * 30 + 3 * 60) / 100)
+        assert record["trainLoss"] == pytest.approx(train_loss)
+        # The version is published first; its evaluation lands in its record when ready.
+        status = await srv.await_status(
+            lambda s: s["history"][-1]["evalAccuracy"] is not None, what="version 1 evaluated"
+        )
+        record = status["history"][-1]
         assert 0.0 <= record["evalAccuracy"] <= 1.0 and record["evalLoss"] > 0
+        # weights:global carries what was known when it was sent: at least the round's
+        # trainLoss (and the evaluation, had it been recorded by then).
         meta = devs[0].globals_meta[-1]
-        assert meta["version"] == 1 and set(meta["metrics"]) == {"evalLoss", "evalAccuracy"}
+        assert meta["version"] == 1 and meta["metrics"]["trainLoss"] == pytest.approx(train_loss)
+        assert set(meta["metrics"]) <= {"trainLoss", "evalLoss", "evalAccuracy"}
         assert {d["roundsCompleted"] for d in status["devices"]} == {1}
 
     with running_server(tmp_path, min_clients=3) as srv:

@@ -395,7 +395,13 @@ class WeightsGlobal(WireModel):
     version: NonNegInt
     task: Identifier
     round_id: Identifier | None = None
-    metrics: Metrics = Field(default_factory=dict, description="e.g. evalLoss, evalAccuracy.")
+    metrics: Metrics = Field(
+        default_factory=dict,
+        description="What the server knows about this version when it sends it: e.g. the "
+        "round's trainLoss (weighted by samples), and evalLoss, evalAccuracy once its "
+        "evaluation is done (it may come after the version is published, so the first "
+        "copy of a version often lacks them).",
+    )
     weights: WeightsRef
     model_params: dict[str, JsonValue] = Field(
         default_factory=dict,
@@ -423,7 +429,9 @@ class FederationFinished(WireModel):
     rounds_completed: NonNegInt
     version: NonNegInt = Field(description="The final global version.")
     metrics: Metrics = Field(
-        default_factory=dict, description="The final version's evaluation, e.g. evalAccuracy."
+        default_factory=dict,
+        description="The final version's evaluation, e.g. evalAccuracy (the server "
+        "finishes it before sending this).",
     )
 
 
