@@ -43,7 +43,8 @@ class RoundTiming(StatusModel):
     published_at: float | None = Field(
         default=None,
         description="The new version was saved and published. Set after the record is "
-        "saved, so absent from history.json.",
+        "first saved: history.json has it only once a later write (the version's "
+        "evaluation, the next round) saved the record again.",
     )
 
 
