@@ -136,3 +136,13 @@ def test_a_taken_port_fails_before_anything_is_written(tmp_path: Path) -> None:
     assert "in use" in errors[0], errors
     assert "new federation" not in proc.stderr  # no model was built, nothing saved
     assert not (tmp_path / "server-state").exists()
+
+
+def test_the_docs_state_these_limits() -> None:
+    protocol = (REPO_ROOT / "docs" / "protocol.md").read_text(encoding="utf-8")
+    security = (REPO_ROOT / "docs" / "security.md").read_text(encoding="utf-8")
+    server_limit = f"{message_limit(DEFAULT_CHUNK_BYTES):,} bytes"
+    device_limit = f"{DEVICE_MAX_MESSAGE_BYTES // MiB} MiB"
+    for text in (protocol, security):
+        assert server_limit in text and device_limit in text
+        assert "transfers_full" in text and "chunk_too_large" in text
