@@ -33,6 +33,7 @@ ErrorCode = Literal[
     "blob_incomplete",
     "checksum_mismatch",
     "size_mismatch",
+    "transfers_full",
     # weight codec
     "unsupported_format",
     "malformed",
@@ -126,6 +127,11 @@ CODES: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
         ),
         "size_mismatch": CodeSpec(
             "retry", "Bytes do not have the announced size (or a chunk runs past the blob's total)."
+        ),
+        "transfers_full": CodeSpec(
+            "retry",
+            "The receiver already holds as many partial blobs (count or bytes, from this "
+            "peer or in all) as it allows; send again once one completes or expires.",
         ),
         "unsupported_format": CodeSpec("final", "Weights format other than safetensors/json."),
         "malformed": CodeSpec(

@@ -11,10 +11,16 @@ given a ``spill_dir``, see below), keyed by ``(peer, blobId)`` where ``peer`` is
 identity (the device id, not the Socket.IO sid) so partial blobs survive a reconnect
 until they expire. It promises:
 
-- limits are checked *before* anything is buffered: a chunk over ``max_chunk_bytes``,
-  a total over ``max_blob_bytes``, or a peer holding more than ``max_peer_bytes`` is
-  refused with its code, and no memory is reserved for a claimed total (the buffer
-  grows only with bytes actually received);
+- limits are checked *before* anything is buffered: a chunk over ``max_chunk_bytes`` is
+  refused ``chunk_too_large``; a total over ``max_blob_bytes`` (or one that could never
+  fit the budgets below) ``blob_too_large``. A new blob is refused ``transfers_full``
+  (the sender may retry once a transfer completes or expires) when its peer already has
+  ``max_open_per_peer`` partial blobs open, or when its announced total added to the
+  totals *announced* by the open blobs would pass ``max_peer_bytes`` (that peer's) or
+  ``max_total_bytes`` (all peers together). Budgets count announced totals, not bytes
+  received so far, so no number of barely started blobs can later grow past them: the
+  bytes held never exceed ``min(max_peer_bytes per peer, max_total_bytes)``. No memory is
+  reserved for a claimed total (the buffer grows only with bytes actually received);
 - a repeated chunk (offset below what is held) is acknowledged without effect; a chunk
   past it is refused with ``offset_gap``; ``total``/``sha256`` must match the first chunk;
 - a chunk that would run past ``total`` is refused with ``size_mismatch`` and changes
@@ -29,13 +35,22 @@ until they expire. It promises:
 
 By default blobs are held in memory. With ``spill_dir`` (the server's, so an upload
 survives a server restart) each partial blob is a ``.part`` file appended chunk by chunk
-beside a small JSON sidecar (peer, blob id, total, SHA-256), under a folder per peer;
+beside a small JSON sidecar (peer, blob id, total, SHA-256), under a folder per peer
+(:mod:`client.transfer_spill`);
 :meth:`BlobStore.restore` picks them up after a restart, so ``status`` reports the bytes
 already held and the sender resumes from there. The rules above (limits checked before
 anything is written, offsets, mismatches) are the same in both modes: only where the
 bytes go differs. Plain writes are enough to survive a ``kill -9`` of the process (the
 data is in the page cache); a disk that refuses a write answers ``internal_error`` and
 the chunk is not counted.
+
+Message size: :func:`message_limit` is the largest Engine.IO message a peer reads, given
+the chunk size it advertises (one chunk plus :data:`MESSAGE_MARGIN_BYTES` of envelope);
+the server passes it as ``max_http_buffer_size``. The device reads messages up to
+:data:`DEVICE_MAX_MESSAGE_BYTES` (its websocket ``max_msg_size``), far above what a
+conforming server sends it, so an oversized event reaches the handlers and is refused
+with a code; a message over a peer's limit is cut by the transport, which closes that
+connection (it is never read, so it cannot be answered).
 
 Sending side: :func:`send_blob`, an async function over any ``call(event, payload)``
 coroutine that returns the peer's ack (python-socketio's ``call`` on either side).
@@ -47,17 +62,13 @@ of its own limits and the ones the device advertised at registration).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
-import json
-import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from client.atomicfile import write_atomic
 from client.errors import FedtrayError
 from client.protocol import (
     EV_BLOB_CHUNK,
@@ -71,12 +82,26 @@ from client.protocol import (
     WeightFormat,
     WeightsRef,
 )
+from client.transfer_spill import SpillDir
 from client.weights import sha256_hex, verify_blob
 
 Call = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
+#: An Engine.IO message may be this much larger than one chunk: the chunk's envelope, or
+#: an inline weights document of up to one chunk plus its metrics.
+MESSAGE_MARGIN_BYTES = 64 * 1024
+#: The largest Engine.IO message the device reads (its websocket ``max_msg_size``): 16 MiB,
+#: 32 times the default chunk, so a conforming server never comes near it and a larger
+#: but readable event is answered with a code rather than cutting the connection.
+DEVICE_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+#: Partial blobs one peer may have open at once unless the store is told otherwise (a
+#: global, a package, a data share, and transfers interrupted by a reconnect).
+DEFAULT_MAX_OPEN_PER_PEER = 8
 
-log = logging.getLogger(__name__)
+
+def message_limit(max_chunk_bytes: int) -> int:
+    """The largest Engine.IO message a peer advertising ``max_chunk_bytes`` must read."""
+    return max_chunk_bytes + MESSAGE_MARGIN_BYTES
 
 
 @dataclass
@@ -90,94 +115,6 @@ class _Partial:
     # (hashed from its file when it completes).
     hasher: Any = field(default_factory=hashlib.sha256)
     verified: bool = False  # complete, and the whole blob hashes to ``sha256``
-
-
-def _name_hash(text: str) -> str:
-    """A file-name-safe stand-in for a peer or blob id (ids may hold ``:`` or ``.``)."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
-
-
-class _SpillDir:
-    """Where a disk-backed BlobStore keeps its bytes: ``<dir>/<peer>/<blob>.part`` + ``.json``.
-
-    All the I/O of the blob store lives here; the rules live in :class:`BlobStore`.
-    """
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-
-    def _paths(self, peer: str, blob_id: str) -> tuple[Path, Path]:
-        base = self.directory / _name_hash(peer) / _name_hash(blob_id)
-        return base.with_suffix(".part"), base.with_suffix(".json")
-
-    def create(self, peer: str, blob_id: str, total: int, sha256: str) -> None:
-        """An empty partial blob; the sidecar is written first so a part file is never
-        orphaned of its description."""
-        part, meta = self._paths(peer, blob_id)
-        doc = {"peer": peer, "blobId": blob_id, "total": total, "sha256": sha256}
-        write_atomic(meta, json.dumps(doc).encode("utf-8"))
-        part.unlink(missing_ok=True)
-        part.touch(mode=0o600)  # private, like the sidecar: it holds a device's weights
-
-    def append(self, peer: str, blob_id: str, held: int, data: bytes) -> None:
-        """Append ``data`` after the ``held`` bytes (cutting any torn tail of a failed write)."""
-        part, _ = self._paths(peer, blob_id)
-        with part.open("r+b") as fh:
-            fh.truncate(held)
-            fh.seek(held)
-            fh.write(data)
-
-    def part_path(self, peer: str, blob_id: str) -> Path:
-        return self._paths(peer, blob_id)[0]
-
-    def read(self, peer: str, blob_id: str) -> bytes:
-        part, _ = self._paths(peer, blob_id)
-        return part.read_bytes()
-
-    def digest(self, peer: str, blob_id: str) -> str:
-        """SHA-256 hex of the part file, read a piece at a time."""
-        part, _ = self._paths(peer, blob_id)
-        hasher = hashlib.sha256()
-        with part.open("rb") as fh:
-            while piece := fh.read(1 << 20):
-                hasher.update(piece)
-        return hasher.hexdigest()
-
-    def remove(self, peer: str, blob_id: str) -> None:
-        part, meta = self._paths(peer, blob_id)
-        for path in (meta, part):
-            with contextlib.suppress(OSError):
-                path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            part.parent.rmdir()  # only when empty
-
-    def scan(self) -> list[tuple[str, str, int, str, int]]:
-        """``(peer, blob_id, total, sha256, bytes held)`` of every readable partial blob;
-        unreadable leftovers are deleted."""
-        found: list[tuple[str, str, int, str, int]] = []
-        if not self.directory.is_dir():
-            return found
-        for meta in sorted(self.directory.glob("*/*.json")):
-            part = meta.with_suffix(".part")
-            try:
-                doc = json.loads(meta.read_text(encoding="utf-8"))
-                peer, blob_id = str(doc["peer"]), str(doc["blobId"])
-                total, sha256 = int(doc["total"]), str(doc["sha256"])
-                size = part.stat().st_size
-                if self._paths(peer, blob_id)[1] != meta or size > total:
-                    raise ValueError("does not describe its part file")
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.warning("dropping unreadable partial blob %s: %s", meta, exc)
-                for path in (meta, part):
-                    with contextlib.suppress(OSError):
-                        path.unlink(missing_ok=True)
-                continue
-            found.append((peer, blob_id, total, sha256, size))
-        for part in self.directory.glob("*/*.part"):
-            if not part.with_suffix(".json").exists():
-                with contextlib.suppress(OSError):
-                    part.unlink()
-        return found
 
 
 class BlobStore:
@@ -194,16 +131,41 @@ class BlobStore:
         max_chunk_bytes: int,
         max_blob_bytes: int,
         max_peer_bytes: int | None = None,
+        max_total_bytes: int | None = None,
+        max_open_per_peer: int = DEFAULT_MAX_OPEN_PER_PEER,
         ttl_sec: float = 600.0,
         spill_dir: Path | None = None,
     ) -> None:
         self.max_chunk_bytes = max_chunk_bytes
         self.max_blob_bytes = max_blob_bytes
-        # Two blobs per peer (an update being resent beside a new one) by default.
-        self.max_peer_bytes = max_peer_bytes if max_peer_bytes is not None else 2 * max_blob_bytes
+        self.max_peer_bytes = max_blob_bytes
+        self.max_total_bytes = max_blob_bytes
+        self.max_open_per_peer = max_open_per_peer
+        self.set_budget(max_peer_bytes=max_peer_bytes, max_total_bytes=max_total_bytes)
         self.ttl_sec = ttl_sec
         self._blobs: dict[tuple[str, str], _Partial] = {}
-        self._spill = _SpillDir(spill_dir) if spill_dir is not None else None
+        self._spill = SpillDir(spill_dir) if spill_dir is not None else None
+
+    def set_budget(
+        self,
+        *,
+        max_peer_bytes: int | None = None,
+        max_total_bytes: int | None = None,
+        max_open_per_peer: int | None = None,
+    ) -> None:
+        """Set the budgets of partial blobs (announced totals of open blobs).
+
+        ``max_peer_bytes`` None: ``max_blob_bytes`` (one largest blob per peer);
+        ``max_total_bytes`` None: ``max_peer_bytes`` (right for a store with one peer, the
+        device's). Blobs already open stay; only new ones are checked against the budgets.
+        Raises ValueError for a budget under 1.
+        """
+        peer = max_peer_bytes if max_peer_bytes is not None else self.max_blob_bytes
+        total = max_total_bytes if max_total_bytes is not None else peer
+        count = max_open_per_peer if max_open_per_peer is not None else self.max_open_per_peer
+        if min(peer, total, count) < 1:
+            raise ValueError("transfer budgets must be positive")
+        self.max_peer_bytes, self.max_total_bytes, self.max_open_per_peer = peer, total, count
 
     def restore(self, now: float) -> int:
         """Pick up the partial blobs a previous process left in ``spill_dir``.
@@ -249,13 +211,7 @@ class BlobStore:
                     "size_mismatch",
                     f"chunk of {size} bytes is larger than blob {chunk.blob_id} ({chunk.total})",
                 )
-            held = self.bytes_held(peer)
-            if held + chunk.total > self.max_peer_bytes:
-                raise FedtrayError(
-                    "blob_too_large",
-                    f"this device already has {held} bytes in transfer; the limit is "
-                    f"{self.max_peer_bytes} bytes",
-                )
+            self._check_budget(peer, chunk)
             partial = _Partial(total=chunk.total, sha256=chunk.sha256)
             if self._spill is not None:
                 try:
@@ -298,6 +254,37 @@ class BlobStore:
         if partial.received == partial.total:
             self._verify_complete(peer, chunk.blob_id, partial)
         return self._progress(partial)
+
+    def _check_budget(self, peer: str, chunk: BlobChunk) -> None:
+        """Refuse a new blob that would pass a budget (see the module docstring)."""
+        room = min(self.max_peer_bytes, self.max_total_bytes)
+        if chunk.total > room:
+            raise FedtrayError(
+                "blob_too_large",
+                f"blob of {chunk.total} bytes is over the {room} bytes this receiver holds "
+                "in partial blobs",
+            )
+        open_here = sum(1 for owner, _ in self._blobs if owner == peer)
+        if open_here >= self.max_open_per_peer:
+            raise FedtrayError(
+                "transfers_full",
+                f"{open_here} blobs from this peer are open already (the limit is "
+                f"{self.max_open_per_peer}); finish one or wait until one expires",
+            )
+        mine = self.bytes_committed(peer)
+        if mine + chunk.total > self.max_peer_bytes:
+            raise FedtrayError(
+                "transfers_full",
+                f"blobs open from this peer already announce {mine} bytes; with "
+                f"{chunk.total} more that is over the limit of {self.max_peer_bytes} bytes",
+            )
+        everyone = self.bytes_committed()
+        if everyone + chunk.total > self.max_total_bytes:
+            raise FedtrayError(
+                "transfers_full",
+                f"open blobs announce {everyone} bytes in all; with {chunk.total} more that is "
+                f"over the limit of {self.max_total_bytes} bytes",
+            )
 
     def _verify_complete(self, peer: str, blob_id: str, partial: _Partial) -> None:
         """Check a just-completed blob against its announced SHA-256; drop it if it fails."""
@@ -403,6 +390,15 @@ class BlobStore:
     def bytes_held(self, peer: str | None = None) -> int:
         """Bytes held (in memory or on disk) for one peer, or for all when ``peer`` is None."""
         return sum(p.received for (owner, _), p in self._blobs.items() if peer in (None, owner))
+
+    def bytes_committed(self, peer: str | None = None) -> int:
+        """Announced totals of the blobs open for one peer (all when ``peer`` is None): what
+        the budgets count, and the most the bytes held can grow to."""
+        return sum(p.total for (owner, _), p in self._blobs.items() if peer in (None, owner))
+
+    def open_blobs(self, peer: str | None = None) -> int:
+        """How many blobs are open (partial, or complete and not yet taken)."""
+        return sum(1 for owner, _ in self._blobs if peer in (None, owner))
 
     @staticmethod
     def _progress(partial: _Partial) -> BlobProgress:

@@ -9,14 +9,17 @@ nothing about rounds or devices itself:
 * :class:`server.registry.Registry` -- the devices and every change of their state;
 * :class:`server.globalmodel.GlobalModel` -- the global weights, version and history.
 
-:meth:`FedServer.start` loads the task (or, with ``config.task_file``, checks the task
-package and trains it: its weights are version 0, :mod:`server.taskfile`), restores
-or creates the global model (persisting
-version 0 on a first start, so a restart never re-initialises weights that devices
-already hold), restores an open round saved by a previous run, binds the port (``port=0``
-picks a free one; the real port is returned; with ``certfile``/``keyfile`` it serves
-HTTPS and WSS) and starts the round loop; it raises :class:`StartupError` (one line) when
-it cannot. :meth:`FedServer.stop` cancels the loop and background work, disconnects
+:meth:`FedServer.start` first checks the TLS files and binds the port (``port=0`` picks
+a free one; the real port is returned), so a port in use is reported before anything is
+built or written (no state dir is created); it then loads the task (or, with
+``config.task_file``, checks the task package and trains it: its weights are version 0,
+:mod:`server.taskfile`), restores or creates the global model (persisting version 0 on a
+first start, so a restart never re-initialises weights that devices already hold), sets
+the budget of partial uploads from the model's size
+(:meth:`server.config.ServerConfig.transfer_budget`), restores an open round saved by a
+previous run, then listens (with ``certfile``/``keyfile`` it serves HTTPS and WSS) and
+starts the round loop; it raises :class:`StartupError` (one line) when it cannot, the
+port released. :meth:`FedServer.stop` cancels the loop and background work, disconnects
 everyone and releases the port; every step is bounded in time. :attr:`FedServer.finished`
 is set once ``config.rounds`` rounds are complete and every connected device has been
 sent the final global and ``federation:finished``; the server keeps serving (status
@@ -190,10 +193,36 @@ class FedServer:
                 ssl_context = server_ssl_context(cfg.certfile, cfg.keyfile)
             except TLSConfigError as exc:
                 raise StartupError(str(exc)) from None
+        # Bound before anything is built or written: a port in use leaves nothing behind.
+        sock = self._bind()
+        try:
+            await self._prepare()
+            await self._listen(sock, ssl_context)
+        except BaseException:
+            sock.close()
+            raise
+        self._loops = [
+            asyncio.create_task(self.coordinator.run(), name="round-loop"),
+            asyncio.create_task(self._housekeeping(), name="housekeeping"),
+        ]
+        log.info(
+            "serving task %s on %s (tokens %s, TLS %s, %s)",
+            cfg.task,
+            self.url,
+            "required" if self.auth.enabled else "off",
+            "on" if ssl_context is not None else "off",
+            f"{cfg.rounds} rounds" if cfg.rounds else "rounds forever",
+        )
+        return self.port
+
+    async def _prepare(self) -> None:
+        """The task, the model, the transfer budget, partial uploads and an open round."""
+        cfg = self.config
         task = await self._load_task()
         package = task.package.ref if isinstance(task, PackageTask) else None
         self.distributor.describe_model(dict(task.params), package)
         await self._load_model(task)
+        self._set_transfer_budget()
         test_data = await self._test_data(task)
         try:
             held = await asyncio.to_thread(self.blobs.restore, time.monotonic())
@@ -213,20 +242,22 @@ class FedServer:
             layout=self.model.layout,
         )
         self.coordinator.prepare(task, test_data, restored)
-        await self._listen(ssl_context)
-        self._loops = [
-            asyncio.create_task(self.coordinator.run(), name="round-loop"),
-            asyncio.create_task(self._housekeeping(), name="housekeeping"),
-        ]
-        log.info(
-            "serving task %s on %s (tokens %s, TLS %s, %s)",
-            cfg.task,
-            self.url,
-            "required" if self.auth.enabled else "off",
-            "on" if ssl_context is not None else "off",
-            f"{cfg.rounds} rounds" if cfg.rounds else "rounds forever",
+
+    def _set_transfer_budget(self) -> None:
+        """Bound partial uploads by the model's size (see ServerConfig.transfer_budget)."""
+        model_bytes = sum(int(arr.nbytes) for arr in self.model.state.values())
+        budget = self.config.transfer_budget(model_bytes)
+        self.blobs.set_budget(
+            max_peer_bytes=budget.per_device,
+            max_total_bytes=budget.total,
+            max_open_per_peer=budget.open_per_device,
         )
-        return self.port
+        log.info(
+            "partial uploads: at most %d per device, %d bytes per device, %d bytes in all",
+            budget.open_per_device,
+            budget.per_device,
+            budget.total,
+        )
 
     async def _load_task(self) -> Task:
         cfg = self.config
@@ -322,18 +353,30 @@ class FedServer:
                 saved.rounds_completed,
             )
 
-    async def _listen(self, ssl_context: Any) -> None:
+    def _bind(self) -> socket.socket:
+        """The server's socket, bound (not yet listening); ``self.port`` is its port."""
         cfg = self.config
-        sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
+        try:
+            sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {cfg.host}:{cfg.port}: {exc}") from None
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((cfg.host, cfg.port))
-            sock.listen(128)
             sock.setblocking(False)
         except OSError as exc:
             sock.close()
             raise StartupError(f"cannot listen on {cfg.host}:{cfg.port}: {exc}") from None
         self.port = int(sock.getsockname()[1])
+        return sock
+
+    async def _listen(self, sock: socket.socket, ssl_context: Any) -> None:
+        """Serve on the bound socket (connections are taken from here on)."""
+        cfg = self.config
+        try:
+            sock.listen(128)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {cfg.host}:{cfg.port}: {exc}") from None
         self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
         await web.SockSite(self._runner, sock, ssl_context=ssl_context).start()

@@ -136,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="PEM certificate (chain): serve HTTPS and WSS on the port (needs --keyfile)",
     )
     p.add_argument("--keyfile", type=Path, help="the certificate's unencrypted PEM private key")
+    p.add_argument(
+        "--max-transfer-bytes",
+        type=int,
+        default=None,
+        help="bytes of partial uploads held for all devices together "
+        "(default: clients per round x 2 updates of the model's size)",
+    )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     return p
 
@@ -172,6 +179,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         log_level=args.log_level,
         certfile=args.certfile,
         keyfile=args.keyfile,
+        max_transfer_bytes=args.max_transfer_bytes,
     )
 
 

@@ -2,6 +2,8 @@
 
 Contract: :class:`ServerConfig` holds every setting the server reads (network, task,
 round policy, local-training hyper-parameters, persistence, auth, transfer limits).
+:meth:`ServerConfig.transfer_budget` is the pure rule for how much a device (and all of
+them together) may have the server hold in partial uploads, given the model's size.
 Building one with an out-of-range value raises :class:`ConfigError` (a ``ValueError``)
 whose message is one plain line naming the setting as its command-line flag. Nothing
 here performs I/O except :func:`default_state_dir`, which only computes a path.
@@ -18,13 +20,44 @@ from typing import Any
 import platformdirs
 
 from client.protocol import Limits, PartitionScheme
+from client.transfer import MESSAGE_MARGIN_BYTES, message_limit
 from server.ratelimit import RateLimits
+
+__all__ = [
+    "DEFAULT_HOST",
+    "DEFAULT_PORT",
+    "MESSAGE_MARGIN_BYTES",
+    "OPEN_UPLOADS_PER_DEVICE",
+    "UPDATE_MARGIN_BYTES",
+    "UPDATE_SIZE_FACTOR",
+    "ConfigError",
+    "ServerConfig",
+    "TransferBudget",
+    "default_state_dir",
+]
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 3001
-#: Engine.IO messages may be this much larger than one chunk: the chunk's envelope, or an
-#: inline weights document of up to one chunk plus its metrics. Anything bigger is cut.
-MESSAGE_MARGIN_BYTES = 64 * 1024
+#: An update document may be this many times the model's tensor bytes (a json document of
+#: float32 tensors is about 6 times its safetensors), plus UPDATE_MARGIN_BYTES of header.
+UPDATE_SIZE_FACTOR = 8
+UPDATE_MARGIN_BYTES = 64 * 1024
+#: Uploads one device may have open at once: one being resent beside a new one, and spare.
+OPEN_UPLOADS_PER_DEVICE = 4
+
+
+@dataclass(frozen=True)
+class TransferBudget:
+    """What the server holds in partial uploads (announced totals; see BlobStore)."""
+
+    #: The largest update the server expects: min(maxBlobBytes, 8 x model + 64 KiB).
+    update_bytes: int
+    #: Per device: two updates (one being resent beside a new one).
+    per_device: int
+    #: All devices together: ``max_transfer_bytes``, else ``clients_per_round`` devices'.
+    total: int
+    #: Open uploads per device.
+    open_per_device: int = OPEN_UPLOADS_PER_DEVICE
 
 
 class ConfigError(ValueError):
@@ -68,6 +101,9 @@ class ServerConfig:
     ack_timeout: float = 30.0
     #: Partial blobs untouched this long are dropped.
     blob_ttl: float = 600.0
+    #: Bytes of partial uploads (announced totals, on disk in ``state_dir/blobs``) held for
+    #: all devices together; None derives it from the model (:meth:`transfer_budget`).
+    max_transfer_bytes: int | None = None
     #: The "round N waiting: ..." line is repeated at least this often while nothing changes.
     wait_log_interval: float = 30.0
     #: Pause after an abandoned round before the next attempt (0 = heartbeat interval).
@@ -128,6 +164,10 @@ class ServerConfig:
             value = getattr(self, name)
             _check(_finite(value) and value > 0, f"{name} must be positive, got {value}")
         _check(
+            self.max_transfer_bytes is None or self.max_transfer_bytes >= 1,
+            f"--max-transfer-bytes must be at least 1, got {self.max_transfer_bytes}",
+        )
+        _check(
             _finite(self.retry_delay) and self.retry_delay >= 0,
             f"retry_delay must be 0 or more, got {self.retry_delay}",
         )
@@ -148,8 +188,19 @@ class ServerConfig:
 
     @property
     def max_message_bytes(self) -> int:
-        """The Engine.IO ``max_http_buffer_size``: one chunk plus the envelope margin."""
-        return self.limits.max_chunk_bytes + MESSAGE_MARGIN_BYTES
+        """The Engine.IO ``max_http_buffer_size``: one chunk plus the envelope margin. A
+        message over it closes that connection (the transport's limit, not a refusal)."""
+        return message_limit(self.limits.max_chunk_bytes)
+
+    def transfer_budget(self, model_bytes: int) -> TransferBudget:
+        """The budgets of partial uploads for a model of ``model_bytes`` tensor bytes."""
+        expected = UPDATE_SIZE_FACTOR * model_bytes + UPDATE_MARGIN_BYTES
+        update = min(self.limits.max_blob_bytes, expected)
+        per_device = 2 * update
+        total = self.max_transfer_bytes
+        if total is None:
+            total = self.clients_per_round * per_device
+        return TransferBudget(update_bytes=update, per_device=min(per_device, total), total=total)
 
     @property
     def effective_retry_delay(self) -> float:

@@ -191,17 +191,29 @@ compatible server or client in another language.
 
 - **Socket.IO v5** (the protocol of socket.io 4.x; Engine.IO v4), default namespace `/`,
   default path `/socket.io/`. Clients should prefer the WebSocket transport.
-- **Message size**: a Socket.IO library refuses an Engine.IO message larger than its
-  `maxHttpBufferSize` (socket.io's and python-engineio's default: 1,000,000 bytes) by
-  closing the connection. The largest messages of this protocol are blob chunks: the
-  chunk's bytes travel as one binary message of at most `maxChunkBytes` (base64-encoded,
-  4/3 of that, over HTTP long-polling), and the JSON part is a separate small message.
-  The default `maxChunkBytes` is **512 KiB** (524,288 bytes; 699,052 base64-encoded), so
-  a peer built with the library defaults takes default chunks with room to spare. A peer
-  that announces a larger `maxChunkBytes` must raise its `maxHttpBufferSize` to match:
-  the reference server sets it to its `maxChunkBytes` + 64 KiB. Over long-polling one
-  HTTP request may carry several messages and must stay under the limit as a whole; the
-  reference device uses WebSocket only.
+- **Message size**: a Socket.IO library cuts an Engine.IO message larger than its limit
+  (`maxHttpBufferSize`; socket.io's and python-engineio's default: 1,000,000 bytes) by
+  closing the connection: such a message is never read, so it cannot be answered, and
+  the sender sees a disconnect. The largest messages of this protocol are blob chunks:
+  the chunk's bytes travel as one binary message of at most `maxChunkBytes` (base64-encoded,
+  4/3 of that, over HTTP long-polling), and the JSON part is a separate small message;
+  inline weights fit one chunk. The default `maxChunkBytes` is **512 KiB** (524,288
+  bytes; 699,052 base64-encoded), so a peer built with the library defaults takes default
+  chunks with room to spare. A peer that announces a larger `maxChunkBytes` must raise its
+  limit to match. Over long-polling one HTTP request may carry several messages and must
+  stay under the limit as a whole; the reference device uses WebSocket only. The
+  reference peers' limits, and what happens at each:
+  - the **server** reads messages up to its `maxChunkBytes` + 64 KiB (589,824 bytes by
+    default). A `blob:chunk` over `maxChunkBytes` but under that is refused
+    `chunk_too_large`; a bigger message closes that device's connection (the device
+    reconnects and resumes its transfer from `blob:status`).
+  - the **device** reads messages up to 16 MiB (its WebSocket `max_msg_size`; aiohttp's
+    default, 4 MiB, is raised), far more than a conforming server sends it. A larger but
+    readable event is answered like any other bad input (a 6 MiB `blob:chunk` is
+    refused `chunk_too_large`, the connection stays); over 16 MiB the transport closes
+    the connection and the device reconnects with its usual backoff.
+  - a message the device's Socket.IO decoder cannot decode (broken JSON, an unknown
+    packet type) is dropped, counted and logged as one warning; the connection stays.
 - **Authentication**: when the server is configured with tokens, the client passes
   `auth: {"token": "<token>"}` in the Socket.IO CONNECT packet. A missing or wrong token
   is refused at connect time with a connect error whose message starts with
@@ -219,7 +231,8 @@ compatible server or client in another language.
   (malformed, or sent before registration) logs it and otherwise ignores it.
 - **Validation**: unknown fields are ignored (newer peers may add optional fields). Missing
   fields, wrong JSON types (no coercion: `"5"` is not a number) and out-of-range values are
-  refused with code `bad_request`. A peer never crashes or disconnects on bad input.
+  refused with code `bad_request`. A peer never crashes or disconnects on bad input it
+  can read (a message over the transport's size limit is not read: see Message size).
 - **Protocol version**: `device:register` (and its answer `DeviceRegistered`) carries
   `protocol: 1`. The field may be omitted and then means 1; when present it must be the
   JSON number 1 (`1` or `1.0`). Any other value — `2`, the string `"1"`, `true`, `null` —
@@ -342,12 +355,25 @@ The same sub-protocol carries weights in both directions.
   (default 512 KiB, see Transport; small chunks also keep heartbeats and Engine.IO pings
   flowing during big transfers), at most `maxInflightChunks` chunks un-acknowledged at
   once, chunks of one blob in order, and no blob over `maxBlobBytes`.
+- **What a receiver holds.** A receiver bounds what a sender can make it hold in
+  partial blobs, counting the totals *announced* by its open blobs (not the bytes received
+  so far, so no number of barely started blobs can later grow past the bound). At the
+  first chunk of a new blob it refuses, before buffering anything: a `total` that could
+  never fit its budgets with `blob_too_large` (final), and with `transfers_full` (retry:
+  send again once a transfer completes or expires) a blob when the sender already has
+  as many blobs open as allowed, or when its `total` added to the totals of that
+  sender's open blobs, or of all senders' together, would pass the budget. A blob counts
+  until the message that uses it takes it, or until it expires.
 - **Current behaviour of the reference peers.** The device announces
   `maxChunkBytes` 512 KiB, `maxBlobBytes` 512 MiB and `maxInflightChunks` 4. It holds
-  partial blobs from the server in memory, at most 2 × `maxBlobBytes` at once (a second
-  blob is refused `blob_too_large` beyond that), and drops one untouched for 10 minutes
-  (checked at each heartbeat); no tighter bound on that memory is enforced yet. The
-  server keeps, towards each device, to the smaller of its own limits and the device's:
+  partial blobs from the server in memory: at most 8 open, announcing at most
+  `maxBlobBytes` (512 MiB) in all, and drops one untouched for 10 minutes (checked at
+  each heartbeat). The server keeps partial uploads on disk (so they survive a
+  restart): per device at most 4 open and two updates' worth, where an update is at most
+  min(`maxBlobBytes`, 8 × the model's tensor bytes + 64 KiB), and for all devices
+  together `clients_per_round` devices' worth (`--max-transfer-bytes` sets it); it drops
+  one untouched for 10 minutes. The server keeps, towards each device, to the smaller of
+  its own limits and the device's:
   it sends `weights:global` inline when the document fits one chunk, else as a blob of
   chunks of at most that `maxChunkBytes`, with at most that `maxInflightChunks`
   un-acknowledged. A global larger than the device's `maxBlobBytes` is not sent at all:
@@ -358,7 +384,8 @@ The same sub-protocol carries weights in both directions.
 - Each chunk repeats the whole blob's `total` size and `sha256`. The receiver checks, in
   this order and *before* buffering anything: the chunk size (`chunk_too_large`), the
   total (`blob_too_large`), for an unknown blob that the chunk starts at 0 (`offset_gap`)
-  and is not larger than `total` (`size_mismatch`), for a known one that `total` and
+  and is not larger than `total` (`size_mismatch`) and that it fits the budgets above
+  (`blob_too_large`, `transfers_full`), for a known one that `total` and
   `sha256` equal those of its first chunk (`blob_mismatch`). It then accepts a chunk only
   at `offset == received`: a chunk below it is a repeat and is acknowledged without
   effect (its bytes are not compared); one above is refused with `offset_gap`; one that

@@ -57,6 +57,7 @@ from client.protocol import (
 from client.protocol.guard import Answer
 from client.session.hub import SnapshotHub
 from client.session.live_settings import LiveSettings
+from client.session.sioclient import device_client
 from client.session.tasks import TaskSet
 from client.session.tls import (
     AUTH_FAILED_WORDS,
@@ -208,11 +209,7 @@ class ServerLink:
                 )
                 return "refused"
             http_session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx))
-        sio = (
-            socketio.AsyncClient(reconnection=False, http_session=http_session)
-            if http_session
-            else socketio.AsyncClient(reconnection=False)
-        )
+        sio = device_client(http_session)  # the device's message limit, a safe decoder
         lost = asyncio.Event()
         refusal: list[str] = []
         self._install_handlers(sio, lost, refusal)

@@ -1,0 +1,112 @@
+"""Where a disk-backed :class:`client.transfer.BlobStore` keeps its partial blobs.
+
+Contract: ``<dir>/<peer hash>/<blob hash>.part`` holds the bytes received so far and a
+``.json`` sidecar (peer, blob id, total, SHA-256) describes it; the sidecar is written
+(atomically) before its part file exists, so a part file is never orphaned of its
+description. All the I/O of the blob store lives here; the rules (limits, offsets,
+checksums) live in :class:`client.transfer.BlobStore`. Methods raise ``OSError`` from the
+disk; :meth:`SpillDir.scan` deletes leftovers it cannot read instead of raising.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from client.atomicfile import write_atomic
+
+__all__ = ["SpillDir"]
+
+log = logging.getLogger(__name__)
+
+
+def _name_hash(text: str) -> str:
+    """A file-name-safe stand-in for a peer or blob id (ids may hold ``:`` or ``.``)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+class SpillDir:
+    """Where a disk-backed BlobStore keeps its bytes: ``<dir>/<peer>/<blob>.part`` + ``.json``.
+
+    All the I/O of the blob store lives here; the rules live in :class:`BlobStore`.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def _paths(self, peer: str, blob_id: str) -> tuple[Path, Path]:
+        base = self.directory / _name_hash(peer) / _name_hash(blob_id)
+        return base.with_suffix(".part"), base.with_suffix(".json")
+
+    def create(self, peer: str, blob_id: str, total: int, sha256: str) -> None:
+        """An empty partial blob; the sidecar is written first so a part file is never
+        orphaned of its description."""
+        part, meta = self._paths(peer, blob_id)
+        doc = {"peer": peer, "blobId": blob_id, "total": total, "sha256": sha256}
+        write_atomic(meta, json.dumps(doc).encode("utf-8"))
+        part.unlink(missing_ok=True)
+        part.touch(mode=0o600)  # private, like the sidecar: it holds a device's weights
+
+    def append(self, peer: str, blob_id: str, held: int, data: bytes) -> None:
+        """Append ``data`` after the ``held`` bytes (cutting any torn tail of a failed write)."""
+        part, _ = self._paths(peer, blob_id)
+        with part.open("r+b") as fh:
+            fh.truncate(held)
+            fh.seek(held)
+            fh.write(data)
+
+    def part_path(self, peer: str, blob_id: str) -> Path:
+        """Where the partial blob's bytes are (a verified blob's file may be moved away)."""
+        return self._paths(peer, blob_id)[0]
+
+    def read(self, peer: str, blob_id: str) -> bytes:
+        part, _ = self._paths(peer, blob_id)
+        return part.read_bytes()
+
+    def digest(self, peer: str, blob_id: str) -> str:
+        """SHA-256 hex of the part file, read a piece at a time."""
+        part, _ = self._paths(peer, blob_id)
+        hasher = hashlib.sha256()
+        with part.open("rb") as fh:
+            while piece := fh.read(1 << 20):
+                hasher.update(piece)
+        return hasher.hexdigest()
+
+    def remove(self, peer: str, blob_id: str) -> None:
+        part, meta = self._paths(peer, blob_id)
+        for path in (meta, part):
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            part.parent.rmdir()  # only when empty
+
+    def scan(self) -> list[tuple[str, str, int, str, int]]:
+        """``(peer, blob_id, total, sha256, bytes held)`` of every readable partial blob;
+        unreadable leftovers are deleted."""
+        found: list[tuple[str, str, int, str, int]] = []
+        if not self.directory.is_dir():
+            return found
+        for meta in sorted(self.directory.glob("*/*.json")):
+            part = meta.with_suffix(".part")
+            try:
+                doc = json.loads(meta.read_text(encoding="utf-8"))
+                peer, blob_id = str(doc["peer"]), str(doc["blobId"])
+                total, sha256 = int(doc["total"]), str(doc["sha256"])
+                size = part.stat().st_size
+                if self._paths(peer, blob_id)[1] != meta or size > total:
+                    raise ValueError("does not describe its part file")
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("dropping unreadable partial blob %s: %s", meta, exc)
+                for path in (meta, part):
+                    with contextlib.suppress(OSError):
+                        path.unlink(missing_ok=True)
+                continue
+            found.append((peer, blob_id, total, sha256, size))
+        for part in self.directory.glob("*/*.part"):
+            if not part.with_suffix(".json").exists():
+                with contextlib.suppress(OSError):
+                    part.unlink()
+        return found
