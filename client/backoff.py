@@ -51,8 +51,7 @@ def max_delay_from(environ: Mapping[str, str]) -> float:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
         log.warning(
-            "ignoring %s=%r: not a positive number of seconds; the reconnect ceiling stays "
-            "%g s",
+            "ignoring %s=%r: not a positive number of seconds; the reconnect ceiling stays %g s",
             RECONNECT_CAP_ENV,
             text,
             DEFAULT_MAX_DELAY_S,
