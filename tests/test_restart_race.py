@@ -236,10 +236,10 @@ def test_a_server_killed_mid_upload_and_back_within_the_ceiling_loses_and_redoes
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # The shortened ceiling, on both sides: the device's first return comes a full ceiling
-    # after the kill (well past the server's old 10 s once it is up again), the others
-    # after a short part of it (1.0 and 4/14 are draws within the full jitter).
-    ceiling_s = scaled(14.0)
-    short_s = scaled(4.0)
+    # after the kill (past the server's old 10 s even after the restart has taken its
+    # time), the others after a short part of it (draws within the full jitter).
+    ceiling_s = OLD_GRACE_S + scaled(4.0)
+    short_s = scaled(2.0)
     monkeypatch.setenv(RECONNECT_CAP_ENV, f"{ceiling_s:g}")
     backoff = Backoff(base=ceiling_s, cap=ceiling_s, rng=_Draws(1.0, short_s / ceiling_s))
     # What the server must wait: that ceiling, one connection attempt, 3 heartbeats.
