@@ -53,7 +53,7 @@ from server.aggregation import FedAvg, Strategy
 from server.auth import TokenChecker
 from server.background import Background
 from server.config import ServerConfig
-from server.coordinator import RETURN_GRACE_S, RoundCoordinator, TestData
+from server.coordinator import RoundCoordinator, TestData
 from server.distribution import Distributor
 from server.globalmodel import GlobalModel
 from server.handlers import DeviceNamespace
@@ -68,7 +68,7 @@ from server.store import Store, StoreError
 from server.taskfile import PackageTask, ServedPackage, open_package
 from server.tls import TLSConfigError, server_ssl_context
 
-__all__ = ["RETURN_GRACE_S", "FedServer", "StartupError"]
+__all__ = ["FedServer", "StartupError"]
 
 log = logging.getLogger(__name__)
 

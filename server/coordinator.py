@@ -29,8 +29,11 @@ gets both too (:meth:`welcome`). The server goes on serving until it is stopped.
 Surviving a crash: the open round is kept in ``state_dir/round.json`` and each accepted
 update in ``state_dir/round/`` (:mod:`server.roundstore`); a round restored at start
 (:mod:`server.restore`) runs first, under the SAME round id, and the slots of devices that
-had not reported wait up to :data:`RETURN_GRACE_S` (or the deadline) for their devices to
-reconnect. The round's files are removed only after its new version is saved.
+had not reported wait for their devices to reconnect for :func:`server.restore.return_grace`
+(derived from the client's reconnect ceiling, :mod:`client.backoff`, so a device in its
+longest backoff is still expected), never past the round's deadline; a device back in
+time is offered its part again and resumes its upload. The round's files are removed only
+after its new version is saved.
 
 Never raises into a handler except :class:`client.errors.FedtrayError` (the refusal to
 answer); torch work, decoding and aggregation run in threads so heartbeats keep flowing.
@@ -69,7 +72,7 @@ from server.globalmodel import GlobalModel
 from server.model import Evaluator, ModelEvaluator
 from server.phase import PhaseMachine
 from server.registry import DeviceRecord, Registry
-from server.restore import saved_round_of
+from server.restore import return_grace, saved_round_of
 from server.rounds import Round, abandon_detail, awaiting_return, drop_stale, select_devices
 from server.roundstore import RoundStore, SavedSlot
 from server.starter import RoundStarter
@@ -78,8 +81,6 @@ from server.taskfile import PackageTask
 
 log = logging.getLogger(__name__)
 
-#: After a restart, how long (at least) a restored round waits for its devices to return.
-RETURN_GRACE_S = 10.0
 TestData = tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]
 
 
@@ -336,7 +337,13 @@ class RoundCoordinator:
         restored, self._restored = self._restored, None
         if restored is not None:
             number, attempt = restored.number, restored.attempt
-            self._return_grace_until = time.monotonic() + max(RETURN_GRACE_S, cfg.stale_after)
+            now = time.monotonic()
+            self._return_grace_until = now + return_grace(cfg.stale_after)
+            log.info(
+                "restored round %s waits up to %.1f s for its devices to return",
+                restored.round_id,
+                max(0.0, min(self._return_grace_until, restored.deadline) - now),
+            )
             if not await self._drive_round(restored, []):
                 await asyncio.sleep(cfg.effective_retry_delay)
         while True:

@@ -305,7 +305,12 @@ compatible server or client in another language.
    which codes are which; `duplicate` means already counted, `round_closed` too late).
    After a reconnect it resumes the blob from `blob:status`. The reference server writes
    an update to disk before it acks it, and keeps the open round and partial blobs on
-   disk, so a server restart loses neither.
+   disk, so a server restart loses neither. Restarted, it restores the open round under
+   its id and waits for the devices that had not reported as long as a device in its
+   longest reconnect backoff needs to come back: the reference client's ceiling (60 s)
+   plus one connection attempt (10 s), both in `client/backoff.py`, plus three heartbeat
+   intervals, never past the round's deadline. Such a device is offered its part again,
+   resumes its upload from the server's offset and does not train again.
 8. When enough devices reported before the deadline, the server averages the updates
    (FedAvg weighted by `numSamples`, accumulated in float64 and stored in each tensor's
    own dtype), saves and broadcasts `weights:global` with the new version. Devices

@@ -9,13 +9,23 @@ still to run -- with its saved updates folded into ``strategy`` again (each coun
 and the slots of devices that had not reported marked ``dropped``/``disconnected`` (offered
 their part again when they reconnect). Any other saved round is removed with a log line
 saying why, and None is returned. It never raises for a bad or unreadable saved round.
+
+:func:`return_grace` is the pure rule for how long a restored round waits for devices
+that have not been back since the restart before it may be given up: the client's
+declared reconnect ceiling (:data:`client.backoff.RECONNECT_WITHIN_S`: its longest
+backoff sleep plus one connection attempt) plus the server's ``stale_after`` (time to
+register and be heard from), so a device in its longest backoff is never given up on
+while it is on its way back. The caller bounds it by the round's deadline. It raises
+:class:`ValueError` for a negative or non-finite duration.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 
+from client.backoff import RECONNECT_WITHIN_S
 from client.weights import Layout, StateDict
 from server.aggregation import Strategy
 from server.rounds import Round, Slot
@@ -23,6 +33,16 @@ from server.roundstore import RoundStore, SavedRound, SavedSlot
 from server.store import StoreError
 
 log = logging.getLogger(__name__)
+
+
+def return_grace(stale_after: float, reconnect_within: float = RECONNECT_WITHIN_S) -> float:
+    """Seconds a restored round waits for its devices to come back after a restart (from
+    the moment it is restored; the caller stops at the round's deadline)."""
+    if not (math.isfinite(stale_after) and stale_after >= 0):
+        raise ValueError(f"stale_after must be 0 or more seconds, got {stale_after}")
+    if not (math.isfinite(reconnect_within) and reconnect_within > 0):
+        raise ValueError(f"reconnect_within must be positive, got {reconnect_within}")
+    return reconnect_within + stale_after
 
 
 def saved_round_of(rnd: Round, task: str, store: RoundStore, now_unix: float) -> SavedRound:

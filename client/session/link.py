@@ -43,7 +43,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import socketio
 
-from client.backoff import MAX_DELAY_S, Backoff
+from client.backoff import CONNECT_TIMEOUT_S, MAX_DELAY_S, Backoff
 from client.errors import FedtrayError
 from client.protocol import (
     EV_HEARTBEAT,
@@ -73,7 +73,6 @@ __all__ = ["ACK_TIMEOUT_S", "Call", "Guarded", "ServerLink", "error_of"]
 
 log = logging.getLogger(__name__)
 
-CONNECT_TIMEOUT_S: Final = 10.0
 ACK_TIMEOUT_S: Final = 30.0
 
 Outcome = Literal["auth_failed", "refused", "lost"]
