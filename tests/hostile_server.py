@@ -31,8 +31,9 @@ ANSWER_TIMEOUT = 20.0
 class HostileServer:
     """Answers ``device:register`` and heartbeats; the test drives the rest."""
 
-    def __init__(self, loop: LoopThread) -> None:
+    def __init__(self, loop: LoopThread, task: str = "synthetic") -> None:
         self.loop = loop
+        self.task = task
         # It reads only small messages; what it sends is not limited by its own settings.
         self.sio = socketio.AsyncServer(async_mode="aiohttp")
         self.app = web.Application()
@@ -67,7 +68,7 @@ class HostileServer:
             heartbeat_interval_sec=0.2,
             server_version="hostile",
             limits=Limits(),
-            task="synthetic",
+            task=self.task,
             global_version=None,
         ).to_wire()
 
@@ -100,10 +101,13 @@ class HostileServer:
 
 
 @contextlib.contextmanager
-def hostile_client(tmp_path: Path) -> Iterator[tuple[HostileServer, DistributedClient]]:
-    """A real client registered with a :class:`HostileServer`."""
+def hostile_client(
+    tmp_path: Path, task: str = "synthetic"
+) -> Iterator[tuple[HostileServer, DistributedClient]]:
+    """A real client (data in ``tmp_path / "client-data"``) registered with a
+    :class:`HostileServer` that names ``task``."""
     loop = LoopThread()
-    server = HostileServer(loop)
+    server = HostileServer(loop, task)
     client = DistributedClient(
         Settings(server_url=server.url, device_name="victim"),
         device_info=detect_device(probe_gpu=False),

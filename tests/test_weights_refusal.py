@@ -27,21 +27,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-import socketio
-from aiohttp import web
 
-from client.backoff import Backoff
-from client.config import Settings
-from client.device import detect_device
 from client.global_store import GlobalStore
 from client.protocol import (
-    EV_HEARTBEAT,
-    EV_REGISTER,
     EV_WEIGHTS_GLOBAL,
     DeviceRegister,
-    DeviceRegistered,
     FileRef,
-    Limits,
     WeightsGlobal,
     error_ack,
     parse,
@@ -63,16 +54,16 @@ from client.weights import (
 )
 from client.weights.checks import mismatch_text
 from server.registry import Registry
+from tests.hostile_server import HostileServer, hostile_client
 from tests.server_harness import (
     TINY_PARAMS,
-    LoopThread,
     ScriptedDevice,
     ServerHandle,
     register_payload,
     run_devices,
     running_server,
 )
-from tests.waiting import scale_waits, scaled, wait_until
+from tests.waiting import scaled
 
 EXPECTED: Layout = {
     "conv.w": TensorSpec("float32", (4, 3)),
@@ -216,81 +207,28 @@ def test_unknown_models_are_not_checked() -> None:
 # --------------------------------------------------------------------------- hostile server
 
 
-class _HostileServer:
-    """A scripted Socket.IO server that a real client registers with (it sends weights)."""
-
-    def __init__(self, loop: LoopThread) -> None:
-        self.loop = loop
-        self.sio = socketio.AsyncServer(async_mode="aiohttp")
-        self.app = web.Application()
-        self.sio.attach(self.app)
-        self.sid: str | None = None
-        self.sio.on(EV_REGISTER, self._on_register)
-        self.sio.on(EV_HEARTBEAT, self._on_heartbeat)
-        self.runner = web.AppRunner(self.app)
-        self.port = loop.run(self._start())
-
-    async def _start(self) -> int:
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        server = site._server
-        assert server is not None
-        return int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
-
-    async def _on_register(self, sid: str, payload: Any) -> dict[str, Any]:
-        self.sid = sid
-        return DeviceRegistered(
-            device_id=payload["deviceId"],
-            heartbeat_interval_sec=0.2,
-            server_version="hostile",
-            limits=Limits(),
-            task="digits",
-            global_version=None,
-        ).to_wire()
-
-    async def _on_heartbeat(self, sid: str, payload: Any) -> dict[str, Any]:
-        return {"ok": True}
-
-    def send_global(
-        self, version: int, state: StateDict, params: dict[str, Any], fmt: str = "safetensors"
-    ) -> Any:
-        data = encode(state, fmt)  # type: ignore[arg-type]
-        payload = {
-            "version": version,
-            "task": "digits",
-            "modelParams": params,
-            "weights": {"format": fmt, "size": len(data), "sha256": sha256_hex(data), "data": data},
-        }
-        assert self.sid is not None
-        return self.loop.run(self.sio.call(EV_WEIGHTS_GLOBAL, payload, to=self.sid, timeout=30))
-
-    def close(self) -> None:
-        self.loop.run(self.runner.cleanup())
+def send_global(
+    fake: HostileServer,
+    version: int,
+    state: StateDict,
+    params: dict[str, Any],
+    fmt: str = "safetensors",
+) -> Any:
+    """``weights:global`` with the weights inline, as the hostile server's device sees it."""
+    data = encode(state, fmt)  # type: ignore[arg-type]
+    payload = {
+        "version": version,
+        "task": "digits",
+        "modelParams": params,
+        "weights": {"format": fmt, "size": len(data), "sha256": sha256_hex(data), "data": data},
+    }
+    return fake.call(EV_WEIGHTS_GLOBAL, payload)
 
 
 @pytest.fixture
-def hostile(tmp_path: Path) -> Iterator[tuple[_HostileServer, DistributedClient, Path]]:
-    loop = LoopThread()
-    fake = _HostileServer(loop)
-    data_dir = tmp_path / "data"
-    client = DistributedClient(
-        Settings(server_url=f"http://127.0.0.1:{fake.port}", device_name="victim"),
-        device_info=detect_device(probe_gpu=False),
-        data_dir=data_dir,
-        backoff=Backoff(base=0.05, cap=0.2),
-        settings_file=None,
-    )
-    scale_waits(client)
-    client.start()
-    try:
-        client.wait_for(lambda s: s.connection == "connected", 30)
-        wait_until(lambda: fake.sid is not None, 10, "registration")
-        yield fake, client, data_dir
-    finally:
-        assert client.stop(scaled(30))
-        fake.close()
-        loop.close()
+def hostile(tmp_path: Path) -> Iterator[tuple[HostileServer, DistributedClient, Path]]:
+    with hostile_client(tmp_path, task="digits") as (fake, client):
+        yield fake, client, tmp_path / "client-data"
 
 
 def _mlp(hidden: int, features: int = 64, classes: int = 10) -> StateDict:
@@ -302,11 +240,11 @@ def _mlp(hidden: int, features: int = 64, classes: int = 10) -> StateDict:
 
 
 def test_weights_that_do_not_fit_are_refused_with_every_mismatch_and_the_old_global_kept(
-    hostile: tuple[_HostileServer, DistributedClient, Path], caplog: pytest.LogCaptureFixture
+    hostile: tuple[HostileServer, DistributedClient, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     fake, client, data_dir = hostile
     good = _mlp(64)
-    assert fake.send_global(1, good, {}) == {"ok": True}
+    assert send_global(fake, 1, good, {}) == {"ok": True}
     client.wait_for(lambda s: s.weights_version == 1, 10)
     store = GlobalStore(data_dir / "global")
     kept = store.weights_path.read_bytes()
@@ -347,7 +285,7 @@ def test_weights_that_do_not_fit_are_refused_with_every_mismatch_and_the_old_glo
     with caplog.at_level(logging.WARNING, logger="client.session"):
         for label, params, state, code, lines in refusals:
             for fmt in ("safetensors", "json"):
-                ack = fake.send_global(2, state, params, fmt)
+                ack = send_global(fake, 2, state, params, fmt)
                 assert ack["ok"] is False and ack["code"] == code, (label, fmt, ack)
                 # safetensors lists tensors in its own order; compare the set, and the count.
                 listed = ack["message"].split(": ", 1)[1].split("; ")
@@ -360,7 +298,7 @@ def test_weights_that_do_not_fit_are_refused_with_every_mismatch_and_the_old_glo
     assert client.snapshot().weights_version == 1
     assert sum("refused global weights v2" in r.getMessage() for r in caplog.records) == 6
     # A fitting version is still taken.
-    assert fake.send_global(3, _mlp(8), {"hidden": 8}) == {"ok": True}
+    assert send_global(fake, 3, _mlp(8), {"hidden": 8}) == {"ok": True}
     client.wait_for(lambda s: s.weights_version == 3, 10)
 
 
