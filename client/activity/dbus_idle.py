@@ -143,7 +143,9 @@ class DBusIdleProbe:
         system_address: str | None,
         connect: Callable[[str], Any] = _Conn,
         monotonic_us: Callable[[], int] = _monotonic_us,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._clock = clock
         self._addresses = {"session": session_address, "system": system_address}
         self._connect = connect
         self._monotonic_us = monotonic_us
@@ -207,7 +209,7 @@ class DBusIdleProbe:
                     return answer
                 self._source = None
                 return None
-            if time.monotonic() < self._search_at:
+            if self._clock() < self._search_at:
                 return None
             for source in SOURCES:
                 answer = self._try(source)
@@ -215,7 +217,7 @@ class DBusIdleProbe:
                     self._source = source
                     log.info("idle time from %s over D-Bus", source.name)
                     return answer
-            self._search_at = time.monotonic() + RETRY_EVERY_S
+            self._search_at = self._clock() + RETRY_EVERY_S
             return None
 
     def fullscreen_active(self) -> bool | None:

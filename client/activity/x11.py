@@ -124,11 +124,11 @@ class X11Probe:
                 return None
             try:
                 info = self._root.screensaver_query_info()
-            except (xerror.ConnectionClosedError, OSError) as exc:
-                self._lost(exc)
-                return None
             except xerror.XError as exc:
                 self._problem(f"MIT-SCREEN-SAVER query failed: {exc}")
+                return None
+            except Exception as exc:  # a lost connection (ConnectionClosedError, OSError)
+                self._lost(exc)
                 return None
             return max(0.0, int(info.idle) / 1000.0)
 
@@ -158,11 +158,11 @@ class X11Probe:
                 return False  # the active window closed between the two queries
             values = None if state is None else [int(v) for v in state.value]
             return is_fullscreen_state(values, self._atom_fullscreen)
-        except (xerror.ConnectionClosedError, OSError) as exc:
-            self._lost(exc)
-            return None
         except xerror.XError as exc:
             self._problem(f"reading the active window failed: {exc}")
+            return None
+        except Exception as exc:  # a lost connection (ConnectionClosedError, OSError)
+            self._lost(exc)
             return None
 
     def describe(self) -> str:
