@@ -21,7 +21,7 @@ from client.activity.dbus_idle import (
 )
 from client.activity.macos import MacProbe, idle_from_hid_ns
 from client.activity.windows import WindowsProbe, fullscreen_from_quns, idle_ms_from_ticks
-from client.activity.x11 import X11Probe, is_fullscreen_state, parse_active_window
+from client.activity.x11 import X11Probe, is_fullscreen_state, parse_active_window, wm_present
 
 # -- pure parsers -------------------------------------------------------------------------
 
@@ -32,6 +32,23 @@ from client.activity.x11 import X11Probe, is_fullscreen_state, parse_active_wind
 )
 def test_parse_active_window(value: list[int] | None, expected: int | None) -> None:
     assert parse_active_window(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("root_check", "child_check", "expected"),
+    [
+        ([0x20020B], [0x20020B], True),
+        (None, None, False),  # no window manager ever ran
+        ([0x20020B], None, False),  # stale: the check window lost its property
+        ([0x20020B], [0x30000], False),  # stale: the id was reused by another window
+        ([0], [0], False),
+        ([], [], False),
+    ],
+)
+def test_wm_present(
+    root_check: list[int] | None, child_check: list[int] | None, expected: bool
+) -> None:
+    assert wm_present(root_check, child_check) is expected
 
 
 @pytest.mark.parametrize(

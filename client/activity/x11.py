@@ -9,13 +9,14 @@ Contract (on top of :mod:`client.activity.base`):
   input the X server saw) / 1000; ``None`` without the extension (``describe()`` says so).
   Under Wayland this is never used: XWayland sees only X clients' input, so it would
   report "idle" while the user types into Wayland windows (:mod:`client.activity.choose`).
-* ``fullscreen_active()``: the root window's ``_NET_ACTIVE_WINDOW`` and that window's
-  ``_NET_WM_STATE``: True when it holds ``_NET_WM_STATE_FULLSCREEN``; False when no
-  window is active or the active one is not full-screen (or vanished between the two
-  queries); ``None`` when no EWMH window manager publishes an active window.
+* ``fullscreen_active()``: ``None`` unless an EWMH window manager runs (the root's
+  ``_NET_SUPPORTING_WM_CHECK`` names a live window that names itself); then the root's
+  ``_NET_ACTIVE_WINDOW`` and that window's ``_NET_WM_STATE``: True when it holds
+  ``_NET_WM_STATE_FULLSCREEN``; False when no window is active or the active one is not
+  full-screen (or vanished between the queries). Up to four round trips to the X server.
 * A lost connection answers ``None`` (logged once); the probe reconnects at most every
   :data:`RECONNECT_EVERY_S` seconds. Pure parts (:func:`parse_active_window`,
-  :func:`is_fullscreen_state`) are table-tested.
+  :func:`wm_present`, :func:`is_fullscreen_state`) are table-tested.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 RECONNECT_EVERY_S: Final = 5.0
 SCREENSAVER_EXTENSION: Final = "MIT-SCREEN-SAVER"
 FROM_WM: Final = "full-screen from the window manager (EWMH _NET_WM_STATE)"
-NO_WM: Final = "full-screen unknown: no window manager publishes _NET_ACTIVE_WINDOW"
+NO_WM: Final = "full-screen unknown: no EWMH window manager (_NET_SUPPORTING_WM_CHECK)"
 
 
 def parse_active_window(value: Sequence[int] | None) -> int | None:
@@ -51,6 +52,14 @@ def parse_active_window(value: Sequence[int] | None) -> int | None:
     if value is None:
         return None
     return int(value[0]) if len(value) > 0 else 0
+
+
+def wm_present(root_check: Sequence[int] | None, child_check: Sequence[int] | None) -> bool:
+    """Whether an EWMH window manager runs: the root's ``_NET_SUPPORTING_WM_CHECK`` names
+    a window whose own ``_NET_SUPPORTING_WM_CHECK`` names itself (else it is stale)."""
+    if not root_check or not child_check:
+        return False
+    return int(root_check[0]) != 0 and int(root_check[0]) == int(child_check[0])
 
 
 def is_fullscreen_state(state: Sequence[int] | None, fullscreen_atom: int) -> bool:
@@ -86,6 +95,7 @@ class X11Probe:
             self._has_screensaver = bool(self._display.has_extension(SCREENSAVER_EXTENSION))
             root = self._display.screen().root
             self._root = root
+            self._atom_check = self._display.intern_atom("_NET_SUPPORTING_WM_CHECK")
             self._atom_active = self._display.intern_atom("_NET_ACTIVE_WINDOW")
             self._atom_state = self._display.intern_atom("_NET_WM_STATE")
             self._atom_fullscreen = self._display.intern_atom("_NET_WM_STATE_FULLSCREEN")
@@ -138,18 +148,32 @@ class X11Probe:
                 return None
             return self._fullscreen()
 
+    def _wm_present(self) -> bool:
+        from Xlib import Xatom, error as xerror
+
+        prop = self._root.get_full_property(self._atom_check, Xatom.WINDOW)
+        root_check = None if prop is None else [int(v) for v in prop.value]
+        if not root_check:
+            return False
+        try:
+            window = self._display.create_resource_object("window", root_check[0])
+            child = window.get_full_property(self._atom_check, Xatom.WINDOW)
+        except (xerror.BadWindow, xerror.BadDrawable):
+            return False  # a stale check window: the window manager has gone
+        return wm_present(root_check, None if child is None else [int(v) for v in child.value])
+
     def _fullscreen(self) -> bool | None:
         """The answer, and the note ``describe()`` gives; caller holds the lock."""
-        from Xlib import X, Xatom, error as xerror
+        from Xlib import Xatom, error as xerror
 
         try:
-            prop = self._root.get_full_property(self._atom_active, Xatom.WINDOW)
-            active = parse_active_window(None if prop is None else list(prop.value))
-            if active is None:
+            if not self._wm_present():
                 self._fullscreen_note = NO_WM
                 return None
             self._fullscreen_note = FROM_WM
-            if active == X.NONE:
+            prop = self._root.get_full_property(self._atom_active, Xatom.WINDOW)
+            active = parse_active_window(None if prop is None else list(prop.value))
+            if not active:  # absent or 0: the window manager has no active window
                 return False
             window = self._display.create_resource_object("window", active)
             try:
