@@ -14,7 +14,8 @@ Contract:
   why the poller must be a thread of its own. Each probe serializes its own calls with a
   lock, so a second caller is safe, just not useful.
 * No call raises for OS trouble (no display, a bus that went away, a failed OS call):
-  it answers ``None`` and logs the problem once (:class:`LogOnce`), at WARNING.
+  it answers ``None`` and logs the problem once (:class:`LogOnce`): at WARNING when a
+  source that answered stops, at INFO while looking for one (a headless machine has none).
 * Nothing here imports GUI toolkits or torch.
 """
 
@@ -49,8 +50,9 @@ class LogOnce:
 
     LIMIT: Final = 32
 
-    def __init__(self, logger: logging.Logger) -> None:
+    def __init__(self, logger: logging.Logger, level: int = logging.WARNING) -> None:
         self._logger = logger
+        self._level = level
         self._seen: set[str] = set()
         self._lock = threading.Lock()
 
@@ -59,7 +61,7 @@ class LogOnce:
             if problem in self._seen or len(self._seen) >= self.LIMIT:
                 return
             self._seen.add(problem)
-        self._logger.warning("activity detection: %s", problem)
+        self._logger.log(self._level, "activity detection: %s", problem)
 
 
 class UnknownProbe:

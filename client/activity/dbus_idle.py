@@ -153,6 +153,7 @@ class DBusIdleProbe:
         self._source: Source | None = None
         self._lock = threading.Lock()
         self._problem = LogOnce(log)
+        self._searching = LogOnce(log, logging.INFO)
         self._search_at = 0.0
         self.idle_seconds()  # find the source now, so describe() can name it
 
@@ -189,22 +190,22 @@ class DBusIdleProbe:
                           (_LOGIND_SESSION, "IdleSinceHintMonotonic"))  # fmt: skip
         return idle_from_logind(hint, since, self._monotonic_us())
 
-    def _try(self, source: Source) -> float | None:
+    def _try(self, source: Source, report: LogOnce) -> float | None:
         try:
             answer = self._ask(source)
         except Exception as exc:  # never raise for OS trouble: answer None, log once
             if not isinstance(exc, _REFUSED):
                 self._drop(source.bus)  # the connection may be broken: reopen next time
-            self._problem(f"{source.name}: {exc}")
+            report(f"{source.name}: {exc}")
             return None
         if answer is None:
-            self._problem(f"{source.name}: unexpected reply")
+            report(f"{source.name}: unexpected reply")
         return answer
 
     def idle_seconds(self) -> float | None:
         with self._lock:
             if self._source is not None:
-                answer = self._try(self._source)
+                answer = self._try(self._source, self._problem)
                 if answer is not None:
                     return answer
                 self._source = None
@@ -212,7 +213,7 @@ class DBusIdleProbe:
             if self._clock() < self._search_at:
                 return None
             for source in SOURCES:
-                answer = self._try(source)
+                answer = self._try(source, self._searching)
                 if answer is not None:
                     self._source = source
                     log.info("idle time from %s over D-Bus", source.name)
