@@ -101,7 +101,10 @@ class X11Probe:
             self._atom_fullscreen = self._display.intern_atom("_NET_WM_STATE_FULLSCREEN")
             self._fullscreen()  # so describe() can tell at once whether a WM answers
         except Exception as exc:  # never raise for OS trouble: no display is an answer
-            self._display = None
+            display, self._display = self._display, None
+            if display is not None:
+                with contextlib.suppress(Exception):  # half-opened: do not leak the socket
+                    display.close()
             self._retry_at = time.monotonic() + RECONNECT_EVERY_S
             self._problem(f"cannot connect to X display {self._name!r}: {exc}")
             return False
