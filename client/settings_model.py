@@ -303,8 +303,8 @@ class Settings(BaseModel):
             "a date and time with a time zone (e.g. 2026-05-04T13:30:00Z), or unset",
             (
                 "when a timed pause ends (UTC date-time; set by `fedtray-client pause --for "
-                '1h` or the tray\'s "Pause for 1 hour", cleared by `resume`; the client '
-                "resumes by itself then, even after a restart)"
+                '1h` / `--until-tomorrow` or the tray\'s "Pause for a while", cleared by '
+                "`resume`; the client resumes by itself then, even after a restart)"
             ),
             live=True,
             fixed=(
