@@ -25,12 +25,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta
-from typing import Final
+from typing import Final, Protocol
 
 __all__ = [
     "DAY_STARTS",
     "MORNING",
     "SCHEDULE_WORDS",
+    "DailyStart",
     "Schedule",
     "parse_schedule",
     "until_tomorrow",
@@ -90,7 +91,14 @@ def parse_schedule(text: str) -> Schedule | None:
     return Schedule(start, end)
 
 
-def until_tomorrow(now: datetime, schedule: Schedule | None) -> datetime:
+class DailyStart(Protocol):
+    """Anything with a daily start time (a :class:`Schedule`, or another window type)."""
+
+    @property
+    def start(self) -> time: ...
+
+
+def until_tomorrow(now: datetime, schedule: DailyStart | None) -> datetime:
     """When "Pause until tomorrow" ends (naive local time; see the module docstring)."""
     tomorrow = (now - _since_midnight(DAY_STARTS)).date() + timedelta(days=1)
     begins = datetime.combine(tomorrow, DAY_STARTS)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -19,7 +19,7 @@ from tray.menu import (
     find_entry,
     snooze_end,
 )
-from tray.status import MAX_TOOLTIP, Budget, budget_words, round_label, status_text
+from tray.status import MAX_TOOLTIP, Activity, budget_words, round_label, status_text
 
 NOW = 100.0
 WALL = datetime(2026, 5, 4, 14, 30)
@@ -136,7 +136,17 @@ def test_status_text(changes: dict[str, object], snoozed: datetime | None, expec
 
 
 PAUSED: dict[str, Any] = {**CONNECTED, "device_state": "paused"}
-LIGHT = Budget(mode="light", cores=1, cpu_percent=50, in_use=True)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The shape of the session's CPU budget (cores, cpu_percent)."""
+
+    cores: int
+    cpu_percent: int
+
+
+LIGHT = Budget(cores=1, cpu_percent=50)
 TRAINING: dict[str, Any] = {
     **CONNECTED,
     "device_state": "training",
@@ -146,11 +156,11 @@ TRAINING: dict[str, Any] = {
 
 
 @pytest.mark.parametrize(
-    ("changes", "wall", "budget", "expected"),
+    ("changes", "wall", "slowed", "expected"),
     [
         # outside the schedule: the session holds training back, the tooltip says till when
         (
-            {**PAUSED, "pause_reason": "outside_schedule", "schedule": "22:00-07:00"},
+            {**PAUSED, "pause_reason": "schedule", "schedule": "22:00-07:00"},
             WALL,
             None,
             "Waiting until 22:00 (your schedule)",
@@ -215,7 +225,7 @@ TRAINING: dict[str, Any] = {
         (
             {
                 **PAUSED,
-                "pause_reason": "cpu_busy",
+                "pause_reason": "step_aside",
                 "pause_detail": "Other programs use 78 % of the CPU",
             },
             WALL,
@@ -228,48 +238,65 @@ TRAINING: dict[str, Any] = {
         (
             TRAINING,
             WALL,
-            LIGHT,
+            (LIGHT, "in_use"),
             "fedtray — training round 12, 45 % · Light: 1 core at 50 % while you use the computer",
         ),
         (
             TRAINING,
             WALL,
-            replace(LIGHT, in_use=None),
+            (LIGHT, "unknown"),
             "fedtray — training round 12, 45 % · Light: 1 core at 50 % (cannot tell whether "
             "the computer is in use)",
         ),
-        # full speed says nothing more
+        # idle (the idle budget) or while_in_use = full: full speed says nothing more
+        (TRAINING, WALL, (Budget(7, 100), "idle"), "fedtray — training round 12, 45 %"),
         (
-            TRAINING,
+            {**TRAINING, "while_in_use": "full"},
             WALL,
-            Budget(mode="full", cores=7, cpu_percent=100, in_use=False),
+            (Budget(7, 100), "in_use"),
             "fedtray — training round 12, 45 %",
         ),
         # waiting for a round: no budget words (nothing is slowed)
-        (CONNECTED, WALL, LIGHT, "fedtray — connected to 127.0.0.1:3001, waiting for a round"),
+        (
+            CONNECTED,
+            WALL,
+            (LIGHT, "in_use"),
+            "fedtray — connected to 127.0.0.1:3001, waiting for a round",
+        ),
     ],
 )
 def test_status_says_why(
-    changes: dict[str, Any], wall: datetime | None, budget: Budget | None, expected: str
+    changes: dict[str, Any],
+    wall: datetime | None,
+    slowed: tuple[Budget, Activity] | None,
+    expected: str,
 ) -> None:
-    assert status_text(snap(**changes), NOW, wall_now=wall, budget=budget) == expected
+    budget, activity = slowed if slowed is not None else (None, "unknown")
+    text = status_text(snap(**changes), NOW, wall_now=wall, budget=budget, activity=activity)
+    assert text == expected
 
 
 @pytest.mark.parametrize(
-    ("budget", "expected"),
+    ("budget", "activity", "mode", "expected"),
     [
-        (None, None),
-        (LIGHT, "Light: 1 core at 50 % while you use the computer"),
+        (None, "in_use", "light", None),
+        (LIGHT, "in_use", "light", "Light: 1 core at 50 % while you use the computer"),
+        (Budget(2, 30), "in_use", "light", "Light: 2 cores at 30 % while you use the computer"),
         (
-            Budget(mode="light", cores=2, cpu_percent=30, in_use=True),
-            "Light: 2 cores at 30 % while you use the computer",
+            LIGHT,
+            "unknown",
+            "light",
+            "Light: 1 core at 50 % (cannot tell whether the computer is in use)",
         ),
-        (Budget(mode="light", cores=1, cpu_percent=50, in_use=False), "Light: 1 core at 50 %"),
-        (Budget(mode="full", cores=1, cpu_percent=100, in_use=True), None),
+        (LIGHT, "idle", "light", None),
+        (Budget(7, 100), "in_use", "full", None),
+        (LIGHT, "in_use", "pause", None),  # paused, not slowed: the pause words say it
     ],
 )
-def test_budget_words(budget: Budget | None, expected: str | None) -> None:
-    assert budget_words(budget) == expected
+def test_budget_words(
+    budget: Budget | None, activity: Activity, mode: str, expected: str | None
+) -> None:
+    assert budget_words(budget, activity, mode) == expected
 
 
 def test_status_text_is_bounded() -> None:
@@ -487,11 +514,13 @@ def test_while_in_use_defaults_to_light() -> None:
 
 
 def test_menu_status_line_is_the_tooltip_with_schedule_and_budget() -> None:
-    changes = {**PAUSED, "pause_reason": "outside_schedule", "schedule": "22:00-07:00"}
+    changes = {**PAUSED, "pause_reason": "schedule", "schedule": "22:00-07:00"}
     menu = build_menu(snap(**changes), monotonic_now=NOW, wall_now=WALL)
     assert isinstance(menu[0], MenuEntry)
     assert menu[0].label == "Waiting until 22:00 (your schedule)"
-    menu = build_menu(snap(**TRAINING), monotonic_now=NOW, wall_now=WALL, budget=LIGHT)
+    menu = build_menu(
+        snap(**TRAINING), monotonic_now=NOW, wall_now=WALL, budget=LIGHT, activity="in_use"
+    )
     assert isinstance(menu[0], MenuEntry)
     assert menu[0].label.endswith("· Light: 1 core at 50 % while you use the computer")
 

@@ -54,7 +54,7 @@ from tray import autostart
 from tray.icons import IconState, icon_key, render_icon
 from tray.menu import MenuEntry, MenuNode, build_menu, snooze_end
 from tray.notify import NotifyMemory, decide
-from tray.status import Budget, status_text
+from tray.status import Activity, CpuBudget, status_text
 
 __all__ = ["QUIT_TIMEOUT", "IconPort", "SessionFacade", "TrayApp", "TrayView", "compute_view"]
 
@@ -110,18 +110,29 @@ def compute_view(
     monotonic_now: float,
     wall_now: datetime,
     snoozed_until: datetime | None,
-    budget: Budget | None = None,
+    budget: CpuBudget | None = None,
+    activity: Activity = "unknown",
 ) -> TrayView:
-    """The view for this moment (pure). ``wall_now`` is the naive local time."""
+    """The view for this moment (pure). ``wall_now`` is the naive local time;
+    ``budget`` and ``activity`` are the session's CPU budget and whether the computer is
+    in use (the politeness rules' snapshot fields), when it reports them."""
     return TrayView(
         icon=icon_key(snapshot),
-        title=status_text(snapshot, monotonic_now, snoozed_until, wall_now=wall_now, budget=budget),
+        title=status_text(
+            snapshot,
+            monotonic_now,
+            snoozed_until,
+            wall_now=wall_now,
+            budget=budget,
+            activity=activity,
+        ),
         menu=build_menu(
             snapshot,
             monotonic_now=monotonic_now,
             wall_now=wall_now,
             snoozed_until=snoozed_until,
             budget=budget,
+            activity=activity,
         ),
     )
 

@@ -23,7 +23,7 @@ from client import __version__
 from client.config import Settings
 from client.schedule import until_tomorrow
 from client.snapshot import ClientSnapshot
-from tray.status import Budget, is_user_paused, schedule_of, status_text
+from tray.status import Activity, CpuBudget, is_user_paused, schedule_of, status_text
 
 __all__ = [
     "SNOOZE_HOURS",
@@ -180,14 +180,16 @@ def build_menu(
     monotonic_now: float,
     wall_now: datetime,
     snoozed_until: datetime | None = None,
-    budget: Budget | None = None,
+    budget: CpuBudget | None = None,
+    activity: Activity = "unknown",
 ) -> tuple[MenuNode, ...]:
     """The whole menu for this moment.
 
     ``monotonic_now`` is :func:`time.monotonic` (for "retrying in N s");
     ``wall_now`` is the local wall-clock time (naive; for "until 15:30" and the schedule);
     ``snoozed_until`` is when the user's timed pause ends (the settings' ``paused_until``
-    in local time), if one is running; ``budget`` the worker's CPU budget now, if known.
+    in local time), if one is running; ``budget`` the worker's CPU budget now, if
+    known, and ``activity`` whether the computer is in use (both from the session).
     """
     settings = snapshot.settings
     user_paused = is_user_paused(snapshot)
@@ -196,7 +198,9 @@ def build_menu(
         if user_paused
         else MenuEntry("Pause training", "pause")
     )
-    status = status_text(snapshot, monotonic_now, snoozed_until, wall_now=wall_now, budget=budget)
+    status = status_text(
+        snapshot, monotonic_now, snoozed_until, wall_now=wall_now, budget=budget, activity=activity
+    )
     return (
         MenuEntry(status, enabled=False),
         pause,

@@ -12,18 +12,18 @@ Why training is held back or slowed is always said:
   "Waiting until 22:00 (your schedule)", else the session's pause words (the snapshot's
   ``pause_detail``, which every pause source writes in plain words, or the reason's own
   words when it has none; an unknown reason still reads "Paused");
-* training on a reduced CPU budget (:class:`Budget`, from the session's snapshot): the
-  budget follows the progress, e.g. "fedtray — training round 12, 45 % · Light: 1 core
-  at 50 % while you use the computer"; when the session cannot tell whether the
-  computer is in use it says so (it then keeps the in-use budget).
+* training on the light CPU budget (``while_in_use = light`` and the computer in use;
+  the budget and the activity are the session's, passed in): the budget follows the
+  progress, e.g. "fedtray — training round 12, 45 % · Light: 1 core at 50 % while you
+  use the computer"; when the session cannot tell whether the computer is in use it
+  says so (it then keeps the in-use budget).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Final, Literal
+from typing import Final, Literal, Protocol
 from urllib.parse import urlsplit
 
 from client.config import Settings
@@ -33,7 +33,8 @@ from client.snapshot import ClientSnapshot
 
 __all__ = [
     "MAX_TOOLTIP",
-    "Budget",
+    "Activity",
+    "CpuBudget",
     "budget_words",
     "is_user_paused",
     "round_label",
@@ -55,33 +56,34 @@ _PAUSE_WORDS: Final[dict[PauseReason, str]] = {
 }
 
 
-@dataclass(frozen=True)
-class Budget:
-    """The CPU budget the worker keeps now, as the session reports it.
+#: Whether someone uses the computer, as the session reports it ("unknown": the OS cannot
+#: tell, and the in-use budget applies).
+Activity = Literal["in_use", "idle", "unknown"]
 
-    ``mode`` is the budget in force: ``"light"`` (the in-use budget) or ``"full"``;
-    ``cores`` the worker's threads, ``cpu_percent`` its share of their time; ``in_use``
-    whether someone uses the computer (None: it cannot be told, so the in-use budget
-    applies).
+
+class CpuBudget(Protocol):
+    """The CPU budget the worker keeps now, as the session's snapshot reports it."""
+
+    @property
+    def cores(self) -> int: ...
+
+    @property
+    def cpu_percent(self) -> int: ...
+
+
+def budget_words(budget: CpuBudget | None, activity: Activity, while_in_use: str) -> str | None:
+    """``"Light: 1 core at 50 % while you use the computer"``; None when not slowed.
+
+    Training is slowed by the light budget, which applies (``while_in_use = light``)
+    while the computer is in use or when that cannot be told.
     """
-
-    mode: Literal["light", "full"]
-    cores: int
-    cpu_percent: int
-    in_use: bool | None
-
-
-def budget_words(budget: Budget | None) -> str | None:
-    """``"Light: 1 core at 50 % while you use the computer"``; None when not slowed."""
-    if budget is None or budget.mode != "light":
+    if budget is None or while_in_use != "light" or activity == "idle":
         return None
     cores = f"{budget.cores} core{'' if budget.cores == 1 else 's'}"
     words = f"Light: {cores} at {budget.cpu_percent} %"
-    if budget.in_use is None:
+    if activity == "unknown":
         return f"{words} (cannot tell whether the computer is in use)"
-    if budget.in_use:
-        return f"{words} while you use the computer"
-    return words
+    return f"{words} while you use the computer"
 
 
 def schedule_of(settings: Settings) -> Schedule | None:
@@ -143,14 +145,15 @@ def _connected_words(
     snapshot: ClientSnapshot,
     snoozed_until: datetime | None,
     wall_now: datetime | None,
-    budget: Budget | None,
+    budget: CpuBudget | None,
+    activity: Activity,
 ) -> str:
     if snapshot.device_state == "paused" or snapshot.pause_reason is not None:
         return _pause_words(snapshot, snoozed_until, wall_now)
     if snapshot.device_state == "training":
         percent = round(min(1.0, max(0.0, snapshot.progress.fraction)) * 100)
         text = f"{APP} — training {round_label(snapshot.round_id)}, {percent} %"
-        slowed = budget_words(budget)
+        slowed = budget_words(budget, activity, snapshot.settings.while_in_use)
         return text if slowed is None else f"{text} · {slowed}"
     if snapshot.device_state == "uploading":
         return f"{APP} — sending results for {round_label(snapshot.round_id)}"
@@ -163,14 +166,16 @@ def status_text(
     snoozed_until: datetime | None = None,
     *,
     wall_now: datetime | None = None,
-    budget: Budget | None = None,
+    budget: CpuBudget | None = None,
+    activity: Activity = "unknown",
 ) -> str:
     """One plain sentence for ``snapshot``; ``now`` is a :func:`time.monotonic` time.
 
     ``snoozed_until`` is when the user's timed pause ends (the settings' ``paused_until``,
     local wall clock), if one is running. ``wall_now`` is the local wall-clock time (for
     the schedule; without it the schedule is not mentioned); ``budget`` the worker's CPU
-    budget now (None: not known, nothing said).
+    budget now (None: not known, nothing said) and ``activity`` whether the computer is
+    in use, both as the session reports them.
     """
     conn = snapshot.connection
     wait = snapshot.retry_in(now)
@@ -179,7 +184,7 @@ def status_text(
         # and after it went away, until a new round starts.
         text = f"Finished — {snapshot.finished.describe()}"
     elif conn == "connected":
-        text = _connected_words(snapshot, snoozed_until, wall_now, budget)
+        text = _connected_words(snapshot, snoozed_until, wall_now, budget, activity)
     elif conn == "connecting":
         text = f"Connecting to {server_host(snapshot.server_url)}…"
     elif conn == "auth_failed":
