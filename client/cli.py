@@ -23,8 +23,10 @@ Contract:
   running client (headless or tray) notices the settings file change within about a
   second and pauses (checkpointing its round) or resumes. ``pause --for DURATION``
   (:func:`parse_duration`: ``30m``, ``1h``, ``2h30m``) also sets ``paused_until``, when
-  the running client resumes by itself; plain ``pause`` drops any such deadline and
-  ``resume`` clears both.
+  the running client resumes by itself; ``pause --until-tomorrow`` sets it to
+  :func:`client.schedule.until_tomorrow` (07:00 tomorrow, or the start of tomorrow's
+  ``schedule`` window), as the tray's "Until tomorrow" does; plain ``pause`` drops any
+  such deadline and ``resume`` clears both.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from client.config import (
     with_changes,
 )
 from client.logsetup import add_secret, log_level_arg, setup_logging
+from client.schedule import parse_schedule, until_tomorrow
 
 __all__ = ["apply_cli_overrides", "build_parser", "main", "parse_duration", "run_client"]
 
@@ -175,12 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
     pause = commands.add_parser(
         "pause", help="pause training (a running client checkpoints and waits; survives restarts)"
     )
-    pause.add_argument(
+    until = pause.add_mutually_exclusive_group()
+    until.add_argument(
         "--for",
         dest="duration",
         metavar="DURATION",
         type=_duration_arg,
         help="resume by itself after this long, e.g. 30m, 1h, 2h30m (also after a restart)",
+    )
+    until.add_argument(
+        "--until-tomorrow",
+        action="store_true",
+        help="resume by itself tomorrow at 07:00, or when tomorrow's `schedule` window "
+        "starts (also after a restart)",
     )
     commands.add_parser("resume", help="undo `pause` (battery rules still apply)")
     return parser
@@ -305,10 +315,14 @@ def _cmd_info() -> int:
     return EXIT_OK
 
 
-def _cmd_pause(paused: bool, duration: timedelta | None = None) -> int:
+def _cmd_pause(paused: bool, duration: timedelta | None = None, tomorrow: bool = False) -> int:
     settings = load_settings()
     now = datetime.now(UTC).replace(microsecond=0)
     until = now + duration if paused and duration is not None else None
+    if paused and tomorrow:
+        # The local wall clock decides what "tomorrow" is; the file keeps the instant.
+        local = now.astimezone().replace(tzinfo=None)
+        until = until_tomorrow(local, parse_schedule(settings.schedule)).astimezone(UTC)
     earlier = settings.paused_until if settings.paused else None
     if (settings.paused, settings.paused_until) == (paused, until):
         print("training is already paused" if paused else "training is not paused")
@@ -375,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "info":
             return _cmd_info()
         if args.command == "pause":
-            return _cmd_pause(True, args.duration)
+            return _cmd_pause(True, args.duration, args.until_tomorrow)
         if args.command == "resume":
             return _cmd_pause(False)
         return _cmd_run(args)

@@ -37,6 +37,8 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from client.schedule import SCHEDULE_WORDS, parse_schedule
+
 __all__ = [
     "ALLOWED",
     "DEFAULT_SERVER_URL",
@@ -182,6 +184,20 @@ def _check_paused_until(value: datetime | None) -> datetime | None:
     return value.astimezone(UTC)
 
 
+WHILE_IN_USE: Final = ("pause", "light", "full")
+
+
+def _check_while_in_use(value: str) -> str:
+    if value in WHILE_IN_USE:
+        return value
+    raise _refusal("while_in_use", value)
+
+
+def _check_schedule(value: str) -> str:
+    window = parse_schedule(value)  # ValueError names the key and the form
+    return "" if window is None else str(window)
+
+
 def _new_device_id() -> str:
     return str(uuid.uuid4())
 
@@ -287,8 +303,8 @@ class Settings(BaseModel):
             "a date and time with a time zone (e.g. 2026-05-04T13:30:00Z), or unset",
             (
                 "when a timed pause ends (UTC date-time; set by `fedtray-client pause --for "
-                '1h` or the tray\'s "Pause for 1 hour", cleared by `resume`; the client '
-                "resumes by itself then, even after a restart)"
+                '1h` / `--until-tomorrow` or the tray\'s "Pause for a while", cleared by '
+                "`resume`; the client resumes by itself then, even after a restart)"
             ),
             live=True,
             fixed=(
@@ -312,6 +328,28 @@ class Settings(BaseModel):
         ),
         AfterValidator(_check_task_data),
     ] = Field(default_factory=dict)
+    while_in_use: Annotated[
+        str,
+        Key(
+            "pause, light or full",
+            (
+                "what training does while someone uses the computer: pause, light (a small "
+                "CPU budget) or full"
+            ),
+            live=True,
+        ),
+        AfterValidator(_check_while_in_use),
+    ] = "light"
+    schedule: Annotated[
+        str,
+        Key(
+            SCHEDULE_WORDS,
+            "train only in this daily window of local time (empty: any time)",
+            live=True,
+            default_words="empty (any time)",
+        ),
+        AfterValidator(_check_schedule),
+    ] = ""
 
     @model_validator(mode="before")
     @classmethod

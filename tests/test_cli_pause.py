@@ -22,6 +22,7 @@ from client import cli
 from client.config import Settings, config_path, load_settings
 from client.device import detect_device
 from client.protocol import BatteryStatus
+from client.schedule import parse_schedule, until_tomorrow
 from client.session import DistributedClient
 from tests.server_harness import REPO_ROOT, running_server, subprocess_env
 from tests.waiting import scaled
@@ -109,6 +110,33 @@ def test_pause_for_sets_a_deadline_and_plain_pause_or_resume_clears_it(
     assert cli.main(["resume"]) == 0
     assert "resumed training" in capsys.readouterr().out
     assert (load_settings().paused, load_settings().paused_until) == (False, None)
+
+
+@pytest.mark.parametrize(("schedule", "at"), [("", "07:00"), ("22:00-07:00", "22:00")])
+def test_pause_until_tomorrow_ends_at_the_morning_or_the_schedule(
+    xdg: Path, capsys: pytest.CaptureFixture[str], schedule: str, at: str
+) -> None:
+    assert cli.main(["config", "set", "schedule", schedule]) == 0
+    window = parse_schedule(schedule)
+    before = until_tomorrow(datetime.now(), window).astimezone(UTC)
+    assert cli.main(["pause", "--until-tomorrow"]) == 0
+    after = until_tomorrow(datetime.now(), window).astimezone(UTC)
+    settings = load_settings()
+    assert settings.paused is True
+    assert settings.paused_until in (before, after)  # equal but across a 04:00 boundary
+    assert settings.paused_until is not None
+    local = settings.paused_until.astimezone()
+    assert f"{local:%H:%M}" == at
+    assert local.date() > (datetime.now() - timedelta(hours=4)).date()  # not today
+    assert f"Paused until {local:%a %d %b %H:%M}" in capsys.readouterr().out
+
+
+def test_pause_for_and_until_tomorrow_exclude_each_other(
+    xdg: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["pause", "--for", "1h", "--until-tomorrow"]) == cli.EXIT_USAGE
+    assert "not allowed with argument" in capsys.readouterr().err
+    assert not config_path().exists() or load_settings().paused is False
 
 
 def test_pause_for_a_bad_duration_exits_2_and_changes_nothing(

@@ -518,6 +518,8 @@ def test_saved_file_is_readable_toml_with_snake_case_keys(cfg: Path) -> None:
         "paused",
         "auth_token",
         "autostart",
+        "while_in_use",
+        "schedule",
     }
     assert data["device_id"] == FIXED_ID
     assert os.access(cfg, os.R_OK)

@@ -44,6 +44,8 @@ GOOD: dict[str, Any] = {
     "ca_file": "/etc/fedtray/ca.pem",
     "paused_until": DEADLINE,
     "task_data": {"digits": "/data/digits"},
+    "while_in_use": "full",
+    "schedule": "22:00-07:00",
 }
 
 #: Typos a person makes, per key (values of the right type that a check refuses).
@@ -57,6 +59,8 @@ TYPOS: dict[str, object] = {
     "ca_file": "",
     "paused_until": datetime(2026, 5, 4, 13, 30),  # no time zone
     "task_data": {"digits": ""},
+    "while_in_use": "fast",
+    "schedule": "10pm-7am",
 }
 
 

@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +26,10 @@ import pytest
 from server_harness import running_server
 from xharness import XSession, _poll, xsession  # noqa: F401  (fixture)
 
-from client.config import Settings, save_settings
+from client.config import Settings, load_settings, save_settings
 from client.snapshot import ClientSnapshot
 from tests.waiting import scaled
-from tray.menu import MenuEntry, build_menu
+from tray.menu import MenuEntry, build_menu, find_entry
 
 pytestmark = pytest.mark.slow
 
@@ -42,6 +42,15 @@ def selectable_labels(snapshot: ClientSnapshot) -> list[str]:
     """The top-level items a keyboard can select, in order (GTK skips disabled items)."""
     menu = build_menu(snapshot, monotonic_now=0.0, wall_now=datetime.now())
     return [n.label for n in menu if isinstance(n, MenuEntry) and n.enabled]
+
+
+def submenu_labels(snapshot: ClientSnapshot, parent: str, item: str) -> int:
+    """The position of the entry starting with ``item`` in ``parent``'s submenu."""
+    menu = build_menu(snapshot, monotonic_now=0.0, wall_now=datetime.now())
+    found = find_entry(menu, parent)
+    assert found is not None, parent
+    labels = [n.label for n in found.submenu if isinstance(n, MenuEntry)]
+    return next(i for i, text in enumerate(labels) if text.startswith(item))
 
 
 CONNECTED = ClientSnapshot(
@@ -78,16 +87,35 @@ class Tray:
                 best = (int(token), width * height)
         return best[0] if best else None
 
+    def popups(self) -> list[tuple[int, int, int, int]]:
+        """(x, y, width, height) of every open menu window of the tray process."""
+        out = self.x.run("xdotool", "search", "--onlyvisible", "--pid", str(self.proc.pid),
+                         check=False)  # fmt: skip
+        found: list[tuple[int, int, int, int]] = []
+        for token in out.split():
+            try:
+                geometry = self.x.window_geometry(int(token))
+            except (RuntimeError, KeyError):
+                continue  # the window went away between the search and the query
+            if geometry[3] >= 60 and geometry[1] >= 8:  # not the icon in the panel
+                found.append(geometry)
+        return found
+
     def open_menu(self) -> int:
         x, y = self.icon_center()
         self.x.xdotool("mousemove", str(x), str(y), "click", "3")
         return int(_poll(self.menu_window, 10, "the menu to open"))
 
-    def choose(self, label: str, snapshot: ClientSnapshot) -> None:
-        """Open the menu and activate ``label`` with the keyboard."""
+    def choose(self, label: str, snapshot: ClientSnapshot, item: str | None = None) -> None:
+        """Open the menu and activate ``label`` (or, in its submenu, the entry whose label
+        starts with ``item``) with the keyboard."""
         presses = selectable_labels(snapshot).index(label) + 1
+        keys = ["Down"] * presses
+        if item is not None:
+            # Right opens the submenu with its first entry selected.
+            keys += ["Right", *(["Down"] * submenu_labels(snapshot, label, item))]
         self.open_menu()
-        self.x.xdotool("key", "--delay", "60", *(["Down"] * presses), "Return")
+        self.x.xdotool("key", "--delay", "60", *keys, "Return")
         _poll(lambda: self.menu_window() is None, 10, "the menu to close")
 
     def icon_shot(self, name: str) -> Path:
@@ -174,7 +202,17 @@ def test_tray_end_to_end(tray: tuple[Tray, Any], xsession: XSession) -> None:  #
     shot = app.x.screenshot(ARTIFACTS / "menu.png", box)
     if os.environ.get("FEDTRAY_UPDATE_DOC_SHOTS"):  # refresh the README's picture on demand
         (ROOT / "docs" / "tray-menu.png").write_bytes(shot.read_bytes())
-    app.x.xdotool("key", "Escape")
+    # ...and with "Pause for a while" open: every snooze says when it ends.
+    presses = selectable_labels(CONNECTED).index("Pause for a while") + 1
+    app.x.xdotool("key", "--delay", "60", *(["Down"] * presses), "Right")
+    popups = _poll(lambda: p if len(p := app.popups()) >= 2 else None, 10, "the submenu")
+    box = (max(0, min(b[0] for b in popups) - 8), 0,
+           min(800, max(b[0] + b[2] for b in popups) + 8),
+           max(b[1] + b[3] for b in popups) + 8)  # fmt: skip
+    shot = app.x.screenshot(ARTIFACTS / "menu-snooze.png", box)
+    if os.environ.get("FEDTRAY_UPDATE_DOC_SHOTS"):
+        (ROOT / "docs" / "tray-menu-snooze.png").write_bytes(shot.read_bytes())
+    app.x.xdotool("key", "Escape", "Escape")
     _poll(lambda: app.menu_window() is None, 10, "the menu to close")
 
     app.choose("Pause training", CONNECTED)
@@ -209,6 +247,45 @@ def test_tray_end_to_end(tray: tuple[Tray, Any], xsession: XSession) -> None:  #
     assert code == 0, app.output()
     assert elapsed < 10, f"Quit took {elapsed:.1f} s"
     server.wait_for(lambda s: device(s).get("connected") is False, 20, "the device offline")
+    assert "Traceback" not in app.output()
+
+
+def test_snooze_and_while_in_use_from_the_menu(
+    tray: tuple[Tray, Any],
+    tmp_path: Path,
+) -> None:
+    """Pause for a while ▸ 3 hours, then While I'm using this computer ▸ Full, clicked in
+    the real menu, land in the settings file (and the pause reaches the server)."""
+    app, server = tray
+    server.wait_for(lambda s: device(s).get("connected") is True, 30, "the tray's device online")
+    config = config_file(tmp_path)
+
+    before = datetime.now(UTC)
+    app.choose("Pause for a while", CONNECTED, "3 hours")
+    saved = _poll(lambda: load_settings(config).paused_until, 10, "paused_until saved")
+    after = datetime.now(UTC)
+    # The label's minute is the deadline's: within the seconds the click took.
+    assert before + timedelta(hours=3) - timedelta(minutes=1) <= saved
+    assert saved <= after + timedelta(hours=3)
+    assert load_settings(config).paused is True
+    server.wait_for(
+        lambda s: device(s).get("pauseReason") == "user_paused", 20, "the device paused by 3 h"
+    )
+    until = f"{saved.astimezone():%H:%M}"
+    _poll(lambda: f"Paused by you until {until}" in app.title(), 10, "the deadline in the title")
+
+    assert load_settings(config).while_in_use == "light"  # the default
+    paused = ClientSnapshot(**{**CONNECTED.__dict__, "pause_reason": "user_paused",
+                               "device_state": "paused"})  # fmt: skip
+    app.choose("While I'm using this computer", paused, "Full")
+    _poll(lambda: load_settings(config).while_in_use == "full", 10, "while_in_use = full saved")
+    # And back: the radio entry of the current mode is not the only one that works.
+    app.choose("While I'm using this computer", paused, "Light")
+    _poll(lambda: load_settings(config).while_in_use == "light", 10, "while_in_use = light")
+
+    app.choose("Resume training", paused)
+    server.wait_for(lambda s: device(s).get("pauseReason") is None, 20, "the device resumed")
+    assert load_settings(config).paused_until is None
     assert "Traceback" not in app.output()
 
 

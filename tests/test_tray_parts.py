@@ -18,7 +18,14 @@ import pytest
 from PIL import Image
 
 from client import __version__
-from client.config import Settings, SettingsError, load_settings, save_settings, update_settings
+from client.config import (
+    ALLOWED,
+    Settings,
+    SettingsError,
+    load_settings,
+    save_settings,
+    update_settings,
+)
 from client.snapshot import ClientSnapshot
 from tests.waiting import holds_for, scaled
 from tray import single_instance
@@ -98,6 +105,25 @@ def test_validate_form_sets_or_removes_a_task_folder() -> None:
     assert not any(k.startswith("task_data") for k in validate_form("http://h:1", "pc", ""))
     with pytest.raises(SettingsError, match="'no good' is not a task name"):
         validate_form("http://h:1", "pc", "", "no good", "/x")
+
+
+@pytest.mark.parametrize(
+    ("typed", "saved"),
+    [("22:00-07:00", "22:00-07:00"), (" 9:00 – 17:30 ", "09:00-17:30"), ("", ""), ("  ", "")],
+)
+def test_validate_form_schedule(typed: str, saved: str) -> None:
+    assert validate_form("http://h:1", "pc", "", schedule=typed)["schedule"] == saved
+    assert "schedule" not in validate_form("http://h:1", "pc", "")  # not shown: unchanged
+
+
+@pytest.mark.parametrize("typed", ["22-07", "10pm-7am", "25:00-07:00", "22:00"])
+def test_validate_form_refuses_a_bad_schedule_with_the_form(typed: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        validate_form("http://h:1", "pc", "", schedule=typed)
+    # One line naming the field and the form it wants (the setting's own words).
+    (line,) = str(info.value).splitlines()
+    assert line.startswith("schedule must be ") and ALLOWED["schedule"] in line
+    assert "22:00-07:00" in line and repr(typed) in line
 
 
 def test_validate_form_lists_every_problem_without_the_token() -> None:
@@ -312,8 +338,9 @@ def test_app_follows_session_and_menu_drives_it(
     icon.click("Resume training")
     wait_until(lambda: client.calls[-1] == "resume", "resume")
 
-    # Pause for 1 hour: the session gets the deadline (the wall clock says 14:30 local)...
-    icon.click("Pause for 1 hour")
+    # Pause for a while, 1 hour: the session gets the deadline (the wall clock says
+    # 14:30 local)...
+    icon.click("1 hour")
     wait_until(lambda: client.calls[-1] == "pause", "snooze pause")
     assert client.untils[-1] == datetime(2026, 5, 4, 15, 30).astimezone(UTC)
     assert load_settings(config).paused_until == datetime(2026, 5, 4, 15, 30).astimezone(UTC)
@@ -331,6 +358,42 @@ def test_app_follows_session_and_menu_drives_it(
     wait_until(lambda: icon.titles[-1].startswith("fedtray — connected"), "resumed title")
     wait_until(lambda: find_entry(icon.menus[-1], "Pause training") is not None, "pause item")
     assert load_settings(config).paused_until is None
+
+    # 3 hours and until tomorrow: the deadline the label promised (wall clock 14:30 Mon).
+    def deadline_saved(local: datetime, what: str) -> None:
+        expected = local.astimezone(UTC)
+        wait_until(lambda: load_settings(config).paused_until == expected, what)
+        assert client.untils[-1] == expected
+
+    icon.click("3 hours (until 17:30)")
+    deadline_saved(datetime(2026, 5, 4, 17, 30), "3 hours")
+    icon.click("Until tomorrow (Tue 07:00)")
+    deadline_saved(datetime(2026, 5, 5, 7, 0), "until tomorrow")
+    # With a schedule, tomorrow means tomorrow's window.
+    update_settings(config, schedule="22:00-07:00")
+    client.follow_file()
+    wait_until(lambda: find_entry(icon.menus[-1], "Until tomorrow (Tue 22:00)") is not None, "")
+    icon.click("Until tomorrow (Tue 22:00)")
+    deadline_saved(datetime(2026, 5, 5, 22, 0), "until tomorrow night")
+    assert len(client.untils) == 5  # plain pause, then one call per snooze
+    client.publish(device_state="paused", pause_reason="user_paused")
+    wait_until(lambda: find_entry(icon.menus[-1], "Resume training") is not None, "resume")
+    icon.click("Resume training")
+    wait_until(lambda: client.calls[-1] == "resume", "resume after the snoozes")
+    client.publish(device_state="idle", pause_reason=None)
+    assert load_settings(config).paused_until is None
+
+    # While I'm using this computer: asks the session to change while_in_use.
+    def in_use_checked() -> list[str]:
+        sub = find_entry(icon.menus[-1], "While I'm using this computer")
+        assert sub is not None
+        return [n.label for n in sub.submenu if isinstance(n, MenuEntry) and n.checked]
+
+    assert in_use_checked() == ["Light"]
+    icon.click("Full")
+    wait_until(lambda: load_settings(config).while_in_use == "full", "while_in_use saved")
+    assert client.changes[-1] == {"while_in_use": "full"}
+    wait_until(lambda: in_use_checked() == ["Full"], "the radio follows the session")
 
     icon.click("Above 80 %")
     wait_until(lambda: load_settings(config).battery_threshold == 80, "threshold saved")

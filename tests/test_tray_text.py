@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -10,8 +10,16 @@ import pytest
 
 from client.config import Settings
 from client.snapshot import NO_PROGRESS, ClientSnapshot, FederationResult
-from tray.menu import MenuEntry, MenuNode, Separator, build_menu, find_entry
-from tray.status import MAX_TOOLTIP, round_label, status_text
+from tray.menu import (
+    TOMORROW,
+    MenuEntry,
+    MenuNode,
+    Separator,
+    build_menu,
+    find_entry,
+    snooze_end,
+)
+from tray.status import MAX_TOOLTIP, Activity, budget_words, round_label, status_text
 
 NOW = 100.0
 WALL = datetime(2026, 5, 4, 14, 30)
@@ -127,6 +135,170 @@ def test_status_text(changes: dict[str, object], snoozed: datetime | None, expec
     assert status_text(snap(**changes), NOW, snoozed) == expected
 
 
+PAUSED: dict[str, Any] = {**CONNECTED, "device_state": "paused"}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The shape of the session's CPU budget (cores, cpu_percent)."""
+
+    cores: int
+    cpu_percent: int
+
+
+LIGHT = Budget(cores=1, cpu_percent=50)
+TRAINING: dict[str, Any] = {
+    **CONNECTED,
+    "device_state": "training",
+    "round_id": "r12-1-ab",
+    "progress": replace(NO_PROGRESS, fraction=0.45),
+}
+
+
+@pytest.mark.parametrize(
+    ("changes", "wall", "slowed", "expected"),
+    [
+        # outside the schedule: the session holds training back, the tooltip says till when
+        (
+            {**PAUSED, "pause_reason": "schedule", "schedule": "22:00-07:00"},
+            WALL,
+            None,
+            "Waiting until 22:00 (your schedule)",
+        ),
+        # whichever rule's reason the session shows, the schedule's words explain it best
+        (
+            {
+                **PAUSED,
+                "pause_reason": "battery_low",
+                "pause_detail": "On battery at 42 %",
+                "schedule": "09:00-17:00",
+            },
+            datetime(2026, 5, 4, 18, 0),
+            None,
+            "Waiting until 09:00 (your schedule)",
+        ),
+        # inside the window the pause's own words are right
+        (
+            {
+                **PAUSED,
+                "pause_reason": "battery_low",
+                "pause_detail": "On battery at 42 %",
+                "schedule": "09:00-17:00",
+            },
+            WALL,
+            None,
+            "Paused: on battery at 42 %",
+        ),
+        # the user's own pause comes first, also outside the schedule
+        (
+            {**PAUSED, "pause_reason": "user_paused", "schedule": "22:00-07:00"},
+            WALL,
+            None,
+            "Paused by you",
+        ),
+        # no clock given: the schedule is not mentioned
+        (
+            {**PAUSED, "pause_reason": "battery_low", "schedule": "22:00-07:00"},
+            None,
+            None,
+            "Paused: battery low",
+        ),
+        # training is not "waiting", whatever the schedule says
+        ({**TRAINING, "schedule": "22:00-07:00"}, WALL, None, "fedtray — training round 12, 45 %"),
+        # the new rules' reasons: their detail is the sentence
+        (
+            {
+                **PAUSED,
+                "pause_reason": "in_use",
+                "pause_detail": "Paused while you use the computer",
+            },
+            WALL,
+            None,
+            "Paused while you use the computer",
+        ),
+        (
+            {**PAUSED, "pause_reason": "too_hot", "pause_detail": "CPU at 91 °C (limit 85 °C)"},
+            WALL,
+            None,
+            "Paused: CPU at 91 °C (limit 85 °C)",  # an acronym keeps its capitals
+        ),
+        (
+            {
+                **PAUSED,
+                "pause_reason": "step_aside",
+                "pause_detail": "Other programs use 78 % of the CPU",
+            },
+            WALL,
+            None,
+            "Paused: other programs use 78 % of the CPU",
+        ),
+        # a reason the tray has no words for, without a detail, still says "Paused"
+        ({**PAUSED, "pause_reason": "fullscreen"}, WALL, None, "Paused"),
+        # slowed: the budget follows the progress
+        (
+            TRAINING,
+            WALL,
+            (LIGHT, "in_use"),
+            "fedtray — training round 12, 45 % · Light: 1 core at 50 % while you use the computer",
+        ),
+        (
+            TRAINING,
+            WALL,
+            (LIGHT, "unknown"),
+            "fedtray — training round 12, 45 % · Light: 1 core at 50 % (cannot tell whether "
+            "the computer is in use)",
+        ),
+        # idle (the idle budget) or while_in_use = full: full speed says nothing more
+        (TRAINING, WALL, (Budget(7, 100), "idle"), "fedtray — training round 12, 45 %"),
+        (
+            {**TRAINING, "while_in_use": "full"},
+            WALL,
+            (Budget(7, 100), "in_use"),
+            "fedtray — training round 12, 45 %",
+        ),
+        # waiting for a round: no budget words (nothing is slowed)
+        (
+            CONNECTED,
+            WALL,
+            (LIGHT, "in_use"),
+            "fedtray — connected to 127.0.0.1:3001, waiting for a round",
+        ),
+    ],
+)
+def test_status_says_why(
+    changes: dict[str, Any],
+    wall: datetime | None,
+    slowed: tuple[Budget, Activity] | None,
+    expected: str,
+) -> None:
+    budget, activity = slowed if slowed is not None else (None, "unknown")
+    text = status_text(snap(**changes), NOW, wall_now=wall, budget=budget, activity=activity)
+    assert text == expected
+
+
+@pytest.mark.parametrize(
+    ("budget", "activity", "mode", "expected"),
+    [
+        (None, "in_use", "light", None),
+        (LIGHT, "in_use", "light", "Light: 1 core at 50 % while you use the computer"),
+        (Budget(2, 30), "in_use", "light", "Light: 2 cores at 30 % while you use the computer"),
+        (
+            LIGHT,
+            "unknown",
+            "light",
+            "Light: 1 core at 50 % (cannot tell whether the computer is in use)",
+        ),
+        (LIGHT, "idle", "light", None),
+        (Budget(7, 100), "in_use", "full", None),
+        (LIGHT, "in_use", "pause", None),  # paused, not slowed: the pause words say it
+    ],
+)
+def test_budget_words(
+    budget: Budget | None, activity: Activity, mode: str, expected: str | None
+) -> None:
+    assert budget_words(budget, activity, mode) == expected
+
+
 def test_status_text_is_bounded() -> None:
     text = status_text(snap(connection="connecting", server_url="http://" + "a" * 300 + ":1"), NOW)
     assert len(text) == MAX_TOOLTIP
@@ -198,14 +370,16 @@ def menu_for(
 )
 def test_menu_toggles(changes: dict[str, object], connect_label: str, pause_label: str) -> None:
     menu = menu_for(changes)
+    # The main action first, right under the status line.
     assert labels(menu) == [
         status_text(snap(**changes), NOW),
-        "---",
-        connect_label,
         pause_label,
-        "Pause for 1 hour (until 15:30)",
+        "Pause for a while",
+        "---",
+        "While I'm using this computer",
         "Battery threshold",
         "---",
+        connect_label,
         "Settings…",
         "Start at login",
         "Open log folder",
@@ -254,14 +428,101 @@ def test_autostart_checkbox_follows_setting(autostart: bool) -> None:
     assert entry is not None and entry.checked is autostart and not entry.radio
 
 
-def test_snooze_label_and_status_when_snoozed() -> None:
+@pytest.mark.parametrize(
+    ("schedule", "wall", "expected"),
+    [
+        (
+            "",
+            WALL,  # Mon 4 May 2026, 14:30
+            [
+                ("1 hour (until 15:30)", 1),
+                ("3 hours (until 17:30)", 3),
+                ("8 hours (until 22:30)", 8),
+                ("Until tomorrow (Tue 07:00)", TOMORROW),
+            ],
+        ),
+        (
+            "22:00-07:00",
+            WALL,
+            [
+                ("1 hour (until 15:30)", 1),
+                ("3 hours (until 17:30)", 3),
+                ("8 hours (until 22:30)", 8),
+                ("Until tomorrow (Tue 22:00)", TOMORROW),  # tomorrow night's window
+            ],
+        ),
+        (
+            "",
+            datetime(2026, 5, 5, 1, 15),  # after midnight: tomorrow is this morning
+            [
+                ("1 hour (until 02:15)", 1),
+                ("3 hours (until 04:15)", 3),
+                ("8 hours (until 09:15)", 8),
+                ("Until tomorrow (Tue 07:00)", TOMORROW),
+            ],
+        ),
+    ],
+)
+def test_snooze_menu_says_when_each_ends(
+    schedule: str, wall: datetime, expected: list[tuple[str, object]]
+) -> None:
+    snapshot = snap(settings=SETTINGS, schedule=schedule, **CONNECTED)
+    menu = build_menu(snapshot, monotonic_now=NOW, wall_now=wall)
+    parent = find_entry(menu, "Pause for a while")
+    assert parent is not None and parent.action is None and parent.enabled
+    items = [n for n in parent.submenu if isinstance(n, MenuEntry)]
+    assert [(i.label, i.value) for i in items] == expected
+    assert all(i.action == "snooze" and i.checked is None and i.enabled for i in items)
+    # The label's time is the deadline the click sets.
+    for item in items:
+        end = snooze_end(item.value, wall, snapshot.settings)
+        assert f"{end:%H:%M}" in item.label
+
+
+def test_snooze_offered_while_snoozed_and_status_says_until_when() -> None:
     changes = {**CONNECTED, "pause_reason": "user_paused", "device_state": "paused"}
     menu = menu_for(changes, snoozed_until=datetime(2026, 5, 4, 15, 10))
     first = menu[0]
     assert isinstance(first, MenuEntry) and first.label == "Paused by you until 15:10"
-    snooze = find_entry(menu, "Pause for 1 hour")
-    assert snooze is not None and snooze.label == "Pause for 1 hour (until 15:30)"
-    assert snooze.action == "snooze"
+    assert labels(menu)[1] == "Resume training"
+    snooze = find_entry(menu, "3 hours")
+    assert snooze is not None and snooze.label == "3 hours (until 17:30)"
+    assert (snooze.action, snooze.value) == ("snooze", 3)
+
+
+@pytest.mark.parametrize(
+    ("mode", "checked"), [("pause", "Pause"), ("light", "Light"), ("full", "Full")]
+)
+def test_while_in_use_radio_follows_setting(mode: str, checked: str) -> None:
+    settings = SETTINGS.model_copy(update={"while_in_use": mode})
+    sub = find_entry(menu_for(CONNECTED, settings), "While I'm using this computer")
+    assert sub is not None and sub.action is None
+    items = [n for n in sub.submenu if isinstance(n, MenuEntry)]
+    assert [(i.label, i.value) for i in items] == [
+        ("Pause", "pause"),
+        ("Light", "light"),
+        ("Full", "full"),
+    ]
+    assert all(i.radio and i.action == "set_while_in_use" for i in items)
+    assert [i.label for i in items if i.checked] == [checked]
+
+
+def test_while_in_use_defaults_to_light() -> None:
+    sub = find_entry(menu_for(CONNECTED), "While I'm using this computer")
+    assert sub is not None
+    assert [n.label for n in sub.submenu if isinstance(n, MenuEntry) and n.checked] == ["Light"]
+
+
+def test_menu_status_line_is_the_tooltip_with_schedule_and_budget() -> None:
+    changes = {**PAUSED, "pause_reason": "schedule", "schedule": "22:00-07:00"}
+    menu = build_menu(snap(**changes), monotonic_now=NOW, wall_now=WALL)
+    assert isinstance(menu[0], MenuEntry)
+    assert menu[0].label == "Waiting until 22:00 (your schedule)"
+    menu = build_menu(
+        snap(**TRAINING), monotonic_now=NOW, wall_now=WALL, budget=LIGHT, activity="in_use"
+    )
+    assert isinstance(menu[0], MenuEntry)
+    assert menu[0].label.endswith("· Light: 1 core at 50 % while you use the computer")
 
 
 def test_about_and_default() -> None:

@@ -21,9 +21,12 @@ Threading contract:
 
 Quit: the session is stopped (:meth:`SessionFacade.stop`: the worker stops, the
 connection closes) within :data:`QUIT_TIMEOUT`, then the GUI loop ends and :meth:`run`
-returns. A "Pause for 1 hour" is the user's pause with a deadline
-(``paused_until`` in the settings): the session ends it, even across a restart of either
-process; the menu and tooltip show the deadline the settings hold, not a timer of their own.
+returns. A "Pause for a while" (1, 3 or 8 hours, until tomorrow) is the user's pause with
+a deadline (``paused_until`` in the settings, computed at the click by
+:func:`tray.menu.snooze_end`): the session ends it, even across a restart of either
+process; the menu and tooltip show the deadline the settings hold, not a timer of their
+own. "While I'm using this computer" changes the ``while_in_use`` setting through the
+session, like the battery threshold.
 """
 
 from __future__ import annotations
@@ -49,9 +52,9 @@ from client.config import Settings, SettingsError, parse_setting
 from client.snapshot import ClientSnapshot
 from tray import autostart
 from tray.icons import IconState, icon_key, render_icon
-from tray.menu import SNOOZE, MenuEntry, MenuNode, build_menu
+from tray.menu import MenuEntry, MenuNode, build_menu, snooze_end
 from tray.notify import NotifyMemory, decide
-from tray.status import status_text
+from tray.status import Activity, CpuBudget, status_text
 
 __all__ = ["QUIT_TIMEOUT", "IconPort", "SessionFacade", "TrayApp", "TrayView", "compute_view"]
 
@@ -107,16 +110,29 @@ def compute_view(
     monotonic_now: float,
     wall_now: datetime,
     snoozed_until: datetime | None,
+    budget: CpuBudget | None = None,
+    activity: Activity = "unknown",
 ) -> TrayView:
-    """The view for this moment (pure)."""
+    """The view for this moment (pure). ``wall_now`` is the naive local time;
+    ``budget`` and ``activity`` are the session's CPU budget and whether the computer is
+    in use (the politeness rules' snapshot fields), when it reports them."""
     return TrayView(
         icon=icon_key(snapshot),
-        title=status_text(snapshot, monotonic_now, snoozed_until),
+        title=status_text(
+            snapshot,
+            monotonic_now,
+            snoozed_until,
+            wall_now=wall_now,
+            budget=budget,
+            activity=activity,
+        ),
         menu=build_menu(
             snapshot,
             monotonic_now=monotonic_now,
             wall_now=wall_now,
             snoozed_until=snoozed_until,
+            budget=budget,
+            activity=activity,
         ),
     )
 
@@ -257,7 +273,8 @@ class TrayApp:
                 return
         now = self._clock()
         if self._show_requested():
-            self.icon.notify("fedtray is already running", status_text(self._latest, now))
+            words = status_text(self._latest, now, self._paused_until(), wall_now=self._wall())
+            self.icon.notify("fedtray is already running", words)
         self._apply_view()
         snapshot = self._latest
         notes, self._memory = decide(self._prev_snapshot, snapshot, self._memory, now)
@@ -303,10 +320,12 @@ class TrayApp:
             self.client.resume()
         elif action == "snooze":
             # A naive wall clock is local time; astimezone() makes it an exact instant.
-            until = (self._wall() + SNOOZE).astimezone(UTC)
-            self.client.pause(until=until)
+            end = snooze_end(entry.value, self._wall(), self._latest.settings)
+            self.client.pause(until=end.astimezone(UTC))
         elif action == "set_threshold" and entry.value is not None:
             self._change_setting("battery_threshold", str(entry.value))
+        elif action == "set_while_in_use" and entry.value is not None:
+            self._change_setting("while_in_use", str(entry.value))
         elif action == "toggle_autostart":
             self._toggle_autostart()
         elif action == "settings":

@@ -5,6 +5,12 @@ tuple of :class:`MenuEntry` / :class:`Separator`; no I/O, no GUI imports, never 
 for any valid input. The GUI adapter (:mod:`tray.pystray_menu`) turns the model into
 toolkit objects, and the app maps each entry's :data:`ActionId` (plus ``value``) to a
 call on the session facade. Labels are the words users see; tests pin them.
+
+Order: the status line, then the main action (Pause / Resume training) and the timed
+pauses ("Pause for a while" ▸ 1, 3, 8 hours, until tomorrow: each label says when it
+ends, computed by :func:`snooze_end`, the same function the click uses), then how
+training behaves ("While I'm using this computer" ▸ Pause / Light / Full, bound to the
+``while_in_use`` setting; the battery threshold), then the rest.
 """
 
 from __future__ import annotations
@@ -15,18 +21,22 @@ from typing import Final, Literal
 
 from client import __version__
 from client.config import Settings
+from client.schedule import until_tomorrow
 from client.snapshot import ClientSnapshot
-from tray.status import is_user_paused, status_text
+from tray.status import Activity, CpuBudget, is_user_paused, schedule_of, status_text
 
 __all__ = [
-    "SNOOZE",
+    "SNOOZE_HOURS",
     "THRESHOLD_CHOICES",
+    "TOMORROW",
+    "WHILE_IN_USE_CHOICES",
     "ActionId",
     "MenuEntry",
     "MenuNode",
     "Separator",
     "build_menu",
     "find_entry",
+    "snooze_end",
 ]
 
 ActionId = Literal[
@@ -36,13 +46,24 @@ ActionId = Literal[
     "resume",
     "snooze",
     "set_threshold",
+    "set_while_in_use",
     "settings",
     "toggle_autostart",
     "open_logs",
     "quit",
 ]
 
-SNOOZE: Final = timedelta(hours=1)
+#: The timed pauses offered, in hours; the last entry pauses until tomorrow (:data:`TOMORROW`).
+SNOOZE_HOURS: Final = (1, 3, 8)
+#: The ``snooze`` action's value for "Until tomorrow" (see :func:`client.schedule.until_tomorrow`).
+TOMORROW: Final = "tomorrow"
+
+#: (while_in_use value, label): what training does while someone uses the computer.
+WHILE_IN_USE_CHOICES: Final[tuple[tuple[str, str], ...]] = (
+    ("pause", "Pause"),
+    ("light", "Light"),
+    ("full", "Full"),
+)
 
 # (battery_threshold value, label). 0 and 100 are the two ends the power policy
 # treats specially: always train / only when plugged in.
@@ -60,13 +81,14 @@ class MenuEntry:
     """One menu line. ``checked`` is None for a plain item; ``radio`` draws a check as a dot.
 
     ``action`` is None for an informational line or a submenu parent; ``value`` is the
-    action's argument (the threshold for ``set_threshold``). ``default`` marks the item
-    a left click (the backend's default action) triggers.
+    action's argument (the threshold for ``set_threshold``, the hours or
+    :data:`TOMORROW` for ``snooze``, the mode for ``set_while_in_use``). ``default``
+    marks the item a left click (the backend's default action) triggers.
     """
 
     label: str
     action: ActionId | None = None
-    value: int | None = None
+    value: int | str | None = None
     enabled: bool = True
     checked: bool | None = None
     radio: bool = False
@@ -111,6 +133,37 @@ def _threshold_menu(current: int) -> MenuEntry:
     return MenuEntry("Battery threshold", submenu=tuple(items))
 
 
+def snooze_end(value: int | str | None, wall_now: datetime, settings: Settings) -> datetime:
+    """When the ``snooze`` with ``value`` (hours, or :data:`TOMORROW`) chosen at the local
+    ``wall_now`` ends, in the same (naive local) time."""
+    if isinstance(value, int):
+        return wall_now + timedelta(hours=value)
+    return until_tomorrow(wall_now, schedule_of(settings))
+
+
+def _snooze_menu(settings: Settings, wall_now: datetime) -> MenuEntry:
+    items = [
+        MenuEntry(
+            f"{hours} hour{'' if hours == 1 else 's'} "
+            f"(until {snooze_end(hours, wall_now, settings):%H:%M})",
+            "snooze",
+            value=hours,
+        )
+        for hours in SNOOZE_HOURS
+    ]
+    tomorrow = snooze_end(TOMORROW, wall_now, settings)
+    items.append(MenuEntry(f"Until tomorrow ({tomorrow:%a %H:%M})", "snooze", value=TOMORROW))
+    return MenuEntry("Pause for a while", submenu=tuple(items))
+
+
+def _while_in_use_menu(current: str) -> MenuEntry:
+    items = tuple(
+        MenuEntry(label, "set_while_in_use", value=value, checked=current == value, radio=True)
+        for value, label in WHILE_IN_USE_CHOICES
+    )
+    return MenuEntry("While I'm using this computer", submenu=items)
+
+
 def _about_menu(settings: Settings) -> MenuEntry:
     lines = (
         f"fedtray {__version__}",
@@ -127,13 +180,16 @@ def build_menu(
     monotonic_now: float,
     wall_now: datetime,
     snoozed_until: datetime | None = None,
+    budget: CpuBudget | None = None,
+    activity: Activity = "unknown",
 ) -> tuple[MenuNode, ...]:
     """The whole menu for this moment.
 
     ``monotonic_now`` is :func:`time.monotonic` (for "retrying in N s");
-    ``wall_now`` is the local wall-clock time (for "until 15:30");
+    ``wall_now`` is the local wall-clock time (naive; for "until 15:30" and the schedule);
     ``snoozed_until`` is when the user's timed pause ends (the settings' ``paused_until``
-    in local time), if one is running.
+    in local time), if one is running; ``budget`` the worker's CPU budget now, if
+    known, and ``activity`` whether the computer is in use (both from the session).
     """
     settings = snapshot.settings
     user_paused = is_user_paused(snapshot)
@@ -142,16 +198,19 @@ def build_menu(
         if user_paused
         else MenuEntry("Pause training", "pause")
     )
-    # Say when the snooze ends: BOINC's users did not realise its Snooze lasts an hour.
-    snooze = MenuEntry(f"Pause for 1 hour (until {wall_now + SNOOZE:%H:%M})", "snooze")
+    status = status_text(
+        snapshot, monotonic_now, snoozed_until, wall_now=wall_now, budget=budget, activity=activity
+    )
     return (
-        MenuEntry(status_text(snapshot, monotonic_now, snoozed_until), enabled=False),
-        Separator(),
-        _connect_entry(snapshot),
+        MenuEntry(status, enabled=False),
         pause,
-        snooze,
+        # Each says when it ends: BOINC's users did not realise its Snooze lasts an hour.
+        _snooze_menu(settings, wall_now),
+        Separator(),
+        _while_in_use_menu(settings.while_in_use),
         _threshold_menu(settings.battery_threshold),
         Separator(),
+        _connect_entry(snapshot),
         MenuEntry("Settings…", "settings", default=True),
         MenuEntry("Start at login", "toggle_autostart", checked=settings.autostart),
         MenuEntry("Open log folder", "open_logs"),

@@ -1,5 +1,5 @@
-"""The Settings… window: server URL, device name, token and a task's data folder, in its
-own process.
+"""The Settings… window: server URL, device name, token, the daily schedule and a task's
+data folder, in its own process.
 
 Run as ``python -m tray.settings_dialog [--config PATH]``. It runs in a separate process
 so that tkinter's main loop never competes with the tray's (macOS allows one GUI loop
@@ -7,10 +7,12 @@ per process, on the main thread).
 
 Contract:
 
-* :func:`validate_form` is pure: it checks the fields (and the task's data folder, when
-  a task is named) with :mod:`client.config`'s own rules and returns the changes (key
-  -> typed value), or raises :class:`client.config.SettingsError` whose message lists
-  every problem, one line each, naming the field. The token is never echoed.
+* :func:`validate_form` is pure: it checks the fields (the schedule when given, and the
+  task's data folder when a task is named) with :mod:`client.config`'s own rules and
+  returns the changes (key -> typed value), or raises :class:`client.config.
+  SettingsError` whose message lists every problem, one line each, naming the field
+  (a schedule that does not parse says the accepted form, ``22:00-07:00``). The token
+  is never echoed.
 * :func:`main` shows the window. Save validates; problems are shown in the window and
   nothing is written. A valid form is written with :func:`client.config.update_settings`
   (only these keys, atomic, under the file's lock) and the process exits
@@ -44,17 +46,25 @@ FIELDS: Final = (
 
 
 def validate_form(
-    server_url: str, device_name: str, token: str, task: str = "", folder: str = ""
+    server_url: str,
+    device_name: str,
+    token: str,
+    task: str = "",
+    folder: str = "",
+    schedule: str | None = None,
 ) -> dict[str, Any]:
     """The form as typed changes; raises SettingsError listing all problems.
 
     ``task`` and ``folder`` name the folder with this device's own data for a task whose
     data stays on the device (``task_data.TASK``); an empty task name changes nothing,
-    an empty folder removes the task's folder.
+    an empty folder removes the task's folder. ``schedule`` is the daily window
+    (``22:00-07:00``; empty: any time); None leaves it unchanged.
     """
     changes: dict[str, Any] = {}
     problems: list[str] = []
     fields = [("server_url", server_url), ("device_name", device_name), ("auth_token", token)]
+    if schedule is not None:
+        fields.append(("schedule", schedule))
     if task.strip():
         fields.append((f"task_data.{task.strip()}", folder))
     for key, raw in fields:
@@ -93,10 +103,21 @@ def _run_window(path: Path | None) -> int:
             entry.focus_set()
             entry.select_range(0, "end")  # typing replaces the whole URL
 
+    # When to train: a daily window of local time (empty: any time).
+    row = len(FIELDS)
+    schedule = tk.StringVar(value=current.schedule)
+    ttk.Label(frame, text="Train only between").grid(row=row, column=0, sticky="w", pady=3)
+    when = ttk.Frame(frame)
+    when.grid(row=row, column=1, sticky="ew", pady=3)
+    ttk.Entry(when, textvariable=schedule, width=14).grid(row=0, column=0, sticky="w")
+    ttk.Label(when, text="e.g. 22:00-07:00; empty: any time", foreground="#555").grid(
+        row=0, column=1, sticky="w", padx=(6, 0)
+    )
+
     # A task whose data stays on this computer: which folder holds it.
     task = tk.StringVar(value=next(iter(current.task_data), ""))
     folder = tk.StringVar(value=current.task_data.get(task.get(), ""))
-    row = len(FIELDS)
+    row += 1
     ttk.Label(frame, text="Task with local data").grid(row=row, column=0, sticky="w", pady=3)
     ttk.Entry(frame, textvariable=task, width=42).grid(row=row, column=1, sticky="ew", pady=3)
     ttk.Label(frame, text="Its data folder").grid(row=row + 1, column=0, sticky="w", pady=3)
@@ -125,6 +146,7 @@ def _run_window(path: Path | None) -> int:
                 values["auth_token"].get(),
                 task.get(),
                 folder.get(),
+                schedule.get(),
             )
         except SettingsError as exc:
             message.set(str(exc))
