@@ -85,6 +85,9 @@ class _Worker:
     def is_busy(self) -> bool:
         return False
 
+    def warm(self) -> None:
+        self.calls.append("warm")
+
     def submit(self, job: TrainJob) -> None:
         self.jobs.append(job)
 
