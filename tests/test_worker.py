@@ -40,7 +40,7 @@ from client.worker import (
     WorkerEvent,
 )
 from client.worker_messages import LogRecord, TrainProgress
-from tests.waiting import wait_until
+from tests.waiting import scaled, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 60.0
@@ -325,6 +325,28 @@ def test_simulation_idle_timeout_and_restart(tmp_path: Path) -> None:
     finally:
         w.shutdown(5)
     assert w.pid is None
+
+
+def test_a_warmed_child_is_started_before_the_job_kept_for_it_and_released_when_idle(
+    tmp_path: Path,
+) -> None:
+    events = Events()
+    w = TrainingWorker(events, simulation=True, idle_timeout=scaled(2.0))
+    try:
+        w.warm()
+        pid = w.pid
+        assert pid is not None
+        wait_until(lambda: psutil.Process(pid).nice() >= 10, what="a low-priority child")
+        base = tmp_path / "base.safetensors"
+        base.write_bytes(encode({"w": np.ones((2, 2), np.float32)}))
+        w.submit(digits_job(tmp_path, "warm", base_weights_path=base))
+        assert isinstance(events.wait_for(Done, Failed), Done)
+        assert w.pid == pid, "the job must run in the warmed child"
+        w.warm()  # idle: keeps the child (and restarts its idle clock)
+        assert w.pid == pid
+        wait_until(lambda: w.pid is None and not psutil.pid_exists(pid), timeout=15)
+    finally:
+        w.shutdown(5)
 
 
 @pytest.mark.slow
