@@ -129,6 +129,7 @@ __all__ = [
     "cap_batch_size",
     "epoch_seed",
     "is_out_of_memory",
+    "warm_up",
 ]
 
 log = logging.getLogger(__name__)
@@ -528,6 +529,23 @@ def _read_base(job: TrainJob) -> tuple[bytes, str]:
     if job.base_sha256 is not None and sha != job.base_sha256:
         raise stale
     return raw, sha
+
+
+def warm_up() -> None:
+    """Pay a first job's one-time costs now (importing torch, its optimizers -- which
+    import ``torch._dynamo``, seconds -- and the first autograd pass), on a throwaway
+    parameter: no random number is drawn and nothing is kept, so no result changes."""
+    import torch
+
+    param = torch.zeros(2, requires_grad=True)
+    for optimizer in (
+        torch.optim.SGD([param], lr=0.1, momentum=0.9),
+        torch.optim.Adam([param], lr=0.1),
+    ):
+        optimizer.zero_grad(set_to_none=True)
+        loss = (param * param).sum()
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
 
 
 def _make_optimizer(model: torch.nn.Module, config: TrainingConfig) -> torch.optim.Optimizer:

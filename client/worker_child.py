@@ -4,7 +4,8 @@ Contract:
 
 * Importable without side effects and without torch; torch is imported only when a real
   (non-simulated) job runs, or earlier on :class:`client.worker_messages.Warm` (sent
-  when the device registers, so the first round does not wait for the import).
+  when the device registers): the trainer is made then and torch's first-use costs paid
+  (:func:`client.trainer.warm_up`), so the first round does not wait for them.
 * It lowers its own OS priority (``nice 10`` on Unix, below-normal priority class on
   Windows) and reads :data:`client.worker_messages.WorkerCommand` values on a thread that
   sets the flags the trainer checks at every batch boundary.
@@ -192,9 +193,11 @@ class _TrainerSlot:
 
     def warm(self) -> Trainer:
         if self._trainer is None:
-            if not self._simulation:
-                import torch  # noqa: F401 -- the import is the point: pay it while idle
             self._trainer = make_trainer(self._simulation)
+            if not self._simulation:
+                from client.trainer import warm_up
+
+                warm_up()  # torch's first-use costs, paid while idle
         return self._trainer
 
     def for_job(self, job: TrainJob) -> Trainer:

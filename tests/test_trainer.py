@@ -31,6 +31,7 @@ from client.trainer import (
     cap_batch_size,
     epoch_seed,
     is_out_of_memory,
+    warm_up,
 )
 from client.weights import decode, encode, sha256_hex
 from client.worker_messages import TrainProgress
@@ -608,3 +609,12 @@ def test_three_label_skewed_clients_reach_90_percent_in_ten_fedavg_rounds(
         model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
         accuracy = task.evaluate(model, x_test, y_test)["accuracy"]
     assert accuracy >= 0.90
+
+
+def test_warm_up_draws_no_random_number_and_a_run_after_it_is_unchanged(tmp_path: Path) -> None:
+    before = LocalTrainer(device="cpu").run(_job(tmp_path / "a")).output_path.read_bytes()
+    rng = torch.get_rng_state()
+    warm_up()
+    assert torch.equal(torch.get_rng_state(), rng)
+    after = LocalTrainer(device="cpu").run(_job(tmp_path / "b")).output_path.read_bytes()
+    assert after == before
