@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from benchmarks import idle, training_overhead, transfer
+from benchmarks import idle, training_overhead, transfer, worker_rounds
 
 
 # Slow: the benchmarks start servers and clients that import torch.
@@ -40,3 +40,10 @@ def test_idle_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert re.search(r"^ratio client / bare RSS \(peak\)\s+\d+\.\d+x", out, re.M), out
     assert "torch loaded in the client: no" in out, out
+
+
+@pytest.mark.slow
+def test_worker_rounds_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    assert worker_rounds.main(["--size", "small", "--rounds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "small     cold" in out and "small     warm" in out
