@@ -14,9 +14,9 @@ Contract:
   :class:`client.trainer.LocalTrainer` (which keeps its built model across jobs); torch's
   thread count is set per job to ``job.torch_threads`` or all cores but one.
 * It sends only :data:`client.worker_messages.ChildMessage` values: per job
-  :class:`ProgressEvent` (through THE progress throttle, :class:`ProgressThrottle`: at
-  most one per ``progress_interval`` plus the last of the round), :class:`Paused`,
-  :class:`Resumed` and exactly one of :class:`Done`, :class:`Failed`, :class:`Cancelled`;
+  :class:`ProgressEvent` (through THE progress throttle, :class:`ProgressThrottle`: the
+  first at once, then at most one per ``progress_interval``, plus the last of the
+  round), :class:`Paused`, :class:`Resumed` and exactly one of :class:`Done`, :class:`Failed`, :class:`Cancelled`;
   and :class:`LogRecord` for its ``client.*`` log records of level INFO and above.
 * :class:`Exit` while a job runs leaves at once without the cancel path, so the job's
   checkpoint stays (the parent pauses a job before it asks it to exit).
@@ -70,8 +70,9 @@ T = TypeVar("T")
 
 class ProgressThrottle(Generic[T]):
     """Forwards at most one progress report per ``interval`` seconds; :meth:`flush` sends
-    the last one held back. The first report is held until ``interval`` has passed since
-    creation, so ``N`` seconds give at most ``2N`` reports plus the flushed last one."""
+    the last one held back. The first report goes at once (the round has visibly
+    started), so ``N`` seconds give at most ``N / interval + 1`` reports plus the flushed
+    last one."""
 
     def __init__(
         self,
@@ -82,12 +83,12 @@ class ProgressThrottle(Generic[T]):
         self._send = send
         self._interval = interval
         self._clock = clock
-        self._last = clock()
+        self._last: float | None = None
         self._pending: T | None = None
 
     def __call__(self, progress: T) -> None:
         now = self._clock()
-        if now - self._last >= self._interval:
+        if self._last is None or now - self._last >= self._interval:
             self._last = now
             self._pending = None
             self._send(progress)

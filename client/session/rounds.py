@@ -21,8 +21,8 @@ onto the loop; disk work runs in worker threads):
   deletes a work file itself. The worker checkpoints every ``checkpoint_interval``
   seconds of training, so even a ``kill -9`` loses at most that much.
 * Progress: each :class:`client.worker_messages.ProgressEvent` goes to the snapshot and
-  the server as it arrives (the worker's child is THE throttle: at most one per 0.5 s
-  plus the last of the round). The one progress shape,
+  the server as it arrives (the worker's child is THE throttle: the first at once, then
+  at most one per 0.5 s, plus the last of the round). The one progress shape,
   :class:`client.worker_messages.TrainProgress`, is what the snapshot shows;
   :func:`wire_progress` is THE conversion to the wire; a progress sent while the
   applied decision is a pause says ``paused``. A pause reaches the worker
