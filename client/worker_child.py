@@ -16,7 +16,8 @@ Contract:
 * It sends only :data:`client.worker_messages.ChildMessage` values: per job
   :class:`ProgressEvent` (through THE progress throttle, :class:`ProgressThrottle`: the
   first at once, then at most one per ``progress_interval``, plus the last of the
-  round), :class:`Paused`, :class:`Resumed` and exactly one of :class:`Done`, :class:`Failed`, :class:`Cancelled`;
+  round), :class:`Paused`, :class:`Resumed` and exactly one of :class:`Done`,
+  :class:`Failed`, :class:`Cancelled`;
   and :class:`LogRecord` for its ``client.*`` log records of level INFO and above.
 * :class:`Exit` while a job runs leaves at once without the cancel path, so the job's
   checkpoint stays (the parent pauses a job before it asks it to exit).
