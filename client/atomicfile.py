@@ -1,10 +1,23 @@
 """Crash-safe file writes: a reader sees the old file or the new one, never a torn mix.
 
-Contract: :func:`write_atomic` writes to a temporary file in the target's directory,
-fsyncs it, then ``os.replace``s it over the target (atomic on POSIX and Windows) and
-best-effort fsyncs the directory. :func:`move_into` moves a file into a directory the
-same way, copying when the source is on another filesystem. Both raise :class:`OSError`
-when the disk refuses and never leave a temporary file behind.
+Contract:
+
+* :func:`write_atomic` writes to a temporary file in the target's directory, then
+  ``os.replace``s it over the target (atomic on POSIX and Windows). With
+  ``durable=True`` (the default) it fsyncs the file before the rename and best-effort
+  fsyncs the directory after, so the new file also survives a power cut; with
+  ``durable=False`` it does neither: the file survives a ``kill -9`` of any process (the
+  OS holds the data) but maybe not a power cut -- for files that can be recomputed or
+  fetched again, whose readers check them.
+* :func:`move_into` moves a file to a target path the same way, copying when the source
+  is on another filesystem; with ``durable=True`` (the default) the moved data is fsynced
+  before it appears under the target name (so a file written with ``durable=False`` is
+  made durable by the move that hands it over) and the target directory after.
+* :func:`file_identity` is a file's :class:`FileIdentity` (size, modification time,
+  inode): a file replaced by :func:`write_atomic` or :func:`move_into` gets a new
+  identity, so an unchanged identity means the same bytes as when it was taken.
+* They raise :class:`OSError` when the disk refuses and never leave a temporary file
+  behind.
 """
 
 from __future__ import annotations
@@ -13,7 +26,26 @@ import contextlib
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+
+__all__ = ["FileIdentity", "file_identity", "move_into", "write_atomic"]
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """Which file a path named when it was looked at (see :func:`file_identity`)."""
+
+    size: int
+    mtime_ns: int
+    inode: int
+
+
+def file_identity(path: Path | int) -> FileIdentity:
+    """The identity of the file at ``path`` (or open as file descriptor ``path``) now;
+    raises ``OSError`` (e.g. missing)."""
+    st = os.stat(path)
+    return FileIdentity(size=st.st_size, mtime_ns=st.st_mtime_ns, inode=st.st_ino)
 
 
 def fsync_dir(directory: Path) -> None:
@@ -26,11 +58,27 @@ def fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes | bytearray | memoryview, *, mode: int = 0o600) -> None:
+def _fsync_file(path: Path) -> None:
+    # Read-write: Windows cannot flush a file opened read-only.
+    fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(
+    path: Path,
+    data: bytes | bytearray | memoryview,
+    *,
+    mode: int = 0o600,
+    durable: bool = True,
+) -> None:
     """Replace ``path`` with ``data`` atomically; creates the parent directory if needed.
 
     The file gets ``mode`` (default 0600: private, as mkstemp creates it) before it
     appears under its name, so it is never readable by others even for a moment.
+    ``durable``: fsync the file and the directory (module docstring).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -38,7 +86,8 @@ def write_atomic(path: Path, data: bytes | bytearray | memoryview, *, mode: int 
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         if mode != 0o600:
             os.chmod(tmp, mode)
         os.replace(tmp, path)
@@ -46,15 +95,19 @@ def write_atomic(path: Path, data: bytes | bytearray | memoryview, *, mode: int 
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
-def move_into(source: Path, target: Path) -> None:
-    """Move ``source`` to ``target`` atomically (copy + fsync + replace across filesystems).
+def move_into(source: Path, target: Path, *, durable: bool = True) -> None:
+    """Move ``source`` to ``target`` atomically (copy + replace across filesystems).
 
-    The source is removed only once the target is complete.
+    The source is removed only once the target is complete. ``durable``: the data is
+    fsynced before it appears as ``target``, and the directory after (module docstring).
     """
     target.parent.mkdir(parents=True, exist_ok=True)
+    if durable:
+        _fsync_file(source)
     try:
         os.replace(source, target)
     except OSError:
@@ -66,11 +119,13 @@ def move_into(source: Path, target: Path) -> None:
             with os.fdopen(fd, "wb") as out, source.open("rb") as src:
                 shutil.copyfileobj(src, out, 1024 * 1024)
                 out.flush()
-                os.fsync(out.fileno())
+                if durable:
+                    os.fsync(out.fileno())
             os.replace(tmp, target)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
         source.unlink()
-    fsync_dir(target.parent)
+    if durable:
+        fsync_dir(target.parent)

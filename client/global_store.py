@@ -5,9 +5,16 @@ Contract:
 * The current version lives in ``<dir>/current.safetensors`` with ``<dir>/current.json``
   (version, task, size, SHA-256); the default dir is ``<user data dir>/global``.
 * :meth:`GlobalStore.save` writes the weights file and then the JSON, each atomically
-  (:mod:`client.atomicfile`); the JSON is the commit point. Raises :class:`OSError` when
-  the disk refuses, leaving the previous version readable or (after a crash between
-  the two writes) detectably inconsistent.
+  (:mod:`client.atomicfile`); the JSON is the commit point. Neither is fsynced: the
+  global can be fetched from the server again, and :meth:`GlobalStore.current` verifies
+  it, so a version torn by a power cut is detected and fetched again (a ``kill -9``
+  loses nothing: the OS holds the data). Raises :class:`OSError` when the disk refuses,
+  leaving the previous version readable or (after a crash between the two writes)
+  detectably inconsistent.
+* A :class:`GlobalWeights` carries the weights file's
+  :class:`client.atomicfile.FileIdentity` as it was when its SHA-256 was known to hold
+  (just written from verified bytes, or just verified), so the trainer can trust the
+  file without hashing it again while the identity is unchanged.
 * :meth:`GlobalStore.current` returns the held version only when the JSON validates and
   the weights file has the recorded size and SHA-256; anything else (missing, torn,
   corrupt) is ``None`` with a log line, so the device re-registers as holding nothing
@@ -26,7 +33,7 @@ from typing import Final
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from client.atomicfile import write_atomic
+from client.atomicfile import FileIdentity, file_identity, write_atomic
 from client.config import data_dir
 from client.protocol import Identifier, NonNegInt, Sha256Hex
 
@@ -52,13 +59,15 @@ class _Meta(BaseModel):
 
 @dataclass(frozen=True)
 class GlobalWeights:
-    """A held global version (safetensors file on disk)."""
+    """A held global version (safetensors file on disk); ``identity``: see the module
+    docstring (``None`` when unknown)."""
 
     version: int
     task: str
     path: Path
     size: int
     sha256: str
+    identity: FileIdentity | None = None
 
 
 class GlobalStore:
@@ -81,9 +90,13 @@ class GlobalStore:
         """
         digest = sha256 if sha256 is not None else hashlib.sha256(data).hexdigest()
         meta = _Meta(version=version, task=task, size=len(data), sha256=digest)
-        write_atomic(self.weights_path, data)
-        write_atomic(self.directory / META_NAME, meta.model_dump_json().encode("utf-8"))
-        return GlobalWeights(version, task, self.weights_path, len(data), digest)
+        write_atomic(self.weights_path, data, durable=False)
+        # Saves are serialised by the caller: nothing replaced the file since the write.
+        identity = file_identity(self.weights_path)
+        write_atomic(
+            self.directory / META_NAME, meta.model_dump_json().encode("utf-8"), durable=False
+        )
+        return GlobalWeights(version, task, self.weights_path, len(data), digest, identity)
 
     def current(self) -> GlobalWeights | None:
         """The held version, verified against its JSON; ``None`` when there is none usable."""
@@ -100,6 +113,8 @@ class GlobalStore:
             )
             return None
         try:
+            # Taken before reading: a file replaced meanwhile shows another identity.
+            identity = file_identity(self.weights_path)
             data = self.weights_path.read_bytes()
         except OSError as exc:
             log.warning("ignoring the stored global weights: %s", exc)
@@ -110,4 +125,6 @@ class GlobalStore:
                 meta.version,
             )
             return None
-        return GlobalWeights(meta.version, meta.task, self.weights_path, meta.size, meta.sha256)
+        return GlobalWeights(
+            meta.version, meta.task, self.weights_path, meta.size, meta.sha256, identity
+        )

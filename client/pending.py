@@ -6,9 +6,13 @@ Contract:
   owner (:meth:`client.workfiles.JobFiles.handing_over_output`: this module never moves
   or deletes a work file itself) into the pending directory FIRST and then writes its
   JSON sidecar (round id, task, base version, sample count, metrics, size, SHA-256,
-  format), both atomically (:mod:`client.atomicfile`). An entry exists only once its
-  sidecar exists. On a disk error it raises :class:`OSError`, and the update is left
-  where it was (the owner moves it back when the sidecar could not be written).
+  format), both atomically and fsynced (:mod:`client.atomicfile`): an entry survives a
+  ``kill -9`` and a power cut. An entry exists only once its sidecar exists. The size
+  and SHA-256 are the ones the trainer computed while writing the output, when given
+  (the file is then not read again here), else they are computed from the file;
+  :meth:`PendingStore.read` checks them before anything is sent. On a disk error
+  it raises :class:`OSError`, and the update is left where it was (the owner moves it
+  back when the sidecar could not be written).
 * :meth:`PendingStore.entries` lists complete entries, oldest first. Leftovers of a
   crash (a data file without sidecar, a sidecar without data, temp files) are removed
   with a log line; a sidecar that does not validate is renamed ``*.corrupt`` (kept for
@@ -119,14 +123,17 @@ class PendingStore:
         metrics: dict[str, float],
         fmt: WeightFormat,
         created: float,
+        digest: tuple[int, str] | None = None,
     ) -> PendingUpdate:
         """Take ``source``'s output into the store and record its sidecar; raise OSError
         on disk errors (the output is then back in the work directory).
 
-        An earlier entry for the same round is replaced (a round is trained once per base).
+        ``digest``: the output's (size, SHA-256) as computed while writing it; ``None``
+        hashes the file. An earlier entry for the same round is replaced (a round is
+        trained once per base).
         """
         data_path, sidecar_path = self._paths(round_id)
-        size, sha = _file_sha256(source.output)
+        size, sha = digest if digest is not None else _file_sha256(source.output)
         sidecar = _Sidecar(
             round_id=round_id,
             task=task,

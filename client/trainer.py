@@ -12,7 +12,15 @@ Contract:
   the task built from it (the worker is the only process that loads a package), its
   data share loaded whole; any other job's task is looked up by name.
 * The base file must have the SHA-256 the job names (``job.base_sha256``, when set),
-  else ``FedtrayError('stale_base')`` before any training.
+  else ``FedtrayError('stale_base')`` before any training. A job carrying the file's
+  ``base_identity`` (its SHA-256 verified by the session) is not hashed again: the file
+  opened must have that identity, else ``stale_base``.
+* One :class:`LocalTrainer` keeps the model it built (with its task and layout) for the
+  next job of the same task, parameters, package and data share: a job with base weights
+  loads them into that model in place (every tensor of the state dict is overwritten, and
+  the optimizer is new), so the result is the same as with a freshly built model. A job
+  without base weights always builds a fresh model from the seed. The gradients are
+  released at the end of a job.
 * ``run`` reads the base weights (safetensors, via :mod:`client.weights`) and checks them
   against the task's model: a different layout raises :class:`client.errors.FedtrayError`
   ``layout_mismatch`` / ``shape_mismatch`` / ``dtype_mismatch`` before any training.
@@ -45,7 +53,8 @@ Contract:
   ``FedtrayError('training_failed')`` is raised. The effective batch size is reported.
 * The trained state dict (:func:`client.tasks.base.model_state`: every tensor in its own
   dtype) is written as safetensors to ``job.output_path`` atomically: readers see the old
-  file or the whole new one. Every file write and delete goes through
+  file or the whole new one; its size and SHA-256 (hashed as written) are in the
+  :class:`TrainResult`. Every file write and delete goes through
   :class:`client.workfiles.JobFiles`.
 
 Its parts: the checkpoint format and :class:`client.checkpoint.Position` live in
@@ -57,16 +66,19 @@ stay importable from here.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import psutil
 from pydantic import JsonValue
 
+from client.atomicfile import file_identity
 from client.checkpoint import (
     CheckpointClock,
     Position,
@@ -86,7 +98,7 @@ from client.train_memory import (
     free_accelerator_memory,
     is_out_of_memory,
 )
-from client.weights import decode, encode, layout_of, sha256_hex
+from client.weights import Layout, decode, encode, layout_of, sha256_hex
 from client.worker_messages import (
     DEFAULT_CHECKPOINT_INTERVAL,
     Command,
@@ -117,6 +129,7 @@ __all__ = [
     "cap_batch_size",
     "epoch_seed",
     "is_out_of_memory",
+    "warm_up",
 ]
 
 log = logging.getLogger(__name__)
@@ -155,6 +168,7 @@ class LocalTrainer:
         self._device_name = device
         self._memory_safety = memory_safety
         self._available_memory = available_memory
+        self._built: _Built | None = None
 
     # -- public -------------------------------------------------------------------------
 
@@ -179,34 +193,25 @@ class LocalTrainer:
 
         ctl: TrainControl = control or NeverInterrupt()
         report: ProgressCallback = on_progress or (lambda _p: None)
-        task, data_partition = resolve_task(job, self._task_loader)
-        x_np, y_np = task.load_data("train", data_partition)
+        device = self._device()
+        built = self._built_for(job, device)
+        task, model = built.task, built.model
+        x_np, y_np = task.load_data("train", built.partition)
         n = len(y_np)
         if n == 0:
             raise FedtrayError("bad_request", "this device's data partition holds no samples")
-        device = self._device()
-        model = task.build_model(task.params, job.config.seed)
-        layout = layout_of(model_state(model))
         base_sha = "none"
         if job.base_weights_path is not None:
-            try:
-                raw = job.base_weights_path.read_bytes()
-            except OSError as exc:
-                raise FedtrayError(
-                    "training_failed", f"cannot read the base weights: {exc}"
-                ) from exc
-            base_sha = sha256_hex(raw)
-            if job.base_sha256 is not None and base_sha != job.base_sha256:
-                raise FedtrayError(
-                    "stale_base",
-                    f"the base weights file changed: it is no longer the base of round "
-                    f"{job.round_id}",
-                )
-            base = decode(raw, "safetensors", expected=layout)
+            raw, base_sha = _read_base(job)
+            base = decode(raw, "safetensors", expected=built.layout)
+            del raw
+            # In place: load_state_dict copies into the model's own tensors.
             model.load_state_dict({k: torch.from_numpy(v) for k, v in base.items()})
+            del base
         fingerprint = _work_key_of(job, base_sha)
         files = JobFiles.of(job)
         model.to(device)
+        model.zero_grad(set_to_none=True)
         model.train()
         optimizer = _make_optimizer(model, job.config)
         x = torch.as_tensor(x_np).to(device)
@@ -259,8 +264,12 @@ class LocalTrainer:
             files.discard_checkpoint()
             raise
 
+        model.zero_grad(set_to_none=True)  # the kept model holds no gradients between jobs
         evaluation = task.evaluate(model, x_np, y_np)
-        files.write_output(encode(model_state(model), "safetensors"))
+        data = encode(model_state(model), "safetensors")
+        digest = files.write_output(data)
+        size = len(data)
+        del data
         files.discard_checkpoint()
         metrics = {
             "trainLoss": position.last_epoch_loss,
@@ -274,6 +283,8 @@ class LocalTrainer:
             num_samples=n,
             metrics={k: v for k, v in metrics.items() if math.isfinite(v)},
             batch_size=position.batch_size,
+            sha256=digest,
+            size=size,
         )
 
     # -- training -----------------------------------------------------------------------
@@ -349,6 +360,20 @@ class LocalTrainer:
         position.loss_sum = 0.0
         position.loss_count = 0
         position.order = None
+
+    def _built_for(self, job: TrainJob, device: torch.device) -> _Built:
+        """The task and model of ``job``: the kept ones when they fit (module docstring)."""
+        key = _model_key(job, str(device))
+        kept = self._built
+        if kept is not None and kept.key == key and job.base_weights_path is not None:
+            return kept
+        self._built = None  # let the old model go before building the new one
+        task, partition = resolve_task(job, self._task_loader)
+        model = task.build_model(task.params, job.config.seed)
+        layout = layout_of(model_state(model))
+        model.to(device)
+        self._built = _Built(key, task, partition, model, layout)
+        return self._built
 
     def _device(self) -> torch.device:
         import torch
@@ -450,6 +475,77 @@ class LocalTrainer:
             return position
         files.discard_checkpoint()
         return None
+
+
+@dataclass
+class _Built:
+    """A built task and model, kept for the next job of the same ``key``."""
+
+    key: str
+    task: Task
+    partition: Partition | None
+    model: torch.nn.Module
+    layout: Layout
+
+
+def _model_key(job: TrainJob, device: str) -> str:
+    """What decides the model a job builds (its weights aside): task, parameters, files."""
+    return json.dumps(
+        [
+            job.task,
+            job.model_params,
+            str(job.package_path),
+            job.package_sha256,
+            str(job.data_path),
+            job.data_sha256,
+            job.partition.model_dump(mode="json"),
+            device,
+        ],
+        sort_keys=True,
+    )
+
+
+def _read_base(job: TrainJob) -> tuple[bytes, str]:
+    """The base file's bytes and SHA-256, hashed only when its identity is not vouched
+    for (module docstring); raises ``stale_base`` or ``training_failed``."""
+    assert job.base_weights_path is not None
+    stale = FedtrayError(
+        "stale_base",
+        f"the base weights file changed: it is no longer the base of round {job.round_id}",
+    )
+    try:
+        with job.base_weights_path.open("rb") as fh:
+            # The identity of the file opened, so a replace after this cannot slip in.
+            trusted = job.base_identity is not None and job.base_sha256 is not None
+            if trusted and file_identity(fh.fileno()) != job.base_identity:
+                raise stale
+            raw = fh.read()
+    except OSError as exc:
+        raise FedtrayError("training_failed", f"cannot read the base weights: {exc}") from exc
+    if trusted:
+        assert job.base_sha256 is not None
+        return raw, job.base_sha256
+    sha = sha256_hex(raw)
+    if job.base_sha256 is not None and sha != job.base_sha256:
+        raise stale
+    return raw, sha
+
+
+def warm_up() -> None:
+    """Pay a first job's one-time costs now (importing torch, its optimizers -- which
+    import ``torch._dynamo``, seconds -- and the first autograd pass), on a throwaway
+    parameter: no random number is drawn and nothing is kept, so no result changes."""
+    import torch
+
+    param = torch.zeros(2, requires_grad=True)
+    for optimizer in (
+        torch.optim.SGD([param], lr=0.1, momentum=0.9),
+        torch.optim.Adam([param], lr=0.1),
+    ):
+        optimizer.zero_grad(set_to_none=True)
+        loss = (param * param).sum()
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
 
 
 def _make_optimizer(model: torch.nn.Module, config: TrainingConfig) -> torch.optim.Optimizer:

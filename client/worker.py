@@ -15,8 +15,8 @@ Contract:
   they do nothing when no job runs.
 * Events (:data:`client.worker_messages.WorkerEvent`) go to ``on_event`` from ONE reader
   thread owned by the worker, in order, as the child sent them: :class:`ProgressEvent`
-  (throttled in the child -- the only throttle -- to at most one per
-  ``progress_interval``, default 0.5 s, plus the last one of the round), :class:`Paused`
+  (throttled in the child -- the only throttle -- to the first at once, then at most one
+  per ``progress_interval``, default 0.5 s, plus the last one of the round), :class:`Paused`
   (after the checkpoint is written), :class:`Resumed`, and exactly one of :class:`Done`,
   :class:`Failed`, :class:`Cancelled` per job. ``is_busy`` is already ``False`` when that
   final event is delivered, so the callback may submit the next job. An exception raised
@@ -27,8 +27,12 @@ Contract:
   code, anything else is ``training_failed``); a child that dies (e.g. ``kill -9``) gives
   ``Failed("training_failed", "the training process exited unexpectedly (signal 9)")``.
   Either way the worker stays usable: the next ``submit`` starts a fresh child.
-* The child stays alive between jobs and is told to exit after ``idle_timeout`` seconds
-  without a job (the parent keeps that clock, so an exit never races a submit).
+* ``warm()`` starts the child ahead of the first job (when none runs) and has it import
+  the trainer and torch while idle, at its low priority; it never raises (a child that
+  cannot start is reported by the next ``submit``). The child stays alive between jobs,
+  keeping the trainer and its built model, and is told to exit after ``idle_timeout``
+  seconds (:data:`DEFAULT_IDLE_TIMEOUT`) without a job since the last job or warm-up
+  (the parent keeps that clock, so an exit never races a submit).
 * ``shutdown(timeout)`` first pauses a running job (so its checkpoint is written and a
   later run of the same work resumes from it), then stops the child, killing it if it
   does not exit in time. No events are delivered after ``shutdown`` returns.
@@ -66,6 +70,7 @@ from client.worker_messages import (
     Resumed,
     Submit,
     TrainJob,
+    Warm,
     WorkerEvent,
 )
 
@@ -86,6 +91,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: Seconds without a job after which the warm training process is released.
 DEFAULT_IDLE_TIMEOUT = 300.0
 DEFAULT_PROGRESS_INTERVAL = 0.5
 _POLL_SECONDS = 0.2
@@ -156,9 +162,7 @@ class TrainingWorker:
                 raise FedtrayError("internal_error", "the training worker was shut down")
             if self._job is not None:
                 raise FedtrayError("busy", f"already training round {self._job.round_id}")
-            if self._proc is None or not self._proc.is_alive():
-                self._discard_child()
-                self._start_child()
+            self._ensure_child()
             assert self._conn is not None
             self._job = job
             self._paused = False
@@ -170,11 +174,23 @@ class TrainingWorker:
                 raise FedtrayError(
                     "training_failed", f"cannot hand the job to the training process: {exc}"
                 ) from exc
-            if self._reader is None:
-                self._reader = threading.Thread(
-                    target=self._read_loop, name="fedtray-worker-reader", daemon=True
-                )
-                self._reader.start()
+            self._ensure_reader()
+            self._cond.notify_all()
+
+    def warm(self) -> None:
+        """Start the child and let it import torch now, while idle (module docstring)."""
+        with self._cond:
+            if self._closed or self._job is not None:
+                return
+            try:
+                self._ensure_child()
+                assert self._conn is not None
+                self._conn.send(Warm())
+            except Exception:
+                log.warning("could not start the training process ahead of time", exc_info=True)
+                return
+            self._idle_since = time.monotonic()
+            self._ensure_reader()
             self._cond.notify_all()
 
     def pause(self) -> None:
@@ -223,6 +239,19 @@ class TrainingWorker:
             except (OSError, ValueError):
                 return False  # the reader thread reports the dead child
             return True
+
+    def _ensure_child(self) -> None:
+        """A running child (under the lock): the one there is, or a new one."""
+        if self._proc is None or not self._proc.is_alive():
+            self._discard_child()
+            self._start_child()
+
+    def _ensure_reader(self) -> None:
+        if self._reader is None:
+            self._reader = threading.Thread(
+                target=self._read_loop, name="fedtray-worker-reader", daemon=True
+            )
+            self._reader.start()
 
     def _start_child(self) -> None:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)

@@ -3,17 +3,21 @@
 Contract:
 
 * Importable without side effects and without torch; torch is imported only when a real
-  (non-simulated) job runs.
+  (non-simulated) job runs, or earlier on :class:`client.worker_messages.Warm` (sent
+  when the device registers): the trainer is made then and torch's first-use costs paid
+  (:func:`client.trainer.warm_up`), so the first round does not wait for them.
 * It lowers its own OS priority (``nice 10`` on Unix, below-normal priority class on
   Windows) and reads :data:`client.worker_messages.WorkerCommand` values on a thread that
   sets the flags the trainer checks at every batch boundary.
-* It picks the trainer once (:func:`make_trainer`): :class:`client.simulation.
-  SimulatedTrainer` when simulating, else :class:`client.trainer.LocalTrainer` (torch's
-  thread count set to ``job.torch_threads`` or all cores but one).
+* It picks the trainer once per process (:func:`make_trainer`) and keeps it for every
+  job: :class:`client.simulation.SimulatedTrainer` when simulating, else
+  :class:`client.trainer.LocalTrainer` (which keeps its built model across jobs); torch's
+  thread count is set per job to ``job.torch_threads`` or all cores but one.
 * It sends only :data:`client.worker_messages.ChildMessage` values: per job
-  :class:`ProgressEvent` (through THE progress throttle, :class:`ProgressThrottle`: at
-  most one per ``progress_interval`` plus the last of the round), :class:`Paused`,
-  :class:`Resumed` and exactly one of :class:`Done`, :class:`Failed`, :class:`Cancelled`;
+  :class:`ProgressEvent` (through THE progress throttle, :class:`ProgressThrottle`: the
+  first at once, then at most one per ``progress_interval``, plus the last of the
+  round), :class:`Paused`, :class:`Resumed` and exactly one of :class:`Done`,
+  :class:`Failed`, :class:`Cancelled`;
   and :class:`LogRecord` for its ``client.*`` log records of level INFO and above.
 * :class:`Exit` while a job runs leaves at once without the cancel path, so the job's
   checkpoint stays (the parent pauses a job before it asks it to exit).
@@ -54,6 +58,7 @@ from client.worker_messages import (
     Trainer,
     TrainJob,
     TrainProgress,
+    Warm,
     WorkerCommand,
 )
 
@@ -66,8 +71,9 @@ T = TypeVar("T")
 
 class ProgressThrottle(Generic[T]):
     """Forwards at most one progress report per ``interval`` seconds; :meth:`flush` sends
-    the last one held back. The first report is held until ``interval`` has passed since
-    creation, so ``N`` seconds give at most ``2N`` reports plus the flushed last one."""
+    the last one held back. The first report goes at once (the round has visibly
+    started), so ``N`` seconds give at most ``N / interval + 1`` reports plus the flushed
+    last one."""
 
     def __init__(
         self,
@@ -78,12 +84,12 @@ class ProgressThrottle(Generic[T]):
         self._send = send
         self._interval = interval
         self._clock = clock
-        self._last = clock()
+        self._last: float | None = None
         self._pending: T | None = None
 
     def __call__(self, progress: T) -> None:
         now = self._clock()
-        if now - self._last >= self._interval:
+        if self._last is None or now - self._last >= self._interval:
             self._last = now
             self._pending = None
             self._send(progress)
@@ -169,18 +175,40 @@ class _PipeLogHandler(logging.Handler):
             self._send(LogRecord(record.levelno, record.name, self.format(record)))
 
 
-def make_trainer(simulation: bool, job: TrainJob) -> Trainer:
-    """The trainer of this process: simulated, or torch's with the job's thread count."""
+def make_trainer(simulation: bool) -> Trainer:
+    """The trainer of this process: simulated, or torch's (importing torch)."""
     if simulation:
         from client.simulation import SimulatedTrainer
 
         return SimulatedTrainer()
-    import torch
-
     from client.trainer import LocalTrainer
 
-    torch.set_num_threads(job.torch_threads or max(1, (os.cpu_count() or 2) - 1))
     return LocalTrainer()
+
+
+class _TrainerSlot:
+    """The process's one trainer, made on first use (a job, or a :class:`Warm`)."""
+
+    def __init__(self, simulation: bool) -> None:
+        self._simulation = simulation
+        self._trainer: Trainer | None = None
+
+    def warm(self) -> Trainer:
+        if self._trainer is None:
+            self._trainer = make_trainer(self._simulation)
+            if not self._simulation:
+                from client.trainer import warm_up
+
+                warm_up()  # torch's first-use costs, paid while idle
+        return self._trainer
+
+    def for_job(self, job: TrainJob) -> Trainer:
+        trainer = self.warm()
+        if not self._simulation:
+            import torch
+
+            torch.set_num_threads(job.torch_threads or max(1, (os.cpu_count() or 2) - 1))
+        return trainer
 
 
 def child_main(conn: Connection, simulation: bool, progress_interval: float) -> None:
@@ -197,8 +225,9 @@ def child_main(conn: Connection, simulation: bool, progress_interval: float) -> 
     client_log.setLevel(logging.INFO)
 
     control = _ChildControl(send)
-    jobs: queue.Queue[TrainJob | None] = queue.Queue()
+    jobs: queue.Queue[TrainJob | Warm | None] = queue.Queue()
     running = threading.Event()
+    trainers = _TrainerSlot(simulation)
 
     def read() -> None:
         while True:
@@ -207,7 +236,9 @@ def child_main(conn: Connection, simulation: bool, progress_interval: float) -> 
                 command = conn.recv()
             except (EOFError, OSError):
                 command = Exit()  # the parent is gone
-            if isinstance(command, Submit):
+            if isinstance(command, Warm):
+                jobs.put(command)
+            elif isinstance(command, Submit):
                 control.reset(command.job.round_id)
                 running.set()
                 jobs.put(command.job)
@@ -224,8 +255,14 @@ def child_main(conn: Connection, simulation: bool, progress_interval: float) -> 
 
     threading.Thread(target=read, name="fedtray-control", daemon=True).start()
     while (job := jobs.get()) is not None:
+        if isinstance(job, Warm):
+            try:
+                trainers.warm()
+            except Exception:  # the job that follows reports it
+                log.warning("could not get the trainer ready", exc_info=True)
+            continue
         try:
-            reply = _run_job(job, control, send, simulation, progress_interval)
+            reply = _run_job(job, control, send, trainers, progress_interval)
         finally:
             running.clear()
         try:
@@ -239,14 +276,14 @@ def _run_job(
     job: TrainJob,
     control: _ChildControl,
     send: Callable[[ChildMessage], None],
-    simulation: bool,
+    trainers: _TrainerSlot,
     progress_interval: float,
 ) -> Done | Failed | Cancelled:
     throttle: ProgressThrottle[TrainProgress] = ProgressThrottle(
         lambda p: send(ProgressEvent(p)), progress_interval
     )
     try:
-        trainer = make_trainer(simulation, job)
+        trainer = trainers.for_job(job)
         control.use(trainer)
         result = trainer.run(job, control, throttle)
         throttle.flush()

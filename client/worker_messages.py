@@ -12,8 +12,8 @@ Contract:
 * :class:`TrainProgress` is the ONE shape of training progress from a trainer to the
   worker's owner; the owner turns it into the wire's
   :class:`client.protocol.TrainingProgress` (its field names are the wire's).
-* Commands go parent -> child: :class:`Submit`, :class:`Pause`, :class:`Resume`,
-  :class:`Cancel`, :class:`Exit`. Messages go child -> parent: the events
+* Commands go parent -> child: :class:`Warm`, :class:`Submit`, :class:`Pause`,
+  :class:`Resume`, :class:`Cancel`, :class:`Exit`. Messages go child -> parent: the events
   (:data:`WorkerEvent`: :class:`ProgressEvent`, :class:`Paused`, :class:`Resumed` and
   exactly one of :class:`Done`, :class:`Failed`, :class:`Cancelled` per job) and
   :class:`LogRecord` (a child log line, logged by the parent, never an event).
@@ -32,6 +32,7 @@ from typing import Literal, Protocol
 
 from pydantic import JsonValue
 
+from client.atomicfile import FileIdentity
 from client.errors import ErrorCode
 from client.protocol import Partition, TrainingConfig
 
@@ -59,6 +60,7 @@ __all__ = [
     "TrainProgress",
     "TrainResult",
     "Trainer",
+    "Warm",
     "WorkerCommand",
     "WorkerEvent",
 ]
@@ -80,7 +82,12 @@ class TrainJob:
     ``base_weights_path`` is a safetensors file of the global model, or ``None`` to start
     from ``task.build_model(model_params, config.seed)``; ``base_sha256`` is its SHA-256
     as the job's builder knew it (the trainer refuses a file that differs, with
-    ``stale_base``). ``work_key`` names the work (module docstring); a job built without
+    ``stale_base``). ``base_identity`` is the base file's
+    :class:`client.atomicfile.FileIdentity` when the builder verified the file's SHA-256
+    itself (the session's :class:`client.global_store.GlobalStore` did, on arrival): a
+    file with that identity is not hashed again (it is still fully validated while
+    decoded); one with another identity changed since and is refused ``stale_base``.
+    ``work_key`` names the work (module docstring); a job built without
     one gets it derived by the trainer from the job itself, by the same function.
     ``torch_threads=None`` lets the worker choose (all cores but one).
     ``checkpoint_interval``: seconds of training between periodic checkpoints; 0 writes
@@ -108,6 +115,7 @@ class TrainJob:
     package_sha256: str | None = None
     data_path: Path | None = None
     data_sha256: str | None = None
+    base_identity: FileIdentity | None = None
 
 
 @dataclass(frozen=True)
@@ -116,7 +124,9 @@ class TrainResult:
 
     ``metrics`` holds ``trainLoss`` (mean loss of the last epoch), ``trainAccuracy`` (the
     trained model on the partition), ``seconds`` (training time without pauses) and
-    ``batchSize``; ``batch_size`` is the effective batch size.
+    ``batchSize``; ``batch_size`` is the effective batch size. ``sha256`` and ``size``
+    describe the output file's bytes, computed while writing them (``None`` when the
+    trainer did not compute them), so the file need not be read and hashed again.
     """
 
     round_id: str
@@ -124,6 +134,8 @@ class TrainResult:
     num_samples: int
     metrics: dict[str, float]
     batch_size: int
+    sha256: str | None = None
+    size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -202,6 +214,11 @@ class Trainer(Protocol):
 
 
 @dataclass(frozen=True)
+class Warm:
+    """Get ready to train (import the trainer and torch) while idle; no event answers it."""
+
+
+@dataclass(frozen=True)
 class Submit:
     """Train ``job`` (the child is idle)."""
 
@@ -228,7 +245,7 @@ class Exit:
     """Leave the process (a running job stays checkpointed: it is not cancelled)."""
 
 
-WorkerCommand = Submit | Pause | Resume | Cancel | Exit
+WorkerCommand = Warm | Submit | Pause | Resume | Cancel | Exit
 
 
 # -- child -> parent ----------------------------------------------------------------------

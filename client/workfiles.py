@@ -33,6 +33,10 @@ Contract:
   session use it). A finished output leaves the work directory only through
   :meth:`JobFiles.handing_over_output` (e.g. to :class:`client.pending.PendingStore`).
   Nothing else creates, deletes or moves files there.
+* Durability: checkpoints and outputs are written atomically but NOT fsynced (they can
+  be recomputed, and survive a ``kill -9`` anyway: the OS holds the data); the handing
+  over fsyncs the output before it appears at its target, so what the receiver keeps is
+  durable (docs/architecture.md, "What is fsynced and why").
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from typing import Final
 
 from pydantic import JsonValue
 
-from client.atomicfile import move_into, write_atomic
+from client.atomicfile import FileIdentity, move_into, write_atomic
 from client.protocol import Partition, TrainingConfig
 from client.worker_messages import DEFAULT_CHECKPOINT_INTERVAL, TrainJob
 
@@ -164,7 +168,8 @@ class JobFiles:
     """The checkpoint and output file of one job; the only code that writes or deletes them.
 
     Writes are atomic (:func:`client.atomicfile.write_atomic`): a reader sees the old file
-    or the whole new one. ``OSError`` from the disk passes through.
+    or the whole new one; they are not fsynced (module docstring). ``OSError`` from the
+    disk passes through.
     """
 
     checkpoint: Path
@@ -175,20 +180,24 @@ class JobFiles:
         return cls(checkpoint=job.checkpoint_path, output=job.output_path)
 
     def write_checkpoint(self, data: bytes | bytearray) -> None:
-        write_atomic(self.checkpoint, data)
+        write_atomic(self.checkpoint, data, durable=False)
 
     def discard_checkpoint(self) -> None:
         """Delete the checkpoint (finished, cancelled or unusable work); none is fine."""
         self.checkpoint.unlink(missing_ok=True)
 
-    def write_output(self, data: bytes | bytearray) -> None:
-        write_atomic(self.output, data)
+    def write_output(self, data: bytes | bytearray) -> str:
+        """Write the output; returns the SHA-256 (hex) of ``data``, hashed as it is written."""
+        digest = hashlib.sha256(data).hexdigest()
+        write_atomic(self.output, data, durable=False)
+        return digest
 
     @contextlib.contextmanager
     def handing_over_output(self, target: Path) -> Iterator[Path]:
         """Hand the finished output to its next owner: move it to ``target`` (outside the
         work directory) for the ``with`` block, which records it there.
 
+        The output is fsynced before it appears at ``target`` (it was written without).
         When the block raises, the output is moved back (best effort: the work is not
         lost) and the error passes on; from a block that returns, ``target`` belongs to
         the receiver. ``OSError`` from the first move passes through, the output left in
@@ -199,7 +208,7 @@ class JobFiles:
             yield target
         except BaseException:
             with contextlib.suppress(OSError):
-                move_into(target, self.output)
+                move_into(target, self.output, durable=False)
             raise
 
 
@@ -233,10 +242,13 @@ class WorkDir:
         package_sha256: str | None = None,
         data_path: Path | None = None,
         data_sha256: str | None = None,
+        base_identity: FileIdentity | None = None,
     ) -> TrainJob:
         """The job for this work: its key computed here, once, and its files named by it.
 
-        A packaged task gives its package (and data share) with their SHA-256.
+        A packaged task gives its package (and data share) with their SHA-256;
+        ``base_identity``: the base file's identity when its SHA-256 was verified (the
+        trainer then does not hash it again; see :class:`client.worker_messages.TrainJob`).
         """
         key = work_key(
             task=task,
@@ -266,6 +278,7 @@ class WorkDir:
             package_sha256=package_sha256,
             data_path=data_path,
             data_sha256=data_sha256,
+            base_identity=base_identity,
         )
 
     def prepare(self, job: TrainJob, *, busy: Collection[str] = ()) -> None:

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from benchmarks import idle, round_figures, training_overhead, transfer, vs_flower
+from benchmarks import idle, round_figures, training_overhead, transfer, vs_flower, worker_rounds
 
 
 # Slow: the benchmarks start servers and clients that import torch.
@@ -162,3 +162,10 @@ def test_summary_lines_judge_the_ratio_against_the_goal(
 def test_synthetic_sizes_match_the_issue() -> None:
     assert vs_flower.floats_of(vs_flower.shapes_for(100)) == pytest.approx(25_000_000, rel=1e-3)
     assert vs_flower.floats_of(vs_flower.shapes_for(0.4)) == pytest.approx(100_000, rel=0.01)
+
+
+@pytest.mark.slow
+def test_worker_rounds_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    assert worker_rounds.main(["--size", "small", "--rounds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "small     cold" in out and "small     warm" in out

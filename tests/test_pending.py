@@ -139,3 +139,45 @@ def test_a_sidecar_that_cannot_be_written_hands_the_update_back(tmp_path: Path) 
     assert src.output.read_bytes() == b"weights-bytes", "the update must be back in the work folder"
     assert not (directory / f"{_stem('r-1')}.update").exists()
     assert store.entries() == []
+
+
+def test_an_output_digest_from_the_trainer_is_recorded_without_reading_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import client.pending as pending_module
+
+    def no_hashing(path: Path) -> tuple[int, str]:
+        raise AssertionError(f"{path} was hashed again")
+
+    monkeypatch.setattr(pending_module, "_file_sha256", no_hashing)
+    store = PendingStore(tmp_path / "pending")
+    src = _update_file(tmp_path, b"weights")
+    digest = src.write_output(b"weights")
+    entry = store.add(
+        src,
+        round_id="r-9",
+        task="digits",
+        base_version=3,
+        num_samples=5,
+        metrics={},
+        fmt="safetensors",
+        created=1.0,
+        digest=(7, digest),
+    )
+    assert (entry.size, entry.sha256) == (7, hashlib.sha256(b"weights").hexdigest())
+    assert store.read(entry) == b"weights"
+    # A wrong digest is not sent: reading checks the bytes against it.
+    wrong = store.add(
+        _update_file(tmp_path, b"other"),
+        round_id="r-10",
+        task="digits",
+        base_version=3,
+        num_samples=5,
+        metrics={},
+        fmt="safetensors",
+        created=2.0,
+        digest=(5, "0" * 64),
+    )
+    with pytest.raises(FedtrayError) as info:
+        store.read(wrong)
+    assert info.value.code == "checksum_mismatch"

@@ -5,12 +5,15 @@ and who touches the work folder."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from client.atomicfile import file_identity
 from client.config import Settings
 from client.global_store import GlobalWeights
 from client.pending import PendingStore
@@ -80,10 +83,15 @@ class _Worker:
     def __init__(self) -> None:
         self.jobs: list[TrainJob] = []
         self.calls: list[str] = []
+        self.warmed = threading.Event()
 
     @property
     def is_busy(self) -> bool:
         return False
+
+    def warm(self) -> None:  # called on a worker thread
+        self.calls.append("warm")
+        self.warmed.set()
 
     def submit(self, job: TrainJob) -> None:
         self.jobs.append(job)
@@ -111,7 +119,14 @@ async def _a_round(tmp_path: Path) -> None:
     )
     base = tmp_path / "global.safetensors"
     base.write_bytes(b"base")
-    held = GlobalWeights(version=3, task="synthetic", path=base, size=4, sha256="ab" * 32)
+    held = GlobalWeights(
+        version=3,
+        task="synthetic",
+        path=base,
+        size=4,
+        sha256="ab" * 32,
+        identity=file_identity(base),
+    )
     work = WorkDir(tmp_path / "work")
     pending = PendingStore(tmp_path / "pending")
     sent: list[tuple[str, dict[str, Any]]] = []
@@ -132,6 +147,14 @@ async def _a_round(tmp_path: Path) -> None:
         state_changed=lambda: None,
     )
     await rounds.start_worker()
+    # Registered: the worker warms up in the background (not while paused).
+    pause[0] = BATTERY
+    rounds.warm_worker()
+    pause[0] = ALLOW
+    rounds.warm_worker()
+    assert await asyncio.to_thread(worker.warmed.wait, 30)
+    assert worker.calls == ["warm"]
+    worker.calls.clear()
     work.directory.mkdir()
     stale, other = work.directory / f"work-v2-{'e' * 24}.ckpt", work.directory / "notes.txt"
     stale.write_bytes(b"x")
@@ -158,6 +181,7 @@ async def _a_round(tmp_path: Path) -> None:
         base_sha256=held.sha256,
     )
     assert job.checkpoint_interval == 7.5 and job.base_weights_path == base
+    assert job.base_identity == held.identity  # the worker trusts the verified file
     assert not stale.exists() and other.exists()
     assert rounds.busy_keys() == {job.work_key}
     assert hub.current.progress == TrainProgress("r7", 0, 3, 0, 1, 0.0)
@@ -194,13 +218,17 @@ async def _a_round(tmp_path: Path) -> None:
     assert worker.calls == ["pause", "resume"]
 
     # Done: the output is handed from the work folder to the pending store.
+    # Its size and digest are the trainer's (hashed as written): recorded, not recomputed.
     files = work.files(job.work_key or "")
-    files.write_output(b"trained")
-    rounds.on_worker_event(Done(TrainResult("r7", job.output_path, 10, {"trainLoss": 1.0}, 8)))
+    digest = files.write_output(b"trained")
+    assert digest == hashlib.sha256(b"trained").hexdigest()
+    result = TrainResult("r7", job.output_path, 10, {"trainLoss": 1.0}, 8, digest, 7)
+    rounds.on_worker_event(Done(result))
     assert rounds.current is None
     await asyncio.wait_for(kicked.wait(), 30)
     entry = pending.get("r7")
     assert entry is not None and pending.read(entry) == b"trained"
+    assert (entry.size, entry.sha256) == (7, digest)
     assert not files.output.exists()
     assert rounds.busy_keys() == set()
     await rounds.stop_worker()

@@ -17,6 +17,7 @@ from pydantic import JsonValue
 from safetensors import safe_open
 from safetensors.torch import save
 
+from client.atomicfile import file_identity, write_atomic
 from client.errors import FedtrayError
 from client.protocol import Partition, TrainingConfig, TrainingProgress
 from client.tasks import get_task
@@ -30,6 +31,7 @@ from client.trainer import (
     cap_batch_size,
     epoch_seed,
     is_out_of_memory,
+    warm_up,
 )
 from client.weights import decode, encode, sha256_hex
 from client.worker_messages import TrainProgress
@@ -412,6 +414,74 @@ def test_a_base_file_that_is_not_the_jobs_base_is_refused(tmp_path: Path) -> Non
     assert not job.output_path.exists()
 
 
+def test_a_base_vouched_for_by_its_identity_is_not_hashed_and_a_replaced_one_is_refused(
+    tmp_path: Path,
+) -> None:
+    task = get_task("digits", {"hidden": 16})
+    base = tmp_path / "base.safetensors"
+    write_atomic(base, encode(_state_of(task.build_model(task.params, seed=1))))
+    # A digest the file does not have: trusted by its identity, it is not hashed again.
+    job = _job(
+        tmp_path, base_weights_path=base, base_sha256="0" * 64, base_identity=file_identity(base)
+    )
+    result = LocalTrainer(device="cpu").run(job)
+    data = result.output_path.read_bytes()
+    assert (result.size, result.sha256) == (len(data), sha256_hex(data))
+    # Replaced (as the global store replaces it): another identity, refused.
+    write_atomic(base, encode(_state_of(task.build_model(task.params, seed=2))))
+    with pytest.raises(FedtrayError) as info:
+        LocalTrainer(device="cpu").run(replace(job, output_path=tmp_path / "other.safetensors"))
+    assert info.value.code == "stale_base"
+    assert not (tmp_path / "other.safetensors").exists()
+
+
+def test_the_kept_model_gives_the_update_a_fresh_model_gives(tmp_path: Path) -> None:
+    builds: list[int] = []
+
+    def loader(name: str, params: Mapping[str, JsonValue]) -> Task:
+        task = get_task(name, params)
+        build = task.build_model
+
+        def counted(p: Mapping[str, JsonValue], seed: int) -> torch.nn.Module:
+            builds.append(seed)
+            return build(p, seed)
+
+        task.build_model = counted  # type: ignore[method-assign]
+        return task
+
+    task = get_task("digits", {"hidden": 16})
+    bases = []
+    for seed in (11, 12):
+        path = tmp_path / f"base{seed}.safetensors"
+        path.write_bytes(encode(_state_of(task.build_model(task.params, seed=seed))))
+        bases.append(path)
+    kept = LocalTrainer(device="cpu", task_loader=loader)
+    first = _job(tmp_path, base_weights_path=bases[0], output_path=tmp_path / "a.safetensors")
+    kept.run(first)
+    second = replace(
+        first,
+        round_id="round-2",
+        base_weights_path=bases[1],
+        config=first.config.model_copy(update={"seed": 5}),
+        output_path=tmp_path / "b.safetensors",
+    )
+    got = kept.run(second).output_path.read_bytes()
+    assert builds == [3], "the second job must load its base into the kept model"
+    fresh = LocalTrainer(device="cpu").run(replace(second, output_path=tmp_path / "c.safetensors"))
+    assert got == fresh.output_path.read_bytes()
+    # Without a base, the model is built again from the seed; other parameters too.
+    kept.run(replace(second, base_weights_path=None, output_path=tmp_path / "d.safetensors"))
+    kept.run(
+        replace(
+            first,
+            model_params={"hidden": 8},
+            base_weights_path=None,
+            output_path=tmp_path / "e.safetensors",
+        )
+    )
+    assert builds == [3, 5, 3]
+
+
 # -- base weights that do not fit ------------------------------------------------------
 
 
@@ -539,3 +609,12 @@ def test_three_label_skewed_clients_reach_90_percent_in_ten_fedavg_rounds(
         model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
         accuracy = task.evaluate(model, x_test, y_test)["accuracy"]
     assert accuracy >= 0.90
+
+
+def test_warm_up_draws_no_random_number_and_a_run_after_it_is_unchanged(tmp_path: Path) -> None:
+    before = LocalTrainer(device="cpu").run(_job(tmp_path / "a")).output_path.read_bytes()
+    rng = torch.get_rng_state()
+    warm_up()
+    assert torch.equal(torch.get_rng_state(), rng)
+    after = LocalTrainer(device="cpu").run(_job(tmp_path / "b")).output_path.read_bytes()
+    assert after == before

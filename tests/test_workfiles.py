@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from client.atomicfile import file_identity, write_atomic
 from client.protocol import Partition, TrainingConfig
 from client.worker_messages import TrainJob
 from client.workfiles import WorkDir, remove_stale, stale_work_files, work_key
@@ -164,3 +168,48 @@ def test_handing_over_the_output_moves_it_out_and_back_on_failure(tmp_path: Path
         pass
     assert target.read_bytes() == b"trained" and not files.output.exists()
     assert list(work.directory.iterdir()) == []
+
+
+# -- what is fsynced (docs/architecture.md, "What is fsynced and why") -----------------------
+
+
+class _Fsyncs:
+    """Records the inode of every file (not directory) fsynced."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.inodes: list[int] = []
+        real = os.fsync
+
+        def fsync(fd: int) -> None:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode):
+                self.inodes.append(st.st_ino)
+            real(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_work_files_are_not_fsynced_but_the_handed_over_output_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fsyncs = _Fsyncs(monkeypatch)
+    files = WorkDir(tmp_path / "work").files(f"work-v1-{'a' * 24}")
+    digest = files.write_output(b"update")
+    files.write_checkpoint(b"checkpoint")
+    assert digest == hashlib.sha256(b"update").hexdigest()
+    assert fsyncs.inodes == [], "work files can be recomputed: no fsync"
+    target = tmp_path / "pending" / "x.update"
+    with files.handing_over_output(target):
+        assert fsyncs.inodes == [target.stat().st_ino], "durable before it is handed over"
+    assert target.read_bytes() == b"update" and not files.output.exists()
+
+
+def test_file_identity_changes_when_the_file_is_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    write_atomic(path, b"one", durable=False)
+    first = file_identity(path)
+    assert file_identity(path) == first
+    with path.open("rb") as fh:
+        assert file_identity(fh.fileno()) == first
+    write_atomic(path, b"two", durable=False)
+    assert file_identity(path) != first

@@ -211,6 +211,7 @@ class SessionCore:
 
     def _connected(self) -> None:
         self.uploads.kick()
+        self.rounds.warm_worker()
 
     def _disconnected(self) -> None:
         self.uploads.connection_ended()

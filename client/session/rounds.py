@@ -21,8 +21,8 @@ onto the loop; disk work runs in worker threads):
   deletes a work file itself. The worker checkpoints every ``checkpoint_interval``
   seconds of training, so even a ``kill -9`` loses at most that much.
 * Progress: each :class:`client.worker_messages.ProgressEvent` goes to the snapshot and
-  the server as it arrives (the worker's child is THE throttle: at most one per 0.5 s
-  plus the last of the round). The one progress shape,
+  the server as it arrives (the worker's child is THE throttle: the first at once, then
+  at most one per 0.5 s, plus the last of the round). The one progress shape,
   :class:`client.worker_messages.TrainProgress`, is what the snapshot shows;
   :func:`wire_progress` is THE conversion to the wire; a progress sent while the
   applied decision is a pause says ``paused``. A pause reaches the worker
@@ -30,7 +30,14 @@ onto the loop; disk work runs in worker threads):
   server gets a ``paused`` progress at once, with the latest position.
 * A finished update is converted to the round's weight format in place and handed to
   the :class:`client.pending.PendingStore` FIRST (through
-  :meth:`client.workfiles.JobFiles.handing_over_output`), then the uploader is kicked.
+  :meth:`client.workfiles.JobFiles.handing_over_output`, which fsyncs it), then the
+  uploader is kicked. Its bytes are hashed once: by the trainer as it wrote them (the
+  :class:`client.worker_messages.TrainResult` carries size and SHA-256), or here when
+  converting; the held global is not hashed again by the worker (the job carries the
+  file's identity from :class:`client.global_store.GlobalWeights`).
+* :meth:`Rounds.warm_worker` (called when the device registers) has the worker start
+  its process ahead of the first round, unless simulating or paused; the worker keeps
+  it, and the built model, across rounds until idle for its idle timeout.
 * Worker failures and disk errors are sent as ``training:error`` and the session keeps
   running.
 """
@@ -100,6 +107,7 @@ class Worker(Protocol):
     @property
     def is_busy(self) -> bool: ...
 
+    def warm(self) -> object: ...
     def submit(self, job: TrainJob) -> object: ...
     def pause(self) -> object: ...
     def resume(self) -> object: ...
@@ -222,6 +230,13 @@ class Rounds:
         )
         self.simulation = bool(getattr(self.worker, "simulation", False))
 
+    def warm_worker(self) -> None:
+        """Have the worker get ready to train, in the background (module docstring)."""
+        worker = self.worker
+        if worker is None or self.simulation or not self._pause().allowed or worker.is_busy:
+            return
+        self._background.spawn(asyncio.to_thread(worker.warm))
+
     async def stop_worker(self) -> None:
         """Shut the worker down (it checkpoints a running round first, so the same round
         offered again resumes)."""
@@ -327,6 +342,7 @@ class Rounds:
             base_weights_path=held.path,
             base_version=start.base_version,
             base_sha256=held.sha256,
+            base_identity=held.identity,
             checkpoint_interval=self._checkpoint_interval,
             package_path=files.package if files else None,
             package_sha256=files.package_sha256 if files else None,
@@ -416,7 +432,7 @@ class Rounds:
         start = rnd.start
         files = self._work.files(rnd.key)
         try:
-            await asyncio.to_thread(_convert_if_needed, files, start)
+            digest = await asyncio.to_thread(_convert_if_needed, files, start, result)
             await asyncio.to_thread(
                 self._pending.add,
                 files,
@@ -427,6 +443,7 @@ class Rounds:
                 metrics=result.metrics,
                 fmt=start.weight_format,
                 created=time.time(),
+                digest=digest,
             )
         except (OSError, FedtrayError) as exc:
             self.report_error(
@@ -442,8 +459,14 @@ class Rounds:
         self._kick_uploads()
 
 
-def _convert_if_needed(files: JobFiles, start: TrainingStart) -> None:
+def _convert_if_needed(
+    files: JobFiles, start: TrainingStart, result: TrainResult
+) -> tuple[int, str] | None:
+    """The output in the round's format; its (size, SHA-256) when known, else ``None``."""
     if start.weight_format == "safetensors":
-        return
+        if result.sha256 is None or result.size is None:
+            return None
+        return result.size, result.sha256
     state = decode(files.output.read_bytes(), "safetensors")
-    files.write_output(encode(state, start.weight_format))
+    data = encode(state, start.weight_format)
+    return len(data), files.write_output(data)
