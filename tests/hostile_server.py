@@ -114,6 +114,7 @@ def hostile_client(
         data_dir=tmp_path / "client-data",
         backoff=Backoff(base=0.05, cap=0.2),
         settings_file=None,
+        warm_worker=False,  # nothing trains here: keep torch out of the fast tier
     )
     scale_waits(client)
     client.start()

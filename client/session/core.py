@@ -89,6 +89,7 @@ class SessionCore:
         power_poll_interval: float,
         checkpoint_interval: float,
         package_cache_bytes: int = DEFAULT_PACKAGE_CACHE_BYTES,
+        warm_worker: bool = True,
     ) -> None:
         self.hub = hub
         self.settings = settings
@@ -157,6 +158,7 @@ class SessionCore:
             kick_uploads=self.uploads.kick,
             state_changed=self.publish_state,
             task_files=self.task_files,
+            warm_worker=warm_worker,
         )
         handled = set(self.handlers())
         expected = {spec.name for spec in events.handled_by("device")}

@@ -91,6 +91,7 @@ class DistributedClient:
         settings_poll_interval: float = SETTINGS_POLL_INTERVAL_S,
         checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL,
         settings_report: SettingsReport | None = None,
+        warm_worker: bool = True,
     ) -> None:
         if settings_file is ...:
             settings_file = config_path()
@@ -124,6 +125,7 @@ class DistributedClient:
             battery_source=battery_source,
             power_poll_interval=power_poll_interval,
             checkpoint_interval=checkpoint_interval,
+            warm_worker=warm_worker,
         )
         self._thread: threading.Thread | None = None
 

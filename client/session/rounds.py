@@ -36,7 +36,8 @@ onto the loop; disk work runs in worker threads):
   converting; the held global is not hashed again by the worker (the job carries the
   file's identity from :class:`client.global_store.GlobalWeights`).
 * :meth:`Rounds.warm_worker` (called when the device registers) has the worker start
-  its process ahead of the first round, unless simulating or paused; the worker keeps
+  its process ahead of the first round, unless simulating, paused or built with
+  ``warm_worker=False``; the worker keeps
   it, and the built model, across rounds until idle for its idle timeout.
 * Worker failures and disk errors are sent as ``training:error`` and the session keeps
   running.
@@ -181,8 +182,10 @@ class Rounds:
         kick_uploads: Callable[[], None],
         state_changed: Callable[[], None],
         task_files: TaskFiles | None = None,
+        warm_worker: bool = True,
     ) -> None:
         self._hub = hub
+        self._warm_worker = warm_worker
         self._worker_factory = worker_factory
         self._work = work
         self._checkpoint_interval = checkpoint_interval
@@ -233,7 +236,9 @@ class Rounds:
     def warm_worker(self) -> None:
         """Have the worker get ready to train, in the background (module docstring)."""
         worker = self.worker
-        if worker is None or self.simulation or not self._pause().allowed or worker.is_busy:
+        if not self._warm_worker or worker is None or self.simulation:
+            return
+        if not self._pause().allowed or worker.is_busy:
             return
         self._background.spawn(asyncio.to_thread(worker.warm))
 
