@@ -24,17 +24,19 @@ import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from client.weights import Layout
 from server.aggregation import StateDict
-from server.roundstore import RoundStore
 from server.strategies.clipping import Added, clip_scale, update_norm
 from server.strategies.optimizers import ServerOptimizer
 from server.strategies.settings import StrategySettings
+
+if TYPE_CHECKING:  # the round store imports the status models, which import the settings
+    from server.roundstore import RoundStore
 
 Float64 = npt.NDArray[np.float64]
 
