@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from client.protocol import DeviceRegister, parse
 from client.weights import encode, layout_of
 from server.aggregation import BLOCK
 from server.cli import build_parser as server_parser, config_from_args, main
@@ -34,6 +35,7 @@ from server.strategies import (
     build_strategy,
 )
 from server.strategies.robust import trimmed_count
+from tests.server_harness import register_payload
 
 Arrays = dict[str, np.ndarray[Any, Any]]
 
@@ -377,3 +379,30 @@ def test_strategy_flags_reach_the_config_the_round_config_and_the_status() -> No
         "name": "fedadam",
         "parameters": {"serverLr": 0.1, "beta1": 0.9, "beta2": 0.99, "tau": 0.001},
     }
+
+
+def test_a_clipped_device_is_flagged_in_the_status() -> None:
+    device = "6f1c2d3e-0000-4000-8000-0000000000aa"
+    registry = Registry(30.0)
+    registry.register(parse(DeviceRegister, register_payload(device, "volunteer")), "s1", 1.0)
+
+    def device_doc() -> dict[str, Any]:
+        status = build_status(
+            server_version="x",
+            protocol=1,
+            task="t",
+            global_version=0,
+            rounds_target=0,
+            phase="closed",
+            current=None,
+            history=[],
+            registry=registry,
+            now_mono=1.0,
+            now_unix=1.0,
+        )
+        [doc] = status.model_dump(by_alias=True, mode="json")["devices"]
+        return dict(doc)
+
+    assert (device_doc()["clippedInRound"], device_doc()["clippedNorm"]) == (None, None)
+    registry.update_clipped(device, 3, 1234.5)
+    assert (device_doc()["clippedInRound"], device_doc()["clippedNorm"]) == (3, 1234.5)
