@@ -13,7 +13,14 @@ import time
 
 import pytest
 
-from benchmarks import idle, round_figures, training_overhead, transfer, vs_flower
+from benchmarks import (
+    idle,
+    robust_aggregation,
+    round_figures,
+    training_overhead,
+    transfer,
+    vs_flower,
+)
 
 
 # Slow: the benchmarks start servers and clients that import torch.
@@ -162,3 +169,10 @@ def test_summary_lines_judge_the_ratio_against_the_goal(
 def test_synthetic_sizes_match_the_issue() -> None:
     assert vs_flower.floats_of(vs_flower.shapes_for(100)) == pytest.approx(25_000_000, rel=1e-3)
     assert vs_flower.floats_of(vs_flower.shapes_for(0.4)) == pytest.approx(100_000, rel=0.01)
+
+
+def test_robust_aggregation_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    # No torch: the server's strategies over round-store files, tiny sizes.
+    assert robust_aggregation.main(["--params", "5000", "--devices", "3,6"]) == 0
+    out = capsys.readouterr().out
+    assert len(re.findall(r"^ratio robust / fedavg peak memory \d+\.\d+x", out, re.M)) == 2, out

@@ -7,7 +7,9 @@ choice; :meth:`StrategySettings.problem` returns one plain line naming the flag 
 value is out of range or given to a strategy that does not use it (None when fine) --
 :class:`server.config.ServerConfig` raises it as a ``ConfigError``.
 :meth:`StrategySettings.parameters` is what the strategy runs with (defaults filled in),
-shown in ``/api/status`` and on the dashboard. Pure: no I/O.
+shown in ``/api/status`` and on the dashboard. :func:`add_flags`, :func:`settings_from_args`
+and :func:`flags_of` derive the flags of ``fedtray-server`` and ``demo`` from the same
+tables. Pure: no I/O.
 """
 
 from __future__ import annotations
