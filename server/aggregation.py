@@ -1,7 +1,11 @@
-"""Aggregation strategies: how a round's client updates become the next global model.
+"""The running sample-weighted mean (FedAvg's accumulator) and the dtype rule of aggregates.
 
-Contract: a :class:`Strategy` is used once per round as ``begin(global_state)``, then
-``add(update, num_samples)`` for each accepted update as it arrives, then ``result()``.
+Contract: a :class:`FedAvg` accumulator is used once per round as ``begin(global_state)``,
+then ``add(update, num_samples)`` for each accepted update as it arrives, then ``result()``
+(the mean in the global model's dtypes) or :meth:`FedAvg.means` (the mean in float64, for
+a server optimizer). The strategies the server runs (:mod:`server.strategies`) are built
+on it; ``add(..., scale=s)`` folds the *clipped* update ``base + s * (update - base)``
+instead of the update (float tensors only; :mod:`server.strategies.clipping`).
 ``add`` only reads the update: its arrays may be read-only, zero-copy views over the
 received document (any byte order, any alignment), and nothing of them is kept.
 Updates must have the global model's layout (the server checks it with the codec before
@@ -14,7 +18,8 @@ O(clients x model): the accumulator count never grows with the number of updates
 update is read block by block into one reused float64 buffer (never copied whole). The
 result has the global model's dtypes (integer tensors are rounded). Other strategies
 (FedProx's server side is FedAvg; FedAdam keeps optimizer moments next to the sums) fit
-the same three calls.
+the same three calls. :func:`cast_like` is the one rule turning a float64 aggregate into a
+tensor's dtype (integers rounded, booleans by majority).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ StateDict = dict[str, npt.NDArray[Any]]
 BLOCK = 1 << 16
 
 
-class Strategy(ABC):
+class Accumulator(ABC):
     """One round's aggregation: ``begin``, then ``add`` per update, then ``result``."""
 
     @abstractmethod
@@ -38,8 +43,9 @@ class Strategy(ABC):
         """Start a round from the current global weights (forgets any previous round)."""
 
     @abstractmethod
-    def add(self, update: StateDict, num_samples: int) -> None:
-        """Fold in one client's weights, trained on ``num_samples`` samples."""
+    def add(self, update: StateDict, num_samples: int, *, scale: float = 1.0) -> None:
+        """Fold in one client's weights, trained on ``num_samples`` samples (float tensors
+        scaled towards the base by ``scale``: ``base + scale * (update - base)``)."""
 
     @abstractmethod
     def result(self) -> StateDict:
@@ -51,7 +57,7 @@ class Strategy(ABC):
         """Updates added since ``begin``."""
 
 
-class FedAvg(Strategy):
+class FedAvg(Accumulator):
     """Sample-weighted mean of client weights, accumulated in float64 as updates arrive."""
 
     def __init__(self) -> None:
@@ -61,8 +67,10 @@ class FedAvg(Strategy):
         self._weight = 0.0
         self._count = 0
         self._block = np.empty(BLOCK, dtype=np.float64)
+        self._base: StateDict = {}
 
     def begin(self, global_state: StateDict) -> None:
+        self._base = global_state
         self._dtypes = {k: v.dtype for k, v in global_state.items()}
         self._shapes = {k: tuple(v.shape) for k, v in global_state.items()}
         self._sums = {}
@@ -78,7 +86,9 @@ class FedAvg(Strategy):
         """Number of arrays held (one per tensor, whatever the number of updates)."""
         return len(self._sums)
 
-    def add(self, update: StateDict, num_samples: int) -> None:
+    def add(self, update: StateDict, num_samples: int, *, scale: float = 1.0) -> None:
+        if not (np.isfinite(scale) and 0 <= scale <= 1):
+            raise ValueError(f"scale must be in [0, 1], got {scale}")
         if num_samples < 1:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
         if set(update) != set(self._shapes):
@@ -95,10 +105,23 @@ class FedAvg(Strategy):
                 acc = self._sums[name] = np.empty(arr.shape, dtype=np.float64)
             flat_acc = acc.reshape(-1)
             flat_in = arr.reshape(-1)  # a view for contiguous input (a copy only otherwise)
+            clip = scale != 1.0 and np.issubdtype(self._dtypes[name], np.floating)
+            flat_base = self._base[name].reshape(-1) if clip else flat_in
             # In blocks: the float64 temporary is BLOCK elements, reused, not a whole tensor.
             for start in range(0, flat_acc.size, BLOCK):
                 end = min(start + BLOCK, flat_acc.size)
-                if first:
+                if clip:
+                    # weight * (base + scale * (update - base)), in float64
+                    tmp = block[: end - start]
+                    np.subtract(flat_in[start:end], flat_base[start:end], out=tmp)
+                    tmp *= scale
+                    tmp += flat_base[start:end]
+                    tmp *= weight
+                    if first:
+                        flat_acc[start:end] = tmp
+                    else:
+                        flat_acc[start:end] += tmp
+                elif first:
                     np.multiply(flat_in[start:end], weight, out=flat_acc[start:end])
                 else:
                     tmp = block[: end - start]
@@ -117,14 +140,25 @@ class FedAvg(Strategy):
             flat_out, flat_acc = result.reshape(-1), acc.reshape(-1)
             for start in range(0, flat_acc.size, BLOCK):
                 mean = flat_acc[start : start + BLOCK] / self._weight
-                if dtype == np.bool_:
-                    flat_out[start : start + BLOCK] = mean >= 0.5
-                elif np.issubdtype(dtype, np.integer):
-                    flat_out[start : start + BLOCK] = np.rint(mean)
-                else:
-                    flat_out[start : start + BLOCK] = mean
+                flat_out[start : start + BLOCK] = cast_like(mean, dtype)
             out[name] = result
         return out
+
+    def means(self) -> dict[str, npt.NDArray[np.float64]]:
+        """The weighted mean of each tensor in float64 (new arrays; O(model) float64)."""
+        if self._count == 0:
+            raise ValueError("no update was added in this round")
+        return {name: acc / self._weight for name, acc in self._sums.items()}
+
+
+def cast_like(values: npt.NDArray[np.float64], dtype: np.dtype[Any]) -> npt.NDArray[Any]:
+    """A float64 aggregate as ``dtype``: booleans by majority (>= 0.5), integers rounded to
+    the nearest (half to even), floats cast."""
+    if dtype == np.bool_:
+        return values >= 0.5
+    if np.issubdtype(dtype, np.integer):
+        return np.rint(values).astype(dtype)
+    return values.astype(dtype)
 
 
 def weighted_mean(values: list[tuple[float, int]]) -> float | None:

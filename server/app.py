@@ -49,7 +49,6 @@ from client.protocol import PROTOCOL_VERSION
 from client.tasks import Task, get_task
 from client.transfer import BlobStore
 from client.weights import layout_of
-from server.aggregation import FedAvg, Strategy
 from server.auth import TokenChecker
 from server.background import Background
 from server.config import ServerConfig
@@ -65,6 +64,7 @@ from server.roundstore import RoundStore
 from server.starter import training_config
 from server.status import RoundRecord, ServerStatus, build_status
 from server.store import Store, StoreError
+from server.strategies import Strategy, build_strategy
 from server.taskfile import PackageTask, ServedPackage, open_package
 from server.tls import TLSConfigError, server_ssl_context
 
@@ -125,7 +125,7 @@ class FedServer:
             sio=self.sio,
             registry=self.registry,
             model=self.model,
-            strategy=strategy if strategy is not None else FedAvg(),
+            strategy=strategy if strategy is not None else build_strategy(config.strategy),
             round_store=self.round_store,
             blobs=self.blobs,
             distributor=self.distributor,
@@ -441,4 +441,5 @@ class FedServer:
             registry=self.registry,
             now_mono=now_mono,
             now_unix=now_unix,
+            strategy=self.strategy.settings,
         )

@@ -35,6 +35,7 @@ from client.protocol import PartitionScheme
 from server import __version__
 from server.auth import TokenFileError, read_tokens_file
 from server.config import DEFAULT_HOST, DEFAULT_PORT, ConfigError, ServerConfig, default_state_dir
+from server.strategies.settings import add_flags as add_strategy_flags, settings_from_args
 from server.task_params import FLAG as TASK_PARAM_FLAG, task_params_from_flags
 from server.taskfile import ServedPackage, open_package
 
@@ -55,7 +56,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog=PROG,
-        description="fedtray reference training server (FedAvg).",
+        description="fedtray reference training server (FedAvg, FedProx, FedAvgM, FedAdam, "
+        "median, trimmed mean).",
         epilog="`fedtray-server demo --help`: a whole federation on this machine. "
         "`fedtray-server pack --help`: package your own model for the fleet.",
     )
@@ -144,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: clients per round x 2 updates of the model's size)",
     )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    add_strategy_flags(p)
     return p
 
 
@@ -180,6 +183,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         certfile=args.certfile,
         keyfile=args.keyfile,
         max_transfer_bytes=args.max_transfer_bytes,
+        strategy=settings_from_args(args),
     )
 
 

@@ -1,7 +1,8 @@
 """The reference server's settings: one frozen dataclass, checked when it is built.
 
 Contract: :class:`ServerConfig` holds every setting the server reads (network, task,
-round policy, local-training hyper-parameters, persistence, auth, transfer limits).
+round policy, local-training hyper-parameters, aggregation strategy, persistence, auth,
+transfer limits).
 :meth:`ServerConfig.transfer_budget` is the pure rule for how much a device (and all of
 them together) may have the server hold in partial uploads, given the model's size.
 Building one with an out-of-range value raises :class:`ConfigError` (a ``ValueError``)
@@ -22,6 +23,7 @@ import platformdirs
 from client.protocol import Limits, PartitionScheme
 from client.transfer import MESSAGE_MARGIN_BYTES, message_limit
 from server.ratelimit import RateLimits
+from server.strategies.settings import StrategySettings
 
 __all__ = [
     "DEFAULT_HOST",
@@ -113,11 +115,17 @@ class ServerConfig:
     keyfile: Path | None = None
     #: Per-connection event budgets (flood protection).
     rate_limits: RateLimits = field(default_factory=RateLimits)
+    #: The aggregation strategy and its parameters (``--strategy``, ``--clip-norm``, ...).
+    strategy: StrategySettings = field(default_factory=StrategySettings)
 
     def training_overrides(self) -> dict[str, Any]:
         """The local training settings given explicitly, as TrainingConfig fields."""
         given = {"epochs": self.epochs, "batch_size": self.batch_size, "learning_rate": self.lr}
-        return {key: value for key, value in given.items() if value is not None}
+        overrides = {key: value for key, value in given.items() if value is not None}
+        mu = self.strategy.proximal_mu_sent
+        if mu > 0:
+            overrides["proximal_mu"] = mu  # FedProx: every round's config carries mu
+        return overrides
 
     def __post_init__(self) -> None:
         _check(bool(self.host.strip()), "--host must not be empty")
@@ -171,6 +179,8 @@ class ServerConfig:
             _finite(self.retry_delay) and self.retry_delay >= 0,
             f"retry_delay must be 0 or more, got {self.retry_delay}",
         )
+        problem = self.strategy.problem()
+        _check(problem is None, problem or "")
         _check(
             (self.certfile is None) == (self.keyfile is None),
             "--certfile and --keyfile go together: give both to serve HTTPS, or neither",

@@ -63,7 +63,7 @@ from client.protocol import (
 from client.tasks import Task
 from client.transfer import BlobStore
 from client.weights import StateDict, decode, encode
-from server.aggregation import Strategy, weighted_mean
+from server.aggregation import weighted_mean
 from server.background import Background
 from server.config import ServerConfig
 from server.distribution import Distributor
@@ -77,6 +77,7 @@ from server.rounds import Round, abandon_detail, awaiting_return, drop_stale, se
 from server.roundstore import RoundStore, SavedSlot
 from server.starter import RoundStarter
 from server.status import RoundRecord, RoundTiming
+from server.strategies import FileUpdates, Strategy
 from server.taskfile import PackageTask
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,17 @@ class RoundCoordinator:
         """Set up before :meth:`run`: the task, its test split (None: new globals are not
         evaluated), a round restored from disk."""
         self._task, self._test_data = task, test_data
+        saved_state = self._model.optimizer_state
+        try:
+            self.strategy.load_optimizer_state(saved_state, self._model.state)
+        except ValueError as exc:
+            log.warning("%s; %s starts with a fresh optimizer state", exc, self.strategy.name)
+        if saved_state:
+            log.info(
+                "%s goes on with the optimizer state saved with version %d",
+                self.strategy.name,
+                self._model.version,
+            )
         if restored is not None:
             self._restored = restored
             self.phase.open(restored)
@@ -262,12 +274,21 @@ class RoundCoordinator:
                 except OSError as exc:
                     log.error("cannot save round %s: %s", rnd.round_id, exc)
                     raise unsaved from None
-                await asyncio.to_thread(
+                added = await asyncio.to_thread(
                     store.fold_update,
                     name,
                     self._model.layout,
                     lambda update: self.strategy.add(update, sub.num_samples),
                 )
+                if added.clipped:
+                    self._registry.update_clipped(record.device_id, rnd.number, added.norm)
+                    log.warning(
+                        "round %s: the update of %s was %.4g from the global; clipped to %g",
+                        rnd.round_id,
+                        record.name,
+                        added.norm,
+                        self.strategy.settings.clip_norm,
+                    )
                 received = rnd.record_report(record.device_id, sub.num_samples, sub.metrics)
         finally:
             incoming.unlink(missing_ok=True)  # gone once committed; removed when refused
@@ -513,9 +534,19 @@ class RoundCoordinator:
             log.warning("cannot remove the closed round's files: %s", exc)
 
     async def _complete_round(self, rnd: Round, collected_at: float) -> None:
-        new_state = await asyncio.to_thread(self.strategy.result)
+        kept = FileUpdates(
+            self._round_store,
+            self._model.layout,
+            [
+                (self._round_store.update_file_name(device_id), slot.num_samples)
+                for device_id, slot in rnd.slots.items()
+                if slot.state == "reported"
+            ],
+        )
+        aggregate = await asyncio.to_thread(self.strategy.result, kept)
+        new_state = aggregate.weights
         version = self._model.version + 1
-        prepared = await self._model.prepare(new_state, version)
+        prepared = await self._model.prepare(new_state, version, aggregate.optimizer_state)
         train_loss = weighted_mean(
             [
                 (slot.metrics["trainLoss"], slot.num_samples)
@@ -546,6 +577,7 @@ class RoundCoordinator:
         self._model.publish(
             prepared, record, {} if train_loss is None else {"trainLoss": train_loss}
         )
+        self.strategy.commit(aggregate)  # the optimizer state now goes with this version
         timing.published_at = time.time()  # the published record's own timing (status only)
         log.info(
             "round %d: %d selected, %d reported, train loss %s, %.1f s (version %d)",

@@ -18,7 +18,8 @@ Contract:
   clients' training processes included. The temporary directory is removed unless
   ``--keep`` is given; with ``--verbose`` the children's output is shown.
 * ``--task-param KEY=VALUE`` (repeatable) is checked against the task before anything
-  starts (a bad one: one ``error:`` line, exit status 2) and passed to the server.
+  starts (a bad one: one ``error:`` line, exit status 2) and passed to the server; so
+  are ``--strategy`` and its parameter flags (:mod:`server.strategies.settings`).
 * :func:`parse_listening`, :func:`round_line`, :func:`summary` are pure.
 """
 
@@ -44,6 +45,7 @@ from types import FrameType
 from typing import IO, Any, Final
 
 from server.config import ConfigError
+from server.strategies.settings import add_flags as add_strategy_flags, flags_of, settings_from_args
 from server.task_params import task_params_from_flags
 
 PROG: Final = "fedtray-server demo"
@@ -291,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument("--verbose", action="store_true", help="show the processes' output")
+    add_strategy_flags(p)
     return p
 
 
@@ -304,6 +307,9 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.timeout <= 0:
         raise DemoError(f"--timeout must be positive, got {args.timeout}")
     # Checked here, before any process starts (the server would refuse them too).
+    problem = settings_from_args(args).problem()
+    if problem is not None:
+        raise DemoError(problem)
     try:
         task_params_from_flags(args.task_param, args.task, task_file=args.task_file is not None)
     except ConfigError as exc:
@@ -345,6 +351,7 @@ def _start_server(args: argparse.Namespace, work: Path, state_dir: Path) -> tupl
         "120",
         "--state-dir",
         str(state_dir),
+        *flags_of(settings_from_args(args)),
     ]
     log_path = work / "server.log"
     log_path.touch()

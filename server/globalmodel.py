@@ -14,7 +14,11 @@ memory and in ``history.json`` (when that version is the saved one), so it survi
 restart; a crash before then leaves the record without evaluation. Writes of
 ``history.json`` are serialized (one at a time, each from the latest saved snapshot), so an
 older write never lands after a newer one. The one encoding made by ``prepare`` is the bytes saved,
-the safetensors bytes sent to devices and their SHA-256: never encoded twice.
+the safetensors bytes sent to devices and their SHA-256: never encoded twice. A server
+optimizer's state for the new version (``prepare``'s ``optimizer_state``) is written by
+``prepare`` too, after the weights and before ``history.json`` names both; a version
+whose optimizer state cannot be written is not saved (as when its weights cannot be).
+:attr:`GlobalModel.optimizer_state` is the state saved with the adopted version.
 :meth:`GlobalModel.encoded` encodes the current version once per other format (in a
 thread) and caches it until the next version. Owned by the server's one event loop;
 blocking work (encoding, hashing, saving) runs in threads.
@@ -47,7 +51,9 @@ class Prepared:
     state: StateDict
     encoded: bytes  # safetensors, the one encoding
     sha256: str
-    weights_file: str | None  # None: the weights file could not be written
+    weights_file: str | None  # None: the weights (or optimizer) file could not be written
+    optimizer_file: str | None = None  # None: no optimizer state
+    optimizer_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,8 @@ class _SavedHistory:
     weights_file: str
     sha256: str
     history: list[RoundRecord]
+    optimizer_file: str | None = None
+    optimizer_sha256: str | None = None
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float]:
@@ -97,6 +105,8 @@ class GlobalModel:
         #: trainLoss from publish on, evalLoss/evalAccuracy once its evaluation is recorded.
         self.metrics: dict[str, float] = {}
         self.round_id: str | None = None
+        #: The server optimizer's state saved with the adopted version (empty: none).
+        self.optimizer_state: StateDict = {}
         self._encoded: dict[WeightFormat, Encoded] = {}
         # What history.json holds now (written by this process), and one writer at a time.
         self._saved: _SavedHistory | None = None
@@ -109,6 +119,7 @@ class GlobalModel:
             self.state = state
             return
         self.state = saved.state
+        self.optimizer_state = saved.optimizer
         self.version = saved.version
         self.rounds_completed = saved.rounds_completed
         self.history = saved.history
@@ -128,17 +139,26 @@ class GlobalModel:
         """An abandoned attempt joins the history (kept in memory until the next save)."""
         self.history.append(record)
 
-    async def prepare(self, state: StateDict, version: int) -> Prepared:
+    async def prepare(
+        self, state: StateDict, version: int, optimizer_state: StateDict | None = None
+    ) -> Prepared:
         """Encode and hash ``state`` once and write it as version ``version``'s weights
-        file (fsynced; a failure is logged and leaves ``weights_file`` None)."""
+        file, then ``optimizer_state`` (if any) as its optimizer file (fsynced; a failure
+        is logged and leaves ``weights_file`` None)."""
         encoded = await asyncio.to_thread(encode, state, "safetensors")
         digest = await asyncio.to_thread(sha256_hex, encoded)
+        opt_name: str | None = None
+        opt_digest: str | None = None
         try:
             name: str | None = await asyncio.to_thread(self._store.save_weights, version, encoded)
+            if optimizer_state:
+                opt_data = await asyncio.to_thread(encode, optimizer_state, "safetensors")
+                opt_digest = await asyncio.to_thread(sha256_hex, opt_data)
+                opt_name = await asyncio.to_thread(self._store.save_optimizer, version, opt_data)
         except OSError as exc:
             log.error("could not save version %d to %s: %s", version, self._store.state_dir, exc)
             name = None
-        return Prepared(version, state, encoded, digest, name)
+        return Prepared(version, state, encoded, digest, name, opt_name, opt_digest)
 
     async def persist(self, prepared: Prepared, record: RoundRecord) -> bool:
         """Save version ``record.version`` with ``record`` in the history (not yet the
@@ -151,6 +171,8 @@ class GlobalModel:
             weights_file=prepared.weights_file,
             sha256=prepared.sha256,
             history=[*self.history, record],
+            optimizer_file=prepared.optimizer_file,
+            optimizer_sha256=prepared.optimizer_sha256,
         )
         try:
             await self._write_history(saved)
@@ -197,6 +219,8 @@ class GlobalModel:
                         saved.weights_file,
                         saved.sha256,
                         written,
+                        saved.optimizer_file,
+                        saved.optimizer_sha256,
                     ),
                     locked=True,
                 )
@@ -224,6 +248,8 @@ class GlobalModel:
             weights_name=saved.weights_file,
             weights_sha256=saved.sha256,
             history=saved.history,
+            optimizer_name=saved.optimizer_file,
+            optimizer_sha256=saved.optimizer_sha256,
         )
         self._saved = saved
 

@@ -73,6 +73,10 @@ class DeviceRecord:
     weights_version: int | None = None
     progress: TrainingProgress | None = None
     first_seen: float = field(default=0.0)
+    clipped_round: int | None = None
+    """The last round whose update from this device was clipped (``--clip-norm``)."""
+    clipped_norm: float | None = None
+    """That update's L2 distance from the round's base, before clipping."""
 
     @property
     def connected(self) -> bool:
@@ -214,6 +218,14 @@ class Registry:
         if record is not None:
             record.state = "idle"
             record.progress = None
+
+    def update_clipped(self, device_id: str, round_number: int, norm: float | None) -> None:
+        """The device's update in round ``round_number`` was clipped (it was ``norm`` from
+        the base): flagged until a later round clips it again."""
+        record = self._devices.get(device_id)
+        if record is not None:
+            record.clipped_round = round_number
+            record.clipped_norm = norm
 
     def holds_version(self, device_id: str, version: int) -> None:
         """The device acknowledged global version ``version``."""

@@ -27,10 +27,10 @@ import time
 
 from client.backoff import RECONNECT_WITHIN_S
 from client.weights import Layout, StateDict
-from server.aggregation import Strategy
 from server.rounds import Round, Slot
 from server.roundstore import RoundStore, SavedRound, SavedSlot
 from server.store import StoreError
+from server.strategies.base import Strategy
 
 log = logging.getLogger(__name__)
 

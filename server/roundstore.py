@@ -139,10 +139,17 @@ class RoundStore:
         """``use(update)`` with a committed update as read-only views over its mapped file
         (the structure is checked again, the values were at intake); the map is closed
         after, unless ``use`` kept a view."""
+        with self.mapped_update(name, layout) as views:
+            return use(views)
+
+    @contextlib.contextmanager
+    def mapped_update(self, name: str, layout: Layout) -> Iterator[StateDict]:
+        """A committed update as read-only views over its mapped file, while open (as
+        :meth:`fold_update`; robust strategies hold every update of the round at once)."""
         with _mapped(self.state_dir / ROUND_DIR / Path(name).name) as data:
             views = decode_views(data, expected=layout, finite=False)
             try:
-                return use(views)
+                yield views
             finally:
                 del views
 

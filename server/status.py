@@ -21,6 +21,7 @@ from pydantic.alias_generators import to_camel
 from client.protocol import DeviceState, DeviceType, GpuInfo, PauseReason
 from server.registry import Registry
 from server.rounds import Round
+from server.strategies.settings import StrategySettings
 
 #: Where the federation stands (owned by :class:`server.phase.PhaseMachine`).
 FederationPhase = Literal["closed", "waiting", "starting", "training", "aggregating", "finished"]
@@ -114,6 +115,25 @@ class DeviceStatus(StatusModel):
         description="The accelerator the device reported (at registration or in a later "
         "heartbeat), null for none or not known yet.",
     )
+    clipped_in_round: int | None = Field(
+        default=None,
+        description="The last round in which this device's update was farther than "
+        "--clip-norm from the global and was scaled back; null if never.",
+    )
+    clipped_norm: float | None = Field(
+        default=None, description="That update's L2 distance from the global, before clipping."
+    )
+
+
+class StrategyStatus(StatusModel):
+    """The aggregation strategy the server runs (docs/strategies.md)."""
+
+    name: str = Field(description="fedavg, fedprox, fedavgm, fedadam, median or trimmed-mean.")
+    parameters: dict[str, float] = Field(
+        default_factory=dict,
+        description="What it runs with, defaults filled in (camelCase: proximalMu, serverLr, "
+        "serverMomentum, beta1, beta2, tau, trimFraction; clipNorm when clipping).",
+    )
 
 
 class ServerStatus(StatusModel):
@@ -131,6 +151,10 @@ class ServerStatus(StatusModel):
     current_round: CurrentRound | None
     history: list[RoundRecord]
     devices: list[DeviceStatus]
+    strategy: StrategyStatus = Field(
+        default_factory=lambda: StrategyStatus(name="fedavg"),
+        description="The aggregation strategy and its parameters.",
+    )
 
 
 STATUS_MODELS: list[type[BaseModel]] = [
@@ -139,6 +163,7 @@ STATUS_MODELS: list[type[BaseModel]] = [
     RoundRecord,
     RoundTiming,
     DeviceStatus,
+    StrategyStatus,
 ]
 
 
@@ -155,6 +180,7 @@ def build_status(
     registry: Registry,
     now_mono: float,
     now_unix: float,
+    strategy: StrategySettings | None = None,
 ) -> ServerStatus:
     """The status document. Registry times are monotonic; they are shown as Unix times."""
     devices = []
@@ -180,6 +206,8 @@ def build_status(
                 progress=rec.progress.fraction if rec.progress else None,
                 client_version=rec.client_version,
                 gpu=rec.hardware.gpu,
+                clipped_in_round=rec.clipped_round,
+                clipped_norm=rec.clipped_norm,
             )
         )
     return ServerStatus(
@@ -192,6 +220,15 @@ def build_status(
         current_round=current,
         history=list(history),
         devices=devices,
+        strategy=strategy_status(strategy or StrategySettings()),
+    )
+
+
+def strategy_status(settings: StrategySettings) -> StrategyStatus:
+    """The status view of the strategy settings (parameter names in camelCase)."""
+    params = settings.parameters()
+    return StrategyStatus(
+        name=settings.name, parameters={to_camel(key): value for key, value in params.items()}
     )
 
 

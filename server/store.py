@@ -8,18 +8,25 @@ in the same directory, fsync, ``os.replace``), and the weights file is written b
 ``history.json`` points to it, so a crash at any moment leaves the previous consistent
 state. :meth:`Store.load` returns None when the directory holds no state, and raises
 :class:`StoreError` with a one-line message when the state is unreadable, corrupt, or
-belongs to another task or model layout. Older weights files are removed after a save.
+belongs to another task or model layout. Older versions' weights files are removed after
+a save (never a newer version's, which may be on its way to being saved).
 A save is two steps the server may run apart (:meth:`Store.save_weights`, then
 :meth:`Store.save_history`); only ``history.json`` makes a version the saved one.
 :meth:`Store.save_history` may be called again for the same weights file with an updated
 history (a version's evaluation, recorded after the version was published).
+A server optimizer's state (FedAvgM's momentum, FedAdam's moments) is saved beside the
+version it goes with, as ``optimizer-v<version>.safetensors`` (float64 tensors, written by
+:meth:`Store.save_optimizer` before ``history.json`` names it with its SHA-256, removed
+like old weights files), and :meth:`Store.load` returns it (``Saved.optimizer``; empty
+when the version has none), so a restarted server steps from exactly the state an
+uninterrupted one would.
 The open round (its accepted updates) is kept apart, by :mod:`server.roundstore`.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +53,8 @@ class Saved:
     rounds_completed: int
     state: StateDict
     history: list[RoundRecord]
+    #: The server optimizer's state saved with this version (empty: none).
+    optimizer: StateDict = field(default_factory=dict)
 
 
 class Store:
@@ -70,6 +79,8 @@ class Store:
             weights_name = str(meta["weightsFile"])
             weights_sha = str(meta["weightsSha256"])
             history = [RoundRecord.model_validate(r) for r in meta["history"]]
+            optimizer_name = meta.get("optimizerFile")
+            optimizer_sha = meta.get("optimizerSha256")
         except StoreError:
             raise
         except (OSError, ValueError, KeyError, TypeError, ValidationError) as exc:
@@ -91,7 +102,23 @@ class Store:
             raise StoreError(
                 f"{weights_path} does not fit the current model ({exc.code}: {exc.message}){hint}"
             ) from None
-        return Saved(saved_task, version, rounds_completed, state, history)
+        optimizer: StateDict = {}
+        if optimizer_name is not None:
+            optimizer = self._load_optimizer(str(optimizer_name), str(optimizer_sha), hint)
+        return Saved(saved_task, version, rounds_completed, state, history, optimizer)
+
+    def _load_optimizer(self, name: str, sha: str, hint: str) -> StateDict:
+        path = self.state_dir / Path(name).name
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise StoreError(f"cannot read {path}: {exc}{hint}") from None
+        if sha256_hex(data) != sha:
+            raise StoreError(f"{path} does not match its checksum in {HISTORY_FILE}{hint}")
+        try:
+            return decode(data, "safetensors", max_bytes=len(data) + 1)
+        except WeightsError as exc:
+            raise StoreError(f"cannot read {path} ({exc.code}: {exc.message}){hint}") from None
 
     def save(
         self,
@@ -123,6 +150,13 @@ class Store:
         write_atomic(self.state_dir / weights_name, data)
         return weights_name
 
+    def save_optimizer(self, version: int, data: bytes) -> str:
+        """Write version ``version``'s optimizer state (safetensors, fsynced); its file
+        name. Saved once :meth:`save_history` names it."""
+        name = f"optimizer-v{version}.safetensors"
+        write_atomic(self.state_dir / name, data)
+        return name
+
     def save_history(
         self,
         *,
@@ -132,9 +166,12 @@ class Store:
         weights_name: str,
         weights_sha256: str,
         history: list[RoundRecord],
+        optimizer_name: str | None = None,
+        optimizer_sha256: str | None = None,
     ) -> None:
-        """Write ``history.json`` naming a weights file :meth:`save_weights` wrote (fsynced),
-        then remove the older weights files."""
+        """Write ``history.json`` naming a weights file :meth:`save_weights` wrote (fsynced)
+        and the optimizer file :meth:`save_optimizer` wrote for it (if any), then remove
+        the older weights and optimizer files."""
         meta: dict[str, Any] = {
             "format": STATE_FORMAT,
             "task": task,
@@ -144,7 +181,14 @@ class Store:
             "weightsSha256": weights_sha256,
             "history": [r.model_dump(by_alias=True, mode="json") for r in history],
         }
+        if optimizer_name is not None:
+            meta["optimizerFile"] = optimizer_name
+            meta["optimizerSha256"] = optimizer_sha256
         write_atomic(self.state_dir / HISTORY_FILE, json.dumps(meta, indent=1).encode("utf-8"))
-        for old in self.state_dir.glob("global-v*.safetensors"):
-            if old.name != weights_name:
-                old.unlink(missing_ok=True)
+        # Only older versions' files: a newer version's files may be written already (its
+        # round is being saved while this version's evaluation is recorded).
+        for prefix in ("global-v", "optimizer-v"):
+            for old in self.state_dir.glob(f"{prefix}*.safetensors"):
+                number = old.name.removeprefix(prefix).removesuffix(".safetensors")
+                if number.isdigit() and int(number) < version:
+                    old.unlink(missing_ok=True)

@@ -13,7 +13,15 @@ import time
 
 import pytest
 
-from benchmarks import idle, round_figures, training_overhead, transfer, vs_flower, worker_rounds
+from benchmarks import (
+    idle,
+    robust_aggregation,
+    round_figures,
+    training_overhead,
+    transfer,
+    vs_flower,
+    worker_rounds,
+)
 
 
 # Slow: the benchmarks start servers and clients that import torch.
@@ -169,3 +177,10 @@ def test_worker_rounds_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert worker_rounds.main(["--size", "small", "--rounds", "2"]) == 0
     out = capsys.readouterr().out
     assert "small     cold" in out and "small     warm" in out
+
+
+def test_robust_aggregation_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    # No torch: the server's strategies over round-store files, tiny sizes.
+    assert robust_aggregation.main(["--params", "5000", "--devices", "3,6"]) == 0
+    out = capsys.readouterr().out
+    assert len(re.findall(r"^ratio robust / fedavg peak memory \d+\.\d+x", out, re.M)) == 2, out

@@ -25,6 +25,7 @@ from client.global_store import GlobalStore
 from client.session import DistributedClient
 from client.tasks import get_task
 from client.weights import StateDict, decode
+from server.strategies import Added
 from tests.server_harness import ServerHandle, running_server
 from tests.waiting import scale_waits, scaled
 
@@ -65,9 +66,9 @@ def capture_updates(server: ServerHandle) -> list[StateDict]:
     strategy = server.server.strategy
     original = strategy.add
 
-    def spy(update: StateDict, num_samples: int) -> None:
+    def spy(update: StateDict, num_samples: int) -> Added:
         got.append({k: np.array(v, copy=True) for k, v in update.items()})
-        original(update, num_samples)
+        return original(update, num_samples)
 
     strategy.add = spy  # type: ignore[method-assign]
     return got

@@ -50,6 +50,7 @@ from client.protocol import BlobChunk, BlobProgress, Limits
 from client.session import DistributedClient
 from client.snapshot import ClientSnapshot
 from client.weights import StateDict
+from server.strategies import Added
 from tests.device_info import quick_device_info
 from tests.server_harness import (
     REPO_ROOT,
@@ -108,12 +109,12 @@ class _Counting:
         strategy_add = self.server.strategy.add
         accept_chunk = self.server.blobs.accept_chunk
 
-        def add(state: StateDict, num_samples: int) -> None:
+        def add(state: StateDict, num_samples: int) -> Added:
             rnd = self.server.round  # set, and stable under the server's aggregation lock
             assert rnd is not None
             with self._lock:
                 self.adds[rnd.round_id] = self.adds.get(rnd.round_id, 0) + 1
-            strategy_add(state, num_samples)
+            return strategy_add(state, num_samples)
 
         def counted_chunk(peer: str, chunk: BlobChunk, now: float) -> BlobProgress:
             self.chunk_bytes += len(chunk.data)
@@ -448,6 +449,7 @@ VICTIM = """
 import sys
 from client import session
 from client.cli import main
+from server.strategies import Added
 
 plain_init = session.DistributedClient.__init__
 

@@ -37,6 +37,7 @@ from client.session import DistributedClient, user_decision
 from client.settings_watch import SettingsFileWatch, merge_live, parse_settings_bytes
 from client.snapshot import ALLOW, ClientSnapshot, PauseDecision
 from client.worker import DEFAULT_PROGRESS_INTERVAL
+from server.strategies import Added
 from tests.device_info import quick_device_info
 from tests.server_harness import HolderDevice, ServerHandle, running_server
 from tests.waiting import holds_for, scale_waits, scaled, wait_until
@@ -238,9 +239,9 @@ def _capture_updates(server: ServerHandle) -> list[dict[str, np.ndarray]]:
     strategy = server.server.strategy
     original = strategy.add
 
-    def spy(update: dict[str, np.ndarray], num_samples: int) -> None:
+    def spy(update: dict[str, np.ndarray], num_samples: int) -> Added:
         got.append({k: np.array(v, copy=True) for k, v in update.items()})
-        original(update, num_samples)
+        return original(update, num_samples)
 
     strategy.add = spy  # type: ignore[method-assign]
     return got
