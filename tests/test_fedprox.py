@@ -20,9 +20,9 @@ from pydantic import JsonValue
 
 from client.protocol import Partition, TrainingConfig
 from client.proximal import ProximalAnchor, is_anchored, proximal_anchor
+from client.taskpkg.task import PackagedTask, load_packaged_task
 from client.tasks import get_task
 from client.tasks.base import Task, model_state
-from client.taskpkg.task import PackagedTask, load_packaged_task
 from client.trainer import Command, LocalTrainer, TrainJob, epoch_seed
 from client.weights import decode, encode
 from tests.float64_task import Float64Task
@@ -132,9 +132,13 @@ def test_the_term_and_its_gradient_on_every_kind_of_task(
         assert p0.dtype == params[name].dtype and p0.device == params[name].device
     model.zero_grad(set_to_none=True)
     term = anchor.term(model)
-    expected = mu / 2 * sum(
-        float(((params[n].detach() - p0).double() ** 2).sum())
-        for n, p0 in zip(anchor.names, anchor.base, strict=True)
+    expected = (
+        mu
+        / 2
+        * sum(
+            float(((params[n].detach() - p0).double() ** 2).sum())
+            for n, p0 in zip(anchor.names, anchor.base, strict=True)
+        )
     )
     assert float(term.detach()) == pytest.approx(expected, rel=1e-5)
     term.backward()  # type: ignore[no-untyped-call]
@@ -176,7 +180,8 @@ def _plain_local_training(task: Task, job: TrainJob, mu: float = 0.0) -> bytes:
             opt.zero_grad(set_to_none=True)
             loss = task.train_step(model, x[idx], y[idx])
             if mu:
-                drift = sum(((p - p0) ** 2).sum() for p, p0 in zip(model.parameters(), base))
+                pairs = zip(model.parameters(), base, strict=True)
+                drift = sum(((p - p0) ** 2).sum() for p, p0 in pairs)
                 loss = loss + mu / 2 * drift
             loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
@@ -259,9 +264,12 @@ def test_pause_and_restart_with_mu_are_bit_identical(
     base.write_bytes(encode(model_state(task.build_model(task.params, 11)), "safetensors"))
     job = _job(tmp_path, kind, 1.0, base_weights_path=base)
     plain = _trainer(task).run(replace(job, output_path=tmp_path / "plain"))
-    assert plain.output_path.read_bytes() != (
-        _trainer(task).run(_job(tmp_path, kind, 0.0, base_weights_path=base))
-    ).output_path.read_bytes()
+    assert (
+        plain.output_path.read_bytes()
+        != (
+            _trainer(task).run(_job(tmp_path, kind, 0.0, base_weights_path=base))
+        ).output_path.read_bytes()
+    )
 
     control = PauseAt(5, job.checkpoint_path)  # epoch 2 for the package (3 batches each)
     paused = _trainer(task).run(replace(job, output_path=tmp_path / "paused"), control)
