@@ -91,6 +91,7 @@ EXAMPLES: dict[type[p.WireModel], dict[str, Any]] = {
             "optimizer": "sgd",
             "momentum": 0.9,
             "seed": 12,
+            "proximalMu": 0.0,
         },
         "partition": {"index": 0, "count": 3, "seed": 7, "scheme": "label_skew"},
         "baseVersion": 3,
