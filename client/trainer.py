@@ -422,6 +422,7 @@ class LocalTrainer:
         per_sample = task.sample_bytes_hint(task.params) or estimate_sample_bytes(model, one_sample)
         param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         slots = 2 if config.optimizer == "adam" else (1 if config.momentum > 0 else 0)
+        slots += 1 if config.proximal_mu > 0 else 0  # FedProx's copy of the base
         batch = cap_batch_size(
             config.batch_size,
             n,
