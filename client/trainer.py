@@ -29,6 +29,13 @@ Contract:
   epoch)``, so a run is reproducible; on CPU with a fixed thread count it is
   bit-for-bit reproducible. Torch's global RNG (the model's dropout draws) is seeded
   from ``(config.seed, partition.index)`` when a run starts fresh.
+* FedProx: with ``job.proximal_mu`` (mu) > 0 every batch back-propagates the task's loss
+  plus ``(mu/2)||w - w_base||^2`` (:mod:`client.proximal`), ``w_base`` being a detached
+  copy of the trainable float parameters taken right after the base weights are loaded
+  (held on the model's device for the run: one more copy of the parameters). It is not
+  in checkpoints: a resumed run takes it again from the same base file, so it is the
+  same. Progress and ``trainLoss`` report the task's loss alone. With mu == 0 nothing
+  is computed or added: the run is FedAvg's, byte for byte.
 * At every batch boundary it asks ``control.check()``: ``"pause"`` first writes a
   checkpoint (model, optimizer state, RNG states, epoch, position, sample order, running
   loss sums, batch size) to ``job.checkpoint_path`` -- tensors as safetensors, the rest as
@@ -88,6 +95,7 @@ from client.checkpoint import (
 )
 from client.errors import FedtrayError
 from client.protocol import Partition, TrainingConfig
+from client.proximal import ProximalAnchor, proximal_anchor
 from client.tasks import get_task
 from client.tasks.base import Task, model_state
 from client.train_memory import (
@@ -211,6 +219,8 @@ class LocalTrainer:
         fingerprint = _work_key_of(job, base_sha)
         files = JobFiles.of(job)
         model.to(device)
+        # FedProx: the round's base, taken before a checkpoint's weights are restored.
+        anchor = proximal_anchor(model, job.proximal_mu)
         model.zero_grad(set_to_none=True)
         model.train()
         optimizer = _make_optimizer(model, job.config)
@@ -242,6 +252,7 @@ class LocalTrainer:
                         files,
                         fingerprint,
                         periodic,
+                        anchor=anchor,
                     )
                 except Exception as exc:
                     if not is_out_of_memory(exc):
@@ -303,6 +314,7 @@ class LocalTrainer:
         files: JobFiles,
         fingerprint: str,
         periodic: CheckpointClock,
+        anchor: ProximalAnchor | None = None,
     ) -> None:
         import torch
 
@@ -331,7 +343,8 @@ class LocalTrainer:
             idx = position.order[position.pos : position.pos + bs].to(x.device)
             optimizer.zero_grad(set_to_none=True)
             loss = task.train_step(model, x[idx], y[idx])
-            loss.backward()  # type: ignore[no-untyped-call]
+            objective = loss if anchor is None else loss + anchor.term(model)
+            objective.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             value = float(loss.detach().item())
             taken = len(idx)
@@ -409,6 +422,7 @@ class LocalTrainer:
         per_sample = task.sample_bytes_hint(task.params) or estimate_sample_bytes(model, one_sample)
         param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         slots = 2 if config.optimizer == "adam" else (1 if config.momentum > 0 else 0)
+        slots += 1 if config.proximal_mu > 0 else 0  # FedProx's copy of the base
         batch = cap_batch_size(
             config.batch_size,
             n,

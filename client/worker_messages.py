@@ -92,6 +92,10 @@ class TrainJob:
     ``torch_threads=None`` lets the worker choose (all cores but one).
     ``checkpoint_interval``: seconds of training between periodic checkpoints; 0 writes
     checkpoints only when paused.
+    :attr:`proximal_mu` is FedProx's mu for this round, read from ``config`` (the wire's
+    ``config.proximalMu``, so it is part of the work key like every other config value):
+    the trainer adds ``(mu/2)||w - w_base||^2`` to the task's loss for every batch, and
+    nothing at all when it is 0 (:mod:`client.proximal`).
     ``package_path`` (with its ``package_sha256``) is a task package (``.fedtask``): the
     task is then built from it (:func:`client.taskpkg.task.load_packaged_task`), not
     looked up by ``task``; ``data_path`` (with ``data_sha256``) is this device's share of
@@ -116,6 +120,11 @@ class TrainJob:
     data_path: Path | None = None
     data_sha256: str | None = None
     base_identity: FileIdentity | None = None
+
+    @property
+    def proximal_mu(self) -> float:
+        """FedProx's mu of this round (0: plain local training); ``config.proximal_mu``."""
+        return self.config.proximal_mu
 
 
 @dataclass(frozen=True)

@@ -162,7 +162,7 @@ async def _a_round(tmp_path: Path) -> None:
     start = TrainingStart(
         round_id="r7",
         task="synthetic",
-        config=TrainingConfig(epochs=3, batch_size=8, learning_rate=0.1),
+        config=TrainingConfig(epochs=3, batch_size=8, learning_rate=0.1, proximal_mu=0.25),
         partition=Partition(index=0, count=2),
         base_version=3,
         deadline=time.time() + 3600,
@@ -182,6 +182,15 @@ async def _a_round(tmp_path: Path) -> None:
     )
     assert job.checkpoint_interval == 7.5 and job.base_weights_path == base
     assert job.base_identity == held.identity  # the worker trusts the verified file
+    assert job.proximal_mu == 0.25  # FedProx's mu reaches the trainer and the work key
+    assert job.work_key != work_key(
+        task="synthetic",
+        model_params={},
+        config=start.config.model_copy(update={"proximal_mu": 0.0}),
+        partition=start.partition,
+        base_version=3,
+        base_sha256=held.sha256,
+    )
     assert not stale.exists() and other.exists()
     assert rounds.busy_keys() == {job.work_key}
     assert hub.current.progress == TrainProgress("r7", 0, 3, 0, 1, 0.0)

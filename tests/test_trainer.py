@@ -191,6 +191,13 @@ CONFIGS = {
         epochs=2, batch_size=32, learning_rate=0.05, momentum=0.9, seed=3
     ),
     "adam": TrainingConfig(epochs=2, batch_size=16, learning_rate=0.01, optimizer="adam", seed=5),
+    # FedProx: the proximal term's base is not in the checkpoint; it is taken again.
+    "sgd-momentum-fedprox": TrainingConfig(
+        epochs=2, batch_size=32, learning_rate=0.05, momentum=0.9, seed=3, proximal_mu=0.5
+    ),
+    "adam-fedprox": TrainingConfig(
+        epochs=2, batch_size=16, learning_rate=0.01, optimizer="adam", seed=5, proximal_mu=2.0
+    ),
 }
 
 
@@ -250,6 +257,9 @@ OTHER_WORK = {
     "seed": lambda _t: {"config": CONFIGS["sgd-momentum"].model_copy(update={"seed": 4})},
     "partition": lambda _t: {"partition": Partition(index=2, count=3, seed=4, scheme="label_skew")},
     "base weights": _other_base,
+    "proximal mu": lambda _t: {
+        "config": CONFIGS["sgd-momentum"].model_copy(update={"proximal_mu": 0.5})
+    },
 }
 
 

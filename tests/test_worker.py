@@ -236,11 +236,17 @@ def test_kill_9_of_the_child_fails_the_job_and_the_next_job_works(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mu", [0.0, 0.5])  # 0.5: FedProx, its base taken again in the new child
 def test_kill_9_after_a_periodic_checkpoint_resumes_bit_identically(
-    worker: tuple[TrainingWorker, Events], tmp_path: Path, caplog: pytest.LogCaptureFixture
+    worker: tuple[TrainingWorker, Events],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    mu: float,
 ) -> None:
     w, events = worker
     job = digits_job(tmp_path, "periodic", epochs=2, batch=1, checkpoint_interval=0.05)
+    job = replace(job, config=job.config.model_copy(update={"proximal_mu": mu}))
+    assert job.proximal_mu == mu
     w.submit(replace(job, output_path=tmp_path / "plain.safetensors", checkpoint_interval=0))
     plain = events.wait_for(Done, Failed)
     assert isinstance(plain, Done), plain
