@@ -254,8 +254,8 @@ class TrainingConfig(WireModel):
     proximal_mu: Annotated[float, Field(ge=0, allow_inf_nan=False)] = Field(
         default=0.0,
         description="FedProx: the device adds (proximalMu/2)||w - w_global||^2 to the task's "
-        "loss (0: plain local training). Sent by a server run with --strategy fedprox; "
-        "devices of this release ignore it (the trainer's proximal term comes next).",
+        "loss (0: plain local training, the term skipped). Sent by a server run with "
+        "--strategy fedprox.",
     )
 
 
