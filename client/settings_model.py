@@ -370,7 +370,12 @@ class Settings(BaseModel):
     ] = 50
     idle_cores: Annotated[
         int,
-        Key(_CORES_WORDS, "cores (torch threads) training uses while the computer is idle", True),
+        Key(
+            _CORES_WORDS,
+            "cores (torch threads) training uses while the computer is idle (0: all but one)",
+            True,
+            default_words="0 (all but one)",
+        ),
         AfterValidator(_range_check("idle_cores", 0, MAX_CORES)),
     ] = 0
     idle_cpu_percent: Annotated[
@@ -401,7 +406,12 @@ class Settings(BaseModel):
     ] = True
     schedule: Annotated[
         str,
-        Key(SCHEDULE_WORDS, 'train only inside this daily window (e.g. "22:00-07:00")', True),
+        Key(
+            SCHEDULE_WORDS,
+            'train only inside this daily window (e.g. "22:00-07:00"; "": any time)',
+            True,
+            default_words="any time",
+        ),
         AfterValidator(_check_schedule),
     ] = ""
 

@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from client.protocol import DeviceState, DeviceType, GpuInfo, PauseReason
+from client.protocol import CpuBudget, DeviceState, DeviceType, GpuInfo, PauseReason
 from server.registry import Registry
 from server.rounds import Round
 
@@ -114,6 +114,11 @@ class DeviceStatus(StatusModel):
         description="The accelerator the device reported (at registration or in a later "
         "heartbeat), null for none or not known yet.",
     )
+    budget: CpuBudget | None = Field(
+        default=None,
+        description="How hard the device lets training work (cores, cpuPercent, why; "
+        "applied false while only requested), from its last heartbeat; null: not reported.",
+    )
 
 
 class ServerStatus(StatusModel):
@@ -180,6 +185,7 @@ def build_status(
                 progress=rec.progress.fraction if rec.progress else None,
                 client_version=rec.client_version,
                 gpu=rec.hardware.gpu,
+                budget=rec.budget,
             )
         )
     return ServerStatus(
