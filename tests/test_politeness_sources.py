@@ -5,6 +5,10 @@ reaching the snapshot, the heartbeat and /api/status."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
@@ -25,6 +29,7 @@ from client.session.politeness import (
     HeatPause,
     InUsePause,
     NoActivityProbe,
+    OtherCpuSampler,
     SchedulePause,
     StepAsidePause,
     default_cpu_sampler,
@@ -375,3 +380,80 @@ def test_the_budget_and_a_politeness_pause_reach_the_snapshot_and_the_server(
         assert "Other programs are using 95 %" in status["devices"][0]["pauseDetail"]
         assert status["devices"][0]["state"] == "paused"
         wait_until(lambda: client.snapshot().device_state == "paused", what="paused state")
+
+
+# ------------------------------------------------------------------ step aside (real CPU)
+
+#: Busy loops on every core, in processes that are not this process's descendants.
+SPIN = """
+import os
+for _ in range((os.cpu_count() or 1) - 1):
+    if os.fork() == 0:
+        break
+while True:
+    pass
+"""
+#: Starts SPIN in its own session and exits, so the spinners are not our children.
+LAUNCH = f"""
+import subprocess, sys
+quiet = subprocess.DEVNULL  # holding our pipe open would keep the launcher's reader waiting
+spin = subprocess.Popen(
+    [sys.executable, "-c", {SPIN!r}],
+    start_new_session=True, stdin=quiet, stdout=quiet, stderr=quiet,
+)
+print(spin.pid, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_step_aside_for_a_real_busy_process() -> None:
+    """A real program spinning on every core makes the source step aside within its
+    window; once it is killed, training resumes after the hysteresis (calm windows)."""
+    window, calm = 0.5, 3
+    threshold = 90  # resumes below 80: robust to some load from elsewhere
+
+    async def go() -> None:
+        settings, rec = live(step_aside_cpu_percent=threshold), Recorder()
+        source = StepAsidePause(
+            settings,
+            OtherCpuSampler(),  # the real measurement (conftest simulates it for sessions)
+            rec.report,
+            rec.publish,
+            window_s=window,
+            calm_needed=calm,
+        )
+        await source.start()
+        # A shared machine may be busy with other work: start from a quiet moment.
+        await wait_until_async(
+            lambda: (
+                rec.last() == ALLOW and rec.shown.get("other_cpu_percent", 100) < threshold - 10
+            ),
+            timeout=60,
+            what="a quiet machine (other programs below 80 % of the CPU)",
+        )
+        launched = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-c", LAUNCH],
+            capture_output=True,
+            text=True,
+            timeout=scaled(30),
+        )
+        group = int(launched.stdout.split()[0])
+        try:
+            await wait_until_async(
+                lambda: rec.last().reason == "step_aside",
+                timeout=window * 4,
+                what="stepping aside for the busy program",
+            )
+            assert rec.shown["other_cpu_percent"] > threshold
+        finally:
+            os.killpg(group, signal.SIGKILL)
+        killed = time.monotonic()
+        await wait_until_async(
+            lambda: rec.last() == ALLOW, timeout=window * (calm + 3), what="resuming"
+        )
+        # the hysteresis: not before `calm` calm windows
+        assert time.monotonic() - killed >= window * (calm - 1)
+        await source.stop()
+
+    asyncio.run(go())
