@@ -111,7 +111,7 @@ def test_in_use_switches_budget_and_pauses_when_asked() -> None:
         await wait_until_async(lambda: rec.budgets[-1] == IDLE, what="the idle budget")
         assert rec.shown == {
             "activity": "idle",
-            "activity_detail": "no input for 6 s (scripted probe)",
+            "activity_detail": "no input for 5 s or more (scripted probe)",
         }
         probe.idle = 0.5
         await wait_until_async(lambda: rec.budgets[-1] == LIGHT, what="the in-use budget")

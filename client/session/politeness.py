@@ -190,10 +190,14 @@ class InUsePause(_Polling):
         activity = activity_of(self._idle, settings.idle_after_seconds)
         decision = decide_budget(activity, settings, self._cpus)
         self._report(self.name, decision.pause)
+        # Stable words (no running count), so the snapshot changes only with the state.
+        after = settings.idle_after_seconds
         if self._idle is None:
             words = f"cannot tell whether the computer is in use ({self._described})"
+        elif activity == "idle":
+            words = f"no input for {after} s or more ({self._described})"
         else:
-            words = f"no input for {self._idle:.0f} s ({self._described})"
+            words = f"input within the last {after} s ({self._described})"
         self._publish(activity=activity, activity_detail=words)
         if decision.budget != self._budget:
             self._budget = decision.budget
