@@ -79,12 +79,11 @@ from client.settings_model import (
     Settings,
     SettingsError,
     explain_validation_error,
-    parse_setting,
     redacted,
     with_changes,
-    with_setting,
 )
 from client.settings_salvage import ReadResult, Reset, SettingsReport, read_settings_bytes
+from client.settings_text import parse_setting, with_setting
 
 __all__ = [
     "ALLOWED",

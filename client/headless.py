@@ -13,6 +13,11 @@ Contract:
   snapshot's ``settings_report``) are said where the user looks: a ``Settings`` row in
   the live panel, and a ``settings: ...`` line (:func:`settings_line`) at start and
   whenever the report changes; a terminal also gets every detail once at start.
+* The CPU budget (:attr:`client.snapshot.ClientSnapshot.budget`, "requested" until the
+  worker keeps it) is a ``Budget`` row and a ``budget: ...`` line whenever it changes,
+  and ends each epoch line; the surroundings row says whether the computer is in use
+  ("unknown, treated as in use" when the OS cannot tell), the CPU temperature
+  ("unknown" when unknown) and other programs' CPU share.
 * :func:`status_rows`, :func:`change_line`, :func:`settings_line` are pure (snapshot
   in, words out) and tested by tables. Signal handlers are restored on return.
 """
@@ -29,6 +34,7 @@ from types import FrameType
 from typing import Any, Final, TextIO
 
 from client.config import Settings, SettingsReport
+from client.rules.pauses import temperature_words
 from client.session import DistributedClient
 from client.snapshot import ClientSnapshot
 
@@ -68,6 +74,21 @@ def _state_words(snap: ClientSnapshot) -> str:
     return snap.device_state
 
 
+def budget_words(snap: ClientSnapshot) -> str:
+    """The CPU budget in words (``"-"`` before one is decided)."""
+    return "-" if snap.budget is None else snap.budget.describe()
+
+
+def _surroundings_words(snap: ClientSnapshot) -> str:
+    activity = snap.activity.replace("_", " ")
+    if snap.activity == "unknown":
+        activity = "unknown, treated as in use"
+    others = "-" if snap.other_cpu_percent is None else f"{snap.other_cpu_percent:.0f} %"
+    return (
+        f"computer {activity}; CPU {temperature_words(snap.temperature_c)}; other programs {others}"
+    )
+
+
 def status_rows(snap: ClientSnapshot, now: float | None = None) -> list[tuple[str, str]]:
     """The live panel's rows, as (label, value) pairs."""
     connection = snap.describe_connection(now)
@@ -79,6 +100,8 @@ def status_rows(snap: ClientSnapshot, now: float | None = None) -> list[tuple[st
         ("Server", snap.server_url),
         ("Connection", connection),
         ("State", _state_words(snap) + (" [simulation]" if snap.simulation else "")),
+        ("Budget", budget_words(snap)),
+        ("Surroundings", _surroundings_words(snap)),
         ("Round", _round_words(snap)),
         ("Epoch", _epoch_words(snap)),
         ("Loss", _loss_words(snap)),
@@ -118,6 +141,8 @@ def change_line(
         return f"connection: {new.describe_connection(now)}"
     if (old.device_state, old.pause_detail) != (new.device_state, new.pause_detail):
         return f"state: {_state_words(new)}" + (f" (round {new.round_id})" if new.round_id else "")
+    if old.budget != new.budget and new.budget is not None:
+        return f"budget: {budget_words(new)}"
     if (
         new.round_id is not None
         and old.round_id == new.round_id
@@ -127,7 +152,7 @@ def change_line(
         return (
             f"round {new.round_id}: epoch {_epoch_words(new)}, loss {_loss_words(new)}, "
             f"{_speed_words(new)} samples/s"
-        )
+        ) + ("" if new.budget is None else f", budget {budget_words(new)}")
     if old.weights_version != new.weights_version and new.weights_version is not None:
         return f"global weights: v{new.weights_version}"
     if old.rounds_completed != new.rounds_completed:

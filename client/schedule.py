@@ -12,6 +12,9 @@ the local time zone and its daylight-saving rules).
   and the accepted form. ``str(schedule)`` is the one spelling the settings file keeps.
 * :meth:`Schedule.contains`: the window includes its start and excludes its end; a window
   whose end is earlier than its start runs across midnight (``22:00-07:00``).
+  :func:`next_change` is the first moment after an aware ``now`` at which that flips, in
+  the wall-clock time of ``now``'s time zone; :meth:`Schedule.words` spells the window
+  for people (``22:00–07:00``).
 * :func:`until_tomorrow`: when "Pause until tomorrow" ends. "Tomorrow" is the day after
   today, where a night belongs to the day before until :data:`DAY_STARTS` (04:00): at
   01:00 "tomorrow" is still the coming morning. The pause ends at the first
@@ -33,6 +36,7 @@ __all__ = [
     "SCHEDULE_WORDS",
     "DailyStart",
     "Schedule",
+    "next_change",
     "parse_schedule",
     "until_tomorrow",
 ]
@@ -59,6 +63,10 @@ class Schedule:
 
     def __str__(self) -> str:
         return f"{self.start:%H:%M}-{self.end:%H:%M}"
+
+    def words(self) -> str:
+        """``22:00–07:00``: the window for people (an en dash)."""
+        return f"{self.start:%H:%M}\u2013{self.end:%H:%M}"
 
     def contains(self, moment: time) -> bool:
         """Whether training may run at the local time of day ``moment``."""
@@ -89,6 +97,17 @@ def parse_schedule(text: str) -> Schedule | None:
             "at any time"
         )
     return Schedule(start, end)
+
+
+def next_change(schedule: Schedule, now: datetime) -> datetime:
+    """The first time after ``now`` (aware) at which :meth:`Schedule.contains` flips:
+    the window's end when ``now`` is inside, else its start; today's if still ahead, else
+    tomorrow's, in ``now``'s own time zone."""
+    boundary = schedule.end if schedule.contains(now.time()) else schedule.start
+    candidate = now.replace(hour=boundary.hour, minute=boundary.minute, second=0, microsecond=0)
+    if candidate <= now:
+        candidate += timedelta(days=1)
+    return candidate
 
 
 class DailyStart(Protocol):

@@ -5,15 +5,15 @@ Contract:
 * :class:`Settings` is an immutable pydantic model; every field is validated with a
   plain-words message naming the field and what is allowed. Construction is strict
   (no silent ``"50"`` -> ``50`` coercion): strings from a command line go through
-  :func:`parse_setting` / :func:`with_setting`, which convert and validate them.
+  :mod:`client.settings_text`, which convert and validate them.
 * Each field is declared ONCE, as ``Annotated[type, Key(...), AfterValidator(check)] =
   default``: :class:`Key` holds what the key accepts (in the words every error message
   uses), what it does, whether a running session applies a change at once (``live``)
   and, for the keys ``config set`` may not change, why. Every other table is derived
   from the model: :data:`KEYS`, :data:`ALLOWED`, :data:`LIVE_KEYS`,
-  :data:`SETTABLE_KEYS`, how :func:`parse_setting` reads a string (from the field's
-  type) and which check it runs (the field's own validator). Adding a setting is one
-  field here.
+  :data:`SETTABLE_KEYS`, how :func:`client.settings_text.parse_setting` reads a string
+  (from the field's type) and which check it runs (the field's own validator). Adding a
+  setting is one field here.
 * ``paused_until`` (a timezone-aware datetime, stored in UTC) is when a timed pause
   ends. It means something only with ``paused = true``: a model with ``paused = false``
   drops it (so a stale deadline never lingers).
@@ -23,16 +23,14 @@ Contract:
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 import socket
-import types
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any, Final, Union, cast, get_args, get_origin
+from typing import Annotated, Any, Final, get_origin
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -46,15 +44,14 @@ __all__ = [
     "LIVE_KEYS",
     "SETTABLE_KEYS",
     "TABLE_KEYS",
+    "WHILE_IN_USE",
     "Key",
     "Settings",
     "SettingsError",
     "explain_validation_error",
-    "parse_setting",
     "redacted",
     "validation_problems",
     "with_changes",
-    "with_setting",
 ]
 
 DEFAULT_SERVER_URL: Final = "http://localhost:3001"
@@ -64,6 +61,11 @@ MAX_TOKEN_LEN: Final = 512
 MAX_PATH_LEN: Final = 4096
 MAX_TASK_FOLDERS: Final = 256
 REDACTED: Final = "***"
+#: What ``while_in_use`` may be: pause, a light budget, or the idle (full) budget.
+WHILE_IN_USE: Final = ("pause", "light", "full")
+MAX_CORES: Final = 1024
+_CORES_WORDS: Final = f"a whole number of cores from 0 to {MAX_CORES} (0 = all but one)"
+_SHARE_WORDS: Final = "a whole percent from 1 to 100"
 
 
 class SettingsError(ValueError):
@@ -132,6 +134,32 @@ def _percent_check(key: str, highest: int) -> Callable[[int], int]:
     return check
 
 
+def _range_check(key: str, lowest: int, highest: int) -> Callable[[int], int]:
+    def check(value: int) -> int:
+        if lowest <= value <= highest:
+            return value
+        raise ValueError(f"{key} must be {ALLOWED[key]}, got {value}")
+
+    return check
+
+
+def _check_while_in_use(value: str) -> str:
+    if value in WHILE_IN_USE:
+        return value
+    raise _refusal("while_in_use", value)
+
+
+def _check_schedule(value: str) -> str:
+    window = parse_schedule(value)  # ValueError names the key and the form
+    return "" if window is None else str(window)
+
+
+def _check_temperature(value: int) -> int:
+    if value == 0 or 40 <= value <= 110:
+        return value
+    raise _refusal("max_temperature", value)
+
+
 def _check_token(value: str | None) -> str | None:
     if value is None:
         return None
@@ -182,20 +210,6 @@ def _check_paused_until(value: datetime | None) -> datetime | None:
         )
     # One spelling for one instant: the file always says UTC.
     return value.astimezone(UTC)
-
-
-WHILE_IN_USE: Final = ("pause", "light", "full")
-
-
-def _check_while_in_use(value: str) -> str:
-    if value in WHILE_IN_USE:
-        return value
-    raise _refusal("while_in_use", value)
-
-
-def _check_schedule(value: str) -> str:
-    window = parse_schedule(value)  # ValueError names the key and the form
-    return "" if window is None else str(window)
 
 
 def _new_device_id() -> str:
@@ -328,25 +342,75 @@ class Settings(BaseModel):
         ),
         AfterValidator(_check_task_data),
     ] = Field(default_factory=dict)
+
     while_in_use: Annotated[
         str,
         Key(
             "pause, light or full",
-            (
-                "what training does while someone uses the computer: pause, light (a small "
-                "CPU budget) or full"
-            ),
+            "while you use the computer: pause training, train lightly (in_use_cores at "
+            "in_use_cpu_percent) or at full (idle) budget",
             live=True,
         ),
         AfterValidator(_check_while_in_use),
     ] = "light"
+    idle_after_seconds: Annotated[
+        int,
+        Key("a whole number of seconds from 5 to 86400", "no input for this long = idle", True),
+        AfterValidator(_range_check("idle_after_seconds", 5, 86400)),
+    ] = 180
+    in_use_cores: Annotated[
+        int,
+        Key(_CORES_WORDS, "cores (torch threads) training uses while you use the computer", True),
+        AfterValidator(_range_check("in_use_cores", 0, MAX_CORES)),
+    ] = 1
+    in_use_cpu_percent: Annotated[
+        int,
+        Key(_SHARE_WORDS, "share of those cores' time training uses while in use", True),
+        AfterValidator(_range_check("in_use_cpu_percent", 1, 100)),
+    ] = 50
+    idle_cores: Annotated[
+        int,
+        Key(
+            _CORES_WORDS,
+            "cores (torch threads) training uses while the computer is idle (0: all but one)",
+            True,
+            default_words="0 (all but one)",
+        ),
+        AfterValidator(_range_check("idle_cores", 0, MAX_CORES)),
+    ] = 0
+    idle_cpu_percent: Annotated[
+        int,
+        Key(_SHARE_WORDS, "share of those cores' time training uses while idle", True),
+        AfterValidator(_range_check("idle_cpu_percent", 1, 100)),
+    ] = 100
+    step_aside_cpu_percent: Annotated[
+        int,
+        Key(
+            "a whole percent from 0 to 100 (0 = off)",
+            "pause while other programs use more than this share of the whole CPU (0: off)",
+            True,
+        ),
+        AfterValidator(_range_check("step_aside_cpu_percent", 0, 100)),
+    ] = 50
+    max_temperature: Annotated[
+        int,
+        Key(
+            "a whole number of degrees Celsius from 40 to 110, or 0 (off)",
+            "pause when the CPU is this hot (°C); resume 10 °C lower (0: off)",
+            True,
+        ),
+        AfterValidator(_check_temperature),
+    ] = 85
+    pause_when_fullscreen: Annotated[
+        bool, Key(_BOOL_WORDS, "pause while a full-screen app or game is in front", True)
+    ] = True
     schedule: Annotated[
         str,
         Key(
             SCHEDULE_WORDS,
-            "train only in this daily window of local time (empty: any time)",
-            live=True,
-            default_words="empty (any time)",
+            'train only inside this daily window (e.g. "22:00-07:00"; "": any time)',
+            True,
+            default_words="any time",
         ),
         AfterValidator(_check_schedule),
     ] = ""
@@ -372,24 +436,6 @@ def _key_of(name: str) -> Key:
     return key
 
 
-def _checks_of(name: str) -> tuple[Callable[[Any], Any], ...]:
-    metadata = Settings.model_fields[name].metadata
-    return tuple(
-        cast(Callable[[Any], Any], m.func) for m in metadata if isinstance(m, AfterValidator)
-    )
-
-
-def _value_type(name: str) -> tuple[type, bool]:
-    """The field's type without ``None``, and whether ``None`` is allowed."""
-    annotation = Settings.model_fields[name].annotation
-    if get_origin(annotation) in (Union, types.UnionType):
-        args = [a for a in get_args(annotation) if a is not type(None)]
-        (only,) = args
-        return only, True
-    assert isinstance(annotation, type)
-    return annotation, False
-
-
 KEYS: Final[tuple[str, ...]] = tuple(Settings.model_fields)
 SPECS: Final[Mapping[str, Key]] = {name: _key_of(name) for name in KEYS}
 ALLOWED: Final[Mapping[str, str]] = {name: spec.allowed for name, spec in SPECS.items()}
@@ -401,8 +447,6 @@ TABLE_KEYS: Final = frozenset(
 )
 #: Settings ``config set`` may change.
 SETTABLE_KEYS: Final[tuple[str, ...]] = tuple(n for n in KEYS if SPECS[n].fixed is None)
-_TRUE: Final = frozenset({"true", "yes", "1", "on"})
-_FALSE: Final = frozenset({"false", "no", "0", "off"})
 
 
 def validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
@@ -432,61 +476,6 @@ def explain_validation_error(exc: ValidationError) -> str:
     return "; ".join(words for _, words in validation_problems(exc))
 
 
-def parse_setting(key: str, raw: str) -> Any:
-    """Convert the command-line string ``raw`` to the type of setting ``key`` and validate it.
-
-    Booleans accept true/false, yes/no, on/off, 1/0 (any case); ``none`` or an empty
-    string clears an optional setting. Surrounding whitespace is ignored. Raises
-    :class:`SettingsError` naming the key and what is allowed; an unknown key lists the
-    valid ones; a key ``config set`` may not change says why.
-    """
-    table, dot, entry = key.partition(".")
-    if dot and table in TABLE_KEYS:
-        return _parse_entry(table, entry, raw)
-    spec = SPECS.get(key)
-    if spec is not None and spec.fixed is not None:
-        raise SettingsError(spec.fixed)
-    if spec is None:
-        raise SettingsError(f"unknown setting {key!r}; valid keys: {', '.join(SETTABLE_KEYS)}")
-    if key in TABLE_KEYS:
-        raise SettingsError(f"{key} is set one entry at a time: `config set {key}.NAME VALUE`")
-    text = raw.strip()
-    kind, optional = _value_type(key)
-    if optional and text.lower() in ("", "none"):
-        return None
-    value: Any = text
-    if kind is bool:
-        low = text.lower()
-        if low not in _TRUE | _FALSE:
-            raise SettingsError(f"{key} must be {spec.allowed}, got {raw!r}")
-        return low in _TRUE
-    if kind is int:
-        try:
-            value = int(text, 10)
-        except ValueError:
-            raise SettingsError(f"{key} must be {spec.allowed}, got {raw!r}") from None
-    try:
-        for check in _checks_of(key):
-            value = check(value)
-    except ValueError as exc:
-        raise SettingsError(str(exc)) from None
-    return value
-
-
-def _parse_entry(table: str, entry: str, raw: str) -> str | None:
-    """One entry of a table setting (``task_data.NAME``): a folder, or None to remove it."""
-    if not _TASK_NAME.match(entry):
-        raise SettingsError(f"{table}.{entry}: {entry!r} is not a task name ({ALLOWED[table]})")
-    text = raw.strip()
-    if text.lower() in ("", "none"):
-        return None
-    try:
-        # Absolute, so a client started from another folder reads the same place.
-        return _check_folder(f"{table}.{entry}", os.path.abspath(os.path.expanduser(text)))
-    except ValueError as exc:
-        raise SettingsError(str(exc)) from None
-
-
 def with_changes(settings: Settings, changes: Mapping[str, object]) -> Settings:
     """A validated copy of ``settings`` with typed ``changes`` applied (pure).
 
@@ -511,14 +500,6 @@ def with_changes(settings: Settings, changes: Mapping[str, object]) -> Settings:
         return Settings.model_validate(data)
     except ValidationError as exc:
         raise SettingsError(explain_validation_error(exc)) from None
-
-
-def with_setting(settings: Settings, key: str, raw: str) -> Settings:
-    """A copy of ``settings`` with ``key`` set from the command-line string ``raw``.
-
-    Raises :class:`SettingsError` exactly as :func:`parse_setting` does.
-    """
-    return with_changes(settings, {key: parse_setting(key, raw)})
 
 
 def redacted(settings: Settings) -> dict[str, object]:

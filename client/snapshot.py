@@ -18,6 +18,8 @@ from client.protocol import DeviceState, PauseReason
 from client.worker_messages import TrainProgress
 
 ConnectionState = Literal["disconnected", "connecting", "connected", "auth_failed", "stopped"]
+#: Whether someone uses the computer: "unknown" when the OS cannot tell (treated as in use).
+Activity = Literal["in_use", "idle", "unknown"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,30 @@ class PauseDecision:
             raise ValueError("an allowing decision has no pause reason")
         if not self.allowed and self.reason is None:
             raise ValueError("a pausing decision needs a reason")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How hard training may work: ``cores`` (torch threads, >= 1) at ``cpu_percent``
+    (1-100) of those cores' time, and ``why`` in plain words ("you are using the
+    computer"). ``applied`` is False while the budget is only requested: the session
+    publishes it (:meth:`client.session.core.SessionCore.apply_budget`) but the worker
+    does not keep it yet."""
+
+    cores: int
+    cpu_percent: int
+    why: str
+    applied: bool = False
+
+    def __post_init__(self) -> None:
+        if self.cores < 1 or not 1 <= self.cpu_percent <= 100:
+            raise ValueError(f"a budget needs >= 1 core and 1-100 %, got {self}")
+
+    def describe(self) -> str:
+        """``"1 core at 50 % (you are using the computer)"``, plus ``", requested"``."""
+        cores = f"{self.cores} core{'s' if self.cores != 1 else ''}"
+        kept = "" if self.applied else ", requested"
+        return f"{cores} at {self.cpu_percent} % ({self.why}{kept})"
 
 
 ALLOW = PauseDecision(allowed=True)
@@ -80,7 +106,13 @@ class ClientSnapshot:
     the file, a file that could not be read; empty when none), from the session's one
     owner of it (:class:`client.session.live_settings.LiveSettings`); the tray and the
     headless status show it from here. ``finished`` is set when the server said the
-    federation is over (cleared when a new round starts). ``next_retry_at`` is a
+    federation is over (cleared when a new round starts). The politeness rules'
+    readings (:mod:`client.session.politeness`): ``budget`` (None until decided) is
+    how hard training may work now; ``activity`` is whether the computer is in use
+    ("unknown" when the OS cannot tell, treated as in use) with ``activity_detail`` in
+    words (how it was detected); ``temperature_c`` is the CPU temperature (None:
+    unknown, never shown as cool); ``other_cpu_percent`` is other programs' share of
+    the whole CPU (None before the first measurement). ``next_retry_at`` is a
     :func:`time.monotonic` time; use :meth:`retry_in` for the seconds left (the
     snapshot itself never changes while the clock runs).
     """
@@ -101,6 +133,11 @@ class ClientSnapshot:
     simulation: bool = False
     finished: FederationResult | None = None
     settings_report: SettingsReport = NO_REPORT
+    budget: Budget | None = None
+    activity: Activity = "unknown"
+    activity_detail: str = ""
+    temperature_c: float | None = None
+    other_cpu_percent: float | None = None
 
     @property
     def server_url(self) -> str:

@@ -79,6 +79,18 @@ EXAMPLES: dict[type[p.WireModel], dict[str, Any]] = {
         "roundId": "r12",
         "weightsVersion": 3,
         "resources": RESOURCES,
+        "budget": {
+            "cores": 1,
+            "cpuPercent": 50,
+            "why": "you are using the computer",
+            "applied": False,
+        },
+    },
+    p.CpuBudget: {
+        "cores": 3,
+        "cpuPercent": 100,
+        "why": "the computer is idle",
+        "applied": True,
     },
     p.TrainingStart: {
         "roundId": "r12",

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 from client.protocol import (
     Capabilities,
+    CpuBudget,
     DeviceRegister,
     DeviceState,
     DeviceType,
@@ -72,6 +73,8 @@ class DeviceRecord:
     sid: str | None = None
     weights_version: int | None = None
     progress: TrainingProgress | None = None
+    budget: CpuBudget | None = None
+    """The CPU budget the device's last heartbeat reported (None: none reported)."""
     first_seen: float = field(default=0.0)
     clipped_round: int | None = None
     """The last round whose update from this device was clipped (``--clip-norm``)."""
@@ -145,6 +148,7 @@ class Registry:
         record.pause_reason = hb.pause_reason if hb.state == "paused" else None
         record.pause_detail = hb.pause_detail if hb.state == "paused" else None
         record.resources = hb.resources
+        record.budget = hb.budget
         if hb.weights_version is not None:
             record.weights_version = hb.weights_version
             _clear_refused_weights(record)

@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from client.protocol import DeviceState, DeviceType, GpuInfo, PauseReason
+from client.protocol import CpuBudget, DeviceState, DeviceType, GpuInfo, PauseReason
 from server.registry import Registry
 from server.rounds import Round
 from server.strategies.settings import StrategySettings
@@ -123,6 +123,11 @@ class DeviceStatus(StatusModel):
     clipped_norm: float | None = Field(
         default=None, description="That update's L2 distance from the global, before clipping."
     )
+    budget: CpuBudget | None = Field(
+        default=None,
+        description="How hard the device lets training work (cores, cpuPercent, why; "
+        "applied false while only requested), from its last heartbeat; null: not reported.",
+    )
 
 
 class StrategyStatus(StatusModel):
@@ -208,6 +213,7 @@ def build_status(
                 gpu=rec.hardware.gpu,
                 clipped_in_round=rec.clipped_round,
                 clipped_norm=rec.clipped_norm,
+                budget=rec.budget,
             )
         )
     return ServerStatus(

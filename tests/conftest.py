@@ -2,7 +2,8 @@
 
 * Every test runs with its own user directories: the autouse fixture points the XDG base
   directories (and HOME) at a per-test temp folder, so no test reads or writes the
-  developer's real settings, cache or logs.
+  developer's real settings, cache or logs. It also sets ``FEDTRAY_SIMULATE_OTHER_CPU=0``,
+  so a session never steps aside for other programs' load on a shared machine.
 * The time scale (tests/waiting.py) is measured once per session, before any test, shown in
   the header and exported as ``FEDTRAY_TEST_TIME_SCALE`` so xdist workers and subprocesses
   use the same value. Set that variable yourself to skip the measurement (``make test``
@@ -74,6 +75,9 @@ def isolated_user_dirs(
         path.mkdir(parents=True, exist_ok=True)
         monkeypatch.setenv(var, str(path))
     monkeypatch.setenv("HOME", str(home))
+    # Other developers' load on a shared machine must not make sessions step aside: the
+    # step-aside rule's own tests measure the real CPU (they pass their own sampler).
+    monkeypatch.setenv("FEDTRAY_SIMULATE_OTHER_CPU", "0")
     yield home
 
 

@@ -519,6 +519,14 @@ def test_saved_file_is_readable_toml_with_snake_case_keys(cfg: Path) -> None:
         "auth_token",
         "autostart",
         "while_in_use",
+        "idle_after_seconds",
+        "in_use_cores",
+        "in_use_cpu_percent",
+        "idle_cores",
+        "idle_cpu_percent",
+        "step_aside_cpu_percent",
+        "max_temperature",
+        "pause_when_fullscreen",
         "schedule",
     }
     assert data["device_id"] == FIXED_ID

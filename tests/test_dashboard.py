@@ -407,3 +407,52 @@ def test_dashboard_banner_when_server_is_down_then_recovers(tmp_path: Path) -> N
         assert await page.js("document.getElementById('errors').textContent") == ""
 
     asyncio.run(asyncio.wait_for(in_browser(scenario), scaled(100)))
+
+
+#: Each politeness pause: its reason, the words a device sends, the dashboard's label.
+POLITENESS = [
+    ("in_use", "Paused while you use the computer", "Paused: computer in use"),
+    ("step_aside", "Other programs are using 73 % of the CPU", "Paused: other programs busy"),
+    ("too_hot", "The CPU is at 88 °C (limit 85 °C)", "Paused: CPU too hot"),
+    ("fullscreen", "Paused while a full-screen app is in front", "Paused: full-screen app"),
+    ("schedule", "Outside your schedule (22:00–07:00)", "Paused: outside schedule"),
+]
+
+
+def test_dashboard_shows_politeness_pauses_and_budgets(tmp_path: Path) -> None:
+    async def scenario(srv: ServerHandle) -> None:
+        async with browser(tmp_path) as page:
+            beats = []
+            rows: dict[str, tuple[str, str]] = {}
+            for reason, detail, label in POLITENESS:
+                dev = ScriptedDevice(srv.url, name=f"dev-{reason}")
+                assert (await dev.join())["ok"]
+                state = {"state": "paused", "pauseReason": reason, "pauseDetail": detail}
+                beats.append(asyncio.create_task(heartbeat_loop(dev, state)))
+                rows[dev.device_id] = (label, detail)
+            light = ScriptedDevice(srv.url, name="in-use-desk")
+            assert (await light.join())["ok"]
+            budget = {"cores": 1, "cpuPercent": 50, "why": "you are using the computer"}
+            beats.append(
+                asyncio.create_task(heartbeat_loop(light, {"state": "idle", "budget": budget}))
+            )
+            await open_dashboard(page, srv.url)
+            for device_id, (label, detail) in rows.items():
+                text = await page.wait_js(
+                    f"{ROW.format(id=device_id)}?.textContent",
+                    what=f"the row of {device_id}",
+                )
+                assert label in text and detail in text, text
+            text = await page.wait_js(
+                f"({ROW.format(id=light.device_id)}?.textContent || '').includes('Budget')"
+                f" && {ROW.format(id=light.device_id)}.textContent",
+                what="the budget shown",
+            )
+            assert "Budget: 1 core at 50 % (you are using the computer, requested)" in text
+            assert "Paused" not in text
+            assert page.errors == [], page.errors
+            for task in beats:
+                task.cancel()
+
+    with running_server(tmp_path, min_clients=9, clients_per_round=9) as srv:
+        run_devices(scenario(srv))

@@ -13,7 +13,7 @@ import pytest
 
 from client.config import Reset, Settings, SettingsReport
 from client.headless import EXIT_ENDED, change_line, run_client, settings_line, status_rows
-from client.snapshot import NO_PROGRESS, ClientSnapshot
+from client.snapshot import NO_PROGRESS, Budget, ClientSnapshot
 from tests.waiting import scaled
 
 BASE = ClientSnapshot(
@@ -23,6 +23,7 @@ BASE = ClientSnapshot(
         device_name="box",
     )
 )
+LIGHT = Budget(1, 50, "you are using the computer")
 TRAINING = ClientSnapshot(
     settings=Settings(
         server_url=BASE.server_url,
@@ -92,6 +93,28 @@ def _with(snap: ClientSnapshot, **changes: object) -> ClientSnapshot:
         ),
         (TRAINING, _with(TRAINING, weights_version=4), "global weights: v4"),
         (TRAINING, _with(TRAINING, rounds_completed=1), "rounds completed: 1"),
+        (
+            TRAINING,
+            _with(TRAINING, budget=LIGHT),
+            "budget: 1 core at 50 % (you are using the computer, requested)",
+        ),
+        (_with(TRAINING, budget=LIGHT), _with(TRAINING, budget=LIGHT), None),
+        (
+            _with(TRAINING, budget=LIGHT, progress=replace(NO_PROGRESS, epoch=0, epochs=2)),
+            _with(TRAINING, budget=LIGHT),
+            "round r1: epoch 1/2 (50%), loss 0.2500, 1,234 samples/s, budget 1 core at 50 % "
+            "(you are using the computer, requested)",
+        ),
+        (
+            TRAINING,
+            _with(
+                TRAINING,
+                device_state="paused",
+                pause_reason="step_aside",
+                pause_detail="Other programs are using 80 % of the CPU",
+            ),
+            "state: paused: Other programs are using 80 % of the CPU (round r1)",
+        ),
     ],
 )
 def test_change_line(old: ClientSnapshot | None, new: ClientSnapshot, expected: str | None) -> None:
@@ -114,6 +137,22 @@ def test_change_line(old: ClientSnapshot | None, new: ClientSnapshot, expected: 
             _with(TRAINING, device_state="uploading", upload_fraction=0.25),
             "State",
             "uploading (25%)",
+        ),
+        (BASE, "Budget", "-"),
+        (
+            _with(BASE, budget=Budget(3, 100, "the computer is idle", applied=True)),
+            "Budget",
+            "3 cores at 100 % (the computer is idle)",
+        ),
+        (
+            BASE,
+            "Surroundings",
+            "computer unknown, treated as in use; CPU unknown; other programs -",
+        ),
+        (
+            _with(BASE, activity="idle", temperature_c=71.6, other_cpu_percent=12.3),
+            "Surroundings",
+            "computer idle; CPU 72 °C; other programs 12 %",
         ),
     ],
 )

@@ -94,6 +94,44 @@ def test_heartbeat_is_acked_and_status_shows_resources(tmp_path: Path) -> None:
         run_devices(scenario(srv))
 
 
+#: Every politeness pause the status API must show, with the words a device sends.
+POLITENESS_PAUSES = {
+    "in_use": "Paused while you use the computer",
+    "step_aside": "Other programs are using 73 % of the CPU — training resumes below 40 %",
+    "too_hot": "The CPU is at 88 °C (limit 85 °C) — training resumes at 75 °C",
+    "fullscreen": "Paused while a full-screen app is in front",
+    "schedule": "Outside your schedule (22:00–07:00) — training starts at 22:00",
+}
+BUDGET = {"cores": 1, "cpuPercent": 50, "why": "you are using the computer", "applied": False}
+
+
+@pytest.mark.parametrize(("reason", "detail"), sorted(POLITENESS_PAUSES.items()))
+def test_status_shows_each_politeness_pause_and_the_budget(
+    tmp_path: Path, reason: str, detail: str
+) -> None:
+    async def scenario(srv: ServerHandle) -> None:
+        dev = ScriptedDevice(srv.url, name="desk")
+        await dev.join()
+        beat = {"pauseReason": reason, "pauseDetail": detail, "budget": BUDGET}
+        assert await dev.heartbeat("paused", **beat) == {"ok": True}
+        status = await srv.await_status(lambda s: s["devices"][0]["state"] == "paused")
+        entry = status["devices"][0]
+        assert (entry["pauseReason"], entry["pauseDetail"]) == (reason, detail)
+        assert entry["budget"] == BUDGET
+        # back to training: the pause goes, the budget stays what the device says
+        idle = {**BUDGET, "cores": 3, "cpuPercent": 100, "why": "the computer is idle"}
+        assert await dev.heartbeat("idle", budget=idle) == {"ok": True}
+        status = await srv.await_status(lambda s: s["devices"][0]["state"] == "idle")
+        entry = status["devices"][0]
+        assert entry["pauseReason"] is None and entry["budget"] == idle
+        # an older device sends no budget: none shown
+        assert await dev.heartbeat("idle") == {"ok": True}
+        await srv.await_status(lambda s: s["devices"][0]["budget"] is None)
+
+    with running_server(tmp_path, **QUIET) as srv:
+        run_devices(scenario(srv))
+
+
 def test_heartbeat_hardware_updates_the_registration(tmp_path: Path) -> None:
     """The registration update: a heartbeat with ``hardware`` replaces the registered
     hardware (the GPU shows in the status); one without it changes nothing."""

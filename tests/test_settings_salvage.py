@@ -44,7 +44,15 @@ GOOD: dict[str, Any] = {
     "ca_file": "/etc/fedtray/ca.pem",
     "paused_until": DEADLINE,
     "task_data": {"digits": "/data/digits"},
-    "while_in_use": "full",
+    "while_in_use": "pause",
+    "idle_after_seconds": 60,
+    "in_use_cores": 2,
+    "in_use_cpu_percent": 30,
+    "idle_cores": 4,
+    "idle_cpu_percent": 80,
+    "step_aside_cpu_percent": 70,
+    "max_temperature": 90,
+    "pause_when_fullscreen": False,
     "schedule": "22:00-07:00",
 }
 
@@ -59,8 +67,15 @@ TYPOS: dict[str, object] = {
     "ca_file": "",
     "paused_until": datetime(2026, 5, 4, 13, 30),  # no time zone
     "task_data": {"digits": ""},
-    "while_in_use": "fast",
-    "schedule": "10pm-7am",
+    "while_in_use": "slow",
+    "idle_after_seconds": 2,
+    "in_use_cores": -1,
+    "in_use_cpu_percent": 0,
+    "idle_cores": 5000,
+    "idle_cpu_percent": 101,
+    "step_aside_cpu_percent": 150,
+    "max_temperature": 30,
+    "schedule": "25:00-07:00",
 }
 
 
@@ -88,7 +103,9 @@ def test_the_good_file_sets_every_key_away_from_its_default() -> None:
     default = Settings()
     good = Settings.model_validate(GOOD)
     assert all(getattr(good, k) != getattr(default, k) for k in KEYS)
-    assert set(TYPOS) | {"paused", "autostart"} == set(KEYS)  # booleans have no typo
+    assert set(TYPOS) | {"paused", "autostart", "pause_when_fullscreen"} == set(
+        KEYS
+    )  # booleans have no typo
 
 
 def _expect_kept(settings: Settings, bad: str) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from client import settings_doc, settings_model
+from client import settings_doc, settings_model, settings_text
 from client.config import (
     ALLOWED,
     KEYS,
@@ -217,14 +217,14 @@ def test_live_settings_without_a_file_validate_in_memory() -> None:
     ],
 )
 def test_parse_a_task_folder(key: str, raw: str, expected: str | None) -> None:
-    assert settings_model.parse_setting(key, raw) == expected
+    assert settings_text.parse_setting(key, raw) == expected
 
 
 def test_a_relative_task_folder_is_made_absolute(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    assert settings_model.parse_setting("task_data.t", "data") == str(tmp_path / "data")
+    assert settings_text.parse_setting("task_data.t", "data") == str(tmp_path / "data")
 
 
 @pytest.mark.parametrize(
@@ -237,7 +237,7 @@ def test_a_relative_task_folder_is_made_absolute(
 )
 def test_bad_task_folders_are_refused(key: str, raw: str, fragment: str) -> None:
     with pytest.raises(SettingsError) as info:
-        settings_model.parse_setting(key, raw)
+        settings_text.parse_setting(key, raw)
     assert fragment in str(info.value)
 
 

@@ -220,6 +220,19 @@ class DeviceRegistered(WireModel):
         check_protocol(cls.__name__, payload)
 
 
+class CpuBudget(WireModel):
+    """How hard the device lets training work now (its politeness rules)."""
+
+    cores: PosInt = Field(description="Cores (torch threads) training may use.")
+    cpu_percent: int = Field(
+        ge=1, le=100, description="Share of those cores' time training may use, 1-100."
+    )
+    why: ShortText = Field(description="Plain words, e.g. 'you are using the computer'.")
+    applied: bool = Field(
+        default=False, description="True once the worker keeps it; false: only requested."
+    )
+
+
 class Heartbeat(WireModel):
     """``device:heartbeat`` (client -> server, acked with OkAck or ErrorAck)."""
 
@@ -236,6 +249,9 @@ class Heartbeat(WireModel):
         description="The device's hardware when it changed since registration (its GPU "
         "probe finished after it registered); it replaces the registered hardware. null: "
         "unchanged. Sent until a heartbeat carrying it is acknowledged.",
+    )
+    budget: CpuBudget | None = Field(
+        default=None, description="The device's CPU budget; null: none decided (yet)."
     )
 
 

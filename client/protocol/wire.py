@@ -48,7 +48,16 @@ PosInt = Annotated[int, Field(ge=1)]
 
 DeviceType = Literal["laptop", "desktop", "server"]
 DeviceState = Literal["idle", "training", "paused", "uploading"]
-PauseReason = Literal["user_paused", "battery_low", "unplugged"]
+PauseReason = Literal[
+    "user_paused",
+    "battery_low",
+    "unplugged",
+    "in_use",
+    "step_aside",
+    "too_hot",
+    "fullscreen",
+    "schedule",
+]
 WeightFormat = Literal["safetensors", "json"]
 Optimizer = Literal["sgd", "adam"]
 PartitionScheme = Literal["iid", "label_skew"]

@@ -12,7 +12,9 @@ caller's thread and run on the session loop; the facade calls it only through th
   The parts never know each other; they get callables from here.
 * :meth:`SessionCore.handlers` is THE one table of the server events the session
   handles; :meth:`SessionCore._pause_applied` is THE one place a pause decision takes
-  effect (worker, ``paused`` progress, snapshot, heartbeat);
+  effect (worker, ``paused`` progress, snapshot, heartbeat); :meth:`SessionCore.
+  apply_budget` is THE one place a CPU budget takes effect (today: snapshot and
+  heartbeat, marked requested; the worker's seam);
   :meth:`SessionCore._settings_changed` is THE one place new settings take effect,
   whoever changed them (the snapshot shows them, pause sources re-decide, connection
   settings reconnect at once).
@@ -33,6 +35,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from client.activity import ActivityProbe, default_probe
 from client.backoff import Backoff
 from client.config import Settings
 from client.device import DeviceInfo
@@ -41,6 +44,7 @@ from client.pending import PendingStore
 from client.power_monitor import PowerMonitor
 from client.protocol import (
     Capabilities,
+    CpuBudget,
     DeviceRegister,
     DeviceState,
     FederationFinished,
@@ -60,9 +64,18 @@ from client.session.link import Guarded, ServerLink
 from client.session.live_settings import LiveSettings
 from client.session.package_cache import DEFAULT_PACKAGE_CACHE_BYTES, SUFFIX, TaskFiles
 from client.session.pause import PauseBoard, PowerPause, UserPause
+from client.session.politeness import (
+    CpuSampler,
+    FullscreenPause,
+    HeatPause,
+    InUsePause,
+    SchedulePause,
+    StepAsidePause,
+    default_cpu_sampler,
+)
 from client.session.rounds import Rounds, WorkerFactory, default_work_dir
 from client.session.uploader import Uploader
-from client.snapshot import FederationResult, PauseDecision
+from client.snapshot import Budget, FederationResult, PauseDecision
 from client.tasks import available_tasks
 from client.transfer import BlobStore
 from client.workfiles import WorkDir
@@ -90,6 +103,8 @@ class SessionCore:
         checkpoint_interval: float,
         package_cache_bytes: int = DEFAULT_PACKAGE_CACHE_BYTES,
         warm_worker: bool = True,
+        activity_probe: ActivityProbe | None = None,
+        cpu_sampler: CpuSampler | None = None,
     ) -> None:
         self.hub = hub
         self.settings = settings
@@ -105,6 +120,15 @@ class SessionCore:
         self.user_pause = UserPause(settings, self.pauses.set)
         self.pauses.register(self.user_pause)
         self.pauses.register(PowerPause(settings, power, self.pauses.set))
+        # The politeness rules (client.session.politeness), most pressing first.
+        probe = activity_probe or default_probe()
+        report, show = self.pauses.set, hub.publish
+        self.pauses.register(HeatPause(settings, report, show))
+        self.pauses.register(SchedulePause(settings, report))
+        self.pauses.register(FullscreenPause(settings, probe, report))
+        self.pauses.register(InUsePause(settings, probe, report, self.apply_budget, show))
+        sampler = cpu_sampler or default_cpu_sampler()
+        self.pauses.register(StepAsidePause(settings, sampler, report, show))
         work = WorkDir(data_dir / "work" if data_dir else default_work_dir())
         # Built in dependency order; the link's callbacks reach later parts through
         # this object's methods.
@@ -285,6 +309,7 @@ class SessionCore:
             weights_version=held.version if held else None,
             resources=self._monitor.snapshot(),
             hardware=self.device.unreported(),
+            budget=_wire_budget(self.hub.current.budget),
         )
 
     # -- pausing ----------------------------------------------------------------------
@@ -301,6 +326,19 @@ class SessionCore:
 
     def set_pause_source(self, name: str, decision: PauseDecision) -> None:
         self.pauses.set(name, decision)
+
+    def apply_budget(self, budget: Budget) -> None:
+        """THE one place a CPU budget (how hard training may work, from
+        :class:`~client.session.politeness.InUsePause`) takes effect.
+
+        Today it is published (the snapshot's ``budget``, the heartbeat) and logged, with
+        ``applied=False``: the worker does not keep it yet. SEAM for the worker's CPU
+        budget: hand ``budget`` to the worker here and publish it with ``applied=True``.
+        """
+        if budget != self.hub.current.budget:
+            log.info("CPU budget requested: %s", budget.describe())
+        self.hub.publish(budget=budget)
+        self.link.heartbeat_soon()
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -346,6 +384,14 @@ class SessionCore:
         await self.settings.stop()
         await self.rounds.stop_worker()
         self.hub.publish(connection="stopped", next_retry_at=None, upload_fraction=None)
+
+
+def _wire_budget(budget: Budget | None) -> CpuBudget | None:
+    if budget is None:
+        return None
+    return CpuBudget(
+        cores=budget.cores, cpu_percent=budget.cpu_percent, why=budget.why, applied=budget.applied
+    )
 
 
 def _connection_key(settings: Settings) -> tuple[object, ...]:

@@ -36,6 +36,7 @@ from pathlib import Path
 from types import EllipsisType
 from typing import Final, TypeVar
 
+from client.activity import ActivityProbe
 from client.backoff import Backoff
 from client.config import Settings, SettingsReport, config_path
 from client.device import DeviceInfo
@@ -46,6 +47,7 @@ from client.session.decisions import user_decision
 from client.session.hub import SnapshotHub, Subscriber
 from client.session.live_settings import LiveSettings
 from client.session.pause import utc_now
+from client.session.politeness import CpuSampler
 from client.session.rounds import WorkerFactory, default_worker_factory
 from client.snapshot import ClientSnapshot, PauseDecision
 from client.trainer import DEFAULT_CHECKPOINT_INTERVAL
@@ -73,7 +75,9 @@ class DistributedClient:
     ``settings_report``: what loading the settings repaired (from
     :func:`client.config.load_settings_and_report`), shown in the snapshot.
     ``checkpoint_interval``: seconds of training between the worker's periodic
-    checkpoints (0: only when paused or stopped).
+    checkpoints (0: only when paused or stopped). ``activity_probe`` (default: none,
+    "cannot tell") and ``cpu_sampler`` (default: the real measurement) feed the
+    politeness rules (:mod:`client.session.politeness`).
     """
 
     def __init__(
@@ -92,6 +96,8 @@ class DistributedClient:
         checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL,
         settings_report: SettingsReport | None = None,
         warm_worker: bool = True,
+        activity_probe: ActivityProbe | None = None,
+        cpu_sampler: CpuSampler | None = None,
     ) -> None:
         if settings_file is ...:
             settings_file = config_path()
@@ -126,6 +132,8 @@ class DistributedClient:
             power_poll_interval=power_poll_interval,
             checkpoint_interval=checkpoint_interval,
             warm_worker=warm_worker,
+            activity_probe=activity_probe,
+            cpu_sampler=cpu_sampler,
         )
         self._thread: threading.Thread | None = None
 

@@ -6,7 +6,8 @@ Contract (loop-only objects):
   something between :meth:`~PauseSource.start` and :meth:`~PauseSource.stop`; it
   reports a new decision with ``report(name, decision)`` (:meth:`PauseBoard.set`) and
   is told of new settings (:meth:`~PauseSource.settings_changed`). A new kind of pause
-  ("in use", CPU, heat) is one more class registered with :meth:`PauseBoard.register`.
+  ("in use", CPU, heat: :mod:`client.session.politeness`) is one more class registered
+  with :meth:`PauseBoard.register`.
   Decisions from outside the session (:meth:`client.session.DistributedClient.
   set_pause_source`) are set by name without a source object.
 * :class:`PauseBoard` combines the decisions with :func:`client.snapshot.
