@@ -3,7 +3,8 @@
 * Every test runs with its own user directories: the autouse fixture points the XDG base
   directories (and HOME) at a per-test temp folder, so no test reads or writes the
   developer's real settings, cache or logs. It also sets ``FEDTRAY_SIMULATE_OTHER_CPU=0``,
-  so a session never steps aside for other programs' load on a shared machine.
+  so a session never steps aside for other programs' load on a shared machine, and
+  ``FEDTRAY_SIMULATE_IDLE_SECONDS=86400``, so sessions train at the idle budget.
 * The time scale (tests/waiting.py) is measured once per session, before any test, shown in
   the header and exported as ``FEDTRAY_TEST_TIME_SCALE`` so xdist workers and subprocesses
   use the same value. Set that variable yourself to skip the measurement (``make test``
@@ -78,6 +79,9 @@ def isolated_user_dirs(
     # Other developers' load on a shared machine must not make sessions step aside: the
     # step-aside rule's own tests measure the real CPU (they pass their own sampler).
     monkeypatch.setenv("FEDTRAY_SIMULATE_OTHER_CPU", "0")
+    # Nobody uses a test machine: sessions train at the idle budget unless a test injects
+    # its own activity probe (tests of the in-use rules do, and the X tests read the OS).
+    monkeypatch.setenv("FEDTRAY_SIMULATE_IDLE_SECONDS", "86400")
     yield home
 
 

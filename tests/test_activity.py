@@ -376,3 +376,17 @@ def test_combined_and_log_once(caplog: pytest.LogCaptureFixture) -> None:
             once(f"problem {i}")
     assert caplog.text.count("same problem") == 1
     assert len(caplog.records) == LogOnce.LIMIT  # bounded
+
+
+@pytest.mark.parametrize(
+    ("value", "idle"),
+    [("86400", 86400.0), ("0", 0.0), (" 12.5 ", 12.5), ("-1", None), ("soon", None), ("inf", None)],
+)
+def test_simulated_idle_replaces_the_os(value: str, idle: float | None) -> None:
+    probe = default_probe({"FEDTRAY_SIMULATE_IDLE_SECONDS": value}, "linux")
+    if idle is None:  # ignored: the OS is asked (here: no display, no bus -> unknown)
+        assert probe.idle_seconds() is None
+    else:
+        assert probe.idle_seconds() == idle
+        assert probe.fullscreen_active() is False
+        assert "simulated" in probe.describe()

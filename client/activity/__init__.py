@@ -15,6 +15,12 @@ Torch-free and GUI-free; backends import their OS libraries only when built.
 from client.activity.base import (
     ActivityProbe as ActivityProbe,
     CombinedProbe as CombinedProbe,
+    SimulatedProbe as SimulatedProbe,
     UnknownProbe as UnknownProbe,
 )
-from client.activity.choose import Plan as Plan, default_probe as default_probe, plan as plan
+from client.activity.choose import (
+    SIMULATE_IDLE_ENV as SIMULATE_IDLE_ENV,
+    Plan as Plan,
+    default_probe as default_probe,
+    plan as plan,
+)

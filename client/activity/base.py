@@ -80,6 +80,22 @@ class UnknownProbe:
         return self._reason
 
 
+class SimulatedProbe:
+    """A fixed idle time and no full-screen window (``FEDTRAY_SIMULATE_IDLE_SECONDS``)."""
+
+    def __init__(self, idle_seconds: float) -> None:
+        self._idle = idle_seconds
+
+    def idle_seconds(self) -> float | None:
+        return self._idle
+
+    def fullscreen_active(self) -> bool | None:
+        return False
+
+    def describe(self) -> str:
+        return f"simulated: idle for {self._idle:g} s (FEDTRAY_SIMULATE_IDLE_SECONDS)"
+
+
 class CombinedProbe:
     """Idle time from one probe, full-screen state from another (e.g. D-Bus + X11)."""
 

@@ -12,6 +12,10 @@ Contract:
   opened becomes an answer of ``None`` whose reason ``describe()`` gives. Building it may
   take a few round trips (opening the display, finding a D-Bus source, each bounded), so
   build it once, in the polling thread or before it starts.
+* ``FEDTRAY_SIMULATE_IDLE_SECONDS`` (:data:`SIMULATE_IDLE_ENV`, seconds ≥ 0) replaces the
+  OS with a fixed idle time and no full-screen window, like ``FEDTRAY_SIMULATE_BATTERY``:
+  for demos and tests on machines without a desktop (a large value: idle, full budget;
+  0: in use). A value that is not a number ≥ 0 is logged and ignored.
 """
 
 from __future__ import annotations
@@ -23,13 +27,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from client.activity.base import ActivityProbe, CombinedProbe, UnknownProbe
+from client.activity.base import ActivityProbe, CombinedProbe, SimulatedProbe, UnknownProbe
 
-__all__ = ["DEFAULT_SYSTEM_BUS", "Plan", "default_probe", "plan"]
+__all__ = ["DEFAULT_SYSTEM_BUS", "SIMULATE_IDLE_ENV", "Plan", "default_probe", "plan"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SYSTEM_BUS: Final = "unix:path=/var/run/dbus/system_bus_socket"
+SIMULATE_IDLE_ENV: Final = "FEDTRAY_SIMULATE_IDLE_SECONDS"
 WAYLAND_FULLSCREEN: Final = "full-screen unknown: Wayland does not tell other apps"
 NO_X_FULLSCREEN: Final = "full-screen unknown: no X display"
 
@@ -83,12 +88,28 @@ def default_probe(
     environ: Mapping[str, str] = os.environ, platform: str = sys.platform
 ) -> ActivityProbe:
     """The probe for this OS and session (see :func:`plan`); never raises."""
+    simulated = _simulated(environ.get(SIMULATE_IDLE_ENV))
+    if simulated is not None:
+        return simulated
     p = plan(environ, platform)
     try:
         return _build(p)
     except Exception as exc:  # an OS library that will not load: say so, answer None
         log.warning("activity detection unavailable (%s backend): %s", p.kind, exc)
         return UnknownProbe(f"idle time and full-screen unknown: {p.kind} backend failed: {exc}")
+
+
+def _simulated(text: str | None) -> ActivityProbe | None:
+    if text is None or not text.strip():
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0 or seconds == float("inf"):
+        log.warning("ignoring %s=%r: not a number of seconds >= 0", SIMULATE_IDLE_ENV, text)
+        return None
+    return SimulatedProbe(seconds)
 
 
 def _build(p: Plan) -> ActivityProbe:
