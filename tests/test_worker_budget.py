@@ -44,7 +44,8 @@ def test_a_budget_reaches_the_running_child_and_every_child_started_later(
 ) -> None:
     caplog.set_level(logging.INFO, logger="client")
     events = Events()
-    w = TrainingWorker(events, simulation=True, idle_timeout=0.5)
+    # Long enough that the child's log lines arrive before it is released as idle.
+    w = TrainingWorker(events, simulation=True, idle_timeout=scaled(3.0))
     try:
         assert w.budget is None
         with pytest.raises(ValueError, match="1-100 %"):
@@ -53,12 +54,12 @@ def test_a_budget_reaches_the_running_child_and_every_child_started_later(
         assert w.budget == SetBudget(1, 50)
         assert w.pid is None  # remembered; no child started for it
         w.warm()
-        wait_until(lambda: _kept(caplog, "1 core at 50 %") == 1, what="the budget in the child")
         w.set_budget(Budget(2, 25))  # to the running (idle) child at once
+        wait_until(lambda: _kept(caplog, "1 core at 50 %") == 1, what="the budget in the child")
         wait_until(lambda: _kept(caplog, "2 cores at 25 %") == 1, what="the new budget")
         pid = w.pid
         assert pid is not None
-        wait_until(lambda: w.pid is None and not psutil.pid_exists(pid), timeout=15)
+        wait_until(lambda: w.pid is None and not psutil.pid_exists(pid), timeout=20)
         # A fresh child gets the budget before its first job.
         base = tmp_path / "base.safetensors"
         base.write_bytes(encode({"w": np.ones((2, 2), np.float32)}))
