@@ -41,9 +41,9 @@ class PauseDecision:
 class Budget:
     """How hard training may work: ``cores`` (torch threads, >= 1) at ``cpu_percent``
     (1-100) of those cores' time, and ``why`` in plain words ("you are using the
-    computer"). ``applied`` is False while the budget is only requested: the session
-    publishes it (:meth:`client.session.core.SessionCore.apply_budget`) but the worker
-    does not keep it yet."""
+    computer"). ``applied`` is True once the session handed it to the worker
+    (:meth:`client.session.core.SessionCore.apply_budget`), which keeps it from its next
+    batch boundary; False while only requested."""
 
     cores: int
     cpu_percent: int

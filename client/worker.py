@@ -33,6 +33,14 @@ Contract:
   keeping the trainer and its built model, and is told to exit after ``idle_timeout``
   seconds (:data:`DEFAULT_IDLE_TIMEOUT`) without a job since the last job or warm-up
   (the parent keeps that clock, so an exit never races a submit).
+* ``set_budget(budget)`` (anything with ``cores`` and ``cpu_percent``, e.g. the
+  session's budget; ``ValueError`` unless ``cores >= 1`` and ``1 <= cpu_percent <= 100``)
+  is remembered and sent to the child at once when one runs, and to every child started
+  later before its first job or warm-up (a restart after a crash or an idle release keeps
+  it). The child keeps it from its next batch boundary on (:mod:`client.worker_child`):
+  ``cores`` torch threads and at most ``cores * cpu_percent / 100`` CPU-seconds per
+  wall-second, so "1 core at 50 %" uses at most half of one core on average. Without a
+  budget a job runs as before (its ``torch_threads`` or all cores but one, no sleeping).
 * ``shutdown(timeout)`` first pauses a running job (so its checkpoint is written and a
   later run of the same work resumes from it), then stops the child, killing it if it
   does not exit in time. No events are delivered after ``shutdown`` returns.
@@ -53,6 +61,7 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
+from typing import Protocol
 
 from client.errors import FedtrayError
 from client.worker_child import ProgressThrottle, child_main
@@ -68,6 +77,7 @@ from client.worker_messages import (
     ProgressEvent,
     Resume,
     Resumed,
+    SetBudget,
     Submit,
     TrainJob,
     Warm,
@@ -77,6 +87,7 @@ from client.worker_messages import (
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_PROGRESS_INTERVAL",
+    "BudgetLike",
     "Cancelled",
     "Done",
     "Failed",
@@ -84,6 +95,7 @@ __all__ = [
     "ProgressEvent",
     "ProgressThrottle",
     "Resumed",
+    "SetBudget",
     "TrainingWorker",
     "WorkerEvent",
     "torch_available",
@@ -100,6 +112,16 @@ _POLL_SECONDS = 0.2
 def torch_available() -> bool:
     """Whether torch is installed (checked without importing it)."""
     return importlib.util.find_spec("torch") is not None
+
+
+class BudgetLike(Protocol):
+    """A CPU budget as the session holds it: ``cores`` at ``cpu_percent``."""
+
+    @property
+    def cores(self) -> int: ...
+
+    @property
+    def cpu_percent(self) -> int: ...
 
 
 class TrainingWorker:
@@ -127,6 +149,7 @@ class TrainingWorker:
         self._idle_since = time.monotonic()
         self._paused_seen = threading.Event()
         self._reader: threading.Thread | None = None
+        self._budget: SetBudget | None = None
 
     # -- properties --
 
@@ -146,6 +169,12 @@ class TrainingWorker:
         """True between a Paused and the next Resumed (or the end of the job)."""
         with self._cond:
             return self._paused
+
+    @property
+    def budget(self) -> SetBudget | None:
+        """The CPU budget given last (None: none given; jobs run unbudgeted)."""
+        with self._cond:
+            return self._budget
 
     @property
     def pid(self) -> int | None:
@@ -204,6 +233,18 @@ class TrainingWorker:
     def cancel(self) -> None:
         """Stop the running job, deleting its checkpoint (no effect when no job runs)."""
         self._control(Cancel())
+
+    def set_budget(self, budget: BudgetLike) -> None:
+        """Keep ``budget`` from the child's next batch boundary on (module docstring)."""
+        wanted = SetBudget(budget.cores, budget.cpu_percent)
+        with self._cond:
+            if self._closed or wanted == self._budget:
+                return
+            self._budget = wanted
+            if self._conn is None:
+                return  # the next child gets it when it starts
+            with contextlib.suppress(OSError, ValueError):
+                self._conn.send(wanted)  # else the reader thread reports the dead child
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the child within about ``timeout`` seconds; see the module docstring."""
@@ -264,6 +305,8 @@ class TrainingWorker:
         proc.start()
         # Close our copy of the child's end, so its death shows as EOF here.
         child_conn.close()
+        if self._budget is not None:
+            parent_conn.send(self._budget)  # before any job or warm-up
         self._proc, self._conn = proc, parent_conn
         log.info("started training process %s", proc.pid)
 

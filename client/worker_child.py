@@ -12,7 +12,22 @@ Contract:
 * It picks the trainer once per process (:func:`make_trainer`) and keeps it for every
   job: :class:`client.simulation.SimulatedTrainer` when simulating, else
   :class:`client.trainer.LocalTrainer` (which keeps its built model across jobs); torch's
-  thread count is set per job to ``job.torch_threads`` or all cores but one.
+  thread count is set per job to ``job.torch_threads`` or all cores but one, unless a CPU
+  budget is kept (next point). Torch's inter-op threads are set to 1 once per process,
+  before any inter-op work (torch allows it only then; training uses none).
+* The CPU budget (:class:`client.worker_messages.SetBudget`, remembered across jobs;
+  the parent sends it to every child it starts before anything else) is kept at every
+  batch boundary from the one after it arrives: torch threads
+  (:func:`client.budget.threads_for`: the budget's cores, at most ``job.torch_threads``
+  when set), and a duty cycle: the training thread sleeps so that this process's
+  measured CPU time (``time.process_time``: all threads) stays within
+  ``cores * cpu_percent / 100`` CPU-seconds per wall-second over the sliding window of
+  :class:`client.budget.DutyCycle` (a new window per job, per budget and after a pause).
+  The sleep is waited in slices of at most :data:`client.budget.MAX_SLEEP_SLICE_S` and
+  ends at once on a pause, a cancel or a new budget, so those take effect at the batch
+  boundary where training sleeps. Sleeping changes no result: weights are bit-identical
+  with and without a budget for the same thread counts (a different thread count may
+  change the float rounding of torch's parallel kernels).
 * It sends only :data:`client.worker_messages.ChildMessage` values: per job
   :class:`ProgressEvent` (through THE progress throttle, :class:`ProgressThrottle`: the
   first at once, then at most one per ``progress_interval``, plus the last of the
@@ -38,6 +53,7 @@ from typing import Generic, TypeVar
 
 import psutil
 
+from client.budget import MAX_SLEEP_SLICE_S, DutyCycle, Sample, threads_for
 from client.errors import FedtrayError
 from client.worker_messages import (
     Cancel,
@@ -54,6 +70,7 @@ from client.worker_messages import (
     ProgressEvent,
     Resume,
     Resumed,
+    SetBudget,
     Submit,
     Trainer,
     TrainJob,
@@ -104,26 +121,55 @@ class ProgressThrottle(Generic[T]):
 
 
 class _ChildControl:
-    """The trainer's :class:`client.worker_messages.TrainControl`, fed by the reader thread."""
+    """The trainer's :class:`client.worker_messages.TrainControl`, fed by the reader thread.
 
-    def __init__(self, send: Callable[[ChildMessage], None]) -> None:
+    It also keeps the CPU budget (:class:`SetBudget`) at every batch boundary, on the
+    training thread: the thread count when the budget changes, then the duty-cycle sleep
+    of :mod:`client.budget`, computed from this process's measured CPU time (all
+    threads) and waited out in slices that a pause, a cancel or a new budget ends early.
+    """
+
+    def __init__(
+        self,
+        send: Callable[[ChildMessage], None],
+        *,
+        cpu_clock: Callable[[], float] = time.process_time,
+        wall_clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._send = send
         self._cond = threading.Condition()
         self._paused = False
         self._cancelled = False
         self._round_id: str | None = None
         self._checkpoints = True
+        # The budget: written by the reader thread, kept by the training thread.
+        self._budget: SetBudget | None = None
+        self._budget_changed = False
+        self._new_window = True
+        self._job_threads: int | None = None
+        self._set_threads: Callable[[int], None] | None = None
+        self._threads_set: int | None = None
+        self._duty = DutyCycle()
+        self._cpu_clock = cpu_clock
+        self._wall_clock = wall_clock
 
-    def reset(self, round_id: str) -> None:
+    def reset(self, job: TrainJob) -> None:
         """A new job: not paused, not cancelled (called before the job is queued)."""
         with self._cond:
             self._paused = self._cancelled = False
-            self._round_id = round_id
+            self._round_id = job.round_id
+            self._job_threads = job.torch_threads
+            self._new_window = True
 
-    def use(self, trainer: Trainer) -> None:
-        """Whether pauses of the job checkpoint, as ``trainer`` does."""
+    def use(self, trainer: Trainer, set_threads: Callable[[int], None] | None) -> None:
+        """Whether pauses of the job checkpoint, as ``trainer`` does; ``set_threads`` sets
+        the trainer's thread count (None: a simulated trainer has none). The job's thread
+        count is set here, before the trainer builds anything."""
         with self._cond:
             self._checkpoints = trainer.checkpoints
+            self._set_threads = set_threads
+            self._threads_set = None
+        self._keep_threads()
 
     def apply(self, command: Pause | Resume | Cancel) -> None:
         with self._cond:
@@ -131,11 +177,23 @@ class _ChildControl:
                 self._paused = True
             elif isinstance(command, Resume):
                 self._paused = False
+                self._new_window = True  # time paused earns no credit
             else:
                 self._cancelled = True
             self._cond.notify_all()
 
+    def set_budget(self, budget: SetBudget) -> None:
+        """Keep ``budget`` from the next batch boundary on (any thread)."""
+        with self._cond:
+            if budget == self._budget:
+                return
+            self._budget = budget
+            self._budget_changed = True
+            self._cond.notify_all()
+        log.info("keeping a CPU budget of %s", budget.describe())
+
     def check(self) -> Command:
+        self._keep_budget()
         with self._cond:
             if self._cancelled:
                 return "cancel"
@@ -149,6 +207,51 @@ class _ChildControl:
             cancelled = self._cancelled
         if not cancelled:
             self._send(Resumed(self._round_id))
+
+    # -- the budget, on the training thread --
+
+    def _threads(self) -> int:
+        """The thread count for the job and the budget (under the lock)."""
+        cpus = os.cpu_count() or 2
+        if self._budget is None:
+            return self._job_threads or max(1, cpus - 1)
+        return threads_for(self._budget.cores, self._job_threads, cpus)
+
+    def _keep_threads(self) -> None:
+        with self._cond:
+            set_threads, threads = self._set_threads, self._threads()
+            if set_threads is None or threads == self._threads_set:
+                return
+            self._threads_set = threads
+        set_threads(threads)
+
+    def _keep_budget(self) -> None:
+        """The budget's thread count and duty-cycle sleep, at a batch boundary."""
+        while True:
+            with self._cond:
+                budget = self._budget
+                new_window = self._new_window or self._budget_changed
+                self._new_window = self._budget_changed = False
+            if new_window:
+                self._keep_threads()
+                self._duty.reset()
+            if budget is None or budget.cpu_percent >= 100:
+                return
+            now = Sample(self._wall_clock(), self._cpu_clock())
+            seconds = self._duty.sleep_for(now, budget.cores, budget.cpu_percent)
+            if seconds <= 0 or not self._sleep(now.wall + seconds):
+                return
+
+    def _sleep(self, until: float) -> bool:
+        """Wait until ``until`` (the wall clock) in slices; True when a new budget ended
+        the wait early (keep it), False when the wait ran out or a pause or cancel came."""
+        with self._cond:
+            while not (self._paused or self._cancelled or self._budget_changed):
+                left = until - self._wall_clock()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, MAX_SLEEP_SLICE_S))
+            return self._budget_changed
 
 
 def _lower_priority() -> None:
@@ -197,18 +300,26 @@ class _TrainerSlot:
         if self._trainer is None:
             self._trainer = make_trainer(self._simulation)
             if not self._simulation:
+                import torch
+
                 from client.trainer import warm_up
+
+                # Once per process, before any inter-op work (torch refuses it later):
+                # training uses no inter-op parallelism, the budget's cores are the
+                # intra-op threads (set per job and per budget).
+                with contextlib.suppress(RuntimeError):
+                    torch.set_num_interop_threads(1)
 
                 warm_up()  # torch's first-use costs, paid while idle
         return self._trainer
 
-    def for_job(self, job: TrainJob) -> Trainer:
-        trainer = self.warm()
-        if not self._simulation:
-            import torch
+    def set_threads(self) -> Callable[[int], None] | None:
+        """How to set the trainer's thread count (None when simulating)."""
+        if self._simulation:
+            return None
+        import torch
 
-            torch.set_num_threads(job.torch_threads or max(1, (os.cpu_count() or 2) - 1))
-        return trainer
+        return torch.set_num_threads
 
 
 def child_main(conn: Connection, simulation: bool, progress_interval: float) -> None:
@@ -238,8 +349,10 @@ def child_main(conn: Connection, simulation: bool, progress_interval: float) -> 
                 command = Exit()  # the parent is gone
             if isinstance(command, Warm):
                 jobs.put(command)
+            elif isinstance(command, SetBudget):
+                control.set_budget(command)
             elif isinstance(command, Submit):
-                control.reset(command.job.round_id)
+                control.reset(command.job)
                 running.set()
                 jobs.put(command.job)
             elif isinstance(command, Exit):
@@ -283,8 +396,8 @@ def _run_job(
         lambda p: send(ProgressEvent(p)), progress_interval
     )
     try:
-        trainer = trainers.for_job(job)
-        control.use(trainer)
+        trainer = trainers.warm()
+        control.use(trainer, trainers.set_threads())
         result = trainer.run(job, control, throttle)
         throttle.flush()
         return Done(result)

@@ -13,9 +13,10 @@ Contract:
   worker's owner; the owner turns it into the wire's
   :class:`client.protocol.TrainingProgress` (its field names are the wire's).
 * Commands go parent -> child: :class:`Warm`, :class:`Submit`, :class:`Pause`,
-  :class:`Resume`, :class:`Cancel`, :class:`Exit`. Messages go child -> parent: the events
-  (:data:`WorkerEvent`: :class:`ProgressEvent`, :class:`Paused`, :class:`Resumed` and
-  exactly one of :class:`Done`, :class:`Failed`, :class:`Cancelled` per job) and
+  :class:`Resume`, :class:`Cancel`, :class:`SetBudget`, :class:`Exit`. Messages go
+  child -> parent: the events (:data:`WorkerEvent`: :class:`ProgressEvent`,
+  :class:`Paused`, :class:`Resumed` and exactly one of :class:`Done`, :class:`Failed`,
+  :class:`Cancelled` per job) and
   :class:`LogRecord` (a child log line, logged by the parent, never an event).
 * :class:`Trainer` is what trains a job: :class:`client.trainer.LocalTrainer` (torch)
   and :class:`client.simulation.SimulatedTrainer` implement it. A trainer asks its
@@ -33,6 +34,7 @@ from typing import Literal, Protocol
 from pydantic import JsonValue
 
 from client.atomicfile import FileIdentity
+from client.budget import check_budget
 from client.errors import ErrorCode
 from client.protocol import Partition, TrainingConfig
 
@@ -54,6 +56,7 @@ __all__ = [
     "ProgressEvent",
     "Resume",
     "Resumed",
+    "SetBudget",
     "Submit",
     "TrainControl",
     "TrainJob",
@@ -250,11 +253,31 @@ class Cancel:
 
 
 @dataclass(frozen=True)
+class SetBudget:
+    """Keep this CPU budget from the next batch boundary on, in this job and the next.
+
+    ``cores`` torch threads (at most the job's own ``torch_threads`` when it sets one) and
+    at most ``cores * cpu_percent / 100`` CPU-seconds per wall-second, kept by sleeping at
+    batch boundaries (:mod:`client.budget`); raises ``ValueError`` unless ``cores >= 1``
+    and ``1 <= cpu_percent <= 100``."""
+
+    cores: int
+    cpu_percent: int
+
+    def __post_init__(self) -> None:
+        check_budget(self.cores, self.cpu_percent)
+
+    def describe(self) -> str:
+        """``"1 core at 50 %"``."""
+        return f"{self.cores} core{'' if self.cores == 1 else 's'} at {self.cpu_percent} %"
+
+
+@dataclass(frozen=True)
 class Exit:
     """Leave the process (a running job stays checkpointed: it is not cancelled)."""
 
 
-WorkerCommand = Warm | Submit | Pause | Resume | Cancel | Exit
+WorkerCommand = Warm | Submit | Pause | Resume | Cancel | SetBudget | Exit
 
 
 # -- child -> parent ----------------------------------------------------------------------

@@ -15,6 +15,7 @@ import pytest
 
 from benchmarks import (
     idle,
+    politeness,
     robust_aggregation,
     round_figures,
     training_overhead,
@@ -50,6 +51,18 @@ def test_idle_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert re.search(r"^ratio client / bare RSS \(peak\)\s+\d+\.\d+x", out, re.M), out
     assert "torch loaded in the client: no" in out, out
+
+
+# Slow: the benchmark trains with torch in the worker's child.
+@pytest.mark.slow
+def test_politeness_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    assert politeness.main(["--seconds", "0.5", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^ratio foreground with light / alone\s+\d+\.\d+x", out, re.M), out
+    for setting in ("1 core at 50 %", "1 core at 25 %", "full"):
+        assert re.search(rf"^worker share {setting}.*: \d+\.\d % of its cores", out, re.M), out
+    assert re.search(r"^out of the way after pause: \d+\.\d+ s", out, re.M), out
+    assert "loadavg at the end" in out, out
 
 
 # Slow: the benchmark starts a server and clients that import torch.

@@ -323,12 +323,17 @@ class _Worker:
 
     is_busy = False
 
+    def __init__(self) -> None:
+        self.budgets: list[Any] = []
+
     def submit(self, job: Any) -> None: ...
     def pause(self) -> None: ...
     def resume(self) -> None: ...
     def cancel(self) -> None: ...
     def shutdown(self) -> None: ...
     def warm(self) -> None: ...
+    def set_budget(self, budget: Any) -> None:
+        self.budgets.append(budget)
 
 
 @pytest.fixture
@@ -342,8 +347,7 @@ def session(tmp_path: Path) -> Iterator[Callable[..., DistributedClient]]:
             data_dir=tmp_path / "client",
             backoff=Backoff(base=0.1, cap=0.5),
             settings_file=None,
-            worker_factory=lambda on_event: _Worker(),  # type: ignore[arg-type,return-value]
-            **kwargs,
+            **{"worker_factory": lambda on_event: _Worker(), **kwargs},
         )
         made.append(client)
         return client
@@ -358,17 +362,24 @@ def test_the_budget_and_a_politeness_pause_reach_the_snapshot_and_the_server(
 ) -> None:
     probe = Probe(idle=0.0)
     busy: list[float | None] = [0.0]
+    worker = _Worker()
     with running_server(
         tmp_path, min_clients=5, clients_per_round=5, heartbeat_interval=0.3
     ) as srv:
-        client = session(srv.url, activity_probe=probe, cpu_sampler=lambda: busy[0])
+        client = session(
+            srv.url,
+            activity_probe=probe,
+            cpu_sampler=lambda: busy[0],
+            worker_factory=lambda on_event: worker,
+        )
         client.start()
 
         def light(s: ClientSnapshot) -> bool:
             return s.budget is not None and s.budget.cpu_percent == 50 and s.activity == "in_use"
 
         snap = client.wait_for(light, scaled(20))
-        assert snap.budget is not None and snap.budget.applied is False  # requested only
+        assert snap.budget is not None and snap.budget.applied  # handed to the worker
+        assert [(b.cores, b.cpu_percent) for b in worker.budgets][-1:] == [(1, 50)]
         status = srv.wait_for(
             lambda s: bool(s["devices"]) and s["devices"][0]["budget"] is not None, timeout=20
         )

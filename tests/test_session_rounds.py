@@ -93,6 +93,9 @@ class _Worker:
         self.calls.append("warm")
         self.warmed.set()
 
+    def set_budget(self, budget: Any) -> None:
+        self.calls.append(f"budget {budget.cores}x{budget.cpu_percent}")
+
     def submit(self, job: TrainJob) -> None:
         self.jobs.append(job)
 

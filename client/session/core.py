@@ -30,6 +30,7 @@ caller's thread and run on the session loop; the facade calls it only through th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -329,15 +330,15 @@ class SessionCore:
 
     def apply_budget(self, budget: Budget) -> None:
         """THE one place a CPU budget (how hard training may work, from
-        :class:`~client.session.politeness.InUsePause`) takes effect.
-
-        Today it is published (the snapshot's ``budget``, the heartbeat) and logged, with
-        ``applied=False``: the worker does not keep it yet. SEAM for the worker's CPU
-        budget: hand ``budget`` to the worker here and publish it with ``applied=True``.
-        """
-        if budget != self.hub.current.budget:
-            log.info("CPU budget requested: %s", budget.describe())
-        self.hub.publish(budget=budget)
+        :class:`~client.session.politeness.InUsePause`) takes effect: handed to the worker
+        (:meth:`client.session.rounds.Rounds.set_budget`; kept from the child's next batch
+        boundary, and by every child started later), then published with ``applied=True``
+        (the snapshot's ``budget``, the heartbeat) and logged when it changed."""
+        self.rounds.set_budget(budget)
+        kept = dataclasses.replace(budget, applied=True)
+        if kept != self.hub.current.budget:
+            log.info("CPU budget: %s", kept.describe())
+        self.hub.publish(budget=kept)
         self.link.heartbeat_soon()
 
     # -- lifecycle --------------------------------------------------------------------

@@ -52,7 +52,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from client.config import data_dir
 from client.errors import ErrorCode, FedtrayError
@@ -88,6 +88,9 @@ from client.worker_messages import (
 )
 from client.workfiles import JobFiles, WorkDir
 
+if TYPE_CHECKING:
+    from client.worker import BudgetLike
+
 __all__ = [
     "ActiveRound",
     "OnWorkerEvent",
@@ -109,6 +112,7 @@ class Worker(Protocol):
     def is_busy(self) -> bool: ...
 
     def warm(self) -> object: ...
+    def set_budget(self, budget: BudgetLike) -> object: ...
     def submit(self, job: TrainJob) -> object: ...
     def pause(self) -> object: ...
     def resume(self) -> object: ...
@@ -186,6 +190,7 @@ class Rounds:
     ) -> None:
         self._hub = hub
         self._warm_worker = warm_worker
+        self._budget: BudgetLike | None = None
         self._worker_factory = worker_factory
         self._work = work
         self._checkpoint_interval = checkpoint_interval
@@ -232,6 +237,15 @@ class Rounds:
             self._worker_factory, lambda ev: self._from_worker_thread(loop, ev)
         )
         self.simulation = bool(getattr(self.worker, "simulation", False))
+        if self._budget is not None:
+            self.worker.set_budget(self._budget)
+
+    def set_budget(self, budget: BudgetLike) -> None:
+        """How hard training may work (cores, CPU share): the worker keeps it from its next
+        batch boundary; remembered for a worker built later."""
+        self._budget = budget
+        if self.worker is not None:
+            self.worker.set_budget(budget)
 
     def warm_worker(self) -> None:
         """Have the worker get ready to train, in the background (module docstring)."""
