@@ -223,8 +223,14 @@ def test_a_new_global_is_published_while_its_evaluation_runs(tmp_path: Path) -> 
             lambda s: s["history"][-1]["evalAccuracy"] is not None, what="version 1 evaluated"
         )
         assert status["history"][-1]["version"] == 1
-        saved = json.loads((srv.config.state_dir / HISTORY_FILE).read_text())
-        assert saved["history"][-1]["evalAccuracy"] == status["history"][-1]["evalAccuracy"]
+        # history.json is written after the record in memory changes: wait for the write.
+        history_file = srv.config.state_dir / HISTORY_FILE
+        accuracy = status["history"][-1]["evalAccuracy"]
+        await wait_until_async(
+            lambda: json.loads(history_file.read_text())["history"][-1]["evalAccuracy"] == accuracy,
+            10,
+            "the evaluation saved in history.json",
+        )
         # A device that gets version 1 now gets its evaluation with it.
         late = ScriptedDevice(srv.url, name="late")
         assert (await late.join())["ok"] is True
