@@ -364,6 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.parts in ("all", "honest"):
         honest_runs: tuple[tuple[str, tuple[str, ...]], ...] = (
             ("fedavg", ("--strategy", "fedavg")),
+            ("fedavgm lr=1 momentum=0.9", ("--strategy", "fedavgm")),
             (f"fedprox μ={args.mu:g}", ("--strategy", "fedprox", "--proximal-mu", str(args.mu))),
             (
                 f"fedadam lr={args.server_lr:g} τ={args.tau:g}",
