@@ -16,15 +16,18 @@ final version's evaluation), one row per strategy, one column per round, then
 ``/proc/loadavg``. A run that does not finish (a process dies, ``--timeout``) is reported
 as failed with its reason; nothing is filled in.
 
-The clipping bound C (``--clip-norm``; ``auto``) is measured, not guessed: each honest
-partition's first-round update is trained here with the device's own trainer
-(:class:`client.trainer.LocalTrainer`, same base, config and partition as round 1) and C
-is the largest of their L2 norms (the server's :func:`server.strategies.clipping.
-update_norm`). Later honest updates are smaller (the model converges), so honest devices
-are rarely clipped, and the ×F update is cut back to the size of an honest one.
+The poisoned part also runs fedavg, median and trimmed mean without the poisoned device
+(what each reaches on this data at all). The clipping bound C (``--clip-norm auto``) is
+measured, not guessed: from the honest FedAvg run's final global, each partition's next
+honest update is trained here with the device's own trainer
+(:class:`client.trainer.LocalTrainer`, the round's config and partition as the server
+would send them) and C is the largest of their L2 norms (the server's
+:func:`server.strategies.clipping.update_norm`): the size of an honest update once the
+model has learnt. Round 1's honest norms (larger: the model starts from scratch) are
+printed too.
 
 Contract: :func:`run_federation` runs one federation and returns its accuracies (raises
-:class:`RunFailedError` with the reason); :func:`honest_norms` measures the first-round norms;
+:class:`RunFailedError` with the reason); :func:`honest_norms` measures honest update norms;
 :func:`table` (pure) formats the figures. Every process started is stopped on every way out
 (:func:`server.demo.stop_all`); the temporary directories are removed.
 
@@ -132,8 +135,10 @@ def run_federation(
     seed: int,
     timeout: float,
     extra_server_flags: Sequence[str] = (),
+    keep_global: Path | None = None,
 ) -> list[float | None]:
-    """The server-side eval accuracy after each round (None: not evaluated) of ``run``.
+    """The server-side eval accuracy after each round (None: not evaluated) of ``run``;
+    with ``keep_global``, the final global weights are copied there.
 
     Raises :class:`RunFailedError` when a process dies or ``timeout`` seconds pass first.
     """
@@ -217,6 +222,8 @@ def run_federation(
                 f"the server exited with status {server.proc.returncode} after "
                 f"{len(records)} of {rounds} rounds: {server.tail(3).strip()}"
             )
+        if keep_global is not None:
+            shutil.copyfile(state_dir / f"global-v{rounds}.safetensors", keep_global)
         return [_accuracy(r) for r in records[:rounds]]
     finally:
         stop_all(children)
@@ -239,8 +246,11 @@ def _check_alive(children: list[Child], deadline: float) -> None:
         raise RunFailedError("timed out")
 
 
-def honest_norms(clients: int, seed: int) -> list[float]:
-    """L2 norms of each partition's honest first-round update (module docstring)."""
+def honest_norms(
+    clients: int, seed: int, base_path: Path | None = None, round_number: int = 1
+) -> list[float]:
+    """L2 norms of each partition's honest update in round ``round_number`` from the
+    global in ``base_path`` (default: the initial model, round 1); module docstring."""
     from client.protocol import Partition, TrainingConfig
     from client.tasks import get_task
     from client.trainer import LocalTrainer
@@ -250,13 +260,14 @@ def honest_norms(clients: int, seed: int) -> list[float]:
     from server.strategies.clipping import update_norm
 
     task = get_task(TASK, {})
-    base = initial_state(task, task.params, seed)
-    # Round 1's config, as the server builds it (server.starter.training_config).
-    config = TrainingConfig.model_validate({**task.default_config, "seed": seed + 1})
+    # The round's config, as the server builds it (server.starter.training_config).
+    config = TrainingConfig.model_validate({**task.default_config, "seed": seed + round_number})
     norms = []
     with tempfile.TemporaryDirectory(prefix="fedtray-norms-") as tmp:
-        base_path = Path(tmp) / "base.safetensors"
-        base_path.write_bytes(encode(base))
+        if base_path is None:
+            base_path = Path(tmp) / "base.safetensors"
+            base_path.write_bytes(encode(initial_state(task, task.params, seed)))
+        base = decode(base_path.read_bytes())
         trainer = LocalTrainer()
         for index in range(clients):
             job = TrainJob(
@@ -319,10 +330,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     honest_rows: list[tuple[str, Sequence[float | None] | str]] = []
     common = {"clients": args.clients, "seed": args.seed, "timeout": args.timeout}
 
-    def do(run: Run, rounds: int, rows: list[tuple[str, Sequence[float | None] | str]]) -> None:
+    def do(
+        run: Run,
+        rounds: int,
+        rows: list[tuple[str, Sequence[float | None] | str]],
+        keep_global: Path | None = None,
+    ) -> None:
         started = time.monotonic()
         try:
-            accs: Sequence[float | None] | str = run_federation(run, rounds=rounds, **common)
+            accs: Sequence[float | None] | str = run_federation(
+                run, rounds=rounds, keep_global=keep_global, **common
+            )
         except RunFailedError as exc:
             accs = str(exc).replace("\n", " ").replace("|", "/")
         rows.append((run.label, accs))
@@ -334,17 +352,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{run.label}: {shown}  ({time.monotonic() - started:.0f} s)", flush=True)
 
     if args.parts in ("all", "poisoned"):
-        if args.clip_norm == "auto":
-            norms = honest_norms(args.clients, args.seed)
-            clip = max(norms)
-            print(
-                "honest first-round update norms: "
-                + ", ".join(f"{n:.3f}" for n in norms)
-                + f"; --clip-norm {clip:.3g}",
-                flush=True,
-            )
-        else:
-            clip = float(args.clip_norm)
+        # Honest baselines first: what each strategy reaches without the poisoned device;
+        # FedAvg's final global is where the clipping bound is measured.
+        with tempfile.TemporaryDirectory(prefix="fedtray-calib-") as tmp:
+            learnt = Path(tmp) / "global.safetensors"
+            for label, flags in (
+                ("fedavg", ("--strategy", "fedavg")),
+                ("median", ("--strategy", "median")),
+                (
+                    f"trimmed-mean b={args.trim_fraction:g}",
+                    ("--strategy", "trimmed-mean", "--trim-fraction", str(args.trim_fraction)),
+                ),
+            ):
+                keep = learnt if label == "fedavg" else None
+                do(Run(f"{label} (no poison)", flags), args.poison_rounds, poisoned_rows, keep)
+            if args.clip_norm == "auto":
+                first = honest_norms(args.clients, args.seed)
+                late = honest_norms(args.clients, args.seed, learnt, args.poison_rounds + 1)
+                clip = max(late)
+                print(
+                    "honest update norms, round 1: "
+                    + ", ".join(f"{n:.3f}" for n in first)
+                    + f"; round {args.poison_rounds + 1} from FedAvg's final global: "
+                    + ", ".join(f"{n:.3f}" for n in late)
+                    + f"; --clip-norm {clip:.3g} (the largest of the latter)",
+                    flush=True,
+                )
+            else:
+                clip = float(args.clip_norm)
         for kind in [k.strip() for k in args.kinds.split(",") if k.strip()]:
             what = f"×{args.factor:g}" if kind == "scale" else "sign-flipped"
             for label, flags in (

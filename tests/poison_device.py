@@ -77,7 +77,8 @@ def poison(
             continue
         b64, delta = b.astype(np.float64), w.astype(np.float64) - b.astype(np.float64)
         value = b64 + factor * delta if kind == "scale" else b64 - delta
-        poisoned = value.astype(w.dtype)
+        with np.errstate(over="ignore"):  # an overflow is refused just below
+            poisoned = value.astype(w.dtype)
         if not np.isfinite(poisoned).all():
             raise ValueError(f"{name}: the poisoned values are not finite")
         out[name] = poisoned
