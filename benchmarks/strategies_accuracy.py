@@ -16,15 +16,16 @@ final version's evaluation), one row per strategy, one column per round, then
 ``/proc/loadavg``. A run that does not finish (a process dies, ``--timeout``) is reported
 as failed with its reason; nothing is filled in.
 
-The poisoned part also runs fedavg, median and trimmed mean without the poisoned device
-(what each reaches on this data at all). The clipping bound C (``--clip-norm auto``) is
-measured, not guessed: from the honest FedAvg run's final global, each partition's next
-honest update is trained here with the device's own trainer
-(:class:`client.trainer.LocalTrainer`, the round's config and partition as the server
-would send them) and C is the largest of their L2 norms (the server's
-:func:`server.strategies.clipping.update_norm`): the size of an honest update once the
-model has learnt. Round 1's honest norms (larger: the model starts from scratch) are
-printed too.
+The clipping bound C (``--clip-norm auto``) is measured, not guessed: each partition's
+honest first-round update is trained here with the device's own trainer
+(:class:`client.trainer.LocalTrainer`; the initial global, round 1's config and partition
+as the server sends them) and C is the largest of their L2 norms (the server's
+:func:`server.strategies.clipping.update_norm`): no honest round-1 update is clipped, and
+the ×F update is cut back to the size of an honest one. With ``--baselines`` the poisoned
+part also runs fedavg, median and trimmed mean without the poisoned device (what each
+reaches on this data at all); ``--clip-from learnt`` then measures C instead from the
+honest FedAvg baseline's final global (the next round's honest updates: the size of an
+honest update once the model has learnt, smaller than round 1's).
 
 Contract: :func:`run_federation` runs one federation and returns its accuracies (raises
 :class:`RunFailedError` with the reason); :func:`honest_norms` measures honest update norms;
@@ -247,10 +248,15 @@ def _check_alive(children: list[Child], deadline: float) -> None:
 
 
 def honest_norms(
-    clients: int, seed: int, base_path: Path | None = None, round_number: int = 1
+    clients: int,
+    seed: int,
+    base_path: Path | None = None,
+    round_number: int = 1,
+    overrides: dict[str, Any] | None = None,
 ) -> list[float]:
     """L2 norms of each partition's honest update in round ``round_number`` from the
-    global in ``base_path`` (default: the initial model, round 1); module docstring."""
+    global in ``base_path`` (default: the initial model, round 1), with the task's
+    training config but ``overrides`` (TrainingConfig fields); module docstring."""
     from client.protocol import Partition, TrainingConfig
     from client.tasks import get_task
     from client.trainer import LocalTrainer
@@ -261,7 +267,9 @@ def honest_norms(
 
     task = get_task(TASK, {})
     # The round's config, as the server builds it (server.starter.training_config).
-    config = TrainingConfig.model_validate({**task.default_config, "seed": seed + round_number})
+    config = TrainingConfig.model_validate(
+        {**task.default_config, **(overrides or {}), "seed": seed + round_number}
+    )
     norms = []
     with tempfile.TemporaryDirectory(prefix="fedtray-norms-") as tmp:
         if base_path is None:
@@ -318,12 +326,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--poison-rounds", type=int, default=15)
     p.add_argument("--honest-rounds", type=int, default=10)
     p.add_argument("--clip-norm", default="auto", help="C, or auto (module docstring)")
+    p.add_argument(
+        "--clip-from",
+        choices=["first", "learnt"],
+        default="first",
+        help="auto C: the largest honest norm of round 1, or of the round after the honest "
+        "FedAvg baseline (needs --baselines)",
+    )
+    p.add_argument(
+        "--baselines",
+        action="store_true",
+        help="also run fedavg, median and trimmed mean without the poisoned device",
+    )
     p.add_argument("--trim-fraction", type=float, default=0.2)
     p.add_argument("--mu", type=float, default=0.01, help="FedProx's mu")
     p.add_argument("--server-lr", type=float, default=0.1, help="FedAdam's server_lr")
     p.add_argument("--tau", type=float, default=0.001, help="FedAdam's tau")
+    p.add_argument("--epochs", type=int, help="local epochs per round (default: the task's)")
+    p.add_argument("--lr", type=float, help="local learning rate (default: the task's)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per federation")
     args = p.parse_args(argv)
+    training = [
+        *(["--epochs", str(args.epochs)] if args.epochs is not None else []),
+        *(["--lr", str(args.lr)] if args.lr is not None else []),
+    ]
 
     print(f"loadavg at start: {_loadavg()}", flush=True)
     poisoned_rows: list[tuple[str, Sequence[float | None] | str]] = []
@@ -339,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         started = time.monotonic()
         try:
             accs: Sequence[float | None] | str = run_federation(
-                run, rounds=rounds, keep_global=keep_global, **common
+                run, rounds=rounds, keep_global=keep_global, extra_server_flags=training, **common
             )
         except RunFailedError as exc:
             accs = str(exc).replace("\n", " ").replace("|", "/")
@@ -352,32 +378,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{run.label}: {shown}  ({time.monotonic() - started:.0f} s)", flush=True)
 
     if args.parts in ("all", "poisoned"):
-        # Honest baselines first: what each strategy reaches without the poisoned device;
-        # FedAvg's final global is where the clipping bound is measured.
+        # --baselines: what each strategy reaches without the poisoned device, first;
+        # FedAvg's final global is where --clip-from learnt measures C.
         with tempfile.TemporaryDirectory(prefix="fedtray-calib-") as tmp:
             learnt = Path(tmp) / "global.safetensors"
-            for label, flags in (
+            baselines: tuple[tuple[str, tuple[str, ...]], ...] = (
                 ("fedavg", ("--strategy", "fedavg")),
                 ("median", ("--strategy", "median")),
                 (
                     f"trimmed-mean b={args.trim_fraction:g}",
                     ("--strategy", "trimmed-mean", "--trim-fraction", str(args.trim_fraction)),
                 ),
-            ):
+            )
+            if args.clip_from == "learnt" and not args.baselines:
+                p.error("--clip-from learnt needs --baselines")
+            for label, flags in baselines if args.baselines else ():
                 keep = learnt if label == "fedavg" else None
                 do(Run(f"{label} (no poison)", flags), args.poison_rounds, poisoned_rows, keep)
             if args.clip_norm == "auto":
-                first = honest_norms(args.clients, args.seed)
-                late = honest_norms(args.clients, args.seed, learnt, args.poison_rounds + 1)
-                clip = max(late)
-                print(
-                    "honest update norms, round 1: "
-                    + ", ".join(f"{n:.3f}" for n in first)
-                    + f"; round {args.poison_rounds + 1} from FedAvg's final global: "
-                    + ", ".join(f"{n:.3f}" for n in late)
-                    + f"; --clip-norm {clip:.3g} (the largest of the latter)",
-                    flush=True,
-                )
+                cfg = {
+                    **({"epochs": args.epochs} if args.epochs is not None else {}),
+                    **({"learning_rate": args.lr} if args.lr is not None else {}),
+                }
+                first = honest_norms(args.clients, args.seed, None, 1, cfg)
+                text = ", ".join(f"{n:.3f}" for n in first)
+                print(f"honest update norms, round 1: {text}", flush=True)
+                clip = max(first)
+                if args.clip_from == "learnt":
+                    late = honest_norms(
+                        args.clients, args.seed, learnt, args.poison_rounds + 1, cfg
+                    )
+                    text = ", ".join(f"{n:.3f}" for n in late)
+                    print(f"round {args.poison_rounds + 1} from FedAvg's: {text}", flush=True)
+                    clip = max(late)
+                print(f"--clip-norm {clip:.3g}: the largest of those", flush=True)
             else:
                 clip = float(args.clip_norm)
         for kind in [k.strip() for k in args.kinds.split(",") if k.strip()]:
