@@ -19,6 +19,10 @@ Contract:
   round), :class:`Paused`, :class:`Resumed` and exactly one of :class:`Done`,
   :class:`Failed`, :class:`Cancelled`;
   and :class:`LogRecord` for its ``client.*`` log records of level INFO and above.
+* :class:`client.worker_messages.Evaluate` runs the trainer's ``evaluate`` (federated
+  evaluation, :class:`client.worker_messages.Evaluator`) with the same kept trainer and
+  model, and answers exactly one :class:`EvalDone` or :class:`EvalFailed` (``paused``
+  when a pause or cancel abandoned it; an evaluation is never checkpointed).
 * :class:`Exit` while a job runs leaves at once without the cancel path, so the job's
   checkpoint stays (the parent pauses a job before it asks it to exit).
 """
@@ -45,6 +49,11 @@ from client.worker_messages import (
     ChildMessage,
     Command,
     Done,
+    EvalDone,
+    EvalFailed,
+    EvalJob,
+    Evaluate,
+    Evaluator,
     Exit,
     Failed,
     JobCancelled,
@@ -202,7 +211,7 @@ class _TrainerSlot:
                 warm_up()  # torch's first-use costs, paid while idle
         return self._trainer
 
-    def for_job(self, job: TrainJob) -> Trainer:
+    def for_job(self, job: TrainJob | EvalJob) -> Trainer:
         trainer = self.warm()
         if not self._simulation:
             import torch
@@ -225,7 +234,7 @@ def child_main(conn: Connection, simulation: bool, progress_interval: float) -> 
     client_log.setLevel(logging.INFO)
 
     control = _ChildControl(send)
-    jobs: queue.Queue[TrainJob | Warm | None] = queue.Queue()
+    jobs: queue.Queue[TrainJob | EvalJob | Warm | None] = queue.Queue()
     running = threading.Event()
     trainers = _TrainerSlot(simulation)
 
@@ -240,6 +249,10 @@ def child_main(conn: Connection, simulation: bool, progress_interval: float) -> 
                 jobs.put(command)
             elif isinstance(command, Submit):
                 control.reset(command.job.round_id)
+                running.set()
+                jobs.put(command.job)
+            elif isinstance(command, Evaluate):
+                control.reset(command.job.eval_id)
                 running.set()
                 jobs.put(command.job)
             elif isinstance(command, Exit):
@@ -262,7 +275,11 @@ def child_main(conn: Connection, simulation: bool, progress_interval: float) -> 
                 log.warning("could not get the trainer ready", exc_info=True)
             continue
         try:
-            reply = _run_job(job, control, send, trainers, progress_interval)
+            reply: Done | Failed | Cancelled | EvalDone | EvalFailed
+            if isinstance(job, EvalJob):
+                reply = _run_eval(job, control, trainers)
+            else:
+                reply = _run_job(job, control, send, trainers, progress_interval)
         finally:
             running.clear()
         try:
@@ -295,3 +312,23 @@ def _run_job(
     except Exception as exc:
         log.exception("training round %s failed", job.round_id)
         return Failed("training_failed", f"{type(exc).__name__}: {exc}", job.round_id)
+
+
+def _run_eval(
+    job: EvalJob, control: _ChildControl, trainers: _TrainerSlot
+) -> EvalDone | EvalFailed:
+    """Evaluate ``job`` with the process's trainer (module docstring)."""
+    try:
+        trainer = trainers.for_job(job)
+        evaluate = getattr(trainer, "evaluate", None)
+        if evaluate is None:
+            return EvalFailed(job.eval_id, "training_failed", "this trainer cannot evaluate")
+        evaluator: Evaluator = trainer  # type: ignore[assignment]
+        return EvalDone(evaluator.evaluate(job, control))
+    except JobCancelled:
+        return EvalFailed(job.eval_id, "paused", "the evaluation was abandoned")
+    except FedtrayError as exc:
+        return EvalFailed(job.eval_id, exc.code, exc.message)
+    except Exception as exc:
+        log.exception("evaluation %s failed", job.eval_id)
+        return EvalFailed(job.eval_id, "training_failed", f"{type(exc).__name__}: {exc}")

@@ -77,6 +77,8 @@ from client.weights import decode, encode
 from client.worker_messages import (
     Cancelled,
     Done,
+    EvalDone,
+    EvalFailed,
     Failed,
     Paused,
     ProgressEvent,
@@ -203,6 +205,8 @@ class Rounds:
         # pending): no cleanup may touch their files meanwhile.
         self._keeping: set[str] = set()
         self._background = TaskSet()
+        #: Where the worker's evaluation events go (set by client.session.evaluations).
+        self.on_eval_event: OnWorkerEvent | None = None
 
     @property
     def round_id(self) -> str | None:
@@ -276,6 +280,9 @@ class Rounds:
                 self.current = None
                 log.info("round %s cancelled", rnd.start.round_id if rnd else "-")
                 self._state_changed()
+            case EvalDone() | EvalFailed():
+                if self.on_eval_event is not None:
+                    self.on_eval_event(event)
 
     def report_error(self, round_id: str | None, code: ErrorCode, message: str) -> None:
         log.error("round %s failed (%s): %s", round_id or "-", code, message)
