@@ -1,0 +1,162 @@
+"""Federated evaluation's pure parts, by table, and a real device's answers to
+``evaluation:start`` (a real client session behind a scripted server; no torch runs).
+
+What breaks if it is wrong: the wrong versions evaluated (``due``), devices that do not
+hold a version asked first (``select_evaluators``), an unweighted mean recorded
+(``weighted_metrics``), a result counted twice or from a device never asked (``Tally``),
+or a paused / training device evaluating anyway (``refuse_evaluation``, the session).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from client.protocol import (
+    EV_EVALUATION_START,
+    EvaluationStart,
+    EvaluationStartAck,
+    Partition,
+    parse,
+)
+from client.session.decisions import HeldBase, refuse_evaluation
+from client.snapshot import ALLOW, USER_PAUSED, PauseDecision
+from server.fedeval import Report, Tally, due, select_evaluators, weighted_metrics
+from tests.hostile_server import hostile_client
+from tests.waiting import scaled
+
+NOW = 1_000_000.0
+
+
+@pytest.mark.parametrize(
+    ("every", "evaluated"),
+    [(1, [1, 2, 3, 4, 5, 6]), (2, [2, 4, 6]), (3, [3, 6]), (0, []), (7, [])],
+)
+def test_due_evaluates_every_nth_version(every: int, evaluated: list[int]) -> None:
+    assert [v for v in range(0, 7) if due(v, every)] == evaluated
+
+
+@pytest.mark.parametrize(
+    ("candidates", "version", "limit", "chosen"),
+    [
+        ([("b", 3), ("a", 2), ("c", 3)], 3, 10, ["b", "c", "a"]),  # holders first
+        ([("b", 3), ("a", 2), ("c", 3)], 3, 2, ["b", "c"]),  # up to the limit
+        ([("b", None), ("a", 2)], 3, 5, ["a", "b"]),  # nobody holds it yet: by id
+        ([("a", 3)], 3, 0, []),
+        ([], 3, 4, []),
+    ],
+)
+def test_select_evaluators(
+    candidates: list[tuple[str, int | None]], version: int, limit: int, chosen: list[str]
+) -> None:
+    assert select_evaluators(candidates, version, limit) == chosen
+
+
+@pytest.mark.parametrize(
+    ("reports", "loss", "accuracy", "samples"),
+    [
+        ([Report(1.0, 0.5, 100)], 1.0, 0.5, 100),
+        # Weighted by samples, not a plain mean of the devices (that would be 1.5 / 0.5).
+        ([Report(1.0, 0.9, 300), Report(2.0, 0.1, 100)], 1.25, 0.7, 400),
+        ([Report(0.2, 1.0, 1), Report(0.4, 0.0, 1), Report(0.6, 0.5, 2)], 0.45, 0.5, 4),
+    ],
+)
+def test_weighted_metrics_are_sample_weighted(
+    reports: list[Report], loss: float, accuracy: float, samples: int
+) -> None:
+    got = weighted_metrics(reports)
+    assert math.isclose(float(got["federated_eval_loss"]), loss)  # type: ignore[arg-type]
+    assert math.isclose(float(got["federated_eval_accuracy"]), accuracy)  # type: ignore[arg-type]
+    assert got["federated_eval_samples"] == samples
+    assert got["federated_eval_devices"] == len(reports)
+
+
+def test_weighted_metrics_of_nothing_is_empty() -> None:
+    assert weighted_metrics([]) == {}
+
+
+def test_a_tally_counts_each_accepting_device_once() -> None:
+    tally = Tally(version=2, deadline=NOW, asked={"a", "b", "c"}, accepted={"a", "b"})
+    assert tally.count("a", Report(1.0, 0.5, 10))
+    assert not tally.count("a", Report(9.0, 0.0, 99))  # a repeat: the first one stays
+    assert not tally.count("c", Report(1.0, 0.5, 10))  # asked but refused
+    assert not tally.count("z", Report(1.0, 0.5, 10))  # never asked
+    assert tally.reports == {"a": Report(1.0, 0.5, 10)}
+
+
+def _start(version: int = 3, task: str = "digits", deadline: float = NOW + 60) -> EvaluationStart:
+    return EvaluationStart(
+        version=version,
+        task=task,
+        partition=Partition(index=0, count=2),
+        deadline=deadline,
+    )
+
+
+HELD = HeldBase(version=3, task="digits")
+TASKS = ("digits", "synthetic")
+
+
+@pytest.mark.parametrize(
+    ("start", "pause", "training", "evaluating", "busy", "simulation", "held", "reason"),
+    [
+        (_start(), ALLOW, None, None, False, False, HELD, None),
+        (_start(), USER_PAUSED, None, None, False, False, HELD, "user_paused"),
+        # The pause wins over everything else, as for training.
+        (_start(), USER_PAUSED, "r1", 2, True, True, None, "user_paused"),
+        (_start(), ALLOW, "r4-1-ab", None, True, False, HELD, "busy"),
+        (_start(), ALLOW, None, 2, True, False, HELD, "busy"),
+        (_start(), ALLOW, None, None, True, False, HELD, "busy"),
+        (_start(), ALLOW, None, None, False, True, HELD, "unknown_task"),
+        (_start(task="cifar"), ALLOW, None, None, False, False, HELD, "unknown_task"),
+        (_start(version=4), ALLOW, None, None, False, False, HELD, "missing_base"),
+        (_start(), ALLOW, None, None, False, False, None, "missing_base"),
+        (_start(deadline=NOW - 1), ALLOW, None, None, False, False, HELD, "deadline_passed"),
+    ],
+)
+def test_refuse_evaluation(
+    start: EvaluationStart,
+    pause: PauseDecision,
+    training: str | None,
+    evaluating: int | None,
+    busy: bool,
+    simulation: bool,
+    held: HeldBase | None,
+    reason: str | None,
+) -> None:
+    answer = refuse_evaluation(
+        start,
+        pause=pause,
+        training=training,
+        evaluating=evaluating,
+        worker_busy=busy,
+        simulation=simulation,
+        tasks=TASKS,
+        held=held,
+        now=NOW,
+    )
+    if reason is None:
+        assert answer is None
+    else:
+        assert answer is not None and not answer.accepted
+        assert answer.reason == reason
+        assert answer.detail
+
+
+def test_a_paused_device_refuses_to_evaluate_with_its_reason(tmp_path: Path) -> None:
+    with hostile_client(tmp_path, task="digits") as (server, client):
+        client.pause()
+        client.wait_for(lambda s: s.device_state == "paused", scaled(10))
+        raw = server.call(EV_EVALUATION_START, _start(deadline=4e9).to_wire())
+        answer = parse(EvaluationStartAck, raw)
+        assert not answer.accepted
+        assert answer.reason == "user_paused"
+        assert answer.detail == USER_PAUSED.detail
+        client.resume()
+        client.wait_for(lambda s: s.device_state != "paused", scaled(10))
+        # Unpaused, it still refuses a version it does not hold: it never evaluates a guess.
+        raw = server.call(EV_EVALUATION_START, _start(deadline=4e9).to_wire())
+        answer = parse(EvaluationStartAck, raw)
+        assert not answer.accepted and answer.reason == "missing_base"
