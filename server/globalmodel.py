@@ -11,7 +11,9 @@ seen survives a crash (a failed save is logged; the version is still published, 
 round's updates stay on disk). A version is published before its evaluation is known:
 :meth:`GlobalModel.record_evaluation` adds it to that version's history record later, in
 memory and in ``history.json`` (when that version is the saved one), so it survives a
-restart; a crash before then leaves the record without evaluation. Writes of
+restart; a crash before then leaves the record without evaluation.
+:meth:`GlobalModel.record_fields` does the same for other fields of a version's record
+(the federated evaluation's ``federated_eval_*``, :mod:`server.fedeval`). Writes of
 ``history.json`` are serialized (one at a time, each from the latest saved snapshot), so an
 older write never lands after a newer one. The one encoding made by ``prepare`` is the bytes saved,
 the safetensors bytes sent to devices and their SHA-256: never encoded twice. A server

@@ -39,6 +39,9 @@ onto the loop; disk work runs in worker threads):
   its process ahead of the first round, unless simulating, paused or built with
   ``warm_worker=False``; the worker keeps
   it, and the built model, across rounds until idle for its idle timeout.
+* The worker's evaluation events (:class:`client.worker_messages.EvalDone`,
+  :class:`~client.worker_messages.EvalFailed`) are not rounds: they are handed to
+  :attr:`Rounds.on_eval_event` (set by :mod:`client.session.evaluations`).
 * Worker failures and disk errors are sent as ``training:error`` and the session keeps
   running.
 """
