@@ -9,13 +9,19 @@ or a paused / training device evaluating anyway (``refuse_evaluation``, the sess
 
 from __future__ import annotations
 
+import asyncio
+import json
 import math
 from pathlib import Path
+from typing import cast
 
+import numpy as np
 import pytest
+import socketio
 
 from client.protocol import (
     EV_EVALUATION_START,
+    EvaluationResult,
     EvaluationStart,
     EvaluationStartAck,
     Partition,
@@ -23,7 +29,21 @@ from client.protocol import (
 )
 from client.session.decisions import HeldBase, refuse_evaluation
 from client.snapshot import ALLOW, USER_PAUSED, PauseDecision
-from server.fedeval import Report, Tally, due, select_evaluators, weighted_metrics
+from client.weights import layout_of
+from server.background import Background
+from server.config import ServerConfig
+from server.fedeval import (
+    FederatedEvaluation,
+    Report,
+    Tally,
+    due,
+    select_evaluators,
+    weighted_metrics,
+)
+from server.globalmodel import GlobalModel
+from server.registry import DeviceRecord, Registry
+from server.status import RoundRecord
+from server.store import HISTORY_FILE, Store
 from tests.hostile_server import hostile_client
 from tests.waiting import scaled
 
@@ -160,3 +180,78 @@ def test_a_paused_device_refuses_to_evaluate_with_its_reason(tmp_path: Path) -> 
         raw = server.call(EV_EVALUATION_START, _start(deadline=4e9).to_wire())
         answer = parse(EvaluationStartAck, raw)
         assert not answer.accepted and answer.reason == "missing_base"
+
+
+# ------------------------------------------------------------------ recording results
+
+
+def _completed(version: int) -> RoundRecord:
+    return RoundRecord(
+        round_id=f"r{version}",
+        number=version,
+        outcome="completed",
+        version=version,
+        clients_selected=2,
+        clients_reported=2,
+        train_loss=0.5,
+        seconds=1.0,
+        finished_at=1.0,
+    )
+
+
+def _result(version: int, loss: float, accuracy: float, samples: int) -> EvaluationResult:
+    return EvaluationResult(
+        version=version, task="synthetic", loss=loss, accuracy=accuracy, num_samples=samples
+    )
+
+
+def test_results_are_recorded_weighted_late_ones_too_and_unasked_ones_dropped(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        state = {"w": np.zeros(4, np.float32)}
+        model = GlobalModel(Store(tmp_path), "synthetic")
+        model.adopt(state, layout_of(state), None)
+        for version in (1, 2):
+            prepared = await model.prepare(state, version)
+            assert await model.persist(prepared, _completed(version))
+            model.publish(prepared, _completed(version), {})
+        registry = Registry(stale_after=30.0)
+        config = ServerConfig(task="synthetic", state_dir=tmp_path)
+        fed = FederatedEvaluation(
+            config=config,
+            sio=socketio.AsyncServer(async_mode="aiohttp"),
+            registry=registry,
+            model=model,
+            distributor=None,  # type: ignore[arg-type]  # not reached: nobody is asked here
+            background=Background(),
+        )
+        # Version 1 was asked of a and b (both accepted); version 2 was not asked at all.
+        fed._tallies[1] = Tally(version=1, deadline=0.0, asked={"a", "b"}, accepted={"a", "b"})
+        a, b, z = (cast(DeviceRecord, _Device(d)) for d in ("a", "b", "z"))
+        await fed.on_result(a, _result(1, 1.0, 0.9, 300))  # late (deadline 0): still recorded
+        await fed.on_result(a, _result(1, 5.0, 0.0, 900))  # a repeat: ignored
+        await fed.on_result(z, _result(1, 5.0, 0.0, 900))  # never asked: dropped
+        await fed.on_result(b, _result(2, 5.0, 0.0, 900))  # version not asked: dropped
+        await fed.on_result(b, _result(1, 2.0, 0.1, 100))
+        meta = json.loads((tmp_path / HISTORY_FILE).read_text())
+        for history in (
+            [r.model_dump(by_alias=True) for r in model.history],
+            meta["history"],
+        ):
+            first, second = history
+            assert first["federatedEvalLoss"] == pytest.approx(1.25)
+            assert first["federatedEvalAccuracy"] == pytest.approx(0.7)
+            assert first["federatedEvalSamples"] == 400
+            assert first["federatedEvalDevices"] == 2
+            assert second["federatedEvalLoss"] is None and second["federatedEvalDevices"] is None
+
+    asyncio.run(scenario())
+
+
+class _Device:
+    """Just what FederatedEvaluation.on_result reads of a device record."""
+
+    def __init__(self, device_id: str) -> None:
+        self.device_id = device_id
+        self.name = device_id
