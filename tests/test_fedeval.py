@@ -255,3 +255,15 @@ class _Device:
     def __init__(self, device_id: str) -> None:
         self.device_id = device_id
         self.name = device_id
+
+
+def test_evaluate_every_is_a_flag_of_the_server_and_must_not_be_negative(tmp_path: Path) -> None:
+    from server.cli import build_parser, config_from_args
+    from server.config import ConfigError
+
+    args = build_parser().parse_args(["--evaluate-every", "3", "--state-dir", str(tmp_path)])
+    assert config_from_args(args).evaluate_every == 3
+    default = build_parser().parse_args(["--state-dir", str(tmp_path)])
+    assert config_from_args(default).evaluate_every == 1
+    with pytest.raises(ConfigError, match="--evaluate-every"):
+        ServerConfig(evaluate_every=-1, state_dir=tmp_path)
