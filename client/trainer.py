@@ -54,6 +54,16 @@ Contract:
   uninterrupted run (also in a fresh process). A checkpoint of anything else, or an
   unreadable one, is deleted and ignored. The checkpoint is deleted when the round
   finishes or is cancelled; it is kept when training fails otherwise.
+* :meth:`LocalTrainer.evaluate` (federated evaluation, an
+  :class:`client.worker_messages.EvalJob`) loads the global into the kept model in place
+  when it is the same task, parameters and files (whatever the partition), else builds
+  one (and keeps it), and measures the task's :meth:`~client.tasks.base.Task.evaluate`
+  (batches of :func:`client.tasks.base.eval_batches`, no gradients) on the test split of
+  the job's partition (a package: its shipped test set or the device's own test data);
+  a task without test data is evaluated on a holdout: the last fifth (at least one
+  sample) of the partition's train data. It writes nothing (no checkpoint, no output)
+  and raises :class:`Cancelled` when the control says pause or cancel before or after
+  the pass (an evaluation is abandoned, never checkpointed).
 * The batch size is ``config.batch_size`` capped by the memory available
   (:func:`cap_batch_size`); when an epoch runs out of memory anyway, it is retried from
   the state at the start of the epoch with half the batch size, down to 1, after which
@@ -79,13 +89,14 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import psutil
 from pydantic import JsonValue
 
-from client.atomicfile import file_identity
+from client.atomicfile import FileIdentity, file_identity
 from client.checkpoint import (
     CheckpointClock,
     Position,
@@ -110,6 +121,8 @@ from client.weights import Layout, decode, encode, layout_of, sha256_hex
 from client.worker_messages import (
     DEFAULT_CHECKPOINT_INTERVAL,
     Command,
+    EvalJob,
+    EvalResult,
     JobCancelled as Cancelled,
     NeverInterrupt,
     ProgressCallback,
@@ -210,7 +223,7 @@ class LocalTrainer:
             raise FedtrayError("bad_request", "this device's data partition holds no samples")
         base_sha = "none"
         if job.base_weights_path is not None:
-            raw, base_sha = _read_base(job)
+            raw, base_sha = _read_base(job, f"round {job.round_id}")
             base = decode(raw, "safetensors", expected=built.layout)
             del raw
             # In place: load_state_dict copies into the model's own tensors.
@@ -385,7 +398,7 @@ class LocalTrainer:
         model = task.build_model(task.params, job.config.seed)
         layout = layout_of(model_state(model))
         model.to(device)
-        self._built = _Built(key, task, partition, model, layout)
+        self._built = _Built(key, task, partition, model, layout, _model_only_key(job, str(device)))
         return self._built
 
     def _device(self) -> torch.device:
@@ -434,6 +447,67 @@ class LocalTrainer:
         if batch < min(config.batch_size, n):
             log.info("batch size capped from %d to %d by free memory", config.batch_size, batch)
         return batch
+
+    def evaluate(self, job: EvalJob, control: TrainControl | None = None) -> EvalResult:
+        """Evaluate global ``job.version`` on this device's test split (module docstring).
+
+        Raises :class:`Cancelled`, :class:`client.errors.FedtrayError` (``stale_base``, a
+        weights code, ``bad_request`` when there is no data to evaluate on).
+        """
+        import torch
+
+        ctl: TrainControl = control or NeverInterrupt()
+        if ctl.check() != "run":
+            raise Cancelled(f"evaluation {job.eval_id} abandoned")
+        device = self._device()
+        built = self._built_for_eval(job, device)
+        task, model = built.task, built.model
+        partition = None if job.data_path is not None else job.partition
+        x, y = task.load_data("test", partition)
+        holdout = len(y) == 0
+        if holdout:
+            x_train, y_train = task.load_data("train", partition)
+            keep = max(1, len(y_train) // 5) if len(y_train) else 0
+            x, y = x_train[len(y_train) - keep :], y_train[len(y_train) - keep :]
+        if len(y) == 0:
+            raise FedtrayError("bad_request", "this device holds no data to evaluate on")
+        raw, _sha = _read_base(job, f"version {job.version}")
+        base = decode(raw, "safetensors", expected=built.layout)
+        del raw
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in base.items()})
+        del base
+        model.to(device)
+        scores = task.evaluate(model, x, y)
+        if ctl.check() != "run":
+            raise Cancelled(f"evaluation {job.eval_id} abandoned")
+        loss, accuracy = float(scores.get("loss", math.nan)), float(scores.get("accuracy", 0.0))
+        if not math.isfinite(loss) or not math.isfinite(accuracy):
+            raise FedtrayError("training_failed", f"the evaluation measured loss {loss}")
+        return EvalResult(
+            eval_id=job.eval_id,
+            version=job.version,
+            loss=loss,
+            accuracy=min(1.0, max(0.0, accuracy)),
+            num_samples=len(y),
+            holdout=holdout,
+        )
+
+    def _built_for_eval(self, job: EvalJob, device: torch.device) -> _Built:
+        """The kept model when it is ``job``'s task, parameters and files; else a new one
+        (kept for the next job)."""
+        model_only = _model_only_key(job, str(device))
+        kept = self._built
+        if kept is not None and kept.model_only == model_only:
+            return kept
+        self._built = None
+        task, partition = resolve_task(job, self._task_loader)
+        model = task.build_model(task.params, 0)
+        layout = layout_of(model_state(model))
+        model.to(device)
+        self._built = _Built(
+            _model_key(job, str(device)), task, partition, model, layout, model_only
+        )
+        return self._built
 
     # -- checkpoints --------------------------------------------------------------------
 
@@ -500,9 +574,56 @@ class _Built:
     partition: Partition | None
     model: torch.nn.Module
     layout: Layout
+    model_only: str = ""  # the key without the partition: which model, whatever the data
 
 
-def _model_key(job: TrainJob, device: str) -> str:
+class _TaskJob(Protocol):
+    """What decides a job's task and model (a :class:`TrainJob` or an :class:`EvalJob`)."""
+
+    @property
+    def task(self) -> str: ...
+    @property
+    def model_params(self) -> dict[str, JsonValue]: ...
+    @property
+    def partition(self) -> Partition: ...
+    @property
+    def package_path(self) -> Path | None: ...
+    @property
+    def package_sha256(self) -> str | None: ...
+    @property
+    def data_path(self) -> Path | None: ...
+    @property
+    def data_sha256(self) -> str | None: ...
+
+
+class _BaseJob(Protocol):
+    """Where a job's base weights are and how they were verified."""
+
+    @property
+    def base_weights_path(self) -> Path | None: ...
+    @property
+    def base_sha256(self) -> str | None: ...
+    @property
+    def base_identity(self) -> FileIdentity | None: ...
+
+
+def _model_only_key(job: _TaskJob, device: str) -> str:
+    """The model a job needs, whatever its partition: task, parameters, files, device."""
+    return json.dumps(
+        [
+            job.task,
+            job.model_params,
+            str(job.package_path),
+            job.package_sha256,
+            str(job.data_path),
+            job.data_sha256,
+            device,
+        ],
+        sort_keys=True,
+    )
+
+
+def _model_key(job: _TaskJob, device: str) -> str:
     """What decides the model a job builds (its weights aside): task, parameters, files."""
     return json.dumps(
         [
@@ -519,13 +640,14 @@ def _model_key(job: TrainJob, device: str) -> str:
     )
 
 
-def _read_base(job: TrainJob) -> tuple[bytes, str]:
+def _read_base(job: _BaseJob, of: str) -> tuple[bytes, str]:
     """The base file's bytes and SHA-256, hashed only when its identity is not vouched
-    for (module docstring); raises ``stale_base`` or ``training_failed``."""
+    for (module docstring); raises ``stale_base`` or ``training_failed``. ``of`` names
+    what the file is the base of (``round r3``), for the message."""
     assert job.base_weights_path is not None
     stale = FedtrayError(
         "stale_base",
-        f"the base weights file changed: it is no longer the base of round {job.round_id}",
+        f"the base weights file changed: it is no longer the base of {of}",
     )
     try:
         with job.base_weights_path.open("rb") as fh:
@@ -571,7 +693,7 @@ def _make_optimizer(model: torch.nn.Module, config: TrainingConfig) -> torch.opt
 
 
 def resolve_task(
-    job: TrainJob, task_loader: Callable[[str, Mapping[str, JsonValue]], Task] = get_task
+    job: _TaskJob, task_loader: Callable[[str, Mapping[str, JsonValue]], Task] = get_task
 ) -> tuple[Task, Partition | None]:
     """THE task resolution of a job: the task, and the partition to load its data with.
 

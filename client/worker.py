@@ -11,6 +11,10 @@ Contract:
 * ``submit(job)`` hands a :class:`client.worker_messages.TrainJob` to the child, starting
   it when it is not running; it raises :class:`client.errors.FedtrayError` ``busy`` while
   a job runs and ``internal_error`` after :meth:`TrainingWorker.shutdown`.
+* ``submit_eval(job)`` hands a :class:`client.worker_messages.EvalJob` (federated
+  evaluation) to the child the same way, with the same ``busy`` rule (one job at a time,
+  training or evaluation); it is answered by exactly one of :class:`EvalDone` or
+  :class:`EvalFailed` (a dead child gives ``EvalFailed("training_failed", ...)``).
 * ``pause()``, ``resume()`` and ``cancel()`` reach the child at its next batch boundary;
   they do nothing when no job runs.
 * Events (:data:`client.worker_messages.WorkerEvent`) go to ``on_event`` from ONE reader
@@ -69,6 +73,10 @@ from client.worker_messages import (
     Cancel,
     Cancelled,
     Done,
+    EvalDone,
+    EvalFailed,
+    EvalJob,
+    Evaluate,
     Exit,
     Failed,
     LogRecord,
@@ -143,7 +151,7 @@ class TrainingWorker:
         self._cond = threading.Condition()
         self._proc: BaseProcess | None = None
         self._conn: Connection | None = None
-        self._job: TrainJob | None = None
+        self._job: TrainJob | EvalJob | None = None
         self._paused = False
         self._closed = False
         self._idle_since = time.monotonic()
@@ -187,24 +195,33 @@ class TrainingWorker:
     def submit(self, job: TrainJob) -> None:
         """Start ``job``; raises ``FedtrayError('busy')`` if a job is running."""
         with self._cond:
-            if self._closed:
-                raise FedtrayError("internal_error", "the training worker was shut down")
-            if self._job is not None:
-                raise FedtrayError("busy", f"already training round {self._job.round_id}")
-            self._ensure_child()
-            assert self._conn is not None
-            self._job = job
-            self._paused = False
-            self._paused_seen.clear()
-            try:
-                self._conn.send(Submit(job))
-            except Exception as exc:  # a dead pipe, or a job that cannot be pickled
-                self._job = None
-                raise FedtrayError(
-                    "training_failed", f"cannot hand the job to the training process: {exc}"
-                ) from exc
-            self._ensure_reader()
-            self._cond.notify_all()
+            self._hand_over(job, Submit(job))
+
+    def submit_eval(self, job: EvalJob) -> None:
+        """Start the evaluation ``job``; raises ``FedtrayError('busy')`` if a job is running."""
+        with self._cond:
+            self._hand_over(job, Evaluate(job))
+
+    def _hand_over(self, job: TrainJob | EvalJob, command: Submit | Evaluate) -> None:
+        """Send ``command`` for ``job`` to the child (under the lock)."""
+        if self._closed:
+            raise FedtrayError("internal_error", "the training worker was shut down")
+        if self._job is not None:
+            raise FedtrayError("busy", f"already {_label(self._job)}")
+        self._ensure_child()
+        assert self._conn is not None
+        self._job = job
+        self._paused = False
+        self._paused_seen.clear()
+        try:
+            self._conn.send(command)
+        except Exception as exc:  # a dead pipe, or a job that cannot be pickled
+            self._job = None
+            raise FedtrayError(
+                "training_failed", f"cannot hand the job to the training process: {exc}"
+            ) from exc
+        self._ensure_reader()
+        self._cond.notify_all()
 
     def warm(self) -> None:
         """Start the child and let it import torch now, while idle (module docstring)."""
@@ -356,7 +373,10 @@ class TrainingWorker:
         if isinstance(message, LogRecord):
             logging.getLogger(message.name).log(message.level, "%s", message.text)
             return
-        if not isinstance(message, ProgressEvent | Paused | Resumed | Done | Failed | Cancelled):
+        if not isinstance(
+            message,
+            ProgressEvent | Paused | Resumed | Done | Failed | Cancelled | EvalDone | EvalFailed,
+        ):
             log.warning("ignoring an unknown message from the training process: %r", message)
             return
         with self._cond:
@@ -367,7 +387,7 @@ class TrainingWorker:
                 self._paused_seen.set()
             elif isinstance(message, Resumed):
                 self._paused = False
-            elif isinstance(message, Done | Failed | Cancelled):
+            elif isinstance(message, Done | Failed | Cancelled | EvalDone | EvalFailed):
                 self._job = None
                 self._paused = False
                 self._idle_since = time.monotonic()
@@ -389,7 +409,15 @@ class TrainingWorker:
             self._discard_child()
         how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
         log.warning("training process exited unexpectedly (%s)", how)
-        if job is not None:
+        if isinstance(job, EvalJob):
+            self._emit(
+                EvalFailed(
+                    job.eval_id,
+                    "training_failed",
+                    f"the training process exited unexpectedly ({how})",
+                )
+            )
+        elif job is not None:
             self._emit(
                 Failed(
                     "training_failed",
@@ -409,6 +437,13 @@ class TrainingWorker:
         _stop_process(proc, conn, 5.0)
         conn.close()
         proc.close()
+
+
+def _label(job: TrainJob | EvalJob) -> str:
+    """What the worker is busy with, in words."""
+    if isinstance(job, EvalJob):
+        return f"evaluating version {job.version}"
+    return f"training round {job.round_id}"
 
 
 def _stop_process(proc: BaseProcess, conn: Connection, timeout: float) -> None:

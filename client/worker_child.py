@@ -34,6 +34,10 @@ Contract:
   round), :class:`Paused`, :class:`Resumed` and exactly one of :class:`Done`,
   :class:`Failed`, :class:`Cancelled`;
   and :class:`LogRecord` for its ``client.*`` log records of level INFO and above.
+* :class:`client.worker_messages.Evaluate` runs the trainer's ``evaluate`` (federated
+  evaluation, :class:`client.worker_messages.Evaluator`) with the same kept trainer and
+  model, and answers exactly one :class:`EvalDone` or :class:`EvalFailed` (``paused``
+  when a pause or cancel abandoned it; an evaluation is never checkpointed).
 * :class:`Exit` while a job runs leaves at once without the cancel path, so the job's
   checkpoint stays (the parent pauses a job before it asks it to exit).
 """
@@ -61,6 +65,11 @@ from client.worker_messages import (
     ChildMessage,
     Command,
     Done,
+    EvalDone,
+    EvalFailed,
+    EvalJob,
+    Evaluate,
+    Evaluator,
     Exit,
     Failed,
     JobCancelled,
@@ -153,11 +162,12 @@ class _ChildControl:
         self._cpu_clock = cpu_clock
         self._wall_clock = wall_clock
 
-    def reset(self, job: TrainJob) -> None:
-        """A new job: not paused, not cancelled (called before the job is queued)."""
+    def reset(self, job: TrainJob | EvalJob) -> None:
+        """A new job: not paused, not cancelled (called before the job is queued). An
+        evaluation's id stands where a round's would (its Paused/Resumed name it)."""
         with self._cond:
             self._paused = self._cancelled = False
-            self._round_id = job.round_id
+            self._round_id = job.round_id if isinstance(job, TrainJob) else job.eval_id
             self._job_threads = job.torch_threads
             self._new_window = True
 
@@ -336,7 +346,7 @@ def child_main(conn: Connection, simulation: bool, progress_interval: float) -> 
     client_log.setLevel(logging.INFO)
 
     control = _ChildControl(send)
-    jobs: queue.Queue[TrainJob | Warm | None] = queue.Queue()
+    jobs: queue.Queue[TrainJob | EvalJob | Warm | None] = queue.Queue()
     running = threading.Event()
     trainers = _TrainerSlot(simulation)
 
@@ -351,7 +361,7 @@ def child_main(conn: Connection, simulation: bool, progress_interval: float) -> 
                 jobs.put(command)
             elif isinstance(command, SetBudget):
                 control.set_budget(command)
-            elif isinstance(command, Submit):
+            elif isinstance(command, Submit | Evaluate):
                 control.reset(command.job)
                 running.set()
                 jobs.put(command.job)
@@ -375,7 +385,11 @@ def child_main(conn: Connection, simulation: bool, progress_interval: float) -> 
                 log.warning("could not get the trainer ready", exc_info=True)
             continue
         try:
-            reply = _run_job(job, control, send, trainers, progress_interval)
+            reply: Done | Failed | Cancelled | EvalDone | EvalFailed
+            if isinstance(job, EvalJob):
+                reply = _run_eval(job, control, trainers)
+            else:
+                reply = _run_job(job, control, send, trainers, progress_interval)
         finally:
             running.clear()
         try:
@@ -408,3 +422,24 @@ def _run_job(
     except Exception as exc:
         log.exception("training round %s failed", job.round_id)
         return Failed("training_failed", f"{type(exc).__name__}: {exc}", job.round_id)
+
+
+def _run_eval(
+    job: EvalJob, control: _ChildControl, trainers: _TrainerSlot
+) -> EvalDone | EvalFailed:
+    """Evaluate ``job`` with the process's trainer (module docstring)."""
+    try:
+        trainer = trainers.warm()
+        control.use(trainer, trainers.set_threads())
+        evaluate = getattr(trainer, "evaluate", None)
+        if evaluate is None:
+            return EvalFailed(job.eval_id, "training_failed", "this trainer cannot evaluate")
+        evaluator: Evaluator = trainer  # type: ignore[assignment]
+        return EvalDone(evaluator.evaluate(job, control))
+    except JobCancelled:
+        return EvalFailed(job.eval_id, "paused", "the evaluation was abandoned")
+    except FedtrayError as exc:
+        return EvalFailed(job.eval_id, exc.code, exc.message)
+    except Exception as exc:
+        log.exception("evaluation %s failed", job.eval_id)
+        return EvalFailed(job.eval_id, "training_failed", f"{type(exc).__name__}: {exc}")

@@ -18,6 +18,11 @@ Contract:
   :class:`Paused`, :class:`Resumed` and exactly one of :class:`Done`, :class:`Failed`,
   :class:`Cancelled` per job) and
   :class:`LogRecord` (a child log line, logged by the parent, never an event).
+* Federated evaluation: :class:`EvalJob` (a global version to evaluate on the device's
+  own test split) is handed over with :class:`Evaluate`; the child answers it with
+  exactly one of :class:`EvalDone` (an :class:`EvalResult`) or :class:`EvalFailed`
+  (also when cancelled). An evaluation writes nothing: no checkpoint, no output. A
+  trainer that can evaluate implements :class:`Evaluator` (``evaluate(job, control)``).
 * :class:`Trainer` is what trains a job: :class:`client.trainer.LocalTrainer` (torch)
   and :class:`client.simulation.SimulatedTrainer` implement it. A trainer asks its
   :class:`TrainControl` at every batch boundary and raises :class:`JobCancelled` when
@@ -45,6 +50,12 @@ __all__ = [
     "ChildMessage",
     "Command",
     "Done",
+    "EvalDone",
+    "EvalFailed",
+    "EvalJob",
+    "EvalResult",
+    "Evaluate",
+    "Evaluator",
     "Exit",
     "Failed",
     "JobCancelled",
@@ -222,6 +233,53 @@ class Trainer(Protocol):
     ) -> TrainResult: ...
 
 
+@dataclass(frozen=True)
+class EvalJob:
+    """One federated evaluation: global version ``version`` (the file at
+    ``base_weights_path``, verified by the session on arrival: ``base_identity`` and
+    ``base_sha256`` as in :class:`TrainJob`) on this device's test split of ``partition``
+    (or the package's / the device's own data, as in :class:`TrainJob`). ``eval_id``
+    labels it in events; ``torch_threads`` as in :class:`TrainJob`."""
+
+    eval_id: str
+    version: int
+    task: str
+    model_params: dict[str, JsonValue]
+    partition: Partition
+    base_weights_path: Path
+    base_sha256: str | None = None
+    base_identity: FileIdentity | None = None
+    package_path: Path | None = None
+    package_sha256: str | None = None
+    data_path: Path | None = None
+    data_sha256: str | None = None
+    torch_threads: int | None = None
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """What an evaluation measured: mean ``loss`` and ``accuracy`` over ``num_samples``
+    test samples; ``holdout`` is True when the task had no test split and a holdout of
+    the device's train data was used."""
+
+    eval_id: str
+    version: int
+    loss: float
+    accuracy: float
+    num_samples: int
+    holdout: bool = False
+
+
+class Evaluator(Protocol):
+    """A trainer that can also evaluate a global version (:class:`EvalJob`).
+
+    Raises :class:`JobCancelled` when ``control`` says cancel (or pause: an evaluation is
+    not checkpointed, it is abandoned), :class:`client.errors.FedtrayError` for a job it
+    cannot evaluate."""
+
+    def evaluate(self, job: EvalJob, control: TrainControl | None = None) -> EvalResult: ...
+
+
 # -- parent -> child ----------------------------------------------------------------------
 
 
@@ -277,7 +335,14 @@ class Exit:
     """Leave the process (a running job stays checkpointed: it is not cancelled)."""
 
 
-WorkerCommand = Warm | Submit | Pause | Resume | Cancel | SetBudget | Exit
+@dataclass(frozen=True)
+class Evaluate:
+    """Evaluate ``job`` (the child is idle); answered by EvalDone or EvalFailed."""
+
+    job: EvalJob
+
+
+WorkerCommand = Warm | Submit | Evaluate | Pause | Resume | Cancel | SetBudget | Exit
 
 
 # -- child -> parent ----------------------------------------------------------------------
@@ -337,5 +402,21 @@ class LogRecord:
     text: str
 
 
-WorkerEvent = ProgressEvent | Paused | Resumed | Done | Failed | Cancelled
+@dataclass(frozen=True)
+class EvalDone:
+    """The evaluation finished."""
+
+    result: EvalResult
+
+
+@dataclass(frozen=True)
+class EvalFailed:
+    """The evaluation failed or was cancelled (``code`` ``paused`` then)."""
+
+    eval_id: str
+    code: ErrorCode
+    message: str
+
+
+WorkerEvent = ProgressEvent | Paused | Resumed | Done | Failed | Cancelled | EvalDone | EvalFailed
 ChildMessage = WorkerEvent | LogRecord

@@ -35,6 +35,7 @@ from client.protocol import PartitionScheme
 from server import __version__
 from server.auth import TokenFileError, read_tokens_file
 from server.config import DEFAULT_HOST, DEFAULT_PORT, ConfigError, ServerConfig, default_state_dir
+from server.fedeval import add_evaluate_flag
 from server.strategies.settings import add_flags as add_strategy_flags, settings_from_args
 from server.task_params import FLAG as TASK_PARAM_FLAG, task_params_from_flags
 from server.taskfile import ServedPackage, open_package
@@ -146,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: clients per round x 2 updates of the model's size)",
     )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    add_evaluate_flag(p)
     add_strategy_flags(p)
     return p
 
@@ -184,6 +186,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         keyfile=args.keyfile,
         max_transfer_bytes=args.max_transfer_bytes,
         strategy=settings_from_args(args),
+        evaluate_every=args.evaluate_every,
     )
 
 

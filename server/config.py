@@ -117,6 +117,9 @@ class ServerConfig:
     rate_limits: RateLimits = field(default_factory=RateLimits)
     #: The aggregation strategy and its parameters (``--strategy``, ``--clip-norm``, ...).
     strategy: StrategySettings = field(default_factory=StrategySettings)
+    #: Federated evaluation: every this many versions, devices evaluate the new global on
+    #: their own test split (``--evaluate-every``; 0 = never). :mod:`server.fedeval`.
+    evaluate_every: int = 1
 
     def training_overrides(self) -> dict[str, Any]:
         """The local training settings given explicitly, as TrainingConfig fields."""
@@ -178,6 +181,10 @@ class ServerConfig:
         _check(
             _finite(self.retry_delay) and self.retry_delay >= 0,
             f"retry_delay must be 0 or more, got {self.retry_delay}",
+        )
+        _check(
+            self.evaluate_every >= 0,
+            f"--evaluate-every must be 0 (off) or more, got {self.evaluate_every}",
         )
         problem = self.strategy.problem()
         _check(problem is None, problem or "")

@@ -8,7 +8,8 @@ partitioning (the selected devices get parts ``0..n-1`` of ``n`` in selection or
 once (:meth:`accept_update`, saved on disk before it is acknowledged: kept as the verified
 safetensors document received, checked in place, never re-encoded), closing, aggregating
 and publishing the new version (:class:`server.globalmodel.GlobalModel`), then evaluating
-it off the critical path.
+it off the critical path (on the server, and on the devices: :mod:`server.fedeval`, asked
+right after the new version is broadcast).
 
 A new version is published (``history.json`` saved, ``weights:global`` broadcast, the next
 round free to start) as soon as it is saved; its ``weights:global`` carries what is known
@@ -68,6 +69,7 @@ from server.background import Background
 from server.config import ServerConfig
 from server.distribution import Distributor
 from server.evaluation import EvaluationQueue, Metrics
+from server.fedeval import FederatedEvaluation
 from server.globalmodel import GlobalModel
 from server.model import Evaluator, ModelEvaluator
 from server.phase import PhaseMachine
@@ -131,6 +133,15 @@ class RoundCoordinator:
         self._evaluator: ModelEvaluator | None = None
         self._evaluations = EvaluationQueue(
             evaluate=self._evaluate, record=self._record_evaluation, background=background
+        )
+        #: Federated evaluation of new versions on the devices (server.fedeval).
+        self.federated = FederatedEvaluation(
+            config=config,
+            sio=sio,
+            registry=registry,
+            model=model,
+            distributor=distributor,
+            background=background,
         )
         self._restored: Round | None = None
         self._return_grace_until = 0.0
@@ -490,6 +501,7 @@ class RoundCoordinator:
         await self._complete_round(rnd, collected_at)
         self.phase.close()
         self._distributor.broadcast()
+        self.federated.published(self.task, self._model.version)
         return True
 
     def _abandon(self, rnd: Round) -> None:

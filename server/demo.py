@@ -45,6 +45,7 @@ from types import FrameType
 from typing import IO, Any, Final
 
 from server.config import ConfigError
+from server.fedeval import add_evaluate_flag
 from server.strategies.settings import add_flags as add_strategy_flags, flags_of, settings_from_args
 from server.task_params import task_params_from_flags
 
@@ -293,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument("--verbose", action="store_true", help="show the processes' output")
+    add_evaluate_flag(p)
     add_strategy_flags(p)
     return p
 
@@ -352,6 +354,8 @@ def _start_server(args: argparse.Namespace, work: Path, state_dir: Path) -> tupl
         "--state-dir",
         str(state_dir),
         *flags_of(settings_from_args(args)),
+        "--evaluate-every",
+        str(args.evaluate_every),
     ]
     log_path = work / "server.log"
     log_path.touch()

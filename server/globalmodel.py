@@ -11,7 +11,9 @@ seen survives a crash (a failed save is logged; the version is still published, 
 round's updates stay on disk). A version is published before its evaluation is known:
 :meth:`GlobalModel.record_evaluation` adds it to that version's history record later, in
 memory and in ``history.json`` (when that version is the saved one), so it survives a
-restart; a crash before then leaves the record without evaluation. Writes of
+restart; a crash before then leaves the record without evaluation.
+:meth:`GlobalModel.record_fields` does the same for other fields of a version's record
+(the federated evaluation's ``federated_eval_*``, :mod:`server.fedeval`). Writes of
 ``history.json`` are serialized (one at a time, each from the latest saved snapshot), so an
 older write never lands after a newer one. The one encoding made by ``prepare`` is the bytes saved,
 the safetensors bytes sent to devices and their SHA-256: never encoded twice. A server
@@ -27,6 +29,7 @@ blocking work (encoding, hashing, saving) runs in threads.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -78,14 +81,21 @@ def _with_evaluation(
 ) -> list[RoundRecord] | None:
     """``history`` with ``metrics`` in version ``version``'s completed record; None when
     it holds no such record."""
+    return _with_fields(
+        history,
+        version,
+        {"eval_loss": metrics.get("evalLoss"), "eval_accuracy": metrics.get("evalAccuracy")},
+    )
+
+
+def _with_fields(
+    history: list[RoundRecord], version: int, update: dict[str, object]
+) -> list[RoundRecord] | None:
+    """``history`` with ``update`` (RoundRecord fields) in version ``version``'s completed
+    record; None when it holds no such record."""
     for i, rec in enumerate(history):
         if rec.outcome == "completed" and rec.version == version:
-            updated = rec.model_copy(
-                update={
-                    "eval_loss": metrics.get("evalLoss"),
-                    "eval_accuracy": metrics.get("evalAccuracy"),
-                }
-            )
+            updated = rec.model_copy(update=update)
             return [*history[:i], updated, *history[i + 1 :]]
     return None
 
@@ -227,6 +237,32 @@ class GlobalModel:
             except OSError as exc:
                 log.error(
                     "could not save the evaluation of version %d to %s: %s",
+                    version,
+                    self._store.state_dir,
+                    exc,
+                )
+                return False
+        return True
+
+    async def record_fields(self, version: int, update: dict[str, object]) -> bool:
+        """Set RoundRecord fields ``update`` (e.g. the federated evaluation's
+        ``federated_eval_*``) in version ``version``'s history record, in memory and in
+        ``history.json`` when that record is saved there (as :meth:`record_evaluation`);
+        whether it was saved. False, changing nothing, when the record does not exist."""
+        history = _with_fields(self.history, version, update)
+        if history is None:
+            return False
+        self.history = history
+        async with self._history_lock:
+            saved = self._saved
+            written = None if saved is None else _with_fields(saved.history, version, update)
+            if saved is None or written is None:
+                return False
+            try:
+                await self._write_history(dataclasses.replace(saved, history=written), locked=True)
+            except OSError as exc:
+                log.error(
+                    "could not save the federated evaluation of version %d to %s: %s",
                     version,
                     self._store.state_dir,
                     exc,

@@ -35,6 +35,7 @@ from client.protocol import (
     BlobStatus,
     DeviceRegister,
     DeviceRegistered,
+    EvaluationResult,
     Heartbeat,
     OkAck,
     SubmitAccepted,
@@ -295,6 +296,10 @@ class DeviceNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
     @handles(ev.WEIGHTS_SUBMIT)
     async def on_weights_submit(self, sid: str, sub: WeightsSubmit) -> SubmitAccepted:
         return await self._coordinator.accept_update(self._record(sid), sub)
+
+    @handles(ev.EVALUATION_RESULT)
+    async def on_evaluation_result(self, sid: str, result: EvaluationResult) -> None:
+        await self._coordinator.federated.on_result(self._record(sid), result)
 
     @handles(ev.BLOB_CHUNK)
     async def on_blob_chunk(self, sid: str, chunk: BlobChunk) -> BlobProgress:

@@ -135,6 +135,21 @@ EXAMPLES: dict[type[p.WireModel], dict[str, Any]] = {
         "pauseDetail": None,
     },
     p.TrainingCancel: {"roundId": "r12", "reason": "round timed out"},
+    p.EvaluationStart: {
+        "version": 4,
+        "task": "digits",
+        "modelParams": {"hidden": 64},
+        "partition": {"index": 0, "count": 3, "seed": 0, "scheme": "label_skew"},
+        "deadline": 1767225900.0,
+    },
+    p.EvaluationStartAck: {"accepted": False, "reason": "busy", "detail": "training r5-1-ab12"},
+    p.EvaluationResult: {
+        "version": 4,
+        "task": "digits",
+        "loss": 0.27,
+        "accuracy": 0.93,
+        "numSamples": 120,
+    },
     p.TrainingError: {
         "roundId": "r12",
         "code": "layout_mismatch",
@@ -330,6 +345,20 @@ compatible server or client in another language.
    still training a closed round get `training:cancel`. The reference server evaluates
    the new version afterwards, off the round's path: its `metrics` carry the round's
    `trainLoss` at first, and the evaluation (`evalLoss`, `evalAccuracy`) once recorded.
+   **Federated evaluation** (every `--evaluate-every` N-th version, default every one):
+   right after the broadcast the server sends `evaluation:start` (the version, the task,
+   a partition as `training:start` names one, a deadline) to up to `clientsPerRound`
+   eligible devices that hold (or are then given) that version. A device answers at
+   once (`EvaluationStartAck`: accepted, or refused with its pause reason, `busy` while
+   it trains a round, `missing_base`, ...), evaluates the version on its own test split
+   (the task's test split of that partition, the package's test set, or its own data;
+   no weights are sent back) and then sends `evaluation:result` (loss, accuracy,
+   numSamples). A paused device abandons an evaluation and sends nothing. The server
+   records the sample-weighted means in that version's history record
+   (`federatedEvalLoss`, `federatedEvalAccuracy`, `federatedEvalSamples`,
+   `federatedEvalDevices` in `GET /api/status`), updated as results arrive, also late
+   ones; a result for a version it did not ask for is dropped. A `training:start` that
+   arrives while the reference client evaluates waits for the evaluation to end.
 9. **The end.** When the server has completed its configured number of rounds, the
    federation is finished: a state, not a disconnect. The server sends every connected
    device the final `weights:global` (unless it holds it already) and then

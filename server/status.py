@@ -8,7 +8,8 @@ current round and the round history. :func:`build_status` performs no I/O.
 A version appears (``globalVersion``, its completed record) as soon as it is published;
 its record's ``evalLoss``/``evalAccuracy`` may arrive later (null until the server's
 evaluation of it is recorded; null for good if it was skipped for a newer version, or the
-server stopped first, or it does not evaluate).
+server stopped first, or it does not evaluate); likewise its ``federatedEval*`` fields,
+recorded (and updated) as devices' federated evaluation results arrive (:mod:`server.fedeval`).
 """
 
 from __future__ import annotations
@@ -66,6 +67,21 @@ class RoundRecord(StatusModel):
     )
     eval_accuracy: float | None = Field(
         default=None, description="Like evalLoss: may arrive after the record."
+    )
+    federated_eval_loss: float | None = Field(
+        default=None,
+        description="Federated evaluation: the mean of the loss the devices measured on "
+        "their own test splits, weighted by their sample counts (--evaluate-every); null "
+        "until the first result arrives, or for good when the version was not evaluated.",
+    )
+    federated_eval_accuracy: float | None = Field(
+        default=None, description="Like federatedEvalLoss, for the accuracy."
+    )
+    federated_eval_samples: int | None = Field(
+        default=None, description="Test samples behind the federated means (all devices)."
+    )
+    federated_eval_devices: int | None = Field(
+        default=None, description="Devices whose results are in the federated means."
     )
     seconds: float
     finished_at: float = Field(description="Unix time.")

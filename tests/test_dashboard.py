@@ -276,7 +276,7 @@ CANVAS_INK = """(() => {
   const rgb = (name) => { probe.fillStyle = css.getPropertyValue(name).trim();
     const h = probe.fillStyle; return [1, 3, 5].map((i) => parseInt(h.slice(i, i + 2), 16)); };
   const out = {};
-  for (const name of ['--acc', '--train', '--eval']) {
+  for (const name of ['--acc', '--train', '--eval', '--fed', '--fedloss']) {
     const [r, g, b] = rgb(name); let n = 0;
     for (let i = 0; i < data.length; i += 4)
       if (data[i + 3] > 200 && Math.abs(data[i] - r) + Math.abs(data[i + 1] - g)
@@ -287,6 +287,26 @@ CANVAS_INK = """(() => {
 })()"""
 
 ROW = "document.querySelector('tr[data-device-id=\"{id}\"]')"
+
+
+def answer_evaluations(dev: ScriptedDevice, accuracy: float, samples: int) -> list[Any]:
+    """Make ``dev`` accept every ``evaluation:start`` and then report ``accuracy`` (the
+    federated curve's data); the returned list keeps its report tasks alive."""
+    reports: list[Any] = []
+
+    async def on_start(payload: dict[str, Any]) -> dict[str, Any]:
+        result = {
+            "version": payload["version"],
+            "task": payload["task"],
+            "loss": 1.0 - accuracy,
+            "accuracy": accuracy,
+            "numSamples": samples,
+        }
+        reports.append(asyncio.create_task(dev.sio.emit("evaluation:result", result)))
+        return {"accepted": True}
+
+    dev.sio.on("evaluation:start", on_start)
+    return reports
 
 
 def test_dashboard_shows_rounds_devices_and_escapes_names(tmp_path: Path) -> None:
@@ -318,6 +338,7 @@ def test_dashboard_shows_rounds_devices_and_escapes_names(tmp_path: Path) -> Non
 
             alpha = ScriptedDevice(srv.url, name="alpha-desktop")
             evil = ScriptedDevice(srv.url, name=EVIL_NAME)
+            kept = [answer_evaluations(alpha, 0.9, 30), answer_evaluations(evil, 0.6, 10)]
             for dev in (alpha, evil):
                 assert (await dev.join())["ok"]
                 beats.append(asyncio.create_task(heartbeat_loop(dev, {"state": "idle"})))
@@ -331,8 +352,16 @@ def test_dashboard_shows_rounds_devices_and_escapes_names(tmp_path: Path) -> Non
                 "document.getElementById('chart').dataset.points === '3'",
                 what="3 rounds plotted",
             )
+            # Both devices evaluated each version: the federated curve is drawn too.
+            await page.wait_js(
+                "document.getElementById('chart').dataset.federatedPoints === '3'",
+                what="3 federated evaluations plotted",
+            )
             ink = await page.js(CANVAS_INK)
             assert all(n > 30 for n in ink.values()), f"chart series not drawn: {ink}"
+            # The history's sample-weighted mean: (0.9 * 30 + 0.6 * 10) / 40.
+            assert "82.5" in await page.js("document.querySelector('#history td.fed').textContent")
+            assert all(len(reports) >= 3 for reports in kept)  # every version, both devices
             assert await page.js("document.getElementById('version').textContent") == "3"
 
             ids = {d.device_id for d in (alpha, evil, gamma, silent)}

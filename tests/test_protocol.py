@@ -220,6 +220,8 @@ EXPECTED_EVENTS = [
     ("weights:submit", "device→server", "WeightsSubmit", "SubmitAccepted"),
     ("training:cancel", "server→device", "TrainingCancel", None),
     ("training:error", "device→server", "TrainingError", None),
+    ("evaluation:start", "server→device", "EvaluationStart", "EvaluationStartAck"),
+    ("evaluation:result", "device→server", "EvaluationResult", None),
     ("blob:chunk", "both", "BlobChunk", "BlobProgress"),
     ("blob:status", "both", "BlobStatus", "BlobProgress"),
     ("federation:finished", "server→device", "FederationFinished", None),
@@ -252,12 +254,13 @@ def test_every_model_of_the_table_has_an_example() -> None:
         (
             "device",
             {"device:registered", "weights:global", "training:start", "training:cancel"}
-            | {"blob:chunk", "blob:status", "federation:finished", "task:file"},
+            | {"blob:chunk", "blob:status", "federation:finished", "task:file"}
+            | {"evaluation:start"},
         ),
         (
             "server",
             {"device:register", "device:heartbeat", "training:progress", "weights:submit"}
-            | {"training:error", "blob:chunk", "blob:status"},
+            | {"training:error", "blob:chunk", "blob:status", "evaluation:result"},
         ),
     ],
 )

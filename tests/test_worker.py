@@ -409,8 +409,9 @@ def test_simulated_round_delivers_typed_events_throttled_in_the_child(
     assert done.result.round_id == "typed" and done.result.num_samples == 100
     progress = [e.progress for e in events.of(ProgressEvent)]
     assert all(isinstance(p, TrainProgress) and p.round_id == "typed" for p in progress)
-    # 10 steps in ~0.5 s, throttled to one per 0.5 s: far fewer than one per step.
-    assert 1 <= len(progress) <= 2 * elapsed + 2 < 10
+    # Throttled to one per 0.5 s (plus the first and the last), however long it took;
+    # "fewer than one per step" would assume how fast this machine is.
+    assert 1 <= len(progress) <= 2 * elapsed + 2
     assert progress[-1].fraction == 1.0 and progress[-1].step == progress[-1].steps
     wire = TrainingProgress.model_validate({**asdict(progress[-1]), "state": "training"})
     assert wire.round_id == "typed" and wire.batch_size == 32

@@ -74,6 +74,8 @@ EV_TRAINING_ERROR = "training:error"
 EV_BLOB_CHUNK = "blob:chunk"
 EV_BLOB_STATUS = "blob:status"
 EV_TASK_FILE = "task:file"
+EV_EVALUATION_START = "evaluation:start"
+EV_EVALUATION_RESULT = "evaluation:result"
 
 
 # --- device description and resources -------------------------------------------------
@@ -367,6 +369,60 @@ class TrainingError(WireModel):
     round_id: Identifier | None
     code: ErrorCode
     message: ShortText
+
+
+# --- federated evaluation ----------------------------------------------------------------
+
+
+class EvaluationStart(WireModel):
+    """``evaluation:start`` (server -> client, acked with EvaluationStartAck).
+
+    Evaluate global version ``version`` (which the device holds) on this device's own test
+    split: a built-in task's test split of ``partition``, a package's shipped test set, or
+    the device's own data (its test split; without one, a holdout of its train data). No
+    weights are sent back: the result comes later in ``evaluation:result``. A paused
+    device refuses with its pause reason, a device training a round refuses ``busy``.
+    """
+
+    version: NonNegInt = Field(description="The global version to evaluate.")
+    task: Identifier
+    model_params: dict[str, JsonValue] = Field(
+        default_factory=dict, description="Task-specific model parameters (JSON object)."
+    )
+    partition: Partition
+    deadline: NonNegFloat = Field(
+        description="Unix time after which the server no longer waits for the result."
+    )
+    package: FileRef | None = Field(
+        default=None, description="The task package, as training:start names it."
+    )
+    data: FileRef | None = Field(
+        default=None,
+        description="A data share the server sent (as training:start names it); absent "
+        "when the device reads its own data or the task's.",
+    )
+
+
+class EvaluationStartAck(WireModel):
+    """Answer to ``evaluation:start``: the same shape as training:start's answer."""
+
+    accepted: bool
+    reason: RefusalReason | PauseReason | None = None
+    detail: ShortText | None = None
+
+
+class EvaluationResult(WireModel):
+    """``evaluation:result`` (client -> server, not acked): one device's evaluation of a
+    global version on its own test split. A device that fails or abandons an evaluation
+    (paused) sends nothing; the server stops waiting at the deadline."""
+
+    version: NonNegInt
+    task: Identifier
+    loss: FiniteFloat = Field(description="Mean loss over the device's test samples.")
+    accuracy: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = Field(
+        description="Fraction of the device's test samples predicted correctly."
+    )
+    num_samples: PosInt = Field(description="Test samples evaluated (the weight of the result).")
 
 
 # --- weights ---------------------------------------------------------------------------

@@ -21,6 +21,8 @@ from typing import Any, Final, Generic, Literal, Never, TypeVar
 from client.protocol import (
     EV_BLOB_CHUNK,
     EV_BLOB_STATUS,
+    EV_EVALUATION_RESULT,
+    EV_EVALUATION_START,
     EV_FEDERATION_FINISHED,
     EV_HEARTBEAT,
     EV_REGISTER,
@@ -37,6 +39,9 @@ from client.protocol import (
     BlobStatus,
     DeviceRegister,
     DeviceRegistered,
+    EvaluationResult,
+    EvaluationStart,
+    EvaluationStartAck,
     FederationFinished,
     Heartbeat,
     OkAck,
@@ -183,6 +188,23 @@ FEDERATION_FINISHED: Final[EventSpec[FederationFinished, Never]] = EventSpec(
     "Every round is complete; sent after the final weights:global. The server keeps serving.",
 )
 
+EVALUATION_START: Final = EventSpec(
+    EV_EVALUATION_START,
+    "server→device",
+    EvaluationStart,
+    EvaluationStartAck,
+    "Ask the device to evaluate a global version it holds on its own test split (federated "
+    "evaluation); a paused or training device refuses with a reason. The result follows.",
+)
+EVALUATION_RESULT: Final[EventSpec[EvaluationResult, Never]] = EventSpec(
+    EV_EVALUATION_RESULT,
+    "device→server",
+    EvaluationResult,
+    None,
+    "One device's loss, accuracy and sample count for a version it was asked to evaluate; "
+    "the server records the sample-weighted means in that version's history record.",
+)
+
 #: The whole table, in the order of a session (the doc lists the events in this order).
 EVENTS: Final[tuple[EventSpec[Any, Any], ...]] = (
     REGISTER,
@@ -195,6 +217,8 @@ EVENTS: Final[tuple[EventSpec[Any, Any], ...]] = (
     WEIGHTS_SUBMIT,
     TRAINING_CANCEL,
     TRAINING_ERROR,
+    EVALUATION_START,
+    EVALUATION_RESULT,
     BLOB_CHUNK,
     BLOB_STATUS,
     FEDERATION_FINISHED,

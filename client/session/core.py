@@ -50,6 +50,8 @@ from client.protocol import (
     DeviceState,
     FederationFinished,
     Heartbeat,
+    TrainingStart,
+    TrainingStartAck,
     events,
 )
 from client.protocol.events import A, EventSpec, P
@@ -57,6 +59,7 @@ from client.protocol.guard import guard
 from client.resources import BatterySource, ResourceMonitor
 from client.session.base_weights import CLIENT_MAX_CHUNK_BYTES, BaseWeights
 from client.session.decisions import device_state
+from client.session.evaluations import Evaluations
 from client.session.expected_layout import ExpectedLayouts
 from client.session.filecache import FileCache
 from client.session.hardware import DeviceDescription
@@ -185,6 +188,13 @@ class SessionCore:
             task_files=self.task_files,
             warm_worker=warm_worker,
         )
+        self.evaluations = Evaluations(
+            self.rounds,
+            held=lambda: self.weights.held,
+            pause=lambda: self.pauses.applied,
+            emit=self.link.emit_soon,
+            task_files=self.task_files,
+        )
         handled = set(self.handlers())
         expected = {spec.name for spec in events.handled_by("device")}
         if handled != expected:  # a bug: the table and the session drifted apart
@@ -213,13 +223,19 @@ class SessionCore:
                 _on(events.REGISTERED, self.link.on_registered_event),
                 _on(events.WEIGHTS_GLOBAL, self.weights.on_weights_global),
                 _on(events.TASK_FILE, self.task_files.on_task_file),
-                _on(events.TRAINING_START, self.rounds.on_training_start),
+                _on(events.TRAINING_START, self._on_training_start),
+                _on(events.EVALUATION_START, self.evaluations.on_evaluation_start),
                 _on(events.TRAINING_CANCEL, self.rounds.on_training_cancel),
                 _on(events.BLOB_CHUNK, self.weights.on_blob_chunk),
                 _on(events.BLOB_STATUS, self.weights.on_blob_status),
                 _on(events.FEDERATION_FINISHED, self._on_federation_finished),
             )
         )
+
+    async def _on_training_start(self, start: TrainingStart) -> TrainingStartAck:
+        """A round waits for an evaluation in progress (never refused because of one)."""
+        await self.evaluations.settle()
+        return await self.rounds.on_training_start(start)
 
     async def _on_federation_finished(self, end: FederationFinished) -> None:
         """The server says every round is complete: a state the snapshot keeps (until a
@@ -322,6 +338,7 @@ class SessionCore:
         elif not old.allowed:
             log.info("resumed")
         self.rounds.pause_changed(new, old.allowed)
+        self.evaluations.pause_changed(new)
         self.publish_state()
         self.link.heartbeat_soon()
 

@@ -9,6 +9,11 @@ Contract: every function here is a pure function of its arguments (the caller pa
 * :func:`refuse_round`: why a ``training:start`` is refused, checked in this order:
   paused (the pause's own reason and words), ``busy``, ``unknown_task``,
   ``missing_base``, ``deadline_passed``; ``None`` accepts it.
+* :func:`refuse_evaluation`: why an ``evaluation:start`` is refused, in this order:
+  paused (the pause's reason and words), ``busy`` (training a round, or evaluating:
+  an evaluation never runs beside training; the server asks again next version),
+  ``unknown_task`` (not installed, or a simulated device: it has no model to evaluate),
+  ``missing_base`` (it does not hold that version), ``deadline_passed``; ``None`` accepts.
 * :func:`submit_outcome`: what the server's answer to ``weights:submit`` means for the
   kept update: ``accepted`` and ``duplicate`` count a round and delete it,
   ``round_closed`` and the other codes declared final (:data:`client.errors.CODES`)
@@ -26,7 +31,13 @@ from typing import Final, Literal
 
 from client import errors
 from client.config import Settings
-from client.protocol import DeviceState, TrainingStart, TrainingStartAck
+from client.protocol import (
+    DeviceState,
+    EvaluationStart,
+    EvaluationStartAck,
+    TrainingStart,
+    TrainingStartAck,
+)
 from client.snapshot import ALLOW, USER_PAUSED, PauseDecision
 
 __all__ = [
@@ -34,6 +45,7 @@ __all__ = [
     "HeldBase",
     "SubmitOutcome",
     "device_state",
+    "refuse_evaluation",
     "refuse_round",
     "submit_outcome",
     "upload_retry_delay",
@@ -106,6 +118,53 @@ def refuse_round(
     if start.deadline <= now:
         return TrainingStartAck(
             accepted=False, reason="deadline_passed", detail="the round's deadline has passed"
+        )
+    return None
+
+
+def refuse_evaluation(
+    start: EvaluationStart,
+    *,
+    pause: PauseDecision,
+    training: str | None,
+    evaluating: int | None,
+    worker_busy: bool,
+    simulation: bool,
+    tasks: Collection[str],
+    held: HeldBase | None,
+    now: float,
+) -> EvaluationStartAck | None:
+    """The refusal of ``start`` (``None``: accept it); see the module docstring.
+
+    ``training``: the round being trained here; ``evaluating``: the version being
+    evaluated here; ``worker_busy``: the worker cannot take work now; ``simulation``: the
+    device simulates training (no model); ``now``: Unix time.
+    """
+    if not pause.allowed:
+        return EvaluationStartAck(accepted=False, reason=pause.reason, detail=pause.detail)
+    if training is not None:
+        return EvaluationStartAck(accepted=False, reason="busy", detail=f"training {training}")
+    if evaluating is not None or worker_busy:
+        what = f"evaluating v{evaluating}" if evaluating is not None else "busy"
+        return EvaluationStartAck(accepted=False, reason="busy", detail=what)
+    if simulation:
+        return EvaluationStartAck(
+            accepted=False, reason="unknown_task", detail="a simulated device does not evaluate"
+        )
+    if start.package is None and start.task not in tasks:
+        return EvaluationStartAck(
+            accepted=False, reason="unknown_task", detail=f"task {start.task} is not installed here"
+        )
+    if held is None or held.version != start.version or held.task != start.task:
+        have = f"v{held.version} of {held.task}" if held else "no global weights"
+        return EvaluationStartAck(
+            accepted=False,
+            reason="missing_base",
+            detail=f"asked to evaluate v{start.version} of {start.task}, holds {have}",
+        )
+    if start.deadline <= now:
+        return EvaluationStartAck(
+            accepted=False, reason="deadline_passed", detail="the evaluation's deadline has passed"
         )
     return None
 

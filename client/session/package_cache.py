@@ -34,6 +34,7 @@ from typing import Final
 
 from client.errors import FedtrayError
 from client.protocol import (
+    EvaluationStart,
     FileRef,
     TaskFile,
     TaskFileHeld,
@@ -115,7 +116,9 @@ class TaskFiles:
         log.info("received %s file %s (%d bytes)", message.kind, message.sha256[:12], message.size)
         return TaskFileHeld(held=True)
 
-    async def locate(self, start: TrainingStart) -> LocatedFiles | TrainingStartAck:
+    async def locate(
+        self, start: TrainingStart | EvaluationStart
+    ) -> LocatedFiles | TrainingStartAck:
         """The files ``start`` names, or its ``missing_package`` refusal."""
         assert start.package is not None
         async with self._lock:

@@ -39,6 +39,9 @@ onto the loop; disk work runs in worker threads):
   its process ahead of the first round, unless simulating, paused or built with
   ``warm_worker=False``; the worker keeps
   it, and the built model, across rounds until idle for its idle timeout.
+* The worker's evaluation events (:class:`client.worker_messages.EvalDone`,
+  :class:`~client.worker_messages.EvalFailed`) are not rounds: they are handed to
+  :attr:`Rounds.on_eval_event` (set by :mod:`client.session.evaluations`).
 * Worker failures and disk errors are sent as ``training:error`` and the session keeps
   running.
 """
@@ -77,6 +80,8 @@ from client.weights import decode, encode
 from client.worker_messages import (
     Cancelled,
     Done,
+    EvalDone,
+    EvalFailed,
     Failed,
     Paused,
     ProgressEvent,
@@ -208,6 +213,8 @@ class Rounds:
         # pending): no cleanup may touch their files meanwhile.
         self._keeping: set[str] = set()
         self._background = TaskSet()
+        #: Where the worker's evaluation events go (set by client.session.evaluations).
+        self.on_eval_event: OnWorkerEvent | None = None
 
     @property
     def round_id(self) -> str | None:
@@ -290,6 +297,9 @@ class Rounds:
                 self.current = None
                 log.info("round %s cancelled", rnd.start.round_id if rnd else "-")
                 self._state_changed()
+            case EvalDone() | EvalFailed():
+                if self.on_eval_event is not None:
+                    self.on_eval_event(event)
 
     def report_error(self, round_id: str | None, code: ErrorCode, message: str) -> None:
         log.error("round %s failed (%s): %s", round_id or "-", code, message)

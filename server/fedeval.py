@@ -1,0 +1,304 @@
+"""Federated evaluation: devices evaluate new globals on their own test splits.
+
+Contract:
+
+* Which versions: :func:`due` -- every ``--evaluate-every`` N-th version (versions
+  N, 2N, ...; 0 = never). :class:`FederatedEvaluation` is told each published version
+  (:meth:`FederatedEvaluation.published`) and asks devices off the critical path (a
+  background task per device; the next round is never delayed by it).
+* Which devices: :func:`select_evaluators` -- the eligible devices (connected, not
+  paused, not stale, able to take the task: :meth:`server.registry.Registry.eligible`),
+  those already holding the version first, then by device id, up to
+  ``clients_per_round``. Each is brought up to date (:meth:`server.distribution.
+  Distributor.ensure_global`) and skipped if it then holds another version; each gets
+  ``evaluation:start`` with part ``i`` of ``n`` (its test split of that partition, the
+  package, or its own data) and the deadline ``round_timeout`` from now. A device that
+  refuses because it is paused is marked paused in the registry (as a training refusal
+  is); one that refuses otherwise, does not answer or sends nothing by the deadline is
+  skipped.
+* Results: ``evaluation:result`` is counted once per device and version, only from a
+  device that was asked for that version and accepted (a result of a version not asked,
+  or forgotten, is dropped and logged). The tallies of the last :data:`KEPT_VERSIONS`
+  versions are kept, so a late result for an old version is still recorded (its record
+  exists); older ones are dropped. After each counted result, the version's sample-weighted
+  means (:func:`weighted_metrics`) are written into its history record
+  (:meth:`server.globalmodel.GlobalModel.record_fields`: ``federated_eval_loss``,
+  ``federated_eval_accuracy``, ``federated_eval_samples``, ``federated_eval_devices``), in
+  memory and ``history.json``, as the server's own evaluation is.
+* Never raises into a handler except :class:`client.errors.FedtrayError`; the background
+  tasks log their failures. Pure parts (:func:`due`, :func:`select_evaluators`,
+  :func:`weighted_metrics`) do no I/O.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Final, get_args
+
+import socketio
+
+from client.errors import FedtrayError
+from client.protocol import (
+    EV_EVALUATION_START,
+    EvaluationResult,
+    EvaluationStart,
+    EvaluationStartAck,
+    Partition,
+    PauseReason,
+    parse,
+)
+from client.tasks import Task
+from server.background import Background
+from server.config import ServerConfig
+from server.distribution import Distributor
+from server.globalmodel import GlobalModel
+from server.registry import DeviceRecord, Registry
+from server.taskfile import PackageTask
+
+__all__ = [
+    "KEPT_VERSIONS",
+    "FederatedEvaluation",
+    "Report",
+    "Tally",
+    "add_evaluate_flag",
+    "due",
+    "select_evaluators",
+    "weighted_metrics",
+]
+
+log = logging.getLogger(__name__)
+
+#: Versions whose tallies are kept for late results.
+KEPT_VERSIONS: Final = 16
+
+_PAUSE_REASONS: dict[str, PauseReason] = {r: r for r in get_args(PauseReason)}
+
+
+def add_evaluate_flag(parser: argparse.ArgumentParser) -> None:
+    """``--evaluate-every N`` (the one declaration, for ``fedtray-server`` and ``demo``)."""
+    parser.add_argument(
+        "--evaluate-every",
+        type=int,
+        default=1,
+        metavar="N",
+        help="federated evaluation: every N-th new global is evaluated by the devices on "
+        "their own test splits (sample-weighted means in the history); 0 = off "
+        "(default: %(default)s)",
+    )
+
+
+# ----------------------------------------------------------------------- pure parts
+
+
+def due(version: int, every: int) -> bool:
+    """Whether version ``version`` is evaluated by the devices (every ``every``-th)."""
+    return every > 0 and version > 0 and version % every == 0
+
+
+def select_evaluators(
+    candidates: Sequence[tuple[str, int | None]], version: int, limit: int
+) -> list[str]:
+    """Up to ``limit`` device ids from ``candidates`` (eligible ``(device id, version held)``):
+    holders of ``version`` first, then the others, each group by device id."""
+    ordered = sorted(candidates, key=lambda c: (c[1] != version, c[0]))
+    return [device_id for device_id, _held in ordered[: max(0, limit)]]
+
+
+@dataclass(frozen=True)
+class Report:
+    """One device's result: mean loss and accuracy over ``num_samples`` test samples."""
+
+    loss: float
+    accuracy: float
+    num_samples: int
+
+
+def weighted_metrics(reports: Sequence[Report]) -> dict[str, object]:
+    """The RoundRecord fields of ``reports``: sample-weighted mean loss and accuracy, the
+    samples and devices behind them; empty for no reports (or no samples)."""
+    total = sum(r.num_samples for r in reports)
+    if not reports or total <= 0:
+        return {}
+    return {
+        "federated_eval_loss": sum(r.loss * r.num_samples for r in reports) / total,
+        "federated_eval_accuracy": sum(r.accuracy * r.num_samples for r in reports) / total,
+        "federated_eval_samples": total,
+        "federated_eval_devices": len(reports),
+    }
+
+
+@dataclass
+class Tally:
+    """One version's federated evaluation: who was asked, who accepted, what came back."""
+
+    version: int
+    deadline: float
+    asked: set[str] = field(default_factory=set)
+    accepted: set[str] = field(default_factory=set)
+    reports: dict[str, Report] = field(default_factory=dict)
+
+    def count(self, device_id: str, report: Report) -> bool:
+        """Count ``report`` once, from a device that accepted; whether it was counted."""
+        if device_id not in self.accepted or device_id in self.reports:
+            return False
+        self.reports[device_id] = report
+        return True
+
+
+# ----------------------------------------------------------------------- the owner
+
+
+class FederatedEvaluation:
+    """Asks devices to evaluate versions and records the results (module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        config: ServerConfig,
+        sio: socketio.AsyncServer,
+        registry: Registry,
+        model: GlobalModel,
+        distributor: Distributor,
+        background: Background,
+    ) -> None:
+        self._config = config
+        self._sio = sio
+        self._registry = registry
+        self._model = model
+        self._distributor = distributor
+        self._background = background
+        self._tallies: OrderedDict[int, Tally] = OrderedDict()
+
+    def tally(self, version: int) -> Tally | None:
+        """The kept tally of ``version`` (None: not asked, or forgotten)."""
+        return self._tallies.get(version)
+
+    def published(self, task: Task, version: int) -> None:
+        """Version ``version`` is published: ask devices to evaluate it when it is due."""
+        cfg = self._config
+        if not due(version, cfg.evaluate_every):
+            return
+        package_bytes = task.package.size if isinstance(task, PackageTask) else None
+        eligible = self._registry.eligible(cfg.task, time.monotonic(), package_bytes)
+        chosen = select_evaluators(
+            [(d.device_id, d.weights_version) for d in eligible], version, cfg.clients_per_round
+        )
+        if not chosen:
+            log.info("version %d: no device can evaluate it now", version)
+            return
+        tally = Tally(version=version, deadline=time.time() + cfg.round_timeout)
+        self._tallies[version] = tally
+        while len(self._tallies) > KEPT_VERSIONS:
+            self._tallies.popitem(last=False)
+        log.info(
+            "version %d: asking %d device(s) to evaluate it [%s]",
+            version,
+            len(chosen),
+            ", ".join(self._registry.name_of(d) for d in chosen),
+        )
+        for index, device_id in enumerate(chosen):
+            tally.asked.add(device_id)
+            self._background.spawn(
+                self._ask(task, tally, device_id, index, len(chosen)),
+                f"evaluate-v{version}-{device_id}",
+                device_id,
+            )
+
+    async def _ask(self, task: Task, tally: Tally, device_id: str, index: int, count: int) -> None:
+        try:
+            await self._ask_one(task, tally, device_id, index, count)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("bug while asking %s to evaluate version %d", device_id, tally.version)
+
+    async def _ask_one(
+        self, task: Task, tally: Tally, device_id: str, index: int, count: int
+    ) -> None:
+        cfg, version = self._config, tally.version
+        record = self._registry.get(device_id)
+        if record is None or record.sid is None:
+            return
+        if not await self._distributor.ensure_global(record) or record.weights_version != version:
+            log.info("version %d: %s does not hold it; not evaluated there", version, record.name)
+            return
+        sid = record.sid
+        if sid is None:
+            return
+        start = EvaluationStart(
+            version=version,
+            task=cfg.task,
+            model_params=dict(task.params),
+            partition=Partition(index=index, count=count, seed=cfg.seed, scheme=cfg.partition),
+            deadline=tally.deadline,
+            package=task.package.ref if isinstance(task, PackageTask) else None,
+        )
+        try:
+            ack = await self._sio.call(
+                EV_EVALUATION_START, start.to_wire(), to=sid, timeout=cfg.ack_timeout
+            )
+            answer = parse(EvaluationStartAck, ack)
+        except FedtrayError as exc:
+            log.info("%s answered evaluation:start badly: %s", record.name, exc.message)
+            return
+        except Exception as exc:  # timeout or disconnect
+            log.info("%s did not answer evaluation:start (%s)", record.name, type(exc).__name__)
+            return
+        if answer.accepted:
+            tally.accepted.add(device_id)
+            return
+        self._refused(record, version, answer)
+
+    def _refused(self, record: DeviceRecord, version: int, answer: EvaluationStartAck) -> None:
+        log.info(
+            "version %d: %s refused to evaluate it: %s%s",
+            version,
+            record.name,
+            answer.reason or "no reason given",
+            f" ({answer.detail})" if answer.detail else "",
+        )
+        pause = _PAUSE_REASONS.get(answer.reason or "")
+        if pause is not None:
+            # Not eligible again until a heartbeat says it is back (as for training).
+            self._registry.refused_paused(record.device_id, pause, answer.detail)
+
+    async def on_result(self, record: DeviceRecord, result: EvaluationResult) -> None:
+        """A device's ``evaluation:result``: counted once and recorded (module docstring)."""
+        tally = self._tallies.get(result.version)
+        report = Report(result.loss, result.accuracy, result.num_samples)
+        if tally is None or result.task != self._config.task:
+            log.info(
+                "dropping %s's evaluation of version %d: not asked (or forgotten)",
+                record.name,
+                result.version,
+            )
+            return
+        if not tally.count(record.device_id, report):
+            log.info(
+                "dropping %s's evaluation of version %d: not expected from it (or a repeat)",
+                record.name,
+                result.version,
+            )
+            return
+        late = time.time() > tally.deadline
+        fields = weighted_metrics(list(tally.reports.values()))
+        await self._model.record_fields(result.version, fields)
+        log.info(
+            "version %d: %s evaluated it%s: loss %.4f, accuracy %.4f on %d samples; "
+            "federated means over %d device(s): loss %.4f, accuracy %.4f",
+            result.version,
+            record.name,
+            " (late)" if late else "",
+            result.loss,
+            result.accuracy,
+            result.num_samples,
+            len(tally.reports),
+            fields["federated_eval_loss"],
+            fields["federated_eval_accuracy"],
+        )
