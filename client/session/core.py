@@ -76,6 +76,7 @@ from client.session.politeness import (
     SchedulePause,
     StepAsidePause,
     default_cpu_sampler,
+    read_cpu_temperature,
 )
 from client.session.rounds import Rounds, WorkerFactory, default_work_dir
 from client.session.uploader import Uploader
@@ -109,6 +110,7 @@ class SessionCore:
         warm_worker: bool = True,
         activity_probe: ActivityProbe | None = None,
         cpu_sampler: CpuSampler | None = None,
+        temperature_reader: Callable[[], float | None] | None = None,
     ) -> None:
         self.hub = hub
         self.settings = settings
@@ -127,7 +129,8 @@ class SessionCore:
         # The politeness rules (client.session.politeness), most pressing first.
         probe = activity_probe or default_probe()
         report, show = self.pauses.set, hub.publish
-        self.pauses.register(HeatPause(settings, report, show))
+        heat = HeatPause(settings, report, show, read=temperature_reader or read_cpu_temperature)
+        self.pauses.register(heat)
         self.pauses.register(SchedulePause(settings, report))
         self.pauses.register(FullscreenPause(settings, probe, report))
         self.pauses.register(InUsePause(settings, probe, report, self.apply_budget, show))

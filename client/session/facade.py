@@ -76,8 +76,9 @@ class DistributedClient:
     :func:`client.config.load_settings_and_report`), shown in the snapshot.
     ``checkpoint_interval``: seconds of training between the worker's periodic
     checkpoints (0: only when paused or stopped). ``activity_probe`` (default: none,
-    "cannot tell") and ``cpu_sampler`` (default: the real measurement) feed the
-    politeness rules (:mod:`client.session.politeness`).
+    "cannot tell"), ``cpu_sampler`` (default: the real measurement) and
+    ``temperature_reader`` (default: psutil's sensors) feed the politeness rules
+    (:mod:`client.session.politeness`).
     """
 
     def __init__(
@@ -98,6 +99,7 @@ class DistributedClient:
         warm_worker: bool = True,
         activity_probe: ActivityProbe | None = None,
         cpu_sampler: CpuSampler | None = None,
+        temperature_reader: Callable[[], float | None] | None = None,
     ) -> None:
         if settings_file is ...:
             settings_file = config_path()
@@ -134,6 +136,7 @@ class DistributedClient:
             warm_worker=warm_worker,
             activity_probe=activity_probe,
             cpu_sampler=cpu_sampler,
+            temperature_reader=temperature_reader,
         )
         self._thread: threading.Thread | None = None
 
