@@ -20,9 +20,9 @@ Contract (a loop-only object; every method runs on the session loop):
   becomes an ``ErrorAck``.
 * Tasks of one connection (heartbeats, uploads: :meth:`spawn`) are cancelled when it
   ends, after :attr:`connected` turned False (so a task that loops while connected
-  ends even if its cancellation is lost). :meth:`emit` / :meth:`emit_soon` send unacknowledged events when connected and
-  log (never raise) a failure; :meth:`caller` gives the acked call of the current
-  connection (``None`` when not connected).
+  ends even if its cancellation is lost). :meth:`emit` / :meth:`emit_soon` send
+  unacknowledged events when connected and log (never raise) a failure; :meth:`caller`
+  gives the acked call of the current connection (``None`` when not connected).
 * Collaborators are callables: ``register_payload`` and ``heartbeat`` describe the
   device, ``on_heartbeat`` runs with every beat, ``heartbeat_acked`` with each beat the
   server acknowledged (a heartbeat may carry a registration update that is repeated
