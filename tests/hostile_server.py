@@ -9,6 +9,7 @@ on exit the client is stopped and the server closed. Every wait is scaled
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,6 +124,24 @@ def hostile_client(
         wait_until(lambda: server.sid is not None, 10, "registration")
         yield server, client
     finally:
-        assert client.stop(scaled(30))
-        server.close()
-        loop.close()
+        try:
+            stop_within = scaled(30)
+            stopped = client.stop(stop_within)
+            assert stopped, (
+                f"the client did not stop within {stop_within:.0f} s after the test; "
+                f"its loop still runs: {still_running(client)}"
+            )
+        finally:
+            server.close()
+            loop.close()
+
+
+def still_running(client: DistributedClient) -> str:
+    """The session loop's unfinished tasks, each as ``coroutine (file:line)`` (for a
+    failure message; read from another thread, so only a best effort)."""
+    where = []
+    for task in asyncio.all_tasks(client._loop):
+        frames = task.get_stack(limit=1)
+        line = f"{frames[0].f_code.co_filename}:{frames[0].f_lineno}" if frames else "?"
+        where.append(f"{task.get_coro().__qualname__} ({line})")  # type: ignore[union-attr]
+    return "; ".join(sorted(where)) or "nothing"

@@ -8,7 +8,12 @@
   ``maxChunkBytes`` but under that is answered ``chunk_too_large``; a bigger message
   closes that connection (it is never read).
 * A packet the device's Socket.IO decoder refuses is counted and dropped; the connection
-  stays and later events are answered.
+  stays and later events are answered, and the device still stops at once.
+* Stopping never hangs on a lost cancellation: the device's acknowledged call ends
+  cancelled even when the answer arrived just before the cancel (python-socketio's own
+  ``call`` returned the answer instead on Python 3.11, so the heartbeat loop outlived the
+  connection and ``stop`` waited for it forever), and a connection task that does lose
+  its cancellation ends once the link says it is no longer connected.
 * A server whose port is taken says so and leaves no state directory behind.
 """
 
@@ -22,9 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import socketio
+from aiohttp import web
 
 from client.protocol import DEFAULT_CHUNK_BYTES, EV_BLOB_CHUNK, EV_BLOB_STATUS, BlobChunk
-from client.session.sioclient import DeviceSocketClient
+from client.session.link import ServerLink
+from client.session.sioclient import DeviceSocketClient, device_client
 from client.transfer import DEVICE_MAX_MESSAGE_BYTES, MESSAGE_MARGIN_BYTES, message_limit
 from tests.hostile_server import hostile_client
 from tests.server_harness import (
@@ -93,6 +101,70 @@ def test_a_malformed_socketio_packet_is_counted_and_dropped(tmp_path: Path) -> N
         assert server.call(EV_BLOB_STATUS, {"blobId": "b"})["received"] == 0
         assert sio.malformed_packets == 3
         assert server.connects == 1 and client.snapshot().connection == "connected"
+
+
+def test_a_cancel_that_meets_the_answer_ends_the_call_cancelled() -> None:
+    """The answer to a call arrives, then the calling task is cancelled before it ran
+    again (what the link does to the heartbeat loop when the connection ends): the
+    call must end cancelled, whichever loop step the cancel lands on."""
+
+    async def scenario() -> list[int]:
+        server = socketio.AsyncServer(async_mode="aiohttp")  # no handler: never answers
+        app = web.Application()
+        server.attach(app)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        assert site._server is not None
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        sio = device_client()
+        accepted: list[int] = []
+        try:
+            await sio.connect(f"http://127.0.0.1:{port}", transports=["websocket"])
+            for steps in range(4):
+                call = asyncio.ensure_future(sio.call("unanswered", {}, timeout=scaled(20)))
+                await wait_until_async(lambda: len(sio.callbacks.get("/", {})) == 2, 10, "sent")
+                ack_id = max(i for i in sio.callbacks["/"] if i)
+                await sio._handle_ack("/", ack_id, ["answer"])  # the answer arrives
+                for _ in range(steps):
+                    await asyncio.sleep(0)  # the cancel lands this many loop steps later
+                if call.cancel():
+                    accepted.append(steps)
+                    with pytest.raises(asyncio.CancelledError):
+                        await call  # python-socketio's own call returned "answer" here
+                else:
+                    assert await call == "answer"  # it had ended before the cancel
+        finally:
+            await sio.disconnect()
+            await runner.cleanup()
+        return accepted
+
+    assert 0 in asyncio.run(scenario())  # a cancel right after the answer was accepted
+
+
+def test_a_connection_task_that_loses_its_cancel_still_lets_the_device_stop(
+    tmp_path: Path,
+) -> None:
+    """A connection task that swallows its cancellation but loops only while connected
+    (as the heartbeat loop does) ends when the connection ends, so ``stop`` returns."""
+    lost_cancels: list[int] = []
+
+    async def stubborn(link: ServerLink) -> None:
+        while link.connected:
+            try:
+                await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                lost_cancels.append(1)  # swallowed, as asyncio.wait_for (3.11) could
+
+    with hostile_client(tmp_path) as (_server, client):
+
+        async def spawn(session: Any) -> None:
+            session.link.spawn(stubborn(session.link))
+
+        client._submit(spawn).result(scaled(10))
+    # hostile_client's exit asserted that the client stopped in time.
+    assert lost_cancels, "the connection task was never cancelled"
 
 
 def test_the_server_refuses_an_oversized_chunk_and_closes_over_its_frame_limit(

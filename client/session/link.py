@@ -19,9 +19,10 @@ Contract (a loop-only object; every method runs on the session loop):
   wrapped by :func:`guard`: no exception ever reaches python-socketio; a refusal
   becomes an ``ErrorAck``.
 * Tasks of one connection (heartbeats, uploads: :meth:`spawn`) are cancelled when it
-  ends. :meth:`emit` / :meth:`emit_soon` send unacknowledged events when connected and
-  log (never raise) a failure; :meth:`caller` gives the acked call of the current
-  connection (``None`` when not connected).
+  ends, after :attr:`connected` turned False (so a task that loops while connected
+  ends even if its cancellation is lost). :meth:`emit` / :meth:`emit_soon` send
+  unacknowledged events when connected and log (never raise) a failure; :meth:`caller`
+  gives the acked call of the current connection (``None`` when not connected).
 * Collaborators are callables: ``register_payload`` and ``heartbeat`` describe the
   device, ``on_heartbeat`` runs with every beat, ``heartbeat_acked`` with each beat the
   server acknowledged (a heartbeat may carry a registration update that is repeated
@@ -227,9 +228,11 @@ class ServerLink:
                 return self._refused(refusal[0] if refusal else str(exc))
             return await self._registered_session(sio, lost)
         finally:
-            await self._conn_tasks.cancel_all()
+            # Not connected before the tasks are cancelled: a task whose cancel is lost
+            # (the heartbeat loop) ends by its own loop condition instead of running on.
             self._sio = None
             self._registered = None
+            await self._conn_tasks.cancel_all()
             with contextlib.suppress(Exception):
                 await sio.disconnect()
             if http_session is not None:

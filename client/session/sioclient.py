@@ -14,12 +14,20 @@ connection uses (no automatic reconnection: the link reconnects itself). It prom
   counted in :attr:`DeviceSocketClient.malformed_packets`, logged as one warning line
   and dropped; the connection stays and no exception reaches asyncio's "never retrieved"
   log. A half-assembled binary packet is discarded with it.
+* :meth:`DeviceSocketClient.call` is python-socketio's acknowledged call (same
+  arguments, result and ``socketio.exceptions.TimeoutError``) that never swallows a
+  cancellation: a task cancelled while its answer is arriving ends cancelled. The
+  library's own ``call`` waits with ``asyncio.wait_for``, which on Python 3.11 returns
+  the result instead when the answer landed just before the cancel; a connection task
+  (the heartbeat loop) then kept running after the link cancelled it, and stopping the
+  device hung.
 
 It performs no I/O of its own beyond python-socketio's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -40,6 +48,36 @@ class DeviceSocketClient(socketio.AsyncClient):  # type: ignore[misc]
         super().__init__(**kwargs)
         #: Messages from the server that could not be decoded, since construction.
         self.malformed_packets = 0
+
+    async def call(
+        self,
+        event: str,
+        data: Any = None,
+        namespace: str | None = None,
+        timeout: float = 60,
+    ) -> Any:
+        """Emit ``event`` and wait up to ``timeout`` seconds for the server's answer.
+
+        Raises ``socketio.exceptions.TimeoutError`` when none comes in time (also when
+        the connection drops meanwhile), and ``asyncio.CancelledError`` whenever the
+        calling task is cancelled, even if the answer has already arrived.
+        """
+        answered = asyncio.Event()
+        answers: list[tuple[Any, ...]] = []
+
+        def on_answer(*args: Any) -> None:
+            answers.append(args)
+            answered.set()
+
+        await self.emit(event, data=data, namespace=namespace, callback=on_answer)
+        try:
+            # asyncio.timeout tells its own expiry from a cancel; wait_for (3.11) does not.
+            async with asyncio.timeout(timeout):
+                await answered.wait()
+        except TimeoutError:
+            raise socketio.exceptions.TimeoutError() from None
+        args = answers[0]
+        return args if len(args) > 1 else args[0] if args else None
 
     async def _handle_eio_message(self, data: Any) -> None:
         try:
