@@ -105,7 +105,7 @@ EXAMPLES: dict[type[p.WireModel], dict[str, Any]] = {
             "seed": 12,
             "proximalMu": 0.0,
         },
-        "partition": {"index": 0, "count": 3, "seed": 7, "scheme": "label_skew"},
+        "partition": {"index": 0, "count": 3, "seed": 7, "scheme": "label_skew", "alpha": 0.5},
         "baseVersion": 3,
         "deadline": 1796000000.0,
         "weightFormat": "safetensors",
