@@ -2,8 +2,12 @@
 
 ``python -m benchmarks.strategies_accuracy`` runs whole federations on this machine, the
 way ``fedtray-server demo`` does: a real server process (``python -m server --task digits
---partition label_skew --exit-when-done``) and real client processes (``python -m
-client``), each client with its own user directories. In a *poisoned* run one of the
+--partition dirichlet --partition-alpha 0.5 --exit-when-done``) and real client processes
+(``python -m client``), each client with its own user directories. "Label-skewed" here is
+the Dirichlet split (Hsu et al. 2019, α = ``--alpha``, default 0.5);
+``--partition label_skew`` runs McMahan's pathological 2-shards-per-device split instead
+(with 5 devices each sees 2 of the 10 digits, so a robust rule that sets one device
+aside barely learns two digits: docs/strategies.md). In a *poisoned* run one of the
 clients is :mod:`tests.poison_device` (the real client whose trainer trains honestly, then
 sends ``w_base + F·(w − w_base)`` (``scale``) or ``w_base − (w − w_base)`` (``flip``)
 every round). It is started first and the others only once it has registered, so it holds
@@ -35,6 +39,8 @@ Contract: :func:`run_federation` runs one federation and returns its accuracies 
     python -m benchmarks.strategies_accuracy                       # everything (~15 runs)
     python -m benchmarks.strategies_accuracy --parts poisoned --kinds scale
     python -m benchmarks.strategies_accuracy --parts honest --mu 0.05 --server-lr 0.03
+    python -m benchmarks.strategies_accuracy --kinds flip --only median,clip --clip-norm 0.8
+    python -m benchmarks.strategies_accuracy --partition label_skew   # the pathological split
 """
 
 from __future__ import annotations
