@@ -5,6 +5,9 @@ round policy, local-training hyper-parameters, aggregation strategy, persistence
 transfer limits).
 :meth:`ServerConfig.transfer_budget` is the pure rule for how much a device (and all of
 them together) may have the server hold in partial uploads, given the model's size.
+:func:`add_partition_flags` declares ``--partition``/``--partition-alpha`` once for
+``fedtray-server`` and ``demo``, :func:`partition_problem` is their one check, and
+:meth:`ServerConfig.partition_of` builds the partition each device is sent.
 Building one with an out-of-range value raises :class:`ConfigError` (a ``ValueError``)
 whose message is one plain line naming the setting as its command-line flag. Nothing
 here performs I/O except :func:`default_state_dir`, which only computes a path.
