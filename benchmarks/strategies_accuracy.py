@@ -2,8 +2,12 @@
 
 ``python -m benchmarks.strategies_accuracy`` runs whole federations on this machine, the
 way ``fedtray-server demo`` does: a real server process (``python -m server --task digits
---partition label_skew --exit-when-done``) and real client processes (``python -m
-client``), each client with its own user directories. In a *poisoned* run one of the
+--partition dirichlet --partition-alpha 0.5 --exit-when-done``) and real client processes
+(``python -m client``), each client with its own user directories. "Label-skewed" here is
+the Dirichlet split (Hsu et al. 2019, α = ``--alpha``, default 0.5);
+``--partition label_skew`` runs McMahan's pathological 2-shards-per-device split instead
+(with 5 devices each sees 2 of the 10 digits, so a robust rule that sets one device
+aside barely learns two digits: docs/strategies.md). In a *poisoned* run one of the
 clients is :mod:`tests.poison_device` (the real client whose trainer trains honestly, then
 sends ``w_base + F·(w − w_base)`` (``scale``) or ``w_base − (w − w_base)`` (``flip``)
 every round). It is started first and the others only once it has registered, so it holds
@@ -35,6 +39,8 @@ Contract: :func:`run_federation` runs one federation and returns its accuracies 
     python -m benchmarks.strategies_accuracy                       # everything (~15 runs)
     python -m benchmarks.strategies_accuracy --parts poisoned --kinds scale
     python -m benchmarks.strategies_accuracy --parts honest --mu 0.05 --server-lr 0.03
+    python -m benchmarks.strategies_accuracy --kinds flip --only median,clip --clip-norm 0.8
+    python -m benchmarks.strategies_accuracy --partition label_skew   # the pathological split
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from client.protocol import DEFAULT_PARTITION_ALPHA, PARTITION_SCHEMES  # noqa: E402
 from server.demo import (  # noqa: E402
     Child,
     _child_env,
@@ -68,6 +75,9 @@ from server.demo import (  # noqa: E402
 )
 
 TASK = "digits"
+#: "Label-skewed" in the figures: Dirichlet(alpha) label proportions per device (Hsu et
+#: al. 2019); ``--partition label_skew`` gives McMahan's 2-shards-per-device split.
+DEFAULT_PARTITION = "dirichlet"
 START_TIMEOUT_S = 120.0
 POLL_S = 0.5
 #: The client never steps aside for other developers' load on a shared machine, and
@@ -137,6 +147,8 @@ def run_federation(
     timeout: float,
     extra_server_flags: Sequence[str] = (),
     keep_global: Path | None = None,
+    partition: str = DEFAULT_PARTITION,
+    alpha: float = DEFAULT_PARTITION_ALPHA,
 ) -> list[float | None]:
     """The server-side eval accuracy after each round (None: not evaluated) of ``run``;
     with ``keep_global``, the final global weights are copied there.
@@ -165,8 +177,7 @@ def run_federation(
                 str(clients),
                 "--clients-per-round",
                 str(clients),
-                "--partition",
-                "label_skew",
+                *partition_flags(partition, alpha),
                 "--seed",
                 str(seed),
                 "--heartbeat-interval",
@@ -231,6 +242,13 @@ def run_federation(
         shutil.rmtree(work, ignore_errors=True)
 
 
+def partition_flags(partition: str, alpha: float) -> list[str]:
+    """The server's ``--partition`` flags for ``partition`` (alpha: dirichlet only)."""
+    if partition == "dirichlet":
+        return ["--partition", partition, "--partition-alpha", f"{alpha:g}"]
+    return ["--partition", partition]
+
+
 def _accuracy(record: dict[str, Any]) -> float | None:
     acc = record.get("evalAccuracy")
     return float(acc) if isinstance(acc, int | float) else None
@@ -253,6 +271,8 @@ def honest_norms(
     base_path: Path | None = None,
     round_number: int = 1,
     overrides: dict[str, Any] | None = None,
+    partition: str = DEFAULT_PARTITION,
+    alpha: float = DEFAULT_PARTITION_ALPHA,
 ) -> list[float]:
     """L2 norms of each partition's honest update in round ``round_number`` from the
     global in ``base_path`` (default: the initial model, round 1), with the task's
@@ -283,7 +303,15 @@ def honest_norms(
                 task=TASK,
                 model_params={},
                 config=config,
-                partition=Partition(index=index, count=clients, seed=seed, scheme="label_skew"),
+                partition=Partition.model_validate(
+                    {
+                        "index": index,
+                        "count": clients,
+                        "seed": seed,
+                        "scheme": partition,
+                        "alpha": alpha,
+                    }
+                ),
                 base_weights_path=base_path,
                 output_path=Path(tmp) / f"out-{index}.safetensors",
                 checkpoint_path=Path(tmp) / f"ckpt-{index}",
@@ -320,6 +348,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.strategies_accuracy")
     p.add_argument("--clients", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--partition", choices=PARTITION_SCHEMES, default=DEFAULT_PARTITION)
+    p.add_argument("--alpha", type=float, default=DEFAULT_PARTITION_ALPHA, help="dirichlet's alpha")
+    p.add_argument(
+        "--only",
+        default="",
+        help="comma-separated run names to run (fedavg, median, trimmed-mean, clip, "
+        "fedavgm, fedprox, fedadam); default: all",
+    )
     p.add_argument("--parts", choices=["all", "poisoned", "honest"], default="all")
     p.add_argument("--kinds", default="scale,flip", help="poison kinds (scale, flip)")
     p.add_argument("--factor", type=float, default=100.0, help="the scale attack's factor")
@@ -352,9 +388,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
 
     print(f"loadavg at start: {_loadavg()}", flush=True)
+    shown_alpha = f" alpha={args.alpha:g}" if args.partition == "dirichlet" else ""
+    print(f"partition: {args.partition}{shown_alpha}, seed {args.seed}", flush=True)
     poisoned_rows: list[tuple[str, Sequence[float | None] | str]] = []
     honest_rows: list[tuple[str, Sequence[float | None] | str]] = []
-    common = {"clients": args.clients, "seed": args.seed, "timeout": args.timeout}
+    common: dict[str, Any] = {
+        "clients": args.clients,
+        "seed": args.seed,
+        "timeout": args.timeout,
+        "partition": args.partition,
+        "alpha": args.alpha,
+    }
+    only = {name.strip() for name in args.only.split(",") if name.strip()}
+
+    def wanted(name: str) -> bool:
+        return not only or name in only
 
     def do(
         run: Run,
@@ -393,6 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.clip_from == "learnt" and not args.baselines:
                 p.error("--clip-from learnt needs --baselines")
             for label, flags in baselines if args.baselines else ():
+                if not wanted(label.split()[0]) and label != "fedavg":
+                    continue
                 keep = learnt if label == "fedavg" else None
                 do(Run(f"{label} (no poison)", flags), args.poison_rounds, poisoned_rows, keep)
             if args.clip_norm == "auto":
@@ -400,13 +450,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     **({"epochs": args.epochs} if args.epochs is not None else {}),
                     **({"learning_rate": args.lr} if args.lr is not None else {}),
                 }
-                first = honest_norms(args.clients, args.seed, None, 1, cfg)
+                where = {"partition": args.partition, "alpha": args.alpha}
+                first = honest_norms(args.clients, args.seed, None, 1, cfg, **where)
                 text = ", ".join(f"{n:.3f}" for n in first)
                 print(f"honest update norms, round 1: {text}", flush=True)
                 clip = max(first)
                 if args.clip_from == "learnt":
                     late = honest_norms(
-                        args.clients, args.seed, learnt, args.poison_rounds + 1, cfg
+                        args.clients, args.seed, learnt, args.poison_rounds + 1, cfg, **where
                     )
                     text = ", ".join(f"{n:.3f}" for n in late)
                     print(f"round {args.poison_rounds + 1} from FedAvg's: {text}", flush=True)
@@ -428,6 +479,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     ("--strategy", "fedavg", "--clip-norm", f"{clip:.6g}"),
                 ),
             ):
+                if not wanted("clip" if "--clip-norm" in flags else label.split()[0]):
+                    continue
                 run = Run(f"{label} ({what})", flags, poison=kind, factor=args.factor)
                 do(run, args.poison_rounds, poisoned_rows)
     if args.parts in ("all", "honest"):
@@ -448,6 +501,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
         )
         for name, strategy_flags in honest_runs:
+            if not wanted(name.split()[0]):
+                continue
             do(Run(name, strategy_flags), args.honest_rounds, honest_rows)
 
     if poisoned_rows:

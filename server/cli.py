@@ -34,7 +34,14 @@ from client.logsetup import LogLevelError, add_secret, parse_level, setup_loggin
 from client.protocol import PartitionScheme
 from server import __version__
 from server.auth import TokenFileError, read_tokens_file
-from server.config import DEFAULT_HOST, DEFAULT_PORT, ConfigError, ServerConfig, default_state_dir
+from server.config import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    ConfigError,
+    ServerConfig,
+    add_partition_flags,
+    default_state_dir,
+)
 from server.fedeval import add_evaluate_flag
 from server.strategies.settings import add_flags as add_strategy_flags, settings_from_args
 from server.task_params import FLAG as TASK_PARAM_FLAG, task_params_from_flags
@@ -116,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--lr", type=float, default=None, help="local learning rate (default: the task's)"
     )
-    p.add_argument("--partition", choices=["iid", "label_skew"], default="label_skew")
+    add_partition_flags(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--heartbeat-interval", type=float, default=10.0, help="seconds")
     p.add_argument(
@@ -177,6 +184,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         batch_size=args.batch_size,
         lr=args.lr,
         partition=partition,
+        partition_alpha=args.partition_alpha,
         seed=args.seed,
         heartbeat_interval=args.heartbeat_interval,
         state_dir=args.state_dir if args.state_dir is not None else default_state_dir(),

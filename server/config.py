@@ -5,6 +5,9 @@ round policy, local-training hyper-parameters, aggregation strategy, persistence
 transfer limits).
 :meth:`ServerConfig.transfer_budget` is the pure rule for how much a device (and all of
 them together) may have the server hold in partial uploads, given the model's size.
+:func:`add_partition_flags` declares ``--partition``/``--partition-alpha`` once for
+``fedtray-server`` and ``demo``, :func:`partition_problem` is their one check, and
+:meth:`ServerConfig.partition_of` builds the partition each device is sent.
 Building one with an out-of-range value raises :class:`ConfigError` (a ``ValueError``)
 whose message is one plain line naming the setting as its command-line flag. Nothing
 here performs I/O except :func:`default_state_dir`, which only computes a path.
@@ -13,6 +16,7 @@ Tokens are held here but never appear in ``repr()``.
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +24,21 @@ from typing import Any
 
 import platformdirs
 
-from client.protocol import Limits, PartitionScheme
+from client.protocol import (
+    DEFAULT_PARTITION_ALPHA,
+    MAX_PARTITION_ALPHA,
+    PARTITION_SCHEMES,
+    Limits,
+    Partition,
+    PartitionScheme,
+)
 from client.transfer import MESSAGE_MARGIN_BYTES, message_limit
 from server.ratelimit import RateLimits
 from server.strategies.settings import StrategySettings
 
 __all__ = [
     "DEFAULT_HOST",
+    "DEFAULT_PARTITION",
     "DEFAULT_PORT",
     "MESSAGE_MARGIN_BYTES",
     "OPEN_UPLOADS_PER_DEVICE",
@@ -35,7 +47,9 @@ __all__ = [
     "ConfigError",
     "ServerConfig",
     "TransferBudget",
+    "add_partition_flags",
     "default_state_dir",
+    "partition_problem",
 ]
 
 DEFAULT_HOST = "127.0.0.1"
@@ -66,6 +80,41 @@ class ConfigError(ValueError):
     """A setting is out of range; the message is one line naming the flag."""
 
 
+#: The data partition a server uses unless ``--partition`` says otherwise.
+DEFAULT_PARTITION: PartitionScheme = "label_skew"
+
+
+def add_partition_flags(p: argparse.ArgumentParser) -> None:
+    """``--partition`` and ``--partition-alpha`` (``fedtray-server`` and its ``demo``)."""
+    p.add_argument(
+        "--partition",
+        choices=PARTITION_SCHEMES,
+        default=DEFAULT_PARTITION,
+        help=f"how the task's data is split over the devices (default: {DEFAULT_PARTITION}; "
+        "docs/tasks.md)",
+    )
+    p.add_argument(
+        "--partition-alpha",
+        type=float,
+        default=None,
+        help="Dirichlet concentration of --partition dirichlet: smaller, more label skew "
+        f"(default: {DEFAULT_PARTITION_ALPHA:g})",
+    )
+
+
+def partition_problem(scheme: str, alpha: float | None) -> str | None:
+    """One line saying what is wrong with ``--partition``/``--partition-alpha``, or None."""
+    if scheme not in PARTITION_SCHEMES:
+        return f"--partition must be one of {', '.join(PARTITION_SCHEMES)}, got {scheme!r}"
+    if alpha is None:
+        return None
+    if scheme != "dirichlet":
+        return f"--partition-alpha applies to --partition dirichlet only, not {scheme}"
+    if not (_finite(alpha) and 0 < alpha <= MAX_PARTITION_ALPHA):
+        return f"--partition-alpha must be in (0, {MAX_PARTITION_ALPHA:g}], got {alpha}"
+    return None
+
+
 def default_state_dir() -> Path:
     """Where global weights and history live unless ``--state-dir`` says otherwise."""
     return Path(platformdirs.user_data_dir("fedtray-server", appauthor=False))
@@ -92,7 +141,9 @@ class ServerConfig:
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
-    partition: PartitionScheme = "label_skew"
+    partition: PartitionScheme = DEFAULT_PARTITION
+    #: ``--partition-alpha`` (dirichlet only); None: the scheme's default.
+    partition_alpha: float | None = None
     seed: int = 0
     heartbeat_interval: float = 10.0
     state_dir: Path = field(default_factory=default_state_dir)
@@ -130,6 +181,13 @@ class ServerConfig:
             overrides["proximal_mu"] = mu  # FedProx: every round's config carries mu
         return overrides
 
+    def partition_of(self, index: int, count: int) -> Partition:
+        """The data partition of the device given part ``index`` of ``count``."""
+        alpha = DEFAULT_PARTITION_ALPHA if self.partition_alpha is None else self.partition_alpha
+        return Partition(
+            index=index, count=count, seed=self.seed, scheme=self.partition, alpha=alpha
+        )
+
     def __post_init__(self) -> None:
         _check(bool(self.host.strip()), "--host must not be empty")
         _check(0 <= self.port <= 65535, f"--port must be 0-65535, got {self.port}")
@@ -161,10 +219,8 @@ class ServerConfig:
             self.lr is None or (_finite(self.lr) and 0 < self.lr <= 10),
             f"--lr must be in (0, 10], got {self.lr}",
         )
-        _check(
-            self.partition in ("iid", "label_skew"),
-            f"--partition must be iid or label_skew, got {self.partition!r}",
-        )
+        problem = partition_problem(self.partition, self.partition_alpha)
+        _check(problem is None, problem or "")
         _check(self.seed >= 0, f"--seed must be 0 or more, got {self.seed}")
         _check(
             _finite(self.heartbeat_interval) and 0 < self.heartbeat_interval <= 3600,

@@ -44,7 +44,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any, Final
 
-from server.config import ConfigError
+from server.config import ConfigError, add_partition_flags, partition_problem
 from server.fedeval import add_evaluate_flag
 from server.strategies.settings import add_flags as add_strategy_flags, flags_of, settings_from_args
 from server.task_params import task_params_from_flags
@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="local epochs per round (default: the task's)")
     p.add_argument("--lr", type=float, help="local learning rate (default: the task's)")
     p.add_argument("--batch-size", type=int, help="local batch size (default: the task's)")
-    p.add_argument("--partition", choices=["iid", "label_skew"], default="label_skew")
+    add_partition_flags(p)
     p.add_argument("--task", default="digits", help="task to train (default: digits)")
     p.add_argument(
         "--task-file",
@@ -309,7 +309,9 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.timeout <= 0:
         raise DemoError(f"--timeout must be positive, got {args.timeout}")
     # Checked here, before any process starts (the server would refuse them too).
-    problem = settings_from_args(args).problem()
+    problem = partition_problem(args.partition, args.partition_alpha) or (
+        settings_from_args(args).problem()
+    )
     if problem is not None:
         raise DemoError(problem)
     try:
@@ -342,6 +344,7 @@ def _start_server(args: argparse.Namespace, work: Path, state_dir: Path) -> tupl
         str(args.clients),
         "--partition",
         args.partition,
+        *_given("--partition-alpha", args.partition_alpha),
         *_given("--epochs", args.epochs),
         *_given("--lr", args.lr),
         *_given("--batch-size", args.batch_size),

@@ -123,7 +123,7 @@ class RoundStarter:
         if not await self._distributor.ensure_global(record):
             rnd.mark(device_id, "failed", "could not send the global weights")
             return
-        partition = Partition(index=index, count=count, seed=cfg.seed, scheme=cfg.partition)
+        partition = cfg.partition_of(index, count)
         package: FileRef | None = None
         data: FileRef | None = None
         if isinstance(task, PackageTask):

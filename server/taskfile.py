@@ -117,8 +117,8 @@ class Share:
         return FileRef(sha256=self.sha256, size=len(self.content))
 
 
-def _key(partition: Partition) -> tuple[int, int, int, str]:
-    return (partition.index, partition.count, partition.seed, partition.scheme)
+def _key(partition: Partition) -> tuple[int, int, int, str, float]:
+    return (partition.index, partition.count, partition.seed, partition.scheme, partition.alpha)
 
 
 class DataShares:
@@ -126,7 +126,7 @@ class DataShares:
 
     def __init__(self, x: npt.NDArray[Any], y: npt.NDArray[Any]) -> None:
         self._x, self._y = x, y
-        self._cache: dict[tuple[int, int, int, str], Share] = {}
+        self._cache: dict[tuple[int, int, int, str, float], Share] = {}
         self._lock = threading.Lock()
 
     def share(self, partition: Partition) -> Share:

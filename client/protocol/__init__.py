@@ -36,6 +36,9 @@ from client.protocol.wire import (
     DEFAULT_INFLIGHT_CHUNKS as DEFAULT_INFLIGHT_CHUNKS,
     DEFAULT_MAX_BLOB_BYTES as DEFAULT_MAX_BLOB_BYTES,
     DEFAULT_PACKAGE_CACHE_BYTES as DEFAULT_PACKAGE_CACHE_BYTES,
+    DEFAULT_PARTITION_ALPHA as DEFAULT_PARTITION_ALPHA,
+    MAX_PARTITION_ALPHA as MAX_PARTITION_ALPHA,
+    PARTITION_SCHEMES as PARTITION_SCHEMES,
     PROTOCOL_VERSION as PROTOCOL_VERSION,
     SOCKETIO_DEFAULT_MAX_BUFFER_BYTES as SOCKETIO_DEFAULT_MAX_BUFFER_BYTES,
     DeviceId as DeviceId,
@@ -284,6 +287,11 @@ class Partition(WireModel):
     count: PosInt
     seed: NonNegInt = 0
     scheme: PartitionScheme = "iid"
+    alpha: Annotated[float, Field(gt=0, le=MAX_PARTITION_ALPHA, allow_inf_nan=False)] = Field(
+        default=DEFAULT_PARTITION_ALPHA,
+        description="Dirichlet concentration of the dirichlet scheme (smaller: more "
+        "label skew); ignored by the other schemes.",
+    )
 
     @model_validator(mode="after")
     def _index_in_range(self) -> Partition:

@@ -11,7 +11,7 @@ fields in plain words. :mod:`client.protocol` re-exports every name here; import
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 from pydantic.alias_generators import to_camel
@@ -60,7 +60,13 @@ PauseReason = Literal[
 ]
 WeightFormat = Literal["safetensors", "json"]
 Optimizer = Literal["sgd", "adam"]
-PartitionScheme = Literal["iid", "label_skew"]
+PartitionScheme = Literal["iid", "label_skew", "dirichlet"]
+#: The schemes, in the order the literal declares them (for flags and messages).
+PARTITION_SCHEMES: tuple[PartitionScheme, ...] = get_args(PartitionScheme)
+#: Dirichlet concentration a ``dirichlet`` partition uses when none is given.
+DEFAULT_PARTITION_ALPHA = 0.5
+#: Largest concentration accepted (far beyond this the split is IID in all but name).
+MAX_PARTITION_ALPHA = 1_000_000.0
 RefusalReason = Literal[
     "busy", "unknown_task", "missing_base", "deadline_passed", "missing_package", "no_local_data"
 ]
