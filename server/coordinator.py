@@ -26,8 +26,10 @@ connected device gets the final ``weights:global`` and then ``federation:finishe
 (:meth:`finished_message`), and :attr:`finished` is set; a device that registers later
 gets both too (:meth:`welcome`). The server goes on serving until it is stopped.
 
-Surviving a crash: the open round is kept in ``state_dir/round.json`` and each accepted
-update in ``state_dir/round/`` (:mod:`server.roundstore`); a round restored at start
+Surviving a crash: the open round is kept in ``state_dir/round.json`` (first saved while
+its devices are being started, not before: no update of it is taken in, and its files are
+never removed, before that save is done) and each accepted update in ``state_dir/round/``
+(:mod:`server.roundstore`); a round restored at start
 (:mod:`server.restore`) runs first, under the SAME round id, and the slots of devices that
 had not reported wait for their devices to reconnect for :func:`server.restore.return_grace`
 (derived from the client's reconnect ceiling, :mod:`client.backoff`, so a device in its
@@ -132,6 +134,9 @@ class RoundCoordinator:
             evaluate=self._evaluate, record=self._record_evaluation, background=background
         )
         self._restored: Round | None = None
+        # The open round's first save (round.json), running beside its devices' starts;
+        # an update is taken in only once it is done (it clears the round's folder).
+        self._opening: tuple[Round, asyncio.Task[None]] | None = None
         self._return_grace_until = 0.0
         self._agg_lock = asyncio.Lock()
         self._round_changed = asyncio.Event()
@@ -232,6 +237,7 @@ class RoundCoordinator:
         if rnd is None:
             raise FedtrayError("round_closed", f"round {sub.round_id} is closed or unknown")
         rnd.check_submit(record.device_id, sub.round_id, sub.base_version, time.monotonic())
+        await self._opened(rnd)
         incoming = await self._receive(record, sub)
         # On disk (fsynced) before it is counted and acknowledged: an acknowledged update
         # survives a server crash (the device deletes its copy on the ack).
@@ -411,10 +417,9 @@ class RoundCoordinator:
         )
         self.strategy.begin(self._model.state)
         self.phase.open(rnd)
-        try:
-            await asyncio.to_thread(self._persist_open_round, rnd)
-        except OSError as exc:
-            log.error("cannot save round %s in %s: %s", round_id, cfg.state_dir, exc)
+        # Saved beside the devices' starts, not before them: nothing of the round is
+        # counted before it is saved (accept_update waits for it, see _opened).
+        self._opening = (rnd, asyncio.create_task(self._persist_open_round_logged(rnd)))
         log.info(
             "round %d started (%s): %d selected [%s], %d reports needed, deadline in %.0f s",
             number,
@@ -457,6 +462,7 @@ class RoundCoordinator:
                 starter.cancel()
             await asyncio.gather(*starters, return_exceptions=True)
         collected_at = time.time()
+        await self._opened(rnd)  # its files are removed below: never before they are saved
         async with self._agg_lock:
             working = self.phase.aggregate()
         if working:
@@ -497,6 +503,18 @@ class RoundCoordinator:
                 detail=detail,
             )
         )
+
+    async def _opened(self, rnd: Round) -> None:
+        """Return once ``rnd``'s first save is done (at once for a restored round)."""
+        opening = self._opening
+        if opening is not None and opening[0] is rnd:
+            await asyncio.shield(opening[1])
+
+    async def _persist_open_round_logged(self, rnd: Round) -> None:
+        try:
+            await asyncio.to_thread(self._persist_open_round, rnd)
+        except OSError as exc:
+            log.error("cannot save round %s in %s: %s", rnd.round_id, self._config.state_dir, exc)
 
     def _persist_open_round(self, rnd: Round) -> None:
         """A new round replaces whatever round files a previous round left."""
