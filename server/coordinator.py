@@ -10,8 +10,11 @@ safetensors document received, checked in place, never re-encoded), closing, agg
 and publishing the new version (:class:`server.globalmodel.GlobalModel`), then evaluating
 it off the critical path.
 
-A new version is published (``history.json`` saved, ``weights:global`` broadcast, the next
-round free to start) as soon as it is saved; its ``weights:global`` carries what is known
+A new version is published (``history.json`` saved, the next round free to start) as soon
+as it is saved, and sent to every connected device as the next round starts: the devices
+that round starts get it inside ``training:start`` when it is small (or ``weights:global``
+first, :mod:`server.starter`), the others by ``weights:global`` at once (all of them when
+no round starts at once); its ``weights:global`` carries what is known
 then (the round's sample-weighted ``trainLoss``). Its evaluation on the server's test split
 (one kept model, :class:`server.model.Evaluator`) runs in the background, one at a time,
 stale versions skipped (:class:`server.evaluation.EvaluationQueue`), and is recorded into
@@ -137,6 +140,9 @@ class RoundCoordinator:
         # The open round's first save (round.json), running beside its devices' starts;
         # an update is taken in only once it is done (it clears the round's folder).
         self._opening: tuple[Round, asyncio.Task[None]] | None = None
+        # A new version waits to be broadcast: to the devices the next round does not
+        # start (those get it with training:start), or to all when no round starts at once.
+        self._broadcast_due = False
         self._return_grace_until = 0.0
         self._agg_lock = asyncio.Lock()
         self._round_changed = asyncio.Event()
@@ -371,6 +377,7 @@ class RoundCoordinator:
             cfg.rounds,
             model.version,
         )
+        self._broadcast_due = False  # deliver_final_to_all sends the final version
         # federation:finished carries the final version's evaluation: wait for it.
         await self._evaluations.drained()
         self.phase.finish()
@@ -389,6 +396,7 @@ class RoundCoordinator:
             eligible = self._registry.eligible(cfg.task, now, package_bytes)
             if len(eligible) >= cfg.min_clients:
                 return eligible
+            self._broadcast(frozenset())  # no round starts now: every device gets it
             reason = self._registry.waiting_summary(cfg.task, now, cfg.min_clients, package_bytes)
             self.phase.wait(number, reason)
             if reason != last_reason or now - last_logged >= cfg.wait_log_interval:
@@ -403,6 +411,7 @@ class RoundCoordinator:
     async def _run_round(self, number: int, attempt: int, candidates: list[DeviceRecord]) -> bool:
         cfg = self._config
         chosen = select_devices([d.device_id for d in candidates], cfg.clients_per_round, self._rng)
+        self._broadcast(frozenset(chosen))
         round_id = f"r{number}-{attempt}-{self._run_tag}"
         rnd = Round.open(
             round_id=round_id,
@@ -474,8 +483,14 @@ class RoundCoordinator:
             return False
         await self._complete_round(rnd, collected_at)
         self.phase.close()
-        self._distributor.broadcast()
+        self._broadcast_due = True  # sent as the next round starts (_broadcast)
         return True
+
+    def _broadcast(self, starting: frozenset[str]) -> None:
+        """Send a new version to every connected device but those in ``starting``."""
+        if self._broadcast_due:
+            self._broadcast_due = False
+            self._distributor.broadcast(exclude=starting)
 
     def _abandon(self, rnd: Round) -> None:
         now = time.monotonic()

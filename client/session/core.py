@@ -157,6 +157,7 @@ class SessionCore:
             kick_uploads=self.uploads.kick,
             state_changed=self.publish_state,
             task_files=self.task_files,
+            take_global=self.weights.on_weights_global,
         )
         handled = set(self.handlers())
         expected = {spec.name for spec in events.handled_by("device")}

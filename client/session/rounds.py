@@ -4,6 +4,10 @@ keeping results.
 Contract (a loop-only object; the worker's events arrive from any thread and are moved
 onto the loop; disk work runs in worker threads):
 
+* A ``training:start`` carrying ``baseWeights`` (a small global inline) has them taken
+  first, exactly as a ``weights:global`` (``take_global``: verified, validated, stored),
+  unless that version is held already; weights refused there answer the
+  ``training:start`` with that ErrorAck.
 * ``training:start`` is acked accepted or refused as :func:`client.session.decisions.
   refuse_round` says (paused, ``busy``, ``unknown_task``, ``missing_base``,
   ``deadline_passed``); a packaged round (``package`` set) is then refused
@@ -49,7 +53,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -65,6 +69,7 @@ from client.protocol import (
     TrainingProgress,
     TrainingStart,
     TrainingStartAck,
+    WeightsGlobal,
 )
 from client.session.decisions import HeldBase, refuse_round
 from client.session.hub import SnapshotHub
@@ -181,6 +186,7 @@ class Rounds:
         kick_uploads: Callable[[], None],
         state_changed: Callable[[], None],
         task_files: TaskFiles | None = None,
+        take_global: Callable[[WeightsGlobal], Awaitable[object]] | None = None,
     ) -> None:
         self._hub = hub
         self._worker_factory = worker_factory
@@ -193,6 +199,7 @@ class Rounds:
         self._kick_uploads = kick_uploads
         self._state_changed = state_changed
         self._task_files = task_files
+        self._take_global = take_global
         self.worker: Worker | None = None
         self.simulation = False
         self.current: ActiveRound | None = None
@@ -282,6 +289,12 @@ class Rounds:
     # -- handlers ---------------------------------------------------------------------
 
     async def on_training_start(self, start: TrainingStart) -> TrainingStartAck:
+        base = start.base_weights
+        if base is not None and self._take_global is not None:
+            held = self._held()
+            if held is None or (held.version, held.task) != (base.version, base.task):
+                # Taken as a weights:global first; a refusal raises (answered an ErrorAck).
+                await self._take_global(base)
         # The same round offered again (after a reconnect or a server restart) is
         # accepted, not refused as ``busy``: a refusal would free the slot and the update
         # would then be answered ``not_selected``. Already trained: it is sent (resumed
