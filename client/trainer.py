@@ -196,7 +196,7 @@ class LocalTrainer:
         device = self._device()
         built = self._built_for(job, device)
         task, model = built.task, built.model
-        x_np, y_np = task.load_data("train", built.partition)
+        x_np, y_np = task.load_data("train", data_partition(job))
         n = len(y_np)
         if n == 0:
             raise FedtrayError("bad_request", "this device's data partition holds no samples")
@@ -368,11 +368,11 @@ class LocalTrainer:
         if kept is not None and kept.key == key and job.base_weights_path is not None:
             return kept
         self._built = None  # let the old model go before building the new one
-        task, partition = resolve_task(job, self._task_loader)
+        task, _partition = resolve_task(job, self._task_loader)
         model = task.build_model(task.params, job.config.seed)
         layout = layout_of(model_state(model))
         model.to(device)
-        self._built = _Built(key, task, partition, model, layout)
+        self._built = _Built(key, task, model, layout)
         return self._built
 
     def _device(self) -> torch.device:
@@ -483,13 +483,14 @@ class _Built:
 
     key: str
     task: Task
-    partition: Partition | None
     model: torch.nn.Module
     layout: Layout
 
 
 def _model_key(job: TrainJob, device: str) -> str:
-    """What decides the model a job builds (its weights aside): task, parameters, files."""
+    """What decides the model a job builds (its weights aside): task, parameters, files.
+    Not the partition: it picks the data, not the model (a device is given another part
+    from round to round)."""
     return json.dumps(
         [
             job.task,
@@ -498,7 +499,6 @@ def _model_key(job: TrainJob, device: str) -> str:
             job.package_sha256,
             str(job.data_path),
             job.data_sha256,
-            job.partition.model_dump(mode="json"),
             device,
         ],
         sort_keys=True,
@@ -568,11 +568,19 @@ def resolve_task(
     by name (``task_loader``) and loads its partition.
     """
     if job.package_path is None:
-        return task_loader(job.task, job.model_params), job.partition
+        return task_loader(job.task, job.model_params), data_partition(job)
     from client.taskpkg.task import load_packaged_task
 
     task = load_packaged_task(job.package_path, job.data_path)
-    return task, (None if job.data_path is not None else job.partition)
+    return task, data_partition(job)
+
+
+def data_partition(job: TrainJob) -> Partition | None:
+    """The partition a job loads its task's data with: ``None`` when its data file is the
+    device's share already (loaded whole), else the job's partition."""
+    if job.package_path is not None and job.data_path is not None:
+        return None
+    return job.partition
 
 
 def _work_key_of(job: TrainJob, base_sha: str) -> str:
