@@ -76,7 +76,7 @@ from client.session.hub import SnapshotHub
 from client.session.package_cache import LocatedFiles, TaskFiles
 from client.session.tasks import TaskSet
 from client.snapshot import PauseDecision
-from client.tasks import available_tasks
+from client.tasks import BUILTIN_TASKS, available_tasks
 from client.weights import decode, encode
 from client.worker_messages import (
     Cancelled,
@@ -312,7 +312,7 @@ class Rounds:
             pause=self._pause(),
             training=self.round_id,
             worker_busy=self.worker is None or self.worker.is_busy,
-            tasks=available_tasks(),
+            tasks=_tasks_to_check(start.task),
             held=HeldBase(version=held.version, task=held.task) if held else None,
             now=time.time(),
         )
@@ -483,3 +483,10 @@ def _convert_if_needed(
     state = decode(files.output.read_bytes(), "safetensors")
     data = encode(state, start.weight_format)
     return len(data), files.write_output(data)
+
+
+def _tasks_to_check(task: str) -> frozenset[str] | list[str]:
+    """The installed tasks ``refuse_round`` checks ``task`` against: a built-in one is
+    always installed, so the plugins (entry points: a scan of the installed packages,
+    milliseconds) are listed only for another name."""
+    return BUILTIN_TASKS if task in BUILTIN_TASKS else available_tasks()
