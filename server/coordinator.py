@@ -143,6 +143,8 @@ class RoundCoordinator:
         # A new version waits to be broadcast: to the devices the next round does not
         # start (those get it with training:start), or to all when no round starts at once.
         self._broadcast_due = False
+        # The completed round's files being removed (after publishing; see _complete_round).
+        self._forgetting: asyncio.Task[None] | None = None
         self._return_grace_until = 0.0
         self._agg_lock = asyncio.Lock()
         self._round_changed = asyncio.Event()
@@ -526,6 +528,9 @@ class RoundCoordinator:
             await asyncio.shield(opening[1])
 
     async def _persist_open_round_logged(self, rnd: Round) -> None:
+        forgetting, self._forgetting = self._forgetting, None
+        if forgetting is not None:
+            await forgetting  # the previous round's removal, never after this save
         try:
             await asyncio.to_thread(self._persist_open_round, rnd)
         except OSError as exc:
@@ -572,14 +577,18 @@ class RoundCoordinator:
             timing=timing,
         )
         # Persist first, then publish: a version anyone has seen survives a crash.
-        if await self._model.persist(prepared, record):
-            # Only now: until the new version is saved, the round's updates live in its files.
-            await self._forget_round()
+        saved = await self._model.persist(prepared, record)
         self._registry.rounds_counted(rnd.reported)
         self._model.publish(
             prepared, record, {} if train_loss is None else {"trainLoss": train_loss}
         )
         timing.published_at = time.time()  # the published record's own timing (status only)
+        if saved:
+            # Only now: until the new version is saved, the round's updates live in its
+            # files. Removed after publishing, off the round's path (a leftover after a
+            # crash is a round of an older version: discarded at restart); the next
+            # round's first save waits for it.
+            self._forgetting = asyncio.create_task(self._forget_round())
         log.info(
             "round %d: %d selected, %d reported, train loss %s, %.1f s (version %d)",
             rnd.number,
