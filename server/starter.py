@@ -136,6 +136,8 @@ class RoundStarter:
             sent = await self._send_task_files(task, record, partition)
             if sent is None:
                 rnd.mark(device_id, "failed", "could not send the task package")
+                if inline is not None:  # it was left out of the broadcast for this start
+                    self._distributor.send_global_later(record)
                 return
             package, data = sent
         sid = record.sid
