@@ -217,7 +217,7 @@ class LocalTrainer:
         device = self._device()
         built = self._built_for(job, device)
         task, model = built.task, built.model
-        x_np, y_np = task.load_data("train", built.partition)
+        x_np, y_np = task.load_data("train", data_partition(job))
         n = len(y_np)
         if n == 0:
             raise FedtrayError("bad_request", "this device's data partition holds no samples")
@@ -394,11 +394,11 @@ class LocalTrainer:
         if kept is not None and kept.key == key and job.base_weights_path is not None:
             return kept
         self._built = None  # let the old model go before building the new one
-        task, partition = resolve_task(job, self._task_loader)
+        task, _partition = resolve_task(job, self._task_loader)
         model = task.build_model(task.params, job.config.seed)
         layout = layout_of(model_state(model))
         model.to(device)
-        self._built = _Built(key, task, partition, model, layout, _model_only_key(job, str(device)))
+        self._built = _Built(key, task, model, layout)
         return self._built
 
     def _device(self) -> torch.device:
@@ -495,18 +495,16 @@ class LocalTrainer:
     def _built_for_eval(self, job: EvalJob, device: torch.device) -> _Built:
         """The kept model when it is ``job``'s task, parameters and files; else a new one
         (kept for the next job)."""
-        model_only = _model_only_key(job, str(device))
+        key = _model_key(job, str(device))
         kept = self._built
-        if kept is not None and kept.model_only == model_only:
+        if kept is not None and kept.key == key:
             return kept
         self._built = None
-        task, partition = resolve_task(job, self._task_loader)
+        task, _partition = resolve_task(job, self._task_loader)
         model = task.build_model(task.params, 0)
         layout = layout_of(model_state(model))
         model.to(device)
-        self._built = _Built(
-            _model_key(job, str(device)), task, partition, model, layout, model_only
-        )
+        self._built = _Built(key, task, model, layout)
         return self._built
 
     # -- checkpoints --------------------------------------------------------------------
@@ -571,10 +569,8 @@ class _Built:
 
     key: str
     task: Task
-    partition: Partition | None
     model: torch.nn.Module
     layout: Layout
-    model_only: str = ""  # the key without the partition: which model, whatever the data
 
 
 class _TaskJob(Protocol):
@@ -607,24 +603,10 @@ class _BaseJob(Protocol):
     def base_identity(self) -> FileIdentity | None: ...
 
 
-def _model_only_key(job: _TaskJob, device: str) -> str:
-    """The model a job needs, whatever its partition: task, parameters, files, device."""
-    return json.dumps(
-        [
-            job.task,
-            job.model_params,
-            str(job.package_path),
-            job.package_sha256,
-            str(job.data_path),
-            job.data_sha256,
-            device,
-        ],
-        sort_keys=True,
-    )
-
-
 def _model_key(job: _TaskJob, device: str) -> str:
-    """What decides the model a job builds (its weights aside): task, parameters, files."""
+    """What decides the model a job builds (its weights aside): task, parameters, files.
+    Not the partition: it picks the data, not the model (a device is given another part
+    from round to round)."""
     return json.dumps(
         [
             job.task,
@@ -633,7 +615,6 @@ def _model_key(job: _TaskJob, device: str) -> str:
             job.package_sha256,
             str(job.data_path),
             job.data_sha256,
-            job.partition.model_dump(mode="json"),
             device,
         ],
         sort_keys=True,
@@ -704,11 +685,19 @@ def resolve_task(
     by name (``task_loader``) and loads its partition.
     """
     if job.package_path is None:
-        return task_loader(job.task, job.model_params), job.partition
+        return task_loader(job.task, job.model_params), data_partition(job)
     from client.taskpkg.task import load_packaged_task
 
     task = load_packaged_task(job.package_path, job.data_path)
-    return task, (None if job.data_path is not None else job.partition)
+    return task, data_partition(job)
+
+
+def data_partition(job: _TaskJob) -> Partition | None:
+    """The partition a job loads its task's data with: ``None`` when its data file is the
+    device's share already (loaded whole), else the job's partition."""
+    if job.package_path is not None and job.data_path is not None:
+        return None
+    return job.partition
 
 
 def _work_key_of(job: TrainJob, base_sha: str) -> str:

@@ -11,8 +11,11 @@ and publishing the new version (:class:`server.globalmodel.GlobalModel`), then e
 it off the critical path (on the server, and on the devices: :mod:`server.fedeval`, asked
 right after the new version is broadcast).
 
-A new version is published (``history.json`` saved, ``weights:global`` broadcast, the next
-round free to start) as soon as it is saved; its ``weights:global`` carries what is known
+A new version is published (``history.json`` saved, the next round free to start) as soon
+as it is saved, and sent to every connected device as the next round starts: the devices
+that round starts get it inside ``training:start`` when it is small (or ``weights:global``
+first, :mod:`server.starter`), the others by ``weights:global`` at once (all of them when
+no round starts at once); its ``weights:global`` carries what is known
 then (the round's sample-weighted ``trainLoss``). Its evaluation on the server's test split
 (one kept model, :class:`server.model.Evaluator`) runs in the background, one at a time,
 stale versions skipped (:class:`server.evaluation.EvaluationQueue`), and is recorded into
@@ -27,8 +30,10 @@ connected device gets the final ``weights:global`` and then ``federation:finishe
 (:meth:`finished_message`), and :attr:`finished` is set; a device that registers later
 gets both too (:meth:`welcome`). The server goes on serving until it is stopped.
 
-Surviving a crash: the open round is kept in ``state_dir/round.json`` and each accepted
-update in ``state_dir/round/`` (:mod:`server.roundstore`); a round restored at start
+Surviving a crash: the open round is kept in ``state_dir/round.json`` (first saved while
+its devices are being started, not before: no update of it is taken in, and its files are
+never removed, before that save is done) and each accepted update in ``state_dir/round/``
+(:mod:`server.roundstore`); a round restored at start
 (:mod:`server.restore`) runs first, under the SAME round id, and the slots of devices that
 had not reported wait for their devices to reconnect for :func:`server.restore.return_grace`
 (derived from the client's reconnect ceiling, :mod:`client.backoff`, so a device in its
@@ -144,6 +149,14 @@ class RoundCoordinator:
             background=background,
         )
         self._restored: Round | None = None
+        # The open round's first save (round.json), running beside its devices' starts;
+        # an update is taken in only once it is done (it clears the round's folder).
+        self._opening: tuple[Round, asyncio.Task[None]] | None = None
+        # A new version waits to be broadcast: to the devices the next round does not
+        # start (those get it with training:start), or to all when no round starts at once.
+        self._broadcast_due = False
+        # The completed round's files being removed (after publishing; see _complete_round).
+        self._forgetting: asyncio.Task[None] | None = None
         self._return_grace_until = 0.0
         self._agg_lock = asyncio.Lock()
         self._round_changed = asyncio.Event()
@@ -255,6 +268,7 @@ class RoundCoordinator:
         if rnd is None:
             raise FedtrayError("round_closed", f"round {sub.round_id} is closed or unknown")
         rnd.check_submit(record.device_id, sub.round_id, sub.base_version, time.monotonic())
+        await self._opened(rnd)
         incoming = await self._receive(record, sub)
         # On disk (fsynced) before it is counted and acknowledged: an acknowledged update
         # survives a server crash (the device deletes its copy on the ack).
@@ -397,6 +411,7 @@ class RoundCoordinator:
             cfg.rounds,
             model.version,
         )
+        self._broadcast_due = False  # deliver_final_to_all sends the final version
         # federation:finished carries the final version's evaluation: wait for it.
         await self._evaluations.drained()
         self.phase.finish()
@@ -415,6 +430,7 @@ class RoundCoordinator:
             eligible = self._registry.eligible(cfg.task, now, package_bytes)
             if len(eligible) >= cfg.min_clients:
                 return eligible
+            self._broadcast(frozenset())  # no round starts now: every device gets it
             reason = self._registry.waiting_summary(cfg.task, now, cfg.min_clients, package_bytes)
             self.phase.wait(number, reason)
             if reason != last_reason or now - last_logged >= cfg.wait_log_interval:
@@ -429,6 +445,7 @@ class RoundCoordinator:
     async def _run_round(self, number: int, attempt: int, candidates: list[DeviceRecord]) -> bool:
         cfg = self._config
         chosen = select_devices([d.device_id for d in candidates], cfg.clients_per_round, self._rng)
+        self._broadcast(frozenset(chosen))
         round_id = f"r{number}-{attempt}-{self._run_tag}"
         rnd = Round.open(
             round_id=round_id,
@@ -443,10 +460,9 @@ class RoundCoordinator:
         )
         self.strategy.begin(self._model.state)
         self.phase.open(rnd)
-        try:
-            await asyncio.to_thread(self._persist_open_round, rnd)
-        except OSError as exc:
-            log.error("cannot save round %s in %s: %s", round_id, cfg.state_dir, exc)
+        # Saved beside the devices' starts, not before them: nothing of the round is
+        # counted before it is saved (accept_update waits for it, see _opened).
+        self._opening = (rnd, asyncio.create_task(self._persist_open_round_logged(rnd)))
         log.info(
             "round %d started (%s): %d selected [%s], %d reports needed, deadline in %.0f s",
             number,
@@ -489,6 +505,7 @@ class RoundCoordinator:
                 starter.cancel()
             await asyncio.gather(*starters, return_exceptions=True)
         collected_at = time.time()
+        await self._opened(rnd)  # its files are removed below: never before they are saved
         async with self._agg_lock:
             working = self.phase.aggregate()
         if working:
@@ -500,9 +517,15 @@ class RoundCoordinator:
             return False
         await self._complete_round(rnd, collected_at)
         self.phase.close()
-        self._distributor.broadcast()
+        self._broadcast_due = True  # sent as the next round starts (_broadcast)
         self.federated.published(self.task, self._model.version)
         return True
+
+    def _broadcast(self, starting: frozenset[str]) -> None:
+        """Send a new version to every connected device but those in ``starting``."""
+        if self._broadcast_due:
+            self._broadcast_due = False
+            self._distributor.broadcast(exclude=starting)
 
     def _abandon(self, rnd: Round) -> None:
         now = time.monotonic()
@@ -530,6 +553,21 @@ class RoundCoordinator:
                 detail=detail,
             )
         )
+
+    async def _opened(self, rnd: Round) -> None:
+        """Return once ``rnd``'s first save is done (at once for a restored round)."""
+        opening = self._opening
+        if opening is not None and opening[0] is rnd:
+            await asyncio.shield(opening[1])
+
+    async def _persist_open_round_logged(self, rnd: Round) -> None:
+        forgetting, self._forgetting = self._forgetting, None
+        if forgetting is not None:
+            await forgetting  # the previous round's removal, never after this save
+        try:
+            await asyncio.to_thread(self._persist_open_round, rnd)
+        except OSError as exc:
+            log.error("cannot save round %s in %s: %s", rnd.round_id, self._config.state_dir, exc)
 
     def _persist_open_round(self, rnd: Round) -> None:
         """A new round replaces whatever round files a previous round left."""
@@ -582,15 +620,19 @@ class RoundCoordinator:
             timing=timing,
         )
         # Persist first, then publish: a version anyone has seen survives a crash.
-        if await self._model.persist(prepared, record):
-            # Only now: until the new version is saved, the round's updates live in its files.
-            await self._forget_round()
+        saved = await self._model.persist(prepared, record)
         self._registry.rounds_counted(rnd.reported)
         self._model.publish(
             prepared, record, {} if train_loss is None else {"trainLoss": train_loss}
         )
         self.strategy.commit(aggregate)  # the optimizer state now goes with this version
         timing.published_at = time.time()  # the published record's own timing (status only)
+        if saved:
+            # Only now: until the new version is saved, the round's updates live in its
+            # files. Removed after publishing, off the round's path (a leftover after a
+            # crash is a round of an older version: discarded at restart); the next
+            # round's first save waits for it.
+            self._forgetting = asyncio.create_task(self._forget_round())
         log.info(
             "round %d: %d selected, %d reported, train loss %s, %.1f s (version %d)",
             rnd.number,

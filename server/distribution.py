@@ -139,20 +139,12 @@ class Distributor:
                 )
             return False
         chunk = limits.max_chunk_bytes
-        ref = weights_ref_for(data, fmt, inline_limit=chunk, sha256=digest)
+        message = self._message(version, fmt, data, digest, chunk)
+        ref = message.weights
 
         async def call(event: str, payload: dict[str, Any]) -> Any:
             return await self._sio.call(event, payload, to=sid, timeout=cfg.ack_timeout)
 
-        message = WeightsGlobal(
-            version=version,
-            task=cfg.task,
-            round_id=self._model.round_id,
-            metrics=self._model.metrics,
-            weights=ref,
-            model_params=self._model_params,
-            package=self._package,
-        )
         try:
             if ref.blob_id is not None:
                 await send_blob(
@@ -178,6 +170,11 @@ class Distributor:
                 "sending version %d to %s failed: %s", version, record.name, type(exc).__name__
             )
             return False
+        return self._settle(record, version, ack)
+
+    def _settle(self, record: DeviceRecord, version: int, ack: object) -> bool:
+        """Record the device's answer to ``version`` (a ``weights:global`` ack, or the
+        ``training:start`` ack of one that carried it); True when it now holds it."""
         if isinstance(ack, dict) and ack.get("ok") is False:
             try:
                 err: ErrorAck | None = ErrorAck.model_validate(ack)
@@ -200,6 +197,44 @@ class Distributor:
         self._registry.holds_version(record.device_id, version)
         log.debug("device %s now holds version %d", record.name, version)
         return True
+
+    async def inline_global(self, record: DeviceRecord) -> WeightsGlobal | None:
+        """The current version's ``weights:global`` with its document inline, for
+        ``training:start`` to carry, when the device lacks it and it fits one chunk
+        towards the device; None otherwise (then :meth:`ensure_global` sends it, or the
+        device holds it already, or a send to it is under way)."""
+        if record.weights_version == self._model.version:
+            return None
+        lock = self._send_locks.get(record.device_id)
+        if lock is not None and lock.locked():
+            return None  # a send is under way: ensure_global waits for it
+        if record.refused_version == self._model.version:
+            return None  # ensure_global answers False at once
+        fmt = format_for(record)
+        version, data, digest = await self._model.encoded(fmt)
+        limits = limits_towards(record.capabilities, self._config.limits)
+        if len(data) > min(limits.max_chunk_bytes, limits.max_blob_bytes):
+            return None
+        return self._message(version, fmt, data, digest, limits.max_chunk_bytes)
+
+    def settle_inline(self, record: DeviceRecord, message: WeightsGlobal, ack: object) -> bool:
+        """Record the answer to a ``training:start`` that carried ``message`` (an ErrorAck
+        is a refusal of the weights, as :meth:`ensure_global` records it); True when the
+        device now holds that version."""
+        return self._settle(record, message.version, ack)
+
+    def _message(
+        self, version: int, fmt: WeightFormat, data: bytes, digest: str, chunk: int
+    ) -> WeightsGlobal:
+        return WeightsGlobal(
+            version=version,
+            task=self._config.task,
+            round_id=self._model.round_id,
+            metrics=self._model.metrics,
+            weights=weights_ref_for(data, fmt, inline_limit=chunk, sha256=digest),
+            model_params=self._model_params,
+            package=self._package,
+        )
 
     async def ensure_file(
         self, record: DeviceRecord, kind: TaskFileKind, data: bytes, sha256: str
@@ -275,10 +310,13 @@ class Distributor:
                 self.ensure_global(record), f"global-to-{record.device_id}", record.device_id
             )
 
-    def broadcast(self) -> None:
-        """Send the current version to every connected device, concurrently."""
+    def broadcast(self, exclude: frozenset[str] = frozenset()) -> None:
+        """Send the current version to every connected device (but the ids in ``exclude``:
+        the devices a round is starting, which get it with ``training:start``),
+        concurrently."""
         for record in self._registry.connected():
-            self.send_global_later(record)
+            if record.device_id not in exclude:
+                self.send_global_later(record)
 
     async def deliver_final(self, record: DeviceRecord, finished: FederationFinished) -> None:
         """The final global, then ``federation:finished`` (once per connection)."""

@@ -49,7 +49,6 @@ from client.protocol import (
     EvaluationResult,
     EvaluationStart,
     EvaluationStartAck,
-    Partition,
     PauseReason,
     parse,
 )
@@ -235,7 +234,7 @@ class FederatedEvaluation:
             version=version,
             task=cfg.task,
             model_params=dict(task.params),
-            partition=Partition(index=index, count=count, seed=cfg.seed, scheme=cfg.partition),
+            partition=cfg.partition_of(index, count),
             deadline=tally.deadline,
             package=task.package.ref if isinstance(task, PackageTask) else None,
         )

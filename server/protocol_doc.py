@@ -312,17 +312,25 @@ compatible server or client in another language.
    is. A new `device:register` (after a reconnect) carries the hardware as known then
    and replaces it too. A `device:register` is not repeated on a live connection for
    this: a registration resets the device's round state.
-5. When the server starts a round it selects eligible devices (connected, registered, not
-   paused, not stale, and listing the server's task in `capabilities.tasks` — a device
-   lists every task it has installed; the server's task is in `DeviceRegistered.task` and
-   in `GET /api/status`), makes sure each holds the base version (step 3), then sends
-   `training:start`. The device acks `{accepted: true}` or refuses with a reason (a
-   refusal frees its slot; a pause reason marks it paused until a heartbeat says
-   otherwise). A malformed `training:start` is answered with an `ErrorAck`. The same
-   `roundId` may be offered again (after a reconnect, or after the server restarted and
-   restored the open round): a device still training that round, or holding its trained
-   update unsent, acks `{accepted: true}` and carries on (sends the update) — refusing
-   `busy` would free its slot, and the update would then be `not_selected`.
+5. When the server starts a round it selects eligible devices (connected, registered,
+   not paused, not stale, and listing the server's task in `capabilities.tasks` — a
+   device lists every task it has installed; the server's task is in
+   `DeviceRegistered.task` and in `GET /api/status`), makes sure each holds the base
+   version (step 3), then sends `training:start`. **Small globals ride along**: when the
+   device does not hold the base version and its document fits one chunk, the server may
+   instead put that version's whole `weights:global` message (weights inline) in
+   `training:start` as `baseWeights`, saving a round trip. The device takes it exactly
+   as a `weights:global` (verified, checked, stored; nothing when it holds that version
+   already) before it decides on the round; weights it refuses make it answer
+   `training:start` with that `ErrorAck` (the server records it as a refusal of
+   `weights:global`), and any `TrainingStartAck` tells the server it now holds the
+   version. The device acks `{accepted: true}` or refuses with a reason (a refusal frees
+   its slot; a pause reason marks it paused until a heartbeat says otherwise). A
+   malformed `training:start` is answered with an `ErrorAck`. The same `roundId` may be
+   offered again (after a reconnect, or after the server restarted and restored the open
+   round): a device still training that round, or holding its trained update unsent,
+   acks `{accepted: true}` and carries on (sends the update) — refusing `busy` would
+   free its slot, and the update would then be `not_selected`.
 6. While training, the device sends `training:progress`; when paused it reports
    `state: "paused"` with a `pauseReason`, and heartbeats say `paused` with a plain-words
    `pauseDetail`.
@@ -341,7 +349,9 @@ compatible server or client in another language.
    resumes its upload from the server's offset and does not train again.
 8. When enough devices reported before the deadline, the server averages the updates
    (FedAvg weighted by `numSamples`, accumulated in float64 and stored in each tensor's
-   own dtype), saves and broadcasts `weights:global` with the new version. Devices
+   own dtype), saves and sends `weights:global` with the new version to every
+   connected device (as the next round starts, the devices it starts get it in step 5's
+   way). Devices
    still training a closed round get `training:cancel`. The reference server evaluates
    the new version afterwards, off the round's path: its `metrics` carry the round's
    `trainLoss` at first, and the evaluation (`evalLoss`, `evalAccuracy`) once recorded.

@@ -1,7 +1,11 @@
 """Starting and stopping devices' work in a round: ``training:start`` and ``training:cancel``.
 
 Contract: :meth:`RoundStarter.start` brings one selected device up to date (the current
-global, through :class:`server.distribution.Distributor`), sends it ``training:start``
+global, through :class:`server.distribution.Distributor`: inside ``training:start`` as
+``baseWeights`` when the device lacks it and it fits one chunk
+(:meth:`~server.distribution.Distributor.inline_global`; an ErrorAck then is the device
+refusing those weights, recorded as for ``weights:global``, and the slot fails), else
+with ``weights:global`` first), sends it ``training:start``
 (its partition, the round's base version and deadline, the task's training settings
 merged with the operator's flags, :func:`training_config`). For a packaged task
 (:class:`server.taskfile.PackageTask`) the device is first given the package and its
@@ -120,7 +124,9 @@ class RoundStarter:
         if record is None or record.sid is None:
             rnd.mark(device_id, "dropped", "disconnected")
             return
-        if not await self._distributor.ensure_global(record):
+        # A small global rides in training:start (one round trip less); else it goes first.
+        inline = await self._distributor.inline_global(record)
+        if inline is None and not await self._distributor.ensure_global(record):
             rnd.mark(device_id, "failed", "could not send the global weights")
             return
         partition = cfg.partition_of(index, count)
@@ -130,6 +136,8 @@ class RoundStarter:
             sent = await self._send_task_files(task, record, partition)
             if sent is None:
                 rnd.mark(device_id, "failed", "could not send the task package")
+                if inline is not None:  # it was left out of the broadcast for this start
+                    self._distributor.send_global_later(record)
                 return
             package, data = sent
         sid = record.sid
@@ -147,6 +155,7 @@ class RoundStarter:
             weight_format=format_for(record),
             package=package,
             data=data,
+            base_weights=inline,
         )
         try:
             ack = await self._sio.call(
@@ -154,6 +163,9 @@ class RoundStarter:
             )
         except Exception as exc:  # timeout or disconnect
             rnd.mark(device_id, "dropped", f"no answer to training:start ({type(exc).__name__})")
+            return
+        if inline is not None and not self._distributor.settle_inline(record, inline, ack):
+            rnd.mark(device_id, "failed", "could not send the global weights")
             return
         try:
             answer = parse(TrainingStartAck, ack)

@@ -461,6 +461,11 @@ class ScriptedDevice:
 
     async def _on_start(self, payload: dict[str, Any]) -> dict[str, Any]:
         self.starts.append(payload)
+        base = payload.get("baseWeights")
+        if base is not None:  # a small global inline: taken as a weights:global first
+            taken = await self._on_global(base)
+            if taken.get("ok") is False:
+                return taken
         return dict(self.start_reply)
 
     async def _on_cancel(self, payload: dict[str, Any]) -> None:

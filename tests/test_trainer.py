@@ -473,6 +473,9 @@ def test_the_kept_model_gives_the_update_a_fresh_model_gives(tmp_path: Path) -> 
         round_id="round-2",
         base_weights_path=bases[1],
         config=first.config.model_copy(update={"seed": 5}),
+        # Another part of the data (devices get other parts from round to round): the
+        # same model.
+        partition=first.partition.model_copy(update={"index": 2}),
         output_path=tmp_path / "b.safetensors",
     )
     got = kept.run(second).output_path.read_bytes()

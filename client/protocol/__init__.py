@@ -334,6 +334,13 @@ class TrainingStart(WireModel):
         description="This device's share of the training data (safetensors with x and y, "
         "already partitioned); absent when the device reads its own data.",
     )
+    base_weights: WeightsGlobal | None = Field(
+        default=None,
+        description="The base version as its weights:global message, inline, when the device "
+        "does not hold it yet and the document fits one chunk (saves a round trip). The "
+        "device takes it exactly as a weights:global (verified, validated, stored) before "
+        "answering, and answers an ErrorAck when it refuses the weights.",
+    )
 
 
 class TrainingStartAck(WireModel):

@@ -190,6 +190,7 @@ class SessionCore:
             state_changed=self.publish_state,
             task_files=self.task_files,
             warm_worker=warm_worker,
+            take_global=self.weights.on_weights_global,
         )
         self.evaluations = Evaluations(
             self.rounds,

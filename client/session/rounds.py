@@ -4,6 +4,10 @@ keeping results.
 Contract (a loop-only object; the worker's events arrive from any thread and are moved
 onto the loop; disk work runs in worker threads):
 
+* A ``training:start`` carrying ``baseWeights`` (a small global inline) has them taken
+  first, exactly as a ``weights:global`` (``take_global``: verified, validated, stored),
+  unless that version is held already; weights refused there answer the
+  ``training:start`` with that ErrorAck.
 * ``training:start`` is acked accepted or refused as :func:`client.session.decisions.
   refuse_round` says (paused, ``busy``, ``unknown_task``, ``missing_base``,
   ``deadline_passed``); a packaged round (``package`` set) is then refused
@@ -53,7 +57,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -69,13 +73,14 @@ from client.protocol import (
     TrainingProgress,
     TrainingStart,
     TrainingStartAck,
+    WeightsGlobal,
 )
 from client.session.decisions import HeldBase, refuse_round
 from client.session.hub import SnapshotHub
 from client.session.package_cache import LocatedFiles, TaskFiles
 from client.session.tasks import TaskSet
 from client.snapshot import PauseDecision
-from client.tasks import available_tasks
+from client.tasks import BUILTIN_TASKS, available_tasks
 from client.weights import decode, encode
 from client.worker_messages import (
     Cancelled,
@@ -192,6 +197,7 @@ class Rounds:
         state_changed: Callable[[], None],
         task_files: TaskFiles | None = None,
         warm_worker: bool = True,
+        take_global: Callable[[WeightsGlobal], Awaitable[object]] | None = None,
     ) -> None:
         self._hub = hub
         self._warm_worker = warm_worker
@@ -206,6 +212,7 @@ class Rounds:
         self._kick_uploads = kick_uploads
         self._state_changed = state_changed
         self._task_files = task_files
+        self._take_global = take_global
         self.worker: Worker | None = None
         self.simulation = False
         self.current: ActiveRound | None = None
@@ -311,6 +318,12 @@ class Rounds:
     # -- handlers ---------------------------------------------------------------------
 
     async def on_training_start(self, start: TrainingStart) -> TrainingStartAck:
+        base = start.base_weights
+        if base is not None and self._take_global is not None:
+            held = self._held()
+            if held is None or (held.version, held.task) != (base.version, base.task):
+                # Taken as a weights:global first; a refusal raises (answered an ErrorAck).
+                await self._take_global(base)
         # The same round offered again (after a reconnect or a server restart) is
         # accepted, not refused as ``busy``: a refusal would free the slot and the update
         # would then be answered ``not_selected``. Already trained: it is sent (resumed
@@ -328,7 +341,7 @@ class Rounds:
             pause=self._pause(),
             training=self.round_id,
             worker_busy=self.worker is None or self.worker.is_busy,
-            tasks=available_tasks(),
+            tasks=_tasks_to_check(start.task),
             held=HeldBase(version=held.version, task=held.task) if held else None,
             now=time.time(),
         )
@@ -499,3 +512,10 @@ def _convert_if_needed(
     state = decode(files.output.read_bytes(), "safetensors")
     data = encode(state, start.weight_format)
     return len(data), files.write_output(data)
+
+
+def _tasks_to_check(task: str) -> frozenset[str] | list[str]:
+    """The installed tasks ``refuse_round`` checks ``task`` against: a built-in one is
+    always installed, so the plugins (entry points: a scan of the installed packages,
+    milliseconds) are listed only for another name."""
+    return BUILTIN_TASKS if task in BUILTIN_TASKS else available_tasks()
