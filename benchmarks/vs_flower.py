@@ -237,6 +237,8 @@ def run_fedtray(size_mb: float, rounds: int, work: Path, timeout: float) -> Tria
         cmd += ["--task-param", f"{key}={value}"]
     cmd += ["--rounds", str(rounds), "--min-clients", str(CLIENTS)]
     cmd += ["--clients-per-round", str(CLIENTS), "--partition", "iid"]
+    # The same workload as Flower's side (fraction_evaluate=0): no federated evaluation.
+    cmd += ["--evaluate-every", "0"]
     cmd += ["--round-timeout", str(int(timeout)), "--state-dir", str(work / "server-state")]
     load_before = loadavg()
     with _children() as children, RssSampler() as rss:

@@ -15,7 +15,8 @@ A new version is published (``history.json`` saved, the next round free to start
 as it is saved, and sent to every connected device as the next round starts: the devices
 that round starts get it inside ``training:start`` when it is small (or ``weights:global``
 first, :mod:`server.starter`), the others by ``weights:global`` at once (all of them when
-no round starts at once); its ``weights:global`` carries what is known
+no round starts at once; a version due for federated evaluation reaches the devices asked
+to evaluate it by ``weights:global`` first); its ``weights:global`` carries what is known
 then (the round's sample-weighted ``trainLoss``). Its evaluation on the server's test split
 (one kept model, :class:`server.model.Evaluator`) runs in the background, one at a time,
 stale versions skipped (:class:`server.evaluation.EvaluationQueue`), and is recorded into

@@ -56,7 +56,9 @@ def test_the_next_round_carries_a_small_global_in_training_start(tmp_path: Path)
             lambda s: all(d["weightsVersion"] == 1 for d in s["devices"])
         )
 
-    with running_server(tmp_path, min_clients=2, clients_per_round=2, rounds=2) as srv:
+    with running_server(
+        tmp_path, min_clients=2, clients_per_round=2, rounds=2, evaluate_every=0
+    ) as srv:
         run_devices(scenario(srv))
     for dev in (out["a"], out["b"]):
         second = dev.starts[1]
@@ -82,7 +84,9 @@ def test_a_device_not_started_gets_the_version_by_weights_global(tmp_path: Path)
         await idle.until(lambda: 1 in idle.weights, what="version 1 by weights:global")
         assert idle.starts == []  # never started: the one slot of the one round was taken
 
-    with running_server(tmp_path, min_clients=1, clients_per_round=1, rounds=1) as srv:
+    with running_server(
+        tmp_path, min_clients=1, clients_per_round=1, rounds=1, evaluate_every=0
+    ) as srv:
         run_devices(scenario(srv))
 
 
@@ -101,7 +105,9 @@ def test_weights_refused_inside_training_start_are_recorded_and_not_trained(
         assert "baseWeights" in bad.starts[1]
         out["status"] = await srv.await_status(lambda s: s["devices"][0].get("refusal") is not None)
 
-    with running_server(tmp_path, min_clients=1, clients_per_round=1, rounds=3) as srv:
+    with running_server(
+        tmp_path, min_clients=1, clients_per_round=1, rounds=3, evaluate_every=0
+    ) as srv:
         run_devices(scenario(srv))
     [device] = out["status"]["devices"]
     assert device["refusal"].startswith("global weights v1: shape_mismatch: ")
