@@ -20,7 +20,7 @@ import argparse
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import platformdirs
 
@@ -54,6 +54,10 @@ __all__ = [
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 3001
+#: Federated evaluation is opt-in (``--evaluate-every N``): a round due for it waits for
+#: its evaluators before the next round opens (server.fedeval), and a device that cannot
+#: evaluate says nothing, so the wait lasts until the evaluation's deadline.
+DEFAULT_EVALUATE_EVERY: Final = 0
 #: An update document may be this many times the model's tensor bytes (a json document of
 #: float32 tensors is about 6 times its safetensors), plus UPDATE_MARGIN_BYTES of header.
 UPDATE_SIZE_FACTOR = 8
@@ -170,7 +174,7 @@ class ServerConfig:
     strategy: StrategySettings = field(default_factory=StrategySettings)
     #: Federated evaluation: every this many versions, devices evaluate the new global on
     #: their own test split (``--evaluate-every``; 0 = never). :mod:`server.fedeval`.
-    evaluate_every: int = 1
+    evaluate_every: int = DEFAULT_EVALUATE_EVERY
 
     def training_overrides(self) -> dict[str, Any]:
         """The local training settings given explicitly, as TrainingConfig fields."""

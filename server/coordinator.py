@@ -8,8 +8,8 @@ partitioning (the selected devices get parts ``0..n-1`` of ``n`` in selection or
 once (:meth:`accept_update`, saved on disk before it is acknowledged: kept as the verified
 safetensors document received, checked in place, never re-encoded), closing, aggregating
 and publishing the new version (:class:`server.globalmodel.GlobalModel`), then evaluating
-it off the critical path (on the server, and on the devices: :mod:`server.fedeval`, asked
-right after the new version is broadcast).
+it off the critical path on the server; on the devices (:mod:`server.fedeval`, every
+``--evaluate-every`` versions) the next round opens once that evaluation is settled.
 
 A new version is published (``history.json`` saved, the next round free to start) as soon
 as it is saved, and sent to every connected device as the next round starts: the devices
@@ -520,6 +520,9 @@ class RoundCoordinator:
         self.phase.close()
         self._broadcast_due = True  # sent as the next round starts (_broadcast)
         self.federated.published(self.task, self._model.version)
+        # Fit, then evaluate (as Flower's rounds): the next round opens once the devices
+        # asked to evaluate this version are done, so none is asked to train meanwhile.
+        await self.federated.settled(self._model.version)
         return True
 
     def _broadcast(self, starting: frozenset[str]) -> None:

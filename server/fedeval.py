@@ -4,8 +4,12 @@ Contract:
 
 * Which versions: :func:`due` -- every ``--evaluate-every`` N-th version (versions
   N, 2N, ...; 0 = never). :class:`FederatedEvaluation` is told each published version
-  (:meth:`FederatedEvaluation.published`) and asks devices off the critical path (a
-  background task per device; the next round is never delayed by it).
+  (:meth:`FederatedEvaluation.published`) and asks devices (a background task per
+  device). As in Flower's rounds (fit, then evaluate), the coordinator opens the next
+  round only once that evaluation is settled (:meth:`FederatedEvaluation.settled`: every
+  device asked has answered with a result, refused, failed or not answered, or the
+  deadline passed), so a device is never asked to train while it evaluates
+  (``--evaluate-every 0`` keeps rounds back to back).
 * Which devices: :func:`select_evaluators` -- the eligible devices (connected, not
   paused, not stale, able to take the task: :meth:`server.registry.Registry.eligible`),
   those already holding the version first, then by device id, up to
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -54,7 +59,7 @@ from client.protocol import (
 )
 from client.tasks import Task
 from server.background import Background
-from server.config import ServerConfig
+from server.config import DEFAULT_EVALUATE_EVERY, ServerConfig
 from server.distribution import Distributor
 from server.globalmodel import GlobalModel
 from server.registry import DeviceRecord, Registry
@@ -84,7 +89,7 @@ def add_evaluate_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--evaluate-every",
         type=int,
-        default=1,
+        default=DEFAULT_EVALUATE_EVERY,
         metavar="N",
         help="federated evaluation: every N-th new global is evaluated by the devices on "
         "their own test splits (sample-weighted means in the history); 0 = off "
@@ -141,13 +146,24 @@ class Tally:
     asked: set[str] = field(default_factory=set)
     accepted: set[str] = field(default_factory=set)
     reports: dict[str, Report] = field(default_factory=dict)
+    #: Asked devices still to be heard from (a result, or the end of their ask).
+    waiting: set[str] = field(default_factory=set)
+    #: Set once ``waiting`` is empty.
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
 
     def count(self, device_id: str, report: Report) -> bool:
         """Count ``report`` once, from a device that accepted; whether it was counted."""
         if device_id not in self.accepted or device_id in self.reports:
             return False
         self.reports[device_id] = report
+        self.done(device_id)
         return True
+
+    def done(self, device_id: str) -> None:
+        """Nothing more is expected from ``device_id`` for this version."""
+        self.waiting.discard(device_id)
+        if not self.waiting:
+            self.settled.set()
 
 
 # ----------------------------------------------------------------------- the owner
@@ -201,6 +217,7 @@ class FederatedEvaluation:
             len(chosen),
             ", ".join(self._registry.name_of(d) for d in chosen),
         )
+        tally.waiting.update(chosen)
         for index, device_id in enumerate(chosen):
             tally.asked.add(device_id)
             self._background.spawn(
@@ -213,9 +230,29 @@ class FederatedEvaluation:
         try:
             await self._ask_one(task, tally, device_id, index, count)
         except asyncio.CancelledError:
+            tally.done(device_id)
             raise
         except Exception:
             log.exception("bug while asking %s to evaluate version %d", device_id, tally.version)
+        if device_id not in tally.accepted:
+            tally.done(device_id)  # refused, failed or did not answer: nothing will come
+
+    async def settled(self, version: int) -> None:
+        """Return once version ``version``'s evaluation is settled (module docstring), at
+        the latest at its deadline; at once when it was not asked."""
+        tally = self._tallies.get(version)
+        if tally is None:
+            return
+        left = tally.deadline - time.time()
+        if left > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(tally.settled.wait(), left)
+        if not tally.settled.is_set():
+            log.info(
+                "version %d: evaluation deadline passed; %d device(s) did not report",
+                version,
+                len(tally.waiting),
+            )
 
     async def _ask_one(
         self, task: Task, tally: Tally, device_id: str, index: int, count: int

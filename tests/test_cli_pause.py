@@ -255,7 +255,7 @@ def test_battery_threshold_flag_is_saved_and_applied(
 ) -> None:
     got: list[Settings] = []
 
-    def fake_run(args: argparse.Namespace, settings: Settings) -> int:
+    def fake_run(args: argparse.Namespace, settings: Settings, report: object = None) -> int:
         got.append(settings)
         return 0
 

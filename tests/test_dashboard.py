@@ -400,7 +400,9 @@ def test_dashboard_shows_rounds_devices_and_escapes_names(tmp_path: Path) -> Non
             for task in beats:
                 task.cancel()
 
-    with running_server(tmp_path, min_clients=2, clients_per_round=2, round_timeout=60.0) as srv:
+    with running_server(
+        tmp_path, min_clients=2, clients_per_round=2, round_timeout=60.0, evaluate_every=1
+    ) as srv:
         run_devices(scenario(srv))
 
 

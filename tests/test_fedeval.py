@@ -264,6 +264,6 @@ def test_evaluate_every_is_a_flag_of_the_server_and_must_not_be_negative(tmp_pat
     args = build_parser().parse_args(["--evaluate-every", "3", "--state-dir", str(tmp_path)])
     assert config_from_args(args).evaluate_every == 3
     default = build_parser().parse_args(["--state-dir", str(tmp_path)])
-    assert config_from_args(default).evaluate_every == 1
+    assert config_from_args(default).evaluate_every == 0  # opt-in
     with pytest.raises(ConfigError, match="--evaluate-every"):
         ServerConfig(evaluate_every=-1, state_dir=tmp_path)
