@@ -54,10 +54,9 @@ __all__ = [
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 3001
-#: Federated evaluation is opt-in (``--evaluate-every N``): a round due for it waits for
-#: its evaluators before the next round opens (server.fedeval), and a device that cannot
-#: evaluate says nothing, so the wait lasts until the evaluation's deadline.
-DEFAULT_EVALUATE_EVERY: Final = 0
+#: Federated evaluation of every new version by default (``--evaluate-every N``, 0 = off);
+#: a round due for it waits for its evaluators before the next round opens (server.fedeval).
+DEFAULT_EVALUATE_EVERY: Final = 1
 #: An update document may be this many times the model's tensor bytes (a json document of
 #: float32 tensors is about 6 times its safetensors), plus UPDATE_MARGIN_BYTES of header.
 UPDATE_SIZE_FACTOR = 8

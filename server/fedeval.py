@@ -18,8 +18,8 @@ Contract:
   ``evaluation:start`` with part ``i`` of ``n`` (its test split of that partition, the
   package, or its own data) and the deadline ``round_timeout`` from now. A device that
   refuses because it is paused is marked paused in the registry (as a training refusal
-  is); one that refuses otherwise, does not answer or sends nothing by the deadline is
-  skipped.
+  is); one that refuses otherwise, does not answer, says ``evaluation:failed`` or sends
+  nothing by the deadline is skipped.
 * Results: ``evaluation:result`` is counted once per device and version, only from a
   device that was asked for that version and accepted (a result of a version not asked,
   or forgotten, is dropped and logged). The tallies of the last :data:`KEPT_VERSIONS`
@@ -51,6 +51,7 @@ import socketio
 from client.errors import FedtrayError
 from client.protocol import (
     EV_EVALUATION_START,
+    EvaluationFailed,
     EvaluationResult,
     EvaluationStart,
     EvaluationStartAck,
@@ -303,6 +304,20 @@ class FederatedEvaluation:
         if pause is not None:
             # Not eligible again until a heartbeat says it is back (as for training).
             self._registry.refused_paused(record.device_id, pause, answer.detail)
+
+    def on_failed(self, record: DeviceRecord, failed: EvaluationFailed) -> None:
+        """A device's ``evaluation:failed``: nothing more will come from it (logged)."""
+        tally = self._tallies.get(failed.version)
+        if tally is None or record.device_id not in tally.accepted:
+            return
+        log.info(
+            "version %d: %s could not evaluate it (%s): %s",
+            failed.version,
+            record.name,
+            failed.code,
+            failed.message,
+        )
+        tally.done(record.device_id)
 
     async def on_result(self, record: DeviceRecord, result: EvaluationResult) -> None:
         """A device's ``evaluation:result``: counted once and recorded (module docstring)."""

@@ -35,6 +35,7 @@ from client.protocol import (
     BlobStatus,
     DeviceRegister,
     DeviceRegistered,
+    EvaluationFailed,
     EvaluationResult,
     Heartbeat,
     OkAck,
@@ -300,6 +301,10 @@ class DeviceNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
     @handles(ev.EVALUATION_RESULT)
     async def on_evaluation_result(self, sid: str, result: EvaluationResult) -> None:
         await self._coordinator.federated.on_result(self._record(sid), result)
+
+    @handles(ev.EVALUATION_FAILED)
+    async def on_evaluation_failed(self, sid: str, failed: EvaluationFailed) -> None:
+        self._coordinator.federated.on_failed(self._record(sid), failed)
 
     @handles(ev.BLOB_CHUNK)
     async def on_blob_chunk(self, sid: str, chunk: BlobChunk) -> BlobProgress:

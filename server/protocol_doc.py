@@ -150,6 +150,12 @@ EXAMPLES: dict[type[p.WireModel], dict[str, Any]] = {
         "accuracy": 0.93,
         "numSamples": 120,
     },
+    p.EvaluationFailed: {
+        "version": 4,
+        "task": "digits",
+        "code": "package_member",
+        "message": "a package with server data needs data/train and data/test",
+    },
     p.TrainingError: {
         "roundId": "r12",
         "code": "layout_mismatch",
@@ -363,7 +369,10 @@ compatible server or client in another language.
    it trains a round, `missing_base`, ...), evaluates the version on its own test split
    (the task's test split of that partition, the package's test set, or its own data;
    no weights are sent back) and then sends `evaluation:result` (loss, accuracy,
-   numSamples). A paused device abandons an evaluation and sends nothing. The server
+   numSamples), or `evaluation:failed` (code, message) when an evaluation it accepted
+   ends without a result (no test data, a crash, a pause abandons it). The next round
+   opens once every device asked has answered one way or the other (or the deadline
+   passed): fit, then evaluate, as in Flower's rounds. The server
    records the sample-weighted means in that version's history record
    (`federatedEvalLoss`, `federatedEvalAccuracy`, `federatedEvalSamples`,
    `federatedEvalDevices` in `GET /api/status`), updated as results arrive, also late

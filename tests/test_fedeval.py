@@ -264,6 +264,22 @@ def test_evaluate_every_is_a_flag_of_the_server_and_must_not_be_negative(tmp_pat
     args = build_parser().parse_args(["--evaluate-every", "3", "--state-dir", str(tmp_path)])
     assert config_from_args(args).evaluate_every == 3
     default = build_parser().parse_args(["--state-dir", str(tmp_path)])
-    assert config_from_args(default).evaluate_every == 0  # opt-in
+    assert config_from_args(default).evaluate_every == 1
     with pytest.raises(ConfigError, match="--evaluate-every"):
         ServerConfig(evaluate_every=-1, state_dir=tmp_path)
+
+
+def test_a_tally_settles_once_every_device_asked_is_done() -> None:
+    async def go() -> None:
+        tally = Tally(version=3, deadline=0.0)
+        tally.waiting.update({"a", "b", "c"})
+        tally.accepted.update({"a", "b"})
+        assert tally.count("a", Report(0.5, 0.9, 10))  # a result
+        assert not tally.settled.is_set()
+        tally.done("c")  # refused or did not answer
+        assert not tally.settled.is_set()
+        assert not tally.count("c", Report(0.5, 0.9, 10))  # never accepted: not counted
+        tally.done("b")  # evaluation:failed
+        assert tally.settled.is_set() and tally.waiting == set()
+
+    asyncio.run(go())

@@ -222,6 +222,7 @@ EXPECTED_EVENTS = [
     ("training:error", "device→server", "TrainingError", None),
     ("evaluation:start", "server→device", "EvaluationStart", "EvaluationStartAck"),
     ("evaluation:result", "device→server", "EvaluationResult", None),
+    ("evaluation:failed", "device→server", "EvaluationFailed", None),
     ("blob:chunk", "both", "BlobChunk", "BlobProgress"),
     ("blob:status", "both", "BlobStatus", "BlobProgress"),
     ("federation:finished", "server→device", "FederationFinished", None),
@@ -260,7 +261,13 @@ def test_every_model_of_the_table_has_an_example() -> None:
         (
             "server",
             {"device:register", "device:heartbeat", "training:progress", "weights:submit"}
-            | {"training:error", "blob:chunk", "blob:status", "evaluation:result"},
+            | {
+                "training:error",
+                "blob:chunk",
+                "blob:status",
+                "evaluation:result",
+                "evaluation:failed",
+            },
         ),
     ],
 )

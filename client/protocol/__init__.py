@@ -79,6 +79,7 @@ EV_BLOB_STATUS = "blob:status"
 EV_TASK_FILE = "task:file"
 EV_EVALUATION_START = "evaluation:start"
 EV_EVALUATION_RESULT = "evaluation:result"
+EV_EVALUATION_FAILED = "evaluation:failed"
 
 
 # --- device description and resources -------------------------------------------------
@@ -428,8 +429,8 @@ class EvaluationStartAck(WireModel):
 
 class EvaluationResult(WireModel):
     """``evaluation:result`` (client -> server, not acked): one device's evaluation of a
-    global version on its own test split. A device that fails or abandons an evaluation
-    (paused) sends nothing; the server stops waiting at the deadline."""
+    global version on its own test split. A device whose accepted evaluation fails or is
+    abandoned (paused) sends ``evaluation:failed`` instead."""
 
     version: NonNegInt
     task: Identifier
@@ -438,6 +439,17 @@ class EvaluationResult(WireModel):
         description="Fraction of the device's test samples predicted correctly."
     )
     num_samples: PosInt = Field(description="Test samples evaluated (the weight of the result).")
+
+
+class EvaluationFailed(WireModel):
+    """``evaluation:failed`` (client -> server, not acked): an evaluation the device
+    accepted ended without a result (its data, a crash, a pause), so the server stops
+    waiting for it."""
+
+    version: NonNegInt
+    task: Identifier
+    code: ErrorCode
+    message: ShortText
 
 
 # --- weights ---------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from typing import Any, Final, Generic, Literal, Never, TypeVar
 from client.protocol import (
     EV_BLOB_CHUNK,
     EV_BLOB_STATUS,
+    EV_EVALUATION_FAILED,
     EV_EVALUATION_RESULT,
     EV_EVALUATION_START,
     EV_FEDERATION_FINISHED,
@@ -39,6 +40,7 @@ from client.protocol import (
     BlobStatus,
     DeviceRegister,
     DeviceRegistered,
+    EvaluationFailed,
     EvaluationResult,
     EvaluationStart,
     EvaluationStartAck,
@@ -204,6 +206,14 @@ EVALUATION_RESULT: Final[EventSpec[EvaluationResult, Never]] = EventSpec(
     "One device's loss, accuracy and sample count for a version it was asked to evaluate; "
     "the server records the sample-weighted means in that version's history record.",
 )
+EVALUATION_FAILED: Final[EventSpec[EvaluationFailed, Never]] = EventSpec(
+    EV_EVALUATION_FAILED,
+    "device→server",
+    EvaluationFailed,
+    None,
+    "An evaluation the device accepted ended without a result (no test data, a crash, a "
+    "pause): the server stops waiting for it.",
+)
 
 #: The whole table, in the order of a session (the doc lists the events in this order).
 EVENTS: Final[tuple[EventSpec[Any, Any], ...]] = (
@@ -219,6 +229,7 @@ EVENTS: Final[tuple[EventSpec[Any, Any], ...]] = (
     TRAINING_ERROR,
     EVALUATION_START,
     EVALUATION_RESULT,
+    EVALUATION_FAILED,
     BLOB_CHUNK,
     BLOB_STATUS,
     FEDERATION_FINISHED,

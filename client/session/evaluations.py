@@ -15,7 +15,8 @@ Contract (a loop-only object; worker events arrive on the loop through
   arrival; the job carries its identity): lighter than training: no checkpoint, no
   work file, nothing kept in the pending store, no upload. When it finishes,
   ``evaluation:result`` (version, loss, accuracy, numSamples) is sent, unacknowledged; a
-  failed or abandoned evaluation sends nothing (logged).
+  failed or abandoned evaluation sends ``evaluation:failed`` (code, message; logged), so
+  the server stops waiting for it.
 * A pause while evaluating abandons the evaluation (the worker is told to cancel; the
   server stops waiting at its deadline). A ``training:start`` that arrives while an
   evaluation runs waits for it (:meth:`Evaluations.settle`, at most
@@ -33,10 +34,12 @@ import time
 from collections.abc import Callable
 from typing import Any, Final, Protocol
 
-from client.errors import FedtrayError
+from client.errors import ErrorCode, FedtrayError
 from client.global_store import GlobalWeights
 from client.protocol import (
+    EV_EVALUATION_FAILED,
     EV_EVALUATION_RESULT,
+    EvaluationFailed,
     EvaluationResult,
     EvaluationStart,
     EvaluationStartAck,
@@ -52,6 +55,9 @@ from client.worker_messages import EvalDone, EvalFailed, EvalJob, WorkerEvent
 __all__ = ["SETTLE_TIMEOUT", "EvalWorker", "Evaluations"]
 
 log = logging.getLogger(__name__)
+
+#: The longest failure text sent in ``evaluation:failed`` (the wire's ShortText limit).
+MAX_FAILURE_TEXT: Final = 1000
 
 #: Longest a ``training:start`` waits for an evaluation in progress to end.
 SETTLE_TIMEOUT: Final = 60.0
@@ -178,6 +184,7 @@ class Evaluations:
                     )
                 except ValueError as exc:
                     log.warning("cannot report the evaluation of v%d: %s", result.version, exc)
+                    self._failed(result.version, "training_failed", f"cannot report it: {exc}")
                     return
                 self._emit(EV_EVALUATION_RESULT, message.to_wire())
             case EvalFailed(eval_id=eval_id, code=code, message=text):
@@ -187,8 +194,17 @@ class Evaluations:
                 log.info(
                     "evaluation of v%d ended without a result (%s): %s", job.version, code, text
                 )
+                self._failed(job.version, code, text)
             case _:
                 pass
+
+    def _failed(self, version: int, code: ErrorCode, text: str) -> None:
+        """Tell the server an accepted evaluation ended without a result (it stops
+        waiting for this device)."""
+        message = EvaluationFailed(
+            version=version, task=self._task, code=code, message=text[:MAX_FAILURE_TEXT]
+        )
+        self._emit(EV_EVALUATION_FAILED, message.to_wire())
 
     def _finished(self) -> None:
         self.current = None
