@@ -36,6 +36,7 @@ import asyncio
 import logging
 import math
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Final, Protocol, TypeVar
@@ -130,7 +131,27 @@ class _Polling:
             await asyncio.gather(task, return_exceptions=True)
 
 
-class InUsePause(_Polling):
+class _PollingRule(_Polling, ABC):
+    """A polled source that decides from its last reading and the settings: it reads once
+    at start, then every ``interval``; new settings re-decide from the last reading."""
+
+    @abstractmethod
+    async def _tick(self) -> None:
+        """Read the OS (off the loop) and decide."""
+
+    @abstractmethod
+    def _decide(self, settings: Settings) -> None:
+        """Report the decision for the last reading and ``settings``."""
+
+    async def start(self) -> None:
+        await self._tick()
+        self._begin(self._tick)
+
+    def settings_changed(self, old: Settings, new: Settings) -> None:
+        self._decide(new)
+
+
+class InUsePause(_PollingRule):
     """In use or idle: the budget, or a pause (see the module docstring)."""
 
     name: Final = "in_use"
@@ -186,15 +207,8 @@ class InUsePause(_Polling):
             self._described = described or "unknown detector"
         self._decide(self._settings.value)
 
-    async def start(self) -> None:
-        await self._tick()
-        self._begin(self._tick)
 
-    def settings_changed(self, old: Settings, new: Settings) -> None:
-        self._decide(new)
-
-
-class FullscreenPause(_Polling):
+class FullscreenPause(_PollingRule):
     """A full-screen app in front pauses training (see the module docstring)."""
 
     name: Final = "fullscreen"
@@ -224,13 +238,6 @@ class FullscreenPause(_Polling):
         if self._settings.value.pause_when_fullscreen:  # off: no OS call at all
             self._active = await _read("the full-screen check", self._probe.fullscreen_active)
         self._decide(self._settings.value)
-
-    async def start(self) -> None:
-        await self._tick()
-        self._begin(self._tick)
-
-    def settings_changed(self, old: Settings, new: Settings) -> None:
-        self._decide(new)
 
 
 def _system_times() -> tuple[float, float]:
@@ -352,7 +359,7 @@ def read_cpu_temperature() -> float | None:
     return rules.pick_cpu_temperature(sensors())
 
 
-class HeatPause(_Polling):
+class HeatPause(_PollingRule):
     """Pause while the CPU is too hot (see the module docstring)."""
 
     name: Final = "heat"
@@ -390,13 +397,6 @@ class HeatPause(_Polling):
         self._celsius = await _read("reading the CPU temperature", self._read_temperature)
         self._publish(temperature_c=self._celsius)
         self._decide(self._settings.value)
-
-    async def start(self) -> None:
-        await self._tick()
-        self._begin(self._tick)
-
-    def settings_changed(self, old: Settings, new: Settings) -> None:
-        self._decide(new)
 
 
 def local_now() -> datetime:
