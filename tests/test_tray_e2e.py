@@ -143,6 +143,10 @@ def launched_tray(
         path.mkdir(parents=True)
         env[var] = str(path)
     env["HOME"] = str(tmp_path / "user")
+    # The X session's environment was taken before this test's own (tests/conftest.py):
+    # carry its stand-ins, so the tray sees an idle computer and no other load, as every
+    # session under test does (the politeness tests read the real X server themselves).
+    env.update({k: v for k, v in os.environ.items() if k.startswith("FEDTRAY_SIMULATE_")})
     env.update(extra_env or {})
     save_settings(settings, config_file(tmp_path))
     log = tmp_path / "tray-output.txt"
