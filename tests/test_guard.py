@@ -18,7 +18,7 @@ from client import protocol as p
 from client.errors import FedtrayError
 from client.protocol import events
 from client.protocol.guard import answer, guard, guard_sid
-from server.protocol_doc import EXAMPLES
+from server.protocol_examples import EXAMPLES
 
 HEARTBEAT = EXAMPLES[p.Heartbeat]
 CANCEL = EXAMPLES[p.TrainingCancel]

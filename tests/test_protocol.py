@@ -17,9 +17,9 @@ from client.errors import (
     submit_outcome,
 )
 from client.protocol import events
-from server import protocol_doc
+from server import protocol_doc, protocol_examples
 
-EXAMPLES = protocol_doc.EXAMPLES
+EXAMPLES = protocol_examples.EXAMPLES
 
 
 def wire_models() -> list[type[p.WireModel]]:
@@ -35,7 +35,7 @@ def test_every_wire_model_has_an_example() -> None:
     nested = {p.BatteryStatus, p.ResourceSnapshot, p.GpuInfo, p.PlatformInfo, p.HardwareInfo}
     nested |= {p.Capabilities, p.Limits, p.TrainingConfig, p.Partition}
     missing = set(wire_models()) - set(EXAMPLES) - nested
-    assert not missing, f"add examples to server/protocol_doc.py for {missing}"
+    assert not missing, f"add examples to server/protocol_examples.py for {missing}"
 
 
 @pytest.mark.parametrize("model", list(EXAMPLES), ids=lambda m: m.__name__)

@@ -29,7 +29,7 @@ from client.snapshot import ALLOW
 from client.transfer import BlobStore
 from client.weights import decode
 from client.workfiles import work_key
-from server.protocol_doc import EXAMPLES
+from server.protocol_examples import EXAMPLES
 from server.registry import DeviceRecord, Registry
 from server.taskfile import DataShares
 
