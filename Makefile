@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch is pinned to ==2.13.0 (CPU build) in the `train` extra and in constraints.txt.
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[train,tray,dev,package]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[train,tray,dev,package,cluster]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
