@@ -2,9 +2,14 @@
 
 This package is the one wire contract; the reference server imports it, and
 ``docs/protocol.md`` is generated from it (``python -m server.protocol_doc``). This module
-holds the payload models; :mod:`client.protocol.events` declares the event table (each
-event's direction, payload and ack model) and :mod:`client.protocol.guard` is the one
-handler guard both peers register their handlers through.
+holds the payload models and re-exports those declared beside it, so every public name
+is importable from :mod:`client.protocol`: the field types, :class:`WireModel` and
+:func:`parse` (:mod:`client.protocol.wire`), what a device says of itself at registration
+and in heartbeats (:mod:`client.protocol.device`), what a device works on (:class:`Partition`,
+:class:`FileRef`: :mod:`client.protocol.work`) and the federated-evaluation payloads
+(:mod:`client.protocol.evaluation`). :mod:`client.protocol.events` declares the event
+table (each event's direction, payload and ack model) and :mod:`client.protocol.guard` is
+the one handler guard both peers register their handlers through.
 
 Conventions (promised to every peer):
 
@@ -31,6 +36,20 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, JsonValue, model_validator
 
 from client.errors import ErrorCode
+from client.protocol.device import (
+    BatteryStatus as BatteryStatus,
+    Capabilities as Capabilities,
+    GpuInfo as GpuInfo,
+    HardwareInfo as HardwareInfo,
+    PlatformInfo as PlatformInfo,
+    ResourceSnapshot as ResourceSnapshot,
+)
+from client.protocol.evaluation import (
+    EvaluationFailed as EvaluationFailed,
+    EvaluationResult as EvaluationResult,
+    EvaluationStart as EvaluationStart,
+    EvaluationStartAck as EvaluationStartAck,
+)
 from client.protocol.wire import (
     DEFAULT_CHUNK_BYTES as DEFAULT_CHUNK_BYTES,
     DEFAULT_INFLIGHT_CHUNKS as DEFAULT_INFLIGHT_CHUNKS,
@@ -63,6 +82,7 @@ from client.protocol.wire import (
     check_protocol as check_protocol,
     parse as parse,
 )
+from client.protocol.work import FileRef as FileRef, Partition as Partition
 
 # Event names. The first seven come from the original client and are fixed.
 EV_REGISTER = "device:register"
@@ -80,89 +100,6 @@ EV_TASK_FILE = "task:file"
 EV_EVALUATION_START = "evaluation:start"
 EV_EVALUATION_RESULT = "evaluation:result"
 EV_EVALUATION_FAILED = "evaluation:failed"
-
-
-# --- device description and resources -------------------------------------------------
-
-
-class BatteryStatus(WireModel):
-    """A battery reading. Absent (``null``) on machines without a battery."""
-
-    percent: Percent
-    plugged_in: bool | None = Field(
-        description="True on mains power, false on battery, null when the OS cannot tell."
-    )
-
-
-class ResourceSnapshot(WireModel):
-    """Current load of the machine, sent at registration and with every heartbeat."""
-
-    cpu_percent: Percent = Field(description="System-wide CPU use, 0-100.")
-    ram_used_percent: Percent
-    ram_available_mb: NonNegInt
-    battery: BatteryStatus | None = Field(
-        description="null when the machine has no battery (never reported as 'on battery')."
-    )
-
-
-class GpuInfo(WireModel):
-    """An accelerator torch can use."""
-
-    kind: Literal["cuda", "mps"]
-    name: ShortText | None = None
-    memory_mb: NonNegInt | None = None
-
-
-class PlatformInfo(WireModel):
-    """Operating system and interpreter."""
-
-    os: ShortText = Field(description="OS name as Python's platform.system() gives it.")
-    release: ShortText
-    arch: ShortText
-    python: ShortText
-
-
-class HardwareInfo(WireModel):
-    """Static hardware facts."""
-
-    cpu_cores: PosInt
-    ram_total_mb: PosInt
-    gpu: GpuInfo | None = None
-    battery_present: bool
-
-
-class Capabilities(WireModel):
-    """What the device can do."""
-
-    torch_version: ShortText | None = Field(description="null when torch is not installed.")
-    simulation: bool = Field(description="True when the device fakes training (no torch).")
-    tasks: list[Identifier] = Field(max_length=256, description="Task names installed here.")
-    weight_formats: list[WeightFormat] = Field(
-        min_length=1,
-        description="Formats this device decodes. The order is not a preference: a server "
-        "sends safetensors when it is listed, else json.",
-    )
-    max_chunk_bytes: PosInt = Field(description="Largest blob chunk this device accepts.")
-    max_blob_bytes: PosInt = Field(
-        default=DEFAULT_MAX_BLOB_BYTES,
-        description="Largest blob (announced total) this device accepts from the server; "
-        "absent means the default, 512 MiB.",
-    )
-    max_inflight_chunks: PosInt = Field(
-        default=DEFAULT_INFLIGHT_CHUNKS,
-        description="Most blob:chunk messages a server may have unacknowledged at once "
-        "towards this device; absent means the default, 4.",
-    )
-    task_packages: bool = Field(
-        default=False,
-        description="True when the device trains task packages (.fedtask) it receives "
-        "with task:file; absent means false: it is never selected for a packaged task.",
-    )
-    package_cache_bytes: NonNegInt = Field(
-        default=DEFAULT_PACKAGE_CACHE_BYTES,
-        description="Bytes of task files (packages and data shares) the device keeps; a "
-        "server selects it for a packaged task only when the package and its share fit.",
-    )
 
 
 # --- registration and heartbeat --------------------------------------------------------
@@ -281,33 +218,6 @@ class TrainingConfig(WireModel):
     )
 
 
-class Partition(WireModel):
-    """Which share of the task's data this device trains on: part ``index`` of ``count``."""
-
-    index: NonNegInt
-    count: PosInt
-    seed: NonNegInt = 0
-    scheme: PartitionScheme = "iid"
-    alpha: Annotated[float, Field(gt=0, le=MAX_PARTITION_ALPHA, allow_inf_nan=False)] = Field(
-        default=DEFAULT_PARTITION_ALPHA,
-        description="Dirichlet concentration of the dirichlet scheme (smaller: more "
-        "label skew); ignored by the other schemes.",
-    )
-
-    @model_validator(mode="after")
-    def _index_in_range(self) -> Partition:
-        if self.index >= self.count:
-            raise ValueError(f"partition index {self.index} must be below count {self.count}")
-        return self
-
-
-class FileRef(WireModel):
-    """A task file (a package or a data share) by its content: what ``task:file`` sent."""
-
-    sha256: Sha256Hex = Field(description="Lower-case hex SHA-256 of the file.")
-    size: PosInt = Field(description="Byte length of the file.")
-
-
 class TrainingStart(WireModel):
     """``training:start`` (server -> client, acked with TrainingStartAck).
 
@@ -383,71 +293,6 @@ class TrainingError(WireModel):
     """``training:error`` (client -> server, not acked): the round failed on the device."""
 
     round_id: Identifier | None
-    code: ErrorCode
-    message: ShortText
-
-
-# --- federated evaluation ----------------------------------------------------------------
-
-
-class EvaluationStart(WireModel):
-    """``evaluation:start`` (server -> client, acked with EvaluationStartAck).
-
-    Evaluate global version ``version`` (which the device holds) on this device's own test
-    split: a built-in task's test split of ``partition``, a package's shipped test set, or
-    the device's own data (its test split; without one, a holdout of its train data). No
-    weights are sent back: the result comes later in ``evaluation:result``. A paused
-    device refuses with its pause reason, a device training a round refuses ``busy``.
-    """
-
-    version: NonNegInt = Field(description="The global version to evaluate.")
-    task: Identifier
-    model_params: dict[str, JsonValue] = Field(
-        default_factory=dict, description="Task-specific model parameters (JSON object)."
-    )
-    partition: Partition
-    deadline: NonNegFloat = Field(
-        description="Unix time after which the server no longer waits for the result."
-    )
-    package: FileRef | None = Field(
-        default=None, description="The task package, as training:start names it."
-    )
-    data: FileRef | None = Field(
-        default=None,
-        description="A data share the server sent (as training:start names it); absent "
-        "when the device reads its own data or the task's.",
-    )
-
-
-class EvaluationStartAck(WireModel):
-    """Answer to ``evaluation:start``: the same shape as training:start's answer."""
-
-    accepted: bool
-    reason: RefusalReason | PauseReason | None = None
-    detail: ShortText | None = None
-
-
-class EvaluationResult(WireModel):
-    """``evaluation:result`` (client -> server, not acked): one device's evaluation of a
-    global version on its own test split. A device whose accepted evaluation fails or is
-    abandoned (paused) sends ``evaluation:failed`` instead."""
-
-    version: NonNegInt
-    task: Identifier
-    loss: FiniteFloat = Field(description="Mean loss over the device's test samples.")
-    accuracy: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = Field(
-        description="Fraction of the device's test samples predicted correctly."
-    )
-    num_samples: PosInt = Field(description="Test samples evaluated (the weight of the result).")
-
-
-class EvaluationFailed(WireModel):
-    """``evaluation:failed`` (client -> server, not acked): an evaluation the device
-    accepted ended without a result (its data, a crash, a pause), so the server stops
-    waiting for it."""
-
-    version: NonNegInt
-    task: Identifier
     code: ErrorCode
     message: ShortText
 
