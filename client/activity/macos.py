@@ -10,7 +10,8 @@ Contract (on top of :mod:`client.activity.base`):
   (:func:`idle_from_hid_ns`); a negative or non-integer value is ``None``.
 * ``fullscreen_active()`` is ``None``: macOS offers no documented, permission-free call
   that says whether the frontmost window is full-screen; ``describe()`` says so.
-* A refused call answers ``None`` and is logged once.
+* A refused call answers ``None`` and is logged once
+  (:class:`~client.activity.guarded.GuardedReads`).
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
-import threading
 from typing import Any, Final, Protocol
 
-from client.activity.base import LogOnce
+from client.activity.guarded import GuardedReads
 
 __all__ = ["IOKitCalls", "MacCalls", "MacProbe", "idle_from_hid_ns"]
 
@@ -101,20 +101,10 @@ class MacProbe:
 
     def __init__(self, calls: MacCalls) -> None:
         self._calls = calls
-        self._lock = threading.Lock()
-        self._problem = LogOnce(log)
+        self._reads = GuardedReads(log)
 
     def idle_seconds(self) -> float | None:
-        with self._lock:
-            try:
-                value = self._calls.hid_idle_ns()
-            except OSError as exc:
-                self._problem(f"HIDIdleTime: {exc}")
-                return None
-            answer = idle_from_hid_ns(value)
-            if answer is None:
-                self._problem(f"HIDIdleTime: unexpected value {value!r}")
-            return answer
+        return self._reads.read("HIDIdleTime", self._calls.hid_idle_ns, idle_from_hid_ns)
 
     def fullscreen_active(self) -> bool | None:
         return None

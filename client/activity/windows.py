@@ -10,7 +10,8 @@ Contract (on top of :mod:`client.activity.base`):
 * ``fullscreen_active()``: ``QUNS_BUSY`` (a full-screen app), ``QUNS_RUNNING_D3D_FULL_SCREEN``
   and ``QUNS_PRESENTATION_MODE`` are full-screen; the other documented states are not;
   an undocumented value is ``None`` (:func:`fullscreen_from_quns`).
-* A refused call answers ``None`` and is logged once. Nothing here runs on import: the
+* A refused call answers ``None`` and is logged once
+  (:class:`~client.activity.guarded.GuardedReads`). Nothing here runs on import: the
   ctypes calls are bound when :class:`Win32Calls` is created (only on Windows).
 """
 
@@ -18,10 +19,9 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import threading
 from typing import Final, Protocol
 
-from client.activity.base import LogOnce
+from client.activity.guarded import GuardedReads
 
 __all__ = [
     "FULLSCREEN_STATES",
@@ -116,30 +116,25 @@ class WindowsProbe:
 
     def __init__(self, calls: WinCalls) -> None:
         self._calls = calls
-        self._lock = threading.Lock()
-        self._problem = LogOnce(log)
+        self._reads = GuardedReads(log)
 
     def idle_seconds(self) -> float | None:
-        with self._lock:
-            try:
-                last = self._calls.last_input_tick()
-                now = self._calls.tick_count64()
-            except OSError as exc:
-                self._problem(f"GetLastInputInfo: {exc}")
-                return None
-            return idle_ms_from_ticks(now, last) / 1000.0
+        return self._reads.read(
+            "GetLastInputInfo", self._ticks, lambda ticks: idle_ms_from_ticks(*ticks) / 1000.0
+        )
 
     def fullscreen_active(self) -> bool | None:
-        with self._lock:
-            try:
-                state = self._calls.notification_state()
-            except OSError as exc:
-                self._problem(f"SHQueryUserNotificationState: {exc}")
-                return None
-            answer = fullscreen_from_quns(state)
-            if answer is None:
-                self._problem(f"SHQueryUserNotificationState: undocumented state {state}")
-            return answer
+        return self._reads.read(
+            "SHQueryUserNotificationState",
+            self._calls.notification_state,
+            fullscreen_from_quns,
+            odd="undocumented state",
+        )
+
+    def _ticks(self) -> tuple[int, int]:
+        """(``GetTickCount64``, ``LASTINPUTINFO.dwTime``); the last input is read first."""
+        last = self._calls.last_input_tick()
+        return self._calls.tick_count64(), last
 
     def describe(self) -> str:
         return "idle time from GetLastInputInfo; full-screen from SHQueryUserNotificationState"
