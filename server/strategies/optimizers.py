@@ -46,6 +46,8 @@ class ServerOptimizer(ABC):
 
     #: Prefix of this optimizer's tensors in its saved state ("" for no state).
     kind = ""
+    #: The per-tensor state it keeps, e.g. ("m", "v"); saved as ``<kind>.<slot>/<tensor>``.
+    slots: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         self._state: dict[str, Float64] = {}
@@ -62,7 +64,7 @@ class ServerOptimizer(ABC):
         """Take a saved state back; ValueError when it is not this optimizer's for a model
         like ``base``."""
         expected = {
-            f"{self.kind}.{slot}/{name}": ref.shape
+            self._key(slot, name): ref.shape
             for slot in self.slots
             for name, ref in base.items()
             if is_float(ref.dtype)
@@ -77,12 +79,12 @@ class ServerOptimizer(ABC):
                 raise ValueError(f"the saved optimizer tensor {key} does not fit the model")
         self._state = {key: np.array(arr, dtype=np.float64) for key, arr in state.items()}
 
-    @property
-    def slots(self) -> tuple[str, ...]:
-        return ()
+    def _key(self, slot: str, name: str) -> str:
+        """The one spelling of a state tensor's name: ``<kind>.<slot>/<tensor>``."""
+        return f"{self.kind}.{slot}/{name}"
 
     def _slot(self, slot: str, name: str, like: Float64) -> Float64:
-        got = self._state.get(f"{self.kind}.{slot}/{name}")
+        got = self._state.get(self._key(slot, name))
         return np.zeros_like(like) if got is None else got
 
     @abstractmethod
@@ -101,63 +103,59 @@ class Plain(ServerOptimizer):
         return _cast(aggregate, base), {}
 
 
-class Momentum(ServerOptimizer):
+class _Adaptive(ServerOptimizer):
+    """A step on each float tensor's pseudo-gradient with per-tensor :attr:`slots`:
+    ``w = base + move``, where :meth:`_move` gives ``move`` and the slots' new values."""
+
+    def step(
+        self, base: StateDict, aggregate: dict[str, Float64]
+    ) -> tuple[StateDict, dict[str, Float64]]:
+        new: dict[str, Float64] = {}
+        state: dict[str, Float64] = {}
+        for name, ref in base.items():
+            if not is_float(ref.dtype):
+                new[name] = aggregate[name]
+                continue
+            start: Float64 = ref.astype(np.float64)
+            delta = aggregate[name] - start
+            old = {slot: self._slot(slot, name, delta) for slot in self.slots}
+            move, slots = self._move(delta, old)
+            for slot in self.slots:
+                state[self._key(slot, name)] = slots[slot]
+            new[name] = start + move
+        return _cast(new, base), state
+
+    @abstractmethod
+    def _move(self, delta: Float64, old: dict[str, Float64]) -> tuple[Float64, dict[str, Float64]]:
+        """The move from the base and the new value of each slot (``old``: 0 at first)."""
+
+
+class Momentum(_Adaptive):
     """FedAvgM: server momentum over the rounds' pseudo-gradients."""
 
     kind = "momentum"
+    slots = ("m",)
 
     def __init__(self, server_lr: float, momentum: float) -> None:
         super().__init__()
         self.server_lr, self.momentum = server_lr, momentum
 
-    @property
-    def slots(self) -> tuple[str, ...]:
-        return ("m",)
-
-    def step(
-        self, base: StateDict, aggregate: dict[str, Float64]
-    ) -> tuple[StateDict, dict[str, Float64]]:
-        new: dict[str, Float64] = {}
-        state: dict[str, Float64] = {}
-        for name, ref in base.items():
-            if not is_float(ref.dtype):
-                new[name] = aggregate[name]
-                continue
-            start: Float64 = ref.astype(np.float64)
-            delta = aggregate[name] - start
-            m = self.momentum * self._slot("m", name, delta) + delta
-            state[f"{self.kind}.m/{name}"] = m
-            new[name] = start + self.server_lr * m
-        return _cast(new, base), state
+    def _move(self, delta: Float64, old: dict[str, Float64]) -> tuple[Float64, dict[str, Float64]]:
+        m = self.momentum * old["m"] + delta
+        return self.server_lr * m, {"m": m}
 
 
-class Adam(ServerOptimizer):
+class Adam(_Adaptive):
     """FedAdam: Adam moments over the rounds' pseudo-gradients."""
 
     kind = "adam"
+    slots = ("m", "v")
 
     def __init__(self, server_lr: float, beta1: float, beta2: float, tau: float) -> None:
         super().__init__()
         self.server_lr, self.beta1, self.beta2, self.tau = server_lr, beta1, beta2, tau
 
-    @property
-    def slots(self) -> tuple[str, ...]:
-        return ("m", "v")
-
-    def step(
-        self, base: StateDict, aggregate: dict[str, Float64]
-    ) -> tuple[StateDict, dict[str, Float64]]:
-        new: dict[str, Float64] = {}
-        state: dict[str, Float64] = {}
-        for name, ref in base.items():
-            if not is_float(ref.dtype):
-                new[name] = aggregate[name]
-                continue
-            start: Float64 = ref.astype(np.float64)
-            delta = aggregate[name] - start
-            m = self.beta1 * self._slot("m", name, delta) + (1 - self.beta1) * delta
-            v = self.beta2 * self._slot("v", name, delta) + (1 - self.beta2) * delta * delta
-            state[f"{self.kind}.m/{name}"] = m
-            state[f"{self.kind}.v/{name}"] = v
-            new[name] = start + self.server_lr * m / (np.sqrt(v) + self.tau)
-        return _cast(new, base), state
+    def _move(self, delta: Float64, old: dict[str, Float64]) -> tuple[Float64, dict[str, Float64]]:
+        m = self.beta1 * old["m"] + (1 - self.beta1) * delta
+        v = self.beta2 * old["v"] + (1 - self.beta2) * delta * delta
+        return self.server_lr * m / (np.sqrt(v) + self.tau), {"m": m, "v": v}
