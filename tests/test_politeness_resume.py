@@ -32,13 +32,7 @@ from client.backoff import Backoff
 from client.config import Settings
 from client.rules.pauses import HEAT_MARGIN_C, STEP_ASIDE_CALM_SAMPLES
 from client.session import DistributedClient
-from client.session.politeness import (
-    FULLSCREEN_POLL_S,
-    HEAT_POLL_S,
-    INUSE_POLL_S,
-    SCHEDULE_CHECK_S,
-    STEP_ASIDE_WINDOW_S,
-)
+from client.session.politeness import PollIntervals
 from tests.device_info import quick_device_info
 from tests.test_power_integration import (
     _assert_identical,
@@ -70,9 +64,13 @@ POLITE: dict[str, Any] = {
 #: Reference seconds for what follows a source's decision: the worker's batch, the
 #: checkpoint write and a heartbeat to the server.
 SLACK_S = 5.0
-#: The epochs of the round: long enough that the slowest source (heat, one reading every
-#: HEAT_POLL_S) pauses it well before its end.
-EPOCHS = 12
+#: Every source polls this often in these runs (the defaults are up to 5 s: the heat
+#: source's reading would set the round's length). Each wait below derives from it, and
+#: the round (the power test's long round) lasts many polls, so each pause lands mid-round.
+POLL_S = 0.2
+INTERVALS = PollIntervals(
+    in_use=POLL_S, fullscreen=POLL_S, step_aside_window=POLL_S, heat=POLL_S, schedule_check=POLL_S
+)
 
 
 class Edges:
@@ -128,7 +126,7 @@ class Source:
     reason: str
     pause: Callable[[Edges, DistributedClient], None]
     resume: Callable[[Edges, DistributedClient], None]
-    pause_within: float  # reference seconds (from the source's declared interval)
+    pause_within: float  # reference seconds (from the source's interval in INTERVALS)
     resume_within: float
 
 
@@ -137,36 +135,36 @@ SOURCES = [
         "in_use",
         lambda e, c: e.set(idle_s=0.0),
         lambda e, c: e.set(idle_s=86400.0),
-        INUSE_POLL_S + SLACK_S,
-        INUSE_POLL_S + SLACK_S,
+        INTERVALS.in_use + SLACK_S,
+        INTERVALS.in_use + SLACK_S,
     ),
     Source(
         "fullscreen",
         lambda e, c: e.set(full_screen=True),
         lambda e, c: e.set(full_screen=False),
-        FULLSCREEN_POLL_S + SLACK_S,
-        FULLSCREEN_POLL_S + SLACK_S,
+        INTERVALS.fullscreen + SLACK_S,
+        INTERVALS.fullscreen + SLACK_S,
     ),
     Source(
         "step_aside",
         lambda e, c: e.set(other_cpu=90.0),
         lambda e, c: e.set(other_cpu=0.0),
-        STEP_ASIDE_WINDOW_S + SLACK_S,
-        (STEP_ASIDE_CALM_SAMPLES + 1) * STEP_ASIDE_WINDOW_S + SLACK_S,
+        INTERVALS.step_aside_window + SLACK_S,
+        (STEP_ASIDE_CALM_SAMPLES + 1) * INTERVALS.step_aside_window + SLACK_S,
     ),
     Source(
         "too_hot",
         lambda e, c: e.set(celsius=MAX_TEMPERATURE + 10.0),
         lambda e, c: e.set(celsius=MAX_TEMPERATURE - HEAT_MARGIN_C - 10.0),
-        HEAT_POLL_S + SLACK_S,
-        HEAT_POLL_S + SLACK_S,
+        INTERVALS.heat + SLACK_S,
+        INTERVALS.heat + SLACK_S,
     ),
     Source(
         "schedule",
         lambda e, c: c.update_settings(schedule=schedule_excluding_now()).result(scaled(10)),
         lambda e, c: c.update_settings(schedule="").result(scaled(10)),
-        SCHEDULE_CHECK_S + SLACK_S,
-        SCHEDULE_CHECK_S + SLACK_S,
+        INTERVALS.schedule_check + SLACK_S,
+        INTERVALS.schedule_check + SLACK_S,
     ),
 ]
 
@@ -186,6 +184,7 @@ def polite_client(tmp_path: Path) -> Iterator[Callable[[str, Path, Edges], Distr
             activity_probe=edges,
             cpu_sampler=edges.sample_other_cpu,
             temperature_reader=edges.temperature,
+            poll_intervals=INTERVALS,
         )
         made.append(client)
         return scale_waits(client)
@@ -202,7 +201,7 @@ def run_round(
 ) -> dict[str, np.ndarray]:
     """One 1-client round, paused once mid-round by ``source`` (None: never); the update."""
     edges = Edges()
-    with _long_server(tmp / "server", epochs=EPOCHS) as server:
+    with _long_server(tmp / "server") as server:
         updates = _capture_updates(server)
         data_dir = tmp / "client"
         client = make(server.url, data_dir, edges)

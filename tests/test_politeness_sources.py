@@ -5,6 +5,7 @@ reaching the snapshot, the heartbeat and /api/status."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import subprocess
@@ -23,12 +24,17 @@ from client.session import DistributedClient
 from client.session.live_settings import LiveSettings
 from client.session.pause import PauseBoard
 from client.session.politeness import (
+    FULLSCREEN_POLL_S,
+    HEAT_POLL_S,
     INUSE_POLL_S,
+    SCHEDULE_CHECK_S,
     SIMULATE_OTHER_CPU_ENV,
+    STEP_ASIDE_WINDOW_S,
     FullscreenPause,
     HeatPause,
     InUsePause,
     OtherCpuSampler,
+    PollIntervals,
     SchedulePause,
     StepAsidePause,
     default_cpu_sampler,
@@ -390,6 +396,84 @@ def test_the_budget_and_a_politeness_pause_reach_the_snapshot_and_the_server(
         assert "Other programs are using 95 %" in status["devices"][0]["pauseDetail"]
         assert status["devices"][0]["state"] == "paused"
         wait_until(lambda: client.snapshot().device_state == "paused", what="paused state")
+
+
+def test_poll_intervals_default_to_the_declared_constants() -> None:
+    assert PollIntervals() == PollIntervals(
+        in_use=INUSE_POLL_S,
+        fullscreen=FULLSCREEN_POLL_S,
+        step_aside_window=STEP_ASIDE_WINDOW_S,
+        heat=HEAT_POLL_S,
+        schedule_check=SCHEDULE_CHECK_S,
+    )
+
+
+@pytest.mark.parametrize(
+    "field", ["in_use", "fullscreen", "step_aside_window", "heat", "schedule_check"]
+)
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_poll_interval_must_be_a_positive_number(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=field):
+        PollIntervals(**{field: value})
+
+
+class _Stamps:
+    """Every edge of the politeness sources, noting when each is read."""
+
+    def __init__(self) -> None:
+        self.at: dict[str, list[float]] = {"in_use": [], "fullscreen": [], "cpu": [], "heat": []}
+
+    def _note(self, edge: str) -> None:
+        self.at[edge].append(time.monotonic())  # list.append is atomic
+
+    def idle_seconds(self) -> float | None:
+        self._note("in_use")
+        return 1000.0
+
+    def fullscreen_active(self) -> bool | None:
+        self._note("fullscreen")
+        return False
+
+    def describe(self) -> str:
+        return "stamping probe"
+
+    def other_cpu(self) -> float | None:
+        self._note("cpu")
+        return 0.0
+
+    def temperature(self) -> float | None:
+        self._note("heat")
+        return 40.0
+
+
+def test_the_session_polls_each_source_at_the_intervals_it_is_given(
+    session: Callable[..., DistributedClient],
+) -> None:
+    """``DistributedClient(poll_intervals=...)`` reaches every polled source: some gap
+    between two readings is shorter than the source's default interval (with the
+    default, every gap is at least that long: each poll sleeps the interval first)."""
+    stamps = _Stamps()
+    client = session(
+        "http://127.0.0.1:9",  # nothing listens: the sources run before any connection
+        settings={"pause_when_fullscreen": True},
+        activity_probe=stamps,
+        cpu_sampler=stamps.other_cpu,
+        temperature_reader=stamps.temperature,
+        poll_intervals=PollIntervals(
+            in_use=FAST, fullscreen=FAST, step_aside_window=FAST, heat=FAST, schedule_check=FAST
+        ),
+    )
+    client.start()
+    wait_until(lambda: all(len(at) >= 6 for at in stamps.at.values()), what="5 polls of each")
+    defaults = {
+        "in_use": INUSE_POLL_S,
+        "fullscreen": FULLSCREEN_POLL_S,
+        "cpu": STEP_ASIDE_WINDOW_S,
+        "heat": HEAT_POLL_S,
+    }
+    for edge, default in defaults.items():
+        at = stamps.at[edge][:6]
+        assert min(b - a for a, b in itertools.pairwise(at)) < default, edge
 
 
 # ------------------------------------------------------------------ step aside (real CPU)

@@ -73,6 +73,7 @@ from client.session.politeness import (
     FullscreenPause,
     HeatPause,
     InUsePause,
+    PollIntervals,
     SchedulePause,
     StepAsidePause,
     default_cpu_sampler,
@@ -111,6 +112,7 @@ class SessionCore:
         activity_probe: ActivityProbe | None = None,
         cpu_sampler: CpuSampler | None = None,
         temperature_reader: Callable[[], float | None] | None = None,
+        poll_intervals: PollIntervals | None = None,
     ) -> None:
         self.hub = hub
         self.settings = settings
@@ -129,13 +131,16 @@ class SessionCore:
         # The politeness rules (client.session.politeness), most pressing first.
         probe = activity_probe or default_probe()
         report, show = self.pauses.set, hub.publish
-        heat = HeatPause(settings, report, show, read=temperature_reader or read_cpu_temperature)
-        self.pauses.register(heat)
-        self.pauses.register(SchedulePause(settings, report))
-        self.pauses.register(FullscreenPause(settings, probe, report))
-        self.pauses.register(InUsePause(settings, probe, report, self.apply_budget, show))
+        every = poll_intervals or PollIntervals()
+        read = temperature_reader or read_cpu_temperature
+        self.pauses.register(HeatPause(settings, report, show, read=read, interval=every.heat))
+        self.pauses.register(SchedulePause(settings, report, check_s=every.schedule_check))
+        self.pauses.register(FullscreenPause(settings, probe, report, interval=every.fullscreen))
+        in_use = InUsePause(settings, probe, report, self.apply_budget, show, interval=every.in_use)
+        self.pauses.register(in_use)
         sampler = cpu_sampler or default_cpu_sampler()
-        self.pauses.register(StepAsidePause(settings, sampler, report, show))
+        window = every.step_aside_window
+        self.pauses.register(StepAsidePause(settings, sampler, report, show, window_s=window))
         work = WorkDir(data_dir / "work" if data_dir else default_work_dir())
         # Built in dependency order; the link's callbacks reach later parts through
         # this object's methods.

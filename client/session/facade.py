@@ -47,7 +47,7 @@ from client.session.decisions import user_decision
 from client.session.hub import SnapshotHub, Subscriber
 from client.session.live_settings import LiveSettings
 from client.session.pause import utc_now
-from client.session.politeness import CpuSampler
+from client.session.politeness import CpuSampler, PollIntervals
 from client.session.rounds import WorkerFactory, default_worker_factory
 from client.snapshot import ClientSnapshot, PauseDecision
 from client.trainer import DEFAULT_CHECKPOINT_INTERVAL
@@ -78,7 +78,8 @@ class DistributedClient:
     checkpoints (0: only when paused or stopped). ``activity_probe`` (default: none,
     "cannot tell"), ``cpu_sampler`` (default: the real measurement) and
     ``temperature_reader`` (default: psutil's sensors) feed the politeness rules
-    (:mod:`client.session.politeness`).
+    (:mod:`client.session.politeness`), polled every ``poll_intervals`` (default: the
+    module's constants).
     """
 
     def __init__(
@@ -100,6 +101,7 @@ class DistributedClient:
         activity_probe: ActivityProbe | None = None,
         cpu_sampler: CpuSampler | None = None,
         temperature_reader: Callable[[], float | None] | None = None,
+        poll_intervals: PollIntervals | None = None,
     ) -> None:
         if settings_file is ...:
             settings_file = config_path()
@@ -137,6 +139,7 @@ class DistributedClient:
             activity_probe=activity_probe,
             cpu_sampler=cpu_sampler,
             temperature_reader=temperature_reader,
+            poll_intervals=poll_intervals,
         )
         self._thread: threading.Thread | None = None
 

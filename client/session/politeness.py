@@ -25,6 +25,9 @@ takes effect exactly like the user's or the power pause):
 * :class:`SchedulePause` re-decides at the next change of the window, waking at least
   every :data:`SCHEDULE_CHECK_S` seconds against the wall clock (a suspended laptop or a
   changed clock cannot make it miss), like the timed pause's deadline.
+* Every interval above is a default: :class:`PollIntervals` (one field a source) is how
+  a session is given others (``DistributedClient(poll_intervals=...)``: tests shorten
+  them); it raises ``ValueError`` for an interval that is not a positive number.
 * New settings re-decide at once from the last reading. After :meth:`stop` nothing is
   reported. ``FEDTRAY_SIMULATE_OTHER_CPU`` (:data:`SIMULATE_OTHER_CPU_ENV`, a percent)
   replaces the real CPU measurement (tests, demos), with one WARNING.
@@ -38,6 +41,7 @@ import math
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Final, Protocol, TypeVar
 
@@ -63,6 +67,7 @@ __all__ = [
     "HeatPause",
     "InUsePause",
     "OtherCpuSampler",
+    "PollIntervals",
     "SchedulePause",
     "StepAsidePause",
     "default_cpu_sampler",
@@ -82,6 +87,26 @@ HEAT_POLL_S: Final = 5.0
 #: Longest sleep of the schedule task: wall-clock jumps are noticed within it.
 SCHEDULE_CHECK_S: Final = 1.0
 SIMULATE_OTHER_CPU_ENV: Final = "FEDTRAY_SIMULATE_OTHER_CPU"
+
+
+@dataclass(frozen=True)
+class PollIntervals:
+    """The seconds each polled source waits between readings (defaults: the constants)."""
+
+    in_use: float = INUSE_POLL_S
+    fullscreen: float = FULLSCREEN_POLL_S
+    step_aside_window: float = STEP_ASIDE_WINDOW_S
+    heat: float = HEAT_POLL_S
+    schedule_check: float = SCHEDULE_CHECK_S
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if not (isinstance(value, int | float) and value > 0 and math.isfinite(value)):
+                raise ValueError(
+                    f"poll interval {field.name} must be a positive number, got {value!r}"
+                )
+
 
 #: How sources show their readings: ``publish(**snapshot_fields)`` (the hub's publish).
 Publish = Callable[..., None]
