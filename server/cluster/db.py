@@ -49,7 +49,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 import asyncpg
@@ -475,7 +475,7 @@ class PgClusterDB:
 
     # -------------------------------------------------------------- notifications
 
-    async def notifications(self) -> AsyncIterator[str]:
+    async def notifications(self) -> AsyncGenerator[str, None]:
         queue: asyncio.Queue[str] = asyncio.Queue(maxsize=NOTIFY_QUEUE)
 
         def on_notify(_conn: object, _pid: int, _channel: str, payload: str) -> None:
