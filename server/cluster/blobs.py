@@ -40,11 +40,11 @@ import re
 import time
 import uuid
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import asyncpg
 
-from server.cluster.contracts import BlobIntegrityError, ClusterError
+from server.cluster.contracts import BlobIntegrityError, ClusterError, SharedBlobs
 from server.cluster.pg import create_pool, engine_errors, ensure_schema
 
 __all__ = ["CHUNK_BYTES", "DirectoryBlobs", "PostgresBlobs", "connect_postgres", "new_key"]
@@ -305,3 +305,9 @@ async def connect_postgres(
         pool.terminate()
         raise
     return PostgresBlobs(pool, chunk_bytes=chunk_bytes)
+
+
+if TYPE_CHECKING:  # mypy proves the implementations satisfy their contract
+
+    def _conforms(directory: DirectoryBlobs, postgres: PostgresBlobs) -> list[SharedBlobs]:
+        return [directory, postgres]

@@ -50,13 +50,14 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncGenerator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
 from server.cluster.contracts import (
     Assignment,
     AssignmentState,
+    ClusterDB,
     ClusterError,
     PartialRow,
     RoundRow,
@@ -529,3 +530,9 @@ async def connect(url: str, *, max_size: int = 10) -> PgClusterDB:
         pool.terminate()
         raise
     return PgClusterDB(url, pool)
+
+
+if TYPE_CHECKING:  # mypy proves the implementation satisfies its contract
+
+    def _conforms(impl: PgClusterDB) -> ClusterDB:
+        return impl
