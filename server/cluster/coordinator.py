@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hashlib
 import logging
 import math
@@ -58,10 +57,9 @@ import random
 import secrets
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 
@@ -85,7 +83,6 @@ from server.rounds import select_devices
 __all__ = ["CLUSTER_STRATEGIES", "ClusterCoordinator", "Progress", "progress_of"]
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 #: The strategies a cluster runs (their server side is FedAvg's sum of partial sums).
 CLUSTER_STRATEGIES = ("fedavg", "fedprox")
@@ -178,38 +175,37 @@ class ClusterCoordinator:
 
     async def run(self) -> None:
         """Version 0, then rounds until ``config.rounds`` are complete (forever with 0)."""
-        await self._retrying(self.ensure_version_zero)
-        while True:
-            latest = await self._retrying(self._db.latest_version)
-            assert latest is not None  # ensure_version_zero recorded one
-            current = await self._retrying(self._db.current_round)
-            if current is None:
-                if self._config.rounds and latest.version >= self._config.rounds:
-                    log.info(
-                        "all %d rounds are complete (version %d); the federation is finished",
-                        self._config.rounds,
-                        latest.version,
-                    )
-                    return
-                current = await self._open_next(latest)
-            else:
-                log.info(
-                    "round %d (%s) is %s: going on with it",
-                    current.number,
-                    current.round_id,
-                    current.state,
-                )
-            if not await self._retrying(functools.partial(self._drive, current)):
-                await asyncio.sleep(self._config.effective_retry_delay)
-
-    async def _retrying(self, step: Callable[[], Awaitable[T]]) -> T:
-        """``step()``, retried after ``poll_interval`` while an engine fails."""
+        driven: str | None = None  # the round this coordinator last drove
         while True:
             try:
-                return await step()
+                latest = await self.ensure_version_zero()
+                current = await self._db.current_round()
+                if current is None:
+                    if self._config.rounds and latest.version >= self._config.rounds:
+                        log.info(
+                            "all %d rounds are complete (version %d); the federation is finished",
+                            self._config.rounds,
+                            latest.version,
+                        )
+                        return
+                    current = await self._open_next(latest)
+                elif current.round_id != driven:
+                    log.info(
+                        "round %d (%s) is %s: going on with it",
+                        current.number,
+                        current.round_id,
+                        current.state,
+                    )
+                driven = current.round_id
+                self._attempts = {current.number: current.attempt}
+                completed = await self._drive(current)
             except ClusterError as exc:
+                # The round is read back from the database on the next pass.
                 log.error("coordinator: %s; retrying", exc)
                 await asyncio.sleep(max(self._poll, 0.01))
+                continue
+            if not completed:
+                await asyncio.sleep(self._config.effective_retry_delay)
 
     async def ensure_version_zero(self) -> VersionRow:
         """The latest version, creating version 0 from the initial weights if none."""
@@ -238,7 +234,6 @@ class ClusterCoordinator:
         number = latest.version + 1
         chosen = await self._wait_and_select(number)
         attempt = self._attempts.get(number, 0) + 1
-        self._attempts = {number: attempt}
         now = time.time()
         row = RoundRow(
             round_id=f"r{number}-{attempt}-{self._tag}",
@@ -254,7 +249,7 @@ class ClusterCoordinator:
             Assignment(row.round_id, device_id, index=i, count=len(chosen))
             for i, device_id in enumerate(chosen)
         ]
-        await self._retrying(lambda: self._db.open_round(row, parts))
+        await self._db.open_round(row, parts)
         log.info(
             "round %d started (%s): %d selected [%s], %d reports needed, deadline in %.0f s",
             number,
