@@ -5,8 +5,9 @@ Contract: :class:`RoundCoordinator` owns the federation's one round phase (a
 loop and everything that decides a round: selection (random, with the server's seed),
 partitioning (the selected devices get parts ``0..n-1`` of ``n`` in selection order),
 ``training:start``/``training:cancel`` (:mod:`server.starter`), counting updates exactly
-once (:meth:`accept_update`, saved on disk before it is acknowledged: kept as the verified
-safetensors document received, checked in place, never re-encoded), closing, aggregating
+once (:meth:`accept_update`, :mod:`server.intake`: saved on disk before it is acknowledged,
+kept as the verified safetensors document received, checked in place, never re-encoded),
+closing, aggregating
 and publishing the new version (:class:`server.globalmodel.GlobalModel`), then evaluating
 it off the critical path on the server; on the devices (:mod:`server.fedeval`, every
 ``--evaluate-every`` versions) the next round opens once that evaluation is settled.
@@ -24,6 +25,11 @@ that version's history record (and ``history.json``) when ready; a later ``weigh
 of that version carries it too. The status API may show a new version before its
 evaluation. A crash or stop before it is recorded leaves the record without one.
 Device records change only through the registry's named transitions.
+
+Before each round it waits for ``--min-clients`` eligible devices on the registry's
+incremental counts (:mod:`server.device_wait`): woken when the eligible count crosses
+``min_clients`` or a device may have turned stale, never by a heartbeat; the waiting reason
+follows the counts. The round's files are ordered by :mod:`server.roundfiles`.
 
 The end is a state: after ``config.rounds`` rounds (and the final version's evaluation:
 the end waits for it, so ``federation:finished`` carries it) the phase becomes ``finished``, every
@@ -54,13 +60,11 @@ import logging
 import random
 import secrets
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import socketio
 
-from client.errors import FedtrayError
 from client.protocol import (
     FederationFinished,
     SubmitAccepted,
@@ -69,20 +73,23 @@ from client.protocol import (
 )
 from client.tasks import Task
 from client.transfer import BlobStore
-from client.weights import StateDict, decode, encode
+from client.weights import StateDict
 from server.aggregation import weighted_mean
 from server.background import Background
 from server.config import ServerConfig
+from server.device_wait import DeviceWait
 from server.distribution import Distributor
 from server.evaluation import EvaluationQueue, Metrics
 from server.fedeval import FederatedEvaluation
 from server.globalmodel import GlobalModel
+from server.intake import UpdateIntake
 from server.model import Evaluator, ModelEvaluator
 from server.phase import PhaseMachine
 from server.registry import DeviceRecord, Registry
-from server.restore import return_grace, saved_round_of
+from server.restore import return_grace
+from server.roundfiles import RoundFiles
 from server.rounds import Round, abandon_detail, awaiting_return, drop_stale, select_devices
-from server.roundstore import RoundStore, SavedSlot
+from server.roundstore import RoundStore
 from server.starter import RoundStarter
 from server.status import RoundRecord, RoundTiming
 from server.strategies import FileUpdates, Strategy
@@ -91,12 +98,6 @@ from server.taskfile import PackageTask
 log = logging.getLogger(__name__)
 
 TestData = tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]
-
-
-def _unsaved() -> FedtrayError:
-    return FedtrayError(
-        "internal_error", "the server cannot store the update now; send it again later"
-    )
 
 
 def _fmt(value: float | None) -> str:
@@ -150,18 +151,32 @@ class RoundCoordinator:
             background=background,
         )
         self._restored: Round | None = None
-        # The open round's first save (round.json), running beside its devices' starts;
-        # an update is taken in only once it is done (it clears the round's folder).
-        self._opening: tuple[Round, asyncio.Task[None]] | None = None
+        self._round_changed = asyncio.Event()
+        # The open round's first save (round.json) runs beside its devices' starts; an
+        # update is taken in only once it is done (it clears the round's folder).
+        self._files = RoundFiles(round_store, config.task, config.state_dir)
+        self._intake = UpdateIntake(
+            config=config,
+            phase=self.phase,
+            files=self._files,
+            round_store=round_store,
+            blobs=blobs,
+            model=model,
+            registry=registry,
+            strategy=strategy,
+            on_counted=self._round_changed.set,
+        )
         # A new version waits to be broadcast: to the devices the next round does not
         # start (those get it with training:start), or to all when no round starts at once.
         self._broadcast_due = False
-        # The completed round's files being removed (after publishing; see _complete_round).
-        self._forgetting: asyncio.Task[None] | None = None
         self._return_grace_until = 0.0
-        self._agg_lock = asyncio.Lock()
-        self._round_changed = asyncio.Event()
-        self._devices_changed = asyncio.Event()
+        #: The wait for enough eligible devices before each round (server.device_wait).
+        self.waiting = DeviceWait(
+            config=config,
+            registry=registry,
+            phase=self.phase,
+            before_waiting=lambda: self._broadcast(frozenset()),
+        )
 
     def prepare(self, task: Task, test_data: TestData | None, restored: Round | None) -> None:
         """Set up before :meth:`run`: the task, its test split (None: new globals are not
@@ -214,8 +229,10 @@ class RoundCoordinator:
     # ============================================================ events from devices
 
     def devices_changed(self) -> None:
-        """A device registered, heartbeat, paused or resumed: re-check who is eligible."""
-        self._devices_changed.set()
+        """Look again at who is eligible now. Device transitions need no call: the
+        registry's counts wake the wait when they cross ``min_clients``
+        (:mod:`server.device_wait`); a heartbeat wakes nothing."""
+        self.waiting.nudge()
 
     def device_left(self, record: DeviceRecord) -> None:
         """A device disconnected: free its slot in the open round."""
@@ -223,7 +240,6 @@ class RoundCoordinator:
         if rnd is not None and rnd.mark(record.device_id, "dropped", "disconnected"):
             log.info("round %s: slot of %s freed (disconnected)", rnd.round_id, record.name)
         self._round_changed.set()
-        self._devices_changed.set()
 
     def training_failed(self, record: DeviceRecord, err: TrainingError) -> None:
         """A device reported ``training:error``: its slot has failed."""
@@ -245,7 +261,6 @@ class RoundCoordinator:
             return
         self._distributor.send_global_later(record)
         self._reoffer(record)
-        self._devices_changed.set()
 
     def _reoffer(self, record: DeviceRecord) -> None:
         """Offer a device that reconnects its part of the open round again (same round id,
@@ -264,106 +279,9 @@ class RoundCoordinator:
         )
 
     async def accept_update(self, record: DeviceRecord, sub: WeightsSubmit) -> SubmitAccepted:
-        """Count a ``weights:submit`` exactly once; the ack. Raises FedtrayError to refuse."""
-        rnd = self.phase.round_for(sub.round_id)
-        if rnd is None:
-            raise FedtrayError("round_closed", f"round {sub.round_id} is closed or unknown")
-        rnd.check_submit(record.device_id, sub.round_id, sub.base_version, time.monotonic())
-        await self._opened(rnd)
-        incoming = await self._receive(record, sub)
-        # On disk (fsynced) before it is counted and acknowledged: an acknowledged update
-        # survives a server crash (the device deletes its copy on the ack).
-        unsaved = _unsaved()
-        store = self._round_store
-        try:
-            try:
-                await asyncio.to_thread(store.sync, incoming)
-            except OSError as exc:
-                log.error("cannot save the update of %s: %s", record.name, exc)
-                raise unsaved from None
-            async with self._agg_lock:
-                # The round may have closed, or a concurrent duplicate been counted, meanwhile.
-                if self.phase.round is not rnd:
-                    raise FedtrayError("round_closed", f"round {sub.round_id} is closed")
-                rnd.check_submit(record.device_id, sub.round_id, sub.base_version, time.monotonic())
-                saved = saved_round_of(rnd, self._config.task, store, time.time())
-                try:
-                    name = await asyncio.to_thread(store.commit_update, record.device_id, incoming)
-                    saved.slots[record.device_id] = SavedSlot(
-                        index=rnd.slots[record.device_id].index,
-                        reported=True,
-                        num_samples=sub.num_samples,
-                        metrics=dict(sub.metrics),
-                        update_file=name,
-                    )
-                    await asyncio.to_thread(store.save, saved)
-                except OSError as exc:
-                    log.error("cannot save round %s: %s", rnd.round_id, exc)
-                    raise unsaved from None
-                added = await asyncio.to_thread(
-                    store.fold_update,
-                    name,
-                    self._model.layout,
-                    lambda update: self.strategy.add(update, sub.num_samples),
-                )
-                if added.clipped:
-                    self._registry.update_clipped(record.device_id, rnd.number, added.norm)
-                    log.warning(
-                        "round %s: the update of %s was %.4g from the global; clipped to %g",
-                        rnd.round_id,
-                        record.name,
-                        added.norm,
-                        self.strategy.settings.clip_norm,
-                    )
-                received = rnd.record_report(record.device_id, sub.num_samples, sub.metrics)
-        finally:
-            incoming.unlink(missing_ok=True)  # gone once committed; removed when refused
-        self._registry.update_accepted(record.device_id)
-        log.info(
-            "round %s: update from %s accepted (%d samples; %d of %d reported)",
-            rnd.round_id,
-            record.name,
-            sub.num_samples,
-            received,
-            len(rnd.slots),
-        )
-        self._round_changed.set()
-        return SubmitAccepted(round_id=rnd.round_id, received=received)
-
-    async def _receive(self, record: DeviceRecord, sub: WeightsSubmit) -> Path:
-        """The submitted update as a checked safetensors file in the round store (not yet
-        fsynced or counted). Each byte is hashed once (by the blob store, as it arrives)
-        and checked once where it lies; a safetensors document is kept as received, never
-        decoded and re-encoded (a JSON one is converted). Raises FedtrayError to refuse."""
-        ref, store = sub.weights, self._round_store
-        layout, max_bytes = self._model.layout, self._config.limits.max_blob_bytes
-        try:
-            incoming = await asyncio.to_thread(store.incoming_path, record.device_id)
-        except OSError as exc:
-            log.error("cannot save the update of %s: %s", record.name, exc)
-            raise _unsaved() from None
-        try:
-            if ref.format != "safetensors" or not self._blobs.take_file(
-                record.device_id, ref, incoming
-            ):
-                data = self._blobs.take(record.device_id, ref)
-                if ref.format != "safetensors":
-                    state = await asyncio.to_thread(
-                        decode, data, ref.format, expected=layout, max_bytes=max_bytes
-                    )
-                    data = await asyncio.to_thread(encode, state, "safetensors")
-                    del state
-                await asyncio.to_thread(store.write_incoming, incoming, data)
-                del data
-            await asyncio.to_thread(store.check_update, incoming, layout, max_bytes)
-        except OSError as exc:
-            incoming.unlink(missing_ok=True)
-            log.error("cannot save the update of %s: %s", record.name, exc)
-            raise _unsaved() from None
-        except BaseException:
-            incoming.unlink(missing_ok=True)
-            raise
-        return incoming
+        """Count a ``weights:submit`` exactly once; the ack. Raises FedtrayError to refuse
+        (:class:`server.intake.UpdateIntake`)."""
+        return await self._intake.accept(record, sub)
 
     # ============================================================ the loop
 
@@ -420,28 +338,8 @@ class RoundCoordinator:
         self.finished.set()
 
     async def _wait_for_devices(self, number: int) -> list[DeviceRecord]:
-        """Eligible devices once there are enough; logs why it waits, never silently."""
-        cfg = self._config
-        last_reason: str | None = None
-        last_logged = 0.0
-        while True:
-            self._devices_changed.clear()
-            now = time.monotonic()
-            package_bytes = self._package_bytes()
-            eligible = self._registry.eligible(cfg.task, now, package_bytes)
-            if len(eligible) >= cfg.min_clients:
-                return eligible
-            self._broadcast(frozenset())  # no round starts now: every device gets it
-            reason = self._registry.waiting_summary(cfg.task, now, cfg.min_clients, package_bytes)
-            self.phase.wait(number, reason)
-            if reason != last_reason or now - last_logged >= cfg.wait_log_interval:
-                log.info("round %d waiting: %s", number, reason)
-                last_reason, last_logged = reason, now
-            # Staleness changes with time alone, so wake up now and then even without events.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._devices_changed.wait(), timeout=min(cfg.heartbeat_interval, 5.0)
-                )
+        """Eligible devices once there are enough (:class:`server.device_wait.DeviceWait`)."""
+        return await self.waiting.wait(number, self._package_bytes())
 
     async def _run_round(self, number: int, attempt: int, candidates: list[DeviceRecord]) -> bool:
         cfg = self._config
@@ -462,8 +360,8 @@ class RoundCoordinator:
         self.strategy.begin(self._model.state)
         self.phase.open(rnd)
         # Saved beside the devices' starts, not before them: nothing of the round is
-        # counted before it is saved (accept_update waits for it, see _opened).
-        self._opening = (rnd, asyncio.create_task(self._persist_open_round_logged(rnd)))
+        # counted before it is saved (accept_update waits for it, RoundFiles.opened).
+        self._files.open(rnd)
         log.info(
             "round %d started (%s): %d selected [%s], %d reports needed, deadline in %.0f s",
             number,
@@ -506,14 +404,14 @@ class RoundCoordinator:
                 starter.cancel()
             await asyncio.gather(*starters, return_exceptions=True)
         collected_at = time.time()
-        await self._opened(rnd)  # its files are removed below: never before they are saved
-        async with self._agg_lock:
+        await self._files.opened(rnd)  # its files are removed below: never before they are saved
+        async with self._intake.lock:
             working = self.phase.aggregate()
         if working:
             await self._starter.cancel(rnd, working, "the round is closed")
         if not rnd.succeeded:
             self._abandon(rnd)
-            await self._forget_round()
+            await self._files.forget()
             self.phase.close()
             return False
         await self._complete_round(rnd, collected_at)
@@ -557,35 +455,6 @@ class RoundCoordinator:
                 detail=detail,
             )
         )
-
-    async def _opened(self, rnd: Round) -> None:
-        """Return once ``rnd``'s first save is done (at once for a restored round)."""
-        opening = self._opening
-        if opening is not None and opening[0] is rnd:
-            await asyncio.shield(opening[1])
-
-    async def _persist_open_round_logged(self, rnd: Round) -> None:
-        forgetting, self._forgetting = self._forgetting, None
-        if forgetting is not None:
-            await forgetting  # the previous round's removal, never after this save
-        try:
-            await asyncio.to_thread(self._persist_open_round, rnd)
-        except OSError as exc:
-            log.error("cannot save round %s in %s: %s", rnd.round_id, self._config.state_dir, exc)
-
-    def _persist_open_round(self, rnd: Round) -> None:
-        """A new round replaces whatever round files a previous round left."""
-        self._round_store.clear()
-        self._round_store.save(
-            saved_round_of(rnd, self._config.task, self._round_store, time.time())
-        )
-
-    async def _forget_round(self) -> None:
-        """Remove the closed round's files (after its outcome is saved, if it completed)."""
-        try:
-            await asyncio.to_thread(self._round_store.clear)
-        except OSError as exc:
-            log.warning("cannot remove the closed round's files: %s", exc)
 
     async def _complete_round(self, rnd: Round, collected_at: float) -> None:
         kept = FileUpdates(
@@ -636,7 +505,7 @@ class RoundCoordinator:
             # files. Removed after publishing, off the round's path (a leftover after a
             # crash is a round of an older version: discarded at restart); the next
             # round's first save waits for it.
-            self._forgetting = asyncio.create_task(self._forget_round())
+            self._files.forget_later()
         log.info(
             "round %d: %d selected, %d reported, train loss %s, %.1f s (version %d)",
             rnd.number,

@@ -273,14 +273,12 @@ class DeviceNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
                 hb.pause_reason or "unknown reason",
                 f" ({hb.pause_detail})" if hb.pause_detail else "",
             )
-        self._coordinator.devices_changed()
         return OkAck()
 
     @handles(ev.TRAINING_PROGRESS)
     async def on_training_progress(self, sid: str, progress: TrainingProgress) -> None:
         record = self._record(sid)
         self._registry.progress(record.device_id, progress, time.monotonic())
-        self._coordinator.devices_changed()
 
     @handles(ev.TRAINING_ERROR)
     async def on_training_error(self, sid: str, err: TrainingError) -> None:

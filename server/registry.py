@@ -25,11 +25,21 @@ server reads records and changes them only through the named transitions below
 ``hardware_reported``). A transition for an unknown device id does nothing.
 ``hardware_reported`` is the registration update a heartbeat may carry (the GPU found
 after registering): it replaces the registered hardware, idempotently.
+
+Counting without walking the fleet: for each query it was asked (``tally(task,
+package_bytes)``, built once in O(fleet)) the registry keeps each device's reason to be
+ineligible and the counts by reason (:class:`server.eligibility.Tally`), updated by every
+transition in O(1) per query. Staleness changes with time alone: connected devices are
+kept ordered by last-seen time (:class:`server.eligibility.Freshness`) and ``sweep(now)``
+moves those that went stale (and only those) out of the counts; any message brings a
+device back. ``waiting_summary`` sweeps first, so its text is exactly what a recount of
+every device at ``now`` says. ``eligible`` (the list) is O(fleet): once per round start,
+never per event. A tally's listeners hear of every change of a count, never of a
+transition that changed no device's reason (a plain heartbeat).
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 
 from client.protocol import (
@@ -45,6 +55,7 @@ from client.protocol import (
     ResourceSnapshot,
     TrainingProgress,
 )
+from server.eligibility import Freshness, Tally
 
 
 @dataclass
@@ -93,6 +104,52 @@ class Registry:
         self.stale_after = stale_after
         self._devices: dict[str, DeviceRecord] = {}
         self._by_sid: dict[str, str] = {}
+        self._freshness = Freshness(stale_after)
+        self._tallies: dict[tuple[str, int | None], Tally] = {}
+
+    # --- the counts -----------------------------------------------------------------
+
+    def _changed(self, record: DeviceRecord) -> None:
+        """A field eligibility reads may have changed: update every tally (O(tallies))."""
+        stale = self._freshness.is_stale(record.device_id)
+        for tally in self._tallies.values():
+            tally.set(record.device_id, _why(record, tally.task, tally.package_bytes, stale))
+
+    def _seen(self, record: DeviceRecord, now: float) -> bool:
+        """The device was heard from at ``now``; True when that ended its staleness."""
+        record.last_seen = now
+        return record.sid is not None and self._freshness.seen(record.device_id, now)
+
+    def _gone(self, record: DeviceRecord) -> None:
+        record.sid = None
+        self._freshness.gone(record.device_id)
+
+    def tally(self, task: str, package_bytes: int | None = None) -> Tally:
+        """The incremental counts for ``task`` (a package of ``package_bytes``), kept from
+        now on; the first call for a query counts every device once."""
+        key = (task, package_bytes)
+        tally = self._tallies.get(key)
+        if tally is None:
+            tally = self._tallies[key] = Tally(task, package_bytes)
+            is_stale = self._freshness.is_stale
+            for record in self._devices.values():
+                tally.set(
+                    record.device_id,
+                    _why(record, task, package_bytes, is_stale(record.device_id)),
+                )
+        return tally
+
+    def sweep(self, now: float) -> None:
+        """Move the devices whose staleness ``now`` changed in or out of the counts;
+        O(devices that changed)."""
+        went, back = self._freshness.sweep(now)
+        for device_id in (*went, *back):
+            self._changed(self._devices[device_id])
+
+    def next_stale_at(self) -> float | None:
+        """When the next connected device turns stale if not heard from (None: no fresh
+        device; ``-inf``: sweep now)."""
+        return self._freshness.next_expiry()
 
     # --- updates --------------------------------------------------------------------
 
@@ -103,7 +160,9 @@ class Registry:
         old_device = self._by_sid.pop(sid, None)
         if old_device is not None and old_device != reg.device_id:
             # The same connection now speaks for another device: the first is gone.
-            self._devices[old_device].sid = None
+            first = self._devices[old_device]
+            self._gone(first)
+            self._changed(first)
         record = self._devices.get(reg.device_id)
         replaced: str | None = None
         if record is None:
@@ -138,8 +197,9 @@ class Registry:
         record.pause_reason = reg.pause_reason if reg.state == "paused" else None
         record.pause_detail = reg.pause_detail if reg.state == "paused" else None
         record.progress = None
-        record.last_seen = now
+        self._seen(record, now)
         self._by_sid[sid] = reg.device_id
+        self._changed(record)
         return record, replaced
 
     def heartbeat(self, device_id: str, hb: Heartbeat, now: float) -> None:
@@ -152,7 +212,8 @@ class Registry:
         if hb.weights_version is not None:
             record.weights_version = hb.weights_version
             _clear_refused_weights(record)
-        record.last_seen = now
+        self._seen(record, now)
+        self._changed(record)
 
     def hardware_reported(self, device_id: str, hardware: HardwareInfo) -> bool:
         """A heartbeat updated the device's hardware; True when it changed."""
@@ -169,11 +230,14 @@ class Registry:
         paused = progress.state == "paused"
         record.pause_reason = progress.pause_reason if paused else None
         record.pause_detail = progress.pause_detail if paused else None
-        record.last_seen = now
+        self._seen(record, now)
+        self._changed(record)
 
     def touch(self, device_id: str, now: float) -> None:
         """Any message from a device proves it is alive."""
-        self._devices[device_id].last_seen = now
+        record = self._devices[device_id]
+        if self._seen(record, now):
+            self._changed(record)
 
     def training_started(self, device_id: str) -> None:
         """The device accepted ``training:start``: it trains, and is no longer paused."""
@@ -183,6 +247,7 @@ class Registry:
             record.pause_reason = None
             record.pause_detail = None
             record.refusal = None
+            self._changed(record)
 
     def refused_paused(self, device_id: str, reason: PauseReason, detail: str | None) -> None:
         """The device refused a round because it is paused: not eligible again until a
@@ -192,6 +257,7 @@ class Registry:
             record.state = "paused"
             record.pause_reason = reason
             record.pause_detail = detail
+            self._changed(record)
 
     def refused_round(self, device_id: str, reason: str, detail: str | None) -> None:
         """The device refused a round for a reason other than a pause: say why (the
@@ -209,12 +275,14 @@ class Registry:
             record.refused_version = version
             detail = message if len(message) <= 300 else message[:297] + "..."
             record.refusal = f"global weights v{version}: {code}: {detail}"
+            self._changed(record)
 
     def training_failed(self, device_id: str) -> None:
         """The device reported a training error: it is idle again."""
         record = self._devices.get(device_id)
         if record is not None:
             record.state = "idle"
+            self._changed(record)
 
     def update_accepted(self, device_id: str) -> None:
         """The device's update was counted: idle, no training progress to show."""
@@ -222,6 +290,7 @@ class Registry:
         if record is not None:
             record.state = "idle"
             record.progress = None
+            self._changed(record)
 
     def update_clipped(self, device_id: str, round_number: int, norm: float | None) -> None:
         """The device's update in round ``round_number`` was clipped (it was ``norm`` from
@@ -237,6 +306,7 @@ class Registry:
         if record is not None:
             record.weights_version = version
             _clear_refused_weights(record)
+            self._changed(record)
 
     def rounds_counted(self, device_ids: list[str]) -> None:
         """Each device's update counted in a completed round."""
@@ -252,8 +322,9 @@ class Registry:
             return None
         record = self._devices[device_id]
         if record.sid == sid:
-            record.sid = None
+            self._gone(record)
             record.progress = None
+            self._changed(record)
         return record
 
     # --- queries --------------------------------------------------------------------
@@ -286,24 +357,7 @@ class Registry:
 
         ``package_bytes``: the task is a package of that size (installed tasks: None).
         """
-        if not record.connected:
-            return "disconnected"
-        if record.state == "paused":
-            return f"paused: {record.pause_reason or 'unknown'}"
-        if self.is_stale(record, now):
-            return "stale"
-        if record.refused_version is not None:
-            return "refused the global weights"
-        caps = record.capabilities
-        if package_bytes is not None:
-            if not caps.task_packages:
-                return "cannot take task packages"
-            if min(caps.package_cache_bytes, caps.max_blob_bytes) < package_bytes:
-                return "package too large for it"
-            return None
-        if task not in caps.tasks:
-            return f"missing task {task}"
-        return None
+        return _why(record, task, package_bytes, self.is_stale(record, now))
 
     def eligible(
         self, task: str, now: float, package_bytes: int | None = None
@@ -317,24 +371,32 @@ class Registry:
     def waiting_summary(
         self, task: str, now: float, needed: int, package_bytes: int | None = None
     ) -> str:
-        """E.g. ``1 of 2 eligible devices (1 paused: battery_low, 1 stale)``."""
-        eligible = 0
-        reasons: Counter[str] = Counter()
-        for record in self._devices.values():
-            reason = self.ineligibility(record, task, now, package_bytes)
-            if reason is None:
-                eligible += 1
-            elif reason != "disconnected":
-                reasons[reason] += 1
-        disconnected = len(self._devices) - len(self.connected())
-        if disconnected:
-            reasons["disconnected"] = disconnected
-        text = f"{eligible} of {needed} eligible devices"
-        if reasons:
-            text += " (" + ", ".join(f"{n} {why}" for why, n in sorted(reasons.items())) + ")"
-        elif not self._devices:
-            text += " (none registered yet)"
-        return text
+        """E.g. ``1 of 2 eligible devices (1 paused: battery_low, 1 stale)``: from the
+        counts, swept to ``now`` first (O(distinct reasons) once the query is kept)."""
+        self.sweep(now)
+        return self.tally(task, package_bytes).summary(needed)
+
+
+def _why(record: DeviceRecord, task: str, package_bytes: int | None, stale: bool) -> str | None:
+    """The one eligibility rule: why ``record`` cannot be selected (None: it can)."""
+    if record.sid is None:
+        return "disconnected"
+    if record.state == "paused":
+        return f"paused: {record.pause_reason or 'unknown'}"
+    if stale:
+        return "stale"
+    if record.refused_version is not None:
+        return "refused the global weights"
+    caps = record.capabilities
+    if package_bytes is not None:
+        if not caps.task_packages:
+            return "cannot take task packages"
+        if min(caps.package_cache_bytes, caps.max_blob_bytes) < package_bytes:
+            return "package too large for it"
+        return None
+    if task not in caps.tasks:
+        return f"missing task {task}"
+    return None
 
 
 def _clear_refused_weights(record: DeviceRecord) -> None:

@@ -18,6 +18,7 @@ from benchmarks import (
     politeness,
     robust_aggregation,
     round_figures,
+    server_capacity,
     training_overhead,
     transfer,
     vs_flower,
@@ -197,3 +198,15 @@ def test_robust_aggregation_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert robust_aggregation.main(["--params", "5000", "--devices", "3,6"]) == 0
     out = capsys.readouterr().out
     assert len(re.findall(r"^ratio robust / fedavg peak memory \d+\.\d+x", out, re.M)) == 2, out
+
+
+# Slow: the benchmark starts a server (it imports torch) and generator processes.
+@pytest.mark.slow
+def test_server_capacity_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--sizes", "6", "--interval", "0.5", "--window", "1", "--generators", "2"]
+    assert server_capacity.main(argv) == 0
+    out = capsys.readouterr().out
+    row = re.search(r"^\| 6 \| (\d+) \| .* \| (\d+\.\d+) \| (\d+\.\d+) / (\d+\.\d+) \|", out, re.M)
+    assert row is not None, out
+    assert int(row.group(1)) == 6  # every device held to the end
+    assert float(row.group(2)) > 0 and float(row.group(4)) >= float(row.group(3)), out

@@ -42,14 +42,15 @@ async def answer(
     handler: Callable[[P], Awaitable[A | None]],
     *,
     check: Callable[[], object] | None = None,
-    who: str = "the peer",
+    who: str | Callable[[], str] = "the peer",
     logger: logging.Logger = log,
 ) -> Answer:
     """Run ``handler`` on the event's arguments as python-socketio passed them.
 
     ``check`` runs first (before parsing) and refuses by raising FedtrayError. ``who``
-    names the sender in log lines. Returns the answer for python-socketio: the ack's wire
-    dict (or an ErrorAck's) for an acknowledged event, ``None`` for an unacknowledged one.
+    names the sender in log lines (a callable: asked only when a line is written). Returns
+    the answer for python-socketio: the ack's wire dict (or an ErrorAck's) for an
+    acknowledged event, ``None`` for an unacknowledged one.
     """
     try:
         if check is not None:
@@ -60,13 +61,16 @@ async def answer(
             )
         result = await handler(parse(spec.payload, args[0]))
     except FedtrayError as exc:
+        sender = who if isinstance(who, str) else who()
         if spec.acked:
-            logger.info("%s from %s refused: %s: %s", spec.name, who, exc.code, exc.message)
+            logger.info("%s from %s refused: %s: %s", spec.name, sender, exc.code, exc.message)
             return error_ack(exc.code, exc.message)
-        logger.warning("%s from %s ignored: %s: %s", spec.name, who, exc.code, exc.message)
+        logger.warning("%s from %s ignored: %s: %s", spec.name, sender, exc.code, exc.message)
         return None
     except Exception:
-        logger.exception("bug while handling %s from %s", spec.name, who)
+        logger.exception(
+            "bug while handling %s from %s", spec.name, who if isinstance(who, str) else who()
+        )
         if spec.acked:
             return error_ack("internal_error", f"could not handle {spec.name} (a bug here)")
         return None
@@ -129,7 +133,7 @@ def guard_sid(
             return await handler(sid, model)
 
         pre = None if check is None else (lambda: check(sid))
-        return await answer(spec, args, call, check=pre, who=who(sid), logger=logger)
+        return await answer(spec, args, call, check=pre, who=lambda: who(sid), logger=logger)
 
     on_event.__name__ = f"on_{spec.name.replace(':', '_')}"
     return on_event

@@ -1,0 +1,277 @@
+"""Server capacity: how many heartbeating devices one server holds, and what each costs.
+
+For each size N it starts ``python -m server`` (synthetic task; ``--min-clients`` above N,
+so no round starts; ``--heartbeat-interval`` as given) and ``--generators`` load-generator
+processes, each holding its share of N raw python-socketio ``AsyncClient`` connections
+(websocket, loopback), registered, heartbeating every interval at a random phase (as a
+fleet does). After every device has joined and one interval has spread the phases, it
+measures over ``--window`` seconds:
+
+* server CPU ms per heartbeat: the server's utime + stime from ``/proc/<pid>/stat`` (its
+  whole process tree with ``--workers``) over the window, divided by the heartbeats
+  acknowledged in it (Engine.IO's pings fall in the window too and are included);
+* heartbeat ack p50/p99 (from each generator, send to ack);
+* server RSS per device (RSS with N held minus RSS before the first device, over N);
+* devices per core: ``1000 × interval / (CPU ms per heartbeat)``;
+* the server's and the generators' CPU % (a generator near 100 % of a core is the limit,
+  not the server: the table says so).
+
+``RLIMIT_NOFILE`` is raised to its hard limit (the server and the generators inherit it).
+Everything stays on loopback, in temporary directories, and stops by itself.
+
+    .venv/bin/python -m benchmarks.server_capacity                  # 500 .. 8000 devices
+    .venv/bin/python -m benchmarks.server_capacity --sizes 20 --interval 1 --window 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import random
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+import socketio
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.server_harness import register_payload, resources  # noqa: E402
+
+LISTENING = re.compile(r"listening on (http://\S+)")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def raise_nofile() -> int:
+    """Raise the soft open-files limit to the hard one; return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of ``pids`` from /proc, in seconds (a gone pid counts 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # fields 14 and 15 of stat(5)
+    return total / CLK_TCK
+
+
+# --------------------------------------------------------------- the load generators
+
+
+@dataclass
+class Beat:
+    sent: float  # time.monotonic() (system-wide on Linux)
+    rtt: float
+
+
+async def _generate(url: str, n: int, interval: float, conn: Any, seed: int) -> None:
+    rng = random.Random(seed)
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    gate = asyncio.Semaphore(32)
+    beats: list[Beat] = []
+    failed = 0
+    stop = asyncio.Event()
+
+    async def join(i: int) -> socketio.AsyncClient | None:
+        nonlocal failed
+        sio = socketio.AsyncClient(reconnection=False, http_session=session)
+        async with gate:
+            try:
+                await sio.connect(url, transports=["websocket"], wait_timeout=60)
+                ack = await sio.call(
+                    "device:register",
+                    register_payload(str(uuid.uuid4()), f"sim-{seed}-{i}", weights_version=0),
+                    timeout=60,
+                )
+            except Exception:
+                failed += 1
+                return None
+        return sio if isinstance(ack, dict) and ack.get("ok") else None
+
+    async def beat_forever(sio: socketio.AsyncClient) -> None:
+        nonlocal failed
+        payload = {"state": "idle", "resources": resources()}
+        await asyncio.sleep(rng.uniform(0, interval))
+        next_at = time.monotonic()
+        while not stop.is_set():
+            sent = time.monotonic()
+            try:
+                ack = await sio.call("device:heartbeat", payload, timeout=60)
+            except Exception:
+                failed += 1
+                return
+            if isinstance(ack, dict) and ack.get("ok"):
+                beats.append(Beat(sent, time.monotonic() - sent))
+            next_at += interval
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+
+    joined = [c for c in await asyncio.gather(*(join(i) for i in range(n))) if c is not None]
+    loop = asyncio.get_running_loop()
+    conn.send(("joined", len(joined), failed))
+    beaters = [asyncio.create_task(beat_forever(c)) for c in joined]
+    await loop.run_in_executor(None, conn.recv)  # "stop"
+    stop.set()
+    for task in beaters:
+        task.cancel()
+    await asyncio.gather(*beaters, return_exceptions=True)
+    held = sum(1 for c in joined if c.connected)
+    conn.send(("beats", [(b.sent, b.rtt) for b in beats], held, failed))
+    await asyncio.gather(*(c.disconnect() for c in joined), return_exceptions=True)
+    await session.close()
+
+
+def _generator_main(url: str, n: int, interval: float, conn: Any, seed: int) -> None:
+    raise_nofile()
+    asyncio.run(_generate(url, n, interval, conn, seed))
+
+
+# --------------------------------------------------------------- one size
+
+
+def start_server(tmp: str, n: int, interval: float, workers: int | None) -> subprocess.Popen[str]:
+    env = dict(os.environ)
+    for var in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME", "XDG_DATA_HOME"):
+        env[var] = str(Path(tmp) / var.lower())
+    args = [sys.executable, "-m", "server", "--port", "0", "--task", "synthetic"]
+    args += ["--min-clients", str(n + 1), "--clients-per-round", str(n + 1)]
+    args += ["--heartbeat-interval", str(interval), "--state-dir", str(Path(tmp) / "state")]
+    args += ["--log-level", "WARNING"]
+    if workers is not None:
+        args += ["--workers", str(workers)]
+    return subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+
+
+def measure(
+    n: int, *, interval: float, window: float, generators: int, workers: int | None
+) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = start_server(tmp, n, interval, workers)
+        pipes: list[Any] = []
+        gens: list[mp.process.BaseProcess] = []
+        try:
+            assert proc.stdout is not None
+            url = next((m.group(1) for line in proc.stdout if (m := LISTENING.search(line))), None)
+            if url is None:
+                raise RuntimeError("the server did not start")
+            server = psutil.Process(proc.pid)
+
+            def tree() -> list[int]:
+                return [proc.pid, *(c.pid for c in server.children(recursive=True))]
+
+            def rss() -> int:
+                return sum(psutil.Process(p).memory_info().rss for p in tree())
+
+            rss_before = rss()
+            ctx = mp.get_context("spawn")
+            shares = [n // generators + (1 if i < n % generators else 0) for i in range(generators)]
+            for i, share in enumerate(shares):
+                here, there = ctx.Pipe()
+                gen = ctx.Process(target=_generator_main, args=(url, share, interval, there, i))
+                gen.start()
+                pipes.append(here)
+                gens.append(gen)
+            t_join = time.monotonic()
+            joined = [pipe.recv() for pipe in pipes]
+            join_s = time.monotonic() - t_join
+            held = sum(j[1] for j in joined)
+            time.sleep(interval)  # every device has sent its first heartbeat: phases spread
+            gen_procs = [psutil.Process(g.pid) for g in gens if g.pid is not None]
+            for p in gen_procs:
+                p.cpu_percent(None)
+            t0, cpu0 = time.monotonic(), cpu_seconds(tree())
+            time.sleep(window)
+            t1, cpu1 = time.monotonic(), cpu_seconds(tree())
+            gen_cpu = max(p.cpu_percent(None) for p in gen_procs)
+            rss_held = rss()
+            for pipe in pipes:
+                pipe.send("stop")
+            results = [pipe.recv() for pipe in pipes]
+        finally:
+            for gen in gens:
+                gen.join(60)
+                if gen.is_alive():
+                    gen.kill()
+            proc.terminate()
+            proc.wait(30)
+    rtts = sorted(rtt for r in results for sent, rtt in r[1] if t0 <= sent < t1)
+    beats = len(rtts)
+    cpu_ms = 1000 * (cpu1 - cpu0)
+    per_beat = cpu_ms / beats if beats else float("nan")
+    return {
+        "n": n,
+        "held": sum(r[2] for r in results),
+        "joined": held,
+        "failed": sum(j[2] for j in joined) + sum(r[3] for r in results),
+        "join_s": join_s,
+        "beats_per_s": beats / (t1 - t0),
+        "server_cpu_pct": 100 * (cpu1 - cpu0) / (t1 - t0),
+        "ms_per_beat": per_beat,
+        "p50_ms": 1000 * statistics.median(rtts) if rtts else float("nan"),
+        "p99_ms": 1000 * rtts[int(0.99 * (beats - 1))] if rtts else float("nan"),
+        "rss_kb_per_device": (rss_held - rss_before) / 1024 / max(held, 1),
+        "devices_per_core": 1000 * interval / per_beat if beats else float("nan"),
+        "generator_cpu_pct": gen_cpu,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--sizes", default="500,1000,2000,4000,8000", help="device counts")
+    p.add_argument("--interval", type=float, default=10.0, help="heartbeat interval, s")
+    p.add_argument("--window", type=float, default=20.0, help="measuring window, s")
+    p.add_argument("--generators", type=int, default=2, help="load-generator processes")
+    p.add_argument("--workers", type=int, default=None, help="passed to the server")
+    args = p.parse_args(argv)
+    print(f"open files limit: {raise_nofile()}; loadavg before: {_loadavg()}")
+    print(
+        "| devices | held | join s | heartbeats/s | server CPU | CPU ms per heartbeat "
+        "| ack p50 / p99 ms | RSS KB per device | devices per core | busiest generator CPU |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n in (int(x) for x in args.sizes.split(",") if x):
+        r = measure(
+            n,
+            interval=args.interval,
+            window=args.window,
+            generators=args.generators,
+            workers=args.workers,
+        )
+        print(
+            f"| {n} | {r['held']} | {r['join_s']:.1f} | {r['beats_per_s']:.0f} | "
+            f"{r['server_cpu_pct']:.0f} % | {r['ms_per_beat']:.3f} | "
+            f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f} | {r['rss_kb_per_device']:.0f} | "
+            f"{r['devices_per_core']:.0f} | {r['generator_cpu_pct']:.0f} % |",
+            flush=True,
+        )
+    print(f"loadavg after: {_loadavg()}")
+    return 0
+
+
+def _loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

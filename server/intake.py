@@ -1,0 +1,175 @@
+"""Taking in one update: received, checked, on disk, counted exactly once, acknowledged.
+
+Contract: :meth:`UpdateIntake.accept` answers one ``weights:submit`` for the open round (or
+refuses it with :class:`client.errors.FedtrayError`): the update is received through the
+blob store (each byte hashed once as it arrives), checked in place against the model's
+layout and the size limit (a safetensors document is kept as received, never decoded and
+re-encoded; a JSON one is converted), fsynced into the round store, recorded in the saved
+round, folded into the strategy and only then counted and acknowledged, so an acknowledged
+update survives a crash (the device deletes its copy on the ack). Counting happens under
+:attr:`UpdateIntake.lock`, which the coordinator also holds to close the round: an update
+is never counted into a closed round, and a concurrent duplicate is counted once. Nothing
+of a round is taken in before its first save (:meth:`server.roundfiles.RoundFiles.opened`).
+Device records change only through the registry's named transitions. A file that cannot be
+written is refused ``internal_error`` (send it again later) and logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from client.errors import FedtrayError
+from client.protocol import SubmitAccepted, WeightsSubmit
+from client.transfer import BlobStore
+from client.weights import decode, encode
+from server.config import ServerConfig
+from server.globalmodel import GlobalModel
+from server.phase import PhaseMachine
+from server.registry import DeviceRecord, Registry
+from server.restore import saved_round_of
+from server.roundfiles import RoundFiles
+from server.roundstore import RoundStore, SavedSlot
+from server.strategies import Strategy
+
+log = logging.getLogger("server.coordinator")
+
+
+def _unsaved() -> FedtrayError:
+    return FedtrayError(
+        "internal_error", "the server cannot store the update now; send it again later"
+    )
+
+
+class UpdateIntake:
+    """Counts each update of the open round once (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        config: ServerConfig,
+        phase: PhaseMachine,
+        files: RoundFiles,
+        round_store: RoundStore,
+        blobs: BlobStore,
+        model: GlobalModel,
+        registry: Registry,
+        strategy: Strategy,
+        on_counted: Callable[[], None],
+    ) -> None:
+        self._config = config
+        self._phase = phase
+        self._files = files
+        self._round_store = round_store
+        self._blobs = blobs
+        self._model = model
+        self._registry = registry
+        self._strategy = strategy
+        self._on_counted = on_counted
+        #: Held to count an update, and by the coordinator to close the round.
+        self.lock = asyncio.Lock()
+
+    async def accept(self, record: DeviceRecord, sub: WeightsSubmit) -> SubmitAccepted:
+        """Count a ``weights:submit`` exactly once; the ack. Raises FedtrayError to refuse."""
+        rnd = self._phase.round_for(sub.round_id)
+        if rnd is None:
+            raise FedtrayError("round_closed", f"round {sub.round_id} is closed or unknown")
+        rnd.check_submit(record.device_id, sub.round_id, sub.base_version, time.monotonic())
+        await self._files.opened(rnd)
+        incoming = await self._receive(record, sub)
+        # On disk (fsynced) before it is counted and acknowledged: an acknowledged update
+        # survives a server crash (the device deletes its copy on the ack).
+        unsaved = _unsaved()
+        store = self._round_store
+        try:
+            try:
+                await asyncio.to_thread(store.sync, incoming)
+            except OSError as exc:
+                log.error("cannot save the update of %s: %s", record.name, exc)
+                raise unsaved from None
+            async with self.lock:
+                # The round may have closed, or a concurrent duplicate been counted, meanwhile.
+                if self._phase.round is not rnd:
+                    raise FedtrayError("round_closed", f"round {sub.round_id} is closed")
+                rnd.check_submit(record.device_id, sub.round_id, sub.base_version, time.monotonic())
+                saved = saved_round_of(rnd, self._config.task, store, time.time())
+                try:
+                    name = await asyncio.to_thread(store.commit_update, record.device_id, incoming)
+                    saved.slots[record.device_id] = SavedSlot(
+                        index=rnd.slots[record.device_id].index,
+                        reported=True,
+                        num_samples=sub.num_samples,
+                        metrics=dict(sub.metrics),
+                        update_file=name,
+                    )
+                    await asyncio.to_thread(store.save, saved)
+                except OSError as exc:
+                    log.error("cannot save round %s: %s", rnd.round_id, exc)
+                    raise unsaved from None
+                added = await asyncio.to_thread(
+                    store.fold_update,
+                    name,
+                    self._model.layout,
+                    lambda update: self._strategy.add(update, sub.num_samples),
+                )
+                if added.clipped:
+                    self._registry.update_clipped(record.device_id, rnd.number, added.norm)
+                    log.warning(
+                        "round %s: the update of %s was %.4g from the global; clipped to %g",
+                        rnd.round_id,
+                        record.name,
+                        added.norm,
+                        self._strategy.settings.clip_norm,
+                    )
+                received = rnd.record_report(record.device_id, sub.num_samples, sub.metrics)
+        finally:
+            incoming.unlink(missing_ok=True)  # gone once committed; removed when refused
+        self._registry.update_accepted(record.device_id)
+        log.info(
+            "round %s: update from %s accepted (%d samples; %d of %d reported)",
+            rnd.round_id,
+            record.name,
+            sub.num_samples,
+            received,
+            len(rnd.slots),
+        )
+        self._on_counted()
+        return SubmitAccepted(round_id=rnd.round_id, received=received)
+
+    async def _receive(self, record: DeviceRecord, sub: WeightsSubmit) -> Path:
+        """The submitted update as a checked safetensors file in the round store (not yet
+        fsynced or counted). Each byte is hashed once (by the blob store, as it arrives)
+        and checked once where it lies; a safetensors document is kept as received, never
+        decoded and re-encoded (a JSON one is converted). Raises FedtrayError to refuse."""
+        ref, store = sub.weights, self._round_store
+        layout, max_bytes = self._model.layout, self._config.limits.max_blob_bytes
+        try:
+            incoming = await asyncio.to_thread(store.incoming_path, record.device_id)
+        except OSError as exc:
+            log.error("cannot save the update of %s: %s", record.name, exc)
+            raise _unsaved() from None
+        try:
+            if ref.format != "safetensors" or not self._blobs.take_file(
+                record.device_id, ref, incoming
+            ):
+                data = self._blobs.take(record.device_id, ref)
+                if ref.format != "safetensors":
+                    state = await asyncio.to_thread(
+                        decode, data, ref.format, expected=layout, max_bytes=max_bytes
+                    )
+                    data = await asyncio.to_thread(encode, state, "safetensors")
+                    del state
+                await asyncio.to_thread(store.write_incoming, incoming, data)
+                del data
+            await asyncio.to_thread(store.check_update, incoming, layout, max_bytes)
+        except OSError as exc:
+            incoming.unlink(missing_ok=True)
+            log.error("cannot save the update of %s: %s", record.name, exc)
+            raise _unsaved() from None
+        except BaseException:
+            incoming.unlink(missing_ok=True)
+            raise
+        return incoming
