@@ -12,9 +12,13 @@ Contract:
   job (:class:`client.workfiles.JobFiles`).
 * :func:`load_checkpoint` restores a checkpoint into the model, the optimizer and the
   global RNGs and returns its :class:`Position`. A checkpoint of another work key, of
-  another format version, or whose tensors do not fit the model raises
+  another format version, or whose tensors do not fit the model or the optimizer
+  (:meth:`client.optimizers.SGD.load_state_dict`'s checks) raises
   :class:`StaleCheckpointError`; an unreadable one raises whatever reading raised. Either
-  way it changes nothing: everything is built first, then applied.
+  way it changes nothing: everything is built and checked first, then applied.
+* The optimizer state has ``torch.optim``'s layout (:mod:`client.optimizers` keeps it),
+  so checkpoints written while the trainer used ``torch.optim``'s classes still load:
+  the format version is unchanged.
 * :class:`CheckpointClock` says when the next periodic checkpoint is due (monotonic
   clock; ``interval`` 0 disables it).
 """
@@ -34,6 +38,8 @@ from pydantic import JsonValue
 
 if TYPE_CHECKING:
     import torch
+
+    from client.optimizers import Optimizer
 
 __all__ = [
     "CHECKPOINT_VERSION",
@@ -107,7 +113,7 @@ def checkpoint_bytes(
     round_id: str,
     fingerprint: str,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Optimizer,
     position: Position,
 ) -> bytes:
     """The checkpoint of this state as safetensors bytes (module docstring)."""
@@ -152,7 +158,7 @@ def load_checkpoint(
     path: Path,
     fingerprint: str,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Optimizer,
     device: torch.device,
 ) -> Position:
     """Restore the checkpoint at ``path`` (module docstring); raises on a stale one."""
@@ -195,10 +201,13 @@ def load_checkpoint(
     np_rng = (str(name), np.asarray(keys, dtype=np.uint32), int(np_pos), int(has_gauss), cached)
     py_rng = _tuple_json(meta["python_rng"])
 
+    groups = optimizer.state_dict()["param_groups"]
+    try:  # checks the whole state before it changes anything
+        optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
+    except ValueError as exc:
+        raise StaleCheckpointError(f"its optimizer state does not fit: {exc}") from exc
     model.load_state_dict(model_state)
     model.to(device)
-    groups = optimizer.state_dict()["param_groups"]
-    optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
     torch.set_rng_state(tensors["rng.torch"])
     np.random.set_state(np_rng)
     random.setstate(py_rng)

@@ -27,6 +27,8 @@ from client.checkpoint import Position, cpu_copy
 if TYPE_CHECKING:
     import torch
 
+    from client.optimizers import Optimizer
+
 __all__ = [
     "DEFAULT_MEMORY_SAFETY",
     "EpochSnapshot",
@@ -80,7 +82,7 @@ class EpochSnapshot:
 
     @classmethod
     def take(
-        cls, model: torch.nn.Module, optimizer: torch.optim.Optimizer, position: Position
+        cls, model: torch.nn.Module, optimizer: Optimizer, position: Position
     ) -> EpochSnapshot:
         import torch
 
@@ -91,7 +93,7 @@ class EpochSnapshot:
             position=copy.deepcopy(position),
         )
 
-    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Position:
+    def restore(self, model: torch.nn.Module, optimizer: Optimizer) -> Position:
         """Put the model, optimizer and RNG back; return a copy of the position."""
         import torch
 

@@ -14,13 +14,18 @@ Contract:
 * The base file must have the SHA-256 the job names (``job.base_sha256``, when set),
   else ``FedtrayError('stale_base')`` before any training. A job carrying the file's
   ``base_identity`` (its SHA-256 verified by the session) is not hashed again: the file
-  opened must have that identity, else ``stale_base``.
+  opened must have that identity, else ``stale_base`` (:func:`client.kept_model.read_base`).
 * One :class:`LocalTrainer` keeps the model it built (with its task and layout) for the
-  next job of the same task, parameters, package and data share: a job with base weights
-  loads them into that model in place (every tensor of the state dict is overwritten, and
-  the optimizer is new), so the result is the same as with a freshly built model. A job
-  without base weights always builds a fresh model from the seed. The gradients are
-  released at the end of a job.
+  next job of the same task, parameters, package and data share
+  (:class:`client.kept_model.KeptModel`): a job with base weights loads them into that
+  model in place (every tensor of the state dict is overwritten, and the optimizer is
+  new), so the result is the same as with a freshly built model. A job without base
+  weights always builds a fresh model from the seed. The gradients are released at the
+  end of a job.
+* The optimizer is :func:`client.optimizers.make_optimizer`'s: torch's SGD / Adam
+  arithmetic, bit for bit, without ``torch.optim``'s classes (which import
+  ``torch._dynamo``, seconds of CPU, on first use); no part of a job imports
+  ``torch._dynamo``.
 * ``run`` reads the base weights (safetensors, via :mod:`client.weights`) and checks them
   against the task's model: a different layout raises :class:`client.errors.FedtrayError`
   ``layout_mismatch`` / ``shape_mismatch`` / ``dtype_mismatch`` before any training.
@@ -55,15 +60,9 @@ Contract:
   unreadable one, is deleted and ignored. The checkpoint is deleted when the round
   finishes or is cancelled; it is kept when training fails otherwise.
 * :meth:`LocalTrainer.evaluate` (federated evaluation, an
-  :class:`client.worker_messages.EvalJob`) loads the global into the kept model in place
-  when it is the same task, parameters and files (whatever the partition), else builds
-  one (and keeps it), and measures the task's :meth:`~client.tasks.base.Task.evaluate`
-  (batches of :func:`client.tasks.base.eval_batches`, no gradients) on the test split of
-  the job's partition (a package: its shipped test set or the device's own test data);
-  a task without test data is evaluated on a holdout: the last fifth (at least one
-  sample) of the partition's train data. It writes nothing (no checkpoint, no output)
-  and raises :class:`Cancelled` when the control says pause or cancel before or after
-  the pass (an evaluation is abandoned, never checkpointed).
+  :class:`client.worker_messages.EvalJob`) is :func:`client.evaluation.evaluate_global`
+  with this trainer's kept model: it writes nothing and raises :class:`Cancelled` when
+  the control says pause or cancel (an evaluation is abandoned, never checkpointed).
 * The batch size is ``config.batch_size`` capped by the memory available
   (:func:`cap_batch_size`); when an epoch runs out of memory anyway, it is retried from
   the state at the start of the epoch with half the batch size, down to 1, after which
@@ -76,27 +75,24 @@ Contract:
 
 Its parts: the checkpoint format and :class:`client.checkpoint.Position` live in
 :mod:`client.checkpoint`, the batch-size cap and the out-of-memory retry in
-:mod:`client.train_memory`; this module runs the loop over them. Its names
-(``cap_batch_size``, ``is_out_of_memory``, ``DEFAULT_MEMORY_SAFETY``, the seam's job types)
-stay importable from here.
+:mod:`client.train_memory`, the kept model, the task resolution and the base file in
+:mod:`client.kept_model`, federated evaluation in :mod:`client.evaluation`, the optimizers
+in :mod:`client.optimizers`; this module runs the loop over them. Its names
+(``cap_batch_size``, ``is_out_of_memory``, ``DEFAULT_MEMORY_SAFETY``, ``resolve_task``,
+``data_partition``, the seam's job types) stay importable from here.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import psutil
-from pydantic import JsonValue
 
-from client.atomicfile import FileIdentity, file_identity
 from client.checkpoint import (
     CheckpointClock,
     Position,
@@ -105,7 +101,16 @@ from client.checkpoint import (
     load_checkpoint,
 )
 from client.errors import FedtrayError
-from client.protocol import Partition, TrainingConfig
+from client.evaluation import evaluate_global
+from client.kept_model import (
+    KeptModel,
+    TaskLoader,
+    data_partition,
+    load_base,
+    resolve_task,
+)
+from client.optimizers import Optimizer, make_optimizer, state_slots
+from client.protocol import TrainingConfig
 from client.proximal import ProximalAnchor, proximal_anchor
 from client.tasks import get_task
 from client.tasks.base import Task, model_state
@@ -117,7 +122,7 @@ from client.train_memory import (
     free_accelerator_memory,
     is_out_of_memory,
 )
-from client.weights import Layout, decode, encode, layout_of, sha256_hex
+from client.weights import encode
 from client.worker_messages import (
     DEFAULT_CHECKPOINT_INTERVAL,
     Command,
@@ -148,8 +153,10 @@ __all__ = [
     "TrainJob",
     "TrainResult",
     "cap_batch_size",
+    "data_partition",
     "epoch_seed",
     "is_out_of_memory",
+    "resolve_task",
     "warm_up",
 ]
 
@@ -180,16 +187,15 @@ class LocalTrainer:
     def __init__(
         self,
         *,
-        task_loader: Callable[[str, Mapping[str, JsonValue]], Task] = get_task,
+        task_loader: TaskLoader = get_task,
         device: str | None = None,
         memory_safety: float = DEFAULT_MEMORY_SAFETY,
         available_memory: Callable[[], int] | None = None,
     ) -> None:
-        self._task_loader = task_loader
         self._device_name = device
         self._memory_safety = memory_safety
         self._available_memory = available_memory
-        self._built: _Built | None = None
+        self._kept = KeptModel(task_loader)
 
     # -- public -------------------------------------------------------------------------
 
@@ -215,7 +221,7 @@ class LocalTrainer:
         ctl: TrainControl = control or NeverInterrupt()
         report: ProgressCallback = on_progress or (lambda _p: None)
         device = self._device()
-        built = self._built_for(job, device)
+        built = self._kept.for_training(job, device)
         task, model = built.task, built.model
         x_np, y_np = task.load_data("train", data_partition(job))
         n = len(y_np)
@@ -223,12 +229,7 @@ class LocalTrainer:
             raise FedtrayError("bad_request", "this device's data partition holds no samples")
         base_sha = "none"
         if job.base_weights_path is not None:
-            raw, base_sha = _read_base(job, f"round {job.round_id}")
-            base = decode(raw, "safetensors", expected=built.layout)
-            del raw
-            # In place: load_state_dict copies into the model's own tensors.
-            model.load_state_dict({k: torch.from_numpy(v) for k, v in base.items()})
-            del base
+            base_sha = load_base(built, job, f"round {job.round_id}")
         fingerprint = _work_key_of(job, base_sha)
         files = JobFiles.of(job)
         model.to(device)
@@ -236,7 +237,7 @@ class LocalTrainer:
         anchor = proximal_anchor(model, job.proximal_mu)
         model.zero_grad(set_to_none=True)
         model.train()
-        optimizer = _make_optimizer(model, job.config)
+        optimizer = make_optimizer(model.parameters(), job.config)
         x = torch.as_tensor(x_np).to(device)
         y = torch.as_tensor(y_np).to(device)
 
@@ -318,7 +319,7 @@ class LocalTrainer:
         job: TrainJob,
         task: Task,
         model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: Optimizer,
         x: torch.Tensor,
         y: torch.Tensor,
         position: Position,
@@ -354,7 +355,7 @@ class LocalTrainer:
             started = time.perf_counter()
             bs = position.batch_size
             idx = position.order[position.pos : position.pos + bs].to(x.device)
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             loss = task.train_step(model, x[idx], y[idx])
             objective = loss if anchor is None else loss + anchor.term(model)
             objective.backward()  # type: ignore[no-untyped-call]
@@ -386,20 +387,6 @@ class LocalTrainer:
         position.loss_sum = 0.0
         position.loss_count = 0
         position.order = None
-
-    def _built_for(self, job: TrainJob, device: torch.device) -> _Built:
-        """The task and model of ``job``: the kept ones when they fit (module docstring)."""
-        key = _model_key(job, str(device))
-        kept = self._built
-        if kept is not None and kept.key == key and job.base_weights_path is not None:
-            return kept
-        self._built = None  # let the old model go before building the new one
-        task, _partition = resolve_task(job, self._task_loader)
-        model = task.build_model(task.params, job.config.seed)
-        layout = layout_of(model_state(model))
-        model.to(device)
-        self._built = _Built(key, task, model, layout)
-        return self._built
 
     def _device(self) -> torch.device:
         import torch
@@ -434,7 +421,7 @@ class LocalTrainer:
     ) -> int:
         per_sample = task.sample_bytes_hint(task.params) or estimate_sample_bytes(model, one_sample)
         param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        slots = 2 if config.optimizer == "adam" else (1 if config.momentum > 0 else 0)
+        slots = state_slots(config)
         slots += 1 if config.proximal_mu > 0 else 0  # FedProx's copy of the base
         batch = cap_batch_size(
             config.batch_size,
@@ -449,63 +436,13 @@ class LocalTrainer:
         return batch
 
     def evaluate(self, job: EvalJob, control: TrainControl | None = None) -> EvalResult:
-        """Evaluate global ``job.version`` on this device's test split (module docstring).
+        """Evaluate global ``job.version`` on this device's test split
+        (:func:`client.evaluation.evaluate_global`, with this trainer's kept model).
 
         Raises :class:`Cancelled`, :class:`client.errors.FedtrayError` (``stale_base``, a
         weights code, ``bad_request`` when there is no data to evaluate on).
         """
-        import torch
-
-        ctl: TrainControl = control or NeverInterrupt()
-        if ctl.check() != "run":
-            raise Cancelled(f"evaluation {job.eval_id} abandoned")
-        device = self._device()
-        built = self._built_for_eval(job, device)
-        task, model = built.task, built.model
-        partition = None if job.data_path is not None else job.partition
-        x, y = task.load_data("test", partition)
-        holdout = len(y) == 0
-        if holdout:
-            x_train, y_train = task.load_data("train", partition)
-            keep = max(1, len(y_train) // 5) if len(y_train) else 0
-            x, y = x_train[len(y_train) - keep :], y_train[len(y_train) - keep :]
-        if len(y) == 0:
-            raise FedtrayError("bad_request", "this device holds no data to evaluate on")
-        raw, _sha = _read_base(job, f"version {job.version}")
-        base = decode(raw, "safetensors", expected=built.layout)
-        del raw
-        model.load_state_dict({k: torch.from_numpy(v) for k, v in base.items()})
-        del base
-        model.to(device)
-        scores = task.evaluate(model, x, y)
-        if ctl.check() != "run":
-            raise Cancelled(f"evaluation {job.eval_id} abandoned")
-        loss, accuracy = float(scores.get("loss", math.nan)), float(scores.get("accuracy", 0.0))
-        if not math.isfinite(loss) or not math.isfinite(accuracy):
-            raise FedtrayError("training_failed", f"the evaluation measured loss {loss}")
-        return EvalResult(
-            eval_id=job.eval_id,
-            version=job.version,
-            loss=loss,
-            accuracy=min(1.0, max(0.0, accuracy)),
-            num_samples=len(y),
-            holdout=holdout,
-        )
-
-    def _built_for_eval(self, job: EvalJob, device: torch.device) -> _Built:
-        """The kept model when it is ``job``'s task, parameters and files; else a new one
-        (kept for the next job)."""
-        key = _model_key(job, str(device))
-        kept = self._built
-        if kept is not None and kept.key == key:
-            return kept
-        self._built = None
-        task, _partition = resolve_task(job, self._task_loader)
-        model = task.build_model(task.params, 0)
-        layout = layout_of(model_state(model))
-        model.to(device)
-        self._built = _Built(key, task, model, layout)
-        return self._built
+        return evaluate_global(job, control or NeverInterrupt(), self._kept, self._device())
 
     # -- checkpoints --------------------------------------------------------------------
 
@@ -515,7 +452,7 @@ class LocalTrainer:
         files: JobFiles,
         fingerprint: str,
         model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: Optimizer,
         position: Position,
     ) -> None:
         data = checkpoint_bytes(
@@ -539,7 +476,7 @@ class LocalTrainer:
         files: JobFiles,
         fingerprint: str,
         model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: Optimizer,
         device: torch.device,
     ) -> Position | None:
         path = job.checkpoint_path
@@ -563,141 +500,21 @@ class LocalTrainer:
         return None
 
 
-@dataclass
-class _Built:
-    """A built task and model, kept for the next job of the same ``key``."""
-
-    key: str
-    task: Task
-    model: torch.nn.Module
-    layout: Layout
-
-
-class _TaskJob(Protocol):
-    """What decides a job's task and model (a :class:`TrainJob` or an :class:`EvalJob`)."""
-
-    @property
-    def task(self) -> str: ...
-    @property
-    def model_params(self) -> dict[str, JsonValue]: ...
-    @property
-    def partition(self) -> Partition: ...
-    @property
-    def package_path(self) -> Path | None: ...
-    @property
-    def package_sha256(self) -> str | None: ...
-    @property
-    def data_path(self) -> Path | None: ...
-    @property
-    def data_sha256(self) -> str | None: ...
-
-
-class _BaseJob(Protocol):
-    """Where a job's base weights are and how they were verified."""
-
-    @property
-    def base_weights_path(self) -> Path | None: ...
-    @property
-    def base_sha256(self) -> str | None: ...
-    @property
-    def base_identity(self) -> FileIdentity | None: ...
-
-
-def _model_key(job: _TaskJob, device: str) -> str:
-    """What decides the model a job builds (its weights aside): task, parameters, files.
-    Not the partition: it picks the data, not the model (a device is given another part
-    from round to round)."""
-    return json.dumps(
-        [
-            job.task,
-            job.model_params,
-            str(job.package_path),
-            job.package_sha256,
-            str(job.data_path),
-            job.data_sha256,
-            device,
-        ],
-        sort_keys=True,
-    )
-
-
-def _read_base(job: _BaseJob, of: str) -> tuple[bytes, str]:
-    """The base file's bytes and SHA-256, hashed only when its identity is not vouched
-    for (module docstring); raises ``stale_base`` or ``training_failed``. ``of`` names
-    what the file is the base of (``round r3``), for the message."""
-    assert job.base_weights_path is not None
-    stale = FedtrayError(
-        "stale_base",
-        f"the base weights file changed: it is no longer the base of {of}",
-    )
-    try:
-        with job.base_weights_path.open("rb") as fh:
-            # The identity of the file opened, so a replace after this cannot slip in.
-            trusted = job.base_identity is not None and job.base_sha256 is not None
-            if trusted and file_identity(fh.fileno()) != job.base_identity:
-                raise stale
-            raw = fh.read()
-    except OSError as exc:
-        raise FedtrayError("training_failed", f"cannot read the base weights: {exc}") from exc
-    if trusted:
-        assert job.base_sha256 is not None
-        return raw, job.base_sha256
-    sha = sha256_hex(raw)
-    if job.base_sha256 is not None and sha != job.base_sha256:
-        raise stale
-    return raw, sha
-
-
 def warm_up() -> None:
-    """Pay a first job's one-time costs now (importing torch, its optimizers -- which
-    import ``torch._dynamo``, seconds -- and the first autograd pass), on a throwaway
-    parameter: no random number is drawn and nothing is kept, so no result changes."""
+    """Pay a first job's one-time costs now (importing torch, the first autograd pass and
+    optimizer step), on a throwaway parameter: no random number is drawn and nothing is
+    kept, so no result changes. The optimizers are :mod:`client.optimizers`' (torch.optim's
+    classes, whose first use imports ``torch._dynamo``, are never used)."""
     import torch
 
+    from client.optimizers import SGD, Adam
+
     param = torch.zeros(2, requires_grad=True)
-    for optimizer in (
-        torch.optim.SGD([param], lr=0.1, momentum=0.9),
-        torch.optim.Adam([param], lr=0.1),
-    ):
-        optimizer.zero_grad(set_to_none=True)
+    for optimizer in (SGD([param], lr=0.1, momentum=0.9), Adam([param], lr=0.1)):
+        optimizer.zero_grad()
         loss = (param * param).sum()
         loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
-
-
-def _make_optimizer(model: torch.nn.Module, config: TrainingConfig) -> torch.optim.Optimizer:
-    import torch
-
-    if config.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    return torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum)
-
-
-def resolve_task(
-    job: _TaskJob, task_loader: Callable[[str, Mapping[str, JsonValue]], Task] = get_task
-) -> tuple[Task, Partition | None]:
-    """THE task resolution of a job: the task, and the partition to load its data with.
-
-    A job with a package builds the task from the package
-    (:func:`client.taskpkg.task.load_packaged_task`, which never unpickles or runs
-    anything from the package); its ``data_path``, when given, is the device's share
-    already, so it is loaded whole (partition ``None``). Any other job looks its task up
-    by name (``task_loader``) and loads its partition.
-    """
-    if job.package_path is None:
-        return task_loader(job.task, job.model_params), data_partition(job)
-    from client.taskpkg.task import load_packaged_task
-
-    task = load_packaged_task(job.package_path, job.data_path)
-    return task, data_partition(job)
-
-
-def data_partition(job: _TaskJob) -> Partition | None:
-    """The partition a job loads its task's data with: ``None`` when its data file is the
-    device's share already (loaded whole), else the job's partition."""
-    if job.package_path is not None and job.data_path is not None:
-        return None
-    return job.partition
 
 
 def _work_key_of(job: TrainJob, base_sha: str) -> str:

@@ -1,0 +1,217 @@
+"""The trainer's kept model: a job's task and model, built once and reused, and its base file.
+
+Contract (torch is imported only inside functions; the training worker is the one caller):
+
+* :class:`KeptModel` owns at most one built task and model (:class:`BuiltModel`, with its
+  layout). :meth:`KeptModel.for_training` returns the kept one for a job of the same
+  :func:`model_key` (task, parameters, package and data files, device; not the partition)
+  that has base weights -- the caller loads them in place -- and otherwise builds a fresh
+  one from ``job.config.seed``: a job without base weights always starts from a freshly
+  built model. :meth:`KeptModel.for_evaluation` returns the kept one for the same key
+  whatever the job (an evaluation always loads its global), else builds one (seed 0).
+  Either way the new one is kept; the old one is let go before building.
+* :func:`resolve_task` is THE task resolution of a job: a job with a package builds the
+  task from it (:func:`client.taskpkg.task.load_packaged_task`, which never unpickles or
+  runs anything from the package); any other job looks its task up by name.
+  :func:`data_partition` is the partition its data is loaded with (``None`` when the
+  job's data file is the device's share already).
+* :func:`read_base` returns the base file's bytes and SHA-256. A job whose file identity
+  is vouched for (``base_identity`` and ``base_sha256`` set: the session verified it) is
+  not hashed again, but the file opened must have that identity; any other file is
+  hashed and must match ``base_sha256`` when set. Else ``FedtrayError('stale_base')``;
+  a file that cannot be read raises ``FedtrayError('training_failed')``.
+* :func:`load_base` reads the base file (:func:`read_base`), decodes it against the
+  built model's layout (a different layout raises the weights codes
+  ``layout_mismatch`` / ``shape_mismatch`` / ``dtype_mismatch`` before the model is
+  touched) and copies it into the model in place, every tensor of its state dict
+  overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from pydantic import JsonValue
+
+from client.atomicfile import FileIdentity, file_identity
+from client.errors import FedtrayError
+from client.protocol import Partition, TrainingConfig
+from client.tasks import get_task
+from client.tasks.base import Task, model_state
+from client.weights import Layout, decode, layout_of, sha256_hex
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "BaseJob",
+    "BuiltModel",
+    "KeptModel",
+    "TaskJob",
+    "TaskLoader",
+    "data_partition",
+    "load_base",
+    "model_key",
+    "read_base",
+    "resolve_task",
+]
+
+#: Resolves a task by name and parameters (default :func:`client.tasks.get_task`).
+TaskLoader = Callable[[str, Mapping[str, JsonValue]], Task]
+
+
+class TaskJob(Protocol):
+    """What decides a job's task and model (a training or an evaluation job)."""
+
+    @property
+    def task(self) -> str: ...
+    @property
+    def model_params(self) -> dict[str, JsonValue]: ...
+    @property
+    def partition(self) -> Partition: ...
+    @property
+    def package_path(self) -> Path | None: ...
+    @property
+    def package_sha256(self) -> str | None: ...
+    @property
+    def data_path(self) -> Path | None: ...
+    @property
+    def data_sha256(self) -> str | None: ...
+
+
+class BaseJob(Protocol):
+    """Where a job's base weights are and how they were verified."""
+
+    @property
+    def base_weights_path(self) -> Path | None: ...
+    @property
+    def base_sha256(self) -> str | None: ...
+    @property
+    def base_identity(self) -> FileIdentity | None: ...
+
+
+class _TrainingJob(TaskJob, BaseJob, Protocol):
+    @property
+    def config(self) -> TrainingConfig: ...
+
+
+@dataclass
+class BuiltModel:
+    """A built task and model, kept for the next job of the same ``key``."""
+
+    key: str
+    task: Task
+    model: torch.nn.Module
+    layout: Layout
+
+
+class KeptModel:
+    """The one kept :class:`BuiltModel` of a trainer (module docstring)."""
+
+    def __init__(self, task_loader: TaskLoader = get_task) -> None:
+        self._task_loader = task_loader
+        self._built: BuiltModel | None = None
+
+    def for_training(self, job: _TrainingJob, device: torch.device) -> BuiltModel:
+        key = model_key(job, str(device))
+        kept = self._built
+        if kept is not None and kept.key == key and job.base_weights_path is not None:
+            return kept
+        return self._build(job, key, job.config.seed, device)
+
+    def for_evaluation(self, job: TaskJob, device: torch.device) -> BuiltModel:
+        key = model_key(job, str(device))
+        kept = self._built
+        if kept is not None and kept.key == key:
+            return kept
+        return self._build(job, key, 0, device)
+
+    def _build(self, job: TaskJob, key: str, seed: int, device: torch.device) -> BuiltModel:
+        self._built = None  # let the old model go before building the new one
+        task, _partition = resolve_task(job, self._task_loader)
+        model = task.build_model(task.params, seed)
+        layout = layout_of(model_state(model))
+        model.to(device)
+        self._built = BuiltModel(key, task, model, layout)
+        return self._built
+
+
+def model_key(job: TaskJob, device: str) -> str:
+    """What decides the model a job builds (its weights aside): task, parameters, files.
+    Not the partition: it picks the data, not the model (a device is given another part
+    from round to round)."""
+    return json.dumps(
+        [
+            job.task,
+            job.model_params,
+            str(job.package_path),
+            job.package_sha256,
+            str(job.data_path),
+            job.data_sha256,
+            device,
+        ],
+        sort_keys=True,
+    )
+
+
+def resolve_task(job: TaskJob, task_loader: TaskLoader = get_task) -> tuple[Task, Partition | None]:
+    """THE task resolution of a job: the task, and the partition to load its data with
+    (module docstring)."""
+    if job.package_path is None:
+        return task_loader(job.task, job.model_params), data_partition(job)
+    from client.taskpkg.task import load_packaged_task
+
+    task = load_packaged_task(job.package_path, job.data_path)
+    return task, data_partition(job)
+
+
+def data_partition(job: TaskJob) -> Partition | None:
+    """The partition a job loads its task's data with: ``None`` when its data file is the
+    device's share already (loaded whole), else the job's partition."""
+    if job.package_path is not None and job.data_path is not None:
+        return None
+    return job.partition
+
+
+def read_base(job: BaseJob, of: str) -> tuple[bytes, str]:
+    """The base file's bytes and SHA-256, hashed only when its identity is not vouched
+    for (module docstring); raises ``stale_base`` or ``training_failed``. ``of`` names
+    what the file is the base of (``round r3``), for the message."""
+    assert job.base_weights_path is not None
+    stale = FedtrayError(
+        "stale_base",
+        f"the base weights file changed: it is no longer the base of {of}",
+    )
+    try:
+        with job.base_weights_path.open("rb") as fh:
+            # The identity of the file opened, so a replace after this cannot slip in.
+            trusted = job.base_identity is not None and job.base_sha256 is not None
+            if trusted and file_identity(fh.fileno()) != job.base_identity:
+                raise stale
+            raw = fh.read()
+    except OSError as exc:
+        raise FedtrayError("training_failed", f"cannot read the base weights: {exc}") from exc
+    if trusted:
+        assert job.base_sha256 is not None
+        return raw, job.base_sha256
+    sha = sha256_hex(raw)
+    if job.base_sha256 is not None and sha != job.base_sha256:
+        raise stale
+    return raw, sha
+
+
+def load_base(built: BuiltModel, job: BaseJob, of: str) -> str:
+    """Read ``job``'s base file (:func:`read_base`), decode it against ``built``'s layout
+    and copy it into its model in place (module docstring); return its SHA-256."""
+    import torch
+
+    raw, sha = read_base(job, of)
+    base = decode(raw, "safetensors", expected=built.layout)
+    del raw
+    # In place: load_state_dict copies into the model's own tensors.
+    built.model.load_state_dict({k: torch.from_numpy(v) for k, v in base.items()})
+    return sha
