@@ -81,8 +81,9 @@ from server.model import Evaluator, ModelEvaluator
 from server.phase import PhaseMachine
 from server.registry import DeviceRecord, Registry
 from server.restore import return_grace, saved_round_of
+from server.roundcommit import RoundCommits
 from server.rounds import Round, abandon_detail, awaiting_return, drop_stale, select_devices
-from server.roundstore import RoundStore, SavedSlot
+from server.roundstore import RoundStore, SavedRound, SavedSlot
 from server.starter import RoundStarter
 from server.status import RoundRecord, RoundTiming
 from server.strategies import FileUpdates, Strategy
@@ -160,6 +161,7 @@ class RoundCoordinator:
         self._forgetting: asyncio.Task[None] | None = None
         self._return_grace_until = 0.0
         self._agg_lock = asyncio.Lock()
+        self._commits = RoundCommits(round_store)
         self._round_changed = asyncio.Event()
         self._devices_changed = asyncio.Event()
 
@@ -272,34 +274,45 @@ class RoundCoordinator:
         await self._opened(rnd)
         incoming = await self._receive(record, sub)
         # On disk (fsynced) before it is counted and acknowledged: an acknowledged update
-        # survives a server crash (the device deletes its copy on the ack).
-        unsaved = _unsaved()
-        store = self._round_store
+        # survives a server crash (the device deletes its copy on the ack). Placed under the
+        # lock, made durable outside it (updates ready together share one commit,
+        # server.roundcommit), counted under it.
+        commits, device_id = self._commits, record.device_id
+        task, store, unsaved, placed = self._config.task, self._round_store, _unsaved(), False
+
+        def snapshot() -> SavedRound:
+            return saved_round_of(rnd, task, store, time.time())
+
         try:
+            while True:
+                async with self._agg_lock:
+                    # The round may have closed, or a duplicate been counted, meanwhile.
+                    if self.phase.round is not rnd:
+                        raise FedtrayError("round_closed", f"round {sub.round_id} is closed")
+                    rnd.check_submit(device_id, sub.round_id, sub.base_version, time.monotonic())
+                    earlier = commits.placed(device_id)
+                    if earlier is None:
+                        slot = SavedSlot(
+                            index=rnd.slots[device_id].index,
+                            num_samples=sub.num_samples,
+                            metrics=dict(sub.metrics),
+                        )
+                        try:
+                            name = commits.place(device_id, incoming, slot, snapshot)
+                        except OSError as exc:
+                            log.error("cannot save the update of %s: %s", record.name, exc)
+                            raise unsaved from None
+                        placed = True
+                        break
+                await earlier  # the same device's earlier submission: then check again
             try:
-                await asyncio.to_thread(store.sync, incoming)
+                await commits.commit(device_id)
             except OSError as exc:
-                log.error("cannot save the update of %s: %s", record.name, exc)
+                log.error("cannot save round %s: %s", rnd.round_id, exc)
                 raise unsaved from None
             async with self._agg_lock:
-                # The round may have closed, or a concurrent duplicate been counted, meanwhile.
-                if self.phase.round is not rnd:
+                if self.phase.round is not rnd or rnd.closed:  # closed while committing
                     raise FedtrayError("round_closed", f"round {sub.round_id} is closed")
-                rnd.check_submit(record.device_id, sub.round_id, sub.base_version, time.monotonic())
-                saved = saved_round_of(rnd, self._config.task, store, time.time())
-                try:
-                    name = await asyncio.to_thread(store.commit_update, record.device_id, incoming)
-                    saved.slots[record.device_id] = SavedSlot(
-                        index=rnd.slots[record.device_id].index,
-                        reported=True,
-                        num_samples=sub.num_samples,
-                        metrics=dict(sub.metrics),
-                        update_file=name,
-                    )
-                    await asyncio.to_thread(store.save, saved)
-                except OSError as exc:
-                    log.error("cannot save round %s: %s", rnd.round_id, exc)
-                    raise unsaved from None
                 added = await asyncio.to_thread(
                     store.fold_update,
                     name,
@@ -307,7 +320,7 @@ class RoundCoordinator:
                     lambda update: self.strategy.add(update, sub.num_samples),
                 )
                 if added.clipped:
-                    self._registry.update_clipped(record.device_id, rnd.number, added.norm)
+                    self._registry.update_clipped(device_id, rnd.number, added.norm)
                     log.warning(
                         "round %s: the update of %s was %.4g from the global; clipped to %g",
                         rnd.round_id,
@@ -315,9 +328,11 @@ class RoundCoordinator:
                         added.norm,
                         self.strategy.settings.clip_norm,
                     )
-                received = rnd.record_report(record.device_id, sub.num_samples, sub.metrics)
+                received = rnd.record_report(device_id, sub.num_samples, sub.metrics)
         finally:
-            incoming.unlink(missing_ok=True)  # gone once committed; removed when refused
+            incoming.unlink(missing_ok=True)  # gone once placed; removed when refused
+            if placed:
+                commits.settle(device_id)
         self._registry.update_accepted(record.device_id)
         log.info(
             "round %s: update from %s accepted (%d samples; %d of %d reported)",
@@ -568,6 +583,7 @@ class RoundCoordinator:
         forgetting, self._forgetting = self._forgetting, None
         if forgetting is not None:
             await forgetting  # the previous round's removal, never after this save
+        await self._commits.idle()  # a late commit of the previous round, never after it
         try:
             await asyncio.to_thread(self._persist_open_round, rnd)
         except OSError as exc:
