@@ -162,7 +162,8 @@ class RoundCommits:
         # Every part is waited for before leaving, even when one fails.
         parts: list[asyncio.Future[Any]] = [staged, *syncs]
         await asyncio.wait(parts)
-        failed = next((f.exception() for f in syncs if f.exception() is not None), None)
+        errors = [f.exception() for f in syncs]  # each retrieved (no "never retrieved" log)
+        failed = next((e for e in errors if e is not None), None)
         if failed is not None:
             if staged.exception() is None:
                 with contextlib.suppress(OSError):
