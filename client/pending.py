@@ -4,10 +4,14 @@ Contract:
 
 * :meth:`PendingStore.add` takes a finished job's output from the work directory's
   owner (:meth:`client.workfiles.JobFiles.handing_over_output`: this module never moves
-  or deletes a work file itself) into the pending directory FIRST and then writes its
+  or deletes a work file itself) into the pending directory FIRST and then its
   JSON sidecar (round id, task, base version, sample count, metrics, size, SHA-256,
-  format), both atomically and fsynced (:mod:`client.atomicfile`): an entry survives a
-  ``kill -9`` and a power cut. An entry exists only once its sidecar exists. The size
+  format), both atomically and durably: the sidecar is written to a temporary file and
+  fsynced while the output is fsynced, the output renamed in, then the sidecar, then the
+  pending directory fsynced once for both renames. So once ``add`` returns the entry
+  survives a ``kill -9`` and a power cut; a crash during it leaves at most leftovers
+  that :meth:`PendingStore.entries` removes (never a sidecar naming unsynced bytes).
+  An entry exists only once its sidecar exists. The size
   and SHA-256 are the ones the trainer computed while writing the output, when given
   (the file is then not read again here), else they are computed from the file;
   :meth:`PendingStore.read` checks them before anything is sent. On a disk error
@@ -29,17 +33,19 @@ Not thread-safe: owned by the session's event loop.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from client.atomicfile import write_atomic
+from client.atomicfile import fsync_dir
 from client.config import data_dir
 from client.errors import FedtrayError
 from client.protocol import Identifier, Metrics, NonNegInt, PosInt, Sha256Hex, WeightFormat
@@ -90,6 +96,21 @@ class PendingUpdate:
 
 def _stem(round_id: str) -> str:
     return hashlib.sha256(round_id.encode("utf-8")).hexdigest()[:32]
+
+
+def _stage(target: Path, data: bytes) -> Path:
+    """``data`` in a fresh temporary file beside ``target`` (named as crash leftovers are
+    recognised), fsynced; raises OSError (nothing left behind)."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        _unlink(Path(tmp))
+        raise
+    return Path(tmp)
 
 
 def _file_sha256(path: Path) -> tuple[int, str]:
@@ -145,8 +166,19 @@ class PendingStore:
             format=fmt,
             created=created,
         )
-        with source.handing_over_output(data_path):
-            write_atomic(sidecar_path, sidecar.model_dump_json().encode("utf-8"))
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with concurrent.futures.ThreadPoolExecutor(1, "pending-sidecar") as pool:
+            # The sidecar's bytes are fsynced while the output's are; one directory fsync
+            # for both renames (module docstring).
+            staged = pool.submit(_stage, sidecar_path, sidecar.model_dump_json().encode("utf-8"))
+            try:
+                with source.handing_over_output(data_path, sync_dir=False):
+                    os.replace(staged.result(), sidecar_path)
+                    fsync_dir(self.directory)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    _unlink(staged.result())  # not installed (gone if it was)
+                raise
         return self._entry(sidecar, data_path, sidecar_path)
 
     def entries(self) -> list[PendingUpdate]:

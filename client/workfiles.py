@@ -45,6 +45,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -193,23 +194,46 @@ class JobFiles:
         return digest
 
     @contextlib.contextmanager
-    def handing_over_output(self, target: Path) -> Iterator[Path]:
+    def handing_over_output(self, target: Path, *, sync_dir: bool = True) -> Iterator[Path]:
         """Hand the finished output to its next owner: move it to ``target`` (outside the
         work directory) for the ``with`` block, which records it there.
 
-        The output is fsynced before it appears at ``target`` (it was written without).
-        When the block raises, the output is moved back (best effort: the work is not
-        lost) and the error passes on; from a block that returns, ``target`` belongs to
-        the receiver. ``OSError`` from the first move passes through, the output left in
-        place.
+        The output is fsynced before it appears at ``target`` (it was written without),
+        and ``target``'s directory after; ``sync_dir=False`` leaves that directory fsync to
+        the receiver (one fsync for the output's rename and its own, e.g.
+        :meth:`client.pending.PendingStore.add`; a move to another filesystem still
+        fsyncs it). When the block raises, the output is moved back (best effort: the work
+        is not lost) and the error passes on; from a block that returns, ``target``
+        belongs to the receiver. ``OSError`` from the first move passes through, the
+        output left in place.
         """
-        move_into(self.output, target)
+        if sync_dir:
+            move_into(self.output, target)
+        else:
+            _move_synced(self.output, target)
         try:
             yield target
         except BaseException:
             with contextlib.suppress(OSError):
                 move_into(target, self.output, durable=False)
             raise
+
+
+def _move_synced(source: Path, target: Path) -> None:
+    """``source``'s bytes fsynced, then renamed to ``target`` (its directory NOT fsynced);
+    across filesystems, :func:`client.atomicfile.move_into` (everything fsynced)."""
+    fd = os.open(source, os.O_RDWR | getattr(os, "O_BINARY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(source, target)
+    except OSError:
+        if not source.is_file():
+            raise
+        move_into(source, target)
 
 
 class WorkDir:

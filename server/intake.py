@@ -4,14 +4,16 @@ Contract: :meth:`UpdateIntake.accept` answers one ``weights:submit`` for the ope
 refuses it with :class:`client.errors.FedtrayError`): the update is received through the
 blob store (each byte hashed once as it arrives), checked in place against the model's
 layout and the size limit (a safetensors document is kept as received, never decoded and
-re-encoded; a JSON one is converted), fsynced into the round store, recorded in the saved
-round, folded into the strategy and only then counted and acknowledged, so an acknowledged
-update survives a crash (the device deletes its copy on the ack). Counting happens under
-:attr:`UpdateIntake.lock`, which the coordinator also holds to close the round: an update
-is never counted into a closed round, and a concurrent duplicate is counted once. Nothing
-of a round is taken in before its first save (:meth:`server.roundfiles.RoundFiles.opened`).
-Device records change only through the registry's named transitions. A file that cannot be
-written is refused ``internal_error`` (send it again later) and logged.
+re-encoded; a JSON one is converted), made durable in the round store together with the
+saved round that names it (updates ready together share one commit,
+:mod:`server.roundcommit`), folded into the strategy and only then counted and
+acknowledged, so an acknowledged update survives a crash (the device deletes its copy on
+the ack). Placing and counting happen under :attr:`UpdateIntake.lock`, which the
+coordinator also holds to close the round: an update is never counted into a closed round,
+and a concurrent duplicate is counted once. Nothing of a round is taken in before its
+first save (:meth:`server.roundfiles.RoundFiles.opened`). Device records change only
+through the registry's named transitions. A file that cannot be written is refused
+``internal_error`` (send it again later) and logged.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from server.phase import PhaseMachine
 from server.registry import DeviceRecord, Registry
 from server.restore import saved_round_of
 from server.roundfiles import RoundFiles
-from server.roundstore import RoundStore, SavedSlot
+from server.roundstore import RoundStore, SavedRound, SavedSlot
 from server.strategies import Strategy
 
 log = logging.getLogger("server.coordinator")
@@ -81,34 +83,45 @@ class UpdateIntake:
         await self._files.opened(rnd)
         incoming = await self._receive(record, sub)
         # On disk (fsynced) before it is counted and acknowledged: an acknowledged update
-        # survives a server crash (the device deletes its copy on the ack).
-        unsaved = _unsaved()
-        store = self._round_store
+        # survives a server crash (the device deletes its copy on the ack). Placed under the
+        # lock, made durable outside it (updates ready together share one commit,
+        # server.roundcommit), counted under it.
+        commits, device_id = self._files.commits, record.device_id
+        task, store, unsaved, placed = self._config.task, self._round_store, _unsaved(), False
+
+        def snapshot() -> SavedRound:
+            return saved_round_of(rnd, task, store, time.time())
+
         try:
+            while True:
+                async with self.lock:
+                    # The round may have closed, or a duplicate been counted, meanwhile.
+                    if self._phase.round is not rnd:
+                        raise FedtrayError("round_closed", f"round {sub.round_id} is closed")
+                    rnd.check_submit(device_id, sub.round_id, sub.base_version, time.monotonic())
+                    earlier = commits.placed(device_id)
+                    if earlier is None:
+                        slot = SavedSlot(
+                            index=rnd.slots[device_id].index,
+                            num_samples=sub.num_samples,
+                            metrics=dict(sub.metrics),
+                        )
+                        try:
+                            name = commits.place(device_id, incoming, slot, snapshot)
+                        except OSError as exc:
+                            log.error("cannot save the update of %s: %s", record.name, exc)
+                            raise unsaved from None
+                        placed = True
+                        break
+                await earlier  # the same device's earlier submission: then check again
             try:
-                await asyncio.to_thread(store.sync, incoming)
+                await commits.commit(device_id)
             except OSError as exc:
-                log.error("cannot save the update of %s: %s", record.name, exc)
+                log.error("cannot save round %s: %s", rnd.round_id, exc)
                 raise unsaved from None
             async with self.lock:
-                # The round may have closed, or a concurrent duplicate been counted, meanwhile.
-                if self._phase.round is not rnd:
+                if self._phase.round is not rnd or rnd.closed:  # closed while committing
                     raise FedtrayError("round_closed", f"round {sub.round_id} is closed")
-                rnd.check_submit(record.device_id, sub.round_id, sub.base_version, time.monotonic())
-                saved = saved_round_of(rnd, self._config.task, store, time.time())
-                try:
-                    name = await asyncio.to_thread(store.commit_update, record.device_id, incoming)
-                    saved.slots[record.device_id] = SavedSlot(
-                        index=rnd.slots[record.device_id].index,
-                        reported=True,
-                        num_samples=sub.num_samples,
-                        metrics=dict(sub.metrics),
-                        update_file=name,
-                    )
-                    await asyncio.to_thread(store.save, saved)
-                except OSError as exc:
-                    log.error("cannot save round %s: %s", rnd.round_id, exc)
-                    raise unsaved from None
                 added = await asyncio.to_thread(
                     store.fold_update,
                     name,
@@ -116,7 +129,7 @@ class UpdateIntake:
                     lambda update: self._strategy.add(update, sub.num_samples),
                 )
                 if added.clipped:
-                    self._registry.update_clipped(record.device_id, rnd.number, added.norm)
+                    self._registry.update_clipped(device_id, rnd.number, added.norm)
                     log.warning(
                         "round %s: the update of %s was %.4g from the global; clipped to %g",
                         rnd.round_id,
@@ -124,9 +137,11 @@ class UpdateIntake:
                         added.norm,
                         self._strategy.settings.clip_norm,
                     )
-                received = rnd.record_report(record.device_id, sub.num_samples, sub.metrics)
+                received = rnd.record_report(device_id, sub.num_samples, sub.metrics)
         finally:
-            incoming.unlink(missing_ok=True)  # gone once committed; removed when refused
+            incoming.unlink(missing_ok=True)  # gone once placed; removed when refused
+            if placed:
+                commits.settle(device_id)
         self._registry.update_accepted(record.device_id)
         log.info(
             "round %s: update from %s accepted (%d samples; %d of %d reported)",

@@ -10,7 +10,9 @@ Contract: :class:`RoundFiles` orders the writes of ``state_dir/round.json`` and
   open, e.g. one restored from disk): nothing of a round is counted, and its files are
   never removed, before it;
 * :meth:`RoundFiles.forget` removes the closed round's files now (an abandoned round);
-  :meth:`RoundFiles.forget_later` after a new version is published, off the round's path.
+  :meth:`RoundFiles.forget_later` after a new version is published, off the round's path;
+* :attr:`RoundFiles.commits` makes accepted updates durable (:mod:`server.roundcommit`);
+  a round's first save waits until the previous round's last commit is done.
 
 A failed write or removal is logged, never raised (the round goes on; a leftover round of
 an older version is discarded at restart).
@@ -24,6 +26,7 @@ import time
 from pathlib import Path
 
 from server.restore import saved_round_of
+from server.roundcommit import RoundCommits
 from server.rounds import Round
 from server.roundstore import RoundStore
 
@@ -39,6 +42,8 @@ class RoundFiles:
         self._state_dir = state_dir
         self._opening: tuple[Round, asyncio.Task[None]] | None = None
         self._forgetting: asyncio.Task[None] | None = None
+        #: The group commit of accepted updates (used by :class:`server.intake.UpdateIntake`).
+        self.commits = RoundCommits(store)
 
     def open(self, rnd: Round) -> None:
         """Start ``rnd``'s first save (see :meth:`opened`)."""
@@ -65,6 +70,7 @@ class RoundFiles:
         forgetting, self._forgetting = self._forgetting, None
         if forgetting is not None:
             await forgetting  # the previous round's removal, never after this save
+        await self.commits.idle()  # a late commit of the previous round, never after it
         try:
             await asyncio.to_thread(self._persist, rnd)
         except OSError as exc:

@@ -11,10 +11,15 @@ decoded and re-encoded). ``round.json`` is written atomically
 An update arrives as an *incoming* file in ``round/`` (:meth:`RoundStore.incoming_path`:
 the verified blob file moved there, or :meth:`RoundStore.write_incoming` for bytes held
 in memory), is checked where it lies (:meth:`RoundStore.check_update`: header, layout,
-finite values, through a read-only memory map, no copy), fsynced
-(:meth:`RoundStore.sync`), and renamed to its device's update file
-(:meth:`RoundStore.commit_update`, directory fsynced). The server then writes
-``round.json`` naming it, and only then acknowledges the update; it clears both only after
+finite values, through a read-only memory map, no copy), renamed to its device's update
+file (:meth:`RoundStore.place_update`, not yet durable) and committed by
+:class:`server.roundcommit.RoundCommits`: its bytes fsynced, ``round/`` fsynced
+(:meth:`RoundStore.sync_round_dir`) and a ``round.json`` naming it written and fsynced
+(:meth:`RoundStore.stage`) side by side, then that ``round.json`` installed
+(:meth:`RoundStore.install`: renamed, the state directory fsynced). (The one-by-one
+path, :meth:`RoundStore.sync` then :meth:`RoundStore.commit_update` with its directory
+fsynced then :meth:`RoundStore.save`, does the same serially.) Only then does the server
+acknowledge the update; it clears both only after
 the round's new global version and history are saved (:class:`server.store.Store` first,
 then :meth:`RoundStore.clear`), so at any moment a crash either keeps the update here or
 has already folded it into a saved version. A leftover incoming file (a crash before the
@@ -32,6 +37,7 @@ import hashlib
 import mmap
 import os
 import secrets
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -125,6 +131,48 @@ class RoundStore:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def place_update(self, device_id: str, incoming: Path) -> str:
+        """Rename a checked incoming file to the device's update file, NOT yet durable
+        (:class:`server.roundcommit.RoundCommits` fsyncs its bytes and ``round/`` before a
+        ``round.json`` names it); return its name."""
+        name = self.update_file_name(device_id)
+        os.replace(incoming, self.state_dir / ROUND_DIR / name)
+        return name
+
+    def update_path(self, name: str) -> Path:
+        """Where the update file ``name`` lies."""
+        return self.state_dir / ROUND_DIR / Path(name).name
+
+    def sync_round_dir(self) -> None:
+        """fsync ``round/``, so the renames made in it so far are durable."""
+        fsync_dir(self.state_dir / ROUND_DIR)
+
+    def stage(self, saved: SavedRound) -> Path:
+        """Write ``saved`` to a fresh temporary file beside ``round.json`` and fsync it;
+        :meth:`install` makes it ``round.json``. Raises OSError (nothing left behind)."""
+        fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=f".{ROUND_FILE}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(saved.model_dump_json(indent=1, by_alias=True).encode("utf-8"))
+                fh.flush()
+                os.fsync(fh.fileno())
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return Path(tmp)
+
+    def install(self, staged: Path) -> None:
+        """Replace ``round.json`` with a file :meth:`stage` wrote; the state directory is
+        fsynced after, so the new ``round.json`` is durable when this returns."""
+        try:
+            os.replace(staged, self.state_dir / ROUND_FILE)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(staged)
+            raise
+        fsync_dir(self.state_dir)
 
     def commit_update(self, device_id: str, incoming: Path) -> str:
         """Rename a checked, fsynced incoming file to the device's update file (directory

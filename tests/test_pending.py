@@ -138,6 +138,7 @@ def test_a_sidecar_that_cannot_be_written_hands_the_update_back(tmp_path: Path) 
         _add(store, src)
     assert src.output.read_bytes() == b"weights-bytes", "the update must be back in the work folder"
     assert not (directory / f"{_stem('r-1')}.update").exists()
+    assert not list(directory.glob(".*.tmp")), "the staged sidecar is removed"
     assert store.entries() == []
 
 

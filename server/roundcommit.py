@@ -1,0 +1,172 @@
+"""Group commit of the open round's accepted updates: durable before the ack, fsyncs shared.
+
+Contract: :class:`RoundCommits` makes an accepted update durable -- its bytes, its name in
+``round/`` and a ``round.json`` naming it -- before the server acknowledges it, with as
+few fsyncs one after the other as that order allows, and one commit for every update
+that is ready at the same time. Owned by the server's event loop; the file work runs in
+threads.
+
+* :meth:`RoundCommits.place` (on the loop, under the coordinator's aggregation lock) renames
+  a checked incoming file to its device's update file (no fsync), notes its slot, and
+  starts the fsync of its bytes at once. A device has at most one placed update:
+  :meth:`RoundCommits.placed` is the one in flight (wait for it, then check again).
+* :meth:`RoundCommits.commit` returns once a ``round.json`` naming that update is durable;
+  raises :class:`OSError` when the commit holding it failed (the update is then
+  forgotten: not acknowledged, the device sends it again; its file is left for the next
+  placement or the round's removal). One commit runs at a time; every update placed
+  while one runs shares the next. A commit takes the round as ``snapshot()`` gives it
+  (its counted reports) plus every placed update, and does, in this order:
+
+  1. side by side: the fsync of each placed update's bytes, the fsync of ``round/`` (their
+     renames), and ``round.json``'s temporary file written and fsynced;
+  2. the temporary file renamed to ``round.json``, then the state directory fsynced.
+
+  So ``round.json`` never names an update whose bytes or name are not durable (a restart
+  would discard the whole saved round), and a commit costs two fsyncs one after the other,
+  whatever the number of updates in it.
+* :meth:`RoundCommits.settle` ends a placed update's life here once the round counted it
+  (``snapshot()`` includes it from then on) or gave it up.
+* :meth:`RoundCommits.idle` returns once no commit runs or waits: a new round's files are
+  written only after (an earlier round's late commit never lands on them).
+
+Never writes ``round.json`` except in a commit; never removes a file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from server.roundstore import RoundStore, SavedRound, SavedSlot
+
+__all__ = ["RoundCommits"]
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class _Placed:
+    round_id: str
+    slot: SavedSlot
+    synced: asyncio.Future[None]  # the fsync of its bytes
+    done: asyncio.Future[None]  # settled (counted, given up or failed)
+    snapshot: Callable[[], SavedRound]
+
+
+class RoundCommits:
+    """The open round's commits (see the module docstring)."""
+
+    def __init__(self, store: RoundStore) -> None:
+        self._store = store
+        self._placed: dict[str, _Placed] = {}
+        self._next: asyncio.Future[None] | None = None  # the commit placed updates wait for
+        self._runner: asyncio.Task[None] | None = None
+
+    def placed(self, device_id: str) -> asyncio.Future[None] | None:
+        """The device's update being committed now (done once settled), or None."""
+        entry = self._placed.get(device_id)
+        return None if entry is None else entry.done
+
+    def place(
+        self,
+        device_id: str,
+        incoming: Path,
+        slot: SavedSlot,
+        snapshot: Callable[[], SavedRound],
+    ) -> str:
+        """Rename ``incoming`` to the device's update file and start its fsync; the file
+        name. ``slot`` is its ``round.json`` entry (its ``update_file`` is set here);
+        ``snapshot()`` the open round as counted so far. Raises OSError (nothing placed)."""
+        if device_id in self._placed:
+            raise RuntimeError(f"an update of {device_id} is being committed already")
+        name = self._store.place_update(device_id, incoming)
+        path = self._store.update_path(name)
+        loop = asyncio.get_running_loop()
+        synced = asyncio.ensure_future(asyncio.to_thread(_fsync_file, path))
+        self._placed[device_id] = _Placed(
+            round_id=snapshot().round_id,
+            slot=slot.model_copy(update={"update_file": name, "reported": True}),
+            synced=synced,
+            done=loop.create_future(),
+            snapshot=snapshot,
+        )
+        return name
+
+    async def commit(self, device_id: str) -> None:
+        """Return once a ``round.json`` naming the device's placed update is durable;
+        OSError when its commit failed (the update is forgotten)."""
+        if device_id not in self._placed:
+            raise RuntimeError(f"no update of {device_id} is placed")
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+        waiting = self._next
+        if self._runner is None:
+            self._runner = asyncio.create_task(self._run())
+        await asyncio.shield(waiting)
+
+    def settle(self, device_id: str) -> None:
+        """The placed update is counted by the round (or given up): forget it here."""
+        entry = self._placed.pop(device_id, None)
+        if entry is not None and not entry.done.done():
+            entry.done.set_result(None)
+
+    async def idle(self) -> None:
+        """Return once no commit runs or waits."""
+        while self._runner is not None:
+            await asyncio.shield(self._runner)
+
+    async def _run(self) -> None:
+        try:
+            while self._next is not None:
+                waiting, self._next = self._next, None
+                batch = dict(self._placed)
+                try:
+                    await self._write(batch)
+                except Exception as exc:
+                    for device_id, entry in batch.items():
+                        if self._placed.get(device_id) is entry:
+                            self.settle(device_id)
+                    waiting.set_exception(exc)
+                    waiting.exception()  # retrieved: a waiter may have been cancelled
+                else:
+                    waiting.set_result(None)
+        finally:
+            self._runner = None
+
+    async def _write(self, batch: dict[str, _Placed]) -> None:
+        if not batch:
+            return
+        first = next(iter(batch.values()))
+        saved = first.snapshot()
+        for device_id, entry in batch.items():
+            if entry.round_id != saved.round_id:
+                raise RuntimeError("updates of two rounds in one commit")
+            saved.slots[device_id] = entry.slot
+        store = self._store
+        staged = asyncio.ensure_future(asyncio.to_thread(store.stage, saved))
+        syncs: list[asyncio.Future[None]] = [
+            asyncio.ensure_future(asyncio.to_thread(store.sync_round_dir)),
+            *(e.synced for e in batch.values()),
+        ]
+        # Every part is waited for before leaving, even when one fails.
+        parts: list[asyncio.Future[Any]] = [staged, *syncs]
+        await asyncio.wait(parts)
+        errors = [f.exception() for f in syncs]  # each retrieved (no "never retrieved" log)
+        failed = next((e for e in errors if e is not None), None)
+        if failed is not None:
+            if staged.exception() is None:
+                with contextlib.suppress(OSError):
+                    os.unlink(staged.result())
+            raise failed
+        await asyncio.to_thread(store.install, staged.result())
