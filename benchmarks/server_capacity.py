@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import multiprocessing as mp
 import os
 import random
 import re
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -51,6 +53,8 @@ sys.path.insert(0, str(ROOT))
 
 from tests.server_harness import register_payload, resources  # noqa: E402
 
+#: Longest wait for a generator's report (joining thousands of devices on a loaded machine).
+JOIN_TIMEOUT_S = 600.0
 LISTENING = re.compile(r"listening on (http://\S+)")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -158,9 +162,39 @@ def start_server(tmp: str, n: int, interval: float, workers: int | None) -> subp
     args += ["--log-level", "WARNING"]
     if workers is not None:
         args += ["--workers", str(workers)]
+    # Its own process group (and session): stop_server() ends it and every worker it
+    # started, whatever way this benchmark ends; Ctrl-C in the terminal reaches only us.
     return subprocess.Popen(
-        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        args,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
     )
+
+
+def stop_server(proc: subprocess.Popen[str], grace: float = 15.0) -> None:
+    """SIGTERM the server's process group, SIGKILL what is left after ``grace`` seconds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            continue
+        # The leader is gone; workers of its group may still linger.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        return
+
+
+def _recv(pipe: Any, timeout: float, what: str) -> Any:
+    """The next message on ``pipe``; RuntimeError when none comes within ``timeout``."""
+    if not pipe.poll(timeout):
+        raise RuntimeError(f"no {what} from a load generator within {timeout:g} s")
+    return pipe.recv()
 
 
 def measure(
@@ -170,6 +204,7 @@ def measure(
         proc = start_server(tmp, n, interval, workers)
         pipes: list[Any] = []
         gens: list[mp.process.BaseProcess] = []
+        clean = False
         try:
             assert proc.stdout is not None
             url = next((m.group(1) for line in proc.stdout if (m := LISTENING.search(line))), None)
@@ -193,7 +228,7 @@ def measure(
                 pipes.append(here)
                 gens.append(gen)
             t_join = time.monotonic()
-            joined = [pipe.recv() for pipe in pipes]
+            joined = [_recv(pipe, JOIN_TIMEOUT_S, "join report") for pipe in pipes]
             join_s = time.monotonic() - t_join
             held = sum(j[1] for j in joined)
             time.sleep(interval)  # every device has sent its first heartbeat: phases spread
@@ -207,14 +242,16 @@ def measure(
             rss_held = rss()
             for pipe in pipes:
                 pipe.send("stop")
-            results = [pipe.recv() for pipe in pipes]
+            results = [_recv(pipe, JOIN_TIMEOUT_S, "results") for pipe in pipes]
+            load = _loadavg()
+            clean = True
         finally:
             for gen in gens:
-                gen.join(60)
+                gen.join(60 if clean else 0)  # told to stop: they disconnect and exit
                 if gen.is_alive():
                     gen.kill()
-            proc.terminate()
-            proc.wait(30)
+                    gen.join(10)
+            stop_server(proc)
     rtts = sorted(rtt for r in results for sent, rtt in r[1] if t0 <= sent < t1)
     beats = len(rtts)
     cpu_ms = 1000 * (cpu1 - cpu0)
@@ -233,6 +270,7 @@ def measure(
         "rss_kb_per_device": (rss_held - rss_before) / 1024 / max(held, 1),
         "devices_per_core": 1000 * interval / per_beat if beats else float("nan"),
         "generator_cpu_pct": gen_cpu,
+        "loadavg": load,
     }
 
 
@@ -244,12 +282,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--generators", type=int, default=2, help="load-generator processes")
     p.add_argument("--workers", type=int, default=None, help="passed to the server")
     args = p.parse_args(argv)
+    # A SIGTERM unwinds like Ctrl-C, so measure()'s cleanup stops the server and generators.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     print(f"open files limit: {raise_nofile()}; loadavg before: {_loadavg()}")
     print(
         "| devices | held | join s | heartbeats/s | server CPU | CPU ms per heartbeat "
-        "| ack p50 / p99 ms | RSS KB per device | devices per core | busiest generator CPU |"
+        "| ack p50 / p99 ms | RSS KB per device | devices per core | busiest generator CPU "
+        "| loadavg 1/5/15 min at the end |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for n in (int(x) for x in args.sizes.split(",") if x):
         r = measure(
             n,
@@ -262,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {n} | {r['held']} | {r['join_s']:.1f} | {r['beats_per_s']:.0f} | "
             f"{r['server_cpu_pct']:.0f} % | {r['ms_per_beat']:.3f} | "
             f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f} | {r['rss_kb_per_device']:.0f} | "
-            f"{r['devices_per_core']:.0f} | {r['generator_cpu_pct']:.0f} % |",
+            f"{r['devices_per_core']:.0f} | {r['generator_cpu_pct']:.0f} % | {r['loadavg']} |",
             flush=True,
         )
     print(f"loadavg after: {_loadavg()}")

@@ -7,7 +7,10 @@ nothing about rounds or devices itself:
 * :class:`server.coordinator.RoundCoordinator` -- the round loop and the one round phase;
 * :class:`server.distribution.Distributor` -- getting the global model to devices;
 * :class:`server.registry.Registry` -- the devices and every change of their state;
-* :class:`server.globalmodel.GlobalModel` -- the global weights, version and history.
+* :class:`server.globalmodel.GlobalModel` -- the global weights, version and history;
+* :class:`server.transport.DeviceServer` -- python-socketio's server, heartbeats handled
+  inline and Engine.IO's ping derived from the heartbeat interval
+  (:func:`server.transport.transport_timing`).
 
 :meth:`FedServer.start` first checks the TLS files and binds the port (``port=0`` picks
 a free one; the real port is returned), so a port in use is reported before anything is
@@ -39,13 +42,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import socketio
 from aiohttp import web
 
 from client import __version__
 from client.errors import FedtrayError
 from client.logsetup import add_secret
-from client.protocol import PROTOCOL_VERSION
+from client.protocol import PROTOCOL_VERSION, events as ev
 from client.tasks import Task, get_task
 from client.transfer import BlobStore
 from client.weights import layout_of
@@ -67,12 +69,16 @@ from server.store import Store, StoreError
 from server.strategies import Strategy, build_strategy
 from server.taskfile import PackageTask, ServedPackage, open_package
 from server.tls import TLSConfigError, server_ssl_context
+from server.transport import DeviceServer, transport_timing
 
 __all__ = ["FedServer", "StartupError"]
 
 log = logging.getLogger(__name__)
 
 DASHBOARD_FILE = Path(__file__).with_name("dashboard.html")
+
+#: Events handled in the connection's read loop, not in a task each (server.transport).
+INLINE_EVENTS = frozenset({ev.HEARTBEAT.name})
 
 
 class StartupError(Exception):
@@ -92,9 +98,15 @@ class FedServer:
         self.config = config
         #: The checked package of ``config.task_file`` (read at start when not given).
         self._package = package
-        self.sio = socketio.AsyncServer(
+        timing = transport_timing(config.heartbeat_interval)
+        self.sio = DeviceServer(
+            # Cheap, frequent and never awaiting I/O: run in the connection's read loop.
+            inline_events=INLINE_EVENTS,
             async_mode="aiohttp",
             max_http_buffer_size=config.max_message_bytes,
+            # The devices' heartbeats prove liveness; the transport ping is rare.
+            ping_interval=timing.ping_interval,
+            ping_timeout=timing.ping_timeout,
             logger=False,
             engineio_logger=False,
         )

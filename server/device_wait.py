@@ -5,7 +5,8 @@ Contract: :class:`DeviceWait` waits on the registry's incremental counts
 
 * the eligible count crosses ``min_clients`` (either way; the tally's listener),
 * the next connected device may have turned stale (a timer at
-  :meth:`server.registry.Registry.next_stale_at`: staleness changes with time alone),
+  :meth:`server.registry.Registry.next_stale_at`: staleness changes with time alone;
+  a change of the counts that brings that time before the armed timer wakes it too),
 * the "round N waiting" line is due again (``wait_log_interval``), or
 * :meth:`DeviceWait.nudge` is called;
 
@@ -56,6 +57,7 @@ class DeviceWait:
         self._wake = asyncio.Event()
         self._tally: Tally | None = None
         self._number: int | None = None  # the round waited for; None when not waiting
+        self._wakes_at = float("-inf")  # when the sleeping loop's timer fires
         self._last_reason: str | None = None
         self._last_logged = 0.0
         #: Passes of the wait loop (each wake), since the server started.
@@ -77,7 +79,11 @@ class DeviceWait:
         if self._number is None or self._tally is None:
             return
         needed = self._config.min_clients
-        if (before >= needed) != (after >= needed):
+        next_stale = self._registry.next_stale_at()
+        if (before >= needed) != (after >= needed) or (
+            # A device that joined while the loop slept may turn stale before its timer.
+            next_stale is not None and next_stale + _STALE_MARGIN < self._wakes_at
+        ):
             self._wake.set()
         else:
             self._show(self._number, self._tally, time.monotonic())
@@ -111,9 +117,12 @@ class DeviceWait:
                 self._before_waiting()
                 self._show(number, tally, now)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=self._timeout(now))
+                    timeout = self._timeout(now)
+                    self._wakes_at = now + timeout
+                    await asyncio.wait_for(self._wake.wait(), timeout=timeout)
         finally:
             self._number = None
+            self._wakes_at = float("-inf")
 
     def _timeout(self, now: float) -> float:
         """Until the next device may turn stale or the log line is due again."""
