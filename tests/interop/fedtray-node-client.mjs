@@ -581,6 +581,13 @@ function onTrainingStart(p, ack) {
     return refuse("busy", `bad training:start: ${e.message}`);
   }
   if (state.busy) return refuse("busy", `training ${state.busy}`);
+  if (p.baseWeights != null) {
+    // A small new global rides in training:start: taken exactly as a weights:global; an
+    // ErrorAck answers the start when the weights are refused.
+    let globalAck;
+    onGlobal(p.baseWeights, (a) => (globalAck = a));
+    if (!globalAck || globalAck.ok !== true) return reply(globalAck);
+  }
   if (!state.tasks.includes(p.task))
     return refuse("unknown_task", `task ${p.task} is not installed`);
   if (!state.global || state.global.version !== p.baseVersion)
