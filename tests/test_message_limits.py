@@ -153,6 +153,35 @@ def test_a_cancel_that_meets_the_answer_ends_the_call_cancelled() -> None:
     assert 0 in asyncio.run(scenario())  # a cancel right after the answer was accepted
 
 
+def test_the_device_websocket_is_never_compressed() -> None:
+    """A server that accepts permessage-deflate (aiohttp's does by default) gets none: the
+    weights in blob chunks do not deflate, so compressing them only burns CPU."""
+
+    async def scenario() -> tuple[int, int]:
+        server = socketio.AsyncServer(async_mode="aiohttp")
+        app = web.Application()
+        server.attach(app)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        assert site._server is not None
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        sio, other = device_client(), socketio.AsyncClient(websocket_extra_options={"compress": 15})
+        try:
+            await sio.connect(f"http://127.0.0.1:{port}", transports=["websocket"])
+            await other.connect(f"http://127.0.0.1:{port}", transports=["websocket"])
+            return sio.eio.ws.compress, other.eio.ws.compress
+        finally:
+            await sio.disconnect()
+            await other.disconnect()
+            await runner.cleanup()
+
+    device, offered = asyncio.run(scenario())
+    assert offered > 0  # the server would have compressed a connection that asked
+    assert device == 0
+
+
 def test_a_connection_task_that_loses_its_cancel_still_lets_the_device_stop(
     tmp_path: Path,
 ) -> None:
