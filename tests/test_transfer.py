@@ -380,3 +380,54 @@ def test_a_disk_that_refuses_answers_internal_error_and_counts_nothing(tmp_path:
     assert info.value.code == "internal_error"
     assert s.bytes_held() == 0
     assert s.status("dev", "b1", now=0).received == 0
+
+
+def test_async_chunks_in_flight_land_in_order_and_match_the_sync_answers(
+    spill: Path | None,
+) -> None:
+    """What the peers' handlers call: a window of chunks handled as concurrent tasks (as
+    python-socketio runs them) lands in arrival order, each stored in a worker thread."""
+
+    async def scenario() -> tuple[list[Any], list[Any]]:
+        s = store(spill)
+        sizes = [(0, 4096), (4096, 4096), (8192, 4096), (4096, 4096)]  # the last repeats one
+        tasks = [
+            asyncio.ensure_future(s.accept_chunk_async("dev", chunk(o, n), now=i))
+            for i, (o, n) in enumerate(sizes)
+        ]
+        answers = [(p.received, p.complete) for p in await asyncio.gather(*tasks)]
+        ref = WeightsRef(format="safetensors", size=len(DATA), sha256=DIGEST, blob_id="b1")
+        taken = [bytes(s.take("dev", ref)), s._locks]
+        return answers, taken
+
+    answers, (data, locks) = asyncio.run(scenario())
+    assert answers == [(4096, False), (8192, False), (len(DATA), True), (len(DATA), True)]
+    assert data == DATA and locks == {}  # the per-blob locks are gone once unused
+
+
+def test_async_refusals_and_a_blob_dropped_while_its_chunk_was_stored(
+    spill: Path | None,
+) -> None:
+    async def scenario() -> list[str]:
+        s = store(spill)
+        codes = []
+        for bad in (chunk(4096, 4096), chunk(0, 5000)):  # a gap, then one over the chunk limit
+            try:
+                await s.accept_chunk_async("dev", bad, now=0)
+            except FedtrayError as exc:
+                codes.append(exc.code)
+        first = asyncio.ensure_future(s.accept_chunk_async("dev", chunk(0, 4096), now=0))
+        await asyncio.sleep(0)  # admitted; its bytes are being stored in a thread
+        s.discard("dev", "b1")
+        try:
+            await first
+        except FedtrayError as exc:
+            codes.append(exc.code)
+        codes.append(str(s.status("dev", "b1", now=1).received))
+        return codes
+
+    # A dropped blob never comes back half-held: the sender starts it again from 0.
+    assert asyncio.run(scenario()) in (
+        ["offset_gap", "chunk_too_large", "offset_gap", "0"],
+        ["offset_gap", "chunk_too_large", "internal_error", "0"],  # disk: its file went too
+    )
