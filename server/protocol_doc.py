@@ -265,10 +265,7 @@ The same sub-protocol carries weights in both directions.
   `maxChunkBytes` 4 MiB, `maxBlobBytes` 512 MiB and `maxInflightChunks` 4. It holds
   partial blobs from the server in memory: at most 8 open, announcing at most
   `maxBlobBytes` (512 MiB) in all, and drops one untouched for 10 minutes (checked at
-  each heartbeat). Either reference peer refuses `rate_limited` a chunk that arrives while
-  16 of that sender's chunks are still being stored (a sender keeping to
-  `maxInflightChunks` never sees it). The server announces `maxChunkBytes` 4 MiB and
-  `maxInflightChunks` 4,
+  each heartbeat). The server announces `maxChunkBytes` 4 MiB and `maxInflightChunks` 4,
   and keeps partial uploads on disk (so they survive a
   restart): per device at most 4 open and two updates' worth, where an update is at most
   min(`maxBlobBytes`, 8 × the model's tensor bytes + 64 KiB), and for all devices
