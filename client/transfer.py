@@ -109,13 +109,6 @@ REFERENCE_CHUNK_BYTES = 4 * 1024 * 1024
 #: never comes near it and a larger but readable event is answered with a code rather
 #: than cutting the connection.
 DEVICE_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-#: Chunks of one peer that :meth:`BlobStore.accept_chunk_async` holds at once (being stored
-#: or waiting for their blob's turn): four windows of the protocol's default
-#: ``maxInflightChunks``, so a conforming sender never meets it; more are refused
-#: ``rate_limited`` before anything is done with them, which bounds the chunk data a
-#: sender ignoring the window can make a receiver hold (16 chunks of at most
-#: ``max_chunk_bytes``).
-MAX_CHUNKS_HELD_PER_PEER = 16
 #: Partial blobs one peer may have open at once unless the store is told otherwise (a
 #: global, a package, a data share, and transfers interrupted by a reconnect).
 DEFAULT_MAX_OPEN_PER_PEER = 8
@@ -168,7 +161,6 @@ class BlobStore:
         self._blobs: dict[tuple[str, str], _Partial] = {}
         # accept_chunk_async: one FIFO lock per blob being written, with its number of users.
         self._locks: dict[tuple[str, str], tuple[asyncio.Lock, list[int]]] = {}
-        self._held: dict[str, int] = {}  # chunks per peer inside accept_chunk_async
         self._spill = SpillDir(spill_dir) if spill_dir is not None else None
 
     def set_budget(
@@ -226,23 +218,14 @@ class BlobStore:
         the chunks of one blob are taken one at a time, in the order of the calls (a FIFO
         lock per blob), so a window of chunks in flight lands in order. A blob dropped
         (expired, discarded) while its chunk was being stored is refused ``offset_gap``
-        (the sender asks ``blob:status`` and starts again). A peer that already has
-        :data:`MAX_CHUNKS_HELD_PER_PEER` chunks here is refused ``rate_limited``.
+        (the sender asks ``blob:status`` and starts again).
         """
-        held = self._held.get(peer, 0)
-        if held >= MAX_CHUNKS_HELD_PER_PEER:
-            raise FedtrayError(
-                "rate_limited",
-                f"{held} chunks from this peer are being stored already; keep to the "
-                "receiver's maxInflightChunks",
-            )
         key = (peer, chunk.blob_id)
         entry = self._locks.get(key)
         if entry is None:
             entry = self._locks[key] = (asyncio.Lock(), [0])
         lock, users = entry
         users[0] += 1
-        self._held[peer] = held + 1
         try:
             async with lock:
                 partial = self._admit(peer, chunk, now)
@@ -260,9 +243,6 @@ class BlobStore:
             users[0] -= 1
             if users[0] == 0:
                 del self._locks[key]
-            self._held[peer] -= 1
-            if self._held[peer] == 0:
-                del self._held[peer]
 
     def _admit(self, peer: str, chunk: BlobChunk, now: float) -> _Partial | None:
         """Every check of a chunk before its bytes are stored; the partial blob it extends,

@@ -21,13 +21,7 @@ from client.protocol import (
     error_ack,
     parse,
 )
-from client.transfer import (
-    MAX_CHUNKS_HELD_PER_PEER,
-    BlobStore,
-    limits_towards,
-    send_blob,
-    weights_ref_for,
-)
+from client.transfer import BlobStore, limits_towards, send_blob, weights_ref_for
 from client.weights import sha256_hex
 
 DATA = bytes(range(256)) * 40  # 10,240 bytes
@@ -437,47 +431,3 @@ def test_async_refusals_and_a_blob_dropped_while_its_chunk_was_stored(
         ["offset_gap", "chunk_too_large", "offset_gap", "0"],
         ["offset_gap", "chunk_too_large", "internal_error", "0"],  # disk: its file went too
     )
-
-
-def test_a_peer_flooding_chunks_past_any_window_is_refused_rate_limited() -> None:
-    """A conforming sender keeps to its window; one that does not cannot make the receiver
-    hold more than MAX_CHUNKS_HELD_PER_PEER chunks: the rest are refused at once."""
-    data = bytes(64) * 100
-    digest = sha256_hex(data)
-    floods = 3 * MAX_CHUNKS_HELD_PER_PEER
-
-    async def scenario() -> tuple[list[str], int]:
-        s = BlobStore(max_chunk_bytes=64, max_blob_bytes=1 << 20)
-        tasks = [
-            asyncio.ensure_future(
-                s.accept_chunk_async(
-                    "dev",
-                    BlobChunk(
-                        blob_id="b",
-                        offset=i * 64,
-                        total=len(data),
-                        sha256=digest,
-                        data=data[i * 64 : (i + 1) * 64],
-                    ),
-                    now=0,
-                )
-            )
-            for i in range(floods)
-        ]
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-        codes = [r.code if isinstance(r, FedtrayError) else "ok" for r in results]
-        other = await s.accept_chunk_async(  # another peer is not affected
-            "other",
-            BlobChunk(
-                blob_id="b", offset=0, total=64, sha256=sha256_hex(data[:64]), data=data[:64]
-            ),
-            now=0,
-        )
-        assert other.complete
-        return codes, s.bytes_held("dev")
-
-    codes, held = asyncio.run(scenario())
-    assert codes == ["ok"] * MAX_CHUNKS_HELD_PER_PEER + ["rate_limited"] * (
-        floods - MAX_CHUNKS_HELD_PER_PEER
-    )
-    assert held == MAX_CHUNKS_HELD_PER_PEER * 64
