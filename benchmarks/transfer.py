@@ -267,16 +267,16 @@ def _download_once(url: str, work: Path, device_info: Any) -> tuple[float, float
     )
     store: BlobStore = client._session.blobs
     complete: dict[str, float] = {}
-    inner: Callable[..., Any] = store.accept_chunk_async  # what the session's handler calls
+    inner: Callable[..., Any] = store.accept_chunk
 
-    async def watched(peer: str, chunk: Any, now: float) -> Any:
-        progress = await inner(peer, chunk, now)
+    def watched(peer: str, chunk: Any, now: float) -> Any:
+        progress = inner(peer, chunk, now)
         if progress.complete:
             complete["at"] = time.perf_counter()
             complete["bytes"] = progress.received
         return progress
 
-    store.accept_chunk_async = watched  # type: ignore[method-assign]
+    store.accept_chunk = watched  # type: ignore[method-assign]
     cpu0, t0 = time.process_time(), time.perf_counter()
     client.start()
     try:

@@ -7,9 +7,7 @@ of chunks in flight, and a sender that reconnects asks ``blob:status`` and resum
 the receiver's offset instead of from zero.
 
 Receiving side: :class:`BlobStore`, bookkeeping (no clock of its own; no I/O unless
-given a ``spill_dir``, see below; :meth:`BlobStore.accept_chunk_async`, what the peers'
-handlers call, hashes and stores each chunk in a worker thread while the loop serves
-others), keyed by ``(peer, blobId)`` where ``peer`` is a stable
+given a ``spill_dir``, see below), keyed by ``(peer, blobId)`` where ``peer`` is a stable
 identity (the device id, not the Socket.IO sid) so partial blobs survive a reconnect
 until they expire. It promises:
 
@@ -159,8 +157,6 @@ class BlobStore:
         self.set_budget(max_peer_bytes=max_peer_bytes, max_total_bytes=max_total_bytes)
         self.ttl_sec = ttl_sec
         self._blobs: dict[tuple[str, str], _Partial] = {}
-        # accept_chunk_async: one FIFO lock per blob being written, with its number of users.
-        self._locks: dict[tuple[str, str], tuple[asyncio.Lock, list[int]]] = {}
         self._spill = SpillDir(spill_dir) if spill_dir is not None else None
 
     def set_budget(
@@ -204,49 +200,6 @@ class BlobStore:
         The chunk that completes the blob is checked against the blob's SHA-256; on a
         mismatch the blob is dropped and ``checksum_mismatch`` raised.
         """
-        partial = self._admit(peer, chunk, now)
-        if partial is None:
-            return self._progress(self._blobs[(peer, chunk.blob_id)])
-        self._store(peer, chunk, partial)
-        return self._finish(peer, chunk, partial)
-
-    async def accept_chunk_async(self, peer: str, chunk: BlobChunk, now: float) -> BlobProgress:
-        """:meth:`accept_chunk`, with the chunk's hashing and storing (the work that grows
-        with its size) in a worker thread, so the loop serves other peers meanwhile.
-
-        Same checks, same answers. Every decision and all bookkeeping stay on the loop;
-        the chunks of one blob are taken one at a time, in the order of the calls (a FIFO
-        lock per blob), so a window of chunks in flight lands in order. A blob dropped
-        (expired, discarded) while its chunk was being stored is refused ``offset_gap``
-        (the sender asks ``blob:status`` and starts again).
-        """
-        key = (peer, chunk.blob_id)
-        entry = self._locks.get(key)
-        if entry is None:
-            entry = self._locks[key] = (asyncio.Lock(), [0])
-        lock, users = entry
-        users[0] += 1
-        try:
-            async with lock:
-                partial = self._admit(peer, chunk, now)
-                if partial is None:
-                    return self._progress(self._blobs[key])
-                await asyncio.to_thread(self._store, peer, chunk, partial)
-                if self._blobs.get(key) is not partial:
-                    raise FedtrayError(
-                        "offset_gap",
-                        f"blob {chunk.blob_id} was dropped while this chunk was stored; "
-                        "ask blob:status and start again",
-                    )
-                return self._finish(peer, chunk, partial)
-        finally:
-            users[0] -= 1
-            if users[0] == 0:
-                del self._locks[key]
-
-    def _admit(self, peer: str, chunk: BlobChunk, now: float) -> _Partial | None:
-        """Every check of a chunk before its bytes are stored; the partial blob it extends,
-        or None for a repeat (already held: acknowledged without effect)."""
         size = len(chunk.data)
         if size > self.max_chunk_bytes:
             raise FedtrayError(
@@ -289,7 +242,7 @@ class BlobStore:
         received = partial.received
         if chunk.offset < received:
             # A resent chunk after a lost ack: already held, acknowledge idempotently.
-            return None
+            return self._progress(partial)
         if chunk.offset > received:
             raise FedtrayError(
                 "offset_gap",
@@ -301,25 +254,16 @@ class BlobStore:
                 "size_mismatch",
                 f"chunk would grow blob {chunk.blob_id} past its announced {partial.total} bytes",
             )
-        return partial
-
-    def _store(self, peer: str, chunk: BlobChunk, partial: _Partial) -> None:
-        """Store and hash an admitted chunk's bytes (thread-safe while its blob is locked:
-        it touches only that blob's buffer, file and hasher). Raises ``internal_error``
-        when the disk refuses; the chunk is then not counted."""
         if self._spill is None:
             partial.buffer += chunk.data
         else:
             try:
-                self._spill.append(peer, chunk.blob_id, partial.received, chunk.data)
+                self._spill.append(peer, chunk.blob_id, received, chunk.data)
             except OSError as exc:
                 raise FedtrayError("internal_error", f"cannot store the chunk: {exc}") from None
         if partial.hasher is not None:
             partial.hasher.update(chunk.data)
-
-    def _finish(self, peer: str, chunk: BlobChunk, partial: _Partial) -> BlobProgress:
-        """Count a stored chunk; check the blob's SHA-256 when it is complete."""
-        partial.received += len(chunk.data)
+        partial.received += size
         if partial.received == partial.total:
             self._verify_complete(peer, chunk.blob_id, partial)
         return self._progress(partial)

@@ -309,7 +309,7 @@ class DeviceNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
     @handles(ev.BLOB_CHUNK)
     async def on_blob_chunk(self, sid: str, chunk: BlobChunk) -> BlobProgress:
         record = self._record(sid)
-        return await self._blobs.accept_chunk_async(record.device_id, chunk, time.monotonic())
+        return self._blobs.accept_chunk(record.device_id, chunk, time.monotonic())
 
     @handles(ev.BLOB_STATUS)
     async def on_blob_status(self, sid: str, query: BlobStatus) -> BlobProgress:

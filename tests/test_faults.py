@@ -107,7 +107,7 @@ class _Counting:
         self.chunk_bytes = 0
         self._lock = threading.Lock()
         strategy_add = self.server.strategy.add
-        accept_chunk = self.server.blobs.accept_chunk_async  # what the handler calls
+        accept_chunk = self.server.blobs.accept_chunk
 
         def add(state: StateDict, num_samples: int) -> Added:
             rnd = self.server.round  # set, and stable under the server's aggregation lock
@@ -116,12 +116,12 @@ class _Counting:
                 self.adds[rnd.round_id] = self.adds.get(rnd.round_id, 0) + 1
             return strategy_add(state, num_samples)
 
-        async def counted_chunk(peer: str, chunk: BlobChunk, now: float) -> BlobProgress:
+        def counted_chunk(peer: str, chunk: BlobChunk, now: float) -> BlobProgress:
             self.chunk_bytes += len(chunk.data)
-            return await accept_chunk(peer, chunk, now)
+            return accept_chunk(peer, chunk, now)
 
         self.server.strategy.add = add  # type: ignore[method-assign]
-        self.server.blobs.accept_chunk_async = counted_chunk  # type: ignore[method-assign]
+        self.server.blobs.accept_chunk = counted_chunk  # type: ignore[method-assign]
 
 
 # ------------------------------------------------------------------------ connection cut

@@ -90,7 +90,7 @@ class BaseWeights:
         self.blobs.expire(time.monotonic())
 
     async def on_blob_chunk(self, chunk: BlobChunk) -> BlobProgress:
-        return await self.blobs.accept_chunk_async(SERVER_PEER, chunk, time.monotonic())
+        return self.blobs.accept_chunk(SERVER_PEER, chunk, time.monotonic())
 
     async def on_blob_status(self, status: BlobStatus) -> BlobProgress:
         return self.blobs.status(SERVER_PEER, status.blob_id, time.monotonic())
