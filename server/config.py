@@ -32,7 +32,7 @@ from client.protocol import (
     Partition,
     PartitionScheme,
 )
-from client.transfer import MESSAGE_MARGIN_BYTES, message_limit
+from client.transfer import MESSAGE_MARGIN_BYTES, REFERENCE_CHUNK_BYTES, message_limit
 from server.ratelimit import RateLimits
 from server.strategies.settings import StrategySettings
 
@@ -152,7 +152,7 @@ class ServerConfig:
     state_dir: Path = field(default_factory=default_state_dir)
     tokens: tuple[str, ...] = field(default=(), repr=False)
     log_level: str = "INFO"
-    limits: Limits = field(default_factory=Limits)
+    limits: Limits = field(default_factory=lambda: Limits(max_chunk_bytes=REFERENCE_CHUNK_BYTES))
     #: Seconds a device has to acknowledge ``training:start`` or one weights message.
     ack_timeout: float = 30.0
     #: Partial blobs untouched this long are dropped.

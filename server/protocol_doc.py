@@ -61,10 +61,13 @@ compatible server or client in another language.
   inline weights fit one chunk. The default `maxChunkBytes` is **512 KiB** (524,288
   bytes; 699,052 base64-encoded), so a peer built with the library defaults takes default
   chunks with room to spare. A peer that announces a larger `maxChunkBytes` must raise its
-  limit to match. Over long-polling one HTTP request may carry several messages and must
+  limit to match; the reference server and device announce **4 MiB** (4,194,304 bytes),
+  so between them a 100 MB model is 25 chunks rather than 200 (each chunk costs messages,
+  an ack and a check on both sides, which is what large transfers spent most on).
+  Over long-polling one HTTP request may carry several messages and must
   stay under the limit as a whole; the reference device uses WebSocket only. The
   reference peers' limits, and what happens at each:
-  - the **server** reads messages up to its `maxChunkBytes` + 64 KiB (589,824 bytes by
+  - the **server** reads messages up to its `maxChunkBytes` + 64 KiB (4,259,840 bytes by
     default). A `blob:chunk` over `maxChunkBytes` but under that is refused
     `chunk_too_large`; a bigger message closes that device's connection (the device
     reconnects and resumes its transfer from `blob:status`).
@@ -245,9 +248,10 @@ The same sub-protocol carries weights in both directions.
   `DeviceRegistered.limits`, the device in `DeviceRegister.capabilities`
   (`maxChunkBytes`, required; `maxBlobBytes` and `maxInflightChunks`, optional, default
   512 MiB and 4). A sender keeps to the receiver's: chunks of at most `maxChunkBytes`
-  (default 512 KiB, see Transport; small chunks also keep heartbeats and Engine.IO pings
-  flowing during big transfers), at most `maxInflightChunks` chunks un-acknowledged at
-  once, chunks of one blob in order, and no blob over `maxBlobBytes`.
+  (default 512 KiB, the reference peers' 4 MiB, see Transport; chunks of a few MiB still
+  let heartbeats and Engine.IO pings flow between them during big transfers), at most
+  `maxInflightChunks` chunks un-acknowledged at once, chunks of one blob in order, and no
+  blob over `maxBlobBytes`.
 - **What a receiver holds.** A receiver bounds what a sender can make it hold in
   partial blobs, counting the totals *announced* by its open blobs (not the bytes received
   so far, so no number of barely started blobs can later grow past the bound). At the
@@ -258,10 +262,11 @@ The same sub-protocol carries weights in both directions.
   sender's open blobs, or of all senders' together, would pass the budget. A blob counts
   until the message that uses it takes it, or until it expires.
 - **Current behaviour of the reference peers.** The device announces
-  `maxChunkBytes` 512 KiB, `maxBlobBytes` 512 MiB and `maxInflightChunks` 4. It holds
+  `maxChunkBytes` 4 MiB, `maxBlobBytes` 512 MiB and `maxInflightChunks` 4. It holds
   partial blobs from the server in memory: at most 8 open, announcing at most
   `maxBlobBytes` (512 MiB) in all, and drops one untouched for 10 minutes (checked at
-  each heartbeat). The server keeps partial uploads on disk (so they survive a
+  each heartbeat). The server announces `maxChunkBytes` 4 MiB and `maxInflightChunks` 4,
+  and keeps partial uploads on disk (so they survive a
   restart): per device at most 4 open and two updates' worth, where an update is at most
   min(`maxBlobBytes`, 8 × the model's tensor bytes + 64 KiB), and for all devices
   together `clients_per_round` devices' worth (`--max-transfer-bytes` sets it); it drops

@@ -33,7 +33,13 @@ from aiohttp import web
 from client.protocol import DEFAULT_CHUNK_BYTES, EV_BLOB_CHUNK, EV_BLOB_STATUS, BlobChunk
 from client.session.link import ServerLink
 from client.session.sioclient import DeviceSocketClient, device_client
-from client.transfer import DEVICE_MAX_MESSAGE_BYTES, MESSAGE_MARGIN_BYTES, message_limit
+from client.transfer import (
+    DEVICE_MAX_MESSAGE_BYTES,
+    MESSAGE_MARGIN_BYTES,
+    REFERENCE_CHUNK_BYTES,
+    message_limit,
+)
+from server.config import ServerConfig
 from tests.hostile_server import hostile_client
 from tests.server_harness import (
     REPO_ROOT,
@@ -60,6 +66,10 @@ def test_limits_are_declared_once_and_consistent() -> None:
     assert message_limit(DEFAULT_CHUNK_BYTES) == DEFAULT_CHUNK_BYTES + MESSAGE_MARGIN_BYTES
     # The device reads far more than a conforming server sends it (one chunk + envelope).
     assert 16 * message_limit(DEFAULT_CHUNK_BYTES) <= DEVICE_MAX_MESSAGE_BYTES
+    # The reference peers' own chunks are larger, and still far under the device's limit.
+    assert DEFAULT_CHUNK_BYTES < REFERENCE_CHUNK_BYTES
+    assert 3 * message_limit(REFERENCE_CHUNK_BYTES) <= DEVICE_MAX_MESSAGE_BYTES
+    assert ServerConfig().limits.max_chunk_bytes == REFERENCE_CHUNK_BYTES
 
 
 def test_the_device_answers_a_6_mib_message_instead_of_dropping_the_link(tmp_path: Path) -> None:
@@ -143,6 +153,35 @@ def test_a_cancel_that_meets_the_answer_ends_the_call_cancelled() -> None:
     assert 0 in asyncio.run(scenario())  # a cancel right after the answer was accepted
 
 
+def test_the_device_websocket_is_never_compressed() -> None:
+    """A server that accepts permessage-deflate (aiohttp's does by default) gets none: the
+    weights in blob chunks do not deflate, so compressing them only burns CPU."""
+
+    async def scenario() -> tuple[int, int]:
+        server = socketio.AsyncServer(async_mode="aiohttp")
+        app = web.Application()
+        server.attach(app)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        assert site._server is not None
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        sio, other = device_client(), socketio.AsyncClient(websocket_extra_options={"compress": 15})
+        try:
+            await sio.connect(f"http://127.0.0.1:{port}", transports=["websocket"])
+            await other.connect(f"http://127.0.0.1:{port}", transports=["websocket"])
+            return sio.eio.ws.compress, other.eio.ws.compress
+        finally:
+            await sio.disconnect()
+            await other.disconnect()
+            await runner.cleanup()
+
+    device, offered = asyncio.run(scenario())
+    assert offered > 0  # the server would have compressed a connection that asked
+    assert device == 0
+
+
 def test_a_connection_task_that_loses_its_cancel_still_lets_the_device_stop(
     tmp_path: Path,
 ) -> None:
@@ -213,7 +252,7 @@ def test_a_taken_port_fails_before_anything_is_written(tmp_path: Path) -> None:
 def test_the_docs_state_these_limits() -> None:
     protocol = (REPO_ROOT / "docs" / "protocol.md").read_text(encoding="utf-8")
     security = (REPO_ROOT / "docs" / "security.md").read_text(encoding="utf-8")
-    server_limit = f"{message_limit(DEFAULT_CHUNK_BYTES):,} bytes"
+    server_limit = f"{message_limit(REFERENCE_CHUNK_BYTES):,} bytes"
     device_limit = f"{DEVICE_MAX_MESSAGE_BYTES // MiB} MiB"
     for text in (protocol, security):
         assert server_limit in text and device_limit in text

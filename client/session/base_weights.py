@@ -34,7 +34,6 @@ from typing import Final
 from client.errors import FedtrayError
 from client.global_store import GlobalStore, GlobalWeights
 from client.protocol import (
-    DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_BLOB_BYTES,
     BlobChunk,
     BlobProgress,
@@ -44,8 +43,8 @@ from client.protocol import (
 )
 from client.session.expected_layout import Expected
 from client.session.hub import SnapshotHub
-from client.transfer import BlobStore
-from client.weights import WeightsError, decode, encode
+from client.transfer import REFERENCE_CHUNK_BYTES, BlobStore
+from client.weights import WeightsError, decode, decode_views, encode
 from client.workfiles import WorkDir
 
 __all__ = ["CLIENT_MAX_CHUNK_BYTES", "BaseWeights"]
@@ -53,7 +52,7 @@ __all__ = ["CLIENT_MAX_CHUNK_BYTES", "BaseWeights"]
 log = logging.getLogger(__name__)
 
 #: Largest blob chunk this device accepts from a server (advertised at registration).
-CLIENT_MAX_CHUNK_BYTES: Final = DEFAULT_CHUNK_BYTES
+CLIENT_MAX_CHUNK_BYTES: Final = REFERENCE_CHUNK_BYTES
 SERVER_PEER: Final = "server"
 
 
@@ -137,13 +136,13 @@ class BaseWeights:
         does not fit the expected layout.
         """
         expected = self._expected(message)
-        state = decode(
-            data,
-            "json" if fmt == "json" else "safetensors",
-            expected=expected[0] if expected is not None else None,
-        )
+        layout = expected[0] if expected is not None else None
         digest: str | None = message.weights.sha256
-        if fmt != "safetensors":
+        if fmt == "safetensors":
+            # Every check of decode(), without copying the tensors out (stored as received).
+            decode_views(data, expected=layout)
+        else:
+            state = decode(data, "json", expected=layout)
             data = encode(state, "safetensors")  # the trainer reads safetensors only
             digest = None
         try:

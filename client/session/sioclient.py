@@ -9,6 +9,10 @@ connection uses (no automatic reconnection: the link reconnects itself). It prom
   oversized one up to that size, reaches the handlers and is answered (an oversized
   ``blob:chunk`` with ``chunk_too_large``). A message over the limit is cut by the
   transport, which closes the connection; the link then reconnects with its backoff.
+* The WebSocket never negotiates ``permessage-deflate`` (``compress: 0`` is passed to
+  aiohttp's ``ws_connect`` explicitly, so no server can turn it on): the large messages
+  are blob chunks of float weights, which deflate cannot shrink, and compressing them
+  would cost both peers a pass over every byte.
 * A message the Socket.IO packet decoder refuses (a ``ValueError``: an unknown packet
   type, broken JSON, an unexpected binary attachment -- seen while a server stops) is
   counted in :attr:`DeviceSocketClient.malformed_packets`, logged as one warning line
@@ -96,7 +100,7 @@ def device_client(http_session: aiohttp.ClientSession | None = None) -> DeviceSo
     """A client for one connection: no auto-reconnect, the device's message limit."""
     options: dict[str, Any] = {
         "reconnection": False,
-        "websocket_extra_options": {"max_msg_size": DEVICE_MAX_MESSAGE_BYTES},
+        "websocket_extra_options": {"max_msg_size": DEVICE_MAX_MESSAGE_BYTES, "compress": 0},
     }
     if http_session is not None:
         options["http_session"] = http_session
