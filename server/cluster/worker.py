@@ -1,0 +1,541 @@
+"""One worker process of the multi-process server (``python -m server.cluster.worker``).
+
+Contract: :class:`ClusterWorker` holds Socket.IO connections on the shared port (bound with
+``SO_REUSEPORT``: the kernel spreads connections over the workers of a machine), with the
+same message limits as the single-process server and a
+``socketio.AsyncRedisManager`` so emits and rooms are shared; it reuses the device handlers
+(:class:`server.handlers.DeviceNamespace`) over a LOCAL registry of its own connections and
+the cluster round service (:class:`server.cluster.service.ClusterRounds`). Each registry
+transition of a device is mirrored to Redis (:class:`~server.cluster.contracts.Presence`;
+the latest state of a device is written, one writer, retried while Redis is down; a
+heartbeat refreshes its expiring key, so presence comes back by itself after Redis
+restarts). The worker is a candidate for the coordinator lock every ``lock_retry`` seconds;
+the holder runs :class:`server.cluster.coordinator.ClusterCoordinator` in-process (a
+killed holder's PostgreSQL connection ends and another worker takes over). Routes:
+``GET /healthz`` and ``GET /api/status`` (the cluster status: worker id, devices here,
+eligible devices of the fleet, the round, the version, whether it coordinates).
+
+:meth:`ClusterWorker.start` opens the engines, starts the lock candidate, waits for the
+first version of the global model (made by whichever worker coordinates), then listens; it
+raises :class:`server.app.StartupError` (one line) when it cannot. Cluster mode trains an
+installed task with FedAvg or FedProx; a task package, another strategy or federated
+evaluation is refused at start. :meth:`ClusterWorker.stop` is bounded in time.
+Never unpickles or executes anything received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import socketio
+from aiohttp import web
+
+from client.errors import FedtrayError
+from client.logsetup import LogLevelError, add_secret, setup_logging
+from client.protocol import Heartbeat, OkAck, TrainingProgress, events as ev
+from client.tasks import Task, get_task
+from client.transfer import BlobStore
+from server.app import StartupError
+from server.auth import TokenChecker, TokenFileError
+from server.background import Background
+from server.cluster.contracts import (
+    ClusterDB,
+    ClusterError,
+    CoordinatorLock,
+    DeviceSeen,
+    Presence,
+    SharedBlobs,
+)
+from server.cluster.service import ClusterRounds
+from server.config import ConfigError, ServerConfig
+from server.distribution import Distributor
+from server.globalmodel import GlobalModel
+from server.handlers import DeviceNamespace, handles
+from server.registry import Registry
+from server.starter import RoundStarter, training_config
+from server.store import Store
+from server.tls import TLSConfigError, server_ssl_context
+
+__all__ = ["ClusterSettings", "ClusterWorker", "main"]
+
+log = logging.getLogger(__name__)
+
+#: Strategies whose server side is a sample-weighted mean (foldable into partial sums).
+CLUSTER_STRATEGIES = frozenset({"fedavg", "fedprox"})
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """Where the shared engines are, and who this worker is."""
+
+    redis_url: str
+    database_url: str
+    worker_id: str
+    #: A shared directory for blobs (one machine); None: PostgreSQL large objects.
+    shared_dir: Path | None = None
+    lock_retry: float = 1.0
+    alive_every: float = 2.0
+    poll: float = 1.0
+
+
+@dataclass
+class Engines:
+    db: ClusterDB
+    blobs: SharedBlobs
+    presence: Presence
+    lock: CoordinatorLock
+    closers: list[Any]
+
+
+async def open_engines(settings: ClusterSettings) -> Engines:
+    """The real engines (server.cluster.db/blobs/presence/lock); raises ClusterError."""
+    from server.cluster import blobs, db, lock, presence
+
+    database = await db.connect(settings.database_url)
+    shared = (
+        blobs.DirectoryBlobs(settings.shared_dir)
+        if settings.shared_dir is not None
+        else blobs.LargeObjectBlobs(database)
+    )
+    here = presence.RedisPresence(settings.redis_url, settings.worker_id)
+    held = lock.AdvisoryLock(settings.database_url)
+    return Engines(database, shared, here, held, [held, here, database])
+
+
+class ClusterNamespace(DeviceNamespace):
+    """The device handlers, mirroring presence after heartbeats and progress too."""
+
+    def __init__(self, *, mirror: Any, **kwargs: Any) -> None:
+        self._mirror = mirror
+        super().__init__(**kwargs)
+
+    @handles(ev.HEARTBEAT)
+    async def on_device_heartbeat(self, sid: str, hb: Heartbeat) -> OkAck:
+        ack = await super().on_device_heartbeat(sid, hb)
+        self._mirror(self._record(sid).device_id)
+        return ack
+
+    @handles(ev.TRAINING_PROGRESS)
+    async def on_training_progress(self, sid: str, progress: TrainingProgress) -> None:
+        await super().on_training_progress(sid, progress)
+        self._mirror(self._record(sid).device_id)
+
+
+class ClusterWorker:
+    """One worker process (see the module docstring)."""
+
+    def __init__(self, config: ServerConfig, settings: ClusterSettings) -> None:
+        self.config = config
+        self.settings = settings
+        self.sio = socketio.AsyncServer(
+            async_mode="aiohttp",
+            client_manager=socketio.AsyncRedisManager(settings.redis_url),
+            max_http_buffer_size=config.max_message_bytes,
+            logger=False,
+            engineio_logger=False,
+        )
+        self.app = web.Application()
+        self.sio.attach(self.app)
+        self.app.router.add_get("/api/status", self._http_status)
+        self.app.router.add_get("/healthz", self._http_health)
+        self.registry = Registry(config.stale_after)
+        self.work_dir = config.state_dir / f"worker-{settings.worker_id}"
+        limits = config.limits
+        self.blobs = BlobStore(
+            max_chunk_bytes=limits.max_chunk_bytes,
+            max_blob_bytes=limits.max_blob_bytes,
+            ttl_sec=config.blob_ttl,
+            spill_dir=self.work_dir / "blobs",
+        )
+        self.auth = TokenChecker(config.tokens)
+        self.model = GlobalModel(Store(self.work_dir), config.task)
+        self.background = Background()
+        self.distributor = Distributor(self.sio, config, self.registry, self.model, self.background)
+        self.port = 0
+        self.engines: Engines | None = None
+        self.rounds: ClusterRounds | None = None
+        self._dirty: set[str] = set()
+        self._dirty_event = asyncio.Event()
+        self._loops: list[asyncio.Task[Any]] = []
+        self._runner: web.AppRunner | None = None
+        self._coordinating = False
+
+    # ================================================================== lifecycle
+
+    def _check_mode(self) -> Task:
+        cfg = self.config
+        if cfg.task_file is not None:
+            raise StartupError("task packages (--task-file) are not supported in cluster mode yet")
+        if cfg.strategy.name not in CLUSTER_STRATEGIES:
+            raise StartupError(
+                f"--strategy {cfg.strategy.name} is not supported in cluster mode "
+                f"(only {', '.join(sorted(CLUSTER_STRATEGIES))})"
+            )
+        if cfg.strategy.clip_norm is not None:
+            raise StartupError("--clip-norm is not supported in cluster mode yet")
+        if cfg.evaluate_every:
+            raise StartupError("federated evaluation (--evaluate-every) is off in cluster mode")
+        try:
+            task = get_task(cfg.task, cfg.model_params)
+            training_config(task, cfg, 0)
+        except FedtrayError as exc:
+            raise StartupError(f"task {cfg.task!r}: {exc.message}") from None
+        except ValueError as exc:
+            raise StartupError(f"training settings for task {cfg.task!r}: {exc}") from None
+        return task
+
+    async def start(self, version_timeout: float = 300.0) -> int:
+        """Open the engines, wait for the first version, listen; the bound port."""
+        cfg = self.config
+        task = self._check_mode()
+        ssl_context = None
+        if cfg.certfile is not None and cfg.keyfile is not None:
+            try:
+                ssl_context = server_ssl_context(cfg.certfile, cfg.keyfile)
+            except TLSConfigError as exc:
+                raise StartupError(str(exc)) from None
+        sock = self._bind()
+        try:
+            try:
+                self.engines = await open_engines(self.settings)
+            except ClusterError as exc:
+                raise StartupError(str(exc)) from None
+            engines = self.engines
+            self.distributor.describe_model(dict(task.params), None)
+            self.rounds = ClusterRounds(
+                worker_id=self.settings.worker_id,
+                config=cfg,
+                task=task,
+                registry=self.registry,
+                model=self.model,
+                blobs=self.blobs,
+                distributor=self.distributor,
+                starter=RoundStarter(self.sio, cfg, self.registry, self.distributor),
+                background=self.background,
+                db=engines.db,
+                shared=engines.blobs,
+                work_dir=self.work_dir,
+                mirror=self.mirror,
+                poll=self.settings.poll,
+            )
+            self.sio.register_namespace(
+                ClusterNamespace(
+                    mirror=self.mirror,
+                    config=cfg,
+                    auth=self.auth,
+                    registry=self.registry,
+                    blobs=self.blobs,
+                    coordinator=self.rounds,
+                    distributor=self.distributor,
+                    background=self.background,
+                )
+            )
+            self._loops.append(asyncio.create_task(self._candidate(task), name="lock-candidate"))
+            await self._first_version(version_timeout)
+            self._set_transfer_budget()
+            await self._listen(sock, ssl_context)
+        except BaseException:
+            sock.close()
+            raise
+        self._loops += [
+            asyncio.create_task(self.rounds.run(), name="round-agent"),
+            asyncio.create_task(self._notifications(), name="notifications"),
+            asyncio.create_task(self._presence_writer(), name="presence"),
+            asyncio.create_task(self._alive(), name="alive"),
+            asyncio.create_task(self._housekeeping(), name="housekeeping"),
+        ]
+        log.info(
+            "worker %s serving task %s on port %d (pid %d)",
+            self.settings.worker_id,
+            cfg.task,
+            self.port,
+            os.getpid(),
+        )
+        return self.port
+
+    async def _first_version(self, timeout: float) -> None:
+        assert self.rounds is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if await self.rounds.follow_version():
+                    return
+            except ClusterError as exc:
+                log.info("waiting for the first version: %s", exc)
+            if time.monotonic() > deadline:
+                raise StartupError(f"no version of the global model within {timeout:.0f} s")
+            await asyncio.sleep(self.settings.poll / 2)
+
+    def _set_transfer_budget(self) -> None:
+        model_bytes = sum(int(arr.nbytes) for arr in self.model.state.values())
+        budget = self.config.transfer_budget(model_bytes)
+        self.blobs.set_budget(
+            max_peer_bytes=budget.per_device,
+            max_total_bytes=budget.total,
+            max_open_per_peer=budget.open_per_device,
+        )
+
+    def _bind(self) -> socket.socket:
+        """The shared port, bound with SO_REUSEPORT (not yet listening)."""
+        cfg = self.config
+        try:
+            sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {cfg.host}:{cfg.port}: {exc}") from None
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((cfg.host, cfg.port))
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            raise StartupError(f"cannot listen on {cfg.host}:{cfg.port}: {exc}") from None
+        self.port = int(sock.getsockname()[1])
+        return sock
+
+    async def _listen(self, sock: socket.socket, ssl_context: Any) -> None:
+        try:
+            sock.listen(1024)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on port {self.port}: {exc}") from None
+        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=2.0)
+        await self._runner.setup()
+        await web.SockSite(self._runner, sock, ssl_context=ssl_context).start()
+
+    async def stop(self) -> None:
+        """Stop everything, disconnect everyone, release the port and the engines."""
+        await self.background.cancel_all(self._loops, timeout=5)
+        self._loops = []
+        sids = [r.sid for r in self.registry.connected() if r.sid is not None]
+        if sids:
+            await asyncio.wait(
+                [asyncio.ensure_future(self.sio.disconnect(sid)) for sid in sids], timeout=5
+            )
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.sio.shutdown(), 5)
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self.engines is not None:
+            for closer in self.engines.closers:
+                close = getattr(closer, "close", None)
+                if close is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(close(), 5)
+        log.info("worker %s stopped", self.settings.worker_id)
+
+    # ================================================================== loops
+
+    def mirror(self, device_id: str) -> None:
+        """Write the device's presence soon (the latest state wins)."""
+        self._dirty.add(device_id)
+        self._dirty_event.set()
+
+    async def _presence_writer(self) -> None:
+        assert self.engines is not None
+        presence = self.engines.presence
+        failing = False
+        while True:
+            await self._dirty_event.wait()
+            self._dirty_event.clear()
+            batch, self._dirty = self._dirty, set()
+            now = time.monotonic()
+            try:
+                for device_id in list(batch):
+                    record = self.registry.get(device_id)
+                    if record is None or record.sid is None:
+                        await presence.device_gone(device_id)
+                    else:
+                        eligible = (
+                            self.registry.ineligibility(record, self.config.task, now) is None
+                        )
+                        await presence.device_seen(
+                            DeviceSeen(device_id, eligible, record.weights_version)
+                        )
+                    batch.discard(device_id)
+                if failing:
+                    log.info("presence written to Redis again")
+                    failing = False
+            except ClusterError as exc:
+                if not failing:
+                    log.warning("cannot write presence: %s; retrying", exc)
+                    failing = True
+                self._dirty |= batch
+                self._dirty_event.set()
+                await asyncio.sleep(self.settings.poll)
+
+    async def _alive(self) -> None:
+        assert self.engines is not None
+        while True:
+            with contextlib.suppress(ClusterError):
+                await self.engines.presence.worker_alive()
+            await asyncio.sleep(self.settings.alive_every)
+
+    async def _notifications(self) -> None:
+        assert self.engines is not None and self.rounds is not None
+        while True:
+            try:
+                async for _payload in self.engines.db.notifications():
+                    self.rounds.wake()
+            except ClusterError as exc:
+                log.warning("notifications: %s; the agent polls meanwhile", exc)
+            await asyncio.sleep(self.settings.poll)
+
+    async def _candidate(self, task: Task) -> None:
+        """Try the coordinator lock every ``lock_retry`` s; run the coordinator when held."""
+        assert self.engines is not None
+        from server.cluster.coordinator import ClusterCoordinator
+
+        engines = self.engines
+        while True:
+            try:
+                if await engines.lock.try_acquire():
+                    log.info("worker %s holds the coordinator lock", self.settings.worker_id)
+                    self._coordinating = True
+                    coordinator = ClusterCoordinator(
+                        config=self.config,
+                        task=task,
+                        db=engines.db,
+                        blobs=engines.blobs,
+                        presence=engines.presence,
+                        lock=engines.lock,
+                    )
+                    await coordinator.run()
+                    log.info("the coordinator finished its rounds")
+                    return
+            except ClusterError as exc:
+                log.warning("coordinator lock: %s; retrying", exc)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("the coordinator failed; giving up the lock")
+            finally:
+                if self._coordinating:
+                    self._coordinating = False
+                    with contextlib.suppress(Exception):
+                        await engines.lock.release()
+            await asyncio.sleep(self.settings.lock_retry)
+
+    async def _housekeeping(self) -> None:
+        period = min(60.0, self.config.blob_ttl / 2)
+        while True:
+            await asyncio.sleep(period)
+            self.blobs.expire(time.monotonic())
+
+    # ================================================================== HTTP
+
+    async def _http_health(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def _http_status(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.status())
+
+    async def status(self) -> dict[str, Any]:
+        """The cluster status (what ``GET /api/status`` returns)."""
+        eligible: int | None = None
+        if self.engines is not None:
+            with contextlib.suppress(ClusterError):
+                eligible = await self.engines.presence.eligible_count()
+        row = self.rounds.round if self.rounds is not None else None
+        return {
+            "mode": "cluster",
+            "workerId": self.settings.worker_id,
+            "pid": os.getpid(),
+            "task": self.config.task,
+            "coordinator": self._coordinating,
+            "devicesHere": len(self.registry.connected()),
+            "eligibleFleet": eligible,
+            "globalVersion": self.model.version,
+            "round": None
+            if row is None
+            else {
+                "roundId": row.round_id,
+                "number": row.number,
+                "state": row.state,
+                "baseVersion": row.base_version,
+                "deadline": row.deadline,
+            },
+        }
+
+
+# ====================================================================== command line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m server.cluster.worker --worker-id ID [fedtray-server flags]``."""
+    from server.cli import PROG, build_parser, config_from_args
+
+    parser = build_parser()
+    parser.add_argument("--worker-id", required=True, help="this worker's id (unique)")
+    try:
+        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    if not args.redis or not args.database:
+        sys.stderr.write(f"{PROG}: error: a worker needs --redis and --database\n")
+        return 2
+    try:
+        config = config_from_args(args)
+    except (ConfigError, TokenFileError, LogLevelError) as exc:
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        return 2
+    for token in config.tokens:
+        add_secret(token)
+    setup_logging(config.log_level, app=f"{PROG}-{args.worker_id}")
+    settings = ClusterSettings(
+        redis_url=args.redis,
+        database_url=args.database,
+        worker_id=args.worker_id,
+        shared_dir=args.shared_dir,
+    )
+    try:
+        return asyncio.run(_serve(config, settings))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def _serve(config: ServerConfig, settings: ClusterSettings) -> int:
+    from server.cli import LISTENING_PREFIX, PROG
+
+    worker = ClusterWorker(config, settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.create_task(worker.start())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        with contextlib.suppress(BaseException):
+            await starting
+        await worker.stop()
+        return 0
+    stopping.cancel()
+    try:
+        port = starting.result()
+    except StartupError as exc:
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        await worker.stop()
+        return 1
+    print(f"{LISTENING_PREFIX}{config.scheme}://{config.host}:{port}", flush=True)
+    await stop.wait()
+    log.info("stopping on signal")
+    await worker.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
