@@ -15,6 +15,8 @@
   Python process it starts carries tests/torchguard on ``PYTHONPATH``, which records any
   ``import torch`` there; such a test fails, naming the process, and should be marked slow.
   (A child started with a ``PYTHONPATH`` of its own is not watched.)
+* tests/engines.py's fixtures (``redis_url``, ``postgres_url``, ...: real servers, started on
+  first use) are available to every test.
 """
 
 from __future__ import annotations
@@ -25,6 +27,14 @@ from pathlib import Path
 
 import pytest
 
+# The real Redis and PostgreSQL fixtures (cluster tests), registered by import.
+from tests.engines import (  # noqa: F401
+    postgres_server,
+    postgres_url,
+    private_redis,
+    redis_server,
+    redis_url,
+)
 from tests.waiting import SCALE_ENV, scaled, time_scale
 
 TORCH_GUARD_DIR_ENV = "FEDTRAY_TORCH_GUARD_DIR"
