@@ -124,8 +124,6 @@ class _Folding:
 
     round_id: str
     partial: PartialSum
-    device_ids: list[str]
-    total_samples: int = 0
     written: bool = False
 
 
@@ -352,9 +350,9 @@ class ClusterRounds:
                     raise FedtrayError("round_closed", f"round {row.round_id} is closed") from None
                 raise _unsaved() from None
             if new:
-                await asyncio.to_thread(folding.partial.add, update, sub.num_samples)
-                folding.device_ids.append(record.device_id)
-                folding.total_samples += sub.num_samples
+                await asyncio.to_thread(
+                    folding.partial.add, record.device_id, update, sub.num_samples
+                )
             else:
                 with contextlib.suppress(ClusterError):
                     await self._shared.delete(key)  # the first copy is the one recorded
@@ -363,7 +361,7 @@ class ClusterRounds:
     def _folding_for(self, round_id: str) -> _Folding:
         folding = self._folding
         if folding is None or folding.round_id != round_id:
-            folding = _Folding(round_id, PartialSum(), [])
+            folding = _Folding(round_id, PartialSum(self._model.layout))
             self._folding = folding
         return folding
 
@@ -484,7 +482,8 @@ class ClusterRounds:
             folding = self._folding
             if folding is None or folding.round_id != round_id or folding.written:
                 return
-            if not folding.device_ids:
+            partial = folding.partial
+            if not partial.count:
                 folding.written = True
                 return
             data = await asyncio.to_thread(folding.partial.to_bytes)
@@ -494,8 +493,8 @@ class ClusterRounds:
                 PartialRow(
                     round_id=round_id,
                     worker_id=self.worker_id,
-                    device_ids=tuple(folding.device_ids),
-                    total_samples=folding.total_samples,
+                    device_ids=partial.device_ids,
+                    total_samples=partial.total_samples,
                     blob_key=key,
                     sha256=sha,
                 )
@@ -504,8 +503,8 @@ class ClusterRounds:
             log.info(
                 "round %s: partial sum of %d updates (%d samples) written",
                 round_id,
-                len(folding.device_ids),
-                folding.total_samples,
+                partial.count,
+                partial.total_samples,
             )
 
     # ============================================================ versions

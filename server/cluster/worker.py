@@ -122,9 +122,9 @@ class ClusterNamespace(DeviceNamespace):
 
     @handles(ev.HEARTBEAT)
     async def on_device_heartbeat(self, sid: str, hb: Heartbeat) -> OkAck:
-        ack = await super().on_device_heartbeat(sid, hb)
+        await super().on_device_heartbeat(sid, hb)
         self._mirror(self._record(sid).device_id)
-        return ack
+        return OkAck()
 
     @handles(ev.TRAINING_PROGRESS)
     async def on_training_progress(self, sid: str, progress: TrainingProgress) -> None:
