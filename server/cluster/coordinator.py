@@ -1,0 +1,521 @@
+"""The cluster's round coordinator: run only by the process holding the CoordinatorLock.
+
+Contract: :class:`ClusterCoordinator` drives the federation's rounds through the shared
+engines (:mod:`server.cluster.contracts`) and keeps no state of its own that matters:
+everything it decides is written to :class:`ClusterDB` first, so a coordinator that starts
+-- or takes over after the previous lock holder died -- reads the round that is ``open``
+or ``closing`` and goes on with it under the SAME round id.
+
+* :meth:`run` first makes sure version 0 exists (the task's initial weights, encoded as
+  safetensors, put in :class:`SharedBlobs`, then ``create_version_zero``; the weights
+  are computed only when no version exists). Then, until ``config.rounds`` versions
+  after 0 exist (0: forever), one round at a time:
+* **waiting** -- polls ``Presence.eligible_count()`` every ``poll_interval`` until it
+  reaches ``min_clients``, logging why it waits (when that changes, and at least every
+  ``wait_log_interval``);
+* **open** -- selects up to ``clients_per_round`` of ``eligible_devices()`` (sorted by
+  device id) with :func:`server.rounds.select_devices` and one ``random.Random(seed)``
+  kept for the coordinator's life, so selection is reproducible with the seed;
+  ``open_round`` with parts ``0..n-1`` of ``n`` in selection order,
+  ``config.required_reports(n)`` and a wall-clock deadline ``round_timeout`` away;
+* **training** -- polls ``updates()``/``assignments()`` until every selected device has
+  settled (reported, refused, failed or dropped) or too few can still report, or the
+  deadline. A working device absent from Presence for ``config.stale_after`` is marked
+  ``dropped`` (its worker died and it did not come back elsewhere);
+* a round with fewer reports than required is set ``abandoned`` and the next attempt
+  (a new round id) opens after ``config.effective_retry_delay``;
+* **closing** -- the round is set ``closing`` (no update is recorded after that), and the
+  coordinator waits up to ``partial_wait`` seconds for a partial sum from each LIVE worker
+  that received updates. It merges every valid partial (its devices reported, each device
+  covered once, its totals matching the update rows, its blob verified and read back with
+  :meth:`PartialSum.from_bytes`) and folds every update no partial covers (a dead or slow
+  worker's) itself from shared storage; so each recorded update is counted exactly once.
+  The mean (:mod:`server.cluster.partial`, FedAvg in the model's dtypes) is encoded as
+  safetensors, put in shared storage, and ``publish_version`` records it with the round
+  id and ``trainLoss``, the sample-weighted mean of the updates' reported losses.
+
+Only FedAvg and FedProx (whose server side is FedAvg) run in a cluster, without
+``--clip-norm``: the constructor raises :class:`server.config.ConfigError` for anything
+else. An engine failure (:class:`ClusterError`) while a round runs is logged and retried
+after ``poll_interval``; the round is then read back from the database. An update whose
+blob cannot be read back (missing, or failing its SHA-256 or the layout) is left out of the
+mean with an error naming the device; a round left with no readable update is abandoned.
+Memory: one float64 copy of the model (the running sum) plus the blob being read.
+Cancelling :meth:`run` (the lock was lost) is safe at any await. Blocking work (folding,
+encoding, the initial weights) runs in threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import logging
+import math
+import mmap
+import random
+import secrets
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+
+from client.weights import Layout, StateDict, WeightsError, decode_views, encode, layout_of
+from server.aggregation import weighted_mean
+from server.cluster.contracts import (
+    Assignment,
+    ClusterDB,
+    ClusterError,
+    PartialRow,
+    Presence,
+    RoundRow,
+    SharedBlobs,
+    UpdateRow,
+    VersionRow,
+)
+from server.cluster.partial import PartialSum
+from server.config import ConfigError, ServerConfig
+from server.rounds import select_devices
+
+__all__ = ["CLUSTER_STRATEGIES", "ClusterCoordinator", "Progress", "progress_of"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: The strategies a cluster runs (their server side is FedAvg's sum of partial sums).
+CLUSTER_STRATEGIES = ("fedavg", "fedprox")
+WORKING = frozenset({"assigned", "started"})
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where an open round stands (pure: from its rows)."""
+
+    reported: frozenset[str]
+    working: frozenset[str]
+    selected: int
+    required: int
+
+    @property
+    def settled(self) -> bool:
+        return not self.working
+
+    @property
+    def succeeded(self) -> bool:
+        return len(self.reported) >= self.required
+
+    @property
+    def can_still_succeed(self) -> bool:
+        return len(self.reported) + len(self.working) >= self.required
+
+    @property
+    def done(self) -> bool:
+        """No reason to wait longer (the deadline aside)."""
+        return self.settled or not self.can_still_succeed
+
+
+def progress_of(row: RoundRow, assignments: list[Assignment], updates: list[UpdateRow]) -> Progress:
+    """A round's progress: an update row counts as a report whatever its assignment says."""
+    assigned = {a.device_id for a in assignments}
+    reported = {u.device_id for u in updates if u.device_id in assigned}
+    reported |= {a.device_id for a in assignments if a.state == "reported"}
+    working = {a.device_id for a in assignments if a.state in WORKING} - reported
+    return Progress(frozenset(reported), frozenset(working), len(assigned), row.required)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class ClusterCoordinator:
+    """Runs the rounds of one federation from the shared engines (see the module doc)."""
+
+    def __init__(
+        self,
+        *,
+        config: ServerConfig,
+        db: ClusterDB,
+        presence: Presence,
+        blobs: SharedBlobs,
+        layout: Layout,
+        initial_weights: Callable[[], StateDict],
+        work_dir: Path,
+        poll_interval: float = 0.5,
+        partial_wait: float = 5.0,
+    ) -> None:
+        strategy = config.strategy
+        if strategy.name not in CLUSTER_STRATEGIES:
+            raise ConfigError(
+                f"--strategy {strategy.name} is not available with --workers: a cluster "
+                f"runs {' or '.join(CLUSTER_STRATEGIES)} (partial sums of FedAvg)"
+            )
+        if strategy.clip_norm is not None:
+            raise ConfigError("--clip-norm is not available with --workers")
+        if not layout:
+            raise ValueError("the model layout is empty")
+        self._config = config
+        self._db = db
+        self._presence = presence
+        self._blobs = blobs
+        self._layout = dict(layout)
+        self._initial_weights = initial_weights
+        self._work_dir = work_dir
+        self._poll = poll_interval
+        self._partial_wait = partial_wait
+        self._rng = random.Random(config.seed)
+        # Tells this coordinator's round ids from a previous holder's.
+        self._tag = secrets.token_hex(4)
+        self._attempts: dict[int, int] = {}
+        model_bytes = sum(math.prod(spec.shape) * _itemsize(spec.dtype) for spec in layout.values())
+        self._max_update_bytes = config.transfer_budget(model_bytes).update_bytes
+
+    # ============================================================ the loop
+
+    async def run(self) -> None:
+        """Version 0, then rounds until ``config.rounds`` are complete (forever with 0)."""
+        await self._retrying(self.ensure_version_zero)
+        while True:
+            latest = await self._retrying(self._db.latest_version)
+            assert latest is not None  # ensure_version_zero recorded one
+            current = await self._retrying(self._db.current_round)
+            if current is None:
+                if self._config.rounds and latest.version >= self._config.rounds:
+                    log.info(
+                        "all %d rounds are complete (version %d); the federation is finished",
+                        self._config.rounds,
+                        latest.version,
+                    )
+                    return
+                current = await self._open_next(latest)
+            else:
+                log.info(
+                    "round %d (%s) is %s: going on with it",
+                    current.number,
+                    current.round_id,
+                    current.state,
+                )
+            if not await self._retrying(functools.partial(self._drive, current)):
+                await asyncio.sleep(self._config.effective_retry_delay)
+
+    async def _retrying(self, step: Callable[[], Awaitable[T]]) -> T:
+        """``step()``, retried after ``poll_interval`` while an engine fails."""
+        while True:
+            try:
+                return await step()
+            except ClusterError as exc:
+                log.error("coordinator: %s; retrying", exc)
+                await asyncio.sleep(max(self._poll, 0.01))
+
+    async def ensure_version_zero(self) -> VersionRow:
+        """The latest version, creating version 0 from the initial weights if none."""
+        latest = await self._db.latest_version()
+        if latest is not None:
+            return latest
+        state = await asyncio.to_thread(self._initial_weights)
+        got = layout_of(state)
+        if got != self._layout:
+            raise ValueError("the initial weights do not have the model's layout")
+        data = await asyncio.to_thread(encode, state, "safetensors")
+        sha = _sha256(data)
+        key = await self._blobs.put_bytes(data, sha)
+        mine = VersionRow(
+            version=0, blob_key=key, sha256=sha, size=len(data), round_id=None,
+            created_at=time.time(),
+        )  # fmt: skip
+        row = await self._db.create_version_zero(mine)
+        if row.blob_key != key:
+            await self._blobs.delete(key)  # another coordinator's version 0 was first
+        log.info("version 0 is %s (%d bytes)", row.sha256[:12], row.size)
+        return row
+
+    async def _open_next(self, latest: VersionRow) -> RoundRow:
+        cfg = self._config
+        number = latest.version + 1
+        chosen = await self._wait_and_select(number)
+        attempt = self._attempts.get(number, 0) + 1
+        self._attempts = {number: attempt}
+        now = time.time()
+        row = RoundRow(
+            round_id=f"r{number}-{attempt}-{self._tag}",
+            number=number,
+            attempt=attempt,
+            base_version=latest.version,
+            state="open",
+            required=cfg.required_reports(len(chosen)),
+            deadline=now + cfg.round_timeout,
+            opened_at=now,
+        )
+        parts = [
+            Assignment(row.round_id, device_id, index=i, count=len(chosen))
+            for i, device_id in enumerate(chosen)
+        ]
+        await self._retrying(lambda: self._db.open_round(row, parts))
+        log.info(
+            "round %d started (%s): %d selected [%s], %d reports needed, deadline in %.0f s",
+            number,
+            row.round_id,
+            len(chosen),
+            ", ".join(chosen),
+            row.required,
+            cfg.round_timeout,
+        )
+        return row
+
+    async def _wait_and_select(self, number: int) -> list[str]:
+        """Devices for round ``number`` once enough are eligible; logs why it waits."""
+        cfg = self._config
+        last_reason: str | None = None
+        last_logged = 0.0
+        while True:
+            try:
+                count = await self._presence.eligible_count()
+                if count >= cfg.min_clients:
+                    eligible = await self._presence.eligible_devices()
+                    if len(eligible) >= cfg.min_clients:
+                        ids = [device_id for device_id, _ in eligible]
+                        return select_devices(ids, cfg.clients_per_round, self._rng)
+                    count = len(eligible)
+                workers = len(await self._presence.live_workers())
+                reason = (
+                    f"{count} of {cfg.min_clients} eligible devices "
+                    f"({workers} live worker{'s' if workers != 1 else ''})"
+                )
+            except ClusterError as exc:
+                reason = f"presence unavailable: {exc}"
+            now = time.monotonic()
+            if reason != last_reason or now - last_logged >= cfg.wait_log_interval:
+                log.info("round %d waiting: %s", number, reason)
+                last_reason, last_logged = reason, now
+            await asyncio.sleep(self._poll)
+
+    # ============================================================ one round
+
+    async def _drive(self, row: RoundRow) -> bool:
+        """Take a round from ``open`` (or ``closing``) to its end; True when completed."""
+        if row.state == "open":
+            if not await self._train(row):
+                return False
+            await self._db.set_round_state(row.round_id, "closing")
+        return await self._close(row)
+
+    async def _train(self, row: RoundRow) -> bool:
+        """Wait for reports; True when the round may close with enough of them (else it
+        is abandoned here)."""
+        absent_since: dict[str, float] = {}
+        while True:
+            assignments = await self._db.assignments(row.round_id)
+            updates = await self._db.updates(row.round_id)
+            progress = progress_of(row, assignments, updates)
+            if progress.done or time.time() >= row.deadline:
+                break
+            await self._drop_absent(row, progress.working, absent_since)
+            await asyncio.sleep(max(0.0, min(self._poll, row.deadline - time.time())))
+        if progress.succeeded:
+            return True
+        log.warning(
+            "round %d abandoned (%s): %d of %d reported, %d needed; retrying in %.1f s",
+            row.number,
+            row.round_id,
+            len(progress.reported),
+            progress.selected,
+            row.required,
+            self._config.effective_retry_delay,
+        )
+        await self._db.set_round_state(row.round_id, "abandoned")
+        return False
+
+    async def _drop_absent(
+        self, row: RoundRow, working: frozenset[str], absent_since: dict[str, float]
+    ) -> None:
+        """Mark ``dropped`` a working device gone from Presence for ``stale_after``."""
+        now = time.monotonic()
+        for device_id in sorted(working):
+            if await self._presence.worker_of(device_id) is not None:
+                absent_since.pop(device_id, None)
+                continue
+            since = absent_since.setdefault(device_id, now)
+            if now - since >= self._config.stale_after:
+                log.info("round %s: slot of %s freed (gone)", row.round_id, device_id)
+                await self._db.set_assignment(row.round_id, device_id, "dropped", "disconnected")
+                absent_since.pop(device_id, None)
+
+    async def _close(self, row: RoundRow) -> bool:
+        """Combine the closing round's updates and publish its version."""
+        updates = await self._db.updates(row.round_id)
+        partials = await self._await_partials(row, updates)
+        with tempfile.TemporaryDirectory(prefix="fedtray-round-", dir=self._work_dir) as tmp:
+            total = await self._combine(row, updates, partials, Path(tmp))
+        if total is None:
+            log.error("round %d (%s): no update could be read; abandoned", row.number, row.round_id)
+            await self._db.set_round_state(row.round_id, "abandoned")
+            return False
+        counted = [u for u in updates if u.device_id in total]
+        mean = await asyncio.to_thread(total.mean)
+        data = await asyncio.to_thread(encode, mean, "safetensors")
+        del mean, total
+        sha = _sha256(data)
+        key = await self._blobs.put_bytes(data, sha)
+        train_loss = weighted_mean(
+            [(u.metrics["trainLoss"], u.num_samples) for u in counted if "trainLoss" in u.metrics]
+        )
+        version = row.base_version + 1
+        await self._db.publish_version(
+            VersionRow(
+                version=version,
+                blob_key=key,
+                sha256=sha,
+                size=len(data),
+                round_id=row.round_id,
+                created_at=time.time(),
+                metrics={} if train_loss is None else {"trainLoss": train_loss},
+            )
+        )
+        log.info(
+            "round %d (%s): %d reported, train loss %s, %.1f s (version %d)",
+            row.number,
+            row.round_id,
+            len(counted),
+            "n/a" if train_loss is None else f"{train_loss:.4f}",
+            time.time() - row.opened_at,
+            version,
+        )
+        return True
+
+    async def _await_partials(self, row: RoundRow, updates: list[UpdateRow]) -> list[PartialRow]:
+        """The round's partial rows once every live worker that received updates wrote
+        one, or after ``partial_wait`` seconds."""
+        folders = {u.worker_id for u in updates}
+        give_up = time.monotonic() + self._partial_wait
+        while True:
+            partials = await self._db.partials(row.round_id)
+            live = await self._presence.live_workers()
+            pending = (folders & live) - {p.worker_id for p in partials}
+            if not pending or time.monotonic() >= give_up:
+                if pending:
+                    log.warning(
+                        "round %s: no partial sum from %s; folding their updates here",
+                        row.round_id,
+                        ", ".join(sorted(pending)),
+                    )
+                return partials
+            await asyncio.sleep(min(self._poll, max(0.0, give_up - time.monotonic())))
+
+    async def _combine(
+        self, row: RoundRow, updates: list[UpdateRow], partials: list[PartialRow], tmp: Path
+    ) -> PartialSum | None:
+        """Every update counted once: valid partials merged, the rest folded from storage."""
+        by_device = {u.device_id: u for u in updates}
+        total = PartialSum(self._layout)
+        for prow in sorted(partials, key=lambda p: p.worker_id):
+            problem = _partial_problem(prow, by_device, total)
+            if problem is None:
+                try:
+                    part = await self._read_partial(prow, tmp)
+                    if part.device_ids != prow.device_ids:
+                        raise ValueError("its devices differ from its row's")
+                    if part.total_samples != prow.total_samples:
+                        raise ValueError("its total samples differ from its row's")
+                    await asyncio.to_thread(total.merge, part)
+                    continue
+                except (ClusterError, ValueError) as exc:
+                    problem = str(exc)
+            log.warning(
+                "round %s: partial sum of %s not used (%s); folding its updates here",
+                row.round_id,
+                prow.worker_id,
+                problem,
+            )
+        for device_id, update in sorted(by_device.items()):
+            if device_id in total:
+                continue
+            try:
+                await self._fold_update(total, update, tmp)
+            except (ClusterError, ValueError) as exc:
+                log.error(
+                    "round %s: the update of %s cannot be read back (%s); left out",
+                    row.round_id,
+                    device_id,
+                    exc,
+                )
+        return total if total.count else None
+
+    async def _read_partial(self, prow: PartialRow, tmp: Path) -> PartialSum:
+        dest = tmp / f"partial-{secrets.token_hex(6)}"
+        await self._blobs.get_file(prow.blob_key, prow.sha256, dest)
+        try:
+            return await asyncio.to_thread(_load_partial, dest, self._layout)
+        finally:
+            dest.unlink(missing_ok=True)
+
+    async def _fold_update(self, total: PartialSum, update: UpdateRow, tmp: Path) -> None:
+        dest = tmp / f"update-{secrets.token_hex(6)}"
+        await self._blobs.get_file(update.blob_key, update.sha256, dest)
+        try:
+            await asyncio.to_thread(
+                _fold_file, dest, self._layout, self._max_update_bytes, total, update
+            )
+        finally:
+            dest.unlink(missing_ok=True)
+
+
+def _partial_problem(
+    prow: PartialRow, by_device: dict[str, UpdateRow], total: PartialSum
+) -> str | None:
+    """Why a partial row cannot be merged as it stands (None: it can)."""
+    if not prow.device_ids:
+        return "it covers no device"
+    unknown = [d for d in prow.device_ids if d not in by_device]
+    if unknown:
+        return f"{unknown[0]} has no update row"
+    twice = [d for d in prow.device_ids if d in total]
+    if twice or len(set(prow.device_ids)) != len(prow.device_ids):
+        return "a device is covered twice"
+    expected = sum(by_device[d].num_samples for d in prow.device_ids)
+    if prow.total_samples != expected:
+        return f"{prow.total_samples} samples, the updates say {expected}"
+    return None
+
+
+@contextlib.contextmanager
+def _mapped(path: Path) -> Iterator[bytes | mmap.mmap]:
+    with path.open("rb") as fh:
+        if path.stat().st_size == 0:
+            mapped: bytes | mmap.mmap = b""
+        else:
+            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        yield mapped
+    finally:
+        if isinstance(mapped, mmap.mmap):
+            with contextlib.suppress(BufferError):
+                mapped.close()
+
+
+def _load_partial(path: Path, layout: Layout) -> PartialSum:
+    with _mapped(path) as data:
+        return PartialSum.from_bytes(memoryview(data), layout)
+
+
+def _fold_file(
+    path: Path, layout: Layout, max_bytes: int, total: PartialSum, update: UpdateRow
+) -> None:
+    """Fold one stored update (read-only views over its mapped file) into ``total``."""
+    with _mapped(path) as data:
+        try:
+            # Its values were checked at intake; the blob's SHA-256 was verified on get.
+            views = decode_views(data, expected=layout, max_bytes=max_bytes, finite=False)
+        except WeightsError as exc:
+            raise ValueError(f"{exc.code}: {exc.message}") from None
+        try:
+            total.add(update.device_id, views, update.num_samples)
+        finally:
+            del views
+
+
+def _itemsize(dtype: str) -> int:
+    return int(np.dtype(dtype).itemsize)
