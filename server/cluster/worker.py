@@ -46,6 +46,7 @@ from client.logsetup import LogLevelError, add_secret, setup_logging
 from client.protocol import Heartbeat, OkAck, TrainingProgress, events as ev
 from client.tasks import Task, get_task
 from client.transfer import BlobStore
+from client.weights import StateDict, layout_of
 from server.app import StartupError
 from server.auth import TokenChecker, TokenFileError
 from server.background import Background
@@ -57,11 +58,13 @@ from server.cluster.contracts import (
     Presence,
     SharedBlobs,
 )
+from server.cluster.coordinator import ClusterCoordinator
 from server.cluster.service import ClusterRounds
 from server.config import ConfigError, ServerConfig
 from server.distribution import Distributor
 from server.globalmodel import GlobalModel
 from server.handlers import DeviceNamespace, handles
+from server.model import initial_state
 from server.registry import Registry
 from server.starter import RoundStarter, training_config
 from server.store import Store
@@ -98,17 +101,31 @@ class Engines:
     closers: list[Any]
 
 
+async def connect_db(url: str) -> ClusterDB:
+    """The PostgreSQL ClusterDB (server.cluster.db); raises ClusterError."""
+    from server.cluster import db
+
+    return await db.connect(url)
+
+
+def connect_presence(url: str, worker_id: str) -> Presence:
+    """The Redis Presence of ``worker_id`` (server.cluster.presence)."""
+    from server.cluster import presence
+
+    return presence.RedisPresence(url, worker_id)
+
+
 async def open_engines(settings: ClusterSettings) -> Engines:
     """The real engines (server.cluster.db/blobs/presence/lock); raises ClusterError."""
-    from server.cluster import blobs, db, lock, presence
+    from server.cluster import blobs, lock
 
-    database = await db.connect(settings.database_url)
+    database = await connect_db(settings.database_url)
     shared = (
         blobs.DirectoryBlobs(settings.shared_dir)
         if settings.shared_dir is not None
         else blobs.LargeObjectBlobs(database)
     )
-    here = presence.RedisPresence(settings.redis_url, settings.worker_id)
+    here = connect_presence(settings.redis_url, settings.worker_id)
     held = lock.AdvisoryLock(settings.database_url)
     return Engines(database, shared, here, held, [held, here, database])
 
@@ -395,22 +412,13 @@ class ClusterWorker:
     async def _candidate(self, task: Task) -> None:
         """Try the coordinator lock every ``lock_retry`` s; run the coordinator when held."""
         assert self.engines is not None
-        from server.cluster.coordinator import ClusterCoordinator
-
         engines = self.engines
         while True:
             try:
                 if await engines.lock.try_acquire():
                     log.info("worker %s holds the coordinator lock", self.settings.worker_id)
                     self._coordinating = True
-                    coordinator = ClusterCoordinator(
-                        config=self.config,
-                        task=task,
-                        db=engines.db,
-                        blobs=engines.blobs,
-                        presence=engines.presence,
-                        lock=engines.lock,
-                    )
+                    coordinator = await self._coordinator(task)
                     await coordinator.run()
                     log.info("the coordinator finished its rounds")
                     return
@@ -426,6 +434,34 @@ class ClusterWorker:
                     with contextlib.suppress(Exception):
                         await engines.lock.release()
             await asyncio.sleep(self.settings.lock_retry)
+
+    async def _coordinator(self, task: Task) -> ClusterCoordinator:
+        """The coordinator, with the model's layout (built from the task when this worker
+        has no version yet: the first start of a federation)."""
+        assert self.engines is not None
+        cfg = self.config
+
+        def weights() -> StateDict:
+            return initial_state(task, task.params, cfg.seed)
+
+        layout = self.model.layout
+        initial = weights
+        if not layout:
+            fresh = await asyncio.to_thread(weights)
+            layout = layout_of(fresh)
+
+            def initial() -> StateDict:
+                return fresh
+
+        return ClusterCoordinator(
+            config=cfg,
+            db=self.engines.db,
+            presence=self.engines.presence,
+            blobs=self.engines.blobs,
+            layout=layout,
+            initial_weights=initial,
+            work_dir=self.work_dir / "coordinator",
+        )
 
     async def _housekeeping(self) -> None:
         period = min(60.0, self.config.blob_ttl / 2)
