@@ -1,0 +1,531 @@
+"""Rounds, assignments, updates, partial sums and versions in PostgreSQL (asyncpg).
+
+:class:`PgClusterDB` implements :class:`server.cluster.contracts.ClusterDB`; :func:`connect`
+opens it (a pool, the schema created idempotently) or raises
+:class:`~server.cluster.contracts.ClusterError` naming the server when it is unreachable.
+
+Tables (schema component ``cluster``, version :data:`SCHEMA_VERSION`, in ``fedtray_schema``):
+
+* ``fedtray_versions`` -- one row per global version: ``version`` (key), ``blob_key`` and
+  ``sha256`` of its weights in shared storage, ``size``, the ``round_id`` that made it
+  (NULL for version 0), ``created_at`` (Unix s), ``metrics`` (jsonb).
+* ``fedtray_rounds`` -- one row per round attempt: ``round_id`` (key), ``number``,
+  ``attempt``, ``base_version``, ``state`` (open, closing, completed, abandoned),
+  ``required``, ``deadline`` and ``opened_at`` (Unix s). A unique partial index keeps at
+  most ONE round ``open`` or ``closing`` at a time (:meth:`open_round` raises otherwise).
+* ``fedtray_assignments`` -- (``round_id``, ``device_id``) key: the device's part ``idx`` of
+  ``count``, its ``state`` and ``detail``.
+* ``fedtray_updates`` -- (``round_id``, ``device_id``) key: the update a worker received,
+  ``num_samples``, ``worker_id``, ``blob_key``, ``sha256``, ``metrics``, ``received_at``.
+  The key is what makes a report count exactly once.
+* ``fedtray_partials`` -- (``round_id``, ``worker_id``) key: a worker's partial FedAvg sum,
+  the ``device_ids`` it covers, ``total_samples``, ``blob_key``, ``sha256``.
+
+Promises:
+
+* :meth:`PgClusterDB.record_update` is idempotent by (round, device): a duplicate returns
+  False and changes nothing (also once the round has closed, so a device whose ack was
+  lost gets the same answer); a new update is recorded only while the round is ``open``
+  and the device is assigned in it -- the round's row is locked (``FOR SHARE``) in the same
+  transaction, so no update slips in after :meth:`set_round_state` moved it to
+  ``closing``; otherwise ClusterError. Recording marks the assignment ``reported``.
+* A ``reported`` assignment stays reported (:meth:`set_assignment` leaves it).
+* Completed and abandoned rounds never change state again.
+* Every state change that workers act on is followed, in the same transaction, by a
+  notification on channel :data:`CHANNEL` (``round:<id>`` or ``version:<n>``); it is
+  delivered at commit, so a listener that reads after it sees the change.
+* :meth:`PgClusterDB.notifications` re-connects after a lost connection (backing off up to
+  :data:`RECONNECT_MAX_S`); notifications sent while it was away are lost (callers poll).
+  Its queue is bounded (:data:`NOTIFY_QUEUE`); when full the oldest payload is dropped.
+
+Raises: ClusterError (one line) for every engine failure, and for the refusals above.
+Never: stores weights itself (only keys of :mod:`server.cluster.blobs`), or writes a key
+into a row before the caller's ``put`` returned it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import asyncpg
+
+from server.cluster.contracts import (
+    Assignment,
+    AssignmentState,
+    ClusterError,
+    PartialRow,
+    RoundRow,
+    RoundState,
+    UpdateRow,
+    VersionRow,
+)
+from server.cluster.pg import connect_one, create_pool, engine_errors, ensure_schema
+
+__all__ = ["CHANNEL", "SCHEMA_VERSION", "PgClusterDB", "connect"]
+
+#: The LISTEN/NOTIFY channel workers follow.
+CHANNEL = "fedtray_cluster"
+SCHEMA_VERSION = 1
+#: Longest pause between reconnect attempts of :meth:`PgClusterDB.notifications`.
+RECONNECT_MAX_S = 2.0
+#: Payloads held for a slow consumer of :meth:`PgClusterDB.notifications`.
+NOTIFY_QUEUE = 1024
+#: ``application_name`` of the notification stream's connection (pg_stat_activity).
+NOTIFY_APPLICATION = "fedtray-notifications"
+#: How often the notification connection is checked for loss while nothing arrives.
+_LIVENESS_CHECK_S = 1.0
+
+_OPEN_STATES = ("open", "closing")
+_FINAL_STATES = ("completed", "abandoned")
+
+SCHEMA: tuple[str, ...] = (
+    """CREATE TABLE IF NOT EXISTS fedtray_versions (
+        version integer PRIMARY KEY CHECK (version >= 0),
+        blob_key text NOT NULL,
+        sha256 text NOT NULL,
+        size bigint NOT NULL,
+        round_id text,
+        created_at double precision NOT NULL,
+        metrics jsonb NOT NULL DEFAULT '{}')""",
+    """CREATE TABLE IF NOT EXISTS fedtray_rounds (
+        round_id text PRIMARY KEY,
+        number integer NOT NULL,
+        attempt integer NOT NULL,
+        base_version integer NOT NULL,
+        state text NOT NULL
+            CHECK (state IN ('open', 'closing', 'completed', 'abandoned')),
+        required integer NOT NULL,
+        deadline double precision NOT NULL,
+        opened_at double precision NOT NULL)""",
+    """CREATE UNIQUE INDEX IF NOT EXISTS fedtray_one_current_round
+        ON fedtray_rounds ((true)) WHERE state IN ('open', 'closing')""",
+    """CREATE TABLE IF NOT EXISTS fedtray_assignments (
+        round_id text NOT NULL REFERENCES fedtray_rounds ON DELETE CASCADE,
+        device_id text NOT NULL,
+        idx integer NOT NULL,
+        count integer NOT NULL,
+        state text NOT NULL CHECK (state IN
+            ('assigned', 'started', 'refused', 'failed', 'reported', 'dropped')),
+        detail text,
+        PRIMARY KEY (round_id, device_id))""",
+    """CREATE TABLE IF NOT EXISTS fedtray_updates (
+        round_id text NOT NULL REFERENCES fedtray_rounds ON DELETE CASCADE,
+        device_id text NOT NULL,
+        num_samples bigint NOT NULL CHECK (num_samples > 0),
+        worker_id text NOT NULL,
+        blob_key text NOT NULL,
+        sha256 text NOT NULL,
+        metrics jsonb NOT NULL DEFAULT '{}',
+        received_at double precision NOT NULL,
+        PRIMARY KEY (round_id, device_id))""",
+    """CREATE TABLE IF NOT EXISTS fedtray_partials (
+        round_id text NOT NULL REFERENCES fedtray_rounds ON DELETE CASCADE,
+        worker_id text NOT NULL,
+        device_ids text[] NOT NULL,
+        total_samples bigint NOT NULL,
+        blob_key text NOT NULL,
+        sha256 text NOT NULL,
+        PRIMARY KEY (round_id, worker_id))""",
+)
+
+
+def _metrics(value: Any) -> dict[str, float]:
+    loaded = json.loads(value) if isinstance(value, str) else (value or {})
+    return {str(k): float(v) for k, v in dict(loaded).items()}
+
+
+def _version(row: Mapping[str, Any]) -> VersionRow:
+    return VersionRow(
+        version=int(row["version"]),
+        blob_key=row["blob_key"],
+        sha256=row["sha256"],
+        size=int(row["size"]),
+        round_id=row["round_id"],
+        created_at=float(row["created_at"]),
+        metrics=_metrics(row["metrics"]),
+    )
+
+
+def _round(row: Mapping[str, Any]) -> RoundRow:
+    return RoundRow(
+        round_id=row["round_id"],
+        number=int(row["number"]),
+        attempt=int(row["attempt"]),
+        base_version=int(row["base_version"]),
+        state=row["state"],
+        required=int(row["required"]),
+        deadline=float(row["deadline"]),
+        opened_at=float(row["opened_at"]),
+    )
+
+
+def _assignment(row: Mapping[str, Any]) -> Assignment:
+    return Assignment(
+        round_id=row["round_id"],
+        device_id=row["device_id"],
+        index=int(row["idx"]),
+        count=int(row["count"]),
+        state=row["state"],
+        detail=row["detail"],
+    )
+
+
+def _update(row: Mapping[str, Any]) -> UpdateRow:
+    return UpdateRow(
+        round_id=row["round_id"],
+        device_id=row["device_id"],
+        num_samples=int(row["num_samples"]),
+        worker_id=row["worker_id"],
+        blob_key=row["blob_key"],
+        sha256=row["sha256"],
+        metrics=_metrics(row["metrics"]),
+    )
+
+
+def _partial(row: Mapping[str, Any]) -> PartialRow:
+    return PartialRow(
+        round_id=row["round_id"],
+        worker_id=row["worker_id"],
+        device_ids=tuple(row["device_ids"]),
+        total_samples=int(row["total_samples"]),
+        blob_key=row["blob_key"],
+        sha256=row["sha256"],
+    )
+
+
+async def _notify(conn: asyncpg.Connection, payload: str) -> None:
+    await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, payload)
+
+
+class PgClusterDB:
+    """The cluster's rounds in PostgreSQL (see the module docstring)."""
+
+    def __init__(self, url: str, pool: asyncpg.Pool) -> None:
+        self._url = url
+        self._pool = pool
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._pool.close(), timeout=5.0)
+        self._pool.terminate()
+
+    # -------------------------------------------------------------- versions
+
+    async def latest_version(self) -> VersionRow | None:
+        with engine_errors("latest version"):
+            row = await self._pool.fetchrow(
+                "SELECT * FROM fedtray_versions ORDER BY version DESC LIMIT 1"
+            )
+        return _version(row) if row is not None else None
+
+    async def create_version_zero(self, row: VersionRow) -> VersionRow:
+        if row.version != 0:
+            raise ClusterError(f"version zero must have version 0, not {row.version}")
+        with engine_errors("version 0"):
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute(
+                    "INSERT INTO fedtray_versions"
+                    " (version, blob_key, sha256, size, round_id, created_at, metrics)"
+                    " VALUES (0, $1, $2, $3, NULL, $4, $5) ON CONFLICT (version) DO NOTHING",
+                    row.blob_key,
+                    row.sha256,
+                    row.size,
+                    row.created_at,
+                    json.dumps(row.metrics),
+                )
+                stored = await conn.fetchrow("SELECT * FROM fedtray_versions WHERE version = 0")
+        return _version(stored)
+
+    async def publish_version(self, row: VersionRow) -> None:
+        with engine_errors(f"publish version {row.version}"):
+            async with self._pool.acquire() as conn, conn.transaction():
+                inserted = await conn.fetchval(
+                    "INSERT INTO fedtray_versions"
+                    " (version, blob_key, sha256, size, round_id, created_at, metrics)"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (version) DO NOTHING"
+                    " RETURNING version",
+                    row.version,
+                    row.blob_key,
+                    row.sha256,
+                    row.size,
+                    row.round_id,
+                    row.created_at,
+                    json.dumps(row.metrics),
+                )
+                if inserted is None:
+                    have = await conn.fetchrow(
+                        "SELECT sha256, round_id FROM fedtray_versions WHERE version = $1",
+                        row.version,
+                    )
+                    if have is None or (have["sha256"], have["round_id"]) != (
+                        row.sha256,
+                        row.round_id,
+                    ):
+                        raise ClusterError(
+                            f"version {row.version} exists already with other weights"
+                        )
+                if row.round_id is not None:
+                    state = await conn.fetchval(
+                        "UPDATE fedtray_rounds SET state = 'completed' WHERE round_id = $1"
+                        " AND state IN ('open', 'closing') RETURNING state",
+                        row.round_id,
+                    )
+                    if state is None:
+                        have_state = await conn.fetchval(
+                            "SELECT state FROM fedtray_rounds WHERE round_id = $1", row.round_id
+                        )
+                        if have_state != "completed":
+                            raise ClusterError(
+                                f"round {row.round_id} is {have_state or 'unknown'}: "
+                                f"version {row.version} not published"
+                            )
+                await _notify(conn, f"version:{row.version}")
+
+    # -------------------------------------------------------------- rounds
+
+    async def open_round(self, row: RoundRow, parts: list[Assignment]) -> None:
+        if row.state != "open":
+            raise ClusterError(f"a round opens as 'open', not {row.state!r}")
+        if any(p.round_id != row.round_id for p in parts):
+            raise ClusterError(f"assignments of round {row.round_id} name another round")
+        with engine_errors(f"open round {row.round_id}"):
+            async with self._pool.acquire() as conn, conn.transaction():
+                try:
+                    await conn.execute(
+                        "INSERT INTO fedtray_rounds (round_id, number, attempt, base_version,"
+                        " state, required, deadline, opened_at)"
+                        " VALUES ($1, $2, $3, $4, 'open', $5, $6, $7)",
+                        row.round_id,
+                        row.number,
+                        row.attempt,
+                        row.base_version,
+                        row.required,
+                        row.deadline,
+                        row.opened_at,
+                    )
+                except asyncpg.UniqueViolationError as exc:
+                    raise ClusterError(
+                        f"round {row.round_id} not opened: a round exists with that id or "
+                        "another round is open"
+                    ) from exc
+                await conn.executemany(
+                    "INSERT INTO fedtray_assignments"
+                    " (round_id, device_id, idx, count, state, detail)"
+                    " VALUES ($1, $2, $3, $4, $5, $6)",
+                    [(p.round_id, p.device_id, p.index, p.count, p.state, p.detail) for p in parts],
+                )
+                await _notify(conn, f"round:{row.round_id}")
+
+    async def current_round(self) -> RoundRow | None:
+        with engine_errors("current round"):
+            row = await self._pool.fetchrow(
+                "SELECT * FROM fedtray_rounds WHERE state IN ('open', 'closing')"
+            )
+        return _round(row) if row is not None else None
+
+    async def set_round_state(self, round_id: str, state: RoundState) -> None:
+        with engine_errors(f"state of round {round_id}"):
+            async with self._pool.acquire() as conn, conn.transaction():
+                have = await conn.fetchval(
+                    "SELECT state FROM fedtray_rounds WHERE round_id = $1 FOR UPDATE", round_id
+                )
+                if have is None:
+                    raise ClusterError(f"round {round_id} is unknown")
+                if have == state:
+                    return
+                if have in _FINAL_STATES or state == "open":
+                    raise ClusterError(f"round {round_id} is {have}: cannot become {state}")
+                await conn.execute(
+                    "UPDATE fedtray_rounds SET state = $2 WHERE round_id = $1", round_id, state
+                )
+                await _notify(conn, f"round:{round_id}")
+
+    # -------------------------------------------------------------- assignments
+
+    async def assignments(self, round_id: str) -> list[Assignment]:
+        with engine_errors(f"assignments of round {round_id}"):
+            rows = await self._pool.fetch(
+                "SELECT * FROM fedtray_assignments WHERE round_id = $1 ORDER BY idx, device_id",
+                round_id,
+            )
+        return [_assignment(r) for r in rows]
+
+    async def assignment_of(self, round_id: str, device_id: str) -> Assignment | None:
+        with engine_errors(f"assignment of {device_id}"):
+            row = await self._pool.fetchrow(
+                "SELECT * FROM fedtray_assignments WHERE round_id = $1 AND device_id = $2",
+                round_id,
+                device_id,
+            )
+        return _assignment(row) if row is not None else None
+
+    async def set_assignment(
+        self, round_id: str, device_id: str, state: AssignmentState, detail: str | None = None
+    ) -> None:
+        with engine_errors(f"assignment of {device_id}"):
+            async with self._pool.acquire() as conn, conn.transaction():
+                have = await conn.fetchval(
+                    "SELECT state FROM fedtray_assignments"
+                    " WHERE round_id = $1 AND device_id = $2 FOR UPDATE",
+                    round_id,
+                    device_id,
+                )
+                if have is None:
+                    raise ClusterError(f"{device_id} has no assignment in round {round_id}")
+                if have == "reported":
+                    return
+                await conn.execute(
+                    "UPDATE fedtray_assignments SET state = $3, detail = $4"
+                    " WHERE round_id = $1 AND device_id = $2",
+                    round_id,
+                    device_id,
+                    state,
+                    detail,
+                )
+
+    # -------------------------------------------------------------- updates
+
+    async def record_update(self, row: UpdateRow) -> bool:
+        with engine_errors(f"update of {row.device_id}"):
+            async with self._pool.acquire() as conn, conn.transaction():
+                seen = await conn.fetchval(
+                    "SELECT 1 FROM fedtray_updates WHERE round_id = $1 AND device_id = $2",
+                    row.round_id,
+                    row.device_id,
+                )
+                if seen is not None:
+                    return False
+                state = await conn.fetchval(
+                    "SELECT state FROM fedtray_rounds WHERE round_id = $1 FOR SHARE",
+                    row.round_id,
+                )
+                if state != "open":
+                    raise ClusterError(
+                        f"round {row.round_id} is {state or 'unknown'}: update of "
+                        f"{row.device_id} not recorded"
+                    )
+                assigned = await conn.fetchval(
+                    "SELECT 1 FROM fedtray_assignments WHERE round_id = $1 AND device_id = $2",
+                    row.round_id,
+                    row.device_id,
+                )
+                if assigned is None:
+                    raise ClusterError(
+                        f"{row.device_id} is not assigned in round {row.round_id}: "
+                        "update not recorded"
+                    )
+                inserted = await conn.fetchval(
+                    "INSERT INTO fedtray_updates (round_id, device_id, num_samples, worker_id,"
+                    " blob_key, sha256, metrics, received_at)"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+                    " ON CONFLICT (round_id, device_id) DO NOTHING RETURNING 1",
+                    row.round_id,
+                    row.device_id,
+                    row.num_samples,
+                    row.worker_id,
+                    row.blob_key,
+                    row.sha256,
+                    json.dumps(row.metrics),
+                    time.time(),
+                )
+                if inserted is None:
+                    return False
+                await conn.execute(
+                    "UPDATE fedtray_assignments SET state = 'reported', detail = NULL"
+                    " WHERE round_id = $1 AND device_id = $2",
+                    row.round_id,
+                    row.device_id,
+                )
+                return True
+
+    async def updates(self, round_id: str) -> list[UpdateRow]:
+        with engine_errors(f"updates of round {round_id}"):
+            rows = await self._pool.fetch(
+                "SELECT * FROM fedtray_updates WHERE round_id = $1 ORDER BY device_id", round_id
+            )
+        return [_update(r) for r in rows]
+
+    # -------------------------------------------------------------- partial sums
+
+    async def record_partial(self, row: PartialRow) -> None:
+        with engine_errors(f"partial sum of {row.worker_id}"):
+            await self._pool.execute(
+                "INSERT INTO fedtray_partials"
+                " (round_id, worker_id, device_ids, total_samples, blob_key, sha256)"
+                " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (round_id, worker_id) DO NOTHING",
+                row.round_id,
+                row.worker_id,
+                list(row.device_ids),
+                row.total_samples,
+                row.blob_key,
+                row.sha256,
+            )
+
+    async def partials(self, round_id: str) -> list[PartialRow]:
+        with engine_errors(f"partial sums of round {round_id}"):
+            rows = await self._pool.fetch(
+                "SELECT * FROM fedtray_partials WHERE round_id = $1 ORDER BY worker_id", round_id
+            )
+        return [_partial(r) for r in rows]
+
+    # -------------------------------------------------------------- notifications
+
+    async def notifications(self) -> AsyncIterator[str]:
+        queue: asyncio.Queue[str] = asyncio.Queue(maxsize=NOTIFY_QUEUE)
+
+        def on_notify(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+            if queue.full():
+                queue.get_nowait()
+            queue.put_nowait(payload)
+
+        pause = 0.1
+        while True:
+            try:
+                conn = await connect_one(self._url, NOTIFY_APPLICATION)
+            except ClusterError:
+                await asyncio.sleep(pause)
+                pause = min(RECONNECT_MAX_S, pause * 2)
+                continue
+            try:
+                try:
+                    await conn.add_listener(CHANNEL, on_notify)
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                    continue
+                pause = 0.1
+                while not conn.is_closed():
+                    try:
+                        payload = await asyncio.wait_for(queue.get(), _LIVENESS_CHECK_S)
+                    except TimeoutError:
+                        await self._probe(conn)
+                        continue
+                    yield payload
+                while not queue.empty():
+                    yield queue.get_nowait()
+            finally:
+                conn.terminate()
+
+    @staticmethod
+    async def _probe(conn: asyncpg.Connection) -> None:
+        """Close ``conn`` unless the server answers within a few seconds."""
+        try:
+            await conn.fetchval("SELECT 1", timeout=5.0)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+            conn.terminate()
+
+
+async def connect(url: str, *, max_size: int = 10) -> PgClusterDB:
+    """The cluster database at ``url`` (schema created if missing); ClusterError when
+    PostgreSQL is unreachable or holds a newer schema."""
+    pool = await create_pool(url, max_size=max_size)
+    try:
+        async with pool.acquire() as conn:
+            await ensure_schema(conn, "cluster", SCHEMA_VERSION, SCHEMA)
+    except BaseException:
+        pool.terminate()
+        raise
+    return PgClusterDB(url, pool)
