@@ -126,7 +126,7 @@ async def open_engines(settings: ClusterSettings) -> Engines:
         else blobs.LargeObjectBlobs(database)
     )
     here = connect_presence(settings.redis_url, settings.worker_id)
-    held = lock.AdvisoryLock(settings.database_url)
+    held = lock.PgCoordinatorLock(settings.database_url)
     return Engines(database, shared, here, held, [held, here, database])
 
 
