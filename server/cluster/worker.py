@@ -345,6 +345,8 @@ class ClusterWorker:
             await self._runner.cleanup()
             self._runner = None
         if self.engines is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.engines.lock.release(), 5)
             for closer in self.engines.closers:
                 close = getattr(closer, "close", None)
                 if close is not None:
