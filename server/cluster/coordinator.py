@@ -26,10 +26,9 @@ or ``closing`` and goes on with it under the SAME round id.
   (a new round id) opens after ``config.effective_retry_delay``;
 * **closing** -- the round is set ``closing`` (no update is recorded after that), and the
   coordinator waits up to ``partial_wait`` seconds for a partial sum from each LIVE worker
-  that received updates. It merges every valid partial (its devices reported, each device
-  covered once, its totals matching the update rows, its blob verified and read back with
-  :meth:`PartialSum.from_bytes`) and folds every update no partial covers (a dead or slow
-  worker's) itself from shared storage; so each recorded update is counted exactly once.
+  that received updates. It merges every valid partial and folds every update no partial
+  covers (a dead or slow worker's) itself from shared storage
+  (:func:`server.cluster.readback.gather_round`), so each recorded update counts once.
   The mean (:mod:`server.cluster.partial`, FedAvg in the model's dtypes) is encoded as
   safetensors, put in shared storage, and ``publish_version`` records it with the round
   id and ``trainLoss``, the sample-weighted mean of the updates' reported losses.
@@ -40,6 +39,7 @@ else. An engine failure (:class:`ClusterError`) while a round runs is logged and
 after ``poll_interval``; the round is then read back from the database. An update whose
 blob cannot be read back (missing, or failing its SHA-256 or the layout) is left out of the
 mean with an error naming the device; a round left with no readable update is abandoned.
+:func:`task_initial_weights` is how the worker gets version 0's weights from its task.
 Memory: one float64 copy of the model (the running sum) plus the blob being read.
 Cancelling :meth:`run` (the lock was lost) is safe at any await. Blocking work (folding,
 encoding, the initial weights) runs in threads.
@@ -48,24 +48,21 @@ encoding, the initial weights) runs in threads.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import hashlib
 import logging
 import math
-import mmap
 import random
 import secrets
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 
-from client.weights import Layout, StateDict, WeightsError, decode_views, encode, layout_of
+from client.tasks import Task
+from client.weights import Layout, StateDict, encode, layout_of
 from server.aggregation import weighted_mean
 from server.cluster.contracts import (
     Assignment,
@@ -78,14 +75,21 @@ from server.cluster.contracts import (
     UpdateRow,
     VersionRow,
 )
-from server.cluster.partial import PartialSum
+from server.cluster.readback import gather_round
 from server.config import ConfigError, ServerConfig
+from server.model import initial_state
 from server.rounds import select_devices
+from server.taskfile import PackageTask
 
-__all__ = ["CLUSTER_STRATEGIES", "ClusterCoordinator", "Progress", "progress_of"]
+__all__ = [
+    "CLUSTER_STRATEGIES",
+    "ClusterCoordinator",
+    "Progress",
+    "progress_of",
+    "task_initial_weights",
+]
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 #: The strategies a cluster runs (their server side is FedAvg's sum of partial sums).
 CLUSTER_STRATEGIES = ("fedavg", "fedprox")
@@ -126,6 +130,16 @@ def progress_of(row: RoundRow, assignments: list[Assignment], updates: list[Upda
     reported |= {a.device_id for a in assignments if a.state == "reported"}
     working = {a.device_id for a in assignments if a.state in WORKING} - reported
     return Progress(frozenset(reported), frozenset(working), len(assigned), row.required)
+
+
+def task_initial_weights(task: Task, seed: int) -> Callable[[], StateDict]:
+    """Version 0's weights of ``task``: a package's own weights, else the task's model
+    initialised with ``seed`` (torch, in the thread the coordinator calls it from; as
+    ``fedtray-server`` does, :mod:`server.app`)."""
+    if isinstance(task, PackageTask):
+        package = task.package
+        return lambda: package.weights
+    return lambda: initial_state(task, task.params, seed)
 
 
 def _sha256(data: bytes) -> str:
@@ -178,38 +192,37 @@ class ClusterCoordinator:
 
     async def run(self) -> None:
         """Version 0, then rounds until ``config.rounds`` are complete (forever with 0)."""
-        await self._retrying(self.ensure_version_zero)
-        while True:
-            latest = await self._retrying(self._db.latest_version)
-            assert latest is not None  # ensure_version_zero recorded one
-            current = await self._retrying(self._db.current_round)
-            if current is None:
-                if self._config.rounds and latest.version >= self._config.rounds:
-                    log.info(
-                        "all %d rounds are complete (version %d); the federation is finished",
-                        self._config.rounds,
-                        latest.version,
-                    )
-                    return
-                current = await self._open_next(latest)
-            else:
-                log.info(
-                    "round %d (%s) is %s: going on with it",
-                    current.number,
-                    current.round_id,
-                    current.state,
-                )
-            if not await self._retrying(functools.partial(self._drive, current)):
-                await asyncio.sleep(self._config.effective_retry_delay)
-
-    async def _retrying(self, step: Callable[[], Awaitable[T]]) -> T:
-        """``step()``, retried after ``poll_interval`` while an engine fails."""
+        driven: str | None = None  # the round this coordinator last drove
         while True:
             try:
-                return await step()
+                latest = await self.ensure_version_zero()
+                current = await self._db.current_round()
+                if current is None:
+                    if self._config.rounds and latest.version >= self._config.rounds:
+                        log.info(
+                            "all %d rounds are complete (version %d); the federation is finished",
+                            self._config.rounds,
+                            latest.version,
+                        )
+                        return
+                    current = await self._open_next(latest)
+                elif current.round_id != driven:
+                    log.info(
+                        "round %d (%s) is %s: going on with it",
+                        current.number,
+                        current.round_id,
+                        current.state,
+                    )
+                driven = current.round_id
+                self._attempts = {current.number: current.attempt}
+                completed = await self._drive(current)
             except ClusterError as exc:
+                # The round is read back from the database on the next pass.
                 log.error("coordinator: %s; retrying", exc)
                 await asyncio.sleep(max(self._poll, 0.01))
+                continue
+            if not completed:
+                await asyncio.sleep(self._config.effective_retry_delay)
 
     async def ensure_version_zero(self) -> VersionRow:
         """The latest version, creating version 0 from the initial weights if none."""
@@ -238,7 +251,6 @@ class ClusterCoordinator:
         number = latest.version + 1
         chosen = await self._wait_and_select(number)
         attempt = self._attempts.get(number, 0) + 1
-        self._attempts = {number: attempt}
         now = time.time()
         row = RoundRow(
             round_id=f"r{number}-{attempt}-{self._tag}",
@@ -254,7 +266,7 @@ class ClusterCoordinator:
             Assignment(row.round_id, device_id, index=i, count=len(chosen))
             for i, device_id in enumerate(chosen)
         ]
-        await self._retrying(lambda: self._db.open_round(row, parts))
+        await self._db.open_round(row, parts)
         log.info(
             "round %d started (%s): %d selected [%s], %d reports needed, deadline in %.0f s",
             number,
@@ -349,7 +361,15 @@ class ClusterCoordinator:
         updates = await self._db.updates(row.round_id)
         partials = await self._await_partials(row, updates)
         with tempfile.TemporaryDirectory(prefix="fedtray-round-", dir=self._work_dir) as tmp:
-            total = await self._combine(row, updates, partials, Path(tmp))
+            total = await gather_round(
+                self._blobs,
+                self._layout,
+                self._max_update_bytes,
+                row.round_id,
+                updates,
+                partials,
+                Path(tmp),
+            )
         if total is None:
             log.error("round %d (%s): no update could be read; abandoned", row.number, row.round_id)
             await self._db.set_round_state(row.round_id, "abandoned")
@@ -404,117 +424,6 @@ class ClusterCoordinator:
                     )
                 return partials
             await asyncio.sleep(min(self._poll, max(0.0, give_up - time.monotonic())))
-
-    async def _combine(
-        self, row: RoundRow, updates: list[UpdateRow], partials: list[PartialRow], tmp: Path
-    ) -> PartialSum | None:
-        """Every update counted once: valid partials merged, the rest folded from storage."""
-        by_device = {u.device_id: u for u in updates}
-        total = PartialSum(self._layout)
-        for prow in sorted(partials, key=lambda p: p.worker_id):
-            problem = _partial_problem(prow, by_device, total)
-            if problem is None:
-                try:
-                    part = await self._read_partial(prow, tmp)
-                    if part.device_ids != prow.device_ids:
-                        raise ValueError("its devices differ from its row's")
-                    if part.total_samples != prow.total_samples:
-                        raise ValueError("its total samples differ from its row's")
-                    await asyncio.to_thread(total.merge, part)
-                    continue
-                except (ClusterError, ValueError) as exc:
-                    problem = str(exc)
-            log.warning(
-                "round %s: partial sum of %s not used (%s); folding its updates here",
-                row.round_id,
-                prow.worker_id,
-                problem,
-            )
-        for device_id, update in sorted(by_device.items()):
-            if device_id in total:
-                continue
-            try:
-                await self._fold_update(total, update, tmp)
-            except (ClusterError, ValueError) as exc:
-                log.error(
-                    "round %s: the update of %s cannot be read back (%s); left out",
-                    row.round_id,
-                    device_id,
-                    exc,
-                )
-        return total if total.count else None
-
-    async def _read_partial(self, prow: PartialRow, tmp: Path) -> PartialSum:
-        dest = tmp / f"partial-{secrets.token_hex(6)}"
-        await self._blobs.get_file(prow.blob_key, prow.sha256, dest)
-        try:
-            return await asyncio.to_thread(_load_partial, dest, self._layout)
-        finally:
-            dest.unlink(missing_ok=True)
-
-    async def _fold_update(self, total: PartialSum, update: UpdateRow, tmp: Path) -> None:
-        dest = tmp / f"update-{secrets.token_hex(6)}"
-        await self._blobs.get_file(update.blob_key, update.sha256, dest)
-        try:
-            await asyncio.to_thread(
-                _fold_file, dest, self._layout, self._max_update_bytes, total, update
-            )
-        finally:
-            dest.unlink(missing_ok=True)
-
-
-def _partial_problem(
-    prow: PartialRow, by_device: dict[str, UpdateRow], total: PartialSum
-) -> str | None:
-    """Why a partial row cannot be merged as it stands (None: it can)."""
-    if not prow.device_ids:
-        return "it covers no device"
-    unknown = [d for d in prow.device_ids if d not in by_device]
-    if unknown:
-        return f"{unknown[0]} has no update row"
-    twice = [d for d in prow.device_ids if d in total]
-    if twice or len(set(prow.device_ids)) != len(prow.device_ids):
-        return "a device is covered twice"
-    expected = sum(by_device[d].num_samples for d in prow.device_ids)
-    if prow.total_samples != expected:
-        return f"{prow.total_samples} samples, the updates say {expected}"
-    return None
-
-
-@contextlib.contextmanager
-def _mapped(path: Path) -> Iterator[bytes | mmap.mmap]:
-    with path.open("rb") as fh:
-        if path.stat().st_size == 0:
-            mapped: bytes | mmap.mmap = b""
-        else:
-            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-    try:
-        yield mapped
-    finally:
-        if isinstance(mapped, mmap.mmap):
-            with contextlib.suppress(BufferError):
-                mapped.close()
-
-
-def _load_partial(path: Path, layout: Layout) -> PartialSum:
-    with _mapped(path) as data:
-        return PartialSum.from_bytes(memoryview(data), layout)
-
-
-def _fold_file(
-    path: Path, layout: Layout, max_bytes: int, total: PartialSum, update: UpdateRow
-) -> None:
-    """Fold one stored update (read-only views over its mapped file) into ``total``."""
-    with _mapped(path) as data:
-        try:
-            # Its values were checked at intake; the blob's SHA-256 was verified on get.
-            views = decode_views(data, expected=layout, max_bytes=max_bytes, finite=False)
-        except WeightsError as exc:
-            raise ValueError(f"{exc.code}: {exc.message}") from None
-        try:
-            total.add(update.device_id, views, update.num_samples)
-        finally:
-            del views
 
 
 def _itemsize(dtype: str) -> int:
