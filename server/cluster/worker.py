@@ -108,26 +108,41 @@ async def connect_db(url: str) -> ClusterDB:
     return await db.connect(url)
 
 
-def connect_presence(url: str, worker_id: str) -> Presence:
-    """The Redis Presence of ``worker_id`` (server.cluster.presence)."""
+async def connect_presence(
+    url: str, worker_id: str, *, device_ttl: float = 60.0, worker_ttl: float = 6.0
+) -> Presence:
+    """The Redis Presence of ``worker_id`` (server.cluster.presence); raises ClusterError."""
     from server.cluster import presence
 
-    return presence.RedisPresence(url, worker_id)
+    return await presence.connect(url, worker_id, device_ttl=device_ttl, worker_ttl=worker_ttl)
 
 
-async def open_engines(settings: ClusterSettings) -> Engines:
-    """The real engines (server.cluster.db/blobs/presence/lock); raises ClusterError."""
+async def open_engines(settings: ClusterSettings, device_ttl: float) -> Engines:
+    """The real engines (server.cluster.db/blobs/presence/lock); raises ClusterError.
+    ``device_ttl``: seconds a device's presence lasts without news (the server's
+    ``stale_after``); a worker's lasts three ``alive_every`` periods."""
     from server.cluster import blobs, lock
 
+    if settings.shared_dir is None:
+        raise ClusterError("PostgreSQL large objects are not available yet: give --shared-dir")
     database = await connect_db(settings.database_url)
-    shared = (
-        blobs.DirectoryBlobs(settings.shared_dir)
-        if settings.shared_dir is not None
-        else blobs.LargeObjectBlobs(database)
-    )
-    here = connect_presence(settings.redis_url, settings.worker_id)
-    held = lock.PgCoordinatorLock(settings.database_url)
-    return Engines(database, shared, here, held, [held, here, database])
+    closers: list[Any] = [database]
+    try:
+        shared = blobs.DirectoryBlobs(settings.shared_dir)
+        here = await connect_presence(
+            settings.redis_url,
+            settings.worker_id,
+            device_ttl=device_ttl,
+            worker_ttl=3 * settings.alive_every,
+        )
+        closers.insert(0, here)
+        held = lock.PgCoordinatorLock(settings.database_url, probe_interval=settings.lock_retry)
+    except BaseException:
+        for closer in closers:
+            with contextlib.suppress(Exception):
+                await closer.close()
+        raise
+    return Engines(database, shared, here, held, [held, *closers])
 
 
 class ClusterNamespace(DeviceNamespace):
@@ -225,7 +240,7 @@ class ClusterWorker:
         sock = self._bind()
         try:
             try:
-                self.engines = await open_engines(self.settings)
+                self.engines = await open_engines(self.settings, cfg.stale_after)
             except ClusterError as exc:
                 raise StartupError(str(exc)) from None
             engines = self.engines
@@ -455,6 +470,8 @@ class ClusterWorker:
             def initial() -> StateDict:
                 return fresh
 
+        work_dir = self.work_dir / "coordinator"
+        await asyncio.to_thread(work_dir.mkdir, parents=True, exist_ok=True)
         return ClusterCoordinator(
             config=cfg,
             db=self.engines.db,
@@ -462,7 +479,7 @@ class ClusterWorker:
             blobs=self.engines.blobs,
             layout=layout,
             initial_weights=initial,
-            work_dir=self.work_dir / "coordinator",
+            work_dir=work_dir,
         )
 
     async def _housekeeping(self) -> None:
@@ -516,6 +533,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     parser.add_argument("--worker-id", required=True, help="this worker's id (unique)")
+    # Federated evaluation is off in cluster mode: off by default, refused when asked for.
+    parser.set_defaults(evaluate_every=0)
     try:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exc:
