@@ -24,8 +24,10 @@ Stable API (other test modules rely on it):
   LISTEN/NOTIFY channels are per database, so tests do not see each other.
 
 Promises: every server started here is stopped when its fixture ends (also when the test
-fails), and dies with the pytest process (PR_SET_PDEATHSIG) if pytest itself is killed;
-its data dir is removed. A server that does not come up raises RuntimeError with its log.
+fails), and dies with the pytest process (PR_SET_PDEATHSIG) if pytest itself is killed
+(checked by hand: kill -9 of the parent ends both servers; their temp dirs then stay, as
+``/tmp/fedtray-pg-*`` and ``/tmp/fedtray-redis-*``); otherwise its data dir is removed.
+A server that does not come up raises RuntimeError with its log.
 Never: touches the machine's own Redis or PostgreSQL services, ports or data.
 """
 

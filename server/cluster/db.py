@@ -49,14 +49,15 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING
 
 import asyncpg
 
 from server.cluster.contracts import (
     Assignment,
     AssignmentState,
+    ClusterDB,
     ClusterError,
     PartialRow,
     RoundRow,
@@ -64,13 +65,21 @@ from server.cluster.contracts import (
     UpdateRow,
     VersionRow,
 )
+from server.cluster.db_schema import (
+    SCHEMA,
+    SCHEMA_VERSION,
+    assignment_from,
+    partial_from,
+    round_from,
+    update_from,
+    version_from,
+)
 from server.cluster.pg import connect_one, create_pool, engine_errors, ensure_schema
 
 __all__ = ["CHANNEL", "SCHEMA_VERSION", "PgClusterDB", "connect"]
 
 #: The LISTEN/NOTIFY channel workers follow.
 CHANNEL = "fedtray_cluster"
-SCHEMA_VERSION = 1
 #: Longest pause between reconnect attempts of :meth:`PgClusterDB.notifications`.
 RECONNECT_MAX_S = 2.0
 #: Payloads held for a slow consumer of :meth:`PgClusterDB.notifications`.
@@ -82,120 +91,6 @@ _LIVENESS_CHECK_S = 1.0
 
 _OPEN_STATES = ("open", "closing")
 _FINAL_STATES = ("completed", "abandoned")
-
-SCHEMA: tuple[str, ...] = (
-    """CREATE TABLE IF NOT EXISTS fedtray_versions (
-        version integer PRIMARY KEY CHECK (version >= 0),
-        blob_key text NOT NULL,
-        sha256 text NOT NULL,
-        size bigint NOT NULL,
-        round_id text,
-        created_at double precision NOT NULL,
-        metrics jsonb NOT NULL DEFAULT '{}')""",
-    """CREATE TABLE IF NOT EXISTS fedtray_rounds (
-        round_id text PRIMARY KEY,
-        number integer NOT NULL,
-        attempt integer NOT NULL,
-        base_version integer NOT NULL,
-        state text NOT NULL
-            CHECK (state IN ('open', 'closing', 'completed', 'abandoned')),
-        required integer NOT NULL,
-        deadline double precision NOT NULL,
-        opened_at double precision NOT NULL)""",
-    """CREATE UNIQUE INDEX IF NOT EXISTS fedtray_one_current_round
-        ON fedtray_rounds ((true)) WHERE state IN ('open', 'closing')""",
-    """CREATE TABLE IF NOT EXISTS fedtray_assignments (
-        round_id text NOT NULL REFERENCES fedtray_rounds ON DELETE CASCADE,
-        device_id text NOT NULL,
-        idx integer NOT NULL,
-        count integer NOT NULL,
-        state text NOT NULL CHECK (state IN
-            ('assigned', 'started', 'refused', 'failed', 'reported', 'dropped')),
-        detail text,
-        PRIMARY KEY (round_id, device_id))""",
-    """CREATE TABLE IF NOT EXISTS fedtray_updates (
-        round_id text NOT NULL REFERENCES fedtray_rounds ON DELETE CASCADE,
-        device_id text NOT NULL,
-        num_samples bigint NOT NULL CHECK (num_samples > 0),
-        worker_id text NOT NULL,
-        blob_key text NOT NULL,
-        sha256 text NOT NULL,
-        metrics jsonb NOT NULL DEFAULT '{}',
-        received_at double precision NOT NULL,
-        PRIMARY KEY (round_id, device_id))""",
-    """CREATE TABLE IF NOT EXISTS fedtray_partials (
-        round_id text NOT NULL REFERENCES fedtray_rounds ON DELETE CASCADE,
-        worker_id text NOT NULL,
-        device_ids text[] NOT NULL,
-        total_samples bigint NOT NULL,
-        blob_key text NOT NULL,
-        sha256 text NOT NULL,
-        PRIMARY KEY (round_id, worker_id))""",
-)
-
-
-def _metrics(value: Any) -> dict[str, float]:
-    loaded = json.loads(value) if isinstance(value, str) else (value or {})
-    return {str(k): float(v) for k, v in dict(loaded).items()}
-
-
-def _version(row: Mapping[str, Any]) -> VersionRow:
-    return VersionRow(
-        version=int(row["version"]),
-        blob_key=row["blob_key"],
-        sha256=row["sha256"],
-        size=int(row["size"]),
-        round_id=row["round_id"],
-        created_at=float(row["created_at"]),
-        metrics=_metrics(row["metrics"]),
-    )
-
-
-def _round(row: Mapping[str, Any]) -> RoundRow:
-    return RoundRow(
-        round_id=row["round_id"],
-        number=int(row["number"]),
-        attempt=int(row["attempt"]),
-        base_version=int(row["base_version"]),
-        state=row["state"],
-        required=int(row["required"]),
-        deadline=float(row["deadline"]),
-        opened_at=float(row["opened_at"]),
-    )
-
-
-def _assignment(row: Mapping[str, Any]) -> Assignment:
-    return Assignment(
-        round_id=row["round_id"],
-        device_id=row["device_id"],
-        index=int(row["idx"]),
-        count=int(row["count"]),
-        state=row["state"],
-        detail=row["detail"],
-    )
-
-
-def _update(row: Mapping[str, Any]) -> UpdateRow:
-    return UpdateRow(
-        round_id=row["round_id"],
-        device_id=row["device_id"],
-        num_samples=int(row["num_samples"]),
-        worker_id=row["worker_id"],
-        blob_key=row["blob_key"],
-        sha256=row["sha256"],
-        metrics=_metrics(row["metrics"]),
-    )
-
-
-def _partial(row: Mapping[str, Any]) -> PartialRow:
-    return PartialRow(
-        round_id=row["round_id"],
-        worker_id=row["worker_id"],
-        device_ids=tuple(row["device_ids"]),
-        total_samples=int(row["total_samples"]),
-        blob_key=row["blob_key"],
-        sha256=row["sha256"],
-    )
 
 
 async def _notify(conn: asyncpg.Connection, payload: str) -> None:
@@ -221,7 +116,7 @@ class PgClusterDB:
             row = await self._pool.fetchrow(
                 "SELECT * FROM fedtray_versions ORDER BY version DESC LIMIT 1"
             )
-        return _version(row) if row is not None else None
+        return version_from(row) if row is not None else None
 
     async def create_version_zero(self, row: VersionRow) -> VersionRow:
         if row.version != 0:
@@ -239,7 +134,7 @@ class PgClusterDB:
                     json.dumps(row.metrics),
                 )
                 stored = await conn.fetchrow("SELECT * FROM fedtray_versions WHERE version = 0")
-        return _version(stored)
+        return version_from(stored)
 
     async def publish_version(self, row: VersionRow) -> None:
         with engine_errors(f"publish version {row.version}"):
@@ -326,7 +221,7 @@ class PgClusterDB:
             row = await self._pool.fetchrow(
                 "SELECT * FROM fedtray_rounds WHERE state IN ('open', 'closing')"
             )
-        return _round(row) if row is not None else None
+        return round_from(row) if row is not None else None
 
     async def set_round_state(self, round_id: str, state: RoundState) -> None:
         with engine_errors(f"state of round {round_id}"):
@@ -353,7 +248,7 @@ class PgClusterDB:
                 "SELECT * FROM fedtray_assignments WHERE round_id = $1 ORDER BY idx, device_id",
                 round_id,
             )
-        return [_assignment(r) for r in rows]
+        return [assignment_from(r) for r in rows]
 
     async def assignment_of(self, round_id: str, device_id: str) -> Assignment | None:
         with engine_errors(f"assignment of {device_id}"):
@@ -362,7 +257,7 @@ class PgClusterDB:
                 round_id,
                 device_id,
             )
-        return _assignment(row) if row is not None else None
+        return assignment_from(row) if row is not None else None
 
     async def set_assignment(
         self, round_id: str, device_id: str, state: AssignmentState, detail: str | None = None
@@ -448,7 +343,7 @@ class PgClusterDB:
             rows = await self._pool.fetch(
                 "SELECT * FROM fedtray_updates WHERE round_id = $1 ORDER BY device_id", round_id
             )
-        return [_update(r) for r in rows]
+        return [update_from(r) for r in rows]
 
     # -------------------------------------------------------------- partial sums
 
@@ -471,11 +366,11 @@ class PgClusterDB:
             rows = await self._pool.fetch(
                 "SELECT * FROM fedtray_partials WHERE round_id = $1 ORDER BY worker_id", round_id
             )
-        return [_partial(r) for r in rows]
+        return [partial_from(r) for r in rows]
 
     # -------------------------------------------------------------- notifications
 
-    async def notifications(self) -> AsyncIterator[str]:
+    async def notifications(self) -> AsyncGenerator[str, None]:
         queue: asyncio.Queue[str] = asyncio.Queue(maxsize=NOTIFY_QUEUE)
 
         def on_notify(_conn: object, _pid: int, _channel: str, payload: str) -> None:
@@ -529,3 +424,9 @@ async def connect(url: str, *, max_size: int = 10) -> PgClusterDB:
         pool.terminate()
         raise
     return PgClusterDB(url, pool)
+
+
+if TYPE_CHECKING:  # mypy proves the implementation satisfies its contract
+
+    def _conforms(impl: PgClusterDB) -> ClusterDB:
+        return impl

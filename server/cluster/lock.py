@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import TYPE_CHECKING
 
 import asyncpg
 
+from server.cluster.contracts import CoordinatorLock
 from server.cluster.pg import connect_one, engine_errors
 
 __all__ = ["LOCK_APPLICATION", "LOCK_KEY", "PgCoordinatorLock"]
@@ -108,3 +110,9 @@ class PgCoordinatorLock:
             with contextlib.suppress(*_ERRORS):
                 await conn.close(timeout=5.0)
         await self._drop()
+
+
+if TYPE_CHECKING:  # mypy proves the implementation satisfies its contract
+
+    def _conforms(impl: PgCoordinatorLock) -> CoordinatorLock:
+        return impl

@@ -49,13 +49,13 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from server.cluster.contracts import ClusterError, DeviceSeen
+from server.cluster.contracts import ClusterError, DeviceSeen, Presence
 
 __all__ = ["DEFAULT_PREFIX", "RedisPresence", "connect"]
 
@@ -267,3 +267,9 @@ async def connect(
 def _where(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.hostname or 'localhost'}:{parts.port or 6379}{parts.path or ''}"
+
+
+if TYPE_CHECKING:  # mypy proves the implementation satisfies its contract
+
+    def _conforms(impl: RedisPresence) -> Presence:
+        return impl
