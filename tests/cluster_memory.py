@@ -4,8 +4,10 @@ unit tests of the code above them (the coordinator, the workers' logic).
 Each keeps the promises its Protocol states that the code under test relies on:
 ``MemoryBlobs`` verifies SHA-256 on put and get (BlobIntegrityError), ``MemoryDB`` records
 an update once per (round, device) and refuses one unless the round is ``open``
-(ClusterError), makes a recorded update's assignment ``reported``, keeps one partial per
-(round, worker), and completes the round when a version is published; ``MemoryPresence``
+or the device is not assigned (ClusterError), makes a recorded update's assignment
+``reported`` (and keeps it so), never changes a completed or abandoned round, keeps one
+partial per (round, worker), and completes the round when a version is published (as
+server/cluster/db.py promises); ``MemoryPresence``
 counts eligible devices on live workers. ``fail_next`` makes the next call of a named
 method raise ClusterError (an engine hiccup). One event loop, no I/O but ``get_file``.
 """
@@ -159,15 +161,19 @@ class MemoryDB(_Failing):
         self, round_id: str, device_id: str, state: AssignmentState, detail: str | None = None
     ) -> None:
         part = self.parts[round_id][device_id]
+        if part.state == "reported":
+            return
         self.parts[round_id][device_id] = dataclasses.replace(part, state=state, detail=detail)
 
     async def record_update(self, row: UpdateRow) -> bool:
         self._maybe_fail("record_update")
         rnd = self.rounds.get(row.round_id)
+        if rnd is not None and row.device_id in self.updates_of[row.round_id]:
+            return False
         if rnd is None or rnd.state != "open":
             raise ClusterError(f"memory db: round {row.round_id} is not open")
-        if row.device_id in self.updates_of[row.round_id]:
-            return False
+        if row.device_id not in self.parts[row.round_id]:
+            raise ClusterError(f"memory db: {row.device_id} is not assigned")
         self.updates_of[row.round_id][row.device_id] = row
         await self.set_assignment(row.round_id, row.device_id, "reported")
         return True
@@ -178,6 +184,11 @@ class MemoryDB(_Failing):
 
     async def set_round_state(self, round_id: str, state: RoundState) -> None:
         self._maybe_fail("set_round_state")
+        have = self.rounds[round_id].state
+        if have == state:
+            return
+        if have in ("completed", "abandoned") or state == "open":
+            raise ClusterError(f"memory db: round {round_id} is {have}: cannot become {state}")
         self.rounds[round_id] = dataclasses.replace(self.rounds[round_id], state=state)
         self.events.append(f"round:{round_id}:{state}")
 

@@ -306,7 +306,7 @@ def test_round_completes_with_partials_equal_to_fedavg(tmp_path: Path) -> None:
                 losses.append((loss, samples))
             await c.state_is(row.round_id, "closing")
             with pytest.raises(ClusterError):
-                await workers["w1"].report(row.round_id, "a", _update(0), 1, 0.0)
+                await workers["w1"].report(row.round_id, "late", _update(0), 1, 0.0)
             for worker in workers.values():
                 await worker.write_partial(row.round_id)
             await c.state_is(row.round_id, "completed")

@@ -40,7 +40,8 @@ after ``poll_interval``; the round is then read back from the database. An updat
 blob cannot be read back (missing, or failing its SHA-256 or the layout) is left out of the
 mean with an error naming the device; a round left with no readable update is abandoned.
 :func:`task_initial_weights` is how the worker gets version 0's weights from its task.
-Memory: one float64 copy of the model (the running sum) plus the blob being read.
+Memory: one float64 copy of the model (the running sum) plus the blob being read; blobs
+are fetched into a temporary folder under ``work_dir``, removed after the round.
 Cancelling :meth:`run` (the lock was lost) is safe at any await. Blocking work (folding,
 encoding, the initial weights) runs in threads.
 """
@@ -236,10 +237,7 @@ class ClusterCoordinator:
         data = await asyncio.to_thread(encode, state, "safetensors")
         sha = _sha256(data)
         key = await self._blobs.put_bytes(data, sha)
-        mine = VersionRow(
-            version=0, blob_key=key, sha256=sha, size=len(data), round_id=None,
-            created_at=time.time(),
-        )  # fmt: skip
+        mine = VersionRow(0, key, sha, len(data), round_id=None, created_at=time.time())
         row = await self._db.create_version_zero(mine)
         if row.blob_key != key:
             await self._blobs.delete(key)  # another coordinator's version 0 was first
