@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -30,21 +31,28 @@ from server.cluster.worker import connect_presence
 from tests.server_harness import REPO_ROOT, ProcessHandle, server_process, subprocess_env
 from tests.waiting import poll, scaled
 
+_STARTED = re.compile(r"worker (\S+) started \(pid (\d+)\)")
 #: The tiny synthetic task of these tests.
 TINY = ("features=8", "classes=3", "hidden=8", "samples=300")
 #: Seconds a device waits at most between reconnect attempts (FEDTRAY_RECONNECT_CAP_S).
 RECONNECT_CAP_S = 1.0
 #: The server's heartbeat interval in these tests (server_args' default; stale after 3).
 HEARTBEAT_S = 0.5
-#: The workers' coordinator lock retry period (ClusterSettings.lock_retry).
-LOCK_RETRY_S = 1.0
 
 
 def cluster_flags(
-    tmp_path: Path, redis: str, database: str, *extra: str, workers: int = 2, devices: int = 3
+    tmp_path: Path,
+    redis: str,
+    database: str,
+    *extra: str,
+    workers: int = 2,
+    devices: int = 3,
+    shared_dir: bool = True,
 ) -> list[str]:
-    """``fedtray-server`` flags: ``workers`` workers, rounds of all ``devices`` devices."""
+    """``fedtray-server`` flags: ``workers`` workers, rounds of all ``devices`` devices,
+    blobs in a shared directory (else PostgreSQL large objects)."""
     params = [arg for p in TINY for arg in ("--task-param", p)]
+    blobs = ["--shared-dir", str(tmp_path / "shared")] if shared_dir else []
     return [
         "--workers",
         str(workers),
@@ -52,8 +60,7 @@ def cluster_flags(
         redis,
         "--database",
         database,
-        "--shared-dir",
-        str(tmp_path / "shared"),
+        *blobs,
         "--min-clients",
         str(devices),
         "--clients-per-round",
@@ -159,19 +166,6 @@ def _pid_of_local_port(port: int) -> int | None:
     return None
 
 
-def worker_pids(supervisor_pid: int) -> list[int]:
-    """The pids of the supervisor's worker processes (its children)."""
-    found = []
-    with contextlib.suppress(OSError):
-        for task in os.listdir(f"/proc/{supervisor_pid}/task"):
-            with (
-                contextlib.suppress(OSError),
-                open(f"/proc/{supervisor_pid}/task/{task}/children") as fh,
-            ):
-                found += [int(p) for p in fh.read().split()]
-    return sorted(found)
-
-
 # ------------------------------------------------------------------ processes
 
 
@@ -231,6 +225,10 @@ class Cluster:
         for i in range(2, count):
             self.device(f"d{i}")
         return self.placed(count, f"{count} devices registered")
+
+    def worker_pids(self) -> dict[str, int]:
+        """``worker_id -> pid`` of the workers the supervisor started (latest start)."""
+        return {m[1]: int(m[2]) for m in _STARTED.finditer(self.srv.output())}
 
     def logs(self) -> str:
         parts = [f"==== server\n{self.srv.output()}"]

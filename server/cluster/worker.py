@@ -70,12 +70,19 @@ from server.starter import RoundStarter, training_config
 from server.store import Store
 from server.tls import TLSConfigError, server_ssl_context
 
-__all__ = ["ClusterSettings", "ClusterWorker", "main"]
+__all__ = ["ALIVE_EVERY_S", "LOCK_RETRY_S", "ClusterSettings", "ClusterWorker", "main"]
 
 log = logging.getLogger(__name__)
 
 #: Strategies whose server side is a sample-weighted mean (foldable into partial sums).
 CLUSTER_STRATEGIES = frozenset({"fedavg", "fedprox"})
+
+
+#: Seconds between a worker's tries for the coordinator lock (a killed holder's successor
+#: takes it within one period of its connection ending).
+LOCK_RETRY_S = 1.0
+#: Seconds between refreshes of a worker's liveness key (it expires after three).
+ALIVE_EVERY_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -87,8 +94,8 @@ class ClusterSettings:
     worker_id: str
     #: A shared directory for blobs (one machine); None: PostgreSQL large objects.
     shared_dir: Path | None = None
-    lock_retry: float = 1.0
-    alive_every: float = 2.0
+    lock_retry: float = LOCK_RETRY_S
+    alive_every: float = ALIVE_EVERY_S
     poll: float = 1.0
 
 
@@ -123,12 +130,15 @@ async def open_engines(settings: ClusterSettings, device_ttl: float) -> Engines:
     ``stale_after``); a worker's lasts three ``alive_every`` periods."""
     from server.cluster import blobs, lock
 
-    if settings.shared_dir is None:
-        raise ClusterError("PostgreSQL large objects are not available yet: give --shared-dir")
     database = await connect_db(settings.database_url)
     closers: list[Any] = [database]
     try:
-        shared = blobs.DirectoryBlobs(settings.shared_dir)
+        shared: SharedBlobs
+        if settings.shared_dir is not None:
+            shared = blobs.DirectoryBlobs(settings.shared_dir)
+        else:
+            shared = await blobs.connect_postgres(settings.database_url)
+            closers.insert(0, shared)
         here = await connect_presence(
             settings.redis_url,
             settings.worker_id,
@@ -399,8 +409,13 @@ class ClusterWorker:
                         )
                     batch.discard(device_id)
                 if failing:
-                    log.info("presence written to Redis again")
+                    # Redis is back (perhaps restarted empty): announce this worker and
+                    # write every connected device again at once.
+                    await presence.worker_alive()
                     failing = False
+                    log.info("presence written to Redis again")
+                    for connected in self.registry.connected():
+                        self.mirror(connected.device_id)
             except ClusterError as exc:
                 if not failing:
                     log.warning("cannot write presence: %s; retrying", exc)
@@ -412,8 +427,11 @@ class ClusterWorker:
     async def _alive(self) -> None:
         assert self.engines is not None
         while True:
-            with contextlib.suppress(ClusterError):
+            try:
                 await self.engines.presence.worker_alive()
+            except ClusterError:
+                await asyncio.sleep(self.settings.poll)  # retried sooner: Redis may be back
+                continue
             await asyncio.sleep(self.settings.alive_every)
 
     async def _notifications(self) -> None:
