@@ -127,22 +127,27 @@ def latest_version(database: str) -> dict[str, Any] | None:
     return rows[0] if rows else None
 
 
-def lock_holder_pid(database: str) -> int | None:
-    """The OS pid of the process holding the coordinator lock (its connection's
-    ``client_port`` matched to the local socket; None when nobody holds it)."""
+def lock_session(database: str) -> tuple[int, int] | None:
+    """``(backend pid, client port)`` of the session holding the coordinator lock (None
+    when nobody holds it)."""
     rows = fetch(
         database,
-        "SELECT a.client_port FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+        "SELECT a.pid, a.client_port FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
         " WHERE l.locktype = 'advisory' AND l.granted AND a.application_name = $1"
         " AND a.datname = current_database()",
         LOCK_APPLICATION,
     )
-    if not rows:
-        return None
-    return _pid_of_local_port(int(rows[0]["client_port"]))
+    return (int(rows[0]["pid"]), int(rows[0]["client_port"])) if rows else None
 
 
-def _pid_of_local_port(port: int) -> int | None:
+def lock_holder_pid(database: str) -> int | None:
+    """The OS pid of the process holding the coordinator lock (its connection's client port
+    matched to a local socket; None when nobody holds it)."""
+    session = lock_session(database)
+    return None if session is None else pid_of_local_port(session[1])
+
+
+def pid_of_local_port(port: int) -> int | None:
     """The pid whose TCP socket has local port ``port`` (via /proc/net/tcp and fds)."""
     inode = None
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
@@ -202,7 +207,7 @@ class Cluster:
     def placed(self, count: int, what: str, timeout: float = 60) -> dict[str, str]:
         """Wait until ``count`` eligible devices are in Redis; their placement."""
         found: dict[str, str] = poll(
-            lambda: placement(self.redis), lambda p: len(p) == count, scaled(timeout), what
+            lambda: placement(self.redis), lambda p: len(p) == count, timeout, what
         )
         return found
 

@@ -25,6 +25,8 @@ from tests.cluster_harness import (
     fetch,
     latest_version,
     lock_holder_pid,
+    lock_session,
+    pid_of_local_port,
     update_rows,
 )
 from tests.engines import RedisServer
@@ -57,7 +59,7 @@ def _training(fed: Cluster) -> dict[str, Any]:
             and len(found[1]) == DEVICES
             and all(p["state"] == "started" for p in found[1])
         ),
-        scaled(60),
+        60,
         "a round with every device training",
     )
     assert row is not None
@@ -68,7 +70,7 @@ def _completed(fed: Cluster, version: int) -> dict[str, Any]:
     latest = poll(
         lambda: latest_version(fed.database),
         lambda v: v is not None and v["version"] >= version,
-        scaled(90),
+        90,
         f"version {version}",
     )
     assert latest is not None and latest["version"] == version
@@ -115,8 +117,9 @@ def test_the_lock_is_taken_over_and_the_open_round_finished(
     with cluster(tmp_path, redis, postgres_url, *flags) as fed:
         fed.spread(DEVICES)
         row = _training(fed)
+        session = lock_session(postgres_url)
         holder = lock_holder_pid(postgres_url)
-        assert holder is not None and holder in fed.worker_pids().values()
+        assert session is not None and holder in fed.worker_pids().values()
 
         killed_at = time.monotonic()
         os.kill(holder, signal.SIGKILL)
@@ -125,14 +128,16 @@ def test_the_lock_is_taken_over_and_the_open_round_finished(
         # another period: a successor within two periods.
         bound = scaled(2 * LOCK_RETRY_S)
         successor = poll(
-            lambda: lock_holder_pid(postgres_url),
-            lambda pid: pid is not None and pid != holder,
-            bound + scaled(10),
+            lambda: lock_session(postgres_url),
+            lambda found: found is not None and found[0] != session[0],
+            2 * LOCK_RETRY_S + 10,
             "a successor holding the lock",
         )
         took = time.monotonic() - killed_at
         assert took <= bound, f"the lock was taken over after {took:.1f} s (bound {bound:.1f} s)"
-        assert successor != holder
+        assert successor is not None
+        owner = pid_of_local_port(successor[1])
+        assert owner is None or owner != holder
 
         latest = _completed(fed, 1)
         assert latest["round_id"] == row["round_id"], "the open round was not finished"
@@ -152,7 +157,7 @@ def test_workers_recover_from_a_redis_restart(
         poll(
             fed.srv.output,
             lambda out: "cannot write presence" in out,
-            scaled(30),
+            30,
             "a worker noticing that Redis is gone",
         )
         private_redis.start()

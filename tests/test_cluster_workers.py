@@ -16,7 +16,7 @@ import pytest
 
 from tests.cluster_harness import cluster, cluster_flags, latest_version, update_rows
 from tests.engines import RedisServer
-from tests.waiting import poll, scaled
+from tests.waiting import poll
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ def test_two_workers_complete_two_rounds_with_updates_through_both(
         latest = poll(
             lambda: latest_version(postgres_url),
             lambda v: v is not None and v["version"] >= 2,
-            scaled(120),
+            120,
             "2 rounds",
         )
         assert latest is not None and latest["version"] == 2
