@@ -26,8 +26,8 @@ from typing import Any
 import asyncpg
 
 from client.backoff import RECONNECT_CAP_ENV
+from server.cluster.engines import connect_presence
 from server.cluster.lock import LOCK_APPLICATION
-from server.cluster.worker import connect_presence
 from tests.server_harness import REPO_ROOT, ProcessHandle, server_process, subprocess_env
 from tests.waiting import poll, scaled
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from server.cluster.worker import LOCK_RETRY_S
+from server.cluster.engines import LOCK_RETRY_S
 from tests.cluster_harness import (
     Cluster,
     cluster,

@@ -7,17 +7,18 @@ same message limits as the single-process server and a
 (:class:`server.handlers.DeviceNamespace`) over a LOCAL registry of its own connections and
 the cluster round service (:class:`server.cluster.service.ClusterRounds`). Each registry
 transition of a device is mirrored to Redis (:class:`~server.cluster.contracts.Presence`;
-the latest state of a device is written, one writer, retried while Redis is down; a
-heartbeat refreshes its expiring key, so presence comes back by itself after Redis
-restarts). The worker is a candidate for the coordinator lock every ``lock_retry`` seconds;
+the latest state of a device is written, one writer, retried every ``poll`` seconds while
+Redis is down; when Redis answers again -- perhaps restarted empty -- the worker announces
+itself and writes every connected device at once, and heartbeats keep the keys fresh). The worker is a candidate for the coordinator lock every ``lock_retry`` seconds;
 the holder runs :class:`server.cluster.coordinator.ClusterCoordinator` in-process (a
 killed holder's PostgreSQL connection ends and another worker takes over). Routes:
 ``GET /healthz`` and ``GET /api/status`` (the cluster status: worker id, devices here,
 eligible devices of the fleet, the round, the version, whether it coordinates).
 
 :meth:`ClusterWorker.start` opens the engines, starts the lock candidate, waits for the
-first version of the global model (made by whichever worker coordinates), then listens; it
-raises :class:`server.app.StartupError` (one line) when it cannot. Cluster mode trains an
+first version of the global model (made by whichever worker coordinates), then listens
+(the engines are opened by :func:`server.cluster.engines.open_engines`; the command line is
+:mod:`server.cluster.worker_cli`); it raises :class:`server.app.StartupError` (one line) when it cannot. Cluster mode trains an
 installed task with FedAvg or FedProx; a task package, another strategy or federated
 evaluation is refused at start. :meth:`ClusterWorker.stop` is bounded in time.
 Never unpickles or executes anything received.
@@ -29,38 +30,29 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
-import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import socketio
 from aiohttp import web
 
 from client.errors import FedtrayError
-from client.logsetup import LogLevelError, add_secret, setup_logging
 from client.protocol import Heartbeat, OkAck, TrainingProgress, events as ev
 from client.tasks import Task, get_task
 from client.transfer import BlobStore
 from client.weights import StateDict, layout_of
 from server.app import StartupError
-from server.auth import TokenChecker, TokenFileError
+from server.auth import TokenChecker
 from server.background import Background
 from server.cluster.contracts import (
-    ClusterDB,
     ClusterError,
-    CoordinatorLock,
     DeviceSeen,
-    Presence,
-    SharedBlobs,
 )
 from server.cluster.coordinator import ClusterCoordinator
+from server.cluster.engines import LOCK_RETRY_S, ClusterSettings, Engines, open_engines
 from server.cluster.service import ClusterRounds
-from server.config import ConfigError, ServerConfig
+from server.config import ServerConfig
 from server.distribution import Distributor
 from server.globalmodel import GlobalModel
 from server.handlers import DeviceNamespace, handles
@@ -70,89 +62,12 @@ from server.starter import RoundStarter, training_config
 from server.store import Store
 from server.tls import TLSConfigError, server_ssl_context
 
-__all__ = ["ALIVE_EVERY_S", "LOCK_RETRY_S", "ClusterSettings", "ClusterWorker", "main"]
+__all__ = ["LOCK_RETRY_S", "ClusterSettings", "ClusterWorker"]
 
 log = logging.getLogger(__name__)
 
 #: Strategies whose server side is a sample-weighted mean (foldable into partial sums).
 CLUSTER_STRATEGIES = frozenset({"fedavg", "fedprox"})
-
-
-#: Seconds between a worker's tries for the coordinator lock (a killed holder's successor
-#: takes it within one period of its connection ending).
-LOCK_RETRY_S = 1.0
-#: Seconds between refreshes of a worker's liveness key (it expires after three).
-ALIVE_EVERY_S = 2.0
-
-
-@dataclass(frozen=True)
-class ClusterSettings:
-    """Where the shared engines are, and who this worker is."""
-
-    redis_url: str
-    database_url: str
-    worker_id: str
-    #: A shared directory for blobs (one machine); None: PostgreSQL large objects.
-    shared_dir: Path | None = None
-    lock_retry: float = LOCK_RETRY_S
-    alive_every: float = ALIVE_EVERY_S
-    poll: float = 1.0
-
-
-@dataclass
-class Engines:
-    db: ClusterDB
-    blobs: SharedBlobs
-    presence: Presence
-    lock: CoordinatorLock
-    closers: list[Any]
-
-
-async def connect_db(url: str) -> ClusterDB:
-    """The PostgreSQL ClusterDB (server.cluster.db); raises ClusterError."""
-    from server.cluster import db
-
-    return await db.connect(url)
-
-
-async def connect_presence(
-    url: str, worker_id: str, *, device_ttl: float = 60.0, worker_ttl: float = 6.0
-) -> Presence:
-    """The Redis Presence of ``worker_id`` (server.cluster.presence); raises ClusterError."""
-    from server.cluster import presence
-
-    return await presence.connect(url, worker_id, device_ttl=device_ttl, worker_ttl=worker_ttl)
-
-
-async def open_engines(settings: ClusterSettings, device_ttl: float) -> Engines:
-    """The real engines (server.cluster.db/blobs/presence/lock); raises ClusterError.
-    ``device_ttl``: seconds a device's presence lasts without news (the server's
-    ``stale_after``); a worker's lasts three ``alive_every`` periods."""
-    from server.cluster import blobs, lock
-
-    database = await connect_db(settings.database_url)
-    closers: list[Any] = [database]
-    try:
-        shared: SharedBlobs
-        if settings.shared_dir is not None:
-            shared = blobs.DirectoryBlobs(settings.shared_dir)
-        else:
-            shared = await blobs.connect_postgres(settings.database_url)
-            closers.insert(0, shared)
-        here = await connect_presence(
-            settings.redis_url,
-            settings.worker_id,
-            device_ttl=device_ttl,
-            worker_ttl=3 * settings.alive_every,
-        )
-        closers.insert(0, here)
-        held = lock.PgCoordinatorLock(settings.database_url, probe_interval=settings.lock_retry)
-    except BaseException:
-        for closer in closers:
-            with contextlib.suppress(Exception):
-                await closer.close()
-        raise
-    return Engines(database, shared, here, held, [held, *closers])
 
 
 class ClusterNamespace(DeviceNamespace):
@@ -542,75 +457,7 @@ class ClusterWorker:
         }
 
 
-# ====================================================================== command line
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m server.cluster.worker --worker-id ID [fedtray-server flags]``."""
-    from server.cli import PROG, build_parser, config_from_args
-
-    parser = build_parser()
-    parser.add_argument("--worker-id", required=True, help="this worker's id (unique)")
-    # Federated evaluation is off in cluster mode: off by default, refused when asked for.
-    parser.set_defaults(evaluate_every=0)
-    try:
-        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    if not args.redis or not args.database:
-        sys.stderr.write(f"{PROG}: error: a worker needs --redis and --database\n")
-        return 2
-    try:
-        config = config_from_args(args)
-    except (ConfigError, TokenFileError, LogLevelError) as exc:
-        sys.stderr.write(f"{PROG}: error: {exc}\n")
-        return 2
-    for token in config.tokens:
-        add_secret(token)
-    setup_logging(config.log_level, app=f"{PROG}-{args.worker_id}")
-    settings = ClusterSettings(
-        redis_url=args.redis,
-        database_url=args.database,
-        worker_id=args.worker_id,
-        shared_dir=args.shared_dir,
-    )
-    try:
-        return asyncio.run(_serve(config, settings))
-    except KeyboardInterrupt:
-        return 0
-
-
-async def _serve(config: ServerConfig, settings: ClusterSettings) -> int:
-    from server.cli import LISTENING_PREFIX, PROG
-
-    worker = ClusterWorker(config, settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    starting = asyncio.create_task(worker.start())
-    stopping = asyncio.create_task(stop.wait())
-    await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
-    if not starting.done():
-        starting.cancel()
-        with contextlib.suppress(BaseException):
-            await starting
-        await worker.stop()
-        return 0
-    stopping.cancel()
-    try:
-        port = starting.result()
-    except StartupError as exc:
-        sys.stderr.write(f"{PROG}: error: {exc}\n")
-        await worker.stop()
-        return 1
-    print(f"{LISTENING_PREFIX}{config.scheme}://{config.host}:{port}", flush=True)
-    await stop.wait()
-    log.info("stopping on signal")
-    await worker.stop()
-    return 0
-
-
 if __name__ == "__main__":
+    from server.cluster.worker_cli import main
+
     raise SystemExit(main())
