@@ -9,7 +9,8 @@ the cluster round service (:class:`server.cluster.service.ClusterRounds`). Each 
 transition of a device is mirrored to Redis (:class:`~server.cluster.contracts.Presence`;
 the latest state of a device is written, one writer, retried every ``poll`` seconds while
 Redis is down; when Redis answers again -- perhaps restarted empty -- the worker announces
-itself and writes every connected device at once, and heartbeats keep the keys fresh). The worker is a candidate for the coordinator lock every ``lock_retry`` seconds;
+itself and writes every connected device at once, and heartbeats keep the keys fresh).
+The worker is a candidate for the coordinator lock every ``lock_retry`` seconds;
 the holder runs :class:`server.cluster.coordinator.ClusterCoordinator` in-process (a
 killed holder's PostgreSQL connection ends and another worker takes over). Routes:
 ``GET /healthz`` and ``GET /api/status`` (the cluster status: worker id, devices here,
@@ -18,10 +19,10 @@ eligible devices of the fleet, the round, the version, whether it coordinates).
 :meth:`ClusterWorker.start` opens the engines, starts the lock candidate, waits for the
 first version of the global model (made by whichever worker coordinates), then listens
 (the engines are opened by :func:`server.cluster.engines.open_engines`; the command line is
-:mod:`server.cluster.worker_cli`); it raises :class:`server.app.StartupError` (one line) when it cannot. Cluster mode trains an
-installed task with FedAvg or FedProx; a task package, another strategy or federated
-evaluation is refused at start. :meth:`ClusterWorker.stop` is bounded in time.
-Never unpickles or executes anything received.
+:mod:`server.cluster.worker_cli`); it raises :class:`server.app.StartupError` (one line)
+when it cannot. Cluster mode trains an installed task with FedAvg or FedProx; a task
+package, another strategy or federated evaluation is refused at start.
+:meth:`ClusterWorker.stop` is bounded in time. Never unpickles or executes anything received.
 """
 
 from __future__ import annotations
