@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -204,10 +205,16 @@ class Cluster:
         proc = self.devices.pop(name)
         _stop(proc)
 
-    def placed(self, count: int, what: str, timeout: float = 60) -> dict[str, str]:
-        """Wait until ``count`` eligible devices are in Redis; their placement."""
+    def placed(
+        self, count: int, what: str, timeout: float = 60, exclude: frozenset[str] = frozenset()
+    ) -> dict[str, str]:
+        """Wait until ``count`` eligible devices are in Redis, none on a worker in
+        ``exclude``; their placement."""
         found: dict[str, str] = poll(
-            lambda: placement(self.redis), lambda p: len(p) == count, timeout, what
+            lambda: placement(self.redis),
+            lambda p: len(p) == count and not set(p.values()) & exclude,
+            timeout,
+            what,
         )
         return found
 
@@ -230,6 +237,21 @@ class Cluster:
         for i in range(2, count):
             self.device(f"d{i}")
         return self.placed(count, f"{count} devices registered")
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """The devices' client processes stopped (SIGSTOP) for the block: none of them can
+        report, so a round open now is still open when the block runs; continued after
+        (keep the block short: a stopped device does not heartbeat)."""
+        procs = [p for p in self.devices.values() if p.poll() is None]
+        for proc in procs:
+            os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for proc in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGCONT)
 
     def worker_pids(self) -> dict[str, int]:
         """``worker_id -> pid`` of the workers the supervisor started (latest start)."""
