@@ -34,6 +34,7 @@ from client.logsetup import LogLevelError, add_secret, parse_level, setup_loggin
 from client.protocol import PartitionScheme
 from server import __version__
 from server.auth import TokenFileError, read_tokens_file
+from server.cluster.supervisor import add_cluster_flags, cluster_problem
 from server.config import (
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -156,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     add_evaluate_flag(p)
     add_strategy_flags(p)
+    add_cluster_flags(p)
     return p
 
 
@@ -255,6 +257,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, TokenFileError, LogLevelError) as exc:
         sys.stderr.write(f"{PROG}: error: {exc}\n")
         return 2
+    problem = cluster_problem(args)
+    if problem is not None:
+        sys.stderr.write(f"{PROG}: error: {problem}\n")
+        return 2
+    if args.redis is not None:
+        from server.cluster import supervisor  # cluster mode: worker processes
+
+        setup_logging(config.log_level, app=PROG)
+        return supervisor.run(argv, args)
     for token in config.tokens:
         add_secret(token)
     package: ServedPackage | None = None

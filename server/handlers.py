@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import socketio
 
@@ -52,12 +52,41 @@ from client.transfer import BlobStore
 from server.auth import UNAUTHORIZED_MESSAGE, TokenChecker
 from server.background import Background
 from server.config import ServerConfig
-from server.coordinator import RoundCoordinator
 from server.distribution import Distributor, short
 from server.ratelimit import CHUNK_EVENT, ConnectionLimiter, Verdict
 from server.registry import DeviceRecord, Registry
 
 log = logging.getLogger(__name__)
+
+
+class FederatedService(Protocol):
+    """Federated evaluation's events (:class:`server.fedeval.FederatedEvaluation`)."""
+
+    async def on_result(self, record: DeviceRecord, result: EvaluationResult) -> None: ...
+
+    def on_failed(self, record: DeviceRecord, failed: EvaluationFailed) -> None: ...
+
+
+class RoundService(Protocol):
+    """What the handlers call about rounds: :class:`server.coordinator.RoundCoordinator`
+    in one process, :class:`server.cluster.service.ClusterRounds` in a cluster worker."""
+
+    @property
+    def version(self) -> int: ...
+
+    @property
+    def federated(self) -> FederatedService: ...
+
+    def devices_changed(self) -> None: ...
+
+    def device_left(self, record: DeviceRecord) -> None: ...
+
+    def training_failed(self, record: DeviceRecord, err: TrainingError) -> None: ...
+
+    def welcome(self, record: DeviceRecord) -> None: ...
+
+    async def accept_update(self, record: DeviceRecord, sub: WeightsSubmit) -> SubmitAccepted: ...
+
 
 NS = TypeVar("NS", bound="DeviceNamespace")
 Method = Callable[[NS, str, P], Awaitable[A | None]]
@@ -108,7 +137,7 @@ class DeviceNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         auth: TokenChecker,
         registry: Registry,
         blobs: BlobStore,
-        coordinator: RoundCoordinator,
+        coordinator: RoundService,
         distributor: Distributor,
         background: Background,
     ) -> None:

@@ -1,0 +1,464 @@
+"""One worker process of the multi-process server (``python -m server.cluster.worker``).
+
+Contract: :class:`ClusterWorker` holds Socket.IO connections on the shared port (bound with
+``SO_REUSEPORT``: the kernel spreads connections over the workers of a machine), with the
+same message limits as the single-process server and a
+``socketio.AsyncRedisManager`` so emits and rooms are shared; it reuses the device handlers
+(:class:`server.handlers.DeviceNamespace`) over a LOCAL registry of its own connections and
+the cluster round service (:class:`server.cluster.service.ClusterRounds`). Each registry
+transition of a device is mirrored to Redis (:class:`~server.cluster.contracts.Presence`;
+the latest state of a device is written, one writer, retried every ``poll`` seconds while
+Redis is down; when Redis answers again -- perhaps restarted empty -- the worker announces
+itself and writes every connected device at once, and heartbeats keep the keys fresh).
+The worker is a candidate for the coordinator lock every ``lock_retry`` seconds;
+the holder runs :class:`server.cluster.coordinator.ClusterCoordinator` in-process (a
+killed holder's PostgreSQL connection ends and another worker takes over). Routes:
+``GET /healthz`` and ``GET /api/status`` (the cluster status: worker id, devices here,
+eligible devices of the fleet, the round, the version, whether it coordinates).
+
+:meth:`ClusterWorker.start` opens the engines, starts the lock candidate, waits for the
+first version of the global model (made by whichever worker coordinates), then listens
+(the engines are opened by :func:`server.cluster.engines.open_engines`; the command line is
+:mod:`server.cluster.worker_cli`); it raises :class:`server.app.StartupError` (one line)
+when it cannot. Cluster mode trains an installed task with FedAvg or FedProx; a task
+package, another strategy or federated evaluation is refused at start.
+:meth:`ClusterWorker.stop` is bounded in time. Never unpickles or executes anything received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+import socketio
+from aiohttp import web
+
+from client.errors import FedtrayError
+from client.protocol import Heartbeat, OkAck, TrainingProgress, events as ev
+from client.tasks import Task, get_task
+from client.transfer import BlobStore
+from client.weights import StateDict, layout_of
+from server.app import StartupError
+from server.auth import TokenChecker
+from server.background import Background
+from server.cluster.contracts import (
+    ClusterError,
+    DeviceSeen,
+)
+from server.cluster.coordinator import ClusterCoordinator
+from server.cluster.engines import LOCK_RETRY_S, ClusterSettings, Engines, open_engines
+from server.cluster.service import ClusterRounds
+from server.config import ServerConfig
+from server.distribution import Distributor
+from server.globalmodel import GlobalModel
+from server.handlers import DeviceNamespace, handles
+from server.model import initial_state
+from server.registry import Registry
+from server.starter import RoundStarter, training_config
+from server.store import Store
+from server.tls import TLSConfigError, server_ssl_context
+
+__all__ = ["LOCK_RETRY_S", "ClusterSettings", "ClusterWorker"]
+
+log = logging.getLogger(__name__)
+
+#: Strategies whose server side is a sample-weighted mean (foldable into partial sums).
+CLUSTER_STRATEGIES = frozenset({"fedavg", "fedprox"})
+
+
+class ClusterNamespace(DeviceNamespace):
+    """The device handlers, mirroring presence after heartbeats and progress too."""
+
+    def __init__(self, *, mirror: Any, **kwargs: Any) -> None:
+        self._mirror = mirror
+        super().__init__(**kwargs)
+
+    @handles(ev.HEARTBEAT)
+    async def on_device_heartbeat(self, sid: str, hb: Heartbeat) -> OkAck:
+        await super().on_device_heartbeat(sid, hb)
+        self._mirror(self._record(sid).device_id)
+        return OkAck()
+
+    @handles(ev.TRAINING_PROGRESS)
+    async def on_training_progress(self, sid: str, progress: TrainingProgress) -> None:
+        await super().on_training_progress(sid, progress)
+        self._mirror(self._record(sid).device_id)
+
+
+class ClusterWorker:
+    """One worker process (see the module docstring)."""
+
+    def __init__(self, config: ServerConfig, settings: ClusterSettings) -> None:
+        self.config = config
+        self.settings = settings
+        self.sio = socketio.AsyncServer(
+            async_mode="aiohttp",
+            client_manager=socketio.AsyncRedisManager(settings.redis_url),
+            max_http_buffer_size=config.max_message_bytes,
+            logger=False,
+            engineio_logger=False,
+        )
+        self.app = web.Application()
+        self.sio.attach(self.app)
+        self.app.router.add_get("/api/status", self._http_status)
+        self.app.router.add_get("/healthz", self._http_health)
+        self.registry = Registry(config.stale_after)
+        self.work_dir = config.state_dir / f"worker-{settings.worker_id}"
+        limits = config.limits
+        self.blobs = BlobStore(
+            max_chunk_bytes=limits.max_chunk_bytes,
+            max_blob_bytes=limits.max_blob_bytes,
+            ttl_sec=config.blob_ttl,
+            spill_dir=self.work_dir / "blobs",
+        )
+        self.auth = TokenChecker(config.tokens)
+        self.model = GlobalModel(Store(self.work_dir), config.task)
+        self.background = Background()
+        self.distributor = Distributor(self.sio, config, self.registry, self.model, self.background)
+        self.port = 0
+        self.engines: Engines | None = None
+        self.rounds: ClusterRounds | None = None
+        self._dirty: set[str] = set()
+        self._dirty_event = asyncio.Event()
+        self._loops: list[asyncio.Task[Any]] = []
+        self._runner: web.AppRunner | None = None
+        self._coordinating = False
+
+    # ================================================================== lifecycle
+
+    def _check_mode(self) -> Task:
+        cfg = self.config
+        if cfg.task_file is not None:
+            raise StartupError("task packages (--task-file) are not supported in cluster mode yet")
+        if cfg.strategy.name not in CLUSTER_STRATEGIES:
+            raise StartupError(
+                f"--strategy {cfg.strategy.name} is not supported in cluster mode "
+                f"(only {', '.join(sorted(CLUSTER_STRATEGIES))})"
+            )
+        if cfg.strategy.clip_norm is not None:
+            raise StartupError("--clip-norm is not supported in cluster mode yet")
+        if cfg.evaluate_every:
+            raise StartupError("federated evaluation (--evaluate-every) is off in cluster mode")
+        try:
+            task = get_task(cfg.task, cfg.model_params)
+            training_config(task, cfg, 0)
+        except FedtrayError as exc:
+            raise StartupError(f"task {cfg.task!r}: {exc.message}") from None
+        except ValueError as exc:
+            raise StartupError(f"training settings for task {cfg.task!r}: {exc}") from None
+        return task
+
+    async def start(self, version_timeout: float = 300.0) -> int:
+        """Open the engines, wait for the first version, listen; the bound port."""
+        cfg = self.config
+        task = self._check_mode()
+        ssl_context = None
+        if cfg.certfile is not None and cfg.keyfile is not None:
+            try:
+                ssl_context = server_ssl_context(cfg.certfile, cfg.keyfile)
+            except TLSConfigError as exc:
+                raise StartupError(str(exc)) from None
+        sock = self._bind()
+        try:
+            try:
+                self.engines = await open_engines(self.settings, cfg.stale_after)
+            except ClusterError as exc:
+                raise StartupError(str(exc)) from None
+            engines = self.engines
+            self.distributor.describe_model(dict(task.params), None)
+            self.rounds = ClusterRounds(
+                worker_id=self.settings.worker_id,
+                config=cfg,
+                task=task,
+                registry=self.registry,
+                model=self.model,
+                blobs=self.blobs,
+                distributor=self.distributor,
+                starter=RoundStarter(self.sio, cfg, self.registry, self.distributor),
+                background=self.background,
+                db=engines.db,
+                shared=engines.blobs,
+                work_dir=self.work_dir,
+                mirror=self.mirror,
+                poll=self.settings.poll,
+            )
+            self.sio.register_namespace(
+                ClusterNamespace(
+                    mirror=self.mirror,
+                    config=cfg,
+                    auth=self.auth,
+                    registry=self.registry,
+                    blobs=self.blobs,
+                    coordinator=self.rounds,
+                    distributor=self.distributor,
+                    background=self.background,
+                )
+            )
+            self._loops.append(asyncio.create_task(self._candidate(task), name="lock-candidate"))
+            await self._first_version(version_timeout)
+            self._set_transfer_budget()
+            await self._listen(sock, ssl_context)
+        except BaseException:
+            sock.close()
+            raise
+        self._loops += [
+            asyncio.create_task(self.rounds.run(), name="round-agent"),
+            asyncio.create_task(self._notifications(), name="notifications"),
+            asyncio.create_task(self._presence_writer(), name="presence"),
+            asyncio.create_task(self._alive(), name="alive"),
+            asyncio.create_task(self._housekeeping(), name="housekeeping"),
+        ]
+        log.info(
+            "worker %s serving task %s on port %d (pid %d)",
+            self.settings.worker_id,
+            cfg.task,
+            self.port,
+            os.getpid(),
+        )
+        return self.port
+
+    async def _first_version(self, timeout: float) -> None:
+        assert self.rounds is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if await self.rounds.follow_version():
+                    return
+            except ClusterError as exc:
+                log.info("waiting for the first version: %s", exc)
+            if time.monotonic() > deadline:
+                raise StartupError(f"no version of the global model within {timeout:.0f} s")
+            await asyncio.sleep(self.settings.poll / 2)
+
+    def _set_transfer_budget(self) -> None:
+        model_bytes = sum(int(arr.nbytes) for arr in self.model.state.values())
+        budget = self.config.transfer_budget(model_bytes)
+        self.blobs.set_budget(
+            max_peer_bytes=budget.per_device,
+            max_total_bytes=budget.total,
+            max_open_per_peer=budget.open_per_device,
+        )
+
+    def _bind(self) -> socket.socket:
+        """The shared port, bound with SO_REUSEPORT (not yet listening)."""
+        cfg = self.config
+        try:
+            sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {cfg.host}:{cfg.port}: {exc}") from None
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((cfg.host, cfg.port))
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            raise StartupError(f"cannot listen on {cfg.host}:{cfg.port}: {exc}") from None
+        self.port = int(sock.getsockname()[1])
+        return sock
+
+    async def _listen(self, sock: socket.socket, ssl_context: Any) -> None:
+        try:
+            sock.listen(1024)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on port {self.port}: {exc}") from None
+        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=2.0)
+        await self._runner.setup()
+        await web.SockSite(self._runner, sock, ssl_context=ssl_context).start()
+
+    async def stop(self) -> None:
+        """Stop everything, disconnect everyone, release the port and the engines."""
+        await self.background.cancel_all(self._loops, timeout=5)
+        self._loops = []
+        sids = [r.sid for r in self.registry.connected() if r.sid is not None]
+        if sids:
+            await asyncio.wait(
+                [asyncio.ensure_future(self.sio.disconnect(sid)) for sid in sids], timeout=5
+            )
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.sio.shutdown(), 5)
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self.engines is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.engines.lock.release(), 5)
+            for closer in self.engines.closers:
+                close = getattr(closer, "close", None)
+                if close is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(close(), 5)
+        log.info("worker %s stopped", self.settings.worker_id)
+
+    # ================================================================== loops
+
+    def mirror(self, device_id: str) -> None:
+        """Write the device's presence soon (the latest state wins)."""
+        self._dirty.add(device_id)
+        self._dirty_event.set()
+
+    async def _presence_writer(self) -> None:
+        assert self.engines is not None
+        presence = self.engines.presence
+        failing = False
+        while True:
+            await self._dirty_event.wait()
+            self._dirty_event.clear()
+            batch, self._dirty = self._dirty, set()
+            now = time.monotonic()
+            try:
+                for device_id in list(batch):
+                    record = self.registry.get(device_id)
+                    if record is None or record.sid is None:
+                        await presence.device_gone(device_id)
+                    else:
+                        eligible = (
+                            self.registry.ineligibility(record, self.config.task, now) is None
+                        )
+                        await presence.device_seen(
+                            DeviceSeen(device_id, eligible, record.weights_version)
+                        )
+                    batch.discard(device_id)
+                if failing:
+                    # Redis is back (perhaps restarted empty): announce this worker and
+                    # write every connected device again at once.
+                    await presence.worker_alive()
+                    failing = False
+                    log.info("presence written to Redis again")
+                    for connected in self.registry.connected():
+                        self.mirror(connected.device_id)
+            except ClusterError as exc:
+                if not failing:
+                    log.warning("cannot write presence: %s; retrying", exc)
+                    failing = True
+                self._dirty |= batch
+                self._dirty_event.set()
+                await asyncio.sleep(self.settings.poll)
+
+    async def _alive(self) -> None:
+        assert self.engines is not None
+        while True:
+            try:
+                await self.engines.presence.worker_alive()
+            except ClusterError:
+                await asyncio.sleep(self.settings.poll)  # retried sooner: Redis may be back
+                continue
+            await asyncio.sleep(self.settings.alive_every)
+
+    async def _notifications(self) -> None:
+        assert self.engines is not None and self.rounds is not None
+        while True:
+            try:
+                async for _payload in self.engines.db.notifications():
+                    self.rounds.wake()
+            except ClusterError as exc:
+                log.warning("notifications: %s; the agent polls meanwhile", exc)
+            await asyncio.sleep(self.settings.poll)
+
+    async def _candidate(self, task: Task) -> None:
+        """Try the coordinator lock every ``lock_retry`` s; run the coordinator when held."""
+        assert self.engines is not None
+        engines = self.engines
+        while True:
+            try:
+                if await engines.lock.try_acquire():
+                    log.info("worker %s holds the coordinator lock", self.settings.worker_id)
+                    self._coordinating = True
+                    coordinator = await self._coordinator(task)
+                    await coordinator.run()
+                    log.info("the coordinator finished its rounds")
+                    return
+            except ClusterError as exc:
+                log.warning("coordinator lock: %s; retrying", exc)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("the coordinator failed; giving up the lock")
+            finally:
+                if self._coordinating:
+                    self._coordinating = False
+                    with contextlib.suppress(Exception):
+                        await engines.lock.release()
+            await asyncio.sleep(self.settings.lock_retry)
+
+    async def _coordinator(self, task: Task) -> ClusterCoordinator:
+        """The coordinator, with the model's layout (built from the task when this worker
+        has no version yet: the first start of a federation)."""
+        assert self.engines is not None
+        cfg = self.config
+
+        def weights() -> StateDict:
+            return initial_state(task, task.params, cfg.seed)
+
+        layout = self.model.layout
+        initial = weights
+        if not layout:
+            fresh = await asyncio.to_thread(weights)
+            layout = layout_of(fresh)
+
+            def initial() -> StateDict:
+                return fresh
+
+        work_dir = self.work_dir / "coordinator"
+        await asyncio.to_thread(work_dir.mkdir, parents=True, exist_ok=True)
+        return ClusterCoordinator(
+            config=cfg,
+            db=self.engines.db,
+            presence=self.engines.presence,
+            blobs=self.engines.blobs,
+            layout=layout,
+            initial_weights=initial,
+            work_dir=work_dir,
+        )
+
+    async def _housekeeping(self) -> None:
+        period = min(60.0, self.config.blob_ttl / 2)
+        while True:
+            await asyncio.sleep(period)
+            self.blobs.expire(time.monotonic())
+
+    # ================================================================== HTTP
+
+    async def _http_health(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def _http_status(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.status())
+
+    async def status(self) -> dict[str, Any]:
+        """The cluster status (what ``GET /api/status`` returns)."""
+        eligible: int | None = None
+        if self.engines is not None:
+            with contextlib.suppress(ClusterError):
+                eligible = await self.engines.presence.eligible_count()
+        row = self.rounds.round if self.rounds is not None else None
+        return {
+            "mode": "cluster",
+            "workerId": self.settings.worker_id,
+            "pid": os.getpid(),
+            "task": self.config.task,
+            "coordinator": self._coordinating,
+            "devicesHere": len(self.registry.connected()),
+            "eligibleFleet": eligible,
+            "globalVersion": self.model.version,
+            "round": None
+            if row is None
+            else {
+                "roundId": row.round_id,
+                "number": row.number,
+                "state": row.state,
+                "baseVersion": row.base_version,
+                "deadline": row.deadline,
+            },
+        }
+
+
+if __name__ == "__main__":
+    from server.cluster.worker_cli import main
+
+    raise SystemExit(main())
