@@ -11,7 +11,9 @@ can take it). ``weights:global`` names the model the weights are for, as
 ``training:start`` does (``modelParams``, and ``package`` for a packaged task; set by
 :meth:`Distributor.describe_model`), so a device can check their layout on receipt.
 :meth:`Distributor.ensure_global` sends the current version unless the device already
-holds it (one send per device at a time) and returns whether the device now holds it;
+holds it (one send per device at a time, and none while a ``training:start`` carrying it
+inline, :meth:`Distributor.inline_global`, is unanswered: a device is never sent the same
+version twice) and returns whether the device now holds it;
 it never raises for a peer's failure (timeouts, disconnects, refusals are logged and
 answered False). On success the registry records the version the device holds
 (:meth:`server.registry.Registry.holds_version`). A device that refuses a version as
@@ -98,6 +100,9 @@ class Distributor:
         self._file_locks: dict[str, asyncio.Lock] = {}
         self._told_finished: set[str] = set()  # sids sent federation:finished
         self._too_large: dict[str, int] = {}  # device id -> the version warned about
+        # Devices a training:start carrying the global is on its way to: a send of the
+        # global to them waits until that start is answered (never the same version twice).
+        self._carrying: dict[str, asyncio.Event] = {}
         self._model_params: dict[str, JsonValue] = dict(config.model_params)
         self._package: FileRef | None = None
 
@@ -110,6 +115,8 @@ class Distributor:
         """Send the current global weights unless the device holds them; True on success."""
         lock = self._send_locks.setdefault(record.device_id, asyncio.Lock())
         async with lock:
+            while (carrying := self._carrying.get(record.device_id)) is not None:
+                await carrying.wait()
             if record.weights_version == self._model.version:
                 return True
             if record.refused_version == self._model.version:
@@ -215,13 +222,23 @@ class Distributor:
         limits = limits_towards(record.capabilities, self._config.limits)
         if len(data) > min(limits.max_chunk_bytes, limits.max_blob_bytes):
             return None
+        self._carrying.setdefault(record.device_id, asyncio.Event())
         return self._message(version, fmt, data, digest, limits.max_chunk_bytes)
 
     def settle_inline(self, record: DeviceRecord, message: WeightsGlobal, ack: object) -> bool:
         """Record the answer to a ``training:start`` that carried ``message`` (an ErrorAck
         is a refusal of the weights, as :meth:`ensure_global` records it); True when the
         device now holds that version."""
-        return self._settle(record, message.version, ack)
+        settled = self._settle(record, message.version, ack)
+        self.release_inline(record.device_id)
+        return settled
+
+    def release_inline(self, device_id: str) -> None:
+        """The ``training:start`` that :meth:`inline_global` gave the global to is answered
+        or given up: sends of the global to that device go on (idempotent)."""
+        carrying = self._carrying.pop(device_id, None)
+        if carrying is not None:
+            carrying.set()
 
     def _message(
         self, version: int, fmt: WeightFormat, data: bytes, digest: str, chunk: int

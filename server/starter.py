@@ -94,6 +94,8 @@ class RoundStarter:
         except Exception:
             log.exception("bug while starting %s in round %s", device_id, rnd.round_id)
             rnd.mark(device_id, "failed", "server error")
+        finally:
+            self._distributor.release_inline(device_id)  # however the start ended
 
     async def _send_task_files(
         self, task: PackageTask, record: DeviceRecord, partition: Partition

@@ -50,7 +50,7 @@ def test_registration_ack_event_and_reconnect_keep_one_entry(tmp_path: Path) -> 
         assert ack["ok"] is True and ack["deviceId"] == dev.device_id
         assert ack["heartbeatIntervalSec"] == srv.config.heartbeat_interval
         assert ack["task"] == "synthetic" and ack["globalVersion"] == 0
-        assert ack["limits"] == Limits().to_wire()
+        assert ack["limits"] == srv.config.limits.to_wire()
         await dev.until(lambda: len(dev.registered_events) == 1, what="device:registered")
         assert dev.registered_events[0] == ack
         await dev.until(lambda: 0 in dev.weights, what="version 0 sent after registration")
