@@ -16,6 +16,9 @@ Contract (a loop-only object; decoding and disk work run in worker threads):
   (:func:`client.weights.check_layout_matches`); nothing is stored, the held version and
   the work built on it stay, and one warning line is logged. Where the layout is not
   known here, the worker checks the base before training, as before.
+* The held version sent again (the same version, task and safetensors SHA-256, e.g. by
+  both a ``weights:global`` and a ``training:start``'s ``baseWeights``) is acknowledged
+  without storing it again, so the file a round trains from never changes under it.
 * A newer version has the work folder's owner delete the work built on older bases
   (:meth:`client.workfiles.WorkDir.drop_older_than`), except the work ``busy_keys()``
   names (the round being trained, results being kept).
@@ -99,6 +102,10 @@ class BaseWeights:
         data = self.blobs.take(SERVER_PEER, message.weights)
         fmt = message.weights.format
         async with self._lock:
+            if _same(self.held, message):
+                # Already held (a weights:global and a training:start's baseWeights may
+                # both bring it): storing it again would change the file under a round.
+                return OkAck()
             try:
                 held = await asyncio.to_thread(self._save, message, data, fmt)
             except WeightsError as exc:
@@ -153,3 +160,13 @@ class BaseWeights:
             raise FedtrayError(
                 "internal_error", f"cannot store global weights v{message.version}: {exc}"
             ) from exc
+
+
+def _same(held: GlobalWeights | None, message: WeightsGlobal) -> bool:
+    """True when ``message`` brings exactly the held safetensors document again."""
+    return (
+        held is not None
+        and message.weights.format == "safetensors"
+        and (held.version, held.task, held.sha256)
+        == (message.version, message.task, message.weights.sha256)
+    )

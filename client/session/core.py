@@ -21,9 +21,12 @@ caller's thread and run on the session loop; the facade calls it only through th
 * :meth:`run` describes the device at once (its GPU found in the background and
   reported in a heartbeat, :mod:`client.session.hardware`), reads the held weights and
   builds the worker off the loop,
-  starts the pause sources (the battery is read before connecting) and the settings
-  watch, then connects until :meth:`shutdown`. An unexpected exception is logged and
-  shown as ``last_error`` rather than hanging; the snapshot always ends ``stopped``.
+  starts the pause sources (the battery is read before connecting), has the worker warm
+  up (:meth:`~client.session.rounds.Rounds.warm_worker`: its training process imports
+  torch while this one connects; again on every registration, in case it was released)
+  and starts the settings watch, then connects until :meth:`shutdown`. An unexpected
+  exception is logged and shown as ``last_error`` rather than hanging; the snapshot
+  always ends ``stopped``.
 * :meth:`shutdown` pauses (checkpoints) the round instead of cancelling it, so the same
   round offered again after a restart resumes from the checkpoint.
 """
@@ -383,6 +386,9 @@ class SessionCore:
             )
             self.publish_state()
             await self.pauses.start()
+            # The training process starts (and imports torch, at its low priority) while
+            # this one connects and registers, not after (when allowed to train).
+            self.rounds.warm_worker()
             await self.settings.start_watching()
             await self.link.run()
         except Exception as exc:  # a bug: log it and end visibly rather than hang

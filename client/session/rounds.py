@@ -39,8 +39,9 @@ onto the loop; disk work runs in worker threads):
   :class:`client.worker_messages.TrainResult` carries size and SHA-256), or here when
   converting; the held global is not hashed again by the worker (the job carries the
   file's identity from :class:`client.global_store.GlobalWeights`).
-* :meth:`Rounds.warm_worker` (called when the device registers) has the worker start
-  its process ahead of the first round, unless simulating, paused or built with
+* :meth:`Rounds.warm_worker` (called when the session starts, before it connects, and
+  again when the device registers) has the worker start its process ahead of the first
+  round, unless simulating, paused or built with
   ``warm_worker=False``; the worker keeps
   it, and the built model, across rounds until idle for its idle timeout.
 * The worker's evaluation events (:class:`client.worker_messages.EvalDone`,
