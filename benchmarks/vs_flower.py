@@ -36,6 +36,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -433,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so every child's process group is stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.rounds < 2 or args.pairs < 1 or args.timeout <= 0:
         parser.error("--rounds must be at least 2, --pairs at least 1, --timeout positive")
     print(
