@@ -4,8 +4,10 @@ Contract: :class:`GlobalModel` is the one owner (and writer) of the global weigh
 version, the number of completed rounds, the round history and the last round's metrics.
 :meth:`GlobalModel.adopt` takes what :class:`server.store.Store` saved (or version 0 of a
 new federation). A new version goes through three steps: :meth:`GlobalModel.prepare`
-encodes it once as safetensors, hashes it once and writes its weights file (fsynced);
-:meth:`GlobalModel.persist` writes ``history.json`` naming it with its round's record; and
+encodes it once as safetensors, hashes it once and writes its weights file (not yet
+fsynced); :meth:`GlobalModel.persist` makes it durable and writes ``history.json`` naming
+it with its round's record, their fsyncs side by side (:meth:`server.store.Store.
+commit_version`: two one after the other); and
 :meth:`GlobalModel.publish` makes it the global. Persist first, so a version anyone has
 seen survives a crash (a failed save is logged; the version is still published, its
 round's updates stay on disk). A version is published before its evaluation is known:
@@ -100,6 +102,11 @@ def _with_fields(
     return None
 
 
+def _encode_and_hash(state: StateDict) -> tuple[bytes, str]:
+    data = encode(state, "safetensors")
+    return data, sha256_hex(data)
+
+
 class GlobalModel:
     """The global weights of one task and what the federation has done with them."""
 
@@ -155,16 +162,15 @@ class GlobalModel:
         """Encode and hash ``state`` once and write it as version ``version``'s weights
         file, then ``optimizer_state`` (if any) as its optimizer file (fsynced; a failure
         is logged and leaves ``weights_file`` None)."""
-        encoded = await asyncio.to_thread(encode, state, "safetensors")
-        digest = await asyncio.to_thread(sha256_hex, encoded)
+        encoded, digest = await asyncio.to_thread(_encode_and_hash, state)
         opt_name: str | None = None
         opt_digest: str | None = None
         try:
-            name: str | None = await asyncio.to_thread(self._store.save_weights, version, encoded)
+            name: str | None = await asyncio.to_thread(self._store.place_weights, version, encoded)
             if optimizer_state:
                 opt_data = await asyncio.to_thread(encode, optimizer_state, "safetensors")
                 opt_digest = await asyncio.to_thread(sha256_hex, opt_data)
-                opt_name = await asyncio.to_thread(self._store.save_optimizer, version, opt_data)
+                opt_name = await asyncio.to_thread(self._store.place_optimizer, version, opt_data)
         except OSError as exc:
             log.error("could not save version %d to %s: %s", version, self._store.state_dir, exc)
             name = None
@@ -185,7 +191,7 @@ class GlobalModel:
             optimizer_sha256=prepared.optimizer_sha256,
         )
         try:
-            await self._write_history(saved)
+            await self._write_history(saved, new_version=True)
         except OSError as exc:
             log.error(
                 "could not save version %d to %s: %s", record.version, self._store.state_dir, exc
@@ -270,14 +276,18 @@ class GlobalModel:
                 return False
         return True
 
-    async def _write_history(self, saved: _SavedHistory, *, locked: bool = False) -> None:
-        """Write ``saved`` as ``history.json`` (one writer at a time); raises OSError."""
+    async def _write_history(
+        self, saved: _SavedHistory, *, locked: bool = False, new_version: bool = False
+    ) -> None:
+        """Write ``saved`` as ``history.json`` (one writer at a time); ``new_version``:
+        its files were placed by :meth:`prepare`, not yet fsynced
+        (:meth:`server.store.Store.commit_version`). Raises OSError."""
         if not locked:
             async with self._history_lock:
-                await self._write_history(saved, locked=True)
+                await self._write_history(saved, locked=True, new_version=new_version)
             return
         await asyncio.to_thread(
-            self._store.save_history,
+            self._store.commit_version if new_version else self._store.save_history,
             task=self._task,
             version=saved.version,
             rounds_completed=saved.rounds_completed,
