@@ -102,11 +102,6 @@ def _with_fields(
     return None
 
 
-def _encode_and_hash(state: StateDict) -> tuple[bytes, str]:
-    data = encode(state, "safetensors")
-    return data, sha256_hex(data)
-
-
 class GlobalModel:
     """The global weights of one task and what the federation has done with them."""
 
@@ -160,17 +155,24 @@ class GlobalModel:
         self, state: StateDict, version: int, optimizer_state: StateDict | None = None
     ) -> Prepared:
         """Encode and hash ``state`` once and write it as version ``version``'s weights
-        file, then ``optimizer_state`` (if any) as its optimizer file (fsynced; a failure
-        is logged and leaves ``weights_file`` None)."""
-        encoded, digest = await asyncio.to_thread(_encode_and_hash, state)
+        file, then ``optimizer_state`` (if any) as its optimizer file (not yet fsynced:
+        :meth:`persist` does; a failure is logged and leaves ``weights_file`` None). One
+        thread hop for all of it."""
+        return await asyncio.to_thread(self._prepare, state, version, optimizer_state)
+
+    def _prepare(
+        self, state: StateDict, version: int, optimizer_state: StateDict | None
+    ) -> Prepared:
+        encoded = encode(state, "safetensors")
+        digest = sha256_hex(encoded)
         opt_name: str | None = None
         opt_digest: str | None = None
         try:
-            name: str | None = await asyncio.to_thread(self._store.place_weights, version, encoded)
+            name: str | None = self._store.place_weights(version, encoded)
             if optimizer_state:
-                opt_data = await asyncio.to_thread(encode, optimizer_state, "safetensors")
-                opt_digest = await asyncio.to_thread(sha256_hex, opt_data)
-                opt_name = await asyncio.to_thread(self._store.place_optimizer, version, opt_data)
+                opt_data = encode(optimizer_state, "safetensors")
+                opt_digest = sha256_hex(opt_data)
+                opt_name = self._store.place_optimizer(version, opt_data)
         except OSError as exc:
             log.error("could not save version %d to %s: %s", version, self._store.state_dir, exc)
             name = None
