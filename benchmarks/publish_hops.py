@@ -10,9 +10,11 @@ directory:
 
 * **before**: the version's files saved as before this change: the weights file written
   and fsynced, its directory fsynced, then ``history.json`` the same way (four fsyncs one
-  after the other), every one through the same :class:`GlobalModel` (the store's
-  ``place_*``/``commit_version`` mapped onto ``save_weights``/``save_history``).
-* **after**: the server's path now (:meth:`server.store.Store.commit_version`).
+  after the other), its history serialized by ``model_dump`` + ``json.dumps``; through the
+  same :class:`GlobalModel` (the store's ``place_*``/``commit_version`` mapped onto
+  ``save_weights``/``save_history``; so its ``prepare`` is the one thread hop of now).
+* **after**: the server's path now (:meth:`server.store.Store.commit_version`, the history
+  serialized by pydantic in one call).
 
 Per hop (aggregate = ``strategy.result``, prepare, persist, publish; then, off the path,
 the evaluation recorded): wall ms, CPU ms of the whole process (``time.process_time``:
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import sys
@@ -43,8 +46,9 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from client.atomicfile import write_atomic
 from client.weights import StateDict, encode, layout_of
-from server.globalmodel import GlobalModel
+from server.globalmodel import GlobalModel, Prepared
 from server.roundstore import RoundStore
 from server.status import RoundRecord
 from server.store import Saved, Store
@@ -65,6 +69,21 @@ class _StoreBefore(Store):
 
     def commit_version(self, **kwargs: Any) -> None:
         self.save_history(**kwargs)
+
+    def save_history(self, **kwargs: Any) -> None:
+        """As before: the history through ``model_dump`` + ``json.dumps``, then the
+        atomic fsynced write."""
+        history: list[RoundRecord] = kwargs["history"]
+        meta: dict[str, Any] = {
+            "format": 1,
+            "task": kwargs["task"],
+            "version": kwargs["version"],
+            "roundsCompleted": kwargs["rounds_completed"],
+            "weightsFile": kwargs["weights_name"],
+            "weightsSha256": kwargs["weights_sha256"],
+            "history": [r.model_dump(by_alias=True, mode="json") for r in history],
+        }
+        write_atomic(self.state_dir / "history.json", json.dumps(meta, indent=1).encode("utf-8"))
 
 
 @dataclass
@@ -87,7 +106,7 @@ class FsyncMeter:
                 with self._lock:
                     self.intervals.append((t0, t1))
 
-        os.fsync = counted  # type: ignore[assignment]
+        os.fsync = counted
         try:
             yield
         finally:
@@ -155,8 +174,8 @@ async def _timed(meter: FsyncMeter, out: dict[str, Hop], name: str, work: Any) -
     return result
 
 
-async def _nothing(value: Any = None) -> Any:
-    return value
+async def _publish(model: GlobalModel, prepared: Prepared, record: RoundRecord) -> None:
+    model.publish(prepared, record, {})
 
 
 def one_round(
@@ -192,7 +211,7 @@ def one_round(
         record = _record(version)
         ok = await _timed(meter, out, "persist", model.persist(prepared, record))
         assert ok, "the version was not saved"
-        await _timed(meter, out, "publish", _nothing(model.publish(prepared, record, {})))
+        await _timed(meter, out, "publish", _publish(model, prepared, record))
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         out["path"] = Hop(wall, cpu, *meter.since(mark))
         metrics = {"evalLoss": 0.25, "evalAccuracy": 0.75}

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from client.atomicfile import fsync_dir, write_atomic
 from client.weights import Layout, StateDict, WeightsError, decode, encode, sha256_hex
@@ -273,7 +273,9 @@ def _meta(
     optimizer_name: str | None,
     optimizer_sha256: str | None,
 ) -> bytes:
-    """``history.json``'s bytes."""
+    """``history.json``'s bytes: the history serialized by pydantic in one call (the
+    same JSON as ``model_dump`` + ``json.dumps``, several times less CPU: it is written
+    every round and grows with the rounds)."""
     meta: dict[str, Any] = {
         "format": STATE_FORMAT,
         "task": task,
@@ -281,12 +283,16 @@ def _meta(
         "roundsCompleted": rounds_completed,
         "weightsFile": weights_name,
         "weightsSha256": weights_sha256,
-        "history": [r.model_dump(by_alias=True, mode="json") for r in history],
     }
     if optimizer_name is not None:
         meta["optimizerFile"] = optimizer_name
         meta["optimizerSha256"] = optimizer_sha256
-    return json.dumps(meta, indent=1).encode("utf-8")
+    head = json.dumps(meta, indent=1).encode("utf-8")
+    records = _HISTORY.dump_json(history, by_alias=True, indent=1)
+    return head[:-2] + b',\n "history": ' + records + b"\n}"
+
+
+_HISTORY = TypeAdapter(list[RoundRecord])
 
 
 #: Threads for fsyncs run side by side (an fsync waits on the disk, not the CPU).
