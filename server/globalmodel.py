@@ -13,7 +13,9 @@ seen survives a crash (a failed save is logged; the version is still published, 
 round's updates stay on disk). A version is published before its evaluation is known:
 :meth:`GlobalModel.record_evaluation` adds it to that version's history record later, in
 memory and in ``history.json`` (when that version is the saved one), so it survives a
-restart; a crash before then leaves the record without evaluation.
+restart; a crash before then leaves the record without evaluation (when the saved
+``history.json`` already holds it -- a newer version's save took it along -- nothing is
+written again).
 :meth:`GlobalModel.record_fields` does the same for other fields of a version's record
 (the federated evaluation's ``federated_eval_*``, :mod:`server.fedeval`). Writes of
 ``history.json`` are serialized (one at a time, each from the latest saved snapshot), so an
@@ -229,6 +231,8 @@ class GlobalModel:
             written = None if saved is None else _with_evaluation(saved.history, version, metrics)
             if saved is None or written is None:
                 return False
+            if written == saved.history:
+                return True  # already saved (a newer version's save took it along)
             try:
                 await self._write_history(
                     _SavedHistory(
@@ -266,6 +270,8 @@ class GlobalModel:
             written = None if saved is None else _with_fields(saved.history, version, update)
             if saved is None or written is None:
                 return False
+            if written == saved.history:
+                return True  # already saved (a newer version's save took it along)
             try:
                 await self._write_history(dataclasses.replace(saved, history=written), locked=True)
             except OSError as exc:

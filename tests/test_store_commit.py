@@ -192,3 +192,27 @@ def test_union_seconds_counts_overlapping_fsyncs_once() -> None:
     ]
     for spans, expected in table:
         assert union_seconds(spans) == pytest.approx(expected)
+
+
+def test_an_evaluation_already_saved_is_not_written_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def scenario() -> None:
+        model = GlobalModel(Store(tmp_path), "digits")
+        model.adopt(STATE, layout_of(STATE), None)
+        prepared = await model.prepare(STATE, 1)
+        assert await model.persist(prepared, _record(1))
+        model.publish(prepared, _record(1), {})
+        assert await model.record_evaluation(1, {"evalLoss": 0.25, "evalAccuracy": 0.5})
+        trace = _Trace(monkeypatch)
+        assert await model.record_evaluation(1, {"evalLoss": 0.25, "evalAccuracy": 0.5})
+        assert await model.record_fields(1, {"eval_loss": 0.25})
+        assert trace.events == [], "nothing new to save"
+        assert await model.record_fields(1, {"federated_eval_loss": 0.5})
+        assert ("rename", str(tmp_path / HISTORY_FILE)) in trace.events
+        monkeypatch.undo()
+
+    asyncio.run(scenario())
+    saved = Store(tmp_path).load("digits", layout_of(STATE))
+    assert saved is not None and saved.history[-1].eval_accuracy == 0.5
+    assert saved.history[-1].federated_eval_loss == 0.5
