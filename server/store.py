@@ -22,6 +22,8 @@ after a power cut is never read, and is replaced when that version is saved agai
 placed file, of ``history.json``'s temporary file (written first) and of the state
 directory (their renames); only then ``history.json`` is renamed and the directory
 fsynced again. So ``history.json`` never names a file whose bytes or name are not durable.
+``history.json``'s records are serialized by pydantic (a non-finite float is written as
+``null``, read back as None).
 A server optimizer's state (FedAvgM's momentum, FedAdam's moments) is saved beside the
 version it goes with, as ``optimizer-v<version>.safetensors`` (float64 tensors, written by
 :meth:`Store.save_optimizer` before ``history.json`` names it with its SHA-256, removed
