@@ -4,14 +4,18 @@ Contract: :class:`GlobalModel` is the one owner (and writer) of the global weigh
 version, the number of completed rounds, the round history and the last round's metrics.
 :meth:`GlobalModel.adopt` takes what :class:`server.store.Store` saved (or version 0 of a
 new federation). A new version goes through three steps: :meth:`GlobalModel.prepare`
-encodes it once as safetensors, hashes it once and writes its weights file (fsynced);
-:meth:`GlobalModel.persist` writes ``history.json`` naming it with its round's record; and
+encodes it once as safetensors, hashes it once and writes its weights file (not yet
+fsynced); :meth:`GlobalModel.persist` makes it durable and writes ``history.json`` naming
+it with its round's record, their fsyncs side by side (:meth:`server.store.Store.
+commit_version`: two one after the other); and
 :meth:`GlobalModel.publish` makes it the global. Persist first, so a version anyone has
 seen survives a crash (a failed save is logged; the version is still published, its
 round's updates stay on disk). A version is published before its evaluation is known:
 :meth:`GlobalModel.record_evaluation` adds it to that version's history record later, in
 memory and in ``history.json`` (when that version is the saved one), so it survives a
-restart; a crash before then leaves the record without evaluation.
+restart; a crash before then leaves the record without evaluation (when the saved
+``history.json`` already holds it -- a newer version's save took it along -- nothing is
+written again).
 :meth:`GlobalModel.record_fields` does the same for other fields of a version's record
 (the federated evaluation's ``federated_eval_*``, :mod:`server.fedeval`). Writes of
 ``history.json`` are serialized (one at a time, each from the latest saved snapshot), so an
@@ -153,18 +157,24 @@ class GlobalModel:
         self, state: StateDict, version: int, optimizer_state: StateDict | None = None
     ) -> Prepared:
         """Encode and hash ``state`` once and write it as version ``version``'s weights
-        file, then ``optimizer_state`` (if any) as its optimizer file (fsynced; a failure
-        is logged and leaves ``weights_file`` None)."""
-        encoded = await asyncio.to_thread(encode, state, "safetensors")
-        digest = await asyncio.to_thread(sha256_hex, encoded)
+        file, then ``optimizer_state`` (if any) as its optimizer file (not yet fsynced:
+        :meth:`persist` does; a failure is logged and leaves ``weights_file`` None). One
+        thread hop for all of it."""
+        return await asyncio.to_thread(self._prepare, state, version, optimizer_state)
+
+    def _prepare(
+        self, state: StateDict, version: int, optimizer_state: StateDict | None
+    ) -> Prepared:
+        encoded = encode(state, "safetensors")
+        digest = sha256_hex(encoded)
         opt_name: str | None = None
         opt_digest: str | None = None
         try:
-            name: str | None = await asyncio.to_thread(self._store.save_weights, version, encoded)
+            name: str | None = self._store.place_weights(version, encoded)
             if optimizer_state:
-                opt_data = await asyncio.to_thread(encode, optimizer_state, "safetensors")
-                opt_digest = await asyncio.to_thread(sha256_hex, opt_data)
-                opt_name = await asyncio.to_thread(self._store.save_optimizer, version, opt_data)
+                opt_data = encode(optimizer_state, "safetensors")
+                opt_digest = sha256_hex(opt_data)
+                opt_name = self._store.place_optimizer(version, opt_data)
         except OSError as exc:
             log.error("could not save version %d to %s: %s", version, self._store.state_dir, exc)
             name = None
@@ -185,7 +195,7 @@ class GlobalModel:
             optimizer_sha256=prepared.optimizer_sha256,
         )
         try:
-            await self._write_history(saved)
+            await self._write_history(saved, new_version=True)
         except OSError as exc:
             log.error(
                 "could not save version %d to %s: %s", record.version, self._store.state_dir, exc
@@ -221,6 +231,8 @@ class GlobalModel:
             written = None if saved is None else _with_evaluation(saved.history, version, metrics)
             if saved is None or written is None:
                 return False
+            if written == saved.history:
+                return True  # already saved (a newer version's save took it along)
             try:
                 await self._write_history(
                     _SavedHistory(
@@ -258,6 +270,8 @@ class GlobalModel:
             written = None if saved is None else _with_fields(saved.history, version, update)
             if saved is None or written is None:
                 return False
+            if written == saved.history:
+                return True  # already saved (a newer version's save took it along)
             try:
                 await self._write_history(dataclasses.replace(saved, history=written), locked=True)
             except OSError as exc:
@@ -270,14 +284,18 @@ class GlobalModel:
                 return False
         return True
 
-    async def _write_history(self, saved: _SavedHistory, *, locked: bool = False) -> None:
-        """Write ``saved`` as ``history.json`` (one writer at a time); raises OSError."""
+    async def _write_history(
+        self, saved: _SavedHistory, *, locked: bool = False, new_version: bool = False
+    ) -> None:
+        """Write ``saved`` as ``history.json`` (one writer at a time); ``new_version``:
+        its files were placed by :meth:`prepare`, not yet fsynced
+        (:meth:`server.store.Store.commit_version`). Raises OSError."""
         if not locked:
             async with self._history_lock:
-                await self._write_history(saved, locked=True)
+                await self._write_history(saved, locked=True, new_version=new_version)
             return
         await asyncio.to_thread(
-            self._store.save_history,
+            self._store.commit_version if new_version else self._store.save_history,
             task=self._task,
             version=saved.version,
             rounds_completed=saved.rounds_completed,

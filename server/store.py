@@ -14,6 +14,16 @@ A save is two steps the server may run apart (:meth:`Store.save_weights`, then
 :meth:`Store.save_history`); only ``history.json`` makes a version the saved one.
 :meth:`Store.save_history` may be called again for the same weights file with an updated
 history (a version's evaluation, recorded after the version was published).
+The server's own path to a new version shares the fsyncs instead (two one after the other,
+not four): :meth:`Store.place_weights` / :meth:`Store.place_optimizer` write a version's
+files under their names *without* fsync (no ``history.json`` names them yet: a torn one
+after a power cut is never read, and is replaced when that version is saved again), and
+:meth:`Store.commit_version` makes them the saved state: side by side the fsync of each
+placed file, of ``history.json``'s temporary file (written first) and of the state
+directory (their renames); only then ``history.json`` is renamed and the directory
+fsynced again. So ``history.json`` never names a file whose bytes or name are not durable.
+``history.json``'s records are serialized by pydantic (a non-finite float is written as
+``null``, read back as None).
 A server optimizer's state (FedAvgM's momentum, FedAdam's moments) is saved beside the
 version it goes with, as ``optimizer-v<version>.safetensors`` (float64 tensors, written by
 :meth:`Store.save_optimizer` before ``history.json`` names it with its SHA-256, removed
@@ -25,14 +35,18 @@ The open round (its accepted updates) is kept apart, by :mod:`server.roundstore`
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
-from client.atomicfile import write_atomic
+from client.atomicfile import fsync_dir, write_atomic
 from client.weights import Layout, StateDict, WeightsError, decode, encode, sha256_hex
 from server.status import RoundRecord
 
@@ -172,19 +186,76 @@ class Store:
         """Write ``history.json`` naming a weights file :meth:`save_weights` wrote (fsynced)
         and the optimizer file :meth:`save_optimizer` wrote for it (if any), then remove
         the older weights and optimizer files."""
-        meta: dict[str, Any] = {
-            "format": STATE_FORMAT,
-            "task": task,
-            "version": version,
-            "roundsCompleted": rounds_completed,
-            "weightsFile": weights_name,
-            "weightsSha256": weights_sha256,
-            "history": [r.model_dump(by_alias=True, mode="json") for r in history],
-        }
-        if optimizer_name is not None:
-            meta["optimizerFile"] = optimizer_name
-            meta["optimizerSha256"] = optimizer_sha256
-        write_atomic(self.state_dir / HISTORY_FILE, json.dumps(meta, indent=1).encode("utf-8"))
+        meta = _meta(
+            task,
+            version,
+            rounds_completed,
+            weights_name,
+            weights_sha256,
+            history,
+            optimizer_name,
+            optimizer_sha256,
+        )
+        write_atomic(self.state_dir / HISTORY_FILE, meta)
+        self._remove_older(version)
+
+    def place_weights(self, version: int, data: bytes) -> str:
+        """Write version ``version``'s safetensors document under its name, NOT fsynced
+        (:meth:`commit_version` makes it durable before ``history.json`` names it); its
+        file name. Raises OSError."""
+        name = f"global-v{version}.safetensors"
+        write_atomic(self.state_dir / name, data, durable=False)
+        return name
+
+    def place_optimizer(self, version: int, data: bytes) -> str:
+        """As :meth:`place_weights`, for version ``version``'s optimizer state."""
+        name = f"optimizer-v{version}.safetensors"
+        write_atomic(self.state_dir / name, data, durable=False)
+        return name
+
+    def commit_version(
+        self,
+        *,
+        task: str,
+        version: int,
+        rounds_completed: int,
+        weights_name: str,
+        weights_sha256: str,
+        history: list[RoundRecord],
+        optimizer_name: str | None = None,
+        optimizer_sha256: str | None = None,
+    ) -> None:
+        """Make the files :meth:`place_weights` / :meth:`place_optimizer` wrote the saved
+        state: ``history.json``'s temporary file written, then side by side the fsyncs
+        of the placed files, of that temporary file and of the state directory; then
+        ``history.json`` renamed and the directory fsynced (module docstring); then the
+        older versions' files removed. Raises OSError (no temporary file left behind)."""
+        meta = _meta(
+            task,
+            version,
+            rounds_completed,
+            weights_name,
+            weights_sha256,
+            history,
+            optimizer_name,
+            optimizer_sha256,
+        )
+        fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=f".{HISTORY_FILE}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(meta)
+            placed = [weights_name] + ([optimizer_name] if optimizer_name is not None else [])
+            paths = [self.state_dir / Path(name).name for name in placed] + [Path(tmp)]
+            _fsync_side_by_side(paths, self.state_dir)
+            os.replace(tmp, self.state_dir / HISTORY_FILE)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        fsync_dir(self.state_dir)
+        self._remove_older(version)
+
+    def _remove_older(self, version: int) -> None:
         # Only older versions' files: a newer version's files may be written already (its
         # round is being saved while this version's evaluation is recorded).
         for prefix in ("global-v", "optimizer-v"):
@@ -192,3 +263,78 @@ class Store:
                 number = old.name.removeprefix(prefix).removesuffix(".safetensors")
                 if number.isdigit() and int(number) < version:
                     old.unlink(missing_ok=True)
+
+
+def _meta(
+    task: str,
+    version: int,
+    rounds_completed: int,
+    weights_name: str,
+    weights_sha256: str,
+    history: list[RoundRecord],
+    optimizer_name: str | None,
+    optimizer_sha256: str | None,
+) -> bytes:
+    """``history.json``'s bytes: the history serialized by pydantic in one call (the
+    same JSON as ``model_dump`` + ``json.dumps``, several times less CPU: it is written
+    every round and grows with the rounds)."""
+    meta: dict[str, Any] = {
+        "format": STATE_FORMAT,
+        "task": task,
+        "version": version,
+        "roundsCompleted": rounds_completed,
+        "weightsFile": weights_name,
+        "weightsSha256": weights_sha256,
+    }
+    if optimizer_name is not None:
+        meta["optimizerFile"] = optimizer_name
+        meta["optimizerSha256"] = optimizer_sha256
+    head = json.dumps(meta, indent=1).encode("utf-8")
+    records = _HISTORY.dump_json(history, by_alias=True, indent=1)
+    return head[:-2] + b',\n "history": ' + records + b"\n}"
+
+
+_HISTORY = TypeAdapter(list[RoundRecord])
+
+
+#: Threads for fsyncs run side by side (an fsync waits on the disk, not the CPU).
+_SYNCS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="store-fsync")
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_side_by_side(files: list[Path], directory: Path) -> None:
+    """fsync ``files`` and ``directory`` at the same time; raises the first OSError (after
+    every fsync has ended, so none is left running)."""
+    futures = [_SYNCS.submit(_fsync_path, path) for path in files[1:]]
+    futures.append(_SYNCS.submit(_fsync_dir_strict, directory))
+    errors: list[BaseException] = []
+    try:
+        _fsync_path(files[0])
+    except OSError as exc:
+        errors.append(exc)
+    for future in futures:
+        failed = future.exception()
+        if failed is not None:
+            errors.append(failed)
+    if errors:
+        raise errors[0]
+
+
+def _fsync_dir_strict(directory: Path) -> None:
+    """fsync a directory; OSError where it cannot be opened is ignored as in
+    :func:`client.atomicfile.fsync_dir` (Windows), an fsync failure is raised."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,218 @@
+"""A new version's save (``Store.place_weights`` + ``Store.commit_version``): the fsyncs
+side by side, ``history.json`` renamed only after every file and name it points to is
+durable, failures leave the previous state; and the per-hop benchmark of the path."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from client.weights import encode, layout_of, sha256_hex
+from server.globalmodel import GlobalModel
+from server.status import RoundRecord, RoundTiming
+from server.store import HISTORY_FILE, Store
+
+
+def _record(version: int, **extra: Any) -> RoundRecord:
+    return RoundRecord(
+        round_id=f"r{version}",
+        number=version,
+        outcome="completed",
+        version=version,
+        clients_selected=2,
+        clients_reported=2,
+        train_loss=0.5,
+        seconds=1.0,
+        finished_at=1.0,
+        **extra,
+    )
+
+
+STATE = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+
+
+class _Trace:
+    """Every fsync (by the path of its descriptor) and rename, in order."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fail: str | None = None) -> None:
+        self.events: list[tuple[str, str]] = []
+        real_fsync, real_replace = os.fsync, os.replace
+
+        def fsync(fd: int) -> None:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            if fail is not None and Path(path).name.startswith(fail):
+                raise OSError(5, "injected fsync failure", path)
+            real_fsync(fd)
+            self.events.append(("fsync", path))
+
+        def replace(src: Any, dst: Any) -> None:
+            real_replace(src, dst)
+            self.events.append(("rename", str(dst)))
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "replace", replace)
+
+    def index(self, kind: str, path: Path) -> int:
+        return self.events.index((kind, str(path)))
+
+
+def _commit(store: Store, version: int, history: list[RoundRecord]) -> None:
+    data = encode(STATE, "safetensors")
+    name = store.place_weights(version, data)
+    opt = store.place_optimizer(version, encode({"m": np.zeros(3)}, "safetensors"))
+    store.commit_version(
+        task="digits",
+        version=version,
+        rounds_completed=version,
+        weights_name=name,
+        weights_sha256=sha256_hex(data),
+        history=history,
+        optimizer_name=opt,
+        optimizer_sha256=sha256_hex((store.state_dir / opt).read_bytes()),
+    )
+
+
+def test_history_is_renamed_only_after_every_file_and_name_it_points_to_is_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store(tmp_path)
+    trace = _Trace(monkeypatch)
+    _commit(store, 1, [_record(1)])
+    weights, opt = tmp_path / "global-v1.safetensors", tmp_path / "optimizer-v1.safetensors"
+    # Placed under their names without fsync; made durable by the commit.
+    placed = [trace.index("rename", weights), trace.index("rename", opt)]
+    history_renamed = trace.index("rename", tmp_path / HISTORY_FILE)
+    staged = [
+        p for kind, p in trace.events if kind == "fsync" and Path(p).name.startswith(".history")
+    ]
+    assert len(staged) == 1, trace.events
+    before_rename = [
+        trace.index("fsync", weights),
+        trace.index("fsync", opt),
+        trace.index("fsync", Path(staged[0])),
+        trace.index("fsync", tmp_path),  # the placed files' names
+    ]
+    assert max(placed) < min(before_rename) and max(before_rename) < history_renamed
+    # The rename itself made durable after.
+    assert ("fsync", str(tmp_path)) in trace.events[history_renamed:]
+    fsyncs = [e for e in trace.events if e[0] == "fsync"]
+    assert len(fsyncs) == 5, "one per placed file, the staged history, the directory twice"
+    saved = store.load("digits", layout_of(STATE))
+    assert saved is not None and saved.version == 1 and saved.history == [_record(1)]
+    np.testing.assert_array_equal(saved.state["w"], STATE["w"])
+    assert set(saved.optimizer) == {"m"}
+
+
+@pytest.mark.parametrize("fail", ["global-v2", "optimizer-v2", ".history.json", ""])
+def test_a_failed_commit_leaves_the_previous_version_and_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail: str
+) -> None:
+    store = Store(tmp_path)
+    _commit(store, 1, [_record(1)])
+    _Trace(monkeypatch, fail=fail or tmp_path.name)  # "": the directory's fsync fails
+    with pytest.raises(OSError, match="injected"):
+        _commit(store, 2, [_record(1), _record(2)])
+    monkeypatch.undo()
+    saved = store.load("digits", layout_of(STATE))
+    assert saved is not None and saved.version == 1 and saved.history == [_record(1)]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_version_whose_commit_fails_is_not_saved_by_the_global_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def scenario() -> None:
+        model = GlobalModel(Store(tmp_path), "digits")
+        model.adopt(STATE, layout_of(STATE), None)
+        ok = await model.prepare(STATE, 1)
+        assert await model.persist(ok, _record(1))
+        prepared = await model.prepare(STATE, 2)
+        assert prepared.weights_file == "global-v2.safetensors"
+        _Trace(monkeypatch, fail="global-v2")
+        assert not await model.persist(prepared, _record(2))
+        monkeypatch.undo()
+
+    asyncio.run(scenario())
+    saved = Store(tmp_path).load("digits", layout_of(STATE))
+    assert saved is not None and saved.version == 1
+
+
+@pytest.mark.parametrize(
+    "history",
+    [
+        [],
+        [_record(1)],
+        [_record(1, eval_loss=0.25, eval_accuracy=None), _record(2, detail='a "quoted" ü')],
+        [_record(3, timing=RoundTiming(opened_at=1.0, collected_at=2.0, aggregated_at=3.5))],
+    ],
+)
+def test_history_json_holds_what_model_dump_gives(tmp_path: Path, history: list[Any]) -> None:
+    store = Store(tmp_path)
+    _commit(store, 1, history)
+    meta = json.loads((tmp_path / HISTORY_FILE).read_text(encoding="utf-8"))
+    assert meta["history"] == [r.model_dump(by_alias=True, mode="json") for r in history]
+    assert (meta["format"], meta["task"], meta["version"], meta["roundsCompleted"]) == (
+        1,
+        "digits",
+        1,
+        1,
+    )
+    assert meta["weightsFile"] == "global-v1.safetensors"
+    assert meta["optimizerFile"] == "optimizer-v1.safetensors"
+
+
+def test_publish_hops_benchmark_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import publish_hops
+
+    argv = ["--hidden", "4", "--features", "8", "--history", "3", "--repeats", "1"]
+    assert publish_hops.main(argv) == 0
+    out = capsys.readouterr().out
+    # Four fsyncs on the path either way; the after path's run side by side.
+    assert re.search(r"^path +before( +\d+\.\d+){2} +4 ", out, re.M), out
+    assert re.search(r"^path +after( +\d+\.\d+){2} +4 ", out, re.M), out
+    assert re.search(r"^ratio after / before, path: wall \d+\.\d+x", out, re.M), out
+
+
+def test_union_seconds_counts_overlapping_fsyncs_once() -> None:
+    from benchmarks.publish_hops import union_seconds
+
+    table = [
+        ([], 0.0),
+        ([(0.0, 1.0)], 1.0),
+        ([(0.0, 1.0), (0.5, 2.0)], 2.0),
+        ([(0.0, 3.0), (1.0, 2.0)], 3.0),
+        ([(0.0, 1.0), (2.0, 3.0)], 2.0),
+    ]
+    for spans, expected in table:
+        assert union_seconds(spans) == pytest.approx(expected)
+
+
+def test_an_evaluation_already_saved_is_not_written_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def scenario() -> None:
+        model = GlobalModel(Store(tmp_path), "digits")
+        model.adopt(STATE, layout_of(STATE), None)
+        prepared = await model.prepare(STATE, 1)
+        assert await model.persist(prepared, _record(1))
+        model.publish(prepared, _record(1), {})
+        assert await model.record_evaluation(1, {"evalLoss": 0.25, "evalAccuracy": 0.5})
+        trace = _Trace(monkeypatch)
+        assert await model.record_evaluation(1, {"evalLoss": 0.25, "evalAccuracy": 0.5})
+        assert await model.record_fields(1, {"eval_loss": 0.25})
+        assert trace.events == [], "nothing new to save"
+        assert await model.record_fields(1, {"federated_eval_loss": 0.5})
+        assert ("rename", str(tmp_path / HISTORY_FILE)) in trace.events
+        monkeypatch.undo()
+
+    asyncio.run(scenario())
+    saved = Store(tmp_path).load("digits", layout_of(STATE))
+    assert saved is not None and saved.history[-1].eval_accuracy == 0.5
+    assert saved.history[-1].federated_eval_loss == 0.5
