@@ -7,9 +7,14 @@ same message limits as the single-process server and a
 (:class:`server.handlers.DeviceNamespace`) over a LOCAL registry of its own connections and
 the cluster round service (:class:`server.cluster.service.ClusterRounds`). Each registry
 transition of a device is mirrored to Redis (:class:`~server.cluster.contracts.Presence`;
-the latest state of a device is written, one writer, retried every ``poll`` seconds while
-Redis is down; when Redis answers again -- perhaps restarted empty -- the worker announces
-itself and writes every connected device at once, and heartbeats keep the keys fresh).
+the latest state of a device is written, one writer, all pending devices in one pipeline,
+retried every ``poll`` seconds while Redis is down; when Redis answers again -- perhaps
+restarted empty, seen by a failed write or by its liveness key being gone -- the worker
+announces itself and writes every connected device at once). A heartbeat writes only when
+what a reader needs changed (eligibility, version) or the device's key was last refreshed
+more than ``stale_after / 3`` ago, so Redis sees about one write per device per
+``stale_after / 3``, not one per heartbeat; a device that stops heartbeating still vanishes
+within ``stale_after`` of its last refresh.
 The worker is a candidate for the coordinator lock every ``lock_retry`` seconds;
 the holder runs :class:`server.cluster.coordinator.ClusterCoordinator` in-process (a
 killed holder's PostgreSQL connection ends and another worker takes over). Routes:
@@ -72,22 +77,22 @@ CLUSTER_STRATEGIES = frozenset({"fedavg", "fedprox"})
 
 
 class ClusterNamespace(DeviceNamespace):
-    """The device handlers, mirroring presence after heartbeats and progress too."""
+    """The device handlers, refreshing presence after heartbeats and progress too."""
 
-    def __init__(self, *, mirror: Any, **kwargs: Any) -> None:
-        self._mirror = mirror
+    def __init__(self, *, refresh: Any, **kwargs: Any) -> None:
+        self._refresh = refresh
         super().__init__(**kwargs)
 
     @handles(ev.HEARTBEAT)
     async def on_device_heartbeat(self, sid: str, hb: Heartbeat) -> OkAck:
         await super().on_device_heartbeat(sid, hb)
-        self._mirror(self._record(sid).device_id)
+        self._refresh(self._record(sid).device_id)
         return OkAck()
 
     @handles(ev.TRAINING_PROGRESS)
     async def on_training_progress(self, sid: str, progress: TrainingProgress) -> None:
         await super().on_training_progress(sid, progress)
-        self._mirror(self._record(sid).device_id)
+        self._refresh(self._record(sid).device_id)
 
 
 class ClusterWorker:
@@ -125,6 +130,11 @@ class ClusterWorker:
         self.rounds: ClusterRounds | None = None
         self._dirty: set[str] = set()
         self._dirty_event = asyncio.Event()
+        #: device id -> (eligible, version, monotonic time) last written to Redis.
+        self._written: dict[str, tuple[bool, int | None, float]] = {}
+        #: Seconds after which a heartbeat rewrites an unchanged device (its key's TTL is
+        #: ``stale_after``; a third of it leaves two refreshes' margin).
+        self._refresh_after = config.stale_after / 3
         self._loops: list[asyncio.Task[Any]] = []
         self._runner: web.AppRunner | None = None
         self._coordinating = False
@@ -189,7 +199,7 @@ class ClusterWorker:
             )
             self.sio.register_namespace(
                 ClusterNamespace(
-                    mirror=self.mirror,
+                    refresh=self.refresh,
                     config=cfg,
                     auth=self.auth,
                     registry=self.registry,
@@ -302,7 +312,31 @@ class ClusterWorker:
         self._dirty.add(device_id)
         self._dirty_event.set()
 
+    def refresh(self, device_id: str) -> None:
+        """A heartbeat or progress: write the device's presence only if what a reader
+        needs (eligibility, version) changed or its key was last refreshed more than
+        ``stale_after / 3`` ago; O(1), no Redis call here."""
+        record = self.registry.get(device_id)
+        written = self._written.get(device_id)
+        if record is None or written is None:
+            self.mirror(device_id)
+            return
+        now = time.monotonic()
+        eligible = self.registry.ineligibility(record, self.config.task, now) is None
+        if (eligible, record.weights_version) != written[:2] or (
+            now - written[2] >= self._refresh_after
+        ):
+            self.mirror(device_id)
+
+    def _rewrite_all(self) -> None:
+        """Redis lost this worker's keys (restarted, or they expired): write every
+        connected device again."""
+        self._written.clear()
+        for connected in self.registry.connected():
+            self.mirror(connected.device_id)
+
     async def _presence_writer(self) -> None:
+        """The one writer of presence: every pending device in one pipeline per batch."""
         assert self.engines is not None
         presence = self.engines.presence
         failing = False
@@ -311,27 +345,28 @@ class ClusterWorker:
             self._dirty_event.clear()
             batch, self._dirty = self._dirty, set()
             now = time.monotonic()
+            seen: list[DeviceSeen] = []
+            gone: list[str] = []
+            for device_id in batch:
+                record = self.registry.get(device_id)
+                if record is None or record.sid is None:
+                    gone.append(device_id)
+                else:
+                    eligible = self.registry.ineligibility(record, self.config.task, now) is None
+                    seen.append(DeviceSeen(device_id, eligible, record.weights_version))
             try:
-                for device_id in list(batch):
-                    record = self.registry.get(device_id)
-                    if record is None or record.sid is None:
-                        await presence.device_gone(device_id)
-                    else:
-                        eligible = (
-                            self.registry.ineligibility(record, self.config.task, now) is None
-                        )
-                        await presence.device_seen(
-                            DeviceSeen(device_id, eligible, record.weights_version)
-                        )
-                    batch.discard(device_id)
+                await presence.devices_changed(seen, gone)
+                for one in seen:
+                    self._written[one.device_id] = (one.eligible, one.version, now)
+                for device_id in gone:
+                    self._written.pop(device_id, None)
                 if failing:
                     # Redis is back (perhaps restarted empty): announce this worker and
                     # write every connected device again at once.
                     await presence.worker_alive()
                     failing = False
                     log.info("presence written to Redis again")
-                    for connected in self.registry.connected():
-                        self.mirror(connected.device_id)
+                    self._rewrite_all()
             except ClusterError as exc:
                 if not failing:
                     log.warning("cannot write presence: %s; retrying", exc)
@@ -344,10 +379,12 @@ class ClusterWorker:
         assert self.engines is not None
         while True:
             try:
-                await self.engines.presence.worker_alive()
+                kept = await self.engines.presence.worker_alive()
             except ClusterError:
                 await asyncio.sleep(self.settings.poll)  # retried sooner: Redis may be back
                 continue
+            if not kept:
+                self._rewrite_all()
             await asyncio.sleep(self.settings.alive_every)
 
     async def _notifications(self) -> None:
