@@ -48,7 +48,7 @@ from client.protocol import Heartbeat, OkAck, TrainingProgress, events as ev
 from client.tasks import Task, get_task
 from client.transfer import BlobStore
 from client.weights import StateDict, layout_of
-from server.app import StartupError
+from server.app import INLINE_EVENTS, StartupError
 from server.auth import TokenChecker
 from server.background import Background
 from server.cluster.contracts import (
@@ -67,6 +67,7 @@ from server.registry import Registry
 from server.starter import RoundStarter, training_config
 from server.store import Store
 from server.tls import TLSConfigError, server_ssl_context
+from server.transport import DeviceServer, transport_timing
 
 __all__ = ["LOCK_RETRY_S", "ClusterSettings", "ClusterWorker"]
 
@@ -101,10 +102,15 @@ class ClusterWorker:
     def __init__(self, config: ServerConfig, settings: ClusterSettings) -> None:
         self.config = config
         self.settings = settings
-        self.sio = socketio.AsyncServer(
+        timing = transport_timing(config.heartbeat_interval)
+        self.sio = DeviceServer(
+            # As the single-process server: heartbeats inline, the transport ping rare.
+            inline_events=INLINE_EVENTS,
             async_mode="aiohttp",
             client_manager=socketio.AsyncRedisManager(settings.redis_url),
             max_http_buffer_size=config.max_message_bytes,
+            ping_interval=timing.ping_interval,
+            ping_timeout=timing.ping_timeout,
             logger=False,
             engineio_logger=False,
         )
