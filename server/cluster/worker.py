@@ -12,9 +12,11 @@ retried every ``poll`` seconds while Redis is down; when Redis answers again -- 
 restarted empty, seen by a failed write or by its liveness key being gone -- the worker
 announces itself and writes every connected device at once). A heartbeat writes only when
 what a reader needs changed (eligibility, version) or the device's key was last refreshed
-more than ``stale_after / 3`` ago, so Redis sees about one write per device per
-``stale_after / 3``, not one per heartbeat; a device that stops heartbeating still vanishes
-within ``stale_after`` of its last refresh.
+more than ``stale_after / 3`` ago -- those TTL refreshes go in one pipeline every
+``stale_after / 6`` s -- so Redis sees about one write per device per ``stale_after / 3``
+(or per two heartbeats), not one per heartbeat; a heartbeating device's key is refreshed
+within ``stale_after / 3 + interval + stale_after / 6`` of the last refresh (before its TTL,
+``stale_after``), and a device that stops heartbeating vanishes within ``stale_after``.
 The worker is a candidate for the coordinator lock every ``lock_retry`` seconds;
 the holder runs :class:`server.cluster.coordinator.ClusterCoordinator` in-process (a
 killed holder's PostgreSQL connection ends and another worker takes over). Routes:
@@ -319,9 +321,10 @@ class ClusterWorker:
         self._dirty_event.set()
 
     def refresh(self, device_id: str) -> None:
-        """A heartbeat or progress: write the device's presence only if what a reader
-        needs (eligibility, version) changed or its key was last refreshed more than
-        ``stale_after / 3`` ago; O(1), no Redis call here."""
+        """A heartbeat or progress: write the device's presence at once if what a reader
+        needs (eligibility, version) changed; if only its key was last refreshed more than
+        ``stale_after / 3`` ago, refresh it with the writer's next batch (every
+        ``stale_after / 6`` s); O(1), no Redis call here."""
         record = self.registry.get(device_id)
         written = self._written.get(device_id)
         if record is None or written is None:
@@ -329,10 +332,10 @@ class ClusterWorker:
             return
         now = time.monotonic()
         eligible = self.registry.ineligibility(record, self.config.task, now) is None
-        if (eligible, record.weights_version) != written[:2] or (
-            now - written[2] >= self._refresh_after
-        ):
-            self.mirror(device_id)
+        if (eligible, record.weights_version) != written[:2]:
+            self.mirror(device_id)  # a reader needs it now
+        elif now - written[2] >= self._refresh_after:
+            self._dirty.add(device_id)  # only the TTL: with the next batch (within a tick)
 
     def _rewrite_all(self) -> None:
         """Redis lost this worker's keys (restarted, or they expired): write every
@@ -347,8 +350,12 @@ class ClusterWorker:
         presence = self.engines.presence
         failing = False
         while True:
-            await self._dirty_event.wait()
+            # Woken by a change at once; TTL refreshes wait for the next tick and go together.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dirty_event.wait(), self._refresh_after / 2)
             self._dirty_event.clear()
+            if not self._dirty:
+                continue
             batch, self._dirty = self._dirty, set()
             now = time.monotonic()
             seen: list[DeviceSeen] = []
