@@ -16,6 +16,12 @@ measures over ``--window`` seconds:
 * the server's and the generators' CPU % (a generator near 100 % of a core is the limit,
   not the server: the table says so).
 
+``--workers N`` measures the multi-process server instead: a throwaway ``redis-server`` and
+PostgreSQL are started (:mod:`benchmarks.cluster_engines`), the server gets ``--workers N
+--redis --database --shared-dir``, and Redis's and PostgreSQL's CPU per heartbeat, Redis's
+commands per heartbeat and PostgreSQL's statements per second are reported too, with the most
+frequent statements of the window. Without it: the single-process server.
+
 ``RLIMIT_NOFILE`` is raised to its hard limit (the server and the generators inherit it).
 Everything stays on loopback, in temporary directories, and stops by itself.
 
