@@ -16,6 +16,12 @@ measures over ``--window`` seconds:
 * the server's and the generators' CPU % (a generator near 100 % of a core is the limit,
   not the server: the table says so).
 
+``--workers N`` measures the multi-process server instead: a throwaway ``redis-server`` and
+PostgreSQL are started (:mod:`benchmarks.cluster_engines`), the server gets ``--workers N
+--redis --database --shared-dir``, and Redis's and PostgreSQL's CPU per heartbeat, Redis's
+commands per heartbeat and PostgreSQL's statements per second are reported too, with the most
+frequent statements of the window. Without it: the single-process server.
+
 ``RLIMIT_NOFILE`` is raised to its hard limit (the server and the generators inherit it).
 Everything stays on loopback, in temporary directories, and stops by itself.
 
@@ -51,6 +57,7 @@ import socketio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.cluster_engines import ClusterEngines, cluster_engines  # noqa: E402
 from tests.server_harness import register_payload, resources  # noqa: E402
 
 #: Longest wait for a generator's report (joining thousands of devices on a loaded machine).
@@ -152,7 +159,9 @@ def _generator_main(url: str, n: int, interval: float, conn: Any, seed: int) -> 
 # --------------------------------------------------------------- one size
 
 
-def start_server(tmp: str, n: int, interval: float, workers: int | None) -> subprocess.Popen[str]:
+def start_server(
+    tmp: str, n: int, interval: float, workers: int | None, engines: ClusterEngines | None
+) -> subprocess.Popen[str]:
     env = dict(os.environ)
     for var in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME", "XDG_DATA_HOME"):
         env[var] = str(Path(tmp) / var.lower())
@@ -161,7 +170,9 @@ def start_server(tmp: str, n: int, interval: float, workers: int | None) -> subp
     args += ["--heartbeat-interval", str(interval), "--state-dir", str(Path(tmp) / "state")]
     args += ["--log-level", "WARNING"]
     if workers is not None:
-        args += ["--workers", str(workers)]
+        assert engines is not None
+        args += ["--workers", str(workers), "--redis", engines.redis_url]
+        args += ["--database", engines.database_url, "--shared-dir", str(Path(tmp) / "shared")]
     # Its own process group (and session): stop_server() ends it and every worker it
     # started, whatever way this benchmark ends; Ctrl-C in the terminal reaches only us.
     return subprocess.Popen(
@@ -200,58 +211,90 @@ def _recv(pipe: Any, timeout: float, what: str) -> Any:
 def measure(
     n: int, *, interval: float, window: float, generators: int, workers: int | None
 ) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        proc = start_server(tmp, n, interval, workers)
-        pipes: list[Any] = []
-        gens: list[mp.process.BaseProcess] = []
-        clean = False
-        try:
-            assert proc.stdout is not None
-            url = next((m.group(1) for line in proc.stdout if (m := LISTENING.search(line))), None)
-            if url is None:
-                raise RuntimeError("the server did not start")
-            server = psutil.Process(proc.pid)
+    with contextlib.ExitStack() as stack:
+        engines = stack.enter_context(cluster_engines()) if workers is not None else None
+        tmp = stack.enter_context(tempfile.TemporaryDirectory())
+        return _measure(tmp, engines, n, interval, window, generators, workers)
 
-            def tree() -> list[int]:
-                return [proc.pid, *(c.pid for c in server.children(recursive=True))]
 
-            def rss() -> int:
-                return sum(psutil.Process(p).memory_info().rss for p in tree())
+def _engine_counters(engines: ClusterEngines | None) -> tuple[float, float, int, int]:
+    """Redis CPU s, PostgreSQL CPU s, Redis commands, PostgreSQL statements (zeros
+    without engines)."""
+    if engines is None:
+        return 0.0, 0.0, 0, 0
+    return (
+        engines.redis_cpu_s(),
+        engines.postgres_cpu_s(),
+        engines.redis_commands(),
+        engines.pg_calls(),
+    )
 
-            rss_before = rss()
-            ctx = mp.get_context("spawn")
-            shares = [n // generators + (1 if i < n % generators else 0) for i in range(generators)]
-            for i, share in enumerate(shares):
-                here, there = ctx.Pipe()
-                gen = ctx.Process(target=_generator_main, args=(url, share, interval, there, i))
-                gen.start()
-                pipes.append(here)
-                gens.append(gen)
-            t_join = time.monotonic()
-            joined = [_recv(pipe, JOIN_TIMEOUT_S, "join report") for pipe in pipes]
-            join_s = time.monotonic() - t_join
-            held = sum(j[1] for j in joined)
-            time.sleep(interval)  # every device has sent its first heartbeat: phases spread
-            gen_procs = [psutil.Process(g.pid) for g in gens if g.pid is not None]
-            for p in gen_procs:
-                p.cpu_percent(None)
-            t0, cpu0 = time.monotonic(), cpu_seconds(tree())
-            time.sleep(window)
-            t1, cpu1 = time.monotonic(), cpu_seconds(tree())
-            gen_cpu = max(p.cpu_percent(None) for p in gen_procs)
-            rss_held = rss()
-            for pipe in pipes:
-                pipe.send("stop")
-            results = [_recv(pipe, JOIN_TIMEOUT_S, "results") for pipe in pipes]
-            load = _loadavg()
-            clean = True
-        finally:
-            for gen in gens:
-                gen.join(60 if clean else 0)  # told to stop: they disconnect and exit
-                if gen.is_alive():
-                    gen.kill()
-                    gen.join(10)
-            stop_server(proc)
+
+def _measure(
+    tmp: str,
+    engines: ClusterEngines | None,
+    n: int,
+    interval: float,
+    window: float,
+    generators: int,
+    workers: int | None,
+) -> dict[str, Any]:
+    proc = start_server(tmp, n, interval, workers, engines)
+    pipes: list[Any] = []
+    gens: list[mp.process.BaseProcess] = []
+    clean = False
+    try:
+        assert proc.stdout is not None
+        url = next((m.group(1) for line in proc.stdout if (m := LISTENING.search(line))), None)
+        if url is None:
+            raise RuntimeError("the server did not start")
+        server = psutil.Process(proc.pid)
+
+        def tree() -> list[int]:
+            return [proc.pid, *(c.pid for c in server.children(recursive=True))]
+
+        def rss() -> int:
+            return sum(psutil.Process(p).memory_info().rss for p in tree())
+
+        rss_before = rss()
+        ctx = mp.get_context("spawn")
+        shares = [n // generators + (1 if i < n % generators else 0) for i in range(generators)]
+        for i, share in enumerate(shares):
+            here, there = ctx.Pipe()
+            gen = ctx.Process(target=_generator_main, args=(url, share, interval, there, i))
+            gen.start()
+            pipes.append(here)
+            gens.append(gen)
+        t_join = time.monotonic()
+        joined = [_recv(pipe, JOIN_TIMEOUT_S, "join report") for pipe in pipes]
+        join_s = time.monotonic() - t_join
+        held = sum(j[1] for j in joined)
+        time.sleep(interval)  # every device has sent its first heartbeat: phases spread
+        gen_procs = [psutil.Process(g.pid) for g in gens if g.pid is not None]
+        for p in gen_procs:
+            p.cpu_percent(None)
+        if engines is not None:
+            engines.pg_reset()  # the statements of the window alone
+        eng0 = _engine_counters(engines)
+        t0, cpu0 = time.monotonic(), cpu_seconds(tree())
+        time.sleep(window)
+        t1, cpu1 = time.monotonic(), cpu_seconds(tree())
+        eng1 = _engine_counters(engines)
+        pg_top = engines.pg_top(5) if engines is not None else []
+        gen_cpu = max(p.cpu_percent(None) for p in gen_procs)
+        rss_held = rss()
+        for pipe in pipes:
+            pipe.send("stop")
+        results = [_recv(pipe, JOIN_TIMEOUT_S, "results") for pipe in pipes]
+        load = _loadavg()
+        clean = True
+    finally:
+        for gen in gens:
+            gen.join(60 if clean else 0)  # told to stop: they disconnect and exit
+            if gen.is_alive():
+                gen.kill()
+                gen.join(10)
+        stop_server(proc)
     rtts = sorted(rtt for r in results for sent, rtt in r[1] if t0 <= sent < t1)
     beats = len(rtts)
     cpu_ms = 1000 * (cpu1 - cpu0)
@@ -271,6 +314,11 @@ def measure(
         "devices_per_core": 1000 * interval / per_beat if beats else float("nan"),
         "generator_cpu_pct": gen_cpu,
         "loadavg": load,
+        "redis_ms_per_beat": 1000 * (eng1[0] - eng0[0]) / beats if beats else float("nan"),
+        "pg_ms_per_beat": 1000 * (eng1[1] - eng0[1]) / beats if beats else float("nan"),
+        "redis_cmds_per_beat": (eng1[2] - eng0[2]) / beats if beats else float("nan"),
+        "pg_statements_per_s": (eng1[3] - eng0[3]) / (t1 - t0),
+        "pg_top": pg_top,
     }
 
 
@@ -280,17 +328,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interval", type=float, default=10.0, help="heartbeat interval, s")
     p.add_argument("--window", type=float, default=20.0, help="measuring window, s")
     p.add_argument("--generators", type=int, default=2, help="load-generator processes")
-    p.add_argument("--workers", type=int, default=None, help="passed to the server")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="cluster mode: this many workers on a throwaway Redis and PostgreSQL "
+        "(default: the single-process server)",
+    )
     args = p.parse_args(argv)
+    cluster = args.workers is not None
     # A SIGTERM unwinds like Ctrl-C, so measure()'s cleanup stops the server and generators.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     print(f"open files limit: {raise_nofile()}; loadavg before: {_loadavg()}")
+    mode = f"cluster mode, {args.workers} worker(s)" if cluster else "single process"
+    print(f"server: {mode}")
+    engine_head = (
+        " Redis CPU ms per heartbeat | PostgreSQL CPU ms per heartbeat "
+        "| Redis commands per heartbeat | PostgreSQL statements/s |"
+        if cluster
+        else ""
+    )
     print(
         "| devices | held | join s | heartbeats/s | server CPU | CPU ms per heartbeat "
         "| ack p50 / p99 ms | RSS KB per device | devices per core | busiest generator CPU "
-        "| loadavg 1/5/15 min at the end |"
+        "| loadavg 1/5/15 min at the end |" + engine_head
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print(
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|" + ("---:|" * 4 if cluster else "")
+    )
+    tops: list[tuple[int, list[tuple[int, str]]]] = []
     for n in (int(x) for x in args.sizes.split(",") if x):
         r = measure(
             n,
@@ -299,13 +365,25 @@ def main(argv: list[str] | None = None) -> int:
             generators=args.generators,
             workers=args.workers,
         )
+        engines = (
+            f" {r['redis_ms_per_beat']:.3f} | {r['pg_ms_per_beat']:.3f} | "
+            f"{r['redis_cmds_per_beat']:.2f} | {r['pg_statements_per_s']:.1f} |"
+            if cluster
+            else ""
+        )
         print(
             f"| {n} | {r['held']} | {r['join_s']:.1f} | {r['beats_per_s']:.0f} | "
             f"{r['server_cpu_pct']:.0f} % | {r['ms_per_beat']:.3f} | "
             f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f} | {r['rss_kb_per_device']:.0f} | "
-            f"{r['devices_per_core']:.0f} | {r['generator_cpu_pct']:.0f} % | {r['loadavg']} |",
+            f"{r['devices_per_core']:.0f} | {r['generator_cpu_pct']:.0f} % | {r['loadavg']} |"
+            + engines,
             flush=True,
         )
+        tops.append((n, r["pg_top"]))
+    for n, top in tops if cluster else []:
+        print(f"most frequent PostgreSQL statements at {n} devices (calls in the window):")
+        for calls, query in top:
+            print(f"  {calls:>7}  {query}")
     print(f"loadavg after: {_loadavg()}")
     return 0
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from server.cluster.contracts import (
@@ -97,8 +97,11 @@ class MemoryPresence(_Failing):
     async def device_gone(self, device_id: str) -> None:
         self.devices.pop(device_id, None)
 
-    async def worker_alive(self) -> None:
-        return None
+    async def devices_changed(self, seen: Sequence[DeviceSeen], gone: Sequence[str]) -> None:
+        raise NotImplementedError  # the tests place devices with connect()
+
+    async def worker_alive(self) -> bool:
+        return True
 
     async def live_workers(self) -> set[str]:
         self._maybe_fail("live_workers")

@@ -234,7 +234,9 @@ def private_redis() -> Iterator[RedisServer]:
 class PostgresServer:
     """One PostgreSQL 15 cluster on 127.0.0.1 (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, settings: tuple[str, ...] = ()) -> None:
+        #: Extra ``name=value`` server settings (``-c``), e.g. for a benchmark's statistics.
+        self.settings = settings
         self.root = Path(tempfile.mkdtemp(prefix="fedtray-pg-"))
         self.data = self.root / "data"
         self.port = 0
@@ -312,6 +314,7 @@ class PostgresServer:
                         "full_page_writes=off",
                         "-c",
                         "max_connections=200",
+                        *(arg for setting in self.settings for arg in ("-c", setting)),
                     ],
                     stdout=out,
                     stderr=subprocess.STDOUT,

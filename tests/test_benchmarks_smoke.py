@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import time
 
+import psutil
 import pytest
 
 from benchmarks import (
@@ -210,3 +211,35 @@ def test_server_capacity_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert row is not None, out
     assert int(row.group(1)) == 6  # every device held to the end
     assert float(row.group(2)) > 0 and float(row.group(4)) >= float(row.group(3)), out
+
+
+# Slow: the benchmark starts redis-server, PostgreSQL, the cluster's supervisor and workers
+# (they import torch) and generator processes.
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_server_capacity_cluster_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--sizes", "6", "--interval", "0.5", "--window", "1", "--generators", "2"]
+    before = {p.pid for p in psutil.Process().children()}
+    assert server_capacity.main([*argv, "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "server: cluster mode, 2 worker(s)" in out, out
+    row = re.search(
+        r"^\| 6 \| (\d+) \| .* \| (\d+\.\d+) \| (\d+\.\d+) / (\d+\.\d+) \| .* \|"
+        r" (\d+\.\d+) \| (\d+\.\d+) \| (\d+\.\d+) \| (\d+\.\d+) \|$",
+        out,
+        re.M,
+    )
+    assert row is not None, out
+    assert int(row.group(1)) == 6  # every device held to the end
+    assert float(row.group(2)) > 0 and float(row.group(4)) >= float(row.group(3)), out
+    redis_commands, pg_statements = map(float, row.group(7, 8))  # CPU may round to 0
+    assert redis_commands > 0 and pg_statements > 0, out  # the workers used both engines
+    assert "most frequent PostgreSQL statements at 6 devices" in out, out
+    # Everything the benchmark started has stopped: no engine, server or generator left
+    # (multiprocessing's resource tracker stays with this process by design).
+    left = [
+        p.cmdline()
+        for p in psutil.Process().children()
+        if p.pid not in before and "resource_tracker" not in " ".join(p.cmdline())
+    ]
+    assert not left, left

@@ -5,6 +5,7 @@ Redis restart."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -179,3 +180,47 @@ def test_unreachable_redis_is_one_clear_error() -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"
     with pytest.raises(ClusterError, match=r"^Redis at 127\.0\.0\.1:\d+/0 unreachable"):
         run(lambda: pres.connect(url, "w", device_ttl=5, worker_ttl=5))
+
+
+def test_many_devices_change_in_one_call(redis_url: str) -> None:
+    async def body() -> None:
+        a, b = await worker(redis_url, "wa"), await worker(redis_url, "wb")
+        try:
+            await b.device_seen(DeviceSeen("d2", True, 0))
+            await a.devices_changed([], [])  # nothing to write: no error
+            await a.devices_changed(
+                [DeviceSeen("d1", True, 0), DeviceSeen("d2", True, 1), DeviceSeen("d3", False, 1)],
+                [],
+            )
+            # d2 moved to a: counted once, on a.
+            assert await a.eligible_devices() == [("d1", "wa"), ("d2", "wa")]
+            assert await b.worker_of("d3") == "wa"
+            await a.devices_changed([DeviceSeen("d3", True, 1)], ["d1", "d2"])
+            assert await b.eligible_devices() == [("d3", "wa")]
+            assert await b.worker_of("d1") is None
+        finally:
+            await a.close()
+            await b.close()
+
+    run(body)
+
+
+def test_worker_alive_says_whether_redis_kept_the_worker(private_redis: RedisServer) -> None:
+    async def body() -> None:
+        p = await pres.connect(private_redis.url(), "wa", device_ttl=30, worker_ttl=30)
+        try:
+            assert await p.worker_alive() is False  # first call: announced now
+            assert await p.worker_alive() is True
+            await asyncio.to_thread(private_redis.kill)
+            await asyncio.to_thread(private_redis.start)
+            alive = False
+            for _ in range(3):  # the first call after the restart may meet the old socket
+                with contextlib.suppress(ClusterError):
+                    alive = await p.worker_alive()
+                    break
+            assert alive is False  # restarted empty: the worker must write its devices again
+            assert await p.worker_alive() is True
+        finally:
+            await p.close()
+
+    run(body)

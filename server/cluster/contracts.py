@@ -27,7 +27,7 @@ when bytes do not match their SHA-256.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -102,8 +102,15 @@ class Presence(Protocol):
         """The device disconnected from this worker; O(1)."""
         ...
 
-    async def worker_alive(self) -> None:
-        """Refresh this worker's liveness key (called every few seconds)."""
+    async def devices_changed(self, seen: Sequence[DeviceSeen], gone: Sequence[str]) -> None:
+        """:meth:`device_seen` for each of ``seen`` and :meth:`device_gone` for each of
+        ``gone``, in one round trip; O(1) per device."""
+        ...
+
+    async def worker_alive(self) -> bool:
+        """Refresh this worker's liveness key (called every few seconds); False when the
+        key was not there any more (first call, Redis restarted empty, or the key expired:
+        the caller writes its devices again)."""
         ...
 
     async def live_workers(self) -> set[str]:

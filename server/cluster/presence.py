@@ -13,7 +13,8 @@ Keys (``P`` is the prefix, ``fedtray:`` unless given):
   (refreshed with the liveness key).
 * ``P worker:<worker_id>`` -- the worker's liveness key (its start time), TTL
   ``worker_ttl``; :meth:`~RedisPresence.worker_alive` refreshes it (call it every
-  ``worker_ttl / 3`` seconds or so).
+  ``worker_ttl / 3`` seconds or so) and says whether it was still there (False: first
+  call, Redis restarted empty, or the key expired -- the worker writes its devices again).
 * ``P workers`` -- SET of worker ids that announced themselves; ids whose liveness key
   expired are removed from it by :meth:`~RedisPresence.live_workers`.
 
@@ -22,7 +23,9 @@ Promises:
 * Every call is O(1) in the fleet size except :meth:`~RedisPresence.live_workers`,
   :meth:`~RedisPresence.eligible_count` (O(workers)) and
   :meth:`~RedisPresence.eligible_devices` (O(eligible devices); once per round).
-  ``device_seen``/``device_gone`` are one atomic Lua script each (one round trip).
+  ``device_seen``/``device_gone`` are one atomic Lua script each (one round trip);
+  :meth:`~RedisPresence.devices_changed` runs those scripts for many devices in one
+  pipeline (one round trip, each device's script still atomic).
 * A device is counted on one worker at most: ``device_seen`` on worker B takes it out of
   the eligible set of the worker that had it before; a late ``device_gone`` from that
   worker removes nothing of B's.
@@ -36,8 +39,8 @@ Promises:
   and so may include such a stale device until its worker reports it (an upper bound for
   the coordinator's wait; the selection uses the exact list).
 * Redis restarted (no persistence): the keys are gone; each worker's next
-  ``worker_alive`` and each device's next ``device_seen`` (its next heartbeat) put them
-  back, so presence recovers within a heartbeat interval. redis-py reconnects by itself;
+  ``worker_alive`` (False: the worker writes all its devices again) puts them back, so
+  presence recovers within one ``worker_alive`` period. redis-py reconnects by itself;
   a call made while Redis is down raises ClusterError.
 
 Raises: ClusterError (one line, ``Redis ...``) for every engine failure. Never: keeps
@@ -48,7 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -146,20 +149,22 @@ class RedisPresence:
             await self._redis.aclose()
 
     async def device_seen(self, seen: DeviceSeen) -> None:
-        version = "" if seen.version is None else str(seen.version)
         with _engine_errors(f"presence of {seen.device_id}"):
             await self._seen(
                 keys=[self._dev(seen.device_id), self._elig(self.worker_id)],
-                args=[
-                    self.worker_id,
-                    "1" if seen.eligible else "0",
-                    version,
-                    self._device_ttl,
-                    f"{self._p}elig:",
-                    seen.device_id,
-                    self._worker_ttl,
-                ],
+                args=self._seen_args(seen),
             )
+
+    def _seen_args(self, seen: DeviceSeen) -> list[str | int]:
+        return [
+            self.worker_id,
+            "1" if seen.eligible else "0",
+            "" if seen.version is None else str(seen.version),
+            self._device_ttl,
+            f"{self._p}elig:",
+            seen.device_id,
+            self._worker_ttl,
+        ]
 
     async def device_gone(self, device_id: str) -> None:
         with _engine_errors(f"presence of {device_id}"):
@@ -168,13 +173,33 @@ class RedisPresence:
                 args=[self.worker_id, device_id],
             )
 
-    async def worker_alive(self) -> None:
+    async def devices_changed(self, seen: Sequence[DeviceSeen], gone: Sequence[str]) -> None:
+        if not seen and not gone:
+            return
+        with _engine_errors(f"presence of {len(seen) + len(gone)} devices"):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for one in seen:
+                    await self._seen(
+                        keys=[self._dev(one.device_id), self._elig(self.worker_id)],
+                        args=self._seen_args(one),
+                        client=pipe,
+                    )
+                for device_id in gone:
+                    await self._gone(
+                        keys=[self._dev(device_id), self._elig(self.worker_id)],
+                        args=[self.worker_id, device_id],
+                        client=pipe,
+                    )
+                await pipe.execute()
+
+    async def worker_alive(self) -> bool:
         with _engine_errors("worker liveness"):
             async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.set(self._alive(self.worker_id), self._started, ex=self._worker_ttl)
+                pipe.set(self._alive(self.worker_id), self._started, ex=self._worker_ttl, get=True)
                 pipe.sadd(f"{self._p}workers", self.worker_id)
                 pipe.expire(self._elig(self.worker_id), self._worker_ttl)
-                await pipe.execute()
+                replies: list[Any] = await pipe.execute()
+        return replies[0] is not None
 
     async def live_workers(self) -> set[str]:
         with _engine_errors("live workers"):

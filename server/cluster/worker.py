@@ -7,9 +7,16 @@ same message limits as the single-process server and a
 (:class:`server.handlers.DeviceNamespace`) over a LOCAL registry of its own connections and
 the cluster round service (:class:`server.cluster.service.ClusterRounds`). Each registry
 transition of a device is mirrored to Redis (:class:`~server.cluster.contracts.Presence`;
-the latest state of a device is written, one writer, retried every ``poll`` seconds while
-Redis is down; when Redis answers again -- perhaps restarted empty -- the worker announces
-itself and writes every connected device at once, and heartbeats keep the keys fresh).
+the latest state of a device is written, one writer, all pending devices in one pipeline,
+retried every ``poll`` seconds while Redis is down; when Redis answers again -- perhaps
+restarted empty, seen by a failed write or by its liveness key being gone -- the worker
+announces itself and writes every connected device at once). A heartbeat writes only when
+what a reader needs changed (eligibility, version) or the device's key was last refreshed
+more than ``stale_after / 3`` ago -- those TTL refreshes go in one pipeline every
+``stale_after / 6`` s -- so Redis sees about one write per device per ``stale_after / 3``
+(or per two heartbeats), not one per heartbeat; a heartbeating device's key is refreshed
+within ``stale_after / 3 + interval + stale_after / 6`` of the last refresh (before its TTL,
+``stale_after``), and a device that stops heartbeating vanishes within ``stale_after``.
 The worker is a candidate for the coordinator lock every ``lock_retry`` seconds;
 the holder runs :class:`server.cluster.coordinator.ClusterCoordinator` in-process (a
 killed holder's PostgreSQL connection ends and another worker takes over). Routes:
@@ -43,7 +50,7 @@ from client.protocol import Heartbeat, OkAck, TrainingProgress, events as ev
 from client.tasks import Task, get_task
 from client.transfer import BlobStore
 from client.weights import StateDict, layout_of
-from server.app import StartupError
+from server.app import INLINE_EVENTS, StartupError
 from server.auth import TokenChecker
 from server.background import Background
 from server.cluster.contracts import (
@@ -62,6 +69,7 @@ from server.registry import Registry
 from server.starter import RoundStarter, training_config
 from server.store import Store
 from server.tls import TLSConfigError, server_ssl_context
+from server.transport import DeviceServer, transport_timing
 
 __all__ = ["LOCK_RETRY_S", "ClusterSettings", "ClusterWorker"]
 
@@ -72,22 +80,22 @@ CLUSTER_STRATEGIES = frozenset({"fedavg", "fedprox"})
 
 
 class ClusterNamespace(DeviceNamespace):
-    """The device handlers, mirroring presence after heartbeats and progress too."""
+    """The device handlers, refreshing presence after heartbeats and progress too."""
 
-    def __init__(self, *, mirror: Any, **kwargs: Any) -> None:
-        self._mirror = mirror
+    def __init__(self, *, refresh: Any, **kwargs: Any) -> None:
+        self._refresh = refresh
         super().__init__(**kwargs)
 
     @handles(ev.HEARTBEAT)
     async def on_device_heartbeat(self, sid: str, hb: Heartbeat) -> OkAck:
         await super().on_device_heartbeat(sid, hb)
-        self._mirror(self._record(sid).device_id)
+        self._refresh(self._record(sid).device_id)
         return OkAck()
 
     @handles(ev.TRAINING_PROGRESS)
     async def on_training_progress(self, sid: str, progress: TrainingProgress) -> None:
         await super().on_training_progress(sid, progress)
-        self._mirror(self._record(sid).device_id)
+        self._refresh(self._record(sid).device_id)
 
 
 class ClusterWorker:
@@ -96,10 +104,15 @@ class ClusterWorker:
     def __init__(self, config: ServerConfig, settings: ClusterSettings) -> None:
         self.config = config
         self.settings = settings
-        self.sio = socketio.AsyncServer(
+        timing = transport_timing(config.heartbeat_interval)
+        self.sio = DeviceServer(
+            # As the single-process server: heartbeats inline, the transport ping rare.
+            inline_events=INLINE_EVENTS,
             async_mode="aiohttp",
             client_manager=socketio.AsyncRedisManager(settings.redis_url),
             max_http_buffer_size=config.max_message_bytes,
+            ping_interval=timing.ping_interval,
+            ping_timeout=timing.ping_timeout,
             logger=False,
             engineio_logger=False,
         )
@@ -125,6 +138,11 @@ class ClusterWorker:
         self.rounds: ClusterRounds | None = None
         self._dirty: set[str] = set()
         self._dirty_event = asyncio.Event()
+        #: device id -> (eligible, version, monotonic time) last written to Redis.
+        self._written: dict[str, tuple[bool, int | None, float]] = {}
+        #: Seconds after which a heartbeat rewrites an unchanged device (its key's TTL is
+        #: ``stale_after``; a third of it leaves two refreshes' margin).
+        self._refresh_after = config.stale_after / 3
         self._loops: list[asyncio.Task[Any]] = []
         self._runner: web.AppRunner | None = None
         self._coordinating = False
@@ -189,7 +207,7 @@ class ClusterWorker:
             )
             self.sio.register_namespace(
                 ClusterNamespace(
-                    mirror=self.mirror,
+                    refresh=self.refresh,
                     config=cfg,
                     auth=self.auth,
                     registry=self.registry,
@@ -302,36 +320,66 @@ class ClusterWorker:
         self._dirty.add(device_id)
         self._dirty_event.set()
 
+    def refresh(self, device_id: str) -> None:
+        """A heartbeat or progress: write the device's presence at once if what a reader
+        needs (eligibility, version) changed; if only its key was last refreshed more than
+        ``stale_after / 3`` ago, refresh it with the writer's next batch (every
+        ``stale_after / 6`` s); O(1), no Redis call here."""
+        record = self.registry.get(device_id)
+        written = self._written.get(device_id)
+        if record is None or written is None:
+            self.mirror(device_id)
+            return
+        now = time.monotonic()
+        eligible = self.registry.ineligibility(record, self.config.task, now) is None
+        if (eligible, record.weights_version) != written[:2]:
+            self.mirror(device_id)  # a reader needs it now
+        elif now - written[2] >= self._refresh_after:
+            self._dirty.add(device_id)  # only the TTL: with the next batch (within a tick)
+
+    def _rewrite_all(self) -> None:
+        """Redis lost this worker's keys (restarted, or they expired): write every
+        connected device again."""
+        self._written.clear()
+        for connected in self.registry.connected():
+            self.mirror(connected.device_id)
+
     async def _presence_writer(self) -> None:
+        """The one writer of presence: every pending device in one pipeline per batch."""
         assert self.engines is not None
         presence = self.engines.presence
         failing = False
         while True:
-            await self._dirty_event.wait()
+            # Woken by a change at once; TTL refreshes wait for the next tick and go together.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dirty_event.wait(), self._refresh_after / 2)
             self._dirty_event.clear()
+            if not self._dirty:
+                continue
             batch, self._dirty = self._dirty, set()
             now = time.monotonic()
+            seen: list[DeviceSeen] = []
+            gone: list[str] = []
+            for device_id in batch:
+                record = self.registry.get(device_id)
+                if record is None or record.sid is None:
+                    gone.append(device_id)
+                else:
+                    eligible = self.registry.ineligibility(record, self.config.task, now) is None
+                    seen.append(DeviceSeen(device_id, eligible, record.weights_version))
             try:
-                for device_id in list(batch):
-                    record = self.registry.get(device_id)
-                    if record is None or record.sid is None:
-                        await presence.device_gone(device_id)
-                    else:
-                        eligible = (
-                            self.registry.ineligibility(record, self.config.task, now) is None
-                        )
-                        await presence.device_seen(
-                            DeviceSeen(device_id, eligible, record.weights_version)
-                        )
-                    batch.discard(device_id)
+                await presence.devices_changed(seen, gone)
+                for one in seen:
+                    self._written[one.device_id] = (one.eligible, one.version, now)
+                for device_id in gone:
+                    self._written.pop(device_id, None)
                 if failing:
                     # Redis is back (perhaps restarted empty): announce this worker and
                     # write every connected device again at once.
                     await presence.worker_alive()
                     failing = False
                     log.info("presence written to Redis again")
-                    for connected in self.registry.connected():
-                        self.mirror(connected.device_id)
+                    self._rewrite_all()
             except ClusterError as exc:
                 if not failing:
                     log.warning("cannot write presence: %s; retrying", exc)
@@ -344,10 +392,12 @@ class ClusterWorker:
         assert self.engines is not None
         while True:
             try:
-                await self.engines.presence.worker_alive()
+                kept = await self.engines.presence.worker_alive()
             except ClusterError:
                 await asyncio.sleep(self.settings.poll)  # retried sooner: Redis may be back
                 continue
+            if not kept:
+                self._rewrite_all()
             await asyncio.sleep(self.settings.alive_every)
 
     async def _notifications(self) -> None:
