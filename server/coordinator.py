@@ -29,7 +29,10 @@ Device records change only through the registry's named transitions.
 Before each round it waits for ``--min-clients`` eligible devices on the registry's
 incremental counts (:mod:`server.device_wait`): woken when the eligible count crosses
 ``min_clients`` or a device may have turned stale, never by a heartbeat; the waiting reason
-follows the counts. The round's files are ordered by :mod:`server.roundfiles`.
+follows the counts. The round's files are ordered by :mod:`server.roundfiles`. A device
+that disconnects has its slot freed and its ``training:start`` still awaiting an answer
+cancelled (it cannot be answered; waiting out the ack timeout would hold up the part
+offered again when the device is back).
 
 The end is a state: after ``config.rounds`` rounds (and the final version's evaluation:
 the end waits for it, so ``federation:finished`` carries it) the phase becomes ``finished``, every
@@ -151,6 +154,8 @@ class RoundCoordinator:
             background=background,
         )
         self._restored: Round | None = None
+        # The open round's first training:start of each device, until the round ends.
+        self._starters: dict[str, asyncio.Task[None]] = {}
         self._round_changed = asyncio.Event()
         # The open round's first save (round.json) runs beside its devices' starts; an
         # update is taken in only once it is done (it clears the round's folder).
@@ -239,6 +244,12 @@ class RoundCoordinator:
         rnd = self.phase.round
         if rnd is not None and rnd.mark(record.device_id, "dropped", "disconnected"):
             log.info("round %s: slot of %s freed (disconnected)", rnd.round_id, record.name)
+        # Its training:start cannot be answered any more: waiting out the ack timeout
+        # would hold up the part offered again when it is back (a global it carries
+        # blocks every send of the global to the device until answered).
+        starter = self._starters.pop(record.device_id, None)
+        if starter is not None:
+            starter.cancel()
         self._round_changed.set()
 
     def training_failed(self, record: DeviceRecord, err: TrainingError) -> None:
@@ -371,11 +382,14 @@ class RoundCoordinator:
             rnd.required,
             cfg.round_timeout,
         )
-        starters = [
-            asyncio.create_task(self._start_device(rnd, device_id, i, len(chosen)))
+        self._starters = {
+            device_id: asyncio.create_task(self._start_device(rnd, device_id, i, len(chosen)))
             for i, device_id in enumerate(chosen)
-        ]
-        return await self._drive_round(rnd, starters)
+        }
+        try:
+            return await self._drive_round(rnd, list(self._starters.values()))
+        finally:
+            self._starters = {}
 
     async def _drive_round(self, rnd: Round, starters: list[asyncio.Task[None]]) -> bool:
         """Wait for an open round's reports, then close it; True when it completed."""

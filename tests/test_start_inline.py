@@ -6,11 +6,15 @@
 * A device not selected still gets the version by ``weights:global``.
 * A device that refuses the carried weights (an ErrorAck to ``training:start``) is
   recorded as refusing that version, as for ``weights:global``, and is not trained.
+* A device whose connection is cut while a ``training:start`` carrying the global is
+  unanswered is offered its part again as soon as it is back, not once that dead
+  start's ack times out.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,21 @@ class _RefusesV1(ScriptedDevice):
         if parse(WeightsGlobal, payload).version == 1:
             return error_ack("shape_mismatch", "the tensors do not match the model")
         return await super()._on_global(payload)
+
+
+@dataclass(eq=False)
+class _CutWhileCarried(ScriptedDevice):
+    """Takes a start carrying version 1 but answers it only after ``answer`` is set (the
+    test cuts the connection meanwhile: the answer is never delivered)."""
+
+    answer: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def _on_start(self, payload: dict[str, Any]) -> dict[str, Any]:
+        reply = await super()._on_start(payload)
+        base = payload.get("baseWeights")
+        if base is not None and parse(WeightsGlobal, base).version == 1:
+            await self.answer.wait()
+        return reply
 
 
 def _half(dev: ScriptedDevice, version: int) -> dict[str, np.ndarray[Any, Any]]:
@@ -112,3 +131,50 @@ def test_weights_refused_inside_training_start_are_recorded_and_not_trained(
     [device] = out["status"]["devices"]
     assert device["refusal"].startswith("global weights v1: shape_mismatch: ")
     assert device["weightsVersion"] == 0
+
+
+def test_a_device_cut_while_a_start_carries_the_global_is_offered_again_at_once(
+    tmp_path: Path,
+) -> None:
+    ack_timeout = 60.0  # the dead start's answer is awaited this long (scaled)
+
+    async def scenario(srv: ServerHandle) -> None:
+        cut = _CutWhileCarried(srv.url, name="cut")
+        holder = ScriptedDevice(srv.url, name="holder")  # keeps round 2 open meanwhile
+        for dev in (cut, holder):
+            await dev.join()
+            await dev.until(lambda d=dev: 0 in d.weights, what="version 0")  # type: ignore[misc]
+        await cut.until(lambda: len(cut.starts) == 1 and len(holder.starts) == 1, what="round 1")
+        for dev in (cut, holder):
+            start = dev.starts[0]
+            assert (await dev.submit(start["roundId"], 0, _half(dev, 0), num_samples=4))["ok"]
+        await cut.until(lambda: len(cut.starts) == 2, what="round 2, carrying version 1")
+        assert cut.starts[1].get("baseWeights") is not None and 1 in cut.weights
+        # Both stay alive (heartbeats): round 2 stays open while the cut device is away.
+        beats = [asyncio.create_task(holder.heartbeat_forever("training"))]
+        try:
+            await cut.disconnect()  # its answer to that training:start never arrives
+            cut.answer.set()
+            await cut.join(weights_version=1)
+            beats.append(asyncio.create_task(cut.heartbeat_forever("training")))
+            # Far sooner than the dead start's ack timeout (the re-offer used to wait it out).
+            await cut.until(lambda: len(cut.starts) == 3, 10.0, "round 2 offered again")
+            status = await srv.await_status(lambda s: s["currentRound"] is not None)
+        finally:
+            for beat in beats:
+                beat.cancel()
+        round_id = cut.starts[1]["roundId"]
+        assert (cut.starts[2]["roundId"], status["currentRound"]["roundId"]) == (round_id,) * 2
+        assert cut.starts[2].get("baseWeights") is None  # it said it holds version 1
+        assert [m["version"] for m in cut.globals_meta] == [0, 1]  # never sent twice
+
+    with running_server(
+        tmp_path,
+        min_clients=2,
+        clients_per_round=2,
+        rounds=2,
+        evaluate_every=0,
+        ack_timeout=ack_timeout,
+        round_timeout=2 * ack_timeout,
+    ) as srv:
+        run_devices(scenario(srv))
