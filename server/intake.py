@@ -13,7 +13,9 @@ coordinator also holds to close the round: an update is never counted into a clo
 and a concurrent duplicate is counted once. Nothing of a round is taken in before its
 first save (:meth:`server.roundfiles.RoundFiles.opened`). Device records change only
 through the registry's named transitions. A file that cannot be written is refused
-``internal_error`` (send it again later) and logged.
+``internal_error`` (send it again later) and logged. :func:`receive_update` (receiving
+and checking one update into a round store) is also the cluster's intake
+(:mod:`server.cluster.service`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 from client.errors import FedtrayError
 from client.protocol import SubmitAccepted, WeightsSubmit
 from client.transfer import BlobStore
-from client.weights import decode, encode
+from client.weights import Layout, decode, encode
 from server.config import ServerConfig
 from server.globalmodel import GlobalModel
 from server.phase import PhaseMachine
@@ -40,7 +42,8 @@ from server.strategies import Strategy
 log = logging.getLogger("server.coordinator")
 
 
-def _unsaved() -> FedtrayError:
+def unsaved_error() -> FedtrayError:
+    """The refusal of an update the server cannot store now (the device resends later)."""
     return FedtrayError(
         "internal_error", "the server cannot store the update now; send it again later"
     )
@@ -87,7 +90,7 @@ class UpdateIntake:
         # lock, made durable outside it (updates ready together share one commit,
         # server.roundcommit), counted under it.
         commits, device_id = self._files.commits, record.device_id
-        task, store, unsaved, placed = self._config.task, self._round_store, _unsaved(), False
+        task, store, unsaved, placed = self._config.task, self._round_store, unsaved_error(), False
 
         def snapshot() -> SavedRound:
             return saved_round_of(rnd, task, store, time.time())
@@ -155,36 +158,55 @@ class UpdateIntake:
         return SubmitAccepted(round_id=rnd.round_id, received=received)
 
     async def _receive(self, record: DeviceRecord, sub: WeightsSubmit) -> Path:
-        """The submitted update as a checked safetensors file in the round store (not yet
-        fsynced or counted). Each byte is hashed once (by the blob store, as it arrives)
-        and checked once where it lies; a safetensors document is kept as received, never
-        decoded and re-encoded (a JSON one is converted). Raises FedtrayError to refuse."""
-        ref, store = sub.weights, self._round_store
-        layout, max_bytes = self._model.layout, self._config.limits.max_blob_bytes
-        try:
-            incoming = await asyncio.to_thread(store.incoming_path, record.device_id)
-        except OSError as exc:
-            log.error("cannot save the update of %s: %s", record.name, exc)
-            raise _unsaved() from None
-        try:
-            if ref.format != "safetensors" or not self._blobs.take_file(
-                record.device_id, ref, incoming
-            ):
-                data = self._blobs.take(record.device_id, ref)
-                if ref.format != "safetensors":
-                    state = await asyncio.to_thread(
-                        decode, data, ref.format, expected=layout, max_bytes=max_bytes
-                    )
-                    data = await asyncio.to_thread(encode, state, "safetensors")
-                    del state
-                await asyncio.to_thread(store.write_incoming, incoming, data)
-                del data
-            await asyncio.to_thread(store.check_update, incoming, layout, max_bytes)
-        except OSError as exc:
-            incoming.unlink(missing_ok=True)
-            log.error("cannot save the update of %s: %s", record.name, exc)
-            raise _unsaved() from None
-        except BaseException:
-            incoming.unlink(missing_ok=True)
-            raise
-        return incoming
+        """The submitted update as a checked file in the round store (:func:`receive_update`)."""
+        return await receive_update(
+            self._blobs,
+            self._round_store,
+            record,
+            sub,
+            layout=self._model.layout,
+            max_bytes=self._config.limits.max_blob_bytes,
+        )
+
+
+async def receive_update(
+    blobs: BlobStore,
+    store: RoundStore,
+    record: DeviceRecord,
+    sub: WeightsSubmit,
+    *,
+    layout: Layout,
+    max_bytes: int,
+) -> Path:
+    """The submitted update as a checked safetensors file in ``store`` (not yet fsynced or
+    counted). Each byte is hashed once (by the blob store, as it arrives) and checked once
+    where it lies; a safetensors document is kept as received, never decoded and
+    re-encoded (a JSON one is converted). Raises FedtrayError to refuse (``internal_error``
+    when the file cannot be written); nothing is left behind when it raises. Shared by the
+    single-process intake and the cluster's (:mod:`server.cluster.service`)."""
+    ref = sub.weights
+    try:
+        incoming = await asyncio.to_thread(store.incoming_path, record.device_id)
+    except OSError as exc:
+        log.error("cannot save the update of %s: %s", record.name, exc)
+        raise unsaved_error() from None
+    try:
+        if ref.format != "safetensors" or not blobs.take_file(record.device_id, ref, incoming):
+            data = blobs.take(record.device_id, ref)
+            if ref.format != "safetensors":
+                state = await asyncio.to_thread(
+                    decode, data, ref.format, expected=layout, max_bytes=max_bytes
+                )
+                data = await asyncio.to_thread(encode, state, "safetensors")
+                del state
+            await asyncio.to_thread(store.write_incoming, incoming, data)
+            del data
+        await asyncio.to_thread(store.check_update, incoming, layout, max_bytes)
+    except OSError as exc:
+        incoming.unlink(missing_ok=True)
+        log.error("cannot save the update of %s: %s", record.name, exc)
+        raise unsaved_error() from None
+    except BaseException:
+        incoming.unlink(missing_ok=True)
+        raise
+    return incoming

@@ -55,7 +55,7 @@ from client.protocol import (
 )
 from client.tasks import Task
 from client.transfer import BlobStore
-from client.weights import Layout, StateDict, decode, encode, layout_of
+from client.weights import Layout, StateDict, decode, layout_of
 from server.background import Background
 from server.cluster.contracts import (
     Assignment,
@@ -72,6 +72,7 @@ from server.cluster.partial import PartialSum
 from server.config import ServerConfig
 from server.distribution import Distributor
 from server.globalmodel import GlobalModel, Prepared
+from server.intake import receive_update, unsaved_error
 from server.registry import DeviceRecord, Registry
 from server.rounds import Round, Slot, SlotState
 from server.roundstore import RoundStore
@@ -92,12 +93,6 @@ _OUTCOME: dict[SlotState, AssignmentState] = {
 }
 
 FEDERATED_OFF = "federated evaluation is off in cluster mode"
-
-
-def _unsaved() -> FedtrayError:
-    return FedtrayError(
-        "internal_error", "the server cannot store the update now; send it again later"
-    )
 
 
 def _sha256_file(path: Path) -> str:
@@ -231,7 +226,7 @@ class ClusterRounds:
                 key = await self._shared.put_file(incoming, sha)
             except ClusterError as exc:
                 log.error("cannot store the update of %s: %s", record.name, exc)
-                raise _unsaved() from None
+                raise unsaved_error() from None
             update = await asyncio.to_thread(self._load, incoming)
         finally:
             incoming.unlink(missing_ok=True)
@@ -254,7 +249,7 @@ class ClusterRounds:
             row = await self._db.current_round()
         except ClusterError as exc:
             log.error("cannot read the open round: %s", exc)
-            raise _unsaved() from None
+            raise unsaved_error() from None
         if row is None or row.round_id != round_id or row.state != "open":
             raise FedtrayError(
                 "round_closed", f"round {round_id} is closed or unknown; the update is not counted"
@@ -268,7 +263,7 @@ class ClusterRounds:
             return await self._db.assignment_of(round_id, device_id)
         except ClusterError as exc:
             log.error("cannot read the assignment of %s: %s", device_id, exc)
-            raise _unsaved() from None
+            raise unsaved_error() from None
 
     async def _received(self, row: RoundRow) -> int:
         try:
@@ -278,35 +273,14 @@ class ClusterRounds:
 
     async def _receive(self, record: DeviceRecord, sub: WeightsSubmit) -> Path:
         """The update as a checked safetensors file (as the single server's intake)."""
-        ref, store = sub.weights, self._incoming
-        layout, max_bytes = self._model.layout, self._config.limits.max_blob_bytes
-        try:
-            incoming = await asyncio.to_thread(store.incoming_path, record.device_id)
-        except OSError as exc:
-            log.error("cannot save the update of %s: %s", record.name, exc)
-            raise _unsaved() from None
-        try:
-            if ref.format != "safetensors" or not self._blobs.take_file(
-                record.device_id, ref, incoming
-            ):
-                data = self._blobs.take(record.device_id, ref)
-                if ref.format != "safetensors":
-                    state = await asyncio.to_thread(
-                        decode, data, ref.format, expected=layout, max_bytes=max_bytes
-                    )
-                    data = await asyncio.to_thread(encode, state, "safetensors")
-                    del state
-                await asyncio.to_thread(store.write_incoming, incoming, data)
-                del data
-            await asyncio.to_thread(store.check_update, incoming, layout, max_bytes)
-        except OSError as exc:
-            incoming.unlink(missing_ok=True)
-            log.error("cannot save the update of %s: %s", record.name, exc)
-            raise _unsaved() from None
-        except BaseException:
-            incoming.unlink(missing_ok=True)
-            raise
-        return incoming
+        return await receive_update(
+            self._blobs,
+            self._incoming,
+            record,
+            sub,
+            layout=self._model.layout,
+            max_bytes=self._config.limits.max_blob_bytes,
+        )
 
     def _load(self, path: Path) -> StateDict:
         return decode(
@@ -348,7 +322,7 @@ class ClusterRounds:
                 current = await self._safe_current()
                 if current is None or current.round_id != row.round_id or current.state != "open":
                     raise FedtrayError("round_closed", f"round {row.round_id} is closed") from None
-                raise _unsaved() from None
+                raise unsaved_error() from None
             if new:
                 await asyncio.to_thread(
                     folding.partial.add, record.device_id, update, sub.num_samples
