@@ -10,7 +10,8 @@ nothing about rounds or devices itself:
 * :class:`server.globalmodel.GlobalModel` -- the global weights, version and history;
 * :class:`server.transport.DeviceServer` -- python-socketio's server, heartbeats handled
   inline and Engine.IO's ping derived from the heartbeat interval
-  (:func:`server.transport.transport_timing`).
+  (:func:`server.transport.transport_timing`), built, bound and served as a cluster
+  worker's is (:mod:`server.serving`).
 
 :meth:`FedServer.start` first checks the TLS files and binds the port (``port=0`` picks
 a free one; the real port is returned), so a port in use is reported before anything is
@@ -34,10 +35,10 @@ interrupted by a crash resumes. Tokens are registered with the log redactor.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.util
 import logging
 import socket
+import ssl
 import time
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ from aiohttp import web
 from client import __version__
 from client.errors import FedtrayError
 from client.logsetup import add_secret
-from client.protocol import PROTOCOL_VERSION, events as ev
+from client.protocol import PROTOCOL_VERSION
 from client.tasks import Task, get_task
 from client.transfer import BlobStore
 from client.weights import layout_of
@@ -63,26 +64,25 @@ from server.registry import Registry
 from server.restore import restore_round
 from server.rounds import Round
 from server.roundstore import RoundStore
+from server.serving import (
+    StartupError,
+    bind_socket,
+    close_serving,
+    device_server,
+    serve_on,
+    tls_context,
+)
 from server.starter import training_config
 from server.status import RoundRecord, ServerStatus, build_status
 from server.store import Store, StoreError
 from server.strategies import Strategy, build_strategy
 from server.taskfile import PackageTask, ServedPackage, open_package
-from server.tls import TLSConfigError, server_ssl_context
-from server.transport import DeviceServer, transport_timing
 
 __all__ = ["FedServer", "StartupError"]
 
 log = logging.getLogger(__name__)
 
 DASHBOARD_FILE = Path(__file__).with_name("dashboard.html")
-
-#: Events handled in the connection's read loop, not in a task each (server.transport).
-INLINE_EVENTS = frozenset({ev.HEARTBEAT.name})
-
-
-class StartupError(Exception):
-    """The server cannot start (bad task, unusable state dir, port in use); one line."""
 
 
 class FedServer:
@@ -98,18 +98,7 @@ class FedServer:
         self.config = config
         #: The checked package of ``config.task_file`` (read at start when not given).
         self._package = package
-        timing = transport_timing(config.heartbeat_interval)
-        self.sio = DeviceServer(
-            # Cheap, frequent and never awaiting I/O: run in the connection's read loop.
-            inline_events=INLINE_EVENTS,
-            async_mode="aiohttp",
-            max_http_buffer_size=config.max_message_bytes,
-            # The devices' heartbeats prove liveness; the transport ping is rare.
-            ping_interval=timing.ping_interval,
-            ping_timeout=timing.ping_timeout,
-            logger=False,
-            engineio_logger=False,
-        )
+        self.sio = device_server(config)
         self.app = web.Application()
         self.sio.attach(self.app)
         self.app.router.add_get("/", self._http_index)
@@ -198,15 +187,11 @@ class FedServer:
     async def start(self) -> int:
         """Load the task and state, bind, start the round loop; return the bound port."""
         cfg = self.config
-        ssl_context = None
-        if cfg.certfile is not None and cfg.keyfile is not None:
-            # First, so a bad certificate is reported before seconds of model building.
-            try:
-                ssl_context = server_ssl_context(cfg.certfile, cfg.keyfile)
-            except TLSConfigError as exc:
-                raise StartupError(str(exc)) from None
+        # First, so a bad certificate is reported before seconds of model building.
+        ssl_context = tls_context(cfg)
         # Bound before anything is built or written: a port in use leaves nothing behind.
-        sock = self._bind()
+        sock = bind_socket(cfg.host, cfg.port)
+        self.port = int(sock.getsockname()[1])
         try:
             await self._prepare()
             await self._listen(sock, ssl_context)
@@ -365,33 +350,12 @@ class FedServer:
                 saved.rounds_completed,
             )
 
-    def _bind(self) -> socket.socket:
-        """The server's socket, bound (not yet listening); ``self.port`` is its port."""
-        cfg = self.config
-        try:
-            sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
-        except OSError as exc:
-            raise StartupError(f"cannot listen on {cfg.host}:{cfg.port}: {exc}") from None
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((cfg.host, cfg.port))
-            sock.setblocking(False)
-        except OSError as exc:
-            sock.close()
-            raise StartupError(f"cannot listen on {cfg.host}:{cfg.port}: {exc}") from None
-        self.port = int(sock.getsockname()[1])
-        return sock
-
-    async def _listen(self, sock: socket.socket, ssl_context: Any) -> None:
+    async def _listen(self, sock: socket.socket, ssl_context: ssl.SSLContext | None) -> None:
         """Serve on the bound socket (connections are taken from here on)."""
         cfg = self.config
-        try:
-            sock.listen(128)
-        except OSError as exc:
-            raise StartupError(f"cannot listen on {cfg.host}:{cfg.port}: {exc}") from None
-        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=2.0)
-        await self._runner.setup()
-        await web.SockSite(self._runner, sock, ssl_context=ssl_context).start()
+        self._runner = await serve_on(
+            self.app, sock, ssl_context, backlog=128, where=f"{cfg.host}:{cfg.port}"
+        )
 
     async def stop(self) -> None:
         """Stop rounds, disconnect everyone, release the port.
@@ -404,15 +368,8 @@ class FedServer:
         await self.background.cancel_all(self._loops, timeout=5)
         self._loops = []
         sids = [r.sid for r in self.registry.connected() if r.sid is not None]
-        if sids:
-            await asyncio.wait(
-                [asyncio.ensure_future(self.sio.disconnect(sid)) for sid in sids], timeout=5
-            )
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.sio.shutdown(), 5)
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        await close_serving(self.sio, sids, self._runner)
+        self._runner = None
         log.info("server stopped")
 
     async def _housekeeping(self) -> None:

@@ -23,10 +23,11 @@ killed holder's PostgreSQL connection ends and another worker takes over). Route
 ``GET /healthz`` and ``GET /api/status`` (the cluster status: worker id, devices here,
 eligible devices of the fleet, the round, the version, whether it coordinates).
 
+The port is bound and served as the single-process server does (:mod:`server.serving`).
 :meth:`ClusterWorker.start` opens the engines, starts the lock candidate, waits for the
 first version of the global model (made by whichever worker coordinates), then listens
 (the engines are opened by :func:`server.cluster.engines.open_engines`; the command line is
-:mod:`server.cluster.worker_cli`); it raises :class:`server.app.StartupError` (one line)
+:mod:`server.cluster.worker_cli`); it raises :class:`server.serving.StartupError` (one line)
 when it cannot. Cluster mode trains an installed task with FedAvg or FedProx; a task
 package, another strategy or federated evaluation is refused at start.
 :meth:`ClusterWorker.stop` is bounded in time. Never unpickles or executes anything received.
@@ -38,7 +39,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
 import time
 from typing import Any
 
@@ -50,7 +50,6 @@ from client.protocol import Heartbeat, OkAck, TrainingProgress, events as ev
 from client.tasks import Task, get_task
 from client.transfer import BlobStore
 from client.weights import StateDict, layout_of
-from server.app import INLINE_EVENTS, StartupError
 from server.auth import TokenChecker
 from server.background import Background
 from server.cluster.contracts import (
@@ -66,10 +65,16 @@ from server.globalmodel import GlobalModel
 from server.handlers import DeviceNamespace, handles
 from server.model import initial_state
 from server.registry import Registry
+from server.serving import (
+    StartupError,
+    bind_socket,
+    close_serving,
+    device_server,
+    serve_on,
+    tls_context,
+)
 from server.starter import RoundStarter, training_config
 from server.store import Store
-from server.tls import TLSConfigError, server_ssl_context
-from server.transport import DeviceServer, transport_timing
 
 __all__ = ["LOCK_RETRY_S", "ClusterSettings", "ClusterWorker"]
 
@@ -104,17 +109,9 @@ class ClusterWorker:
     def __init__(self, config: ServerConfig, settings: ClusterSettings) -> None:
         self.config = config
         self.settings = settings
-        timing = transport_timing(config.heartbeat_interval)
-        self.sio = DeviceServer(
-            # As the single-process server: heartbeats inline, the transport ping rare.
-            inline_events=INLINE_EVENTS,
-            async_mode="aiohttp",
-            client_manager=socketio.AsyncRedisManager(settings.redis_url),
-            max_http_buffer_size=config.max_message_bytes,
-            ping_interval=timing.ping_interval,
-            ping_timeout=timing.ping_timeout,
-            logger=False,
-            engineio_logger=False,
+        # As the single-process server, emits and rooms shared through Redis.
+        self.sio = device_server(
+            config, client_manager=socketio.AsyncRedisManager(settings.redis_url)
         )
         self.app = web.Application()
         self.sio.attach(self.app)
@@ -175,13 +172,10 @@ class ClusterWorker:
         """Open the engines, wait for the first version, listen; the bound port."""
         cfg = self.config
         task = self._check_mode()
-        ssl_context = None
-        if cfg.certfile is not None and cfg.keyfile is not None:
-            try:
-                ssl_context = server_ssl_context(cfg.certfile, cfg.keyfile)
-            except TLSConfigError as exc:
-                raise StartupError(str(exc)) from None
-        sock = self._bind()
+        ssl_context = tls_context(cfg)
+        # The shared port: the kernel spreads connections over the workers of a machine.
+        sock = bind_socket(cfg.host, cfg.port, reuse_port=True)
+        self.port = int(sock.getsockname()[1])
         try:
             try:
                 self.engines = await open_engines(self.settings, cfg.stale_after)
@@ -220,7 +214,9 @@ class ClusterWorker:
             self._loops.append(asyncio.create_task(self._candidate(task), name="lock-candidate"))
             await self._first_version(version_timeout)
             self._set_transfer_budget()
-            await self._listen(sock, ssl_context)
+            self._runner = await serve_on(
+                self.app, sock, ssl_context, backlog=1024, where=f"port {self.port}"
+            )
         except BaseException:
             sock.close()
             raise
@@ -262,47 +258,13 @@ class ClusterWorker:
             max_open_per_peer=budget.open_per_device,
         )
 
-    def _bind(self) -> socket.socket:
-        """The shared port, bound with SO_REUSEPORT (not yet listening)."""
-        cfg = self.config
-        try:
-            sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
-        except OSError as exc:
-            raise StartupError(f"cannot listen on {cfg.host}:{cfg.port}: {exc}") from None
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((cfg.host, cfg.port))
-            sock.setblocking(False)
-        except OSError as exc:
-            sock.close()
-            raise StartupError(f"cannot listen on {cfg.host}:{cfg.port}: {exc}") from None
-        self.port = int(sock.getsockname()[1])
-        return sock
-
-    async def _listen(self, sock: socket.socket, ssl_context: Any) -> None:
-        try:
-            sock.listen(1024)
-        except OSError as exc:
-            raise StartupError(f"cannot listen on port {self.port}: {exc}") from None
-        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=2.0)
-        await self._runner.setup()
-        await web.SockSite(self._runner, sock, ssl_context=ssl_context).start()
-
     async def stop(self) -> None:
         """Stop everything, disconnect everyone, release the port and the engines."""
         await self.background.cancel_all(self._loops, timeout=5)
         self._loops = []
         sids = [r.sid for r in self.registry.connected() if r.sid is not None]
-        if sids:
-            await asyncio.wait(
-                [asyncio.ensure_future(self.sio.disconnect(sid)) for sid in sids], timeout=5
-            )
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.sio.shutdown(), 5)
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        await close_serving(self.sio, sids, self._runner)
+        self._runner = None
         if self.engines is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.engines.lock.release(), 5)
