@@ -52,6 +52,10 @@ from server.status import RoundRecord
 
 HISTORY_FILE = "history.json"
 STATE_FORMAT = 1
+#: A version's files: ``<prefix><version>.safetensors``.
+_WEIGHTS_PREFIX = "global-v"
+_OPTIMIZER_PREFIX = "optimizer-v"
+_SUFFIX = ".safetensors"
 
 
 class StoreError(Exception):
@@ -160,16 +164,12 @@ class Store:
     def save_weights(self, version: int, data: bytes) -> str:
         """Write version ``version``'s safetensors document (fsynced); its file name. Not
         yet the saved state: :meth:`save_history` naming it makes it so."""
-        weights_name = f"global-v{version}.safetensors"
-        write_atomic(self.state_dir / weights_name, data)
-        return weights_name
+        return self._write_version_file(_WEIGHTS_PREFIX, version, data, durable=True)
 
     def save_optimizer(self, version: int, data: bytes) -> str:
         """Write version ``version``'s optimizer state (safetensors, fsynced); its file
         name. Saved once :meth:`save_history` names it."""
-        name = f"optimizer-v{version}.safetensors"
-        write_atomic(self.state_dir / name, data)
-        return name
+        return self._write_version_file(_OPTIMIZER_PREFIX, version, data, durable=True)
 
     def save_history(
         self,
@@ -203,15 +203,11 @@ class Store:
         """Write version ``version``'s safetensors document under its name, NOT fsynced
         (:meth:`commit_version` makes it durable before ``history.json`` names it); its
         file name. Raises OSError."""
-        name = f"global-v{version}.safetensors"
-        write_atomic(self.state_dir / name, data, durable=False)
-        return name
+        return self._write_version_file(_WEIGHTS_PREFIX, version, data, durable=False)
 
     def place_optimizer(self, version: int, data: bytes) -> str:
         """As :meth:`place_weights`, for version ``version``'s optimizer state."""
-        name = f"optimizer-v{version}.safetensors"
-        write_atomic(self.state_dir / name, data, durable=False)
-        return name
+        return self._write_version_file(_OPTIMIZER_PREFIX, version, data, durable=False)
 
     def commit_version(
         self,
@@ -255,12 +251,18 @@ class Store:
         fsync_dir(self.state_dir)
         self._remove_older(version)
 
+    def _write_version_file(self, prefix: str, version: int, data: bytes, *, durable: bool) -> str:
+        """Write ``<prefix><version>.safetensors`` (fsynced when ``durable``); its name."""
+        name = f"{prefix}{version}{_SUFFIX}"
+        write_atomic(self.state_dir / name, data, durable=durable)
+        return name
+
     def _remove_older(self, version: int) -> None:
         # Only older versions' files: a newer version's files may be written already (its
         # round is being saved while this version's evaluation is recorded).
-        for prefix in ("global-v", "optimizer-v"):
-            for old in self.state_dir.glob(f"{prefix}*.safetensors"):
-                number = old.name.removeprefix(prefix).removesuffix(".safetensors")
+        for prefix in (_WEIGHTS_PREFIX, _OPTIMIZER_PREFIX):
+            for old in self.state_dir.glob(f"{prefix}*{_SUFFIX}"):
+                number = old.name.removeprefix(prefix).removesuffix(_SUFFIX)
                 if number.isdigit() and int(number) < version:
                     old.unlink(missing_ok=True)
 
