@@ -46,6 +46,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -109,16 +110,50 @@ def _stop(proc: subprocess.Popen[bytes] | None, sig: int) -> None:
         proc.wait()
 
 
+class _ServerProcess:
+    """A server process on a loopback port: the start shared by Redis and PostgreSQL."""
+
+    port: int
+    proc: subprocess.Popen[bytes] | None
+
+    def _spawn(self, out: IO[bytes]) -> subprocess.Popen[bytes]:
+        """The server's process, its output to ``out``, on ``self.port``."""
+        raise NotImplementedError
+
+    def _ready(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _launch(self, log: Path, what: str) -> None:
+        """Start the process on ``self.port`` once it has one (a restart), else on a free
+        port (a lost race for it retried); wait until it is ready."""
+        keep_port = self.port != 0
+        for attempt in range(_START_TRIES):
+            if not keep_port:
+                self.port = free_port()
+            with log.open("ab") as out:
+                self.proc = self._spawn(out)
+            try:
+                _wait_ready(self.proc, self._ready, log, f"{what} on port {self.port}")
+                return
+            except RuntimeError:
+                if keep_port or attempt == _START_TRIES - 1:
+                    raise
+
+
 # ------------------------------------------------------------------ Redis
 
 
-class RedisServer:
+class RedisServer(_ServerProcess):
     """One redis-server process on 127.0.0.1 (see the module docstring)."""
 
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="fedtray-redis-"))
         self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc = None
 
     def url(self, db: int = 0) -> str:
         return f"redis://127.0.0.1:{self.port}/{db}"
@@ -135,7 +170,7 @@ class RedisServer:
                 data += chunk
         return data.decode(errors="replace").split("\r\n")[: len(commands)]
 
-    def _ping(self) -> bool:
+    def _ready(self) -> bool:
         try:
             return self.command("PING") == ["+PONG"]
         except OSError:
@@ -143,45 +178,35 @@ class RedisServer:
 
     def start(self) -> None:
         """Start (or restart, on the same port once it has one) the server; empty."""
-        if self.proc is not None and self.proc.poll() is None:
-            return
-        keep_port = self.port != 0
-        for attempt in range(_START_TRIES):
-            if not keep_port:
-                self.port = free_port()
-            log = self.dir / "redis.log"
-            with log.open("ab") as out:
-                self.proc = subprocess.Popen(
-                    [
-                        str(REDIS_SERVER),
-                        "--bind",
-                        "127.0.0.1",
-                        "--port",
-                        str(self.port),
-                        "--save",
-                        "",
-                        "--appendonly",
-                        "no",
-                        "--dir",
-                        str(self.dir),
-                        "--databases",
-                        str(REDIS_DATABASES),
-                        "--daemonize",
-                        "no",
-                        "--protected-mode",
-                        "no",
-                    ],
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    preexec_fn=_die_with_parent(signal.SIGTERM),  # noqa: PLW1509 (prctl only)
-                )
-            try:
-                _wait_ready(self.proc, self._ping, log, f"redis-server on port {self.port}")
-                return
-            except RuntimeError:
-                if keep_port or attempt == _START_TRIES - 1:
-                    raise
+        if not self.running:
+            self._launch(self.dir / "redis.log", "redis-server")
+
+    def _spawn(self, out: IO[bytes]) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [
+                str(REDIS_SERVER),
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.dir),
+                "--databases",
+                str(REDIS_DATABASES),
+                "--daemonize",
+                "no",
+                "--protected-mode",
+                "no",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent(signal.SIGTERM),  # noqa: PLW1509 (prctl only)
+        )
 
     def stop(self) -> None:
         """Stop the server (SIGTERM: a clean shutdown; nothing is saved)."""
@@ -231,7 +256,7 @@ def private_redis() -> Iterator[RedisServer]:
 # ------------------------------------------------------------------ PostgreSQL
 
 
-class PostgresServer:
+class PostgresServer(_ServerProcess):
     """One PostgreSQL 15 cluster on 127.0.0.1 (see the module docstring)."""
 
     def __init__(self, settings: tuple[str, ...] = ()) -> None:
@@ -240,7 +265,7 @@ class PostgresServer:
         self.root = Path(tempfile.mkdtemp(prefix="fedtray-pg-"))
         self.data = self.root / "data"
         self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc = None
         self._names = itertools.count(1)
         self._as_user = os.geteuid() == 0
         if self._as_user:
@@ -285,51 +310,43 @@ class PostgresServer:
         return result.returncode == 0
 
     def start(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        if self.running:
             return
         if not (self.data / "PG_VERSION").exists():
             self.initdb()
-        keep_port = self.port != 0
-        for attempt in range(_START_TRIES):
-            if not keep_port:
-                self.port = free_port()
-            log = self.root / "postgres.log"
-            with log.open("ab") as out:
-                self.proc = subprocess.Popen(
-                    [
-                        str(PG_BIN / "postgres"),
-                        "-D",
-                        str(self.data),
-                        "-p",
-                        str(self.port),
-                        "-c",
-                        "listen_addresses=127.0.0.1",
-                        "-c",
-                        "unix_socket_directories=",
-                        "-c",
-                        "fsync=off",
-                        "-c",
-                        "synchronous_commit=off",
-                        "-c",
-                        "full_page_writes=off",
-                        "-c",
-                        "max_connections=200",
-                        *(arg for setting in self.settings for arg in ("-c", setting)),
-                    ],
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    cwd=self.root,
-                    # SIGINT: PostgreSQL's fast shutdown (sessions are ended, not awaited).
-                    preexec_fn=_die_with_parent(signal.SIGINT),  # noqa: PLW1509 (prctl only)
-                    **self._run_as(),  # type: ignore[call-overload]
-                )
-            try:
-                _wait_ready(self.proc, self._ready, log, f"postgres on port {self.port}")
-                return
-            except RuntimeError:
-                if keep_port or attempt == _START_TRIES - 1:
-                    raise
+        self._launch(self.root / "postgres.log", "postgres")
+
+    def _spawn(self, out: IO[bytes]) -> subprocess.Popen[bytes]:
+        proc: subprocess.Popen[bytes] = subprocess.Popen(
+            [
+                str(PG_BIN / "postgres"),
+                "-D",
+                str(self.data),
+                "-p",
+                str(self.port),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "unix_socket_directories=",
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+                "-c",
+                "max_connections=200",
+                *(arg for setting in self.settings for arg in ("-c", setting)),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=self.root,
+            # SIGINT: PostgreSQL's fast shutdown (sessions are ended, not awaited).
+            preexec_fn=_die_with_parent(signal.SIGINT),  # noqa: PLW1509 (prctl only)
+            **self._run_as(),  # type: ignore[call-overload]
+        )
+        return proc
 
     def stop(self) -> None:
         """Fast shutdown (SIGINT): open sessions are ended."""
