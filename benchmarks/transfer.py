@@ -54,6 +54,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from client.transfer import REFERENCE_CHUNK_BYTES
 from tests.server_harness import register_payload
 
 MB = 1_000_000
@@ -380,8 +381,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-mb", type=float, default=100.0, help="model size (MB)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement")
     args = parser.parse_args(argv)
-    if args.size_mb <= 0 or args.repeats < 1:
-        parser.error("--size-mb must be positive, --repeats at least 1")
+    if args.size_mb * MB <= REFERENCE_CHUNK_BYTES or args.repeats < 1:
+        parser.error(
+            f"--size-mb must be over {REFERENCE_CHUNK_BYTES / MB:g} (one chunk: a smaller "
+            "model travels inline, not as a blob), --repeats at least 1"
+        )
     print(report(run(args.size_mb, args.repeats), args.repeats), flush=True)
     return 0
 

@@ -55,7 +55,7 @@ from client.config import (
     with_changes,
 )
 from client.logsetup import add_secret, log_level_arg, setup_logging
-from client.schedule import parse_schedule, until_tomorrow
+from client.schedule import parse_schedule, until_tomorrow, until_words
 
 __all__ = ["apply_cli_overrides", "build_parser", "main", "parse_duration", "run_client"]
 
@@ -109,12 +109,6 @@ def _duration_arg(text: str) -> timedelta:
         return parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _when(until: datetime, now: datetime) -> str:
-    """``"15:30"`` in local time; with the day when it is not today."""
-    local, today = until.astimezone(), now.astimezone()
-    return f"{local:%H:%M}" if local.date() == today.date() else f"{local:%a %d %b %H:%M}"
 
 
 def _absolute_path(value: str) -> str:
@@ -334,12 +328,12 @@ def _cmd_pause(paused: bool, duration: timedelta | None = None, tomorrow: bool =
         return EXIT_IO
     if until is not None:
         print(
-            f"Paused until {_when(until, now)}: a running client stops at its next batch, "
+            f"Paused until {until_words(until, now)}: a running client stops at its next batch, "
             "keeps its progress and resumes by itself then (earlier with "
             "`fedtray-client resume`)"
         )
     elif paused:
-        dropped = f" (no longer ending at {_when(earlier, now)})" if earlier else ""
+        dropped = f" (no longer ending at {until_words(earlier, now)})" if earlier else ""
         print(
             f"paused training{dropped}; a running client stops at its next batch and keeps "
             "its progress (undo with `fedtray-client resume`)"

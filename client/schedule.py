@@ -21,6 +21,8 @@ the local time zone and its daylight-saving rules).
   :data:`MORNING` (07:00) of tomorrow or, with a schedule, at the first start of the
   schedule's window tomorrow (so a night-time schedule skips tonight and trains again
   tomorrow night). The result is always later than ``now``.
+* :func:`until_words`: how a deadline is said to people ("15:30"; with the day when it
+  is not today: "Mon 30 Nov 00:33"), the one spelling the CLI and the pause detail use.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ __all__ = [
     "next_change",
     "parse_schedule",
     "until_tomorrow",
+    "until_words",
 ]
 
 #: What the ``schedule`` setting accepts, in the words every message about it uses.
@@ -130,3 +133,9 @@ def until_tomorrow(now: datetime, schedule: DailyStart | None) -> datetime:
 
 def _since_midnight(moment: time) -> timedelta:
     return timedelta(hours=moment.hour, minutes=moment.minute)
+
+
+def until_words(until: datetime, now: datetime) -> str:
+    """An aware deadline in local time: ``"15:30"``, with the day when it is not today."""
+    local, today = until.astimezone(), now.astimezone()
+    return f"{local:%H:%M}" if local.date() == today.date() else f"{local:%a %d %b %H:%M}"

@@ -10,7 +10,9 @@ Contract: :class:`DeviceWait` waits on the registry's incremental counts
 * the "round N waiting" line is due again (``wait_log_interval``), or
 * :meth:`DeviceWait.nudge` is called;
 
-a heartbeat never wakes it. Each pass sweeps staleness (O(devices that changed)) and, once
+a heartbeat never wakes it. A crossing wakes the loop from the event loop's next turn, so
+the handler whose transition crossed (a registration, with its welcome) finishes first.
+Each pass sweeps staleness (O(devices that changed)) and, once
 enough devices are eligible, builds the eligible list (O(fleet), once per round start) and
 returns it. While it waits, a change of the counts that does not cross ``min_clients`` (a
 device registers, pauses, leaves) updates the waiting reason in the phase and logs it when
@@ -84,7 +86,10 @@ class DeviceWait:
             # A device that joined while the loop slept may turn stale before its timer.
             next_stale is not None and next_stale + _STALE_MARGIN < self._wakes_at
         ):
-            self._wake.set()
+            # From the event loop's next turn, not from inside the registry transition:
+            # the handler that registered a device finishes first (its ack, the welcome
+            # that starts bringing it up to date), so a round never overtakes them.
+            asyncio.get_running_loop().call_soon(self._wake.set)
         else:
             self._show(self._number, self._tally, time.monotonic())
 

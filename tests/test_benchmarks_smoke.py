@@ -30,7 +30,7 @@ from benchmarks import (
 # Slow: the benchmarks start servers and clients that import torch.
 @pytest.mark.slow
 def test_transfer_smoke(capsys: pytest.CaptureFixture[str]) -> None:
-    assert transfer.main(["--size-mb", "2", "--repeats", "1"]) == 0
+    assert transfer.main(["--size-mb", "6", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^ratio upload / raw TCP\s+\d+\.\d+x", out, re.M), out
     assert re.search(r"^ratio download / raw TCP\s+\d+\.\d+x", out, re.M), out

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import datetime, time
+from datetime import UTC, datetime, time, timedelta
 
 import pytest
 
-from client.schedule import Schedule, parse_schedule, until_tomorrow
+from client.schedule import Schedule, parse_schedule, until_tomorrow, until_words
 
 NIGHT = Schedule(time(22, 0), time(7, 0))
 OFFICE = Schedule(time(9, 0), time(17, 30))
@@ -100,3 +100,17 @@ def test_until_tomorrow(now: datetime, schedule: Schedule | None, expected: date
     end = until_tomorrow(now, schedule)
     assert end == expected
     assert end > now
+
+
+@pytest.mark.parametrize(
+    ("minutes_from_now", "with_day"),
+    [(0, False), (30, False), (24 * 60, True), (-24 * 60, True)],
+)
+def test_until_words(minutes_from_now: int, with_day: bool) -> None:
+    # A local noon, so +-30 minutes stay today and +-1 day is another day in any zone.
+    noon = datetime.now().replace(hour=12, minute=0, second=0, microsecond=0).astimezone()
+    until = (noon + timedelta(minutes=minutes_from_now)).astimezone(UTC)
+    local = until.astimezone()
+    expected = f"{local:%a %d %b %H:%M}" if with_day else f"{local:%H:%M}"
+    assert until_words(until, noon) == expected
+    assert (len(expected) > len("15:30")) is with_day

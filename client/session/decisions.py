@@ -5,7 +5,7 @@ Contract: every function here is a pure function of its arguments (the caller pa
 
 * :func:`user_decision`: the user's pause source from the settings: a pause whose
   ``paused_until`` has passed allows training; one still running says until when, in
-  local time ("Paused by you until 15:30").
+  local time ("Paused by you until 15:30"; with the day when it is not today).
 * :func:`refuse_round`: why a ``training:start`` is refused, checked in this order:
   paused (the pause's own reason and words), ``busy``, ``unknown_task``,
   ``missing_base``, ``deadline_passed``; ``None`` accepts it.
@@ -38,6 +38,7 @@ from client.protocol import (
     TrainingStart,
     TrainingStartAck,
 )
+from client.schedule import until_words
 from client.snapshot import ALLOW, USER_PAUSED, PauseDecision
 
 __all__ = [
@@ -70,7 +71,7 @@ def user_decision(settings: Settings, now: datetime) -> PauseDecision:
     if until <= now:
         return ALLOW
     return dataclasses.replace(
-        USER_PAUSED, detail=f"{USER_PAUSED.detail} until {until.astimezone():%H:%M}"
+        USER_PAUSED, detail=f"{USER_PAUSED.detail} until {until_words(until, now)}"
     )
 
 
