@@ -543,8 +543,10 @@ def test_step_aside_for_a_real_busy_process() -> None:
         finally:
             os.killpg(group, signal.SIGKILL)
         killed = time.monotonic()
+        # Resuming needs `calm` windows below the threshold's hysteresis: on a shared
+        # machine other work may keep it busy for a while, as at the start (same bound).
         await wait_until_async(
-            lambda: rec.last() == ALLOW, timeout=window * (calm + 3), what="resuming"
+            lambda: rec.last() == ALLOW, timeout=60, what="resuming once the machine is calm"
         )
         # the hysteresis: not before `calm` calm windows
         assert time.monotonic() - killed >= window * (calm - 1)
