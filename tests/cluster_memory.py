@@ -185,6 +185,10 @@ class MemoryDB(_Failing):
         self._maybe_fail("updates")
         return list(self.updates_of.get(round_id, {}).values())
 
+    async def count_updates(self, round_id: str) -> int:
+        self._maybe_fail("count_updates")
+        return len(self.updates_of.get(round_id, {}))
+
     async def set_round_state(self, round_id: str, state: RoundState) -> None:
         self._maybe_fail("set_round_state")
         have = self.rounds[round_id].state

@@ -164,6 +164,31 @@ def test_concurrent_duplicates_from_two_workers_count_once(postgres_url: str) ->
     run(body)
 
 
+def test_count_updates_is_the_number_of_update_rows(postgres_url: str) -> None:
+    async def body() -> None:
+        db = await cdb.connect(postgres_url)
+        try:
+            assert await db.count_updates("r1") == 0  # an unknown round
+            await db.open_round(round_row("r1"), parts("r1"))
+            assert await db.count_updates("r1") == 0
+            assert await db.record_update(update("d1")) is True
+            assert await db.count_updates("r1") == 1
+            # A duplicate (another worker, the ack was lost) is counted once.
+            assert await db.record_update(update("d1", worker="w2")) is False
+            assert await db.count_updates("r1") == 1
+            assert await db.record_update(update("d3")) is True
+            assert await db.count_updates("r1") == len(await db.updates("r1")) == 2
+            # Another round's updates are not counted in this one.
+            await db.set_round_state("r1", "abandoned")
+            await db.open_round(round_row("r2"), parts("r2"))
+            assert await db.record_update(update("d2", rid="r2")) is True
+            assert (await db.count_updates("r1"), await db.count_updates("r2")) == (2, 1)
+        finally:
+            await db.close()
+
+    run(body)
+
+
 def test_partials_are_idempotent_by_worker(postgres_url: str) -> None:
     async def body() -> None:
         db = await cdb.connect(postgres_url)

@@ -228,6 +228,11 @@ class ClusterDB(Protocol):
 
     async def updates(self, round_id: str) -> list[UpdateRow]: ...
 
+    async def count_updates(self, round_id: str) -> int:
+        """How many updates are recorded for the round (``len(updates(round_id))``
+        without reading the rows; 0 for an unknown round)."""
+        ...
+
     async def set_round_state(self, round_id: str, state: RoundState) -> None:
         """Then notifies workers."""
         ...

@@ -30,6 +30,8 @@ Promises:
   transaction, so no update slips in after :meth:`set_round_state` moved it to
   ``closing``; otherwise ClusterError. Recording marks the assignment ``reported``.
 * A ``reported`` assignment stays reported (:meth:`set_assignment` leaves it).
+* :meth:`PgClusterDB.count_updates` is one ``SELECT count(*)`` over the updates' key
+  (``round_id`` leads it): one number back, not the round's update rows.
 * Completed and abandoned rounds never change state again.
 * Every state change that workers act on is followed, in the same transaction, by a
   notification on channel :data:`CHANNEL` (``round:<id>`` or ``version:<n>``); it is
@@ -344,6 +346,13 @@ class PgClusterDB:
                 "SELECT * FROM fedtray_updates WHERE round_id = $1 ORDER BY device_id", round_id
             )
         return [update_from(r) for r in rows]
+
+    async def count_updates(self, round_id: str) -> int:
+        with engine_errors(f"updates of round {round_id}"):
+            count = await self._pool.fetchval(
+                "SELECT count(*) FROM fedtray_updates WHERE round_id = $1", round_id
+            )
+        return int(count)
 
     # -------------------------------------------------------------- partial sums
 

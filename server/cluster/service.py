@@ -20,7 +20,8 @@ devices connected to THIS worker:
   assigned device is received and checked as the single-process server does (the blob store,
   the layout, SHA-256), stored in shared storage, recorded with
   :meth:`~server.cluster.contracts.ClusterDB.record_update` and only then folded into this
-  worker's partial FedAvg sum and acknowledged; a resend after a lost ack is answered
+  worker's partial FedAvg sum and acknowledged with the round's count of reports
+  (:meth:`~server.cluster.contracts.ClusterDB.count_updates`); a resend after a lost ack is answered
   accepted again and counted once (the database row decides);
 * when the round turns ``closing`` the partial sum is written to shared storage and
   recorded (:meth:`~server.cluster.contracts.ClusterDB.record_partial`); recording an update
@@ -267,7 +268,7 @@ class ClusterRounds:
 
     async def _received(self, row: RoundRow) -> int:
         try:
-            return len(await self._db.updates(row.round_id))
+            return await self._db.count_updates(row.round_id)
         except ClusterError:
             return 0
 
