@@ -4,6 +4,7 @@ interval, heartbeats handled inline, long handlers still in their own task."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from server_harness import ScriptedDevice, ServerHandle, run_devices, running_se
 
 from client.protocol import SubmitAccepted, WeightsSubmit
 from server.registry import DeviceRecord
+from server.serving import GC_THRESHOLDS
 from server.transport import TransportTiming, transport_timing
 from tests.waiting import scaled
 
@@ -79,3 +81,16 @@ def test_heartbeats_run_inline_and_never_wait_for_a_long_handler(tmp_path: Path)
 
     with running_server(tmp_path, min_clients=5) as srv:
         run_devices(scenario(srv))
+
+
+def test_a_serving_server_raises_the_collector_thresholds(tmp_path: Path) -> None:
+    """Full collections over many connections' objects stall the loop: serving raises the
+    thresholds (process-wide; server.serving.GC_THRESHOLDS)."""
+    default = (700, 10, 10)
+    gc.set_threshold(*default)
+    try:
+        with running_server(tmp_path):
+            assert gc.get_threshold() == GC_THRESHOLDS
+        assert GC_THRESHOLDS[0] > default[0]
+    finally:
+        gc.set_threshold(*default)
