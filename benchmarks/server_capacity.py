@@ -311,7 +311,7 @@ def _measure(
         "p50_ms": 1000 * statistics.median(rtts) if rtts else float("nan"),
         "p99_ms": 1000 * rtts[int(0.99 * (beats - 1))] if rtts else float("nan"),
         "rss_kb_per_device": (rss_held - rss_before) / 1024 / max(held, 1),
-        "devices_per_core": 1000 * interval / per_beat if beats else float("nan"),
+        "devices_per_core": 1000 * interval / per_beat if beats and per_beat > 0 else float("nan"),
         "generator_cpu_pct": gen_cpu,
         "loadavg": load,
         "redis_ms_per_beat": 1000 * (eng1[0] - eng0[0]) / beats if beats else float("nan"),

@@ -487,7 +487,7 @@ def test_client_process_killed_mid_training_resumes_from_its_checkpoint(tmp_path
         min_clients=1,
         clients_per_round=1,
         rounds=1,
-        epochs=30,
+        epochs=60,  # outlasts the periodic checkpoint interval on a fast machine too
         model_params=params,
         round_timeout=60,
     ) as srv:
