@@ -27,6 +27,12 @@ Everything stays on loopback, in temporary directories, and stops by itself.
 
     .venv/bin/python -m benchmarks.server_capacity                  # 500 .. 8000 devices
     .venv/bin/python -m benchmarks.server_capacity --sizes 20 --interval 1 --window 2
+    .venv/bin/python -m benchmarks.server_capacity --scaling 2000   # 1 worker vs 2
+
+``--scaling N`` measures what a second worker adds: ``--workers 1`` holding N devices and
+``--workers 2`` holding 2N, alternated ``--pairs`` times; each deployment's capacity is its
+devices over its busiest worker's CPU fraction (the fleet at which that worker fills a
+core), and the median ratio of the two capacities is printed (see :func:`scaling`).
 """
 
 from __future__ import annotations
@@ -276,9 +282,13 @@ def _measure(
         if engines is not None:
             engines.pg_reset()  # the statements of the window alone
         eng0 = _engine_counters(engines)
-        t0, cpu0 = time.monotonic(), cpu_seconds(tree())
+        pids = tree()
+        t0, per0 = time.monotonic(), {pid: cpu_seconds([pid]) for pid in pids}
         time.sleep(window)
-        t1, cpu1 = time.monotonic(), cpu_seconds(tree())
+        t1, per1 = time.monotonic(), {pid: cpu_seconds([pid]) for pid in pids}
+        cpu0, cpu1 = sum(per0.values()), sum(per1.values())
+        # The busiest worker (cluster mode: a child of the supervisor; else the server).
+        workers_cpu = [per1[pid] - per0[pid] for pid in (pids[1:] if workers else pids)]
         eng1 = _engine_counters(engines)
         pg_top = engines.pg_top(5) if engines is not None else []
         gen_cpu = max(p.cpu_percent(None) for p in gen_procs)
@@ -313,6 +323,7 @@ def _measure(
         "rss_kb_per_device": (rss_held - rss_before) / 1024 / max(held, 1),
         "devices_per_core": 1000 * interval / per_beat if beats and per_beat > 0 else float("nan"),
         "generator_cpu_pct": gen_cpu,
+        "busiest_worker_cpu_pct": 100 * max(workers_cpu) / (t1 - t0),
         "loadavg": load,
         "redis_ms_per_beat": 1000 * (eng1[0] - eng0[0]) / beats if beats else float("nan"),
         "pg_ms_per_beat": 1000 * (eng1[1] - eng0[1]) / beats if beats else float("nan"),
@@ -335,10 +346,21 @@ def main(argv: list[str] | None = None) -> int:
         help="cluster mode: this many workers on a throwaway Redis and PostgreSQL "
         "(default: the single-process server)",
     )
+    p.add_argument(
+        "--scaling",
+        type=int,
+        default=None,
+        metavar="N",
+        help="instead of --sizes: --workers 1 holding N devices against --workers 2 "
+        "holding 2N, alternated --pairs times (the cluster's scaling, see the module)",
+    )
+    p.add_argument("--pairs", type=int, default=2, help="with --scaling: alternated pairs")
     args = p.parse_args(argv)
-    cluster = args.workers is not None
     # A SIGTERM unwinds like Ctrl-C, so measure()'s cleanup stops the server and generators.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.scaling is not None:
+        return scaling(args.scaling, args.pairs, args.interval, args.window, args.generators)
+    cluster = args.workers is not None
     print(f"open files limit: {raise_nofile()}; loadavg before: {_loadavg()}")
     mode = f"cluster mode, {args.workers} worker(s)" if cluster else "single process"
     print(f"server: {mode}")
@@ -384,6 +406,56 @@ def main(argv: list[str] | None = None) -> int:
         print(f"most frequent PostgreSQL statements at {n} devices (calls in the window):")
         for calls, query in top:
             print(f"  {calls:>7}  {query}")
+    print(f"loadavg after: {_loadavg()}")
+    return 0
+
+
+def scaling(n: int, pairs: int, interval: float, window: float, generators: int) -> int:
+    """``--workers 1`` at ``n`` devices against ``--workers 2`` at ``2n``, ``pairs`` times.
+
+    A deployment's capacity is the fleet at which its busiest worker fills a core:
+    ``devices / busiest worker's CPU fraction``; the ratio of the two capacities is what
+    the second worker adds (2.0: it doubles what one holds). CPU ms per heartbeat of the
+    whole tree is printed beside it (the same in both: no cost that grows per worker).
+    """
+    print(f"open files limit: {raise_nofile()}; loadavg before: {_loadavg()}")
+    print(f"scaling: --workers 1 at {n} devices against --workers 2 at {2 * n}")
+    print(
+        "| pair | workers | devices | held | CPU ms per heartbeat | busiest worker CPU "
+        "| capacity (devices at a full core) | ack p50 / p99 ms | loadavg 1/5/15 min |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    ratios: list[float] = []
+    cost_ratios: list[float] = []
+    for pair in range(1, pairs + 1):
+        runs = []
+        for workers, devices in ((1, n), (2, 2 * n)):
+            r = measure(
+                devices,
+                interval=interval,
+                window=window,
+                generators=generators,
+                workers=workers,
+            )
+            busiest = r["busiest_worker_cpu_pct"] / 100
+            capacity = r["held"] / busiest if busiest > 0 else float("nan")
+            runs.append((capacity, r["ms_per_beat"]))
+            print(
+                f"| {pair} | {workers} | {devices} | {r['held']} | {r['ms_per_beat']:.3f} | "
+                f"{100 * busiest:.1f} % | {capacity:,.0f} | "
+                f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f} | {r['loadavg']} |",
+                flush=True,
+            )
+        ratios.append(runs[1][0] / runs[0][0])
+        cost_ratios.append(runs[1][1] / runs[0][1])
+    print(
+        f"capacity --workers 2 / --workers 1: {statistics.median(ratios):.2f}x (median of "
+        f"{pairs}: {', '.join(f'{x:.2f}' for x in ratios)})"
+    )
+    print(
+        f"CPU ms per heartbeat --workers 2 / --workers 1: {statistics.median(cost_ratios):.2f}x "
+        f"(median of {pairs}: {', '.join(f'{x:.2f}' for x in cost_ratios)})"
+    )
     print(f"loadavg after: {_loadavg()}")
     return 0
 

@@ -243,3 +243,17 @@ def test_server_capacity_cluster_smoke(capsys: pytest.CaptureFixture[str]) -> No
         if p.pid not in before and "resource_tracker" not in " ".join(p.cmdline())
     ]
     assert not left, left
+
+
+# Slow: two cluster deployments one after the other (engines, supervisor, workers).
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_server_capacity_scaling_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--scaling", "3", "--pairs", "1", "--interval", "0.5", "--window", "3"]
+    assert server_capacity.main([*argv, "--generators", "2"]) == 0
+    out = capsys.readouterr().out
+    rows = re.findall(r"^\| 1 \| (\d) \| (\d+) \| (\d+) \| (\d+\.\d+) \| (\d+\.\d) % \|", out, re.M)
+    # One worker holding 3 devices, then two holding 6, every device held to the end.
+    assert [(w, d, h) for w, d, h, _, _ in rows] == [("1", "3", "3"), ("2", "6", "6")], out
+    assert all(float(cost) > 0 for _, _, _, cost, _ in rows), out
+    assert re.search(r"^capacity --workers 2 / --workers 1: \d+\.\d\dx", out, re.M), out
