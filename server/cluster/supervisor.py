@@ -9,8 +9,11 @@ parse); the workers' other output passes through. SIGTERM/SIGINT are forwarded t
 workers (killed after ``stop_timeout`` s); a worker that dies is restarted with a backoff
 (1 s doubling to 30 s, back to 1 s after a minute of running). A worker that fails before
 any worker listened (exit status 1 or 2: bad flags, an unusable engine) stops the others
-and :func:`run` returns its status; a clean stop returns 0. Nothing here talks to Redis or
-PostgreSQL. :func:`add_cluster_flags` declares the cluster flags of ``fedtray-server``.
+and :func:`run` returns its status; a clean stop returns 0. A ``--task-file`` package is
+checked here first (:func:`server.cluster.package.check_package`): a bad one is one line on
+stderr and exit status 1 before any worker starts or the port is taken. Nothing here
+talks to Redis or PostgreSQL. :func:`add_cluster_flags` declares the cluster flags of
+``fedtray-server``.
 """
 
 from __future__ import annotations
@@ -202,6 +205,12 @@ def strip_workers(argv: Sequence[str]) -> list[str]:
 
 def run(argv: Sequence[str], args: argparse.Namespace) -> int:
     """Supervise ``args.workers`` (default 1) workers until a signal; the exit status."""
+    if args.task_file is not None:
+        # Checked once here, so a bad package starts no worker (each worker opens it again).
+        from server.cluster.package import check_package
+
+        if check_package(args.task_file, PROG) is None:
+            return 1
     try:
         sup = Supervisor(strip_workers(argv), args.workers or 1, args.host, args.port)
     except OSError as exc:

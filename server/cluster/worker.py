@@ -28,8 +28,11 @@ The port is bound and served as the single-process server does (:mod:`server.ser
 first version of the global model (made by whichever worker coordinates), then listens
 (the engines are opened by :func:`server.cluster.engines.open_engines`; the command line is
 :mod:`server.cluster.worker_cli`); it raises :class:`server.serving.StartupError` (one line)
-when it cannot. Cluster mode trains an installed task with FedAvg or FedProx; a task
-package, another strategy or federated evaluation is refused at start.
+when it cannot. Cluster mode trains an installed task or a task package
+(``--task-file``, :mod:`server.cluster.package`: every worker opens the same package and
+serves it, with each device's share of its data, as the single-process server does --
+only to devices that take packages -- and version 0 is the package's weights) with FedAvg
+or FedProx; another strategy or federated evaluation is refused at start.
 :meth:`ClusterWorker.stop` is bounded in time. Never unpickles or executes anything received.
 """
 
@@ -56,15 +59,15 @@ from server.cluster.contracts import (
     ClusterError,
     DeviceSeen,
 )
-from server.cluster.coordinator import ClusterCoordinator
+from server.cluster.coordinator import ClusterCoordinator, task_initial_weights
 from server.cluster.engines import LOCK_RETRY_S, ClusterSettings, Engines, open_engines
+from server.cluster.package import check_layout, package_bytes, package_task
 from server.cluster.service import ClusterRounds
 from server.config import ServerConfig
 from server.distribution import Distributor
 from server.globalmodel import GlobalModel
 from server.handlers import DeviceNamespace, handles
-from server.model import initial_state
-from server.registry import Registry
+from server.registry import DeviceRecord, Registry
 from server.serving import (
     StartupError,
     bind_socket,
@@ -75,6 +78,7 @@ from server.serving import (
 )
 from server.starter import RoundStarter, training_config
 from server.store import Store
+from server.taskfile import PackageTask, ServedPackage
 
 __all__ = ["LOCK_RETRY_S", "ClusterSettings", "ClusterWorker"]
 
@@ -106,9 +110,19 @@ class ClusterNamespace(DeviceNamespace):
 class ClusterWorker:
     """One worker process (see the module docstring)."""
 
-    def __init__(self, config: ServerConfig, settings: ClusterSettings) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        settings: ClusterSettings,
+        *,
+        package: ServedPackage | None = None,
+    ) -> None:
         self.config = config
         self.settings = settings
+        #: The checked package of ``config.task_file`` (opened at start when not given).
+        self._package = package
+        #: The package's size for eligibility (None: an installed task); set at start.
+        self._package_bytes: int | None = None
         # As the single-process server, emits and rooms shared through Redis.
         self.sio = device_server(
             config, client_manager=socketio.AsyncRedisManager(settings.redis_url)
@@ -148,8 +162,6 @@ class ClusterWorker:
 
     def _check_mode(self) -> Task:
         cfg = self.config
-        if cfg.task_file is not None:
-            raise StartupError("task packages (--task-file) are not supported in cluster mode yet")
         if cfg.strategy.name not in CLUSTER_STRATEGIES:
             raise StartupError(
                 f"--strategy {cfg.strategy.name} is not supported in cluster mode "
@@ -159,6 +171,8 @@ class ClusterWorker:
             raise StartupError("--clip-norm is not supported in cluster mode yet")
         if cfg.evaluate_every:
             raise StartupError("federated evaluation (--evaluate-every) is off in cluster mode")
+        if cfg.task_file is not None:
+            return package_task(cfg, self._package)
         try:
             task = get_task(cfg.task, cfg.model_params)
             training_config(task, cfg, 0)
@@ -182,7 +196,9 @@ class ClusterWorker:
             except ClusterError as exc:
                 raise StartupError(str(exc)) from None
             engines = self.engines
-            self.distributor.describe_model(dict(task.params), None)
+            self._package_bytes = package_bytes(task)
+            package = task.package.ref if isinstance(task, PackageTask) else None
+            self.distributor.describe_model(dict(task.params), package)
             self.rounds = ClusterRounds(
                 worker_id=self.settings.worker_id,
                 config=cfg,
@@ -213,6 +229,7 @@ class ClusterWorker:
             )
             self._loops.append(asyncio.create_task(self._candidate(task), name="lock-candidate"))
             await self._first_version(version_timeout)
+            check_layout(task, self.model.layout)
             self._set_transfer_budget()
             self._runner = await serve_on(
                 self.app, sock, ssl_context, backlog=1024, where=f"port {self.port}"
@@ -293,11 +310,14 @@ class ClusterWorker:
             self.mirror(device_id)
             return
         now = time.monotonic()
-        eligible = self.registry.ineligibility(record, self.config.task, now) is None
+        eligible = self._ineligibility(record, now) is None
         if (eligible, record.weights_version) != written[:2]:
             self.mirror(device_id)  # a reader needs it now
         elif now - written[2] >= self._refresh_after:
             self._dirty.add(device_id)  # only the TTL: with the next batch (within a tick)
+
+    def _ineligibility(self, record: DeviceRecord, now: float) -> str | None:
+        return self.registry.ineligibility(record, self.config.task, now, self._package_bytes)
 
     def _rewrite_all(self) -> None:
         """Redis lost this worker's keys (restarted, or they expired): write every
@@ -327,7 +347,7 @@ class ClusterWorker:
                 if record is None or record.sid is None:
                     gone.append(device_id)
                 else:
-                    eligible = self.registry.ineligibility(record, self.config.task, now) is None
+                    eligible = self._ineligibility(record, now) is None
                     seen.append(DeviceSeen(device_id, eligible, record.weights_version))
             try:
                 await presence.devices_changed(seen, gone)
@@ -403,18 +423,17 @@ class ClusterWorker:
         has no version yet: the first start of a federation)."""
         assert self.engines is not None
         cfg = self.config
-
-        def weights() -> StateDict:
-            return initial_state(task, task.params, cfg.seed)
-
+        # Version 0: a package's own weights, else the task's model built with the seed.
+        initial = task_initial_weights(task, cfg.seed)
         layout = self.model.layout
-        initial = weights
         if not layout:
-            fresh = await asyncio.to_thread(weights)
+            fresh = await asyncio.to_thread(initial)
             layout = layout_of(fresh)
 
-            def initial() -> StateDict:
+            def keep() -> StateDict:
                 return fresh
+
+            initial = keep
 
         work_dir = self.work_dir / "coordinator"
         await asyncio.to_thread(work_dir.mkdir, parents=True, exist_ok=True)

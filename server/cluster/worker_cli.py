@@ -3,9 +3,12 @@
 
 Contract: :func:`main` parses the ``fedtray-server`` flags plus ``--worker-id`` (federated
 evaluation defaults to off here: ``--evaluate-every N`` is refused by the worker), needs
-``--redis`` and ``--database`` (exit status 2 otherwise, or for bad flags), starts a
-:class:`server.cluster.worker.ClusterWorker`, prints ``fedtray-server listening on URL``
-once it listens, and stops it on SIGTERM/SIGINT (exit 0). A worker that cannot start says
+``--redis`` and ``--database`` (exit status 2 otherwise, or for bad flags), opens the
+``--task-file`` package when given (:func:`server.cluster.package.check_package`: a bad one
+is the single-process CLI's one line and exit status 1; the task is then named by its
+manifest, as ``fedtray-server`` does), starts a
+:class:`server.cluster.worker.ClusterWorker`, prints ``fedtray-server listening on URL`` once
+it listens, and stops it on SIGTERM/SIGINT (exit 0). A worker that cannot start says
 why in one line on stderr and exits 1. Never prints secrets (tokens are registered with the
 log filter first).
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import sys
@@ -23,8 +27,10 @@ from client.logsetup import LogLevelError, add_secret, setup_logging
 from server.app import StartupError
 from server.auth import TokenFileError
 from server.cluster.engines import ClusterSettings
+from server.cluster.package import check_package
 from server.cluster.worker import ClusterWorker
 from server.config import ConfigError, ServerConfig
+from server.taskfile import ServedPackage
 
 __all__ = ["main"]
 
@@ -53,6 +59,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for token in config.tokens:
         add_secret(token)
+    package: ServedPackage | None = None
+    if config.task_file is not None:
+        package = check_package(config.task_file, PROG)
+        if package is None:
+            return 1
+        config = dataclasses.replace(config, task=package.manifest.name)
     setup_logging(config.log_level, app=f"{PROG}-{args.worker_id}")
     settings = ClusterSettings(
         redis_url=args.redis,
@@ -61,15 +73,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         shared_dir=args.shared_dir,
     )
     try:
-        return asyncio.run(_serve(config, settings))
+        return asyncio.run(_serve(config, settings, package))
     except KeyboardInterrupt:
         return 0
 
 
-async def _serve(config: ServerConfig, settings: ClusterSettings) -> int:
+async def _serve(
+    config: ServerConfig, settings: ClusterSettings, package: ServedPackage | None
+) -> int:
     from server.cli import LISTENING_PREFIX, PROG
 
-    worker = ClusterWorker(config, settings)
+    worker = ClusterWorker(config, settings, package=package)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
