@@ -20,8 +20,14 @@ within ``stale_after / 3 + interval + stale_after / 6`` of the last refresh (bef
 The worker is a candidate for the coordinator lock every ``lock_retry`` seconds;
 the holder runs :class:`server.cluster.coordinator.ClusterCoordinator` in-process (a
 killed holder's PostgreSQL connection ends and another worker takes over). Routes:
-``GET /healthz`` and ``GET /api/status`` (the cluster status: worker id, devices here,
-eligible devices of the fleet, the round, the version, whether it coordinates).
+``GET /healthz``; ``GET /`` (the single-process dashboard, ``server/dashboard.html``);
+``GET /api/status`` -- the single-process status document
+(:class:`server.status.ServerStatus`), the same whichever worker answers, assembled from
+PostgreSQL and Redis (:class:`server.cluster.status_view.ClusterStatusView`; 503 with
+``{"error": ...}`` when PostgreSQL fails), with header ``X-Fedtray-Worker`` naming the
+worker that answered; ``GET /api/cluster`` -- this worker's cluster facts (worker id,
+devices here, eligible devices of the fleet, the round, the version, whether it
+coordinates).
 
 The port is bound and served as the single-process server does (:mod:`server.serving`).
 :meth:`ClusterWorker.start` opens the engines, starts the lock candidate, waits for the
@@ -50,6 +56,7 @@ from client.protocol import Heartbeat, OkAck, TrainingProgress, events as ev
 from client.tasks import Task, get_task
 from client.transfer import BlobStore
 from client.weights import StateDict, layout_of
+from server.app import DASHBOARD_FILE
 from server.auth import TokenChecker
 from server.background import Background
 from server.cluster.contracts import (
@@ -59,6 +66,8 @@ from server.cluster.contracts import (
 from server.cluster.coordinator import ClusterCoordinator
 from server.cluster.engines import LOCK_RETRY_S, ClusterSettings, Engines, open_engines
 from server.cluster.service import ClusterRounds
+from server.cluster.status_board import connect_board
+from server.cluster.status_view import SNAPSHOT_S, ClusterStatusView, StatusQueries
 from server.config import ServerConfig
 from server.distribution import Distributor
 from server.globalmodel import GlobalModel
@@ -115,7 +124,9 @@ class ClusterWorker:
         )
         self.app = web.Application()
         self.sio.attach(self.app)
+        self.app.router.add_get("/", self._http_index)
         self.app.router.add_get("/api/status", self._http_status)
+        self.app.router.add_get("/api/cluster", self._http_cluster)
         self.app.router.add_get("/healthz", self._http_health)
         self.registry = Registry(config.stale_after)
         self.work_dir = config.state_dir / f"worker-{settings.worker_id}"
@@ -143,6 +154,7 @@ class ClusterWorker:
         self._loops: list[asyncio.Task[Any]] = []
         self._runner: web.AppRunner | None = None
         self._coordinating = False
+        self._status: ClusterStatusView | None = None
 
     # ================================================================== lifecycle
 
@@ -182,6 +194,7 @@ class ClusterWorker:
             except ClusterError as exc:
                 raise StartupError(str(exc)) from None
             engines = self.engines
+            self._status = await self._status_view(engines)
             self.distributor.describe_model(dict(task.params), None)
             self.rounds = ClusterRounds(
                 worker_id=self.settings.worker_id,
@@ -226,6 +239,7 @@ class ClusterWorker:
             asyncio.create_task(self._presence_writer(), name="presence"),
             asyncio.create_task(self._alive(), name="alive"),
             asyncio.create_task(self._housekeeping(), name="housekeeping"),
+            asyncio.create_task(self._status.run(), name="status-snapshots"),
         ]
         log.info(
             "worker %s serving task %s on port %d (pid %d)",
@@ -235,6 +249,23 @@ class ClusterWorker:
             os.getpid(),
         )
         return self.port
+
+    async def _status_view(self, engines: Engines) -> ClusterStatusView:
+        """The status document's view (its Redis board closed with the engines)."""
+        if not isinstance(engines.db, StatusQueries):
+            raise StartupError("the cluster database cannot answer the status document")
+        board = await connect_board(
+            self.settings.redis_url, self.settings.worker_id, ttl=3 * SNAPSHOT_S
+        )
+        engines.closers.append(board)
+        return ClusterStatusView(
+            worker_id=self.settings.worker_id,
+            config=self.config,
+            registry=self.registry,
+            db=engines.db,
+            presence=engines.presence,
+            board=board,
+        )
 
     async def _first_version(self, timeout: float) -> None:
         assert self.rounds is not None
@@ -439,11 +470,24 @@ class ClusterWorker:
     async def _http_health(self, request: web.Request) -> web.Response:
         return web.Response(text="ok")
 
+    async def _http_index(self, request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(DASHBOARD_FILE)
+
     async def _http_status(self, request: web.Request) -> web.Response:
+        headers = {"X-Fedtray-Worker": self.settings.worker_id}
+        try:
+            if self._status is None:
+                raise ClusterError("the worker is not serving yet")
+            text = await self._status.document_json()
+        except ClusterError as exc:
+            return web.json_response({"error": str(exc)}, status=503, headers=headers)
+        return web.Response(text=text, content_type="application/json", headers=headers)
+
+    async def _http_cluster(self, request: web.Request) -> web.Response:
         return web.json_response(await self.status())
 
     async def status(self) -> dict[str, Any]:
-        """The cluster status (what ``GET /api/status`` returns)."""
+        """This worker's cluster facts (what ``GET /api/cluster`` returns)."""
         eligible: int | None = None
         if self.engines is not None:
             with contextlib.suppress(ClusterError):
