@@ -254,9 +254,12 @@ class ClusterWorker:
         """The status document's view (its Redis board closed with the engines)."""
         if not isinstance(engines.db, StatusQueries):
             raise StartupError("the cluster database cannot answer the status document")
-        board = await connect_board(
-            self.settings.redis_url, self.settings.worker_id, ttl=3 * SNAPSHOT_S
-        )
+        try:
+            board = await connect_board(
+                self.settings.redis_url, self.settings.worker_id, ttl=3 * SNAPSHOT_S
+            )
+        except ClusterError as exc:
+            raise StartupError(f"status board: {exc}") from None
         engines.closers.append(board)
         return ClusterStatusView(
             worker_id=self.settings.worker_id,
