@@ -204,6 +204,23 @@ def build_status(
     strategy: StrategySettings | None = None,
 ) -> ServerStatus:
     """The status document. Registry times are monotonic; they are shown as Unix times."""
+    devices = device_statuses(registry, now_mono, now_unix)
+    return ServerStatus(
+        server_version=server_version,
+        protocol=protocol,
+        task=task,
+        global_version=global_version,
+        rounds_target=rounds_target,
+        phase=phase,
+        current_round=current,
+        history=list(history),
+        devices=devices,
+        strategy=strategy_status(strategy or StrategySettings()),
+    )
+
+
+def device_statuses(registry: Registry, now_mono: float, now_unix: float) -> list[DeviceStatus]:
+    """Every device of ``registry`` as the status shows it (monotonic times as Unix times)."""
     devices = []
     for rec in registry.all():
         battery = rec.resources.battery
@@ -232,18 +249,7 @@ def build_status(
                 budget=rec.budget,
             )
         )
-    return ServerStatus(
-        server_version=server_version,
-        protocol=protocol,
-        task=task,
-        global_version=global_version,
-        rounds_target=rounds_target,
-        phase=phase,
-        current_round=current,
-        history=list(history),
-        devices=devices,
-        strategy=strategy_status(strategy or StrategySettings()),
-    )
+    return devices
 
 
 def strategy_status(settings: StrategySettings) -> StrategyStatus:

@@ -32,6 +32,10 @@ Promises:
 * A ``reported`` assignment stays reported (:meth:`set_assignment` leaves it).
 * :meth:`PgClusterDB.count_updates` is one ``SELECT count(*)`` over the updates' key
   (``round_id`` leads it): one number back, not the round's update rows.
+* Read-only views for the status document (:mod:`server.cluster.status_view`):
+  :meth:`PgClusterDB.round_history` (one row per finished round attempt, with its counts,
+  in one query) and :meth:`PgClusterDB.reports_by_device` (per device, its updates in the
+  given rounds); they change nothing.
 * Completed and abandoned rounds never change state again.
 * Every state change that workers act on is followed, in the same transaction, by a
   notification on channel :data:`CHANNEL` (``round:<id>`` or ``version:<n>``); it is
@@ -51,7 +55,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from typing import TYPE_CHECKING
 
 import asyncpg
@@ -77,6 +81,7 @@ from server.cluster.db_schema import (
     version_from,
 )
 from server.cluster.pg import connect_one, create_pool, engine_errors, ensure_schema
+from server.cluster.status import FinishedRound
 
 __all__ = ["CHANNEL", "SCHEMA_VERSION", "PgClusterDB", "connect"]
 
@@ -354,6 +359,41 @@ class PgClusterDB:
             )
         return int(count)
 
+    # -------------------------------------------------------------- status views
+
+    async def round_history(self) -> list[FinishedRound]:
+        """Every completed or abandoned round, oldest first, with its counts and version
+        (one query)."""
+        with engine_errors("round history"):
+            rows = await self._pool.fetch(
+                "SELECT r.*,"
+                " (SELECT count(*) FROM fedtray_assignments a WHERE a.round_id = r.round_id)"
+                " AS n_selected,"
+                " (SELECT count(*) FROM fedtray_updates u WHERE u.round_id = r.round_id)"
+                " AS n_reported,"
+                " (SELECT max(u.received_at) FROM fedtray_updates u"
+                " WHERE u.round_id = r.round_id) AS last_update_at,"
+                " v.version AS v_version, v.blob_key AS v_blob_key, v.sha256 AS v_sha256,"
+                " v.size AS v_size, v.created_at AS v_created_at, v.metrics AS v_metrics"
+                " FROM fedtray_rounds r LEFT JOIN fedtray_versions v ON v.round_id = r.round_id"
+                " WHERE r.state IN ('completed', 'abandoned')"
+                " ORDER BY r.opened_at, r.number, r.attempt"
+            )
+        return [_finished_from(row) for row in rows]
+
+    async def reports_by_device(self, round_ids: Sequence[str]) -> dict[str, int]:
+        """``device_id -> updates recorded`` in the rounds ``round_ids`` (devices with none
+        are absent)."""
+        if not round_ids:
+            return {}
+        with engine_errors("reports by device"):
+            rows = await self._pool.fetch(
+                "SELECT device_id, count(*) AS n FROM fedtray_updates"
+                " WHERE round_id = ANY($1::text[]) GROUP BY device_id",
+                list(round_ids),
+            )
+        return {row["device_id"]: int(row["n"]) for row in rows}
+
     # -------------------------------------------------------------- partial sums
 
     async def record_partial(self, row: PartialRow) -> None:
@@ -420,6 +460,30 @@ class PgClusterDB:
             await conn.fetchval("SELECT 1", timeout=5.0)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
             conn.terminate()
+
+
+def _finished_from(row: asyncpg.Record) -> FinishedRound:
+    version = None
+    if row["v_version"] is not None:
+        version = version_from(
+            {
+                "version": row["v_version"],
+                "blob_key": row["v_blob_key"],
+                "sha256": row["v_sha256"],
+                "size": row["v_size"],
+                "round_id": row["round_id"],
+                "created_at": row["v_created_at"],
+                "metrics": row["v_metrics"],
+            }
+        )
+    last = row["last_update_at"]
+    return FinishedRound(
+        round=round_from(row),
+        selected=int(row["n_selected"]),
+        reported=int(row["n_reported"]),
+        last_update_at=None if last is None else float(last),
+        version=version,
+    )
 
 
 async def connect(url: str, *, max_size: int = 10) -> PgClusterDB:

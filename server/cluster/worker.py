@@ -20,8 +20,14 @@ within ``stale_after / 3 + interval + stale_after / 6`` of the last refresh (bef
 The worker is a candidate for the coordinator lock every ``lock_retry`` seconds;
 the holder runs :class:`server.cluster.coordinator.ClusterCoordinator` in-process (a
 killed holder's PostgreSQL connection ends and another worker takes over). Routes:
-``GET /healthz`` and ``GET /api/status`` (the cluster status: worker id, devices here,
-eligible devices of the fleet, the round, the version, whether it coordinates).
+``GET /healthz``; ``GET /`` (the single-process dashboard, ``server/dashboard.html``);
+``GET /api/status`` -- the single-process status document
+(:class:`server.status.ServerStatus`), the same whichever worker answers, assembled from
+PostgreSQL and Redis (:class:`server.cluster.status_view.ClusterStatusView`; 503 with
+``{"error": ...}`` when PostgreSQL fails), with header ``X-Fedtray-Worker`` naming the
+worker that answered; ``GET /api/cluster`` -- this worker's cluster facts (worker id,
+devices here, eligible devices of the fleet, the round, the version, whether it
+coordinates).
 
 The port is bound and served as the single-process server does (:mod:`server.serving`).
 :meth:`ClusterWorker.start` opens the engines, starts the lock candidate, waits for the
@@ -53,6 +59,7 @@ from client.protocol import Heartbeat, OkAck, TrainingProgress, events as ev
 from client.tasks import Task, get_task
 from client.transfer import BlobStore
 from client.weights import StateDict, layout_of
+from server.app import DASHBOARD_FILE
 from server.auth import TokenChecker
 from server.background import Background
 from server.cluster.contracts import (
@@ -63,6 +70,8 @@ from server.cluster.coordinator import ClusterCoordinator, task_initial_weights
 from server.cluster.engines import LOCK_RETRY_S, ClusterSettings, Engines, open_engines
 from server.cluster.package import check_layout, package_bytes, package_task
 from server.cluster.service import ClusterRounds
+from server.cluster.status_board import connect_board
+from server.cluster.status_view import SNAPSHOT_S, ClusterStatusView, StatusQueries
 from server.config import ServerConfig
 from server.distribution import Distributor
 from server.globalmodel import GlobalModel
@@ -129,7 +138,9 @@ class ClusterWorker:
         )
         self.app = web.Application()
         self.sio.attach(self.app)
+        self.app.router.add_get("/", self._http_index)
         self.app.router.add_get("/api/status", self._http_status)
+        self.app.router.add_get("/api/cluster", self._http_cluster)
         self.app.router.add_get("/healthz", self._http_health)
         self.registry = Registry(config.stale_after)
         self.work_dir = config.state_dir / f"worker-{settings.worker_id}"
@@ -157,6 +168,7 @@ class ClusterWorker:
         self._loops: list[asyncio.Task[Any]] = []
         self._runner: web.AppRunner | None = None
         self._coordinating = False
+        self._status: ClusterStatusView | None = None
 
     # ================================================================== lifecycle
 
@@ -198,6 +210,7 @@ class ClusterWorker:
             engines = self.engines
             self._package_bytes = package_bytes(task)
             package = task.package.ref if isinstance(task, PackageTask) else None
+            self._status = await self._status_view(engines)
             self.distributor.describe_model(dict(task.params), package)
             self.rounds = ClusterRounds(
                 worker_id=self.settings.worker_id,
@@ -243,6 +256,7 @@ class ClusterWorker:
             asyncio.create_task(self._presence_writer(), name="presence"),
             asyncio.create_task(self._alive(), name="alive"),
             asyncio.create_task(self._housekeeping(), name="housekeeping"),
+            asyncio.create_task(self._status.run(), name="status-snapshots"),
         ]
         log.info(
             "worker %s serving task %s on port %d (pid %d)",
@@ -252,6 +266,26 @@ class ClusterWorker:
             os.getpid(),
         )
         return self.port
+
+    async def _status_view(self, engines: Engines) -> ClusterStatusView:
+        """The status document's view (its Redis board closed with the engines)."""
+        if not isinstance(engines.db, StatusQueries):
+            raise StartupError("the cluster database cannot answer the status document")
+        try:
+            board = await connect_board(
+                self.settings.redis_url, self.settings.worker_id, ttl=3 * SNAPSHOT_S
+            )
+        except ClusterError as exc:
+            raise StartupError(f"status board: {exc}") from None
+        engines.closers.append(board)
+        return ClusterStatusView(
+            worker_id=self.settings.worker_id,
+            config=self.config,
+            registry=self.registry,
+            db=engines.db,
+            presence=engines.presence,
+            board=board,
+        )
 
     async def _first_version(self, timeout: float) -> None:
         assert self.rounds is not None
@@ -458,11 +492,24 @@ class ClusterWorker:
     async def _http_health(self, request: web.Request) -> web.Response:
         return web.Response(text="ok")
 
+    async def _http_index(self, request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(DASHBOARD_FILE)
+
     async def _http_status(self, request: web.Request) -> web.Response:
+        headers = {"X-Fedtray-Worker": self.settings.worker_id}
+        try:
+            if self._status is None:
+                raise ClusterError("the worker is not serving yet")
+            text = await self._status.document_json()
+        except ClusterError as exc:
+            return web.json_response({"error": str(exc)}, status=503, headers=headers)
+        return web.Response(text=text, content_type="application/json", headers=headers)
+
+    async def _http_cluster(self, request: web.Request) -> web.Response:
         return web.json_response(await self.status())
 
     async def status(self) -> dict[str, Any]:
-        """The cluster status (what ``GET /api/status`` returns)."""
+        """This worker's cluster facts (what ``GET /api/cluster`` returns)."""
         eligible: int | None = None
         if self.engines is not None:
             with contextlib.suppress(ClusterError):
