@@ -128,6 +128,7 @@ class MemoryDB(_Failing):
         self.updates_of: dict[str, dict[str, UpdateRow]] = {}
         self.partials_of: dict[str, dict[str, PartialRow]] = {}
         self.events: list[str] = []
+        self.finished: set[int] = set()
 
     async def latest_version(self) -> VersionRow | None:
         self._maybe_fail("latest_version")
@@ -212,6 +213,23 @@ class MemoryDB(_Failing):
         self.versions.append(row)
         await self.set_round_state(row.round_id, "completed")
         self.events.append(f"version:{row.version}")
+
+    async def recent_versions(self, limit: int) -> list[VersionRow]:
+        return list(reversed(self.versions))[:limit]
+
+    async def record_evaluation(self, version: int, metrics: dict[str, float]) -> bool:
+        if not 0 <= version < len(self.versions):
+            return False
+        row = self.versions[version]
+        self.versions[version] = dataclasses.replace(row, metrics={**row.metrics, **metrics})
+        return True
+
+    async def mark_finished(self, version: int) -> None:
+        self.finished.add(version)
+        self.events.append(f"finished:{version}")
+
+    async def finished_version(self) -> int | None:
+        return max(self.finished, default=None)
 
     async def notifications(self) -> AsyncIterator[str]:  # pragma: no cover - unused
         for event in list(self.events):

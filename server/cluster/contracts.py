@@ -13,9 +13,10 @@ one real implementation on an existing engine and is used by the worker processe
   Redis with expiring keys (a worker that dies stops refreshing its keys and its devices
   vanish within ``ttl``); every call is O(1) in the fleet size except
   :meth:`Presence.eligible_devices` (called once per round).
-* :class:`ClusterDB` -- rounds, assignments, updates, partial sums and versions in
-  PostgreSQL. An update is recorded exactly once per (round, device)
-  (:meth:`ClusterDB.record_update` is idempotent); what must not be lost goes through it,
+* :class:`ClusterDB` -- rounds, assignments, updates, partial sums, versions (with their
+  evaluation) and the end of the federation in PostgreSQL. An update is recorded exactly
+  once per (round, device) (:meth:`ClusterDB.record_update` is idempotent); what must
+  not be lost goes through it,
   never through Redis pub/sub (python-socketio #1411).
 * :class:`CoordinatorLock` -- a PostgreSQL advisory lock on its own connection: at most
   one process holds it; it is released when that connection ends (a killed process).
@@ -246,6 +247,24 @@ class ClusterDB(Protocol):
     async def publish_version(self, row: VersionRow) -> None:
         """The new version, and its round ``completed``, in one transaction; then
         notifies workers."""
+        ...
+
+    async def recent_versions(self, limit: int) -> list[VersionRow]:
+        """The newest ``limit`` versions, newest first."""
+        ...
+
+    async def record_evaluation(self, version: int, metrics: dict[str, float]) -> bool:
+        """Merge ``metrics`` (the version's evaluation) into its metrics; False when the
+        version is unknown."""
+        ...
+
+    async def mark_finished(self, version: int) -> None:
+        """The federation finished with ``version`` (idempotent); then notifies workers
+        (``finished:<n>``)."""
+        ...
+
+    async def finished_version(self) -> int | None:
+        """The newest version the federation finished with; None when not finished."""
         ...
 
     def notifications(self) -> AsyncIterator[str]:

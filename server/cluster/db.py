@@ -20,6 +20,8 @@ Tables (schema component ``cluster``, version :data:`SCHEMA_VERSION`, in ``fedtr
   The key is what makes a report count exactly once.
 * ``fedtray_partials`` -- (``round_id``, ``worker_id``) key: a worker's partial FedAvg sum,
   the ``device_ids`` it covers, ``total_samples``, ``blob_key``, ``sha256``.
+* ``fedtray_finished`` (schema component ``end``) -- ``version`` (key): the federation
+  finished with this final version (:meth:`PgClusterDB.mark_finished`), ``finished_at``.
 
 Promises:
 
@@ -30,6 +32,10 @@ Promises:
   transaction, so no update slips in after :meth:`set_round_state` moved it to
   ``closing``; otherwise ClusterError. Recording marks the assignment ``reported``.
 * A ``reported`` assignment stays reported (:meth:`set_assignment` leaves it).
+* :meth:`PgClusterDB.record_evaluation` merges a version's evaluation (``evalLoss``,
+  ``evalAccuracy``) into its ``metrics``; the keys it names replace older values, the
+  others (``trainLoss``) stay. :meth:`PgClusterDB.mark_finished` is idempotent and
+  notifies ``finished:<n>``; :meth:`PgClusterDB.finished_version` is the newest such mark.
 * :meth:`PgClusterDB.count_updates` is one ``SELECT count(*)`` over the updates' key
   (``round_id`` leads it): one number back, not the round's update rows.
 * Completed and abandoned rounds never change state again.
@@ -68,6 +74,8 @@ from server.cluster.contracts import (
     VersionRow,
 )
 from server.cluster.db_schema import (
+    END_SCHEMA,
+    END_SCHEMA_VERSION,
     SCHEMA,
     SCHEMA_VERSION,
     assignment_from,
@@ -182,6 +190,43 @@ class PgClusterDB:
                                 f"version {row.version} not published"
                             )
                 await _notify(conn, f"version:{row.version}")
+
+    async def recent_versions(self, limit: int) -> list[VersionRow]:
+        """The newest ``limit`` versions, newest first."""
+        with engine_errors("versions"):
+            rows = await self._pool.fetch(
+                "SELECT * FROM fedtray_versions ORDER BY version DESC LIMIT $1", limit
+            )
+        return [version_from(r) for r in rows]
+
+    async def record_evaluation(self, version: int, metrics: dict[str, float]) -> bool:
+        """Merge ``metrics`` into version ``version``'s metrics; False when it is unknown."""
+        with engine_errors(f"evaluation of version {version}"):
+            done = await self._pool.fetchval(
+                "UPDATE fedtray_versions SET metrics = metrics || $2::jsonb"
+                " WHERE version = $1 RETURNING version",
+                version,
+                json.dumps(metrics),
+            )
+        return done is not None
+
+    async def mark_finished(self, version: int) -> None:
+        """The federation is finished with ``version`` (idempotent); notifies workers."""
+        with engine_errors(f"the end at version {version}"):
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute(
+                    "INSERT INTO fedtray_finished (version, finished_at) VALUES ($1, $2)"
+                    " ON CONFLICT (version) DO NOTHING",
+                    version,
+                    time.time(),
+                )
+                await _notify(conn, f"finished:{version}")
+
+    async def finished_version(self) -> int | None:
+        """The newest version the federation finished with (None: not finished)."""
+        with engine_errors("the end"):
+            value = await self._pool.fetchval("SELECT max(version) FROM fedtray_finished")
+        return None if value is None else int(value)
 
     # -------------------------------------------------------------- rounds
 
@@ -429,6 +474,7 @@ async def connect(url: str, *, max_size: int = 10) -> PgClusterDB:
     try:
         async with pool.acquire() as conn:
             await ensure_schema(conn, "cluster", SCHEMA_VERSION, SCHEMA)
+            await ensure_schema(conn, "end", END_SCHEMA_VERSION, END_SCHEMA)
     except BaseException:
         pool.terminate()
         raise

@@ -15,6 +15,8 @@ from typing import Any
 from server.cluster.contracts import Assignment, PartialRow, RoundRow, UpdateRow, VersionRow
 
 __all__ = [
+    "END_SCHEMA",
+    "END_SCHEMA_VERSION",
     "SCHEMA",
     "SCHEMA_VERSION",
     "assignment_from",
@@ -75,6 +77,17 @@ SCHEMA: tuple[str, ...] = (
         blob_key text NOT NULL,
         sha256 text NOT NULL,
         PRIMARY KEY (round_id, worker_id))""",
+)
+
+
+#: The end of a federation (schema component ``end``, created beside ``cluster``'s tables):
+#: one row per final version once the coordinator finished the federation there.
+END_SCHEMA_VERSION = 1
+
+END_SCHEMA: tuple[str, ...] = (
+    """CREATE TABLE IF NOT EXISTS fedtray_finished (
+        version integer PRIMARY KEY CHECK (version >= 0),
+        finished_at double precision NOT NULL)""",
 )
 
 

@@ -21,7 +21,13 @@ The worker is a candidate for the coordinator lock every ``lock_retry`` seconds;
 the holder runs :class:`server.cluster.coordinator.ClusterCoordinator` in-process (a
 killed holder's PostgreSQL connection ends and another worker takes over). Routes:
 ``GET /healthz`` and ``GET /api/status`` (the cluster status: worker id, devices here,
-eligible devices of the fleet, the round, the version, whether it coordinates).
+eligible devices of the fleet, the round, the version, whether it coordinates, whether the
+federation is finished, and the newest versions with their evaluation:
+:func:`server.cluster.ending.federation_status`). The coordinator evaluates each version
+it publishes on the server's test split off the round's path
+(:mod:`server.cluster.evaluation`) and, once its rounds are complete, records the end
+(:func:`server.cluster.ending.finish_federation`) that every worker carries out for its
+devices (:attr:`ClusterRounds.end`; ``--exit-when-done`` waits for it).
 
 The port is bound and served as the single-process server does (:mod:`server.serving`).
 :meth:`ClusterWorker.start` opens the engines, starts the lock candidate, waits for the
@@ -57,7 +63,9 @@ from server.cluster.contracts import (
     DeviceSeen,
 )
 from server.cluster.coordinator import ClusterCoordinator
+from server.cluster.ending import federation_status, finish_federation
 from server.cluster.engines import LOCK_RETRY_S, ClusterSettings, Engines, open_engines
+from server.cluster.evaluation import ClusterEvaluation
 from server.cluster.service import ClusterRounds
 from server.config import ServerConfig
 from server.distribution import Distributor
@@ -143,6 +151,7 @@ class ClusterWorker:
         self._loops: list[asyncio.Task[Any]] = []
         self._runner: web.AppRunner | None = None
         self._coordinating = False
+        self._evaluation: ClusterEvaluation | None = None
 
     # ================================================================== lifecycle
 
@@ -384,6 +393,7 @@ class ClusterWorker:
                     coordinator = await self._coordinator(task)
                     await coordinator.run()
                     log.info("the coordinator finished its rounds")
+                    await finish_federation(engines.db, self._evaluation)
                     return
             except ClusterError as exc:
                 log.warning("coordinator lock: %s; retrying", exc)
@@ -418,6 +428,10 @@ class ClusterWorker:
 
         work_dir = self.work_dir / "coordinator"
         await asyncio.to_thread(work_dir.mkdir, parents=True, exist_ok=True)
+        if self._evaluation is None:
+            self._evaluation = ClusterEvaluation(
+                task=task, db=self.engines.db, background=self.background
+            )
         return ClusterCoordinator(
             config=cfg,
             db=self.engines.db,
@@ -426,6 +440,7 @@ class ClusterWorker:
             layout=layout,
             initial_weights=initial,
             work_dir=work_dir,
+            published=self._evaluation.submit,
         )
 
     async def _housekeeping(self) -> None:
@@ -449,6 +464,10 @@ class ClusterWorker:
             with contextlib.suppress(ClusterError):
                 eligible = await self.engines.presence.eligible_count()
         row = self.rounds.round if self.rounds is not None else None
+        federation: dict[str, Any] = {"finished": False, "versions": None}
+        if self.engines is not None:
+            end = self.rounds.end if self.rounds is not None else None
+            federation = await federation_status(self.engines.db, end)
         return {
             "mode": "cluster",
             "workerId": self.settings.worker_id,
@@ -467,6 +486,7 @@ class ClusterWorker:
                 "baseVersion": row.base_version,
                 "deadline": row.deadline,
             },
+            **federation,
         }
 
 

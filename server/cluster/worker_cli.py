@@ -5,7 +5,10 @@ Contract: :func:`main` parses the ``fedtray-server`` flags plus ``--worker-id`` 
 evaluation defaults to off here: ``--evaluate-every N`` is refused by the worker), needs
 ``--redis`` and ``--database`` (exit status 2 otherwise, or for bad flags), starts a
 :class:`server.cluster.worker.ClusterWorker`, prints ``fedtray-server listening on URL``
-once it listens, and stops it on SIGTERM/SIGINT (exit 0). A worker that cannot start says
+once it listens, and stops it on SIGTERM/SIGINT (exit 0) -- or, with ``--exit-when-done``,
+once the federation is finished and its devices were told (it prints
+:data:`server.cluster.supervisor.FINISHED_LINE` first, so the supervisor does not restart
+it; exit 0). A worker that cannot start says
 why in one line on stderr and exits 1. Never prints secrets (tokens are registered with the
 log filter first).
 """
@@ -23,6 +26,7 @@ from client.logsetup import LogLevelError, add_secret, setup_logging
 from server.app import StartupError
 from server.auth import TokenFileError
 from server.cluster.engines import ClusterSettings
+from server.cluster.supervisor import FINISHED_LINE
 from server.cluster.worker import ClusterWorker
 from server.config import ConfigError, ServerConfig
 
@@ -61,12 +65,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         shared_dir=args.shared_dir,
     )
     try:
-        return asyncio.run(_serve(config, settings))
+        return asyncio.run(_serve(config, settings, exit_when_done=args.exit_when_done))
     except KeyboardInterrupt:
         return 0
 
 
-async def _serve(config: ServerConfig, settings: ClusterSettings) -> int:
+async def _serve(
+    config: ServerConfig, settings: ClusterSettings, *, exit_when_done: bool = False
+) -> int:
     from server.cli import LISTENING_PREFIX, PROG
 
     worker = ClusterWorker(config, settings)
@@ -92,7 +98,18 @@ async def _serve(config: ServerConfig, settings: ClusterSettings) -> int:
         await worker.stop()
         return 1
     print(f"{LISTENING_PREFIX}{config.scheme}://{config.host}:{port}", flush=True)
-    await stop.wait()
-    log.info("stopping on signal")
+    waiters = [asyncio.create_task(stop.wait())]
+    if exit_when_done and worker.rounds is not None:
+        waiters.append(asyncio.create_task(worker.rounds.end.finished.wait()))
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+    if stop.is_set():
+        log.info("stopping on signal")
+    else:
+        log.info("the federation is finished; exiting (--exit-when-done)")
+        print(FINISHED_LINE, flush=True)
     await worker.stop()
     return 0
