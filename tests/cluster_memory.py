@@ -215,9 +215,11 @@ class MemoryDB(_Failing):
         self.events.append(f"version:{row.version}")
 
     async def recent_versions(self, limit: int) -> list[VersionRow]:
+        self._maybe_fail("recent_versions")
         return list(reversed(self.versions))[:limit]
 
     async def record_evaluation(self, version: int, metrics: dict[str, float]) -> bool:
+        self._maybe_fail("record_evaluation")
         if not 0 <= version < len(self.versions):
             return False
         row = self.versions[version]
