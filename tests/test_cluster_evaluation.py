@@ -74,7 +74,7 @@ def test_versions_are_evaluated_one_at_a_time_latest_first_and_recorded_in_their
             task=get_task("synthetic", TINY), db=db, background=background, scorer=scorer
         )
         evaluation.submit(1, state(1.0))
-        await wait_until_async(lambda: len(scorer.calls) == 1, scaled(10), "v1 evaluating")
+        await wait_until_async(lambda: len(scorer.calls) == 1, 10, "v1 evaluating")
         evaluation.submit(2, state(2.0))  # waits
         evaluation.submit(3, state(3.0))  # replaces 2: stale
         drained = asyncio.create_task(evaluation.drained())
@@ -129,7 +129,7 @@ def test_the_end_is_recorded_after_the_final_evaluation() -> None:
         )
         evaluation.submit(1, state(4.0))
         finishing = asyncio.create_task(finish_federation(db, evaluation))
-        await wait_until_async(lambda: len(scorer.calls) == 1, scaled(10), "v1 evaluating")
+        await wait_until_async(lambda: len(scorer.calls) == 1, 10, "v1 evaluating")
         assert await db.finished_version() is None  # waits for the evaluation
         scorer.release.release()
         assert await asyncio.wait_for(finishing, scaled(10)) == 1
