@@ -39,7 +39,9 @@ async def train_rounds(dev: ScriptedDevice, rounds: int) -> None:
         base = start["baseVersion"]
         await dev.until(lambda b=base: b in dev.weights, 30, f"version {base}")
         update = {k: v + np.float32(0.25) for k, v in dev.weights[base].items()}
-        ack = await dev.submit(start["roundId"], base, update, num_samples=20)
+        ack = await dev.submit(
+            start["roundId"], base, update, num_samples=20, metrics={"trainLoss": 0.5}
+        )
         assert ack["ok"] is True, ack
 
 
@@ -106,6 +108,7 @@ def test_versions_are_evaluated_and_devices_are_told_the_end(
         assert newest["version"] == 2
         assert newest["evalAccuracy"] == pytest.approx(evaluated[2]["evalAccuracy"])
         assert newest["evalLoss"] == pytest.approx(evaluated[2]["evalLoss"])
+        assert newest["trainLoss"] == pytest.approx(0.5)
         assert [v["version"] for v in status["versions"]] == [2, 1, 0]
         assert status["versions"][2]["evalLoss"] is None
         # Still serving: a device that registers now gets the final global and the news.

@@ -40,6 +40,8 @@ LISTENING_PREFIX = f"{PROG} listening on "
 #: What a worker prints before it exits at the end of the federation (--exit-when-done).
 FINISHED_LINE = f"{PROG} worker finished: the federation is finished"
 BACKOFF_MIN, BACKOFF_MAX, STEADY_AFTER = 1.0, 30.0, 60.0
+#: Seconds to wait for the output of a worker that exited 0 to be read to its end.
+PUMP_DRAIN_S = 5.0
 
 
 def add_cluster_flags(p: argparse.ArgumentParser) -> None:
@@ -86,6 +88,7 @@ class _Worker:
     listening: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
     done: bool = False
+    pump: threading.Thread | None = None
 
 
 def _reserve_port(host: str, port: int) -> socket.socket:
@@ -133,7 +136,8 @@ class Supervisor:
         w.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1)
         w.started_at = time.monotonic()
         w.restart_at = None
-        threading.Thread(target=self._pump, args=(w, w.proc), daemon=True).start()
+        w.pump = threading.Thread(target=self._pump, args=(w, w.proc), daemon=True)
+        w.pump.start()
         log.info("worker %s started (pid %d)", w.worker_id, w.proc.pid)
 
     def _pump(self, w: _Worker, proc: subprocess.Popen[str]) -> None:
@@ -176,6 +180,8 @@ class Supervisor:
                 if not self._announced and code in (1, 2):
                     log.error("worker %s could not start (exit %d)", w.worker_id, code)
                     return code
+                if self._exit_when_done and code == 0 and w.pump is not None:
+                    w.pump.join(PUMP_DRAIN_S)  # its last lines (FINISHED_LINE) are read
                 if self._exit_when_done and code == 0 and w.finished.is_set():
                     log.info("worker %s exited: the federation is finished", w.worker_id)
                     w.proc, w.done = None, True
