@@ -11,6 +11,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -21,9 +22,11 @@ from client.weights import StateDict
 from server.background import Background
 from server.cluster import db as cdb
 from server.cluster.contracts import ClusterError, VersionRow
+from server.cluster.coordinator import ClusterCoordinator
 from server.cluster.ending import federation_status, final_metrics, finish_federation
 from server.cluster.evaluation import ClusterEvaluation
 from tests.cluster_memory import MemoryDB
+from tests.test_cluster_coordinator import INITIAL, LAYOUT, POLL, Cluster, Worker, _update
 from tests.waiting import scaled, wait_until_async
 
 T = TypeVar("T")
@@ -202,5 +205,56 @@ def test_postgres_down_is_a_cluster_error() -> None:
     async def body() -> None:
         with pytest.raises(ClusterError):
             await cdb.connect("postgresql://nobody@127.0.0.1:1/none", max_size=1)
+
+    run(body)
+
+
+def test_the_coordinator_hands_each_published_version_to_its_hook(tmp_path: Path) -> None:
+    """The ``published`` hook gets the version number and exactly the published weights,
+    only once the version's row exists."""
+
+    async def body() -> None:
+        c = Cluster(tmp_path, clients_per_round=2, min_clients=2, min_completion=1.0, rounds=2)
+        w1 = Worker(c, "w1")
+        w1.connect("a", "b")
+        handed: list[tuple[int, StateDict, int]] = []
+        coordinator = ClusterCoordinator(
+            config=c.config,
+            db=c.db,
+            presence=c.presence,
+            blobs=c.blobs,
+            layout=LAYOUT,
+            initial_weights=lambda: {k: v.copy() for k, v in INITIAL.items()},
+            work_dir=tmp_path,
+            poll_interval=POLL,
+            partial_wait=scaled(5),
+            published=lambda v, s: handed.append((v, s, len(c.db.versions))),
+        )
+        task = asyncio.create_task(coordinator.run())
+        for attempt_round in (1, 2):
+            await wait_until_async(
+                lambda n=attempt_round: any(
+                    r.number == n and r.state == "open" for r in c.db.rounds.values()
+                ),
+                what=f"round {attempt_round} open",
+            )
+            row = next(
+                r for r in c.db.rounds.values() if r.number == attempt_round and r.state == "open"
+            )
+            for i, part in enumerate(c.assigned(row.round_id)):
+                await w1.report(
+                    row.round_id, part.device_id, _update(10 * attempt_round + i), 3, 1.0
+                )
+            await c.state_is(row.round_id, "closing")
+            await w1.write_partial(row.round_id)
+        await asyncio.wait_for(task, timeout=scaled(10))
+        assert [v for v, _, _ in handed] == [1, 2]
+        for version_number, weights, rows in handed:
+            assert rows == version_number + 1  # the row existed when the hook was called
+            published = c.version(version_number)
+            assert set(weights) == set(published)
+            for name, arr in published.items():
+                np.testing.assert_array_equal(weights[name], arr)
+                assert weights[name].dtype == arr.dtype
 
     run(body)
