@@ -218,6 +218,9 @@ def test_the_coordinator_hands_each_published_version_to_its_hook(tmp_path: Path
         w1 = Worker(c, "w1")
         w1.connect("a", "b")
         handed: list[tuple[int, StateDict, int]] = []
+
+        async def published(v: int, s: StateDict) -> None:
+            handed.append((v, s, len(c.db.versions)))
         coordinator = ClusterCoordinator(
             config=c.config,
             db=c.db,
@@ -228,7 +231,7 @@ def test_the_coordinator_hands_each_published_version_to_its_hook(tmp_path: Path
             work_dir=tmp_path,
             poll_interval=POLL,
             partial_wait=scaled(5),
-            published=lambda v, s: handed.append((v, s, len(c.db.versions))),
+            published=published,
         )
         task = asyncio.create_task(coordinator.run())
         for attempt_round in (1, 2):

@@ -41,6 +41,8 @@ __all__ = [
     "ClusterError",
     "CoordinatorLock",
     "DeviceSeen",
+    "EvalAsk",
+    "EvalAskState",
     "PartialRow",
     "Presence",
     "RoundRow",
@@ -199,6 +201,26 @@ class VersionRow:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+EvalAskState = Literal["asked", "accepted", "reported", "done"]
+
+
+@dataclass(frozen=True)
+class EvalAsk:
+    """One device asked to evaluate one version on its test split (federated evaluation):
+    ``asked`` -> ``accepted`` (it said yes) -> ``reported`` (its result is counted), or
+    ``done`` (refused, failed, gone or silent: nothing will be counted from it)."""
+
+    version: int
+    device_id: str
+    index: int
+    count: int
+    deadline: float
+    state: EvalAskState = "asked"
+    loss: float | None = None
+    accuracy: float | None = None
+    num_samples: int | None = None
+
+
 class ClusterDB(Protocol):
     async def latest_version(self) -> VersionRow | None: ...
 
@@ -265,6 +287,31 @@ class ClusterDB(Protocol):
 
     async def finished_version(self) -> int | None:
         """The newest version the federation finished with; None when not finished."""
+        ...
+
+    async def ask_evaluation(self, asks: Sequence[EvalAsk]) -> None:
+        """Record the asks of one version (idempotent per device); then notifies workers
+        (``fedeval:<n>``)."""
+        ...
+
+    async def evaluation_asks(self, version: int) -> list[EvalAsk]:
+        """Every ask of ``version``, by index."""
+        ...
+
+    async def set_ask_state(self, version: int, device_id: str, state: EvalAskState) -> None:
+        """``accepted`` (from ``asked``) or ``done`` (from ``asked``/``accepted``); a
+        reported or done ask stays as it is."""
+        ...
+
+    async def record_federated_result(
+        self, version: int, device_id: str, loss: float, accuracy: float, num_samples: int
+    ) -> bool:
+        """Count an ask's result once (``reported``; from ``asked`` too: the result can
+        come before the acceptance is recorded) and merge the version's
+        sample-weighted means over its reported asks into its metrics
+        (``federatedEvalLoss``, ``federatedEvalAccuracy``, ``federatedEvalSamples``,
+        ``federatedEvalDevices``), in one transaction serialised per version; False (nothing
+        changes) when there is no such ask, or it is ``reported`` or ``done``."""
         ...
 
     def notifications(self) -> AsyncIterator[str]:

@@ -32,8 +32,9 @@ or ``closing`` and goes on with it under the SAME round id.
   The mean (:mod:`server.cluster.partial`, FedAvg in the model's dtypes) is encoded as
   safetensors, put in shared storage, and ``publish_version`` records it with the round
   id and ``trainLoss``, the sample-weighted mean of the updates' reported losses; then
-  the ``published(version, weights)`` hook, if given, gets the new version (it evaluates
-  it off the round's path: :mod:`server.cluster.evaluation`; it must not block).
+  the ``published(version, weights)`` hook, if given, is awaited with the new version
+  (it starts its evaluation off the round's path, :mod:`server.cluster.evaluation`, and
+  returns once a federated evaluation of it is settled, :mod:`server.cluster.fedeval`).
 
 Only FedAvg and FedProx (whose server side is FedAvg) run in a cluster, without
 ``--clip-norm``: the constructor raises :class:`server.config.ConfigError` for anything
@@ -58,7 +59,7 @@ import random
 import secrets
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,7 +165,7 @@ class ClusterCoordinator:
         work_dir: Path,
         poll_interval: float = 0.5,
         partial_wait: float = 5.0,
-        published: Callable[[int, StateDict], None] | None = None,
+        published: Callable[[int, StateDict], Awaitable[None]] | None = None,
     ) -> None:
         strategy = config.strategy
         if strategy.name not in CLUSTER_STRATEGIES:
@@ -398,7 +399,7 @@ class ClusterCoordinator:
             )
         )
         if self._published is not None:
-            self._published(version, mean)
+            await self._published(version, mean)
         del mean
         log.info(
             "round %d (%s): %d reported, train loss %s, %.1f s (version %d)",

@@ -36,7 +36,8 @@ devices connected to THIS worker:
 Never raises into a handler except :class:`client.errors.FedtrayError`; an engine that fails
 (:class:`~server.cluster.contracts.ClusterError`) refuses an update with ``internal_error``
 (the device sends it again later) and the agent retries on its next tick. Federated
-evaluation is off in cluster mode: its events are refused with a clear message.
+evaluation (``--evaluate-every N``) is carried out by :class:`server.cluster.fedeval.
+WorkerFederated` on each tick; when it is off its events are refused with a clear message.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ from server.cluster.contracts import (
     VersionRow,
 )
 from server.cluster.ending import FederationEnd
+from server.cluster.fedeval import WorkerFederated
 from server.cluster.partial import PartialSum
 from server.config import ServerConfig
 from server.distribution import Distributor
@@ -110,7 +112,10 @@ def _sha256_file(path: Path) -> str:
 
 
 class _FederatedOff:
-    """Federated evaluation's events in cluster mode: refused."""
+    """Federated evaluation's events when it is off (``--evaluate-every 0``): refused."""
+
+    async def tick(self) -> None:
+        """Nothing is asked."""
 
     async def on_result(self, record: DeviceRecord, result: EvaluationResult) -> None:
         raise FedtrayError("bad_request", FEDERATED_OFF)
@@ -148,6 +153,7 @@ class ClusterRounds:
         work_dir: Path,
         mirror: Callable[[str], None],
         poll: float = 1.0,
+        federated: WorkerFederated | None = None,
     ) -> None:
         self.worker_id = worker_id
         self._config = config
@@ -164,7 +170,8 @@ class ClusterRounds:
         self._versions_dir = work_dir / "versions"
         self._poll = poll
         self._mirror = mirror
-        self.federated = _FederatedOff()
+        #: Federated evaluation (server.cluster.fedeval); refused when off.
+        self.federated: WorkerFederated | _FederatedOff = federated or _FederatedOff()
         #: The end of the federation as this worker carries it out.
         self.end = FederationEnd(
             task=config.task,
@@ -379,6 +386,7 @@ class ClusterRounds:
     async def tick(self) -> None:
         """One look at the versions and the open round."""
         await self.follow_version()
+        await self.federated.tick()
         row = await self._db.current_round()
         previous, self.round = self.round, row
         if previous is not None and (row is None or row.round_id != previous.round_id):

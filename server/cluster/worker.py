@@ -35,7 +35,8 @@ first version of the global model (made by whichever worker coordinates), then l
 (the engines are opened by :func:`server.cluster.engines.open_engines`; the command line is
 :mod:`server.cluster.worker_cli`); it raises :class:`server.serving.StartupError` (one line)
 when it cannot. Cluster mode trains an installed task with FedAvg or FedProx; a task
-package, another strategy or federated evaluation is refused at start.
+package or another strategy is refused at start. Federated evaluation runs when
+``--evaluate-every N`` is given (:mod:`server.cluster.fedeval`; off by default here).
 :meth:`ClusterWorker.stop` is bounded in time. Never unpickles or executes anything received.
 """
 
@@ -66,6 +67,7 @@ from server.cluster.coordinator import ClusterCoordinator
 from server.cluster.ending import federation_status, finish_federation
 from server.cluster.engines import LOCK_RETRY_S, ClusterSettings, Engines, open_engines
 from server.cluster.evaluation import ClusterEvaluation
+from server.cluster.fedeval import CoordinatorFederated, WorkerFederated
 from server.cluster.service import ClusterRounds
 from server.config import ServerConfig
 from server.distribution import Distributor
@@ -166,8 +168,6 @@ class ClusterWorker:
             )
         if cfg.strategy.clip_norm is not None:
             raise StartupError("--clip-norm is not supported in cluster mode yet")
-        if cfg.evaluate_every:
-            raise StartupError("federated evaluation (--evaluate-every) is off in cluster mode")
         try:
             task = get_task(cfg.task, cfg.model_params)
             training_config(task, cfg, 0)
@@ -207,6 +207,18 @@ class ClusterWorker:
                 work_dir=self.work_dir,
                 mirror=self.mirror,
                 poll=self.settings.poll,
+                federated=None
+                if not cfg.evaluate_every
+                else WorkerFederated(
+                    config=cfg,
+                    task=task,
+                    sio=self.sio,
+                    registry=self.registry,
+                    model=self.model,
+                    distributor=self.distributor,
+                    background=self.background,
+                    db=engines.db,
+                ),
             )
             self.sio.register_namespace(
                 ClusterNamespace(
@@ -432,6 +444,15 @@ class ClusterWorker:
             self._evaluation = ClusterEvaluation(
                 task=task, db=self.engines.db, background=self.background
             )
+        evaluation = self._evaluation
+        federated = CoordinatorFederated(
+            config=cfg, db=self.engines.db, presence=self.engines.presence
+        )
+
+        async def published(version: int, state: StateDict) -> None:
+            evaluation.submit(version, state)  # on the server's test split, in the background
+            await federated.evaluate(version)  # on the devices, when due: the next round waits
+
         return ClusterCoordinator(
             config=cfg,
             db=self.engines.db,
@@ -440,7 +461,7 @@ class ClusterWorker:
             layout=layout,
             initial_weights=initial,
             work_dir=work_dir,
-            published=self._evaluation.submit,
+            published=published,
         )
 
     async def _housekeeping(self) -> None:

@@ -2,7 +2,7 @@
 [fedtray-server flags]`` (the supervisor, :mod:`server.cluster.supervisor`, starts these).
 
 Contract: :func:`main` parses the ``fedtray-server`` flags plus ``--worker-id`` (federated
-evaluation defaults to off here: ``--evaluate-every N`` is refused by the worker), needs
+evaluation defaults to off here: ``--evaluate-every N`` turns it on), needs
 ``--redis`` and ``--database`` (exit status 2 otherwise, or for bad flags), starts a
 :class:`server.cluster.worker.ClusterWorker`, prints ``fedtray-server listening on URL``
 once it listens, and stops it on SIGTERM/SIGINT (exit 0) -- or, with ``--exit-when-done``,
@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     parser.add_argument("--worker-id", required=True, help="this worker's id (unique)")
-    # Federated evaluation is off in cluster mode: off by default, refused when asked for.
+    # Federated evaluation is off by default in cluster mode (--evaluate-every N: on).
     parser.set_defaults(evaluate_every=0)
     try:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
