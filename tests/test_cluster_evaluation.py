@@ -221,6 +221,7 @@ def test_the_coordinator_hands_each_published_version_to_its_hook(tmp_path: Path
 
         async def published(v: int, s: StateDict) -> None:
             handed.append((v, s, len(c.db.versions)))
+
         coordinator = ClusterCoordinator(
             config=c.config,
             db=c.db,
