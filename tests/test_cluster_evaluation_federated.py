@@ -22,7 +22,7 @@ from tests.cluster_harness import cluster, cluster_flags, fetch
 from tests.cluster_memory import MemoryDB, MemoryPresence
 from tests.engines import RedisServer
 from tests.server_harness import ScriptedDevice, run_devices
-from tests.test_cluster_finish import train_rounds
+from tests.test_cluster_finish import train_round
 from tests.waiting import scaled, wait_until_async
 
 T = TypeVar("T")
@@ -170,11 +170,11 @@ async def _federation(url: str) -> tuple[list[ScriptedDevice], list[list[tuple[s
             beats.append(asyncio.create_task(dev.heartbeat_forever(period=0.2)))
 
         async def rounds(i: int, dev: ScriptedDevice) -> None:
-            await train_rounds(dev, 1)
+            await train_round(dev, 1)
             await dev.until(lambda: ("eval", 1) in logs[i], 60, "asked to evaluate version 1")
             await dev.until(lambda: len(dev.starts) >= 2, 60, "round 2")
             logs[i].append(("start", 2))
-            await train_rounds(dev, 2)
+            await train_round(dev, 2)
 
         await asyncio.gather(*(rounds(i, dev) for i, dev in enumerate(devices)))
         for dev in devices:
@@ -187,7 +187,7 @@ async def _federation(url: str) -> tuple[list[ScriptedDevice], list[list[tuple[s
 
 
 @pytest.mark.slow
-def test_devices_on_both_workers_evaluate_each_version_before_the_next_round(
+def test_devices_evaluate_each_version_before_the_next_round(
     tmp_path: Path, private_redis: RedisServer, postgres_url: str
 ) -> None:
     redis = private_redis.url(0)

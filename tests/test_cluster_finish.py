@@ -31,18 +31,23 @@ pytestmark = pytest.mark.slow
 DEVICES = 3
 
 
+async def train_round(dev: ScriptedDevice, number: int) -> None:
+    """Answer the device's ``number``-th training:start with an update."""
+    await dev.until(lambda: len(dev.starts) >= number, 90, f"start #{number}")
+    start = dev.starts[number - 1]
+    base = start["baseVersion"]
+    await dev.until(lambda: base in dev.weights, 30, f"version {base}")
+    update = {k: v + np.float32(0.25) for k, v in dev.weights[base].items()}
+    ack = await dev.submit(
+        start["roundId"], base, update, num_samples=20, metrics={"trainLoss": 0.5}
+    )
+    assert ack["ok"] is True, ack
+
+
 async def train_rounds(dev: ScriptedDevice, rounds: int) -> None:
     """Answer the device's first ``rounds`` training:starts with an update each."""
     for number in range(1, rounds + 1):
-        await dev.until(lambda n=number: len(dev.starts) >= n, 90, f"start #{number}")
-        start = dev.starts[number - 1]
-        base = start["baseVersion"]
-        await dev.until(lambda b=base: b in dev.weights, 30, f"version {base}")
-        update = {k: v + np.float32(0.25) for k, v in dev.weights[base].items()}
-        ack = await dev.submit(
-            start["roundId"], base, update, num_samples=20, metrics={"trainLoss": 0.5}
-        )
-        assert ack["ok"] is True, ack
+        await train_round(dev, number)
 
 
 async def federation(url: str, rounds: int) -> list[ScriptedDevice]:
