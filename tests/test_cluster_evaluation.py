@@ -146,6 +146,10 @@ def test_the_end_is_recorded_after_the_final_evaluation() -> None:
             "trainLoss": 0.5,
             "evalLoss": 4.0,
             "evalAccuracy": 0.4,
+            "federatedEvalLoss": None,
+            "federatedEvalAccuracy": None,
+            "federatedEvalSamples": None,
+            "federatedEvalDevices": None,
         }
         assert status["versions"][1]["evalLoss"] is None
         db.fail_next("recent_versions")

@@ -212,3 +212,7 @@ def test_devices_evaluate_each_version_before_the_next_round(
             (v, i, 3, "reported") for v in (1, 2) for i in range(3)
         ]
         assert all(len(dev.finished) == 1 for dev in devices)
+        status = fed.srv.status()
+        newest = status["versions"][0]
+        assert newest["version"] == 2 and newest["federatedEvalDevices"] == 3
+        assert newest["federatedEvalLoss"] == pytest.approx(metrics[2]["federatedEvalLoss"])

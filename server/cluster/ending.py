@@ -20,7 +20,7 @@ Contract:
 
 * :func:`federation_status`: the cluster status's ``finished`` (the end is carried out on
   this worker) and ``versions`` -- the newest :data:`STATUS_VERSIONS` versions, newest
-  first, each ``{version, roundId, createdAt, trainLoss, evalLoss, evalAccuracy}`` (null
+  first, each ``{version, roundId, createdAt}`` and the :data:`STATUS_METRICS` (null
   until known; a version's evaluation appears once recorded), null when PostgreSQL does
   not answer.
 
@@ -47,6 +47,7 @@ from server.registry import DeviceRecord
 
 __all__ = [
     "FINAL_METRICS",
+    "STATUS_METRICS",
     "STATUS_VERSIONS",
     "FederationEnd",
     "federation_status",
@@ -60,6 +61,15 @@ log = logging.getLogger(__name__)
 FINAL_METRICS = ("evalLoss", "evalAccuracy")
 #: Versions the cluster status lists.
 STATUS_VERSIONS = 20
+#: The version metrics the cluster status lists (null until known).
+STATUS_METRICS = (
+    "trainLoss",
+    *FINAL_METRICS,
+    "federatedEvalLoss",
+    "federatedEvalAccuracy",
+    "federatedEvalSamples",
+    "federatedEvalDevices",
+)
 
 
 def final_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -151,7 +161,7 @@ async def federation_status(db: ClusterDB, end: FederationEnd | None) -> dict[st
             "version": row.version,
             "roundId": row.round_id,
             "createdAt": row.created_at,
-            **{k: _finite_or_none(row.metrics.get(k)) for k in ("trainLoss", *FINAL_METRICS)},
+            **{k: _finite_or_none(row.metrics.get(k)) for k in STATUS_METRICS},
         }
         for row in rows
     ]
