@@ -25,6 +25,8 @@ from server.cluster.contracts import (
     BlobIntegrityError,
     ClusterError,
     DeviceSeen,
+    EvalAsk,
+    EvalAskState,
     PartialRow,
     RoundRow,
     RoundState,
@@ -128,6 +130,8 @@ class MemoryDB(_Failing):
         self.updates_of: dict[str, dict[str, UpdateRow]] = {}
         self.partials_of: dict[str, dict[str, PartialRow]] = {}
         self.events: list[str] = []
+        self.finished: set[int] = set()
+        self.asks: dict[tuple[int, str], EvalAsk] = {}
 
     async def latest_version(self) -> VersionRow | None:
         self._maybe_fail("latest_version")
@@ -212,6 +216,72 @@ class MemoryDB(_Failing):
         self.versions.append(row)
         await self.set_round_state(row.round_id, "completed")
         self.events.append(f"version:{row.version}")
+
+    async def recent_versions(self, limit: int) -> list[VersionRow]:
+        self._maybe_fail("recent_versions")
+        return list(reversed(self.versions))[:limit]
+
+    async def record_evaluation(self, version: int, metrics: dict[str, float]) -> bool:
+        self._maybe_fail("record_evaluation")
+        if not 0 <= version < len(self.versions):
+            return False
+        row = self.versions[version]
+        self.versions[version] = dataclasses.replace(row, metrics={**row.metrics, **metrics})
+        return True
+
+    async def mark_finished(self, version: int) -> None:
+        self.finished.add(version)
+        self.events.append(f"finished:{version}")
+
+    async def finished_version(self) -> int | None:
+        return max(self.finished, default=None)
+
+    async def ask_evaluation(self, asks: Sequence[EvalAsk]) -> None:
+        self._maybe_fail("ask_evaluation")
+        for ask in asks:
+            self.asks.setdefault((ask.version, ask.device_id), ask)
+        if asks:
+            self.events.append(f"fedeval:{asks[0].version}")
+
+    async def evaluation_asks(self, version: int) -> list[EvalAsk]:
+        self._maybe_fail("evaluation_asks")
+        found = [a for (v, _), a in self.asks.items() if v == version]
+        return sorted(found, key=lambda a: (a.index, a.device_id))
+
+    async def set_ask_state(self, version: int, device_id: str, state: EvalAskState) -> None:
+        self._maybe_fail("set_ask_state")
+        ask = self.asks.get((version, device_id))
+        before = ("asked",) if state == "accepted" else ("asked", "accepted")
+        if ask is not None and ask.state in before:
+            self.asks[(version, device_id)] = dataclasses.replace(ask, state=state)
+
+    async def record_federated_result(
+        self, version: int, device_id: str, loss: float, accuracy: float, num_samples: int
+    ) -> bool:
+        self._maybe_fail("record_federated_result")
+        ask = self.asks.get((version, device_id))
+        if ask is None or ask.state not in ("asked", "accepted"):
+            return False
+        self.asks[(version, device_id)] = dataclasses.replace(
+            ask, state="reported", loss=loss, accuracy=accuracy, num_samples=num_samples
+        )
+        done = [a for (v, _), a in self.asks.items() if v == version and a.state == "reported"]
+        total = sum(a.num_samples or 0 for a in done)
+        if total:
+            await self.record_evaluation(
+                version,
+                {
+                    "federatedEvalLoss": sum((a.loss or 0) * (a.num_samples or 0) for a in done)
+                    / total,
+                    "federatedEvalAccuracy": sum(
+                        (a.accuracy or 0) * (a.num_samples or 0) for a in done
+                    )
+                    / total,
+                    "federatedEvalSamples": float(total),
+                    "federatedEvalDevices": float(len(done)),
+                },
+            )
+        return True
 
     async def notifications(self) -> AsyncIterator[str]:  # pragma: no cover - unused
         for event in list(self.events):

@@ -248,6 +248,10 @@ class ProcessHandle:
     def status(self) -> dict[str, Any]:
         return _get_json(f"{self.url}/api/status")
 
+    def get_json(self, path: str) -> dict[str, Any]:
+        """``GET path`` (``/api/cluster``, ...) as JSON."""
+        return _get_json(f"{self.url}{path}")
+
     def wait_for(
         self,
         predicate: Callable[[dict[str, Any]], bool],

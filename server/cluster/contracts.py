@@ -13,9 +13,10 @@ one real implementation on an existing engine and is used by the worker processe
   Redis with expiring keys (a worker that dies stops refreshing its keys and its devices
   vanish within ``ttl``); every call is O(1) in the fleet size except
   :meth:`Presence.eligible_devices` (called once per round).
-* :class:`ClusterDB` -- rounds, assignments, updates, partial sums and versions in
-  PostgreSQL. An update is recorded exactly once per (round, device)
-  (:meth:`ClusterDB.record_update` is idempotent); what must not be lost goes through it,
+* :class:`ClusterDB` -- rounds, assignments, updates, partial sums, versions (with their
+  evaluation) and the end of the federation in PostgreSQL. An update is recorded exactly
+  once per (round, device) (:meth:`ClusterDB.record_update` is idempotent); what must
+  not be lost goes through it,
   never through Redis pub/sub (python-socketio #1411).
 * :class:`CoordinatorLock` -- a PostgreSQL advisory lock on its own connection: at most
   one process holds it; it is released when that connection ends (a killed process).
@@ -40,6 +41,8 @@ __all__ = [
     "ClusterError",
     "CoordinatorLock",
     "DeviceSeen",
+    "EvalAsk",
+    "EvalAskState",
     "PartialRow",
     "Presence",
     "RoundRow",
@@ -198,6 +201,26 @@ class VersionRow:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+EvalAskState = Literal["asked", "accepted", "reported", "done"]
+
+
+@dataclass(frozen=True)
+class EvalAsk:
+    """One device asked to evaluate one version on its test split (federated evaluation):
+    ``asked`` -> ``accepted`` (it said yes) -> ``reported`` (its result is counted), or
+    ``done`` (refused, failed, gone or silent: nothing will be counted from it)."""
+
+    version: int
+    device_id: str
+    index: int
+    count: int
+    deadline: float
+    state: EvalAskState = "asked"
+    loss: float | None = None
+    accuracy: float | None = None
+    num_samples: int | None = None
+
+
 class ClusterDB(Protocol):
     async def latest_version(self) -> VersionRow | None: ...
 
@@ -246,6 +269,49 @@ class ClusterDB(Protocol):
     async def publish_version(self, row: VersionRow) -> None:
         """The new version, and its round ``completed``, in one transaction; then
         notifies workers."""
+        ...
+
+    async def recent_versions(self, limit: int) -> list[VersionRow]:
+        """The newest ``limit`` versions, newest first."""
+        ...
+
+    async def record_evaluation(self, version: int, metrics: dict[str, float]) -> bool:
+        """Merge ``metrics`` (the version's evaluation) into its metrics; False when the
+        version is unknown."""
+        ...
+
+    async def mark_finished(self, version: int) -> None:
+        """The federation finished with ``version`` (idempotent); then notifies workers
+        (``finished:<n>``)."""
+        ...
+
+    async def finished_version(self) -> int | None:
+        """The newest version the federation finished with; None when not finished."""
+        ...
+
+    async def ask_evaluation(self, asks: Sequence[EvalAsk]) -> None:
+        """Record the asks of one version (idempotent per device); then notifies workers
+        (``fedeval:<n>``)."""
+        ...
+
+    async def evaluation_asks(self, version: int) -> list[EvalAsk]:
+        """Every ask of ``version``, by index."""
+        ...
+
+    async def set_ask_state(self, version: int, device_id: str, state: EvalAskState) -> None:
+        """``accepted`` (from ``asked``) or ``done`` (from ``asked``/``accepted``); a
+        reported or done ask stays as it is."""
+        ...
+
+    async def record_federated_result(
+        self, version: int, device_id: str, loss: float, accuracy: float, num_samples: int
+    ) -> bool:
+        """Count an ask's result once (``reported``; from ``asked`` too: the result can
+        come before the acceptance is recorded) and merge the version's
+        sample-weighted means over its reported asks into its metrics
+        (``federatedEvalLoss``, ``federatedEvalAccuracy``, ``federatedEvalSamples``,
+        ``federatedEvalDevices``), in one transaction serialised per version; False (nothing
+        changes) when there is no such ask, or it is ``reported`` or ``done``."""
         ...
 
     def notifications(self) -> AsyncIterator[str]:

@@ -31,7 +31,10 @@ or ``closing`` and goes on with it under the SAME round id.
   (:func:`server.cluster.readback.gather_round`), so each recorded update counts once.
   The mean (:mod:`server.cluster.partial`, FedAvg in the model's dtypes) is encoded as
   safetensors, put in shared storage, and ``publish_version`` records it with the round
-  id and ``trainLoss``, the sample-weighted mean of the updates' reported losses.
+  id and ``trainLoss``, the sample-weighted mean of the updates' reported losses; then
+  the ``published(version, weights)`` hook, if given, is awaited with the new version
+  (it starts its evaluation off the round's path, :mod:`server.cluster.evaluation`, and
+  returns once a federated evaluation of it is settled, :mod:`server.cluster.fedeval`).
 
 Only FedAvg and FedProx (whose server side is FedAvg) run in a cluster, without
 ``--clip-norm``: the constructor raises :class:`server.config.ConfigError` for anything
@@ -56,7 +59,7 @@ import random
 import secrets
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,6 +165,7 @@ class ClusterCoordinator:
         work_dir: Path,
         poll_interval: float = 0.5,
         partial_wait: float = 5.0,
+        published: Callable[[int, StateDict], Awaitable[None]] | None = None,
     ) -> None:
         strategy = config.strategy
         if strategy.name not in CLUSTER_STRATEGIES:
@@ -182,6 +186,7 @@ class ClusterCoordinator:
         self._work_dir = work_dir
         self._poll = poll_interval
         self._partial_wait = partial_wait
+        self._published = published
         self._rng = random.Random(config.seed)
         # Tells this coordinator's round ids from a previous holder's.
         self._tag = secrets.token_hex(4)
@@ -375,7 +380,7 @@ class ClusterCoordinator:
         counted = [u for u in updates if u.device_id in total]
         mean = await asyncio.to_thread(total.mean)
         data = await asyncio.to_thread(encode, mean, "safetensors")
-        del mean, total
+        del total
         sha = _sha256(data)
         key = await self._blobs.put_bytes(data, sha)
         train_loss = weighted_mean(
@@ -393,6 +398,9 @@ class ClusterCoordinator:
                 metrics={} if train_loss is None else {"trainLoss": train_loss},
             )
         )
+        if self._published is not None:
+            await self._published(version, mean)
+        del mean
         log.info(
             "round %d (%s): %d reported, train loss %s, %.1f s (version %d)",
             row.number,

@@ -12,12 +12,24 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from server.cluster.contracts import Assignment, PartialRow, RoundRow, UpdateRow, VersionRow
+from server.cluster.contracts import (
+    Assignment,
+    EvalAsk,
+    PartialRow,
+    RoundRow,
+    UpdateRow,
+    VersionRow,
+)
 
 __all__ = [
+    "END_SCHEMA",
+    "END_SCHEMA_VERSION",
+    "FEDEVAL_SCHEMA",
+    "FEDEVAL_SCHEMA_VERSION",
     "SCHEMA",
     "SCHEMA_VERSION",
     "assignment_from",
+    "eval_ask_from",
     "metrics_from",
     "partial_from",
     "round_from",
@@ -76,6 +88,49 @@ SCHEMA: tuple[str, ...] = (
         sha256 text NOT NULL,
         PRIMARY KEY (round_id, worker_id))""",
 )
+
+
+#: The end of a federation (schema component ``end``, created beside ``cluster``'s tables):
+#: one row per final version once the coordinator finished the federation there.
+END_SCHEMA_VERSION = 1
+
+END_SCHEMA: tuple[str, ...] = (
+    """CREATE TABLE IF NOT EXISTS fedtray_finished (
+        version integer PRIMARY KEY CHECK (version >= 0),
+        finished_at double precision NOT NULL)""",
+)
+
+
+#: Federated evaluation's asks (schema component ``fedeval``).
+FEDEVAL_SCHEMA_VERSION = 1
+
+FEDEVAL_SCHEMA: tuple[str, ...] = (
+    """CREATE TABLE IF NOT EXISTS fedtray_fedeval (
+        version integer NOT NULL,
+        device_id text NOT NULL,
+        idx integer NOT NULL,
+        count integer NOT NULL,
+        deadline double precision NOT NULL,
+        state text NOT NULL CHECK (state IN ('asked', 'accepted', 'reported', 'done')),
+        loss double precision,
+        accuracy double precision,
+        num_samples bigint,
+        PRIMARY KEY (version, device_id))""",
+)
+
+
+def eval_ask_from(row: Mapping[str, Any]) -> EvalAsk:
+    return EvalAsk(
+        version=int(row["version"]),
+        device_id=row["device_id"],
+        index=int(row["idx"]),
+        count=int(row["count"]),
+        deadline=float(row["deadline"]),
+        state=row["state"],
+        loss=None if row["loss"] is None else float(row["loss"]),
+        accuracy=None if row["accuracy"] is None else float(row["accuracy"]),
+        num_samples=None if row["num_samples"] is None else int(row["num_samples"]),
+    )
 
 
 def metrics_from(value: Any) -> dict[str, float]:

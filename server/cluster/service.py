@@ -27,12 +27,17 @@ devices connected to THIS worker:
   recorded (:meth:`~server.cluster.contracts.ClusterDB.record_partial`); recording an update
   and writing the partial exclude each other, so a partial names exactly the updates in it;
 * on a new version it fetches the blob (verified), makes it this worker's global and sends
-  ``weights:global`` to its connected devices (:class:`server.distribution.Distributor`).
+  ``weights:global`` to its connected devices (:class:`server.distribution.Distributor`);
+* the end (:attr:`ClusterRounds.end`, :class:`server.cluster.ending.FederationEnd`): while
+  no round is open or closing the agent checks whether the federation is finished; once it
+  is, its devices get the final global and ``federation:finished``, and a device that
+  registers later gets both instead of being brought up to date.
 
 Never raises into a handler except :class:`client.errors.FedtrayError`; an engine that fails
 (:class:`~server.cluster.contracts.ClusterError`) refuses an update with ``internal_error``
 (the device sends it again later) and the agent retries on its next tick. Federated
-evaluation is off in cluster mode: its events are refused with a clear message.
+evaluation (``--evaluate-every N``) is carried out by :class:`server.cluster.fedeval.
+WorkerFederated` on each tick; when it is off its events are refused with a clear message.
 """
 
 from __future__ import annotations
@@ -69,6 +74,8 @@ from server.cluster.contracts import (
     UpdateRow,
     VersionRow,
 )
+from server.cluster.ending import FederationEnd
+from server.cluster.fedeval import WorkerFederated
 from server.cluster.partial import PartialSum
 from server.config import ServerConfig
 from server.distribution import Distributor
@@ -105,7 +112,10 @@ def _sha256_file(path: Path) -> str:
 
 
 class _FederatedOff:
-    """Federated evaluation's events in cluster mode: refused."""
+    """Federated evaluation's events when it is off (``--evaluate-every 0``): refused."""
+
+    async def tick(self) -> None:
+        """Nothing is asked."""
 
     async def on_result(self, record: DeviceRecord, result: EvaluationResult) -> None:
         raise FedtrayError("bad_request", FEDERATED_OFF)
@@ -143,6 +153,7 @@ class ClusterRounds:
         work_dir: Path,
         mirror: Callable[[str], None],
         poll: float = 1.0,
+        federated: WorkerFederated | None = None,
     ) -> None:
         self.worker_id = worker_id
         self._config = config
@@ -159,7 +170,17 @@ class ClusterRounds:
         self._versions_dir = work_dir / "versions"
         self._poll = poll
         self._mirror = mirror
-        self.federated = _FederatedOff()
+        #: Federated evaluation (server.cluster.fedeval); refused when off.
+        self.federated: WorkerFederated | _FederatedOff = federated or _FederatedOff()
+        #: The end of the federation as this worker carries it out.
+        self.end = FederationEnd(
+            task=config.task,
+            rounds=config.rounds,
+            db=db,
+            model=model,
+            distributor=distributor,
+            background=background,
+        )
         #: The round as last read from the database (None: no round open or closing).
         self.round: RoundRow | None = None
         self._local: Round | None = None  # the starter's view of the round: our devices
@@ -183,8 +204,11 @@ class ClusterRounds:
         """A heartbeat or progress (the worker mirrors presence from its handlers)."""
 
     def welcome(self, record: DeviceRecord) -> None:
-        """A device (re)registered: bring it up to date; the agent offers its part."""
+        """A device (re)registered: bring it up to date; the agent offers its part (once
+        finished: the final global and ``federation:finished``)."""
         self._mirror(record.device_id)
+        if self.end.welcome(record):
+            return
         self._distributor.send_global_later(record)
         self._wake.set()
 
@@ -362,11 +386,13 @@ class ClusterRounds:
     async def tick(self) -> None:
         """One look at the versions and the open round."""
         await self.follow_version()
+        await self.federated.tick()
         row = await self._db.current_round()
         previous, self.round = self.round, row
         if previous is not None and (row is None or row.round_id != previous.round_id):
             await self._round_gone(previous)
         if row is None:
+            await self.end.check()
             return
         if row.state == "closing":
             await self._write_partial(row.round_id)

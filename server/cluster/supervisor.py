@@ -7,7 +7,10 @@ reserved with a bound, never listening, socket). Once every worker has said it l
 prints ``fedtray-server listening on http://HOST:PORT`` once (the line scripts and tests
 parse); the workers' other output passes through. SIGTERM/SIGINT are forwarded to the
 workers (killed after ``stop_timeout`` s); a worker that dies is restarted with a backoff
-(1 s doubling to 30 s, back to 1 s after a minute of running). A worker that fails before
+(1 s doubling to 30 s, back to 1 s after a minute of running) -- except, with
+``--exit-when-done``, a worker that printed :data:`FINISHED_LINE` (the federation is
+finished) and exited 0: it stays stopped, and once every worker has so :func:`run`
+returns 0. A worker that fails before
 any worker listened (exit status 1 or 2: bad flags, an unusable engine) stops the others
 and :func:`run` returns its status; a clean stop returns 0. A ``--task-file`` package is
 checked here first (:func:`server.cluster.package.check_package`): a bad one is one line on
@@ -37,7 +40,11 @@ log = logging.getLogger(__name__)
 
 PROG = "fedtray-server"
 LISTENING_PREFIX = f"{PROG} listening on "
+#: What a worker prints before it exits at the end of the federation (--exit-when-done).
+FINISHED_LINE = f"{PROG} worker finished: the federation is finished"
 BACKOFF_MIN, BACKOFF_MAX, STEADY_AFTER = 1.0, 30.0, 60.0
+#: Seconds to wait for the output of a worker that exited 0 to be read to its end.
+PUMP_DRAIN_S = 5.0
 
 
 def add_cluster_flags(p: argparse.ArgumentParser) -> None:
@@ -82,6 +89,9 @@ class _Worker:
     restart_at: float | None = None
     worker_id: str = ""
     listening: threading.Event = field(default_factory=threading.Event)
+    finished: threading.Event = field(default_factory=threading.Event)
+    done: bool = False
+    pump: threading.Thread | None = None
 
 
 def _reserve_port(host: str, port: int) -> socket.socket:
@@ -93,8 +103,17 @@ def _reserve_port(host: str, port: int) -> socket.socket:
 
 
 class Supervisor:
-    def __init__(self, argv: Sequence[str], workers: int, host: str, port: int) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        workers: int,
+        host: str,
+        port: int,
+        *,
+        exit_when_done: bool = False,
+    ) -> None:
         self._argv = list(argv)
+        self._exit_when_done = exit_when_done
         self._host = host
         self._workers = [_Worker(i) for i in range(workers)]
         self._stop = threading.Event()
@@ -106,6 +125,7 @@ class Supervisor:
     def _spawn(self, w: _Worker) -> None:
         w.worker_id = f"{self._node}-w{w.index}-{secrets.token_hex(3)}"
         w.listening = threading.Event()
+        w.finished = threading.Event()
         cmd = [
             sys.executable,
             "-m",
@@ -119,12 +139,15 @@ class Supervisor:
         w.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1)
         w.started_at = time.monotonic()
         w.restart_at = None
-        threading.Thread(target=self._pump, args=(w, w.proc), daemon=True).start()
+        w.pump = threading.Thread(target=self._pump, args=(w, w.proc), daemon=True)
+        w.pump.start()
         log.info("worker %s started (pid %d)", w.worker_id, w.proc.pid)
 
     def _pump(self, w: _Worker, proc: subprocess.Popen[str]) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
+            if line.rstrip("\n") == FINISHED_LINE:
+                w.finished.set()
             if line.startswith(LISTENING_PREFIX):
                 w.listening.set()
                 if not self._announced and all(x.listening.is_set() for x in self._workers):
@@ -143,14 +166,16 @@ class Supervisor:
             self._spawn(w)
         status = 0
         while not self._stop.wait(0.2):
-            status = self._check()
-            if status:
+            ended = self._check()
+            if ended is not None:
+                status = ended
                 break
         self._shutdown(stop_timeout)
         self._reserved.close()
         return status
 
-    def _check(self) -> int:
+    def _check(self) -> int | None:
+        """Restart workers that died; the status to stop with (None: go on)."""
         now = time.monotonic()
         for w in self._workers:
             if w.proc is not None and w.proc.poll() is not None:
@@ -158,6 +183,12 @@ class Supervisor:
                 if not self._announced and code in (1, 2):
                     log.error("worker %s could not start (exit %d)", w.worker_id, code)
                     return code
+                if self._exit_when_done and code == 0 and w.pump is not None:
+                    w.pump.join(PUMP_DRAIN_S)  # its last lines (FINISHED_LINE) are read
+                if self._exit_when_done and code == 0 and w.finished.is_set():
+                    log.info("worker %s exited: the federation is finished", w.worker_id)
+                    w.proc, w.done = None, True
+                    continue
                 ran = now - w.started_at
                 w.backoff = BACKOFF_MIN if ran >= STEADY_AFTER else min(w.backoff * 2, BACKOFF_MAX)
                 w.restart_at = now + (BACKOFF_MIN if ran >= STEADY_AFTER else w.backoff / 2)
@@ -170,7 +201,10 @@ class Supervisor:
                 w.proc = None
             if w.proc is None and w.restart_at is not None and now >= w.restart_at:
                 self._spawn(w)
-        return 0
+        if self._exit_when_done and all(w.done for w in self._workers):
+            log.info("every worker exited at the end of the federation (--exit-when-done)")
+            return 0
+        return None
 
     def _shutdown(self, timeout: float) -> None:
         procs = [w.proc for w in self._workers if w.proc is not None and w.proc.poll() is None]
@@ -212,7 +246,13 @@ def run(argv: Sequence[str], args: argparse.Namespace) -> int:
         if check_package(args.task_file, PROG) is None:
             return 1
     try:
-        sup = Supervisor(strip_workers(argv), args.workers or 1, args.host, args.port)
+        sup = Supervisor(
+            strip_workers(argv),
+            args.workers or 1,
+            args.host,
+            args.port,
+            exit_when_done=bool(getattr(args, "exit_when_done", False)),
+        )
     except OSError as exc:
         sys.stderr.write(f"{PROG}: error: cannot listen on {args.host}:{args.port}: {exc}\n")
         return 1

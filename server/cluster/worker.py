@@ -27,7 +27,12 @@ PostgreSQL and Redis (:class:`server.cluster.status_view.ClusterStatusView`; 503
 ``{"error": ...}`` when PostgreSQL fails), with header ``X-Fedtray-Worker`` naming the
 worker that answered; ``GET /api/cluster`` -- this worker's cluster facts (worker id,
 devices here, eligible devices of the fleet, the round, the version, whether it
-coordinates).
+coordinates, whether the federation is finished, and the newest versions with their
+evaluation: :func:`server.cluster.ending.federation_status`). The coordinator evaluates each
+version it publishes on the server's test split off the round's path
+(:mod:`server.cluster.evaluation`) and, once its rounds are complete, records the end
+(:func:`server.cluster.ending.finish_federation`) that every worker carries out for its
+devices (:attr:`ClusterRounds.end`; ``--exit-when-done`` waits for it).
 
 The port is bound and served as the single-process server does (:mod:`server.serving`).
 :meth:`ClusterWorker.start` opens the engines, starts the lock candidate, waits for the
@@ -38,7 +43,8 @@ when it cannot. Cluster mode trains an installed task or a task package
 (``--task-file``, :mod:`server.cluster.package`: every worker opens the same package and
 serves it, with each device's share of its data, as the single-process server does --
 only to devices that take packages -- and version 0 is the package's weights) with FedAvg
-or FedProx; another strategy or federated evaluation is refused at start.
+or FedProx; another strategy is refused at start. Federated evaluation runs when
+``--evaluate-every N`` is given (:mod:`server.cluster.fedeval`; off by default here).
 :meth:`ClusterWorker.stop` is bounded in time. Never unpickles or executes anything received.
 """
 
@@ -67,7 +73,10 @@ from server.cluster.contracts import (
     DeviceSeen,
 )
 from server.cluster.coordinator import ClusterCoordinator, task_initial_weights
+from server.cluster.ending import federation_status, finish_federation
 from server.cluster.engines import LOCK_RETRY_S, ClusterSettings, Engines, open_engines
+from server.cluster.evaluation import ClusterEvaluation
+from server.cluster.fedeval import CoordinatorFederated, WorkerFederated
 from server.cluster.package import check_layout, package_bytes, package_task
 from server.cluster.service import ClusterRounds
 from server.cluster.status_board import connect_board
@@ -169,6 +178,7 @@ class ClusterWorker:
         self._runner: web.AppRunner | None = None
         self._coordinating = False
         self._status: ClusterStatusView | None = None
+        self._evaluation: ClusterEvaluation | None = None
 
     # ================================================================== lifecycle
 
@@ -181,8 +191,6 @@ class ClusterWorker:
             )
         if cfg.strategy.clip_norm is not None:
             raise StartupError("--clip-norm is not supported in cluster mode yet")
-        if cfg.evaluate_every:
-            raise StartupError("federated evaluation (--evaluate-every) is off in cluster mode")
         if cfg.task_file is not None:
             return package_task(cfg, self._package)
         try:
@@ -227,6 +235,18 @@ class ClusterWorker:
                 work_dir=self.work_dir,
                 mirror=self.mirror,
                 poll=self.settings.poll,
+                federated=None
+                if not cfg.evaluate_every
+                else WorkerFederated(
+                    config=cfg,
+                    task=task,
+                    sio=self.sio,
+                    registry=self.registry,
+                    model=self.model,
+                    distributor=self.distributor,
+                    background=self.background,
+                    db=engines.db,
+                ),
             )
             self.sio.register_namespace(
                 ClusterNamespace(
@@ -438,6 +458,7 @@ class ClusterWorker:
                     coordinator = await self._coordinator(task)
                     await coordinator.run()
                     log.info("the coordinator finished its rounds")
+                    await finish_federation(engines.db, self._evaluation)
                     return
             except ClusterError as exc:
                 log.warning("coordinator lock: %s; retrying", exc)
@@ -471,6 +492,19 @@ class ClusterWorker:
 
         work_dir = self.work_dir / "coordinator"
         await asyncio.to_thread(work_dir.mkdir, parents=True, exist_ok=True)
+        if self._evaluation is None:
+            self._evaluation = ClusterEvaluation(
+                task=task, db=self.engines.db, background=self.background
+            )
+        evaluation = self._evaluation
+        federated = CoordinatorFederated(
+            config=cfg, db=self.engines.db, presence=self.engines.presence
+        )
+
+        async def published(version: int, state: StateDict) -> None:
+            evaluation.submit(version, state)  # on the server's test split, in the background
+            await federated.evaluate(version)  # on the devices, when due: the next round waits
+
         return ClusterCoordinator(
             config=cfg,
             db=self.engines.db,
@@ -479,6 +513,7 @@ class ClusterWorker:
             layout=layout,
             initial_weights=initial,
             work_dir=work_dir,
+            published=published,
         )
 
     async def _housekeeping(self) -> None:
@@ -515,6 +550,10 @@ class ClusterWorker:
             with contextlib.suppress(ClusterError):
                 eligible = await self.engines.presence.eligible_count()
         row = self.rounds.round if self.rounds is not None else None
+        federation: dict[str, Any] = {"finished": False, "versions": None}
+        if self.engines is not None:
+            end = self.rounds.end if self.rounds is not None else None
+            federation = await federation_status(self.engines.db, end)
         return {
             "mode": "cluster",
             "workerId": self.settings.worker_id,
@@ -533,6 +572,7 @@ class ClusterWorker:
                 "baseVersion": row.base_version,
                 "deadline": row.deadline,
             },
+            **federation,
         }
 
 

@@ -2,13 +2,16 @@
 [fedtray-server flags]`` (the supervisor, :mod:`server.cluster.supervisor`, starts these).
 
 Contract: :func:`main` parses the ``fedtray-server`` flags plus ``--worker-id`` (federated
-evaluation defaults to off here: ``--evaluate-every N`` is refused by the worker), needs
+evaluation defaults to off here: ``--evaluate-every N`` turns it on), needs
 ``--redis`` and ``--database`` (exit status 2 otherwise, or for bad flags), opens the
 ``--task-file`` package when given (:func:`server.cluster.package.check_package`: a bad one
 is the single-process CLI's one line and exit status 1; the task is then named by its
 manifest, as ``fedtray-server`` does), starts a
 :class:`server.cluster.worker.ClusterWorker`, prints ``fedtray-server listening on URL`` once
-it listens, and stops it on SIGTERM/SIGINT (exit 0). A worker that cannot start says
+it listens, and stops it on SIGTERM/SIGINT (exit 0) -- or, with ``--exit-when-done``,
+once the federation is finished and its devices were told (it prints
+:data:`server.cluster.supervisor.FINISHED_LINE` first, so the supervisor does not restart
+it; exit 0). A worker that cannot start says
 why in one line on stderr and exits 1. Never prints secrets (tokens are registered with the
 log filter first).
 """
@@ -28,6 +31,7 @@ from server.app import StartupError
 from server.auth import TokenFileError
 from server.cluster.engines import ClusterSettings
 from server.cluster.package import check_package
+from server.cluster.supervisor import FINISHED_LINE
 from server.cluster.worker import ClusterWorker
 from server.config import ConfigError, ServerConfig
 from server.taskfile import ServedPackage
@@ -43,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     parser.add_argument("--worker-id", required=True, help="this worker's id (unique)")
-    # Federated evaluation is off in cluster mode: off by default, refused when asked for.
+    # Federated evaluation is off by default in cluster mode (--evaluate-every N: on).
     parser.set_defaults(evaluate_every=0)
     try:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -73,13 +77,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         shared_dir=args.shared_dir,
     )
     try:
-        return asyncio.run(_serve(config, settings, package))
+        return asyncio.run(_serve(config, settings, package, exit_when_done=args.exit_when_done))
     except KeyboardInterrupt:
         return 0
 
 
 async def _serve(
-    config: ServerConfig, settings: ClusterSettings, package: ServedPackage | None
+    config: ServerConfig,
+    settings: ClusterSettings,
+    package: ServedPackage | None,
+    *,
+    exit_when_done: bool = False,
 ) -> int:
     from server.cli import LISTENING_PREFIX, PROG
 
@@ -106,7 +114,18 @@ async def _serve(
         await worker.stop()
         return 1
     print(f"{LISTENING_PREFIX}{config.scheme}://{config.host}:{port}", flush=True)
-    await stop.wait()
-    log.info("stopping on signal")
+    waiters = [asyncio.create_task(stop.wait())]
+    if exit_when_done and worker.rounds is not None:
+        waiters.append(asyncio.create_task(worker.rounds.end.finished.wait()))
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+    if stop.is_set():
+        log.info("stopping on signal")
+    else:
+        log.info("the federation is finished; exiting (--exit-when-done)")
+        print(FINISHED_LINE, flush=True)
     await worker.stop()
     return 0
