@@ -108,7 +108,12 @@ def test_versions_are_evaluated_and_devices_are_told_the_end(
         assert_told_once(devices, 2, evaluated[2]["evalAccuracy"])
         assert fetch(postgres_url, "SELECT version FROM fedtray_finished") == [{"version": 2}]
         # Any worker's status shows the end and the versions' evaluation.
-        status = poll(lambda: fed.srv.get_json("/api/cluster"), lambda s: s["finished"] is True, 30, "finished")
+        status = poll(
+            lambda: fed.srv.get_json("/api/cluster"),
+            lambda s: s["finished"] is True,
+            30,
+            "finished",
+        )
         newest = status["versions"][0]
         assert newest["version"] == 2
         assert newest["evalAccuracy"] == pytest.approx(evaluated[2]["evalAccuracy"])
