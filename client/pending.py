@@ -21,6 +21,8 @@ Contract:
   crash (a data file without sidecar, a sidecar without data, temp files) are removed
   with a log line; a sidecar that does not validate is renamed ``*.corrupt`` (kept for
   inspection, never submitted) with a log line.
+* :meth:`PendingStore.get` is the complete entry of one round (its sidecar validates and
+  its data file exists), looking at that round's two files only, or ``None``.
 * :meth:`PendingStore.read` returns the bytes only when they still match the recorded
   size and SHA-256 (else :class:`client.errors.FedtrayError` ``checksum_mismatch`` /
   ``size_mismatch``).
@@ -113,6 +115,11 @@ def _stage(target: Path, data: bytes) -> Path:
     return Path(tmp)
 
 
+#: The one thread that stages sidecars beside the output's fsync, kept for the process
+#: (its thread starts on first use), so keeping an update does not start a thread.
+_SIDECAR_POOL: Final = concurrent.futures.ThreadPoolExecutor(1, "pending-sidecar")
+
+
 def _file_sha256(path: Path) -> tuple[int, str]:
     digest = hashlib.sha256()
     size = 0
@@ -167,18 +174,19 @@ class PendingStore:
             created=created,
         )
         self.directory.mkdir(parents=True, exist_ok=True)
-        with concurrent.futures.ThreadPoolExecutor(1, "pending-sidecar") as pool:
-            # The sidecar's bytes are fsynced while the output's are; one directory fsync
-            # for both renames (module docstring).
-            staged = pool.submit(_stage, sidecar_path, sidecar.model_dump_json().encode("utf-8"))
-            try:
-                with source.handing_over_output(data_path, sync_dir=False):
-                    os.replace(staged.result(), sidecar_path)
-                    fsync_dir(self.directory)
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    _unlink(staged.result())  # not installed (gone if it was)
-                raise
+        # The sidecar's bytes are fsynced while the output's are; one directory fsync for
+        # both renames (module docstring).
+        staged = _SIDECAR_POOL.submit(
+            _stage, sidecar_path, sidecar.model_dump_json().encode("utf-8")
+        )
+        try:
+            with source.handing_over_output(data_path, sync_dir=False):
+                os.replace(staged.result(), sidecar_path)
+                fsync_dir(self.directory)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                _unlink(staged.result())  # not installed (gone if it was)
+            raise
         return self._entry(sidecar, data_path, sidecar_path)
 
     def entries(self) -> list[PendingUpdate]:
@@ -222,8 +230,16 @@ class PendingStore:
         return found
 
     def get(self, round_id: str) -> PendingUpdate | None:
-        """The entry of ``round_id``, if any."""
-        return next((u for u in self.entries() if u.round_id == round_id), None)
+        """The complete entry of ``round_id``, if any: its own two files are looked at
+        (named from the round id), not the whole directory, and nothing is cleaned up."""
+        data_path, sidecar_path = self._paths(round_id)
+        try:
+            sidecar = _Sidecar.model_validate_json(sidecar_path.read_bytes())
+        except (OSError, ValidationError):
+            return None  # missing; or unreadable, which entries() sets aside
+        if sidecar.round_id != round_id or not data_path.is_file():
+            return None
+        return self._entry(sidecar, data_path, sidecar_path)
 
     def read(self, update: PendingUpdate) -> bytes:
         """The update's bytes, verified against its sidecar; raises FedtrayError or OSError."""

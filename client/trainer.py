@@ -245,7 +245,14 @@ class LocalTrainer:
         if position is None:
             # The model's own random draws (dropout) start from the job's seed, so a run
             # is reproducible; a resumed run restores the RNG from its checkpoint.
-            torch.manual_seed(epoch_seed(job.config.seed, job.partition.index, MODEL_RNG_STREAM))
+            seed = epoch_seed(job.config.seed, job.partition.index, MODEL_RNG_STREAM)
+            if device.type == "cpu":
+                # The generator a CPU model draws from, seeded as torch.manual_seed seeds
+                # it; without the accelerators' lazy seeding, which records a traceback
+                # per call (0.2 ms of a job's CPU at 0.4 MB).
+                torch.default_generator.manual_seed(seed)
+            else:
+                torch.manual_seed(seed)
             batch = self._initial_batch_size(task, model, x[:1], job.config, n, device)
             position = Position(batch_size=batch)
         periodic = CheckpointClock(job.checkpoint_interval)

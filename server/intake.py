@@ -181,10 +181,21 @@ async def receive_update(
     """The submitted update as a checked safetensors file in ``store`` (not yet fsynced or
     counted). Each byte is hashed once (by the blob store, as it arrives) and checked once
     where it lies; a safetensors document is kept as received, never decoded and
-    re-encoded (a JSON one is converted). Raises FedtrayError to refuse (``internal_error``
+    re-encoded (a JSON one is converted); an inline safetensors document is written and
+    checked in one thread hop. Raises FedtrayError to refuse (``internal_error``
     when the file cannot be written); nothing is left behind when it raises. Shared by the
     single-process intake and the cluster's (:mod:`server.cluster.service`)."""
     ref = sub.weights
+    if ref.format == "safetensors" and ref.data is not None:
+        # Inline (a small update): verified here, then written and checked in ONE hop.
+        data = blobs.take(record.device_id, ref)
+        try:
+            return await asyncio.to_thread(
+                _land, store, record.device_id, data, layout=layout, max_bytes=max_bytes
+            )
+        except OSError as exc:
+            log.error("cannot save the update of %s: %s", record.name, exc)
+            raise unsaved_error() from None
     try:
         incoming = await asyncio.to_thread(store.incoming_path, record.device_id)
     except OSError as exc:
@@ -206,6 +217,26 @@ async def receive_update(
         incoming.unlink(missing_ok=True)
         log.error("cannot save the update of %s: %s", record.name, exc)
         raise unsaved_error() from None
+    except BaseException:
+        incoming.unlink(missing_ok=True)
+        raise
+    return incoming
+
+
+def _land(
+    store: RoundStore,
+    device_id: str,
+    data: bytes | bytearray,
+    *,
+    layout: Layout,
+    max_bytes: int,
+) -> Path:
+    """``data`` written to a fresh incoming file and checked where it lies (in a thread);
+    the file. Raises OSError or the check's WeightsError, leaving nothing behind."""
+    incoming = store.incoming_path(device_id)
+    try:
+        store.write_incoming(incoming, data)
+        store.check_update(incoming, layout, max_bytes)
     except BaseException:
         incoming.unlink(missing_ok=True)
         raise

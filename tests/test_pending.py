@@ -62,6 +62,30 @@ def test_lifecycle_add_list_read_remove(tmp_path: Path) -> None:
     store.remove(entry)  # idempotent
 
 
+@pytest.mark.parametrize("case", ["present", "unknown", "data_lost", "sidecar_torn", "other_round"])
+def test_get_looks_at_the_rounds_own_files_only(tmp_path: Path, case: str) -> None:
+    store = PendingStore(tmp_path / "pending")
+    _add(store, _update_file(tmp_path), round_id="r-1")
+    [entry] = store.entries()
+    leftover = tmp_path / "pending" / ".x.update.tmp"
+    leftover.write_bytes(b"crash leftover")  # get() cleans nothing up; entries() does
+    asked = "r-1"
+    if case == "unknown":
+        asked = "r-2"
+    elif case == "data_lost":
+        entry.path.unlink()
+    elif case == "sidecar_torn":
+        entry.sidecar.write_text('{"roundId": "r-1", ')
+    elif case == "other_round":  # a sidecar under r-1's name that names another round
+        data = json.loads(entry.sidecar.read_text())
+        key = "roundId" if "roundId" in data else "round_id"
+        data[key] = "r-9"
+        entry.sidecar.write_text(json.dumps(data))
+    got = store.get(asked)
+    assert got == (entry if case == "present" else None)
+    assert leftover.exists()
+
+
 def test_entries_are_oldest_first_and_round_ids_need_not_be_file_names(tmp_path: Path) -> None:
     store = PendingStore(tmp_path / "pending")
     _add(store, _update_file(tmp_path, b"b"), round_id="round:2..", created=5.0)

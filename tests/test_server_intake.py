@@ -28,6 +28,7 @@ from client.weights import (
     sha256_hex,
 )
 from server.aggregation import FedAvg
+from server.intake import _land
 from server.roundstore import ROUND_DIR, RoundStore
 from tests.server_harness import ScriptedDevice, run_devices, running_server
 
@@ -214,6 +215,26 @@ def test_check_update_refuses_with_the_codec_code(tmp_path: Path, data: bytes, c
     with pytest.raises(WeightsError) as err:
         store.check_update(incoming, LAYOUT, 1 << 20)
     assert err.value.code == code
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [(None, None), (b"", "malformed"), (_nan_doc(), "non_finite")],
+)
+def test_an_inline_update_is_written_and_checked_in_one_step_or_leaves_nothing(
+    tmp_path: Path, data: bytes | None, code: str | None
+) -> None:
+    store = RoundStore(tmp_path)
+    if code is None:
+        doc = _doc(STATE, metadata=True)
+        incoming = _land(store, "dev", doc, layout=LAYOUT, max_bytes=1 << 20)
+        assert incoming.parent == tmp_path / ROUND_DIR and incoming.read_bytes() == doc
+        return
+    assert data is not None
+    with pytest.raises(WeightsError) as err:
+        _land(store, "dev", data, layout=LAYOUT, max_bytes=1 << 20)
+    assert err.value.code == code
+    assert list((tmp_path / ROUND_DIR).iterdir()) == []
 
 
 def test_clear_removes_a_leftover_incoming_file(tmp_path: Path) -> None:

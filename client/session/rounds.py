@@ -474,10 +474,10 @@ class Rounds:
     async def _keep_result_files(self, rnd: ActiveRound, result: TrainResult) -> None:
         start = rnd.start
         files = self._work.files(rnd.key)
-        try:
-            digest = await asyncio.to_thread(_convert_if_needed, files, start, result)
-            await asyncio.to_thread(
-                self._pending.add,
+        pending = self._pending
+
+        def keep() -> None:  # one thread hop: convert (when needed), then hand over
+            pending.add(
                 files,
                 round_id=start.round_id,
                 task=start.task,
@@ -486,8 +486,11 @@ class Rounds:
                 metrics=result.metrics,
                 fmt=start.weight_format,
                 created=time.time(),
-                digest=digest,
+                digest=_convert_if_needed(files, start, result),
             )
+
+        try:
+            await asyncio.to_thread(keep)
         except (OSError, FedtrayError) as exc:
             self.report_error(
                 start.round_id, "internal_error", f"cannot keep the trained update on disk: {exc}"

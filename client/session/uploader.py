@@ -84,14 +84,14 @@ class Uploader:
     async def _upload_all(self) -> None:
         failures = 0
         while self._caller() is not None:
-            entries = await asyncio.to_thread(self.pending.entries)
-            if not entries:
+            oldest = await asyncio.to_thread(_oldest, self.pending)
+            if oldest is None:
                 return
-            update = entries[0]
+            update, data = oldest
             self.uploading = update.round_id
             self._state_changed()
             try:
-                done = await self._upload(update)
+                done = await self._upload(update, data)
             finally:
                 self.uploading = None
                 self._state_changed()
@@ -105,15 +105,14 @@ class Uploader:
                 return
             await asyncio.sleep(delay)
 
-    async def _upload(self, update: PendingUpdate) -> bool:
-        """Send one update; True when it is resolved (and deleted), False to retry later."""
+    async def _upload(self, update: PendingUpdate, data: bytes | Exception) -> bool:
+        """Send one update (``data``: its verified bytes, or why they could not be read);
+        True when it is resolved (and deleted), False to retry later."""
         call = self._caller()
         if call is None:
             return False
-        try:
-            data = await asyncio.to_thread(self.pending.read, update)
-        except (FedtrayError, OSError) as exc:
-            log.error("discarding the update of round %s: %s", update.round_id, exc)
+        if isinstance(data, Exception):
+            log.error("discarding the update of round %s: %s", update.round_id, data)
             await asyncio.to_thread(self.pending.remove, update)
             return True
 
@@ -201,3 +200,16 @@ class Uploader:
                 message,
             )
         return True
+
+
+def _oldest(pending: PendingStore) -> tuple[PendingUpdate, bytes | Exception] | None:
+    """The oldest pending update and its verified bytes (or why they cannot be read), in
+    one thread hop; None when nothing is pending."""
+    entries = pending.entries()
+    if not entries:
+        return None
+    update = entries[0]
+    try:
+        return update, pending.read(update)
+    except (FedtrayError, OSError) as exc:
+        return update, exc
