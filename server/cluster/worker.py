@@ -28,8 +28,8 @@ The port is bound and served as the single-process server does (:mod:`server.ser
 first version of the global model (made by whichever worker coordinates), then listens
 (the engines are opened by :func:`server.cluster.engines.open_engines`; the command line is
 :mod:`server.cluster.worker_cli`); it raises :class:`server.serving.StartupError` (one line)
-when it cannot. Cluster mode trains an installed task with FedAvg or FedProx; a task
-package, another strategy or federated evaluation is refused at start.
+when it cannot. Cluster mode trains an installed task with any strategy; a task
+package or federated evaluation is refused at start.
 :meth:`ClusterWorker.stop` is bounded in time. Never unpickles or executes anything received.
 """
 
@@ -79,10 +79,6 @@ from server.store import Store
 __all__ = ["LOCK_RETRY_S", "ClusterSettings", "ClusterWorker"]
 
 log = logging.getLogger(__name__)
-
-#: Strategies whose server side is a sample-weighted mean (foldable into partial sums).
-CLUSTER_STRATEGIES = frozenset({"fedavg", "fedprox"})
-
 
 class ClusterNamespace(DeviceNamespace):
     """The device handlers, refreshing presence after heartbeats and progress too."""
@@ -150,13 +146,6 @@ class ClusterWorker:
         cfg = self.config
         if cfg.task_file is not None:
             raise StartupError("task packages (--task-file) are not supported in cluster mode yet")
-        if cfg.strategy.name not in CLUSTER_STRATEGIES:
-            raise StartupError(
-                f"--strategy {cfg.strategy.name} is not supported in cluster mode "
-                f"(only {', '.join(sorted(CLUSTER_STRATEGIES))})"
-            )
-        if cfg.strategy.clip_norm is not None:
-            raise StartupError("--clip-norm is not supported in cluster mode yet")
         if cfg.evaluate_every:
             raise StartupError("federated evaluation (--evaluate-every) is off in cluster mode")
         try:
