@@ -80,6 +80,7 @@ __all__ = ["LOCK_RETRY_S", "ClusterSettings", "ClusterWorker"]
 
 log = logging.getLogger(__name__)
 
+
 class ClusterNamespace(DeviceNamespace):
     """The device handlers, refreshing presence after heartbeats and progress too."""
 
