@@ -328,10 +328,11 @@ class ClusterRounds:
                 if current is None or current.round_id != row.round_id or current.state != "open":
                     raise FedtrayError("round_closed", f"round {row.round_id} is closed") from None
                 raise unsaved_error() from None
-            if new and self._sums:
-                await asyncio.to_thread(
-                    folding.partial.add, record.device_id, update, sub.num_samples
-                )
+            if new:
+                if self._sums:
+                    await asyncio.to_thread(
+                        folding.partial.add, record.device_id, update, sub.num_samples
+                    )
             else:
                 with contextlib.suppress(ClusterError):
                     await self._shared.delete(key)  # the first copy is the one recorded
