@@ -55,6 +55,7 @@ from server.cluster.contracts import (
 from server.cluster.partial import PartialSum
 from server.cluster.readback import MappedFiles, fetch_updates, gather_round, mapped_update
 from server.strategies import Added, Strategy, StrategySettings, build_strategy
+from server.strategies.fedavg import WeightedMean
 from server.strategies.optimizers import Plain
 
 __all__ = [
@@ -69,14 +70,12 @@ log = logging.getLogger(__name__)
 
 Float64 = npt.NDArray[np.float64]
 
-#: Strategies whose round is a sample-weighted mean (foldable into partial sums).
-SUMMED = frozenset({"fedavg", "fedprox", "fedavgm", "fedadam"})
-
 
 def reads_every_update(settings: StrategySettings) -> bool:
     """Whether the coordinator reads every update back (robust rules, clipping) rather
-    than combining the workers' partial sums."""
-    return settings.name not in SUMMED or settings.clip_norm is not None
+    than combining the workers' partial sums (a weighted mean without clipping)."""
+    summed = isinstance(build_strategy(settings), WeightedMean)
+    return not summed or settings.clip_norm is not None
 
 
 def encode_state(state: dict[str, Float64]) -> bytes:
