@@ -29,9 +29,8 @@ from server.cluster.contracts import (
 )
 from server.cluster.coordinator import ClusterCoordinator, progress_of
 from server.cluster.partial import PartialSum
-from server.config import ConfigError, ServerConfig
+from server.config import ServerConfig
 from server.rounds import select_devices
-from server.strategies.settings import StrategySettings
 from tests.cluster_memory import MemoryBlobs, MemoryDB, MemoryPresence
 from tests.waiting import scaled, wait_until_async
 
@@ -205,23 +204,6 @@ def test_progress_of(
         can_succeed,
     )
     assert "zz" not in progress.reported  # an update of a device not assigned is ignored
-
-
-@pytest.mark.parametrize(
-    ("strategy", "says"),
-    [
-        (StrategySettings(name="fedadam"), "--strategy fedadam is not available"),
-        (StrategySettings(name="median"), "--strategy median is not available"),
-        (StrategySettings(name="fedavg", clip_norm=1.0), "--clip-norm"),
-    ],
-)
-def test_other_strategies_refused(tmp_path: Path, strategy: StrategySettings, says: str) -> None:
-    with pytest.raises(ConfigError, match=says):
-        Cluster(tmp_path, strategy=strategy).coordinator()
-
-
-def test_fedprox_accepted(tmp_path: Path) -> None:
-    Cluster(tmp_path, strategy=StrategySettings(name="fedprox")).coordinator()
 
 
 # ============================================================ version 0

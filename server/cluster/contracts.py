@@ -199,6 +199,10 @@ class VersionRow:
     round_id: str | None
     created_at: float
     metrics: dict[str, float] = field(default_factory=dict)
+    #: The server optimizer's state saved with this version (float64 safetensors in
+    #: shared storage; None: no state, e.g. FedAvg or version 0).
+    optimizer_key: str | None = None
+    optimizer_sha256: str | None = None
 
 
 EvalAskState = Literal["asked", "accepted", "reported", "done"]

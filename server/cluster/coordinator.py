@@ -29,21 +29,23 @@ or ``closing`` and goes on with it under the SAME round id.
   that received updates. It merges every valid partial and folds every update no partial
   covers (a dead or slow worker's) itself from shared storage
   (:func:`server.cluster.readback.gather_round`), so each recorded update counts once.
-  The mean (:mod:`server.cluster.partial`, FedAvg in the model's dtypes) is encoded as
-  safetensors, put in shared storage, and ``publish_version`` records it with the round
-  id and ``trainLoss``, the sample-weighted mean of the updates' reported losses; then
-  the ``published(version, weights)`` hook, if given, is awaited with the new version
-  (it starts its evaluation off the round's path, :mod:`server.cluster.evaluation`, and
+  The strategy's result (:mod:`server.cluster.aggregate`: every strategy of the
+  single-process server; robust rules and ``--clip-norm`` read every update back from
+  shared storage instead, without waiting for partial sums) is encoded as safetensors,
+  put in shared storage with the server optimizer's new state (if any), and
+  ``publish_version`` records both with the round id and ``trainLoss``, the
+  sample-weighted mean of the counted updates' reported losses; then the
+  ``published(version, weights)`` hook, if given, is awaited with the new version (it
+  starts its evaluation off the round's path, :mod:`server.cluster.evaluation`, and
   returns once a federated evaluation of it is settled, :mod:`server.cluster.fedeval`).
 
-Only FedAvg and FedProx (whose server side is FedAvg) run in a cluster, without
-``--clip-norm``: the constructor raises :class:`server.config.ConfigError` for anything
-else. An engine failure (:class:`ClusterError`) while a round runs is logged and retried
+An engine failure (:class:`ClusterError`) while a round runs is logged and retried
 after ``poll_interval``; the round is then read back from the database. An update whose
 blob cannot be read back (missing, or failing its SHA-256 or the layout) is left out of the
 mean with an error naming the device; a round left with no readable update is abandoned.
 :func:`task_initial_weights` is how the worker gets version 0's weights from its task.
-Memory: one float64 copy of the model (the running sum) plus the blob being read; blobs
+Memory: one float64 copy of the model (the running sum) plus the blob being read, or what
+the single-process server holds for the strategy (:mod:`server.cluster.aggregate`); blobs
 are fetched into a temporary folder under ``work_dir``, removed after the round.
 Cancelling :meth:`run` (the lock was lost) is safe at any await. Blocking work (folding,
 encoding, the initial weights) runs in threads.
@@ -68,6 +70,7 @@ import numpy as np
 from client.tasks import Task
 from client.weights import Layout, StateDict, encode, layout_of
 from server.aggregation import weighted_mean
+from server.cluster.aggregate import RoundAggregator, encode_state
 from server.cluster.contracts import (
     Assignment,
     ClusterDB,
@@ -79,14 +82,12 @@ from server.cluster.contracts import (
     UpdateRow,
     VersionRow,
 )
-from server.cluster.readback import gather_round
-from server.config import ConfigError, ServerConfig
+from server.config import ServerConfig
 from server.model import initial_state
 from server.rounds import select_devices
 from server.taskfile import PackageTask
 
 __all__ = [
-    "CLUSTER_STRATEGIES",
     "ClusterCoordinator",
     "Progress",
     "progress_of",
@@ -95,8 +96,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: The strategies a cluster runs (their server side is FedAvg's sum of partial sums).
-CLUSTER_STRATEGIES = ("fedavg", "fedprox")
 WORKING = frozenset({"assigned", "started"})
 
 
@@ -167,14 +166,6 @@ class ClusterCoordinator:
         partial_wait: float = 5.0,
         published: Callable[[int, StateDict], Awaitable[None]] | None = None,
     ) -> None:
-        strategy = config.strategy
-        if strategy.name not in CLUSTER_STRATEGIES:
-            raise ConfigError(
-                f"--strategy {strategy.name} is not available with --workers: a cluster "
-                f"runs {' or '.join(CLUSTER_STRATEGIES)} (partial sums of FedAvg)"
-            )
-        if strategy.clip_norm is not None:
-            raise ConfigError("--clip-norm is not available with --workers")
         if not layout:
             raise ValueError("the model layout is empty")
         self._config = config
@@ -193,6 +184,9 @@ class ClusterCoordinator:
         self._attempts: dict[int, int] = {}
         model_bytes = sum(math.prod(spec.shape) * _itemsize(spec.dtype) for spec in layout.values())
         self._max_update_bytes = config.transfer_budget(model_bytes).update_bytes
+        self._aggregator = RoundAggregator(
+            config.strategy, blobs, self._layout, self._max_update_bytes
+        )
 
     # ============================================================ the loop
 
@@ -362,27 +356,40 @@ class ClusterCoordinator:
     async def _close(self, row: RoundRow) -> bool:
         """Combine the closing round's updates and publish its version."""
         updates = await self._db.updates(row.round_id)
-        partials = await self._await_partials(row, updates)
-        with tempfile.TemporaryDirectory(prefix="fedtray-round-", dir=self._work_dir) as tmp:
-            total = await gather_round(
-                self._blobs,
-                self._layout,
-                self._max_update_bytes,
-                row.round_id,
-                updates,
-                partials,
-                Path(tmp),
+        base = await self._db.latest_version()
+        if base is None or base.version != row.base_version:
+            raise ClusterError(
+                f"round {row.round_id} starts from version {row.base_version}, but the "
+                f"latest is {None if base is None else base.version}"
             )
-        if total is None:
+        aggregator = self._aggregator
+        partials = await self._await_partials(row, updates) if aggregator.uses_partials else []
+        with tempfile.TemporaryDirectory(prefix="fedtray-round-", dir=self._work_dir) as tmp:
+            outcome = await aggregator.aggregate(row.round_id, base, updates, partials, Path(tmp))
+        if outcome is None:
             log.error("round %d (%s): no update could be read; abandoned", row.number, row.round_id)
             await self._db.set_round_state(row.round_id, "abandoned")
             return False
-        counted = [u for u in updates if u.device_id in total]
-        mean = await asyncio.to_thread(total.mean)
-        data = await asyncio.to_thread(encode, mean, "safetensors")
-        del total
+        for device_id, norm in sorted(outcome.clipped.items()):
+            log.warning(
+                "round %s: the update of %s was %.4g from the global; clipped to %g",
+                row.round_id,
+                device_id,
+                norm,
+                self._config.strategy.clip_norm,
+            )
+        counted = [u for u in updates if u.device_id in outcome.counted]
+        data = await asyncio.to_thread(encode, outcome.weights, "safetensors")
         sha = _sha256(data)
         key = await self._blobs.put_bytes(data, sha)
+        optimizer_key = optimizer_sha = None
+        if outcome.optimizer_state:
+            state_data = await asyncio.to_thread(encode_state, outcome.optimizer_state)
+            optimizer_sha = _sha256(state_data)
+            optimizer_key = await self._blobs.put_bytes(state_data, optimizer_sha)
+            del state_data
+        weights = outcome.weights
+        del outcome
         train_loss = weighted_mean(
             [(u.metrics["trainLoss"], u.num_samples) for u in counted if "trainLoss" in u.metrics]
         )
@@ -396,11 +403,13 @@ class ClusterCoordinator:
                 round_id=row.round_id,
                 created_at=time.time(),
                 metrics={} if train_loss is None else {"trainLoss": train_loss},
+                optimizer_key=optimizer_key,
+                optimizer_sha256=optimizer_sha,
             )
         )
         if self._published is not None:
-            await self._published(version, mean)
-        del mean
+            await self._published(version, weights)
+        del weights
         log.info(
             "round %d (%s): %d reported, train loss %s, %.1f s (version %d)",
             row.number,

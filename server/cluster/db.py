@@ -8,7 +8,9 @@ Tables (schema component ``cluster``, version :data:`SCHEMA_VERSION`, in ``fedtr
 
 * ``fedtray_versions`` -- one row per global version: ``version`` (key), ``blob_key`` and
   ``sha256`` of its weights in shared storage, ``size``, the ``round_id`` that made it
-  (NULL for version 0), ``created_at`` (Unix s), ``metrics`` (jsonb).
+  (NULL for version 0), ``created_at`` (Unix s), ``metrics`` (jsonb), and
+  ``optimizer_key`` / ``optimizer_sha256`` of the server optimizer's state saved with it
+  (NULL: none; written in the same row, so a version never exists without its state).
 * ``fedtray_rounds`` -- one row per round attempt: ``round_id`` (key), ``number``,
   ``attempt``, ``base_version``, ``state`` (open, closing, completed, abandoned),
   ``required``, ``deadline`` and ``opened_at`` (Unix s). A unique partial index keeps at
@@ -165,10 +167,10 @@ class PgClusterDB:
         with engine_errors(f"publish version {row.version}"):
             async with self._pool.acquire() as conn, conn.transaction():
                 inserted = await conn.fetchval(
-                    "INSERT INTO fedtray_versions"
-                    " (version, blob_key, sha256, size, round_id, created_at, metrics)"
-                    " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (version) DO NOTHING"
-                    " RETURNING version",
+                    "INSERT INTO fedtray_versions (version, blob_key, sha256, size,"
+                    " round_id, created_at, metrics, optimizer_key, optimizer_sha256)"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+                    " ON CONFLICT (version) DO NOTHING RETURNING version",
                     row.version,
                     row.blob_key,
                     row.sha256,
@@ -176,6 +178,8 @@ class PgClusterDB:
                     row.round_id,
                     row.created_at,
                     json.dumps(row.metrics),
+                    row.optimizer_key,
+                    row.optimizer_sha256,
                 )
                 if inserted is None:
                     have = await conn.fetchrow(

@@ -37,7 +37,7 @@ __all__ = [
     "version_from",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA: tuple[str, ...] = (
     """CREATE TABLE IF NOT EXISTS fedtray_versions (
@@ -87,6 +87,9 @@ SCHEMA: tuple[str, ...] = (
         blob_key text NOT NULL,
         sha256 text NOT NULL,
         PRIMARY KEY (round_id, worker_id))""",
+    # version 2: the server optimizer's state saved beside each version
+    "ALTER TABLE fedtray_versions ADD COLUMN IF NOT EXISTS optimizer_key text",
+    "ALTER TABLE fedtray_versions ADD COLUMN IF NOT EXISTS optimizer_sha256 text",
 )
 
 
@@ -147,6 +150,8 @@ def version_from(row: Mapping[str, Any]) -> VersionRow:
         round_id=row["round_id"],
         created_at=float(row["created_at"]),
         metrics=metrics_from(row["metrics"]),
+        optimizer_key=row["optimizer_key"],
+        optimizer_sha256=row["optimizer_sha256"],
     )
 
 

@@ -7,9 +7,11 @@ block by block, as ``FedAvg.add``), the total samples and the ids of the devices
 ``add`` folds one update in (read only; its arrays may be read-only views over a mapped
 document, any byte order; nothing of them is kept), ``merge`` folds another partial in,
 ``mean`` is the sample-weighted mean in the model's dtypes
-(:func:`server.aggregation.cast_like`). So the mean of partials merged in any grouping
-equals ``FedAvg`` over the same updates up to float64 rounding (exactly, when one
-partial adds the updates in FedAvg's order). :func:`combine` is ``merge`` then ``mean``.
+(:func:`server.aggregation.cast_like`), ``means`` the same mean in float64 (what a server
+optimizer steps from, as :meth:`server.aggregation.FedAvg.means`). So the mean of
+partials merged in any grouping equals ``FedAvg`` over the same updates up to float64
+rounding (exactly, when one partial adds the updates in FedAvg's order). :func:`combine`
+is ``merge`` then ``mean``.
 Memory: one float64 copy of the model, whatever the number of updates.
 
 ``to_bytes`` is a safetensors document of the float64 sums (tensor names as the model's)
@@ -20,7 +22,7 @@ values, metadata present and consistent).
 
 Raises ``ValueError`` (one line) for: an update or partial that does not fit the layout,
 a device added twice or covered by two merged partials, ``num_samples < 1``, ``mean`` /
-``to_bytes`` of an empty partial, and any bytes ``from_bytes`` refuses. Pure: numpy and
+``means`` / ``to_bytes`` of an empty partial, and any bytes ``from_bytes`` refuses. Pure: numpy and
 the codec only, no I/O, no torch.
 """
 
@@ -176,6 +178,13 @@ class PartialSum:
                 )
             out[name] = result
         return out
+
+    def means(self) -> dict[str, npt.NDArray[np.float64]]:
+        """The sample-weighted mean of each tensor in float64 (new arrays)."""
+        if not self._devices:
+            raise ValueError("no update was added in this round")
+        weight = float(self._total)
+        return {name: acc / weight for name, acc in self._sums.items()}
 
     # --- bytes --------------------------------------------------------------------
 

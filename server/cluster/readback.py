@@ -14,6 +14,13 @@ get). An update whose blob cannot be read back is left out with an error naming 
 device. Returns None when nothing could be read. Blobs are fetched into ``tmp`` (one at a
 time; each file removed after use). Raises nothing for bad blobs; memory is the running
 sum plus the blob being read. Blocking work runs in threads.
+
+For strategies that need every update at once (:mod:`server.cluster.aggregate`),
+:func:`fetch_updates` fetches each readable update's blob into ``tmp`` (SHA-256 verified,
+size bounded; the files stay until ``tmp`` is removed), :func:`mapped_update` maps one
+read-only as views checked against the layout, and :class:`MappedFiles` is the
+:class:`server.strategies.UpdateSource` over those files (one open map each while open,
+never a copy in memory), as the single-process server's round store is.
 """
 
 from __future__ import annotations
@@ -23,14 +30,15 @@ import contextlib
 import logging
 import mmap
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from client.weights import Layout, WeightsError, decode_views
+from client.weights import Layout, StateDict, WeightsError, decode_views
 from server.cluster.contracts import ClusterError, PartialRow, SharedBlobs, UpdateRow
 from server.cluster.partial import PartialSum
 
-__all__ = ["gather_round", "partial_problem"]
+__all__ = ["MappedFiles", "fetch_updates", "gather_round", "mapped_update", "partial_problem"]
 
 log = logging.getLogger(__name__)
 
@@ -153,12 +161,64 @@ def _fold_file(
     path: Path, layout: Layout, max_bytes: int, total: PartialSum, update: UpdateRow
 ) -> None:
     """Fold one stored update (read-only views over its mapped file) into ``total``."""
+    with mapped_update(path, layout, max_bytes) as views:
+        total.add(update.device_id, views, update.num_samples)
+
+
+@contextlib.contextmanager
+def mapped_update(path: Path, layout: Layout, max_bytes: int) -> Iterator[StateDict]:
+    """A stored update as read-only views over its mapped file, checked against
+    ``layout`` and ``max_bytes`` (ValueError naming the codec's reason otherwise)."""
     with _mapped(path) as data:
         try:
             views = decode_views(data, expected=layout, max_bytes=max_bytes, finite=False)
         except WeightsError as exc:
             raise ValueError(f"{exc.code}: {exc.message}") from None
         try:
-            total.add(update.device_id, views, update.num_samples)
+            yield views
         finally:
             del views
+
+
+async def fetch_updates(
+    blobs: SharedBlobs,
+    round_id: str,
+    updates: Sequence[UpdateRow],
+    tmp: Path,
+) -> list[tuple[UpdateRow, Path]]:
+    """Each update's blob fetched (verified) into ``tmp``, in the order given; an update
+    whose blob cannot be fetched is left out with an error naming the device."""
+    fetched: list[tuple[UpdateRow, Path]] = []
+    for update in updates:
+        dest = tmp / f"update-{secrets.token_hex(6)}"
+        try:
+            await blobs.get_file(update.blob_key, update.sha256, dest)
+        except ClusterError as exc:
+            dest.unlink(missing_ok=True)
+            log.error(
+                "round %s: the update of %s cannot be read back (%s); left out",
+                round_id,
+                update.device_id,
+                exc,
+            )
+            continue
+        fetched.append((update, dest))
+    return fetched
+
+
+@dataclass(frozen=True)
+class MappedFiles:
+    """Fetched update files as a :class:`server.strategies.UpdateSource`: each mapped
+    read-only (one open map per file while open), never copied whole."""
+
+    layout: Layout
+    max_bytes: int
+    files: Sequence[tuple[Path, int]]  # (fetched update file, num_samples)
+
+    @contextlib.contextmanager
+    def open_all(self) -> Iterator[list[tuple[StateDict, int]]]:
+        with contextlib.ExitStack() as stack:
+            yield [
+                (stack.enter_context(mapped_update(path, self.layout, self.max_bytes)), samples)
+                for path, samples in self.files
+            ]

@@ -20,9 +20,10 @@ devices connected to THIS worker:
   assigned device is received and checked as the single-process server does (the blob store,
   the layout, SHA-256), stored in shared storage, recorded with
   :meth:`~server.cluster.contracts.ClusterDB.record_update` and only then folded into this
-  worker's partial FedAvg sum and acknowledged with the round's count of reports
-  (:meth:`~server.cluster.contracts.ClusterDB.count_updates`); a resend after a lost ack is answered
-  accepted again and counted once (the database row decides);
+  worker's partial FedAvg sum (not when the coordinator reads every update back instead:
+  :func:`server.cluster.aggregate.reads_every_update`) and acknowledged with the round's
+  count of reports (:meth:`~server.cluster.contracts.ClusterDB.count_updates`); a resend
+  after a lost ack is answered accepted again and counted once (the database row decides);
 * when the round turns ``closing`` the partial sum is written to shared storage and
   recorded (:meth:`~server.cluster.contracts.ClusterDB.record_partial`); recording an update
   and writing the partial exclude each other, so a partial names exactly the updates in it;
@@ -63,6 +64,7 @@ from client.tasks import Task
 from client.transfer import BlobStore
 from client.weights import Layout, StateDict, decode, layout_of
 from server.background import Background
+from server.cluster.aggregate import reads_every_update
 from server.cluster.contracts import (
     Assignment,
     AssignmentState,
@@ -187,6 +189,8 @@ class ClusterRounds:
         self._offered: dict[str, str] = {}  # device id -> the sid offered its part
         self._folding: _Folding | None = None
         self._fold_lock = asyncio.Lock()
+        #: Whether updates are summed here (the coordinator reads them back otherwise).
+        self._sums = not reads_every_update(config.strategy)
         self._wake = asyncio.Event()
         self._version_lock = asyncio.Lock()
 
@@ -349,9 +353,10 @@ class ClusterRounds:
                     raise FedtrayError("round_closed", f"round {row.round_id} is closed") from None
                 raise unsaved_error() from None
             if new:
-                await asyncio.to_thread(
-                    folding.partial.add, record.device_id, update, sub.num_samples
-                )
+                if self._sums:
+                    await asyncio.to_thread(
+                        folding.partial.add, record.device_id, update, sub.num_samples
+                    )
             else:
                 with contextlib.suppress(ClusterError):
                     await self._shared.delete(key)  # the first copy is the one recorded

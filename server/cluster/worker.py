@@ -42,9 +42,10 @@ first version of the global model (made by whichever worker coordinates), then l
 when it cannot. Cluster mode trains an installed task or a task package
 (``--task-file``, :mod:`server.cluster.package`: every worker opens the same package and
 serves it, with each device's share of its data, as the single-process server does --
-only to devices that take packages -- and version 0 is the package's weights) with FedAvg
-or FedProx; another strategy is refused at start. Federated evaluation runs when
-``--evaluate-every N`` is given (:mod:`server.cluster.fedeval`; off by default here).
+only to devices that take packages -- and version 0 is the package's weights) with any
+strategy of the single-process server (:mod:`server.cluster.aggregate`). Federated
+evaluation runs when ``--evaluate-every N`` is given (:mod:`server.cluster.fedeval`; off
+by default here).
 :meth:`ClusterWorker.stop` is bounded in time. Never unpickles or executes anything received.
 """
 
@@ -101,9 +102,6 @@ from server.taskfile import PackageTask, ServedPackage
 __all__ = ["LOCK_RETRY_S", "ClusterSettings", "ClusterWorker"]
 
 log = logging.getLogger(__name__)
-
-#: Strategies whose server side is a sample-weighted mean (foldable into partial sums).
-CLUSTER_STRATEGIES = frozenset({"fedavg", "fedprox"})
 
 
 class ClusterNamespace(DeviceNamespace):
@@ -184,13 +182,6 @@ class ClusterWorker:
 
     def _check_mode(self) -> Task:
         cfg = self.config
-        if cfg.strategy.name not in CLUSTER_STRATEGIES:
-            raise StartupError(
-                f"--strategy {cfg.strategy.name} is not supported in cluster mode "
-                f"(only {', '.join(sorted(CLUSTER_STRATEGIES))})"
-            )
-        if cfg.strategy.clip_norm is not None:
-            raise StartupError("--clip-norm is not supported in cluster mode yet")
         if cfg.task_file is not None:
             return package_task(cfg, self._package)
         try:
