@@ -25,6 +25,7 @@ from server.auth import TokenFileError
 from server.cluster.engines import ClusterSettings
 from server.cluster.worker import ClusterWorker
 from server.config import ConfigError, ServerConfig
+from server.serving import run_server
 
 __all__ = ["main"]
 
@@ -61,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shared_dir=args.shared_dir,
     )
     try:
-        return asyncio.run(_serve(config, settings))
+        return run_server(_serve(config, settings))  # uvloop where installed
     except KeyboardInterrupt:
         return 0
 
