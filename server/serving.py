@@ -13,9 +13,10 @@ process-wide; see there why); :func:`close_serving` disconnects the given device
 shuts Socket.IO down and releases the port, every step bounded in time. Each raises
 :class:`StartupError` (one line) when it cannot; :func:`bind_socket` never leaves a socket
 open when it raises. :func:`run_server` runs a server's main coroutine to completion on
-uvloop's event loop where uvloop is installed (Linux and macOS: it cuts the server's CPU per
-heartbeat by ~10-15 %, docs/benchmarks.md "Server capacity"), else on asyncio's own
-(:func:`loop_factory` says which); only the servers use it, the client stays on asyncio.
+uvloop's event loop where uvloop is installed (Linux and macOS), else on asyncio's own
+(:func:`loop_factory` says which): uvloop runs the loop's own turn in C, which cuts the
+server's CPU per heartbeat by ~15-30 % at a 10 s interval (docs/benchmarks.md, "Server
+capacity"); only the servers use it, the client stays on asyncio.
 """
 
 from __future__ import annotations
