@@ -280,8 +280,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         config = dataclasses.replace(config, task=package.manifest.name)
     setup_logging(config.log_level, app=PROG)
+    from server.serving import run_server  # uvloop where installed
+
     try:
-        return asyncio.run(serve(config, exit_when_done=args.exit_when_done, package=package))
+        return run_server(serve(config, exit_when_done=args.exit_when_done, package=package))
     except KeyboardInterrupt:
         return 0
 

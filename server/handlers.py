@@ -58,6 +58,9 @@ from server.registry import DeviceRecord, Registry
 
 log = logging.getLogger(__name__)
 
+#: The heartbeat's ack: one frozen instance, not one per heartbeat.
+_OK = OkAck()
+
 
 class FederatedService(Protocol):
     """Federated evaluation's events (:class:`server.fedeval.FederatedEvaluation`)."""
@@ -302,7 +305,7 @@ class DeviceNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
                 hb.pause_reason or "unknown reason",
                 f" ({hb.pause_detail})" if hb.pause_detail else "",
             )
-        return OkAck()
+        return _OK
 
     @handles(ev.TRAINING_PROGRESS)
     async def on_training_progress(self, sid: str, progress: TrainingProgress) -> None:

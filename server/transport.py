@@ -25,6 +25,16 @@ Contract:
   when either is missing (a python-socketio release that renamed them) it logs one
   warning and every event goes through the library's own path (behaviour unchanged,
   only slower); :attr:`DeviceServer.inline_handled` counts events handled inline.
+* One level down, :class:`DeviceServer` turns off Engine.IO's own ``async_handlers``
+  (python-engineio starts one more task per received message for python-socketio's
+  ``_handle_eio_message``): that method runs in the connection's read loop too, and it
+  awaits nothing slow -- a non-inline event is handed to its own task as above (binary
+  attachments are collected first, in memory), an ack runs python-socketio's callback
+  (``call``'s, which sets a future), CONNECT runs :meth:`server.handlers.DeviceNamespace.on_connect`
+  (a token check and a dict entry, no I/O) and DISCONNECT its ``on_disconnect`` (no I/O
+  awaited); either can only hold back the packets of its own connection, which the peer
+  sends after the CONNECT is answered or not at all after a DISCONNECT. Each connection's
+  packets are thus handled in the order they arrived.
 
 It performs no I/O of its own beyond python-socketio's.
 """
@@ -84,6 +94,9 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
 
     def __init__(self, *, inline_events: Iterable[str], **kwargs: Any) -> None:
         super().__init__(async_handlers=True, **kwargs)
+        # Engine.IO's message handler (python-socketio's dispatch) in the read loop: see the
+        # module for why nothing slow is awaited there.
+        self.eio.async_handlers = False
         self._inline = frozenset(inline_events)
         if not all(callable(getattr(socketio.AsyncServer, name, None)) for name in _HOOKS):
             log.warning("this python-socketio has no %s: every event runs in its own task", _HOOKS)

@@ -1,10 +1,12 @@
 """The server's transport (server/transport.py): Engine.IO's ping derived from the heartbeat
-interval, heartbeats handled inline, long handlers still in their own task."""
+interval, heartbeats handled inline (and Engine.IO's message dispatch in the read loop), long
+handlers still in their own task; the servers' event loop (server/serving.py run_server)."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ from server_harness import ScriptedDevice, ServerHandle, run_devices, running_se
 
 from client.protocol import SubmitAccepted, WeightsSubmit
 from server.registry import DeviceRecord
-from server.serving import GC_THRESHOLDS
+from server.serving import GC_THRESHOLDS, loop_factory, run_server
 from server.transport import TransportTiming, transport_timing
 from tests.waiting import scaled
 
@@ -39,6 +41,10 @@ def test_transport_timing(heartbeat: float, interval: float, timeout: float) -> 
 def test_heartbeats_run_inline_and_never_wait_for_a_long_handler(tmp_path: Path) -> None:
     async def scenario(srv: ServerHandle) -> None:
         sio = srv.server.sio
+        # Engine.IO hands each message to python-socketio in the read loop, no task each:
+        # so a slow non-inline handler below would hold back the heartbeat if python-socketio
+        # did not give it its own task.
+        assert sio.eio.async_handlers is False
         dev = ScriptedDevice(srv.url, name="a")
         assert (await dev.join())["ok"] is True
         # The handshake announced the derived ping (the client keeps its read deadline by it).
@@ -94,3 +100,21 @@ def test_a_serving_server_raises_the_collector_thresholds(tmp_path: Path) -> Non
         assert GC_THRESHOLDS[0] > default[0]
     finally:
         gc.set_threshold(*default)
+
+
+async def _loop_type() -> type[asyncio.AbstractEventLoop]:
+    return type(asyncio.get_running_loop())
+
+
+def test_the_servers_run_on_uvloop_where_it_is_installed() -> None:
+    import uvloop  # a dependency on every platform but Windows (pyproject.toml)
+
+    assert loop_factory() is uvloop.new_event_loop
+    assert issubclass(run_server(_loop_type()), uvloop.Loop)
+
+
+def test_without_uvloop_the_servers_run_on_asyncio(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # `import uvloop` raises ImportError
+    assert loop_factory() is asyncio.new_event_loop
+    loop_type = run_server(_loop_type())
+    assert loop_type.__module__.startswith("asyncio")

@@ -11,9 +11,10 @@ manifest, as ``fedtray-server`` does), starts a
 it listens, and stops it on SIGTERM/SIGINT (exit 0) -- or, with ``--exit-when-done``,
 once the federation is finished and its devices were told (it prints
 :data:`server.cluster.supervisor.FINISHED_LINE` first, so the supervisor does not restart
-it; exit 0). A worker that cannot start says
-why in one line on stderr and exits 1. Never prints secrets (tokens are registered with the
-log filter first).
+it; exit 0) -- or once its parent process is gone (:func:`watch_parent`: a supervisor
+killed with SIGKILL leaves no worker behind holding the port; exit 0). A worker that
+cannot start says why in one line on stderr and exits 1. Never prints secrets (tokens are
+registered with the log filter first).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -34,9 +36,10 @@ from server.cluster.package import check_package
 from server.cluster.supervisor import FINISHED_LINE
 from server.cluster.worker import ClusterWorker
 from server.config import ConfigError, ServerConfig
+from server.serving import run_server
 from server.taskfile import ServedPackage
 
-__all__ = ["main"]
+__all__ = ["PARENT_POLL_S", "main", "watch_parent"]
 
 log = logging.getLogger("server.cluster.worker")
 
@@ -77,9 +80,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         shared_dir=args.shared_dir,
     )
     try:
-        return asyncio.run(_serve(config, settings, package, exit_when_done=args.exit_when_done))
+        # uvloop where installed
+        return run_server(_serve(config, settings, package, exit_when_done=args.exit_when_done))
     except KeyboardInterrupt:
         return 0
+
+
+#: Seconds between two looks at the parent process (see :func:`watch_parent`).
+PARENT_POLL_S = 1.0
+
+
+async def watch_parent(stop: asyncio.Event, poll: float = PARENT_POLL_S) -> None:
+    """Set ``stop`` once this process's parent is no longer the one it started under
+    (it was re-parented: the supervisor died, even by SIGKILL). A worker started by hand or
+    by a service manager keeps its parent, so this never fires for it."""
+    parent = os.getppid()
+    while not stop.is_set():
+        await asyncio.sleep(poll)
+        if os.getppid() != parent:
+            log.warning("the parent process (pid %d) is gone: stopping", parent)
+            stop.set()
+            return
 
 
 async def _serve(
@@ -89,14 +110,24 @@ async def _serve(
     *,
     exit_when_done: bool = False,
 ) -> int:
-    from server.cli import LISTENING_PREFIX, PROG
-
     worker = ClusterWorker(config, settings, package=package)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+    watching = asyncio.create_task(watch_parent(stop))
+    try:
+        return await _run(worker, stop, config, exit_when_done=exit_when_done)
+    finally:
+        watching.cancel()
+
+
+async def _run(
+    worker: ClusterWorker, stop: asyncio.Event, config: ServerConfig, *, exit_when_done: bool
+) -> int:
+    from server.cli import LISTENING_PREFIX, PROG
+
     starting = asyncio.create_task(worker.start())
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
