@@ -22,6 +22,11 @@ PostgreSQL are started (:mod:`benchmarks.cluster_engines`), the server gets ``--
 commands per heartbeat and PostgreSQL's statements per second are reported too, with the most
 frequent statements of the window. Without it: the single-process server.
 
+After the sizes, the machine's own charge for sparse wakeups is measured in the same run
+(:func:`wakeup_baseline`): a process waking at one size's heartbeat rate pays more CPU
+for the same work than one waking at the largest size's rate (cold caches, a descheduled
+virtual CPU), and the server's CPU ms per heartbeat is printed divided by that factor too.
+
 ``RLIMIT_NOFILE`` is raised to its hard limit (the server and the generators inherit it).
 Everything stays on loopback, in temporary directories, and stops by itself.
 
@@ -64,6 +69,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.cluster_engines import ClusterEngines, cluster_engines  # noqa: E402
+from benchmarks.wakeup_cost import cpu_per_wakeup  # noqa: E402
 from tests.server_harness import register_payload, resources  # noqa: E402
 
 #: Longest wait for a generator's report (joining thousands of devices on a loaded machine).
@@ -379,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|" + ("---:|" * 4 if cluster else "")
     )
     tops: list[tuple[int, list[tuple[int, str]]]] = []
+    costs: list[tuple[int, float, float]] = []  # devices, heartbeats/s, CPU ms per heartbeat
     for n in (int(x) for x in args.sizes.split(",") if x):
         r = measure(
             n,
@@ -402,12 +409,40 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         tops.append((n, r["pg_top"]))
+        costs.append((n, r["beats_per_s"], r["ms_per_beat"]))
+    wakeup_baseline(costs, seconds=min(3.0, args.window))
     for n, top in tops if cluster else []:
         print(f"most frequent PostgreSQL statements at {n} devices (calls in the window):")
         for calls, query in top:
             print(f"  {calls:>7}  {query}")
     print(f"loadavg after: {_loadavg()}")
     return 0
+
+
+def wakeup_baseline(costs: list[tuple[int, float, float]], seconds: float) -> None:
+    """This machine's charge for sparse wakeups, measured in the same run, beside the
+    server's cost (:mod:`benchmarks.wakeup_cost`: the same small piece of work done at
+    each size's heartbeat rate, against the largest size's rate, interleaved twice)."""
+    if not costs:
+        return
+    rates = [max(rate, 1.0) for _, rate, _ in costs]
+    samples: list[list[float]] = [[] for _ in rates]
+    for _ in range(2):
+        for i, rate in enumerate(rates):
+            samples[i].append(cpu_per_wakeup(rate, seconds))
+    densest = statistics.median(samples[rates.index(max(rates))])
+    print(
+        "the machine's cost of sparse wakeups (same run, benchmarks.wakeup_cost): the same "
+        "work at each size's heartbeat rate, against the largest size's rate"
+    )
+    print(
+        "| devices | heartbeats/s | wakeup factor | CPU ms per heartbeat "
+        "| CPU ms per heartbeat / wakeup factor |"
+    )
+    print("|---:|---:|---:|---:|---:|")
+    for (n, rate, cost), runs in zip(costs, samples, strict=True):
+        factor = statistics.median(runs) / densest
+        print(f"| {n} | {rate:.0f} | {factor:.2f} | {cost:.3f} | {cost / factor:.3f} |")
 
 
 def scaling(n: int, pairs: int, interval: float, window: float, generators: int) -> int:
