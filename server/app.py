@@ -64,6 +64,7 @@ from server.registry import Registry
 from server.restore import restore_round
 from server.rounds import Round
 from server.roundstore import RoundStore
+from server.served_task import package_task
 from server.serving import (
     StartupError,
     bind_socket,
@@ -76,7 +77,7 @@ from server.starter import training_config
 from server.status import RoundRecord, ServerStatus, build_status
 from server.store import Store, StoreError
 from server.strategies import Strategy, build_strategy
-from server.taskfile import PackageTask, ServedPackage, open_package
+from server.taskfile import PackageTask, ServedPackage
 
 __all__ = ["FedServer", "StartupError"]
 
@@ -272,31 +273,7 @@ class FedServer:
 
     async def _load_package(self, path: Path) -> PackageTask:
         """The package of ``--task-file``, checked; its task (named by its manifest)."""
-        cfg = self.config
-        package = self._package
-        if package is None:
-            try:
-                package = await asyncio.to_thread(open_package, path)
-            except FedtrayError as exc:
-                raise StartupError(f"bad task package {path}: {exc.code}: {exc.message}") from None
-        if package.manifest.name != cfg.task:
-            raise StartupError(
-                f"the task package {path} trains {package.manifest.name!r}, not {cfg.task!r}"
-            )
-        task = PackageTask(package)
-        try:
-            training_config(task, cfg, 0)
-        except ValueError as exc:
-            raise StartupError(f"training settings for the package {path}: {exc}") from None
-        log.info(
-            "task package %s: %s %s (sha256 %s, %d bytes)",
-            path,
-            package.manifest.name,
-            package.manifest.version,
-            package.sha256[:12],
-            package.size,
-        )
-        return task
+        return await asyncio.to_thread(package_task, self.config, self._package)
 
     async def _test_data(self, task: Task) -> TestData | None:
         """The test split new globals are evaluated on; None when the server does not

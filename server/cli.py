@@ -29,7 +29,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from client.errors import FedtrayError
 from client.logsetup import LogLevelError, add_secret, parse_level, setup_logging
 from client.protocol import PartitionScheme
 from server import __version__
@@ -46,7 +45,7 @@ from server.config import (
 from server.fedeval import add_evaluate_flag
 from server.strategies.settings import add_flags as add_strategy_flags, settings_from_args
 from server.task_params import FLAG as TASK_PARAM_FLAG, task_params_from_flags
-from server.taskfile import ServedPackage, open_package
+from server.taskfile import ServedPackage
 
 log = logging.getLogger(__name__)
 
@@ -270,13 +269,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         add_secret(token)
     package: ServedPackage | None = None
     if config.task_file is not None:
+        from server.served_task import check_package
+
         # Checked before anything starts: a bad package is one line and exit status 1.
-        try:
-            package = open_package(config.task_file)
-        except FedtrayError as exc:
-            sys.stderr.write(
-                f"{PROG}: error: bad task package {config.task_file}: {exc.code}: {exc.message}\n"
-            )
+        package = check_package(config.task_file, PROG)
+        if package is None:
             return 1
         config = dataclasses.replace(config, task=package.manifest.name)
     setup_logging(config.log_level, app=PROG)

@@ -69,8 +69,9 @@ def test_a_bad_package_is_one_line_and_exit_1_before_any_worker_starts(
 def test_the_worker_refuses_another_name_and_another_models_versions(tmp_path: Path) -> None:
     import dataclasses
 
-    from server.cluster.package import check_layout, package_task
+    from server.cluster.package import check_layout
     from server.config import ServerConfig
+    from server.served_task import package_task
     from server.taskfile import open_package
     from tests.taskpkg_packer import pack
 

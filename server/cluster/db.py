@@ -39,10 +39,8 @@ Promises:
   transaction, so no update slips in after :meth:`set_round_state` moved it to
   ``closing``; otherwise ClusterError. Recording marks the assignment ``reported``.
 * A ``reported`` assignment stays reported (:meth:`set_assignment` leaves it).
-* :meth:`PgClusterDB.record_evaluation` merges a version's evaluation (``evalLoss``,
-  ``evalAccuracy``) into its ``metrics``; the keys it names replace older values, the
-  others (``trainLoss``) stay. :meth:`PgClusterDB.mark_finished` is idempotent and
-  notifies ``finished:<n>``; :meth:`PgClusterDB.finished_version` is the newest such mark.
+* The evaluation of versions, the end of the federation and federated evaluation's asks
+  and results are :class:`server.cluster.db_evaluation.EvaluationTables`' (its promises).
 * :meth:`PgClusterDB.count_updates` is one ``SELECT count(*)`` over the updates' key
   (``round_id`` leads it): one number back, not the round's update rows.
 * Read-only views for the status document (:mod:`server.cluster.status_view`):
@@ -78,15 +76,15 @@ from server.cluster.contracts import (
     AssignmentState,
     ClusterDB,
     ClusterError,
-    EvalAsk,
-    EvalAskState,
     PartialRow,
     RoundRow,
     RoundState,
     UpdateRow,
     VersionRow,
 )
+from server.cluster.db_evaluation import EvaluationTables
 from server.cluster.db_schema import (
+    CHANNEL,
     END_SCHEMA,
     END_SCHEMA_VERSION,
     FEDEVAL_SCHEMA,
@@ -94,19 +92,16 @@ from server.cluster.db_schema import (
     SCHEMA,
     SCHEMA_VERSION,
     assignment_from,
-    eval_ask_from,
     partial_from,
     round_from,
     update_from,
     version_from,
 )
-from server.cluster.pg import connect_one, create_pool, engine_errors, ensure_schema
+from server.cluster.pg import connect_one, create_pool, engine_errors, ensure_schema, notify
 from server.cluster.status import FinishedRound
 
 __all__ = ["CHANNEL", "SCHEMA_VERSION", "PgClusterDB", "connect"]
 
-#: The LISTEN/NOTIFY channel workers follow.
-CHANNEL = "fedtray_cluster"
 #: Longest pause between reconnect attempts of :meth:`PgClusterDB.notifications`.
 RECONNECT_MAX_S = 2.0
 #: Payloads held for a slow consumer of :meth:`PgClusterDB.notifications`.
@@ -121,10 +116,10 @@ _FINAL_STATES = ("completed", "abandoned")
 
 
 async def _notify(conn: asyncpg.Connection, payload: str) -> None:
-    await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, payload)
+    await notify(conn, CHANNEL, payload)
 
 
-class PgClusterDB:
+class PgClusterDB(EvaluationTables):
     """The cluster's rounds in PostgreSQL (see the module docstring)."""
 
     def __init__(self, url: str, pool: asyncpg.Pool) -> None:
@@ -209,124 +204,6 @@ class PgClusterDB:
                                 f"version {row.version} not published"
                             )
                 await _notify(conn, f"version:{row.version}")
-
-    async def recent_versions(self, limit: int) -> list[VersionRow]:
-        """The newest ``limit`` versions, newest first."""
-        with engine_errors("versions"):
-            rows = await self._pool.fetch(
-                "SELECT * FROM fedtray_versions ORDER BY version DESC LIMIT $1", limit
-            )
-        return [version_from(r) for r in rows]
-
-    async def record_evaluation(self, version: int, metrics: dict[str, float]) -> bool:
-        """Merge ``metrics`` into version ``version``'s metrics; False when it is unknown."""
-        with engine_errors(f"evaluation of version {version}"):
-            done = await self._pool.fetchval(
-                "UPDATE fedtray_versions SET metrics = metrics || $2::jsonb"
-                " WHERE version = $1 RETURNING version",
-                version,
-                json.dumps(metrics),
-            )
-        return done is not None
-
-    async def mark_finished(self, version: int) -> None:
-        """The federation is finished with ``version`` (idempotent); notifies workers."""
-        with engine_errors(f"the end at version {version}"):
-            async with self._pool.acquire() as conn, conn.transaction():
-                await conn.execute(
-                    "INSERT INTO fedtray_finished (version, finished_at) VALUES ($1, $2)"
-                    " ON CONFLICT (version) DO NOTHING",
-                    version,
-                    time.time(),
-                )
-                await _notify(conn, f"finished:{version}")
-
-    async def finished_version(self) -> int | None:
-        """The newest version the federation finished with (None: not finished)."""
-        with engine_errors("the end"):
-            value = await self._pool.fetchval("SELECT max(version) FROM fedtray_finished")
-        return None if value is None else int(value)
-
-    # -------------------------------------------------------------- federated evaluation
-
-    async def ask_evaluation(self, asks: Sequence[EvalAsk]) -> None:
-        if not asks:
-            return
-        with engine_errors(f"evaluation asks of version {asks[0].version}"):
-            async with self._pool.acquire() as conn, conn.transaction():
-                await conn.executemany(
-                    "INSERT INTO fedtray_fedeval (version, device_id, idx, count, deadline,"
-                    " state) VALUES ($1, $2, $3, $4, $5, 'asked')"
-                    " ON CONFLICT (version, device_id) DO NOTHING",
-                    [(a.version, a.device_id, a.index, a.count, a.deadline) for a in asks],
-                )
-                await _notify(conn, f"fedeval:{asks[0].version}")
-
-    async def evaluation_asks(self, version: int) -> list[EvalAsk]:
-        with engine_errors(f"evaluation asks of version {version}"):
-            rows = await self._pool.fetch(
-                "SELECT * FROM fedtray_fedeval WHERE version = $1 ORDER BY idx, device_id",
-                version,
-            )
-        return [eval_ask_from(r) for r in rows]
-
-    async def set_ask_state(self, version: int, device_id: str, state: EvalAskState) -> None:
-        before = ("asked",) if state == "accepted" else ("asked", "accepted")
-        if state not in ("accepted", "done"):
-            raise ClusterError(f"an evaluation ask cannot be set {state!r}")
-        with engine_errors(f"evaluation ask of {device_id}"):
-            await self._pool.execute(
-                "UPDATE fedtray_fedeval SET state = $3"
-                " WHERE version = $1 AND device_id = $2 AND state = ANY($4::text[])",
-                version,
-                device_id,
-                state,
-                list(before),
-            )
-
-    async def record_federated_result(
-        self, version: int, device_id: str, loss: float, accuracy: float, num_samples: int
-    ) -> bool:
-        with engine_errors(f"evaluation result of {device_id}"):
-            async with self._pool.acquire() as conn, conn.transaction():
-                # Serialises the results of one version: the means below see them all.
-                await conn.execute(
-                    "SELECT 1 FROM fedtray_versions WHERE version = $1 FOR UPDATE", version
-                )
-                counted = await conn.fetchval(
-                    "UPDATE fedtray_fedeval SET state = 'reported', loss = $3, accuracy = $4,"
-                    " num_samples = $5 WHERE version = $1 AND device_id = $2"
-                    " AND state IN ('asked', 'accepted') RETURNING 1",
-                    version,
-                    device_id,
-                    loss,
-                    accuracy,
-                    num_samples,
-                )
-                if counted is None:
-                    return False
-                means = await conn.fetchrow(
-                    "SELECT sum(loss * num_samples) / sum(num_samples) AS loss,"
-                    " sum(accuracy * num_samples) / sum(num_samples) AS accuracy,"
-                    " sum(num_samples) AS samples, count(*) AS devices"
-                    " FROM fedtray_fedeval WHERE version = $1 AND state = 'reported'"
-                    " AND num_samples > 0",
-                    version,
-                )
-                if means is not None and means["samples"]:
-                    metrics = {
-                        "federatedEvalLoss": float(means["loss"]),
-                        "federatedEvalAccuracy": float(means["accuracy"]),
-                        "federatedEvalSamples": float(means["samples"]),
-                        "federatedEvalDevices": float(means["devices"]),
-                    }
-                    await conn.execute(
-                        "UPDATE fedtray_versions SET metrics = metrics || $2::jsonb"
-                        " WHERE version = $1",
-                        version,
-                        json.dumps(metrics),
-                    )
-                return True
 
     # -------------------------------------------------------------- rounds
 
@@ -514,7 +391,8 @@ class PgClusterDB:
                 " (SELECT max(u.received_at) FROM fedtray_updates u"
                 " WHERE u.round_id = r.round_id) AS last_update_at,"
                 " v.version AS v_version, v.blob_key AS v_blob_key, v.sha256 AS v_sha256,"
-                " v.size AS v_size, v.created_at AS v_created_at, v.metrics AS v_metrics"
+                " v.size AS v_size, v.created_at AS v_created_at, v.metrics AS v_metrics,"
+                " v.optimizer_key AS v_optimizer_key, v.optimizer_sha256 AS v_optimizer_sha256"
                 " FROM fedtray_rounds r LEFT JOIN fedtray_versions v ON v.round_id = r.round_id"
                 " WHERE r.state IN ('completed', 'abandoned')"
                 " ORDER BY r.opened_at, r.number, r.attempt"
@@ -614,6 +492,8 @@ def _finished_from(row: asyncpg.Record) -> FinishedRound:
                 "round_id": row["round_id"],
                 "created_at": row["v_created_at"],
                 "metrics": row["v_metrics"],
+                "optimizer_key": row["v_optimizer_key"],
+                "optimizer_sha256": row["v_optimizer_sha256"],
             }
         )
     last = row["last_update_at"]

@@ -22,6 +22,7 @@ from server.cluster.contracts import (
 )
 
 __all__ = [
+    "CHANNEL",
     "END_SCHEMA",
     "END_SCHEMA_VERSION",
     "FEDEVAL_SCHEMA",
@@ -36,6 +37,9 @@ __all__ = [
     "update_from",
     "version_from",
 ]
+
+#: The LISTEN/NOTIFY channel workers follow.
+CHANNEL = "fedtray_cluster"
 
 SCHEMA_VERSION = 2
 

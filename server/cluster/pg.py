@@ -29,7 +29,14 @@ import asyncpg
 
 from server.cluster.contracts import ClusterError
 
-__all__ = ["CONNECT_TIMEOUT_S", "connect_one", "create_pool", "engine_errors", "ensure_schema"]
+__all__ = [
+    "CONNECT_TIMEOUT_S",
+    "connect_one",
+    "create_pool",
+    "engine_errors",
+    "ensure_schema",
+    "notify",
+]
 
 #: Seconds a connection attempt may take before the engine counts as unreachable.
 CONNECT_TIMEOUT_S = 10.0
@@ -111,3 +118,8 @@ async def ensure_schema(
                 component,
                 version,
             )
+
+
+async def notify(conn: asyncpg.Connection, channel: str, payload: str) -> None:
+    """``pg_notify(channel, payload)`` on ``conn`` (delivered when its transaction commits)."""
+    await conn.execute("SELECT pg_notify($1, $2)", channel, payload)

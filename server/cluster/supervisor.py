@@ -13,7 +13,7 @@ finished) and exited 0: it stays stopped, and once every worker has so :func:`ru
 returns 0. A worker that fails before
 any worker listened (exit status 1 or 2: bad flags, an unusable engine) stops the others
 and :func:`run` returns its status; a clean stop returns 0. A ``--task-file`` package is
-checked here first (:func:`server.cluster.package.check_package`): a bad one is one line on
+checked here first (:func:`server.served_task.check_package`): a bad one is one line on
 stderr and exit status 1 before any worker starts or the port is taken. Nothing here
 talks to Redis or PostgreSQL. :func:`add_cluster_flags` declares the cluster flags of
 ``fedtray-server``.
@@ -241,7 +241,7 @@ def run(argv: Sequence[str], args: argparse.Namespace) -> int:
     """Supervise ``args.workers`` (default 1) workers until a signal; the exit status."""
     if args.task_file is not None:
         # Checked once here, so a bad package starts no worker (each worker opens it again).
-        from server.cluster.package import check_package
+        from server.served_task import check_package
 
         if check_package(args.task_file, PROG) is None:
             return 1

@@ -78,7 +78,7 @@ from server.cluster.ending import federation_status, finish_federation
 from server.cluster.engines import LOCK_RETRY_S, ClusterSettings, Engines, open_engines
 from server.cluster.evaluation import ClusterEvaluation
 from server.cluster.fedeval import CoordinatorFederated, WorkerFederated
-from server.cluster.package import check_layout, package_bytes, package_task
+from server.cluster.package import check_layout, package_bytes
 from server.cluster.service import ClusterRounds
 from server.cluster.status_board import connect_board
 from server.cluster.status_view import SNAPSHOT_S, ClusterStatusView, StatusQueries
@@ -87,6 +87,7 @@ from server.distribution import Distributor
 from server.globalmodel import GlobalModel
 from server.handlers import DeviceNamespace, handles
 from server.registry import DeviceRecord, Registry
+from server.served_task import package_task
 from server.serving import (
     StartupError,
     bind_socket,

@@ -4,7 +4,7 @@
 Contract: :func:`main` parses the ``fedtray-server`` flags plus ``--worker-id`` (federated
 evaluation defaults to off here: ``--evaluate-every N`` turns it on), needs
 ``--redis`` and ``--database`` (exit status 2 otherwise, or for bad flags), opens the
-``--task-file`` package when given (:func:`server.cluster.package.check_package`: a bad one
+``--task-file`` package when given (:func:`server.served_task.check_package`: a bad one
 is the single-process CLI's one line and exit status 1; the task is then named by its
 manifest, as ``fedtray-server`` does), starts a
 :class:`server.cluster.worker.ClusterWorker`, prints ``fedtray-server listening on URL`` once
@@ -32,10 +32,10 @@ from client.logsetup import LogLevelError, add_secret, setup_logging
 from server.app import StartupError
 from server.auth import TokenFileError
 from server.cluster.engines import ClusterSettings
-from server.cluster.package import check_package
 from server.cluster.supervisor import FINISHED_LINE
 from server.cluster.worker import ClusterWorker
 from server.config import ConfigError, ServerConfig
+from server.served_task import check_package
 from server.serving import run_server
 from server.taskfile import ServedPackage
 
