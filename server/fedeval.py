@@ -15,6 +15,7 @@ Contract:
   those already holding the version first, then by device id, up to
   ``clients_per_round``. Each is brought up to date (:meth:`server.distribution.
   Distributor.ensure_global`) and skipped if it then holds another version; each gets
+  (:func:`ask_device`, also each cluster worker's way of asking)
   ``evaluation:start`` with part ``i`` of ``n`` (its test split of that partition, the
   package, or its own data) and the deadline ``round_timeout`` from now. A device that
   refuses because it is paused is marked paused in the registry (as a training refusal
@@ -68,10 +69,12 @@ from server.taskfile import PackageTask
 
 __all__ = [
     "KEPT_VERSIONS",
+    "EvaluationAsk",
     "FederatedEvaluation",
     "Report",
     "Tally",
     "add_evaluate_flag",
+    "ask_device",
     "due",
     "select_evaluators",
     "weighted_metrics",
@@ -113,6 +116,74 @@ def select_evaluators(
     holders of ``version`` first, then the others, each group by device id."""
     ordered = sorted(candidates, key=lambda c: (c[1] != version, c[0]))
     return [device_id for device_id, _held in ordered[: max(0, limit)]]
+
+
+@dataclass(frozen=True)
+class EvaluationAsk:
+    """What one device is asked: ``version``, its part ``index`` of ``count``, by ``deadline``."""
+
+    version: int
+    index: int
+    count: int
+    deadline: float
+
+
+async def ask_device(
+    sio: socketio.AsyncServer,
+    registry: Registry,
+    distributor: Distributor,
+    config: ServerConfig,
+    task: Task,
+    record: DeviceRecord,
+    ask: EvaluationAsk,
+) -> bool:
+    """Ask ``record`` to evaluate ``ask.version`` with ``evaluation:start`` (the one spelling
+    of it, for the single process and each cluster worker); True when it accepted.
+
+    The device must hold the version (it is sent first when it does not); one that does not,
+    has no connection, answers badly or not at all is logged and False. A refusal whose
+    reason is a pause marks the device paused in ``registry`` (not eligible again until a
+    heartbeat says it is back, as for training)."""
+    version = ask.version
+    if not await distributor.ensure_global(record) or record.weights_version != version:
+        log.info("version %d: %s does not hold it; not evaluated there", version, record.name)
+        return False
+    sid = record.sid
+    if sid is None:
+        return False
+    start = EvaluationStart(
+        version=version,
+        task=config.task,
+        model_params=dict(task.params),
+        partition=config.partition_of(ask.index, ask.count),
+        deadline=ask.deadline,
+        package=task.package.ref if isinstance(task, PackageTask) else None,
+    )
+    try:
+        ack = await sio.call(
+            EV_EVALUATION_START, start.to_wire(), to=sid, timeout=config.ack_timeout
+        )
+        answer = parse(EvaluationStartAck, ack)
+    except FedtrayError as exc:
+        log.info("%s answered evaluation:start badly: %s", record.name, exc.message)
+        return False
+    except Exception as exc:  # timeout or disconnect
+        log.info("%s did not answer evaluation:start (%s)", record.name, type(exc).__name__)
+        return False
+    if answer.accepted:
+        log.info("version %d: %s evaluates it", version, record.name)
+        return True
+    log.info(
+        "version %d: %s refused to evaluate it: %s%s",
+        version,
+        record.name,
+        answer.reason or "no reason given",
+        f" ({answer.detail})" if answer.detail else "",
+    )
+    pause = _PAUSE_REASONS.get(answer.reason or "")
+    if pause is not None:
+        registry.refused_paused(record.device_id, pause, answer.detail)
+    return False
 
 
 @dataclass(frozen=True)
@@ -258,52 +329,13 @@ class FederatedEvaluation:
     async def _ask_one(
         self, task: Task, tally: Tally, device_id: str, index: int, count: int
     ) -> None:
-        cfg, version = self._config, tally.version
         record = self._registry.get(device_id)
         if record is None or record.sid is None:
             return
-        if not await self._distributor.ensure_global(record) or record.weights_version != version:
-            log.info("version %d: %s does not hold it; not evaluated there", version, record.name)
-            return
-        sid = record.sid
-        if sid is None:
-            return
-        start = EvaluationStart(
-            version=version,
-            task=cfg.task,
-            model_params=dict(task.params),
-            partition=cfg.partition_of(index, count),
-            deadline=tally.deadline,
-            package=task.package.ref if isinstance(task, PackageTask) else None,
-        )
-        try:
-            ack = await self._sio.call(
-                EV_EVALUATION_START, start.to_wire(), to=sid, timeout=cfg.ack_timeout
-            )
-            answer = parse(EvaluationStartAck, ack)
-        except FedtrayError as exc:
-            log.info("%s answered evaluation:start badly: %s", record.name, exc.message)
-            return
-        except Exception as exc:  # timeout or disconnect
-            log.info("%s did not answer evaluation:start (%s)", record.name, type(exc).__name__)
-            return
-        if answer.accepted:
+        asked = EvaluationAsk(tally.version, index, count, tally.deadline)
+        registry, distributor = self._registry, self._distributor
+        if await ask_device(self._sio, registry, distributor, self._config, task, record, asked):
             tally.accepted.add(device_id)
-            return
-        self._refused(record, version, answer)
-
-    def _refused(self, record: DeviceRecord, version: int, answer: EvaluationStartAck) -> None:
-        log.info(
-            "version %d: %s refused to evaluate it: %s%s",
-            version,
-            record.name,
-            answer.reason or "no reason given",
-            f" ({answer.detail})" if answer.detail else "",
-        )
-        pause = _PAUSE_REASONS.get(answer.reason or "")
-        if pause is not None:
-            # Not eligible again until a heartbeat says it is back (as for training).
-            self._registry.refused_paused(record.device_id, pause, answer.detail)
 
     def on_failed(self, record: DeviceRecord, failed: EvaluationFailed) -> None:
         """A device's ``evaluation:failed``: nothing more will come from it (logged)."""

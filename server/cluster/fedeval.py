@@ -37,24 +37,18 @@ import time
 
 import socketio
 
-from client.errors import FedtrayError
 from client.protocol import (
-    EV_EVALUATION_START,
     EvaluationFailed,
     EvaluationResult,
-    EvaluationStart,
-    EvaluationStartAck,
-    parse,
 )
 from client.tasks import Task
 from server.background import Background
 from server.cluster.contracts import ClusterDB, ClusterError, EvalAsk, EvalAskState, Presence
 from server.config import ServerConfig
 from server.distribution import Distributor
-from server.fedeval import _PAUSE_REASONS, due, select_evaluators
+from server.fedeval import EvaluationAsk, ask_device, due, select_evaluators
 from server.globalmodel import GlobalModel
 from server.registry import DeviceRecord, Registry
-from server.taskfile import PackageTask
 
 __all__ = ["CoordinatorFederated", "WorkerFederated"]
 
@@ -189,45 +183,11 @@ class WorkerFederated:
                 await self._db.set_ask_state(ask.version, ask.device_id, state)
 
     async def _ask_one(self, ask: EvalAsk, record: DeviceRecord) -> EvalAskState:
-        cfg, task, version = self._config, self._task, ask.version
-        if not await self._distributor.ensure_global(record) or record.weights_version != version:
-            log.info("version %d: %s does not hold it; not evaluated there", version, record.name)
-            return "done"
-        sid = record.sid
-        if sid is None:
-            return "done"
-        start = EvaluationStart(
-            version=version,
-            task=cfg.task,
-            model_params=dict(task.params),
-            partition=cfg.partition_of(ask.index, ask.count),
-            deadline=ask.deadline,
-            package=task.package.ref if isinstance(task, PackageTask) else None,
+        asked = EvaluationAsk(ask.version, ask.index, ask.count, ask.deadline)
+        accepted = await ask_device(
+            self._sio, self._registry, self._distributor, self._config, self._task, record, asked
         )
-        try:
-            ack = await self._sio.call(
-                EV_EVALUATION_START, start.to_wire(), to=sid, timeout=cfg.ack_timeout
-            )
-            answer = parse(EvaluationStartAck, ack)
-        except FedtrayError as exc:
-            log.info("%s answered evaluation:start badly: %s", record.name, exc.message)
-            return "done"
-        except Exception as exc:  # timeout or disconnect
-            log.info("%s did not answer evaluation:start (%s)", record.name, type(exc).__name__)
-            return "done"
-        if answer.accepted:
-            log.info("version %d: %s evaluates it", version, record.name)
-            return "accepted"
-        log.info(
-            "version %d: %s refused to evaluate it: %s",
-            version,
-            record.name,
-            answer.reason or "no reason given",
-        )
-        pause = _PAUSE_REASONS.get(answer.reason or "")
-        if pause is not None:
-            self._registry.refused_paused(record.device_id, pause, answer.detail)
-        return "done"
+        return "accepted" if accepted else "done"
 
     async def on_result(self, record: DeviceRecord, result: EvaluationResult) -> None:
         """``evaluation:result``: counted once, in PostgreSQL."""
