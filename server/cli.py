@@ -204,6 +204,7 @@ async def serve(
 ) -> int:
     """Run until a signal (or, with ``exit_when_done``, the federation's end); the status."""
     from server.app import FedServer, StartupError
+    from server.serving import wait_until_stopped
 
     server = FedServer(config, package=package)
     try:
@@ -218,18 +219,9 @@ async def serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    waiters = [asyncio.create_task(stop.wait())]
-    if exit_when_done:
-        waiters.append(asyncio.create_task(server.finished.wait()))
     try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        await wait_until_stopped(stop, server.finished if exit_when_done else None)
     finally:
-        for waiter in waiters:
-            waiter.cancel()
-        if stop.is_set():
-            log.info("stopping on signal")
-        else:
-            log.info("the federation is finished; exiting (--exit-when-done)")
         await server.stop()
     return 0
 

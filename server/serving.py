@@ -17,6 +17,7 @@ uvloop's event loop where uvloop is installed (Linux and macOS), else on asyncio
 (:func:`loop_factory` says which): uvloop runs the loop's own turn in C, which cuts the
 server's CPU per heartbeat by ~15-30 % at a 10 s interval (docs/benchmarks.md, "Server
 capacity"); only the servers use it, the client stays on asyncio.
+:func:`wait_until_stopped` is how both wait for a signal or the federation's end.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import socket
 import ssl
 from collections.abc import Callable, Coroutine
@@ -47,7 +49,10 @@ __all__ = [
     "run_server",
     "serve_on",
     "tls_context",
+    "wait_until_stopped",
 ]
+
+log = logging.getLogger(__name__)
 
 #: The collector's thresholds once serving (CPython's default: 700, 10, 10). Each
 #: connection keeps hundreds of long-lived objects, and with the default thresholds the
@@ -79,6 +84,24 @@ def run_server(main: Coroutine[Any, Any, T]) -> T:
     """``asyncio.run(main)`` on the loop of :func:`loop_factory`."""
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(main)
+
+
+async def wait_until_stopped(stop: asyncio.Event, finished: asyncio.Event | None) -> bool:
+    """Wait for ``stop`` (set by SIGTERM/SIGINT) or ``finished`` (the federation's end, when
+    the server exits once done; None: it does not); True when it was the end. Logs which."""
+    waiters = [asyncio.create_task(stop.wait())]
+    if finished is not None:
+        waiters.append(asyncio.create_task(finished.wait()))
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+    if stop.is_set():
+        log.info("stopping on signal")
+        return False
+    log.info("the federation is finished; exiting (--exit-when-done)")
+    return True
 
 
 class StartupError(Exception):

@@ -36,7 +36,7 @@ from server.cluster.supervisor import FINISHED_LINE
 from server.cluster.worker import ClusterWorker
 from server.config import ConfigError, ServerConfig
 from server.served_task import check_package
-from server.serving import run_server
+from server.serving import run_server, wait_until_stopped
 from server.taskfile import ServedPackage
 
 __all__ = ["PARENT_POLL_S", "main", "watch_parent"]
@@ -145,18 +145,8 @@ async def _run(
         await worker.stop()
         return 1
     print(f"{LISTENING_PREFIX}{config.scheme}://{config.host}:{port}", flush=True)
-    waiters = [asyncio.create_task(stop.wait())]
-    if exit_when_done and worker.rounds is not None:
-        waiters.append(asyncio.create_task(worker.rounds.end.finished.wait()))
-    try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
-    if stop.is_set():
-        log.info("stopping on signal")
-    else:
-        log.info("the federation is finished; exiting (--exit-when-done)")
+    end = worker.rounds.end.finished if exit_when_done and worker.rounds is not None else None
+    if await wait_until_stopped(stop, end):
         print(FINISHED_LINE, flush=True)
     await worker.stop()
     return 0
