@@ -167,6 +167,8 @@ def _finished(doc: dict[str, Any]) -> bool:
     return (
         doc["phase"] == "finished"
         and doc["globalVersion"] == 1
+        # The server's evaluation of version 1 is recorded (off the round's path, after it).
+        and [r["evalLoss"] is not None for r in doc["history"]] == [True]
         and len(devices) == 3
         and all(d["connected"] and d["roundsCompleted"] == 1 for d in devices)
     )

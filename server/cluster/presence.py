@@ -60,7 +60,7 @@ from redis.exceptions import RedisError
 
 from server.cluster.contracts import ClusterError, DeviceSeen, Presence
 
-__all__ = ["DEFAULT_PREFIX", "RedisPresence", "connect"]
+__all__ = ["DEFAULT_PREFIX", "RedisPresence", "connect", "redis_errors"]
 
 DEFAULT_PREFIX = "fedtray:"
 #: Seconds a Redis call may take before Redis counts as unreachable.
@@ -95,7 +95,8 @@ return 1
 
 
 @contextlib.contextmanager
-def _engine_errors(what: str) -> Iterator[None]:
+def redis_errors(what: str) -> Iterator[None]:
+    r"""Redis failures inside the block as one-line :class:`ClusterError`\ s naming ``what``."""
     try:
         yield
     except RedisError as exc:
@@ -149,7 +150,7 @@ class RedisPresence:
             await self._redis.aclose()
 
     async def device_seen(self, seen: DeviceSeen) -> None:
-        with _engine_errors(f"presence of {seen.device_id}"):
+        with redis_errors(f"presence of {seen.device_id}"):
             await self._seen(
                 keys=[self._dev(seen.device_id), self._elig(self.worker_id)],
                 args=self._seen_args(seen),
@@ -167,7 +168,7 @@ class RedisPresence:
         ]
 
     async def device_gone(self, device_id: str) -> None:
-        with _engine_errors(f"presence of {device_id}"):
+        with redis_errors(f"presence of {device_id}"):
             await self._gone(
                 keys=[self._dev(device_id), self._elig(self.worker_id)],
                 args=[self.worker_id, device_id],
@@ -176,7 +177,7 @@ class RedisPresence:
     async def devices_changed(self, seen: Sequence[DeviceSeen], gone: Sequence[str]) -> None:
         if not seen and not gone:
             return
-        with _engine_errors(f"presence of {len(seen) + len(gone)} devices"):
+        with redis_errors(f"presence of {len(seen) + len(gone)} devices"):
             async with self._redis.pipeline(transaction=False) as pipe:
                 for one in seen:
                     await self._seen(
@@ -193,7 +194,7 @@ class RedisPresence:
                 await pipe.execute()
 
     async def worker_alive(self) -> bool:
-        with _engine_errors("worker liveness"):
+        with redis_errors("worker liveness"):
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.set(self._alive(self.worker_id), self._started, ex=self._worker_ttl, get=True)
                 pipe.sadd(f"{self._p}workers", self.worker_id)
@@ -202,7 +203,7 @@ class RedisPresence:
         return replies[0] is not None
 
     async def live_workers(self) -> set[str]:
-        with _engine_errors("live workers"):
+        with redis_errors("live workers"):
             known = sorted(_text(m) for m in await self._redis.smembers(f"{self._p}workers"))
             if not known:
                 return set()
@@ -216,7 +217,7 @@ class RedisPresence:
         workers = sorted(await self.live_workers())
         if not workers:
             return 0
-        with _engine_errors("eligible count"):
+        with redis_errors("eligible count"):
             async with self._redis.pipeline(transaction=False) as pipe:
                 for w in workers:
                     pipe.scard(self._elig(w))
@@ -226,7 +227,7 @@ class RedisPresence:
     async def eligible_devices(self) -> list[tuple[str, str]]:
         found: list[tuple[str, str]] = []
         for worker in sorted(await self.live_workers()):
-            with _engine_errors("eligible devices"):
+            with redis_errors("eligible devices"):
                 members = sorted(_text(m) for m in await self._redis.smembers(self._elig(worker)))
                 if not members:
                     continue
@@ -245,7 +246,7 @@ class RedisPresence:
         return sorted(found)
 
     async def worker_of(self, device_id: str) -> str | None:
-        with _engine_errors(f"presence of {device_id}"):
+        with redis_errors(f"presence of {device_id}"):
             holder = await self._redis.hget(self._dev(device_id), "worker")
             if holder is None:
                 return None
@@ -254,7 +255,7 @@ class RedisPresence:
 
     async def forget_worker(self, worker_id: str) -> None:
         """Remove a dead worker's set and liveness key now (its device keys expire)."""
-        with _engine_errors(f"forget worker {worker_id}"):
+        with redis_errors(f"forget worker {worker_id}"):
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.delete(self._elig(worker_id), self._alive(worker_id))
                 pipe.srem(f"{self._p}workers", worker_id)
@@ -278,7 +279,7 @@ async def connect(
         socket_connect_timeout=TIMEOUT_S,
     )
     try:
-        with _engine_errors(f"at {_where(url)} unreachable"):
+        with redis_errors(f"at {_where(url)} unreachable"):
             await client.ping()
     except ClusterError:
         with contextlib.suppress(RedisError, OSError):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -31,7 +31,7 @@ from pydantic import TypeAdapter, ValidationError
 from redis.exceptions import RedisError
 
 from server.cluster.contracts import ClusterError
-from server.cluster.presence import DEFAULT_PREFIX, TIMEOUT_S
+from server.cluster.presence import DEFAULT_PREFIX, TIMEOUT_S, redis_errors
 from server.status import DeviceStatus
 
 __all__ = ["WANTED_S", "StatusBoard", "connect_board"]
@@ -42,17 +42,6 @@ log = logging.getLogger(__name__)
 WANTED_S = 30
 
 _DEVICES = TypeAdapter(list[DeviceStatus])
-
-
-@contextlib.contextmanager
-def _engine_errors(what: str) -> Iterator[None]:
-    try:
-        yield
-    except RedisError as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ClusterError(f"Redis {what}: {reason}") from exc
-    except OSError as exc:
-        raise ClusterError(f"Redis {what}: {exc}") from exc
 
 
 def encode_devices(devices: Sequence[DeviceStatus]) -> bytes:
@@ -89,26 +78,26 @@ class StatusBoard:
 
     async def want(self) -> bool:
         """Someone reads the status now; True when nobody did within :data:`WANTED_S`."""
-        with _engine_errors("status flag"):
+        with redis_errors("status flag"):
             before = await self._redis.set(self._wanted, "1", ex=WANTED_S, get=True)
         return before is None
 
     async def wanted(self) -> bool:
         """Whether someone read the status within :data:`WANTED_S`."""
-        with _engine_errors("status flag"):
+        with redis_errors("status flag"):
             return bool(await self._redis.exists(self._wanted))
 
     async def publish(self, devices: Sequence[DeviceStatus]) -> None:
         """This worker's devices (replacing its previous snapshot)."""
         data = encode_devices(devices)
-        with _engine_errors("status snapshot"):
+        with redis_errors("status snapshot"):
             await self._redis.set(self._key(self.worker_id), data, ex=self._ttl)
 
     async def snapshots(self, worker_ids: Sequence[str]) -> dict[str, list[DeviceStatus]]:
         """The snapshots of ``worker_ids`` that exist (and parse)."""
         if not worker_ids:
             return {}
-        with _engine_errors("status snapshots"):
+        with redis_errors("status snapshots"):
             found: list[Any] = await self._redis.mget([self._key(w) for w in worker_ids])
         lists: dict[str, list[DeviceStatus]] = {}
         for worker_id, data in zip(worker_ids, found, strict=True):
@@ -134,7 +123,7 @@ async def connect_board(
         url, decode_responses=True, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S
     )
     try:
-        with _engine_errors("unreachable"):
+        with redis_errors("unreachable"):
             await client.ping()
     except ClusterError:
         with contextlib.suppress(RedisError, OSError):
