@@ -24,6 +24,7 @@ declares (:mod:`client.backoff`), so:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -51,6 +52,7 @@ from client.pending import PendingStore
 from client.session import DistributedClient
 from client.snapshot import ClientSnapshot
 from server.restore import return_grace
+from server.roundstore import ROUND_FILE
 from tests.device_info import quick_device_info
 from tests.server_harness import ProcessHandle, server_process
 from tests.test_faults import DISCARDED, SMALL_CHUNKS
@@ -145,13 +147,17 @@ class _Draws(random.Random):
 
 class _Killer:
     """A snapshot subscriber (on the session thread): kills the armed server once the
-    upload is between 20 % and 70 %, and notes the backoff that follows and each return.
+    upload is between 20 % and 70 % and the server has saved the round (its ``round.json``
+    names it: a round is first saved beside its devices' starts, so a server killed before
+    that save has no round to restore, by design -- see server/coordinator.py), and notes
+    the backoff that follows and each return.
 
     Killing on the session thread means the upload cannot go on meanwhile: the server dies
     holding part of the update (each acknowledged chunk is in its spilled part file).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, state_dir: Path) -> None:
+        self._round_file = state_dir / ROUND_FILE
         self._lock = threading.Lock()
         self._armed: ProcessHandle | None = None
         self.kills: list[str] = []  # round ids, in order
@@ -178,12 +184,19 @@ class _Killer:
             server = self._armed
             if server is None or not snap.round_id or fraction is None:
                 return
-            if not 0.2 < fraction < 0.7:
+            if not 0.2 < fraction < 0.7 or not self._saved(snap.round_id):
                 return
             self._armed = None
         self.kills.append(snap.round_id)
         self._want_backoff = True
         server.kill()
+
+    def _saved(self, round_id: str) -> bool:
+        """Whether the server's ``round.json`` (written atomically) names ``round_id``."""
+        try:
+            return bool(json.loads(self._round_file.read_bytes()).get("roundId") == round_id)
+        except (OSError, ValueError):
+            return False
 
 
 @pytest.fixture(autouse=True)
@@ -252,7 +265,7 @@ def test_a_server_killed_mid_upload_and_back_within_the_ceiling_loses_and_redoes
     )
     state_dir = tmp_path / "server-state"
     pending = PendingStore(tmp_path / "client" / "pending")
-    killer = _Killer()
+    killer = _Killer(state_dir)
     held_at_kill: dict[str, tuple[int, int]] = {}  # round id -> (bytes on disk, blob size)
     outputs: list[str] = []  # of each server restarted after a kill
     up_at: list[float] = []
