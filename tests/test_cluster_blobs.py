@@ -125,13 +125,14 @@ def test_tampered_stored_bytes_are_refused_on_get(
             key = await blobs.put_bytes(data, sha(data))
             if isinstance(blobs, cb.DirectoryBlobs):
                 path = blobs.path_of(key)
-                path.write_bytes(b"\0" + data[1:])
+                path.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:])  # always another byte
             else:
                 dbname = db_url.rsplit("/", 1)[1]
                 await asyncio.to_thread(
                     postgres_server.sql,
                     dbname,
-                    f"SELECT lo_put(oid, {CHUNK + 5}, '\\x00') FROM fedtray_blobs "
+                    f"SELECT lo_put(oid, {CHUNK + 5}, '\\x{data[CHUNK + 5] ^ 0xFF:02x}') "
+                    "FROM fedtray_blobs "
                     f"WHERE key = '{key}'",
                 )
             with pytest.raises(BlobIntegrityError, match=f"blob {key}"):
