@@ -35,7 +35,6 @@ interrupted by a crash resumes. Tokens are registered with the log redactor.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 import socket
 import ssl
@@ -57,6 +56,7 @@ from server.background import Background
 from server.config import ServerConfig
 from server.coordinator import RoundCoordinator, TestData
 from server.distribution import Distributor
+from server.evaluation import test_split
 from server.globalmodel import GlobalModel
 from server.handlers import DeviceNamespace
 from server.model import initial_state
@@ -276,16 +276,8 @@ class FedServer:
         return await asyncio.to_thread(package_task, self.config, self._package)
 
     async def _test_data(self, task: Task) -> TestData | None:
-        """The test split new globals are evaluated on; None when the server does not
-        evaluate (a package without server data, or no torch to run it)."""
-        if isinstance(task, PackageTask):
-            if task.package.test is None or len(task.package.test[1]) == 0:
-                log.info("the package carries no test data: new globals are not evaluated")
-                return None
-            if importlib.util.find_spec("torch") is None:
-                log.info("no torch on this server: new globals are not evaluated")
-                return None
-        return await asyncio.to_thread(task.load_data, "test", None)
+        """The test split new globals are evaluated on (:func:`server.evaluation.test_split`)."""
+        return await asyncio.to_thread(test_split, task)
 
     async def _load_model(self, task: Task) -> None:
         """The saved global model, or a new one saved as version 0 (a package's weights)."""

@@ -17,18 +17,45 @@ crash is not redone: its version's record keeps no evaluation.
 
 Owned by the server's one event loop; not thread-safe. ``evaluate`` runs the blocking
 work in a thread itself.
+
+:func:`test_split` is the one rule of what new globals are evaluated on, for the single
+process and the cluster's coordinator (blocking: call it in a thread): the task's test
+split, or None for a package without server test data or a server without torch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
+import numpy as np
+
+from client.tasks import Task
 from client.weights import StateDict
 from server.background import Background
+from server.taskfile import PackageTask
 
 log = logging.getLogger(__name__)
+
+#: A task's test split: inputs and labels.
+TestSplit = tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]
+
+
+def test_split(task: Task) -> TestSplit | None:
+    """The test split new globals are evaluated on (blocking); None when the server does
+    not evaluate (a package without server test data, or no torch to run it)."""
+    if isinstance(task, PackageTask):
+        if task.package.test is None or len(task.package.test[1]) == 0:
+            log.info("the package carries no test data: new globals are not evaluated")
+            return None
+        if importlib.util.find_spec("torch") is None:
+            log.info("no torch on this server: new globals are not evaluated")
+            return None
+    return task.load_data("test", None)
+
 
 Metrics = dict[str, float]
 

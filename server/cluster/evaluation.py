@@ -22,7 +22,6 @@ raised. Owned by the coordinating worker's event loop; not thread-safe.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -33,14 +32,12 @@ from client.tasks import Task
 from client.weights import StateDict
 from server.background import Background
 from server.cluster.contracts import ClusterError
-from server.evaluation import EvaluationQueue, Metrics
-from server.taskfile import PackageTask
+from server.evaluation import EvaluationQueue, Metrics, TestSplit, test_split
 
-__all__ = ["ClusterEvaluation", "EvaluationRecorder", "TestSplit", "test_split"]
+__all__ = ["ClusterEvaluation", "EvaluationRecorder"]
 
 log = logging.getLogger(__name__)
 
-TestSplit = tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]
 #: ``evaluate(state, x, y) -> {"loss", "accuracy"}`` (blocking; :class:`server.model.Evaluator`).
 Scorer = Callable[[StateDict, np.ndarray[Any, Any], np.ndarray[Any, Any]], dict[str, float]]
 
@@ -49,19 +46,6 @@ class EvaluationRecorder(Protocol):
     async def record_evaluation(self, version: int, metrics: dict[str, float]) -> bool:
         """Merge ``metrics`` into the version's metrics; False when the version is unknown."""
         ...
-
-
-def test_split(task: Task) -> TestSplit | None:
-    """The test split new versions are evaluated on (blocking); None when the server does
-    not evaluate (a package without server test data, or no torch to run it)."""
-    if isinstance(task, PackageTask):
-        if task.package.test is None or len(task.package.test[1]) == 0:
-            log.info("the package carries no test data: new versions are not evaluated")
-            return None
-        if importlib.util.find_spec("torch") is None:
-            log.info("no torch on this server: new versions are not evaluated")
-            return None
-    return task.load_data("test", None)
 
 
 class ClusterEvaluation:
