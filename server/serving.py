@@ -1,22 +1,22 @@
-"""The port both servers serve devices on: the single-process :mod:`server.app` and a
-cluster worker (:mod:`server.cluster.worker`).
-
-Contract: :func:`device_server` builds the Socket.IO server with the configured message
-limit and the transport timing derived from the heartbeat interval (heartbeats handled
-inline); :func:`tls_context` is the TLS context of ``certfile``/``keyfile`` (None without
-them); :func:`bind_socket` binds a non-blocking socket (``SO_REUSEADDR``, and
-``SO_REUSEPORT`` when asked) without listening, so a port in use is reported before
-anything else is done; :func:`serve_on` listens on it and serves an aiohttp application
-(HTTPS and WSS with a TLS context) -- and, as the process now becomes a long-lived server
-of many connections, raises the garbage collector's thresholds (:data:`GC_THRESHOLDS`,
-process-wide; see there why); :func:`close_serving` disconnects the given devices,
-shuts Socket.IO down and releases the port, every step bounded in time. Each raises
-:class:`StartupError` (one line) when it cannot; :func:`bind_socket` never leaves a socket
-open when it raises. :func:`run_server` runs a server's main coroutine to completion on
-uvloop's event loop where uvloop is installed (Linux and macOS), else on asyncio's own
-(:func:`loop_factory` says which): uvloop runs the loop's own turn in C, which cuts the
-server's CPU per heartbeat by ~15-30 % at a 10 s interval (docs/benchmarks.md, "Server
-capacity"); only the servers use it, the client stays on asyncio.
+"""The port both servers serve devices on: the single-process :mod:`server.app` and a cluster
+worker (:mod:`server.cluster.worker`). Contract: :func:`device_server` builds the
+Socket.IO server with the configured message limit and the transport timing derived from
+the heartbeat interval (heartbeats handled inline); :func:`tls_context` is the TLS context
+of ``certfile``/``keyfile`` (None without them); :func:`bind_socket` binds a non-blocking
+socket (``SO_REUSEADDR``, and ``SO_REUSEPORT`` when asked) without listening, so a port in
+use is reported before anything else is done; :func:`serve_on` listens on it and serves an
+aiohttp application (HTTPS and WSS with a TLS context) -- and, as the process now becomes
+a long-lived server of many connections, raises the garbage collector's thresholds
+(:data:`GC_THRESHOLDS`, process-wide; see there why) and keeps the transfer buffers'
+memory between chunks (:func:`client.transfer_memory.keep_transfer_buffers`, process-
+wide); :func:`close_serving` disconnects the given devices, shuts Socket.IO down and
+releases the port, every step bounded in time. Each raises :class:`StartupError` (one
+line) when it cannot; :func:`bind_socket` never leaves a socket open when it raises.
+:func:`run_server` runs a server's main coroutine to completion on uvloop's event loop
+where uvloop is installed (Linux and macOS), else on asyncio's own (:func:`loop_factory`
+says which): uvloop runs the loop's own turn in C, which cuts the server's CPU per
+heartbeat by ~15-30 % at a 10 s interval (docs/benchmarks.md, "Server capacity"); only the
+servers use it, the client stays on asyncio.
 :func:`wait_until_stopped` is how both wait for a signal or the federation's end.
 """
 
@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from client.protocol import events as ev
+from client.transfer_memory import keep_transfer_buffers
 from server.config import ServerConfig
 from server.tls import TLSConfigError, server_ssl_context
 from server.transport import DeviceServer, transport_timing
@@ -164,6 +165,7 @@ async def serve_on(
     """Listen on the bound ``sock`` and serve ``app`` (connections are taken from here on);
     its runner. ``where`` names the port in the error."""
     gc.set_threshold(*GC_THRESHOLDS)
+    keep_transfer_buffers()
     try:
         sock.listen(backlog)
     except OSError as exc:

@@ -19,6 +19,8 @@ Threading model (the contract every caller relies on):
   :meth:`pause` and friends may be called before :meth:`start`: their work waits in the
   loop's queue. Once the session has ended they raise ``RuntimeError`` (except
   :meth:`stop`, :meth:`snapshot` and :meth:`wait_for`).
+* :meth:`start` keeps the transfer buffers' memory between chunks for the process
+  (:func:`client.transfer_memory.keep_transfer_buffers`).
 * :meth:`stop` pauses (checkpoints) the round instead of cancelling it, so the same
   round offered again after a restart resumes from the checkpoint.
 """
@@ -51,6 +53,7 @@ from client.session.politeness import CpuSampler, PollIntervals
 from client.session.rounds import WorkerFactory, default_worker_factory
 from client.snapshot import ClientSnapshot, PauseDecision
 from client.trainer import DEFAULT_CHECKPOINT_INTERVAL
+from client.transfer_memory import keep_transfer_buffers
 
 __all__ = ["SETTINGS_POLL_INTERVAL_S", "DistributedClient"]
 
@@ -149,6 +152,7 @@ class DistributedClient:
         """Start the session thread and connect. Raises RuntimeError when already started."""
         if self._thread is not None:
             raise RuntimeError("the session was already started")
+        keep_transfer_buffers()
         self._thread = threading.Thread(
             target=self._thread_main, name="fedtray-session", daemon=True
         )
