@@ -61,40 +61,58 @@ conforming server sends it, so an oversized event reaches the handlers and is re
 with a code; a message over a peer's limit is cut by the transport, which closes that
 connection (it is never read, so it cannot be answered).
 
-Sending side: :func:`send_blob`, an async function over any ``call(event, payload)``
-coroutine that returns the peer's ack (python-socketio's ``call`` on either side).
-Errors raise :class:`client.errors.FedtrayError` with the peer's code.
+Sending side: :mod:`client.transfer_send` (:func:`send_blob` from memory,
+:func:`send_file_blob` from a file read once; re-exported here), over any
+``call(event, payload)`` coroutine that returns the peer's ack. Errors raise
+:class:`client.errors.FedtrayError` with the peer's code.
 :func:`limits_towards` is the pure rule for what a server may send a device (the smaller
 of its own limits and the ones the device advertised at registration).
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from client.errors import FedtrayError
 from client.protocol import (
-    EV_BLOB_CHUNK,
-    EV_BLOB_STATUS,
     BlobChunk,
     BlobProgress,
-    BlobStatus,
     Capabilities,
-    ErrorAck,
     Limits,
-    WeightFormat,
     WeightsRef,
 )
+from client.transfer_send import (
+    BlobSourceError,
+    Call,
+    blob_ref,
+    check_ack,
+    send_blob,
+    send_file_blob,
+    weights_ref_for,
+)
 from client.transfer_spill import SpillDir
-from client.weights import sha256_hex, verify_blob
+from client.weights import verify_blob
 
-Call = Callable[[str, dict[str, Any]], Awaitable[Any]]
+__all__ = [
+    "DEFAULT_MAX_OPEN_PER_PEER",
+    "DEVICE_MAX_MESSAGE_BYTES",
+    "MESSAGE_MARGIN_BYTES",
+    "REFERENCE_CHUNK_BYTES",
+    "BlobSourceError",
+    "BlobStore",
+    "Call",
+    "blob_ref",
+    "check_ack",
+    "limits_towards",
+    "message_limit",
+    "send_blob",
+    "send_file_blob",
+    "weights_ref_for",
+]
 
 #: An Engine.IO message may be this much larger than one chunk: the chunk's envelope, or
 #: an inline weights document of up to one chunk plus its metrics.
@@ -426,84 +444,3 @@ def limits_towards(device: Capabilities, own: Limits) -> Limits:
         max_blob_bytes=min(own.max_blob_bytes, device.max_blob_bytes),
         max_inflight_chunks=min(own.max_inflight_chunks, device.max_inflight_chunks),
     )
-
-
-def _check_ack(ack: Any, what: str) -> BlobProgress:
-    """Turn a peer's ack into BlobProgress, or raise FedtrayError with the peer's code."""
-    if isinstance(ack, dict) and ack.get("ok") is False:
-        try:
-            err = ErrorAck.model_validate(ack)
-        except ValueError:
-            raise FedtrayError("internal_error", f"peer refused {what}: {ack!r:.200}") from None
-        raise FedtrayError(err.code, err.message)
-    try:
-        return BlobProgress.model_validate(ack)
-    except ValueError:
-        raise FedtrayError("bad_request", f"unexpected ack to {what}: {ack!r:.200}") from None
-
-
-async def send_blob(
-    call: Call,
-    data: bytes,
-    *,
-    blob_id: str,
-    chunk_bytes: int,
-    window: int = 4,
-    sha256: str | None = None,
-    on_progress: Callable[[int, int], None] | None = None,
-) -> None:
-    """Send ``data`` as blob ``blob_id``, resuming from what the peer already holds.
-
-    Up to ``window`` chunks are in flight at once (Socket.IO keeps their order on one
-    connection). Returns when the peer holds the whole blob. Raises FedtrayError with
-    the peer's code on a refusal; a lost connection surfaces as the transport's own
-    exception, and calling again after a reconnect resumes.
-    """
-    if chunk_bytes < 1 or window < 1:
-        raise ValueError("chunk_bytes and window must be positive")
-    total = len(data)
-    digest = sha256 or sha256_hex(data)
-    view = memoryview(data)
-    status = _check_ack(
-        await call(EV_BLOB_STATUS, BlobStatus(blob_id=blob_id).to_wire()), "blob:status"
-    )
-    offset = status.received
-    if offset > total:
-        raise FedtrayError("blob_mismatch", f"peer holds {offset} bytes of a {total}-byte blob")
-    if on_progress is not None:
-        on_progress(offset, total)
-    in_flight: list[asyncio.Task[Any]] = []
-    try:
-        while offset < total or in_flight:
-            while offset < total and len(in_flight) < window:
-                end = min(offset + chunk_bytes, total)
-                chunk = BlobChunk(
-                    blob_id=blob_id,
-                    offset=offset,
-                    total=total,
-                    sha256=digest,
-                    data=bytes(view[offset:end]),
-                )
-                in_flight.append(asyncio.ensure_future(call(EV_BLOB_CHUNK, chunk.to_wire())))
-                offset = end
-            progress = _check_ack(await in_flight.pop(0), "blob:chunk")
-            if on_progress is not None:
-                on_progress(progress.received, total)
-    finally:
-        for task in in_flight:
-            task.cancel()
-
-
-def weights_ref_for(
-    data: bytes, fmt: WeightFormat, *, inline_limit: int, sha256: str | None = None
-) -> WeightsRef:
-    """A WeightsRef for ``data``: inline when it fits ``inline_limit``, else a blob reference.
-
-    The blob id is the content's SHA-256, so the same document keeps the same id across
-    restarts and a resumed upload finds its partial blob. When ``ref.blob_id`` is set the
-    caller sends the blob (:func:`send_blob`) before the message that carries the ref.
-    """
-    digest = sha256 or sha256_hex(data)
-    if len(data) <= inline_limit:
-        return WeightsRef(format=fmt, size=len(data), sha256=digest, data=data)
-    return WeightsRef(format=fmt, size=len(data), sha256=digest, blob_id=digest)

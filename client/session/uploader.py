@@ -13,7 +13,13 @@ Contract (a loop-only object; disk work runs in worker threads):
   kept). After :data:`client.session.decisions.UPLOAD_RETRIES` failures in a row it
   waits for the next reconnect (:func:`upload_retry_delay`). A blob is resumed from the
   server's offset (:func:`client.transfer.send_blob`).
-* An update that cannot be read back from disk is discarded (logged), never retried.
+* Each byte of an update is read and hashed once on its way out: one that fits in a chunk
+  is read and checked by :meth:`client.pending.PendingStore.read` and sent inline; a larger
+  one is streamed from its file (:func:`client.transfer.send_file_blob`), hashed as it is
+  read, and its last byte goes only once the whole file matched the size and SHA-256
+  recorded when it was kept, so the server never completes a blob that differs from it.
+* An update that cannot be read back from disk, or no longer matches what was recorded, is
+  discarded (logged), never retried.
 * While sending, :attr:`Uploader.uploading` names the round (the device state is then
   ``uploading``) and the snapshot's ``upload_fraction`` follows the blob.
 """
@@ -33,7 +39,7 @@ from client.protocol import EV_WEIGHTS_SUBMIT, Limits, SubmitAccepted, WeightsSu
 from client.session.decisions import submit_outcome, upload_retry_delay
 from client.session.hub import SnapshotHub
 from client.session.link import ACK_TIMEOUT_S, Call, error_of
-from client.transfer import send_blob, weights_ref_for
+from client.transfer import BlobSourceError, blob_ref, send_file_blob, weights_ref_for
 
 __all__ = ["SUBMIT_TIMEOUT_S", "Uploader"]
 
@@ -84,7 +90,7 @@ class Uploader:
     async def _upload_all(self) -> None:
         failures = 0
         while self._caller() is not None:
-            oldest = await asyncio.to_thread(_oldest, self.pending)
+            oldest = await asyncio.to_thread(_oldest, self.pending, self._limits().max_chunk_bytes)
             if oldest is None:
                 return
             update, data = oldest
@@ -105,9 +111,10 @@ class Uploader:
                 return
             await asyncio.sleep(delay)
 
-    async def _upload(self, update: PendingUpdate, data: bytes | Exception) -> bool:
-        """Send one update (``data``: its verified bytes, or why they could not be read);
-        True when it is resolved (and deleted), False to retry later."""
+    async def _upload(self, update: PendingUpdate, data: bytes | Exception | None) -> bool:
+        """Send one update (``data``: its verified bytes, why they could not be read, or
+        None to stream it from its file); True when it is resolved (and deleted), False to
+        retry later."""
         call = self._caller()
         if call is None:
             return False
@@ -120,9 +127,12 @@ class Uploader:
             return await call(event, payload, ACK_TIMEOUT_S)
 
         limits = self._limits()
-        ref = weights_ref_for(
-            data, update.format, inline_limit=limits.max_chunk_bytes, sha256=update.sha256
-        )
+        if data is None:
+            ref = blob_ref(update.format, size=update.size, sha256=update.sha256)
+        else:
+            ref = weights_ref_for(
+                data, update.format, inline_limit=limits.max_chunk_bytes, sha256=update.sha256
+            )
         try:
             if ref.blob_id is not None:
                 first = True
@@ -139,13 +149,14 @@ class Uploader:
                     first = False
                     self._hub.publish(upload_fraction=received / total if total else 1.0)
 
-                await send_blob(
+                await send_file_blob(
                     blob_call,
-                    data,
+                    update.path,
+                    size=update.size,
+                    sha256=update.sha256,
                     blob_id=ref.blob_id,
                     chunk_bytes=limits.max_chunk_bytes,
                     window=limits.max_inflight_chunks,
-                    sha256=update.sha256,
                     on_progress=on_progress,
                 )
             submit = WeightsSubmit(
@@ -156,6 +167,10 @@ class Uploader:
                 weights=ref,
             )
             ack = await call(EV_WEIGHTS_SUBMIT, submit.to_wire(), SUBMIT_TIMEOUT_S)
+        except BlobSourceError as exc:
+            log.error("discarding the update of round %s: %s", update.round_id, exc)
+            await asyncio.to_thread(self.pending.remove, update)
+            return True
         except FedtrayError as exc:
             return await self._settle(update, exc.code, exc.message)
         except (socketio.exceptions.SocketIOError, TimeoutError) as exc:
@@ -202,13 +217,18 @@ class Uploader:
         return True
 
 
-def _oldest(pending: PendingStore) -> tuple[PendingUpdate, bytes | Exception] | None:
-    """The oldest pending update and its verified bytes (or why they cannot be read), in
-    one thread hop; None when nothing is pending."""
+def _oldest(
+    pending: PendingStore, inline_limit: int
+) -> tuple[PendingUpdate, bytes | Exception | None] | None:
+    """The oldest pending update and its verified bytes (or why they cannot be read; None
+    when it is over ``inline_limit`` and is streamed from its file instead), in one thread
+    hop; None when nothing is pending."""
     entries = pending.entries()
     if not entries:
         return None
     update = entries[0]
+    if update.size > inline_limit:
+        return update, None
     try:
         return update, pending.read(update)
     except (FedtrayError, OSError) as exc:

@@ -1,0 +1,136 @@
+"""The uploader against an in-process server side (a real BlobStore that verifies what it
+takes): a large update is streamed from its pending file, a small one inline, and one whose
+file no longer matches what was recorded is discarded without the server ever completing
+it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from client.config import Settings
+from client.errors import FedtrayError
+from client.pending import PendingStore
+from client.protocol import (
+    EV_BLOB_CHUNK,
+    EV_BLOB_STATUS,
+    EV_WEIGHTS_SUBMIT,
+    BlobChunk,
+    BlobStatus,
+    Limits,
+    SubmitAccepted,
+    WeightsSubmit,
+    error_ack,
+    parse,
+)
+from client.session.hub import SnapshotHub
+from client.session.uploader import Uploader
+from client.snapshot import ClientSnapshot
+from client.transfer import BlobStore
+from client.workfiles import WorkDir
+
+CHUNK = 1000
+BIG = bytes(range(256)) * 40  # 10,240 bytes: 11 chunks
+SMALL = b"small update"
+
+
+class Server:
+    """Routes the uploader's events to a BlobStore; takes (and verifies) submitted weights."""
+
+    def __init__(self) -> None:
+        self.blobs = BlobStore(max_chunk_bytes=CHUNK, max_blob_bytes=1 << 20)
+        self.chunks: list[int] = []
+        self.taken: list[bytes] = []
+
+    async def call(self, event: str, payload: dict[str, Any], timeout: float) -> Any:
+        await asyncio.sleep(0)
+        try:
+            if event == EV_BLOB_STATUS:
+                return self.blobs.status("dev", parse(BlobStatus, payload).blob_id, 0).to_wire()
+            if event == EV_BLOB_CHUNK:
+                chunk = parse(BlobChunk, payload)
+                self.chunks.append(chunk.offset)
+                return self.blobs.accept_chunk("dev", chunk, 0).to_wire()
+            assert event == EV_WEIGHTS_SUBMIT
+            sub = parse(WeightsSubmit, payload)
+            self.taken.append(bytes(self.blobs.take("dev", sub.weights)))
+            return SubmitAccepted(round_id=sub.round_id, received=len(self.taken)).to_wire()
+        except FedtrayError as exc:
+            return error_ack(exc.code, exc.message)
+
+
+def _keep(tmp_path: Path, pending: PendingStore, content: bytes) -> None:
+    work = WorkDir(tmp_path / "work")
+    work.directory.mkdir(parents=True, exist_ok=True)
+    files = work.files(f"work-v3-{'a' * 24}")
+    files.write_output(content)
+    pending.add(
+        files,
+        round_id="r-1",
+        task="synthetic",
+        base_version=3,
+        num_samples=10,
+        metrics={},
+        fmt="safetensors",
+        created=1.0,
+    )
+
+
+async def _upload(tmp_path: Path, pending: PendingStore) -> tuple[Server, SnapshotHub]:
+    server = Server()
+    hub = SnapshotHub(
+        ClientSnapshot(settings=Settings(server_url="http://127.0.0.1:1", device_name="t"))
+    )
+    tasks: list[asyncio.Task[None]] = []
+
+    def spawn(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        tasks.append(asyncio.ensure_future(coro))
+        return tasks[-1]
+
+    uploader = Uploader(
+        hub,
+        pending,
+        caller=lambda: server.call,
+        spawn=spawn,
+        limits=lambda: Limits(max_chunk_bytes=CHUNK, max_inflight_chunks=3),
+        state_changed=lambda: None,
+    )
+    uploader.kick()
+    await asyncio.gather(*tasks)
+    return server, hub
+
+
+@pytest.mark.parametrize("content", [BIG, SMALL])
+def test_an_update_is_sent_taken_verified_and_removed(tmp_path: Path, content: bytes) -> None:
+    pending = PendingStore(tmp_path / "pending")
+    _keep(tmp_path, pending, content)
+    server, hub = asyncio.run(_upload(tmp_path, pending))
+    assert server.taken == [content]
+    # Large: streamed as chunks; small: inline, no blob at all.
+    assert server.chunks == (list(range(0, len(BIG), CHUNK)) if content is BIG else [])
+    assert pending.entries() == []
+    assert hub.current.rounds_completed == 1
+
+
+def test_a_streamed_update_changed_on_disk_is_discarded_and_never_completed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pending = PendingStore(tmp_path / "pending")
+    _keep(tmp_path, pending, BIG)
+    [entry] = pending.entries()
+    changed = bytearray(BIG)
+    changed[100] ^= 0xFF
+    entry.path.write_bytes(bytes(changed))  # after its digest was recorded
+    with caplog.at_level(logging.ERROR, logger="client.session.uploader"):
+        server, hub = asyncio.run(_upload(tmp_path, pending))
+    assert server.taken == []  # no weights:submit
+    assert len(BIG) - len(BIG) % CHUNK not in server.chunks  # the last chunk never left
+    assert server.blobs.bytes_held() < len(BIG)
+    assert pending.entries() == []  # discarded, not retried
+    assert hub.current.rounds_completed == 0
+    assert "discarding the update of round r-1" in caplog.text
