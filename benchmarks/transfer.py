@@ -8,12 +8,15 @@ can be read from this process alone) with the ``synthetic`` task sized so that i
 weights are about ``--size-mb`` MB (``features=1024``, ``hidden`` scaled, 4 classes) and
 ``--min-clients`` above 1, so no round ever starts. Measured, side by side in one run:
 
-* upload: :func:`client.transfer.send_blob` over a python-socketio ``AsyncClient``
+* upload: a device's pending update file sent over a python-socketio ``AsyncClient``
   (websocket) to the server's real ``blob:chunk`` handler, with the limits the server
-  announced at registration (1 MiB chunks, its in-flight window). Timed from the first
-  ``blob:status`` to the ack of the last chunk (the server then holds the whole blob;
-  its SHA-256 check happens at ``weights:submit``, which needs an open round and is
-  not part of this figure). Each repeat sends a new blob id.
+  announced at registration (its chunk size and in-flight window), two ways, alternating:
+  as the uploader did up to issue 15 (the file read whole and hashed, then
+  :func:`client.transfer.send_blob`) and as it does now
+  (:func:`client.transfer.send_file_blob`: read and hashed a piece at a time while
+  sending). Timed from the read to the ack of the last chunk (the server then holds the
+  whole blob, hashed as it arrived). The server's CPU over each upload is read from
+  ``/proc`` (Linux). Each repeat sends a new blob id.
 * download: a real :class:`client.session.DistributedClient` (fresh data dir and device
   id each repeat) registers holding no weights; the server answers with ``weights:global``
   sent as a blob. Two times are taken from ``start()``: "wire" until the session's
@@ -208,12 +211,32 @@ def raw_tcp(data: bytes, client_sends: bool) -> tuple[float, float]:
 # -- client upload (send_blob over python-socketio) --------------------------------------
 
 
-async def _upload(url: str, data: bytes, repeats: int) -> list[tuple[float, float]]:
+def _process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of process ``pid`` so far, from ``/proc``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+UPLOAD_MODES = ("read", "stream")
+
+
+async def _upload(
+    url: str, path: Path, repeats: int, server_pid: int
+) -> dict[str, list[tuple[float, float, float]]]:
+    """Per mode, ``(wall s, client CPU s, server CPU s)`` of each upload of the file ``path``.
+
+    ``read``: the uploader's path up to issue 15 -- the pending file read whole and hashed
+    (``PendingStore.read``), then :func:`client.transfer.send_blob`; ``stream``: the
+    uploader's path now, :func:`client.transfer.send_file_blob` (read and hashed a piece at
+    a time while sending). The modes alternate, each repeat sends a new blob id.
+    """
     import socketio
 
     from client.protocol import EV_REGISTER, DeviceRegistered, parse
-    from client.transfer import send_blob
+    from client.transfer import send_blob, send_file_blob
 
+    size = path.stat().st_size
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
     sio = socketio.AsyncClient(reconnection=False)
     await sio.connect(url, transports=["websocket"], wait_timeout=30)
     try:
@@ -227,23 +250,42 @@ async def _upload(url: str, data: bytes, repeats: int) -> list[tuple[float, floa
         async def call(event: str, payload: dict[str, Any]) -> Any:
             return await sio.call(event, payload, timeout=60)
 
-        digest = hashlib.sha256(data).hexdigest()
-        results = []
+        def read_and_hash() -> bytes:
+            data = path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise RuntimeError("the file changed")
+            return data
+
+        results: dict[str, list[tuple[float, float, float]]] = {m: [] for m in UPLOAD_MODES}
         for i in range(repeats):
-            blob_id = f"bench-{i}-{uuid.uuid4().hex[:8]}"
-            cpu0, t0 = time.process_time(), time.perf_counter()
-            await asyncio.wait_for(
-                send_blob(
-                    call,
-                    data,
-                    blob_id=blob_id,
-                    chunk_bytes=limits.max_chunk_bytes,
-                    window=limits.max_inflight_chunks,
-                    sha256=digest,
-                ),
-                TRANSFER_TIMEOUT_S,
-            )
-            results.append((time.perf_counter() - t0, time.process_time() - cpu0))
+            for mode in UPLOAD_MODES:
+                blob_id = f"bench-{mode}-{i}-{uuid.uuid4().hex[:8]}"
+                server0 = _process_cpu(server_pid)
+                cpu0, t0 = time.process_time(), time.perf_counter()
+                if mode == "read":
+                    data = await asyncio.to_thread(read_and_hash)
+                    sending = send_blob(
+                        call,
+                        data,
+                        blob_id=blob_id,
+                        chunk_bytes=limits.max_chunk_bytes,
+                        window=limits.max_inflight_chunks,
+                        sha256=digest,
+                    )
+                else:
+                    sending = send_file_blob(
+                        call,
+                        path,
+                        size=size,
+                        sha256=digest,
+                        blob_id=blob_id,
+                        chunk_bytes=limits.max_chunk_bytes,
+                        window=limits.max_inflight_chunks,
+                    )
+                await asyncio.wait_for(sending, TRANSFER_TIMEOUT_S)
+                wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+                results[mode].append((wall, cpu, _process_cpu(server_pid) - server0))
+                data = b""
         return results
     finally:
         await sio.disconnect()
@@ -295,6 +337,9 @@ def _download_once(url: str, work: Path, device_info: Any) -> tuple[float, float
 
 def run(size_mb: float, repeats: int) -> dict[str, float]:
     from client.device import detect_device
+    from client.transfer_memory import keep_transfer_buffers
+
+    keep_transfer_buffers()  # as a device's session does when it starts
 
     params = model_params(size_mb)
     device_info = detect_device()
@@ -303,7 +348,9 @@ def run(size_mb: float, repeats: int) -> dict[str, float]:
         with ServerChild(params, root / "server-state") as server:
             # The same bytes the server sends: its version-0 weights, as the codec wrote them.
             blob = _weights_file(root / "server-state").read_bytes()
-            up = asyncio.run(_upload(server.url, blob, repeats))
+            pending_file = root / "pending.update"
+            pending_file.write_bytes(blob)
+            up = asyncio.run(_upload(server.url, pending_file, repeats, server.proc.pid or 0))
             down = [
                 _download_once(server.url, root / f"client-{i}", device_info)
                 for i in range(repeats)
@@ -319,8 +366,12 @@ def run(size_mb: float, repeats: int) -> dict[str, float]:
     return {
         "bytes": n,
         "dl_bytes": dl_bytes,
-        "up_s": med([u[0] for u in up]),
-        "up_cpu": med([u[1] for u in up]),
+        "up_read_s": med([u[0] for u in up["read"]]),
+        "up_read_cpu": med([u[1] for u in up["read"]]),
+        "up_read_server_cpu": med([u[2] for u in up["read"]]),
+        "up_s": med([u[0] for u in up["stream"]]),
+        "up_cpu": med([u[1] for u in up["stream"]]),
+        "up_server_cpu": med([u[2] for u in up["stream"]]),
         "down_wire_s": med([d[0] for d in down]),
         "down_e2e_s": med([d[1] for d in down]),
         "down_cpu": med([d[2] for d in down]),
@@ -346,7 +397,8 @@ def report(r: dict[str, float], repeats: int) -> str:
 
     rows = [
         ("raw TCP sendall, upload", n, r["raw_up_s"], r["raw_up_cpu"], None),
-        ("client upload (send_blob)", n, r["up_s"], r["up_cpu"], r["raw_up_s"]),
+        ("upload, read+hash, send_blob", n, r["up_read_s"], r["up_read_cpu"], r["raw_up_s"]),
+        ("upload, send_file_blob", n, r["up_s"], r["up_cpu"], r["raw_up_s"]),
         ("raw TCP sendall, download", dl, r["raw_down_s"], r["raw_down_cpu"], None),
         ("client download, wire", dl, r["down_wire_s"], None, r["raw_down_s"]),
         ("client download, end to end", dl, r["down_e2e_s"], r["down_cpu"], r["raw_down_s"]),
@@ -361,6 +413,10 @@ def report(r: dict[str, float], repeats: int) -> str:
         cpu_txt = f"{cpu / nbytes * GB:>10.2f}" if cpu is not None else f"{'-':>10}"
         ratio_txt = f"{raw / seconds:>8.3f}" if raw is not None else f"{'1.000':>8}"
         lines.append(f"{label:<32}{seconds:>9.3f}{mbps(nbytes, seconds):>9.0f}{cpu_txt}{ratio_txt}")
+    for label, key in (("read+hash, send_blob", "up_read"), ("send_file_blob", "up")):
+        lines.append(
+            f"server CPU s/GB received, {label:<21}{r[key + '_server_cpu'] / n * GB:>10.2f}"
+        )
     up_ratio = r["raw_up_s"] / r["up_s"]
     down_ratio = r["raw_down_s"] / r["down_e2e_s"]
     lines += [
