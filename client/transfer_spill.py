@@ -12,14 +12,24 @@ about 10 ms each on the reference server.) All the I/O of the blob store lives h
 rules (limits, offsets, checksums) live in :class:`client.transfer.BlobStore`. Methods
 raise ``OSError`` from the disk; :meth:`SpillDir.scan` deletes leftovers it cannot read
 instead of raising.
+
+Each appended chunk's write-out to the disk is started at once (Linux's
+``sync_file_range(SYNC_FILE_RANGE_WRITE)``, which does not wait for it; nothing elsewhere),
+so when the server fsyncs a received update before acknowledging it
+(:mod:`server.roundcommit`) most of its bytes are on the disk already and the fsync has
+little left to wait for (measured: 100 MB written in 4 MiB pieces, the final fsync 76 ms
+without, 1 ms with). It promises nothing by itself: durability still comes from that fsync.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import logging
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from client.atomicfile import write_atomic
@@ -27,6 +37,32 @@ from client.atomicfile import write_atomic
 __all__ = ["SpillDir"]
 
 log = logging.getLogger(__name__)
+
+
+#: ``sync_file_range``'s flag to start writing a range out without waiting (Linux).
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def _writeback_starter() -> Callable[[int, int, int], bool]:
+    """``start(fd, offset, nbytes)``: start the range's write-out without waiting for it
+    and say whether it was started (Linux); elsewhere, or without the call, a no-op that
+    says False. Never raises (it is only a hint)."""
+    if not sys.platform.startswith("linux"):
+        return lambda fd, offset, nbytes: False
+    try:
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return lambda fd, offset, nbytes: False
+    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    call.restype = ctypes.c_int
+
+    def start(fd: int, offset: int, nbytes: int) -> bool:
+        return bool(call(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE) == 0)
+
+    return start
+
+
+start_writeback = _writeback_starter()
 
 
 def _name_hash(text: str) -> str:
@@ -63,6 +99,8 @@ class SpillDir:
             fh.truncate(held)
             fh.seek(held)
             fh.write(data)
+            fh.flush()
+            start_writeback(fh.fileno(), held, len(data))
 
     def part_path(self, peer: str, blob_id: str) -> Path:
         """Where the partial blob's bytes are (a verified blob's file may be moved away)."""

@@ -22,6 +22,7 @@ from client.protocol import (
     parse,
 )
 from client.transfer import BlobStore, limits_towards, send_blob, weights_ref_for
+from client.transfer_spill import start_writeback
 from client.weights import sha256_hex
 
 DATA = bytes(range(256)) * 40  # 10,240 bytes
@@ -380,3 +381,11 @@ def test_a_disk_that_refuses_answers_internal_error_and_counts_nothing(tmp_path:
     assert info.value.code == "internal_error"
     assert s.bytes_held() == 0
     assert s.status("dev", "b1", now=0).received == 0
+
+
+def test_a_spilled_chunks_write_out_is_started_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "part"
+    path.write_bytes(DATA)
+    with path.open("r+b") as fh:
+        assert start_writeback(fh.fileno(), 0, len(DATA)) is True  # Linux: started
+    assert start_writeback(-1, 0, 1) is False  # a bad descriptor: nothing, and no raise
