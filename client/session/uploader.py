@@ -12,7 +12,7 @@ Contract (a loop-only object; disk work runs in worker threads):
   that unless it is under way (after every registration, and whenever an update is
   kept). After :data:`client.session.decisions.UPLOAD_RETRIES` failures in a row it
   waits for the next reconnect (:func:`upload_retry_delay`). A blob is resumed from the
-  server's offset (:func:`client.transfer.send_blob`).
+  server's offset (:func:`client.transfer.send_file_blob`).
 * Each byte of an update is read and hashed once on its way out: one that fits in a chunk
   is read and checked by :meth:`client.pending.PendingStore.read` and sent inline; a larger
   one is streamed from its file (:func:`client.transfer.send_file_blob`), hashed as it is
