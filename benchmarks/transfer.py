@@ -228,7 +228,7 @@ async def _upload(
     ``read``: the uploader's path up to issue 15 -- the pending file read whole and hashed
     (``PendingStore.read``), then :func:`client.transfer.send_blob`; ``stream``: the
     uploader's path now, :func:`client.transfer.send_file_blob` (read and hashed a piece at
-    a time while sending). The modes alternate, each repeat sends a new blob id.
+    a time while sending). The modes alternate; each upload is a new device and blob id.
     """
     import socketio
 
@@ -237,58 +237,62 @@ async def _upload(
 
     size = path.stat().st_size
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    sio = socketio.AsyncClient(reconnection=False)
-    await sio.connect(url, transports=["websocket"], wait_timeout=30)
-    try:
-        ack = await sio.call(
-            EV_REGISTER,
-            register_payload(str(uuid.uuid4()), "bench-upload", weights_version=0),
-            timeout=60,
-        )
-        limits = parse(DeviceRegistered, ack).limits
 
-        async def call(event: str, payload: dict[str, Any]) -> Any:
-            return await sio.call(event, payload, timeout=60)
+    def read_and_hash() -> bytes:
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise RuntimeError("the file changed")
+        return data
 
-        def read_and_hash() -> bytes:
-            data = path.read_bytes()
-            if hashlib.sha256(data).hexdigest() != digest:
-                raise RuntimeError("the file changed")
-            return data
+    async def once(mode: str, blob_id: str) -> tuple[float, float, float]:
+        # A fresh device each time: the server keeps a complete blob open until it is
+        # submitted, and a device may have only a few open.
+        sio = socketio.AsyncClient(reconnection=False)
+        await sio.connect(url, transports=["websocket"], wait_timeout=30)
+        try:
+            ack = await sio.call(
+                EV_REGISTER,
+                register_payload(str(uuid.uuid4()), "bench-upload", weights_version=0),
+                timeout=60,
+            )
+            limits = parse(DeviceRegistered, ack).limits
 
-        results: dict[str, list[tuple[float, float, float]]] = {m: [] for m in UPLOAD_MODES}
-        for i in range(repeats):
-            for mode in UPLOAD_MODES:
-                blob_id = f"bench-{mode}-{i}-{uuid.uuid4().hex[:8]}"
-                server0 = _process_cpu(server_pid)
-                cpu0, t0 = time.process_time(), time.perf_counter()
-                if mode == "read":
-                    data = await asyncio.to_thread(read_and_hash)
-                    sending = send_blob(
-                        call,
-                        data,
-                        blob_id=blob_id,
-                        chunk_bytes=limits.max_chunk_bytes,
-                        window=limits.max_inflight_chunks,
-                        sha256=digest,
-                    )
-                else:
-                    sending = send_file_blob(
-                        call,
-                        path,
-                        size=size,
-                        sha256=digest,
-                        blob_id=blob_id,
-                        chunk_bytes=limits.max_chunk_bytes,
-                        window=limits.max_inflight_chunks,
-                    )
-                await asyncio.wait_for(sending, TRANSFER_TIMEOUT_S)
-                wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-                results[mode].append((wall, cpu, _process_cpu(server_pid) - server0))
-                data = b""
-        return results
-    finally:
-        await sio.disconnect()
+            async def call(event: str, payload: dict[str, Any]) -> Any:
+                return await sio.call(event, payload, timeout=60)
+
+            server0 = _process_cpu(server_pid)
+            cpu0, t0 = time.process_time(), time.perf_counter()
+            if mode == "read":
+                data = await asyncio.to_thread(read_and_hash)
+                sending = send_blob(
+                    call,
+                    data,
+                    blob_id=blob_id,
+                    chunk_bytes=limits.max_chunk_bytes,
+                    window=limits.max_inflight_chunks,
+                    sha256=digest,
+                )
+            else:
+                sending = send_file_blob(
+                    call,
+                    path,
+                    size=size,
+                    sha256=digest,
+                    blob_id=blob_id,
+                    chunk_bytes=limits.max_chunk_bytes,
+                    window=limits.max_inflight_chunks,
+                )
+            await asyncio.wait_for(sending, TRANSFER_TIMEOUT_S)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+            return wall, cpu, _process_cpu(server_pid) - server0
+        finally:
+            await sio.disconnect()
+
+    results: dict[str, list[tuple[float, float, float]]] = {m: [] for m in UPLOAD_MODES}
+    for i in range(repeats):
+        for mode in UPLOAD_MODES:
+            results[mode].append(await once(mode, f"bench-{mode}-{i}-{uuid.uuid4().hex[:8]}"))
+    return results
 
 
 # -- client download (a real DistributedClient) ------------------------------------------
