@@ -25,8 +25,11 @@ onto the loop; disk work runs in worker threads):
   deletes a work file itself. The worker checkpoints every ``checkpoint_interval``
   seconds of training, so even a ``kill -9`` loses at most that much.
 * Progress: each :class:`client.worker_messages.ProgressEvent` goes to the snapshot and
-  the server as it arrives (the worker's child is THE throttle: the first at once, then
-  at most one per 0.5 s, plus the last of the round). The one progress shape,
+  the server as it arrives (the worker's child is THE throttle: the first once the job
+  has run 0.5 s, then at most one per 0.5 s, plus the last of the round). A round that
+  ends sooner sends the server no progress (its ``training:start`` ack and its update
+  say all): the last progress its :class:`client.worker_messages.Done` carries goes to
+  the snapshot only. The one progress shape,
   :class:`client.worker_messages.TrainProgress`, is what the snapshot shows;
   :func:`wire_progress` is THE conversion to the wire; a progress sent while the
   applied decision is a pause says ``paused``. A pause reaches the worker
@@ -289,11 +292,13 @@ class Rounds:
                 self._on_progress(progress)
             case Paused() | Resumed():
                 self._state_changed()
-            case Done(result=result):
+            case Done(result=result, progress=last):
                 self.current = None
                 if rnd is None:
                     log.warning("the worker finished an unknown round; ignoring its result")
                 else:
+                    if last is not None and last.round_id == rnd.start.round_id:
+                        self._hub.publish(progress=last)  # the snapshot only (docstring)
                     self._keeping.add(rnd.key)
                     self._background.spawn(self._keep_result(rnd, result))
                 self._state_changed()
