@@ -150,8 +150,10 @@ def run_rounds(size: str, rounds: int, warm: bool, root: Path) -> dict[str, Any]
             if not isinstance(final, Done):
                 raise RuntimeError(f"round {index} failed: {final!r}")
             t_worker = events.final_at - t0
-            assert events.first_progress is not None
-            t_first = events.first_progress - t0
+            # The child's first progress comes once the job has run progress_interval
+            # (1 ms here); a job done sooner sent none: its end bounds its first batch.
+            first = events.first_progress
+            t_first = (first if first is not None else events.final_at) - t0
             result = final.result
             keep: dict[str, Any] = {}
             if "digest" in add_args and getattr(result, "sha256", None) is not None:

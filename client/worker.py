@@ -19,8 +19,10 @@ Contract:
   they do nothing when no job runs.
 * Events (:data:`client.worker_messages.WorkerEvent`) go to ``on_event`` from ONE reader
   thread owned by the worker, in order, as the child sent them: :class:`ProgressEvent`
-  (throttled in the child -- the only throttle -- to the first at once, then at most one
-  per ``progress_interval``, default 0.5 s, plus the last one of the round), :class:`Paused`
+  (throttled in the child -- the only throttle -- to the first once the job has run for
+  ``progress_interval``, default 0.5 s, then at most one per ``progress_interval``, plus
+  the last one of the round; a shorter job sends none and its :class:`Done` carries its
+  last progress), :class:`Paused`
   (after the checkpoint is written), :class:`Resumed`, and exactly one of :class:`Done`,
   :class:`Failed`, :class:`Cancelled` per job. ``is_busy`` is already ``False`` when that
   final event is delivered, so the callback may submit the next job. An exception raised

@@ -30,8 +30,10 @@ Contract:
   change the float rounding of torch's parallel kernels).
 * It sends only :data:`client.worker_messages.ChildMessage` values: per job
   :class:`ProgressEvent` (through THE progress throttle, :class:`ProgressThrottle`: the
-  first at once, then at most one per ``progress_interval``, plus the last of the
-  round), :class:`Paused`, :class:`Resumed` and exactly one of :class:`Done`,
+  first once the job has run for ``progress_interval``, then at most one per
+  ``progress_interval``, plus the last of the round; a job that ends within its first
+  interval sends none, its :class:`Done` carries its last progress for the session's
+  snapshot), :class:`Paused`, :class:`Resumed` and exactly one of :class:`Done`,
   :class:`Failed`, :class:`Cancelled`;
   and :class:`LogRecord` for its ``client.*`` log records of level INFO and above.
 * :class:`client.worker_messages.Evaluate` runs the trainer's ``evaluate`` (federated
@@ -96,10 +98,15 @@ T = TypeVar("T")
 
 
 class ProgressThrottle(Generic[T]):
-    """Forwards at most one progress report per ``interval`` seconds; :meth:`flush` sends
-    the last one held back. The first report goes at once (the round has visibly
-    started), so ``N`` seconds give at most ``N / interval + 1`` reports plus the flushed
-    last one."""
+    """Forwards at most one progress report per ``interval`` seconds, the first once the
+    job has run for ``interval`` (the throttle is made when the job starts): a job that
+    ends within its first interval sends none (its ``training:start`` ack and its update
+    say all a progress would). ``N`` seconds give at most ``N / interval`` reports.
+
+    :meth:`flush` (at the job's end) sends the last report held back when one was sent
+    already (a long job's last position reaches the server); otherwise it returns it,
+    unsent, for the job's :class:`client.worker_messages.Done` to carry to the session.
+    """
 
     def __init__(
         self,
@@ -110,23 +117,27 @@ class ProgressThrottle(Generic[T]):
         self._send = send
         self._interval = interval
         self._clock = clock
-        self._last: float | None = None
+        self._last = clock()  # the job's start opens the first interval
+        self._sent = False
         self._pending: T | None = None
 
     def __call__(self, progress: T) -> None:
         now = self._clock()
-        if self._last is None or now - self._last >= self._interval:
+        if now - self._last >= self._interval:
             self._last = now
             self._pending = None
+            self._sent = True
             self._send(progress)
         else:
             self._pending = progress
 
-    def flush(self) -> None:
-        """Send the report held back, if any."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
+    def flush(self) -> T | None:
+        """Send the report held back when a report was sent already; else return it."""
+        pending, self._pending = self._pending, None
+        if pending is not None and self._sent:
             self._send(pending)
+            return None
+        return pending
 
 
 class _ChildControl:
@@ -413,8 +424,7 @@ def _run_job(
         trainer = trainers.warm()
         control.use(trainer, trainers.set_threads())
         result = trainer.run(job, control, throttle)
-        throttle.flush()
-        return Done(result)
+        return Done(result, throttle.flush())
     except JobCancelled:
         return Cancelled(job.round_id)
     except FedtrayError as exc:

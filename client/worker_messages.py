@@ -372,9 +372,13 @@ class Resumed:
 
 @dataclass(frozen=True)
 class Done:
-    """The job finished; the weights are at ``result.output_path``."""
+    """The job finished; the weights are at ``result.output_path``. ``progress``: the
+    round's last progress when no :class:`ProgressEvent` carried it (a job that ended
+    within the child's first progress interval; see :mod:`client.worker_child`), for
+    the session's snapshot only."""
 
     result: TrainResult
+    progress: TrainProgress | None = None
 
 
 @dataclass(frozen=True)

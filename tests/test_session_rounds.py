@@ -235,8 +235,12 @@ async def _a_round(tmp_path: Path) -> None:
     digest = files.write_output(b"trained")
     assert digest == hashlib.sha256(b"trained").hexdigest()
     result = TrainResult("r7", job.output_path, 10, {"trainLoss": 1.0}, 8, digest, 7)
-    rounds.on_worker_event(Done(result))
+    reported = len(progress_sent())
+    final = TrainProgress("r7", 3, 3, 9, 9, 1.0, loss=0.5)  # one the child held back
+    rounds.on_worker_event(Done(result, final))
     assert rounds.current is None
+    assert hub.current.progress == final  # the snapshot shows the round's end ...
+    assert len(progress_sent()) == reported  # ... the server is sent the update, no progress
     await asyncio.wait_for(kicked.wait(), 30)
     entry = pending.get("r7")
     assert entry is not None and pending.read(entry) == b"trained"

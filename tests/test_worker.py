@@ -169,7 +169,8 @@ def test_progress_is_throttled_and_pause_resume_is_bit_identical(
     assert isinstance(plain, Done), plain
     elapsed = time.monotonic() - started
     progress = events.of(ProgressEvent)
-    assert 1 <= len(progress) <= 2 * elapsed + 2  # the first at once, then 1 per 0.5 s
+    assert 1 <= len(progress) <= 2 * elapsed + 1  # 1 per 0.5 s from the start, the last
+    assert plain.progress is None  # it was sent: Done carries none
     messages = [
         TrainingProgress.model_validate({**asdict(p.progress), "state": "training"})
         for p in progress
@@ -409,13 +410,31 @@ def test_simulated_round_delivers_typed_events_throttled_in_the_child(
     assert done.result.round_id == "typed" and done.result.num_samples == 100
     progress = [e.progress for e in events.of(ProgressEvent)]
     assert all(isinstance(p, TrainProgress) and p.round_id == "typed" for p in progress)
-    # Throttled to one per 0.5 s (plus the first and the last), however long it took;
-    # "fewer than one per step" would assume how fast this machine is.
-    assert 1 <= len(progress) <= 2 * elapsed + 2
-    assert progress[-1].fraction == 1.0 and progress[-1].step == progress[-1].steps
-    wire = TrainingProgress.model_validate({**asdict(progress[-1]), "state": "training"})
+    # Throttled to one per 0.5 s from the job's start (plus the last), however long it
+    # took; "fewer than one per step" would assume how fast this machine is.
+    assert len(progress) <= 2 * elapsed + 1
+    # The last progress is sent when any was, else it rides in Done (a short job).
+    assert (done.progress is None) == bool(progress)
+    last = done.progress or progress[-1]
+    assert last.fraction == 1.0 and last.step == last.steps and last.round_id == "typed"
+    wire = TrainingProgress.model_validate({**asdict(last), "state": "training"})
     assert wire.round_id == "typed" and wire.batch_size == 32
     assert events.kinds()[-1] == "Done" and events.threads == {"fedtray-worker-reader"}
+
+
+def test_a_job_within_the_first_progress_interval_sends_no_progress(tmp_path: Path) -> None:
+    events = Events()
+    w = TrainingWorker(events, simulation=True, progress_interval=3600)
+    try:
+        w.submit(digits_job(tmp_path, "short", base_weights_path=sim_base(tmp_path)))
+        done = events.wait_for(Done, Failed)
+    finally:
+        w.shutdown(10)
+    assert isinstance(done, Done), done
+    assert events.of(ProgressEvent) == []  # nothing to the session, nothing to the server
+    # The round's last progress rides in Done, for the session's snapshot.
+    assert done.progress is not None
+    assert (done.progress.round_id, done.progress.fraction) == ("short", 1.0)
 
 
 def test_simulated_busy_cancel_and_kill_9(
@@ -516,25 +535,30 @@ def test_the_parent_process_never_imports_torch(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("times", "sent"),
+    ("times", "sent", "flushed", "returned"),
     [
-        ([0.1, 0.2, 0.3], [0]),  # the first at once, the rest held back
-        ([0.5, 0.6, 1.0, 1.1, 1.49, 1.5], [0, 2, 5]),
-        ([2.0, 2.1, 2.2], [0]),
-        ([0.5, 0.99, 1.0, 1.49], [0, 2]),
+        # times: the job's start (the throttle is made), then one per report.
+        ([0.0, 0.1, 0.2, 0.3], [], [], 2),  # a short job: nothing sent, the last returned
+        ([0.0, 0.49], [], [], 0),
+        ([0.0, 0.5, 0.6, 1.0, 1.1, 1.49, 1.5], [0, 2, 5], [], None),  # the last was sent
+        ([0.0, 2.0, 2.1, 2.2], [0], [2], None),  # a long job: the held-back last is sent
+        ([0.0, 0.5, 0.99, 1.0, 1.49], [0, 2], [3], None),
+        ([1.0, 1.4, 1.6], [1], [], None),  # the first interval runs from the job's start
     ],
 )
-def test_progress_throttle(times: list[float], sent: list[int]) -> None:
+def test_progress_throttle(
+    times: list[float], sent: list[int], flushed: list[int], returned: int | None
+) -> None:
     clock = iter(times)
     out: list[dict[str, Any]] = []
     throttle: ProgressThrottle[dict[str, Any]] = ProgressThrottle(
         out.append, 0.5, clock=lambda: next(clock)
     )
-    for i in range(len(times)):
+    for i in range(len(times) - 1):
         throttle({"i": i})
     assert [p["i"] for p in out] == sent
-    throttle.flush()
-    last = len(times) - 1
-    assert [p["i"] for p in out] == (sent if sent and sent[-1] == last else [*sent, last])
-    throttle.flush()  # nothing more to send
-    assert len(out) == len(sent) + (0 if sent and sent[-1] == last else 1)
+    held = throttle.flush()
+    assert [p["i"] for p in out] == [*sent, *flushed]
+    assert (held and held["i"]) == returned
+    assert throttle.flush() is None  # nothing more to send or return
+    assert [p["i"] for p in out] == [*sent, *flushed]

@@ -20,8 +20,9 @@ Contract (a loop-only object; decoding and disk work run in worker threads):
   both a ``weights:global`` and a ``training:start``'s ``baseWeights``) is acknowledged
   without storing it again, so the file a round trains from never changes under it.
 * A newer version has the work folder's owner delete the work built on older bases
-  (:meth:`client.workfiles.WorkDir.drop_older_than`), except the work ``busy_keys()``
-  names (the round being trained, results being kept).
+  (:meth:`client.workfiles.WorkDir.drop_older_than`), in the same worker-thread hop as
+  the save, except the work ``busy_keys()`` names when the message is taken (the round
+  being trained, results being kept).
 * A disk error storing the weights is refused with ``internal_error`` (a
   :class:`client.errors.FedtrayError`, which the handler guard turns into an ErrorAck).
 """
@@ -106,8 +107,14 @@ class BaseWeights:
                 # Already held (a weights:global and a training:start's baseWeights may
                 # both bring it): storing it again would change the file under a round.
                 return OkAck()
+            # The work rounds use now (the round being trained, results being kept) is
+            # spared when the new version has the older work deleted, in the same hop.
+            before = self.held.version if self.held is not None else None
+            busy = self._busy_keys()
             try:
-                held = await asyncio.to_thread(self._save, message, data, fmt)
+                held, dropped = await asyncio.to_thread(
+                    self._save_and_drop, message, data, fmt, before, busy
+                )
             except WeightsError as exc:
                 log.warning(
                     "refused global weights v%d of %s (keeping v%s): %s: %s",
@@ -118,13 +125,9 @@ class BaseWeights:
                     exc.message,
                 )
                 raise
-        older = self.held is not None and self.held.version < held.version
-        self.held = held
-        if older:
-            # Rounds start only from the held version: work on older bases is dead.
-            await asyncio.to_thread(
-                self._work.drop_older_than, held.version, busy=self._busy_keys()
-            )
+            self.held = held
+        if isinstance(dropped, OSError):
+            raise dropped  # the weights are held; the old work could not be deleted
         self._hub.publish(weights_version=held.version, task=held.task)
         metrics = ", ".join(f"{k} {v:.4g}" for k, v in message.metrics.items())
         log.info(
@@ -134,6 +137,26 @@ class BaseWeights:
             f" ({metrics})" if metrics else "",
         )
         return OkAck()
+
+    def _save_and_drop(
+        self,
+        message: WeightsGlobal,
+        data: bytes | bytearray,
+        fmt: str,
+        before: int | None,
+        busy: set[str],
+    ) -> tuple[GlobalWeights, OSError | None]:
+        """:meth:`_save`, then (a newer version than ``before``) the work built on older
+        bases deleted but ``busy``'s: rounds start only from the held version. Runs in a
+        worker thread; returns the held weights and the error deleting, if any."""
+        held = self._save(message, data, fmt)
+        if before is None or before >= held.version:
+            return held, None
+        try:
+            self._work.drop_older_than(held.version, busy=busy)
+        except OSError as exc:
+            return held, exc
+        return held, None
 
     def _save(self, message: WeightsGlobal, data: bytes | bytearray, fmt: str) -> GlobalWeights:
         """Decode (full validation, never unpickling) and store; runs in a worker thread.

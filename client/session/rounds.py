@@ -25,8 +25,11 @@ onto the loop; disk work runs in worker threads):
   deletes a work file itself. The worker checkpoints every ``checkpoint_interval``
   seconds of training, so even a ``kill -9`` loses at most that much.
 * Progress: each :class:`client.worker_messages.ProgressEvent` goes to the snapshot and
-  the server as it arrives (the worker's child is THE throttle: the first at once, then
-  at most one per 0.5 s, plus the last of the round). The one progress shape,
+  the server as it arrives (the worker's child is THE throttle: the first once the job
+  has run 0.5 s, then at most one per 0.5 s, plus the last of the round). A round that
+  ends sooner sends the server no progress (its ``training:start`` ack and its update
+  say all): the last progress its :class:`client.worker_messages.Done` carries goes to
+  the snapshot only. The one progress shape,
   :class:`client.worker_messages.TrainProgress`, is what the snapshot shows;
   :func:`wire_progress` is THE conversion to the wire; a progress sent while the
   applied decision is a pause says ``paused``. A pause reaches the worker
@@ -289,11 +292,13 @@ class Rounds:
                 self._on_progress(progress)
             case Paused() | Resumed():
                 self._state_changed()
-            case Done(result=result):
+            case Done(result=result, progress=last):
                 self.current = None
                 if rnd is None:
                     log.warning("the worker finished an unknown round; ignoring its result")
                 else:
+                    if last is not None and last.round_id == rnd.start.round_id:
+                        self._hub.publish(progress=last)  # the snapshot only (docstring)
                     self._keeping.add(rnd.key)
                     self._background.spawn(self._keep_result(rnd, result))
                 self._state_changed()
@@ -332,20 +337,20 @@ class Rounds:
         if self.current is not None and self.current.start.round_id == start.round_id:
             log.info("round %s offered again; still training it", start.round_id)
             return TrainingStartAck(accepted=True)
+        held = self._held()
+        if (
+            start.package is None
+            and held is not None
+            and self.worker is not None
+            and self._refusal(start, held) is None
+        ):
+            return await self._start_plain(start, held, self.worker)
         if await asyncio.to_thread(self._pending.get, start.round_id) is not None:
             log.info("round %s offered again; its update is trained, sending it", start.round_id)
             self._kick_uploads()
             return TrainingStartAck(accepted=True)
         held = self._held()
-        refusal = refuse_round(
-            start,
-            pause=self._pause(),
-            training=self.round_id,
-            worker_busy=self.worker is None or self.worker.is_busy,
-            tasks=_tasks_to_check(start.task),
-            held=HeldBase(version=held.version, task=held.task) if held else None,
-            now=time.time(),
-        )
+        refusal = self._refusal(start, held)
         if refusal is not None:
             log.info("refused round %s: %s (%s)", start.round_id, refusal.reason, refusal.detail)
             return refusal
@@ -367,16 +372,56 @@ class Rounds:
             return TrainingStartAck(accepted=False, reason="busy", detail="training another round")
         return await self._start(start, held, self.worker, files)
 
-    async def _start(
-        self,
-        start: TrainingStart,
-        held: GlobalWeights,
-        worker: Worker,
-        files: LocatedFiles | None = None,
+    def _refusal(self, start: TrainingStart, held: GlobalWeights | None) -> TrainingStartAck | None:
+        """Whether ``start`` is refused now (:func:`refuse_round`), pending aside."""
+        return refuse_round(
+            start,
+            pause=self._pause(),
+            training=self.round_id,
+            worker_busy=self.worker is None or self.worker.is_busy,
+            tasks=_tasks_to_check(start.task),
+            held=HeldBase(version=held.version, task=held.task) if held else None,
+            now=time.time(),
+        )
+
+    async def _start_plain(
+        self, start: TrainingStart, held: GlobalWeights, worker: Worker
     ) -> TrainingStartAck:
+        """A round without a package that nothing refuses: ONE thread hop looks for its
+        pending update (then it is sent, as :meth:`on_training_start` does) and, when
+        there is none, prepares the work folder; the refusal is checked again after it."""
+        job = self._job(start, held)
+        pending, work, busy = self._pending, self._work, set(self._keeping)
+
+        def pending_or_prepare() -> bool:
+            if pending.get(start.round_id) is not None:
+                return True
+            work.prepare(job, busy=busy)
+            return False
+
+        try:
+            if await asyncio.to_thread(pending_or_prepare):
+                log.info(
+                    "round %s offered again; its update is trained, sending it", start.round_id
+                )
+                self._kick_uploads()
+                return TrainingStartAck(accepted=True)
+        except OSError as exc:
+            return TrainingStartAck(
+                accepted=False, reason="busy", detail=f"cannot prepare the work folder: {exc}"
+            )
+        refusal = self._refusal(start, held)  # what changed during the hop
+        if refusal is not None:
+            log.info("refused round %s: %s (%s)", start.round_id, refusal.reason, refusal.detail)
+            return refusal
+        return self._submit(start, job, worker)
+
+    def _job(
+        self, start: TrainingStart, held: GlobalWeights, files: LocatedFiles | None = None
+    ) -> TrainJob:
         # Keyed by the work, not the round id: the same work offered again (after a
         # restart, or retried under a new id) resumes from its checkpoint.
-        job = self._work.job(
+        return self._work.job(
             round_id=start.round_id,
             task=start.task,
             model_params=start.model_params,
@@ -392,14 +437,32 @@ class Rounds:
             data_path=files.data if files else None,
             data_sha256=files.data_sha256 if files else None,
         )
-        assert job.work_key is not None  # WorkDir.job always computes it
+
+    async def _start(
+        self,
+        start: TrainingStart,
+        held: GlobalWeights,
+        worker: Worker,
+        files: LocatedFiles | None = None,
+    ) -> TrainingStartAck:
+        job = self._job(start, held, files)
         try:
             # Checkpoints of other work can never be resumed: only this one's is kept.
             await asyncio.to_thread(self._work.prepare, job, busy=set(self._keeping))
-            worker.submit(job)
         except OSError as exc:
             return TrainingStartAck(
                 accepted=False, reason="busy", detail=f"cannot prepare the work folder: {exc}"
+            )
+        return self._submit(start, job, worker)
+
+    def _submit(self, start: TrainingStart, job: TrainJob, worker: Worker) -> TrainingStartAck:
+        """Hand ``job`` (its work folder prepared) to the worker; the round is current."""
+        assert job.work_key is not None  # WorkDir.job always computes it
+        try:
+            worker.submit(job)
+        except OSError as exc:
+            return TrainingStartAck(
+                accepted=False, reason="busy", detail=f"cannot start the worker: {exc}"
             )
         except FedtrayError as exc:
             return TrainingStartAck(accepted=False, reason="busy", detail=exc.message)

@@ -1,0 +1,70 @@
+"""BaseWeights: a new version is stored under its own name and the work built on older
+bases is deleted in the same hop, sparing the work in use; the held version again is not
+stored again."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+
+from client.atomicfile import file_identity
+from client.global_store import GlobalStore
+from client.protocol import WeightsGlobal
+from client.session.base_weights import BaseWeights
+from client.session.hub import SnapshotHub
+from client.settings_model import Settings
+from client.snapshot import ClientSnapshot
+from client.weights import encode, sha256_hex
+from client.workfiles import WorkDir
+
+
+def _message(version: int, fill: float) -> WeightsGlobal:
+    data = encode({"w": np.full((2, 3), fill, np.float32)}, "safetensors")
+    return WeightsGlobal.model_validate(
+        {
+            "version": version,
+            "task": "synthetic",
+            "weights": {
+                "format": "safetensors",
+                "size": len(data),
+                "sha256": sha256_hex(data),
+                "data": data,
+            },
+        }
+    )
+
+
+def test_a_newer_version_drops_older_work_but_the_busy_and_the_held_again_is_kept(
+    tmp_path: Path,
+) -> None:
+    asyncio.run(_newer_version(tmp_path))
+
+
+async def _newer_version(tmp_path: Path) -> None:
+    hub = SnapshotHub(
+        ClientSnapshot(settings=Settings(server_url="http://127.0.0.1:1", device_name="t"))
+    )
+    work = WorkDir(tmp_path / "work")
+    store = GlobalStore(tmp_path / "global")
+    busy = {"work-v1-" + "b" * 24}
+    weights = BaseWeights(hub, store, work=work, busy_keys=lambda: busy)
+    await weights.on_weights_global(_message(1, 1.0))
+    assert weights.held is not None and weights.held.version == 1
+    assert hub.current.weights_version == 1
+    work.directory.mkdir()
+    names = [f"work-v1-{c * 24}.ckpt" for c in "ab"] + [f"work-v2-{'c' * 24}.ckpt"]
+    for name in names:
+        (work.directory / name).write_bytes(b"x")
+    first = file_identity(weights.held.path)
+
+    await weights.on_weights_global(_message(1, 1.0))  # the held document again
+    assert file_identity(weights.held.path) == first
+    assert sorted(p.name for p in work.directory.iterdir()) == sorted(names)
+
+    await weights.on_weights_global(_message(2, 2.0))
+    assert weights.held.version == 2 and hub.current.weights_version == 2
+    # v1's work is dead but for the busy one; v2's is the held version's.
+    assert sorted(p.name for p in work.directory.iterdir()) == sorted(names[1:])
+    assert store.current() == weights.held
