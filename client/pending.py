@@ -14,7 +14,9 @@ Contract:
   An entry exists only once its sidecar exists. The size
   and SHA-256 are the ones the trainer computed while writing the output, when given
   (the file is then not read again here), else they are computed from the file;
-  :meth:`PendingStore.read` checks them before anything is sent. On a disk error
+  :meth:`PendingStore.read` checks them before anything is sent (an update over one
+  chunk is checked as it is sent instead, by :func:`client.transfer.send_file_blob`,
+  which holds back its last byte until the whole file matched). On a disk error
   it raises :class:`OSError`, and the update is left where it was (the owner moves it
   back when the sidecar could not be written).
 * :meth:`PendingStore.entries` lists complete entries, oldest first. Leftovers of a
