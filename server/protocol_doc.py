@@ -167,7 +167,9 @@ compatible server or client in another language.
    round): a device still training that round, or holding its trained update unsent,
    acks `{accepted: true}` and carries on (sends the update) — refusing `busy` would
    free its slot, and the update would then be `not_selected`.
-6. While training, the device sends `training:progress`; when paused it reports
+6. While training, the device sends `training:progress` (the reference client from half a
+   second into the job, then at most twice a second, so a shorter job sends none: its
+   `weights:submit` follows at once); when paused it reports
    `state: "paused"` with a `pauseReason`, and heartbeats say `paused` with a plain-words
    `pauseDetail`.
 7. When done, the device writes the update to disk, sends it as a blob (or inline when it
