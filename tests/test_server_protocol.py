@@ -34,8 +34,8 @@ from client.protocol import (
     Limits,
     events,
 )
-from client.transfer import send_blob, sha256_hex
-from client.weights import encode
+from client.transfer import send_blob
+from client.weights import encode, sha256_hex
 
 pytestmark = pytest.mark.timeout(60)
 
