@@ -20,7 +20,9 @@ no round starts at once; a version due for federated evaluation reaches the devi
 to evaluate it by ``weights:global`` first); its ``weights:global`` carries what is known
 then (the round's sample-weighted ``trainLoss``). Its evaluation on the server's test split
 (one kept model, :class:`server.model.Evaluator`) runs in the background, one at a time,
-stale versions skipped (:class:`server.evaluation.EvaluationQueue`), and is recorded into
+stale versions skipped, within a CPU budget (:class:`server.evaluation.EvaluationQueue`: at
+most a share of one core, so at rounds faster than it versions in between go unevaluated;
+the final version is always evaluated), and is recorded into
 that version's history record (and ``history.json``) when ready; a later ``weights:global``
 of that version carries it too. The status API may show a new version before its
 evaluation. A crash or stop before it is recorded leaves the record without one.
