@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -294,8 +295,12 @@ class GlobalModel:
             async with self._history_lock:
                 await self._write_history(saved, locked=True, new_version=new_version)
             return
+        if new_version:
+            write = self._store.commit_version
+        else:  # the saved version's history again: its save removed the older files
+            write = functools.partial(self._store.save_history, prune=False)
         await asyncio.to_thread(
-            self._store.commit_version if new_version else self._store.save_history,
+            write,
             task=self._task,
             version=saved.version,
             rounds_completed=saved.rounds_completed,

@@ -182,10 +182,12 @@ class Store:
         history: list[RoundRecord],
         optimizer_name: str | None = None,
         optimizer_sha256: str | None = None,
+        prune: bool = True,
     ) -> None:
         """Write ``history.json`` naming a weights file :meth:`save_weights` wrote (fsynced)
         and the optimizer file :meth:`save_optimizer` wrote for it (if any), then remove
-        the older weights and optimizer files."""
+        the older weights and optimizer files (``prune=False``: a rewrite of the saved
+        version's history, whose save removed them already, lists nothing)."""
         meta = _meta(
             task,
             version,
@@ -197,7 +199,8 @@ class Store:
             optimizer_sha256,
         )
         write_atomic(self.state_dir / HISTORY_FILE, meta)
-        self._remove_older(version)
+        if prune:
+            self._remove_older(version)
 
     def place_weights(self, version: int, data: bytes) -> str:
         """Write version ``version``'s safetensors document under its name, NOT fsynced
