@@ -263,11 +263,17 @@ class Store:
     def _remove_older(self, version: int) -> None:
         # Only older versions' files: a newer version's files may be written already (its
         # round is being saved while this version's evaluation is recorded).
-        for prefix in (_WEIGHTS_PREFIX, _OPTIMIZER_PREFIX):
-            for old in self.state_dir.glob(f"{prefix}*{_SUFFIX}"):
-                number = old.name.removeprefix(prefix).removesuffix(_SUFFIX)
-                if number.isdigit() and int(number) < version:
-                    old.unlink(missing_ok=True)
+        # One listing of the directory, plain strings (this runs every round).
+        with os.scandir(self.state_dir) as entries:
+            for entry in entries:
+                name = entry.name
+                if not name.endswith(_SUFFIX):
+                    continue
+                for prefix in (_WEIGHTS_PREFIX, _OPTIMIZER_PREFIX):
+                    number = name[len(prefix) : -len(_SUFFIX)]
+                    if name.startswith(prefix) and number.isdigit() and int(number) < version:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(entry.path)
 
 
 def _meta(
