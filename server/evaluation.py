@@ -23,10 +23,13 @@ after it ended. Its cost is the process's CPU time over the evaluation and its
 ``record`` (the history write), at most their wall time (:class:`Clock`): their own CPU
 when they are the only work (a round's work done meanwhile counts too, so a busy server
 evaluates less, never more). The first evaluation is free (it builds the model, and
-imports torch: a one-time cost, not a rate). The version evaluated when the budget allows
-is the newest one waiting then. At a round every few
-seconds (an evaluation of milliseconds) every version is evaluated; at rounds faster than
-the budget, versions in between are skipped. :meth:`drained` never waits for the budget:
+imports torch: a one-time cost, not a rate). Once the budget allows, a waiting version is
+evaluated at the next :meth:`submit` (right after a version is published: the newest one
+then), or when no version comes for as long again as the rest was; so an evaluation
+starts as a round starts (the server waits on the devices there), not in the middle of a
+later round's intake or aggregation. At a round every few seconds (an evaluation of
+milliseconds) every version is evaluated at once; at rounds faster than the budget,
+versions in between are skipped. :meth:`drained` never waits for the budget:
 the versions waiting are evaluated at once (the end of a federation, say).
 
 Owned by the server's one event loop; not thread-safe. ``evaluate`` runs the blocking
@@ -44,7 +47,7 @@ import importlib.util
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
 import numpy as np
@@ -156,6 +159,8 @@ class EvaluationQueue:
         self._idle.set()
         # Set by drained(): the versions waiting are evaluated without waiting for the budget.
         self._hurry = asyncio.Event()
+        # Set by submit(): a version was just published (when a rested queue starts).
+        self._submitted = asyncio.Event()
 
     @property
     def busy(self) -> bool:
@@ -171,6 +176,7 @@ class EvaluationQueue:
                 version,
             )
         self._pending = (version, state)
+        self._submitted.set()
         if self._idle.is_set():
             self._idle.clear()
             self._background.spawn(self._work(), f"evaluate-v{version}")
@@ -183,17 +189,26 @@ class EvaluationQueue:
         await self._idle.wait()
 
     async def _allowed(self) -> None:
-        """Wait until the budget allows the next evaluation, or :meth:`drained` hurries."""
+        """Wait until the budget allows the next evaluation, then for the next
+        :meth:`submit` (at most as long again): see the module doc. :meth:`drained` ends
+        either wait."""
         delay = self._budget.delay(self._clock.now())
         if delay <= 0.0 or self._hurry.is_set():
             return
-        sleeper = asyncio.ensure_future(self._clock.sleep(delay))
-        hurry = asyncio.ensure_future(self._hurry.wait())
+        await self._until(self._clock.sleep(delay))
+        if self._hurry.is_set():
+            return
+        self._submitted.clear()
+        await self._until(self._submitted.wait(), self._clock.sleep(delay))
+
+    async def _until(self, *waits: Coroutine[Any, Any, Any]) -> None:
+        """Return once the first of ``waits`` or :meth:`drained`'s hurry is done."""
+        tasks = [asyncio.ensure_future(w) for w in (*waits, self._hurry.wait())]
         try:
-            await asyncio.wait({sleeper, hurry}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            sleeper.cancel()
-            hurry.cancel()
+            for task in tasks:
+                task.cancel()
 
     async def _work(self) -> None:
         try:

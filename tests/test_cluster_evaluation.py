@@ -102,7 +102,7 @@ def test_versions_are_evaluated_one_at_a_time_latest_first_and_recorded_in_their
 def test_the_coordinator_keeps_the_single_process_cpu_budget() -> None:
     async def body() -> None:
         db = MemoryDB()
-        db.versions += [version(n) for n in range(5)]
+        db.versions += [version(n) for n in range(6)]
         scorer, clock = HeldScorer(), FakeClock()
         evaluation = ClusterEvaluation(
             task=get_task("synthetic", TINY),
@@ -127,12 +127,15 @@ def test_the_coordinator_keeps_the_single_process_cpu_budget() -> None:
         rest = 0.01 * (1 / EVALUATION_CPU_SHARE - 1)
         assert clock.sleeps[-1][0] == pytest.approx(clock.wall + rest)
         evaluation.submit(4, state(4.0))  # replaces 3
-        clock.advance(rest)
+        clock.advance(rest)  # rested: the next version is evaluated as it comes
+        await wait_until_async(lambda: len(clock.sleeps) == 2, 10, "waiting for a version")
+        evaluation.submit(5, state(5.0))
         await wait_until_async(lambda: len(scorer.calls) == 3, 10, "evaluation #3")
-        assert scorer.calls == [1.0, 2.0, 4.0]
+        assert scorer.calls == [1.0, 2.0, 5.0]
         scorer.release.release()
         await asyncio.wait_for(evaluation.drained(), scaled(10))
-        assert "evalLoss" in db.versions[4].metrics and "evalLoss" not in db.versions[3].metrics
+        assert "evalLoss" in db.versions[5].metrics
+        assert not {"evalLoss"} & (db.versions[3].metrics.keys() | db.versions[4].metrics.keys())
 
     run(body)
 

@@ -165,6 +165,14 @@ async def _evaluated(
     )
 
 
+async def _rest_out(clock: FakeClock, rest: float) -> None:
+    """Let the queue's rest pass, and then as long again without a new version."""
+    sleeps = len(clock.sleeps)
+    clock.advance(rest)
+    await wait_until_async(lambda: len(clock.sleeps) > sleeps, 5, "waiting for a version")
+    clock.advance(rest)
+
+
 def test_the_queue_waits_for_its_budget_then_evaluates_the_newest_version() -> None:
     async def scenario() -> None:
         gates, background, clock = _Gates(), Background(), FakeClock()
@@ -180,10 +188,16 @@ def test_the_queue_waits_for_its_budget_then_evaluates_the_newest_version() -> N
         clock.advance(0.05)
         await asyncio.sleep(0)
         assert gates.started == [1, 2] and queue.busy
-        clock.advance(0.04)
-        await _evaluated(gates, clock, 4, cost=0.02)
+        sleeps = len(clock.sleeps)
+        clock.advance(0.04)  # rested: now it waits for the next version, 0.09 s at most
+        await wait_until_async(lambda: len(clock.sleeps) > sleeps, 5, "waiting for a version")
+        assert clock.sleeps[-1][0] == pytest.approx(clock.wall + 0.09)
+        await asyncio.sleep(0)
+        assert gates.started == [1, 2]
+        queue.submit(5, _state(5.0))  # just published: evaluated at once, 4 skipped
+        await _evaluated(gates, clock, 5, cost=0.02)
         await asyncio.wait_for(queue.drained(), scaled(5))
-        assert gates.recorded == [(1, _metrics(1)), (2, _metrics(2)), (4, _metrics(4))]
+        assert gates.recorded == [(1, _metrics(1)), (2, _metrics(2)), (5, _metrics(5))]
         assert gates.most_running == 1
 
     asyncio.run(scenario())
@@ -200,12 +214,12 @@ def test_the_cost_is_the_cpu_used_at_most_the_wall_time() -> None:
         queue.submit(3, _state(3.0))
         await wait_until_async(lambda: clock.sleeping, 5, "the queue resting")
         assert clock.sleeps[-1][0] == pytest.approx(clock.wall + 0.2)
-        clock.advance(0.2)
+        await _rest_out(clock, 0.2)  # no new version: evaluated one rest later
         await _evaluated(gates, clock, 3, cost=0.1, cpu=0.3)  # other threads' CPU too
         queue.submit(4, _state(4.0))
         await wait_until_async(lambda: clock.sleeping, 5, "the queue resting")
         assert clock.sleeps[-1][0] == pytest.approx(clock.wall + 0.1)
-        clock.advance(0.1)
+        await _rest_out(clock, 0.1)
         await _evaluated(gates, clock, 4, cost=0.0)
         await asyncio.wait_for(queue.drained(), scaled(5))
 
@@ -248,7 +262,7 @@ def test_drained_evaluates_what_waits_at_once_and_the_budget_applies_again_after
         await wait_until_async(lambda: clock.sleeping, 5, "the queue resting again")
         assert clock.sleeps[-1][0] == pytest.approx(clock.wall + 4.5)
         assert 4 not in gates.started
-        clock.advance(4.5)
+        await _rest_out(clock, 4.5)
         await _evaluated(gates, clock, 4, cost=0.0)
 
     asyncio.run(scenario())
