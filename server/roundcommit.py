@@ -8,8 +8,9 @@ runs in one thread hop (its fsyncs side by side on a small pool of its own), so 
 costs the loop one hand-off, not one per file.
 
 * :meth:`RoundCommits.place` (on the loop, under the coordinator's aggregation lock) renames
-  a checked incoming file to its device's update file (no fsync) and notes its slot; the
-  fsync of its bytes is part of the commit that holds it. A device has at most one placed update:
+  a checked incoming file to its device's update file (no fsync), notes its slot, and
+  starts the fsync of its bytes at once (on the commits' pool: no hop back to the loop;
+  the commit that holds it waits for it). A device has at most one placed update:
   :meth:`RoundCommits.placed` is the one in flight (wait for it, then check again).
 * :meth:`RoundCommits.commit` returns once a ``round.json`` naming that update is durable;
   raises :class:`OSError` when the commit holding it failed (the update is then
@@ -39,7 +40,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +50,7 @@ __all__ = ["RoundCommits"]
 
 
 #: Threads for a commit's fsyncs run side by side (an fsync waits on the disk, not the CPU).
-_SYNCS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="round-fsync")
+_SYNCS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="round-fsync")
 
 
 def _fsync_file(path: Path) -> None:
@@ -60,13 +61,13 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _commit(store: RoundStore, saved: SavedRound, updates: list[Path]) -> None:
+def _commit(store: RoundStore, saved: SavedRound, updates: list[Future[None]]) -> None:
     """One commit, blocking (module docstring): side by side the fsync of each update's
-    bytes, of ``round/`` and ``round.json``'s temporary file written and fsynced (in this
-    thread); then, only when all of them succeeded, that file installed. Every fsync is
-    waited for before leaving, even when one fails; a sync failure is raised first."""
-    syncs = [_SYNCS.submit(_fsync_file, path) for path in updates]
-    syncs.append(_SYNCS.submit(store.sync_round_dir))
+    bytes (``updates``, started when each was placed), of ``round/`` and ``round.json``'s
+    temporary file written and fsynced (in this thread); then, only when all of them
+    succeeded, that file installed. Every fsync is waited for before leaving, even when
+    one fails; a sync failure is raised first."""
+    syncs = [*updates, _SYNCS.submit(store.sync_round_dir)]
     staged: Path | None = None
     stage_error: BaseException | None = None
     try:
@@ -89,7 +90,7 @@ def _commit(store: RoundStore, saved: SavedRound, updates: list[Path]) -> None:
 class _Placed:
     round_id: str
     slot: SavedSlot
-    path: Path  # the update file (its bytes fsynced by the commit that holds it)
+    synced: Future[None]  # the fsync of its bytes (on _SYNCS)
     done: asyncio.Future[None]  # settled (counted, given up or failed)
     snapshot: Callable[[], SavedRound]
 
@@ -125,7 +126,7 @@ class RoundCommits:
         self._placed[device_id] = _Placed(
             round_id=snapshot().round_id,
             slot=slot.model_copy(update={"update_file": name, "reported": True}),
-            path=self._store.update_path(name),
+            synced=_SYNCS.submit(_fsync_file, self._store.update_path(name)),
             done=loop.create_future(),
             snapshot=snapshot,
         )
@@ -181,4 +182,4 @@ class RoundCommits:
             if entry.round_id != saved.round_id:
                 raise RuntimeError("updates of two rounds in one commit")
             saved.slots[device_id] = entry.slot
-        await asyncio.to_thread(_commit, self._store, saved, [e.path for e in batch.values()])
+        await asyncio.to_thread(_commit, self._store, saved, [e.synced for e in batch.values()])
