@@ -10,9 +10,9 @@ an evaluation except :meth:`drained` (the end of a federation waits there so tha
 ``federation:finished`` carries the final version's evaluation).
 
 Stale versions are skipped, never queued: while one evaluation runs or waits for its
-budget at most one version waits, and a newer :meth:`submit` replaces it (logged), so
-memory holds at most two states and the evaluation never falls further behind than one
-version. The version being evaluated is always finished and recorded; a skipped version's
+budget at most one version waits, and a newer :meth:`submit` replaces it (logged at
+debug level), so memory holds at most two states and the evaluation never falls further
+behind than one version. The version being evaluated is always finished and recorded; a skipped version's
 record keeps no evaluation. The newest version is always evaluated. An evaluation lost to
 a stop or a crash is not redone: its version's record keeps no evaluation.
 
@@ -170,7 +170,8 @@ class EvaluationQueue:
     def submit(self, version: int, state: StateDict) -> None:
         """Evaluate ``version`` (holding ``state``) when the evaluator and its budget allow."""
         if self._pending is not None:
-            log.info(
+            # Debug: at rounds faster than the budget this is most rounds.
+            log.debug(
                 "skipping the evaluation of version %d: version %d is newer",
                 self._pending[0],
                 version,
