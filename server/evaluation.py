@@ -12,9 +12,10 @@ an evaluation except :meth:`drained` (the end of a federation waits there so tha
 Stale versions are skipped, never queued: while one evaluation runs or waits for its
 budget at most one version waits, and a newer :meth:`submit` replaces it (logged at
 debug level), so memory holds at most two states and the evaluation never falls further
-behind than one version. The version being evaluated is always finished and recorded; a skipped version's
-record keeps no evaluation. The newest version is always evaluated. An evaluation lost to
-a stop or a crash is not redone: its version's record keeps no evaluation.
+behind than one version. The version being evaluated is always finished and recorded;
+a skipped version's record keeps no evaluation. The newest version is always evaluated.
+An evaluation lost to a stop or a crash is not redone: its version's record keeps no
+evaluation.
 
 The CPU budget (:class:`EvaluationBudget`, pure): evaluations use at most ``cpu_share`` of
 one core over time (default :data:`EVALUATION_CPU_SHARE`): after an evaluation that cost
