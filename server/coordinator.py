@@ -20,7 +20,9 @@ no round starts at once; a version due for federated evaluation reaches the devi
 to evaluate it by ``weights:global`` first); its ``weights:global`` carries what is known
 then (the round's sample-weighted ``trainLoss``). Its evaluation on the server's test split
 (one kept model, :class:`server.model.Evaluator`) runs in the background, one at a time,
-stale versions skipped (:class:`server.evaluation.EvaluationQueue`), and is recorded into
+stale versions skipped, within a CPU budget (:class:`server.evaluation.EvaluationQueue`: at
+most a share of one core, so at rounds faster than it versions in between go unevaluated;
+the final version is always evaluated), and is recorded into
 that version's history record (and ``history.json``) when ready; a later ``weights:global``
 of that version carries it too. The status API may show a new version before its
 evaluation. A crash or stop before it is recorded leaves the record without one.
@@ -84,7 +86,7 @@ from server.device_wait import DeviceWait
 from server.distribution import Distributor
 from server.evaluation import EvaluationQueue, Metrics
 from server.fedeval import FederatedEvaluation
-from server.globalmodel import GlobalModel
+from server.globalmodel import GlobalModel, Prepared
 from server.intake import UpdateIntake
 from server.model import Evaluator, ModelEvaluator
 from server.phase import PhaseMachine
@@ -95,7 +97,7 @@ from server.rounds import Round, abandon_detail, awaiting_return, drop_stale, se
 from server.roundstore import RoundStore
 from server.starter import RoundStarter
 from server.status import RoundRecord, RoundTiming
-from server.strategies import FileUpdates, Strategy
+from server.strategies import Aggregate, FileUpdates, Strategy
 from server.taskfile import PackageTask
 
 log = logging.getLogger(__name__)
@@ -480,10 +482,18 @@ class RoundCoordinator:
                 if slot.state == "reported"
             ],
         )
-        aggregate = await asyncio.to_thread(self.strategy.result, kept)
-        new_state = aggregate.weights
         version = self._model.version + 1
-        prepared = await self._model.prepare(new_state, version, aggregate.optimizer_state)
+
+        def aggregate_and_prepare() -> tuple[Aggregate, Prepared]:
+            # One thread hop for both: the new state is encoded, hashed and written where
+            # it was computed (GlobalModel.prepare_blocking).
+            result = self.strategy.result(kept)
+            return result, self._model.prepare_blocking(
+                result.weights, version, result.optimizer_state
+            )
+
+        aggregate, prepared = await asyncio.to_thread(aggregate_and_prepare)
+        new_state = aggregate.weights
         train_loss = weighted_mean(
             [
                 (slot.metrics["trainLoss"], slot.num_samples)

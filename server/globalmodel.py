@@ -27,13 +27,16 @@ whose optimizer state cannot be written is not saved (as when its weights cannot
 :attr:`GlobalModel.optimizer_state` is the state saved with the adopted version.
 :meth:`GlobalModel.encoded` encodes the current version once per other format (in a
 thread) and caches it until the next version. Owned by the server's one event loop;
-blocking work (encoding, hashing, saving) runs in threads.
+blocking work (encoding, hashing, saving) runs in threads (:meth:`GlobalModel.
+prepare_blocking` is ``prepare``'s work for a caller already in a worker thread: the
+coordinator's aggregation, one hop for both).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -160,11 +163,14 @@ class GlobalModel:
         file, then ``optimizer_state`` (if any) as its optimizer file (not yet fsynced:
         :meth:`persist` does; a failure is logged and leaves ``weights_file`` None). One
         thread hop for all of it."""
-        return await asyncio.to_thread(self._prepare, state, version, optimizer_state)
+        return await asyncio.to_thread(self.prepare_blocking, state, version, optimizer_state)
 
-    def _prepare(
-        self, state: StateDict, version: int, optimizer_state: StateDict | None
+    def prepare_blocking(
+        self, state: StateDict, version: int, optimizer_state: StateDict | None = None
     ) -> Prepared:
+        """:meth:`prepare` in the caller's thread (blocking: call it from a worker thread,
+        e.g. the one that computed ``state``, to save a hop). Reads and changes no state of
+        this object."""
         encoded = encode(state, "safetensors")
         digest = sha256_hex(encoded)
         opt_name: str | None = None
@@ -294,8 +300,12 @@ class GlobalModel:
             async with self._history_lock:
                 await self._write_history(saved, locked=True, new_version=new_version)
             return
+        if new_version:
+            write = self._store.commit_version
+        else:  # the saved version's history again: its save removed the older files
+            write = functools.partial(self._store.save_history, prune=False)
         await asyncio.to_thread(
-            self._store.commit_version if new_version else self._store.save_history,
+            write,
             task=self._task,
             version=saved.version,
             rounds_completed=saved.rounds_completed,

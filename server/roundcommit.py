@@ -3,12 +3,14 @@
 Contract: :class:`RoundCommits` makes an accepted update durable -- its bytes, its name in
 ``round/`` and a ``round.json`` naming it -- before the server acknowledges it, with as
 few fsyncs one after the other as that order allows, and one commit for every update
-that is ready at the same time. Owned by the server's event loop; the file work runs in
-threads.
+that is ready at the same time. Owned by the server's event loop; a commit's file work
+runs in one thread hop (its fsyncs side by side on a small pool of its own), so a commit
+costs the loop one hand-off, not one per file.
 
 * :meth:`RoundCommits.place` (on the loop, under the coordinator's aggregation lock) renames
   a checked incoming file to its device's update file (no fsync), notes its slot, and
-  starts the fsync of its bytes at once. A device has at most one placed update:
+  starts the fsync of its bytes at once (on the commits' pool: no hop back to the loop;
+  the commit that holds it waits for it). A device has at most one placed update:
   :meth:`RoundCommits.placed` is the one in flight (wait for it, then check again).
 * :meth:`RoundCommits.commit` returns once a ``round.json`` naming that update is durable;
   raises :class:`OSError` when the commit holding it failed (the update is then
@@ -38,13 +40,17 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from server.roundstore import RoundStore, SavedRound, SavedSlot
 
 __all__ = ["RoundCommits"]
+
+
+#: Threads for a commit's fsyncs run side by side (an fsync waits on the disk, not the CPU).
+_SYNCS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="round-fsync")
 
 
 def _fsync_file(path: Path) -> None:
@@ -55,11 +61,36 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def _commit(store: RoundStore, saved: SavedRound, updates: list[Future[None]]) -> None:
+    """One commit, blocking (module docstring): side by side the fsync of each update's
+    bytes (``updates``, started when each was placed), of ``round/`` and ``round.json``'s
+    temporary file written and fsynced (in this thread); then, only when all of them
+    succeeded, that file installed. Every fsync is waited for before leaving, even when
+    one fails; a sync failure is raised first."""
+    syncs = [*updates, _SYNCS.submit(store.sync_round_dir)]
+    staged: Path | None = None
+    stage_error: BaseException | None = None
+    try:
+        staged = store.stage(saved)
+    except BaseException as exc:  # raised below, once every fsync has ended
+        stage_error = exc
+    failed = next((e for e in (f.exception() for f in syncs) if e is not None), None)
+    if failed is not None:
+        if staged is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(staged)
+        raise failed
+    if stage_error is not None:
+        raise stage_error
+    if staged is not None:  # always, once stage returned
+        store.install(staged)
+
+
 @dataclass
 class _Placed:
     round_id: str
     slot: SavedSlot
-    synced: asyncio.Future[None]  # the fsync of its bytes
+    synced: Future[None]  # the fsync of its bytes (on _SYNCS)
     done: asyncio.Future[None]  # settled (counted, given up or failed)
     snapshot: Callable[[], SavedRound]
 
@@ -91,13 +122,11 @@ class RoundCommits:
         if device_id in self._placed:
             raise RuntimeError(f"an update of {device_id} is being committed already")
         name = self._store.place_update(device_id, incoming)
-        path = self._store.update_path(name)
         loop = asyncio.get_running_loop()
-        synced = asyncio.ensure_future(asyncio.to_thread(_fsync_file, path))
         self._placed[device_id] = _Placed(
             round_id=snapshot().round_id,
             slot=slot.model_copy(update={"update_file": name, "reported": True}),
-            synced=synced,
+            synced=_SYNCS.submit(_fsync_file, self._store.update_path(name)),
             done=loop.create_future(),
             snapshot=snapshot,
         )
@@ -153,20 +182,4 @@ class RoundCommits:
             if entry.round_id != saved.round_id:
                 raise RuntimeError("updates of two rounds in one commit")
             saved.slots[device_id] = entry.slot
-        store = self._store
-        staged = asyncio.ensure_future(asyncio.to_thread(store.stage, saved))
-        syncs: list[asyncio.Future[None]] = [
-            asyncio.ensure_future(asyncio.to_thread(store.sync_round_dir)),
-            *(e.synced for e in batch.values()),
-        ]
-        # Every part is waited for before leaving, even when one fails.
-        parts: list[asyncio.Future[Any]] = [staged, *syncs]
-        await asyncio.wait(parts)
-        errors = [f.exception() for f in syncs]  # each retrieved (no "never retrieved" log)
-        failed = next((e for e in errors if e is not None), None)
-        if failed is not None:
-            if staged.exception() is None:
-                with contextlib.suppress(OSError):
-                    os.unlink(staged.result())
-            raise failed
-        await asyncio.to_thread(store.install, staged.result())
+        await asyncio.to_thread(_commit, self._store, saved, [e.synced for e in batch.values()])

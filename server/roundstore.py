@@ -106,7 +106,12 @@ class RoundStore:
     def incoming_path(self, device_id: str) -> Path:
         """A fresh path in ``round/`` for an update being checked (the folder exists)."""
         folder = self.state_dir / ROUND_DIR
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            os.mkdir(folder)
+        except FileExistsError:
+            pass  # the usual case: one system call, no second stat
+        except FileNotFoundError:
+            folder.mkdir(parents=True, exist_ok=True)
         stem = self.update_file_name(device_id).removesuffix(".safetensors")
         return folder / f"{stem}.{secrets.token_hex(4)}.incoming"
 
@@ -233,12 +238,16 @@ class RoundStore:
 
     def clear(self) -> None:
         """Forget the open round: ``round.json`` first, then the updates (idempotent)."""
-        (self.state_dir / ROUND_FILE).unlink(missing_ok=True)
-        folder = self.state_dir / ROUND_DIR
-        if folder.is_dir():
-            for path in folder.iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.state_dir, ROUND_FILE))
+        try:
+            entries = os.scandir(os.path.join(self.state_dir, ROUND_DIR))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        with entries:  # plain strings, no Path per file: this runs twice a round
+            for entry in entries:
                 with contextlib.suppress(OSError):
-                    path.unlink()
+                    os.unlink(entry.path)
 
 
 @contextlib.contextmanager

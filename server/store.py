@@ -182,10 +182,12 @@ class Store:
         history: list[RoundRecord],
         optimizer_name: str | None = None,
         optimizer_sha256: str | None = None,
+        prune: bool = True,
     ) -> None:
         """Write ``history.json`` naming a weights file :meth:`save_weights` wrote (fsynced)
         and the optimizer file :meth:`save_optimizer` wrote for it (if any), then remove
-        the older weights and optimizer files."""
+        the older weights and optimizer files (``prune=False``: a rewrite of the saved
+        version's history, whose save removed them already, lists nothing)."""
         meta = _meta(
             task,
             version,
@@ -197,7 +199,8 @@ class Store:
             optimizer_sha256,
         )
         write_atomic(self.state_dir / HISTORY_FILE, meta)
-        self._remove_older(version)
+        if prune:
+            self._remove_older(version)
 
     def place_weights(self, version: int, data: bytes) -> str:
         """Write version ``version``'s safetensors document under its name, NOT fsynced
@@ -260,11 +263,17 @@ class Store:
     def _remove_older(self, version: int) -> None:
         # Only older versions' files: a newer version's files may be written already (its
         # round is being saved while this version's evaluation is recorded).
-        for prefix in (_WEIGHTS_PREFIX, _OPTIMIZER_PREFIX):
-            for old in self.state_dir.glob(f"{prefix}*{_SUFFIX}"):
-                number = old.name.removeprefix(prefix).removesuffix(_SUFFIX)
-                if number.isdigit() and int(number) < version:
-                    old.unlink(missing_ok=True)
+        # One listing of the directory, plain strings (this runs every round).
+        with os.scandir(self.state_dir) as entries:
+            for entry in entries:
+                name = entry.name
+                if not name.endswith(_SUFFIX):
+                    continue
+                for prefix in (_WEIGHTS_PREFIX, _OPTIMIZER_PREFIX):
+                    number = name[len(prefix) : -len(_SUFFIX)]
+                    if name.startswith(prefix) and number.isdigit() and int(number) < version:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(entry.path)
 
 
 def _meta(

@@ -25,8 +25,10 @@ from server.cluster.contracts import ClusterError, VersionRow
 from server.cluster.coordinator import ClusterCoordinator
 from server.cluster.ending import federation_status, final_metrics, finish_federation
 from server.cluster.evaluation import ClusterEvaluation
+from server.evaluation import EVALUATION_CPU_SHARE
 from tests.cluster_memory import MemoryDB
 from tests.test_cluster_coordinator import INITIAL, LAYOUT, POLL, Cluster, Worker, _update
+from tests.test_server_evaluation import FakeClock
 from tests.waiting import scaled, wait_until_async
 
 T = TypeVar("T")
@@ -93,6 +95,47 @@ def test_versions_are_evaluated_one_at_a_time_latest_first_and_recorded_in_their
         assert metrics[1] == {"trainLoss": 9.0, "evalLoss": 1.0, "evalAccuracy": 0.1}
         assert metrics[2] == {"trainLoss": 9.0}  # skipped for a newer one
         assert metrics[3] == {"trainLoss": 9.0, "evalLoss": 3.0, "evalAccuracy": 0.3}
+
+    run(body)
+
+
+def test_the_coordinator_keeps_the_single_process_cpu_budget() -> None:
+    async def body() -> None:
+        db = MemoryDB()
+        db.versions += [version(n) for n in range(6)]
+        scorer, clock = HeldScorer(), FakeClock()
+        evaluation = ClusterEvaluation(
+            task=get_task("synthetic", TINY),
+            db=db,
+            background=Background(),
+            scorer=scorer,
+            clock=clock,
+        )
+
+        async def evaluated(n: int, cost: float) -> None:
+            await wait_until_async(lambda: len(scorer.calls) == n, 10, f"evaluation #{n}")
+            clock.advance(cost)
+            scorer.release.release()
+            await wait_until_async(lambda: "evalLoss" in db.versions[n].metrics, 10, f"v{n}")
+
+        evaluation.submit(1, state(1.0))
+        await evaluated(1, 3.0)  # the first is free
+        evaluation.submit(2, state(2.0))
+        await evaluated(2, 0.01)
+        evaluation.submit(3, state(3.0))
+        await wait_until_async(lambda: clock.sleeping, 10, "resting")
+        rest = 0.01 * (1 / EVALUATION_CPU_SHARE - 1)
+        assert clock.sleeps[-1][0] == pytest.approx(clock.wall + rest)
+        evaluation.submit(4, state(4.0))  # replaces 3
+        clock.advance(rest)  # rested: the next version is evaluated as it comes
+        await wait_until_async(lambda: len(clock.sleeps) == 2, 10, "waiting for a version")
+        evaluation.submit(5, state(5.0))
+        await wait_until_async(lambda: len(scorer.calls) == 3, 10, "evaluation #3")
+        assert scorer.calls == [1.0, 2.0, 5.0]
+        scorer.release.release()
+        await asyncio.wait_for(evaluation.drained(), scaled(10))
+        assert "evalLoss" in db.versions[5].metrics
+        assert not {"evalLoss"} & (db.versions[3].metrics.keys() | db.versions[4].metrics.keys())
 
     run(body)
 

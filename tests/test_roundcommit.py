@@ -125,6 +125,39 @@ def test_a_failed_commit_fails_its_updates_and_forgets_them(tmp_path: Path) -> N
     assert not list(tmp_path.glob(".round.json.*"))
 
 
+class FailingDirSync(CountingStore):
+    """``round/``'s fsync fails once: the update's name is not durable."""
+
+    def __init__(self, state_dir: Path) -> None:
+        super().__init__(state_dir)
+        self.refuse_dir_syncs = 1
+
+    def sync_round_dir(self) -> None:
+        if self.refuse_dir_syncs:
+            self.refuse_dir_syncs -= 1
+            raise OSError("I/O error on round/")
+        super().sync_round_dir()
+
+
+def test_a_failed_fsync_installs_nothing_and_leaves_no_temporary_file(tmp_path: Path) -> None:
+    store = FailingDirSync(tmp_path)
+
+    async def main() -> None:
+        commits = RoundCommits(store)
+        commits.place("a", _incoming(store, "a"), _slot(0), _round)
+        with pytest.raises(OSError, match="I/O error on round/"):
+            await commits.commit("a")
+        assert commits.placed("a") is None
+        assert store.stages == 1 and store.installs == []  # staged, never installed
+        assert store.load() is None and not list(tmp_path.glob(".round.json.*"))
+        commits.place("b", _incoming(store, "b"), _slot(1), _round)
+        await commits.commit("b")
+
+    asyncio.run(main())
+    saved = store.load()
+    assert saved is not None and not saved.slots["a"].reported and saved.slots["b"].reported
+
+
 def test_one_placed_update_per_device_until_it_is_settled(tmp_path: Path) -> None:
     store = CountingStore(tmp_path)
 

@@ -216,3 +216,42 @@ def test_an_evaluation_already_saved_is_not_written_again(
     saved = Store(tmp_path).load("digits", layout_of(STATE))
     assert saved is not None and saved.history[-1].eval_accuracy == 0.5
     assert saved.history[-1].federated_eval_loss == 0.5
+
+
+@pytest.mark.parametrize(
+    ("prune", "left"), [(True, ["global-v2"]), (False, ["global-v1", "global-v2"])]
+)
+def test_a_history_rewrite_without_prune_lists_and_removes_nothing(
+    tmp_path: Path, prune: bool, left: list[str]
+) -> None:
+    store = Store(tmp_path)
+    for version in (1, 2):
+        store.save_weights(version, b"w")
+    store.save_history(
+        task="t",
+        version=2,
+        rounds_completed=2,
+        weights_name="global-v2.safetensors",
+        weights_sha256="x",
+        history=[_record(2)],
+        prune=prune,
+    )
+    assert sorted(p.stem for p in tmp_path.glob("*.safetensors")) == left
+    assert json.loads((tmp_path / HISTORY_FILE).read_text())["version"] == 2
+
+
+def test_an_evaluation_recorded_later_leaves_only_the_saved_versions_files(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        model = GlobalModel(Store(tmp_path), "synthetic")
+        model.adopt(STATE, layout_of(STATE), None)
+        for version in (1, 2):
+            prepared = await model.prepare(STATE, version)
+            assert await model.persist(prepared, _record(version))
+            model.publish(prepared, _record(version), {})
+        assert await model.record_evaluation(2, {"evalLoss": 0.1, "evalAccuracy": 0.9})
+        assert await model.record_evaluation(1, {"evalLoss": 0.2, "evalAccuracy": 0.8})
+
+    asyncio.run(scenario())
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["global-v2.safetensors"]
+    history = json.loads((tmp_path / HISTORY_FILE).read_text())["history"]
+    assert [r["evalAccuracy"] for r in history] == [0.8, 0.9]

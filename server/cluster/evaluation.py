@@ -4,7 +4,9 @@ Contract: :class:`ClusterEvaluation` is what the elected coordinator
 (:class:`server.cluster.coordinator.ClusterCoordinator`, its ``published`` hook) hands each
 version it published, with the version's weights. As the single-process server
 (:mod:`server.coordinator`), it evaluates them one at a time in the background, latest
-first, stale versions skipped (:class:`server.evaluation.EvaluationQueue`), the blocking
+first, stale versions skipped, within the same CPU budget
+(:class:`server.evaluation.EvaluationQueue`, :data:`server.evaluation.EVALUATION_CPU_SHARE`
+of one core; :meth:`drained` never waits for it), the blocking
 work in a thread (torch is imported there, by :class:`server.model.Evaluator`, as the
 single-process server does), and records ``evalLoss``/``evalAccuracy`` into the version's
 row in PostgreSQL (:meth:`EvaluationRecorder.record_evaluation`) when ready: a version is
@@ -32,7 +34,7 @@ from client.tasks import Task
 from client.weights import StateDict
 from server.background import Background
 from server.cluster.contracts import ClusterError
-from server.evaluation import EvaluationQueue, Metrics, TestSplit, test_split
+from server.evaluation import Clock, EvaluationQueue, Metrics, TestSplit, test_split
 
 __all__ = ["ClusterEvaluation", "EvaluationRecorder"]
 
@@ -58,6 +60,7 @@ class ClusterEvaluation:
         db: EvaluationRecorder,
         background: Background,
         scorer: Scorer | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self._task = task
         self._db = db
@@ -65,7 +68,7 @@ class ClusterEvaluation:
         self._split: TestSplit | None = None
         self._split_read = False
         self._queue = EvaluationQueue(
-            evaluate=self._evaluate, record=self._record, background=background
+            evaluate=self._evaluate, record=self._record, background=background, clock=clock
         )
 
     def submit(self, version: int, state: StateDict) -> None:
