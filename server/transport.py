@@ -41,12 +41,19 @@ It performs no I/O of its own beyond python-socketio's.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import engineio
+import engineio.async_socket
 import socketio
+from aiohttp import web
+from socketio import packet as sio_packet
+
+from server.eventframe import MESSAGE, EventPrefixes, ack_packet, event_prefixes, match_acked_event
 
 __all__ = ["DeviceServer", "TransportTiming", "transport_timing"]
 
@@ -88,11 +95,57 @@ def transport_timing(heartbeat_interval: float) -> TransportTiming:
 
 _HOOKS = ("_handle_event", "_handle_event_internal")
 
+#: The private names the lean path relies on (python-socketio's and python-engineio's),
+#: checked once at construction; a public name's absence would fail just as loudly.
+_LEAN_HOOKS: tuple[tuple[type, str], ...] = (
+    (socketio.AsyncServer, "_handle_eio_message"),
+    (socketio.AsyncServer, "_trigger_event"),
+    (socketio.AsyncServer, "_send_packet"),
+    (engineio.AsyncServer, "create_queue"),
+    (engineio.async_socket.AsyncSocket, "_websocket_handler"),
+    (engineio.async_socket.AsyncSocket, "check_ping_timeout"),
+)
+
+
+class WriterQueue(asyncio.Queue[Any]):
+    """One connection's outgoing Engine.IO queue that knows when its writer is idle: blocked
+    in :meth:`get` on an empty queue, having written everything it took."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._waiting = 0
+
+    async def get(self) -> Any:
+        self._waiting += 1
+        try:
+            return await super().get()
+        finally:
+            self._waiting -= 1
+
+    def writer_idle(self) -> bool:
+        """True when nothing is queued and a reader waits (so nothing is being written)."""
+        return self._waiting > 0 and self.empty()
+
+
+def _tracking_driver(base: type) -> type:
+    """python-engineio's websocket driver class ``base``, remembering on the Engine.IO
+    socket it serves (the owner of the bound handler it is built with) which driver it is."""
+
+    class TrackedWebSocket(base):  # type: ignore[misc]
+        async def __call__(self, environ: dict[str, Any]) -> Any:
+            owner = getattr(self.handler, "__self__", None)
+            if owner is not None:
+                owner.fedtray_websocket = self
+            return await super().__call__(environ)
+
+    return TrackedWebSocket
+
 
 class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
-    """``socketio.AsyncServer`` that handles ``inline_events`` inline (see the module)."""
+    """``socketio.AsyncServer`` that handles ``inline_events`` inline, and by the lean path
+    when ``lean`` (see the module)."""
 
-    def __init__(self, *, inline_events: Iterable[str], **kwargs: Any) -> None:
+    def __init__(self, *, inline_events: Iterable[str], lean: bool = True, **kwargs: Any) -> None:
         super().__init__(async_handlers=True, **kwargs)
         # Engine.IO's message handler (python-socketio's dispatch) in the read loop: see the
         # module for why nothing slow is awaited there.
@@ -101,8 +154,117 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
         if not all(callable(getattr(socketio.AsyncServer, name, None)) for name in _HOOKS):
             log.warning("this python-socketio has no %s: every event runs in its own task", _HOOKS)
             self._inline = frozenset()
-        #: Events handled inline since construction.
+        #: Events handled inline since construction (by either path).
         self.inline_handled = 0
+        #: Events handled by the lean path since construction (a part of ``inline_handled``).
+        self.lean_handled = 0
+        #: Acks of the lean path written straight to the websocket since construction.
+        self.acks_written = 0
+        self._lean_prefixes: EventPrefixes = ()
+        if lean and self._inline:
+            missing = self._lean_missing()
+            if missing:
+                log.warning(
+                    "this python-socketio/python-engineio has no %s: %s go the library's way",
+                    ", ".join(missing),
+                    ", ".join(sorted(self._inline)),
+                )
+            else:
+                self._install_lean()
+
+    # --------------------------------------------------------------- the lean path
+
+    def _lean_missing(self) -> list[str]:
+        """The names the lean path relies on that this python-socketio/-engineio lacks."""
+        missing = [
+            f"{owner.__name__}.{name}"
+            for owner, name in _LEAN_HOOKS
+            if not callable(getattr(owner, name, None))
+        ]
+        if not isinstance(getattr(self, "_binary_packet", None), dict):
+            missing.append("AsyncServer._binary_packet")
+        if not isinstance(getattr(self.eio, "sockets", None), dict):
+            missing.append("engineio.AsyncServer.sockets")
+        drivers = getattr(self.eio, "_async", None)
+        if not isinstance(drivers, dict) or not isinstance(drivers.get("websocket"), type):
+            missing.append("engineio.AsyncServer._async['websocket']")
+        json_module = getattr(self.packet_class, "json", None)
+        if not (
+            callable(getattr(json_module, "loads", None))
+            and callable(getattr(json_module, "dumps", None))
+        ):
+            missing.append("Packet.json")
+        return missing
+
+    def _install_lean(self) -> None:
+        """Take over Engine.IO's queues and websocket driver (this server's own copies)."""
+        self._lean_prefixes = event_prefixes(self._inline)
+        self._loads: Callable[[str], Any] = self.packet_class.json.loads
+        self._dumps: Callable[..., str] = self.packet_class.json.dumps
+        self.eio.create_queue = WriterQueue
+        drivers = dict(self.eio._async)
+        drivers["websocket"] = _tracking_driver(drivers["websocket"])
+        self.eio._async = drivers
+
+    async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
+        if self._lean_prefixes and eio_sid not in self._binary_packet:
+            match = match_acked_event(data, self._lean_prefixes)
+            if match is not None and await self._handle_lean(eio_sid, data, *match):
+                return
+        await super()._handle_eio_message(eio_sid, data)
+
+    async def _handle_lean(self, eio_sid: str, data: str, ack_id: int, start: int) -> bool:
+        """Handle a matched packet; False (before doing anything) to leave it to the library."""
+        try:
+            args = self._loads(data[start:])
+        except ValueError:
+            return False  # the library raises the same, where it is logged
+        if type(args) is not list or not args or args[0] not in self._inline:
+            return False
+        sid = self.manager.sid_from_eio_sid(eio_sid, "/")
+        if sid is None or not self.manager.is_connected(sid, "/"):
+            return False  # the library logs it and drops the event
+        self.inline_handled += 1
+        self.lean_handled += 1
+        answer = await self._trigger_event(args[0], "/", sid, *args[1:])
+        if answer is self.not_handled:
+            return True
+        reply = [] if answer is None else list(answer) if isinstance(answer, tuple) else [answer]
+        if self.packet_class.data_is_binary(reply):
+            await self._send_packet(
+                eio_sid, self.packet_class(sio_packet.ACK, namespace="/", id=ack_id, data=reply)
+            )
+            return True
+        await self._send_ack(eio_sid, ack_packet(ack_id, reply, self._dumps))
+        return True
+
+    async def _send_ack(self, eio_sid: str, ack: str) -> None:
+        """Write ``ack`` straight to the connection's websocket when its writer is idle
+        (nothing queued before it), else queue it the library's way."""
+        socket = self.eio.sockets.get(eio_sid)
+        queue = getattr(socket, "queue", None)
+        out = getattr(getattr(socket, "fedtray_websocket", None), "_sock", None)
+        if (
+            not isinstance(out, web.WebSocketResponse)
+            or not isinstance(queue, WriterQueue)
+            or not queue.writer_idle()
+            or not getattr(socket, "upgraded", False)
+            or getattr(socket, "upgrading", True)
+            or getattr(socket, "closing", True)
+            or getattr(socket, "closed", True)
+        ):
+            await self.eio.send(eio_sid, ack)
+            return
+        if not await socket.check_ping_timeout():
+            return  # Engine.IO closed it (as its send would have)
+        try:
+            await out.send_str(MESSAGE + ack)
+        except Exception as exc:  # as Engine.IO's writer: the connection is going away
+            log.debug("could not write an ack to %s: %s", eio_sid, exc)
+            return
+        self.acks_written += 1
+
+    # --------------------------------------------------------------- inline, library path
 
     async def _handle_event(self, eio_sid: str, namespace: str | None, id: Any, data: Any) -> None:
         if not (self._inline and isinstance(data, list) and data and data[0] in self._inline):
