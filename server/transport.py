@@ -35,8 +35,39 @@ Contract:
   awaited); either can only hold back the packets of its own connection, which the peer
   sends after the CONNECT is answered or not at all after a DISCONNECT. Each connection's
   packets are thus handled in the order they arrived.
+* **The lean path** (``lean=True``, the default): python-socketio's
+  ``_handle_eio_message`` is overridden so that a text packet that
+  :func:`server.eventframe.match_acked_event` recognises as an acked EVENT of an inline
+  event on the default namespace (no binary packet of the connection half-received) is
+  parsed once (python-socketio's JSON module) and its handler run at once through
+  python-socketio's ``_trigger_event`` -- the same handler, so the same validation and the
+  same ``ErrorAck`` for every bad input -- and its ack encoded once
+  (:func:`server.eventframe.ack_packet`: byte for byte the library's). The ack is written
+  straight to the connection's websocket (aiohttp's ``send_str``) only when the
+  connection's Engine.IO writer is idle -- nothing queued, nothing taken and not yet
+  written (:class:`WriterQueue`, the queue Engine.IO creates through ``create_queue``) --
+  the socket is upgraded, not upgrading or closing, and Engine.IO's ping check passes
+  (``check_ping_timeout``, which closes a peer that missed its pong, as Engine.IO's own
+  send does); otherwise it is queued the library's way. So an ack never overtakes a packet
+  queued for the same connection before it, and packets are still handled in arrival
+  order. Everything else -- other events, binary packets, other namespaces, an event
+  without an ack id, JSON that does not parse, a connection not (or no longer) on the
+  namespace, an answer with binary parts -- goes through the library's path unchanged.
+  A direct write that fails (the connection is closing) is dropped, as Engine.IO's writer
+  drops it; while the write waits for the socket to drain, that connection's later
+  packets wait (back-pressure on a peer that does not read). It relies on private names of
+  python-socketio and python-engineio (``_LEAN_HOOKS``, ``AsyncServer._binary_packet``,
+  the websocket driver in ``engineio.AsyncServer._async``, which it replaces with a
+  subclass in this server's own copy of the table), all checked once at construction:
+  when one is missing it logs one warning and every event goes the library's way
+  (behaviour unchanged, only slower). The driver's aiohttp response (its ``_sock``) and
+  the Engine.IO socket's state are read at each ack: without them the ack is queued the
+  library's way. Counters:
+  :attr:`DeviceServer.lean_handled` (events handled by the lean path, also counted in
+  ``inline_handled``) and :attr:`DeviceServer.acks_written` (acks written straight).
 
-It performs no I/O of its own beyond python-socketio's.
+It performs no I/O of its own beyond python-socketio's, and the lean path's writes of acks
+the library would have sent.
 """
 
 from __future__ import annotations
