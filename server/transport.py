@@ -50,9 +50,22 @@ Contract:
   (``check_ping_timeout``, which closes a peer that missed its pong, as Engine.IO's own
   send does); otherwise it is queued the library's way. So an ack never overtakes a packet
   queued for the same connection before it, and packets are still handled in arrival
-  order. Everything else -- other events, binary packets, other namespaces, an event
-  without an ack id, JSON that does not parse, a connection not (or no longer) on the
-  namespace, an answer with binary parts -- goes through the library's path unchanged.
+  order. On a websocket the lean path runs one level lower still: python-engineio's
+  websocket driver (replaced by a subclass, see below) hands each text message it reads
+  to :meth:`DeviceServer._read_inline`, which handles a matched one right there and reads
+  on, without returning it to Engine.IO's read loop (no task, timer and packet decode per
+  message there); any other message is returned to that loop as before, so arrival order
+  holds. Engine.IO's read deadline (``ping_interval + ping_timeout``) restarts only when
+  its loop gets a message, so a read hands messages inline only during the first half of
+  that deadline; past it, the next message goes through the loop (and the lean path from
+  there). A connection is thus still dropped at most ``ping_interval + ping_timeout``
+  after its last packet, and never before half of that; pongs always reach the loop. A
+  message over ``max_http_buffer_size`` is returned to the loop, which refuses it as
+  before; an exception from an inline handler is logged and reading goes on (as
+  Engine.IO's loop does). Everything else -- other events, binary packets, other
+  namespaces, an event without an ack id, JSON that does not parse, a connection not (or
+  no longer) on the namespace, an answer with binary parts -- goes through the library's
+  path unchanged.
   A direct write that fails (the connection is closing) is dropped, as Engine.IO's writer
   drops it; while the write waits for the socket to drain, that connection's later
   packets wait (back-pressure on a peer that does not read). It relies on private names of
@@ -64,7 +77,8 @@ Contract:
   the Engine.IO socket's state are read at each ack: without them the ack is queued the
   library's way. Counters:
   :attr:`DeviceServer.lean_handled` (events handled by the lean path, also counted in
-  ``inline_handled``) and :attr:`DeviceServer.acks_written` (acks written straight).
+  ``inline_handled``), :attr:`DeviceServer.read_inline` (those of them handled in the
+  driver's read) and :attr:`DeviceServer.acks_written` (acks written straight).
 
 It performs no I/O of its own beyond python-socketio's, and the lean path's writes of acks
 the library would have sent.
@@ -74,6 +88,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -126,6 +141,9 @@ def transport_timing(heartbeat_interval: float) -> TransportTiming:
 
 _HOOKS = ("_handle_event", "_handle_event_internal")
 
+#: How a websocket text message carrying a Socket.IO EVENT starts (Engine.IO MESSAGE, 2).
+_ENGINEIO_EVENT = MESSAGE + "2"
+
 #: The private names the lean path relies on (python-socketio's and python-engineio's),
 #: checked once at construction; a public name's absence would fail just as loudly.
 _LEAN_HOOKS: tuple[tuple[type, str], ...] = (
@@ -158,16 +176,32 @@ class WriterQueue(asyncio.Queue[Any]):
         return self._waiting > 0 and self.empty()
 
 
-def _tracking_driver(base: type) -> type:
-    """python-engineio's websocket driver class ``base``, remembering on the Engine.IO
-    socket it serves (the owner of the bound handler it is built with) which driver it is."""
+def _tracking_driver(base: type, server: DeviceServer) -> type:
+    """python-engineio's websocket driver class ``base`` for ``server``: it remembers on the
+    Engine.IO socket it serves (the owner of the bound handler it is built with) which
+    driver it is, and its :meth:`wait` hands each received text message to
+    :meth:`DeviceServer._read_inline` before returning it to Engine.IO's read loop."""
 
     class TrackedWebSocket(base):  # type: ignore[misc]
         async def __call__(self, environ: dict[str, Any]) -> Any:
-            owner = getattr(self.handler, "__self__", None)
-            if owner is not None:
-                owner.fedtray_websocket = self
+            self.fedtray_owner = getattr(self.handler, "__self__", None)
+            if self.fedtray_owner is not None:
+                self.fedtray_owner.fedtray_websocket = self
             return await super().__call__(environ)
+
+        async def wait(self) -> Any:
+            owner = getattr(self, "fedtray_owner", None)
+            out = getattr(self, "_sock", None)
+            if owner is None or not isinstance(out, web.WebSocketResponse):
+                return await super().wait()
+            started = time.monotonic()
+            while True:
+                data = (await out.receive()).data
+                if type(data) is str and await server._read_inline(owner, data, started):
+                    continue
+                if not isinstance(data, bytes | str):
+                    raise OSError()  # as the driver's own wait: the connection ended
+                return data
 
     return TrackedWebSocket
 
@@ -191,6 +225,10 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
         self.lean_handled = 0
         #: Acks of the lean path written straight to the websocket since construction.
         self.acks_written = 0
+        #: Events of the lean path handled in the websocket driver's read, never reaching
+        #: Engine.IO's read loop (a part of ``lean_handled``).
+        self.read_inline = 0
+        self._inline_window = 0.0
         self._lean_prefixes: EventPrefixes = ()
         if lean and self._inline:
             missing = self._lean_missing()
@@ -234,8 +272,11 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
         self._dumps: Callable[..., str] = self.packet_class.json.dumps
         self.eio.create_queue = WriterQueue
         drivers = dict(self.eio._async)
-        drivers["websocket"] = _tracking_driver(drivers["websocket"])
+        drivers["websocket"] = _tracking_driver(drivers["websocket"], self)
         self.eio._async = drivers
+        # Messages are read inline for half of Engine.IO's read deadline, then one goes to
+        # its read loop, which restarts the deadline (see the module).
+        self._inline_window = (self.eio.ping_interval + self.eio.ping_timeout) / 2
 
     async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
         if self._lean_prefixes and eio_sid not in self._binary_packet:
@@ -243,6 +284,36 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
             if match is not None and await self._handle_lean(eio_sid, data, *match):
                 return
         await super()._handle_eio_message(eio_sid, data)
+
+    async def _read_inline(self, socket: Any, data: str, started: float) -> bool:
+        """Handle a websocket text message of ``socket`` by the lean path inside the
+        driver's read, without returning it to Engine.IO's read loop; False (before doing
+        anything) to return it there."""
+        if (
+            time.monotonic() - started >= self._inline_window
+            or not data.startswith(_ENGINEIO_EVENT)
+            or len(data) > self.eio.max_http_buffer_size
+            or not getattr(socket, "upgraded", False)
+            or getattr(socket, "upgrading", True)
+            or getattr(socket, "closing", True)
+            or getattr(socket, "closed", True)
+        ):
+            return False
+        eio_sid = getattr(socket, "sid", None)
+        if not isinstance(eio_sid, str) or eio_sid in self._binary_packet:
+            return False
+        message = data[1:]
+        match = match_acked_event(message, self._lean_prefixes)
+        if match is None:
+            return False
+        try:
+            handled = await self._handle_lean(eio_sid, message, *match)
+        except Exception:  # as Engine.IO's read loop: log it and read on
+            log.exception("bug while handling a message from %s", eio_sid)
+            return True
+        if handled:
+            self.read_inline += 1
+        return handled
 
     async def _handle_lean(self, eio_sid: str, data: str, ack_id: int, start: int) -> bool:
         """Handle a matched packet; False (before doing anything) to leave it to the library."""

@@ -25,7 +25,7 @@ from server_harness import (
 )
 
 import server.transport
-from server.transport import DeviceServer, WriterQueue
+from server.transport import DeviceServer, WriterQueue, transport_timing
 from tests.waiting import scaled, wait_until_async
 
 DEVICE_ID = str(uuid.UUID(int=17))
@@ -114,6 +114,7 @@ def test_the_lean_path_answers_byte_for_byte_as_the_library(
         lean: DeviceServer = srv.server.sio
         on = run_devices(_exchange(srv.url))
         handled, written, inline = lean.lean_handled, lean.acks_written, lean.inline_handled
+        read_inline = lean.read_inline
     _off(monkeypatch)
     with (
         caplog.at_level(logging.WARNING, logger="server.transport"),
@@ -149,6 +150,9 @@ def test_the_lean_path_answers_byte_for_byte_as_the_library(
     assert handled == 10 + sentinels
     assert 0 < written <= handled
     assert inline == handled + 3
+    # All of them inside the driver's read (the window is half of a 45 s deadline).
+    assert read_inline == handled
+    assert library.read_inline == 0
     assert library.lean_handled == 0 and library.acks_written == 0
     assert library.inline_handled == inline
 
@@ -258,3 +262,24 @@ def test_an_ack_never_overtakes_what_the_connection_has_queued(tmp_path: Path) -
         order = run_devices(scenario(srv))
     assert order[0] == '42["test:first",{"n":1}]'
     assert order[1].startswith('4377[{"ok":false,"code":"not_registered"')
+
+
+def test_past_the_window_a_message_goes_to_engineios_read_loop(tmp_path: Path) -> None:
+    """Read inline only within the window (half of Engine.IO's read deadline) of each read:
+    past it, the next message goes through Engine.IO's loop (restarting its deadline), by
+    the same lean path."""
+
+    async def scenario(url: str) -> None:
+        dev = ScriptedDevice(url, name="w")
+        assert (await dev.join())["ok"] is True
+        for _ in range(3):
+            assert await dev.heartbeat() == {"ok": True}
+
+    with running_server(tmp_path, min_clients=5) as srv:
+        lean: DeviceServer = srv.server.sio
+        timing = transport_timing(srv.config.heartbeat_interval)
+        assert lean._inline_window == timing.dead_peer_bound / 2
+        lean._inline_window = 0.0  # every read is past it
+        run_devices(scenario(srv.url))
+        assert lean.lean_handled == 3 and lean.read_inline == 0
+        assert lean.acks_written >= 1
