@@ -6,16 +6,16 @@ Contract:
   device heartbeat interval (pure): the transport ping is made rare because the devices'
   own heartbeats (acknowledged, every ``heartbeat_interval``) already prove liveness, and
   every received packet -- a heartbeat included -- resets Engine.IO's read deadline on
-  both sides (on the server, heartbeats read by the lean path below do so once per half
-  deadline at least). Promises: interval ``6 × heartbeat_interval`` and timeout ``2 ×``
-  it, each clamped between Engine.IO's defaults (25 s / 20 s) and 120 s / 60 s (60 s /
-  20 s at the default 10 s heartbeat); a peer that vanishes without closing its TCP
-  connection is dropped at most ``ping_interval + ping_timeout`` seconds (80 s by
-  default, 180 s at most) after the last packet it sent
-  (:attr:`TransportTiming.dead_peer_bound`), and by the server not before half of that,
-  by Engine.IO's read deadline; the registry has marked it stale before
-  (``3 × heartbeat_interval``). A client that only counts pings (socket.io's JavaScript
-  client) waits the same interval + timeout for one, which the server keeps.
+  both sides (on the server, a heartbeat read inline by the lean path below resets it only
+  once half of it has passed). Promises: interval ``6 × heartbeat_interval`` and timeout
+  ``2 ×`` it, each clamped between Engine.IO's defaults (25 s / 20 s) and 120 s / 60 s (60
+  s / 20 s at the default 10 s heartbeat); a peer that vanishes without closing its TCP
+  connection is dropped at most ``ping_interval + ping_timeout`` seconds (80 s by default,
+  180 s at most) after the last packet it sent (:attr:`TransportTiming.dead_peer_bound`),
+  and by the server not before half of that, by Engine.IO's read deadline; the registry
+  has marked it stale before (``3 × heartbeat_interval``). A client that only counts pings
+  (socket.io's JavaScript client) waits the same interval + timeout for one, which the
+  server keeps.
 * :class:`DeviceServer` is ``socketio.AsyncServer`` that runs the handlers of the events
   in ``inline_events`` (the cheap ones: ``device:heartbeat``) directly in the connection's
   Engine.IO read loop instead of one new asyncio task per event (python-socketio's
