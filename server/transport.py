@@ -259,6 +259,11 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
         drivers = getattr(self.eio, "_async", None)
         if not isinstance(drivers, dict) or not isinstance(drivers.get("websocket"), type):
             missing.append("engineio.AsyncServer._async['websocket']")
+        if not callable(getattr(self.packet_class, "data_is_binary", None)):
+            missing.append("Packet.data_is_binary")
+        for name in ("ping_interval", "ping_timeout", "max_http_buffer_size"):
+            if not isinstance(getattr(self.eio, name, None), int | float):
+                missing.append(f"engineio.AsyncServer.{name}")
         json_module = getattr(self.packet_class, "json", None)
         if not (
             callable(getattr(json_module, "loads", None))
