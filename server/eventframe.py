@@ -1,0 +1,75 @@
+"""Socket.IO text frames of the server's lean event path (:mod:`server.transport`), pure.
+
+Contract:
+
+* :func:`match_acked_event` recognises, in one Engine.IO message as python-engineio hands
+  it to python-socketio (a ``str`` for a text frame, without Engine.IO's ``4`` prefix), a
+  Socket.IO EVENT packet (type ``2``) on the default namespace, with an ack id and no
+  binary attachments, whose JSON array starts with the name of one of the given events
+  written plainly (``["device:heartbeat"`` exactly, as every Socket.IO client encodes
+  it). It returns the ack id (an ``int``, as python-socketio reads it: leading zeros
+  dropped) and where the JSON array starts; anything else -- bytes, another packet type, a
+  namespace, attachments, no ack id, an ack id of :data:`MAX_ACK_DIGITS` digits or more, an
+  event name spelt with spaces or escapes -- is ``None``: the caller leaves it to
+  python-socketio, which handles it the same way, only slower. It never parses the JSON
+  (the caller does, once), so a match may still be malformed JSON.
+* :func:`ack_packet` is the Socket.IO ACK packet of ``reply`` (the ack's arguments) for
+  ``ack_id`` on the default namespace, byte for byte what python-socketio's
+  ``Packet(ACK, namespace="/", id=ack_id, data=reply).encode()`` gives for data without
+  binary parts (``dumps`` is python-socketio's JSON module's, compact separators);
+  :data:`MESSAGE` prefixed to it is the websocket text frame python-engineio sends for it.
+
+It does no I/O and raises nothing but what ``dumps`` raises on data it cannot encode.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from typing import Any
+
+__all__ = [
+    "MAX_ACK_DIGITS",
+    "MESSAGE",
+    "EventPrefixes",
+    "ack_packet",
+    "event_prefixes",
+    "match_acked_event",
+]
+
+#: Engine.IO's MESSAGE packet type: the first character of a text frame carrying Socket.IO.
+MESSAGE = "4"
+#: Socket.IO EVENT packet (``2``) in the default namespace, as python-socketio receives it.
+_EVENT = "2"
+#: Ack ids this long or longer are left to python-socketio (it accepts up to 100 digits).
+MAX_ACK_DIGITS = 19
+
+EventPrefixes = tuple[str, ...]
+"""How the JSON array of each matched event starts (``["<name>"``)."""
+
+
+def event_prefixes(events: Iterable[str]) -> EventPrefixes:
+    """The JSON array openings :func:`match_acked_event` looks for, one per event name."""
+    return tuple(sorted("[" + json.dumps(name) for name in events))
+
+
+def match_acked_event(data: object, prefixes: EventPrefixes) -> tuple[int, int] | None:
+    """``(ack id, index of the JSON array)`` when ``data`` is an acked EVENT packet of one
+    of the events in ``prefixes`` on the default namespace (see the module); else None."""
+    if type(data) is not str or not prefixes or not data.startswith(_EVENT):
+        return None
+    end = 1
+    size = len(data)
+    while end < size and "0" <= data[end] <= "9":
+        end += 1
+    digits = end - 1
+    if digits == 0 or digits >= MAX_ACK_DIGITS:
+        return None  # no ack id (or unacked: a namespace, attachments), or a huge one
+    if not data.startswith(prefixes, end):
+        return None
+    return int(data[1:end]), end
+
+
+def ack_packet(ack_id: int, reply: list[Any], dumps: Callable[..., str]) -> str:
+    """The Socket.IO ACK packet answering ``ack_id`` with ``reply`` (see the module)."""
+    return "3" + str(ack_id) + dumps(reply, separators=(",", ":"))

@@ -1,0 +1,93 @@
+"""The lean path's frames (server/eventframe.py), by table, against python-socketio's and
+python-engineio's own encoders and decoder."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import engineio.packet
+import pytest
+import socketio.packet
+
+from server.eventframe import (
+    MAX_ACK_DIGITS,
+    MESSAGE,
+    ack_packet,
+    event_prefixes,
+    match_acked_event,
+)
+
+HB = event_prefixes({"device:heartbeat"})
+BODY = '["device:heartbeat",{"state":"idle"}]'
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ("21" + BODY, (1, 2)),
+        ("2123" + BODY, (123, 4)),
+        ("20" + BODY, (0, 2)),
+        ("2007" + BODY, (7, 4)),  # leading zeros: the id python-socketio reads
+        ('21["device:heartbeat"]', (1, 2)),  # no payload: matched, the guard refuses it
+        ('21["device:heartbeat",{"x"', (1, 2)),  # matched; the caller's parse fails
+        ("2" + "9" * (MAX_ACK_DIGITS - 1) + BODY, (int("9" * (MAX_ACK_DIGITS - 1)), 19)),
+        ("2" + "9" * MAX_ACK_DIGITS + BODY, None),  # a huge id: the library's
+        ("2" + BODY, None),  # no ack id
+        ("2/admin,1" + BODY, None),  # a namespace
+        ("21-1" + BODY, None),  # attachments
+        ("51-1" + BODY, None),  # BINARY_EVENT
+        ("31" + BODY, None),  # an ACK
+        ("0", None),  # CONNECT
+        ("1", None),  # DISCONNECT
+        ("2", None),
+        ("", None),
+        ('21[ "device:heartbeat",{}]', None),  # spelt otherwise: left to the library
+        ('21["device:heart\\u0062eat",{}]', None),
+        ('21["device:register",{}]', None),  # another event
+        ('21["device:heartbeats",{}]', None),
+        (("21" + BODY).encode(), None),  # binary frame
+        (None, None),
+    ],
+)
+def test_match_acked_event(data: Any, expected: tuple[int, int] | None) -> None:
+    assert match_acked_event(data, HB) == expected
+
+
+@pytest.mark.parametrize("data", ["21" + BODY, "2123" + BODY, "2007" + BODY, "20" + BODY])
+def test_a_match_is_what_python_socketio_decodes(data: str) -> None:
+    match = match_acked_event(data, HB)
+    assert match is not None
+    ack_id, start = match
+    pkt = socketio.packet.Packet(encoded_packet=data)
+    assert pkt.packet_type == socketio.packet.EVENT
+    assert pkt.namespace is None and pkt.attachment_count == 0
+    assert pkt.id == ack_id
+    assert pkt.data == json.loads(data[start:])
+
+
+def test_no_prefixes_match_nothing() -> None:
+    assert match_acked_event("21" + BODY, ()) is None
+    assert event_prefixes(["b:x", "a:y"]) == ('["a:y"', '["b:x"')
+
+
+@pytest.mark.parametrize(
+    ("ack_id", "reply"),
+    [
+        (1, [{"ok": True}]),
+        (0, [{"ok": True}]),
+        (123456789, [{"ok": False, "code": "bad_request", "message": 'déjà "vu" \n'}]),
+        (7, []),
+        (8, [None]),
+        (9, [{"a": [1, 2.5, None]}, "two"]),
+    ],
+)
+def test_ack_packet_is_the_librarys(ack_id: int, reply: list[Any]) -> None:
+    dumps = socketio.packet.Packet.json.dumps
+    ours = ack_packet(ack_id, reply, dumps)
+    library = socketio.packet.Packet(
+        socketio.packet.ACK, namespace="/", id=ack_id, data=reply
+    ).encode()
+    assert ours == library
+    frame = engineio.packet.Packet(engineio.packet.MESSAGE, data=library).encode()
+    assert MESSAGE + ours == frame
