@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from client.session.uploader import Uploader
 from client.snapshot import ClientSnapshot
 from client.transfer import BlobStore
 from client.workfiles import WorkDir
+from tests.waiting import wait_until_async
 
 CHUNK = 1000
 BIG = bytes(range(256)) * 40  # 10,240 bytes: 11 chunks
@@ -134,3 +136,56 @@ def test_a_streamed_update_changed_on_disk_is_discarded_and_never_completed(
     assert pending.entries() == []  # discarded, not retried
     assert hub.current.rounds_completed == 0
     assert "discarding the update of round r-1" in caplog.text
+
+
+def test_an_accepted_update_is_counted_even_if_the_connection_ends_while_it_is_deleted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server's ack arrived; the connection ends (cancelling the sending task) while
+    the update is being deleted: it is still counted and logged, never deleted uncounted."""
+    pending = PendingStore(tmp_path / "pending")
+    _keep(tmp_path, pending, SMALL)
+    removing, release = threading.Event(), threading.Event()
+    remove = pending.remove
+
+    def slow_remove(update: Any) -> None:
+        removing.set()
+        release.wait()
+        remove(update)
+
+    monkeypatch.setattr(pending, "remove", slow_remove)
+
+    async def run() -> tuple[Server, SnapshotHub]:
+        server = Server()
+        hub = SnapshotHub(
+            ClientSnapshot(settings=Settings(server_url="http://127.0.0.1:1", device_name="t"))
+        )
+        tasks: list[asyncio.Task[None]] = []
+
+        def spawn(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+            tasks.append(asyncio.ensure_future(coro))
+            return tasks[-1]
+
+        uploader = Uploader(
+            hub,
+            pending,
+            caller=lambda: server.call,
+            spawn=spawn,
+            limits=lambda: Limits(max_chunk_bytes=CHUNK, max_inflight_chunks=3),
+            state_changed=lambda: None,
+        )
+        uploader.kick()
+        await asyncio.to_thread(removing.wait)
+        tasks[0].cancel()  # the connection ended (ServerLink cancels its tasks)
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await tasks[0]
+        # The shielded settling finishes on the loop.
+        await wait_until_async(lambda: hub.current.rounds_completed == 1, 10, "counted")
+        return server, hub
+
+    with caplog.at_level(logging.INFO, logger="client.session.uploader"):
+        server, hub = asyncio.run(run())
+    assert server.taken == [SMALL]
+    assert pending.entries() == []
+    assert hub.current.rounds_completed == 1

@@ -7,7 +7,10 @@ Contract (a loop-only object; disk work runs in worker threads):
   deletes it only after the server's answer, as :func:`client.session.decisions.
   submit_outcome` says: accepted or ``duplicate`` (counted in ``rounds_completed``),
   ``round_closed`` or another final refusal (each logged); any other refusal, an
-  unreadable answer or a lost connection keeps it for a later try.
+  unreadable answer or a lost connection keeps it for a later try. Once an answer is
+  final, its settling (the deletion, the count, the log line) runs to the end even when
+  the connection ends meanwhile (which cancels the sending task): a deleted update is
+  always counted or logged.
 * Updates go one at a time, oldest first, while connected; :meth:`Uploader.kick` starts
   that unless it is under way (after every registration, and whenever an update is
   kept). After :data:`client.session.decisions.UPLOAD_RETRIES` failures in a row it
@@ -73,6 +76,8 @@ class Uploader:
         self._limits = limits
         self._state_changed = state_changed
         self._task: asyncio.Task[None] | None = None
+        #: Settlings under way (held: the loop keeps only weak references to tasks).
+        self._settling: set[asyncio.Future[None]] = set()
         self.uploading: str | None = None
 
     def kick(self) -> None:
@@ -200,6 +205,18 @@ class Uploader:
                 "the server could not take round %s yet (%s): %s", update.round_id, code, message
             )
             return False
+        # Shielded: a connection ending now cancels this task, but the answer is final, so
+        # the deletion and its count or log line are one step (module docstring).
+        settling = asyncio.ensure_future(self._resolve(update, outcome, code, message))
+        self._settling.add(settling)
+        settling.add_done_callback(self._settling.discard)
+        await asyncio.shield(settling)
+        return True
+
+    async def _resolve(
+        self, update: PendingUpdate, outcome: str, code: str | None, message: str
+    ) -> None:
+        """Delete a finally answered update, then count it or log why it was dropped."""
         await asyncio.to_thread(self.pending.remove, update)
         if outcome in ("accepted", "duplicate"):
             if outcome == "duplicate":
@@ -214,7 +231,6 @@ class Uploader:
                 code,
                 message,
             )
-        return True
 
 
 def _oldest(
