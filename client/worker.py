@@ -49,7 +49,10 @@ Contract:
   budget a job runs as before (its ``torch_threads`` or all cores but one, no sleeping).
 * ``shutdown(timeout)`` first pauses a running job (so its checkpoint is written and a
   later run of the same work resumes from it), then stops the child, killing it if it
-  does not exit in time. No events are delivered after ``shutdown`` returns.
+  does not exit in time. A child without a job (idle, or still warming up: importing
+  torch can take seconds on a busy machine, and it reads no command meanwhile) has
+  nothing to save: it gets :data:`NO_JOB_EXIT_GRACE_S`, not the whole ``timeout``, so
+  quitting right after start is quick. No events are delivered after ``shutdown`` returns.
 * Simulation (``simulation=True``, or automatically when torch is not installed): the
   child trains with :class:`client.simulation.SimulatedTrainer` instead of
   :class:`client.trainer.LocalTrainer`, with the same events (``Paused(False)``: there is
@@ -97,6 +100,7 @@ from client.worker_messages import (
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_PROGRESS_INTERVAL",
+    "NO_JOB_EXIT_GRACE_S",
     "BudgetLike",
     "Cancelled",
     "Done",
@@ -116,6 +120,8 @@ log = logging.getLogger(__name__)
 #: Seconds without a job after which the warm training process is released.
 DEFAULT_IDLE_TIMEOUT = 300.0
 DEFAULT_PROGRESS_INTERVAL = 0.5
+#: Seconds a child without a job is given to exit on shutdown before it is killed.
+NO_JOB_EXIT_GRACE_S = 1.0
 _POLL_SECONDS = 0.2
 
 
@@ -271,7 +277,8 @@ class TrainingWorker:
         with self._cond:
             if self._closed:
                 return
-            running = self._job is not None and not self._paused
+            has_job = self._job is not None
+            running = has_job and not self._paused
         if running and self._control(Pause()):
             self._paused_seen.wait(timeout / 2)
         with self._cond:
@@ -279,7 +286,8 @@ class TrainingWorker:
             proc, conn = self._proc, self._conn
             self._cond.notify_all()
         if proc is not None and conn is not None:
-            _stop_process(proc, conn, max(0.5, deadline - time.monotonic()))
+            left = deadline - time.monotonic()
+            _stop_process(proc, conn, max(0.5, left if has_job else min(left, NO_JOB_EXIT_GRACE_S)))
         with self._cond:
             self._discard_child()
             self._job = None

@@ -356,6 +356,28 @@ def test_a_warmed_child_is_started_before_the_job_kept_for_it_and_released_when_
         w.shutdown(5)
 
 
+def test_shutdown_of_a_child_without_a_job_does_not_wait_the_whole_timeout(
+    tmp_path: Path,
+) -> None:
+    """A child that reads no command (stopped here, as one importing torch on a busy
+    machine would be) and has no job is killed after the short grace, not the timeout."""
+    events = Events()
+    w = TrainingWorker(events, simulation=True)
+    w.warm()
+    pid = w.pid
+    assert pid is not None
+    child = psutil.Process(pid)
+    child.suspend()  # SIGSTOP: it will never read Exit
+    timeout = scaled(60.0)
+    started = time.monotonic()
+    w.shutdown(timeout)
+    elapsed = time.monotonic() - started
+    assert not psutil.pid_exists(pid) or child.status() == psutil.STATUS_ZOMBIE
+    assert w.pid is None
+    # Killed after NO_JOB_EXIT_GRACE_S (plus the kill itself), far from the whole timeout.
+    assert elapsed < timeout / 2, elapsed
+
+
 @pytest.mark.slow
 def test_shutdown_while_training_keeps_the_checkpoint(tmp_path: Path) -> None:
     events = Events()
