@@ -102,6 +102,7 @@ from aiohttp import web
 from socketio import packet as sio_packet
 
 from server.eventframe import MESSAGE, EventPrefixes, ack_packet, event_prefixes, match_acked_event
+from server.pingsweep import PingSweeper, missing_names
 
 __all__ = ["DeviceServer", "TransportTiming", "transport_timing"]
 
@@ -212,8 +213,29 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
     """``socketio.AsyncServer`` that handles ``inline_events`` inline, and by the lean path
     when ``lean`` (see the module)."""
 
-    def __init__(self, *, inline_events: Iterable[str], lean: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        inline_events: Iterable[str],
+        lean: bool = True,
+        ping_sweep: bool = True,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(async_handlers=True, **kwargs)
+        #: The coalesced pinger (None: Engine.IO's own per-socket pings), see the module.
+        self.ping_sweeper: PingSweeper | None = None
+        if ping_sweep:
+            gone = missing_names(self.eio)
+            if not callable(getattr(socketio.AsyncServer, "_handle_eio_connect", None)):
+                gone.append("socketio.AsyncServer._handle_eio_connect")
+            if gone:
+                log.warning(
+                    "this python-engineio has no %s: Engine.IO pings each socket itself",
+                    ", ".join(gone),
+                )
+            else:
+                self.ping_sweeper = PingSweeper(self.eio)
+                self.eio.start_service_task = False  # the sweeper checks the pings
         # Engine.IO's message handler (python-socketio's dispatch) in the read loop: see the
         # module for why nothing slow is awaited there.
         self.eio.async_handlers = False
@@ -242,6 +264,20 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
                 )
             else:
                 self._install_lean()
+
+    # --------------------------------------------------------------- the ping sweeper
+
+    async def _handle_eio_connect(self, eio_sid: str, environ: dict[str, Any]) -> Any:
+        # Engine.IO calls this before its first schedule_ping of the socket.
+        socket = self.eio.sockets.get(eio_sid)
+        if self.ping_sweeper is not None and socket is not None:
+            self.ping_sweeper.adopt(socket)
+        return await super()._handle_eio_connect(eio_sid, environ)
+
+    async def shutdown(self) -> None:
+        await super().shutdown()
+        if self.ping_sweeper is not None:
+            await self.ping_sweeper.stop()
 
     # --------------------------------------------------------------- the lean path
 
