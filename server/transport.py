@@ -14,8 +14,9 @@ Contract:
   180 s at most) after the last packet it sent (:attr:`TransportTiming.dead_peer_bound`),
   and by the server not before half of that, by Engine.IO's read deadline; the registry
   has marked it stale before (``3 × heartbeat_interval``). A client that only counts pings
-  (socket.io's JavaScript client) waits the same interval + timeout for one, which the
-  server keeps.
+  (socket.io's JavaScript client) waits the same interval + timeout for one; the server
+  pings at most ``ping_interval + tick`` after the last PONG (the ping sweeper below; tick
+  ``<= ping_timeout / 20``), well within it.
 * :class:`DeviceServer` is ``socketio.AsyncServer`` that runs the handlers of the events
   in ``inline_events`` (the cheap ones: ``device:heartbeat``) directly in the connection's
   Engine.IO read loop instead of one new asyncio task per event (python-socketio's
@@ -37,6 +38,24 @@ Contract:
   awaited); either can only hold back the packets of its own connection, which the peer
   sends after the CONNECT is answered or not at all after a DISCONNECT. Each connection's
   packets are thus handled in the order they arrived.
+* **The ping sweeper** (``ping_sweep=True``, the default): Engine.IO's pings and ping
+  checks are done by one :class:`server.pingsweep.PingSweeper` per server (one timer, at
+  most one wakeup a tick, 1 s at the default timing) instead of one sleeping task per
+  socket and Engine.IO's service task (turned off): DeviceServer hands it each socket from
+  python-socketio's ``_handle_eio_connect`` (before Engine.IO schedules the first ping).
+  Each socket is pinged ``ping_interval`` after its last PONG rounded up to the tick (the
+  same PING packet through Engine.IO's ``send``, ``last_ping`` set as Engine.IO does), all
+  due sockets in one loop turn; one that has not answered ``ping_timeout`` later is closed
+  by Engine.IO's ``check_ping_timeout`` (reason ``ping timeout``) within two ticks of that,
+  i.e. at most ``ping_interval + ping_timeout + 2 × tick`` after its last PONG (a peer that
+  sends nothing at all is dropped by the read deadline first, within
+  :attr:`TransportTiming.dead_peer_bound`, as before). Closed sockets leave Engine.IO's
+  table at a tick at most every ``ping_timeout``, as its service task did. PONGs still go
+  through Engine.IO's read loop. It relies on private python-engineio names
+  (:func:`server.pingsweep.missing_names`) and python-socketio's ``_handle_eio_connect``,
+  checked once at construction: when one is missing it logs one warning and Engine.IO pings
+  each socket itself (behaviour unchanged, only costlier).
+  :attr:`DeviceServer.ping_sweeper` is the sweeper, None without it.
 * **The lean path** (``lean=True``, the default): python-socketio's
   ``_handle_eio_message`` is overridden so that a text packet that
   :func:`server.eventframe.match_acked_event` recognises as an acked EVENT of an inline

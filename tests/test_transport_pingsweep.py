@@ -1,12 +1,14 @@
 """The coalesced ping sweeper (server/pingsweep.py) wired into server/transport.py's
 DeviceServer: due-time bucketing by table; on a real Socket.IO server on loopback (short
 test ping settings) a socket is pinged by the sweeper and never by Engine.IO's per-socket
-task, a peer that stops answering pings is closed for a ping timeout, and without a private
-name the sweeper relies on Engine.IO pings each socket itself."""
+task, a peer that stops answering pings is closed for a ping timeout, socket.io's JavaScript
+client (which only counts pings) never times out, and without a private name the sweeper
+relies on Engine.IO pings each socket itself."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -21,6 +23,7 @@ from aiohttp import web
 import server.pingsweep
 from server.pingsweep import DueBuckets, sweep_tick
 from server.transport import DeviceServer
+from tests.test_interop_node import INTEROP_DIR, node  # noqa: F401 (node: a fixture)
 from tests.waiting import scaled, wait_until_async
 
 #: Test ping settings (seconds): the tick is PING_TIMEOUT / 20.
@@ -86,18 +89,20 @@ async def _serving(sio: DeviceServer) -> AsyncIterator[str]:
     await site.start()
     port = runner.addresses[0][1]
     try:
-        yield f"ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket"
+        yield f"http://127.0.0.1:{port}"
     finally:
         await sio.shutdown()
         await runner.cleanup()
 
 
-def _server() -> tuple[DeviceServer, dict[str, Any]]:
+def _server(
+    ping_interval: float = PING_INTERVAL, ping_timeout: float = PING_TIMEOUT
+) -> tuple[DeviceServer, dict[str, Any]]:
     sio = DeviceServer(
         inline_events=(),
         async_mode="aiohttp",
-        ping_interval=PING_INTERVAL,
-        ping_timeout=PING_TIMEOUT,
+        ping_interval=ping_interval,
+        ping_timeout=ping_timeout,
         logger=False,
         engineio_logger=False,
     )
@@ -143,7 +148,8 @@ class _Peer:
 
 @asynccontextmanager
 async def _peer(url: str) -> AsyncIterator[_Peer]:
-    async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+    ws_url = url.replace("http://", "ws://") + "/socket.io/?EIO=4&transport=websocket"
+    async with aiohttp.ClientSession() as session, session.ws_connect(ws_url) as ws:
         opened = await asyncio.wait_for(ws.receive(), scaled(10))
         assert opened.data.startswith("0{"), opened
         await ws.send_str("40")
@@ -252,3 +258,53 @@ def test_without_a_private_name_engineio_pings_each_socket_itself(
     asyncio.run(scenario())
     assert len(engineio_pings) >= 2  # Engine.IO's own task sent them
     assert seen["reasons"] == [sio.reason.TRANSPORT_CLOSE]
+
+
+#: A socket.io-client 4.x device that counts the server's pings (its engine times out when
+#: one is late by more than pingInterval + pingTimeout) and leaves after ``want`` of them.
+JS_PINGS = """
+import { io } from "socket.io-client";
+const [url, want] = [process.argv[1], Number(process.argv[2])];
+const say = (o) => console.log(JSON.stringify(o));
+const s = io(url, { reconnection: false });
+let pings = 0;
+s.io.on("ping", () => { pings += 1; say({ event: "ping" }); if (pings >= want) s.disconnect(); });
+s.on("connect", () => say({ event: "connect" }));
+s.on("disconnect", (reason) => { say({ event: "disconnect", reason }); process.exit(0); });
+s.on("connect_error", (e) => { say({ event: "error", message: e.message }); process.exit(1); });
+"""
+
+
+def test_the_javascript_client_never_times_out_between_swept_pings(
+    node: str,  # noqa: F811 (the fixture)
+    engineio_pings: list[str],
+) -> None:
+    """Engine.IO's pingInterval is announced in whole seconds: 1 s here, with a 1 s timeout,
+    so a ping late by more than the tick's rounding would show as a "ping timeout"."""
+    sio, seen = _server(ping_interval=1.0, ping_timeout=1.0)
+    want = 3
+
+    async def scenario() -> list[dict[str, Any]]:
+        async with _serving(sio) as url:
+            proc = await asyncio.create_subprocess_exec(
+                node,
+                "--input-type=module",
+                "-e",
+                JS_PINGS,
+                url,
+                str(want),
+                cwd=INTEROP_DIR,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out, err = await asyncio.wait_for(proc.communicate(), scaled(60))
+            assert proc.returncode == 0, (out, err)
+            return [json.loads(line) for line in out.decode().splitlines() if line]
+
+    events = asyncio.run(scenario())
+    assert [e["event"] for e in events] == ["connect"] + ["ping"] * want + ["disconnect"]
+    assert events[-1]["reason"] == "io client disconnect"  # not "ping timeout"
+    assert sio.ping_sweeper is not None and sio.ping_sweeper.pings_sent >= want
+    assert engineio_pings == []
+    (reason,) = seen["reasons"]  # it left (its DISCONNECT or its closing websocket first)
+    assert reason in {sio.reason.CLIENT_DISCONNECT, sio.reason.TRANSPORT_CLOSE}
