@@ -50,8 +50,9 @@ Contract:
   i.e. at most ``ping_interval + ping_timeout + 2 × tick`` after its last PONG (a peer that
   sends nothing at all is dropped by the read deadline first, within
   :attr:`TransportTiming.dead_peer_bound`, as before). Closed sockets leave Engine.IO's
-  table at a tick at most every ``ping_timeout``, as its service task did. PONGs still go
-  through Engine.IO's read loop. It relies on private python-engineio names
+  table at a tick at most every ``ping_timeout``, as its service task did. A PONG is handled
+  in the lean path's websocket read when it can be (below), else in Engine.IO's read loop,
+  both calling the socket's ``schedule_ping``. It relies on private python-engineio names
   (:func:`server.pingsweep.missing_names`) and python-socketio's ``_handle_eio_connect``,
   checked once at construction: when one is missing it logs one warning and Engine.IO pings
   each socket itself (behaviour unchanged, only costlier).
@@ -80,7 +81,10 @@ Contract:
   its loop gets a message, so a read hands messages inline only during the first half of
   that deadline; past it, the next message goes through the loop (and the lean path from
   there). A connection is thus still dropped at most ``ping_interval + ping_timeout``
-  after its last packet, and never before half of that; pongs always reach the loop. A
+  after its last packet, and never before half of that. With the ping sweeper, a PONG read
+  within that half is handled there too, as Engine.IO's loop would (the socket's
+  ``schedule_ping``, i.e. the sweeper files its next ping; counted in
+  :attr:`DeviceServer.pongs_inline`); without it pongs always reach the loop. A
   message over ``max_http_buffer_size`` is returned to the loop, which refuses it as
   before; an exception from an inline handler is logged and reading goes on (as
   Engine.IO's loop does). Everything else -- other events, binary packets, other
@@ -165,6 +169,8 @@ _HOOKS = ("_handle_event", "_handle_event_internal")
 
 #: How a websocket text message carrying a Socket.IO EVENT starts (Engine.IO MESSAGE, 2).
 _ENGINEIO_EVENT = MESSAGE + "2"
+#: An Engine.IO PONG, as a websocket text message.
+_ENGINEIO_PONG = "3"
 
 #: The private names the lean path relies on (python-socketio's and python-engineio's),
 #: checked once at construction; a public name's absence would fail just as loudly.
@@ -271,6 +277,8 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
         #: Events of the lean path handled in the websocket driver's read, never reaching
         #: Engine.IO's read loop (a part of ``lean_handled``).
         self.read_inline = 0
+        #: Engine.IO PONGs handled in the websocket driver's read (with the ping sweeper).
+        self.pongs_inline = 0
         self._inline_window = 0.0
         self._lean_prefixes: EventPrefixes = ()
         if lean and self._inline:
@@ -351,9 +359,15 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
         """Handle a websocket text message of ``socket`` by the lean path inside the
         driver's read, without returning it to Engine.IO's read loop; False (before doing
         anything) to return it there."""
+        if time.monotonic() - started >= self._inline_window:
+            return False
+        if data == _ENGINEIO_PONG and self.ping_sweeper is not None:
+            # What Engine.IO's loop does with a PONG: schedule the next ping (the sweeper's).
+            socket.schedule_ping()
+            self.pongs_inline += 1
+            return True
         if (
-            time.monotonic() - started >= self._inline_window
-            or not data.startswith(_ENGINEIO_EVENT)
+            not data.startswith(_ENGINEIO_EVENT)
             or len(data) > self.eio.max_http_buffer_size
             or not getattr(socket, "upgraded", False)
             or getattr(socket, "upgrading", True)

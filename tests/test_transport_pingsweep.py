@@ -96,10 +96,12 @@ async def _serving(sio: DeviceServer) -> AsyncIterator[str]:
 
 
 def _server(
-    ping_interval: float = PING_INTERVAL, ping_timeout: float = PING_TIMEOUT
+    ping_interval: float = PING_INTERVAL,
+    ping_timeout: float = PING_TIMEOUT,
+    inline_events: tuple[str, ...] = (),
 ) -> tuple[DeviceServer, dict[str, Any]]:
     sio = DeviceServer(
-        inline_events=(),
+        inline_events=inline_events,
         async_mode="aiohttp",
         ping_interval=ping_interval,
         ping_timeout=ping_timeout,
@@ -178,10 +180,12 @@ def engineio_pings(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return sent
 
 
+@pytest.mark.parametrize("lean", [False, True])
 def test_the_sweeper_pings_each_socket_a_ping_interval_after_its_pong(
-    engineio_pings: list[str],
+    engineio_pings: list[str], lean: bool
 ) -> None:
-    sio, seen = _server()
+    """With the lean path (an inline event), PONGs are handled in its websocket read too."""
+    sio, seen = _server(inline_events=("device:heartbeat",) if lean else ())
     sweeper = sio.ping_sweeper
     assert sweeper is not None and sweeper.tick == pytest.approx(PING_TIMEOUT / 20)
     assert sio.eio.start_service_task is False  # the sweeper checks the pings
@@ -191,6 +195,8 @@ def test_the_sweeper_pings_each_socket_a_ping_interval_after_its_pong(
             await wait_until_async(
                 lambda: len(a.pings) >= 3 and len(b.pings) >= 3, 20, "three pings each"
             )
+            if lean:  # past its window a read returns the next PONG to Engine.IO's loop
+                await wait_until_async(lambda: sio.pongs_inline >= 1, 20, "a PONG read inline")
             for peer in (a, b):
                 # Never sooner than the ping interval after the pong it answers.
                 for pong, ping in zip(peer.pongs, peer.pings[1:], strict=False):
@@ -201,6 +207,8 @@ def test_the_sweeper_pings_each_socket_a_ping_interval_after_its_pong(
     assert sweeper.pings_sent >= 6
     assert 1 <= sweeper.sweeps <= sweeper.pings_sent
     assert engineio_pings == []  # nothing per socket slept
+    if not lean:
+        assert sio.pongs_inline == 0
     assert seen["reasons"] == [sio.reason.TRANSPORT_CLOSE] * 2  # the peers left, not timed out
 
 
