@@ -189,7 +189,10 @@ class PingSweeper:
                 if timer is not None:
                     timer.cancel()
             self._target = None
-            await self._sweep(time.time())
+            try:
+                await self._sweep(time.time())
+            except Exception:  # never let one bad sweep end every later ping
+                log.exception("ping sweep failed")
 
     async def _sweep(self, now: float) -> None:
         due_pings = self._pings.pop_due(now)
