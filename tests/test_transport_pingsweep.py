@@ -13,16 +13,18 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import engineio.async_socket
 import pytest
 from aiohttp import web
+from server_harness import ScriptedDevice, run_devices, running_server
 
 import server.pingsweep
 from server.pingsweep import DueBuckets, sweep_tick
-from server.transport import DeviceServer
+from server.transport import DeviceServer, transport_timing
 from tests.test_interop_node import INTEROP_DIR, node  # noqa: F401 (node: a fixture)
 from tests.waiting import scaled, wait_until_async
 
@@ -316,3 +318,23 @@ def test_the_javascript_client_never_times_out_between_swept_pings(
     assert engineio_pings == []
     (reason,) = seen["reasons"]  # it left (its DISCONNECT or its closing websocket first)
     assert reason in {sio.reason.CLIENT_DISCONNECT, sio.reason.TRANSPORT_CLOSE}
+
+
+def test_the_fedtray_server_pings_its_devices_through_the_sweeper(tmp_path: Path) -> None:
+    """The served DeviceServer (server/serving.py) has the sweeper, at its tick for the
+    derived timing, and a joined device's socket is the sweeper's."""
+    with running_server(tmp_path, min_clients=5) as srv:
+        sio: DeviceServer = srv.server.sio
+        timing = transport_timing(srv.config.heartbeat_interval)
+        sweeper = sio.ping_sweeper
+        assert sweeper is not None and sweeper.tick == sweep_tick(timing.ping_timeout)
+        assert sio.eio.start_service_task is False
+
+        async def scenario() -> list[bool]:
+            dev = ScriptedDevice(srv.url, name="swept")
+            assert (await dev.join())["ok"] is True
+            assert await dev.heartbeat() == {"ok": True}
+            # Read from this thread while the device is connected (a snapshot).
+            return ["schedule_ping" in vars(s) for s in list(sio.eio.sockets.values())]
+
+        assert run_devices(scenario()) == [True]
