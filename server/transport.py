@@ -14,8 +14,9 @@ Contract:
   180 s at most) after the last packet it sent (:attr:`TransportTiming.dead_peer_bound`),
   and by the server not before half of that, by Engine.IO's read deadline; the registry
   has marked it stale before (``3 × heartbeat_interval``). A client that only counts pings
-  (socket.io's JavaScript client) waits the same interval + timeout for one, which the
-  server keeps.
+  (socket.io's JavaScript client) waits the same interval + timeout for one; the server
+  pings at most ``ping_interval + tick`` after the last PONG (the ping sweeper below; tick
+  ``<= ping_timeout / 20``), well within it.
 * :class:`DeviceServer` is ``socketio.AsyncServer`` that runs the handlers of the events
   in ``inline_events`` (the cheap ones: ``device:heartbeat``) directly in the connection's
   Engine.IO read loop instead of one new asyncio task per event (python-socketio's
@@ -37,6 +38,25 @@ Contract:
   awaited); either can only hold back the packets of its own connection, which the peer
   sends after the CONNECT is answered or not at all after a DISCONNECT. Each connection's
   packets are thus handled in the order they arrived.
+* **The ping sweeper** (``ping_sweep=True``, the default): Engine.IO's pings and ping
+  checks are done by one :class:`server.pingsweep.PingSweeper` per server (one timer, at
+  most one wakeup a tick, 1 s at the default timing) instead of one sleeping task per
+  socket and Engine.IO's service task (turned off): DeviceServer hands it each socket from
+  python-socketio's ``_handle_eio_connect`` (before Engine.IO schedules the first ping).
+  Each socket is pinged ``ping_interval`` after its last PONG rounded up to the tick (the
+  same PING packet through Engine.IO's ``send``, ``last_ping`` set as Engine.IO does), all
+  due sockets in one loop turn; one that has not answered ``ping_timeout`` later is closed
+  by Engine.IO's ``check_ping_timeout`` (reason ``ping timeout``) within two ticks of that,
+  i.e. at most ``ping_interval + ping_timeout + 2 × tick`` after its last PONG (a peer that
+  sends nothing at all is dropped by the read deadline first, within
+  :attr:`TransportTiming.dead_peer_bound`, as before). Closed sockets leave Engine.IO's
+  table at a tick at most every ``ping_timeout``, as its service task did. A PONG is handled
+  in the lean path's websocket read when it can be (below), else in Engine.IO's read loop,
+  both calling the socket's ``schedule_ping``. It relies on private python-engineio names
+  (:func:`server.pingsweep.missing_names`) and python-socketio's ``_handle_eio_connect``,
+  checked once at construction: when one is missing it logs one warning and Engine.IO pings
+  each socket itself (behaviour unchanged, only costlier).
+  :attr:`DeviceServer.ping_sweeper` is the sweeper, None without it.
 * **The lean path** (``lean=True``, the default): python-socketio's
   ``_handle_eio_message`` is overridden so that a text packet that
   :func:`server.eventframe.match_acked_event` recognises as an acked EVENT of an inline
@@ -61,7 +81,10 @@ Contract:
   its loop gets a message, so a read hands messages inline only during the first half of
   that deadline; past it, the next message goes through the loop (and the lean path from
   there). A connection is thus still dropped at most ``ping_interval + ping_timeout``
-  after its last packet, and never before half of that; pongs always reach the loop. A
+  after its last packet, and never before half of that. With the ping sweeper, a PONG read
+  within that half is handled there too, as Engine.IO's loop would (the socket's
+  ``schedule_ping``, i.e. the sweeper files its next ping; counted in
+  :attr:`DeviceServer.pongs_inline`); without it pongs always reach the loop. A
   message over ``max_http_buffer_size`` is returned to the loop, which refuses it as
   before; an exception from an inline handler is logged and reading goes on (as
   Engine.IO's loop does). Everything else -- other events, binary packets, other
@@ -102,6 +125,7 @@ from aiohttp import web
 from socketio import packet as sio_packet
 
 from server.eventframe import MESSAGE, EventPrefixes, ack_packet, event_prefixes, match_acked_event
+from server.pingsweep import PingSweeper, missing_names
 
 __all__ = ["DeviceServer", "TransportTiming", "transport_timing"]
 
@@ -145,6 +169,8 @@ _HOOKS = ("_handle_event", "_handle_event_internal")
 
 #: How a websocket text message carrying a Socket.IO EVENT starts (Engine.IO MESSAGE, 2).
 _ENGINEIO_EVENT = MESSAGE + "2"
+#: An Engine.IO PONG, as a websocket text message.
+_ENGINEIO_PONG = "3"
 
 #: The private names the lean path relies on (python-socketio's and python-engineio's),
 #: checked once at construction; a public name's absence would fail just as loudly.
@@ -212,8 +238,29 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
     """``socketio.AsyncServer`` that handles ``inline_events`` inline, and by the lean path
     when ``lean`` (see the module)."""
 
-    def __init__(self, *, inline_events: Iterable[str], lean: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        inline_events: Iterable[str],
+        lean: bool = True,
+        ping_sweep: bool = True,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(async_handlers=True, **kwargs)
+        #: The coalesced pinger (None: Engine.IO's own per-socket pings), see the module.
+        self.ping_sweeper: PingSweeper | None = None
+        if ping_sweep:
+            gone = missing_names(self.eio)
+            if not callable(getattr(socketio.AsyncServer, "_handle_eio_connect", None)):
+                gone.append("socketio.AsyncServer._handle_eio_connect")
+            if gone:
+                log.warning(
+                    "this python-engineio has no %s: Engine.IO pings each socket itself",
+                    ", ".join(gone),
+                )
+            else:
+                self.ping_sweeper = PingSweeper(self.eio)
+                self.eio.start_service_task = False  # the sweeper checks the pings
         # Engine.IO's message handler (python-socketio's dispatch) in the read loop: see the
         # module for why nothing slow is awaited there.
         self.eio.async_handlers = False
@@ -230,6 +277,8 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
         #: Events of the lean path handled in the websocket driver's read, never reaching
         #: Engine.IO's read loop (a part of ``lean_handled``).
         self.read_inline = 0
+        #: Engine.IO PONGs handled in the websocket driver's read (with the ping sweeper).
+        self.pongs_inline = 0
         self._inline_window = 0.0
         self._lean_prefixes: EventPrefixes = ()
         if lean and self._inline:
@@ -242,6 +291,20 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
                 )
             else:
                 self._install_lean()
+
+    # --------------------------------------------------------------- the ping sweeper
+
+    async def _handle_eio_connect(self, eio_sid: str, environ: dict[str, Any]) -> Any:
+        # Engine.IO calls this before its first schedule_ping of the socket.
+        socket = self.eio.sockets.get(eio_sid)
+        if self.ping_sweeper is not None and socket is not None:
+            self.ping_sweeper.adopt(socket)
+        return await super()._handle_eio_connect(eio_sid, environ)
+
+    async def shutdown(self) -> None:
+        await super().shutdown()
+        if self.ping_sweeper is not None:
+            await self.ping_sweeper.stop()
 
     # --------------------------------------------------------------- the lean path
 
@@ -296,9 +359,15 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
         """Handle a websocket text message of ``socket`` by the lean path inside the
         driver's read, without returning it to Engine.IO's read loop; False (before doing
         anything) to return it there."""
+        if time.monotonic() - started >= self._inline_window:
+            return False
+        if data == _ENGINEIO_PONG and self.ping_sweeper is not None:
+            # What Engine.IO's loop does with a PONG: schedule the next ping (the sweeper's).
+            socket.schedule_ping()
+            self.pongs_inline += 1
+            return True
         if (
-            time.monotonic() - started >= self._inline_window
-            or not data.startswith(_ENGINEIO_EVENT)
+            not data.startswith(_ENGINEIO_EVENT)
             or len(data) > self.eio.max_http_buffer_size
             or not getattr(socket, "upgraded", False)
             or getattr(socket, "upgrading", True)
