@@ -20,6 +20,7 @@ from benchmarks import (
     robust_aggregation,
     round_figures,
     server_capacity,
+    socketio_floor,
     training_overhead,
     transfer,
     vs_flower,
@@ -270,3 +271,13 @@ def test_server_capacity_scaling_smoke(capsys: pytest.CaptureFixture[str]) -> No
     assert [(w, d, h) for w, d, h, _, _ in rows] == [("1", "3", "3"), ("2", "6", "6")], out
     assert all(float(cost) > 0 for _, _, _, cost, _ in rows), out
     assert re.search(r"^capacity --workers 2 / --workers 1: \d+\.\d\dx", out, re.M), out
+
+
+# Slow: it spawns client processes (no torch).
+@pytest.mark.slow
+def test_socketio_floor_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    assert socketio_floor.main(["--params", "1000", "--clients", "2", "--rounds", "3"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(
+        r"^bare python-socketio round, 2 clients, .* median \d+\.\d{4} s/round", out, re.M
+    )
