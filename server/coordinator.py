@@ -177,6 +177,9 @@ class RoundCoordinator:
         # start (those get it with training:start), or to all when no round starts at once.
         self._broadcast_due = False
         self._return_grace_until = 0.0
+        #: The devices welcomed since a round was restored, while it waits for them
+        #: (from :meth:`prepare` on, so none registering before :meth:`run` is missed).
+        self._welcomed: set[str] = set()
         #: The wait for enough eligible devices before each round (server.device_wait).
         self.waiting = DeviceWait(
             config=config,
@@ -272,6 +275,8 @@ class RoundCoordinator:
                 record.device_id,
             )
             return
+        if self._restored is not None or self._return_grace_until:
+            self._welcomed.add(record.device_id)
         self._distributor.send_global_later(record)
         self._reoffer(record)
 
@@ -322,7 +327,9 @@ class RoundCoordinator:
                 restored.round_id,
                 max(0.0, min(self._return_grace_until, restored.deadline) - now),
             )
-            if not await self._drive_round(restored, []):
+            completed = await self._drive_round(restored, [])
+            self._return_grace_until, self._welcomed = 0.0, set()
+            if not completed:
                 await asyncio.sleep(cfg.effective_retry_delay)
         while True:
             if cfg.rounds and self._model.rounds_completed >= cfg.rounds:
@@ -406,7 +413,7 @@ class RoundCoordinator:
                 if now >= rnd.deadline or (
                     (rnd.settled or not rnd.can_still_succeed)
                     and not (
-                        now < self._return_grace_until and awaiting_return(rnd, self._registry)
+                        now < self._return_grace_until and awaiting_return(rnd, self._welcomed)
                     )
                 ):
                     break

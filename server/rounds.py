@@ -10,8 +10,9 @@ slot is starting or training; it *succeeds* when reports reach the required coun
 each with its own :class:`client.errors.FedtrayError` code: ``round_closed`` (unknown,
 closed or past deadline), ``not_selected``, ``duplicate``, ``stale_base``. It never
 changes state, so a refused submission is never counted; :meth:`Round.record_report`
-counts an accepted one exactly once. :func:`drop_stale`, :func:`awaiting_return` and
-:func:`abandon_detail` judge a round's slots against the device registry.
+counts an accepted one exactly once. :func:`drop_stale` and :func:`abandon_detail` judge a
+round's slots against the device registry, :func:`awaiting_return` against the devices
+welcomed back since a restart.
 :meth:`Round.close` closes it to submissions; the federation's phase (waiting,
 training, aggregating, ...) is not kept here but by :class:`server.phase.PhaseMachine`.
 :func:`select_devices` picks at random with the caller's ``random.Random``.
@@ -20,7 +21,7 @@ training, aggregating, ...) is not kept here but by :class:`server.phase.PhaseMa
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
@@ -208,11 +209,17 @@ def drop_stale(rnd: Round, registry: Registry, now: float) -> list[str]:
     return stale
 
 
-def awaiting_return(rnd: Round, registry: Registry) -> bool:
-    """True while a restored round has a slot whose device has not been back since the
-    restart (the caller bounds this by a grace time)."""
+def awaiting_return(rnd: Round, welcomed: Container[str]) -> bool:
+    """True while a restored round has a slot whose device has not been welcomed back
+    since the restart (the caller bounds this by a grace time).
+
+    "Welcomed", not "registered": a device is in the registry from its registration on,
+    but it gets its slot back only when the coordinator welcomes it, after its
+    ``device:registered`` is sent. Judged by the registry, a round looked at in between
+    saw the device back and its slot still dropped, and gave the round up.
+    """
     return any(
-        slot.state == "dropped" and slot.detail == "disconnected" and registry.get(d) is None
+        slot.state == "dropped" and slot.detail == "disconnected" and d not in welcomed
         for d, slot in rnd.slots.items()
     )
 

@@ -20,8 +20,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from client.protocol import events as ev
 from client.weights import StateDict
+from server.handlers import DeviceNamespace
 from tests.server_harness import ScriptedDevice, run_devices, running_server
+from tests.waiting import scaled
 
 CONFIG: dict[str, Any] = {"min_clients": 2, "clients_per_round": 2, "round_timeout": 60}
 
@@ -86,6 +89,50 @@ def test_a_restarted_server_goes_on_with_the_same_round(
     assert (record["roundId"], record["clientsReported"]) == (round_id, 2)
     assert not _round_file(tmp_path).exists(), "a closed round leaves no round file"
     assert list((tmp_path / "server-state" / "round").iterdir()) == []
+
+
+def test_a_device_back_but_not_yet_welcomed_keeps_the_restored_round_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A device is in the registry from its registration on, but gets its slot back only
+    # when it is welcomed, after its device:registered is sent. The round loop is made to
+    # look at the round in between (device:registered is held until the loop has run one
+    # turn after the registration); the restored round must go on waiting, not be given
+    # up for a device that is already back (test_restart_race saw that under load).
+    round_id, base = _stop_with_one_update_accepted(tmp_path)
+    original_emit = DeviceNamespace.emit
+    looked: list[bool] = []
+
+    async def emit_after_a_loop_turn(
+        self: DeviceNamespace, event: str, *args: Any, **kw: Any
+    ) -> Any:
+        if event == ev.REGISTERED.name:
+            changed = srv.server.coordinator._round_changed  # the loop clears it each turn
+            changed.set()
+            deadline = time.monotonic() + scaled(20)
+            while changed.is_set() and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            looked.append(not changed.is_set())
+        return await original_emit(self, event, *args, **kw)
+
+    monkeypatch.setattr(DeviceNamespace, "emit", emit_after_a_loop_turn)
+    with caplog.at_level(logging.INFO), running_server(tmp_path, **CONFIG) as srv:
+        b = ScriptedDevice(srv.url, name="b")
+        b.device_id = _device_ids(tmp_path, round_id)[1]
+
+        async def scenario() -> None:
+            await b.join(weights_version=0)
+            await b.until(lambda: bool(b.starts), 20, "b offered its part again")
+            assert b.starts[0]["roundId"] == round_id
+            ack = await b.submit(round_id, 0, _filled(base, 4.0), num_samples=3)
+            assert ack["ok"] is True and ack["received"] == 2, ack
+
+        run_devices(scenario())
+        status = srv.wait_for(lambda st: bool(st["history"]), 20, "the round's record")
+    assert looked == [True], "the round loop did not run between registration and welcome"
+    [record] = status["history"]
+    assert (record["roundId"], record["outcome"]) == (round_id, "completed")
+    assert "abandoned" not in caplog.text
 
 
 def _device_ids(tmp_path: Path, round_id: str) -> list[str]:
