@@ -30,6 +30,7 @@ Contract (torch is imported only inside functions; the training worker is the on
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,7 @@ from client.errors import FedtrayError
 from client.protocol import Partition, TrainingConfig
 from client.tasks import get_task
 from client.tasks.base import Task, model_state
-from client.weights import Layout, decode, layout_of, sha256_hex
+from client.weights import Layout, decode_views, layout_of, sha256_hex
 
 if TYPE_CHECKING:
     import torch
@@ -210,8 +211,11 @@ def load_base(built: BuiltModel, job: BaseJob, of: str) -> str:
     import torch
 
     raw, sha = read_base(job, of)
-    base = decode(raw, "safetensors", expected=built.layout)
-    del raw
-    # In place: load_state_dict copies into the model's own tensors.
-    built.model.load_state_dict({k: torch.from_numpy(v) for k, v in base.items()})
+    # Every check of decode(), over the file's bytes (no copy): load_state_dict copies
+    # them into the model's own tensors, in place, once.
+    base = decode_views(raw, expected=built.layout)
+    with warnings.catch_warnings():  # read-only arrays: torch only reads them here
+        warnings.simplefilter("ignore", UserWarning)
+        built.model.load_state_dict({k: torch.from_numpy(v) for k, v in base.items()})
+    del base, raw
     return sha

@@ -242,6 +242,9 @@ class LocalTrainer:
         y = torch.as_tensor(y_np).to(device)
 
         position = self._resume(job, files, fingerprint, model, optimizer, device)
+        # A fresh job's model starts as the base file: its first epoch is retried (after
+        # running out of memory) from that file, not from an in-memory copy of the model.
+        from_base = position is None and job.base_weights_path is not None
         if position is None:
             # The model's own random draws (dropout) start from the job's seed, so a run
             # is reproducible; a resumed run restores the RNG from its checkpoint.
@@ -258,7 +261,13 @@ class LocalTrainer:
         periodic = CheckpointClock(job.checkpoint_interval)
         try:
             while position.epoch < job.config.epochs:
-                snapshot = EpochSnapshot.take(model, optimizer, position)
+                snapshot: EpochSnapshot | BaseSnapshot
+                if from_base and position.epoch == 0:
+                    snapshot = BaseSnapshot.take(
+                        optimizer, position, lambda: load_base(built, job, f"round {job.round_id}")
+                    )
+                else:
+                    snapshot = EpochSnapshot.take(model, optimizer, position)
                 try:
                     self._train_epoch(
                         job,
@@ -505,6 +514,44 @@ class LocalTrainer:
             return position
         files.discard_checkpoint()
         return None
+
+
+class BaseSnapshot:
+    """The state at the start of a fresh job's first epoch, whose model is its base file's
+    weights (just loaded, nothing trained): :meth:`restore` loads that file into the model
+    again (checked as the first load was) instead of copying the whole model up front, and
+    puts the optimizer, RNG and position back as :class:`EpochSnapshot` does."""
+
+    def __init__(self, rest: EpochSnapshot, reload: Callable[[], object]) -> None:
+        self._rest = rest
+        self._reload = reload
+
+    @classmethod
+    def take(
+        cls, optimizer: Optimizer, position: Position, reload: Callable[[], object]
+    ) -> BaseSnapshot:
+        import copy
+
+        import torch
+
+        rest = EpochSnapshot(
+            model={},
+            optimizer=copy.deepcopy(optimizer.state_dict()),
+            rng=torch.get_rng_state(),
+            position=copy.deepcopy(position),
+        )
+        return cls(rest, reload)
+
+    def restore(self, model: torch.nn.Module, optimizer: Optimizer) -> Position:
+        """The model from the base file again, then the rest (:meth:`EpochSnapshot.restore`)."""
+        import copy
+
+        import torch
+
+        self._reload()
+        optimizer.load_state_dict(copy.deepcopy(self._rest.optimizer))
+        torch.set_rng_state(self._rest.rng)
+        return copy.deepcopy(self._rest.position)
 
 
 def warm_up() -> None:
