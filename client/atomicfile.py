@@ -26,6 +26,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,12 +70,13 @@ def _fsync_file(path: Path) -> None:
 
 def write_atomic(
     path: Path,
-    data: bytes | bytearray | memoryview,
+    data: bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview],
     *,
     mode: int = 0o600,
     durable: bool = True,
 ) -> None:
-    """Replace ``path`` with ``data`` atomically; creates the parent directory if needed.
+    """Replace ``path`` with ``data`` (or a list of pieces, written in order) atomically;
+    creates the parent directory if needed.
 
     The file gets ``mode`` (default 0600: private, as mkstemp creates it) before it
     appears under its name, so it is never readable by others even for a moment.
@@ -84,7 +86,10 @@ def write_atomic(
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            if isinstance(data, bytes | bytearray | memoryview):
+                fh.write(data)
+            else:
+                fh.writelines(data)
             fh.flush()
             if durable:
                 os.fsync(fh.fileno())

@@ -122,7 +122,7 @@ from client.train_memory import (
     free_accelerator_memory,
     is_out_of_memory,
 )
-from client.weights import encode
+from client.weights import encode_parts
 from client.worker_messages import (
     DEFAULT_CHECKPOINT_INTERVAL,
     Command,
@@ -307,10 +307,11 @@ class LocalTrainer:
 
         model.zero_grad(set_to_none=True)  # the kept model holds no gradients between jobs
         evaluation = task.evaluate(model, x_np, y_np)
-        data = encode(model_state(model), "safetensors")
-        digest = files.write_output(data)
-        size = len(data)
-        del data
+        # Written and hashed from the model's own tensors (no copy of the document).
+        pieces = encode_parts(model_state(model))
+        digest = files.write_output(pieces)
+        size = sum(memoryview(p).nbytes for p in pieces)
+        del pieces
         files.discard_checkpoint()
         metrics = {
             "trainLoss": position.last_epoch_loss,

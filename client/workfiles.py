@@ -47,7 +47,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -187,11 +187,17 @@ class JobFiles:
         """Delete the checkpoint (finished, cancelled or unusable work); none is fine."""
         self.checkpoint.unlink(missing_ok=True)
 
-    def write_output(self, data: bytes | bytearray) -> str:
-        """Write the output; returns the SHA-256 (hex) of ``data``, hashed as it is written."""
-        digest = hashlib.sha256(data).hexdigest()
-        write_atomic(self.output, data, durable=False)
-        return digest
+    def write_output(
+        self, data: bytes | bytearray | Sequence[bytes | bytearray | memoryview]
+    ) -> str:
+        """Write the output (``data``, or its pieces in order); returns the SHA-256 (hex) of
+        the bytes written, hashed as they are written."""
+        pieces = [data] if isinstance(data, bytes | bytearray) else data
+        hasher = hashlib.sha256()
+        for piece in pieces:
+            hasher.update(piece)
+        write_atomic(self.output, pieces, durable=False)
+        return hasher.hexdigest()
 
     @contextlib.contextmanager
     def handing_over_output(self, target: Path, *, sync_dir: bool = True) -> Iterator[Path]:

@@ -563,6 +563,78 @@ def test_out_of_memory_halves_the_batch_and_retries_the_epoch(tmp_path: Path) ->
     assert result.output_path.read_bytes() == plain.output_path.read_bytes()
 
 
+class ScribbleThenOom(DigitsTask):
+    """Digits, but a batch larger than ``limit`` changes every weight in place, then 'runs
+    out of memory' (what a retry must undo)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.sizes: list[int] = []
+
+    def train_step(
+        self, model: torch.nn.Module, x_batch: torch.Tensor, y_batch: torch.Tensor
+    ) -> torch.Tensor:
+        self.sizes.append(len(x_batch))
+        if len(x_batch) > self.limit:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(1.0)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+        return super().train_step(model, x_batch, y_batch)
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_a_first_epoch_from_base_weights_is_retried_from_the_base_file(
+    tmp_path: Path, epochs: int
+) -> None:
+    # The first epoch of a fresh job is retried from its base file (no up-front copy of
+    # the model); a later epoch from its in-memory snapshot. Both undo the scribbles.
+    task = get_task("digits").configure({"hidden": 16})
+    base = tmp_path / "base.safetensors"
+    base.write_bytes(encode(_state_of(task.build_model(task.params, seed=9))))
+    config = TrainingConfig(epochs=epochs, batch_size=40, learning_rate=0.05, momentum=0.9, seed=3)
+    oom = ScribbleThenOom(limit=10)
+    result = LocalTrainer(device="cpu", task_loader=_loader(oom)).run(
+        _job(tmp_path, config=config, base_weights_path=base)
+    )
+    assert result.batch_size == 10
+    assert oom.sizes[:2] == [40, 20]
+    plain = LocalTrainer(device="cpu").run(
+        _job(
+            tmp_path,
+            config=config.model_copy(update={"batch_size": 10}),
+            base_weights_path=base,
+            output_path=tmp_path / "plain",
+        )
+    )
+    assert result.output_path.read_bytes() == plain.output_path.read_bytes()
+
+
+def test_a_later_epoch_is_retried_from_its_snapshot(tmp_path: Path) -> None:
+    # The OOM comes in the second epoch only: its retry restores the in-memory snapshot.
+    task = get_task("digits").configure({"hidden": 16})
+    base = tmp_path / "base.safetensors"
+    base.write_bytes(encode(_state_of(task.build_model(task.params, seed=9))))
+
+    class LateOom(ScribbleThenOom):
+        def train_step(
+            self, model: torch.nn.Module, x_batch: torch.Tensor, y_batch: torch.Tensor
+        ) -> torch.Tensor:
+            if len(self.sizes) < 3:  # the whole first epoch at 40
+                self.sizes.append(len(x_batch))
+                return DigitsTask.train_step(self, model, x_batch, y_batch)
+            return super().train_step(model, x_batch, y_batch)
+
+    config = TrainingConfig(epochs=2, batch_size=40, learning_rate=0.05, momentum=0.9, seed=3)
+    oom = LateOom(limit=20)
+    result = LocalTrainer(device="cpu", task_loader=_loader(oom)).run(
+        _job(tmp_path, config=config, base_weights_path=base)
+    )
+    assert result.batch_size == 20
+    assert oom.sizes[3:5] == [40, 20]
+
+
 def test_out_of_memory_at_batch_size_one_fails(tmp_path: Path) -> None:
     task = OomAbove(limit=0)
     with pytest.raises(FedtrayError) as info:

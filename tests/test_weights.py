@@ -23,6 +23,7 @@ from client.weights import (
     WeightsError,
     decode,
     encode,
+    encode_parts,
     layout_of,
     sha256_hex,
     verify_blob,
@@ -94,6 +95,23 @@ def test_round_trip_scalars_and_zero_size(fmt: str, dtype: str) -> None:
     out = decode(encode(state, fmt), fmt)  # type: ignore[arg-type]
     assert_bit_equal(out, state)
     assert out["scalar"].shape == ()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_encode_parts_joined_are_the_document_without_copying_tensors(dtype: str) -> None:
+    base = np.arange(12, dtype=np.float32).reshape(3, 4)
+    state = {
+        "w": edge_values(dtype).reshape(3, 4),
+        "scalar": np.array(edge_values(dtype)[1]),
+        "empty": np.zeros((0,), dtype=dtype),
+        "t": base.T,  # not contiguous: copied once, as encode does
+    }
+    parts = encode_parts(state)
+    assert b"".join(parts) == encode(state, "safetensors")
+    # The contiguous tensors are views of the arrays' own memory, not copies.
+    arrays = [np.frombuffer(p, np.uint8) for p in parts[1:]]
+    assert any(np.shares_memory(a, state["w"]) for a in arrays)
+    assert any(np.shares_memory(a, state["scalar"]) for a in arrays)
 
 
 @pytest.mark.parametrize("fmt", WEIGHT_FORMATS)

@@ -189,6 +189,14 @@ class _Fsyncs:
         monkeypatch.setattr(os, "fsync", fsync)
 
 
+def test_an_output_written_in_pieces_is_their_bytes_in_order(tmp_path: Path) -> None:
+    files = WorkDir(tmp_path / "work").files(f"work-v1-{'a' * 24}")
+    pieces = [b"head", memoryview(b"-body-"), bytearray(b"tail")]
+    digest = files.write_output(pieces)
+    assert files.output.read_bytes() == b"head-body-tail"
+    assert digest == hashlib.sha256(b"head-body-tail").hexdigest()
+
+
 def test_work_files_are_not_fsynced_but_the_handed_over_output_is(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -6,6 +6,8 @@ Contract:
   document (for simple servers in other languages). The safetensors document is written
   here, byte for byte as ``safetensors.numpy.save`` writes it (same header JSON, padding
   and tensor order), in a single copy of the tensor bytes; the library reads it back.
+  :func:`encode_parts` gives that safetensors document as its pieces (header, then views
+  of the arrays' buffers): no copy of the tensor bytes at all, for a writer to a file.
 * :func:`decode` turns bytes from a peer back into a :data:`StateDict` of writable,
   C-contiguous, native-byte-order arrays owned by the caller. Every byte of a peer's
   document is checked *before* anything is allocated for its tensors: header length and
@@ -101,6 +103,22 @@ def encode(state: StateDict, fmt: WeightFormat = "safetensors") -> bytes:
     float tensor).
     """
     check_format(fmt)
+    arrays = _encodable(state)
+    if fmt == "safetensors":
+        return safetensors_format.write(arrays)
+    return json_format.write(arrays)
+
+
+def encode_parts(state: StateDict) -> list[bytes | memoryview]:
+    """``encode(state, "safetensors")`` as its pieces in order (joined, they are exactly
+    those bytes): the header, then read-only views of the arrays' own buffers, copied
+    nowhere (a writer writes and hashes them one by one). Raises what :func:`encode` does.
+    The views keep the arrays alive; change no array while they are in use."""
+    return safetensors_format.write_parts(_encodable(state))
+
+
+def _encodable(state: StateDict) -> list[tuple[str, npt.NDArray[Any]]]:
+    """``state``'s arrays checked for encoding, dense and little-endian (module codes)."""
     arrays: list[tuple[str, npt.NDArray[Any]]] = []
     for name, given in checked_items(state):
         dtype = le_dtype_of(name, given)
@@ -111,9 +129,7 @@ def encode(state: StateDict, fmt: WeightFormat = "safetensors") -> bytes:
         check_finite(name, arr)
         check_bool_bytes(name, arr)
         arrays.append((name, arr))
-    if fmt == "safetensors":
-        return safetensors_format.write(arrays)
-    return json_format.write(arrays)
+    return arrays
 
 
 def decode(
@@ -205,6 +221,7 @@ __all__ = [
     "decode",
     "decode_views",
     "encode",
+    "encode_parts",
     "layout_mismatches",
     "layout_of",
     "sha256_hex",

@@ -4,7 +4,9 @@ Contract:
 
 * :func:`write` turns validated, C-contiguous little-endian arrays into the document
   ``safetensors.numpy.save`` writes, byte for byte (compact header JSON in layout order,
-  padded with spaces to 8 bytes), copying the tensor bytes exactly once.
+  padded with spaces to 8 bytes), copying the tensor bytes exactly once;
+  :func:`write_parts` gives the same document as its pieces (the header, then views of
+  the arrays' own buffers: no copy at all), for a writer that writes them one by one.
 * :func:`parse` checks every byte of a peer's header (length and size, JSON structure,
   dtypes, shapes, and that the data offsets tile the data section exactly) before
   anything is allocated for its tensors; :func:`materialise` then makes one writable,
@@ -52,14 +54,20 @@ ST_ALIGN = 8
 
 
 def write(arrays: list[tuple[str, npt.NDArray[Any]]]) -> bytes:
-    """The safetensors document for validated, C-contiguous little-endian ``arrays``.
+    """The safetensors document for validated, C-contiguous little-endian ``arrays``, as
+    one ``bytes``: :func:`write_parts` joined (the one copy of the tensor bytes)."""
+    return b"".join(write_parts(arrays))
+
+
+def write_parts(arrays: list[tuple[str, npt.NDArray[Any]]]) -> list[bytes | memoryview]:
+    """The safetensors document for validated, C-contiguous little-endian ``arrays``, as
+    its pieces in order: the header, then a view of each array's own buffer (no copy;
+    they keep the arrays alive).
 
     ``safetensors.numpy.save`` is not used: it copies every tensor twice (into its own
     buffer, then into a ``bytes``), and everything it would check has been checked by
-    :func:`client.weights.encode` already. Here the 100 MB-class payload is copied exactly
-    once, by the single ``b"".join`` that builds the returned ``bytes`` straight from the
-    arrays' buffers. The header is what the library writes: compact JSON in layout order,
-    padded with spaces.
+    :func:`client.weights.encode` already. The header is what the library writes:
+    compact JSON in layout order, padded with spaces.
     """
     ordered = sorted(arrays, key=lambda item: (NAME_TO_ST[item[1].dtype.name][0], item[0]))
     header: dict[str, dict[str, Any]] = {}
@@ -74,7 +82,9 @@ def write(arrays: list[tuple[str, npt.NDArray[Any]]]) -> bytes:
         offset = end
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % ST_ALIGN)
-    return b"".join([HEADER_LEN.pack(len(raw)), raw, *(arr.data for _, arr in ordered)])
+    parts: list[bytes | memoryview] = [HEADER_LEN.pack(len(raw)) + raw]
+    parts.extend(arr.reshape(-1).view(np.uint8).data for _, arr in ordered if arr.nbytes)
+    return parts
 
 
 def parse(view: memoryview, max_bytes: int) -> tuple[list[Entry], int]:
