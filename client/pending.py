@@ -11,7 +11,22 @@ Contract:
   pending directory fsynced once for both renames. So once ``add`` returns the entry
   survives a ``kill -9`` and a power cut; a crash during it leaves at most leftovers
   that :meth:`PendingStore.entries` removes (never a sidecar naming unsynced bytes).
-  An entry exists only once its sidecar exists. The size
+  An entry exists only once its sidecar exists.
+* ``add(..., durable=False)`` renames the output and the sidecar in the same order
+  without waiting for any fsync, and returns at once; the fsyncs (the data, the sidecar,
+  the directory) run on the store's one sync thread meanwhile, so the update can be sent
+  while they run. Until they are done the entry survives a ``kill -9`` (the OS holds the
+  bytes) but not a power cut: after one, the entry may name bytes never written, which
+  its recorded SHA-256 catches when it is read or sent (it is then discarded: the update
+  is lost, as it is today when the power goes before ``add`` returns).
+* THE durability promise, :meth:`PendingStore.wait_durable`: it returns only once the
+  entry's data, its sidecar and the directory are fsynced by this process (at once for an
+  entry this process made durable already; an entry it did not make, such as one left by
+  an earlier run, is fsynced again, which costs nothing for bytes already on disk); it
+  raises ``OSError`` when the disk refuses (the entry stays, to be tried again). The
+  uploader awaits it before an update's last byte and before its ``weights:submit``, so
+  the server never counts an update that a power cut could still take from this device.
+  The size
   and SHA-256 are the ones the trainer computed while writing the output, when given
   (the file is then not read again here), else they are computed from the file;
   :meth:`PendingStore.read` checks them before anything is sent (an update over one
@@ -32,7 +47,9 @@ Contract:
   after the server acknowledged the update (accepted, ``duplicate`` or ``round_closed``).
 * File names are derived from a hash of the round id, so any round id is a safe name.
 
-Not thread-safe: owned by the session's event loop.
+Owned by the session's event loop (its methods run in worker threads, one at a time per
+entry); the record of which entries are durable is behind a lock, so
+:meth:`PendingStore.wait_durable` may run beside :meth:`PendingStore.add`.
 """
 
 from __future__ import annotations
@@ -43,13 +60,14 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from client.atomicfile import fsync_dir
+from client.atomicfile import fsync_dir, write_atomic
 from client.config import data_dir
 from client.errors import FedtrayError
 from client.protocol import Identifier, Metrics, NonNegInt, PosInt, Sha256Hex, WeightFormat
@@ -117,9 +135,26 @@ def _stage(target: Path, data: bytes) -> Path:
     return Path(tmp)
 
 
-#: The one thread that stages sidecars beside the output's fsync, kept for the process
-#: (its thread starts on first use), so keeping an update does not start a thread.
+#: The one thread that stages sidecars beside the output's fsync and makes entries added
+#: with ``durable=False`` durable, kept for the process (its thread starts on first use),
+#: so keeping an update does not start a thread.
 _SIDECAR_POOL: Final = concurrent.futures.ThreadPoolExecutor(1, "pending-sidecar")
+
+
+def _fsync_path(path: Path) -> None:
+    # Read-write: Windows cannot flush a file opened read-only.
+    fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_durable(data_path: Path, sidecar_path: Path) -> None:
+    """The entry's data and sidecar fsynced, then their directory (both renames)."""
+    _fsync_path(data_path)
+    _fsync_path(sidecar_path)
+    fsync_dir(data_path.parent)
 
 
 def _file_sha256(path: Path) -> tuple[int, str]:
@@ -137,6 +172,10 @@ class PendingStore:
 
     def __init__(self, directory: Path | None = None) -> None:
         self.directory = directory if directory is not None else default_pending_dir()
+        self._lock = threading.Lock()
+        #: Data files this process made durable, and those being made durable.
+        self._durable: set[Path] = set()
+        self._syncing: dict[Path, concurrent.futures.Future[None]] = {}
 
     def _paths(self, round_id: str) -> tuple[Path, Path]:
         stem = _stem(round_id)
@@ -154,13 +193,15 @@ class PendingStore:
         fmt: WeightFormat,
         created: float,
         digest: tuple[int, str] | None = None,
+        durable: bool = True,
     ) -> PendingUpdate:
         """Take ``source``'s output into the store and record its sidecar; raise OSError
         on disk errors (the output is then back in the work directory).
 
         ``digest``: the output's (size, SHA-256) as computed while writing it; ``None``
         hashes the file. An earlier entry for the same round is replaced (a round is
-        trained once per base).
+        trained once per base). ``durable=False``: return before the fsyncs, which run
+        meanwhile (module docstring; :meth:`wait_durable`).
         """
         data_path, sidecar_path = self._paths(round_id)
         size, sha = digest if digest is not None else _file_sha256(source.output)
@@ -176,35 +217,84 @@ class PendingStore:
             created=created,
         )
         self.directory.mkdir(parents=True, exist_ok=True)
+        if not durable:
+            return self._add_now(source, sidecar, data_path, sidecar_path)
         # The sidecar's bytes are fsynced while the output's are; one directory fsync for
         # both renames (module docstring).
         staged = _SIDECAR_POOL.submit(
             _stage, sidecar_path, sidecar.model_dump_json().encode("utf-8")
         )
         try:
-            with source.handing_over_output(data_path, sync_dir=False):
-                os.replace(staged.result(), sidecar_path)
+            sidecar_staged = staged.result()
+            with source.handing_over_output(data_path, sync_dir=False), self._lock:
+                os.replace(sidecar_staged, sidecar_path)
                 fsync_dir(self.directory)
         except BaseException:
             with contextlib.suppress(Exception):
                 _unlink(staged.result())  # not installed (gone if it was)
             raise
+        with self._lock:
+            self._durable.add(data_path)
         return self._entry(sidecar, data_path, sidecar_path)
+
+    def _add_now(
+        self, source: JobFiles, sidecar: _Sidecar, data_path: Path, sidecar_path: Path
+    ) -> PendingUpdate:
+        """``add(durable=False)``: both renames now, their fsyncs on the sync thread."""
+        # Under the lock: whoever lists the entry finds its fsyncs under way.
+        with source.handing_over_output(data_path, durable=False), self._lock:
+            write_atomic(sidecar_path, sidecar.model_dump_json().encode("utf-8"), durable=False)
+            self._durable.discard(data_path)
+            self._syncing[data_path] = _SIDECAR_POOL.submit(_make_durable, data_path, sidecar_path)
+        return self._entry(sidecar, data_path, sidecar_path)
+
+    def is_durable(self, update: PendingUpdate) -> bool:
+        """Whether this process made ``update`` durable (no waiting, no I/O)."""
+        with self._lock:
+            return update.path in self._durable
+
+    def wait_durable(self, update: PendingUpdate) -> None:
+        """Return once ``update`` is durable (module docstring); raises OSError."""
+        with self._lock:
+            if update.path in self._durable:
+                return
+            syncing = self._syncing.get(update.path)
+        if syncing is not None:
+            try:
+                syncing.result()
+            except OSError as exc:  # tried again below
+                log.warning(
+                    "making the update of round %s durable failed: %s", update.round_id, exc
+                )
+            else:
+                self._made_durable(update.path, syncing)
+                return
+        _make_durable(update.path, update.sidecar)
+        self._made_durable(update.path, syncing)
+
+    def _made_durable(self, path: Path, syncing: concurrent.futures.Future[None] | None) -> None:
+        with self._lock:
+            if self._syncing.get(path) is syncing:  # not replaced by a newer add meanwhile
+                self._syncing.pop(path, None)
+                self._durable.add(path)
 
     def entries(self) -> list[PendingUpdate]:
         """Complete entries, oldest first; cleans up crash leftovers (see module docstring)."""
         if not self.directory.is_dir():
             return []
         found: list[PendingUpdate] = []
-        sidecars = {p.name[: -len(SIDECAR_SUFFIX)]: p for p in self.directory.glob("*.json")}
-        for path in sorted(self.directory.iterdir()):
-            name = path.name
-            if name.startswith(".") and name.endswith(".tmp"):
-                log.info("removing an unfinished temporary file %s", path)
-                _unlink(path)
-            elif name.endswith(DATA_SUFFIX) and name[: -len(DATA_SUFFIX)] not in sidecars:
-                log.warning("removing update %s: its description was never written", path)
-                _unlink(path)
+        # Under the lock: an entry being added (its data in, its sidecar not yet) is not
+        # taken for a leftover.
+        with self._lock:
+            sidecars = {p.name[: -len(SIDECAR_SUFFIX)]: p for p in self.directory.glob("*.json")}
+            for path in sorted(self.directory.iterdir()):
+                name = path.name
+                if name.startswith(".") and name.endswith(".tmp"):
+                    log.info("removing an unfinished temporary file %s", path)
+                    _unlink(path)
+                elif name.endswith(DATA_SUFFIX) and name[: -len(DATA_SUFFIX)] not in sidecars:
+                    log.warning("removing update %s: its description was never written", path)
+                    _unlink(path)
         for stem, sidecar_path in sorted(sidecars.items()):
             data_path = self.directory / f"{stem}{DATA_SUFFIX}"
             try:
@@ -263,6 +353,9 @@ class PendingStore:
         """Delete an entry (data first, then the sidecar); missing files are fine."""
         _unlink(update.path)
         _unlink(update.sidecar)
+        with self._lock:
+            self._durable.discard(update.path)
+            self._syncing.pop(update.path, None)
 
     @staticmethod
     def _entry(sidecar: _Sidecar, data_path: Path, sidecar_path: Path) -> PendingUpdate:

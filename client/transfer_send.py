@@ -18,7 +18,11 @@ incomplete one until it expires); so does a file that cannot be opened or read (
 ``OSError`` is the cause), so a caller tells its own copy's faults from the peer's and the
 link's. So a sender that knows its file's digest (recorded when it was written) neither
 hashes it in a separate pass nor ever lets the peer take bytes that differ from it; the
-peer still checks the digest itself.
+peer still checks the digest itself. Its ``ready`` (when given) is awaited before the last
+piece is read and sent, after every piece before it is on the wire: a sender whose file
+is still being made durable (fsynced) sends the rest meanwhile and completes the blob only
+once that is done (what ``ready`` raises passes on, the last byte unsent). A peer that
+already holds the whole file gets nothing, and ``ready`` is not awaited.
 
 :func:`weights_ref_for` and :func:`blob_ref` name what was sent in a weights message.
 """
@@ -175,11 +179,12 @@ async def send_file_blob(
     chunk_bytes: int,
     window: int = 4,
     on_progress: Callable[[int, int], None] | None = None,
+    ready: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Send the file ``path``, which must be ``size`` bytes hashing to ``sha256``, as blob
     ``blob_id``, reading it once (see the module docstring). Raises :class:`BlobSourceError`
-    (before its last byte is sent) when the file is not that or cannot be read, and what
-    :func:`send_blob` raises."""
+    (before its last byte is sent) when the file is not that or cannot be read, what
+    ``ready`` raises (awaited before the last piece), and what :func:`send_blob` raises."""
     _check_window(chunk_bytes, window)
     try:
         fh = await asyncio.to_thread(path.open, "rb")
@@ -192,6 +197,8 @@ async def send_file_blob(
         await asyncio.to_thread(_hash_prefix, fh, hasher, offset, chunk_bytes)
 
         async def read(start: int, end: int) -> bytes:
+            if end == size and ready is not None:
+                await ready()  # the last piece: only once the file is durable
             return await asyncio.to_thread(_read_piece, fh, hasher, start, end, size, sha256)
 
         await _send_from(

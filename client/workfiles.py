@@ -200,7 +200,9 @@ class JobFiles:
         return hasher.hexdigest()
 
     @contextlib.contextmanager
-    def handing_over_output(self, target: Path, *, sync_dir: bool = True) -> Iterator[Path]:
+    def handing_over_output(
+        self, target: Path, *, sync_dir: bool = True, durable: bool = True
+    ) -> Iterator[Path]:
         """Hand the finished output to its next owner: move it to ``target`` (outside the
         work directory) for the ``with`` block, which records it there.
 
@@ -211,9 +213,12 @@ class JobFiles:
         fsyncs it). When the block raises, the output is moved back (best effort: the work
         is not lost) and the error passes on; from a block that returns, ``target``
         belongs to the receiver. ``OSError`` from the first move passes through, the
-        output left in place.
+        output left in place. ``durable=False`` fsyncs nothing: the receiver makes ``target``
+        durable itself (e.g. while it sends the bytes).
         """
-        if sync_dir:
+        if not durable:
+            move_into(self.output, target, durable=False)
+        elif sync_dir:
             move_into(self.output, target)
         else:
             _move_synced(self.output, target)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -206,3 +208,83 @@ def test_an_output_digest_from_the_trainer_is_recorded_without_reading_the_file(
     with pytest.raises(FedtrayError) as info:
         store.read(wrong)
     assert info.value.code == "checksum_mismatch"
+
+
+class _Fsyncs:
+    """Records the inode of every regular file fsynced (directories aside)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.inodes: list[int] = []
+        real = os.fsync
+
+        def fsync(fd: int) -> None:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                self.inodes.append(os.fstat(fd).st_ino)
+            real(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_an_entry_is_durable_once_wait_durable_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durable: bool
+) -> None:
+    fsyncs = _Fsyncs(monkeypatch)
+    store = PendingStore(tmp_path / "pending")
+    entry = store.add(
+        _update_file(tmp_path),
+        round_id="r-1",
+        task="digits",
+        base_version=3,
+        num_samples=1,
+        metrics={},
+        fmt="safetensors",
+        created=1.0,
+        durable=durable,
+    )
+    inodes = {entry.path.stat().st_ino, entry.sidecar.stat().st_ino}
+    if durable:  # fsynced before add returned
+        assert store.is_durable(entry) and inodes <= set(fsyncs.inodes)
+    store.wait_durable(entry)
+    assert store.is_durable(entry) and inodes <= set(fsyncs.inodes)
+    assert store.read(entry) == b"weights-bytes"
+    # Another store (a restarted client) did not make it durable: it fsyncs it again.
+    again = PendingStore(tmp_path / "pending")
+    [found] = again.entries()
+    assert not again.is_durable(found)
+    fsyncs.inodes.clear()
+    again.wait_durable(found)
+    assert again.is_durable(found) and inodes <= set(fsyncs.inodes)
+    again.remove(found)
+    assert not again.is_durable(found) and again.entries() == []
+
+
+def test_a_failed_fsync_is_tried_again_by_wait_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import client.pending as pending_module
+
+    real = pending_module._make_durable
+    calls: list[Path] = []
+
+    def flaky(data_path: Path, sidecar_path: Path) -> None:
+        calls.append(data_path)
+        if len(calls) == 1:
+            raise OSError(5, "Input/output error")
+        real(data_path, sidecar_path)
+
+    monkeypatch.setattr(pending_module, "_make_durable", flaky)
+    store = PendingStore(tmp_path / "pending")
+    entry = store.add(
+        _update_file(tmp_path),
+        round_id="r-1",
+        task="digits",
+        base_version=3,
+        num_samples=1,
+        metrics={},
+        fmt="safetensors",
+        created=1.0,
+        durable=False,
+    )
+    store.wait_durable(entry)  # the background attempt failed; this one does it
+    assert len(calls) == 2 and store.is_durable(entry)

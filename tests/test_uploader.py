@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import stat
 import threading
 from collections.abc import Coroutine
 from pathlib import Path
@@ -16,7 +18,7 @@ import pytest
 
 from client.config import Settings
 from client.errors import FedtrayError
-from client.pending import PendingStore
+from client.pending import PendingStore, PendingUpdate
 from client.protocol import (
     EV_BLOB_CHUNK,
     EV_BLOB_STATUS,
@@ -34,7 +36,7 @@ from client.session.uploader import Uploader
 from client.snapshot import ClientSnapshot
 from client.transfer import BlobStore
 from client.workfiles import WorkDir
-from tests.waiting import wait_until_async
+from tests.waiting import scaled, wait_until_async
 
 CHUNK = 1000
 BIG = bytes(range(256)) * 40  # 10,240 bytes: 11 chunks
@@ -66,7 +68,7 @@ class Server:
             return error_ack(exc.code, exc.message)
 
 
-def _keep(tmp_path: Path, pending: PendingStore, content: bytes) -> None:
+def _keep(tmp_path: Path, pending: PendingStore, content: bytes, *, durable: bool = True) -> None:
     work = WorkDir(tmp_path / "work")
     work.directory.mkdir(parents=True, exist_ok=True)
     files = work.files(f"work-v3-{'a' * 24}")
@@ -80,6 +82,7 @@ def _keep(tmp_path: Path, pending: PendingStore, content: bytes) -> None:
         metrics={},
         fmt="safetensors",
         created=1.0,
+        durable=durable,
     )
 
 
@@ -124,6 +127,79 @@ def test_an_update_is_sent_taken_verified_and_removed(tmp_path: Path, content: b
     assert server.chunks == (list(range(0, len(BIG), CHUNK)) if content is BIG else [])
     assert pending.entries() == []
     assert hub.current.rounds_completed == 1
+
+
+@pytest.mark.parametrize("content", [BIG, SMALL])
+def test_an_update_is_sent_while_it_is_made_durable_and_completed_only_once_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: bytes
+) -> None:
+    # The entry's fsyncs are held back; the uploader sends every chunk but the last, and
+    # neither the last byte nor the weights:submit goes before the entry is durable.
+    release = threading.Event()
+    real_fsync = os.fsync
+    synced: list[int] = []
+
+    def held_fsync(fd: int) -> None:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            assert release.wait(scaled(30)), "never released"
+            synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", held_fsync)
+    pending = PendingStore(tmp_path / "pending")
+    _keep(tmp_path, pending, content, durable=False)  # returns with its fsyncs held
+    [entry] = pending.entries()
+    assert not pending.is_durable(entry) and synced == []
+    inodes = {entry.path.stat().st_ino, entry.sidecar.stat().st_ino}
+    waiting = threading.Event()
+    real_wait = pending.wait_durable
+
+    def wait_durable(update: PendingUpdate) -> None:
+        waiting.set()
+        real_wait(update)
+
+    monkeypatch.setattr(pending, "wait_durable", wait_durable)
+
+    async def run() -> Server:
+        server, _hub, tasks = _kick(pending)
+        await wait_until_async(waiting.is_set, what="the uploader waiting for durability")
+        if content is BIG:
+            # Everything before the last piece is on its way or in; the last never left.
+            await wait_until_async(
+                lambda: len(server.chunks) == len(BIG) // CHUNK, what="the chunks before"
+            )
+            assert len(BIG) - len(BIG) % CHUNK not in server.chunks
+        assert server.blobs.bytes_held() < len(BIG) and server.taken == []
+        release.set()
+        await asyncio.gather(*tasks)
+        return server
+
+    server = asyncio.run(run())
+    assert server.taken == [content]
+    assert inodes <= set(synced)  # the data and the sidecar were made durable
+    assert pending.entries() == []
+
+
+def test_an_entry_this_process_did_not_make_durable_is_fsynced_before_it_is_sent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Left by an earlier run (here: another store) -- its fsyncs may never have run.
+    _keep(tmp_path, PendingStore(tmp_path / "pending"), BIG, durable=False)
+    real_fsync = os.fsync
+    synced: list[int] = []
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    pending = PendingStore(tmp_path / "pending")
+    [entry] = pending.entries()
+    inodes = {entry.path.stat().st_ino, entry.sidecar.stat().st_ino}
+    server = asyncio.run(_upload(tmp_path, pending))[0]
+    assert server.taken == [BIG]
+    assert inodes <= set(synced)
 
 
 def test_a_streamed_update_changed_on_disk_is_discarded_and_never_completed(

@@ -37,9 +37,12 @@ onto the loop; disk work runs in worker threads):
   server gets a ``paused`` progress at once, with the latest position.
 * A finished update is converted to the round's weight format in place and handed to
   the :class:`client.pending.PendingStore` FIRST (through
-  :meth:`client.workfiles.JobFiles.handing_over_output`, which fsyncs it), then the
-  uploader is kicked. Its bytes are hashed once: by the trainer as it wrote them (the
-  :class:`client.worker_messages.TrainResult` carries size and SHA-256), or here when
+  :meth:`client.workfiles.JobFiles.handing_over_output`), then the uploader is kicked at
+  once: the store fsyncs the entry while the uploader sends it, and the uploader holds
+  back the blob's last byte and the ``weights:submit`` until it is durable
+  (:meth:`client.pending.PendingStore.wait_durable`). Its bytes are hashed once: by the
+  trainer as it wrote them (the :class:`client.worker_messages.TrainResult` carries size
+  and SHA-256), or here when
   converting; the held global is not hashed again by the worker (the job carries the
   file's identity from :class:`client.global_store.GlobalWeights`).
 * :meth:`Rounds.warm_worker` (called when the session starts, before it connects, and
@@ -550,6 +553,7 @@ class Rounds:
                 fmt=start.weight_format,
                 created=time.time(),
                 digest=_convert_if_needed(files, start, result),
+                durable=False,  # fsynced while it is sent (client.session.uploader)
             )
 
         try:

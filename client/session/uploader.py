@@ -21,6 +21,12 @@ Contract (a loop-only object; disk work runs in worker threads):
   one is streamed from its file (:func:`client.transfer.send_file_blob`), hashed as it is
   read, and its last byte goes only once the whole file matched the size and SHA-256
   recorded when it was kept, so the server never completes a blob that differs from it.
+* An update may be sent while it is still being made durable (kept with
+  ``PendingStore.add(..., durable=False)``): its bytes go out meanwhile, but the blob's
+  last byte and the ``weights:submit`` only once
+  :meth:`client.pending.PendingStore.wait_durable` returned, so the server never counts an
+  update a power cut could still take from this device; when that fsync fails the update
+  is kept and tried again later (logged).
 * An update that cannot be read back from disk, or no longer matches what was recorded, is
   discarded (logged), never retried.
 * While sending, :attr:`Uploader.uploading` names the round (the device state is then
@@ -131,6 +137,10 @@ class Uploader:
         async def blob_call(event: str, payload: dict[str, Any]) -> Any:
             return await call(event, payload, ACK_TIMEOUT_S)
 
+        async def durable() -> None:
+            if not self.pending.is_durable(update):
+                await asyncio.to_thread(self.pending.wait_durable, update)
+
         limits = self._limits()
         if data is None:
             ref = blob_ref(update.format, size=update.size, sha256=update.sha256)
@@ -163,7 +173,9 @@ class Uploader:
                     chunk_bytes=limits.max_chunk_bytes,
                     window=limits.max_inflight_chunks,
                     on_progress=on_progress,
+                    ready=durable,
                 )
+            await durable()  # (at once after a streamed blob's last byte)
             submit = WeightsSubmit(
                 round_id=update.round_id,
                 base_version=update.base_version,
@@ -180,6 +192,9 @@ class Uploader:
             return await self._settle(update, exc.code, exc.message)
         except (socketio.exceptions.SocketIOError, TimeoutError) as exc:
             log.info("sending the update of round %s was interrupted: %s", update.round_id, exc)
+            return False
+        except OSError as exc:  # from wait_durable: kept, tried again later
+            log.error("cannot make the update of round %s durable: %s", update.round_id, exc)
             return False
         finally:
             self._hub.publish(upload_fraction=None)
