@@ -15,11 +15,12 @@ Contract (torch is imported only inside functions; the training worker is the on
   runs anything from the package); any other job looks its task up by name.
   :func:`data_partition` is the partition its data is loaded with (``None`` when the
   job's data file is the device's share already).
-* :func:`read_base` returns the base file's bytes and SHA-256. A job whose file identity
-  is vouched for (``base_identity`` and ``base_sha256`` set: the session verified it) is
-  not hashed again, but the file opened must have that identity; any other file is
-  hashed and must match ``base_sha256`` when set. Else ``FedtrayError('stale_base')``;
-  a file that cannot be read raises ``FedtrayError('training_failed')``.
+* :func:`read_base` returns the base file's bytes (mapped read-only, not copied) and
+  SHA-256. A job whose file identity is vouched for (``base_identity`` and
+  ``base_sha256`` set: the session verified it) is not hashed again, but the file
+  opened must have that identity; any other file is hashed and must match
+  ``base_sha256`` when set. Else ``FedtrayError('stale_base')``; a file that cannot be
+  read raises ``FedtrayError('training_failed')``.
 * :func:`load_base` reads the base file (:func:`read_base`), decodes it against the
   built model's layout (a different layout raises the weights codes
   ``layout_mismatch`` / ``shape_mismatch`` / ``dtype_mismatch`` before the model is
@@ -29,7 +30,10 @@ Contract (torch is imported only inside functions; the training worker is the on
 
 from __future__ import annotations
 
+import contextlib
 import json
+import mmap
+import os
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -178,10 +182,13 @@ def data_partition(job: TaskJob) -> Partition | None:
     return job.partition
 
 
-def read_base(job: BaseJob, of: str) -> tuple[bytes, str]:
-    """The base file's bytes and SHA-256, hashed only when its identity is not vouched
+def read_base(job: BaseJob, of: str) -> tuple[bytes | mmap.mmap, str]:
+    """The base file's bytes (a read-only map of the file: the page cache's own pages, no
+    copy; the caller closes it) and SHA-256, hashed only when its identity is not vouched
     for (module docstring); raises ``stale_base`` or ``training_failed``. ``of`` names
-    what the file is the base of (``round r3``), for the message."""
+    what the file is the base of (``round r3``), for the message. The held globals'
+    files are never rewritten in place (each version has its own file), so the map
+    stays what was opened."""
     assert job.base_weights_path is not None
     stale = FedtrayError(
         "stale_base",
@@ -193,13 +200,17 @@ def read_base(job: BaseJob, of: str) -> tuple[bytes, str]:
             trusted = job.base_identity is not None and job.base_sha256 is not None
             if trusted and file_identity(fh.fileno()) != job.base_identity:
                 raise stale
-            raw = fh.read()
-    except OSError as exc:
+            raw: bytes | mmap.mmap = (
+                mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+                if os.fstat(fh.fileno()).st_size
+                else b""
+            )
+    except (OSError, ValueError) as exc:
         raise FedtrayError("training_failed", f"cannot read the base weights: {exc}") from exc
     if trusted:
         assert job.base_sha256 is not None
         return raw, job.base_sha256
-    sha = sha256_hex(raw)
+    sha = sha256_hex(memoryview(raw))
     if job.base_sha256 is not None and sha != job.base_sha256:
         raise stale
     return raw, sha
@@ -211,11 +222,16 @@ def load_base(built: BuiltModel, job: BaseJob, of: str) -> str:
     import torch
 
     raw, sha = read_base(job, of)
-    # Every check of decode(), over the file's bytes (no copy): load_state_dict copies
-    # them into the model's own tensors, in place, once.
-    base = decode_views(raw, expected=built.layout)
-    with warnings.catch_warnings():  # read-only arrays: torch only reads them here
-        warnings.simplefilter("ignore", UserWarning)
-        built.model.load_state_dict({k: torch.from_numpy(v) for k, v in base.items()})
-    del base, raw
+    try:
+        # Every check of decode(), over the file's mapped bytes (no copy): load_state_dict
+        # copies them into the model's own tensors, in place, once.
+        base = decode_views(raw, expected=built.layout)
+        with warnings.catch_warnings():  # read-only arrays: torch only reads them here
+            warnings.simplefilter("ignore", UserWarning)
+            built.model.load_state_dict({k: torch.from_numpy(v) for k, v in base.items()})
+        del base
+    finally:
+        if isinstance(raw, mmap.mmap):
+            with contextlib.suppress(BufferError):  # a view still held: closed when freed
+                raw.close()
     return sha
