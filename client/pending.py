@@ -61,13 +61,13 @@ import logging
 import os
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from client.atomicfile import fsync_dir, write_atomic
+from client.atomicfile import FileIdentity, file_identity, fsync_dir, write_atomic
 from client.config import data_dir
 from client.errors import FedtrayError
 from client.protocol import Identifier, Metrics, NonNegInt, PosInt, Sha256Hex, WeightFormat
@@ -114,6 +114,9 @@ class PendingUpdate:
     created: float
     path: Path
     sidecar: Path
+    #: The data file's identity when this process kept it (its SHA-256 known to hold: the
+    #: trainer hashed the bytes as it wrote them); None for an entry found on disk.
+    identity: FileIdentity | None = field(default=None, compare=False)
 
 
 def _stem(round_id: str) -> str:
@@ -176,6 +179,8 @@ class PendingStore:
         #: Data files this process made durable, and those being made durable.
         self._durable: set[Path] = set()
         self._syncing: dict[Path, concurrent.futures.Future[None]] = {}
+        #: The identity of each data file this process kept (see PendingUpdate.identity).
+        self._identities: dict[Path, FileIdentity] = {}
 
     def _paths(self, round_id: str) -> tuple[Path, Path]:
         stem = _stem(round_id)
@@ -229,6 +234,7 @@ class PendingStore:
             with source.handing_over_output(data_path, sync_dir=False), self._lock:
                 os.replace(sidecar_staged, sidecar_path)
                 fsync_dir(self.directory)
+                self._identities[data_path] = file_identity(data_path)
         except BaseException:
             with contextlib.suppress(Exception):
                 _unlink(staged.result())  # not installed (gone if it was)
@@ -246,6 +252,7 @@ class PendingStore:
             write_atomic(sidecar_path, sidecar.model_dump_json().encode("utf-8"), durable=False)
             self._durable.discard(data_path)
             self._syncing[data_path] = _SIDECAR_POOL.submit(_make_durable, data_path, sidecar_path)
+            self._identities[data_path] = file_identity(data_path)
         return self._entry(sidecar, data_path, sidecar_path)
 
     def is_durable(self, update: PendingUpdate) -> bool:
@@ -356,9 +363,11 @@ class PendingStore:
         with self._lock:
             self._durable.discard(update.path)
             self._syncing.pop(update.path, None)
+            self._identities.pop(update.path, None)
 
-    @staticmethod
-    def _entry(sidecar: _Sidecar, data_path: Path, sidecar_path: Path) -> PendingUpdate:
+    def _entry(self, sidecar: _Sidecar, data_path: Path, sidecar_path: Path) -> PendingUpdate:
+        with self._lock:
+            identity = self._identities.get(data_path)
         return PendingUpdate(
             round_id=sidecar.round_id,
             task=sidecar.task,
@@ -371,6 +380,7 @@ class PendingStore:
             created=sidecar.created,
             path=data_path,
             sidecar=sidecar_path,
+            identity=identity,
         )
 
 

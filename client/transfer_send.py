@@ -18,7 +18,11 @@ incomplete one until it expires); so does a file that cannot be opened or read (
 ``OSError`` is the cause), so a caller tells its own copy's faults from the peer's and the
 link's. So a sender that knows its file's digest (recorded when it was written) neither
 hashes it in a separate pass nor ever lets the peer take bytes that differ from it; the
-peer still checks the digest itself. Its ``ready`` (when given) is awaited before the last
+peer still checks the digest itself. Given the file's ``identity`` (size, mtime, inode)
+as it was when its digest was known to hold (the sender hashed the bytes as it wrote
+them), a file opened with that identity is not hashed again: it is checked to still have
+that identity (and size) before the last piece instead, so bytes changed on disk since
+(a new mtime) are never completed either. Its ``ready`` (when given) is awaited before the last
 piece is read and sent, after every piece before it is on the wire: a sender whose file
 is still being made durable (fsynced) sends the rest meanwhile and completes the blob only
 once that is done (what ``ready`` raises passes on, the last byte unsent). A peer that
@@ -35,6 +39,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from client.atomicfile import FileIdentity, file_identity
 from client.errors import FedtrayError
 from client.protocol import (
     EV_BLOB_CHUNK,
@@ -180,6 +185,7 @@ async def send_file_blob(
     window: int = 4,
     on_progress: Callable[[int, int], None] | None = None,
     ready: Callable[[], Awaitable[None]] | None = None,
+    identity: FileIdentity | None = None,
 ) -> None:
     """Send the file ``path``, which must be ``size`` bytes hashing to ``sha256``, as blob
     ``blob_id``, reading it once (see the module docstring). Raises :class:`BlobSourceError`
@@ -191,15 +197,22 @@ async def send_file_blob(
     except OSError as exc:
         raise BlobSourceError(f"cannot open {path}: {exc}") from exc
     try:
-        hasher = hashlib.sha256()
+        hasher: Any = hashlib.sha256()
+        if identity is not None and identity.size == size and _identity(fh) == identity:
+            hasher = None  # vouched for by its identity: checked again at the end instead
         offset = await _peer_offset(call, blob_id, size)
-        # The bytes the peer holds already are hashed too (read, not sent).
-        await asyncio.to_thread(_hash_prefix, fh, hasher, offset, chunk_bytes)
+        if hasher is None:
+            fh.seek(offset)
+        else:
+            # The bytes the peer holds already are hashed too (read, not sent).
+            await asyncio.to_thread(_hash_prefix, fh, hasher, offset, chunk_bytes)
 
         async def read(start: int, end: int) -> bytes:
             if end == size and ready is not None:
                 await ready()  # the last piece: only once the file is durable
-            return await asyncio.to_thread(_read_piece, fh, hasher, start, end, size, sha256)
+            return await asyncio.to_thread(
+                _read_piece, fh, hasher, start, end, size, sha256, identity
+            )
 
         await _send_from(
             call,
@@ -234,18 +247,37 @@ def _hash_prefix(fh: BinaryIO, hasher: Any, held: int, piece: int) -> None:
         done += len(data)
 
 
-def _read_piece(fh: BinaryIO, hasher: Any, start: int, end: int, size: int, sha256: str) -> bytes:
+def _identity(fh: BinaryIO) -> FileIdentity | None:
+    try:
+        return file_identity(fh.fileno())
+    except OSError:
+        return None
+
+
+def _read_piece(
+    fh: BinaryIO,
+    hasher: Any,
+    start: int,
+    end: int,
+    size: int,
+    sha256: str,
+    identity: FileIdentity | None,
+) -> bytes:
     """The file's bytes ``[start, end)``, read in order after the ones before them and fed
     to ``hasher``; at the end of the blob, the whole file's size and digest are checked
-    (a worker thread). Raises BlobSourceError."""
+    (``hasher`` None: its size and identity) (a worker thread). Raises BlobSourceError."""
     data = _read(fh, end - start)
     if len(data) != end - start:
         raise BlobSourceError(f"the file ended at byte {start + len(data)}, not at {size}")
-    hasher.update(data)
+    if hasher is not None:
+        hasher.update(data)
     if end == size:
         if _read(fh, 1):
             raise BlobSourceError(f"the file is longer than {size} bytes")
-        if hasher.hexdigest() != sha256:
+        if hasher is None:
+            if _identity(fh) != identity:
+                raise BlobSourceError("the file changed on disk while it was sent")
+        elif hasher.hexdigest() != sha256:
             raise BlobSourceError(f"the file no longer hashes to sha256 {sha256}")
     return data
 

@@ -5,10 +5,13 @@ was described (another size or SHA-256, or unreadable)."""
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from client.atomicfile import file_identity
 from client.errors import FedtrayError
 from client.protocol import WeightsRef
 from client.transfer import BlobSourceError, blob_ref, send_file_blob
@@ -138,3 +141,60 @@ def test_a_wrong_recorded_digest_is_refused_before_the_peer_sees_the_last_chunk(
     with pytest.raises(BlobSourceError):
         _send(peer, _file(tmp_path), sha256=wrong)
     assert peer.chunks_seen == list(range(0, 10_000, 1000))  # all but the last
+
+
+def test_a_file_vouched_for_by_its_identity_is_not_hashed_but_a_change_is_still_caught(
+    tmp_path: Path,
+) -> None:
+    # Its identity (as recorded when its digest was known) stands for the hash; the file
+    # changed while it is sent (a new mtime) is caught before its last byte, and the
+    # ``ready`` wait comes before that last piece.
+    path = _file(tmp_path)
+    identity = file_identity(path)
+    s = store(max_chunk_bytes=1000)
+    peer = Peer(s)
+    order: list[str] = []
+
+    async def change_it() -> None:
+        order.append(f"ready after {len(peer.chunks_seen)} chunks")
+        path.write_bytes(bytes(CHANGED))
+        os.utime(path, ns=(identity.mtime_ns + 10**9, identity.mtime_ns + 10**9))
+
+    async def send(ready: Any) -> None:
+        await send_file_blob(
+            peer.call,
+            path,
+            size=len(DATA),
+            sha256=DIGEST,
+            blob_id="b1",
+            chunk_bytes=1000,
+            window=1,
+            ready=ready,
+            identity=identity,
+        )
+
+    with pytest.raises(BlobSourceError, match="changed on disk"):
+        asyncio.run(send(change_it))
+    last = len(DATA) - len(DATA) % 1000
+    assert order == [f"ready after {last // 1000} chunks"] and last not in peer.chunks_seen
+    assert s.status("dev", "b1", now=0).received < len(DATA)
+
+
+def test_a_file_whose_identity_is_not_the_one_given_is_hashed(tmp_path: Path) -> None:
+    path = _file(tmp_path, bytes(CHANGED))
+    stale = file_identity(path)
+    path.write_bytes(bytes(CHANGED))  # another file now: hashed, and refused
+    os.utime(path, ns=(stale.mtime_ns + 10**9, stale.mtime_ns + 10**9))
+    s = store(max_chunk_bytes=1000)
+    with pytest.raises(BlobSourceError, match="no longer hashes"):
+        asyncio.run(
+            send_file_blob(
+                Peer(s).call,
+                path,
+                size=len(DATA),
+                sha256=DIGEST,
+                blob_id="b1",
+                chunk_bytes=1000,
+                identity=stale,
+            )
+        )

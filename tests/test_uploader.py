@@ -210,7 +210,10 @@ def test_a_streamed_update_changed_on_disk_is_discarded_and_never_completed(
     [entry] = pending.entries()
     changed = bytearray(BIG)
     changed[100] ^= 0xFF
+    kept = entry.path.stat().st_mtime_ns
     entry.path.write_bytes(bytes(changed))  # after its digest was recorded
+    # As any later write leaves it (a clock tick later): a new mtime.
+    os.utime(entry.path, ns=(kept + 10**9, kept + 10**9))
     with caplog.at_level(logging.ERROR, logger="client.session.uploader"):
         server, hub = asyncio.run(_upload(tmp_path, pending))
     assert server.taken == []  # no weights:submit
@@ -219,6 +222,30 @@ def test_a_streamed_update_changed_on_disk_is_discarded_and_never_completed(
     assert pending.entries() == []  # discarded, not retried
     assert hub.current.rounds_completed == 0
     assert "discarding the update of round r-1" in caplog.text
+
+
+@pytest.mark.parametrize("restarted", [False, True])
+def test_an_update_this_process_kept_is_streamed_without_hashing_it_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restarted: bool
+) -> None:
+    from client import transfer_send
+
+    hashed: list[bool] = []  # per piece read: hashed or not
+    real = transfer_send._read_piece
+
+    def read_piece(fh: Any, hasher: Any, *args: Any) -> bytes:
+        hashed.append(hasher is not None)
+        return real(fh, hasher, *args)
+
+    monkeypatch.setattr(transfer_send, "_read_piece", read_piece)
+    pending = PendingStore(tmp_path / "pending")
+    _keep(tmp_path, pending, BIG)
+    if restarted:  # an entry found on disk: nothing vouches for it but its hash
+        pending = PendingStore(tmp_path / "pending")
+    server, _hub = asyncio.run(_upload(tmp_path, pending))
+    assert server.taken == [BIG]
+    assert len(hashed) == len(server.chunks) > 1
+    assert set(hashed) == {restarted}
 
 
 def test_an_accepted_update_is_counted_even_if_the_connection_ends_while_it_is_deleted(

@@ -16,11 +16,14 @@ Contract (a loop-only object; disk work runs in worker threads):
   kept). After :data:`client.session.decisions.UPLOAD_RETRIES` failures in a row it
   waits for the next reconnect (:func:`upload_retry_delay`). A blob is resumed from the
   server's offset (:func:`client.transfer.send_file_blob`).
-* Each byte of an update is read and hashed once on its way out: one that fits in a chunk
-  is read and checked by :meth:`client.pending.PendingStore.read` and sent inline; a larger
-  one is streamed from its file (:func:`client.transfer.send_file_blob`), hashed as it is
-  read, and its last byte goes only once the whole file matched the size and SHA-256
-  recorded when it was kept, so the server never completes a blob that differs from it.
+* Each byte of an update is read and hashed at most once on its way out: one that fits in
+  a chunk is read and checked by :meth:`client.pending.PendingStore.read` and sent inline;
+  a larger one is streamed from its file (:func:`client.transfer.send_file_blob`), and
+  its last byte goes only once the whole file matched the size and SHA-256 recorded when
+  it was kept (hashed as it is read), so the server never completes a blob that differs
+  from it. One this process kept (``PendingUpdate.identity``: the trainer hashed its
+  bytes as it wrote them) is not hashed again: the file must still have the identity
+  (size, mtime, inode) it had when kept, at its opening and before its last byte.
 * An update may be sent while it is still being made durable (kept with
   ``PendingStore.add(..., durable=False)``): its bytes go out meanwhile, but the blob's
   last byte and the ``weights:submit`` only once
@@ -174,6 +177,7 @@ class Uploader:
                     window=limits.max_inflight_chunks,
                     on_progress=on_progress,
                     ready=durable,
+                    identity=update.identity,
                 )
             await durable()  # (at once after a streamed blob's last byte)
             submit = WeightsSubmit(
