@@ -39,6 +39,7 @@ Contract (a loop-only object; disk work runs in worker threads):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
@@ -257,7 +258,8 @@ def _oldest(
 ) -> tuple[PendingUpdate, bytes | Exception | None] | None:
     """The oldest pending update and its verified bytes (or why they cannot be read; None
     when it is over ``inline_limit`` and is streamed from its file instead), in one thread
-    hop; None when nothing is pending."""
+    hop (which also waits for an inline update to be durable); None when nothing is
+    pending."""
     entries = pending.entries()
     if not entries:
         return None
@@ -265,6 +267,11 @@ def _oldest(
     if update.size > inline_limit:
         return update, None
     try:
-        return update, pending.read(update)
+        data = pending.read(update)
     except (FedtrayError, OSError) as exc:
         return update, exc
+    # Sent whole in its weights:submit: made durable first, in this same hop (a failure
+    # is met again, and kept for later, where the uploader waits for it before sending).
+    with contextlib.suppress(OSError):
+        pending.wait_durable(update)
+    return update, data
