@@ -180,6 +180,29 @@ def test_an_update_is_sent_while_it_is_made_durable_and_completed_only_once_it_i
     assert pending.entries() == []
 
 
+@pytest.mark.parametrize("content", [BIG, SMALL])
+def test_an_update_that_cannot_be_made_durable_is_kept_not_completed_nor_discarded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: bytes
+) -> None:
+    import client.session.uploader as uploader_module
+
+    monkeypatch.setattr(uploader_module, "upload_retry_delay", lambda failures: None)
+    pending = PendingStore(tmp_path / "pending")
+    _keep(tmp_path, pending, content, durable=False)
+    tries: list[str] = []
+
+    def refuse(update: PendingUpdate) -> None:
+        tries.append(update.round_id)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(pending, "wait_durable", refuse)
+    monkeypatch.setattr(pending, "is_durable", lambda update: False)
+    server, hub = asyncio.run(_upload(tmp_path, pending))
+    assert tries and server.taken == [] and server.blobs.bytes_held() < len(BIG)
+    assert [e.round_id for e in pending.entries()] == ["r-1"]  # kept for a later try
+    assert hub.current.rounds_completed == 0
+
+
 def test_an_entry_this_process_did_not_make_durable_is_fsynced_before_it_is_sent(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -61,6 +61,10 @@ log = logging.getLogger(__name__)
 SUBMIT_TIMEOUT_S: Final = 120.0
 
 
+class _NotDurableError(Exception):
+    """The pending update could not be made durable (the disk refused an fsync)."""
+
+
 class Uploader:
     """Sends pending updates over the current connection (see the module docstring).
 
@@ -143,7 +147,10 @@ class Uploader:
 
         async def durable() -> None:
             if not self.pending.is_durable(update):
-                await asyncio.to_thread(self.pending.wait_durable, update)
+                try:
+                    await asyncio.to_thread(self.pending.wait_durable, update)
+                except OSError as exc:
+                    raise _NotDurableError(str(exc)) from exc
 
         limits = self._limits()
         if data is None:
@@ -198,7 +205,7 @@ class Uploader:
         except (socketio.exceptions.SocketIOError, TimeoutError) as exc:
             log.info("sending the update of round %s was interrupted: %s", update.round_id, exc)
             return False
-        except OSError as exc:  # from wait_durable: kept, tried again later
+        except _NotDurableError as exc:  # kept, tried again later
             log.error("cannot make the update of round %s durable: %s", update.round_id, exc)
             return False
         finally:
