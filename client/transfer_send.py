@@ -22,11 +22,11 @@ peer still checks the digest itself. Given the file's ``identity`` (size, mtime,
 as it was when its digest was known to hold (the sender hashed the bytes as it wrote
 them), a file opened with that identity is not hashed again: it is checked to still have
 that identity (and size) before the last piece instead, so bytes changed on disk since
-(a new mtime) are never completed either. Its ``ready`` (when given) is awaited before the last
-piece is read and sent, after every piece before it is on the wire: a sender whose file
-is still being made durable (fsynced) sends the rest meanwhile and completes the blob only
-once that is done (what ``ready`` raises passes on, the last byte unsent). A peer that
-already holds the whole file gets nothing, and ``ready`` is not awaited.
+(a new mtime) are never completed either. Its ``ready`` (when given) is awaited before
+the last piece is read and sent, after every piece before it is on the wire: a sender
+whose file is still being made durable (fsynced) sends the rest meanwhile and completes
+the blob only once that is done (what ``ready`` raises passes on, the last byte unsent).
+A peer that already holds the whole file gets nothing, and ``ready`` is not awaited.
 
 :func:`weights_ref_for` and :func:`blob_ref` name what was sent in a weights message.
 """

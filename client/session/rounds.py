@@ -42,9 +42,9 @@ onto the loop; disk work runs in worker threads):
   back the blob's last byte and the ``weights:submit`` until it is durable
   (:meth:`client.pending.PendingStore.wait_durable`). Its bytes are hashed once: by the
   trainer as it wrote them (the :class:`client.worker_messages.TrainResult` carries size
-  and SHA-256), or here when
-  converting; the held global is not hashed again by the worker (the job carries the
-  file's identity from :class:`client.global_store.GlobalWeights`).
+  and SHA-256), or here when converting; the held global is not hashed again by the
+  worker (the job carries the file's identity from
+  :class:`client.global_store.GlobalWeights`).
 * :meth:`Rounds.warm_worker` (called when the session starts, before it connects, and
   again when the device registers) has the worker start its process ahead of the first
   round, unless simulating, paused or built with
