@@ -481,10 +481,9 @@ def _spawn(simulation: bool, progress_interval: float) -> tuple[BaseProcess, Con
     its pipe."""
     ctx = multiprocessing.get_context("spawn")
     parent_conn, child_conn = ctx.Pipe(duplex=True)
-    nice = low_priority_nice(psutil.Process().nice()) if sys.platform != "win32" else None
     proc = ctx.Process(
         target=child_main,
-        args=(child_conn, simulation, progress_interval, nice),
+        args=(child_conn, simulation, progress_interval),
         name="fedtray-training",
         daemon=True,
     )
@@ -493,7 +492,8 @@ def _spawn(simulation: bool, progress_interval: float) -> tuple[BaseProcess, Con
     child_conn.close()
     assert proc.pid is not None
     try:
-        lower_priority(proc.pid, nice if nice is not None else 0)
+        own = psutil.Process().nice() if sys.platform != "win32" else 0
+        lower_priority(proc.pid, low_priority_nice(own))
     except (OSError, psutil.Error):  # the child lowers it itself
         log.debug("could not lower the training process priority from here", exc_info=True)
     return proc, parent_conn

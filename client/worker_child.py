@@ -309,13 +309,13 @@ def lower_priority(pid: int, nice: int) -> None:
         proc.nice(nice)
 
 
-def _lower_priority(nice: int | None) -> None:
-    """Make training yield the CPU to everything the owner runs (``nice``: the niceness
-    the parent chose, None: ten above this process's own)."""
+def _lower_priority() -> None:
+    """Make training yield the CPU to everything the owner runs: the training priority
+    for the parent's (which this process started with; a no-op when the parent lowered
+    it already)."""
     try:
-        if nice is None:
-            nice = low_priority_nice(psutil.Process().nice()) if sys.platform != "win32" else 0
-        lower_priority(os.getpid(), nice)
+        parent_nice = psutil.Process(os.getppid()).nice() if sys.platform != "win32" else 0
+        lower_priority(os.getpid(), low_priority_nice(parent_nice))
     except (OSError, psutil.Error):
         log.warning("could not lower the training process priority", exc_info=True)
 
@@ -382,12 +382,9 @@ class _TrainerSlot:
         return torch.set_num_threads
 
 
-def child_main(
-    conn: Connection, simulation: bool, progress_interval: float, nice: int | None = None
-) -> None:
-    """Entry point of the training process (spawned; see the module docstring); ``nice``:
-    the Unix niceness the parent chose (None: ten above this process's own)."""
-    _lower_priority(nice)
+def child_main(conn: Connection, simulation: bool, progress_interval: float) -> None:
+    """Entry point of the training process (spawned; see the module docstring)."""
+    _lower_priority()
     send_lock = threading.Lock()
 
     def send(message: ChildMessage) -> None:
