@@ -56,15 +56,11 @@ Contract:
 * Its child runs at the training priority from the moment it exists: right after the
   spawn the parent lowers it (:func:`client.worker_child.lower_priority`; the child
   checks again), so the child's imports never compete with the session at full priority.
-* :func:`start_early` starts THE training process of this OS process before any worker
-  exists (the CLI calls it before it imports the session, so importing torch overlaps
-  the session's own start-up) and has it warm up; it returns the child's pid, or None
-  when an early child is already waiting for a worker, or it cannot start (never
-  raises). The next
-  :class:`TrainingWorker` built with the same ``simulation`` and ``progress_interval``
-  adopts it at construction (the worker's idle clock and ``shutdown`` then apply to it
-  as to any child); a worker built with other settings stops it and starts its own when
-  needed. A child never adopted is a daemon process: it ends with this process.
+* :func:`start_early` (:mod:`client.worker_early`) starts THE training process before
+  any worker exists; the next :class:`TrainingWorker` built with the same
+  ``simulation`` and ``progress_interval`` adopts it at construction (its idle clock and
+  ``shutdown`` then apply to it as to any child); a worker built with other settings
+  stops it and starts its own when needed.
 * Simulation (``simulation=True``, or automatically when torch is not installed): the
   child trains with :class:`client.simulation.SimulatedTrainer` instead of
   :class:`client.trainer.LocalTrainer`, with the same events (``Paused(False)``: there is
@@ -89,6 +85,7 @@ import psutil
 
 from client.errors import FedtrayError
 from client.worker_child import ProgressThrottle, child_main, low_priority_nice, lower_priority
+from client.worker_early import start_early, take_early
 from client.worker_messages import (
     Cancel,
     Cancelled,
@@ -127,7 +124,9 @@ __all__ = [
     "SetBudget",
     "TrainingWorker",
     "WorkerEvent",
+    "spawn_child",
     "start_early",
+    "stop_child",
     "torch_available",
 ]
 
@@ -181,7 +180,7 @@ class TrainingWorker:
         self._paused_seen = threading.Event()
         self._reader: threading.Thread | None = None
         self._budget: SetBudget | None = None
-        early = _take_early(self._simulation, progress_interval)
+        early = take_early(self._simulation, progress_interval)
         if early is not None:
             self._proc, self._conn = early
             log.info("training process %s (started early) adopted", early[0].pid)
@@ -342,7 +341,7 @@ class TrainingWorker:
             self._reader.start()
 
     def _start_child(self) -> None:
-        proc, parent_conn = _spawn(self._simulation, self._progress_interval)
+        proc, parent_conn = spawn_child(self._simulation, self._progress_interval)
         if self._budget is not None:
             parent_conn.send(self._budget)  # before any job or warm-up
         self._proc, self._conn = proc, parent_conn
@@ -476,9 +475,16 @@ def _stop_process(proc: BaseProcess, conn: Connection, timeout: float) -> None:
         proc.join(2.0)
 
 
-def _spawn(simulation: bool, progress_interval: float) -> tuple[BaseProcess, Connection]:
-    """A new training process, already at the training priority, and the parent's end of
-    its pipe."""
+def stop_child(proc: BaseProcess, conn: Connection) -> None:
+    """Stop a child that has no job (as :meth:`TrainingWorker.shutdown` does) and close it."""
+    _stop_process(proc, conn, NO_JOB_EXIT_GRACE_S)
+    conn.close()
+    proc.close()
+
+
+def spawn_child(simulation: bool, progress_interval: float) -> tuple[BaseProcess, Connection]:
+    """A new training process running :func:`child_main` (this module's: tests may replace
+    it), already at the training priority, and the parent's end of its pipe."""
     ctx = multiprocessing.get_context("spawn")
     parent_conn, child_conn = ctx.Pipe(duplex=True)
     proc = ctx.Process(
@@ -497,53 +503,3 @@ def _spawn(simulation: bool, progress_interval: float) -> tuple[BaseProcess, Con
     except (OSError, psutil.Error):  # the child lowers it itself
         log.debug("could not lower the training process priority from here", exc_info=True)
     return proc, parent_conn
-
-
-class _EarlySlot:
-    """The process :func:`start_early` started and its settings, until a worker adopts
-    it (one writer at a time: the lock)."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.waiting: tuple[BaseProcess, Connection, bool, float] | None = None
-
-
-_EARLY = _EarlySlot()
-
-
-def start_early(
-    *, simulation: bool | None = None, progress_interval: float = DEFAULT_PROGRESS_INTERVAL
-) -> int | None:
-    """Start the training process now and have it warm up (module docstring)."""
-    simulation = (not torch_available()) if simulation is None else simulation
-    with _EARLY.lock:
-        if _EARLY.waiting is not None:
-            return None
-        try:
-            proc, conn = _spawn(simulation, progress_interval)
-            conn.send(Warm())
-        except Exception:
-            log.warning("could not start the training process early", exc_info=True)
-            return None
-        _EARLY.waiting = (proc, conn, simulation, progress_interval)
-    log.info("started training process %s early", proc.pid)
-    return proc.pid
-
-
-def _take_early(
-    simulation: bool, progress_interval: float
-) -> tuple[BaseProcess, Connection] | None:
-    """The early process when it suits a worker with these settings (it is then that
-    worker's); None when there is none, or it does not suit or died (then it is stopped)."""
-    with _EARLY.lock:
-        early, _EARLY.waiting = _EARLY.waiting, None
-    if early is None:
-        return None
-    proc, conn, early_simulation, early_interval = early
-    if (early_simulation, early_interval) == (simulation, progress_interval) and proc.is_alive():
-        return proc, conn
-    log.info("training process %s (started early) does not suit; stopping it", proc.pid)
-    _stop_process(proc, conn, NO_JOB_EXIT_GRACE_S)
-    conn.close()
-    proc.close()
-    return None
