@@ -20,8 +20,11 @@ sized as ``benchmarks.vs_flower``'s 0.4 MB workload (``synthetic``, 99,621 float
 ``--min-clients`` = ``--clients``, default 3, one round) and that many clients started
 together (with ``FEDTRAY_SIMULATE_OTHER_CPU=0``: the step-aside rule would measure the
 other clients' start-up); for each client, the wall time from its start to its log's
-``connected to`` and ``update accepted`` lines, and the CPU seconds (user + system, from
-``psutil``) its own process and its children (the training process) had used by then.
+``connected to``, ``training process ready`` (its training process has imported torch and
+warmed up) and ``update accepted`` lines, and the CPU seconds (user + system, from
+``psutil``) its own process and its children (the training process) had used by then
+(a tree whose training process does not say when it is ready, e.g. an older commit's for
+``--compare``, shows ``n/a`` there).
 The slowest client's figures are reported (target: first update <= 5 s). On a shared
 machine the CPU seconds are the figure to compare; wall time depends on the load.
 
@@ -150,7 +153,7 @@ def first_update_run(root: Path, clients: int, tree: Path = REPO_ROOT) -> list[d
     args += ["--round-timeout", "300", "--log-level", "WARNING"]
     for param in FIRST_UPDATE_TASK:
         args += ["--task-param", param]
-    marks = {"reg": "connected to ", "upd": "update accepted"}
+    marks = {"reg": "connected to ", "ready": "training process ready", "upd": "update accepted"}
     with server_process(root / "server", *args) as server:
         procs: list[tuple[subprocess.Popen[bytes], psutil.Process, Path, float]] = []
         try:
@@ -170,14 +173,14 @@ def first_update_run(root: Path, clients: int, tree: Path = REPO_ROOT) -> list[d
                     )
                 procs.append((popen, psutil.Process(popen.pid), log_path, t0))
             figures: list[dict[str, float]] = [{} for _ in procs]
-            while any(len(f) < 2 * 3 for f in figures):
+            while any("reg_wall" not in f or "upd_wall" not in f for f in figures):
                 for (popen, proc, log_path, t0), got in zip(procs, figures, strict=True):
                     text = log_path.read_text(encoding="utf-8", errors="replace")
                     for key, needle in marks.items():
                         if f"{key}_wall" not in got and needle in text:
                             got[f"{key}_wall"] = time.monotonic() - t0
                             got[f"{key}_cpu"], got[f"{key}_child_cpu"] = _cpu(proc)
-                    if popen.poll() is not None and len(got) < 6:
+                    if popen.poll() is not None and "upd_wall" not in got:
                         raise RuntimeError(f"a client exited early:\n{text[-2000:]}")
                     if time.monotonic() - t0 > TIMEOUT_S:
                         raise TimeoutError(
@@ -196,6 +199,28 @@ def first_update_run(root: Path, clients: int, tree: Path = REPO_ROOT) -> list[d
                     popen.wait(5)
 
 
+#: The figures of a client in ``--first-update``: wall and CPU seconds at each mark.
+_KEYS = tuple(
+    f"{mark}_{what}" for mark in ("reg", "ready", "upd") for what in ("wall", "cpu", "child_cpu")
+)
+
+
+def _worst(values: list[float]) -> float:
+    """The largest of ``values`` that are known (NaN: none is)."""
+    known = [v for v in values if not math.isnan(v)]
+    return max(known) if known else math.nan
+
+
+def _median(values: list[float]) -> float:
+    """The median of ``values`` that are known (NaN: none is)."""
+    known = [v for v in values if not math.isnan(v)]
+    return statistics.median(known) if known else math.nan
+
+
+def _s(seconds: float) -> str:
+    return "n/a" if math.isnan(seconds) else f"{seconds:.2f} s"
+
+
 def first_update(runs: int, clients: int, compare: Path | None, keep: Path | None) -> int:
     """``--first-update``: print each run's slowest client and the medians."""
     roots = {"this": REPO_ROOT} | ({"compare": compare} if compare is not None else {})
@@ -211,21 +236,23 @@ def first_update(runs: int, clients: int, compare: Path | None, keep: Path | Non
             for label, tree in roots.items():
                 load = loadavg()
                 figures = first_update_run(Path(tmp) / f"{label}-{i}", clients, tree)
-                worst = {k: max(f[k] for f in figures) for k in figures[0]}
+                worst = {k: _worst([f.get(k, math.nan) for f in figures]) for k in _KEYS}
                 slowest[label].append(worst)
                 print(
                     f"run {i + 1} ({label}, loadavg {load}): registered {worst['reg_wall']:.2f} s "
-                    f"(client CPU {worst['reg_cpu']:.2f} s), first update "
+                    f"(client CPU {worst['reg_cpu']:.2f} s), training process ready "
+                    f"{_s(worst['ready_wall'])}, first update "
                     f"{worst['upd_wall']:.2f} s (client CPU {worst['upd_cpu']:.2f} s, "
                     f"training process CPU {worst['upd_child_cpu']:.2f} s)",
                     flush=True,
                 )
     print(f"loadavg before: {before}; after: {loadavg()}")
     for label, rows in slowest.items():
-        med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+        med = {k: _median([r[k] for r in rows]) for k in _KEYS}
         print(
             f"median of the slowest client ({label}): registered {med['reg_wall']:.2f} s, "
-            f"CPU {med['reg_cpu']:.2f} s; first update {med['upd_wall']:.2f} s, CPU "
+            f"CPU {med['reg_cpu']:.2f} s; training process ready {_s(med['ready_wall'])}; "
+            f"first update {med['upd_wall']:.2f} s, CPU "
             f"{med['upd_cpu']:.2f} s + training process {med['upd_child_cpu']:.2f} s"
         )
     median = statistics.median(r["upd_wall"] for r in slowest["this"])

@@ -18,6 +18,11 @@ Contract:
   (``reset``: key to why, ``file_problem``, ``kept_aside``, ``in_memory``), present only
   when something was reset. A file a running client already repaired shows no marks
   (the running client's tray or status says what it reset).
+* Before :func:`run_client` imports the session, it starts the training process
+  (:func:`client.worker.start_early`: it imports torch at low priority while this
+  process imports the session, connects and registers) when :func:`early_start_wanted`:
+  the settings neither pause training (``paused``) nor keep it outside the ``schedule``
+  window now. The session adopts that process (it decides every other pause later).
 * ``info`` prints this device's description and a resource snapshot as JSON.
 * ``pause`` / ``resume`` set the user's ``paused`` setting and say what happened; a
   running client (headless or tray) notices the settings file change within about a
@@ -261,10 +266,23 @@ def apply_cli_overrides(
     return updated
 
 
+def early_start_wanted(settings: Settings, now: datetime) -> bool:
+    """Whether to start the training process before the session (module docstring);
+    ``now``: the aware local time."""
+    if settings.paused:
+        return False
+    window = parse_schedule(settings.schedule)
+    return window is None or window.contains(now.time())
+
+
 def run_client(
     args: argparse.Namespace, settings: Settings, report: SettingsReport | None = None
 ) -> int:
     """Run the networked session until interrupted (see :mod:`client.headless`)."""
+    if early_start_wanted(settings, datetime.now().astimezone()):
+        from client.worker import start_early
+
+        start_early()
     # Imported here so `config` and `info` stay quick and never load the session stack.
     from client import headless
 

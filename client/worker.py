@@ -53,6 +53,14 @@ Contract:
   torch can take seconds on a busy machine, and it reads no command meanwhile) has
   nothing to save: it gets :data:`NO_JOB_EXIT_GRACE_S`, not the whole ``timeout``, so
   quitting right after start is quick. No events are delivered after ``shutdown`` returns.
+* Its child runs at the training priority from the moment it exists: right after the
+  spawn the parent lowers it (:func:`client.worker_child.lower_priority`; the child
+  checks again), so the child's imports never compete with the session at full priority.
+* :func:`start_early` (:mod:`client.worker_early`) starts THE training process before
+  any worker exists; the next :class:`TrainingWorker` built with the same
+  ``simulation`` and ``progress_interval`` adopts it at construction (its idle clock and
+  ``shutdown`` then apply to it as to any child); a worker built with other settings
+  stops it and starts its own when needed.
 * Simulation (``simulation=True``, or automatically when torch is not installed): the
   child trains with :class:`client.simulation.SimulatedTrainer` instead of
   :class:`client.trainer.LocalTrainer`, with the same events (``Paused(False)``: there is
@@ -65,6 +73,7 @@ import contextlib
 import importlib.util
 import logging
 import multiprocessing
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -72,8 +81,11 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Protocol
 
+import psutil
+
 from client.errors import FedtrayError
-from client.worker_child import ProgressThrottle, child_main
+from client.worker_child import ProgressThrottle, child_main, low_priority_nice, lower_priority
+from client.worker_early import start_early, take_early
 from client.worker_messages import (
     Cancel,
     Cancelled,
@@ -112,6 +124,9 @@ __all__ = [
     "SetBudget",
     "TrainingWorker",
     "WorkerEvent",
+    "spawn_child",
+    "start_early",
+    "stop_child",
     "torch_available",
 ]
 
@@ -155,7 +170,6 @@ class TrainingWorker:
         self._simulation = (not torch_available()) if simulation is None else simulation
         self._idle_timeout = idle_timeout
         self._progress_interval = progress_interval
-        self._ctx = multiprocessing.get_context("spawn")
         self._cond = threading.Condition()
         self._proc: BaseProcess | None = None
         self._conn: Connection | None = None
@@ -166,6 +180,11 @@ class TrainingWorker:
         self._paused_seen = threading.Event()
         self._reader: threading.Thread | None = None
         self._budget: SetBudget | None = None
+        early = take_early(self._simulation, progress_interval)
+        if early is not None:
+            self._proc, self._conn = early
+            log.info("training process %s (started early) adopted", early[0].pid)
+            self._ensure_reader()
 
     # -- properties --
 
@@ -322,16 +341,7 @@ class TrainingWorker:
             self._reader.start()
 
     def _start_child(self) -> None:
-        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(
-            target=child_main,
-            args=(child_conn, self._simulation, self._progress_interval),
-            name="fedtray-training",
-            daemon=True,
-        )
-        proc.start()
-        # Close our copy of the child's end, so its death shows as EOF here.
-        child_conn.close()
+        proc, parent_conn = spawn_child(self._simulation, self._progress_interval)
         if self._budget is not None:
             parent_conn.send(self._budget)  # before any job or warm-up
         self._proc, self._conn = proc, parent_conn
@@ -463,3 +473,33 @@ def _stop_process(proc: BaseProcess, conn: Connection, timeout: float) -> None:
     if proc.is_alive():
         proc.kill()
         proc.join(2.0)
+
+
+def stop_child(proc: BaseProcess, conn: Connection) -> None:
+    """Stop a child that has no job (as :meth:`TrainingWorker.shutdown` does) and close it."""
+    _stop_process(proc, conn, NO_JOB_EXIT_GRACE_S)
+    conn.close()
+    proc.close()
+
+
+def spawn_child(simulation: bool, progress_interval: float) -> tuple[BaseProcess, Connection]:
+    """A new training process running :func:`child_main` (this module's: tests may replace
+    it), already at the training priority, and the parent's end of its pipe."""
+    ctx = multiprocessing.get_context("spawn")
+    parent_conn, child_conn = ctx.Pipe(duplex=True)
+    proc = ctx.Process(
+        target=child_main,
+        args=(child_conn, simulation, progress_interval),
+        name="fedtray-training",
+        daemon=True,
+    )
+    proc.start()
+    # Close our copy of the child's end, so its death shows as EOF here.
+    child_conn.close()
+    assert proc.pid is not None
+    try:
+        own = psutil.Process().nice() if sys.platform != "win32" else 0
+        lower_priority(proc.pid, low_priority_nice(own))
+    except (OSError, psutil.Error):  # the child lowers it itself
+        log.debug("could not lower the training process priority from here", exc_info=True)
+    return proc, parent_conn

@@ -4,10 +4,16 @@ Contract:
 
 * Importable without side effects and without torch; torch is imported only when a real
   (non-simulated) job runs, or earlier on :class:`client.worker_messages.Warm` (sent
-  when the device registers): the trainer is made then and torch's first-use costs paid
+  when the session starts and when the device registers, or by
+  :func:`client.worker.start_early`): the trainer is made then and torch's first-use costs paid
   (:func:`client.trainer.warm_up`), so the first round does not wait for them.
-* It lowers its own OS priority (``nice 10`` on Unix, below-normal priority class on
-  Windows) and reads :data:`client.worker_messages.WorkerCommand` values on a thread that
+* It runs at a low OS priority (``nice 10`` on Unix -- ten above its parent's, at most
+  19 -- and the below-normal priority class on Windows): the parent lowers it as soon as
+  the process exists (:mod:`client.worker`), so even the child's own imports yield to the
+  session; the child lowers it itself too when it is still higher (a parent that could
+  not), never further. It reports ``training process ready ...`` (INFO, with its wall
+  and CPU seconds since it started) once its trainer is made and warmed. It reads
+  :data:`client.worker_messages.WorkerCommand` values on a thread that
   sets the flags the trainer checks at every batch boundary.
 * It picks the trainer once per process (:func:`make_trainer`) and keeps it for every
   job: :class:`client.simulation.SimulatedTrainer` when simulating, else
@@ -90,7 +96,14 @@ from client.worker_messages import (
     WorkerCommand,
 )
 
-__all__ = ["ProgressThrottle", "child_main", "make_trainer"]
+__all__ = [
+    "NICE_STEP",
+    "ProgressThrottle",
+    "child_main",
+    "low_priority_nice",
+    "lower_priority",
+    "make_trainer",
+]
 
 log = logging.getLogger(__name__)
 
@@ -275,13 +288,34 @@ class _ChildControl:
             return self._budget_changed
 
 
+#: How much lower than its parent's the training process's priority is (Unix niceness).
+NICE_STEP = 10
+_MAX_NICE = 19
+
+
+def low_priority_nice(parent_nice: int) -> int:
+    """The training process's Unix niceness under a parent running at ``parent_nice``."""
+    return min(_MAX_NICE, parent_nice + NICE_STEP)
+
+
+def lower_priority(pid: int, nice: int) -> None:
+    """Give process ``pid`` the training priority: niceness ``nice`` on Unix (only ever
+    raised: a process already at or above it is left alone), the below-normal priority
+    class on Windows. Raises ``OSError`` or :class:`psutil.Error` when it cannot."""
+    proc = psutil.Process(pid)
+    if sys.platform == "win32":
+        proc.nice(psutil.BELOW_NORMAL_PRIORITY_CLASS)
+    elif proc.nice() < nice:
+        proc.nice(nice)
+
+
 def _lower_priority() -> None:
-    """Make training yield the CPU to everything the owner runs."""
+    """Make training yield the CPU to everything the owner runs: the training priority
+    for the parent's (which this process started with; a no-op when the parent lowered
+    it already)."""
     try:
-        if sys.platform == "win32":
-            psutil.Process().nice(psutil.BELOW_NORMAL_PRIORITY_CLASS)
-        else:
-            os.nice(10)
+        parent_nice = psutil.Process(os.getppid()).nice() if sys.platform != "win32" else 0
+        lower_priority(os.getpid(), low_priority_nice(parent_nice))
     except (OSError, psutil.Error):
         log.warning("could not lower the training process priority", exc_info=True)
 
@@ -332,6 +366,11 @@ class _TrainerSlot:
                     torch.set_num_interop_threads(1)
 
                 warm_up()  # torch's first-use costs, paid while idle
+            log.info(
+                "training process ready %.2f s after it started (%.2f s of CPU)",
+                time.time() - psutil.Process().create_time(),
+                time.process_time(),
+            )
         return self._trainer
 
     def set_threads(self) -> Callable[[int], None] | None:
