@@ -13,7 +13,10 @@ it off the critical path on the server; on the devices (:mod:`server.fedeval`, e
 ``--evaluate-every`` versions) the next round opens once that evaluation is settled.
 
 A new version is published (``history.json`` saved, the next round free to start) as soon
-as it is saved, and sent to every connected device as the next round starts: the devices
+as it is saved. While it is being saved, a document over one chunk already goes to the
+connected devices (:meth:`server.distribution.Distributor.presend`): all of it but its last
+chunk, which goes only once the save is done, so no device completes it and nothing names
+it before it is durable. It is sent to every connected device as the next round starts: the devices
 that round starts get it inside ``training:start`` when it is small (or ``weights:global``
 first, :mod:`server.starter`), the others by ``weights:global`` at once (all of them when
 no round starts at once; a version due for federated evaluation reaches the devices asked
@@ -523,8 +526,16 @@ class RoundCoordinator:
             finished_at=now,
             timing=timing,
         )
-        # Persist first, then publish: a version anyone has seen survives a crash.
-        saved = await self._model.persist(prepared, record)
+        # Persist first, then publish: a version anyone has seen survives a crash. Its
+        # bytes go to the devices meanwhile, all but the last chunk (Distributor.presend):
+        # no device completes it, nothing names it, before it is durable.
+        presend = self._distributor.presend(version, prepared.encoded, prepared.sha256)
+        try:
+            saved = await self._model.persist(prepared, record)
+        except BaseException:
+            presend.abandon()
+            raise
+        presend.durable()
         self._registry.rounds_counted(rnd.reported)
         self._model.publish(
             prepared, record, {} if train_loss is None else {"trainLoss": train_loss}
