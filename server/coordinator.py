@@ -87,6 +87,7 @@ from server.background import Background
 from server.config import ServerConfig
 from server.device_wait import DeviceWait
 from server.distribution import Distributor
+from server.document import blank_document
 from server.evaluation import EvaluationQueue, Metrics
 from server.fedeval import FederatedEvaluation
 from server.globalmodel import GlobalModel, Prepared
@@ -495,11 +496,13 @@ class RoundCoordinator:
         version = self._model.version + 1
 
         def aggregate_and_prepare() -> tuple[Aggregate, Prepared]:
-            # One thread hop for both: the new state is encoded, hashed and written where
-            # it was computed (GlobalModel.prepare_blocking).
-            result = self.strategy.result(kept)
+            # One thread hop for both: the new state is computed into its own safetensors
+            # document where the strategy can (server.document: never copied), hashed and
+            # written where it was computed (GlobalModel.prepare_blocking).
+            document = blank_document(self._model.layout)
+            result = self.strategy.result(kept, document.views)
             return result, self._model.prepare_blocking(
-                result.weights, version, result.optimizer_state
+                result.weights, version, result.optimizer_state, document
             )
 
         aggregate, prepared = await asyncio.to_thread(aggregate_and_prepare)

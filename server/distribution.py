@@ -58,7 +58,7 @@ from client.protocol import (
     parse,
 )
 from client.protocol.events import FEDERATION_FINISHED, TASK_FILE, WEIGHTS_GLOBAL
-from client.transfer import limits_towards, send_blob, weights_ref_for
+from client.transfer import blob_ref, limits_towards, send_blob, weights_ref_for
 from client.transfer_send import Call, ReadPiece, _peer_offset, _send_from
 from server.background import Background
 from server.config import ServerConfig
@@ -96,12 +96,12 @@ class SharedChunks:
         self._keep = keep
         self._held: dict[tuple[str, int, int], bytes] = {}
 
-    def cut(self, digest: str, data: bytes, start: int, end: int) -> bytes:
-        """``data[start:end]`` (``data`` hashes to ``digest``), shared when held."""
+    def cut(self, digest: str, data: bytes | bytearray, start: int, end: int) -> bytes:
+        """``data[start:end]`` as bytes (``data`` hashes to ``digest``), shared when held."""
         key = (digest, start, end)
         piece = self._held.get(key)
         if piece is None:
-            piece = data[start:end]
+            piece = bytes(memoryview(data)[start:end])
             self._held[key] = piece
             if len(self._held) > self._keep:
                 del self._held[next(iter(self._held))]  # dicts keep insertion order
@@ -241,7 +241,7 @@ class Distributor:
     async def _send_shared(
         self,
         call: Call,
-        data: bytes,
+        data: bytes | bytearray,
         digest: str,
         blob_id: str,
         chunk: int,
@@ -268,7 +268,7 @@ class Distributor:
             on_progress=None,
         )
 
-    def presend(self, version: int, data: bytes, digest: str) -> Presend:
+    def presend(self, version: int, data: bytes | bytearray, digest: str) -> Presend:
         """Start sending version ``version``'s safetensors document ``data`` (hash
         ``digest``), prepared but not yet durable nor published, to every connected device
         that takes safetensors and would get it as a blob (over one chunk, within its
@@ -303,7 +303,7 @@ class Distributor:
         self,
         record: DeviceRecord,
         presend: Presend,
-        data: bytes,
+        data: bytes | bytearray,
         digest: str,
         chunk: int,
         window: int,
@@ -398,14 +398,19 @@ class Distributor:
             carrying.set()
 
     def _message(
-        self, version: int, fmt: WeightFormat, data: bytes, digest: str, chunk: int
+        self, version: int, fmt: WeightFormat, data: bytes | bytearray, digest: str, chunk: int
     ) -> WeightsGlobal:
+        if len(data) > chunk:  # a blob: only its size and digest are named
+            ref = blob_ref(fmt, size=len(data), sha256=digest)
+        else:
+            inline = data if isinstance(data, bytes) else bytes(data)
+            ref = weights_ref_for(inline, fmt, inline_limit=chunk, sha256=digest)
         return WeightsGlobal(
             version=version,
             task=self._config.task,
             round_id=self._model.round_id,
             metrics=self._model.metrics,
-            weights=weights_ref_for(data, fmt, inline_limit=chunk, sha256=digest),
+            weights=ref,
             model_params=self._model_params,
             package=self._package,
         )

@@ -19,7 +19,8 @@ written again).
 :meth:`GlobalModel.record_fields` does the same for other fields of a version's record
 (the federated evaluation's ``federated_eval_*``, :mod:`server.fedeval`). Writes of
 ``history.json`` are serialized (one at a time, each from the latest saved snapshot), so an
-older write never lands after a newer one. The one encoding made by ``prepare`` is the bytes saved,
+older write never lands after a newer one. The one encoding made by ``prepare`` (or the
+document the aggregate was computed into, :mod:`server.document`) is the bytes saved,
 the safetensors bytes sent to devices and their SHA-256: never encoded twice. A server
 optimizer's state for the new version (``prepare``'s ``optimizer_state``) is written by
 ``prepare`` too, after the weights and before ``history.json`` names both; a version
@@ -42,15 +43,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from client.protocol import WeightFormat
+from client.protocol import DEFAULT_CHUNK_BYTES, WeightFormat
 from client.weights import Layout, StateDict, encode, sha256_hex
+from server.document import Document
 from server.status import RoundRecord
 from server.store import Saved, Store
 
 log = logging.getLogger(__name__)
 
-#: One encoding of the global: (version, bytes, sha256 hex).
-Encoded = tuple[int, bytes, str]
+#: One encoding of the global: (version, bytes, sha256 hex). A safetensors document written
+#: in place (:mod:`server.document`) is the bytearray it was computed into; never changed.
+Encoded = tuple[int, bytes | bytearray, str]
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ class Prepared:
 
     version: int
     state: StateDict
-    encoded: bytes  # safetensors, the one encoding
+    encoded: bytes | bytearray  # safetensors, the one encoding (never changed)
     sha256: str
     weights_file: str | None  # None: the weights (or optimizer) file could not be written
     optimizer_file: str | None = None  # None: no optimizer state
@@ -166,12 +169,23 @@ class GlobalModel:
         return await asyncio.to_thread(self.prepare_blocking, state, version, optimizer_state)
 
     def prepare_blocking(
-        self, state: StateDict, version: int, optimizer_state: StateDict | None = None
+        self,
+        state: StateDict,
+        version: int,
+        optimizer_state: StateDict | None = None,
+        document: Document | None = None,
     ) -> Prepared:
         """:meth:`prepare` in the caller's thread (blocking: call it from a worker thread,
         e.g. the one that computed ``state``, to save a hop). Reads and changes no state of
-        this object."""
-        encoded = encode(state, "safetensors")
+        this object. When ``state`` is ``document.views`` (the aggregate was computed into
+        the document, :mod:`server.document`), the document is the encoding: checked as
+        ``encode`` checks, never copied."""
+        if document is not None and state is document.views:
+            encoded: bytes | bytearray = document.finish()
+            if len(encoded) <= DEFAULT_CHUNK_BYTES:
+                encoded = bytes(encoded)  # a small one rides inline: bytes, copied once here
+        else:
+            encoded = encode(state, "safetensors")
         digest = sha256_hex(encoded)
         opt_name: str | None = None
         opt_digest: str | None = None

@@ -1,0 +1,83 @@
+"""A new global's safetensors document, written in place: the aggregate computed into it.
+
+Contract: :func:`blank_document` lays out, for a model :class:`client.weights.Layout`, the
+document :func:`client.weights.encode` would write for a state of that layout (the same
+header bytes: compact JSON in safetensors order, padded with spaces to 8 bytes; the same
+data offsets) as one zero-filled ``bytearray``, and hands out one writable, C-contiguous,
+little-endian array per tensor over the document's own bytes. Whatever is written into
+those arrays is the document: :meth:`Document.finish` checks the values as ``encode``
+does (finite floats, 0/1 bools; :class:`client.weights.WeightsError` ``non_finite`` /
+``malformed``) and returns the buffer, so the aggregate is never copied into a second
+buffer (``tests/test_document.py`` holds the bytes equal to ``encode``'s). Raises
+:class:`client.weights.WeightsError` ``unknown_dtype`` for a dtype the format lacks. No
+I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from client.weights import Layout, StateDict, WeightsError
+from client.weights.checks import check_bool_bytes, check_finite
+from client.weights.spec import NAME_TO_NP, NAME_TO_ST
+
+__all__ = ["Document", "blank_document"]
+
+#: The header's length field, and the boundary it is padded to (as the format writer).
+_HEADER_LEN = struct.Struct("<Q")
+_ALIGN = 8
+
+
+@dataclass(frozen=True)
+class Document:
+    """A safetensors document being filled: ``buffer`` and ``views`` share their bytes."""
+
+    buffer: bytearray
+    views: StateDict
+
+    def finish(self) -> bytearray:
+        """The document, once its values pass ``encode``'s checks (WeightsError)."""
+        for name, arr in self.views.items():
+            check_finite(name, arr)
+            check_bool_bytes(name, arr)
+        return self.buffer
+
+
+def blank_document(layout: Layout) -> Document:
+    """A zero-filled document of ``layout`` and its tensors' arrays (module docstring)."""
+    specs: list[tuple[str, np.dtype[Any], tuple[int, ...]]] = []
+    for name, spec in layout.items():
+        dtype = NAME_TO_NP.get(spec.dtype)
+        if dtype is None:
+            raise WeightsError("unknown_dtype", f"tensor {name!r} has dtype {spec.dtype}")
+        specs.append((name, dtype, tuple(spec.shape)))
+    specs.sort(key=lambda item: (NAME_TO_ST[item[1].name][0], item[0]))
+    header: dict[str, dict[str, Any]] = {}
+    offset = 0
+    for name, dtype, shape in specs:
+        end = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        header[name] = {
+            "dtype": NAME_TO_ST[dtype.name][1],
+            "shape": list(shape),
+            "data_offsets": [offset, end],
+        }
+        offset = end
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % _ALIGN)
+    start = _HEADER_LEN.size + len(raw)
+    buffer = bytearray(start + offset)
+    _HEADER_LEN.pack_into(buffer, 0, len(raw))
+    buffer[_HEADER_LEN.size : start] = raw
+    views: StateDict = {}
+    for name, dtype, shape in specs:
+        begin, end = header[name]["data_offsets"]
+        count = (end - begin) // dtype.itemsize
+        views[name] = np.frombuffer(buffer, dtype=dtype, count=count, offset=start + begin).reshape(
+            shape
+        )
+    return Document(buffer, {name: views[name] for name in layout})
