@@ -5,9 +5,9 @@ version, the number of completed rounds, the round history and the last round's 
 :meth:`GlobalModel.adopt` takes what :class:`server.store.Store` saved (or version 0 of a
 new federation). A new version goes through three steps: :meth:`GlobalModel.prepare`
 encodes it once as safetensors, hashes it once and writes its weights file (not yet
-fsynced); :meth:`GlobalModel.persist` makes it durable and writes ``history.json`` naming
-it with its round's record, their fsyncs side by side (:meth:`server.store.Store.
-commit_version`: two one after the other); and
+fsynced; a large one written while it is hashed); :meth:`GlobalModel.persist` makes it
+durable and writes ``history.json`` naming it with its round's record, their fsyncs side
+by side (:meth:`server.store.Store.commit_version`: two one after the other); and
 :meth:`GlobalModel.publish` makes it the global. Persist first, so a version anyone has
 seen survives a crash (a failed save is logged; the version is still published, its
 round's updates stay on disk). A version is published before its evaluation is known:
@@ -39,6 +39,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +51,11 @@ from server.status import RoundRecord
 from server.store import Saved, Store
 
 log = logging.getLogger(__name__)
+
+#: A new version's document at least this large is written while it is hashed (a thread
+#: of :data:`_WRITES`); a smaller one after, in the same thread (a hand-off costs more).
+SIDE_BY_SIDE_BYTES = 8 << 20
+_WRITES = ThreadPoolExecutor(max_workers=1, thread_name_prefix="global-write")
 
 #: One encoding of the global: (version, bytes, sha256 hex). A safetensors document written
 #: in place (:mod:`server.document`) is the bytearray it was computed into; never changed.
@@ -186,11 +192,20 @@ class GlobalModel:
                 encoded = bytes(encoded)  # a small one rides inline: bytes, copied once here
         else:
             encoded = encode(state, "safetensors")
+        # A large document is written (to the page cache) while it is hashed: both leave
+        # the GIL, so they run side by side.
+        writing = (
+            _WRITES.submit(self._store.place_weights, version, encoded)
+            if len(encoded) >= SIDE_BY_SIDE_BYTES
+            else None
+        )
         digest = sha256_hex(encoded)
         opt_name: str | None = None
         opt_digest: str | None = None
         try:
-            name: str | None = self._store.place_weights(version, encoded)
+            name: str | None = (
+                self._store.place_weights(version, encoded) if writing is None else writing.result()
+            )
             if optimizer_state:
                 opt_data = encode(optimizer_state, "safetensors")
                 opt_digest = sha256_hex(opt_data)

@@ -1,21 +1,27 @@
-"""A document written in place is ``encode``'s document, byte for byte (server.document).
+"""A document written in place is ``encode``'s document, byte for byte (server.document),
+and the new version's encoding as it is (``GlobalModel.prepare_blocking``).
 
 Tables: layouts of every dtype the format has (scalars, empty tensors, names out of
 order), filled through the views, give exactly ``client.weights.encode``'s bytes of the
 same state; values ``encode`` refuses are refused by ``finish`` the same way; FedAvg's
-result written into a document equals its result in new arrays, and is the document.
+result written into a document equals its result in new arrays, and is the document;
+``prepare_blocking`` takes the document as the encoding (a small one as bytes, a large one
+itself, written while hashed): the same bytes, digest and weights file as ``encode``'s.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from client.weights import StateDict, TensorSpec, WeightsError, decode, encode
+from client.weights import StateDict, TensorSpec, WeightsError, decode, encode, sha256_hex
 from server.aggregation import FedAvg
 from server.document import blank_document
+from server.globalmodel import SIDE_BY_SIDE_BYTES, GlobalModel
+from server.store import Store
 
 
 def _state(layout: dict[str, TensorSpec], seed: int) -> StateDict:
@@ -111,3 +117,32 @@ def test_fedavg_refuses_an_output_that_does_not_fit() -> None:
     sums.add(_state(layout, 1), 1)
     with pytest.raises(ValueError):
         sums.result({"w": np.empty((3, 2), dtype=np.float32)})
+
+
+@pytest.mark.parametrize(
+    ("floats", "is_bytes"),
+    [
+        (1_000, True),  # a small document: bytes, copied once (it rides inline)
+        (3_000_000, False),  # 12 MB: the document itself, written while it is hashed
+    ],
+)
+def test_prepare_takes_the_document_as_the_encoding(
+    tmp_path: Path, floats: int, is_bytes: bool
+) -> None:
+    layout = {"w": TensorSpec("float32", (floats,)), "b": TensorSpec("float32", (2,))}
+    assert (floats * 4 >= SIDE_BY_SIDE_BYTES) is not is_bytes
+    state = _state(layout, 3)
+    model = GlobalModel(Store(tmp_path), "synthetic")
+    model.adopt(state, layout, None)
+    document = blank_document(layout)
+    for name, arr in state.items():
+        document.views[name][...] = arr
+    prepared = model.prepare_blocking(document.views, 1, None, document)
+    expected = encode(state, "safetensors")
+    assert isinstance(prepared.encoded, bytes) is is_bytes
+    assert (prepared.encoded is document.buffer) is not is_bytes
+    assert bytes(prepared.encoded) == expected
+    assert prepared.sha256 == sha256_hex(expected)
+    assert prepared.state is document.views
+    assert prepared.weights_file is not None
+    assert (tmp_path / prepared.weights_file).read_bytes() == expected
