@@ -9,20 +9,28 @@
   durable`, and no ``weights:global`` names the version meanwhile. After
   :meth:`~server.distribution.Presend.abandon` the last chunk never goes, and the device's
   sends go on (a later presend to it completes).
+* In rounds (two devices with a small chunk limit): each device is sent a round's new
+  version once, chunk by chunk (ahead, then its last chunk; nothing sent again), and its
+  last chunk arrives only once ``history.json`` names that version.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import numpy as np
 import pytest
 
-from client.weights import sha256_hex
+from client.protocol import BlobProgress, Limits
+from client.weights import encode, sha256_hex
 from server.distribution import Presend, SharedChunks
+from server.store import HISTORY_FILE
 from tests.server_harness import ScriptedDevice, ServerHandle, run_devices, running_server
 
 T = TypeVar("T")
@@ -31,6 +39,10 @@ pytestmark = pytest.mark.timeout(60)
 
 CHUNK = 1024
 DOC = 5 * CHUNK + 100  # six chunks, the last one 100 bytes
+SMALL = {
+    "model_params": {"features": 8, "classes": 3, "hidden": 512, "samples": 300},
+    "limits": Limits(max_chunk_bytes=4096, max_blob_bytes=1 << 20),
+}
 
 
 @pytest.mark.parametrize(
@@ -124,4 +136,55 @@ def test_an_abandoned_presend_never_completes_and_frees_the_device(tmp_path: Pat
         assert len(dev.chunk_sizes) == before + 11
 
     with running_server(tmp_path, min_clients=5, evaluate_every=0) as srv:
+        run_devices(scenario(srv))
+
+
+@dataclass(eq=False)
+class _NotesSaved(ScriptedDevice):
+    """Notes, as each blob completes, the version the server's ``history.json`` names."""
+
+    state_dir: Path = Path()
+    saved_when_complete: list[int] = field(default_factory=list)
+
+    def _accept_chunk(self, payload: Any) -> BlobProgress | dict[str, Any]:
+        ack = super()._accept_chunk(payload)
+        if isinstance(ack, BlobProgress) and ack.complete:
+            meta = json.loads((self.state_dir / HISTORY_FILE).read_text(encoding="utf-8"))
+            self.saved_when_complete.append(int(meta["version"]))
+        return ack
+
+
+def test_a_rounds_new_global_goes_ahead_once_and_completes_only_once_saved(
+    tmp_path: Path,
+) -> None:
+    state_dir = tmp_path / "server-state"
+
+    async def scenario(srv: ServerHandle) -> None:
+        devs = [
+            _NotesSaved(srv.url, name=n, max_chunk_bytes=4096, state_dir=state_dir)
+            for n in ("a", "b")
+        ]
+        for dev in devs:
+            await dev.join()
+        await devs[0].until(lambda: all(len(d.starts) == 1 for d in devs), what="round 1")
+        sent_before = [len(d.chunk_sizes) for d in devs]
+        for dev in devs:
+            update = {k: v * np.float32(0.5) for k, v in dev.weights[0].items()}
+            ack = await dev.submit(
+                dev.starts[0]["roundId"], 0, update, num_samples=4, inline_limit=4096
+            )
+            assert ack["ok"] is True
+        await devs[0].until(lambda: all(len(d.starts) == 2 for d in devs), what="round 2")
+        for dev, before in zip(devs, sent_before, strict=True):
+            assert 1 in dev.weights
+            size = len(encode(dev.weights[1]))
+            assert size > 5 * 4096
+            # Version 1 came once, chunk by chunk (ahead, then its last chunk): none again.
+            assert sum(dev.chunk_sizes[before:]) == size
+            # Its last chunk came only once history.json named it (version 0 before it).
+            assert dev.saved_when_complete == [0, 1]
+
+    with running_server(
+        tmp_path, min_clients=2, clients_per_round=2, rounds=2, evaluate_every=0, **SMALL
+    ) as srv:
         run_devices(scenario(srv))
