@@ -271,14 +271,19 @@ class Distributor:
     def presend(self, version: int, data: bytes | bytearray, digest: str) -> Presend:
         """Start sending version ``version``'s safetensors document ``data`` (hash
         ``digest``), prepared but not yet durable nor published, to every connected device
-        that takes safetensors and would get it as a blob (over one chunk, within its
-        ``maxBlobBytes``), in the background: all of it at once but the last chunk, which
-        goes only after :meth:`Presend.durable` (nothing names the version before it is
-        published: ``weights:global`` and ``training:start`` go as before; the device
-        cannot complete the blob until then). The device's global sends wait for it
-        (:meth:`ensure_global` then finds the blob held and sends only the message). A
-        failure is logged (debug) and left to :meth:`ensure_global`."""
+        that takes safetensors and would get it as a blob (over one chunk, the server's
+        own chunk size too, and within its ``maxBlobBytes``), in the background: all of it
+        at once but the last chunk, which goes only after :meth:`Presend.durable`
+        (nothing names the version before it is published: ``weights:global`` and
+        ``training:start`` go as before; the device cannot complete the blob until then).
+        The device's global sends wait for it (:meth:`ensure_global` then finds the blob
+        held and sends only the message). A failure is logged (debug) and left to
+        :meth:`ensure_global`."""
         presend = Presend(version)
+        if len(data) <= self._config.limits.max_chunk_bytes:
+            # Within one of the server's own chunks (inline for most devices): no pass over
+            # a fleet of devices on every round for it.
+            return presend
         for record in self._registry.connected():
             if format_for(record) != "safetensors" or record.weights_version == version:
                 continue

@@ -39,6 +39,7 @@ pytestmark = pytest.mark.timeout(60)
 
 CHUNK = 1024
 DOC = 5 * CHUNK + 100  # six chunks, the last one 100 bytes
+LIMITS = Limits(max_chunk_bytes=CHUNK, max_blob_bytes=1 << 20)
 SMALL = {
     "model_params": {"features": 8, "classes": 3, "hidden": 512, "samples": 300},
     "limits": Limits(max_chunk_bytes=4096, max_blob_bytes=1 << 20),
@@ -113,7 +114,7 @@ def test_presend_sends_all_but_the_last_chunk_until_durable(tmp_path: Path) -> N
         assert dev.chunk_sizes[-1] == 100
         assert [m["version"] for m in dev.globals_meta] == [0]  # nothing named version 7
 
-    with running_server(tmp_path, min_clients=5, evaluate_every=0) as srv:
+    with running_server(tmp_path, min_clients=5, evaluate_every=0, limits=LIMITS) as srv:
         run_devices(scenario(srv))
 
 
@@ -135,7 +136,7 @@ def test_an_abandoned_presend_never_completes_and_frees_the_device(tmp_path: Pat
         assert await _held(dev, sha256_hex(second)) == (DOC, True)
         assert len(dev.chunk_sizes) == before + 11
 
-    with running_server(tmp_path, min_clients=5, evaluate_every=0) as srv:
+    with running_server(tmp_path, min_clients=5, evaluate_every=0, limits=LIMITS) as srv:
         run_devices(scenario(srv))
 
 
