@@ -87,7 +87,7 @@ from server.background import Background
 from server.config import ServerConfig
 from server.device_wait import DeviceWait
 from server.distribution import Distributor
-from server.document import blank_document
+from server.document import IN_PLACE_MIN_BYTES, blank_document, data_bytes
 from server.evaluation import EvaluationQueue, Metrics
 from server.fedeval import FederatedEvaluation
 from server.globalmodel import GlobalModel, Prepared
@@ -495,12 +495,14 @@ class RoundCoordinator:
         )
         version = self._model.version + 1
 
+        in_place = data_bytes(self._model.layout) >= IN_PLACE_MIN_BYTES
+
         def aggregate_and_prepare() -> tuple[Aggregate, Prepared]:
             # One thread hop for both: the new state is computed into its own safetensors
             # document where the strategy can (server.document: never copied), hashed and
             # written where it was computed (GlobalModel.prepare_blocking).
-            document = blank_document(self._model.layout)
-            result = self.strategy.result(kept, document.views)
+            document = blank_document(self._model.layout) if in_place else None
+            result = self.strategy.result(kept, None if document is None else document.views)
             return result, self._model.prepare_blocking(
                 result.weights, version, result.optimizer_state, document
             )

@@ -8,7 +8,8 @@ little-endian array per tensor over the document's own bytes. Whatever is writte
 those arrays is the document: :meth:`Document.finish` checks the values as ``encode``
 does (finite floats, 0/1 bools; :class:`client.weights.WeightsError` ``non_finite`` /
 ``malformed``) and returns the buffer, so the aggregate is never copied into a second
-buffer (``tests/test_document.py`` holds the bytes equal to ``encode``'s). Raises
+buffer (``tests/test_document.py`` holds the bytes equal to ``encode``'s); worth it from
+:data:`IN_PLACE_MIN_BYTES` of tensor data (:func:`data_bytes`). Raises
 :class:`client.weights.WeightsError` ``unknown_dtype`` for a dtype the format lacks. No
 I/O.
 """
@@ -26,7 +27,11 @@ from client.weights import Layout, StateDict, WeightsError
 from client.weights.checks import check_bool_bytes, check_finite
 from client.weights.spec import NAME_TO_NP, NAME_TO_ST
 
-__all__ = ["Document", "blank_document"]
+__all__ = ["IN_PLACE_MIN_BYTES", "Document", "blank_document", "data_bytes"]
+
+#: Below this many bytes of tensor data, writing in place saves nothing (a fresh zeroed
+#: buffer costs what the copy it avoids costs): the aggregate is encoded as usual.
+IN_PLACE_MIN_BYTES = 1 << 20
 
 #: The header's length field, and the boundary it is padded to (as the format writer).
 _HEADER_LEN = struct.Struct("<Q")
@@ -46,6 +51,16 @@ class Document:
             check_finite(name, arr)
             check_bool_bytes(name, arr)
         return self.buffer
+
+
+def data_bytes(layout: Layout) -> int:
+    """The bytes of tensor data a state of ``layout`` holds (0 for an unknown dtype)."""
+    total = 0
+    for spec in layout.values():
+        dtype = NAME_TO_NP.get(spec.dtype)
+        if dtype is not None:
+            total += int(np.prod(spec.shape, dtype=np.int64)) * dtype.itemsize
+    return total
 
 
 def blank_document(layout: Layout) -> Document:

@@ -19,7 +19,7 @@ import pytest
 
 from client.weights import StateDict, TensorSpec, WeightsError, decode, encode, sha256_hex
 from server.aggregation import FedAvg
-from server.document import blank_document
+from server.document import IN_PLACE_MIN_BYTES, blank_document, data_bytes
 from server.globalmodel import SIDE_BY_SIDE_BYTES, GlobalModel
 from server.store import Store
 
@@ -146,3 +146,20 @@ def test_prepare_takes_the_document_as_the_encoding(
     assert prepared.state is document.views
     assert prepared.weights_file is not None
     assert (tmp_path / prepared.weights_file).read_bytes() == expected
+
+
+@pytest.mark.parametrize(
+    ("layout", "size"),
+    [
+        ({}, 0),
+        ({"w": TensorSpec("float32", (3, 4)), "b": TensorSpec("float16", (3,))}, 48 + 6),
+        ({"s": TensorSpec("int64", ()), "e": TensorSpec("bool", (0, 5))}, 8),
+        ({"w": TensorSpec("float32", (IN_PLACE_MIN_BYTES // 4,))}, IN_PLACE_MIN_BYTES),
+    ],
+)
+def test_data_bytes(layout: dict[str, TensorSpec], size: int) -> None:
+    assert data_bytes(layout) == size
+    if layout:
+        assert len(blank_document(layout).buffer) - data_bytes(layout) == len(
+            encode(_state(layout, 0), "safetensors")
+        ) - sum(arr.nbytes for arr in _state(layout, 0).values())

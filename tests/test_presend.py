@@ -11,7 +11,8 @@
   sends go on (a later presend to it completes).
 * In rounds (two devices with a small chunk limit): each device is sent a round's new
   version once, chunk by chunk (ahead, then its last chunk; nothing sent again), and its
-  last chunk arrives only once ``history.json`` names that version.
+  last chunk arrives only once ``history.json`` names that version; computed into its
+  document in place or encoded as usual, it is the mean of the updates.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 
+import server.coordinator
 from client.protocol import BlobProgress, Limits
 from client.weights import encode, sha256_hex
 from server.distribution import Presend, SharedChunks
@@ -155,9 +157,14 @@ class _NotesSaved(ScriptedDevice):
         return ack
 
 
+@pytest.mark.parametrize("in_place", [False, True])
 def test_a_rounds_new_global_goes_ahead_once_and_completes_only_once_saved(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_place: bool
 ) -> None:
+    # in_place: the aggregate computed into its document (server.document), as for a
+    # large model; else encoded as usual. The devices get the same version either way.
+    if in_place:
+        monkeypatch.setattr(server.coordinator, "IN_PLACE_MIN_BYTES", 0)
     state_dir = tmp_path / "server-state"
 
     async def scenario(srv: ServerHandle) -> None:
@@ -178,6 +185,8 @@ def test_a_rounds_new_global_goes_ahead_once_and_completes_only_once_saved(
         await devs[0].until(lambda: all(len(d.starts) == 2 for d in devs), what="round 2")
         for dev, before in zip(devs, sent_before, strict=True):
             assert 1 in dev.weights
+            for name, arr in dev.weights[1].items():  # the mean of two halves of version 0
+                assert np.array_equal(arr, dev.weights[0][name] * np.float32(0.5))
             size = len(encode(dev.weights[1]))
             assert size > 5 * 4096
             # Version 1 came once, chunk by chunk (ahead, then its last chunk): none again.
