@@ -96,7 +96,7 @@ class SharedChunks:
         self._keep = keep
         self._held: dict[tuple[str, int, int], bytes] = {}
 
-    def cut(self, digest: str, data: bytes | bytearray, start: int, end: int) -> bytes:
+    def cut(self, digest: str, data: bytes | memoryview, start: int, end: int) -> bytes:
         """``data[start:end]`` as bytes (``data`` hashes to ``digest``), shared when held."""
         key = (digest, start, end)
         piece = self._held.get(key)
@@ -241,7 +241,7 @@ class Distributor:
     async def _send_shared(
         self,
         call: Call,
-        data: bytes | bytearray,
+        data: bytes | memoryview,
         digest: str,
         blob_id: str,
         chunk: int,
@@ -268,7 +268,7 @@ class Distributor:
             on_progress=None,
         )
 
-    def presend(self, version: int, data: bytes | bytearray, digest: str) -> Presend:
+    def presend(self, version: int, data: bytes | memoryview, digest: str) -> Presend:
         """Start sending version ``version``'s safetensors document ``data`` (hash
         ``digest``), prepared but not yet durable nor published, to every connected device
         that takes safetensors and would get it as a blob (over one chunk, the server's
@@ -308,7 +308,7 @@ class Distributor:
         self,
         record: DeviceRecord,
         presend: Presend,
-        data: bytes | bytearray,
+        data: bytes | memoryview,
         digest: str,
         chunk: int,
         window: int,
@@ -403,7 +403,7 @@ class Distributor:
             carrying.set()
 
     def _message(
-        self, version: int, fmt: WeightFormat, data: bytes | bytearray, digest: str, chunk: int
+        self, version: int, fmt: WeightFormat, data: bytes | memoryview, digest: str, chunk: int
     ) -> WeightsGlobal:
         if len(data) > chunk:  # a blob: only its size and digest are named
             ref = blob_ref(fmt, size=len(data), sha256=digest)

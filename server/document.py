@@ -3,11 +3,12 @@
 Contract: :func:`blank_document` lays out, for a model :class:`client.weights.Layout`, the
 document :func:`client.weights.encode` would write for a state of that layout (the same
 header bytes: compact JSON in safetensors order, padded with spaces to 8 bytes; the same
-data offsets) as one zero-filled ``bytearray``, and hands out one writable, C-contiguous,
-little-endian array per tensor over the document's own bytes. Whatever is written into
-those arrays is the document: :meth:`Document.finish` checks the values as ``encode``
-does (finite floats, 0/1 bools; :class:`client.weights.WeightsError` ``non_finite`` /
-``malformed``) and returns the buffer, so the aggregate is never copied into a second
+data offsets) as one buffer (its tensor bytes NOT initialised: the caller writes every
+one), and hands out one writable, C-contiguous, little-endian array per tensor over the
+document's own bytes. Whatever is written into those arrays is the document:
+:meth:`Document.finish` checks the values as ``encode`` does (finite floats, 0/1 bools;
+:class:`client.weights.WeightsError` ``non_finite`` / ``malformed``) and returns a
+read-only view of the whole buffer, so the aggregate is never copied into a second
 buffer (``tests/test_document.py`` holds the bytes equal to ``encode``'s); worth it from
 :data:`IN_PLACE_MIN_BYTES` of tensor data (:func:`data_bytes`). Raises
 :class:`client.weights.WeightsError` ``unknown_dtype`` for a dtype the format lacks. No
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from client.weights import Layout, StateDict, WeightsError
 from client.weights.checks import check_bool_bytes, check_finite
@@ -40,17 +42,19 @@ _ALIGN = 8
 
 @dataclass(frozen=True)
 class Document:
-    """A safetensors document being filled: ``buffer`` and ``views`` share their bytes."""
+    """A safetensors document being filled: ``buffer`` (bytes as ``uint8``) and ``views``
+    share their memory."""
 
-    buffer: bytearray
+    buffer: npt.NDArray[np.uint8]
     views: StateDict
 
-    def finish(self) -> bytearray:
-        """The document, once its values pass ``encode``'s checks (WeightsError)."""
+    def finish(self) -> memoryview:
+        """The document (read-only), once its values pass ``encode``'s checks
+        (WeightsError)."""
         for name, arr in self.views.items():
             check_finite(name, arr)
             check_bool_bytes(name, arr)
-        return self.buffer
+        return self.buffer.data.toreadonly()
 
 
 def data_bytes(layout: Layout) -> int:
@@ -64,7 +68,8 @@ def data_bytes(layout: Layout) -> int:
 
 
 def blank_document(layout: Layout) -> Document:
-    """A zero-filled document of ``layout`` and its tensors' arrays (module docstring)."""
+    """A document of ``layout`` (tensor bytes not yet written) and its tensors' arrays
+    (module docstring)."""
     specs: list[tuple[str, np.dtype[Any], tuple[int, ...]]] = []
     for name, spec in layout.items():
         dtype = NAME_TO_NP.get(spec.dtype)
@@ -85,14 +90,13 @@ def blank_document(layout: Layout) -> Document:
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % _ALIGN)
     start = _HEADER_LEN.size + len(raw)
-    buffer = bytearray(start + offset)
-    _HEADER_LEN.pack_into(buffer, 0, len(raw))
-    buffer[_HEADER_LEN.size : start] = raw
+    # Not zero-filled (a pass over the whole buffer for nothing): every tensor byte is
+    # written by the caller; the header is written here.
+    buffer = np.empty(start + offset, dtype=np.uint8)
+    buffer[: _HEADER_LEN.size] = np.frombuffer(_HEADER_LEN.pack(len(raw)), dtype=np.uint8)
+    buffer[_HEADER_LEN.size : start] = np.frombuffer(raw, dtype=np.uint8)
     views: StateDict = {}
     for name, dtype, shape in specs:
         begin, end = header[name]["data_offsets"]
-        count = (end - begin) // dtype.itemsize
-        views[name] = np.frombuffer(buffer, dtype=dtype, count=count, offset=start + begin).reshape(
-            shape
-        )
+        views[name] = buffer[start + begin : start + end].view(dtype).reshape(shape)
     return Document(buffer, {name: views[name] for name in layout})

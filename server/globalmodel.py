@@ -58,8 +58,8 @@ SIDE_BY_SIDE_BYTES = 8 << 20
 _WRITES = ThreadPoolExecutor(max_workers=1, thread_name_prefix="global-write")
 
 #: One encoding of the global: (version, bytes, sha256 hex). A safetensors document written
-#: in place (:mod:`server.document`) is the bytearray it was computed into; never changed.
-Encoded = tuple[int, bytes | bytearray, str]
+#: in place (:mod:`server.document`) is a read-only view of the buffer it was computed into.
+Encoded = tuple[int, bytes | memoryview, str]
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class Prepared:
 
     version: int
     state: StateDict
-    encoded: bytes | bytearray  # safetensors, the one encoding (never changed)
+    encoded: bytes | memoryview  # safetensors, the one encoding (never changed)
     sha256: str
     weights_file: str | None  # None: the weights (or optimizer) file could not be written
     optimizer_file: str | None = None  # None: no optimizer state
@@ -187,7 +187,7 @@ class GlobalModel:
         the document, :mod:`server.document`), the document is the encoding: checked as
         ``encode`` checks, never copied."""
         if document is not None and state is document.views:
-            encoded: bytes | bytearray = document.finish()
+            encoded: bytes | memoryview = document.finish()
             if len(encoded) <= DEFAULT_CHUNK_BYTES:
                 encoded = bytes(encoded)  # a small one rides inline: bytes, copied once here
         else:

@@ -202,7 +202,7 @@ class Store:
         if prune:
             self._remove_older(version)
 
-    def place_weights(self, version: int, data: bytes | bytearray) -> str:
+    def place_weights(self, version: int, data: bytes | bytearray | memoryview) -> str:
         """Write version ``version``'s safetensors document under its name, NOT fsynced
         (:meth:`commit_version` makes it durable before ``history.json`` names it); its
         file name. Raises OSError."""
@@ -255,7 +255,7 @@ class Store:
         self._remove_older(version)
 
     def _write_version_file(
-        self, prefix: str, version: int, data: bytes | bytearray, *, durable: bool
+        self, prefix: str, version: int, data: bytes | bytearray | memoryview, *, durable: bool
     ) -> str:
         """Write ``<prefix><version>.safetensors`` (fsynced when ``durable``); its name."""
         name = f"{prefix}{version}{_SUFFIX}"
