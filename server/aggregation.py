@@ -130,18 +130,34 @@ class FedAvg(Accumulator):
         self._weight += weight
         self._count += 1
 
-    def result(self) -> StateDict:
+    def result(self, out: StateDict | None = None) -> StateDict:
+        """The weighted mean, each tensor cast to its base's dtype; written into ``out``'s
+        arrays (C-contiguous, of the base's shapes and dtypes; ``out`` is returned) when
+        given, else into new ones."""
         if self._count == 0:
             raise ValueError("no update was added in this round")
-        out: StateDict = {}
+        if out is None:
+            out = {
+                name: np.empty(acc.shape, dtype=self._dtypes[name])
+                for name, acc in self._sums.items()
+            }
         for name, acc in self._sums.items():
             dtype = self._dtypes[name]
-            result = np.empty(acc.shape, dtype=dtype)
+            result = out[name]
+            if result.shape != acc.shape or result.dtype != dtype or not result.flags.c_contiguous:
+                raise ValueError(f"tensor {name!r}: the output does not fit the aggregate")
             flat_out, flat_acc = result.reshape(-1), acc.reshape(-1)
+            floating = np.issubdtype(dtype, np.floating)
             for start in range(0, flat_acc.size, BLOCK):
-                mean = flat_acc[start : start + BLOCK] / self._weight
-                flat_out[start : start + BLOCK] = cast_like(mean, dtype)
-            out[name] = result
+                end = min(start + BLOCK, flat_acc.size)
+                if floating:  # the reused block, no temporaries: the same values as a cast
+                    mean = np.divide(
+                        flat_acc[start:end], self._weight, out=self._block[: end - start]
+                    )
+                    flat_out[start:end] = mean
+                else:
+                    mean = flat_acc[start:end] / self._weight
+                    flat_out[start:end] = cast_like(mean, dtype)
         return out
 
     def means(self) -> dict[str, npt.NDArray[np.float64]]:

@@ -13,7 +13,10 @@ it off the critical path on the server; on the devices (:mod:`server.fedeval`, e
 ``--evaluate-every`` versions) the next round opens once that evaluation is settled.
 
 A new version is published (``history.json`` saved, the next round free to start) as soon
-as it is saved, and sent to every connected device as the next round starts: the devices
+as it is saved. While it is being saved, a document over one chunk already goes to the
+connected devices (:meth:`server.distribution.Distributor.presend`): all of it but its last
+chunk, which goes only once the save is done, so no device completes it and nothing names
+it before it is durable. It is sent to every connected device as the next round starts: the devices
 that round starts get it inside ``training:start`` when it is small (or ``weights:global``
 first, :mod:`server.starter`), the others by ``weights:global`` at once (all of them when
 no round starts at once; a version due for federated evaluation reaches the devices asked
@@ -84,6 +87,7 @@ from server.background import Background
 from server.config import ServerConfig
 from server.device_wait import DeviceWait
 from server.distribution import Distributor
+from server.document import IN_PLACE_MIN_BYTES, blank_document, data_bytes
 from server.evaluation import EvaluationQueue, Metrics
 from server.fedeval import FederatedEvaluation
 from server.globalmodel import GlobalModel, Prepared
@@ -491,12 +495,16 @@ class RoundCoordinator:
         )
         version = self._model.version + 1
 
+        in_place = data_bytes(self._model.layout) >= IN_PLACE_MIN_BYTES
+
         def aggregate_and_prepare() -> tuple[Aggregate, Prepared]:
-            # One thread hop for both: the new state is encoded, hashed and written where
-            # it was computed (GlobalModel.prepare_blocking).
-            result = self.strategy.result(kept)
+            # One thread hop for both: the new state is computed into its own safetensors
+            # document where the strategy can (server.document: never copied), hashed and
+            # written where it was computed (GlobalModel.prepare_blocking).
+            document = blank_document(self._model.layout) if in_place else None
+            result = self.strategy.result(kept, None if document is None else document.views)
             return result, self._model.prepare_blocking(
-                result.weights, version, result.optimizer_state
+                result.weights, version, result.optimizer_state, document
             )
 
         aggregate, prepared = await asyncio.to_thread(aggregate_and_prepare)
@@ -523,8 +531,16 @@ class RoundCoordinator:
             finished_at=now,
             timing=timing,
         )
-        # Persist first, then publish: a version anyone has seen survives a crash.
-        saved = await self._model.persist(prepared, record)
+        # Persist first, then publish: a version anyone has seen survives a crash. Its
+        # bytes go to the devices meanwhile, all but the last chunk (Distributor.presend):
+        # no device completes it, nothing names it, before it is durable.
+        presend = self._distributor.presend(version, prepared.encoded, prepared.sha256)
+        try:
+            saved = await self._model.persist(prepared, record)
+        except BaseException:
+            presend.abandon()
+            raise
+        presend.durable()
         self._registry.rounds_counted(rnd.reported)
         self._model.publish(
             prepared, record, {} if train_loss is None else {"trainLoss": train_loss}

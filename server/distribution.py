@@ -22,7 +22,12 @@ model) is recorded in the registry (:meth:`server.registry.Registry.refused_weig
 which keeps it out of rounds), one warning line is logged, and that version is not sent
 to it again (``ensure_global`` answers False at once) until it holds it or a newer
 version; a newer version is offered as usual. :meth:`Distributor.broadcast` starts
-that for every connected device in the background. :meth:`Distributor.deliver_final`
+that for every connected device in the background. :meth:`Distributor.presend` sends a new
+version's document (over one chunk) to the connected devices while it is being saved, all
+but its last chunk; that one goes only after :meth:`Presend.durable` (its version saved),
+so a device never completes, and is never told of, a version that is not yet durable.
+Concurrent sends of one document to several devices share its chunks
+(:class:`SharedChunks`: each chunk cut once, not once per device). :meth:`Distributor.deliver_final`
 sends the final global and then ``federation:finished``, at most once per connection.
 :meth:`Distributor.ensure_file` gives a device a task file (a package or a data share):
 ``task:file`` asks whether it holds it; when not, the file goes as a blob (id = its
@@ -53,7 +58,8 @@ from client.protocol import (
     parse,
 )
 from client.protocol.events import FEDERATION_FINISHED, TASK_FILE, WEIGHTS_GLOBAL
-from client.transfer import limits_towards, send_blob, weights_ref_for
+from client.transfer import blob_ref, limits_towards, send_blob, weights_ref_for
+from client.transfer_send import Call, ReadPiece, _peer_offset, _send_from
 from server.background import Background
 from server.config import ServerConfig
 from server.globalmodel import GlobalModel
@@ -72,6 +78,63 @@ def short(value: object, limit: int = 80) -> str:
     """A value safe and short enough for a log line."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+#: Chunks of the global kept for concurrent sends to share (at most this many; each at most
+#: one chunk towards a device): the devices of a round are sent the same version side by
+#: side, chunk by chunk, so each chunk is cut (copied out of the document) once, not once
+#: per device.
+SHARED_CHUNKS = 16
+
+
+class SharedChunks:
+    """Chunks of documents being sent, cut once and handed to every send that reads the
+    same range of the same document (by its SHA-256) while it is kept; at most ``keep``
+    chunks held, the oldest dropped first. Owned by the event loop."""
+
+    def __init__(self, keep: int = SHARED_CHUNKS) -> None:
+        self._keep = keep
+        self._held: dict[tuple[str, int, int], bytes] = {}
+
+    def cut(self, digest: str, data: bytes | memoryview, start: int, end: int) -> bytes:
+        """``data[start:end]`` as bytes (``data`` hashes to ``digest``), shared when held."""
+        key = (digest, start, end)
+        piece = self._held.get(key)
+        if piece is None:
+            piece = bytes(memoryview(data)[start:end])
+            self._held[key] = piece
+            if len(self._held) > self._keep:
+                del self._held[next(iter(self._held))]  # dicts keep insertion order
+        return piece
+
+
+class Presend:
+    """A new version's document sent ahead of its publication (:meth:`Distributor.
+    presend`): its bytes go out at once, its last chunk only after :meth:`durable`;
+    :meth:`abandon` stops the sends instead (the version will not be published)."""
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+        self._outcome: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+    def durable(self) -> None:
+        """The version is saved (or its save was given up and it is published anyway):
+        the sends may complete the document."""
+        if not self._outcome.done():
+            self._outcome.set_result(True)
+
+    def abandon(self) -> None:
+        """The version will not be published: the sends stop before its last chunk."""
+        if not self._outcome.done():
+            self._outcome.set_result(False)
+
+    async def wait(self) -> bool:
+        """True once :meth:`durable`, False once :meth:`abandon` was called."""
+        return await asyncio.shield(self._outcome)
+
+
+class _AbandonedError(Exception):
+    """A presend's version will not be published."""
 
 
 def format_for(record: DeviceRecord) -> WeightFormat:
@@ -105,6 +168,7 @@ class Distributor:
         self._carrying: dict[str, asyncio.Event] = {}
         self._model_params: dict[str, JsonValue] = dict(config.model_params)
         self._package: FileRef | None = None
+        self._chunks = SharedChunks()
 
     def describe_model(self, params: dict[str, JsonValue], package: FileRef | None) -> None:
         """The model ``weights:global`` names: the task's parameters and its package."""
@@ -154,13 +218,8 @@ class Distributor:
 
         try:
             if ref.blob_id is not None:
-                await send_blob(
-                    call,
-                    data,
-                    blob_id=ref.blob_id,
-                    chunk_bytes=chunk,
-                    window=limits.max_inflight_chunks,
-                    sha256=digest,
+                await self._send_shared(
+                    call, data, digest, ref.blob_id, chunk, limits.max_inflight_chunks
                 )
             ack = await call(WEIGHTS_GLOBAL.name, message.to_wire())
         except FedtrayError as exc:
@@ -178,6 +237,109 @@ class Distributor:
             )
             return False
         return self._settle(record, version, ack)
+
+    async def _send_shared(
+        self,
+        call: Call,
+        data: bytes | memoryview,
+        digest: str,
+        blob_id: str,
+        chunk: int,
+        window: int,
+        read: ReadPiece | None = None,
+    ) -> None:
+        """:func:`client.transfer.send_blob` of the global, its chunks cut once for every
+        device it is sent to side by side (:class:`SharedChunks`), or read by ``read``."""
+        offset = await _peer_offset(call, blob_id, len(data))
+        cut = self._chunks.cut
+
+        async def shared(start: int, end: int) -> bytes:
+            return cut(digest, data, start, end)
+
+        await _send_from(
+            call,
+            shared if read is None else read,
+            offset,
+            total=len(data),
+            digest=digest,
+            blob_id=blob_id,
+            chunk_bytes=chunk,
+            window=window,
+            on_progress=None,
+        )
+
+    def presend(self, version: int, data: bytes | memoryview, digest: str) -> Presend:
+        """Start sending version ``version``'s safetensors document ``data`` (hash
+        ``digest``), prepared but not yet durable nor published, to every connected device
+        that takes safetensors and would get it as a blob (over one chunk, the server's
+        own chunk size too, and within its ``maxBlobBytes``), in the background: all of it
+        at once but the last chunk, which goes only after :meth:`Presend.durable`
+        (nothing names the version before it is published: ``weights:global`` and
+        ``training:start`` go as before; the device cannot complete the blob until then).
+        The device's global sends wait for it (:meth:`ensure_global` then finds the blob
+        held and sends only the message). A failure is logged (debug) and left to
+        :meth:`ensure_global`."""
+        presend = Presend(version)
+        if len(data) <= self._config.limits.max_chunk_bytes:
+            # Within one of the server's own chunks (inline for most devices): no pass over
+            # a fleet of devices on every round for it.
+            return presend
+        for record in self._registry.connected():
+            if format_for(record) != "safetensors" or record.weights_version == version:
+                continue
+            limits = limits_towards(record.capabilities, self._config.limits)
+            if not limits.max_chunk_bytes < len(data) <= limits.max_blob_bytes:
+                continue
+            self._background.spawn(
+                self._presend_one(
+                    record,
+                    presend,
+                    data,
+                    digest,
+                    limits.max_chunk_bytes,
+                    limits.max_inflight_chunks,
+                ),
+                f"presend-v{version}-to-{record.device_id}",
+                record.device_id,
+            )
+        return presend
+
+    async def _presend_one(
+        self,
+        record: DeviceRecord,
+        presend: Presend,
+        data: bytes | memoryview,
+        digest: str,
+        chunk: int,
+        window: int,
+    ) -> None:
+        lock = self._send_locks.setdefault(record.device_id, asyncio.Lock())
+        async with lock:
+            sid = record.sid
+            if sid is None:
+                return
+            cfg = self._config
+            last = len(data) - 1 - (len(data) - 1) % chunk  # where the last chunk starts
+
+            async def call(event: str, payload: dict[str, Any]) -> Any:
+                return await self._sio.call(event, payload, to=sid, timeout=cfg.ack_timeout)
+
+            async def gated(start: int, end: int) -> bytes:
+                if end > last and not await presend.wait():
+                    raise _AbandonedError
+                return self._chunks.cut(digest, data, start, end)
+
+            try:
+                await self._send_shared(call, data, digest, digest, chunk, window, gated)
+            except _AbandonedError:
+                return
+            except Exception as exc:  # refusals, timeouts, disconnects: ensure_global's
+                log.debug(
+                    "sending version %d ahead to %s stopped: %s",
+                    presend.version,
+                    record.name,
+                    type(exc).__name__,
+                )
 
     def _settle(self, record: DeviceRecord, version: int, ack: object) -> bool:
         """Record the device's answer to ``version`` (a ``weights:global`` ack, or the
@@ -241,14 +403,19 @@ class Distributor:
             carrying.set()
 
     def _message(
-        self, version: int, fmt: WeightFormat, data: bytes, digest: str, chunk: int
+        self, version: int, fmt: WeightFormat, data: bytes | memoryview, digest: str, chunk: int
     ) -> WeightsGlobal:
+        if len(data) > chunk:  # a blob: only its size and digest are named
+            ref = blob_ref(fmt, size=len(data), sha256=digest)
+        else:
+            inline = data if isinstance(data, bytes) else bytes(data)
+            ref = weights_ref_for(inline, fmt, inline_limit=chunk, sha256=digest)
         return WeightsGlobal(
             version=version,
             task=self._config.task,
             round_id=self._model.round_id,
             metrics=self._model.metrics,
-            weights=weights_ref_for(data, fmt, inline_limit=chunk, sha256=digest),
+            weights=ref,
             model_params=self._model_params,
             package=self._package,
         )

@@ -5,9 +5,9 @@ version, the number of completed rounds, the round history and the last round's 
 :meth:`GlobalModel.adopt` takes what :class:`server.store.Store` saved (or version 0 of a
 new federation). A new version goes through three steps: :meth:`GlobalModel.prepare`
 encodes it once as safetensors, hashes it once and writes its weights file (not yet
-fsynced); :meth:`GlobalModel.persist` makes it durable and writes ``history.json`` naming
-it with its round's record, their fsyncs side by side (:meth:`server.store.Store.
-commit_version`: two one after the other); and
+fsynced; a large one written while it is hashed); :meth:`GlobalModel.persist` makes it
+durable and writes ``history.json`` naming it with its round's record, their fsyncs side
+by side (:meth:`server.store.Store.commit_version`: two one after the other); and
 :meth:`GlobalModel.publish` makes it the global. Persist first, so a version anyone has
 seen survives a crash (a failed save is logged; the version is still published, its
 round's updates stay on disk). A version is published before its evaluation is known:
@@ -19,7 +19,8 @@ written again).
 :meth:`GlobalModel.record_fields` does the same for other fields of a version's record
 (the federated evaluation's ``federated_eval_*``, :mod:`server.fedeval`). Writes of
 ``history.json`` are serialized (one at a time, each from the latest saved snapshot), so an
-older write never lands after a newer one. The one encoding made by ``prepare`` is the bytes saved,
+older write never lands after a newer one. The one encoding made by ``prepare`` (or the
+document the aggregate was computed into, :mod:`server.document`) is the bytes saved,
 the safetensors bytes sent to devices and their SHA-256: never encoded twice. A server
 optimizer's state for the new version (``prepare``'s ``optimizer_state``) is written by
 ``prepare`` too, after the weights and before ``history.json`` names both; a version
@@ -38,19 +39,27 @@ import asyncio
 import dataclasses
 import functools
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from client.protocol import WeightFormat
+from client.protocol import DEFAULT_CHUNK_BYTES, WeightFormat
 from client.weights import Layout, StateDict, encode, sha256_hex
+from server.document import Document
 from server.status import RoundRecord
 from server.store import Saved, Store
 
 log = logging.getLogger(__name__)
 
-#: One encoding of the global: (version, bytes, sha256 hex).
-Encoded = tuple[int, bytes, str]
+#: A new version's document at least this large is written while it is hashed (a thread
+#: of :data:`_WRITES`); a smaller one after, in the same thread (a hand-off costs more).
+SIDE_BY_SIDE_BYTES = 8 << 20
+_WRITES = ThreadPoolExecutor(max_workers=1, thread_name_prefix="global-write")
+
+#: One encoding of the global: (version, bytes, sha256 hex). A safetensors document written
+#: in place (:mod:`server.document`) is a read-only view of the buffer it was computed into.
+Encoded = tuple[int, bytes | memoryview, str]
 
 
 @dataclass(frozen=True)
@@ -59,7 +68,7 @@ class Prepared:
 
     version: int
     state: StateDict
-    encoded: bytes  # safetensors, the one encoding
+    encoded: bytes | memoryview  # safetensors, the one encoding (never changed)
     sha256: str
     weights_file: str | None  # None: the weights (or optimizer) file could not be written
     optimizer_file: str | None = None  # None: no optimizer state
@@ -166,17 +175,37 @@ class GlobalModel:
         return await asyncio.to_thread(self.prepare_blocking, state, version, optimizer_state)
 
     def prepare_blocking(
-        self, state: StateDict, version: int, optimizer_state: StateDict | None = None
+        self,
+        state: StateDict,
+        version: int,
+        optimizer_state: StateDict | None = None,
+        document: Document | None = None,
     ) -> Prepared:
         """:meth:`prepare` in the caller's thread (blocking: call it from a worker thread,
         e.g. the one that computed ``state``, to save a hop). Reads and changes no state of
-        this object."""
-        encoded = encode(state, "safetensors")
+        this object. When ``state`` is ``document.views`` (the aggregate was computed into
+        the document, :mod:`server.document`), the document is the encoding: checked as
+        ``encode`` checks, never copied."""
+        if document is not None and state is document.views:
+            encoded: bytes | memoryview = document.finish()
+            if len(encoded) <= DEFAULT_CHUNK_BYTES:
+                encoded = bytes(encoded)  # a small one rides inline: bytes, copied once here
+        else:
+            encoded = encode(state, "safetensors")
+        # A large document is written (to the page cache) while it is hashed: both leave
+        # the GIL, so they run side by side.
+        writing = (
+            _WRITES.submit(self._store.place_weights, version, encoded)
+            if len(encoded) >= SIDE_BY_SIDE_BYTES
+            else None
+        )
         digest = sha256_hex(encoded)
         opt_name: str | None = None
         opt_digest: str | None = None
         try:
-            name: str | None = self._store.place_weights(version, encoded)
+            name: str | None = (
+                self._store.place_weights(version, encoded) if writing is None else writing.result()
+            )
             if optimizer_state:
                 opt_data = encode(optimizer_state, "safetensors")
                 opt_digest = sha256_hex(opt_data)

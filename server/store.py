@@ -202,7 +202,7 @@ class Store:
         if prune:
             self._remove_older(version)
 
-    def place_weights(self, version: int, data: bytes) -> str:
+    def place_weights(self, version: int, data: bytes | bytearray | memoryview) -> str:
         """Write version ``version``'s safetensors document under its name, NOT fsynced
         (:meth:`commit_version` makes it durable before ``history.json`` names it); its
         file name. Raises OSError."""
@@ -254,7 +254,9 @@ class Store:
         fsync_dir(self.state_dir)
         self._remove_older(version)
 
-    def _write_version_file(self, prefix: str, version: int, data: bytes, *, durable: bool) -> str:
+    def _write_version_file(
+        self, prefix: str, version: int, data: bytes | bytearray | memoryview, *, durable: bool
+    ) -> str:
         """Write ``<prefix><version>.safetensors`` (fsynced when ``durable``); its name."""
         name = f"{prefix}{version}{_SUFFIX}"
         write_atomic(self.state_dir / name, data, durable=durable)

@@ -5,7 +5,9 @@ Contract: a :class:`Strategy` is used once per round as ``begin(base)``, then
 possibly over a mapped file: nothing of them is kept; returns :class:`Added`, the
 update's clipping), then ``result(source)`` -- the new weights and the optimizer state
 that goes with them (:class:`Aggregate`), computed without changing the strategy -- and,
-once that version is saved and published, ``commit(aggregate)``. ``source`` gives the
+once that version is saved and published, ``commit(aggregate)`` (``result(source, out)``
+may write the new weights into ``out``'s arrays, e.g. a document's own bytes,
+:mod:`server.document`: then ``Aggregate.weights is out``). ``source`` gives the
 round's kept updates again (:class:`UpdateSource`: the files in the round store, or
 arrays in memory) for strategies that need every update at once (median, trimmed mean);
 the others ignore it. ``add`` raises ``ValueError`` for an update whose tensor names or
@@ -128,8 +130,10 @@ class Strategy(ABC):
         norm = update_norm(update, self._base)
         return Added(norm=norm, scale=clip_scale(norm, clip))
 
-    def result(self, source: UpdateSource) -> Aggregate:
-        """The new weights and optimizer state (the strategy is unchanged)."""
+    def result(self, source: UpdateSource, out: StateDict | None = None) -> Aggregate:
+        """The new weights and optimizer state (the strategy is unchanged). ``out``: arrays
+        of the base's layout a strategy may write the new weights into (then
+        ``Aggregate.weights`` is ``out`` itself; the others ignore it)."""
         if self._count == 0:
             raise ValueError("no update was added in this round")
         weights, state = self.optimizer.step(self._base, self._aggregate(source))

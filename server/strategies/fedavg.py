@@ -7,8 +7,8 @@ round's mean goes through the server optimizer (:class:`server.strategies.optimi
 Plain` for FedAvg and FedProx -- FedProx differs only on the device, which adds the
 proximal term with the mu each ``training:start`` carries --, ``Momentum`` for FedAvgM,
 ``Adam`` for FedAdam). With the plain optimizer the result is made block by block from
-the sums, as FedAvg always did (no whole-model float64 copy). ``result`` ignores its
-``source``: every update was folded when it arrived.
+the sums, as FedAvg always did (no whole-model float64 copy), into ``out`` when given.
+``result`` ignores its ``source``: every update was folded when it arrived.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class WeightedMean(Strategy):
     def _aggregate(self, source: UpdateSource) -> dict[str, Float64]:
         return self._sums.means()
 
-    def result(self, source: UpdateSource) -> Aggregate:
+    def result(self, source: UpdateSource, out: StateDict | None = None) -> Aggregate:
         if isinstance(self.optimizer, Plain) and self.count:
-            return Aggregate(self._sums.result(), {})
-        return super().result(source)
+            return Aggregate(self._sums.result(out), {})
+        return super().result(source, out)
