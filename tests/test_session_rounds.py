@@ -20,6 +20,7 @@ from client.pending import PendingStore
 from client.protocol import (
     EV_TRAINING_PROGRESS,
     Partition,
+    TrainingCancel,
     TrainingConfig,
     TrainingProgress,
     TrainingStart,
@@ -263,3 +264,75 @@ def test_the_session_handles_exactly_the_events_the_protocol_sends_a_device(
     handled = set(client._session.handlers())
     assert handled == {spec.name for spec in events.handled_by("device")}
     assert "federation:finished" in handled
+
+
+def test_a_round_cancelled_while_its_start_is_handled_is_not_trained(tmp_path: Path) -> None:
+    # The server closes a round while the device is still preparing it (here: its work
+    # folder, in a thread): the cancel arrives before the round is current. The start is
+    # then refused, not trained -- a device that trained it would refuse every later
+    # offer as busy (test_faults' random cuts saw the server retry a round for minutes).
+    asyncio.run(_cancelled_while_starting(tmp_path))
+
+
+async def _cancelled_while_starting(tmp_path: Path) -> None:
+    base = tmp_path / "global.safetensors"
+    base.write_bytes(b"base")
+    held = GlobalWeights(
+        version=3,
+        task="synthetic",
+        path=base,
+        size=4,
+        sha256="ab" * 32,
+        identity=file_identity(base),
+    )
+    work = WorkDir(tmp_path / "work")
+    preparing, release = threading.Event(), threading.Event()
+    prepare = work.prepare
+
+    def held_prepare(job: TrainJob, **kwargs: Any) -> None:
+        preparing.set()
+        release.wait(60)
+        prepare(job, **kwargs)
+
+    work.prepare = held_prepare  # type: ignore[method-assign]
+    worker = _Worker()
+    rounds = Rounds(
+        SnapshotHub(
+            ClientSnapshot(settings=Settings(server_url="http://127.0.0.1:1", device_name="t"))
+        ),
+        worker_factory=lambda on_event: worker,
+        work=work,
+        checkpoint_interval=7.5,
+        pending=PendingStore(tmp_path / "pending"),
+        held=lambda: held,
+        pause=lambda: ALLOW,
+        emit=lambda event, payload: None,
+        kick_uploads=lambda: None,
+        state_changed=lambda: None,
+        warm_worker=False,
+    )
+    await rounds.start_worker()
+
+    def start(round_id: str) -> TrainingStart:
+        return TrainingStart(
+            round_id=round_id,
+            task="synthetic",
+            config=TrainingConfig(epochs=3, batch_size=8, learning_rate=0.1),
+            partition=Partition(index=0, count=2),
+            base_version=3,
+            deadline=time.time() + 3600,
+        )
+
+    starting = asyncio.create_task(rounds.on_training_start(start("r8")))
+    assert await asyncio.to_thread(preparing.wait, 30)
+    await rounds.on_training_cancel(TrainingCancel(round_id="r8", reason="the round is closed"))
+    release.set()
+    ack = await starting
+    assert (ack.accepted, ack.reason) == (False, "busy"), ack
+    assert worker.jobs == [] and rounds.current is None
+    # The next round is trained as usual (the cancel was for that start only).
+    preparing.clear()
+    ack = await rounds.on_training_start(start("r9"))
+    assert ack.accepted is True, ack
+    assert [job.round_id for job in worker.jobs] == ["r9"]
+    await rounds.stop_worker()

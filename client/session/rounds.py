@@ -15,7 +15,9 @@ onto the loop; disk work runs in worker threads):
   finds its package and data share in the cache, and its job names those files.
   A round offered again that is being trained, or whose update
   is pending, is accepted without new work (the update is sent). ``training:cancel``
-  cancels the round being trained (any other is ignored).
+  cancels the round being trained; one that arrives while that round's
+  ``training:start`` is still being handled (its global taken, its work folder
+  prepared) has the start refused ``busy`` instead of trained; any other is ignored.
 * Jobs are built by the one owner of the work folder, :class:`client.workfiles.WorkDir`
   (:meth:`~client.workfiles.WorkDir.job`), which keys them by the training work, not the
   round id: a round re-offered, or retried under a new id with the same partition and
@@ -226,6 +228,9 @@ class Rounds:
         # Work keys of finished rounds whose output is still being kept (handed to
         # pending): no cleanup may touch their files meanwhile.
         self._keeping: set[str] = set()
+        #: Round ids whose training:start is being handled -> whether the server
+        #: cancelled that round meanwhile (then it is not handed to the worker).
+        self._starting: dict[str, bool] = {}
         self._background = TaskSet()
         #: Where the worker's evaluation events go (set by client.session.evaluations).
         self.on_eval_event: OnWorkerEvent | None = None
@@ -327,6 +332,15 @@ class Rounds:
     # -- handlers ---------------------------------------------------------------------
 
     async def on_training_start(self, start: TrainingStart) -> TrainingStartAck:
+        if start.round_id in self._starting:  # the same start again, still being handled
+            return await self._on_training_start(start)
+        self._starting[start.round_id] = False
+        try:
+            return await self._on_training_start(start)
+        finally:
+            del self._starting[start.round_id]
+
+    async def _on_training_start(self, start: TrainingStart) -> TrainingStartAck:
         base = start.base_weights
         if base is not None and self._take_global is not None:
             held = self._held()
@@ -459,8 +473,15 @@ class Rounds:
         return self._submit(start, job, worker)
 
     def _submit(self, start: TrainingStart, job: TrainJob, worker: Worker) -> TrainingStartAck:
-        """Hand ``job`` (its work folder prepared) to the worker; the round is current."""
+        """Hand ``job`` (its work folder prepared) to the worker; the round is current.
+        Not when the server cancelled the round while it was being started."""
         assert job.work_key is not None  # WorkDir.job always computes it
+        if self._starting.get(start.round_id):
+            return TrainingStartAck(
+                accepted=False,
+                reason="busy",
+                detail="the server cancelled this round while it was being started",
+            )
         try:
             worker.submit(job)
         except OSError as exc:
@@ -494,6 +515,13 @@ class Rounds:
             log.info("round %s cancelled by the server: %s", cancel.round_id, cancel.reason)
             if self.worker is not None:
                 self.worker.cancel()
+        elif cancel.round_id in self._starting:
+            self._starting[cancel.round_id] = True
+            log.info(
+                "round %s cancelled by the server while starting it: %s",
+                cancel.round_id,
+                cancel.reason,
+            )
         else:
             log.info("ignoring cancel of round %s (not training it)", cancel.round_id)
 
