@@ -18,6 +18,9 @@ Contract:
   ``Packet(ACK, namespace="/", id=ack_id, data=reply).encode()`` gives for data without
   binary parts (``dumps`` is python-socketio's JSON module's, compact separators);
   :data:`MESSAGE` prefixed to it is the websocket text frame python-engineio sends for it.
+  The plain positive answer ``[{"ok": True}]`` (``OkAck``'s wire form, exactly: one dict
+  whose one key ``"ok"`` is ``True`` itself, not ``1``) is not re-encoded each time: its
+  JSON is a constant (:func:`is_ok_reply` says when), the same bytes ``dumps`` gives.
 
 It does no I/O and raises nothing but what ``dumps`` raises on data it cannot encode.
 """
@@ -34,6 +37,7 @@ __all__ = [
     "EventPrefixes",
     "ack_packet",
     "event_prefixes",
+    "is_ok_reply",
     "match_acked_event",
 ]
 
@@ -43,6 +47,9 @@ MESSAGE = "4"
 _EVENT = "2"
 #: Ack ids this long or longer are left to python-socketio (it accepts up to 100 digits).
 MAX_ACK_DIGITS = 19
+
+#: The JSON of the reply ``[{"ok": True}]`` as ``dumps`` writes it (compact separators).
+_OK_JSON = '[{"ok":true}]'
 
 EventPrefixes = tuple[str, ...]
 """How the JSON array of each matched event starts (``["<name>"``)."""
@@ -70,6 +77,17 @@ def match_acked_event(data: object, prefixes: EventPrefixes) -> tuple[int, int] 
     return int(data[1:end]), end
 
 
+def is_ok_reply(reply: list[Any]) -> bool:
+    """True when ``reply`` is exactly ``[{"ok": True}]`` (types checked, not just equality:
+    ``[{"ok": 1}]`` compares equal but encodes differently); it has no binary parts."""
+    if len(reply) != 1:
+        return False
+    first = reply[0]
+    return type(first) is dict and len(first) == 1 and first.get("ok") is True
+
+
 def ack_packet(ack_id: int, reply: list[Any], dumps: Callable[..., str]) -> str:
     """The Socket.IO ACK packet answering ``ack_id`` with ``reply`` (see the module)."""
+    if is_ok_reply(reply):
+        return "3" + str(ack_id) + _OK_JSON
     return "3" + str(ack_id) + dumps(reply, separators=(",", ":"))

@@ -61,10 +61,14 @@ Contract:
   ``_handle_eio_message`` is overridden so that a text packet that
   :func:`server.eventframe.match_acked_event` recognises as an acked EVENT of an inline
   event on the default namespace (no binary packet of the connection half-received) is
-  parsed once (python-socketio's JSON module) and its handler run at once through
-  python-socketio's ``_trigger_event`` -- the same handler, so the same validation and the
-  same ``ErrorAck`` for every bad input -- and its ack encoded once
-  (:func:`server.eventframe.ack_packet`: byte for byte the library's). The ack is written
+  parsed once (python-socketio's JSON module; python-engineio's, with its ``parse_int``,
+  through one decoder built once instead of one per message) and its handler run at once:
+  the default namespace class's ``trigger_event``, called directly when no handler
+  registered with ``on`` would take the event before it (python-socketio's resolution
+  order), else through python-socketio's ``_trigger_event`` -- the same handler either
+  way, so the same validation and the same ``ErrorAck`` for every bad input -- and its
+  ack encoded once (:func:`server.eventframe.ack_packet`: byte for byte the library's;
+  the plain ``{"ok": true}`` answer is a constant there). The ack is written
   straight to the connection's websocket (aiohttp's ``send_str``) only when the
   connection's Engine.IO writer is idle -- nothing queued, nothing taken and not yet
   written (:class:`WriterQueue`, the queue Engine.IO creates through ``create_queue``) --
@@ -112,6 +116,7 @@ the library would have sent.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -120,11 +125,19 @@ from typing import Any
 
 import engineio
 import engineio.async_socket
+import engineio.json
 import socketio
 from aiohttp import web
 from socketio import packet as sio_packet
 
-from server.eventframe import MESSAGE, EventPrefixes, ack_packet, event_prefixes, match_acked_event
+from server.eventframe import (
+    MESSAGE,
+    EventPrefixes,
+    ack_packet,
+    event_prefixes,
+    is_ok_reply,
+    match_acked_event,
+)
 from server.pingsweep import PingSweeper, missing_names
 
 __all__ = ["DeviceServer", "TransportTiming", "transport_timing"]
@@ -202,6 +215,18 @@ class WriterQueue(asyncio.Queue[Any]):
     def writer_idle(self) -> bool:
         """True when nothing is queued and a reader waits (so nothing is being written)."""
         return self._waiting > 0 and self.empty()
+
+
+def _reusable_loads(module: Any) -> Callable[[str], Any]:
+    """``module.loads`` for one JSON text, with its decoder built once: python-engineio's
+    JSON module calls :func:`json.loads` with ``parse_int`` (its ``_safe_int``), which builds
+    a new ``JSONDecoder`` per call; a str that starts with ``[`` decodes the same through one
+    ``JSONDecoder(parse_int=...)``. Any other module: its own ``loads``."""
+    safe_int = getattr(module, "_safe_int", None)
+    if module is engineio.json and callable(safe_int):
+        return json.JSONDecoder(parse_int=safe_int).decode
+    loads: Callable[[str], Any] = module.loads
+    return loads
 
 
 def _tracking_driver(base: type, server: DeviceServer) -> type:
@@ -317,6 +342,9 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
         ]
         if not isinstance(getattr(self, "_binary_packet", None), dict):
             missing.append("AsyncServer._binary_packet")
+        for name in ("handlers", "namespace_handlers"):
+            if not isinstance(getattr(self, name, None), dict):
+                missing.append(f"AsyncServer.{name}")
         if not isinstance(getattr(self.eio, "sockets", None), dict):
             missing.append("engineio.AsyncServer.sockets")
         drivers = getattr(self.eio, "_async", None)
@@ -338,7 +366,7 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
     def _install_lean(self) -> None:
         """Take over Engine.IO's queues and websocket driver (this server's own copies)."""
         self._lean_prefixes = event_prefixes(self._inline)
-        self._loads: Callable[[str], Any] = self.packet_class.json.loads
+        self._loads: Callable[[str], Any] = _reusable_loads(self.packet_class.json)
         self._dumps: Callable[..., str] = self.packet_class.json.dumps
         self.eio.create_queue = WriterQueue
         drivers = dict(self.eio._async)
@@ -404,17 +432,34 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
             return False  # the library logs it and drops the event
         self.inline_handled += 1
         self.lean_handled += 1
-        answer = await self._trigger_event(args[0], "/", sid, *args[1:])
+        event = args[0]
+        namespace = self.namespace_handlers.get("/")
+        if namespace is not None and not self._event_handler_for(event):
+            # What _trigger_event would do (no handler registered with ``on``): the
+            # namespace's own dispatch, without the library's lookups.
+            answer = await namespace.trigger_event(event, sid, *args[1:])
+        else:
+            answer = await self._trigger_event(event, "/", sid, *args[1:])
         if answer is self.not_handled:
             return True
         reply = [] if answer is None else list(answer) if isinstance(answer, tuple) else [answer]
-        if self.packet_class.data_is_binary(reply):
+        if not is_ok_reply(reply) and self.packet_class.data_is_binary(reply):
             await self._send_packet(
                 eio_sid, self.packet_class(sio_packet.ACK, namespace="/", id=ack_id, data=reply)
             )
             return True
         await self._send_ack(eio_sid, ack_packet(ack_id, reply, self._dumps))
         return True
+
+    def _event_handler_for(self, event: str) -> bool:
+        """True when a handler registered with ``on`` (this namespace's or ``*``) would
+        take ``event`` before the namespace class (python-socketio's resolution order)."""
+        handlers = self.handlers
+        if not handlers:
+            return False
+        mine = handlers.get("/", {})
+        anywhere = handlers.get("*", {})
+        return bool(event in mine or "*" in mine or event in anywhere or "*" in anywhere)
 
     async def _send_ack(self, eio_sid: str, ack: str) -> None:
         """Write ``ack`` straight to the connection's websocket when its writer is idle

@@ -3,6 +3,7 @@ python-engineio's own encoders and decoder."""
 
 from __future__ import annotations
 
+import collections
 import json
 from typing import Any
 
@@ -15,6 +16,7 @@ from server.eventframe import (
     MESSAGE,
     ack_packet,
     event_prefixes,
+    is_ok_reply,
     match_acked_event,
 )
 
@@ -80,6 +82,16 @@ def test_no_prefixes_match_nothing() -> None:
         (7, []),
         (8, [None]),
         (9, [{"a": [1, 2.5, None]}, "two"]),
+        # Near the constant OK reply: each must be encoded, not taken for it.
+        (10, [{"ok": 1}]),
+        (11, [{"ok": 1.0}]),
+        (12, [{"ok": False}]),
+        (13, [{"ok": True, "extra": None}]),
+        (14, [{"ok": True}, None]),
+        (15, [{"ok": "true"}]),
+        (16, [{"OK": True}]),
+        (17, [[{"ok": True}]]),
+        (10**18, [{"ok": True}]),
     ],
 )
 def test_ack_packet_is_the_librarys(ack_id: int, reply: list[Any]) -> None:
@@ -91,3 +103,33 @@ def test_ack_packet_is_the_librarys(ack_id: int, reply: list[Any]) -> None:
     assert ours == library
     frame = engineio.packet.Packet(engineio.packet.MESSAGE, data=library).encode()
     assert MESSAGE + ours == frame
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        ([{"ok": True}], True),
+        ([{"ok": 1}], False),
+        ([{"ok": 1.0}], False),
+        ([{"ok": False}], False),
+        ([{"ok": None}], False),
+        ([{"ok": True, "code": "x"}], False),
+        ([{"ok": True}, {"ok": True}], False),
+        ([], False),
+        ([None], False),
+        ([True], False),
+        ([collections.OrderedDict(ok=True)], False),
+    ],
+)
+def test_is_ok_reply_only_for_exactly_the_ok_ack(reply: list[Any], expected: bool) -> None:
+    assert is_ok_reply(reply) is expected
+
+
+def test_the_ok_reply_is_not_encoded_again() -> None:
+    def refuse(*args: Any, **kwargs: Any) -> str:
+        raise AssertionError("dumps called for the constant OK reply")
+
+    library = socketio.packet.Packet(
+        socketio.packet.ACK, namespace="/", id=42, data=[{"ok": True}]
+    ).encode()
+    assert ack_packet(42, [{"ok": True}], refuse) == library

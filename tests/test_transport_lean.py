@@ -59,8 +59,50 @@ INPUTS = [
     _event("16", "device:heartbeat", HB),
 ]
 
+_RES = json.dumps(HB["resources"])
+_HW = {"cpuCores": 4, "ramTotalMb": 8192, "gpu": None, "batteryPresent": True}
+_GPU = {"kind": "cuda", "name": "RTX", "memoryMb": 8192}
+
+#: Heartbeats at the edges of validation and of JSON, answered (or not) the same way by
+#: both paths; appended to :data:`INPUTS` (after its last, so its indexes hold).
+EDGES = [
+    _event("17", "device:heartbeat", {**HB, "weightsVersion": True}),  # a bool as an int
+    '4218["device:heartbeat",{"state":"idle","resources":' + _RES.replace("12.5", "NaN") + "}]",
+    '4219["device:heartbeat",{"state":"idle","resources":' + _RES.replace("12.5", "1e400") + "}]",
+    '4220["device:heartbeat",{"state":"idle","resources":'
+    + _RES.replace("4096", "4096.0")  # a float for an int
+    + "}]",
+    '4221["device:heartbeat",{"state":"idle","resources":'  # an int JSON reads as too large
+    + _RES.replace("4096", "9" * 150)
+    + "}]",
+    _event("22", "device:heartbeat", {**HB, "weightsVersion": 10**30}),  # large, fine
+    _event("23", "device:heartbeat", {**HB, "weightsVersion": -1}),
+    _event("24", "device:heartbeat", {**HB, "hardware": {**_HW, "gpu": _GPU}}),  # nested
+    _event("25", "device:heartbeat", {**HB, "hardware": {**_HW, "gpu": {"kind": "tpu"}}}),
+    _event("26", "device:heartbeat", {**HB, "hardware": {**_HW, "cpuCores": "4"}}),
+    _event("27", "device:heartbeat", {**HB, "budget": {"cores": 2, "cpuPercent": 50, "why": "x"}}),
+    _event("28", "device:heartbeat", {**HB, "budget": {"cores": 2, "cpuPercent": 0, "why": "x"}}),
+    _event(
+        "29",
+        "device:heartbeat",
+        {**HB, "state": "paused", "pauseReason": "battery_low", "pauseDetail": "on battery"},
+    ),
+    _event("30", "device:heartbeat", {**HB, "resources": {**HB["resources"], "cpuPercent": 101}}),
+    _event("31", "device:heartbeat", {**HB, "resources": None}),
+    _event("32", "device:heartbeat", {"resources": HB["resources"]}),  # no state
+    _event("33", "device:heartbeat", {**HB, "state": "idle", "roundId": "bad id!"}),
+    _event("34", "device:heartbeat", {**HB, "pauseDetail": "x" * 1001}),
+    _event("35", "device:heartbeat", [HB]),  # an array, not an object
+    _event("36", "device:heartbeat", None),
+    _event("37", "device:heartbeat", HB, None),
+    _event("38", "device:heartbeat", {**HB, "Extra": {"nested": [1, 2, {"x": None}]}}),
+]
+#: The edges that are never answered (JSON the library's decoder refuses).
+EDGES_UNANSWERED = {EDGES[4]}
+INPUTS += EDGES
+
 #: The inputs never answered (no ack id, malformed, a namespace never joined).
-UNANSWERED = {INPUTS[9], INPUTS[10], INPUTS[13]}
+UNANSWERED = {INPUTS[9], INPUTS[10], INPUTS[13], *EDGES_UNANSWERED}
 
 
 async def _exchange(url: str) -> list[tuple[str, list[str]]]:
@@ -142,12 +184,23 @@ def test_the_lean_path_answers_byte_for_byte_as_the_library(
     assert answers[INPUTS[11]] == ['4311[{"ok":true}]']
     assert answers[INPUTS[12]] == ["43" + "1" * 30 + '[{"ok":true}]']
     assert answers[INPUTS[16]][0].startswith('4315[{"ok":false,"code":"bad_request"')
+    edges = {int(data[2:4]): got for data, got in on if data in EDGES}
+    assert [n for n, got in edges.items() if got == [f'43{n}[{{"ok":true}}]']] == [
+        22,
+        24,
+        27,
+        29,
+        38,
+    ]
+    assert edges[21] == []
+    for n in set(edges) - {21, 22, 24, 27, 29, 38}:
+        assert edges[n][0].startswith(f'43{n}[{{"ok":false,"code":"bad_request"'), (n, edges[n])
 
     # Heartbeats 1, 3-9, 13, 16 and the sentinels took the lean path; the unacked,
     # spelt-otherwise and huge-id ones the library's (inline too); the malformed one and
     # the other namespace's were never handled.
     sentinels = len(INPUTS)
-    assert handled == 10 + sentinels
+    assert handled == 10 + len(EDGES) - len(EDGES_UNANSWERED) + sentinels
     assert 0 < written <= handled
     assert inline == handled + 3
     # All of them inside the driver's read (the window is half of a 45 s deadline).
@@ -283,3 +336,30 @@ def test_past_the_window_a_message_goes_to_engineios_read_loop(tmp_path: Path) -
         run_devices(scenario(srv.url))
         assert lean.lean_handled == 3 and lean.read_inline == 0
         assert lean.acks_written >= 1
+
+
+@pytest.mark.parametrize(
+    ("namespace", "event", "takes_heartbeat"),
+    [
+        (None, None, False),
+        ("/", "device:heartbeat", True),
+        ("/", "*", True),
+        ("*", "device:heartbeat", True),
+        ("*", "*", True),
+        ("/", "device:register", False),
+        ("/other", "device:heartbeat", False),
+    ],
+)
+def test_a_handler_registered_with_on_keeps_its_precedence(
+    namespace: str | None, event: str | None, takes_heartbeat: bool
+) -> None:
+    # python-socketio's order: a handler registered with ``on`` (for the event, or ``*``,
+    # in the namespace or in every namespace) before the namespace class.
+    sio = DeviceServer(inline_events={"device:heartbeat"})
+
+    async def handler(*args: Any) -> None:
+        return None
+
+    if namespace is not None and event is not None:
+        sio.on(event, handler, namespace=namespace)
+    assert sio._event_handler_for("device:heartbeat") is takes_heartbeat
