@@ -218,14 +218,29 @@ class WriterQueue(asyncio.Queue[Any]):
 
 
 def _reusable_loads(module: Any) -> Callable[[str], Any]:
-    """``module.loads`` for one JSON text, with its decoder built once: python-engineio's
-    JSON module calls :func:`json.loads` with ``parse_int`` (its ``_safe_int``), which builds
-    a new ``JSONDecoder`` per call; a str that starts with ``[`` decodes the same through one
-    ``JSONDecoder(parse_int=...)``. Any other module: its own ``loads``."""
+    """``module.loads`` for a JSON text that starts with ``[`` (what the lean path parses),
+    with its decoder built once: python-engineio's JSON module calls :func:`json.loads` with
+    ``parse_int`` (its ``_safe_int``), which builds a new ``JSONDecoder`` per call. The text
+    is scanned once from its first character (no whitespace can precede a ``[`` there);
+    when the scan fails or stops before the end, the decoder's own ``decode`` decides (the
+    same value, or the same error, as ``loads``). Any other module: its own ``loads``."""
     safe_int = getattr(module, "_safe_int", None)
-    if module is engineio.json and callable(safe_int):
-        return json.JSONDecoder(parse_int=safe_int).decode
-    loads: Callable[[str], Any] = module.loads
+    if module is not engineio.json or not callable(safe_int):
+        own: Callable[[str], Any] = module.loads
+        return own
+    decoder = json.JSONDecoder(parse_int=safe_int)
+    decode: Callable[[str], Any] = decoder.decode
+    scan = getattr(decoder, "scan_once", None)  # set by JSONDecoder.__init__
+    if not callable(scan):
+        return decode
+
+    def loads(text: str) -> Any:
+        try:
+            value, end = scan(text, 0)
+        except StopIteration:
+            return decode(text)  # raises json's own error for it
+        return value if end == len(text) else decode(text)
+
     return loads
 
 
