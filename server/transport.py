@@ -493,7 +493,9 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
         ):
             await self.eio.send(eio_sid, ack)
             return
-        if not await socket.check_ping_timeout():
+        # Engine.IO's check_ping_timeout passes without a ping outstanding (``last_ping``
+        # unset) on an open socket, so it is only awaited with one.
+        if getattr(socket, "last_ping", True) and not await socket.check_ping_timeout():
             return  # Engine.IO closed it (as its send would have)
         try:
             await out.send_str(MESSAGE + ack)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -406,3 +407,49 @@ def test_another_json_module_is_used_as_it_is() -> None:
             return ("mine", text)
 
     assert server.transport._reusable_loads(Module)("[1]") == ("mine", "[1]")
+
+
+@pytest.mark.parametrize("missed", [False, True])
+def test_an_ack_checks_an_outstanding_ping_as_engineios_send(tmp_path: Path, missed: bool) -> None:
+    """A peer with a ping outstanding past ``ping_timeout`` is closed when an ack would be
+    written to it (as Engine.IO's send does), not answered; one within it is answered."""
+
+    async def scenario(srv: ServerHandle) -> tuple[list[str], int]:
+        sio: DeviceServer = srv.server.sio
+        ws_url = srv.url.replace("http://", "ws://") + "/socket.io/?EIO=4&transport=websocket"
+        async with aiohttp.ClientSession() as session, session.ws_connect(ws_url) as ws:
+
+            async def frame() -> str | None:
+                msg = await asyncio.wait_for(ws.receive(), scaled(10))
+                return msg.data if msg.type == aiohttp.WSMsgType.TEXT else None
+
+            eio_sid = json.loads((await frame() or "")[1:])["sid"]
+            await ws.send_str("40")
+            assert (await frame() or "").startswith('40{"sid":')
+            socket = sio.eio.sockets[eio_sid]
+            queue = socket.queue
+            await wait_until_async(queue.writer_idle, 10, "the connection's writer idle")
+            ago = sio.eio.ping_timeout + 5 if missed else 1.0
+
+            async def outstanding() -> None:
+                socket.last_ping = time.time() - ago
+
+            await asyncio.to_thread(srv.run, outstanding())
+            written = sio.acks_written
+            await ws.send_str(_event("5", "device:heartbeat", HB))
+            seen: list[str] = []
+            if missed:  # Engine.IO closes it: no need to wait for the close to finish
+                await wait_until_async(lambda: socket.closing or socket.closed, 10, "closing")
+                return seen, sio.acks_written - written
+            while (text := await frame()) is not None:
+                seen.append(text)
+                if text.startswith("435["):
+                    break
+            return seen, sio.acks_written - written
+
+    with running_server(tmp_path, min_clients=5) as srv:
+        seen, written = run_devices(scenario(srv))
+    if missed:
+        assert written == 0  # closed (reason: ping timeout), not answered
+    else:
+        assert seen[-1].startswith('435[{"ok":false,"code":"not_registered"')
