@@ -74,7 +74,8 @@ Contract:
   written (:class:`WriterQueue`, the queue Engine.IO creates through ``create_queue``) --
   the socket is upgraded, not upgrading or closing, and Engine.IO's ping check passes
   (``check_ping_timeout``, which closes a peer that missed its pong, as Engine.IO's own
-  send does); otherwise it is queued the library's way. So an ack never overtakes a packet
+  send does; awaited only while a ping is outstanding, ``last_ping`` set, as without one
+  it passes); otherwise it is queued the library's way. So an ack never overtakes a packet
   queued for the same connection before it, and packets are still handled in arrival
   order. On a websocket the lean path runs one level lower still: python-engineio's
   websocket driver (replaced by a subclass, see below) hands each text message it reads
