@@ -52,7 +52,10 @@ Contract:
   :attr:`TransportTiming.dead_peer_bound`, as before). Closed sockets leave Engine.IO's
   table at a tick at most every ``ping_timeout``, as its service task did. A PONG is handled
   in the lean path's websocket read when it can be (below), else in Engine.IO's read loop,
-  both calling the socket's ``schedule_ping``. It relies on private python-engineio names
+  both calling the socket's ``schedule_ping``. With the lean path, the sweeper's PING (the
+  same text frame) is written straight to the socket's websocket when its writer is idle,
+  as an ack is (see below; counted in :attr:`DeviceServer.pings_written`), else queued
+  through Engine.IO's ``send``. It relies on private python-engineio names
   (:func:`server.pingsweep.missing_names`) and python-socketio's ``_handle_eio_connect``,
   checked once at construction: when one is missing it logs one warning and Engine.IO pings
   each socket itself (behaviour unchanged, only costlier).
@@ -320,6 +323,8 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
         self.read_inline = 0
         #: Engine.IO PONGs handled in the websocket driver's read (with the ping sweeper).
         self.pongs_inline = 0
+        #: The ping sweeper's PINGs written straight to an idle websocket (lean path).
+        self.pings_written = 0
         self._inline_window = 0.0
         self._lean_prefixes: EventPrefixes = ()
         if lean and self._inline:
@@ -391,6 +396,8 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
         # Messages are read inline for half of Engine.IO's read deadline, then one goes to
         # its read loop, which restarts the deadline (see the module).
         self._inline_window = (self.eio.ping_interval + self.eio.ping_timeout) / 2
+        if self.ping_sweeper is not None:
+            self.ping_sweeper.write = self._ping_straight
 
     async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
         if self._lean_prefixes and eio_sid not in self._binary_packet:
@@ -477,10 +484,10 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
         anywhere = handlers.get("*", {})
         return bool(event in mine or "*" in mine or event in anywhere or "*" in anywhere)
 
-    async def _send_ack(self, eio_sid: str, ack: str) -> None:
-        """Write ``ack`` straight to the connection's websocket when its writer is idle
-        (nothing queued before it), else queue it the library's way."""
-        socket = self.eio.sockets.get(eio_sid)
+    @staticmethod
+    def _idle_websocket(socket: Any) -> web.WebSocketResponse | None:
+        """The websocket of Engine.IO ``socket`` when a frame may be written straight to it
+        (its writer idle, nothing queued; upgraded, not upgrading or closing); else None."""
         queue = getattr(socket, "queue", None)
         out = getattr(getattr(socket, "fedtray_websocket", None), "_sock", None)
         if (
@@ -492,18 +499,44 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
             or getattr(socket, "closing", True)
             or getattr(socket, "closed", True)
         ):
+            return None
+        return out
+
+    @staticmethod
+    async def _write(out: web.WebSocketResponse, text: str, what: str, eio_sid: str) -> bool:
+        """Write one text frame; False when it could not be (dropped, as Engine.IO's writer
+        drops what it cannot write: the connection is going away)."""
+        try:
+            await out.send_str(text)
+        except Exception as exc:
+            log.debug("could not write %s to %s: %s", what, eio_sid, exc)
+            return False
+        return True
+
+    async def _send_ack(self, eio_sid: str, ack: str) -> None:
+        """Write ``ack`` straight to the connection's websocket when its writer is idle
+        (nothing queued before it), else queue it the library's way."""
+        socket = self.eio.sockets.get(eio_sid)
+        out = self._idle_websocket(socket)
+        if out is None:
             await self.eio.send(eio_sid, ack)
             return
         # Engine.IO's check_ping_timeout passes without a ping outstanding (``last_ping``
         # unset) on an open socket, so it is only awaited with one.
         if getattr(socket, "last_ping", True) and not await socket.check_ping_timeout():
             return  # Engine.IO closed it (as its send would have)
-        try:
-            await out.send_str(MESSAGE + ack)
-        except Exception as exc:  # as Engine.IO's writer: the connection is going away
-            log.debug("could not write an ack to %s: %s", eio_sid, exc)
-            return
-        self.acks_written += 1
+        if await self._write(out, MESSAGE + ack, "an ack", eio_sid):
+            self.acks_written += 1
+
+    async def _ping_straight(self, socket: Any, text: str) -> bool:
+        """The ping sweeper's writer: ``text`` (a PING) written straight when the socket's
+        writer is idle (True, also when the write failed and was dropped); else False."""
+        out = self._idle_websocket(socket)
+        if out is None:
+            return False
+        if await self._write(out, text, "a ping", str(getattr(socket, "sid", "?"))):
+            self.pings_written += 1
+        return True
 
     # --------------------------------------------------------------- inline, library path
 
