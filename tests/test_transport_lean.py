@@ -453,3 +453,51 @@ def test_an_ack_checks_an_outstanding_ping_as_engineios_send(tmp_path: Path, mis
         assert written == 0  # closed (reason: ping timeout), not answered
     else:
         assert seen[-1].startswith('435[{"ok":false,"code":"not_registered"')
+
+
+def test_a_ping_is_written_straight_only_to_an_idle_writer(tmp_path: Path) -> None:
+    """The ping sweeper's straight writer (lean path) never overtakes a packet queued for
+    the connection: with one queued, it declines (the PING is queued behind it); with the
+    writer idle, the PING is written straight."""
+
+    async def scenario(srv: ServerHandle) -> tuple[bool, bool, list[str]]:
+        sio: DeviceServer = srv.server.sio
+        assert sio.ping_sweeper is not None and sio.ping_sweeper.write is not None
+        ws_url = srv.url.replace("http://", "ws://") + "/socket.io/?EIO=4&transport=websocket"
+        async with aiohttp.ClientSession() as session, session.ws_connect(ws_url) as ws:
+
+            async def frame() -> str:
+                msg = await asyncio.wait_for(ws.receive(), scaled(10))
+                text: str = msg.data if msg.type == aiohttp.WSMsgType.TEXT else "<binary>"
+                return text
+
+            eio_sid = json.loads((await frame())[1:])["sid"]
+            await ws.send_str("40")
+            assert (await frame()).startswith('40{"sid":')
+            socket = sio.eio.sockets[eio_sid]
+            await wait_until_async(socket.queue.writer_idle, 10, "the connection's writer idle")
+
+            async def queued_then_ping() -> bool:
+                await sio.eio.send(eio_sid, '2["test:first",{"n":1}]')
+                straight: bool = await sio._ping_straight(socket, "2")
+                return straight
+
+            behind = await asyncio.to_thread(srv.run, queued_then_ping())
+            first = await frame()
+            await wait_until_async(socket.queue.writer_idle, 10, "the connection's writer idle")
+            written = sio.pings_written
+
+            async def ping() -> bool:
+                straight: bool = await sio._ping_straight(socket, "2")
+                return straight
+
+            idle = await asyncio.to_thread(srv.run, ping())
+            second = await frame()
+            assert sio.pings_written == written + 1
+            return behind, idle, [first, second]
+
+    with running_server(tmp_path, min_clients=5) as srv:
+        behind, idle, frames = run_devices(scenario(srv))
+    assert behind is False  # declined: the sweeper queues the PING through Engine.IO
+    assert idle is True
+    assert frames == ['42["test:first",{"n":1}]', "2"]
