@@ -22,7 +22,15 @@ Contract:
   whose one key ``"ok"`` is ``True`` itself, not ``1``) is not re-encoded each time: its
   JSON is a constant (:func:`is_ok_reply` says when), the same bytes ``dumps`` gives.
 
-It does no I/O and raises nothing but what ``dumps`` raises on data it cannot encode.
+* :func:`array_loads` is a JSON module's ``loads`` for the JSON array a match starts at:
+  for python-engineio's module (``loads`` with its ``parse_int``), one decoder built once
+  scans the text from its first character, and the decoder's own ``decode`` decides when
+  the scan fails or stops before the end -- the same value, or the same error, as the
+  module's ``loads`` for a text that starts with ``[``; any other module's ``loads`` as
+  it is.
+
+It does no I/O and raises nothing but what ``dumps`` raises on data it cannot encode (and
+what ``loads`` raises on a text that is not JSON).
 """
 
 from __future__ import annotations
@@ -31,11 +39,14 @@ import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import engineio.json
+
 __all__ = [
     "MAX_ACK_DIGITS",
     "MESSAGE",
     "EventPrefixes",
     "ack_packet",
+    "array_loads",
     "event_prefixes",
     "is_ok_reply",
     "match_acked_event",
@@ -91,3 +102,30 @@ def ack_packet(ack_id: int, reply: list[Any], dumps: Callable[..., str]) -> str:
     if is_ok_reply(reply):
         return "3" + str(ack_id) + _OK_JSON
     return "3" + str(ack_id) + dumps(reply, separators=(",", ":"))
+
+
+def array_loads(module: Any) -> Callable[[str], Any]:
+    """``module.loads`` for a JSON text that starts with ``[`` (what the lean path parses),
+    with its decoder built once: python-engineio's JSON module calls :func:`json.loads` with
+    ``parse_int`` (its ``_safe_int``), which builds a new ``JSONDecoder`` per call. The text
+    is scanned once from its first character (no whitespace can precede a ``[`` there);
+    when the scan fails or stops before the end, the decoder's own ``decode`` decides (the
+    same value, or the same error, as ``loads``). Any other module: its own ``loads``."""
+    safe_int = getattr(module, "_safe_int", None)
+    if module is not engineio.json or not callable(safe_int):
+        own: Callable[[str], Any] = module.loads
+        return own
+    decoder = json.JSONDecoder(parse_int=safe_int)
+    decode: Callable[[str], Any] = decoder.decode
+    scan = getattr(decoder, "scan_once", None)  # set by JSONDecoder.__init__
+    if not callable(scan):
+        return decode
+
+    def loads(text: str) -> Any:
+        try:
+            value, end = scan(text, 0)
+        except StopIteration:
+            return decode(text)  # raises json's own error for it
+        return value if end == len(text) else decode(text)
+
+    return loads

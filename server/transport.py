@@ -120,7 +120,6 @@ the library would have sent.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -129,7 +128,6 @@ from typing import Any
 
 import engineio
 import engineio.async_socket
-import engineio.json
 import socketio
 from aiohttp import web
 from socketio import packet as sio_packet
@@ -138,6 +136,7 @@ from server.eventframe import (
     MESSAGE,
     EventPrefixes,
     ack_packet,
+    array_loads,
     event_prefixes,
     is_ok_reply,
     match_acked_event,
@@ -219,33 +218,6 @@ class WriterQueue(asyncio.Queue[Any]):
     def writer_idle(self) -> bool:
         """True when nothing is queued and a reader waits (so nothing is being written)."""
         return self._waiting > 0 and self.empty()
-
-
-def _reusable_loads(module: Any) -> Callable[[str], Any]:
-    """``module.loads`` for a JSON text that starts with ``[`` (what the lean path parses),
-    with its decoder built once: python-engineio's JSON module calls :func:`json.loads` with
-    ``parse_int`` (its ``_safe_int``), which builds a new ``JSONDecoder`` per call. The text
-    is scanned once from its first character (no whitespace can precede a ``[`` there);
-    when the scan fails or stops before the end, the decoder's own ``decode`` decides (the
-    same value, or the same error, as ``loads``). Any other module: its own ``loads``."""
-    safe_int = getattr(module, "_safe_int", None)
-    if module is not engineio.json or not callable(safe_int):
-        own: Callable[[str], Any] = module.loads
-        return own
-    decoder = json.JSONDecoder(parse_int=safe_int)
-    decode: Callable[[str], Any] = decoder.decode
-    scan = getattr(decoder, "scan_once", None)  # set by JSONDecoder.__init__
-    if not callable(scan):
-        return decode
-
-    def loads(text: str) -> Any:
-        try:
-            value, end = scan(text, 0)
-        except StopIteration:
-            return decode(text)  # raises json's own error for it
-        return value if end == len(text) else decode(text)
-
-    return loads
 
 
 def _tracking_driver(base: type, server: DeviceServer) -> type:
@@ -387,7 +359,7 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
     def _install_lean(self) -> None:
         """Take over Engine.IO's queues and websocket driver (this server's own copies)."""
         self._lean_prefixes = event_prefixes(self._inline)
-        self._loads: Callable[[str], Any] = _reusable_loads(self.packet_class.json)
+        self._loads: Callable[[str], Any] = array_loads(self.packet_class.json)
         self._dumps: Callable[..., str] = self.packet_class.json.dumps
         self.eio.create_queue = WriterQueue
         drivers = dict(self.eio._async)

@@ -7,6 +7,7 @@ import collections
 import json
 from typing import Any
 
+import engineio.json
 import engineio.packet
 import pytest
 import socketio.packet
@@ -15,6 +16,7 @@ from server.eventframe import (
     MAX_ACK_DIGITS,
     MESSAGE,
     ack_packet,
+    array_loads,
     event_prefixes,
     is_ok_reply,
     match_acked_event,
@@ -133,3 +135,45 @@ def test_the_ok_reply_is_not_encoded_again() -> None:
         socketio.packet.ACK, namespace="/", id=42, data=[{"ok": True}]
     ).encode()
     assert ack_packet(42, [{"ok": True}], refuse) == library
+
+
+def _outcome(loads: Any, text: str) -> tuple[str, str]:
+    try:
+        return "value", repr(loads(text))
+    except Exception as exc:
+        return type(exc).__name__, str(exc)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '["device:heartbeat",{"state":"idle","resources":{"cpuPercent":12.5}}]',
+        '["a",1]',
+        '["a",1] \n',  # whitespace after: accepted
+        '["a",1]x',  # extra data
+        '["a",1] [2]',
+        "[1,2]]",
+        "[",
+        '["a",',
+        '["a",NaN,Infinity,-Infinity,1e999]',
+        '["a",' + "9" * 150 + "]",  # python-engineio's parse_int refuses it
+        '["a",' + "9" * 100 + "]",  # ... and takes this one
+        '["a",{"k":1,"k":2}]',  # duplicate keys: the last wins
+        '["\\ud800","\\u00e9"]',
+        '[ "a" , { "x" : [ 1 , 2.5 , null , true ] } ]',
+        "[]",
+        "[" * 50 + "]" * 50,
+    ],
+)
+def test_the_reused_decoder_is_python_engineios_loads(text: str) -> None:
+    ours = array_loads(engineio.json)
+    assert _outcome(ours, text) == _outcome(engineio.json.loads, text)
+
+
+def test_another_json_module_is_used_as_it_is() -> None:
+    class Module:
+        @staticmethod
+        def loads(text: str) -> Any:
+            return ("mine", text)
+
+    assert array_loads(Module)("[1]") == ("mine", "[1]")

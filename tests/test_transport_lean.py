@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import engineio.json
 import pytest
 import socketio
 from server_harness import (
@@ -365,48 +364,6 @@ def test_a_handler_registered_with_on_keeps_its_precedence(
     if namespace is not None and event is not None:
         sio.on(event, handler, namespace=namespace)
     assert sio._event_handler_for("device:heartbeat") is takes_heartbeat
-
-
-def _outcome(loads: Any, text: str) -> tuple[str, str]:
-    try:
-        return "value", repr(loads(text))
-    except Exception as exc:
-        return type(exc).__name__, str(exc)
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        '["device:heartbeat",' + json.dumps(HB) + "]",
-        '["a",1]',
-        '["a",1] \n',  # whitespace after: accepted
-        '["a",1]x',  # extra data
-        '["a",1] [2]',
-        "[1,2]]",
-        "[",
-        '["a",',
-        '["a",NaN,Infinity,-Infinity,1e999]',
-        '["a",' + "9" * 150 + "]",  # python-engineio's parse_int refuses it
-        '["a",' + "9" * 100 + "]",  # ... and takes this one
-        '["a",{"k":1,"k":2}]',  # duplicate keys: the last wins
-        '["\\ud800","\\u00e9"]',
-        '[ "a" , { "x" : [ 1 , 2.5 , null , true ] } ]',
-        "[]",
-        "[" * 50 + "]" * 50,
-    ],
-)
-def test_the_reused_decoder_is_python_engineios_loads(text: str) -> None:
-    ours = server.transport._reusable_loads(engineio.json)
-    assert _outcome(ours, text) == _outcome(engineio.json.loads, text)
-
-
-def test_another_json_module_is_used_as_it_is() -> None:
-    class Module:
-        @staticmethod
-        def loads(text: str) -> Any:
-            return ("mine", text)
-
-    assert server.transport._reusable_loads(Module)("[1]") == ("mine", "[1]")
 
 
 @pytest.mark.parametrize("missed", [False, True])
