@@ -58,8 +58,21 @@ from server.registry import DeviceRecord, Registry
 
 log = logging.getLogger(__name__)
 
-#: The heartbeat's ack: one frozen instance, not one per heartbeat.
-_OK = OkAck()
+#: ``OkAck().to_wire()``, computed once.
+_OK_WIRE: dict[str, Any] = OkAck().to_wire()
+
+
+class _OnceEncodedOk(OkAck):
+    """An OkAck whose wire dict is computed once: it is frozen and its one field is a
+    constant, so every ``to_wire`` is equal to ``OkAck().to_wire()`` (a fresh copy, so a
+    reader that changes it changes nothing here)."""
+
+    def to_wire(self) -> dict[str, Any]:
+        return dict(_OK_WIRE)
+
+
+#: The heartbeat's ack: one frozen instance, not one per heartbeat, nor one model dump.
+_OK = _OnceEncodedOk()
 
 
 class FederatedService(Protocol):

@@ -35,9 +35,11 @@ Contract:
   and one check chain per outstanding ping (O(devices)). An exception while pinging or
   checking one socket is logged and the sweep goes on. :meth:`PingSweeper.stop` ends the
   task. Counters: :attr:`PingSweeper.pings_sent`, :attr:`PingSweeper.sweeps`.
-* It never reads or writes the network itself (Engine.IO's writer sends the PING) and
-  relies on python-engineio private names that its owner checks once
-  (:func:`missing_names`) before using it.
+* It never reads or writes the network itself: Engine.IO's writer sends the PING, or its
+  owner's :attr:`PingSweeper.write` when set (a hook that writes the same PING text frame,
+  :data:`PING_TEXT`, straight to a socket whose writer is idle, and says False to have it
+  queued through Engine.IO's ``send`` as before). It relies on python-engineio private
+  names that its owner checks once (:func:`missing_names`) before using it.
 """
 
 from __future__ import annotations
@@ -48,12 +50,20 @@ import heapq
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import engineio.async_socket
 import engineio.packet
 
-__all__ = ["DueBuckets", "PingSweeper", "missing_names", "sweep_tick"]
+__all__ = [
+    "PING_TEXT",
+    "DueBuckets",
+    "PingSweeper",
+    "StraightWriter",
+    "missing_names",
+    "sweep_tick",
+]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +76,11 @@ _SOCKET_ATTRIBUTES = ("sid", "last_ping", "closing", "closed")
 _SOCKET_METHODS = ("schedule_ping", "check_ping_timeout", "send")
 #: A timer fires this much after a bucket's time, so the clock has surely passed it.
 _MARGIN = 0.001
+#: Engine.IO's PING packet as a websocket text frame (what its writer sends for it).
+PING_TEXT: str = engineio.packet.Packet(engineio.packet.PING).encode()
+
+#: ``write(socket, text)``: the text frame written straight (True), or not (False: queue it).
+StraightWriter = Callable[[Any, str], Awaitable[bool]]
 
 
 def sweep_tick(ping_timeout: float) -> float:
@@ -146,6 +161,9 @@ class PingSweeper:
         self.pings_sent = 0
         #: Ticks at which the sweeper woke since construction.
         self.sweeps = 0
+        #: The owner's straight writer of a PING (None: every PING goes through Engine.IO's
+        #: ``send``); see the module.
+        self.write: StraightWriter | None = None
 
     def adopt(self, socket: Any) -> None:
         """Take over ``socket``'s ping cycle (before Engine.IO schedules its first ping)."""
@@ -207,7 +225,9 @@ class PingSweeper:
                 continue
             try:
                 socket.last_ping = time.time()  # as Engine.IO's _send_ping
-                await socket.send(engineio.packet.Packet(engineio.packet.PING))
+                write = self.write
+                if write is None or not await write(socket, PING_TEXT):
+                    await socket.send(engineio.packet.Packet(engineio.packet.PING))
                 self.pings_sent += 1
                 self._file(self._checks, sid, socket.last_ping + self._eio.ping_timeout)
             except Exception:

@@ -52,7 +52,10 @@ Contract:
   :attr:`TransportTiming.dead_peer_bound`, as before). Closed sockets leave Engine.IO's
   table at a tick at most every ``ping_timeout``, as its service task did. A PONG is handled
   in the lean path's websocket read when it can be (below), else in Engine.IO's read loop,
-  both calling the socket's ``schedule_ping``. It relies on private python-engineio names
+  both calling the socket's ``schedule_ping``. With the lean path, the sweeper's PING (the
+  same text frame) is written straight to the socket's websocket when its writer is idle,
+  as an ack is (see below; counted in :attr:`DeviceServer.pings_written`), else queued
+  through Engine.IO's ``send``. It relies on private python-engineio names
   (:func:`server.pingsweep.missing_names`) and python-socketio's ``_handle_eio_connect``,
   checked once at construction: when one is missing it logs one warning and Engine.IO pings
   each socket itself (behaviour unchanged, only costlier).
@@ -61,16 +64,21 @@ Contract:
   ``_handle_eio_message`` is overridden so that a text packet that
   :func:`server.eventframe.match_acked_event` recognises as an acked EVENT of an inline
   event on the default namespace (no binary packet of the connection half-received) is
-  parsed once (python-socketio's JSON module) and its handler run at once through
-  python-socketio's ``_trigger_event`` -- the same handler, so the same validation and the
-  same ``ErrorAck`` for every bad input -- and its ack encoded once
-  (:func:`server.eventframe.ack_packet`: byte for byte the library's). The ack is written
+  parsed once (python-socketio's JSON module; python-engineio's, with its ``parse_int``,
+  through one decoder built once instead of one per message) and its handler run at once:
+  the default namespace class's ``trigger_event``, called directly when no handler
+  registered with ``on`` would take the event before it (python-socketio's resolution
+  order), else through python-socketio's ``_trigger_event`` -- the same handler either
+  way, so the same validation and the same ``ErrorAck`` for every bad input -- and its
+  ack encoded once (:func:`server.eventframe.ack_packet`: byte for byte the library's;
+  the plain ``{"ok": true}`` answer is a constant there). The ack is written
   straight to the connection's websocket (aiohttp's ``send_str``) only when the
   connection's Engine.IO writer is idle -- nothing queued, nothing taken and not yet
   written (:class:`WriterQueue`, the queue Engine.IO creates through ``create_queue``) --
   the socket is upgraded, not upgrading or closing, and Engine.IO's ping check passes
   (``check_ping_timeout``, which closes a peer that missed its pong, as Engine.IO's own
-  send does); otherwise it is queued the library's way. So an ack never overtakes a packet
+  send does; awaited only while a ping is outstanding, ``last_ping`` set, as without one
+  it passes); otherwise it is queued the library's way. So an ack never overtakes a packet
   queued for the same connection before it, and packets are still handled in arrival
   order. On a websocket the lean path runs one level lower still: python-engineio's
   websocket driver (replaced by a subclass, see below) hands each text message it reads
@@ -124,7 +132,15 @@ import socketio
 from aiohttp import web
 from socketio import packet as sio_packet
 
-from server.eventframe import MESSAGE, EventPrefixes, ack_packet, event_prefixes, match_acked_event
+from server.eventframe import (
+    MESSAGE,
+    EventPrefixes,
+    ack_packet,
+    array_loads,
+    event_prefixes,
+    is_ok_reply,
+    match_acked_event,
+)
 from server.pingsweep import PingSweeper, missing_names
 
 __all__ = ["DeviceServer", "TransportTiming", "transport_timing"]
@@ -279,6 +295,8 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
         self.read_inline = 0
         #: Engine.IO PONGs handled in the websocket driver's read (with the ping sweeper).
         self.pongs_inline = 0
+        #: The ping sweeper's PINGs written straight to an idle websocket (lean path).
+        self.pings_written = 0
         self._inline_window = 0.0
         self._lean_prefixes: EventPrefixes = ()
         if lean and self._inline:
@@ -317,6 +335,9 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
         ]
         if not isinstance(getattr(self, "_binary_packet", None), dict):
             missing.append("AsyncServer._binary_packet")
+        for name in ("handlers", "namespace_handlers"):
+            if not isinstance(getattr(self, name, None), dict):
+                missing.append(f"AsyncServer.{name}")
         if not isinstance(getattr(self.eio, "sockets", None), dict):
             missing.append("engineio.AsyncServer.sockets")
         drivers = getattr(self.eio, "_async", None)
@@ -338,7 +359,7 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
     def _install_lean(self) -> None:
         """Take over Engine.IO's queues and websocket driver (this server's own copies)."""
         self._lean_prefixes = event_prefixes(self._inline)
-        self._loads: Callable[[str], Any] = self.packet_class.json.loads
+        self._loads: Callable[[str], Any] = array_loads(self.packet_class.json)
         self._dumps: Callable[..., str] = self.packet_class.json.dumps
         self.eio.create_queue = WriterQueue
         drivers = dict(self.eio._async)
@@ -347,6 +368,8 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
         # Messages are read inline for half of Engine.IO's read deadline, then one goes to
         # its read loop, which restarts the deadline (see the module).
         self._inline_window = (self.eio.ping_interval + self.eio.ping_timeout) / 2
+        if self.ping_sweeper is not None:
+            self.ping_sweeper.write = self._ping_straight
 
     async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
         if self._lean_prefixes and eio_sid not in self._binary_packet:
@@ -404,11 +427,18 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
             return False  # the library logs it and drops the event
         self.inline_handled += 1
         self.lean_handled += 1
-        answer = await self._trigger_event(args[0], "/", sid, *args[1:])
+        event = args[0]
+        namespace = self.namespace_handlers.get("/")
+        if namespace is not None and not self._event_handler_for(event):
+            # What _trigger_event would do (no handler registered with ``on``): the
+            # namespace's own dispatch, without the library's lookups.
+            answer = await namespace.trigger_event(event, sid, *args[1:])
+        else:
+            answer = await self._trigger_event(event, "/", sid, *args[1:])
         if answer is self.not_handled:
             return True
         reply = [] if answer is None else list(answer) if isinstance(answer, tuple) else [answer]
-        if self.packet_class.data_is_binary(reply):
+        if not is_ok_reply(reply) and self.packet_class.data_is_binary(reply):
             await self._send_packet(
                 eio_sid, self.packet_class(sio_packet.ACK, namespace="/", id=ack_id, data=reply)
             )
@@ -416,10 +446,20 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
         await self._send_ack(eio_sid, ack_packet(ack_id, reply, self._dumps))
         return True
 
-    async def _send_ack(self, eio_sid: str, ack: str) -> None:
-        """Write ``ack`` straight to the connection's websocket when its writer is idle
-        (nothing queued before it), else queue it the library's way."""
-        socket = self.eio.sockets.get(eio_sid)
+    def _event_handler_for(self, event: str) -> bool:
+        """True when a handler registered with ``on`` (this namespace's or ``*``) would
+        take ``event`` before the namespace class (python-socketio's resolution order)."""
+        handlers = self.handlers
+        if not handlers:
+            return False
+        mine = handlers.get("/", {})
+        anywhere = handlers.get("*", {})
+        return bool(event in mine or "*" in mine or event in anywhere or "*" in anywhere)
+
+    @staticmethod
+    def _idle_websocket(socket: Any) -> web.WebSocketResponse | None:
+        """The websocket of Engine.IO ``socket`` when a frame may be written straight to it
+        (its writer idle, nothing queued; upgraded, not upgrading or closing); else None."""
         queue = getattr(socket, "queue", None)
         out = getattr(getattr(socket, "fedtray_websocket", None), "_sock", None)
         if (
@@ -431,16 +471,44 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
             or getattr(socket, "closing", True)
             or getattr(socket, "closed", True)
         ):
+            return None
+        return out
+
+    @staticmethod
+    async def _write(out: web.WebSocketResponse, text: str, what: str, eio_sid: str) -> bool:
+        """Write one text frame; False when it could not be (dropped, as Engine.IO's writer
+        drops what it cannot write: the connection is going away)."""
+        try:
+            await out.send_str(text)
+        except Exception as exc:
+            log.debug("could not write %s to %s: %s", what, eio_sid, exc)
+            return False
+        return True
+
+    async def _send_ack(self, eio_sid: str, ack: str) -> None:
+        """Write ``ack`` straight to the connection's websocket when its writer is idle
+        (nothing queued before it), else queue it the library's way."""
+        socket = self.eio.sockets.get(eio_sid)
+        out = self._idle_websocket(socket)
+        if out is None:
             await self.eio.send(eio_sid, ack)
             return
-        if not await socket.check_ping_timeout():
+        # Engine.IO's check_ping_timeout passes without a ping outstanding (``last_ping``
+        # unset) on an open socket, so it is only awaited with one.
+        if getattr(socket, "last_ping", True) and not await socket.check_ping_timeout():
             return  # Engine.IO closed it (as its send would have)
-        try:
-            await out.send_str(MESSAGE + ack)
-        except Exception as exc:  # as Engine.IO's writer: the connection is going away
-            log.debug("could not write an ack to %s: %s", eio_sid, exc)
-            return
-        self.acks_written += 1
+        if await self._write(out, MESSAGE + ack, "an ack", eio_sid):
+            self.acks_written += 1
+
+    async def _ping_straight(self, socket: Any, text: str) -> bool:
+        """The ping sweeper's writer: ``text`` (a PING) written straight when the socket's
+        writer is idle (True, also when the write failed and was dropped); else False."""
+        out = self._idle_websocket(socket)
+        if out is None:
+            return False
+        if await self._write(out, text, "a ping", str(getattr(socket, "sid", "?"))):
+            self.pings_written += 1
+        return True
 
     # --------------------------------------------------------------- inline, library path
 

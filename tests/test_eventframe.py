@@ -3,9 +3,11 @@ python-engineio's own encoders and decoder."""
 
 from __future__ import annotations
 
+import collections
 import json
 from typing import Any
 
+import engineio.json
 import engineio.packet
 import pytest
 import socketio.packet
@@ -14,7 +16,9 @@ from server.eventframe import (
     MAX_ACK_DIGITS,
     MESSAGE,
     ack_packet,
+    array_loads,
     event_prefixes,
+    is_ok_reply,
     match_acked_event,
 )
 
@@ -80,6 +84,16 @@ def test_no_prefixes_match_nothing() -> None:
         (7, []),
         (8, [None]),
         (9, [{"a": [1, 2.5, None]}, "two"]),
+        # Near the constant OK reply: each must be encoded, not taken for it.
+        (10, [{"ok": 1}]),
+        (11, [{"ok": 1.0}]),
+        (12, [{"ok": False}]),
+        (13, [{"ok": True, "extra": None}]),
+        (14, [{"ok": True}, None]),
+        (15, [{"ok": "true"}]),
+        (16, [{"OK": True}]),
+        (17, [[{"ok": True}]]),
+        (10**18, [{"ok": True}]),
     ],
 )
 def test_ack_packet_is_the_librarys(ack_id: int, reply: list[Any]) -> None:
@@ -91,3 +105,75 @@ def test_ack_packet_is_the_librarys(ack_id: int, reply: list[Any]) -> None:
     assert ours == library
     frame = engineio.packet.Packet(engineio.packet.MESSAGE, data=library).encode()
     assert MESSAGE + ours == frame
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        ([{"ok": True}], True),
+        ([{"ok": 1}], False),
+        ([{"ok": 1.0}], False),
+        ([{"ok": False}], False),
+        ([{"ok": None}], False),
+        ([{"ok": True, "code": "x"}], False),
+        ([{"ok": True}, {"ok": True}], False),
+        ([], False),
+        ([None], False),
+        ([True], False),
+        ([collections.OrderedDict(ok=True)], False),
+    ],
+)
+def test_is_ok_reply_only_for_exactly_the_ok_ack(reply: list[Any], expected: bool) -> None:
+    assert is_ok_reply(reply) is expected
+
+
+def test_the_ok_reply_is_not_encoded_again() -> None:
+    def refuse(*args: Any, **kwargs: Any) -> str:
+        raise AssertionError("dumps called for the constant OK reply")
+
+    library = socketio.packet.Packet(
+        socketio.packet.ACK, namespace="/", id=42, data=[{"ok": True}]
+    ).encode()
+    assert ack_packet(42, [{"ok": True}], refuse) == library
+
+
+def _outcome(loads: Any, text: str) -> tuple[str, str]:
+    try:
+        return "value", repr(loads(text))
+    except Exception as exc:
+        return type(exc).__name__, str(exc)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '["device:heartbeat",{"state":"idle","resources":{"cpuPercent":12.5}}]',
+        '["a",1]',
+        '["a",1] \n',  # whitespace after: accepted
+        '["a",1]x',  # extra data
+        '["a",1] [2]',
+        "[1,2]]",
+        "[",
+        '["a",',
+        '["a",NaN,Infinity,-Infinity,1e999]',
+        '["a",' + "9" * 150 + "]",  # python-engineio's parse_int refuses it
+        '["a",' + "9" * 100 + "]",  # ... and takes this one
+        '["a",{"k":1,"k":2}]',  # duplicate keys: the last wins
+        '["\\ud800","\\u00e9"]',
+        '[ "a" , { "x" : [ 1 , 2.5 , null , true ] } ]',
+        "[]",
+        "[" * 50 + "]" * 50,
+    ],
+)
+def test_the_reused_decoder_is_python_engineios_loads(text: str) -> None:
+    ours = array_loads(engineio.json)
+    assert _outcome(ours, text) == _outcome(engineio.json.loads, text)
+
+
+def test_another_json_module_is_used_as_it_is() -> None:
+    class Module:
+        @staticmethod
+        def loads(text: str) -> Any:
+            return ("mine", text)
+
+    assert array_loads(Module)("[1]") == ("mine", "[1]")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -59,8 +60,50 @@ INPUTS = [
     _event("16", "device:heartbeat", HB),
 ]
 
+_RES = json.dumps(HB["resources"])
+_HW = {"cpuCores": 4, "ramTotalMb": 8192, "gpu": None, "batteryPresent": True}
+_GPU = {"kind": "cuda", "name": "RTX", "memoryMb": 8192}
+
+#: Heartbeats at the edges of validation and of JSON, answered (or not) the same way by
+#: both paths; appended to :data:`INPUTS` (after its last, so its indexes hold).
+EDGES = [
+    _event("17", "device:heartbeat", {**HB, "weightsVersion": True}),  # a bool as an int
+    '4218["device:heartbeat",{"state":"idle","resources":' + _RES.replace("12.5", "NaN") + "}]",
+    '4219["device:heartbeat",{"state":"idle","resources":' + _RES.replace("12.5", "1e400") + "}]",
+    '4220["device:heartbeat",{"state":"idle","resources":'
+    + _RES.replace("4096", "4096.0")  # a float for an int
+    + "}]",
+    '4221["device:heartbeat",{"state":"idle","resources":'  # an int JSON reads as too large
+    + _RES.replace("4096", "9" * 150)
+    + "}]",
+    _event("22", "device:heartbeat", {**HB, "weightsVersion": 10**30}),  # large, fine
+    _event("23", "device:heartbeat", {**HB, "weightsVersion": -1}),
+    _event("24", "device:heartbeat", {**HB, "hardware": {**_HW, "gpu": _GPU}}),  # nested
+    _event("25", "device:heartbeat", {**HB, "hardware": {**_HW, "gpu": {"kind": "tpu"}}}),
+    _event("26", "device:heartbeat", {**HB, "hardware": {**_HW, "cpuCores": "4"}}),
+    _event("27", "device:heartbeat", {**HB, "budget": {"cores": 2, "cpuPercent": 50, "why": "x"}}),
+    _event("28", "device:heartbeat", {**HB, "budget": {"cores": 2, "cpuPercent": 0, "why": "x"}}),
+    _event(
+        "29",
+        "device:heartbeat",
+        {**HB, "state": "paused", "pauseReason": "battery_low", "pauseDetail": "on battery"},
+    ),
+    _event("30", "device:heartbeat", {**HB, "resources": {**HB["resources"], "cpuPercent": 101}}),
+    _event("31", "device:heartbeat", {**HB, "resources": None}),
+    _event("32", "device:heartbeat", {"resources": HB["resources"]}),  # no state
+    _event("33", "device:heartbeat", {**HB, "state": "idle", "roundId": "bad id!"}),
+    _event("34", "device:heartbeat", {**HB, "pauseDetail": "x" * 1001}),
+    _event("35", "device:heartbeat", [HB]),  # an array, not an object
+    _event("36", "device:heartbeat", None),
+    _event("37", "device:heartbeat", HB, None),
+    _event("38", "device:heartbeat", {**HB, "Extra": {"nested": [1, 2, {"x": None}]}}),
+]
+#: The edges that are never answered (JSON the library's decoder refuses).
+EDGES_UNANSWERED = {EDGES[4]}
+INPUTS += EDGES
+
 #: The inputs never answered (no ack id, malformed, a namespace never joined).
-UNANSWERED = {INPUTS[9], INPUTS[10], INPUTS[13]}
+UNANSWERED = {INPUTS[9], INPUTS[10], INPUTS[13], *EDGES_UNANSWERED}
 
 
 async def _exchange(url: str) -> list[tuple[str, list[str]]]:
@@ -142,12 +185,23 @@ def test_the_lean_path_answers_byte_for_byte_as_the_library(
     assert answers[INPUTS[11]] == ['4311[{"ok":true}]']
     assert answers[INPUTS[12]] == ["43" + "1" * 30 + '[{"ok":true}]']
     assert answers[INPUTS[16]][0].startswith('4315[{"ok":false,"code":"bad_request"')
+    edges = {int(data[2:4]): got for data, got in on if data in EDGES}
+    assert [n for n, got in edges.items() if got == [f'43{n}[{{"ok":true}}]']] == [
+        22,
+        24,
+        27,
+        29,
+        38,
+    ]
+    assert edges[21] == []
+    for n in set(edges) - {21, 22, 24, 27, 29, 38}:
+        assert edges[n][0].startswith(f'43{n}[{{"ok":false,"code":"bad_request"'), (n, edges[n])
 
     # Heartbeats 1, 3-9, 13, 16 and the sentinels took the lean path; the unacked,
     # spelt-otherwise and huge-id ones the library's (inline too); the malformed one and
     # the other namespace's were never handled.
     sentinels = len(INPUTS)
-    assert handled == 10 + sentinels
+    assert handled == 10 + len(EDGES) - len(EDGES_UNANSWERED) + sentinels
     assert 0 < written <= handled
     assert inline == handled + 3
     # All of them inside the driver's read (the window is half of a 45 s deadline).
@@ -283,3 +337,124 @@ def test_past_the_window_a_message_goes_to_engineios_read_loop(tmp_path: Path) -
         run_devices(scenario(srv.url))
         assert lean.lean_handled == 3 and lean.read_inline == 0
         assert lean.acks_written >= 1
+
+
+@pytest.mark.parametrize(
+    ("namespace", "event", "takes_heartbeat"),
+    [
+        (None, None, False),
+        ("/", "device:heartbeat", True),
+        ("/", "*", True),
+        ("*", "device:heartbeat", True),
+        ("*", "*", True),
+        ("/", "device:register", False),
+        ("/other", "device:heartbeat", False),
+    ],
+)
+def test_a_handler_registered_with_on_keeps_its_precedence(
+    namespace: str | None, event: str | None, takes_heartbeat: bool
+) -> None:
+    # python-socketio's order: a handler registered with ``on`` (for the event, or ``*``,
+    # in the namespace or in every namespace) before the namespace class.
+    sio = DeviceServer(inline_events={"device:heartbeat"})
+
+    async def handler(*args: Any) -> None:
+        return None
+
+    if namespace is not None and event is not None:
+        sio.on(event, handler, namespace=namespace)
+    assert sio._event_handler_for("device:heartbeat") is takes_heartbeat
+
+
+@pytest.mark.parametrize("missed", [False, True])
+def test_an_ack_checks_an_outstanding_ping_as_engineios_send(tmp_path: Path, missed: bool) -> None:
+    """A peer with a ping outstanding past ``ping_timeout`` is closed when an ack would be
+    written to it (as Engine.IO's send does), not answered; one within it is answered."""
+
+    async def scenario(srv: ServerHandle) -> tuple[list[str], int]:
+        sio: DeviceServer = srv.server.sio
+        ws_url = srv.url.replace("http://", "ws://") + "/socket.io/?EIO=4&transport=websocket"
+        async with aiohttp.ClientSession() as session, session.ws_connect(ws_url) as ws:
+
+            async def frame() -> str | None:
+                msg = await asyncio.wait_for(ws.receive(), scaled(10))
+                return msg.data if msg.type == aiohttp.WSMsgType.TEXT else None
+
+            eio_sid = json.loads((await frame() or "")[1:])["sid"]
+            await ws.send_str("40")
+            assert (await frame() or "").startswith('40{"sid":')
+            socket = sio.eio.sockets[eio_sid]
+            queue = socket.queue
+            await wait_until_async(queue.writer_idle, 10, "the connection's writer idle")
+            ago = sio.eio.ping_timeout + 5 if missed else 1.0
+
+            async def outstanding() -> None:
+                socket.last_ping = time.time() - ago
+
+            await asyncio.to_thread(srv.run, outstanding())
+            written = sio.acks_written
+            await ws.send_str(_event("5", "device:heartbeat", HB))
+            seen: list[str] = []
+            if missed:  # Engine.IO closes it: no need to wait for the close to finish
+                await wait_until_async(lambda: socket.closing or socket.closed, 10, "closing")
+                return seen, sio.acks_written - written
+            while (text := await frame()) is not None:
+                seen.append(text)
+                if text.startswith("435["):
+                    break
+            return seen, sio.acks_written - written
+
+    with running_server(tmp_path, min_clients=5) as srv:
+        seen, written = run_devices(scenario(srv))
+    if missed:
+        assert written == 0  # closed (reason: ping timeout), not answered
+    else:
+        assert seen[-1].startswith('435[{"ok":false,"code":"not_registered"')
+
+
+def test_a_ping_is_written_straight_only_to_an_idle_writer(tmp_path: Path) -> None:
+    """The ping sweeper's straight writer (lean path) never overtakes a packet queued for
+    the connection: with one queued, it declines (the PING is queued behind it); with the
+    writer idle, the PING is written straight."""
+
+    async def scenario(srv: ServerHandle) -> tuple[bool, bool, list[str]]:
+        sio: DeviceServer = srv.server.sio
+        assert sio.ping_sweeper is not None and sio.ping_sweeper.write is not None
+        ws_url = srv.url.replace("http://", "ws://") + "/socket.io/?EIO=4&transport=websocket"
+        async with aiohttp.ClientSession() as session, session.ws_connect(ws_url) as ws:
+
+            async def frame() -> str:
+                msg = await asyncio.wait_for(ws.receive(), scaled(10))
+                text: str = msg.data if msg.type == aiohttp.WSMsgType.TEXT else "<binary>"
+                return text
+
+            eio_sid = json.loads((await frame())[1:])["sid"]
+            await ws.send_str("40")
+            assert (await frame()).startswith('40{"sid":')
+            socket = sio.eio.sockets[eio_sid]
+            await wait_until_async(socket.queue.writer_idle, 10, "the connection's writer idle")
+
+            async def queued_then_ping() -> bool:
+                await sio.eio.send(eio_sid, '2["test:first",{"n":1}]')
+                straight: bool = await sio._ping_straight(socket, "2")
+                return straight
+
+            behind = await asyncio.to_thread(srv.run, queued_then_ping())
+            first = await frame()
+            await wait_until_async(socket.queue.writer_idle, 10, "the connection's writer idle")
+            written = sio.pings_written
+
+            async def ping() -> bool:
+                straight: bool = await sio._ping_straight(socket, "2")
+                return straight
+
+            idle = await asyncio.to_thread(srv.run, ping())
+            second = await frame()
+            assert sio.pings_written == written + 1
+            return behind, idle, [first, second]
+
+    with running_server(tmp_path, min_clients=5) as srv:
+        behind, idle, frames = run_devices(scenario(srv))
+    assert behind is False  # declined: the sweeper queues the PING through Engine.IO
+    assert idle is True
+    assert frames == ['42["test:first",{"n":1}]', "2"]
