@@ -59,7 +59,8 @@ def fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
+    """Flush one file's data to disk (raises OSError)."""
     # Read-write: Windows cannot flush a file opened read-only.
     fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
     try:
@@ -112,7 +113,7 @@ def move_into(source: Path, target: Path, *, durable: bool = True) -> None:
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     if durable:
-        _fsync_file(source)
+        fsync_file(source)
     try:
         os.replace(source, target)
     except OSError:

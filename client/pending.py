@@ -67,7 +67,7 @@ from typing import Final
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from client.atomicfile import FileIdentity, file_identity, fsync_dir, write_atomic
+from client.atomicfile import FileIdentity, file_identity, fsync_dir, fsync_file, write_atomic
 from client.config import data_dir
 from client.errors import FedtrayError
 from client.protocol import Identifier, Metrics, NonNegInt, PosInt, Sha256Hex, WeightFormat
@@ -144,19 +144,10 @@ def _stage(target: Path, data: bytes) -> Path:
 _SIDECAR_POOL: Final = concurrent.futures.ThreadPoolExecutor(1, "pending-sidecar")
 
 
-def _fsync_path(path: Path) -> None:
-    # Read-write: Windows cannot flush a file opened read-only.
-    fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _make_durable(data_path: Path, sidecar_path: Path) -> None:
     """The entry's data and sidecar fsynced, then their directory (both renames)."""
-    _fsync_path(data_path)
-    _fsync_path(sidecar_path)
+    fsync_file(data_path)
+    fsync_file(sidecar_path)
     fsync_dir(data_path.parent)
 
 

@@ -44,6 +44,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.atomicfile import fsync_file
 from server.roundstore import RoundStore, SavedRound, SavedSlot
 
 __all__ = ["RoundCommits"]
@@ -51,14 +52,6 @@ __all__ = ["RoundCommits"]
 
 #: Threads for a commit's fsyncs run side by side (an fsync waits on the disk, not the CPU).
 _SYNCS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="round-fsync")
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _commit(store: RoundStore, saved: SavedRound, updates: list[Future[None]]) -> None:
@@ -126,7 +119,7 @@ class RoundCommits:
         self._placed[device_id] = _Placed(
             round_id=snapshot().round_id,
             slot=slot.model_copy(update={"update_file": name, "reported": True}),
-            synced=_SYNCS.submit(_fsync_file, self._store.update_path(name)),
+            synced=_SYNCS.submit(fsync_file, self._store.update_path(name)),
             done=loop.create_future(),
             snapshot=snapshot,
         )

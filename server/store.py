@@ -46,7 +46,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from client.atomicfile import fsync_dir, write_atomic
+from client.atomicfile import fsync_dir, fsync_file, write_atomic
 from client.weights import Layout, StateDict, WeightsError, decode, encode, sha256_hex
 from server.status import RoundRecord
 
@@ -314,22 +314,14 @@ _HISTORY = TypeAdapter(list[RoundRecord])
 _SYNCS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="store-fsync")
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_side_by_side(files: list[Path], directory: Path) -> None:
     """fsync ``files`` and ``directory`` at the same time; raises the first OSError (after
     every fsync has ended, so none is left running)."""
-    futures = [_SYNCS.submit(_fsync_path, path) for path in files[1:]]
+    futures = [_SYNCS.submit(fsync_file, path) for path in files[1:]]
     futures.append(_SYNCS.submit(_fsync_dir_strict, directory))
     errors: list[BaseException] = []
     try:
-        _fsync_path(files[0])
+        fsync_file(files[0])
     except OSError as exc:
         errors.append(exc)
     for future in futures:

@@ -113,6 +113,20 @@ class _Worker:
         self.calls.append("shutdown")
 
 
+def _held_global(tmp_path: Path) -> GlobalWeights:
+    """A held global v3 of synthetic (its bytes are not weights: the worker is a stand-in)."""
+    base = tmp_path / "global.safetensors"
+    base.write_bytes(b"base")
+    return GlobalWeights(
+        version=3,
+        task="synthetic",
+        path=base,
+        size=4,
+        sha256="ab" * 32,
+        identity=file_identity(base),
+    )
+
+
 def test_a_round_from_start_to_pending_update(tmp_path: Path) -> None:
     asyncio.run(_a_round(tmp_path))
 
@@ -121,16 +135,8 @@ async def _a_round(tmp_path: Path) -> None:
     hub = SnapshotHub(
         ClientSnapshot(settings=Settings(server_url="http://127.0.0.1:1", device_name="t"))
     )
-    base = tmp_path / "global.safetensors"
-    base.write_bytes(b"base")
-    held = GlobalWeights(
-        version=3,
-        task="synthetic",
-        path=base,
-        size=4,
-        sha256="ab" * 32,
-        identity=file_identity(base),
-    )
+    held = _held_global(tmp_path)
+    base = held.path
     work = WorkDir(tmp_path / "work")
     pending = PendingStore(tmp_path / "pending")
     sent: list[tuple[str, dict[str, Any]]] = []
@@ -275,16 +281,7 @@ def test_a_round_cancelled_while_its_start_is_handled_is_not_trained(tmp_path: P
 
 
 async def _cancelled_while_starting(tmp_path: Path) -> None:
-    base = tmp_path / "global.safetensors"
-    base.write_bytes(b"base")
-    held = GlobalWeights(
-        version=3,
-        task="synthetic",
-        path=base,
-        size=4,
-        sha256="ab" * 32,
-        identity=file_identity(base),
-    )
+    held = _held_global(tmp_path)
     work = WorkDir(tmp_path / "work")
     preparing, release = threading.Event(), threading.Event()
     prepare = work.prepare
