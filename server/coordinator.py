@@ -99,7 +99,7 @@ from server.restore import return_grace
 from server.roundfiles import RoundFiles
 from server.rounds import Round, abandon_detail, awaiting_return, drop_stale, select_devices
 from server.roundstore import RoundStore
-from server.starter import RoundStarter
+from server.starter import RoundStarter, StrayTraining
 from server.status import RoundRecord, RoundTiming
 from server.strategies import Aggregate, FileUpdates, Strategy
 from server.taskfile import PackageTask
@@ -139,6 +139,7 @@ class RoundCoordinator:
         self._distributor = distributor
         self._background = background
         self._starter = RoundStarter(sio, config, registry, distributor)
+        self._strays = StrayTraining(self._starter, background)
         self.phase = PhaseMachine()
         self.finished = asyncio.Event()
         self._rng = random.Random(config.seed)
@@ -248,8 +249,15 @@ class RoundCoordinator:
         (:mod:`server.device_wait`); a heartbeat wakes nothing."""
         self.waiting.nudge()
 
+    def heard_training(self, record: DeviceRecord, round_id: str) -> None:
+        """A heartbeat says the device trains ``round_id``: unless that is the open
+        round, it is told to stop (:class:`server.starter.StrayTraining`)."""
+        rnd = self.phase.round
+        self._strays.heard(record, round_id, rnd.round_id if rnd is not None else None)
+
     def device_left(self, record: DeviceRecord) -> None:
         """A device disconnected: free its slot in the open round."""
+        self._strays.forget(record.device_id)
         rnd = self.phase.round
         if rnd is not None and rnd.mark(record.device_id, "dropped", "disconnected"):
             log.info("round %s: slot of %s freed (disconnected)", rnd.round_id, record.name)
@@ -435,7 +443,7 @@ class RoundCoordinator:
         async with self._intake.lock:
             working = self.phase.aggregate()
         if working:
-            await self._starter.cancel(rnd, working, "the round is closed")
+            await self._starter.cancel(rnd.round_id, working, "the round is closed")
         if not rnd.succeeded:
             self._abandon(rnd)
             await self._files.forget()

@@ -97,6 +97,8 @@ class RoundService(Protocol):
 
     def device_left(self, record: DeviceRecord) -> None: ...
 
+    def heard_training(self, record: DeviceRecord, round_id: str) -> None: ...
+
     def training_failed(self, record: DeviceRecord, err: TrainingError) -> None: ...
 
     def welcome(self, record: DeviceRecord) -> None: ...
@@ -302,6 +304,8 @@ class DeviceNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         record = self._record(sid)
         was = record.state
         self._registry.heartbeat(record.device_id, hb, time.monotonic())
+        if hb.round_id is not None:
+            self._coordinator.heard_training(record, hb.round_id)
         if hb.hardware is not None and self._registry.hardware_reported(
             record.device_id, hb.hardware
         ):

@@ -190,7 +190,10 @@ compatible server or client in another language.
    own dtype), saves and sends `weights:global` with the new version to every
    connected device (as the next round starts, the devices it starts get it in step 5's
    way). Devices
-   still training a closed round get `training:cancel`. The reference server evaluates
+   still training a closed round get `training:cancel`, and so does a device whose
+   heartbeat names a round that is not open (it missed that cancel while disconnected;
+   once per connection and round). A device that gets `training:cancel` while it is
+   still starting that round refuses the start. The reference server evaluates
    the new version afterwards, off the round's path: its `metrics` carry the round's
    `trainLoss` at first, and the evaluation (`evalLoss`, `evalAccuracy`) once recorded.
    **Federated evaluation** (every `--evaluate-every` N-th version, default every one):

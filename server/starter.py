@@ -17,6 +17,11 @@ paused is marked paused in the registry, not eligible until a heartbeat says it 
 or it answers badly. It never raises except ``CancelledError``: a bug is logged and
 the slot fails. :meth:`RoundStarter.cancel` sends ``training:cancel`` and ignores peers
 that are gone.
+
+:class:`StrayTraining` tells a device heard (in its heartbeat) training a round that is
+not the open one to stop: a device that missed its round's ``training:cancel`` (it was
+disconnected when the round closed) would otherwise train on for nothing and refuse
+every offer as busy until it is done. It tells each connection once per round.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from client.protocol import (
     parse,
 )
 from client.tasks import Task
+from server.background import Background
 from server.config import ServerConfig
 from server.distribution import Distributor, format_for
 from server.registry import DeviceRecord, Registry
@@ -75,9 +81,10 @@ class RoundStarter:
         self._registry = registry
         self._distributor = distributor
 
-    async def cancel(self, rnd: Round, device_ids: list[str], reason: str) -> None:
-        """Tell the devices still working on ``rnd`` to stop (``training:cancel``)."""
-        message = TrainingCancel(round_id=rnd.round_id, reason=reason).to_wire()
+    async def cancel(self, round_id: str, device_ids: list[str], reason: str) -> None:
+        """Tell the devices still working on round ``round_id`` to stop
+        (``training:cancel``)."""
+        message = TrainingCancel(round_id=round_id, reason=reason).to_wire()
         sends = []
         for device_id in device_ids:
             record = self._registry.get(device_id)
@@ -193,3 +200,38 @@ class RoundStarter:
             self._registry.refused_paused(device_id, pause, answer.detail)
         elif answer.reason is not None:
             self._registry.refused_round(device_id, answer.reason, answer.detail)
+
+
+class StrayTraining:
+    """Devices heard training a round that is not open: told to stop (module docstring).
+    Loop-only."""
+
+    def __init__(self, starter: RoundStarter, background: Background) -> None:
+        self._starter = starter
+        self._background = background
+        #: device id -> (connection, round id) it was last told to stop
+        self._told: dict[str, tuple[str, str]] = {}
+
+    def heard(self, record: DeviceRecord, round_id: str, open_round: str | None) -> None:
+        """A heartbeat of ``record`` says it trains ``round_id``; ``open_round``: the
+        round open here (None: none)."""
+        if round_id == open_round or record.sid is None:
+            return
+        told = (record.sid, round_id)
+        if self._told.get(record.device_id) == told:
+            return
+        self._told[record.device_id] = told
+        log.info(
+            "device %s is still on round %s, which is not open; telling it to stop",
+            record.name,
+            round_id,
+        )
+        self._background.spawn(
+            self._starter.cancel(round_id, [record.device_id], "the round is closed"),
+            f"stop-{record.device_id}",
+            record.device_id,
+        )
+
+    def forget(self, device_id: str) -> None:
+        """The device disconnected."""
+        self._told.pop(device_id, None)

@@ -216,6 +216,12 @@ class ClusterRounds:
         self._distributor.send_global_later(record)
         self._wake.set()
 
+    def heard_training(self, record: DeviceRecord, round_id: str) -> None:
+        """Nothing: a worker's view of the open round follows the database by up to one
+        poll, so judged by it a device could be told to stop the round just opened (one
+        that moved here from a killed worker). A device training a closed round is told
+        by the worker that started it, and otherwise finishes and is refused."""
+
     def device_left(self, record: DeviceRecord) -> None:
         self._mirror(record.device_id)
         self._offered.pop(record.device_id, None)
@@ -480,7 +486,7 @@ class ClusterRounds:
             self._local = None
             self._offered.clear()
             if working:
-                await self._starter.cancel(local, working, "the round is closed")
+                await self._starter.cancel(local.round_id, working, "the round is closed")
 
     async def _write_partial(self, round_id: str) -> None:
         """Write this worker's partial sum for a closing round (once)."""
