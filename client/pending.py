@@ -222,7 +222,9 @@ class PendingStore:
         )
         try:
             sidecar_staged = staged.result()
-            with source.handing_over_output(data_path, sync_dir=False), self._lock:
+            # The lock first: whoever lists the directory never sees the output without
+            # its sidecar (it would remove it as a leftover).
+            with self._lock, source.handing_over_output(data_path, sync_dir=False):
                 os.replace(sidecar_staged, sidecar_path)
                 fsync_dir(self.directory)
                 self._identities[data_path] = file_identity(data_path)
@@ -238,8 +240,9 @@ class PendingStore:
         self, source: JobFiles, sidecar: _Sidecar, data_path: Path, sidecar_path: Path
     ) -> PendingUpdate:
         """``add(durable=False)``: both renames now, their fsyncs on the sync thread."""
-        # Under the lock: whoever lists the entry finds its fsyncs under way.
-        with source.handing_over_output(data_path, durable=False), self._lock:
+        # The lock first: whoever lists the directory never sees the output without its
+        # sidecar (it would remove it as a leftover), and finds its fsyncs under way.
+        with self._lock, source.handing_over_output(data_path, durable=False):
             write_atomic(sidecar_path, sidecar.model_dump_json().encode("utf-8"), durable=False)
             self._durable.discard(data_path)
             self._syncing[data_path] = _SIDECAR_POOL.submit(_make_durable, data_path, sidecar_path)
@@ -247,9 +250,10 @@ class PendingStore:
         return self._entry(sidecar, data_path, sidecar_path)
 
     def is_durable(self, update: PendingUpdate) -> bool:
-        """Whether this process made ``update`` durable (no waiting, no I/O)."""
-        with self._lock:
-            return update.path in self._durable
+        """Whether this process made ``update`` durable (no waiting, no I/O; no lock
+        either: one set lookup, which an add holding the lock across its fsyncs must not
+        hold up on the event loop)."""
+        return update.path in self._durable
 
     def wait_durable(self, update: PendingUpdate) -> None:
         """Return once ``update`` is durable (module docstring); raises OSError."""

@@ -288,3 +288,39 @@ def test_a_failed_fsync_is_tried_again_by_wait_durable(
     )
     store.wait_durable(entry)  # the background attempt failed; this one does it
     assert len(calls) == 2 and store.is_durable(entry)
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_the_output_enters_the_directory_only_under_the_store_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durable: bool
+) -> None:
+    # entries() (the uploader's thread) removes a data file without a sidecar as a crash
+    # leftover, under the store's lock: an output moved in before the lock is taken could
+    # be removed before its sidecar is written -- the trained update lost.
+    from client import workfiles
+
+    store = PendingStore(tmp_path / "pending")
+    locked_at_move: list[bool] = []
+    for name in ("move_into", "_move_synced"):
+        real = getattr(workfiles, name)
+
+        def watched(source: Path, target: Path, *args: object, _real=real, **kw: object) -> None:
+            if target.parent == store.directory:
+                locked_at_move.append(store._lock.locked())
+            _real(source, target, *args, **kw)
+
+        monkeypatch.setattr(workfiles, name, watched)
+    entry = store.add(
+        _update_file(tmp_path),
+        round_id="r-1",
+        task="digits",
+        base_version=3,
+        num_samples=1,
+        metrics={},
+        fmt="safetensors",
+        created=1.0,
+        durable=durable,
+    )
+    assert locked_at_move == [True]
+    store.wait_durable(entry)
+    assert [e.round_id for e in store.entries()] == ["r-1"]
