@@ -252,8 +252,9 @@ class RoundCoordinator:
     def heard_training(self, record: DeviceRecord, round_id: str) -> None:
         """A heartbeat says the device trains ``round_id``: unless that is the open
         round, it is told to stop (:class:`server.starter.StrayTraining`)."""
-        rnd = self.phase.round
-        self._strays.heard(record, round_id, rnd.round_id if rnd is not None else None)
+        rnd = self.phase.round  # or the last one, once closed: then none is open
+        open_round = rnd.round_id if rnd is not None and not rnd.closed else None
+        self._strays.heard(record, round_id, open_round)
 
     def device_left(self, record: DeviceRecord) -> None:
         """A device disconnected: free its slot in the open round."""

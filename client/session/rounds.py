@@ -228,9 +228,10 @@ class Rounds:
         # Work keys of finished rounds whose output is still being kept (handed to
         # pending): no cleanup may touch their files meanwhile.
         self._keeping: set[str] = set()
-        #: Round ids whose training:start is being handled -> whether the server
-        #: cancelled that round meanwhile (then it is not handed to the worker).
-        self._starting: dict[str, bool] = {}
+        #: Round ids whose training:start is being handled -> how many handlers are at
+        #: it, and those the server cancelled meanwhile (then not handed to the worker).
+        self._starting: dict[str, int] = {}
+        self._cancelled_starting: set[str] = set()
         self._background = TaskSet()
         #: Where the worker's evaluation events go (set by client.session.evaluations).
         self.on_eval_event: OnWorkerEvent | None = None
@@ -332,13 +333,16 @@ class Rounds:
     # -- handlers ---------------------------------------------------------------------
 
     async def on_training_start(self, start: TrainingStart) -> TrainingStartAck:
-        if start.round_id in self._starting:  # the same start again, still being handled
-            return await self._on_training_start(start)
-        self._starting[start.round_id] = False
+        round_id = start.round_id
+        self._starting[round_id] = self._starting.get(round_id, 0) + 1
         try:
             return await self._on_training_start(start)
         finally:
-            del self._starting[start.round_id]
+            left = self._starting.pop(round_id) - 1
+            if left:
+                self._starting[round_id] = left
+            else:
+                self._cancelled_starting.discard(round_id)
 
     async def _on_training_start(self, start: TrainingStart) -> TrainingStartAck:
         base = start.base_weights
@@ -476,7 +480,7 @@ class Rounds:
         """Hand ``job`` (its work folder prepared) to the worker; the round is current.
         Not when the server cancelled the round while it was being started."""
         assert job.work_key is not None  # WorkDir.job always computes it
-        if self._starting.get(start.round_id):
+        if start.round_id in self._cancelled_starting:
             return TrainingStartAck(
                 accepted=False,
                 reason="busy",
@@ -516,7 +520,7 @@ class Rounds:
             if self.worker is not None:
                 self.worker.cancel()
         elif cancel.round_id in self._starting:
-            self._starting[cancel.round_id] = True
+            self._cancelled_starting.add(cancel.round_id)
             log.info(
                 "round %s cancelled by the server while starting it: %s",
                 cancel.round_id,
