@@ -360,6 +360,13 @@ class PendingStore:
             self._syncing.pop(update.path, None)
             self._identities.pop(update.path, None)
 
+    def distrust(self, update: PendingUpdate) -> None:
+        """Forget the identity ``update`` was kept with: the receiver found its bytes not
+        matching their SHA-256, so the next send hashes the file again (and discards it
+        when it no longer matches)."""
+        with self._lock:
+            self._identities.pop(update.path, None)
+
     def _entry(self, sidecar: _Sidecar, data_path: Path, sidecar_path: Path) -> PendingUpdate:
         with self._lock:
             identity = self._identities.get(data_path)

@@ -247,6 +247,32 @@ def test_a_streamed_update_changed_on_disk_is_discarded_and_never_completed(
     assert "discarding the update of round r-1" in caplog.text
 
 
+def test_an_unhashed_update_the_server_finds_rotten_is_hashed_before_the_next_try(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Bytes that rot in place keep the file's identity (size, mtime, inode): sent
+    # unhashed, the server's check refuses them (checksum_mismatch: "retry"). The next
+    # try must hash the file, find it does not match and discard it -- not send the
+    # same rotten bytes on every reconnect.
+    pending = PendingStore(tmp_path / "pending")
+    _keep(tmp_path, pending, BIG)
+    [entry] = pending.entries()
+    kept = entry.path.stat().st_mtime_ns
+    rotten = bytearray(BIG)
+    rotten[100] ^= 0xFF
+    entry.path.write_bytes(bytes(rotten))  # the same inode and size
+    os.utime(entry.path, ns=(kept, kept))
+    assert pending.entries()[0].identity == entry.identity is not None
+    with caplog.at_level(logging.INFO, logger="client.session.uploader"):
+        server, _hub = asyncio.run(_upload(tmp_path, pending))
+    last = len(BIG) - len(BIG) % CHUNK
+    assert server.chunks.count(last) == 1  # the server refused it once (checksum_mismatch)
+    assert "could not take round r-1 yet (checksum_mismatch)" in caplog.text
+    # ... and the retry hashed the file: discarded before its last byte, never taken.
+    assert server.taken == [] and pending.entries() == []
+    assert "discarding the update of round r-1: the file no longer hashes" in caplog.text
+
+
 @pytest.mark.parametrize("restarted", [False, True])
 def test_an_update_this_process_kept_is_streamed_without_hashing_it_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restarted: bool

@@ -23,7 +23,10 @@ Contract (a loop-only object; disk work runs in worker threads):
   it was kept (hashed as it is read), so the server never completes a blob that differs
   from it. One this process kept (``PendingUpdate.identity``: the trainer hashed its
   bytes as it wrote them) is not hashed again: the file must still have the identity
-  (size, mtime, inode) it had when kept, at its opening and before its last byte.
+  (size, mtime, inode) it had when kept, at its opening and before its last byte. When
+  the server finds such bytes not matching (``checksum_mismatch``, ``size_mismatch``:
+  they rotted in place), the store forgets that identity, so the next try hashes the
+  file and discards it if it no longer matches its record.
 * An update may be sent while it is still being made durable (kept with
   ``PendingStore.add(..., durable=False)``): its bytes go out meanwhile, but the blob's
   last byte and the ``weights:submit`` only once
@@ -201,6 +204,9 @@ class Uploader:
             await asyncio.to_thread(self.pending.remove, update)
             return True
         except FedtrayError as exc:
+            if exc.code in _BYTES_REFUSED and update.identity is not None:
+                # Sent on its identity, unhashed here: hashed again before the next try.
+                self.pending.distrust(update)
             return await self._settle(update, exc.code, exc.message)
         except (socketio.exceptions.SocketIOError, TimeoutError) as exc:
             log.info("sending the update of round %s was interrupted: %s", update.round_id, exc)
@@ -258,6 +264,10 @@ class Uploader:
                 code,
                 message,
             )
+
+
+#: What the receiver answers to bytes that do not match their announced size or SHA-256.
+_BYTES_REFUSED = frozenset({"checksum_mismatch", "size_mismatch"})
 
 
 def _oldest(
