@@ -14,22 +14,24 @@ it off the critical path on the server; on the devices (:mod:`server.fedeval`, e
 
 A new version is published (``history.json`` saved, the next round free to start) as soon
 as it is saved. While it is being saved, a document over one chunk already goes to the
-connected devices (:meth:`server.distribution.Distributor.presend`): all of it but its last
-chunk, which goes only once the save is done, so no device completes it and nothing names
-it before it is durable. It is sent to every connected device as the next round starts: the devices
-that round starts get it inside ``training:start`` when it is small (or ``weights:global``
-first, :mod:`server.starter`), the others by ``weights:global`` at once (all of them when
-no round starts at once; a version due for federated evaluation reaches the devices asked
-to evaluate it by ``weights:global`` first); its ``weights:global`` carries what is known
-then (the round's sample-weighted ``trainLoss``). Its evaluation on the server's test split
-(one kept model, :class:`server.model.Evaluator`) runs in the background, one at a time,
-stale versions skipped, within a CPU budget (:class:`server.evaluation.EvaluationQueue`: at
-most a share of one core, so at rounds faster than it versions in between go unevaluated;
-the final version is always evaluated), and is recorded into
-that version's history record (and ``history.json``) when ready; a later ``weights:global``
-of that version carries it too. The status API may show a new version before its
-evaluation. A crash or stop before it is recorded leaves the record without one.
-Device records change only through the registry's named transitions.
+connected devices (:meth:`server.distribution.Distributor.presend`): all of it but its
+last chunk, which goes only once the save is over, so no device completes it and nothing
+names it before it is durable (or its save failed: logged, and it is published all the
+same, as every new version whose save fails is). It is sent to every connected device as
+the next round starts: the devices that round starts get it inside ``training:start`` when
+it is small (or ``weights:global`` first, :mod:`server.starter`), the others by
+``weights:global`` at once (all of them when no round starts at once; a version due for
+federated evaluation reaches the devices asked to evaluate it by ``weights:global``
+first); its ``weights:global`` carries what is known then (the round's sample-weighted
+``trainLoss``). Its evaluation on the server's test split (one kept model,
+:class:`server.model.Evaluator`) runs in the background, one at a time, stale versions
+skipped, within a CPU budget (:class:`server.evaluation.EvaluationQueue`: at most a share
+of one core, so at rounds faster than it versions in between go unevaluated; the final
+version is always evaluated), and is recorded into that version's history record (and
+``history.json``) when ready; a later ``weights:global`` of that version carries it too.
+The status API may show a new version before its evaluation. A crash or stop before it is
+recorded leaves the record without one. Device records change only through the registry's
+named transitions.
 
 Before each round it waits for ``--min-clients`` eligible devices on the registry's
 incremental counts (:mod:`server.device_wait`): woken when the eligible count crosses
@@ -542,7 +544,7 @@ class RoundCoordinator:
         )
         # Persist first, then publish: a version anyone has seen survives a crash. Its
         # bytes go to the devices meanwhile, all but the last chunk (Distributor.presend):
-        # no device completes it, nothing names it, before it is durable.
+        # no device completes it, nothing names it, before its save is over.
         presend = self._distributor.presend(version, prepared.encoded, prepared.sha256)
         try:
             saved = await self._model.persist(prepared, record)

@@ -24,8 +24,9 @@ to it again (``ensure_global`` answers False at once) until it holds it or a new
 version; a newer version is offered as usual. :meth:`Distributor.broadcast` starts
 that for every connected device in the background. :meth:`Distributor.presend` sends a new
 version's document (over one chunk) to the connected devices while it is being saved, all
-but its last chunk; that one goes only after :meth:`Presend.durable` (its version saved),
-so a device never completes, and is never told of, a version that is not yet durable.
+but its last chunk; that one goes only after :meth:`Presend.durable` (its version's save
+is over: done, or failed and published all the same), so a device never completes, and
+is never told of, a version whose save is still under way.
 Concurrent sends of one document to several devices share its chunks
 (:class:`SharedChunks`: each chunk cut once, not once per device). :meth:`Distributor.deliver_final`
 sends the final global and then ``federation:finished``, at most once per connection.
