@@ -47,7 +47,7 @@ from client.errors import FedtrayError
 from client.protocol import Partition, TrainingConfig
 from client.tasks import get_task
 from client.tasks.base import Task, model_state
-from client.weights import Layout, decode_views, layout_of, sha256_hex
+from client.weights import Layout, StateDict, decode_views, layout_of, sha256_hex
 
 if TYPE_CHECKING:
     import torch
@@ -212,6 +212,10 @@ def read_base(job: BaseJob, of: str) -> tuple[bytes | mmap.mmap, str]:
         return raw, job.base_sha256
     sha = sha256_hex(memoryview(raw))
     if job.base_sha256 is not None and sha != job.base_sha256:
+        if isinstance(raw, mmap.mmap):
+            # Unmapped now, not when the error is freed: Windows cannot delete a mapped
+            # file, and the global store deletes older globals.
+            raw.close()
         raise stale
     return raw, sha
 
@@ -222,6 +226,7 @@ def load_base(built: BuiltModel, job: BaseJob, of: str) -> str:
     import torch
 
     raw, sha = read_base(job, of)
+    base: StateDict | None = None
     try:
         # Every check of decode(), over the file's mapped bytes (no copy): load_state_dict
         # copies them into the model's own tensors, in place, once.
@@ -229,8 +234,8 @@ def load_base(built: BuiltModel, job: BaseJob, of: str) -> str:
         with warnings.catch_warnings():  # read-only arrays: torch only reads them here
             warnings.simplefilter("ignore", UserWarning)
             built.model.load_state_dict({k: torch.from_numpy(v) for k, v in base.items()})
-        del base
     finally:
+        base = None  # the views of the map, released before it is closed (errors too)
         if isinstance(raw, mmap.mmap):
             with contextlib.suppress(BufferError):  # a view still held: closed when freed
                 raw.close()
