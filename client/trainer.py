@@ -66,7 +66,11 @@ Contract:
 * The batch size is ``config.batch_size`` capped by the memory available
   (:func:`cap_batch_size`); when an epoch runs out of memory anyway, it is retried from
   the state at the start of the epoch with half the batch size, down to 1, after which
-  ``FedtrayError('training_failed')`` is raised. The effective batch size is reported.
+  ``FedtrayError('training_failed')`` is raised. A fresh job's first epoch keeps no copy
+  of its model for that (:class:`BaseSnapshot`): its model is its base file's weights, so
+  a retry loads that file again, checked as the first load was (``stale_base`` if it is
+  no longer there: the device has since held two newer globals). The effective batch
+  size is reported.
 * The trained state dict (:func:`client.tasks.base.model_state`: every tensor in its own
   dtype) is written as safetensors to ``job.output_path`` atomically: readers see the old
   file or the whole new one; its size and SHA-256 (hashed as written) are in the
