@@ -264,10 +264,14 @@ class PendingStore:
         if syncing is not None:
             try:
                 syncing.result()
-            except OSError as exc:  # tried again below
+            except OSError as exc:  # reported once, forgotten, and tried again below
                 log.warning(
                     "making the update of round %s durable failed: %s", update.round_id, exc
                 )
+                with self._lock:
+                    if self._syncing.get(update.path) is syncing:
+                        del self._syncing[update.path]
+                syncing = None
             else:
                 self._made_durable(update.path, syncing)
                 return

@@ -324,3 +324,38 @@ def test_the_output_enters_the_directory_only_under_the_store_lock(
     assert locked_at_move == [True]
     store.wait_durable(entry)
     assert [e.round_id for e in store.entries()] == ["r-1"]
+
+
+def test_a_failed_background_fsync_is_reported_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import client.pending as pending_module
+
+    real = pending_module._make_durable
+    calls: list[Path] = []
+
+    def failing_twice(data_path: Path, sidecar_path: Path) -> None:
+        calls.append(data_path)
+        if len(calls) <= 2:
+            raise OSError(5, "Input/output error")
+        real(data_path, sidecar_path)
+
+    monkeypatch.setattr(pending_module, "_make_durable", failing_twice)
+    store = PendingStore(tmp_path / "pending")
+    entry = store.add(
+        _update_file(tmp_path),
+        round_id="r-1",
+        task="digits",
+        base_version=3,
+        num_samples=1,
+        metrics={},
+        fmt="safetensors",
+        created=1.0,
+        durable=False,
+    )
+    with caplog.at_level(logging.WARNING, logger="client.pending"):
+        with pytest.raises(OSError, match="Input/output"):
+            store.wait_durable(entry)  # the background's failure, then its own
+        store.wait_durable(entry)  # tries again; the old failure is not news
+    assert len(calls) == 3 and store.is_durable(entry)
+    assert caplog.text.count("durable failed") == 1
