@@ -58,8 +58,10 @@ __all__ = [
     "Call",
     "blob_ref",
     "check_ack",
+    "peer_offset",
     "send_blob",
     "send_file_blob",
+    "send_from",
     "weights_ref_for",
 ]
 
@@ -87,7 +89,9 @@ def check_ack(ack: Any, what: str) -> BlobProgress:
         raise FedtrayError("bad_request", f"unexpected ack to {what}: {ack!r:.200}") from None
 
 
-async def _peer_offset(call: Call, blob_id: str, total: int) -> int:
+async def peer_offset(call: Call, blob_id: str, total: int) -> int:
+    """How many bytes of blob ``blob_id`` (``total`` long) the peer holds (``blob:status``);
+    raises FedtrayError when that cannot be this blob."""
     status = check_ack(
         await call(EV_BLOB_STATUS, BlobStatus(blob_id=blob_id).to_wire()), "blob:status"
     )
@@ -98,7 +102,7 @@ async def _peer_offset(call: Call, blob_id: str, total: int) -> int:
     return status.received
 
 
-async def _send_from(
+async def send_from(
     call: Call,
     read: ReadPiece,
     offset: int,
@@ -156,12 +160,12 @@ async def send_blob(
     total = len(data)
     digest = sha256 or sha256_hex(data)
     view = memoryview(data)
-    offset = await _peer_offset(call, blob_id, total)
+    offset = await peer_offset(call, blob_id, total)
 
     async def read(start: int, end: int) -> bytes:
         return bytes(view[start:end])
 
-    await _send_from(
+    await send_from(
         call,
         read,
         offset,
@@ -200,7 +204,7 @@ async def send_file_blob(
         hasher: Any = hashlib.sha256()
         if identity is not None and identity.size == size and _identity(fh) == identity:
             hasher = None  # vouched for by its identity: checked again at the end instead
-        offset = await _peer_offset(call, blob_id, size)
+        offset = await peer_offset(call, blob_id, size)
         if hasher is None:
             fh.seek(offset)
         else:
@@ -214,7 +218,7 @@ async def send_file_blob(
                 _read_piece, fh, hasher, start, end, size, sha256, identity
             )
 
-        await _send_from(
+        await send_from(
             call,
             read,
             offset,

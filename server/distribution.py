@@ -60,7 +60,7 @@ from client.protocol import (
 )
 from client.protocol.events import FEDERATION_FINISHED, TASK_FILE, WEIGHTS_GLOBAL
 from client.transfer import blob_ref, limits_towards, send_blob, weights_ref_for
-from client.transfer_send import Call, ReadPiece, _peer_offset, _send_from
+from client.transfer_send import Call, ReadPiece, peer_offset, send_from
 from server.background import Background
 from server.config import ServerConfig
 from server.globalmodel import GlobalModel
@@ -251,13 +251,13 @@ class Distributor:
     ) -> None:
         """:func:`client.transfer.send_blob` of the global, its chunks cut once for every
         device it is sent to side by side (:class:`SharedChunks`), or read by ``read``."""
-        offset = await _peer_offset(call, blob_id, len(data))
+        offset = await peer_offset(call, blob_id, len(data))
         cut = self._chunks.cut
 
         async def shared(start: int, end: int) -> bytes:
             return cut(digest, data, start, end)
 
-        await _send_from(
+        await send_from(
             call,
             shared if read is None else read,
             offset,
@@ -317,16 +317,15 @@ class Distributor:
         lock = self._send_locks.setdefault(record.device_id, asyncio.Lock())
         async with lock:
             sid = record.sid
-            if sid is None:
-                return
+            if sid is None or (record.weights_version or 0) >= presend.version:
+                return  # gone, or given it (or a newer one) meanwhile
             cfg = self._config
-            last = len(data) - 1 - (len(data) - 1) % chunk  # where the last chunk starts
 
             async def call(event: str, payload: dict[str, Any]) -> Any:
                 return await self._sio.call(event, payload, to=sid, timeout=cfg.ack_timeout)
 
             async def gated(start: int, end: int) -> bytes:
-                if end > last and not await presend.wait():
+                if end == len(data) and not await presend.wait():
                     raise _AbandonedError
                 return self._chunks.cut(digest, data, start, end)
 
