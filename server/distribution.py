@@ -24,11 +24,11 @@ to it again (``ensure_global`` answers False at once) until it holds it or a new
 version; a newer version is offered as usual. :meth:`Distributor.broadcast` starts
 that for every connected device in the background. :meth:`Distributor.presend` sends a new
 version's document (over one chunk) to the connected devices while it is being saved, all
-but its last chunk; that one goes only after :meth:`Presend.durable` (its version's save
+but its last chunk; that one goes only after :meth:`server.presend.Presend.durable` (its version's save
 is over: done, or failed and published all the same), so a device never completes, and
 is never told of, a version whose save is still under way.
 Concurrent sends of one document to several devices share its chunks
-(:class:`SharedChunks`: each chunk cut once, not once per device). :meth:`Distributor.deliver_final`
+(:class:`server.presend.SharedChunks`: each chunk cut once, not once per device). :meth:`Distributor.deliver_final`
 sends the final global and then ``federation:finished``, at most once per connection.
 :meth:`Distributor.ensure_file` gives a device a task file (a package or a data share):
 ``task:file`` asks whether it holds it; when not, the file goes as a blob (id = its
@@ -64,6 +64,7 @@ from client.transfer_send import Call, ReadPiece, peer_offset, send_from
 from server.background import Background
 from server.config import ServerConfig
 from server.globalmodel import GlobalModel
+from server.presend import Presend, SharedChunks
 from server.registry import DeviceRecord, Registry
 
 log = logging.getLogger(__name__)
@@ -79,59 +80,6 @@ def short(value: object, limit: int = 80) -> str:
     """A value safe and short enough for a log line."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
-
-
-#: Chunks of the global kept for concurrent sends to share (at most this many; each at most
-#: one chunk towards a device): the devices of a round are sent the same version side by
-#: side, chunk by chunk, so each chunk is cut (copied out of the document) once, not once
-#: per device.
-SHARED_CHUNKS = 16
-
-
-class SharedChunks:
-    """Chunks of documents being sent, cut once and handed to every send that reads the
-    same range of the same document (by its SHA-256) while it is kept; at most ``keep``
-    chunks held, the oldest dropped first. Owned by the event loop."""
-
-    def __init__(self, keep: int = SHARED_CHUNKS) -> None:
-        self._keep = keep
-        self._held: dict[tuple[str, int, int], bytes] = {}
-
-    def cut(self, digest: str, data: bytes | memoryview, start: int, end: int) -> bytes:
-        """``data[start:end]`` as bytes (``data`` hashes to ``digest``), shared when held."""
-        key = (digest, start, end)
-        piece = self._held.get(key)
-        if piece is None:
-            piece = bytes(memoryview(data)[start:end])
-            self._held[key] = piece
-            if len(self._held) > self._keep:
-                del self._held[next(iter(self._held))]  # dicts keep insertion order
-        return piece
-
-
-class Presend:
-    """A new version's document sent ahead of its publication (:meth:`Distributor.
-    presend`): its bytes go out at once, its last chunk only after :meth:`durable`;
-    :meth:`abandon` stops the sends instead (the version will not be published)."""
-
-    def __init__(self, version: int) -> None:
-        self.version = version
-        self._outcome: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-
-    def durable(self) -> None:
-        """The version is saved (or its save was given up and it is published anyway):
-        the sends may complete the document."""
-        if not self._outcome.done():
-            self._outcome.set_result(True)
-
-    def abandon(self) -> None:
-        """The version will not be published: the sends stop before its last chunk."""
-        if not self._outcome.done():
-            self._outcome.set_result(False)
-
-    async def wait(self) -> bool:
-        """True once :meth:`durable`, False once :meth:`abandon` was called."""
-        return await asyncio.shield(self._outcome)
 
 
 class _AbandonedError(Exception):

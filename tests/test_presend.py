@@ -1,13 +1,13 @@
 """A new version's document goes to the devices while it is saved, but never completes early.
 
-* :class:`server.distribution.SharedChunks` (table): a range of one document is cut once
+* :class:`server.presend.SharedChunks` (table): a range of one document is cut once
   and the same bytes object handed to every reader; at most ``keep`` chunks are held, the
   oldest dropped first.
 * :meth:`server.distribution.Distributor.presend` over the real server (real Socket.IO on
   loopback, a scripted device with a small chunk limit): the device receives every chunk
-  but the last at once; the last one only after :meth:`~server.distribution.Presend.
+  but the last at once; the last one only after :meth:`~server.presend.Presend.
   durable`, and no ``weights:global`` names the version meanwhile. After
-  :meth:`~server.distribution.Presend.abandon` the last chunk never goes, and the device's
+  :meth:`~server.presend.Presend.abandon` the last chunk never goes, and the device's
   sends go on (a later presend to it completes).
 * In rounds (two devices with a small chunk limit): each device is sent a round's new
   version once, chunk by chunk (ahead, then its last chunk; nothing sent again), and its
@@ -31,7 +31,7 @@ import pytest
 import server.coordinator
 from client.protocol import BlobProgress, Limits
 from client.weights import encode, sha256_hex
-from server.distribution import Presend, SharedChunks
+from server.presend import Presend, SharedChunks
 from server.store import HISTORY_FILE
 from tests.server_harness import ScriptedDevice, ServerHandle, run_devices, running_server
 
