@@ -3,8 +3,8 @@
 Contract: :class:`Distributor` sends ``weights:global`` in the format each device prefers
 (safetensors when it lists it, else json) within the limits towards that device
 (:func:`client.transfer.limits_towards`: the smaller of the server's own and the ones the
-device advertised in its capabilities): inline when the document fits one chunk, else as
-a ``blob:chunk`` transfer of chunks of at most that ``maxChunkBytes`` with at most that
+device advertised in its capabilities): inline when the document fits one chunk, else as a
+``blob:chunk`` transfer of chunks of at most that ``maxChunkBytes`` with at most that
 ``maxInflightChunks`` unacknowledged. A global over the device's ``maxBlobBytes`` is not
 sent at all (one warning per device and version says so; the device is skipped until it
 can take it). ``weights:global`` names the model the weights are for, as
@@ -13,29 +13,28 @@ can take it). ``weights:global`` names the model the weights are for, as
 :meth:`Distributor.ensure_global` sends the current version unless the device already
 holds it (one send per device at a time, and none while a ``training:start`` carrying it
 inline, :meth:`Distributor.inline_global`, is unanswered: a device is never sent the same
-version twice) and returns whether the device now holds it;
-it never raises for a peer's failure (timeouts, disconnects, refusals are logged and
-answered False). On success the registry records the version the device holds
+version twice) and returns whether the device now holds it; it never raises for a peer's
+failure (timeouts, disconnects, refusals are logged and answered False). On success the
+registry records the version the device holds
 (:meth:`server.registry.Registry.holds_version`). A device that refuses a version as
 unusable (an ErrorAck with one of :data:`UNUSABLE_CODES`: the tensors do not fit its
 model) is recorded in the registry (:meth:`server.registry.Registry.refused_weights`,
-which keeps it out of rounds), one warning line is logged, and that version is not sent
-to it again (``ensure_global`` answers False at once) until it holds it or a newer
-version; a newer version is offered as usual. :meth:`Distributor.broadcast` starts
-that for every connected device in the background. :meth:`Distributor.presend` sends a new
-version's document (over one chunk) to the connected devices while it is being saved, all
-but its last chunk; that one goes only after :meth:`server.presend.Presend.durable` (its version's save
-is over: done, or failed and published all the same), so a device never completes, and
-is never told of, a version whose save is still under way.
-Concurrent sends of one document to several devices share its chunks
-(:class:`server.presend.SharedChunks`: each chunk cut once, not once per device). :meth:`Distributor.deliver_final`
-sends the final global and then ``federation:finished``, at most once per connection.
+which keeps it out of rounds), one warning line is logged, and that version is not sent to
+it again (``ensure_global`` answers False at once) until it holds it or a newer version; a
+newer version is offered as usual. :meth:`Distributor.broadcast` starts that for every
+connected device in the background. :meth:`Distributor.presend` sends a new version's
+document (over one chunk) to the connected devices while it is being saved, all but its
+last chunk; that one goes only after :meth:`server.presend.Presend.durable` (its version's
+save is over: done, or failed and published all the same), so a device never completes,
+and is never told of, a version whose save is still under way. Concurrent sends of one
+document to several devices share its chunks (:class:`server.presend.SharedChunks`: each
+chunk cut once, not once per device). :meth:`Distributor.deliver_final` sends the final
+global and then ``federation:finished``, at most once per connection.
 :meth:`Distributor.ensure_file` gives a device a task file (a package or a data share):
 ``task:file`` asks whether it holds it; when not, the file goes as a blob (id = its
-SHA-256, same limits as weights) followed by ``task:file`` naming the blob; True once
-the device says it holds it, False (logged) otherwise. It never raises for a peer's
-failure either.
-"""
+SHA-256, same limits as weights) followed by ``task:file`` naming the blob; True once the
+device says it holds it, False (logged) otherwise. It never raises for a peer's failure
+either."""
 
 from __future__ import annotations
 
