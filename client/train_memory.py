@@ -13,12 +13,16 @@ Contract:
 * :meth:`EpochSnapshot.take` copies the model, optimizer, torch RNG and position at the
   start of an epoch; :meth:`EpochSnapshot.restore` puts them back, so an epoch that ran
   out of memory is retried from exactly where it began. Neither changes the snapshot.
+  Given ``reload`` (a fresh job's first epoch, whose model is its base file's weights),
+  the model is not copied: :meth:`EpochSnapshot.restore` calls ``reload`` to load that
+  file into it again instead (whatever ``reload`` raises passes through).
 * :func:`free_accelerator_memory` releases the CUDA cache (nothing on other devices).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -73,31 +77,45 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 @dataclass
 class EpochSnapshot:
-    """In-memory state at the start of an epoch, to retry it after running out of memory."""
+    """In-memory state at the start of an epoch, to retry it after running out of memory
+    (the model's state copied, or put back by ``reload``: module docstring)."""
 
     model: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
     rng: torch.Tensor
     position: Position
+    reload: Callable[[], object] | None = None
 
     @classmethod
     def take(
-        cls, model: torch.nn.Module, optimizer: Optimizer, position: Position
+        cls,
+        model: torch.nn.Module,
+        optimizer: Optimizer,
+        position: Position,
+        reload: Callable[[], object] | None = None,
     ) -> EpochSnapshot:
         import torch
 
         return cls(
-            model={k: cpu_copy(v) for k, v in model.state_dict().items()},
+            model=(
+                {}
+                if reload is not None
+                else {k: cpu_copy(v) for k, v in model.state_dict().items()}
+            ),
             optimizer=copy.deepcopy(optimizer.state_dict()),
             rng=torch.get_rng_state(),
             position=copy.deepcopy(position),
+            reload=reload,
         )
 
     def restore(self, model: torch.nn.Module, optimizer: Optimizer) -> Position:
         """Put the model, optimizer and RNG back; return a copy of the position."""
         import torch
 
-        model.load_state_dict(self.model)
+        if self.reload is not None:
+            self.reload()
+        else:
+            model.load_state_dict(self.model)
         optimizer.load_state_dict(copy.deepcopy(self.optimizer))
         torch.set_rng_state(self.rng)
         return copy.deepcopy(self.position)

@@ -67,10 +67,10 @@ Contract:
   (:func:`cap_batch_size`); when an epoch runs out of memory anyway, it is retried from
   the state at the start of the epoch with half the batch size, down to 1, after which
   ``FedtrayError('training_failed')`` is raised. A fresh job's first epoch keeps no copy
-  of its model for that (:class:`BaseSnapshot`): its model is its base file's weights, so
-  a retry loads that file again, checked as the first load was (``stale_base`` if it is
-  no longer there: the device has since held two newer globals). The effective batch
-  size is reported.
+  of its model for that (:class:`client.train_memory.EpochSnapshot` with ``reload``): its
+  model is its base file's weights, so a retry loads that file again, checked as the
+  first load was (``stale_base`` if it is no longer there: the device has since held two
+  newer globals). The effective batch size is reported.
 * The trained state dict (:func:`client.tasks.base.model_state`: every tensor in its own
   dtype) is written as safetensors to ``job.output_path`` atomically: readers see the old
   file or the whole new one; its size and SHA-256 (hashed as written) are in the
@@ -265,13 +265,15 @@ class LocalTrainer:
         periodic = CheckpointClock(job.checkpoint_interval)
         try:
             while position.epoch < job.config.epochs:
-                snapshot: EpochSnapshot | BaseSnapshot
-                if from_base and position.epoch == 0:
-                    snapshot = BaseSnapshot.take(
-                        optimizer, position, lambda: load_base(built, job, f"round {job.round_id}")
-                    )
-                else:
-                    snapshot = EpochSnapshot.take(model, optimizer, position)
+                snapshot = EpochSnapshot.take(
+                    model,
+                    optimizer,
+                    position,
+                    # A fresh job's first epoch: its model is the base file's weights.
+                    reload=(lambda: load_base(built, job, f"round {job.round_id}"))
+                    if from_base and position.epoch == 0
+                    else None,
+                )
                 try:
                     self._train_epoch(
                         job,
@@ -519,44 +521,6 @@ class LocalTrainer:
             return position
         files.discard_checkpoint()
         return None
-
-
-class BaseSnapshot:
-    """The state at the start of a fresh job's first epoch, whose model is its base file's
-    weights (just loaded, nothing trained): :meth:`restore` loads that file into the model
-    again (checked as the first load was) instead of copying the whole model up front, and
-    puts the optimizer, RNG and position back as :class:`EpochSnapshot` does."""
-
-    def __init__(self, rest: EpochSnapshot, reload: Callable[[], object]) -> None:
-        self._rest = rest
-        self._reload = reload
-
-    @classmethod
-    def take(
-        cls, optimizer: Optimizer, position: Position, reload: Callable[[], object]
-    ) -> BaseSnapshot:
-        import copy
-
-        import torch
-
-        rest = EpochSnapshot(
-            model={},
-            optimizer=copy.deepcopy(optimizer.state_dict()),
-            rng=torch.get_rng_state(),
-            position=copy.deepcopy(position),
-        )
-        return cls(rest, reload)
-
-    def restore(self, model: torch.nn.Module, optimizer: Optimizer) -> Position:
-        """The model from the base file again, then the rest (:meth:`EpochSnapshot.restore`)."""
-        import copy
-
-        import torch
-
-        self._reload()
-        optimizer.load_state_dict(copy.deepcopy(self._rest.optimizer))
-        torch.set_rng_state(self._rest.rng)
-        return copy.deepcopy(self._rest.position)
 
 
 def warm_up() -> None:
