@@ -283,6 +283,44 @@ def subprocess_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+@dataclass
+class ClientProcess:
+    """A running ``python -m client`` and what it printed so far (:func:`client_process`)."""
+
+    proc: subprocess.Popen[str]
+    lines: list[str]
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+
+@contextlib.contextmanager
+def client_process(url: str, name: str, env: dict[str, str]) -> Iterator[ClientProcess]:
+    """``python -m client --server url --name name`` with ``env``, its output (stdout and
+    stderr) collected line by line by a reader thread; on exit terminated if still
+    running, reaped, and its output read to the end."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "client", "--server", url, "--name", name],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    assert proc.stdout is not None
+    out = proc.stdout
+    reader = threading.Thread(target=lambda: lines.extend(out), daemon=True)
+    reader.start()
+    try:
+        yield ClientProcess(proc, lines)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait(scaled(30))
+        reader.join(scaled(10))
+
+
 def server_args(tmp_path: Path, *args: str) -> list[str]:
     """Test-default flags for ``python -m server`` (later flags in ``args`` win; the
     durations in :data:`SCALED_FLAGS` are scaled)."""

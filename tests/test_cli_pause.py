@@ -11,7 +11,6 @@ import argparse
 import signal
 import subprocess
 import sys
-import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from client.device import detect_device
 from client.protocol import BatteryStatus
 from client.schedule import parse_schedule, until_tomorrow
 from client.session import DistributedClient
-from tests.server_harness import REPO_ROOT, running_server, subprocess_env
+from tests.server_harness import REPO_ROOT, client_process, running_server, subprocess_env
 from tests.waiting import scaled
 
 
@@ -181,77 +180,60 @@ def _device(status: dict[str, Any]) -> dict[str, Any]:
 @pytest.mark.slow
 def test_pause_and_resume_reach_a_running_client_process(tmp_path: Path) -> None:
     env = subprocess_env(tmp_path)
-    with running_server(tmp_path, min_clients=5) as server:
-        client = subprocess.Popen(
-            [sys.executable, "-m", "client", "--server", server.url, "--name", "cli-dev"],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+    with (
+        running_server(tmp_path, min_clients=5) as server,
+        client_process(server.url, "cli-dev", env) as client,
+    ):
+        server.wait_for(
+            lambda st: len(st["devices"]) == 1 and _device(st)["state"] == "idle",
+            timeout=60,
+            what="the client process registered",
         )
-        lines: list[str] = []
-        assert client.stdout is not None
-        out = client.stdout
-        reader = threading.Thread(target=lambda: lines.extend(out), daemon=True)
-        reader.start()
-        try:
-            server.wait_for(
-                lambda st: len(st["devices"]) == 1 and _device(st)["state"] == "idle",
-                timeout=60,
-                what="the client process registered",
-            )
 
-            def command(name: str, *extra: str) -> str:
-                done = subprocess.run(
-                    [sys.executable, "-m", "client", name, *extra],
-                    cwd=REPO_ROOT,
-                    env=env,
-                    capture_output=True,
-                    text=True,
-                    timeout=scaled(60),
-                    check=False,
-                )
-                assert done.returncode == 0, done.stderr
-                return done.stdout
+        def command(name: str, *extra: str) -> str:
+            done = subprocess.run(
+                [sys.executable, "-m", "client", name, *extra],
+                cwd=REPO_ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=scaled(60),
+                check=False,
+            )
+            assert done.returncode == 0, done.stderr
+            return done.stdout
 
-            assert "paused training" in command("pause")
-            status = server.wait_for(
-                lambda st: _device(st)["pauseReason"] == "user_paused",
-                timeout=5,
-                what="the running client paused by `fedtray-client pause`",
-            )
-            assert _device(status)["pauseDetail"] == "Paused by you"
-            assert "resumed training" in command("resume")
-            server.wait_for(
-                lambda st: _device(st)["state"] == "idle" and _device(st)["pauseReason"] is None,
-                timeout=5,
-                what="the running client resumed by `fedtray-client resume`",
-            )
-            said = command("pause", "--for", "1h")
-            assert said.startswith("Paused until "), said
-            status = server.wait_for(
-                lambda st: (_device(st)["pauseDetail"] or "").startswith("Paused by you until "),
-                timeout=5,
-                what="the running client paused by `fedtray-client pause --for 1h`",
-            )
-            when = said.removeprefix("Paused until ").split(": ", 1)[0]  # "15:30" or with the day
-            assert _device(status)["pauseDetail"] == f"Paused by you until {when}"
-            assert "resumed training" in command("resume")
-            server.wait_for(
-                lambda st: _device(st)["pauseReason"] is None,
-                timeout=5,
-                what="the timed pause ended by `fedtray-client resume`",
-            )
-            client.send_signal(signal.SIGTERM)
-            assert client.wait(scaled(60)) == 0
-        finally:
-            if client.poll() is None:
-                client.kill()
-                client.wait(scaled(30))
-        reader.join(scaled(10))
-        text = "".join(lines)
-        assert "state: paused: Paused by you" in text, text
+        assert "paused training" in command("pause")
+        status = server.wait_for(
+            lambda st: _device(st)["pauseReason"] == "user_paused",
+            timeout=5,
+            what="the running client paused by `fedtray-client pause`",
+        )
+        assert _device(status)["pauseDetail"] == "Paused by you"
+        assert "resumed training" in command("resume")
+        server.wait_for(
+            lambda st: _device(st)["state"] == "idle" and _device(st)["pauseReason"] is None,
+            timeout=5,
+            what="the running client resumed by `fedtray-client resume`",
+        )
+        said = command("pause", "--for", "1h")
+        assert said.startswith("Paused until "), said
+        status = server.wait_for(
+            lambda st: (_device(st)["pauseDetail"] or "").startswith("Paused by you until "),
+            timeout=5,
+            what="the running client paused by `fedtray-client pause --for 1h`",
+        )
+        when = said.removeprefix("Paused until ").split(": ", 1)[0]  # "15:30" or with the day
+        assert _device(status)["pauseDetail"] == f"Paused by you until {when}"
+        assert "resumed training" in command("resume")
+        server.wait_for(
+            lambda st: _device(st)["pauseReason"] is None,
+            timeout=5,
+            what="the timed pause ended by `fedtray-client resume`",
+        )
+        client.proc.send_signal(signal.SIGTERM)
+        assert client.proc.wait(scaled(60)) == 0
+    assert "state: paused: Paused by you" in client.text(), client.text()
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from client.errors import FedtrayError
-from client.pending import PendingStore, _stem, default_pending_dir
+from client.pending import PendingStore, PendingUpdate, _stem, default_pending_dir
 from client.workfiles import JobFiles, WorkDir
 
 
@@ -35,6 +35,21 @@ def _add(store: PendingStore, src: JobFiles, round_id: str = "r-1", created: flo
         metrics={"trainLoss": 0.5},
         fmt="safetensors",
         created=created,
+    )
+
+
+def _kept(store: PendingStore, tmp_path: Path, *, durable: bool) -> PendingUpdate:
+    """A fresh job output kept as round r-1's update."""
+    return store.add(
+        _update_file(tmp_path),
+        round_id="r-1",
+        task="digits",
+        base_version=3,
+        num_samples=1,
+        metrics={},
+        fmt="safetensors",
+        created=1.0,
+        durable=durable,
     )
 
 
@@ -231,17 +246,7 @@ def test_an_entry_is_durable_once_wait_durable_returns(
 ) -> None:
     fsyncs = _Fsyncs(monkeypatch)
     store = PendingStore(tmp_path / "pending")
-    entry = store.add(
-        _update_file(tmp_path),
-        round_id="r-1",
-        task="digits",
-        base_version=3,
-        num_samples=1,
-        metrics={},
-        fmt="safetensors",
-        created=1.0,
-        durable=durable,
-    )
+    entry = _kept(store, tmp_path, durable=durable)
     inodes = {entry.path.stat().st_ino, entry.sidecar.stat().st_ino}
     if durable:  # fsynced before add returned
         assert store.is_durable(entry) and inodes <= set(fsyncs.inodes)
@@ -275,17 +280,7 @@ def test_a_failed_fsync_is_tried_again_by_wait_durable(
 
     monkeypatch.setattr(pending_module, "_make_durable", flaky)
     store = PendingStore(tmp_path / "pending")
-    entry = store.add(
-        _update_file(tmp_path),
-        round_id="r-1",
-        task="digits",
-        base_version=3,
-        num_samples=1,
-        metrics={},
-        fmt="safetensors",
-        created=1.0,
-        durable=False,
-    )
+    entry = _kept(store, tmp_path, durable=False)
     store.wait_durable(entry)  # the background attempt failed; this one does it
     assert len(calls) == 2 and store.is_durable(entry)
 
@@ -310,17 +305,7 @@ def test_the_output_enters_the_directory_only_under_the_store_lock(
             _real(source, target, *args, **kw)
 
         monkeypatch.setattr(workfiles, name, watched)
-    entry = store.add(
-        _update_file(tmp_path),
-        round_id="r-1",
-        task="digits",
-        base_version=3,
-        num_samples=1,
-        metrics={},
-        fmt="safetensors",
-        created=1.0,
-        durable=durable,
-    )
+    entry = _kept(store, tmp_path, durable=durable)
     assert locked_at_move == [True]
     store.wait_durable(entry)
     assert [e.round_id for e in store.entries()] == ["r-1"]
@@ -342,17 +327,7 @@ def test_a_failed_background_fsync_is_reported_once(
 
     monkeypatch.setattr(pending_module, "_make_durable", failing_twice)
     store = PendingStore(tmp_path / "pending")
-    entry = store.add(
-        _update_file(tmp_path),
-        round_id="r-1",
-        task="digits",
-        base_version=3,
-        num_samples=1,
-        metrics={},
-        fmt="safetensors",
-        created=1.0,
-        durable=False,
-    )
+    entry = _kept(store, tmp_path, durable=False)
     with caplog.at_level(logging.WARNING, logger="client.pending"):
         with pytest.raises(OSError, match="Input/output"):
             store.wait_durable(entry)  # the background's failure, then its own

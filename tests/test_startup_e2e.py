@@ -11,17 +11,15 @@ appears in the server's ``/api/status`` through the heartbeat's registration upd
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from client.device import GPU_CACHE_FILENAME, GPU_PROBE_COMMAND_ENV
-from tests.server_harness import REPO_ROOT, running_server, subprocess_env
-from tests.waiting import poll, scaled
+from tests.server_harness import client_process, running_server, subprocess_env
+from tests.waiting import poll
 
 GPU = {"kind": "cuda", "name": "Gate GPU 9000", "memoryMb": 1234}
 
@@ -48,49 +46,34 @@ def test_registers_before_the_gpu_probe_ends_and_reports_the_gpu_later(tmp_path:
     started, gate = tmp_path / "probe-started", tmp_path / "probe-gate"
     env = subprocess_env(tmp_path / "client")
     env[GPU_PROBE_COMMAND_ENV] = json.dumps([sys.executable, "-c", _probe_script(started, gate)])
-    with running_server(tmp_path, min_clients=5) as server:
-        client = subprocess.Popen(
-            [sys.executable, "-m", "client", "--server", server.url, "--name", "startup-dev"],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+    with (
+        running_server(tmp_path, min_clients=5) as server,
+        client_process(server.url, "startup-dev", env) as client,
+    ):
+        status = server.wait_for(
+            lambda st: (d := _device(st)) is not None and d["connected"],
+            timeout=60,
+            what="the client registered",
         )
-        lines: list[str] = []
-        assert client.stdout is not None
-        out = client.stdout
-        reader = threading.Thread(target=lambda: lines.extend(out), daemon=True)
-        reader.start()
-        try:
-            status = server.wait_for(
-                lambda st: (d := _device(st)) is not None and d["connected"],
-                timeout=60,
-                what="the client registered",
-            )
-            # Registered while the probe could not have finished: its gate is still shut.
-            assert not gate.exists()
-            device = _device(status)
-            assert device is not None and device["gpu"] is None
-            # ... and the probe runs in the background.
-            poll(started.exists, bool, 30, "the probe started")
-            assert _device(server.status())["gpu"] is None  # type: ignore[index]
-            gate.write_text("open")
-            status = server.wait_for(
-                lambda st: (d := _device(st)) is not None and d["gpu"] is not None,
-                timeout=30,
-                what="the GPU reported in a heartbeat",
-            )
-            device = _device(status)
-            assert device is not None
-            assert device["gpu"] == GPU
-            assert device["connected"] and device["state"] == "idle"
-            # The answer is cached for the next start.
-            cache = tmp_path / "client" / "xdg" / "xdg_cache_home" / "fedtray" / GPU_CACHE_FILENAME
-            assert json.loads(cache.read_text(encoding="utf-8"))["gpu"] == GPU
-        finally:
-            client.terminate()
-            client.wait(scaled(30))
-            reader.join(scaled(10))
-    text = "".join(lines)
+        # Registered while the probe could not have finished: its gate is still shut.
+        assert not gate.exists()
+        device = _device(status)
+        assert device is not None and device["gpu"] is None
+        # ... and the probe runs in the background.
+        poll(started.exists, bool, 30, "the probe started")
+        assert _device(server.status())["gpu"] is None  # type: ignore[index]
+        gate.write_text("open")
+        status = server.wait_for(
+            lambda st: (d := _device(st)) is not None and d["gpu"] is not None,
+            timeout=30,
+            what="the GPU reported in a heartbeat",
+        )
+        device = _device(status)
+        assert device is not None
+        assert device["gpu"] == GPU
+        assert device["connected"] and device["state"] == "idle"
+        # The answer is cached for the next start.
+        cache = tmp_path / "client" / "xdg" / "xdg_cache_home" / "fedtray" / GPU_CACHE_FILENAME
+        assert json.loads(cache.read_text(encoding="utf-8"))["gpu"] == GPU
+    text = client.text()
     assert "GPU probe: cuda Gate GPU 9000, 1234 MB" in text, text
