@@ -487,7 +487,9 @@ def test_client_process_killed_mid_training_resumes_from_its_checkpoint(tmp_path
         min_clients=1,
         clients_per_round=1,
         rounds=1,
-        epochs=60,  # outlasts the periodic checkpoint interval on a fast machine too
+        # Seconds of training even on a fast, quiet machine (60 epochs once ended within
+        # the first progress report): the kill must find it training, past a checkpoint.
+        epochs=400,
         model_params=params,
         round_timeout=60,
     ) as srv:

@@ -298,6 +298,8 @@ def test_not_selected_device_is_refused(tmp_path: Path) -> None:
         outsider = next(d for d in devs if d.device_id not in selected)
         insider = next(d for d in devs if d.device_id in selected)
         round_id = (await start_of(insider))["roundId"]
+        # The outsider is sent v0 in the background, as the round starts.
+        await outsider.until(lambda: 0 in outsider.weights, 20, "global v0")
         ack = await outsider.submit(round_id, 0, outsider.weights[0], num_samples=1)
         assert ack["code"] == "not_selected"
         status = srv.status()
