@@ -236,7 +236,9 @@ def test_worker_crash_is_reported_and_the_next_round_works(
         min_clients=1,
         clients_per_round=1,
         rounds=1,
-        epochs=60,
+        # Seconds of training even on a fast, quiet machine: the kill must find it training
+        # (a job that ends within the first progress report shows no progress).
+        epochs=400,
         model_params=params,
         round_timeout=60,
     ) as server:
