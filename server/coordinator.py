@@ -102,7 +102,7 @@ from server.roundfiles import RoundFiles
 from server.rounds import Round, abandon_detail, awaiting_return, drop_stale, select_devices
 from server.roundstore import RoundStore
 from server.starter import RoundStarter, StrayTraining
-from server.status import RoundRecord, RoundTiming
+from server.status import RoundRecord, RoundTiming, abandoned_record
 from server.strategies import Aggregate, FileUpdates, Strategy
 from server.taskfile import PackageTask
 
@@ -480,18 +480,7 @@ class RoundCoordinator:
             detail,
         )
         self._model.record_abandoned(
-            RoundRecord(
-                round_id=rnd.round_id,
-                number=rnd.number,
-                outcome="abandoned",
-                version=self._model.version,
-                clients_selected=len(rnd.slots),
-                clients_reported=len(rnd.reported),
-                train_loss=None,
-                seconds=round(now - rnd.started_at, 3),
-                finished_at=time.time(),
-                detail=detail,
-            )
+            abandoned_record(rnd, self._model.version, detail, now, time.time())
         )
 
     async def _complete_round(self, rnd: Round, collected_at: float) -> None:

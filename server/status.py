@@ -3,7 +3,8 @@
 Contract: every model here is a pydantic model with camelCase JSON names, listed in
 :data:`STATUS_MODELS` so ``docs/protocol.md`` can carry their JSON Schema. The status
 never contains a token or any auth material: it is built only from the registry, the
-current round and the round history. :func:`build_status` performs no I/O.
+current round and the round history. :func:`build_status` performs no I/O, nor does
+:func:`abandoned_record` (the history record of a round given up).
 :class:`RoundRecord` is also the format of each entry of the persisted ``history.json``.
 A version appears (``globalVersion``, its completed record) as soon as it is published;
 its record's ``evalLoss``/``evalAccuracy`` may arrive later (null until the server's
@@ -275,4 +276,22 @@ def current_from_round(
         reported=rnd.reported,
         required=rnd.required,
         deadline=now_unix + (rnd.deadline - now_mono),
+    )
+
+
+def abandoned_record(
+    rnd: Round, version: int, detail: str, now_mono: float, now_unix: float
+) -> RoundRecord:
+    """The history record of ``rnd``, given up at ``now`` with ``version`` still current."""
+    return RoundRecord(
+        round_id=rnd.round_id,
+        number=rnd.number,
+        outcome="abandoned",
+        version=version,
+        clients_selected=len(rnd.slots),
+        clients_reported=len(rnd.reported),
+        train_loss=None,
+        seconds=round(now_mono - rnd.started_at, 3),
+        finished_at=now_unix,
+        detail=detail,
     )

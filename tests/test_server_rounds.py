@@ -334,3 +334,35 @@ def test_waiting_reason_is_logged(tmp_path: Path, caplog: pytest.LogCaptureFixtu
     messages = [r.getMessage() for r in caplog.records]
     assert "round 1 waiting: 0 of 2 eligible devices (none registered yet)" in messages
     assert "round 1 waiting: 1 of 2 eligible devices (1 paused: battery_low)" in messages
+
+
+def test_the_record_of_an_abandoned_round() -> None:
+    from server.rounds import Round
+    from server.status import abandoned_record
+
+    rnd = Round.open(
+        round_id="r4-2-x",
+        number=4,
+        attempt=2,
+        base_version=3,
+        selected=["a", "b", "c"],
+        now=100.0,
+        timeout=60.0,
+        required=2,
+    )
+    rnd.record_report("a", 10, {})
+    record = abandoned_record(rnd, 3, "b dropped (disconnected)", 112.3456, 1_800_000_000.0)
+    assert record.model_dump() == {
+        **record.model_dump(),
+        "round_id": "r4-2-x",
+        "number": 4,
+        "outcome": "abandoned",
+        "version": 3,
+        "clients_selected": 3,
+        "clients_reported": 1,
+        "train_loss": None,
+        "seconds": 12.346,
+        "finished_at": 1_800_000_000.0,
+        "detail": "b dropped (disconnected)",
+        "timing": None,
+    }

@@ -31,8 +31,9 @@ from __future__ import annotations
 
 from client.session.decisions import user_decision
 from client.session.facade import DistributedClient
-from client.session.rounds import Worker, WorkerFactory, default_work_dir
+from client.session.rounds import default_work_dir
 from client.session.tls import tls_words as _tls_words
+from client.session.worker_seam import Worker, WorkerFactory
 from client.snapshot import ClientSnapshot, PauseDecision
 
 __all__ = [

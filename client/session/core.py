@@ -82,8 +82,9 @@ from client.session.politeness import (
     default_cpu_sampler,
     read_cpu_temperature,
 )
-from client.session.rounds import Rounds, WorkerFactory, default_work_dir
+from client.session.rounds import Rounds, default_work_dir
 from client.session.uploader import Uploader
+from client.session.worker_seam import WorkerFactory
 from client.snapshot import Budget, FederationResult, PauseDecision
 from client.tasks import available_tasks
 from client.transfer import BlobStore

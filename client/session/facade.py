@@ -50,7 +50,7 @@ from client.session.hub import SnapshotHub, Subscriber
 from client.session.live_settings import LiveSettings
 from client.session.pause import utc_now
 from client.session.politeness import CpuSampler, PollIntervals
-from client.session.rounds import WorkerFactory, default_worker_factory
+from client.session.worker_seam import WorkerFactory, default_worker_factory
 from client.snapshot import ClientSnapshot, PauseDecision
 from client.trainer import DEFAULT_CHECKPOINT_INTERVAL
 from client.transfer_memory import keep_transfer_buffers

@@ -68,7 +68,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from client.config import data_dir
 from client.errors import ErrorCode, FedtrayError
@@ -88,6 +88,7 @@ from client.session.decisions import HeldBase, refuse_round
 from client.session.hub import SnapshotHub
 from client.session.package_cache import LocatedFiles, TaskFiles
 from client.session.tasks import TaskSet
+from client.session.worker_seam import OnWorkerEvent, Worker, WorkerFactory
 from client.snapshot import PauseDecision
 from client.tasks import BUILTIN_TASKS, available_tasks
 from client.weights import decode, encode
@@ -110,47 +111,9 @@ from client.workfiles import JobFiles, WorkDir
 if TYPE_CHECKING:
     from client.worker import BudgetLike
 
-__all__ = [
-    "ActiveRound",
-    "OnWorkerEvent",
-    "Rounds",
-    "Worker",
-    "WorkerFactory",
-    "default_work_dir",
-    "default_worker_factory",
-    "wire_progress",
-]
+__all__ = ["ActiveRound", "Rounds", "default_work_dir", "wire_progress"]
 
 log = logging.getLogger(__name__)
-
-
-class Worker(Protocol):
-    """What the session needs of :class:`client.worker.TrainingWorker`."""
-
-    @property
-    def is_busy(self) -> bool: ...
-
-    def warm(self) -> object: ...
-    def set_budget(self, budget: BudgetLike) -> object: ...
-    def submit(self, job: TrainJob) -> object: ...
-    def pause(self) -> object: ...
-    def resume(self) -> object: ...
-    def cancel(self) -> object: ...
-    def shutdown(self) -> object: ...
-
-
-#: The worker's event callback; it may be called from any thread.
-OnWorkerEvent = Callable[[WorkerEvent], None]
-
-#: Builds the worker from its event callback.
-WorkerFactory = Callable[[OnWorkerEvent], Worker]
-
-
-def default_worker_factory(on_event: OnWorkerEvent) -> Worker:
-    from client.worker import TrainingWorker
-
-    worker: Worker = TrainingWorker(on_event=on_event)
-    return worker
 
 
 def default_work_dir() -> Path:
