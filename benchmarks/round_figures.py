@@ -16,6 +16,12 @@ and returns numbers (seconds, MB) or text. Times are Unix seconds on one machine
   update submitted (the slowest of the clients), and for fedtray the critical path of
   each round cut at: opened, every device acknowledged ``training:start`` (the global is
   on the device), every worker done, every update in (aggregation begins), published.
+* :func:`cpu_per_round` turns a process tree's CPU samples (cumulative seconds, taken every
+  few tenths of a second by the benchmark) into its CPU per steady round: the CPU between the
+  ends of round 2 and of the last round the samples reach past, interpolated at those
+  instants, divided by the rounds in between (``None`` when fewer than
+  :data:`CPU_MIN_ROUNDS` rounds are spanned). It is machine load's least noisy figure:
+  CPU time is charged to a process whether or not it waited for a core.
 * :func:`summary_lines` renders trials of both systems as the report's table.
 """
 
@@ -40,6 +46,15 @@ PARTS: tuple[tuple[str, str], ...] = (
     ("worker", "worker (acked -> every worker done)"),
     ("upload", "upload and intake (-> every update in)"),
     ("aggregate", "aggregate and publish (-> published)"),
+)
+
+#: The fewest steady rounds a CPU-per-round figure may span (fewer: no figure).
+CPU_MIN_ROUNDS = 5
+#: The CPU figures' roles, in report order: role -> title.
+CPU_ROLES: tuple[tuple[str, str], ...] = (
+    ("server", "CPU ms per steady round: server"),
+    ("client", "  client (largest, with its worker)"),
+    ("total", "  all processes"),
 )
 
 _LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ \S+: (.*)$")
@@ -99,6 +114,10 @@ class Trial:
     #: part (see PARTS) -> median seconds over rounds >= 2 (fedtray only).
     breakdown: dict[str, float] = field(default_factory=dict)
     load: str = ""
+    #: When each completed round ended (Unix seconds), in round order.
+    ends: list[float] = field(default_factory=list)
+    #: role (see CPU_ROLES) -> ms of CPU per steady round (see cpu_per_round).
+    cpu_ms: dict[str, float] = field(default_factory=dict)
 
 
 def _median(values: Iterable[float]) -> float | None:
@@ -138,6 +157,7 @@ def fedtray_trial(
     breakdown = {name: m for name, values in parts.items() if (m := _median(values)) is not None}
     return Trial(
         system="fedtray",
+        ends=ends,
         first_round_s=ends[0] - float(done[0]["timing"]["openedAt"]),
         steady_s=_median(b - a for a, b in itertools.pairwise(ends)),
         register_s=_slowest(starts, [c.registered for c in clients]),
@@ -161,6 +181,7 @@ def flower_trial(
     first_fit = [min((float(f["fitDone"]) for f in lines), default=None) for lines in fits]
     return Trial(
         system="Flower",
+        ends=ends,
         first_round_s=ends[0] - opened[min(aggregated)],
         steady_s=_median(b - a for a, b in itertools.pairwise(ends)),
         register_s=_slowest(
@@ -168,6 +189,31 @@ def flower_trial(
         ),
         first_update_s=_slowest(starts, first_fit),
     )
+
+
+def _cpu_at(samples: Sequence[tuple[float, float]], at: float) -> float | None:
+    """The cumulative CPU at ``at``, interpolated between the samples around it."""
+    before = [s for s in samples if s[0] <= at]
+    after = [s for s in samples if s[0] >= at]
+    if not before or not after:
+        return None
+    (t0, c0), (t1, c1) = before[-1], after[0]
+    return c0 if t1 == t0 else c0 + (c1 - c0) * (at - t0) / (t1 - t0)
+
+
+def cpu_per_round(samples: Sequence[tuple[float, float]], ends: Sequence[float]) -> float | None:
+    """Seconds of CPU per steady round of one process tree (see the module docstring):
+    ``samples`` are (Unix time, cumulative CPU seconds) in time order, ``ends`` the rounds'
+    end times in round order."""
+    if len(ends) < 2 or not samples:
+        return None
+    last = max((k for k, end in enumerate(ends) if end <= samples[-1][0]), default=None)
+    if last is None or last - 1 < CPU_MIN_ROUNDS:
+        return None
+    start, stop = _cpu_at(samples, ends[1]), _cpu_at(samples, ends[last])
+    if start is None or stop is None:
+        return None
+    return (stop - start) / (last - 1)
 
 
 # -- the report ---------------------------------------------------------------------------
@@ -210,6 +256,10 @@ def summary_lines(
         a, b = _med(fedtray, attr), _med(flower, attr)
         ratio = f"{a / b:.2f}x" if a is not None and b else "-"
         out.append(f"{title:<44}{_fmt(a, spec):>10}{_fmt(b, spec):>10}{ratio:>8}")
+    for role, title in CPU_ROLES:
+        a, b = (_median(t.cpu_ms[role] for t in ts if role in t.cpu_ms) for ts in (fedtray, flower))
+        ratio = f"{a / b:.2f}x" if a is not None and b else "-"
+        out.append(f"{title:<44}{_fmt(a, '.1f'):>10}{_fmt(b, '.1f'):>10}{ratio:>8}")
     steady_a, steady_b = _med(fedtray, "steady_s"), _med(flower, "steady_s")
     goal = RATIO_GOALS.get(label)
     if steady_a is not None and steady_b:

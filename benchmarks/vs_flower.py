@@ -24,8 +24,11 @@ definitions are in :mod:`benchmarks.round_figures`): steady and first-round seco
 round, client start to registered and to the first update submitted (fedtray: the server
 acknowledged it; Flower: ``fit`` returned), peak RSS of the server and of the largest
 client (the larger of the root process's ``VmHWM`` and the RSS summed over its process
-tree, sampled every 0.2 s: a fedtray client's training process counts), fedtray's round
-breakdown, the ratio fedtray / Flower with the goals, and ``/proc/loadavg`` before and
+tree, sampled every 0.2 s: a fedtray client's training process counts), the CPU per steady
+round of the server, of the largest client and of all processes (each process tree's CPU
+sampled alongside; :func:`benchmarks.round_figures.cpu_per_round`; it needs at least
+``CPU_MIN_ROUNDS`` + 2 rounds, and is steadier with more: ``--rounds 100`` at 0.4 MB), fedtray's
+round breakdown, the ratio fedtray / Flower with the goals, and ``/proc/loadavg`` before and
 after each run. ``--json PATH`` also writes every trial.
 """
 
@@ -54,7 +57,13 @@ import psutil
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.round_figures import Trial, fedtray_trial, flower_trial, summary_lines
+from benchmarks.round_figures import (
+    Trial,
+    cpu_per_round,
+    fedtray_trial,
+    flower_trial,
+    summary_lines,
+)
 from server.demo import Child, parse_listening, stop_all
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,11 +128,15 @@ def _hwm_bytes(pid: int) -> int:
 
 
 class RssSampler:
-    """Peak RSS per started process (see the module docstring), on a daemon thread."""
+    """Peak RSS and CPU samples per started process tree (see the module docstring), on a
+    daemon thread. A process's CPU counts while it is alive: one that ended before a sample
+    drops out of the later ones (the benchmark's processes live through the rounds)."""
 
     def __init__(self) -> None:
         self._roots: dict[str, int] = {}
         self.peak: dict[str, int] = {}
+        #: name -> (Unix time, cumulative CPU seconds of the tree), in time order.
+        self.cpu: dict[str, list[tuple[float, float]]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
@@ -132,6 +145,7 @@ class RssSampler:
         with self._lock:
             self._roots[name] = pid
             self.peak.setdefault(name, 0)
+            self.cpu.setdefault(name, [])
 
     def _sample(self, name: str, pid: int) -> None:
         try:
@@ -139,11 +153,14 @@ class RssSampler:
             procs = [root, *root.children(recursive=True)]
         except psutil.Error:
             return
-        total = 0
+        total, cpu = 0, 0.0
         for proc in procs:
             with contextlib.suppress(psutil.Error):
                 total += proc.memory_info().rss
+                times = proc.cpu_times()
+                cpu += times.user + times.system
         self.peak[name] = max(self.peak[name], total, _hwm_bytes(pid))
+        self.cpu[name].append((time.time(), cpu))
 
     def _run(self) -> None:
         while not self._stop.wait(RSS_EVERY_S):
@@ -163,6 +180,21 @@ class RssSampler:
     def mb(self, prefix: str) -> float | None:
         values = [v for k, v in self.peak.items() if k.startswith(prefix) and v]
         return max(values) / MiB if values else None
+
+    def cpu_ms(self, ends: Sequence[float]) -> dict[str, float]:
+        """ms of CPU per steady round: the server, the largest client, all processes
+        (only the roles every tree of which has a figure)."""
+        per = {name: cpu_per_round(samples, ends) for name, samples in self.cpu.items()}
+        figures = {name: 1000 * value for name, value in per.items() if value is not None}
+        clients = [v for k, v in figures.items() if k.startswith("client")]
+        out: dict[str, float] = {}
+        if "server" in figures:
+            out["server"] = figures["server"]
+        if clients:
+            out["client"] = max(clients)
+        if len(figures) == len(per):
+            out["total"] = sum(figures.values())
+        return out
 
 
 def _env(home: Path | None) -> dict[str, str]:
@@ -282,6 +314,7 @@ def run_fedtray(size_mb: float, rounds: int, work: Path, timeout: float) -> Tria
         logs = [c.log_path.read_text(encoding="utf-8", errors="replace") for c in children[1:]]
         trial = fedtray_trial(history, logs, starts)
     trial.rss_server_mb, trial.rss_client_mb = rss.mb("server"), rss.mb("client")
+    trial.cpu_ms = rss.cpu_ms(trial.ends)
     trial.load = f"{load_before} -> {loadavg()}"
     return trial
 
@@ -383,6 +416,7 @@ def run_flower(python: Path, size_mb: float, rounds: int, work: Path, timeout: f
         ]
         trial = flower_trial(json.loads(record.read_text(encoding="utf-8")), fits, starts)
     trial.rss_server_mb, trial.rss_client_mb = rss.mb("server"), rss.mb("client")
+    trial.cpu_ms = rss.cpu_ms(trial.ends)
     trial.load = f"{load_before} -> {loadavg()}"
     return trial
 

@@ -184,6 +184,52 @@ def test_summary_lines_judge_the_ratio_against_the_goal(
     assert re.search(r"^peak RSS server MB\s+200\s+100\s+2\.00x$", text, re.M), text
 
 
+# Samples every 1 s of a tree using 0.5 s of CPU per second after t=2 (start-up: 3 s of CPU
+# by t=2); rounds ending each second from t=1.
+_STEADY = [(float(t), 3.0 + 0.5 * max(0, t - 2)) for t in range(0, 13)]
+
+
+@pytest.mark.parametrize(
+    ("samples", "ends", "expected"),
+    [
+        # Round 2 ends at 2.0, the last round the samples reach past at 12.0: 10 rounds.
+        (_STEADY, [1.0 + k for k in range(12)], 0.5),
+        # Ends between samples are interpolated: 2.5 -> 12.5 is past the last sample, so
+        # the window ends at the round ending 11.5 (9 rounds from 2.5).
+        (_STEADY, [1.5 + k for k in range(12)], 0.5),
+        # A start-up in the first round does not count: round 2 ends after it.
+        (
+            [(0.0, 0.0), (1.0, 9.0), *((float(t), 9.0 + (t - 1)) for t in range(2, 12))],
+            [1.0 + k for k in range(11)],
+            1.0,
+        ),
+        # Fewer than CPU_MIN_ROUNDS rounds spanned: no figure.
+        (_STEADY, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], None),
+        # Samples that start after round 2 ended cannot place it: no figure.
+        (_STEADY[5:], [1.0 + k for k in range(12)], None),
+        ([], [1.0, 2.0], None),
+    ],
+)
+def test_cpu_per_round_interpolates_the_steady_rounds(
+    samples: list[tuple[float, float]], ends: list[float], expected: float | None
+) -> None:
+    got = round_figures.cpu_per_round(samples, ends)
+    assert got == (None if expected is None else pytest.approx(expected))
+
+
+def test_summary_lines_show_cpu_per_round_per_role() -> None:
+    ours = round_figures.Trial(
+        "fedtray", 1.0, 0.1, 1.0, 1.0, cpu_ms={"server": 20.0, "total": 60.0}
+    )
+    theirs = round_figures.Trial(
+        "Flower", 0.1, 0.1, 1.0, 1.0, cpu_ms={"server": 8.0, "total": 20.0}
+    )
+    text = "\n".join(round_figures.summary_lines("0.4MB", 100_000, [ours], [theirs]))
+    assert re.search(r"^CPU ms per steady round: server\s+20\.0\s+8\.0\s+2\.50x$", text, re.M)
+    assert re.search(r"^  all processes\s+60\.0\s+20\.0\s+3\.00x$", text, re.M), text
+    assert re.search(r"^  client \(largest, with its worker\)\s+-\s+-\s+-$", text, re.M), text
+
+
 def test_synthetic_sizes_match_the_issue() -> None:
     assert vs_flower.floats_of(vs_flower.shapes_for(100)) == pytest.approx(25_000_000, rel=1e-3)
     assert vs_flower.floats_of(vs_flower.shapes_for(0.4)) == pytest.approx(100_000, rel=0.01)
