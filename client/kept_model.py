@@ -10,6 +10,12 @@ Contract (torch is imported only inside functions; the training worker is the on
   built model. :meth:`KeptModel.for_evaluation` returns the kept one for the same key
   whatever the job (an evaluation always loads its global), else builds one (seed 0).
   Either way the new one is kept; the old one is let go before building.
+* :func:`train_data` is a job's training data (the task's ``load_data("train", ...)``
+  of :func:`data_partition`, and its tensors on the job's device), loaded once and kept
+  with the built model for the next job of the same partition and device: a task's data
+  is a pure function of its parameters, files and partition (:class:`Task`), all of
+  which the kept model's key and the partition pin. The kept numpy arrays are made
+  read-only (they are shared by every job).
 * :func:`resolve_task` is THE task resolution of a job: a job with a package builds the
   task from it (:func:`client.taskpkg.task.load_packaged_task`, which never unpickles or
   runs anything from the package); any other job looks its task up by name.
@@ -38,8 +44,9 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy.typing as npt
 from pydantic import JsonValue
 
 from client.atomicfile import FileIdentity, file_identity
@@ -58,11 +65,13 @@ __all__ = [
     "KeptModel",
     "TaskJob",
     "TaskLoader",
+    "TrainData",
     "data_partition",
     "load_base",
     "model_key",
     "read_base",
     "resolve_task",
+    "train_data",
 ]
 
 #: Resolves a task by name and parameters (default :func:`client.tasks.get_task`).
@@ -106,12 +115,48 @@ class _TrainingJob(TaskJob, BaseJob, Protocol):
 
 @dataclass
 class BuiltModel:
-    """A built task and model, kept for the next job of the same ``key``."""
+    """A built task and model, kept for the next job of the same ``key``; ``data``: the
+    training data last loaded for it (:func:`train_data`), kept with it."""
 
     key: str
     task: Task
     model: torch.nn.Module
     layout: Layout
+    data: TrainData | None = None
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """A job's training data: its partition (``None``: whole), the task's numpy arrays
+    (read-only) and the tensors made from them on ``device``."""
+
+    partition: Partition | None
+    device: str
+    x_np: npt.NDArray[Any]
+    y_np: npt.NDArray[Any]
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+def train_data(built: BuiltModel, job: TaskJob, device: torch.device) -> TrainData:
+    """The training data of ``job`` for ``built``'s task (module docstring): loaded by the
+    task and made into tensors on ``device`` once, then kept with the built model while
+    its jobs train the same partition on the same device."""
+    import torch
+
+    partition = data_partition(job)
+    kept = built.data
+    if kept is not None and kept.partition == partition and kept.device == str(device):
+        return kept
+    built.data = None  # the old arrays go before the new ones are loaded
+    x_np, y_np = built.task.load_data("train", partition)
+    x = torch.as_tensor(x_np).to(device)
+    y = torch.as_tensor(y_np).to(device)
+    # Shared by every job from now on: no task's evaluate may change them in place.
+    x_np.flags.writeable = False
+    y_np.flags.writeable = False
+    built.data = TrainData(partition, str(device), x_np, y_np, x, y)
+    return built.data
 
 
 class KeptModel:

@@ -185,6 +185,7 @@ class _ChildControl:
         self._duty = DutyCycle()
         self._cpu_clock = cpu_clock
         self._wall_clock = wall_clock
+        self._cpus = os.cpu_count() or 2
 
     def reset(self, job: TrainJob | EvalJob) -> None:
         """A new job: not paused, not cancelled (called before the job is queued). An
@@ -201,8 +202,11 @@ class _ChildControl:
         count is set here, before the trainer builds anything."""
         with self._cond:
             self._checkpoints = trainer.checkpoints
-            self._set_threads = set_threads
-            self._threads_set = None
+            if set_threads is not self._set_threads:
+                # Another way to set them: the count it has is unknown. The same one (the
+                # process's torch) keeps the count set last, set again only when it changes.
+                self._set_threads = set_threads
+                self._threads_set = None
         self._keep_threads()
 
     def apply(self, command: Pause | Resume | Cancel) -> None:
@@ -246,7 +250,7 @@ class _ChildControl:
 
     def _threads(self) -> int:
         """The thread count for the job and the budget (under the lock)."""
-        cpus = os.cpu_count() or 2
+        cpus = self._cpus
         if self._budget is None:
             return self._job_threads or max(1, cpus - 1)
         return threads_for(self._budget.cores, self._job_threads, cpus)

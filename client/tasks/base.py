@@ -13,7 +13,10 @@ Contract:
   without paying for (or even having) torch.
 * :meth:`Task.build_model` is deterministic for a seed: the server builds the initial
   global weights with it and every client must get the same layout.
-* :meth:`Task.load_data` returns plain numpy arrays and never imports torch.
+* :meth:`Task.load_data` returns plain numpy arrays and never imports torch. The same
+  parameters, files and partition give the same data: the trainer keeps a job's arrays
+  for the next job of the same partition (:func:`client.kept_model.train_data`) and
+  makes them read-only, so :meth:`Task.evaluate` must not change them in place.
 * Parameters: a task instance holds its resolved parameters in :attr:`Task.params`
   (``default_params`` overridden by :meth:`Task.configure`). An unknown or badly typed
   parameter raises :class:`client.errors.FedtrayError` with code ``bad_request``.
