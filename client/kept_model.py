@@ -12,10 +12,14 @@ Contract (torch is imported only inside functions; the training worker is the on
   Either way the new one is kept; the old one is let go before building.
 * :func:`train_data` is a job's training data (the task's ``load_data("train", ...)``
   of :func:`data_partition`, and its tensors on the job's device), loaded once and kept
-  with the built model for the next job of the same partition and device: a task's data
-  is a pure function of its parameters, files and partition (:class:`Task`), all of
-  which the kept model's key and the partition pin. The kept numpy arrays are made
-  read-only (they are shared by every job).
+  with the built model for the later jobs of that partition: a task's data is a pure
+  function of its parameters, files and partition (:class:`client.tasks.base.Task`),
+  which the kept model's key and the partition pin. On the CPU the parts of one
+  partitioning (same count, seed, scheme and alpha: disjoint rows) are kept side by side,
+  as a device is given another part from round to round, so at most one train split is
+  held (the tensors share the arrays' memory); on an accelerator only the last part.
+  Another partitioning or device drops what was kept. The kept numpy arrays are made
+  read-only (every job shares them).
 * :func:`resolve_task` is THE task resolution of a job: a job with a package builds the
   task from it (:func:`client.taskpkg.task.load_packaged_task`, which never unpickles or
   runs anything from the package); any other job looks its task up by name.
@@ -42,7 +46,7 @@ import mmap
 import os
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -63,6 +67,7 @@ __all__ = [
     "BaseJob",
     "BuiltModel",
     "KeptModel",
+    "PartKey",
     "TaskJob",
     "TaskLoader",
     "TrainData",
@@ -116,21 +121,25 @@ class _TrainingJob(TaskJob, BaseJob, Protocol):
 @dataclass
 class BuiltModel:
     """A built task and model, kept for the next job of the same ``key``; ``data``: the
-    training data last loaded for it (:func:`train_data`), kept with it."""
+    training data loaded for it (:func:`train_data`), kept with it."""
 
     key: str
     task: Task
     model: torch.nn.Module
     layout: Layout
-    data: TrainData | None = None
+    data: dict[PartKey, TrainData] = field(default_factory=dict)
+
+
+#: What picks a job's rows: the partition's (index, count, seed, scheme, alpha), or
+#: ``None`` for a job whose data file is its share already.
+PartKey = tuple[int, int, int, str, float] | None
 
 
 @dataclass(frozen=True)
 class TrainData:
-    """A job's training data: its partition (``None``: whole), the task's numpy arrays
-    (read-only) and the tensors made from them on ``device``."""
+    """A job's training data on ``device``: the task's numpy arrays (read-only) and the
+    tensors made from them."""
 
-    partition: Partition | None
     device: str
     x_np: npt.NDArray[Any]
     y_np: npt.NDArray[Any]
@@ -138,25 +147,34 @@ class TrainData:
     y: torch.Tensor
 
 
+def _part_key(partition: Partition | None) -> PartKey:
+    if partition is None:
+        return None
+    return (partition.index, partition.count, partition.seed, partition.scheme, partition.alpha)
+
+
 def train_data(built: BuiltModel, job: TaskJob, device: torch.device) -> TrainData:
-    """The training data of ``job`` for ``built``'s task (module docstring): loaded by the
-    task and made into tensors on ``device`` once, then kept with the built model while
-    its jobs train the same partition on the same device."""
+    """The training data of ``job`` for ``built``'s task on ``device`` (module docstring)."""
     import torch
 
-    partition = data_partition(job)
-    kept = built.data
-    if kept is not None and kept.partition == partition and kept.device == str(device):
+    key = _part_key(data_partition(job))
+    kept = built.data.get(key)
+    if kept is not None and kept.device == str(device):
         return kept
-    built.data = None  # the old arrays go before the new ones are loaded
-    x_np, y_np = built.task.load_data("train", partition)
+    same_split = key is not None and device.type == "cpu" and all(
+        k is not None and k[1:] == key[1:] and d.device == str(device)
+        for k, d in built.data.items()
+    )
+    if not same_split:
+        built.data.clear()  # the old arrays go before the new ones are loaded
+    x_np, y_np = built.task.load_data("train", data_partition(job))
     x = torch.as_tensor(x_np).to(device)
     y = torch.as_tensor(y_np).to(device)
     # Shared by every job from now on: no task's evaluate may change them in place.
     x_np.flags.writeable = False
     y_np.flags.writeable = False
-    built.data = TrainData(partition, str(device), x_np, y_np, x, y)
-    return built.data
+    built.data[key] = TrainData(str(device), x_np, y_np, x, y)
+    return built.data[key]
 
 
 class KeptModel:
