@@ -161,9 +161,13 @@ def train_data(built: BuiltModel, job: TaskJob, device: torch.device) -> TrainDa
     kept = built.data.get(key)
     if kept is not None and kept.device == str(device):
         return kept
-    same_split = key is not None and device.type == "cpu" and all(
-        k is not None and k[1:] == key[1:] and d.device == str(device)
-        for k, d in built.data.items()
+    same_split = (
+        key is not None
+        and device.type == "cpu"
+        and all(
+            k is not None and k[1:] == key[1:] and d.device == str(device)
+            for k, d in built.data.items()
+        )
     )
     if not same_split:
         built.data.clear()  # the old arrays go before the new ones are loaded

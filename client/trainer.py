@@ -65,8 +65,9 @@ Contract:
   the control says pause or cancel (an evaluation is abandoned, never checkpointed).
 * The batch size is ``config.batch_size`` capped by the memory available
   (:func:`cap_batch_size`; the machine's available memory is read at most once per
-  :data:`FREE_MEMORY_TTL_S`, an accelerator's at every job); when an epoch runs out of memory anyway, it is retried from
-  the state at the start of the epoch with half the batch size, down to 1, after which
+  :data:`FREE_MEMORY_TTL_S`, an accelerator's at every job); when an epoch runs out of
+  memory anyway, it is retried from the state at the start of the epoch with half the
+  batch size, down to 1, after which
   ``FedtrayError('training_failed')`` is raised. A fresh job's first epoch keeps no copy
   of its model for that (:class:`client.train_memory.EpochSnapshot` with ``reload``): its
   model is its base file's weights, so a retry loads that file again, checked as the

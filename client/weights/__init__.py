@@ -62,6 +62,7 @@ from client.weights.spec import (
     StateDict,
     TensorSpec,
     WeightsError,
+    dtype_name,
 )
 
 
@@ -89,7 +90,7 @@ def verify_blob(data: bytes | bytearray | memoryview, *, size: int, sha256: str)
 def layout_of(state: StateDict) -> Layout:
     """The :data:`Layout` of ``state``; raises ``unknown_dtype`` for an unsupported dtype."""
     return {
-        name: TensorSpec(le_dtype_of(name, arr).name, tuple(int(d) for d in arr.shape))
+        name: TensorSpec(dtype_name(le_dtype_of(name, arr)), tuple(int(d) for d in arr.shape))
         for name, arr in checked_items(state)
     }
 

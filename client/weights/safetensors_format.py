@@ -45,6 +45,7 @@ from client.weights.spec import (
     ST_TO_NP,
     Entry,
     WeightsError,
+    dtype_name,
 )
 
 HEADER_LEN = struct.Struct("<Q")
@@ -69,13 +70,13 @@ def write_parts(arrays: list[tuple[str, npt.NDArray[Any]]]) -> list[bytes | memo
     :func:`client.weights.encode` already. The header is what the library writes:
     compact JSON in layout order, padded with spaces.
     """
-    ordered = sorted(arrays, key=lambda item: (NAME_TO_ST[item[1].dtype.name][0], item[0]))
+    ordered = sorted(arrays, key=lambda item: (NAME_TO_ST[dtype_name(item[1].dtype)][0], item[0]))
     header: dict[str, dict[str, Any]] = {}
     offset = 0
     for name, arr in ordered:
         end = offset + arr.nbytes
         header[name] = {
-            "dtype": NAME_TO_ST[arr.dtype.name][1],
+            "dtype": NAME_TO_ST[dtype_name(arr.dtype)][1],
             "shape": list(arr.shape),
             "data_offsets": [offset, end],
         }
