@@ -495,6 +495,61 @@ def test_the_kept_model_gives_the_update_a_fresh_model_gives(tmp_path: Path) -> 
     assert builds == [3, 5, 3]
 
 
+def test_the_kept_data_of_each_part_is_loaded_once_and_trains_as_fresh_data(
+    tmp_path: Path,
+) -> None:
+    loads: list[tuple[str, int | None, int | None]] = []
+
+    def loader(name: str, params: Mapping[str, JsonValue]) -> Task:
+        task = get_task(name, params)
+        load = task.load_data
+
+        def counted(split: Any, partition: Partition | None) -> Any:
+            loads.append(
+                (
+                    split,
+                    None if partition is None else partition.index,
+                    partition and partition.count,
+                )
+            )
+            return load(split, partition)
+
+        task.load_data = counted  # type: ignore[method-assign]
+        return task
+
+    task = get_task("digits", {"hidden": 16})
+    base = tmp_path / "base.safetensors"
+    base.write_bytes(encode(_state_of(task.build_model(task.params, seed=11))))
+    kept = LocalTrainer(device="cpu", task_loader=loader)
+    first = _job(
+        tmp_path,
+        base_weights_path=base,
+        config=_job(tmp_path).config.model_copy(update={"epochs": 1}),
+    )
+    # Parts 1, 2, 1, 2 of three: each part's data loaded once, then kept.
+    for n, index in enumerate((1, 2, 1, 2)):
+        job = replace(
+            first,
+            round_id=f"round-{n}",
+            partition=first.partition.model_copy(update={"index": index}),
+            output_path=tmp_path / f"out{n}.safetensors",
+        )
+        got = kept.run(job).output_path.read_bytes()
+        fresh = LocalTrainer(device="cpu").run(replace(job, output_path=tmp_path / "f.safetensors"))
+        assert got == fresh.output_path.read_bytes(), f"job {n}: the kept data trains otherwise"
+    assert loads == [("train", 1, 3), ("train", 2, 3)]
+    # Another partitioning (count 2) drops the kept parts: loaded again, then part 1 of 3 too.
+    for count, index in ((2, 1), (3, 1)):
+        kept.run(
+            replace(
+                first,
+                partition=first.partition.model_copy(update={"index": index, "count": count}),
+                output_path=tmp_path / "g.safetensors",
+            )
+        )
+    assert loads[2:] == [("train", 1, 2), ("train", 1, 3)]
+
+
 # -- base weights that do not fit ------------------------------------------------------
 
 

@@ -25,6 +25,7 @@ Contract:
 from __future__ import annotations
 
 import math
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self, TypeVar
@@ -197,7 +198,8 @@ def eval_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(model output, labels)`` per batch of :data:`EVAL_BATCH`, in eval mode without
     gradients, on the device of the model's parameters; the model's training mode is
-    restored after (also when the caller stops early or raises)."""
+    restored after (also when the caller stops early or raises). ``x`` and ``y`` are only
+    read (they may be read-only: the trainer keeps a round's data, :mod:`client.kept_model`)."""
     import torch
 
     device = next(model.parameters()).device
@@ -206,11 +208,23 @@ def eval_batches(
     try:
         with torch.no_grad():
             for start in range(0, len(y), EVAL_BATCH):
-                xb = torch.as_tensor(x[start : start + EVAL_BATCH]).to(device)
-                yb = torch.as_tensor(y[start : start + EVAL_BATCH]).to(device)
+                xb = _read_tensor(x[start : start + EVAL_BATCH]).to(device)
+                yb = _read_tensor(y[start : start + EVAL_BATCH]).to(device)
                 yield model(xb), yb
     finally:
         model.train(was_training)
+
+
+def _read_tensor(values: npt.NDArray[Any]) -> torch.Tensor:
+    """A tensor over ``values`` (no copy) that is only read: torch's warning about a
+    read-only array is for tensors written to."""
+    import torch
+
+    if values.flags.writeable:
+        return torch.as_tensor(values)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.as_tensor(values)
 
 
 def apply_partition(
