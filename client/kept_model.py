@@ -121,13 +121,16 @@ class _TrainingJob(TaskJob, BaseJob, Protocol):
 @dataclass
 class BuiltModel:
     """A built task and model, kept for the next job of the same ``key``; ``data``: the
-    training data loaded for it (:func:`train_data`), kept with it."""
+    training data loaded for it (:func:`train_data`), and ``sizes``: what the trainer
+    measured of it once, both kept with it."""
 
     key: str
     task: Task
     model: torch.nn.Module
     layout: Layout
     data: dict[PartKey, TrainData] = field(default_factory=dict)
+    #: (bytes one training sample needs, bytes of the parameters), once measured.
+    sizes: tuple[int, int] | None = None
 
 
 #: What picks a job's rows: the partition's (index, count, seed, scheme, alpha), or

@@ -110,6 +110,7 @@ from client.checkpoint import (
 from client.errors import FedtrayError
 from client.evaluation import evaluate_global
 from client.kept_model import (
+    BuiltModel,
     KeptModel,
     TaskLoader,
     data_partition,
@@ -211,6 +212,7 @@ class LocalTrainer:
         self._available_memory = available_memory
         self._kept = KeptModel(task_loader)
         self._free_read: tuple[float, int] | None = None  # (monotonic time, bytes)
+        self._found_device: torch.device | None = None
 
     # -- public -------------------------------------------------------------------------
 
@@ -269,7 +271,7 @@ class LocalTrainer:
                 torch.default_generator.manual_seed(seed)
             else:
                 torch.manual_seed(seed)
-            batch = self._initial_batch_size(task, model, x[:1], job.config, n, device)
+            batch = self._initial_batch_size(built, x[:1], job.config, n, device)
             position = Position(batch_size=batch)
         periodic = CheckpointClock(job.checkpoint_interval)
         try:
@@ -421,6 +423,13 @@ class LocalTrainer:
         position.order = None
 
     def _device(self) -> torch.device:
+        """The device jobs run on: found once per trainer (torch's accelerators do not
+        come and go within a process)."""
+        if self._found_device is None:
+            self._found_device = self._find_device()
+        return self._found_device
+
+    def _find_device(self) -> torch.device:
         import torch
 
         if self._device_name is not None:
@@ -447,15 +456,20 @@ class LocalTrainer:
 
     def _initial_batch_size(
         self,
-        task: Task,
-        model: torch.nn.Module,
+        built: BuiltModel,
         one_sample: torch.Tensor,
         config: TrainingConfig,
         n: int,
         device: torch.device,
     ) -> int:
-        per_sample = task.sample_bytes_hint(task.params) or estimate_sample_bytes(model, one_sample)
-        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        if built.sizes is None:  # measured once per built model (a sample's shape is fixed)
+            task, model = built.task, built.model
+            per_sample = task.sample_bytes_hint(task.params) or estimate_sample_bytes(
+                model, one_sample
+            )
+            param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            built.sizes = (per_sample, param_bytes)
+        per_sample, param_bytes = built.sizes
         slots = state_slots(config)
         slots += 1 if config.proximal_mu > 0 else 0  # FedProx's copy of the base
         batch = cap_batch_size(
