@@ -35,7 +35,9 @@ Contract (torch is imported only inside functions; the training worker is the on
   built model's layout (a different layout raises the weights codes
   ``layout_mismatch`` / ``shape_mismatch`` / ``dtype_mismatch`` before the model is
   touched) and copies it into the model in place, every tensor of its state dict
-  overwritten.
+  overwritten: by ``load_state_dict``, or, for a model whose modules load their state
+  plainly (no module overrides it, no state-dict hooks), by copying each tensor into its
+  state-dict tensor directly, which is what ``load_state_dict`` does for such a model.
 """
 
 from __future__ import annotations
@@ -131,6 +133,30 @@ class BuiltModel:
     data: dict[PartKey, TrainData] = field(default_factory=dict)
     #: (bytes one training sample needs, bytes of the parameters), once measured.
     sizes: tuple[int, int] | None = None
+    #: Whether torch's load_state_dict is a plain copy for this model (:func:`load_base`).
+    plain: bool | None = None
+
+
+def _loads_plainly(model: torch.nn.Module) -> bool:
+    """Whether ``model.load_state_dict`` only copies each tensor in place: no module
+    overrides how it loads or saves its state, and none has a state-dict hook."""
+    from torch import nn
+
+    for module in model.modules():
+        kind = type(module)
+        if (
+            kind.load_state_dict is not nn.Module.load_state_dict
+            or kind.state_dict is not nn.Module.state_dict
+            or kind._load_from_state_dict is not nn.Module._load_from_state_dict
+            or kind._save_to_state_dict is not nn.Module._save_to_state_dict
+            or kind.set_extra_state is not nn.Module.set_extra_state
+            or module._load_state_dict_pre_hooks
+            or module._load_state_dict_post_hooks
+            or module._state_dict_hooks
+            or module._state_dict_pre_hooks
+        ):
+            return False
+    return True
 
 
 #: What picks a job's rows: the partition's (index, count, seed, scheme, alpha), or
@@ -303,7 +329,18 @@ def load_base(built: BuiltModel, job: BaseJob, of: str) -> str:
         base = decode_views(raw, expected=built.layout)
         with warnings.catch_warnings():  # read-only arrays: torch only reads them here
             warnings.simplefilter("ignore", UserWarning)
-            built.model.load_state_dict({k: torch.from_numpy(v) for k, v in base.items()})
+            tensors = {k: torch.from_numpy(v) for k, v in base.items()}
+            if built.plain is None:
+                built.plain = _loads_plainly(built.model)
+            if built.plain:
+                # What load_state_dict does for such a model, without its per-module walk:
+                # every tensor of the state dict copied over in place (the layout matched).
+                targets = built.model.state_dict(keep_vars=True)
+                with torch.no_grad():
+                    for name, tensor in tensors.items():
+                        targets[name].copy_(tensor)
+            else:
+                built.model.load_state_dict(tensors)
     finally:
         base = None  # the views of the map, released before it is closed (errors too)
         if isinstance(raw, mmap.mmap):

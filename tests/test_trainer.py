@@ -19,6 +19,7 @@ from safetensors.torch import save
 
 from client.atomicfile import file_identity, write_atomic
 from client.errors import FedtrayError
+from client.kept_model import KeptModel, load_base
 from client.protocol import Partition, TrainingConfig, TrainingProgress
 from client.tasks import get_task
 from client.tasks.base import Task
@@ -548,6 +549,31 @@ def test_the_kept_data_of_each_part_is_loaded_once_and_trains_as_fresh_data(
             )
         )
     assert loads[2:] == [("train", 1, 2), ("train", 1, 3)]
+
+
+@pytest.mark.parametrize("hooked", [False, True])
+def test_base_weights_are_copied_into_the_kept_model_in_place(tmp_path: Path, hooked: bool) -> None:
+    task = get_task("digits", {"hidden": 16})
+    base_state = _state_of(task.build_model(task.params, seed=21))
+    base = tmp_path / "base.safetensors"
+    base.write_bytes(encode(base_state))
+    job = _job(tmp_path, base_weights_path=base)
+    built = KeptModel().for_training(job, torch.device("cpu"))
+    loads: list[str] = []
+    if hooked:  # a model with a state-dict hook is loaded through torch's load_state_dict
+        built.model.register_load_state_dict_post_hook(lambda _m, _keys: loads.append("hook"))
+    params_before = [id(p) for p in built.model.parameters()]
+    with torch.no_grad():
+        for p in built.model.parameters():
+            p.fill_(7.0)
+    load_base(built, job, "round-1")
+    assert built.plain is (not hooked)
+    assert loads == (["hook"] if hooked else [])
+    got = _state_of(built.model)
+    assert got.keys() == base_state.keys()
+    for name, want in base_state.items():
+        assert got[name].tobytes() == want.tobytes(), name
+    assert [id(p) for p in built.model.parameters()] == params_before  # in place
 
 
 # -- base weights that do not fit ------------------------------------------------------
