@@ -202,7 +202,7 @@ class _ChildControl:
         count is set here, before the trainer builds anything."""
         with self._cond:
             self._checkpoints = trainer.checkpoints
-            if set_threads is not self._set_threads:
+            if set_threads != self._set_threads:
                 # Another way to set them: the count it has is unknown. The same one (the
                 # process's torch) keeps the count set last, set again only when it changes.
                 self._set_threads = set_threads
