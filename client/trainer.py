@@ -21,7 +21,9 @@ Contract:
   model in place (every tensor of the state dict is overwritten, and the optimizer is
   new), so the result is the same as with a freshly built model. A job without base
   weights always builds a fresh model from the seed. The gradients are released at the
-  end of a job.
+  end of a job. The built model also keeps the training data of the parts it was given
+  (:func:`client.kept_model.train_data`: loaded and partitioned once per part) and what
+  the batch-size cap measured of it (a sample's and the parameters' bytes).
 * The optimizer is :func:`client.optimizers.make_optimizer`'s: torch's SGD / Adam
   arithmetic, bit for bit, without ``torch.optim``'s classes (which import
   ``torch._dynamo``, seconds of CPU, on first use); no part of a job imports
