@@ -38,6 +38,13 @@ Contract (torch is imported only inside functions; the training worker is the on
   overwritten: by ``load_state_dict``, or, for a model whose modules load their state
   plainly (no module overrides it, no state-dict hooks), by copying each tensor into its
   state-dict tensor directly, which is what ``load_state_dict`` does for such a model.
+  A file vouched for by its identity (the session verified it) loaded into such a model
+  on the CPU is read straight into the model's own memory (no map, no copy through one):
+  its identity, length, header and layout are checked first, as :func:`decode_views`
+  checks them, so a file refused for any of those leaves the model untouched; its values
+  are checked as read (NaN/Inf: ``non_finite``, bool bytes), so a file refused for them
+  leaves the model holding them, which no job uses: every job loads its base whole (or
+  builds a fresh model) before it trains or evaluates.
 """
 
 from __future__ import annotations
@@ -46,12 +53,15 @@ import contextlib
 import json
 import mmap
 import os
+import struct
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
 import numpy.typing as npt
 from pydantic import JsonValue
 
@@ -60,7 +70,16 @@ from client.errors import FedtrayError
 from client.protocol import Partition, TrainingConfig
 from client.tasks import get_task
 from client.tasks.base import Task, model_state
-from client.weights import Layout, StateDict, decode_views, layout_of, sha256_hex
+from client.weights import (
+    MAX_HEADER_BYTES,
+    Layout,
+    StateDict,
+    check_head,
+    check_values,
+    decode_views,
+    layout_of,
+    sha256_hex,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -80,6 +99,9 @@ __all__ = [
     "resolve_task",
     "train_data",
 ]
+
+#: A safetensors document's first 8 bytes: its header's length (little-endian).
+_HEADER_LEN = struct.Struct("<Q")
 
 #: Resolves a task by name and parameters (default :func:`client.tasks.get_task`).
 TaskLoader = Callable[[str, Mapping[str, JsonValue]], Task]
@@ -321,6 +343,13 @@ def load_base(built: BuiltModel, job: BaseJob, of: str) -> str:
     and copy it into its model in place (module docstring); return its SHA-256."""
     import torch
 
+    if built.plain is None:
+        built.plain = _loads_plainly(built.model)
+    if built.plain and job.base_identity is not None and job.base_sha256 is not None:
+        arrays = _cpu_targets(built.model)
+        if arrays is not None:
+            _read_into(job, of, built.layout, arrays)
+            return job.base_sha256
     raw, sha = read_base(job, of)
     base: StateDict | None = None
     try:
@@ -330,8 +359,6 @@ def load_base(built: BuiltModel, job: BaseJob, of: str) -> str:
         with warnings.catch_warnings():  # read-only arrays: torch only reads them here
             warnings.simplefilter("ignore", UserWarning)
             tensors = {k: torch.from_numpy(v) for k, v in base.items()}
-            if built.plain is None:
-                built.plain = _loads_plainly(built.model)
             if built.plain:
                 # What load_state_dict does for such a model, without its per-module walk:
                 # every tensor of the state dict copied over in place (the layout matched).
@@ -347,3 +374,78 @@ def load_base(built: BuiltModel, job: BaseJob, of: str) -> str:
             with contextlib.suppress(BufferError):  # a view still held: closed when freed
                 raw.close()
     return sha
+
+
+#: Buffers one ``preadv`` call may fill (the OS's limit; POSIX guarantees at least 16).
+_IOV_MAX = (os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 0) or 16
+
+
+def _cpu_targets(model: torch.nn.Module) -> dict[str, npt.NDArray[Any]] | None:
+    """The model's state-dict tensors as writable numpy arrays over their own memory, or
+    ``None`` when one cannot be read into directly (not on the CPU, not dense, a dtype
+    numpy lacks) or this OS cannot read into several buffers at once."""
+    if not hasattr(os, "preadv") or sys.byteorder != "little":
+        return None
+    targets: dict[str, npt.NDArray[Any]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.device.type != "cpu" or not tensor.is_contiguous():
+            return None
+        try:
+            targets[name] = tensor.detach().numpy()
+        except (TypeError, RuntimeError):
+            return None
+    return targets
+
+
+def _read_into(job: BaseJob, of: str, layout: Layout, targets: dict[str, npt.NDArray[Any]]) -> None:
+    """The vouched-for base file read straight into ``targets`` (the model's own memory):
+    its identity, length and header checked against ``layout`` first (nothing is written
+    before that), then its values, as read (module docstring)."""
+    assert job.base_weights_path is not None
+    stale = FedtrayError(
+        "stale_base",
+        f"the base weights file changed: it is no longer the base of {of}",
+    )
+    try:
+        with job.base_weights_path.open("rb") as fh:
+            fd = fh.fileno()
+            if file_identity(fd) != job.base_identity:
+                raise stale
+            total = os.fstat(fd).st_size
+            head = os.pread(fd, _HEADER_LEN.size, 0)
+            if len(head) == _HEADER_LEN.size:
+                (header_len,) = _HEADER_LEN.unpack(head)
+                if header_len <= min(total - len(head), MAX_HEADER_BYTES):
+                    head += os.pread(fd, header_len, len(head))
+            entries, body_start = check_head(head, total, expected=layout)
+            buffers = []
+            for name, dtype, shape, _offset in sorted(entries, key=lambda e: e[3]):
+                target = targets[name]
+                if target.dtype != dtype or target.shape != shape:
+                    raise FedtrayError(
+                        "training_failed", f"the model's tensor {name!r} is not {dtype} {shape}"
+                    )
+                if target.nbytes:
+                    buffers.append(target.reshape(-1).view(np.uint8).data)
+            _pread_exactly(fd, buffers, body_start)
+    except OSError as exc:
+        raise FedtrayError("training_failed", f"cannot read the base weights: {exc}") from exc
+    check_values(targets)
+
+
+def _pread_exactly(fd: int, buffers: list[memoryview], offset: int) -> None:
+    """Fill ``buffers`` in order from ``offset`` of ``fd`` (``OSError`` at the file's end)."""
+    views = list(buffers)
+    i = 0
+    while i < len(views):
+        got = os.preadv(fd, views[i : i + _IOV_MAX], offset)
+        if got <= 0:
+            raise OSError(f"the file ends at byte {offset}")
+        offset += got
+        while got and i < len(views):
+            if got >= views[i].nbytes:
+                got -= views[i].nbytes
+                i += 1
+            else:
+                views[i] = views[i][got:]
+                got = 0

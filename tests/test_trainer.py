@@ -551,13 +551,26 @@ def test_the_kept_data_of_each_part_is_loaded_once_and_trains_as_fresh_data(
     assert loads[2:] == [("train", 1, 2), ("train", 1, 3)]
 
 
+def _vouched(job: TrainJob) -> TrainJob:
+    """``job`` with its base file vouched for (as the session does after verifying it)."""
+    assert job.base_weights_path is not None
+    with job.base_weights_path.open("rb") as fh:
+        identity = file_identity(fh.fileno())
+    sha = sha256_hex(job.base_weights_path.read_bytes())
+    return replace(job, base_identity=identity, base_sha256=sha)
+
+
+@pytest.mark.parametrize("vouched", [False, True])
 @pytest.mark.parametrize("hooked", [False, True])
-def test_base_weights_are_copied_into_the_kept_model_in_place(tmp_path: Path, hooked: bool) -> None:
+def test_base_weights_are_copied_into_the_kept_model_in_place(
+    tmp_path: Path, hooked: bool, vouched: bool
+) -> None:
     task = get_task("digits", {"hidden": 16})
     base_state = _state_of(task.build_model(task.params, seed=21))
     base = tmp_path / "base.safetensors"
     base.write_bytes(encode(base_state))
     job = _job(tmp_path, base_weights_path=base)
+    job = _vouched(job) if vouched else job
     built = KeptModel().for_training(job, torch.device("cpu"))
     loads: list[str] = []
     if hooked:  # a model with a state-dict hook is loaded through torch's load_state_dict
@@ -566,7 +579,7 @@ def test_base_weights_are_copied_into_the_kept_model_in_place(tmp_path: Path, ho
     with torch.no_grad():
         for p in built.model.parameters():
             p.fill_(7.0)
-    load_base(built, job, "round-1")
+    assert load_base(built, job, "round-1") == sha256_hex(base.read_bytes())
     assert built.plain is (not hooked)
     assert loads == (["hook"] if hooked else [])
     got = _state_of(built.model)
@@ -574,6 +587,39 @@ def test_base_weights_are_copied_into_the_kept_model_in_place(tmp_path: Path, ho
     for name, want in base_state.items():
         assert got[name].tobytes() == want.tobytes(), name
     assert [id(p) for p in built.model.parameters()] == params_before  # in place
+
+
+@pytest.mark.parametrize(
+    ("spoil", "code"),
+    [
+        # Refused before the model is touched:
+        (lambda doc, s: encode({**s, "extra": np.zeros(3, np.float32)}), "layout_mismatch"),
+        (lambda doc, s: encode({**s, "2.bias": np.zeros(11, np.float32)}), "shape_mismatch"),
+        (lambda doc, s: doc[:-4], "truncated"),
+        (lambda doc, s: doc[:6], "malformed"),
+        (lambda doc, s: doc + b"\0" * 8, "bad_offsets"),
+        # Found in the values read:
+        (lambda doc, s: encode({**s, "2.bias": np.full(10, np.inf, np.float32)}), "non_finite"),
+    ],
+)
+def test_a_vouched_base_is_checked_as_it_is_read(tmp_path: Path, spoil: Any, code: str) -> None:
+    task = get_task("digits", {"hidden": 16})
+    good = _state_of(task.build_model(task.params, seed=21))
+    base = tmp_path / "base.safetensors"
+    if code == "non_finite":  # encode refuses NaN/Inf: write the document by hand
+        bad = {**good, "2.bias": np.full(10, np.inf, np.float32)}
+        base.write_bytes(save({k: torch.from_numpy(v) for k, v in bad.items()}))
+    else:
+        base.write_bytes(spoil(encode(good), good))
+    job = _vouched(_job(tmp_path, base_weights_path=base))
+    built = KeptModel().for_training(job, torch.device("cpu"))
+    before = _state_of(built.model)
+    with pytest.raises(FedtrayError) as info:
+        load_base(built, job, "round-1")
+    assert info.value.code == code
+    if code != "non_finite":
+        after = _state_of(built.model)
+        assert all(after[k].tobytes() == v.tobytes() for k, v in before.items())
 
 
 # -- base weights that do not fit ------------------------------------------------------

@@ -103,14 +103,15 @@ def _header(layout: tuple[tuple[str, str, tuple[int, ...], int], ...]) -> bytes:
     return HEADER_LEN.pack(len(raw)) + raw
 
 
-def parse(view: memoryview, max_bytes: int) -> tuple[list[Entry], int]:
+def parse(view: memoryview, max_bytes: int, total: int | None = None) -> tuple[list[Entry], int]:
     """Validate the safetensors header; return the entries and where the data section starts.
 
     Offsets are checked here rather than left to the library so that a hostile header is
-    refused with a precise code before any tensor memory is allocated.
+    refused with a precise code before any tensor memory is allocated. ``total``: the
+    document's size when ``view`` holds only its start (at least the length and header).
     """
-    total = view.nbytes
-    if total < HEADER_LEN.size:
+    total = view.nbytes if total is None else total
+    if total < HEADER_LEN.size or view.nbytes < HEADER_LEN.size:
         raise WeightsError(
             "malformed", f"not a safetensors document: only {total} bytes, need at least 8"
         )
@@ -126,6 +127,10 @@ def parse(view: memoryview, max_bytes: int) -> tuple[list[Entry], int]:
             "oversized", f"the header is {header_len} bytes; the limit is {MAX_HEADER_BYTES}"
         )
     body_start = HEADER_LEN.size + header_len
+    if view.nbytes < body_start:
+        raise WeightsError(
+            "malformed", f"only {view.nbytes} bytes of the {body_start}-byte header were given"
+        )
     memo = _last_parse[0]
     small = header_len <= PARSE_MEMO_BYTES
     raw_header = bytes(view[HEADER_LEN.size : body_start]) if small else None
