@@ -18,8 +18,9 @@ Contract:
 * It picks the trainer once per process (:func:`make_trainer`) and keeps it for every
   job: :class:`client.simulation.SimulatedTrainer` when simulating, else
   :class:`client.trainer.LocalTrainer` (which keeps its built model across jobs); torch's
-  thread count is set per job to ``job.torch_threads`` or all cores but one, unless a CPU
-  budget is kept (next point). Torch's inter-op threads are set to 1 once per process,
+  thread count is kept per job at ``job.torch_threads`` or all cores but one, unless a CPU
+  budget is kept (next point); it is set only when it differs from the count set last.
+  Torch's inter-op threads are set to 1 once per process,
   before any inter-op work (torch allows it only then; training uses none).
 * The CPU budget (:class:`client.worker_messages.SetBudget`, remembered across jobs;
   the parent sends it to every child it starts before anything else) is kept at every
