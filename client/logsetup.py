@@ -3,11 +3,12 @@
 Contract:
 
 * :func:`setup_logging` configures the root logger with a rotating file handler
-  (1 MB x 5 files) in ``platformdirs.user_log_dir(app)`` (or ``log_dir``) and a stderr
-  handler. It is idempotent: a second call replaces the handlers it added before
-  rather than adding more. It never fails startup because of the disk: when the log
-  directory or file cannot be created, it logs to stderr only and warns. It raises
-  :class:`LogLevelError` (a :class:`ValueError`) only for an unknown level name.
+  (1 MB x 5 files; each record formatted once, the file's size counted, not asked for)
+  in ``platformdirs.user_log_dir(app)`` (or ``log_dir``) and a stderr handler. It is
+  idempotent: a second call replaces the handlers it added before rather than adding
+  more. It never fails startup because of the disk: when the log directory or file
+  cannot be created, it logs to stderr only and warns. It raises :class:`LogLevelError`
+  (a :class:`ValueError`) only for an unknown level name.
 * Every record passing through those handlers is redacted: each string registered
   with :func:`add_secret` is replaced by ``***`` in the message, its arguments, the
   exception text and the stack text, so a token never reaches a log.
@@ -20,6 +21,8 @@ from __future__ import annotations
 import argparse
 import logging
 import logging.handlers
+import os
+import stat
 import sys
 import threading
 from pathlib import Path
@@ -127,6 +130,41 @@ class _StderrHandler(logging.Handler):
             self.handleError(record)
 
 
+class _RotatingFile(logging.handlers.RotatingFileHandler):
+    """The rotating log file (``MAX_BYTES`` x ``BACKUP_COUNT``), each record formatted once.
+
+    The standard library's handler formats every record twice (once to decide whether to
+    roll over) and stats and seeks the file for each one; this one keeps the file's size
+    itself (read once when the file is opened, counted in characters written, as the
+    standard one measures a record) and, like it, never rolls over a file that is not a
+    regular file (``/dev/null``)."""
+
+    def __init__(self, filename: Path, *, max_bytes: int, backup_count: int) -> None:
+        super().__init__(filename, maxBytes=max_bytes, backupCount=backup_count, encoding="utf-8")
+        self._size: int | None = None  # unknown until the open stream is looked at
+        self._regular = True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record) + self.terminator
+            if self.stream is None:
+                self.stream = self._open()
+            if self._size is None:
+                st = os.fstat(self.stream.fileno())
+                self._size, self._regular = st.st_size, stat.S_ISREG(st.st_mode)
+            if self._regular and self.maxBytes > 0 and self._size + len(text) >= self.maxBytes:
+                self.doRollover()
+                self._size = None if self.stream is None else 0
+            self.stream.write(text)
+            self.stream.flush()
+            if self._size is not None:
+                self._size += len(text)
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+
 def reset_logging() -> None:
     """Remove and close the handlers a previous :func:`setup_logging` installed."""
     root = logging.getLogger()
@@ -162,9 +200,7 @@ def setup_logging(
     file_problem: OSError | None = None
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.handlers.RotatingFileHandler(
-            log_file, maxBytes=MAX_BYTES, backupCount=BACKUP_COUNT, encoding="utf-8"
-        )
+        file_handler = _RotatingFile(log_file, max_bytes=MAX_BYTES, backup_count=BACKUP_COUNT)
     except OSError as exc:
         file_problem = exc
     else:
