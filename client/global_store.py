@@ -15,7 +15,10 @@ Contract:
   it), every older weights file in the directory is deleted after the JSON is written.
   Neither is fsynced: the global can be fetched from the server again, and
   :meth:`GlobalStore.current` verifies it, so a version torn by a power cut is detected
-  and fetched again (a ``kill -9`` loses nothing: the OS holds the data). Raises
+  and fetched again (a ``kill -9`` loses nothing: the OS holds the data). For the same
+  reason the old JSON is deleted just before the new one is renamed in (a rename over a
+  file costs ext4 a flush of the new data): a crash between the two leaves no JSON, so
+  the device registers as holding nothing and is sent the global again. Raises
   :class:`OSError` when the disk refuses, leaving the previous version readable or (after
   a crash between the two writes) detectably inconsistent.
 * A :class:`GlobalWeights` carries the weights file's
@@ -130,7 +133,10 @@ class GlobalStore:
         # Saves are serialised by the caller: nothing replaced the file since the write.
         identity = file_identity(path)
         write_atomic(
-            self.directory / META_NAME, meta.model_dump_json().encode("utf-8"), durable=False
+            self.directory / META_NAME,
+            meta.model_dump_json().encode("utf-8"),
+            durable=False,
+            fresh=True,  # the old JSON deleted first: no flush for a rename over it
         )
         self._held_name = name
         self._delete_older(keep={name, previous})
