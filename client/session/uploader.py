@@ -15,7 +15,12 @@ Contract (a loop-only object; disk work runs in worker threads):
   that unless it is under way (after every registration, and whenever an update is
   kept). After :data:`client.session.decisions.UPLOAD_RETRIES` failures in a row it
   waits for the next reconnect (:func:`upload_retry_delay`). A blob is resumed from the
-  server's offset (:func:`client.transfer.send_file_blob`).
+  server's offset (:func:`client.transfer.send_file_blob`). The pending directory is
+  listed (in a worker thread) to find the oldest, except when this process knows what it
+  holds: the one update kept since the uploader saw it empty
+  (:meth:`client.pending.PendingStore.sole_entry_after`) is taken at once, and after the
+  only entry listed is settled with nothing kept since, nothing is left to list. Disk
+  work on a small update runs on the loop (:func:`client.session.offload.run_disk`).
 * Each byte of an update is read and hashed at most once on its way out: one that fits in
   a chunk is read and checked by :meth:`client.pending.PendingStore.read` and sent inline;
   a larger one is streamed from its file (:func:`client.transfer.send_file_blob`), and
@@ -30,9 +35,10 @@ Contract (a loop-only object; disk work runs in worker threads):
 * An update may be sent while it is still being made durable (kept with
   ``PendingStore.add(..., durable=False)``): its bytes go out meanwhile, but the blob's
   last byte and the ``weights:submit`` only once
-  :meth:`client.pending.PendingStore.wait_durable` returned, so the server never counts an
-  update a power cut could still take from this device; when that fsync fails the update
-  is kept and tried again later (logged).
+  :meth:`client.pending.PendingStore.wait_durable` returned (the store's fsyncs under way
+  are awaited on the loop first, :meth:`~client.pending.PendingStore.syncing`), so the
+  server never counts an update a power cut could still take from this device; when that
+  fsync fails the update is kept and tried again later (logged).
 * An update that cannot be read back from disk, or no longer matches what was recorded, is
   discarded (logged), never retried.
 * While sending, :attr:`Uploader.uploading` names the round (the device state is then
