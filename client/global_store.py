@@ -125,7 +125,11 @@ class GlobalStore:
         """
         digest = sha256 if sha256 is not None else hashlib.sha256(data).hexdigest()
         name = weights_name(version, digest)
-        meta = _Meta(version=version, task=task, size=len(data), sha256=digest, file=name)
+        # Built from checked values (the message was validated, the digest verified or
+        # computed here): not validated again; current() validates what it reads.
+        meta = _Meta.model_construct(
+            version=version, task=task, size=len(data), sha256=digest, file=name
+        )
         # Kept: a round may have started from it.
         previous = self._held_name or self.weights_path.name
         path = self.directory / name
