@@ -104,6 +104,12 @@ class SecretFilter(logging.Filter):
     _formatter = logging.Formatter()
 
     def filter(self, record: logging.LogRecord) -> bool:
+        # Each handler has this filter: a record already redacted against the same
+        # secrets (by the other handler) is not redacted again.
+        with _lock:
+            secrets = frozenset(_secrets)
+        if record.__dict__.get(_REDACTED_FOR) == secrets:
+            return True
         # Merge the arguments into the message first: a secret may be in either.
         record.msg = redact(record.getMessage())
         record.args = None
@@ -113,7 +119,28 @@ class SecretFilter(logging.Filter):
             record.exc_text = redact(record.exc_text)
         if record.stack_info:
             record.stack_info = redact(record.stack_info)
+        record.__dict__[_REDACTED_FOR] = secrets
         return True
+
+
+#: The record attribute naming the secrets it was redacted against (SecretFilter).
+_REDACTED_FOR: Final = "_fedtray_redacted_for"
+#: The record attribute holding its time in words (_Formatter).
+_TIME_TEXT: Final = "_fedtray_asctime"
+
+
+class _Formatter(logging.Formatter):
+    """A formatter whose time text (the default date format) is made once per record,
+    whichever handler formats it first."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        text = record.__dict__.get(_TIME_TEXT)
+        if not isinstance(text, str):
+            text = super().formatTime(record)
+            record.__dict__[_TIME_TEXT] = text
+        return text
 
 
 class _StderrHandler(logging.Handler):
@@ -194,7 +221,7 @@ def setup_logging(
     secret_filter = SecretFilter()
     handlers: list[logging.Handler] = []
     stderr_handler = _StderrHandler()
-    stderr_handler.setFormatter(logging.Formatter(STDERR_FORMAT))
+    stderr_handler.setFormatter(_Formatter(STDERR_FORMAT))
     handlers.append(stderr_handler)
 
     file_problem: OSError | None = None
@@ -204,7 +231,7 @@ def setup_logging(
     except OSError as exc:
         file_problem = exc
     else:
-        file_handler.setFormatter(logging.Formatter(FILE_FORMAT))
+        file_handler.setFormatter(_Formatter(FILE_FORMAT))
         handlers.append(file_handler)
 
     root = logging.getLogger()

@@ -287,6 +287,28 @@ def test_secrets_are_redacted_in_file_and_stderr(
         assert "RuntimeError: server refused ***" in output
 
 
+def test_a_record_is_redacted_once_for_both_handlers_and_again_for_a_new_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log_file = logsetup.setup_logging(log_dir=tmp_path / "logs")
+    redacted: list[str] = []
+    real_redact = logsetup.redact
+
+    def counted(text: str) -> str:
+        redacted.append(text)
+        return real_redact(text)
+
+    monkeypatch.setattr(logsetup, "redact", counted)
+    log = logging.getLogger("fedtray.test")
+    log.info("hello %s", "world")
+    assert redacted == ["hello world"]  # not once more for the second handler
+    logsetup.add_secret("world")
+    log.info("hello %s", "world")
+    assert redacted[1:] == ["hello world"]
+    assert read_log(log_file).count("hello ***") == 1
+    assert capsys.readouterr().err.count("hello ***") == 1
+
+
 def test_setup_logging_is_idempotent(tmp_path: Path) -> None:
     root = logging.getLogger()
     before = len(root.handlers)
