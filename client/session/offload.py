@@ -7,8 +7,10 @@ Contract:
   reads, writes, hashes or deletes) runs on the calling loop at once: a few hundred
   microseconds, cheaper than the hop to a worker thread and back (a thread wake-up,
   two futures, a loop wake-up: ~0.1-0.3 ms of CPU, and more wall time on a busy
-  machine). Larger work, or work of unknown size (``nbytes=None``), runs in a worker
-  thread (``asyncio.to_thread``), so the loop never waits for a big file.
+  machine); a disk that stalls writes to the page cache stalls the loop as long (it
+  stalled the awaiting handler before). Larger work, or work of unknown size
+  (``nbytes=None``), runs in a worker thread (``asyncio.to_thread``), so the loop never
+  waits for a big file.
 * It never changes what the work does, only where it runs; exceptions are the work's.
 """
 
