@@ -114,8 +114,11 @@ class BaseWeights:
             before = self.held.version if self.held is not None else None
             busy = self._busy_keys()
             try:
+                # On the loop for small safetensors (checked where they lie); JSON is
+                # parsed and re-encoded, in a thread whatever its size.
+                small = len(data) if fmt == "safetensors" else None
                 held, dropped = await run_disk(
-                    len(data), self._save_and_drop, message, data, fmt, before, busy
+                    small, self._save_and_drop, message, data, fmt, before, busy
                 )
             except WeightsError as exc:
                 log.warning(
