@@ -220,8 +220,31 @@ def test_an_output_digest_from_the_trainer_is_recorded_without_reading_the_file(
         created=2.0,
         digest=(5, "0" * 64),
     )
+    # Bytes this process kept are trusted by their file's identity, as when streamed:
+    # the receiver's check catches them, and once distrusted they are hashed.
+    assert wrong.identity is not None and store.read(wrong) == b"other"
+    store.distrust(wrong)
+    [_, again] = store.entries()
     with pytest.raises(FedtrayError) as info:
-        store.read(wrong)
+        store.read(again)
+    assert info.value.code == "checksum_mismatch"
+    # A file changed since it was kept (another identity) is hashed too.
+    store.add(
+        _update_file(tmp_path, b"third"),
+        round_id="r-11",
+        task="digits",
+        base_version=3,
+        num_samples=5,
+        metrics={},
+        fmt="safetensors",
+        created=3.0,
+        digest=(5, hashlib.sha256(b"third").hexdigest()),
+    )
+    [*_, third] = store.entries()
+    assert third.identity is not None and store.read(third) == b"third"
+    third.path.write_bytes(b"THIRD")
+    with pytest.raises(FedtrayError) as info:
+        store.read(third)
     assert info.value.code == "checksum_mismatch"
 
 
