@@ -376,8 +376,16 @@ def load_base(built: BuiltModel, job: BaseJob, of: str) -> str:
     return sha
 
 
-#: Buffers one ``preadv`` call may fill (the OS's limit; POSIX guarantees at least 16).
-_IOV_MAX = (os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 0) or 16
+def _iov_max() -> int:
+    """Buffers one ``preadv`` call may fill: the OS's limit, else 16 (POSIX's least)."""
+    try:
+        limit = os.sysconf("SC_IOV_MAX")
+    except (AttributeError, ValueError, OSError):  # no sysconf, or no such name
+        return 16
+    return limit if limit > 0 else 16  # -1: indeterminate
+
+
+_IOV_MAX = _iov_max()
 
 
 def _cpu_targets(model: torch.nn.Module) -> dict[str, npt.NDArray[Any]] | None:

@@ -161,31 +161,29 @@ class _RotatingFile(logging.handlers.RotatingFileHandler):
     """The rotating log file (``MAX_BYTES`` x ``BACKUP_COUNT``), each record formatted once.
 
     The standard library's handler formats every record twice (once to decide whether to
-    roll over) and stats and seeks the file for each one; this one keeps the file's size
-    itself (read once when the file is opened, counted in characters written, as the
-    standard one measures a record) and, like it, never rolls over a file that is not a
-    regular file (``/dev/null``)."""
+    roll over) and seeks the file for each one; this one formats it once and asks the open
+    file's size (one ``fstat``: what every process appending to the same file wrote, so
+    several clients sharing a log directory still roll it over at ``MAX_BYTES``) and, like
+    it, never rolls over a file that is not a regular file (``/dev/null``)."""
 
     def __init__(self, filename: Path, *, max_bytes: int, backup_count: int) -> None:
         super().__init__(filename, maxBytes=max_bytes, backupCount=backup_count, encoding="utf-8")
-        self._size: int | None = None  # unknown until the open stream is looked at
-        self._regular = True
+        self._regular: bool | None = None  # unknown until the open stream is looked at
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             text = self.format(record) + self.terminator
             if self.stream is None:
                 self.stream = self._open()
-            if self._size is None:
+            if self.maxBytes > 0 and self._regular is not False:
                 st = os.fstat(self.stream.fileno())
-                self._size, self._regular = st.st_size, stat.S_ISREG(st.st_mode)
-            if self._regular and self.maxBytes > 0 and self._size + len(text) >= self.maxBytes:
-                self.doRollover()
-                self._size = None if self.stream is None else 0
+                self._regular = stat.S_ISREG(st.st_mode)
+                if self._regular and st.st_size + len(text) >= self.maxBytes:
+                    self.doRollover()
+                    if self.stream is None:
+                        self.stream = self._open()
             self.stream.write(text)
             self.stream.flush()
-            if self._size is not None:
-                self._size += len(text)
         except RecursionError:
             raise
         except Exception:

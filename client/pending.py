@@ -236,18 +236,19 @@ class PendingStore:
                 os.replace(sidecar_staged, sidecar_path)
                 fsync_dir(self.directory)
                 self._identities[data_path] = file_identity(data_path)
+                self._durable.add(data_path)
+                return self._added(sidecar, data_path, sidecar_path)
         except BaseException:
             with contextlib.suppress(Exception):
                 _unlink(staged.result())  # not installed (gone if it was)
             raise
-        with self._lock:
-            self._durable.add(data_path)
-        return self._added(self._entry(sidecar, data_path, sidecar_path))
 
-    def _added(self, entry: PendingUpdate) -> PendingUpdate:
-        with self._lock:
-            self._generation += 1
-            self._last_added = entry
+    def _added(self, sidecar: _Sidecar, data_path: Path, sidecar_path: Path) -> PendingUpdate:
+        """The entry just installed, counted as added (the lock held: whoever lists the
+        directory and then reads :attr:`generation` sees both or neither)."""
+        entry = self._new_entry(sidecar, data_path, sidecar_path, self._identities.get(data_path))
+        self._generation += 1
+        self._last_added = entry
         return entry
 
     @property
@@ -286,7 +287,7 @@ class PendingStore:
             self._durable.discard(data_path)
             self._syncing[data_path] = _SIDECAR_POOL.submit(_make_durable, data_path, sidecar_path)
             self._identities[data_path] = file_identity(data_path)
-        return self._added(self._entry(sidecar, data_path, sidecar_path))
+            return self._added(sidecar, data_path, sidecar_path)
 
     def is_durable(self, update: PendingUpdate) -> bool:
         """Whether this process made ``update`` durable (no waiting, no I/O; no lock
@@ -316,6 +317,21 @@ class PendingStore:
                 return
         _make_durable(update.path, update.sidecar)
         self._made_durable(update.path, syncing)
+
+    def record_durable(
+        self, update: PendingUpdate, syncing: concurrent.futures.Future[None]
+    ) -> bool:
+        """Record ``update`` durable when ``syncing`` (from :meth:`syncing`) ended well and
+        is still its fsyncs (not replaced by a newer add); ``False`` otherwise (then
+        :meth:`wait_durable` decides, in a thread). Never blocks, never does I/O."""
+        if not syncing.done() or syncing.cancelled() or syncing.exception() is not None:
+            return False
+        with self._lock:
+            if self._syncing.get(update.path) is not syncing:
+                return update.path in self._durable
+            del self._syncing[update.path]
+            self._durable.add(update.path)
+            return True
 
     def _made_durable(self, path: Path, syncing: concurrent.futures.Future[None] | None) -> None:
         with self._lock:
@@ -422,6 +438,12 @@ class PendingStore:
     def _entry(self, sidecar: _Sidecar, data_path: Path, sidecar_path: Path) -> PendingUpdate:
         with self._lock:
             identity = self._identities.get(data_path)
+        return self._new_entry(sidecar, data_path, sidecar_path, identity)
+
+    @staticmethod
+    def _new_entry(
+        sidecar: _Sidecar, data_path: Path, sidecar_path: Path, identity: FileIdentity | None
+    ) -> PendingUpdate:
         return PendingUpdate(
             round_id=sidecar.round_id,
             task=sidecar.task,

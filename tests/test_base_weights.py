@@ -74,15 +74,22 @@ async def _newer_version(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("fmt", "shape", "on_loop"),
+    ("fmt", "shape", "package", "on_loop"),
     [
-        ("safetensors", (2, 3), True),  # small: no hop to a thread
-        ("safetensors", (600, 600), False),  # 1.44 MB, over SMALL_DISK_BYTES
-        ("json", (2, 3), False),  # parsed and re-encoded: in a thread whatever its size
+        ("safetensors", (2, 3), False, True),  # small: no hop to a thread
+        ("safetensors", (600, 600), False, False),  # 1.44 MB, over SMALL_DISK_BYTES
+        ("json", (2, 3), False, False),  # parsed and re-encoded: in a thread whatever its size
+        # A package's expected layout reads the package (up to its archive limit).
+        ("safetensors", (2, 3), True, False),
     ],
 )
 def test_small_safetensors_are_saved_on_the_loop_and_the_rest_in_a_thread(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str, shape: tuple[int, int], on_loop: bool
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fmt: str,
+    shape: tuple[int, int],
+    package: bool,
+    on_loop: bool,
 ) -> None:
     store = GlobalStore(tmp_path / "global")
     threads: list[threading.Thread] = []
@@ -100,6 +107,8 @@ def test_small_safetensors_are_saved_on_the_loop_and_the_rest_in_a_thread(
             "version": 1,
             "task": "synthetic",
             "weights": {"format": fmt, "size": len(data), "sha256": sha256_hex(data), "data": data},
+            # Not held by this device: no layout to check against (nothing read either).
+            "package": {"sha256": "0" * 64, "size": 5} if package else None,
         }
     )
 

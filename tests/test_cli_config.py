@@ -358,6 +358,22 @@ def test_the_log_file_rotates_by_size_and_formats_each_record_once(
     assert capsys.readouterr().err.count("line 0") == 60  # stderr has every line
 
 
+def test_the_log_file_rolls_over_at_its_size_whoever_wrote_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(logsetup, "MAX_BYTES", 1000)
+    log_file = logsetup.setup_logging(log_dir=tmp_path / "logs")
+    log = logging.getLogger("fedtray.test")
+    log.info("first")
+    # Another client sharing the log directory appends to the same file.
+    with log_file.open("a", encoding="utf-8") as other:
+        other.write("o" * 900 + "\n")
+    log.info("second %s", "y" * 80)
+    rolled = log_file.with_name("fedtray.log.1")
+    assert rolled.is_file() and "first" in rolled.read_text() and "o" * 900 in rolled.read_text()
+    assert "second" in read_log(log_file) and log_file.stat().st_size <= 1000
+
+
 def test_default_log_dir_follows_xdg_state_home(tmp_path: Path) -> None:
     path = logsetup.setup_logging()
     assert path == tmp_path / "xdg_state_home" / "fedtray" / "log" / "fedtray.log"

@@ -551,6 +551,40 @@ def test_the_kept_data_of_each_part_is_loaded_once_and_trains_as_fresh_data(
     assert loads[2:] == [("train", 1, 2), ("train", 1, 3)]
 
 
+def test_a_model_writing_into_its_input_leaves_the_kept_data_as_loaded(tmp_path: Path) -> None:
+    class Doubling(torch.nn.Module):
+        """Doubles its input in place first (as an in-place first op would)."""
+
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x.mul_(2))  # type: ignore[no-any-return]
+
+    def loader(name: str, params: Mapping[str, JsonValue]) -> Task:
+        task = get_task(name, params)
+        build = task.build_model
+        task.build_model = lambda p, seed: Doubling(build(p, seed))  # type: ignore[method-assign]
+        return task
+
+    task = loader("digits", {"hidden": 16})
+    base = tmp_path / "base.safetensors"
+    base.write_bytes(encode(_state_of(task.build_model(task.params, seed=11))))
+    job = _job(
+        tmp_path,
+        base_weights_path=base,
+        config=_job(tmp_path).config.model_copy(update={"epochs": 1}),
+    )
+    kept = LocalTrainer(device="cpu", task_loader=loader)
+    for n in range(2):  # the second job trains on the data the first one evaluated
+        got = kept.run(replace(job, output_path=tmp_path / f"k{n}.safetensors"))
+        fresh = LocalTrainer(device="cpu", task_loader=loader).run(
+            replace(job, output_path=tmp_path / f"f{n}.safetensors")
+        )
+        assert got.output_path.read_bytes() == fresh.output_path.read_bytes(), f"job {n}"
+
+
 def _vouched(job: TrainJob) -> TrainJob:
     """``job`` with its base file vouched for (as the session does after verifying it)."""
     assert job.base_weights_path is not None

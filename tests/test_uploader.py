@@ -208,19 +208,20 @@ def test_an_update_is_sent_while_it_is_made_durable_and_completed_only_once_it_i
 def test_an_update_that_cannot_be_made_durable_is_kept_not_completed_nor_discarded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: bytes
 ) -> None:
+    import client.pending as pending_module
     import client.session.uploader as uploader_module
 
     monkeypatch.setattr(uploader_module, "upload_retry_delay", lambda failures: None)
-    pending = PendingStore(tmp_path / "pending")
-    _keep(tmp_path, pending, content, durable=False)
-    tries: list[str] = []
+    tries: list[Path] = []
 
-    def refuse(update: PendingUpdate) -> None:
-        tries.append(update.round_id)
+    def refuse(data_path: Path, sidecar_path: Path) -> None:
+        tries.append(data_path)
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(pending, "wait_durable", refuse)
-    monkeypatch.setattr(pending, "is_durable", lambda update: False)
+    # Every fsync of the update fails: on the sync thread and when tried again.
+    monkeypatch.setattr(pending_module, "_make_durable", refuse)
+    pending = PendingStore(tmp_path / "pending")
+    _keep(tmp_path, pending, content, durable=False)
     server, hub = asyncio.run(_upload(tmp_path, pending))
     assert tries and server.taken == [] and server.blobs.bytes_held() < len(BIG)
     assert [e.round_id for e in pending.entries()] == ["r-1"]  # kept for a later try

@@ -114,9 +114,11 @@ class BaseWeights:
             before = self.held.version if self.held is not None else None
             busy = self._busy_keys()
             try:
-                # On the loop for small safetensors (checked where they lie); JSON is
-                # parsed and re-encoded, in a thread whatever its size.
-                small = len(data) if fmt == "safetensors" else None
+                # On the loop for small safetensors of a task that is not a package
+                # (checked where they lie; a package's expected layout reads the
+                # package); JSON is parsed and re-encoded, in a thread whatever its size.
+                on_loop = fmt == "safetensors" and message.package is None
+                small = len(data) if on_loop else None
                 held, dropped = await run_disk(
                     small, self._save_and_drop, message, data, fmt, before, busy
                 )

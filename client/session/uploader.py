@@ -184,11 +184,10 @@ class Uploader:
             if syncing is not None:
                 with contextlib.suppress(OSError):
                     await asyncio.shield(asyncio.wrap_future(syncing))
-            try:
-                if syncing is not None and syncing.exception() is None:
-                    self.pending.wait_durable(update)  # done: recorded at once
-                else:  # none under way (an entry from an earlier run), or they failed
-                    await asyncio.to_thread(self.pending.wait_durable, update)
+            if syncing is not None and self.pending.record_durable(update, syncing):
+                return
+            try:  # none under way (an entry from an earlier run), they failed, or replaced
+                await asyncio.to_thread(self.pending.wait_durable, update)
             except OSError as exc:
                 raise _NotDurableError(str(exc)) from exc
 

@@ -25,7 +25,6 @@ Contract:
 from __future__ import annotations
 
 import math
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self, TypeVar
@@ -216,15 +215,14 @@ def eval_batches(
 
 
 def _read_tensor(values: npt.NDArray[Any]) -> torch.Tensor:
-    """A tensor over ``values`` (no copy) that is only read: torch's warning about a
-    read-only array is for tensors written to."""
+    """A tensor of ``values``: over them when they may be written (a fresh load), a copy
+    when they are read-only (data the worker keeps across jobs): a model may write into its
+    input (``ReLU(inplace=True)`` first), and torch does not honour numpy's read-only flag."""
     import torch
 
     if values.flags.writeable:
         return torch.as_tensor(values)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.as_tensor(values)
+    return torch.tensor(values)
 
 
 def apply_partition(
