@@ -15,7 +15,10 @@ Contract:
   it), every older weights file in the directory is deleted after the JSON is written.
   Neither is fsynced: the global can be fetched from the server again, and
   :meth:`GlobalStore.current` verifies it, so a version torn by a power cut is detected
-  and fetched again (a ``kill -9`` loses nothing: the OS holds the data). Raises
+  and fetched again (a ``kill -9`` loses nothing: the OS holds the data). For the same
+  reason the old JSON is deleted just before the new one is renamed in (a rename over a
+  file costs ext4 a flush of the new data): a crash between the two leaves no JSON, so
+  the device registers as holding nothing and is sent the global again. Raises
   :class:`OSError` when the disk refuses, leaving the previous version readable or (after
   a crash between the two writes) detectably inconsistent.
 * A :class:`GlobalWeights` carries the weights file's
@@ -122,7 +125,11 @@ class GlobalStore:
         """
         digest = sha256 if sha256 is not None else hashlib.sha256(data).hexdigest()
         name = weights_name(version, digest)
-        meta = _Meta(version=version, task=task, size=len(data), sha256=digest, file=name)
+        # Built from checked values (the message was validated, the digest verified or
+        # computed here): not validated again; current() validates what it reads.
+        meta = _Meta.model_construct(
+            version=version, task=task, size=len(data), sha256=digest, file=name
+        )
         # Kept: a round may have started from it.
         previous = self._held_name or self.weights_path.name
         path = self.directory / name
@@ -130,7 +137,10 @@ class GlobalStore:
         # Saves are serialised by the caller: nothing replaced the file since the write.
         identity = file_identity(path)
         write_atomic(
-            self.directory / META_NAME, meta.model_dump_json().encode("utf-8"), durable=False
+            self.directory / META_NAME,
+            meta.model_dump_json().encode("utf-8"),
+            durable=False,
+            fresh=True,  # the old JSON deleted first: no flush for a rename over it
         )
         self._held_name = name
         self._delete_older(keep={name, previous})

@@ -188,7 +188,8 @@ def _plain_printer(out: TextIO) -> Callable[[ClientSnapshot], None]:
         last[0] = snap
         for line in lines:
             if line is not None:
-                print(line, file=out, flush=True)
+                out.write(line + "\n")  # one write (print makes two), then flushed
+                out.flush()
 
     return on_change
 

@@ -10,6 +10,16 @@ Contract (torch is imported only inside functions; the training worker is the on
   built model. :meth:`KeptModel.for_evaluation` returns the kept one for the same key
   whatever the job (an evaluation always loads its global), else builds one (seed 0).
   Either way the new one is kept; the old one is let go before building.
+* :func:`train_data` is a job's training data (the task's ``load_data("train", ...)``
+  of :func:`data_partition`, and its tensors on the job's device), loaded once and kept
+  with the built model for the later jobs of that partition: a task's data is a pure
+  function of its parameters, files and partition (:class:`client.tasks.base.Task`),
+  which the kept model's key and the partition pin. On the CPU the parts of one
+  partitioning (same count, seed, scheme and alpha: disjoint rows) are kept side by side,
+  as a device is given another part from round to round, so at most one train split is
+  held (the tensors share the arrays' memory); on an accelerator only the last part.
+  Another partitioning or device drops what was kept. The kept numpy arrays are made
+  read-only (every job shares them).
 * :func:`resolve_task` is THE task resolution of a job: a job with a package builds the
   task from it (:func:`client.taskpkg.task.load_packaged_task`, which never unpickles or
   runs anything from the package); any other job looks its task up by name.
@@ -25,7 +35,16 @@ Contract (torch is imported only inside functions; the training worker is the on
   built model's layout (a different layout raises the weights codes
   ``layout_mismatch`` / ``shape_mismatch`` / ``dtype_mismatch`` before the model is
   touched) and copies it into the model in place, every tensor of its state dict
-  overwritten.
+  overwritten: by ``load_state_dict``, or, for a model whose modules load their state
+  plainly (no module overrides it, no state-dict hooks), by copying each tensor into its
+  state-dict tensor directly, which is what ``load_state_dict`` does for such a model.
+  A file vouched for by its identity (the session verified it) loaded into such a model
+  on the CPU is read straight into the model's own memory (no map, no copy through one):
+  its identity, length, header and layout are checked first, as :func:`decode_views`
+  checks them, so a file refused for any of those leaves the model untouched; its values
+  are checked as read (NaN/Inf: ``non_finite``, bool bytes), so a file refused for them
+  leaves the model holding them, which no job uses: every job loads its base whole (or
+  builds a fresh model) before it trains or evaluates.
 """
 
 from __future__ import annotations
@@ -34,12 +53,16 @@ import contextlib
 import json
 import mmap
 import os
+import struct
+import sys
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
+import numpy.typing as npt
 from pydantic import JsonValue
 
 from client.atomicfile import FileIdentity, file_identity
@@ -47,7 +70,16 @@ from client.errors import FedtrayError
 from client.protocol import Partition, TrainingConfig
 from client.tasks import get_task
 from client.tasks.base import Task, model_state
-from client.weights import Layout, StateDict, decode_views, layout_of, sha256_hex
+from client.weights import (
+    MAX_HEADER_BYTES,
+    Layout,
+    StateDict,
+    check_head,
+    check_values,
+    decode_views,
+    layout_of,
+    sha256_hex,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -56,14 +88,20 @@ __all__ = [
     "BaseJob",
     "BuiltModel",
     "KeptModel",
+    "PartKey",
     "TaskJob",
     "TaskLoader",
+    "TrainData",
     "data_partition",
     "load_base",
     "model_key",
     "read_base",
     "resolve_task",
+    "train_data",
 ]
+
+#: A safetensors document's first 8 bytes: its header's length (little-endian).
+_HEADER_LEN = struct.Struct("<Q")
 
 #: Resolves a task by name and parameters (default :func:`client.tasks.get_task`).
 TaskLoader = Callable[[str, Mapping[str, JsonValue]], Task]
@@ -106,12 +144,92 @@ class _TrainingJob(TaskJob, BaseJob, Protocol):
 
 @dataclass
 class BuiltModel:
-    """A built task and model, kept for the next job of the same ``key``."""
+    """A built task and model, kept for the next job of the same ``key``; ``data``: the
+    training data loaded for it (:func:`train_data`), and ``sizes``: what the trainer
+    measured of it once, both kept with it."""
 
     key: str
     task: Task
     model: torch.nn.Module
     layout: Layout
+    data: dict[PartKey, TrainData] = field(default_factory=dict)
+    #: (bytes one training sample needs, bytes of the parameters), once measured.
+    sizes: tuple[int, int] | None = None
+    #: Whether torch's load_state_dict is a plain copy for this model (:func:`load_base`).
+    plain: bool | None = None
+
+
+def _loads_plainly(model: torch.nn.Module) -> bool:
+    """Whether ``model.load_state_dict`` only copies each tensor in place: no module
+    overrides how it loads or saves its state, and none has a state-dict hook."""
+    from torch import nn
+
+    for module in model.modules():
+        kind = type(module)
+        if (
+            kind.load_state_dict is not nn.Module.load_state_dict
+            or kind.state_dict is not nn.Module.state_dict
+            or kind._load_from_state_dict is not nn.Module._load_from_state_dict
+            or kind._save_to_state_dict is not nn.Module._save_to_state_dict
+            or kind.set_extra_state is not nn.Module.set_extra_state
+            or module._load_state_dict_pre_hooks
+            or module._load_state_dict_post_hooks
+            or module._state_dict_hooks
+            or module._state_dict_pre_hooks
+        ):
+            return False
+    return True
+
+
+#: What picks a job's rows: the partition's (index, count, seed, scheme, alpha), or
+#: ``None`` for a job whose data file is its share already.
+PartKey = tuple[int, int, int, str, float] | None
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """A job's training data on ``device``: the task's numpy arrays (read-only) and the
+    tensors made from them."""
+
+    device: str
+    x_np: npt.NDArray[Any]
+    y_np: npt.NDArray[Any]
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+def _part_key(partition: Partition | None) -> PartKey:
+    if partition is None:
+        return None
+    return (partition.index, partition.count, partition.seed, partition.scheme, partition.alpha)
+
+
+def train_data(built: BuiltModel, job: TaskJob, device: torch.device) -> TrainData:
+    """The training data of ``job`` for ``built``'s task on ``device`` (module docstring)."""
+    import torch
+
+    key = _part_key(data_partition(job))
+    kept = built.data.get(key)
+    if kept is not None and kept.device == str(device):
+        return kept
+    same_split = (
+        key is not None
+        and device.type == "cpu"
+        and all(
+            k is not None and k[1:] == key[1:] and d.device == str(device)
+            for k, d in built.data.items()
+        )
+    )
+    if not same_split:
+        built.data.clear()  # the old arrays go before the new ones are loaded
+    x_np, y_np = built.task.load_data("train", data_partition(job))
+    x = torch.as_tensor(x_np).to(device)
+    y = torch.as_tensor(y_np).to(device)
+    # Shared by every job from now on: no task's evaluate may change them in place.
+    x_np.flags.writeable = False
+    y_np.flags.writeable = False
+    built.data[key] = TrainData(str(device), x_np, y_np, x, y)
+    return built.data[key]
 
 
 class KeptModel:
@@ -225,6 +343,13 @@ def load_base(built: BuiltModel, job: BaseJob, of: str) -> str:
     and copy it into its model in place (module docstring); return its SHA-256."""
     import torch
 
+    if built.plain is None:
+        built.plain = _loads_plainly(built.model)
+    if built.plain and job.base_identity is not None and job.base_sha256 is not None:
+        arrays = _cpu_targets(built.model)
+        if arrays is not None:
+            _read_into(job, of, built.layout, arrays)
+            return job.base_sha256
     raw, sha = read_base(job, of)
     base: StateDict | None = None
     try:
@@ -233,10 +358,102 @@ def load_base(built: BuiltModel, job: BaseJob, of: str) -> str:
         base = decode_views(raw, expected=built.layout)
         with warnings.catch_warnings():  # read-only arrays: torch only reads them here
             warnings.simplefilter("ignore", UserWarning)
-            built.model.load_state_dict({k: torch.from_numpy(v) for k, v in base.items()})
+            tensors = {k: torch.from_numpy(v) for k, v in base.items()}
+            if built.plain:
+                # What load_state_dict does for such a model, without its per-module walk:
+                # every tensor of the state dict copied over in place (the layout matched).
+                targets = built.model.state_dict(keep_vars=True)
+                with torch.no_grad():
+                    for name, tensor in tensors.items():
+                        targets[name].copy_(tensor)
+            else:
+                built.model.load_state_dict(tensors)
     finally:
         base = None  # the views of the map, released before it is closed (errors too)
         if isinstance(raw, mmap.mmap):
             with contextlib.suppress(BufferError):  # a view still held: closed when freed
                 raw.close()
     return sha
+
+
+def _iov_max() -> int:
+    """Buffers one ``preadv`` call may fill: the OS's limit, else 16 (POSIX's least)."""
+    try:
+        limit = os.sysconf("SC_IOV_MAX")
+    except (AttributeError, ValueError, OSError):  # no sysconf, or no such name
+        return 16
+    return limit if limit > 0 else 16  # -1: indeterminate
+
+
+_IOV_MAX = _iov_max()
+
+
+def _cpu_targets(model: torch.nn.Module) -> dict[str, npt.NDArray[Any]] | None:
+    """The model's state-dict tensors as writable numpy arrays over their own memory, or
+    ``None`` when one cannot be read into directly (not on the CPU, not dense, a dtype
+    numpy lacks) or this OS cannot read into several buffers at once."""
+    if not hasattr(os, "preadv") or sys.byteorder != "little":
+        return None
+    targets: dict[str, npt.NDArray[Any]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.device.type != "cpu" or not tensor.is_contiguous():
+            return None
+        try:
+            targets[name] = tensor.detach().numpy()
+        except (TypeError, RuntimeError):
+            return None
+    return targets
+
+
+def _read_into(job: BaseJob, of: str, layout: Layout, targets: dict[str, npt.NDArray[Any]]) -> None:
+    """The vouched-for base file read straight into ``targets`` (the model's own memory):
+    its identity, length and header checked against ``layout`` first (nothing is written
+    before that), then its values, as read (module docstring)."""
+    assert job.base_weights_path is not None
+    stale = FedtrayError(
+        "stale_base",
+        f"the base weights file changed: it is no longer the base of {of}",
+    )
+    try:
+        with job.base_weights_path.open("rb") as fh:
+            fd = fh.fileno()
+            if file_identity(fd) != job.base_identity:
+                raise stale
+            total = os.fstat(fd).st_size
+            head = os.pread(fd, _HEADER_LEN.size, 0)
+            if len(head) == _HEADER_LEN.size:
+                (header_len,) = _HEADER_LEN.unpack(head)
+                if header_len <= min(total - len(head), MAX_HEADER_BYTES):
+                    head += os.pread(fd, header_len, len(head))
+            entries, body_start = check_head(head, total, expected=layout)
+            buffers = []
+            for name, dtype, shape, _offset in sorted(entries, key=lambda e: e[3]):
+                target = targets[name]
+                if target.dtype != dtype or target.shape != shape:
+                    raise FedtrayError(
+                        "training_failed", f"the model's tensor {name!r} is not {dtype} {shape}"
+                    )
+                if target.nbytes:
+                    buffers.append(target.reshape(-1).view(np.uint8).data)
+            _pread_exactly(fd, buffers, body_start)
+    except OSError as exc:
+        raise FedtrayError("training_failed", f"cannot read the base weights: {exc}") from exc
+    check_values(targets)
+
+
+def _pread_exactly(fd: int, buffers: list[memoryview], offset: int) -> None:
+    """Fill ``buffers`` in order from ``offset`` of ``fd`` (``OSError`` at the file's end)."""
+    views = list(buffers)
+    i = 0
+    while i < len(views):
+        got = os.preadv(fd, views[i : i + _IOV_MAX], offset)
+        if got <= 0:
+            raise OSError(f"the file ends at byte {offset}")
+        offset += got
+        while got and i < len(views):
+            if got >= views[i].nbytes:
+                got -= views[i].nbytes
+                i += 1
+            else:
+                views[i] = views[i][got:]
+                got = 0

@@ -3,11 +3,12 @@
 Contract:
 
 * :func:`setup_logging` configures the root logger with a rotating file handler
-  (1 MB x 5 files) in ``platformdirs.user_log_dir(app)`` (or ``log_dir``) and a stderr
-  handler. It is idempotent: a second call replaces the handlers it added before
-  rather than adding more. It never fails startup because of the disk: when the log
-  directory or file cannot be created, it logs to stderr only and warns. It raises
-  :class:`LogLevelError` (a :class:`ValueError`) only for an unknown level name.
+  (1 MB x 5 files; each record formatted once, the file's size counted, not asked for)
+  in ``platformdirs.user_log_dir(app)`` (or ``log_dir``) and a stderr handler. It is
+  idempotent: a second call replaces the handlers it added before rather than adding
+  more. It never fails startup because of the disk: when the log directory or file
+  cannot be created, it logs to stderr only and warns. It raises :class:`LogLevelError`
+  (a :class:`ValueError`) only for an unknown level name.
 * Every record passing through those handlers is redacted: each string registered
   with :func:`add_secret` is replaced by ``***`` in the message, its arguments, the
   exception text and the stack text, so a token never reaches a log.
@@ -20,6 +21,8 @@ from __future__ import annotations
 import argparse
 import logging
 import logging.handlers
+import os
+import stat
 import sys
 import threading
 from pathlib import Path
@@ -101,6 +104,12 @@ class SecretFilter(logging.Filter):
     _formatter = logging.Formatter()
 
     def filter(self, record: logging.LogRecord) -> bool:
+        # Each handler has this filter: a record already redacted against the same
+        # secrets (by the other handler) is not redacted again.
+        with _lock:
+            secrets = frozenset(_secrets)
+        if record.__dict__.get(_REDACTED_FOR) == secrets:
+            return True
         # Merge the arguments into the message first: a secret may be in either.
         record.msg = redact(record.getMessage())
         record.args = None
@@ -110,7 +119,28 @@ class SecretFilter(logging.Filter):
             record.exc_text = redact(record.exc_text)
         if record.stack_info:
             record.stack_info = redact(record.stack_info)
+        record.__dict__[_REDACTED_FOR] = secrets
         return True
+
+
+#: The record attribute naming the secrets it was redacted against (SecretFilter).
+_REDACTED_FOR: Final = "_fedtray_redacted_for"
+#: The record attribute holding its time in words (_Formatter).
+_TIME_TEXT: Final = "_fedtray_asctime"
+
+
+class _Formatter(logging.Formatter):
+    """A formatter whose time text (the default date format) is made once per record,
+    whichever handler formats it first."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        text = record.__dict__.get(_TIME_TEXT)
+        if not isinstance(text, str):
+            text = super().formatTime(record)
+            record.__dict__[_TIME_TEXT] = text
+        return text
 
 
 class _StderrHandler(logging.Handler):
@@ -123,6 +153,39 @@ class _StderrHandler(logging.Handler):
         try:
             stream.write(self.format(record) + "\n")
             stream.flush()
+        except Exception:
+            self.handleError(record)
+
+
+class _RotatingFile(logging.handlers.RotatingFileHandler):
+    """The rotating log file (``MAX_BYTES`` x ``BACKUP_COUNT``), each record formatted once.
+
+    The standard library's handler formats every record twice (once to decide whether to
+    roll over) and seeks the file for each one; this one formats it once and asks the open
+    file's size (one ``fstat``: what every process appending to the same file wrote, so
+    several clients sharing a log directory still roll it over at ``MAX_BYTES``) and, like
+    it, never rolls over a file that is not a regular file (``/dev/null``)."""
+
+    def __init__(self, filename: Path, *, max_bytes: int, backup_count: int) -> None:
+        super().__init__(filename, maxBytes=max_bytes, backupCount=backup_count, encoding="utf-8")
+        self._regular: bool | None = None  # unknown until the open stream is looked at
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record) + self.terminator
+            if self.stream is None:
+                self.stream = self._open()
+            if self.maxBytes > 0 and self._regular is not False:
+                st = os.fstat(self.stream.fileno())
+                self._regular = stat.S_ISREG(st.st_mode)
+                if self._regular and st.st_size + len(text) >= self.maxBytes:
+                    self.doRollover()
+                    if self.stream is None:
+                        self.stream = self._open()
+            self.stream.write(text)
+            self.stream.flush()
+        except RecursionError:
+            raise
         except Exception:
             self.handleError(record)
 
@@ -156,19 +219,17 @@ def setup_logging(
     secret_filter = SecretFilter()
     handlers: list[logging.Handler] = []
     stderr_handler = _StderrHandler()
-    stderr_handler.setFormatter(logging.Formatter(STDERR_FORMAT))
+    stderr_handler.setFormatter(_Formatter(STDERR_FORMAT))
     handlers.append(stderr_handler)
 
     file_problem: OSError | None = None
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.handlers.RotatingFileHandler(
-            log_file, maxBytes=MAX_BYTES, backupCount=BACKUP_COUNT, encoding="utf-8"
-        )
+        file_handler = _RotatingFile(log_file, max_bytes=MAX_BYTES, backup_count=BACKUP_COUNT)
     except OSError as exc:
         file_problem = exc
     else:
-        file_handler.setFormatter(logging.Formatter(FILE_FORMAT))
+        file_handler.setFormatter(_Formatter(FILE_FORMAT))
         handlers.append(file_handler)
 
     root = logging.getLogger()

@@ -42,7 +42,12 @@ Contract:
   its data file exists), looking at that round's two files only, or ``None``.
 * :meth:`PendingStore.read` returns the bytes only when they still match the recorded
   size and SHA-256 (else :class:`client.errors.FedtrayError` ``checksum_mismatch`` /
-  ``size_mismatch``).
+  ``size_mismatch``); bytes this process kept are trusted by their file's identity
+  (``PendingUpdate.identity``, unchanged before and after the read) instead of hashed
+  again, as the uploader trusts a streamed one.
+* :attr:`PendingStore.generation` and :meth:`PendingStore.sole_entry_after` let the
+  uploader find the one entry added since it saw the store empty without listing the
+  directory.
 * :meth:`PendingStore.remove` deletes an entry (idempotent). Only the session calls it,
   after the server acknowledged the update (accepted, ``duplicate`` or ``round_closed``).
 * File names are derived from a hash of the round id, so any round id is a safe name.
@@ -172,6 +177,9 @@ class PendingStore:
         self._syncing: dict[Path, concurrent.futures.Future[None]] = {}
         #: The identity of each data file this process kept (see PendingUpdate.identity).
         self._identities: dict[Path, FileIdentity] = {}
+        #: How many entries this process added, and the last one (see sole_entry_after).
+        self._generation = 0
+        self._last_added: PendingUpdate | None = None
 
     def _paths(self, round_id: str) -> tuple[Path, Path]:
         stem = _stem(round_id)
@@ -228,13 +236,45 @@ class PendingStore:
                 os.replace(sidecar_staged, sidecar_path)
                 fsync_dir(self.directory)
                 self._identities[data_path] = file_identity(data_path)
+                self._durable.add(data_path)
+                return self._added(sidecar, data_path, sidecar_path)
         except BaseException:
             with contextlib.suppress(Exception):
                 _unlink(staged.result())  # not installed (gone if it was)
             raise
+
+    def _added(self, sidecar: _Sidecar, data_path: Path, sidecar_path: Path) -> PendingUpdate:
+        """The entry just installed, counted as added (the lock held: whoever lists the
+        directory and then reads :attr:`generation` sees both or neither)."""
+        entry = self._new_entry(sidecar, data_path, sidecar_path, self._identities.get(data_path))
+        self._generation += 1
+        self._last_added = entry
+        return entry
+
+    @property
+    def generation(self) -> int:
+        """How many entries this process has added (read it before listing: see
+        :meth:`sole_entry_after`)."""
         with self._lock:
-            self._durable.add(data_path)
-        return self._entry(sidecar, data_path, sidecar_path)
+            return self._generation
+
+    def sole_entry_after(self, generation: int) -> PendingUpdate | None:
+        """The entry added since the store held nothing at ``generation`` (a
+        :attr:`generation` read when the store was known empty), when exactly one was
+        added since; else ``None`` (then list with :meth:`entries`). Exact because this
+        process is the store's only writer: entries are removed only by
+        :meth:`remove`, which its caller knows of."""
+        with self._lock:
+            if self._generation != generation + 1:
+                return None
+            return self._last_added
+
+    def syncing(self, update: PendingUpdate) -> concurrent.futures.Future[None] | None:
+        """The fsyncs of ``update`` under way on the sync thread (``add(durable=False)``),
+        or ``None`` when there are none (then :meth:`wait_durable` decides). Awaiting it
+        spares a thread blocked on it; :meth:`wait_durable` still records the outcome."""
+        with self._lock:
+            return self._syncing.get(update.path)
 
     def _add_now(
         self, source: JobFiles, sidecar: _Sidecar, data_path: Path, sidecar_path: Path
@@ -247,7 +287,7 @@ class PendingStore:
             self._durable.discard(data_path)
             self._syncing[data_path] = _SIDECAR_POOL.submit(_make_durable, data_path, sidecar_path)
             self._identities[data_path] = file_identity(data_path)
-        return self._entry(sidecar, data_path, sidecar_path)
+            return self._added(sidecar, data_path, sidecar_path)
 
     def is_durable(self, update: PendingUpdate) -> bool:
         """Whether this process made ``update`` durable (no waiting, no I/O; no lock
@@ -277,6 +317,21 @@ class PendingStore:
                 return
         _make_durable(update.path, update.sidecar)
         self._made_durable(update.path, syncing)
+
+    def record_durable(
+        self, update: PendingUpdate, syncing: concurrent.futures.Future[None]
+    ) -> bool:
+        """Record ``update`` durable when ``syncing`` (from :meth:`syncing`) ended well and
+        is still its fsyncs (not replaced by a newer add); ``False`` otherwise (then
+        :meth:`wait_durable` decides, in a thread). Never blocks, never does I/O."""
+        if not syncing.done() or syncing.cancelled() or syncing.exception() is not None:
+            return False
+        with self._lock:
+            if self._syncing.get(update.path) is not syncing:
+                return update.path in self._durable
+            del self._syncing[update.path]
+            self._durable.add(update.path)
+            return True
 
     def _made_durable(self, path: Path, syncing: concurrent.futures.Future[None] | None) -> None:
         with self._lock:
@@ -340,15 +395,24 @@ class PendingStore:
         return self._entry(sidecar, data_path, sidecar_path)
 
     def read(self, update: PendingUpdate) -> bytes:
-        """The update's bytes, verified against its sidecar; raises FedtrayError or OSError."""
-        data = update.path.read_bytes()
+        """The update's bytes, verified against its sidecar; raises FedtrayError or OSError.
+
+        Bytes this process kept are not hashed again while their file keeps the identity
+        it was kept with (``update.identity``, before and after the read: the trainer
+        hashed them as it wrote them); any other file is hashed."""
+        with update.path.open("rb") as fh:
+            before = file_identity(fh.fileno())
+            data = fh.read()
+            trusted = update.identity is not None and (
+                before == update.identity == file_identity(fh.fileno())
+            )
         if len(data) != update.size:
             raise FedtrayError(
                 "size_mismatch",
                 f"pending update for round {update.round_id} is {len(data)} bytes, "
                 f"expected {update.size}",
             )
-        if hashlib.sha256(data).hexdigest() != update.sha256:
+        if not trusted and hashlib.sha256(data).hexdigest() != update.sha256:
             raise FedtrayError(
                 "checksum_mismatch",
                 f"pending update for round {update.round_id} changed on disk",
@@ -374,6 +438,12 @@ class PendingStore:
     def _entry(self, sidecar: _Sidecar, data_path: Path, sidecar_path: Path) -> PendingUpdate:
         with self._lock:
             identity = self._identities.get(data_path)
+        return self._new_entry(sidecar, data_path, sidecar_path, identity)
+
+    @staticmethod
+    def _new_entry(
+        sidecar: _Sidecar, data_path: Path, sidecar_path: Path, identity: FileIdentity | None
+    ) -> PendingUpdate:
         return PendingUpdate(
             round_id=sidecar.round_id,
             task=sidecar.task,

@@ -22,6 +22,7 @@ Contract:
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -96,15 +97,18 @@ class EpochSnapshot:
     ) -> EpochSnapshot:
         import torch
 
+        state = optimizer.state_dict()
         return cls(
             model=(
                 {}
                 if reload is not None
                 else {k: cpu_copy(v) for k, v in model.state_dict().items()}
             ),
-            optimizer=copy.deepcopy(optimizer.state_dict()),
+            # A new optimizer's state dict holds no tensor, and is built afresh by each
+            # call (client.optimizers): nothing in it to copy.
+            optimizer=copy.deepcopy(state) if state["state"] else state,
             rng=torch.get_rng_state(),
-            position=copy.deepcopy(position),
+            position=_copy_position(position),
             reload=reload,
         )
 
@@ -118,7 +122,13 @@ class EpochSnapshot:
             model.load_state_dict(self.model)
         optimizer.load_state_dict(copy.deepcopy(self.optimizer))
         torch.set_rng_state(self.rng)
-        return copy.deepcopy(self.position)
+        return _copy_position(self.position)
+
+
+def _copy_position(position: Position) -> Position:
+    """An independent copy of ``position`` (its sample order cloned)."""
+    order = None if position.order is None else position.order.clone()
+    return dataclasses.replace(position, order=order)
 
 
 def free_accelerator_memory(device: torch.device) -> None:

@@ -21,7 +21,9 @@ Contract:
   model in place (every tensor of the state dict is overwritten, and the optimizer is
   new), so the result is the same as with a freshly built model. A job without base
   weights always builds a fresh model from the seed. The gradients are released at the
-  end of a job.
+  end of a job. The built model also keeps the training data of the parts it was given
+  (:func:`client.kept_model.train_data`: loaded and partitioned once per part) and what
+  the batch-size cap measured of it (a sample's and the parameters' bytes).
 * The optimizer is :func:`client.optimizers.make_optimizer`'s: torch's SGD / Adam
   arithmetic, bit for bit, without ``torch.optim``'s classes (which import
   ``torch._dynamo``, seconds of CPU, on first use); no part of a job imports
@@ -64,8 +66,10 @@ Contract:
   with this trainer's kept model: it writes nothing and raises :class:`Cancelled` when
   the control says pause or cancel (an evaluation is abandoned, never checkpointed).
 * The batch size is ``config.batch_size`` capped by the memory available
-  (:func:`cap_batch_size`); when an epoch runs out of memory anyway, it is retried from
-  the state at the start of the epoch with half the batch size, down to 1, after which
+  (:func:`cap_batch_size`; the machine's available memory is read at most once per
+  :data:`FREE_MEMORY_TTL_S`, an accelerator's at every job); when an epoch runs out of
+  memory anyway, it is retried from the state at the start of the epoch with half the
+  batch size, down to 1, after which
   ``FedtrayError('training_failed')`` is raised. A fresh job's first epoch keeps no copy
   of its model for that (:class:`client.train_memory.EpochSnapshot` with ``reload``): its
   model is its base file's weights, so a retry loads that file again, checked as the
@@ -88,6 +92,7 @@ in :mod:`client.optimizers`; this module runs the loop over them. Its names
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -107,11 +112,13 @@ from client.checkpoint import (
 from client.errors import FedtrayError
 from client.evaluation import evaluate_global
 from client.kept_model import (
+    BuiltModel,
     KeptModel,
     TaskLoader,
     data_partition,
     load_base,
     resolve_task,
+    train_data,
 )
 from client.optimizers import Optimizer, make_optimizer, state_slots
 from client.protocol import TrainingConfig
@@ -167,12 +174,18 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+#: Seconds a reading of the machine's available memory (the batch-size cap) is used for:
+#: rounds a few milliseconds long do not read ``/proc/meminfo`` each.
+FREE_MEMORY_TTL_S = 1.0
+
 #: The ``epoch`` argument of :func:`epoch_seed` that seeds torch's global RNG (dropout).
 MODEL_RNG_STREAM = 1 << 32
 
 
+@functools.lru_cache(maxsize=256)
 def epoch_seed(seed: int, partition_index: int, epoch: int) -> int:
-    """The shuffle seed of one epoch, mixed by numpy's SeedSequence (fits torch's uint64)."""
+    """The shuffle seed of one epoch, mixed by numpy's SeedSequence (fits torch's uint64);
+    pure, so remembered for the next rounds."""
     state = np.random.SeedSequence([seed, partition_index, epoch]).generate_state(
         1, dtype=np.uint64
     )
@@ -200,6 +213,8 @@ class LocalTrainer:
         self._memory_safety = memory_safety
         self._available_memory = available_memory
         self._kept = KeptModel(task_loader)
+        self._free_read: tuple[float, int] | None = None  # (monotonic time, bytes)
+        self._found_device: torch.device | None = None
 
     # -- public -------------------------------------------------------------------------
 
@@ -227,7 +242,8 @@ class LocalTrainer:
         device = self._device()
         built = self._kept.for_training(job, device)
         task, model = built.task, built.model
-        x_np, y_np = task.load_data("train", data_partition(job))
+        data = train_data(built, job, device)
+        x_np, y_np, x, y = data.x_np, data.y_np, data.x, data.y
         n = len(y_np)
         if n == 0:
             raise FedtrayError("bad_request", "this device's data partition holds no samples")
@@ -236,14 +252,11 @@ class LocalTrainer:
             base_sha = load_base(built, job, f"round {job.round_id}")
         fingerprint = _work_key_of(job, base_sha)
         files = JobFiles.of(job)
-        model.to(device)
         # FedProx: the round's base, taken before a checkpoint's weights are restored.
         anchor = proximal_anchor(model, job.proximal_mu)
         model.zero_grad(set_to_none=True)
         model.train()
         optimizer = make_optimizer(model.parameters(), job.config)
-        x = torch.as_tensor(x_np).to(device)
-        y = torch.as_tensor(y_np).to(device)
 
         position = self._resume(job, files, fingerprint, model, optimizer, device)
         # A fresh job's model starts as the base file: its first epoch is retried (after
@@ -260,7 +273,7 @@ class LocalTrainer:
                 torch.default_generator.manual_seed(seed)
             else:
                 torch.manual_seed(seed)
-            batch = self._initial_batch_size(task, model, x[:1], job.config, n, device)
+            batch = self._initial_batch_size(built, x[:1], job.config, n, device)
             position = Position(batch_size=batch)
         periodic = CheckpointClock(job.checkpoint_interval)
         try:
@@ -412,6 +425,13 @@ class LocalTrainer:
         position.order = None
 
     def _device(self) -> torch.device:
+        """The device jobs run on: found once per trainer (torch's accelerators do not
+        come and go within a process)."""
+        if self._found_device is None:
+            self._found_device = self._find_device()
+        return self._found_device
+
+    def _find_device(self) -> torch.device:
         import torch
 
         if self._device_name is not None:
@@ -431,19 +451,27 @@ class LocalTrainer:
         if device.type == "cuda":
             free, _total = torch.cuda.mem_get_info(device)
             return int(free)
-        return int(psutil.virtual_memory().available)
+        now = time.monotonic()
+        if self._free_read is None or now - self._free_read[0] >= FREE_MEMORY_TTL_S:
+            self._free_read = (now, int(psutil.virtual_memory().available))
+        return self._free_read[1]
 
     def _initial_batch_size(
         self,
-        task: Task,
-        model: torch.nn.Module,
+        built: BuiltModel,
         one_sample: torch.Tensor,
         config: TrainingConfig,
         n: int,
         device: torch.device,
     ) -> int:
-        per_sample = task.sample_bytes_hint(task.params) or estimate_sample_bytes(model, one_sample)
-        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        if built.sizes is None:  # measured once per built model (a sample's shape is fixed)
+            task, model = built.task, built.model
+            per_sample = task.sample_bytes_hint(task.params) or estimate_sample_bytes(
+                model, one_sample
+            )
+            param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            built.sizes = (per_sample, param_bytes)
+        per_sample, param_bytes = built.sizes
         slots = state_slots(config)
         slots += 1 if config.proximal_mu > 0 else 0  # FedProx's copy of the base
         batch = cap_batch_size(

@@ -18,8 +18,9 @@ Contract:
 * It picks the trainer once per process (:func:`make_trainer`) and keeps it for every
   job: :class:`client.simulation.SimulatedTrainer` when simulating, else
   :class:`client.trainer.LocalTrainer` (which keeps its built model across jobs); torch's
-  thread count is set per job to ``job.torch_threads`` or all cores but one, unless a CPU
-  budget is kept (next point). Torch's inter-op threads are set to 1 once per process,
+  thread count is kept per job at ``job.torch_threads`` or all cores but one, unless a CPU
+  budget is kept (next point); it is set only when it differs from the count set last.
+  Torch's inter-op threads are set to 1 once per process,
   before any inter-op work (torch allows it only then; training uses none).
 * The CPU budget (:class:`client.worker_messages.SetBudget`, remembered across jobs;
   the parent sends it to every child it starts before anything else) is kept at every
@@ -185,6 +186,7 @@ class _ChildControl:
         self._duty = DutyCycle()
         self._cpu_clock = cpu_clock
         self._wall_clock = wall_clock
+        self._cpus = os.cpu_count() or 2
 
     def reset(self, job: TrainJob | EvalJob) -> None:
         """A new job: not paused, not cancelled (called before the job is queued). An
@@ -201,8 +203,11 @@ class _ChildControl:
         count is set here, before the trainer builds anything."""
         with self._cond:
             self._checkpoints = trainer.checkpoints
-            self._set_threads = set_threads
-            self._threads_set = None
+            if set_threads != self._set_threads:
+                # Another way to set them: the count it has is unknown. The same one (the
+                # process's torch) keeps the count set last, set again only when it changes.
+                self._set_threads = set_threads
+                self._threads_set = None
         self._keep_threads()
 
     def apply(self, command: Pause | Resume | Cancel) -> None:
@@ -246,7 +251,7 @@ class _ChildControl:
 
     def _threads(self) -> int:
         """The thread count for the job and the budget (under the lock)."""
-        cpus = os.cpu_count() or 2
+        cpus = self._cpus
         if self._budget is None:
             return self._job_threads or max(1, cpus - 1)
         return threads_for(self._budget.cores, self._job_threads, cpus)

@@ -5,12 +5,15 @@ stored again."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 
 from client.atomicfile import file_identity
-from client.global_store import GlobalStore
+from client.global_store import GlobalStore, GlobalWeights
 from client.protocol import WeightsGlobal
 from client.session.base_weights import BaseWeights
 from client.session.hub import SnapshotHub
@@ -68,3 +71,55 @@ async def _newer_version(tmp_path: Path) -> None:
     # v1's work is dead but for the busy one; v2's is the held version's.
     assert sorted(p.name for p in work.directory.iterdir()) == sorted(names[1:])
     assert store.current() == weights.held
+
+
+@pytest.mark.parametrize(
+    ("fmt", "shape", "package", "on_loop"),
+    [
+        ("safetensors", (2, 3), False, True),  # small: no hop to a thread
+        ("safetensors", (600, 600), False, False),  # 1.44 MB, over SMALL_DISK_BYTES
+        ("json", (2, 3), False, False),  # parsed and re-encoded: in a thread whatever its size
+        # A package's expected layout reads the package (up to its archive limit).
+        ("safetensors", (2, 3), True, False),
+    ],
+)
+def test_small_safetensors_are_saved_on_the_loop_and_the_rest_in_a_thread(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fmt: str,
+    shape: tuple[int, int],
+    package: bool,
+    on_loop: bool,
+) -> None:
+    store = GlobalStore(tmp_path / "global")
+    threads: list[threading.Thread] = []
+    save = store.save
+
+    def noted_save(**kwargs: Any) -> GlobalWeights:
+        threads.append(threading.current_thread())
+        return save(**kwargs)
+
+    monkeypatch.setattr(store, "save", noted_save)
+    state = {"w": np.full(shape, 0.5, np.float32)}
+    data = encode(state, fmt)  # type: ignore[arg-type]
+    message = WeightsGlobal.model_validate(
+        {
+            "version": 1,
+            "task": "synthetic",
+            "weights": {"format": fmt, "size": len(data), "sha256": sha256_hex(data), "data": data},
+            # Not held by this device: no layout to check against (nothing read either).
+            "package": {"sha256": "0" * 64, "size": 5} if package else None,
+        }
+    )
+
+    async def run() -> BaseWeights:
+        hub = SnapshotHub(
+            ClientSnapshot(settings=Settings(server_url="http://127.0.0.1:1", device_name="t"))
+        )
+        weights = BaseWeights(hub, store, work=WorkDir(tmp_path / "work"), busy_keys=set)
+        await weights.on_weights_global(message)
+        return weights
+
+    weights = asyncio.run(run())
+    assert (threads == [threading.main_thread()]) is on_loop and len(threads) == 1
+    assert weights.held is not None and store.current() == weights.held

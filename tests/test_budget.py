@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -196,3 +197,33 @@ def test_a_new_budget_ends_the_sleep_and_starts_a_new_window() -> None:
     started = time.monotonic()
     assert control.check() == "run"
     assert time.monotonic() - started < 0.5
+
+
+def test_the_thread_count_is_set_again_only_when_it_changes() -> None:
+    cpu = FakeCpu()
+    control, _sent, threads = _control(cpu)
+    control.set_budget(SetBudget(1, 100))
+    assert control.check() == "run"
+    assert threads == [1]
+
+    class _Trainer:
+        checkpoints = True
+
+    def next_job(torch_threads: int | None, setter: Callable[[int], None]) -> None:
+        job = TrainJob.__new__(TrainJob)
+        object.__setattr__(job, "round_id", "r2")
+        object.__setattr__(job, "torch_threads", torch_threads)
+        control.reset(job)
+        control.use(_Trainer(), setter)  # type: ignore[arg-type]
+        assert control.check() == "run"
+
+    next_job(None, threads.append)  # the same count with the same setter: not set again
+    assert threads == [1]
+    control.set_budget(SetBudget(2, 100))
+    next_job(None, threads.append)
+    assert threads == [1, 2]
+    next_job(1, threads.append)  # the job's own cap
+    assert threads == [1, 2, 1]
+    other: list[int] = []
+    next_job(1, other.append)  # another way to set them: its count is unknown, set it
+    assert other == [1]

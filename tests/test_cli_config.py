@@ -11,6 +11,7 @@ import sys
 import tomllib
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
 import pytest
@@ -286,6 +287,28 @@ def test_secrets_are_redacted_in_file_and_stderr(
         assert "RuntimeError: server refused ***" in output
 
 
+def test_a_record_is_redacted_once_for_both_handlers_and_again_for_a_new_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log_file = logsetup.setup_logging(log_dir=tmp_path / "logs")
+    redacted: list[str] = []
+    real_redact = logsetup.redact
+
+    def counted(text: str) -> str:
+        redacted.append(text)
+        return real_redact(text)
+
+    monkeypatch.setattr(logsetup, "redact", counted)
+    log = logging.getLogger("fedtray.test")
+    log.info("hello %s", "world")
+    assert redacted == ["hello world"]  # not once more for the second handler
+    logsetup.add_secret("world")
+    log.info("hello %s", "world")
+    assert redacted[1:] == ["hello world"]
+    assert read_log(log_file).count("hello ***") == 1
+    assert capsys.readouterr().err.count("hello ***") == 1
+
+
 def test_setup_logging_is_idempotent(tmp_path: Path) -> None:
     root = logging.getLogger()
     before = len(root.handlers)
@@ -298,6 +321,57 @@ def test_setup_logging_is_idempotent(tmp_path: Path) -> None:
     assert root.level == logging.WARNING
     logging.getLogger("fedtray.test").warning("once")
     assert read_log(first).count("once") == 1
+
+
+def test_the_log_file_rotates_by_size_and_formats_each_record_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(logsetup, "MAX_BYTES", 1000)
+    log_file = logsetup.setup_logging(log_dir=tmp_path / "logs")
+    [file_handler] = [
+        h
+        for h in logging.getLogger().handlers
+        if isinstance(h, RotatingFileHandler) and h.baseFilename == str(log_file)
+    ]
+    assert file_handler.formatter is not None
+    formatted: list[str] = []
+    real_format = file_handler.formatter.format
+
+    def counted(record: logging.LogRecord) -> str:
+        formatted.append(record.getMessage())
+        return real_format(record)
+
+    monkeypatch.setattr(file_handler.formatter, "format", counted)
+    log = logging.getLogger("fedtray.test")
+    for i in range(60):
+        log.info("line %03d %s", i, "x" * 40)
+    read_log(log_file)
+    assert len(formatted) == 60  # once each, not once more to decide on rolling over
+    files = [log_file.with_name(f"fedtray.log.{n}") for n in range(5, 0, -1)] + [log_file]
+    assert all(f.is_file() and f.stat().st_size <= 1000 for f in files)
+    assert not log_file.with_name("fedtray.log.6").exists()  # BACKUP_COUNT kept
+    numbers = [
+        int(line.split("line ")[1][:3]) for f in files for line in f.read_text().splitlines()
+    ]
+    # The newest lines, in order, none lost between the files kept.
+    assert numbers == list(range(60 - len(numbers), 60)) and 30 < len(numbers) < 60
+    assert capsys.readouterr().err.count("line 0") == 60  # stderr has every line
+
+
+def test_the_log_file_rolls_over_at_its_size_whoever_wrote_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(logsetup, "MAX_BYTES", 1000)
+    log_file = logsetup.setup_logging(log_dir=tmp_path / "logs")
+    log = logging.getLogger("fedtray.test")
+    log.info("first")
+    # Another client sharing the log directory appends to the same file.
+    with log_file.open("a", encoding="utf-8") as other:
+        other.write("o" * 900 + "\n")
+    log.info("second %s", "y" * 80)
+    rolled = log_file.with_name("fedtray.log.1")
+    assert rolled.is_file() and "first" in rolled.read_text() and "o" * 900 in rolled.read_text()
+    assert "second" in read_log(log_file) and log_file.stat().st_size <= 1000
 
 
 def test_default_log_dir_follows_xdg_state_home(tmp_path: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import stat
-import tempfile
 import tomllib
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from client import config
+from client import atomicfile, config
 from client.config import (
     SETTABLE_KEYS,
     Settings,
@@ -498,7 +497,7 @@ def test_load_survives_an_unwritable_directory(
     def no_disk(*args: object, **kwargs: object) -> tuple[int, str]:
         raise OSError(30, "Read-only file system")
 
-    monkeypatch.setattr(tempfile, "mkstemp", no_disk)
+    monkeypatch.setattr(atomicfile, "_open_temp", no_disk)  # no file can be created
     with caplog.at_level(logging.WARNING, logger="client.config"):
         s = load_settings(cfg)
     assert isinstance(s, Settings)

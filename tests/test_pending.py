@@ -220,8 +220,34 @@ def test_an_output_digest_from_the_trainer_is_recorded_without_reading_the_file(
         created=2.0,
         digest=(5, "0" * 64),
     )
+    # Bytes this process kept are trusted by their file's identity, as when streamed:
+    # the receiver's check catches them, and once distrusted they are hashed.
+    assert wrong.identity is not None and store.read(wrong) == b"other"
+    store.distrust(wrong)
+    [_, again] = store.entries()
     with pytest.raises(FedtrayError) as info:
-        store.read(wrong)
+        store.read(again)
+    assert info.value.code == "checksum_mismatch"
+    # A file changed since it was kept (another identity) is hashed too.
+    store.add(
+        _update_file(tmp_path, b"third"),
+        round_id="r-11",
+        task="digits",
+        base_version=3,
+        num_samples=5,
+        metrics={},
+        fmt="safetensors",
+        created=3.0,
+        digest=(5, hashlib.sha256(b"third").hexdigest()),
+    )
+    [*_, third] = store.entries()
+    assert third.identity is not None and store.read(third) == b"third"
+    before = third.path.stat().st_mtime_ns
+    third.path.write_bytes(b"THIRD")
+    # The same size; a coarse clock could leave the same mtime: make it move as it would.
+    os.utime(third.path, ns=(before + 10**9, before + 10**9))
+    with pytest.raises(FedtrayError) as info:
+        store.read(third)
     assert info.value.code == "checksum_mismatch"
 
 
@@ -283,6 +309,44 @@ def test_a_failed_fsync_is_tried_again_by_wait_durable(
     entry = _kept(store, tmp_path, durable=False)
     store.wait_durable(entry)  # the background attempt failed; this one does it
     assert len(calls) == 2 and store.is_durable(entry)
+
+
+def test_record_durable_takes_only_the_entrys_own_fsyncs_ended_well(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import concurrent.futures
+
+    import client.pending as pending_module
+
+    real = pending_module._make_durable
+    failing = [True]
+
+    def flaky(data_path: Path, sidecar_path: Path) -> None:
+        if failing[0]:
+            raise OSError(5, "Input/output error")
+        real(data_path, sidecar_path)
+
+    monkeypatch.setattr(pending_module, "_make_durable", flaky)
+    store = PendingStore(tmp_path / "pending")
+    entry = _kept(store, tmp_path, durable=False)
+    syncing = store.syncing(entry)
+    assert syncing is not None
+    concurrent.futures.wait([syncing])
+    # Failed fsyncs: not recorded (wait_durable tries again).
+    assert not store.record_durable(entry, syncing) and not store.is_durable(entry)
+    failing[0] = False
+    again = _kept(store, tmp_path, durable=False)  # the same round kept again
+    newer = store.syncing(again)
+    assert newer is not None and newer is not syncing
+    pending_fut: concurrent.futures.Future[None] = concurrent.futures.Future()
+    done_elsewhere: concurrent.futures.Future[None] = concurrent.futures.Future()
+    done_elsewhere.set_result(None)
+    # Not ended yet, or ended well but not this entry's fsyncs: not recorded.
+    assert not store.record_durable(again, pending_fut)
+    assert not store.record_durable(again, done_elsewhere) and not store.is_durable(again)
+    concurrent.futures.wait([newer])
+    assert store.record_durable(again, newer) and store.is_durable(again)
+    assert store.syncing(again) is None
 
 
 @pytest.mark.parametrize("durable", [True, False])

@@ -272,11 +272,17 @@ def test_the_session_handles_exactly_the_events_the_protocol_sends_a_device(
     assert "federation:finished" in handled
 
 
-def test_a_round_cancelled_while_its_start_is_handled_is_not_trained(tmp_path: Path) -> None:
+def test_a_round_cancelled_while_its_start_is_handled_is_not_trained(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The server closes a round while the device is still preparing it (here: its work
-    # folder, in a thread): the cancel arrives before the round is current. The start is
-    # then refused, not trained -- a device that trained it would refuse every later
-    # offer as busy (test_faults' random cuts saw the server retry a round for minutes).
+    # folder, in a thread, as for a large model): the cancel arrives before the round is
+    # current. The start is then refused, not trained -- a device that trained it would
+    # refuse every later offer as busy (test_faults' random cuts saw the server retry a
+    # round for minutes).
+    from client.session import offload
+
+    monkeypatch.setattr(offload, "SMALL_DISK_BYTES", 0)  # disk work in threads
     asyncio.run(_cancelled_while_starting(tmp_path))
 
 

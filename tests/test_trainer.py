@@ -19,6 +19,7 @@ from safetensors.torch import save
 
 from client.atomicfile import file_identity, write_atomic
 from client.errors import FedtrayError
+from client.kept_model import KeptModel, load_base
 from client.protocol import Partition, TrainingConfig, TrainingProgress
 from client.tasks import get_task
 from client.tasks.base import Task
@@ -493,6 +494,166 @@ def test_the_kept_model_gives_the_update_a_fresh_model_gives(tmp_path: Path) -> 
         )
     )
     assert builds == [3, 5, 3]
+
+
+def test_the_kept_data_of_each_part_is_loaded_once_and_trains_as_fresh_data(
+    tmp_path: Path,
+) -> None:
+    loads: list[tuple[str, int | None, int | None]] = []
+
+    def loader(name: str, params: Mapping[str, JsonValue]) -> Task:
+        task = get_task(name, params)
+        load = task.load_data
+
+        def counted(split: Any, partition: Partition | None) -> Any:
+            loads.append(
+                (
+                    split,
+                    None if partition is None else partition.index,
+                    partition and partition.count,
+                )
+            )
+            return load(split, partition)
+
+        task.load_data = counted  # type: ignore[method-assign]
+        return task
+
+    task = get_task("digits", {"hidden": 16})
+    base = tmp_path / "base.safetensors"
+    base.write_bytes(encode(_state_of(task.build_model(task.params, seed=11))))
+    kept = LocalTrainer(device="cpu", task_loader=loader)
+    first = _job(
+        tmp_path,
+        base_weights_path=base,
+        config=_job(tmp_path).config.model_copy(update={"epochs": 1}),
+    )
+    # Parts 1, 2, 1, 2 of three: each part's data loaded once, then kept.
+    for n, index in enumerate((1, 2, 1, 2)):
+        job = replace(
+            first,
+            round_id=f"round-{n}",
+            partition=first.partition.model_copy(update={"index": index}),
+            output_path=tmp_path / f"out{n}.safetensors",
+        )
+        got = kept.run(job).output_path.read_bytes()
+        fresh = LocalTrainer(device="cpu").run(replace(job, output_path=tmp_path / "f.safetensors"))
+        assert got == fresh.output_path.read_bytes(), f"job {n}: the kept data trains otherwise"
+    assert loads == [("train", 1, 3), ("train", 2, 3)]
+    # Another partitioning (count 2) drops the kept parts: loaded again, then part 1 of 3 too.
+    for count, index in ((2, 1), (3, 1)):
+        kept.run(
+            replace(
+                first,
+                partition=first.partition.model_copy(update={"index": index, "count": count}),
+                output_path=tmp_path / "g.safetensors",
+            )
+        )
+    assert loads[2:] == [("train", 1, 2), ("train", 1, 3)]
+
+
+def test_a_model_writing_into_its_input_leaves_the_kept_data_as_loaded(tmp_path: Path) -> None:
+    class Doubling(torch.nn.Module):
+        """Doubles its input in place first (as an in-place first op would)."""
+
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x.mul_(2))  # type: ignore[no-any-return]
+
+    def loader(name: str, params: Mapping[str, JsonValue]) -> Task:
+        task = get_task(name, params)
+        build = task.build_model
+        task.build_model = lambda p, seed: Doubling(build(p, seed))  # type: ignore[method-assign]
+        return task
+
+    task = loader("digits", {"hidden": 16})
+    base = tmp_path / "base.safetensors"
+    base.write_bytes(encode(_state_of(task.build_model(task.params, seed=11))))
+    job = _job(
+        tmp_path,
+        base_weights_path=base,
+        config=_job(tmp_path).config.model_copy(update={"epochs": 1}),
+    )
+    kept = LocalTrainer(device="cpu", task_loader=loader)
+    for n in range(2):  # the second job trains on the data the first one evaluated
+        got = kept.run(replace(job, output_path=tmp_path / f"k{n}.safetensors"))
+        fresh = LocalTrainer(device="cpu", task_loader=loader).run(
+            replace(job, output_path=tmp_path / f"f{n}.safetensors")
+        )
+        assert got.output_path.read_bytes() == fresh.output_path.read_bytes(), f"job {n}"
+
+
+def _vouched(job: TrainJob) -> TrainJob:
+    """``job`` with its base file vouched for (as the session does after verifying it)."""
+    assert job.base_weights_path is not None
+    with job.base_weights_path.open("rb") as fh:
+        identity = file_identity(fh.fileno())
+    sha = sha256_hex(job.base_weights_path.read_bytes())
+    return replace(job, base_identity=identity, base_sha256=sha)
+
+
+@pytest.mark.parametrize("vouched", [False, True])
+@pytest.mark.parametrize("hooked", [False, True])
+def test_base_weights_are_copied_into_the_kept_model_in_place(
+    tmp_path: Path, hooked: bool, vouched: bool
+) -> None:
+    task = get_task("digits", {"hidden": 16})
+    base_state = _state_of(task.build_model(task.params, seed=21))
+    base = tmp_path / "base.safetensors"
+    base.write_bytes(encode(base_state))
+    job = _job(tmp_path, base_weights_path=base)
+    job = _vouched(job) if vouched else job
+    built = KeptModel().for_training(job, torch.device("cpu"))
+    loads: list[str] = []
+    if hooked:  # a model with a state-dict hook is loaded through torch's load_state_dict
+        built.model.register_load_state_dict_post_hook(lambda _m, _keys: loads.append("hook"))
+    params_before = [id(p) for p in built.model.parameters()]
+    with torch.no_grad():
+        for p in built.model.parameters():
+            p.fill_(7.0)
+    assert load_base(built, job, "round-1") == sha256_hex(base.read_bytes())
+    assert built.plain is (not hooked)
+    assert loads == (["hook"] if hooked else [])
+    got = _state_of(built.model)
+    assert got.keys() == base_state.keys()
+    for name, want in base_state.items():
+        assert got[name].tobytes() == want.tobytes(), name
+    assert [id(p) for p in built.model.parameters()] == params_before  # in place
+
+
+@pytest.mark.parametrize(
+    ("spoil", "code"),
+    [
+        # Refused before the model is touched:
+        (lambda doc, s: encode({**s, "extra": np.zeros(3, np.float32)}), "layout_mismatch"),
+        (lambda doc, s: encode({**s, "2.bias": np.zeros(11, np.float32)}), "shape_mismatch"),
+        (lambda doc, s: doc[:-4], "truncated"),
+        (lambda doc, s: doc[:6], "malformed"),
+        (lambda doc, s: doc + b"\0" * 8, "bad_offsets"),
+        # Found in the values read:
+        (lambda doc, s: encode({**s, "2.bias": np.full(10, np.inf, np.float32)}), "non_finite"),
+    ],
+)
+def test_a_vouched_base_is_checked_as_it_is_read(tmp_path: Path, spoil: Any, code: str) -> None:
+    task = get_task("digits", {"hidden": 16})
+    good = _state_of(task.build_model(task.params, seed=21))
+    base = tmp_path / "base.safetensors"
+    if code == "non_finite":  # encode refuses NaN/Inf: write the document by hand
+        bad = {**good, "2.bias": np.full(10, np.inf, np.float32)}
+        base.write_bytes(save({k: torch.from_numpy(v) for k, v in bad.items()}))
+    else:
+        base.write_bytes(spoil(encode(good), good))
+    job = _vouched(_job(tmp_path, base_weights_path=base))
+    built = KeptModel().for_training(job, torch.device("cpu"))
+    before = _state_of(built.model)
+    with pytest.raises(FedtrayError) as info:
+        load_base(built, job, "round-1")
+    assert info.value.code == code
+    if code != "non_finite":
+        after = _state_of(built.model)
+        assert all(after[k].tobytes() == v.tobytes() for k, v in before.items())
 
 
 # -- base weights that do not fit ------------------------------------------------------

@@ -68,20 +68,28 @@ class Server:
             return error_ack(exc.code, exc.message)
 
 
-def _keep(tmp_path: Path, pending: PendingStore, content: bytes, *, durable: bool = True) -> None:
+def _keep(
+    tmp_path: Path,
+    pending: PendingStore,
+    content: bytes,
+    *,
+    durable: bool = True,
+    round_id: str = "r-1",
+    created: float = 1.0,
+) -> None:
     work = WorkDir(tmp_path / "work")
     work.directory.mkdir(parents=True, exist_ok=True)
     files = work.files(f"work-v3-{'a' * 24}")
     files.write_output(content)
     pending.add(
         files,
-        round_id="r-1",
+        round_id=round_id,
         task="synthetic",
         base_version=3,
         num_samples=10,
         metrics={},
         fmt="safetensors",
-        created=1.0,
+        created=created,
         durable=durable,
     )
 
@@ -89,6 +97,16 @@ def _keep(tmp_path: Path, pending: PendingStore, content: bytes, *, durable: boo
 def _kick(pending: PendingStore) -> tuple[Server, SnapshotHub, list[asyncio.Task[None]]]:
     """An uploader over ``pending`` talking to a new Server, kicked (call in a loop): the
     server, the snapshot hub and the tasks the uploader spawned."""
+    uploader, server, hub, tasks = _uploader(pending)
+    uploader.kick()
+    return server, hub, tasks
+
+
+def _uploader(
+    pending: PendingStore,
+) -> tuple[Uploader, Server, SnapshotHub, list[asyncio.Task[None]]]:
+    """An uploader over ``pending`` talking to a new Server (call in a loop), not kicked;
+    the tasks it spawns are collected in the list returned."""
     server = Server()
     hub = SnapshotHub(
         ClientSnapshot(settings=Settings(server_url="http://127.0.0.1:1", device_name="t"))
@@ -107,8 +125,7 @@ def _kick(pending: PendingStore) -> tuple[Server, SnapshotHub, list[asyncio.Task
         limits=lambda: Limits(max_chunk_bytes=CHUNK, max_inflight_chunks=3),
         state_changed=lambda: None,
     )
-    uploader.kick()
-    return server, hub, tasks
+    return uploader, server, hub, tasks
 
 
 async def _upload(tmp_path: Path, pending: PendingStore) -> tuple[Server, SnapshotHub]:
@@ -158,7 +175,14 @@ def test_an_update_is_sent_while_it_is_made_durable_and_completed_only_once_it_i
         waiting.set()
         real_wait(update)
 
+    real_syncing = pending.syncing
+
+    def syncing(update: PendingUpdate) -> Any:
+        waiting.set()  # the uploader awaits the fsyncs under way
+        return real_syncing(update)
+
     monkeypatch.setattr(pending, "wait_durable", wait_durable)
+    monkeypatch.setattr(pending, "syncing", syncing)
 
     async def run() -> Server:
         server, _hub, tasks = _kick(pending)
@@ -184,19 +208,20 @@ def test_an_update_is_sent_while_it_is_made_durable_and_completed_only_once_it_i
 def test_an_update_that_cannot_be_made_durable_is_kept_not_completed_nor_discarded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: bytes
 ) -> None:
+    import client.pending as pending_module
     import client.session.uploader as uploader_module
 
     monkeypatch.setattr(uploader_module, "upload_retry_delay", lambda failures: None)
-    pending = PendingStore(tmp_path / "pending")
-    _keep(tmp_path, pending, content, durable=False)
-    tries: list[str] = []
+    tries: list[Path] = []
 
-    def refuse(update: PendingUpdate) -> None:
-        tries.append(update.round_id)
+    def refuse(data_path: Path, sidecar_path: Path) -> None:
+        tries.append(data_path)
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(pending, "wait_durable", refuse)
-    monkeypatch.setattr(pending, "is_durable", lambda update: False)
+    # Every fsync of the update fails: on the sync thread and when tried again.
+    monkeypatch.setattr(pending_module, "_make_durable", refuse)
+    pending = PendingStore(tmp_path / "pending")
+    _keep(tmp_path, pending, content, durable=False)
     server, hub = asyncio.run(_upload(tmp_path, pending))
     assert tries and server.taken == [] and server.blobs.bytes_held() < len(BIG)
     assert [e.round_id for e in pending.entries()] == ["r-1"]  # kept for a later try
@@ -301,7 +326,11 @@ def test_an_accepted_update_is_counted_even_if_the_connection_ends_while_it_is_d
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The server's ack arrived; the connection ends (cancelling the sending task) while
-    the update is being deleted: it is still counted, never deleted uncounted."""
+    the update is being deleted in a worker thread: it is still counted, never deleted
+    uncounted."""
+    from client.session import offload
+
+    monkeypatch.setattr(offload, "SMALL_DISK_BYTES", 0)  # every deletion in a thread
     pending = PendingStore(tmp_path / "pending")
     _keep(tmp_path, pending, SMALL)
     removing, release = threading.Event(), threading.Event()
@@ -329,3 +358,72 @@ def test_an_accepted_update_is_counted_even_if_the_connection_ends_while_it_is_d
     assert server.taken == [SMALL]
     assert pending.entries() == []
     assert hub.current.rounds_completed == 1
+
+
+def test_an_accepted_small_update_deleted_on_the_loop_is_counted_when_the_connection_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small update is deleted on the loop itself: the connection ending as it is
+    deleted (the cancellation lands at the next await) still leaves it counted."""
+    pending = PendingStore(tmp_path / "pending")
+    _keep(tmp_path, pending, SMALL)
+    remove = pending.remove
+    tasks: list[asyncio.Task[None]] = []
+    on_loop: list[bool] = []
+
+    def cancelling_remove(update: Any) -> None:
+        on_loop.append(threading.current_thread() is threading.main_thread())
+        tasks[0].cancel()  # the connection ended (ServerLink cancels its tasks)
+        remove(update)
+
+    monkeypatch.setattr(pending, "remove", cancelling_remove)
+
+    async def run() -> SnapshotHub:
+        server, hub, spawned = _kick(pending)
+        tasks.extend(spawned)
+        with pytest.raises(asyncio.CancelledError):
+            await tasks[0]
+        await wait_until_async(lambda: hub.current.rounds_completed == 1, 10, "counted")
+        assert server.taken == [SMALL]
+        return hub
+
+    hub = asyncio.run(run())
+    assert on_loop == [True]
+    assert pending.entries() == []
+    assert hub.current.rounds_completed == 1
+
+
+def test_the_one_update_kept_since_the_store_was_seen_empty_is_sent_without_a_listing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pending = PendingStore(tmp_path / "pending")
+    listings: list[int] = []
+    entries = pending.entries
+
+    def counted_entries() -> list[PendingUpdate]:
+        listings.append(1)
+        return entries()
+
+    monkeypatch.setattr(pending, "entries", counted_entries)
+
+    async def run() -> Server:
+        uploader, server, hub, tasks = _uploader(pending)
+        uploader.kick()  # nothing pending: seen empty by a listing
+        await asyncio.gather(*tasks)
+        assert len(listings) == 1
+        _keep(tmp_path, pending, b"first", durable=False)
+        uploader.kick()
+        await asyncio.gather(*tasks)
+        assert len(listings) == 1 and server.taken == [b"first"]  # no listing
+        assert hub.current.rounds_completed == 1
+        # Two kept since: the store is listed, and they go oldest first.
+        _keep(tmp_path, pending, b"third", round_id="r-3", created=3.0)
+        _keep(tmp_path, pending, b"second", round_id="r-2", created=2.0)
+        uploader.kick()
+        await asyncio.gather(*tasks)
+        assert len(listings) >= 2
+        return server
+
+    server = asyncio.run(run())
+    assert server.taken == [b"first", b"second", b"third"]
+    assert entries() == []

@@ -22,6 +22,7 @@ from client.weights import (
     TensorSpec,
     WeightsError,
     decode,
+    decode_views,
     encode,
     encode_parts,
     layout_of,
@@ -668,3 +669,27 @@ def test_verify_blob(data: bytes, size: int, digest: str, code: str | None) -> N
     with pytest.raises(WeightsError) as excinfo:
         verify_blob(data, size=size, sha256=digest)
     assert code_of(excinfo) == code
+
+
+def test_a_remembered_header_is_still_checked_against_each_documents_size() -> None:
+    state = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(2, np.int64)}
+    doc = encode(state)
+    for _ in range(2):  # the second parse of the same header is the remembered one
+        got = decode_views(doc)
+        assert {k: v.tolist() for k, v in got.items()} == {k: v.tolist() for k, v in state.items()}
+    # The same header over fewer or more bytes: refused as the first parse would.
+    with pytest.raises(WeightsError) as info:
+        decode(doc[:-4])
+    assert info.value.code == "truncated"
+    with pytest.raises(WeightsError) as info:
+        decode_views(doc + b"\0" * 8)
+    assert info.value.code == "bad_offsets"
+    # Under a smaller limit the remembered header is not taken either.
+    with pytest.raises(WeightsError) as info:
+        decode(doc, max_bytes=len(doc) - 1)
+    assert info.value.code == "oversized"
+    # A NaN in the remembered layout is still found (the values are never remembered).
+    bad = dict(state, w=np.full((3, 4), np.nan, np.float32))
+    with pytest.raises(WeightsError) as info:
+        decode(safetensors.numpy.save(bad))
+    assert info.value.code == "non_finite"

@@ -22,6 +22,9 @@ contract it keeps:
   saved, and the watch on the settings file.
 * :mod:`client.session.decisions`: the pure decisions (refusing a round, the outcome of a
   submit, the user's pause, the retry policy), tested by table.
+* :mod:`client.session.eventloop`: the session's loop (uvloop's where installed), and
+  :mod:`client.session.offload`: where disk work runs (on the loop when small, else in
+  a worker thread).
 
 Handlers validate with :func:`client.protocol.parse` and never raise into
 python-socketio: bad payloads get an ``ErrorAck`` (or a log line for unacked events).

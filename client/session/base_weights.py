@@ -1,6 +1,7 @@
 """The held global weights: received from the server, verified, stored; the base of rounds.
 
-Contract (a loop-only object; decoding and disk work run in worker threads):
+Contract (a loop-only object; decoding and disk work run in worker threads, or on the loop
+when the weights are small: :func:`client.session.offload.run_disk`):
 
 * ``blob:chunk`` / ``blob:status`` feed a :class:`client.transfer.BlobStore` bounded by
   the limits this device advertises (:data:`CLIENT_MAX_CHUNK_BYTES`); ``weights:global``
@@ -20,9 +21,9 @@ Contract (a loop-only object; decoding and disk work run in worker threads):
   both a ``weights:global`` and a ``training:start``'s ``baseWeights``) is acknowledged
   without storing it again, so the file a round trains from never changes under it.
 * A newer version has the work folder's owner delete the work built on older bases
-  (:meth:`client.workfiles.WorkDir.drop_older_than`), in the same worker-thread hop as
-  the save, except the work ``busy_keys()`` names when the message is taken (the round
-  being trained, results being kept).
+  (:meth:`client.workfiles.WorkDir.drop_older_than`), in the same step as the save,
+  except the work ``busy_keys()`` names when the message is taken (the round being
+  trained, results being kept).
 * A disk error storing the weights is refused with ``internal_error`` (a
   :class:`client.errors.FedtrayError`, which the handler guard turns into an ErrorAck).
 """
@@ -47,6 +48,7 @@ from client.protocol import (
 )
 from client.session.expected_layout import Expected
 from client.session.hub import SnapshotHub
+from client.session.offload import run_disk
 from client.transfer import REFERENCE_CHUNK_BYTES, BlobStore
 from client.weights import WeightsError, decode, decode_views, encode
 from client.workfiles import WorkDir
@@ -73,7 +75,7 @@ class BaseWeights:
         expected: Callable[[WeightsGlobal], Expected | None] = lambda _message: None,
     ) -> None:
         """``expected``: the layout a message's weights must have, or None when unknown
-        (called in a worker thread; :meth:`ExpectedLayouts.of`)."""
+        (called where the save runs; :meth:`ExpectedLayouts.of`)."""
         self._hub = hub
         self._expected = expected
         self._store = store
@@ -112,8 +114,13 @@ class BaseWeights:
             before = self.held.version if self.held is not None else None
             busy = self._busy_keys()
             try:
-                held, dropped = await asyncio.to_thread(
-                    self._save_and_drop, message, data, fmt, before, busy
+                # On the loop for small safetensors of a task that is not a package
+                # (checked where they lie; a package's expected layout reads the
+                # package); JSON is parsed and re-encoded, in a thread whatever its size.
+                on_loop = fmt == "safetensors" and message.package is None
+                small = len(data) if on_loop else None
+                held, dropped = await run_disk(
+                    small, self._save_and_drop, message, data, fmt, before, busy
                 )
             except WeightsError as exc:
                 log.warning(
@@ -148,7 +155,8 @@ class BaseWeights:
     ) -> tuple[GlobalWeights, OSError | None]:
         """:meth:`_save`, then (a newer version than ``before``) the work built on older
         bases deleted but ``busy``'s: rounds start only from the held version. Runs in a
-        worker thread; returns the held weights and the error deleting, if any."""
+        worker thread (on the loop when small); returns the held weights and the error
+        deleting, if any."""
         held = self._save(message, data, fmt)
         if before is None or before >= held.version:
             return held, None
@@ -159,7 +167,7 @@ class BaseWeights:
         return held, None
 
     def _save(self, message: WeightsGlobal, data: bytes | bytearray, fmt: str) -> GlobalWeights:
-        """Decode (full validation, never unpickling) and store; runs in a worker thread.
+        """Decode (full validation, never unpickling) and store (see :meth:`_save_and_drop`).
 
         ``data`` was verified against ``message.weights.sha256`` by the transfer. Raises
         :class:`WeightsError` (before anything is stored) for a bad document or one that

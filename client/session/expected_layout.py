@@ -18,7 +18,8 @@ the task's defaults -- and ``package``):
 Where it gives ``None`` nothing is checked on receipt; the worker still checks the base
 against the model it builds before training (``client.trainer``). Answers are kept per
 model (a small LRU), so each new version of the same model costs a dictionary lookup.
-Reads files: call it from a worker thread. Never imports torch, never raises for a
+Reads files for a ``package`` (call it from a worker thread then; for any other message it
+reads none). Never imports torch, never raises for a
 peer's input (a bug in a task's ``weights_layout`` is logged and gives ``None``).
 """
 

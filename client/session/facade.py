@@ -15,6 +15,7 @@ Threading model (the contract every caller relies on):
   once at subscription with the current snapshot and then on every change. They must
   not block or call back into the facade synchronously waiting for a result; a GUI
   hands the snapshot to its own thread.
+* The loop is uvloop's where it is installed (:mod:`client.session.eventloop`).
 * The loop and the session exist from construction, so :meth:`subscribe`,
   :meth:`pause` and friends may be called before :meth:`start`: their work waits in the
   loop's queue. Once the session has ended they raise ``RuntimeError`` (except
@@ -46,6 +47,7 @@ from client.power_monitor import DEFAULT_POLL_INTERVAL_S
 from client.resources import BatterySource, read_battery
 from client.session.core import SessionCore
 from client.session.decisions import user_decision
+from client.session.eventloop import new_session_loop
 from client.session.hub import SnapshotHub, Subscriber
 from client.session.live_settings import LiveSettings
 from client.session.pause import utc_now
@@ -126,7 +128,7 @@ class DistributedClient:
         )
         # The loop and the session exist from the start, so subscribe(), pause() and
         # friends may be called before start(): their work waits in the loop's queue.
-        self._loop = asyncio.new_event_loop()
+        self._loop = new_session_loop()
         self._session = SessionCore(
             self._hub,
             self._live,

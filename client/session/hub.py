@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from client.snapshot import ClientSnapshot
 
@@ -27,6 +27,9 @@ __all__ = ["SnapshotHub", "Subscriber"]
 log = logging.getLogger(__name__)
 
 Subscriber = Callable[[ClientSnapshot], None]
+
+#: Not a field (an unknown name is refused by dataclasses.replace, as always).
+_UNSET: Final = object()
 
 
 class SnapshotHub:
@@ -43,7 +46,11 @@ class SnapshotHub:
 
     def publish(self, **changes: Any) -> None:
         """Session thread only: apply ``changes`` and tell the subscribers if it changed."""
-        snap = dataclasses.replace(self._current, **changes)
+        current = self._current
+        # Most publishes repeat what is shown: nothing is built for them.
+        if all(getattr(current, name, _UNSET) == value for name, value in changes.items()):
+            return
+        snap = dataclasses.replace(current, **changes)
         if snap == self._current:
             return
         self._current = snap

@@ -2,7 +2,8 @@
 keeping results.
 
 Contract (a loop-only object; the worker's events arrive from any thread and are moved
-onto the loop; disk work runs in worker threads):
+onto the loop; disk work runs in worker threads, or on the loop when the model is small:
+:func:`client.session.offload.run_disk`):
 
 * A ``training:start`` carrying ``baseWeights`` (a small global inline) has them taken
   first, exactly as a ``weights:global`` (``take_global``: verified, validated, stored),
@@ -86,6 +87,7 @@ from client.protocol import (
 )
 from client.session.decisions import HeldBase, refuse_round
 from client.session.hub import SnapshotHub
+from client.session.offload import run_disk
 from client.session.package_cache import LocatedFiles, TaskFiles
 from client.session.tasks import TaskSet
 from client.session.worker_seam import OnWorkerEvent, Worker, WorkerFactory
@@ -371,9 +373,10 @@ class Rounds:
     async def _start_plain(
         self, start: TrainingStart, held: GlobalWeights, worker: Worker
     ) -> TrainingStartAck:
-        """A round without a package that nothing refuses: ONE thread hop looks for its
-        pending update (then it is sent, as :meth:`on_training_start` does) and, when
-        there is none, prepares the work folder; the refusal is checked again after it."""
+        """A round without a package that nothing refuses: ONE step off the loop (on it for
+        a small model) looks for its pending update (then it is sent, as
+        :meth:`on_training_start` does) and, when there is none, prepares the work folder;
+        the refusal is checked again after it."""
         job = self._job(start, held)
         pending, work, busy = self._pending, self._work, set(self._keeping)
 
@@ -384,7 +387,8 @@ class Rounds:
             return False
 
         try:
-            if await asyncio.to_thread(pending_or_prepare):
+            # The work folder holds files of the held model's size.
+            if await run_disk(held.size, pending_or_prepare):
                 log.info(
                     "round %s offered again; its update is trained, sending it", start.round_id
                 )
@@ -537,7 +541,7 @@ class Rounds:
         files = self._work.files(rnd.key)
         pending = self._pending
 
-        def keep() -> None:  # one thread hop: convert (when needed), then hand over
+        def keep() -> None:  # one step: convert (when needed), then hand over
             pending.add(
                 files,
                 round_id=start.round_id,
@@ -551,8 +555,10 @@ class Rounds:
                 durable=False,  # fsynced while it is sent (client.session.uploader)
             )
 
+        # On the loop for a small update already in the round's format (no conversion).
+        size = result.size if start.weight_format == "safetensors" else None
         try:
-            await asyncio.to_thread(keep)
+            await run_disk(size, keep)
         except (OSError, FedtrayError) as exc:
             self.report_error(
                 start.round_id, "internal_error", f"cannot keep the trained update on disk: {exc}"

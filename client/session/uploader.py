@@ -15,7 +15,12 @@ Contract (a loop-only object; disk work runs in worker threads):
   that unless it is under way (after every registration, and whenever an update is
   kept). After :data:`client.session.decisions.UPLOAD_RETRIES` failures in a row it
   waits for the next reconnect (:func:`upload_retry_delay`). A blob is resumed from the
-  server's offset (:func:`client.transfer.send_file_blob`).
+  server's offset (:func:`client.transfer.send_file_blob`). The pending directory is
+  listed (in a worker thread) to find the oldest, except when this process knows what it
+  holds: the one update kept since the uploader saw it empty
+  (:meth:`client.pending.PendingStore.sole_entry_after`) is taken at once, and after the
+  only entry listed is settled with nothing kept since, nothing is left to list. Disk
+  work on a small update runs on the loop (:func:`client.session.offload.run_disk`).
 * Each byte of an update is read and hashed at most once on its way out: one that fits in
   a chunk is read and checked by :meth:`client.pending.PendingStore.read` and sent inline;
   a larger one is streamed from its file (:func:`client.transfer.send_file_blob`), and
@@ -30,9 +35,10 @@ Contract (a loop-only object; disk work runs in worker threads):
 * An update may be sent while it is still being made durable (kept with
   ``PendingStore.add(..., durable=False)``): its bytes go out meanwhile, but the blob's
   last byte and the ``weights:submit`` only once
-  :meth:`client.pending.PendingStore.wait_durable` returned, so the server never counts an
-  update a power cut could still take from this device; when that fsync fails the update
-  is kept and tried again later (logged).
+  :meth:`client.pending.PendingStore.wait_durable` returned (the store's fsyncs under way
+  are awaited on the loop first, :meth:`~client.pending.PendingStore.syncing`), so the
+  server never counts an update a power cut could still take from this device; when that
+  fsync fails the update is kept and tried again later (logged).
 * An update that cannot be read back from disk, or no longer matches what was recorded, is
   discarded (logged), never retried.
 * While sending, :attr:`Uploader.uploading` names the round (the device state is then
@@ -55,6 +61,7 @@ from client.protocol import EV_WEIGHTS_SUBMIT, Limits, SubmitAccepted, WeightsSu
 from client.session.decisions import submit_outcome, upload_retry_delay
 from client.session.hub import SnapshotHub
 from client.session.link import ACK_TIMEOUT_S, Call, error_of
+from client.session.offload import run_disk
 from client.transfer import BlobSourceError, blob_ref, send_file_blob, weights_ref_for
 
 __all__ = ["SUBMIT_TIMEOUT_S", "Uploader"]
@@ -96,6 +103,8 @@ class Uploader:
         #: Settlings under way (held: the loop keeps only weak references to tasks).
         self._settling: set[asyncio.Future[None]] = set()
         self.uploading: str | None = None
+        #: PendingStore.generation when the store was last seen empty (None: unknown).
+        self._empty_at: int | None = None
 
     def kick(self) -> None:
         """Start sending pending updates unless that is already under way."""
@@ -112,10 +121,12 @@ class Uploader:
     async def _upload_all(self) -> None:
         failures = 0
         while self._caller() is not None:
-            oldest = await asyncio.to_thread(_oldest, self.pending, self._limits().max_chunk_bytes)
+            generation = self.pending.generation  # before looking: a later add is seen
+            oldest = await self._next()
             if oldest is None:
+                self._empty_at = generation
                 return
-            update, data = oldest
+            update, data, count = oldest
             self.uploading = update.round_id
             self._state_changed()
             try:
@@ -125,6 +136,10 @@ class Uploader:
                 self._state_changed()
             if done:
                 failures = 0
+                if count == 1 and self.pending.generation == generation:
+                    # It was the only entry, it is gone, and nothing was added since.
+                    self._empty_at = generation
+                    return
                 continue
             failures += 1
             delay = upload_retry_delay(failures)
@@ -132,6 +147,18 @@ class Uploader:
                 log.warning("giving up sending for now; will retry after the next reconnect")
                 return
             await asyncio.sleep(delay)
+
+    async def _next(self) -> tuple[PendingUpdate, bytes | Exception | None, int] | None:
+        """The oldest pending update, its bytes (:func:`_payload`) and how many entries
+        there were; None when nothing is pending. The one update kept since the store was
+        last seen empty is taken without listing the directory (on the loop when small);
+        otherwise the directory is listed in a worker thread (:func:`_oldest`)."""
+        inline_limit = self._limits().max_chunk_bytes
+        empty_at, self._empty_at = self._empty_at, None
+        sole = self.pending.sole_entry_after(empty_at) if empty_at is not None else None
+        if sole is None:
+            return await asyncio.to_thread(_oldest, self.pending, inline_limit)
+        return sole, await run_disk(sole.size, _payload, self.pending, sole, inline_limit), 1
 
     async def _upload(self, update: PendingUpdate, data: bytes | Exception | None) -> bool:
         """Send one update (``data``: its verified bytes, why they could not be read, or
@@ -149,11 +176,20 @@ class Uploader:
             return await call(event, payload, ACK_TIMEOUT_S)
 
         async def durable() -> None:
-            if not self.pending.is_durable(update):
-                try:
-                    await asyncio.to_thread(self.pending.wait_durable, update)
-                except OSError as exc:
-                    raise _NotDurableError(str(exc)) from exc
+            if self.pending.is_durable(update):
+                return
+            # The fsyncs under way are awaited here, not by a thread blocked on them
+            # (shielded: a cancelled wait must not cancel fsyncs queued on the sync thread).
+            syncing = self.pending.syncing(update)
+            if syncing is not None:
+                with contextlib.suppress(OSError):
+                    await asyncio.shield(asyncio.wrap_future(syncing))
+            if syncing is not None and self.pending.record_durable(update, syncing):
+                return
+            try:  # none under way (an entry from an earlier run), they failed, or replaced
+                await asyncio.to_thread(self.pending.wait_durable, update)
+            except OSError as exc:
+                raise _NotDurableError(str(exc)) from exc
 
         limits = self._limits()
         if data is None:
@@ -250,7 +286,7 @@ class Uploader:
         self, update: PendingUpdate, outcome: str, code: str | None, message: str
     ) -> None:
         """Delete a finally answered update, then count it or log why it was dropped."""
-        await asyncio.to_thread(self.pending.remove, update)
+        await run_disk(update.size, self.pending.remove, update)
         if outcome in ("accepted", "duplicate"):
             if outcome == "duplicate":
                 log.info("round %s: the server already counted this update", update.round_id)
@@ -270,25 +306,33 @@ class Uploader:
 _BYTES_REFUSED = frozenset({"checksum_mismatch", "size_mismatch"})
 
 
+def _payload(
+    pending: PendingStore, update: PendingUpdate, inline_limit: int
+) -> bytes | Exception | None:
+    """``update``'s verified bytes, or why they cannot be read; None when it is over
+    ``inline_limit`` and is streamed from its file instead."""
+    if update.size > inline_limit:
+        return None
+    try:
+        return pending.read(update)
+    except (FedtrayError, OSError) as exc:
+        return exc
+
+
 def _oldest(
     pending: PendingStore, inline_limit: int
-) -> tuple[PendingUpdate, bytes | Exception | None] | None:
-    """The oldest pending update and its verified bytes (or why they cannot be read; None
-    when it is over ``inline_limit`` and is streamed from its file instead), in one thread
-    hop (which also waits for an inline update to be durable); None when nothing is
-    pending."""
+) -> tuple[PendingUpdate, bytes | Exception | None, int] | None:
+    """The oldest pending update, its bytes (:func:`_payload`) and how many entries there
+    are, in one thread hop (which also waits for an inline update to be durable); None
+    when nothing is pending."""
     entries = pending.entries()
     if not entries:
         return None
     update = entries[0]
-    if update.size > inline_limit:
-        return update, None
-    try:
-        data = pending.read(update)
-    except (FedtrayError, OSError) as exc:
-        return update, exc
-    # Sent whole in its weights:submit: made durable first, in this same hop (a failure
-    # is met again, and kept for later, where the uploader waits for it before sending).
-    with contextlib.suppress(OSError):
-        pending.wait_durable(update)
-    return update, data
+    data = _payload(pending, update, inline_limit)
+    if isinstance(data, bytes):
+        # Sent whole in its weights:submit: made durable first, in this same hop (a
+        # failure is met again, and kept for later, where the uploader waits for it).
+        with contextlib.suppress(OSError):
+            pending.wait_durable(update)
+    return update, data, len(entries)

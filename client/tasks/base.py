@@ -13,7 +13,10 @@ Contract:
   without paying for (or even having) torch.
 * :meth:`Task.build_model` is deterministic for a seed: the server builds the initial
   global weights with it and every client must get the same layout.
-* :meth:`Task.load_data` returns plain numpy arrays and never imports torch.
+* :meth:`Task.load_data` returns plain numpy arrays and never imports torch. The same
+  parameters, files and partition give the same data: the trainer keeps a job's arrays
+  for the next job of the same partition (:func:`client.kept_model.train_data`) and
+  makes them read-only, so :meth:`Task.evaluate` must not change them in place.
 * Parameters: a task instance holds its resolved parameters in :attr:`Task.params`
   (``default_params`` overridden by :meth:`Task.configure`). An unknown or badly typed
   parameter raises :class:`client.errors.FedtrayError` with code ``bad_request``.
@@ -194,7 +197,8 @@ def eval_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(model output, labels)`` per batch of :data:`EVAL_BATCH`, in eval mode without
     gradients, on the device of the model's parameters; the model's training mode is
-    restored after (also when the caller stops early or raises)."""
+    restored after (also when the caller stops early or raises). ``x`` and ``y`` are only
+    read (they may be read-only: the trainer keeps a round's data, :mod:`client.kept_model`)."""
     import torch
 
     device = next(model.parameters()).device
@@ -203,11 +207,22 @@ def eval_batches(
     try:
         with torch.no_grad():
             for start in range(0, len(y), EVAL_BATCH):
-                xb = torch.as_tensor(x[start : start + EVAL_BATCH]).to(device)
-                yb = torch.as_tensor(y[start : start + EVAL_BATCH]).to(device)
+                xb = _read_tensor(x[start : start + EVAL_BATCH]).to(device)
+                yb = _read_tensor(y[start : start + EVAL_BATCH]).to(device)
                 yield model(xb), yb
     finally:
         model.train(was_training)
+
+
+def _read_tensor(values: npt.NDArray[Any]) -> torch.Tensor:
+    """A tensor of ``values``: over them when they may be written (a fresh load), a copy
+    when they are read-only (data the worker keeps across jobs): a model may write into its
+    input (``ReLU(inplace=True)`` first), and torch does not honour numpy's read-only flag."""
+    import torch
+
+    if values.flags.writeable:
+        return torch.as_tensor(values)
+    return torch.tensor(values)
 
 
 def apply_partition(

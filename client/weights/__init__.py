@@ -17,6 +17,9 @@ Contract:
 * :func:`decode_views` runs exactly the checks of :func:`decode` on a safetensors document
   but makes no copy: each tensor is a read-only array over the given buffer (``bytes``,
   an ``mmap`` of a file, ...), valid while that buffer is.
+* :func:`check_head` and :func:`check_values` split :func:`decode_views`' checks for a
+  caller that reads the tensor bytes into memory of its own: every check up to the
+  layout's on the document's start and size, then the checks of the values read.
 * ``decode(encode(x))`` equals ``x`` bit for bit (including ``-0.0``, subnormals and the
   payload of every dtype) for every supported dtype, in both formats.
 * Every refusal raises :class:`WeightsError` with its own :data:`client.errors.ErrorCode`
@@ -62,6 +65,7 @@ from client.weights.spec import (
     StateDict,
     TensorSpec,
     WeightsError,
+    dtype_name,
 )
 
 
@@ -89,7 +93,7 @@ def verify_blob(data: bytes | bytearray | memoryview, *, size: int, sha256: str)
 def layout_of(state: StateDict) -> Layout:
     """The :data:`Layout` of ``state``; raises ``unknown_dtype`` for an unsupported dtype."""
     return {
-        name: TensorSpec(le_dtype_of(name, arr).name, tuple(int(d) for d in arr.shape))
+        name: TensorSpec(dtype_name(le_dtype_of(name, arr)), tuple(int(d) for d in arr.shape))
         for name, arr in checked_items(state)
     }
 
@@ -173,6 +177,38 @@ def decode(
     return out
 
 
+def check_head(
+    head: bytes | bytearray | memoryview,
+    total: int,
+    *,
+    expected: Layout,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> tuple[list[tuple[str, np.dtype[Any], tuple[int, ...], int]], int]:
+    """Every check :func:`decode_views` makes before it reads a tensor's values, for a
+    safetensors document of ``total`` bytes of which ``head`` is the start (its length and
+    header at least): its ``(name, dtype, shape, offset)`` tensors, in the document's order
+    (offsets into the data section, which starts at the returned position). Raises
+    :class:`WeightsError` with the codes of :func:`decode_views`, in its order, up to the
+    layout's; the values are the caller's to check (:func:`check_values`)."""
+    view = memoryview(head)
+    if view.ndim != 1 or view.format != "B":
+        view = view.cast("B")
+    if total > max_bytes:
+        raise WeightsError("oversized", f"the weights are {total} bytes; the limit is {max_bytes}")
+    entries, body_start = safetensors_format.parse(view, max_bytes, total)
+    check_layout(entries, expected)
+    return [(e.name, e.dtype, e.shape, e.start) for e in entries], body_start
+
+
+def check_values(state: StateDict) -> None:
+    """The checks of a decoded document's values (:func:`decode`'s last): no NaN or
+    infinity in a float tensor, only 0/1 bytes in a bool one (``non_finite``,
+    ``malformed``), for arrays read by the caller (:func:`check_head`)."""
+    for name, arr in state.items():
+        check_bool_bytes(name, arr)
+        check_finite(name, arr)
+
+
 def decode_views(
     data: bytes | bytearray | memoryview | mmap.mmap,
     *,
@@ -217,7 +253,9 @@ __all__ = [
     "TensorSpec",
     "WeightFormat",
     "WeightsError",
+    "check_head",
     "check_layout_matches",
+    "check_values",
     "decode",
     "decode_views",
     "encode",

@@ -33,6 +33,7 @@ from client.weights.spec import (
     Layout,
     TensorSpec,
     WeightsError,
+    dtype_name,
 )
 
 # The NaN/Inf check walks a tensor in slices of this many bytes: the second pass (max after
@@ -66,7 +67,7 @@ def checked_items(state: object) -> list[tuple[str, npt.NDArray[Any]]]:
 def le_dtype_of(name: str, arr: npt.NDArray[Any]) -> np.dtype[Any]:
     """The table's little-endian dtype for ``arr`` (whatever its byte order)."""
     # Look up by name so big-endian arrays ('>f4' is also "float32") are accepted too.
-    dtype = NAME_TO_NP.get(arr.dtype.name)
+    dtype = NAME_TO_NP.get(dtype_name(arr.dtype))
     if dtype is None or dtype.kind != arr.dtype.kind or arr.dtype.fields is not None:
         raise WeightsError(
             "unknown_dtype",
@@ -188,7 +189,7 @@ def check_layout_matches(got: Layout, expected: Layout) -> None:
 def check_layout(entries: list[Entry], expected: Layout) -> None:
     """:func:`check_layout_matches` for a document's entries (before any allocation)."""
     check_layout_matches(
-        {e.name: TensorSpec(e.dtype.name, tuple(e.shape)) for e in entries}, expected
+        {e.name: TensorSpec(dtype_name(e.dtype), tuple(e.shape)) for e in entries}, expected
     )
 
 

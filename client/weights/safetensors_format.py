@@ -12,6 +12,11 @@ Contract:
   anything is allocated for its tensors; :func:`materialise` then makes one writable,
   C-contiguous, native-byte-order array per tensor, or :func:`view_of` a read-only
   array over the document's own bytes (no copy; little-endian as stored).
+* :func:`parse` is a pure function of the header's bytes, the document's size and the
+  limit: the last header accepted (at most :data:`PARSE_MEMO_BYTES`) is remembered with
+  what it gave, so the same header again (every version of one model) is not read
+  again; a header that was refused is never remembered. :func:`write_parts` likewise
+  remembers the header bytes of the last layouts it wrote.
 * Refusals raise :class:`~client.weights.spec.WeightsError`: ``malformed``, ``oversized``,
   ``unknown_dtype``, ``bad_offsets``, ``truncated``.
 
@@ -22,6 +27,7 @@ uses :func:`client.weights.encode` / ``decode``.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
@@ -45,6 +51,7 @@ from client.weights.spec import (
     ST_TO_NP,
     Entry,
     WeightsError,
+    dtype_name,
 )
 
 HEADER_LEN = struct.Struct("<Q")
@@ -69,32 +76,42 @@ def write_parts(arrays: list[tuple[str, npt.NDArray[Any]]]) -> list[bytes | memo
     :func:`client.weights.encode` already. The header is what the library writes:
     compact JSON in layout order, padded with spaces.
     """
-    ordered = sorted(arrays, key=lambda item: (NAME_TO_ST[item[1].dtype.name][0], item[0]))
+    named = [(name, dtype_name(arr.dtype), arr) for name, arr in arrays]
+    ordered = sorted(named, key=lambda item: (NAME_TO_ST[item[1]][0], item[0]))
+    layout = tuple((name, dtype, arr.shape, arr.nbytes) for name, dtype, arr in ordered)
+    parts: list[bytes | memoryview] = [_header(layout)]
+    parts.extend(arr.reshape(-1).view(np.uint8).data for _, _, arr in ordered if arr.nbytes)
+    return parts
+
+
+@functools.lru_cache(maxsize=8)
+def _header(layout: tuple[tuple[str, str, tuple[int, ...], int], ...]) -> bytes:
+    """The length-prefixed, padded header of tensors ``(name, dtype name, shape, nbytes)``
+    in layout order (pure, so remembered)."""
     header: dict[str, dict[str, Any]] = {}
     offset = 0
-    for name, arr in ordered:
-        end = offset + arr.nbytes
+    for name, dtype, shape, nbytes in layout:
+        end = offset + nbytes
         header[name] = {
-            "dtype": NAME_TO_ST[arr.dtype.name][1],
-            "shape": list(arr.shape),
+            "dtype": NAME_TO_ST[dtype][1],
+            "shape": list(shape),
             "data_offsets": [offset, end],
         }
         offset = end
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % ST_ALIGN)
-    parts: list[bytes | memoryview] = [HEADER_LEN.pack(len(raw)) + raw]
-    parts.extend(arr.reshape(-1).view(np.uint8).data for _, arr in ordered if arr.nbytes)
-    return parts
+    return HEADER_LEN.pack(len(raw)) + raw
 
 
-def parse(view: memoryview, max_bytes: int) -> tuple[list[Entry], int]:
+def parse(view: memoryview, max_bytes: int, total: int | None = None) -> tuple[list[Entry], int]:
     """Validate the safetensors header; return the entries and where the data section starts.
 
     Offsets are checked here rather than left to the library so that a hostile header is
-    refused with a precise code before any tensor memory is allocated.
+    refused with a precise code before any tensor memory is allocated. ``total``: the
+    document's size when ``view`` holds only its start (at least the length and header).
     """
-    total = view.nbytes
-    if total < HEADER_LEN.size:
+    total = view.nbytes if total is None else total
+    if total < HEADER_LEN.size or view.nbytes < HEADER_LEN.size:
         raise WeightsError(
             "malformed", f"not a safetensors document: only {total} bytes, need at least 8"
         )
@@ -110,6 +127,15 @@ def parse(view: memoryview, max_bytes: int) -> tuple[list[Entry], int]:
             "oversized", f"the header is {header_len} bytes; the limit is {MAX_HEADER_BYTES}"
         )
     body_start = HEADER_LEN.size + header_len
+    if view.nbytes < body_start:
+        raise WeightsError(
+            "malformed", f"only {view.nbytes} bytes of the {body_start}-byte header were given"
+        )
+    memo = _last_parse[0]
+    small = header_len <= PARSE_MEMO_BYTES
+    raw_header = bytes(view[HEADER_LEN.size : body_start]) if small else None
+    if memo is not None and (raw_header, total, max_bytes) == memo[0]:
+        return list(memo[1]), body_start
     header = load_json_object(view[HEADER_LEN.size : body_start], "safetensors header")
 
     entries: list[tuple[int, int, Entry]] = []
@@ -159,7 +185,21 @@ def parse(view: memoryview, max_bytes: int) -> tuple[list[Entry], int]:
         raise WeightsError(
             "bad_offsets", f"{body - position} bytes after the last tensor belong to no tensor"
         )
-    return [entry for _, _, entry in entries], body_start
+    accepted = [entry for _, _, entry in entries]
+    if raw_header is not None:
+        _remember_parse((raw_header, total, max_bytes), tuple(accepted))
+    return accepted, body_start
+
+
+#: Headers up to this many bytes are remembered by :func:`parse` (the last one).
+PARSE_MEMO_BYTES = 1 << 16
+# The last header parse accepted: ((header, size, limit), entries). One tuple, replaced
+# whole, so any thread reads a consistent one.
+_last_parse: list[tuple[tuple[bytes, int, int], tuple[Entry, ...]] | None] = [None]
+
+
+def _remember_parse(key: tuple[bytes, int, int], entries: tuple[Entry, ...]) -> None:
+    _last_parse[0] = (key, entries)
 
 
 def _check_metadata(spec: object) -> None:

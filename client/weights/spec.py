@@ -55,6 +55,21 @@ NAME_TO_ST: dict[str, tuple[int, str]] = {
     dt.name: (rank, st_name) for rank, (st_name, dt) in enumerate(ST_TO_NP.items())
 }
 
+# dtype -> its numpy name, filled as dtypes are seen: ``dtype.name`` is computed by numpy
+# in Python on every access (microseconds; several per tensor per document).
+_DTYPE_NAMES: dict[np.dtype[Any], str] = {}
+_MAX_DTYPE_NAMES = 256
+
+
+def dtype_name(dtype: np.dtype[Any]) -> str:
+    """``dtype.name`` (e.g. ``"float32"``, whatever the byte order), remembered."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = dtype.name
+        if len(_DTYPE_NAMES) < _MAX_DTYPE_NAMES:
+            _DTYPE_NAMES[dtype] = name
+    return name
+
 
 @dataclass(frozen=True)
 class TensorSpec:

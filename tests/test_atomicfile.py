@@ -1,0 +1,84 @@
+"""client.atomicfile.write_atomic: whole files under their name, private, nothing left over."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from client import atomicfile
+from client.atomicfile import file_identity, write_atomic
+
+
+def _leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".tmp"))
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"one piece", b"one piece"),
+        (bytearray(b"a bytearray"), b"a bytearray"),
+        (memoryview(b"a view"), b"a view"),
+        ([b"pie", bytearray(b"c"), memoryview(b"es")], b"pieces"),
+        (b"", b""),
+        (os.urandom(3 << 20), None),  # larger than one write may take
+    ],
+)
+@pytest.mark.parametrize("durable", [True, False])
+@pytest.mark.parametrize("fresh", [True, False])
+def test_the_file_holds_exactly_the_data_and_no_temporary_file_stays(
+    tmp_path: Path, data: object, expected: bytes | None, durable: bool, fresh: bool
+) -> None:
+    target = tmp_path / "new" / "dir" / "file.bin"  # the directories are created
+    write_atomic(target, b"old", durable=durable)
+    write_atomic(target, data, durable=durable, fresh=fresh)  # type: ignore[arg-type]
+    assert target.read_bytes() == (expected if expected is not None else bytes(data))  # type: ignore[arg-type]
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert _leftovers(target.parent) == []
+
+
+def test_a_replaced_file_has_a_new_identity(tmp_path: Path) -> None:
+    target = tmp_path / "f"
+    write_atomic(target, b"same", durable=False)
+    before = file_identity(target)
+    write_atomic(target, b"same", durable=False, fresh=True)
+    assert file_identity(target) != before
+
+
+def test_the_mode_is_set_before_the_file_appears(tmp_path: Path) -> None:
+    target = tmp_path / "shared.txt"
+    write_atomic(target, b"x", mode=0o644)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+
+
+def test_a_leftover_with_the_next_temporary_name_is_skipped_not_reused(tmp_path: Path) -> None:
+    target = tmp_path / "f"
+    write_atomic(target, b"first", durable=False)
+    # What the next temporary name would be, left by a crash of a process with this id.
+    number = next(atomicfile._temp_numbers)
+    for n in range(number + 1, number + 4):
+        (tmp_path / f".f.{os.getpid()}-{n}.tmp").write_bytes(b"leftover")
+    write_atomic(target, b"second", durable=False)
+    assert target.read_bytes() == b"second"
+    assert all(p.read_bytes() == b"leftover" for p in tmp_path.glob(".f.*.tmp"))
+    assert len(_leftovers(tmp_path)) == 3
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "f"
+    write_atomic(target, b"old", durable=False)
+
+    def full(fd: int, data: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(OSError, match="No space"):
+        write_atomic(target, b"new", durable=False)
+    monkeypatch.undo()
+    assert target.read_bytes() == b"old"
+    assert _leftovers(tmp_path) == []
