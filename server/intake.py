@@ -4,23 +4,24 @@ Contract: :meth:`UpdateIntake.accept` answers one ``weights:submit`` for the ope
 refuses it with :class:`client.errors.FedtrayError`): the update is received through the
 blob store (each byte hashed once as it arrives), checked in place against the model's
 layout and the size limit (a safetensors document is kept as received, never decoded and
-re-encoded; a JSON one is converted), made durable in the round store together with the
-saved round that names it (updates ready together share one commit,
-:mod:`server.roundcommit`), folded into the strategy and only then counted and
-acknowledged, so an acknowledged update survives a crash (the device deletes its copy on
-the ack). Placing and counting happen under :attr:`UpdateIntake.lock`, which the
-coordinator also holds to close the round: an update is never counted into a closed round,
-and a concurrent duplicate is counted once. Nothing of a round is taken in before its
-first save (:meth:`server.roundfiles.RoundFiles.opened`). Device records change only
-through the registry's named transitions. A file that cannot be written is refused
-``internal_error`` (send it again later) and logged. :func:`receive_update` (receiving
-and checking one update into a round store) is also the cluster's intake
-(:mod:`server.cluster.service`).
+re-encoded; a JSON one is converted; one of at most :data:`INLINE_WORK_BYTES` is written,
+checked and folded on the event loop, a larger one in worker threads), made durable in the
+round store together with the saved round that names it (updates ready together share one
+commit, :mod:`server.roundcommit`), folded into the strategy and only then counted and
+acknowledged, so an acknowledged update survives a crash (the device deletes its copy on the
+ack). Placing and counting happen under :attr:`UpdateIntake.lock`, which the coordinator
+also holds to close the round: an update is never counted into a closed round, and a
+concurrent duplicate is counted once. Nothing of a round is taken in before its first save
+(:meth:`server.roundfiles.RoundFiles.opened`). Device records change only through the
+registry's named transitions. A file that cannot be written is refused ``internal_error``
+(send it again later) and logged. :func:`receive_update` (receiving and checking one update
+into a round store) is also the cluster's intake (:mod:`server.cluster.service`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from client.protocol import SubmitAccepted, WeightsSubmit
 from client.transfer import BlobStore
 from client.weights import Layout, decode, encode
 from server.config import ServerConfig
+from server.document import data_bytes
 from server.globalmodel import GlobalModel
 from server.phase import PhaseMachine
 from server.registry import DeviceRecord, Registry
@@ -40,6 +42,11 @@ from server.roundstore import RoundStore, SavedRound, SavedSlot
 from server.strategies import Strategy
 
 log = logging.getLogger("server.coordinator")
+
+#: An update of at most this many bytes is written, checked and folded on the event loop
+#: (a few tenths of a millisecond at this size, less than the two thread hops it saves);
+#: a larger one in worker threads, so the loop keeps serving.
+INLINE_WORK_BYTES = 1 << 20
 
 
 def unsaved_error() -> FedtrayError:
@@ -125,12 +132,15 @@ class UpdateIntake:
             async with self.lock:
                 if self._phase.round is not rnd or rnd.closed:  # closed while committing
                     raise FedtrayError("round_closed", f"round {sub.round_id} is closed")
-                added = await asyncio.to_thread(
+                layout = self._model.layout
+                fold = functools.partial(
                     store.fold_update,
                     name,
-                    self._model.layout,
+                    layout,
                     lambda update: self._strategy.add(update, sub.num_samples),
                 )
+                small = data_bytes(layout) <= INLINE_WORK_BYTES
+                added = fold() if small else await asyncio.to_thread(fold)
                 if added.clipped:
                     self._registry.update_clipped(device_id, rnd.number, added.norm)
                     log.warning(
@@ -182,14 +192,18 @@ async def receive_update(
     counted). Each byte is hashed once (by the blob store, as it arrives) and checked once
     where it lies; a safetensors document is kept as received, never decoded and
     re-encoded (a JSON one is converted); an inline safetensors document is written and
-    checked in one thread hop. Raises FedtrayError to refuse (``internal_error``
+    checked on the loop when it is at most :data:`INLINE_WORK_BYTES`, else in one thread
+    hop. Raises FedtrayError to refuse (``internal_error``
     when the file cannot be written); nothing is left behind when it raises. Shared by the
     single-process intake and the cluster's (:mod:`server.cluster.service`)."""
     ref = sub.weights
     if ref.format == "safetensors" and ref.data is not None:
-        # Inline (a small update): verified here, then written and checked in ONE hop.
+        # Inline (a small update): verified here, then written and checked on the loop
+        # when it is small (cheaper than a thread hop), else in ONE hop.
         data = blobs.take(record.device_id, ref)
         try:
+            if len(data) <= INLINE_WORK_BYTES:
+                return _land(store, record.device_id, data, layout=layout, max_bytes=max_bytes)
             return await asyncio.to_thread(
                 _land, store, record.device_id, data, layout=layout, max_bytes=max_bytes
             )
