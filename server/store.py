@@ -39,6 +39,7 @@ import contextlib
 import json
 import os
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,7 @@ class Store:
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
+        self._records = HistoryJson()
 
     def load(self, task: str, layout: Layout) -> Saved | None:
         """The saved state, checked against ``task`` and the model ``layout``."""
@@ -197,6 +199,7 @@ class Store:
             history,
             optimizer_name,
             optimizer_sha256,
+            self._records,
         )
         write_atomic(self.state_dir / HISTORY_FILE, meta)
         if prune:
@@ -238,6 +241,7 @@ class Store:
             history,
             optimizer_name,
             optimizer_sha256,
+            self._records,
         )
         fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=f".{HISTORY_FILE}.", suffix=".tmp")
         try:
@@ -287,10 +291,11 @@ def _meta(
     history: list[RoundRecord],
     optimizer_name: str | None,
     optimizer_sha256: str | None,
+    records: HistoryJson,
 ) -> bytes:
-    """``history.json``'s bytes: the history serialized by pydantic in one call (the
-    same JSON as ``model_dump`` + ``json.dumps``, several times less CPU: it is written
-    every round and grows with the rounds)."""
+    """``history.json``'s bytes: the history serialized by pydantic (the same JSON as
+    ``model_dump`` + ``json.dumps``, several times less CPU), each record once while it
+    stays unchanged (``records``): it is written every round and grows with the rounds."""
     meta: dict[str, Any] = {
         "format": STATE_FORMAT,
         "task": task,
@@ -303,11 +308,47 @@ def _meta(
         meta["optimizerFile"] = optimizer_name
         meta["optimizerSha256"] = optimizer_sha256
     head = json.dumps(meta, indent=1).encode("utf-8")
-    records = _HISTORY.dump_json(history, by_alias=True, indent=1)
-    return head[:-2] + b',\n "history": ' + records + b"\n}"
+    return head[:-2] + b',\n "history": ' + records.dump(history) + b"\n}"
 
 
-_HISTORY = TypeAdapter(list[RoundRecord])
+_RECORD = TypeAdapter(RoundRecord)
+
+
+class HistoryJson:
+    """The JSON of a round history, each record serialized once (thread-safe).
+
+    :meth:`dump` returns exactly what pydantic writes for the list (``indent=1``): each
+    record's bytes are kept for as long as the same record object is in the history, so a
+    write costs the new records, not the whole history (it grows by one every round).
+    Records are replaced, never changed in place (``model_copy``), except the newest
+    ones: the last :data:`FRESH` records are serialized again every time (the coordinator
+    sets the newest record's ``timing.publishedAt`` after its first save)."""
+
+    #: The newest records, serialized again at every dump.
+    FRESH = 2
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._kept: dict[int, tuple[RoundRecord, bytes]] = {}
+
+    def dump(self, history: list[RoundRecord]) -> bytes:
+        """``history`` as pydantic's ``dump_json(by_alias=True, indent=1)`` writes it."""
+        if not history:
+            return b"[]"
+        with self._lock:
+            kept, fresh_from = self._kept, len(history) - self.FRESH
+            now: dict[int, tuple[RoundRecord, bytes]] = {}
+            parts: list[bytes] = []
+            for i, rec in enumerate(history):
+                hit = kept.get(id(rec))
+                if hit is None or hit[0] is not rec or i >= fresh_from:
+                    # One level deeper than alone: every line of it indented once more.
+                    text = _RECORD.dump_json(rec, by_alias=True, indent=1)
+                    hit = (rec, b" " + text.replace(b"\n", b"\n "))
+                now[id(rec)] = hit
+                parts.append(hit[1])
+            self._kept = now
+        return b"[\n" + b",\n".join(parts) + b"\n]"
 
 
 #: Threads for fsyncs run side by side (an fsync waits on the disk, not the CPU).
