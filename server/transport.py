@@ -108,10 +108,15 @@ Contract:
   when one is missing it logs one warning and every event goes the library's way
   (behaviour unchanged, only slower). The driver's aiohttp response (its ``_sock``) and
   the Engine.IO socket's state are read at each ack: without them the ack is queued the
-  library's way. Counters:
+  library's way. Every other packet of one frame the server sends (the ack of an event
+  handled the library's way, e.g. ``weights:submit``'s; an event without binary parts)
+  goes the same way as a lean ack (straight when the writer is idle, else queued); a
+  packet with binary parts (several frames that must follow each other) is always
+  queued. Counters:
   :attr:`DeviceServer.lean_handled` (events handled by the lean path, also counted in
   ``inline_handled``), :attr:`DeviceServer.read_inline` (those of them handled in the
-  driver's read) and :attr:`DeviceServer.acks_written` (acks written straight).
+  driver's read), :attr:`DeviceServer.acks_written` (lean acks written straight) and
+  :attr:`DeviceServer.frames_written` (the other packets of one frame written straight).
 
 It performs no I/O of its own beyond python-socketio's, and the lean path's writes of acks
 the library would have sent.
@@ -290,6 +295,9 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
         self.lean_handled = 0
         #: Acks of the lean path written straight to the websocket since construction.
         self.acks_written = 0
+        #: Other packets of one frame (acks of the library's path, events without binary
+        #: parts) written straight to the websocket since construction.
+        self.frames_written = 0
         #: Events of the lean path handled in the websocket driver's read, never reaching
         #: Engine.IO's read loop (a part of ``lean_handled``).
         self.read_inline = 0
@@ -485,9 +493,10 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
             return False
         return True
 
-    async def _send_ack(self, eio_sid: str, ack: str) -> None:
+    async def _send_ack(self, eio_sid: str, ack: str, *, lean: bool = True) -> None:
         """Write ``ack`` straight to the connection's websocket when its writer is idle
-        (nothing queued before it), else queue it the library's way."""
+        (nothing queued before it), else queue it the library's way; counted in
+        ``acks_written`` (``lean``: an ack of the lean path) or ``frames_written``."""
         socket = self.eio.sockets.get(eio_sid)
         out = self._idle_websocket(socket)
         if out is None:
@@ -498,7 +507,25 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
         if getattr(socket, "last_ping", True) and not await socket.check_ping_timeout():
             return  # Engine.IO closed it (as its send would have)
         if await self._write(out, MESSAGE + ack, "an ack", eio_sid):
-            self.acks_written += 1
+            if lean:
+                self.acks_written += 1
+            else:
+                self.frames_written += 1
+
+    async def _send_packet(self, eio_sid: str, pkt: Any) -> None:
+        # With the lean path, every packet of one frame (an ack or event without binary
+        # parts: a weights:submit's ack, ...) goes as a lean ack does (_send_ack: straight
+        # to an idle websocket, else queued); one with binary parts (several frames that
+        # must stay together) the library's way.
+        if not self._lean_prefixes:
+            await super()._send_packet(eio_sid, pkt)
+            return
+        encoded = pkt.encode()
+        if isinstance(encoded, str):
+            await self._send_ack(eio_sid, encoded, lean=False)
+            return
+        for part in encoded:
+            await self.eio.send(eio_sid, part)
 
     async def _ping_straight(self, socket: Any, text: str) -> bool:
         """The ping sweeper's writer: ``text`` (a PING) written straight when the socket's

@@ -458,3 +458,34 @@ def test_a_ping_is_written_straight_only_to_an_idle_writer(tmp_path: Path) -> No
     assert behind is False  # declined: the sweeper queues the PING through Engine.IO
     assert idle is True
     assert frames == ['42["test:first",{"n":1}]', "2"]
+
+
+def test_packets_of_one_frame_the_library_sends_are_written_straight(tmp_path: Path) -> None:
+    """``blob:status`` goes the library's way (not an inline event): its ack (one frame) is
+    written straight to the idle websocket, and arrives as the library would send it; on
+    a polling connection (no websocket) it is queued."""
+
+    async def scenario(url: str, transports: list[str]) -> list[Any]:
+        dev = ScriptedDevice(url, name="straight")
+        if transports == ["polling"]:
+            dev.sio = socketio.AsyncClient(reconnection=False)
+            await dev.sio.connect(url, transports=transports, wait_timeout=round(scaled(10)))
+            assert (await dev.register())["ok"] is True
+        else:
+            assert (await dev.join())["ok"] is True
+        try:
+            return [await dev.call("blob:status", {"blobId": f"b{i}"}) for i in range(3)]
+        finally:
+            await dev.sio.eio.disconnect(abort=True)
+
+    with running_server(tmp_path, min_clients=5) as srv:
+        sio: DeviceServer = srv.server.sio
+        before = sio.frames_written
+        answers = run_devices(scenario(srv.url, ["websocket"]))
+        assert answers == [{"ok": True, "received": 0, "complete": False}] * 3
+        assert sio.frames_written >= before + 3
+        assert sio.lean_handled == 0  # none of them is a lean ack
+        before = sio.frames_written
+        answers = run_devices(scenario(srv.url, ["polling"]))
+        assert answers == [{"ok": True, "received": 0, "complete": False}] * 3
+        assert sio.frames_written == before
