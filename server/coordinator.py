@@ -432,11 +432,11 @@ class RoundCoordinator:
                     )
                 ):
                     break
+                # asyncio.timeout, not wait_for: no task per wake-up (one per start and
+                # per update counted).
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        self._round_changed.wait(),
-                        timeout=min(rnd.deadline - now, cfg.heartbeat_interval),
-                    )
+                    async with asyncio.timeout(min(rnd.deadline - now, cfg.heartbeat_interval)):
+                        await self._round_changed.wait()
         finally:
             for starter in starters:
                 starter.cancel()
