@@ -59,7 +59,9 @@ time is offered its part again and resumes its upload. The round's files are rem
 after its new version is saved.
 
 Never raises into a handler except :class:`client.errors.FedtrayError` (the refusal to
-answer); torch work, decoding and aggregation run in threads so heartbeats keep flowing.
+answer); torch work, decoding and aggregation run in threads so heartbeats keep flowing
+(but the aggregate of a model of at most :data:`server.intake.INLINE_WORK_BYTES`, when the
+strategy does not read every kept update again: less work than the thread hop).
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ from server.document import IN_PLACE_MIN_BYTES, blank_document, data_bytes
 from server.evaluation import EvaluationQueue, Metrics
 from server.fedeval import FederatedEvaluation
 from server.globalmodel import GlobalModel, Prepared
-from server.intake import UpdateIntake
+from server.intake import UpdateIntake, runs_inline
 from server.model import Evaluator, ModelEvaluator
 from server.phase import PhaseMachine
 from server.registry import DeviceRecord, Registry
@@ -507,7 +509,13 @@ class RoundCoordinator:
                 result.weights, version, result.optimizer_state, document
             )
 
-        aggregate, prepared = await asyncio.to_thread(aggregate_and_prepare)
+        # A small model's aggregate (read once, not again per kept update) is computed on
+        # the loop: less than the thread hop it saves on the round's critical path.
+        passes = len(rnd.reported) + 1 if self.strategy.reads_kept_updates else 1
+        if runs_inline(data_bytes(self._model.layout), passes):
+            aggregate, prepared = aggregate_and_prepare()
+        else:
+            aggregate, prepared = await asyncio.to_thread(aggregate_and_prepare)
         new_state = aggregate.weights
         train_loss = weighted_mean(
             [

@@ -48,6 +48,12 @@ log = logging.getLogger("server.coordinator")
 INLINE_WORK_BYTES = 1 << 20
 
 
+def runs_inline(nbytes: int, passes: int = 1) -> bool:
+    """Whether work over ``nbytes`` bytes, ``passes`` times over, is done on the event loop
+    (at most :data:`INLINE_WORK_BYTES` in all) rather than in a worker thread. Pure."""
+    return nbytes * max(1, passes) <= INLINE_WORK_BYTES
+
+
 def unsaved_error() -> FedtrayError:
     """The refusal of an update the server cannot store now (the device resends later)."""
     return FedtrayError(
@@ -179,7 +185,7 @@ class UpdateIntake:
         not read back); else (:func:`receive_update`) None."""
         ref, layout = sub.weights, self._model.layout
         max_bytes = self._config.limits.max_blob_bytes
-        small = ref.data is not None and len(ref.data) <= INLINE_WORK_BYTES
+        small = ref.data is not None and runs_inline(len(ref.data))
         if ref.format == "safetensors" and small:
             data = self._blobs.take(record.device_id, ref)
             try:
@@ -218,7 +224,7 @@ async def receive_update(
         # when it is small (cheaper than a thread hop), else in ONE hop.
         data = blobs.take(record.device_id, ref)
         try:
-            if len(data) <= INLINE_WORK_BYTES:
+            if runs_inline(len(data)):
                 return _land(store, record.device_id, data, layout=layout, max_bytes=max_bytes)
             return await asyncio.to_thread(
                 _land, store, record.device_id, data, layout=layout, max_bytes=max_bytes
