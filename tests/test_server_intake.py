@@ -348,6 +348,23 @@ def test_the_evaluator_keeps_one_model_and_matches_a_fresh_one() -> None:
     assert evaluator._model is first, "the model was built again"
 
 
+def test_the_evaluator_runs_torch_on_its_thread_count() -> None:
+    import torch
+
+    from client.tasks import get_task
+    from server.model import EVALUATION_THREADS, Evaluator, initial_state
+
+    task = get_task("synthetic", {"features": 8, "classes": 3, "hidden": 16, "samples": 20})
+    x, y = task.load_data("test", None)
+    before = torch.get_num_threads()
+    torch.set_num_threads(EVALUATION_THREADS + 1)
+    try:
+        Evaluator(task, task.params).evaluate(initial_state(task, task.params, 1), x, y)
+        assert torch.get_num_threads() == EVALUATION_THREADS
+    finally:
+        torch.set_num_threads(before)
+
+
 # ------------------------------------------------------------------ a real server
 
 
