@@ -497,7 +497,8 @@ class RoundCoordinator:
         )
         version = self._model.version + 1
 
-        in_place = data_bytes(self._model.layout) >= IN_PLACE_MIN_BYTES
+        model_bytes = data_bytes(self._model.layout)
+        in_place = model_bytes >= IN_PLACE_MIN_BYTES
 
         def aggregate_and_prepare() -> tuple[Aggregate, Prepared]:
             # One thread hop for both: the new state is computed into its own safetensors
@@ -512,7 +513,7 @@ class RoundCoordinator:
         # A small model's aggregate (read once, not again per kept update) is computed on
         # the loop: less than the thread hop it saves on the round's critical path.
         passes = len(rnd.reported) + 1 if self.strategy.reads_kept_updates else 1
-        if runs_inline(data_bytes(self._model.layout), passes):
+        if runs_inline(model_bytes, passes):
             aggregate, prepared = aggregate_and_prepare()
         else:
             aggregate, prepared = await asyncio.to_thread(aggregate_and_prepare)
