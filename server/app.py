@@ -358,7 +358,10 @@ class FedServer:
         return web.FileResponse(DASHBOARD_FILE)
 
     async def _http_status(self, request: web.Request) -> web.Response:
-        return web.json_response(self.status().model_dump(by_alias=True, mode="json"))
+        # Serialized by pydantic in one call (the same JSON as model_dump + json.dumps,
+        # several times less CPU: it holds the whole round history).
+        body = self.status().model_dump_json(by_alias=True)
+        return web.Response(body=body.encode("utf-8"), content_type="application/json")
 
     async def _http_health(self, request: web.Request) -> web.Response:
         return web.Response(text="ok")

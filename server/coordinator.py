@@ -59,7 +59,9 @@ time is offered its part again and resumes its upload. The round's files are rem
 after its new version is saved.
 
 Never raises into a handler except :class:`client.errors.FedtrayError` (the refusal to
-answer); torch work, decoding and aggregation run in threads so heartbeats keep flowing.
+answer); torch work, decoding and aggregation run in threads so heartbeats keep flowing
+(but the aggregate of a model of at most :data:`server.intake.INLINE_WORK_BYTES`, when the
+strategy does not read every kept update again: less work than the thread hop).
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ from server.document import IN_PLACE_MIN_BYTES, blank_document, data_bytes
 from server.evaluation import EvaluationQueue, Metrics
 from server.fedeval import FederatedEvaluation
 from server.globalmodel import GlobalModel, Prepared
-from server.intake import UpdateIntake
+from server.intake import UpdateIntake, runs_inline
 from server.model import Evaluator, ModelEvaluator
 from server.phase import PhaseMachine
 from server.registry import DeviceRecord, Registry
@@ -192,7 +194,7 @@ class RoundCoordinator:
             config=config,
             registry=registry,
             phase=self.phase,
-            before_waiting=lambda: self._broadcast(frozenset()),
+            before_waiting=self._before_waiting,
         )
 
     def prepare(self, task: Task, test_data: TestData | None, restored: Round | None) -> None:
@@ -366,6 +368,7 @@ class RoundCoordinator:
             model.version,
         )
         self._broadcast_due = False  # deliver_final_to_all sends the final version
+        self._files.forget_pending()
         # federation:finished carries the final version's evaluation: wait for it.
         await self._evaluations.drained()
         self.phase.finish()
@@ -432,11 +435,11 @@ class RoundCoordinator:
                     )
                 ):
                     break
+                # asyncio.timeout, not wait_for: no task per wake-up (one per start and
+                # per update counted).
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        self._round_changed.wait(),
-                        timeout=min(rnd.deadline - now, cfg.heartbeat_interval),
-                    )
+                    async with asyncio.timeout(min(rnd.deadline - now, cfg.heartbeat_interval)):
+                        await self._round_changed.wait()
         finally:
             for starter in starters:
                 starter.cancel()
@@ -460,6 +463,12 @@ class RoundCoordinator:
         # asked to evaluate this version are done, so none is asked to train meanwhile.
         await self.federated.settled(self._model.version)
         return True
+
+    def _before_waiting(self) -> None:
+        """The server is to wait for devices: the new version to every device now, the
+        last round's files removed now (not by the next round's first save)."""
+        self._broadcast(frozenset())
+        self._files.forget_pending()
 
     def _broadcast(self, starting: frozenset[str]) -> None:
         """Send a new version to every connected device but those in ``starting``."""
@@ -495,7 +504,8 @@ class RoundCoordinator:
         )
         version = self._model.version + 1
 
-        in_place = data_bytes(self._model.layout) >= IN_PLACE_MIN_BYTES
+        model_bytes = data_bytes(self._model.layout)
+        in_place = model_bytes >= IN_PLACE_MIN_BYTES
 
         def aggregate_and_prepare() -> tuple[Aggregate, Prepared]:
             # One thread hop for both: the new state is computed into its own safetensors
@@ -507,7 +517,13 @@ class RoundCoordinator:
                 result.weights, version, result.optimizer_state, document
             )
 
-        aggregate, prepared = await asyncio.to_thread(aggregate_and_prepare)
+        # A small model's aggregate (read once, not again per kept update) is computed on
+        # the loop: less than the thread hop it saves on the round's critical path.
+        passes = len(rnd.reported) + 1 if self.strategy.reads_kept_updates else 1
+        if runs_inline(model_bytes, passes):
+            aggregate, prepared = aggregate_and_prepare()
+        else:
+            aggregate, prepared = await asyncio.to_thread(aggregate_and_prepare)
         new_state = aggregate.weights
         train_loss = weighted_mean(
             [
@@ -549,9 +565,9 @@ class RoundCoordinator:
         timing.published_at = time.time()  # the published record's own timing (status only)
         if saved:
             # Only now: until the new version is saved, the round's updates live in its
-            # files. Removed after publishing, off the round's path (a leftover after a
-            # crash is a round of an older version: discarded at restart); the next
-            # round's first save waits for it.
+            # files. Removed after publishing, off the round's path: by the next round's
+            # first save, in its thread hop, or when the server waits first (a leftover
+            # after a crash is a round of an older version: discarded at restart).
             self._files.forget_later()
         log.info(
             "round %d: %d selected, %d reported, train loss %s, %.1f s (version %d)",

@@ -18,6 +18,7 @@ I/O.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -63,7 +64,7 @@ def data_bytes(layout: Layout) -> int:
     for spec in layout.values():
         dtype = NAME_TO_NP.get(spec.dtype)
         if dtype is not None:
-            total += int(np.prod(spec.shape, dtype=np.int64)) * dtype.itemsize
+            total += math.prod(spec.shape) * dtype.itemsize
     return total
 
 

@@ -12,7 +12,11 @@ weights are float64, so its devices' updates fit them). Task errors
 global is loaded into it in place (``load_state_dict`` copies into the existing
 parameters), so a round never pays for building a model. It is used by one thread at a
 time (:class:`server.evaluation.EvaluationQueue` evaluates one version after another, in
-the background, after the version is published). :class:`ModelEvaluator` is what the
+the background, after the version is published). It runs torch on
+:data:`EVALUATION_THREADS` intra-op thread (set for the process on its first use): the
+evaluation is background work within a CPU budget, and torch's thread pool spin-waits
+(measured on a 2-core machine, a 0.4 MB model on 2 test samples: 10-20 ms of CPU per
+evaluation with 2 threads, 0.2-0.4 ms with 1). :class:`ModelEvaluator` is what the
 coordinator needs of it (tests inject a slow one).
 """
 
@@ -60,6 +64,10 @@ class ModelEvaluator(Protocol):
     ) -> dict[str, float]: ...
 
 
+#: torch's intra-op threads in a server process, from its first evaluation on.
+EVALUATION_THREADS = 1
+
+
 class Evaluator:
     """Held-out evaluation of successive globals with one model, loaded in place."""
 
@@ -75,6 +83,8 @@ class Evaluator:
         import torch
 
         if self._model is None:
+            if torch.get_num_threads() != EVALUATION_THREADS:
+                torch.set_num_threads(EVALUATION_THREADS)
             self._model = self._task.build_model(self._params, 0)
         # from_numpy shares memory; a read-only array is copied (torch wants writable).
         tensors = {

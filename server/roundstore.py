@@ -33,6 +33,7 @@ whether a saved round may go on is the server's job.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import mmap
 import os
@@ -95,7 +96,7 @@ class RoundStore:
     @staticmethod
     def update_file_name(device_id: str) -> str:
         """The file name (in ``round/``) of a device's accepted update."""
-        return hashlib.sha256(device_id.encode("utf-8")).hexdigest()[:32] + ".safetensors"
+        return _update_file_name(device_id)
 
     def save_update(self, device_id: str, data: bytes) -> str:
         """Persist one accepted update (safetensors bytes); return its file name."""
@@ -248,6 +249,12 @@ class RoundStore:
             for entry in entries:
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
+
+
+@functools.lru_cache(maxsize=4096)
+def _update_file_name(device_id: str) -> str:
+    """:meth:`RoundStore.update_file_name` (pure; asked several times per update)."""
+    return hashlib.sha256(device_id.encode("utf-8")).hexdigest()[:32] + ".safetensors"
 
 
 @contextlib.contextmanager

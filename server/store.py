@@ -18,10 +18,11 @@ The server's own path to a new version shares the fsyncs instead (two one after 
 not four): :meth:`Store.place_weights` / :meth:`Store.place_optimizer` write a version's
 files under their names *without* fsync (no ``history.json`` names them yet: a torn one
 after a power cut is never read, and is replaced when that version is saved again), and
-:meth:`Store.commit_version` makes them the saved state: side by side the fsync of each
-placed file, of ``history.json``'s temporary file (written first) and of the state
-directory (their renames); only then ``history.json`` is renamed and the directory
-fsynced again. So ``history.json`` never names a file whose bytes or name are not durable.
+:meth:`Store.commit_version` makes them the saved state: side by side the fsyncs of the
+placed files and then of the state directory (their renames; one after the other in one
+helper thread) and of ``history.json``'s temporary file (written first); only then
+``history.json`` is renamed and the directory fsynced again. So ``history.json`` never
+names a file whose bytes or name are not durable.
 ``history.json``'s records are serialized by pydantic (a non-finite float is written as
 ``null``, read back as None).
 A server optimizer's state (FedAvgM's momentum, FedAdam's moments) is saved beside the
@@ -39,6 +40,7 @@ import contextlib
 import json
 import os
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +82,7 @@ class Store:
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
+        self._records = HistoryJson()
 
     def load(self, task: str, layout: Layout) -> Saved | None:
         """The saved state, checked against ``task`` and the model ``layout``."""
@@ -197,6 +200,7 @@ class Store:
             history,
             optimizer_name,
             optimizer_sha256,
+            self._records,
         )
         write_atomic(self.state_dir / HISTORY_FILE, meta)
         if prune:
@@ -226,7 +230,8 @@ class Store:
     ) -> None:
         """Make the files :meth:`place_weights` / :meth:`place_optimizer` wrote the saved
         state: ``history.json``'s temporary file written, then side by side the fsyncs
-        of the placed files, of that temporary file and of the state directory; then
+        of the placed files and then of the state directory (one helper thread) and of
+        that temporary file; then
         ``history.json`` renamed and the directory fsynced (module docstring); then the
         older versions' files removed. Raises OSError (no temporary file left behind)."""
         meta = _meta(
@@ -238,6 +243,7 @@ class Store:
             history,
             optimizer_name,
             optimizer_sha256,
+            self._records,
         )
         fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=f".{HISTORY_FILE}.", suffix=".tmp")
         try:
@@ -287,10 +293,11 @@ def _meta(
     history: list[RoundRecord],
     optimizer_name: str | None,
     optimizer_sha256: str | None,
+    records: HistoryJson,
 ) -> bytes:
-    """``history.json``'s bytes: the history serialized by pydantic in one call (the
-    same JSON as ``model_dump`` + ``json.dumps``, several times less CPU: it is written
-    every round and grows with the rounds)."""
+    """``history.json``'s bytes: the history serialized by pydantic (the same JSON as
+    ``model_dump`` + ``json.dumps``, several times less CPU), each record once while it
+    stays unchanged (``records``): it is written every round and grows with the rounds."""
     meta: dict[str, Any] = {
         "format": STATE_FORMAT,
         "task": task,
@@ -303,33 +310,78 @@ def _meta(
         meta["optimizerFile"] = optimizer_name
         meta["optimizerSha256"] = optimizer_sha256
     head = json.dumps(meta, indent=1).encode("utf-8")
-    records = _HISTORY.dump_json(history, by_alias=True, indent=1)
-    return head[:-2] + b',\n "history": ' + records + b"\n}"
+    return head[:-2] + b',\n "history": ' + records.dump(history) + b"\n}"
 
 
-_HISTORY = TypeAdapter(list[RoundRecord])
+_RECORD = TypeAdapter(RoundRecord)
 
 
-#: Threads for fsyncs run side by side (an fsync waits on the disk, not the CPU).
-_SYNCS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="store-fsync")
+class HistoryJson:
+    """The JSON of a round history, each record serialized once (thread-safe).
+
+    :meth:`dump` returns exactly what pydantic writes for the list (``indent=1``): each
+    record's bytes are kept for as long as the same record object is in the history, so a
+    write costs the new records, not the whole history (it grows by one every round).
+    Records are replaced, never changed in place (``model_copy``), except the newest
+    ones: the last :data:`FRESH` records are serialized again every time (the coordinator
+    sets the newest record's ``timing.publishedAt`` after its first save)."""
+
+    #: The newest records, serialized again at every dump.
+    FRESH = 2
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._kept: dict[int, tuple[RoundRecord, bytes]] = {}
+
+    def dump(self, history: list[RoundRecord]) -> bytes:
+        """``history`` as pydantic's ``dump_json(by_alias=True, indent=1)`` writes it."""
+        if not history:
+            return b"[]"
+        with self._lock:
+            kept, fresh_from = self._kept, len(history) - self.FRESH
+            now: dict[int, tuple[RoundRecord, bytes]] = {}
+            parts: list[bytes] = []
+            for i, rec in enumerate(history):
+                hit = kept.get(id(rec))
+                if hit is None or hit[0] is not rec or i >= fresh_from:
+                    # One level deeper than alone: every line of it indented once more.
+                    text = _RECORD.dump_json(rec, by_alias=True, indent=1)
+                    hit = (rec, b" " + text.replace(b"\n", b"\n "))
+                now[id(rec)] = hit
+                parts.append(hit[1])
+            self._kept = now
+        return b"[\n" + b",\n".join(parts) + b"\n]"
+
+
+#: The helper thread of the fsyncs run side by side (an fsync waits on the disk, not the
+#: CPU); one version is committed at a time (GlobalModel's history lock).
+_SYNCS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="store-fsync")
 
 
 def _fsync_side_by_side(files: list[Path], directory: Path) -> None:
-    """fsync ``files`` and ``directory`` at the same time; raises the first OSError (after
-    every fsync has ended, so none is left running)."""
-    futures = [_SYNCS.submit(fsync_file, path) for path in files[1:]]
-    futures.append(_SYNCS.submit(_fsync_dir_strict, directory))
+    """fsync the last of ``files`` (in this thread) side by side with the others and then
+    ``directory`` (one after the other, in one helper thread: one hand-off; on a
+    journalling file system such as ext4 the first fsync commits the journal for the ones
+    after it); raises the first OSError (after every fsync has ended, so none is left
+    running)."""
+    helper = _SYNCS.submit(_fsync_in_turn, files[:-1], directory)
     errors: list[BaseException] = []
     try:
-        fsync_file(files[0])
+        fsync_file(files[-1])
     except OSError as exc:
         errors.append(exc)
-    for future in futures:
-        failed = future.exception()
-        if failed is not None:
-            errors.append(failed)
+    failed = helper.exception()
+    if failed is not None:
+        errors.insert(0, failed)
     if errors:
         raise errors[0]
+
+
+def _fsync_in_turn(files: list[Path], directory: Path) -> None:
+    """fsync ``files`` then ``directory``, one after the other."""
+    for path in files:
+        fsync_file(path)
+    _fsync_dir_strict(directory)
 
 
 def _fsync_dir_strict(directory: Path) -> None:

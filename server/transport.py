@@ -84,8 +84,17 @@ Contract:
   websocket driver (replaced by a subclass, see below) hands each text message it reads
   to :meth:`DeviceServer._read_inline`, which handles a matched one right there and reads
   on, without returning it to Engine.IO's read loop (no task, timer and packet decode per
-  message there); any other message is returned to that loop as before, so arrival order
-  holds. Engine.IO's read deadline (``ping_interval + ping_timeout``) restarts only when
+  message there); any other text message carrying a Socket.IO EVENT, ACK (the answer to
+  one of the server's calls, e.g. ``training:start``'s), BINARY_EVENT or BINARY_ACK header
+  is handled right there too, the library's way (python-socketio's
+  ``_handle_eio_message``, what Engine.IO's loop would call; counted in
+  :attr:`DeviceServer.library_read_inline`, attachments also in
+  :attr:`DeviceServer.attachments_read_inline`), unless the connection is collecting a
+  binary packet's attachments, and so is a binary message while it is (an attachment,
+  e.g. a small ``weights:submit``'s update); everything else (CONNECT, DISCONNECT, other
+  Engine.IO packets, a binary message out of turn) is returned to that loop as before, so
+  arrival order holds.
+  Engine.IO's read deadline (``ping_interval + ping_timeout``) restarts only when
   its loop gets a message, so a read hands messages inline only during the first half of
   that deadline; past it, the next message goes through the loop (and the lean path from
   there). A connection is thus still dropped at most ``ping_interval + ping_timeout``
@@ -108,10 +117,15 @@ Contract:
   when one is missing it logs one warning and every event goes the library's way
   (behaviour unchanged, only slower). The driver's aiohttp response (its ``_sock``) and
   the Engine.IO socket's state are read at each ack: without them the ack is queued the
-  library's way. Counters:
+  library's way. Every other packet of one frame the server sends (the ack of an event
+  handled the library's way, e.g. ``weights:submit``'s; an event without binary parts)
+  goes the same way as a lean ack (straight when the writer is idle, else queued); a
+  packet with binary parts (several frames that must follow each other) is always
+  queued. Counters:
   :attr:`DeviceServer.lean_handled` (events handled by the lean path, also counted in
   ``inline_handled``), :attr:`DeviceServer.read_inline` (those of them handled in the
-  driver's read) and :attr:`DeviceServer.acks_written` (acks written straight).
+  driver's read), :attr:`DeviceServer.acks_written` (lean acks written straight) and
+  :attr:`DeviceServer.frames_written` (the other packets of one frame written straight).
 
 It performs no I/O of its own beyond python-socketio's, and the lean path's writes of acks
 the library would have sent.
@@ -183,10 +197,11 @@ def transport_timing(heartbeat_interval: float) -> TransportTiming:
 
 _HOOKS = ("_handle_event", "_handle_event_internal")
 
-#: How a websocket text message carrying a Socket.IO EVENT starts (Engine.IO MESSAGE, 2).
-_ENGINEIO_EVENT = MESSAGE + "2"
 #: An Engine.IO PONG, as a websocket text message.
 _ENGINEIO_PONG = "3"
+#: Socket.IO packet types a websocket text message may carry to be handled in the
+#: driver's read (EVENT, ACK, BINARY_EVENT, BINARY_ACK; not CONNECT or DISCONNECT).
+_READ_INLINE_TYPES = frozenset("2356")
 
 #: The private names the lean path relies on (python-socketio's and python-engineio's),
 #: checked once at construction; a public name's absence would fail just as loudly.
@@ -241,7 +256,10 @@ def _tracking_driver(base: type, server: DeviceServer) -> type:
             started = time.monotonic()
             while True:
                 data = (await out.receive()).data
-                if type(data) is str and await server._read_inline(owner, data, started):
+                kind = type(data)
+                if kind is str and await server._read_inline(owner, data, started):
+                    continue
+                if kind is bytes and await server._read_attachment(owner, data, started):
                     continue
                 if not isinstance(data, bytes | str):
                     raise OSError()  # as the driver's own wait: the connection ended
@@ -290,9 +308,18 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
         self.lean_handled = 0
         #: Acks of the lean path written straight to the websocket since construction.
         self.acks_written = 0
+        #: Other packets of one frame (acks of the library's path, events without binary
+        #: parts) written straight to the websocket since construction.
+        self.frames_written = 0
         #: Events of the lean path handled in the websocket driver's read, never reaching
         #: Engine.IO's read loop (a part of ``lean_handled``).
         self.read_inline = 0
+        #: Other Socket.IO packets (acks of the server's calls, events the lean path does
+        #: not take, binary packets' headers) handled the library's way in the websocket
+        #: driver's read, never reaching Engine.IO's read loop.
+        self.library_read_inline = 0
+        #: Binary attachments among them.
+        self.attachments_read_inline = 0
         #: Engine.IO PONGs handled in the websocket driver's read (with the ping sweeper).
         self.pongs_inline = 0
         #: The ping sweeper's PINGs written straight to an idle websocket (lean path).
@@ -390,12 +417,10 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
             self.pongs_inline += 1
             return True
         if (
-            not data.startswith(_ENGINEIO_EVENT)
+            data[:1] != MESSAGE
+            or data[1:2] not in _READ_INLINE_TYPES
             or len(data) > self.eio.max_http_buffer_size
-            or not getattr(socket, "upgraded", False)
-            or getattr(socket, "upgrading", True)
-            or getattr(socket, "closing", True)
-            or getattr(socket, "closed", True)
+            or not self._readable(socket)
         ):
             return False
         eio_sid = getattr(socket, "sid", None)
@@ -403,16 +428,56 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
             return False
         message = data[1:]
         match = match_acked_event(message, self._lean_prefixes)
-        if match is None:
-            return False
+        if match is not None:
+            try:
+                handled = await self._handle_lean(eio_sid, message, *match)
+            except Exception:  # as Engine.IO's read loop: log it and read on
+                log.exception("bug while handling a message from %s", eio_sid)
+                return True
+            if handled:
+                self.read_inline += 1
+                return True
+        # What Engine.IO's loop does with it (async_handlers off: python-socketio's
+        # dispatch, awaited; a failure logged by Engine.IO's logger in its words), without
+        # that loop's task, timer and packet decode per message.
+        self.library_read_inline += 1
         try:
-            handled = await self._handle_lean(eio_sid, message, *match)
-        except Exception:  # as Engine.IO's read loop: log it and read on
-            log.exception("bug while handling a message from %s", eio_sid)
-            return True
-        if handled:
-            self.read_inline += 1
-        return handled
+            await super()._handle_eio_message(eio_sid, message)
+        except Exception:
+            self.eio.logger.exception("message async handler error")
+        return True
+
+    async def _read_attachment(self, socket: Any, data: bytes, started: float) -> bool:
+        """Handle a websocket binary message of ``socket`` (a binary packet's attachment,
+        while its connection collects them) the library's way inside the driver's read, as
+        :meth:`_read_inline` does text; False (before doing anything) to return it to
+        Engine.IO's read loop."""
+        eio_sid = getattr(socket, "sid", None)
+        if (
+            time.monotonic() - started >= self._inline_window
+            or not isinstance(eio_sid, str)
+            or eio_sid not in self._binary_packet
+            or len(data) > self.eio.max_http_buffer_size
+            or not self._readable(socket)
+        ):
+            return False
+        self.library_read_inline += 1
+        self.attachments_read_inline += 1
+        try:
+            await super()._handle_eio_message(eio_sid, data)
+        except Exception:
+            self.eio.logger.exception("message async handler error")
+        return True
+
+    @staticmethod
+    def _readable(socket: Any) -> bool:
+        """Whether Engine.IO ``socket`` is upgraded, not upgrading, closing or closed."""
+        return bool(
+            getattr(socket, "upgraded", False)
+            and not getattr(socket, "upgrading", True)
+            and not getattr(socket, "closing", True)
+            and not getattr(socket, "closed", True)
+        )
 
     async def _handle_lean(self, eio_sid: str, data: str, ack_id: int, start: int) -> bool:
         """Handle a matched packet; False (before doing anything) to leave it to the library."""
@@ -485,9 +550,10 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
             return False
         return True
 
-    async def _send_ack(self, eio_sid: str, ack: str) -> None:
+    async def _send_ack(self, eio_sid: str, ack: str, *, lean: bool = True) -> None:
         """Write ``ack`` straight to the connection's websocket when its writer is idle
-        (nothing queued before it), else queue it the library's way."""
+        (nothing queued before it), else queue it the library's way; counted in
+        ``acks_written`` (``lean``: an ack of the lean path) or ``frames_written``."""
         socket = self.eio.sockets.get(eio_sid)
         out = self._idle_websocket(socket)
         if out is None:
@@ -498,7 +564,25 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
         if getattr(socket, "last_ping", True) and not await socket.check_ping_timeout():
             return  # Engine.IO closed it (as its send would have)
         if await self._write(out, MESSAGE + ack, "an ack", eio_sid):
-            self.acks_written += 1
+            if lean:
+                self.acks_written += 1
+            else:
+                self.frames_written += 1
+
+    async def _send_packet(self, eio_sid: str, pkt: Any) -> None:
+        # With the lean path, every packet of one frame (an ack or event without binary
+        # parts: a weights:submit's ack, ...) goes as a lean ack does (_send_ack: straight
+        # to an idle websocket, else queued); one with binary parts (several frames that
+        # must stay together) the library's way.
+        if not self._lean_prefixes:
+            await super()._send_packet(eio_sid, pkt)
+            return
+        encoded = pkt.encode()
+        if isinstance(encoded, str):
+            await self._send_ack(eio_sid, encoded, lean=False)
+            return
+        for part in encoded:
+            await self.eio.send(eio_sid, part)
 
     async def _ping_straight(self, socket: Any, text: str) -> bool:
         """The ping sweeper's writer: ``text`` (a PING) written straight when the socket's

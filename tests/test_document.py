@@ -81,6 +81,8 @@ def test_a_filled_document_is_encodes_document(layout: dict[str, TensorSpec]) ->
 def test_finish_refuses_what_encode_refuses(name: str, value: Any, code: str) -> None:
     layout = {"w": TensorSpec("float32", (4,)), "flag": TensorSpec("bool", (2,))}
     document = blank_document(layout)
+    for view in document.views.values():  # not initialised: the caller writes every byte
+        view[...] = 0
     document.views[name].view(np.uint8 if name == "flag" else np.float32)[0] = value
     with pytest.raises(WeightsError) as finished:
         document.finish()

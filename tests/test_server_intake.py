@@ -28,8 +28,10 @@ from client.weights import (
     sha256_hex,
 )
 from server.aggregation import FedAvg
-from server.intake import _land
+from server.intake import INLINE_WORK_BYTES, _land, land_checked, runs_inline
 from server.roundstore import ROUND_DIR, RoundStore
+from server.strategies import build_strategy
+from server.strategies.settings import StrategySettings
 from tests.server_harness import ScriptedDevice, run_devices, running_server
 
 STATE: dict[str, np.ndarray[Any, Any]] = {
@@ -237,6 +239,55 @@ def test_an_inline_update_is_written_and_checked_in_one_step_or_leaves_nothing(
     assert list((tmp_path / ROUND_DIR).iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [(None, None), (b"", "malformed"), (_nan_doc(), "non_finite")],
+)
+def test_a_small_inline_update_is_checked_in_memory_then_written_or_leaves_nothing(
+    tmp_path: Path, data: bytes | None, code: str | None
+) -> None:
+    store = RoundStore(tmp_path)
+    if code is None:
+        doc = _doc(STATE, metadata=True)
+        incoming, views = land_checked(store, "dev", doc, layout=LAYOUT, max_bytes=1 << 20)
+        assert incoming.parent == tmp_path / ROUND_DIR and incoming.read_bytes() == doc
+        assert views.keys() == STATE.keys()
+        for name, arr in STATE.items():
+            assert np.array_equal(views[name], arr) and not views[name].flags.writeable
+        return
+    assert data is not None
+    with pytest.raises(WeightsError) as err:
+        land_checked(store, "dev", data, layout=LAYOUT, max_bytes=1 << 20)
+    assert err.value.code == code
+    assert not (tmp_path / ROUND_DIR).exists() or list((tmp_path / ROUND_DIR).iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("nbytes", "passes", "inline"),
+    [
+        (0, 1, True),
+        (400_000, 1, True),
+        (INLINE_WORK_BYTES, 1, True),
+        (INLINE_WORK_BYTES + 1, 1, False),
+        (400_000, 2, True),
+        (400_000, 3, False),  # a robust rule over two kept updates, plus the global
+        (INLINE_WORK_BYTES // 2, 2, True),
+        (100, 0, True),  # no pass counts as one
+        (100 << 20, 1, False),
+    ],
+)
+def test_work_runs_on_the_loop_only_up_to_the_inline_bound(
+    nbytes: int, passes: int, inline: bool
+) -> None:
+    assert runs_inline(nbytes, passes) is inline
+
+
+def test_only_the_robust_rules_read_the_kept_updates_again() -> None:
+    names = ("fedavg", "fedprox", "fedavgm", "fedadam", "median", "trimmed-mean")
+    reads = {name: build_strategy(StrategySettings(name=name)).reads_kept_updates for name in names}
+    assert reads == {name: name in ("median", "trimmed-mean") for name in names}
+
+
 def test_clear_removes_a_leftover_incoming_file(tmp_path: Path) -> None:
     store = RoundStore(tmp_path)
     incoming = store.incoming_path("dev")
@@ -295,6 +346,23 @@ def test_the_evaluator_keeps_one_model_and_matches_a_fresh_one() -> None:
     first = evaluator._model
     evaluator.evaluate(initial_state(task, task.params, 3), x, y)
     assert evaluator._model is first, "the model was built again"
+
+
+def test_the_evaluator_runs_torch_on_its_thread_count() -> None:
+    import torch
+
+    from client.tasks import get_task
+    from server.model import EVALUATION_THREADS, Evaluator, initial_state
+
+    task = get_task("synthetic", {"features": 8, "classes": 3, "hidden": 16, "samples": 20})
+    x, y = task.load_data("test", None)
+    before = torch.get_num_threads()
+    torch.set_num_threads(EVALUATION_THREADS + 1)
+    try:
+        Evaluator(task, task.params).evaluate(initial_state(task, task.params, 1), x, y)
+        assert torch.get_num_threads() == EVALUATION_THREADS
+    finally:
+        torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------ a real server

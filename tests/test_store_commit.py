@@ -13,11 +13,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from pydantic import TypeAdapter
 
 from client.weights import encode, layout_of, sha256_hex
 from server.globalmodel import GlobalModel
 from server.status import RoundRecord, RoundTiming
-from server.store import HISTORY_FILE, Store
+from server.store import HISTORY_FILE, HistoryJson, Store
 
 
 def _record(version: int, **extra: Any) -> RoundRecord:
@@ -166,6 +167,47 @@ def test_history_json_holds_what_model_dump_gives(tmp_path: Path, history: list[
     )
     assert meta["weightsFile"] == "global-v1.safetensors"
     assert meta["optimizerFile"] == "optimizer-v1.safetensors"
+
+
+_LIST = TypeAdapter(list[RoundRecord])
+_TIMED = RoundTiming(opened_at=1.0, collected_at=2.0, aggregated_at=3.5)
+
+
+def _grown(history: list[RoundRecord]) -> list[RoundRecord]:
+    return [*history, _record(len(history) + 1)]
+
+
+def _evaluated(history: list[RoundRecord]) -> list[RoundRecord]:
+    return [history[0].model_copy(update={"eval_loss": 0.125}), *history[1:]]
+
+
+def _published(history: list[RoundRecord]) -> list[RoundRecord]:
+    timing = history[-1].timing
+    assert timing is not None
+    timing.published_at = 9.5  # as the coordinator does, after the record's first save
+    return history
+
+
+# Each case: a history, then the changes made to it between two dumps (the same cache).
+@pytest.mark.parametrize(
+    ("history", "changes"),
+    [
+        ([], [_grown, _grown]),
+        ([_record(1)], [lambda h: h, _grown]),
+        ([_record(1), _record(2, detail='a "quoted" ü\nline')], [_evaluated, _grown]),
+        # Saved, then published (timing set in place), then the next round's record.
+        ([_record(1), _record(2), _record(3, timing=_TIMED)], [lambda h: _grown(_published(h))]),
+        ([_record(i) for i in range(1, 6)], [_grown, _evaluated, lambda h: h[2:], _grown]),
+    ],
+)
+def test_history_json_is_what_pydantic_writes_for_the_list_after_every_change(
+    history: list[RoundRecord], changes: list[Any]
+) -> None:
+    records = HistoryJson()
+    assert records.dump(history) == _LIST.dump_json(history, by_alias=True, indent=1)
+    for change in changes:
+        history = change(history)
+        assert records.dump(history) == _LIST.dump_json(history, by_alias=True, indent=1)
 
 
 def test_publish_hops_benchmark_smoke(capsys: pytest.CaptureFixture[str]) -> None:

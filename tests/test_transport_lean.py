@@ -6,6 +6,7 @@ it relies on is missing."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -458,3 +459,66 @@ def test_a_ping_is_written_straight_only_to_an_idle_writer(tmp_path: Path) -> No
     assert behind is False  # declined: the sweeper queues the PING through Engine.IO
     assert idle is True
     assert frames == ['42["test:first",{"n":1}]', "2"]
+
+
+def test_packets_of_one_frame_the_library_sends_are_written_straight(tmp_path: Path) -> None:
+    """``blob:status`` goes the library's way (not an inline event): read in the websocket
+    driver's read, its ack (one frame) written straight to the idle websocket, and it
+    arrives as the library would send it; on a polling connection (no websocket) neither."""
+
+    async def scenario(url: str, transports: list[str]) -> list[Any]:
+        dev = ScriptedDevice(url, name="straight")
+        if transports == ["polling"]:
+            dev.sio = socketio.AsyncClient(reconnection=False)
+            await dev.sio.connect(url, transports=transports, wait_timeout=round(scaled(10)))
+            assert (await dev.register())["ok"] is True
+        else:
+            assert (await dev.join())["ok"] is True
+        try:
+            return [await dev.call("blob:status", {"blobId": f"b{i}"}) for i in range(3)]
+        finally:
+            await dev.sio.eio.disconnect(abort=True)
+
+    with running_server(tmp_path, min_clients=5) as srv:
+        sio: DeviceServer = srv.server.sio
+        before, read_before = sio.frames_written, sio.library_read_inline
+        answers = run_devices(scenario(srv.url, ["websocket"]))
+        assert answers == [{"ok": True, "received": 0, "complete": False}] * 3
+        assert sio.frames_written >= before + 3
+        # ... and each was read in the websocket driver's read, the library's way.
+        assert sio.library_read_inline >= read_before + 3
+        assert sio.lean_handled == 0  # none of them is a lean ack
+        before, read_before = sio.frames_written, sio.library_read_inline
+        answers = run_devices(scenario(srv.url, ["polling"]))
+        assert answers == [{"ok": True, "received": 0, "complete": False}] * 3
+        assert (sio.frames_written, sio.library_read_inline) == (before, read_before)
+
+
+def test_a_binary_packet_and_its_attachment_are_read_in_the_driver_s_read(
+    tmp_path: Path,
+) -> None:
+    """A ``blob:chunk`` (its header a text message, its bytes a binary one): both handled
+    in the websocket driver's read, the library's way, and answered as the library does
+    (the chunk held, the blob complete)."""
+    data = bytes(range(256)) * 8
+
+    async def scenario(url: str, sio: DeviceServer) -> tuple[Any, int]:
+        dev = ScriptedDevice(url, name="chunks")
+        assert (await dev.join())["ok"] is True
+        before = sio.attachments_read_inline
+        try:
+            chunk = {
+                "blobId": "b1",
+                "offset": 0,
+                "total": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "data": data,
+            }
+            return await dev.call("blob:chunk", chunk), sio.attachments_read_inline - before
+        finally:
+            await dev.sio.eio.disconnect(abort=True)
+
+    with running_server(tmp_path, min_clients=5) as srv:
+        answer, read = run_devices(scenario(srv.url, srv.server.sio))
+        assert answer == {"ok": True, "received": len(data), "complete": True}
+        assert read == 1

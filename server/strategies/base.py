@@ -26,7 +26,7 @@ import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -90,6 +90,10 @@ class FileUpdates:
 
 class Strategy(ABC):
     """One federation's aggregation (see the module docstring)."""
+
+    #: Whether :meth:`result` reads every kept update again (its work grows with their
+    #: number), rather than only what :meth:`add` accumulated.
+    reads_kept_updates: ClassVar[bool] = False
 
     def __init__(self, settings: StrategySettings, optimizer: ServerOptimizer) -> None:
         self.settings = settings

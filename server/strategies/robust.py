@@ -37,6 +37,8 @@ MIN_COLUMNS = 1024
 class _Robust(Strategy):
     """Shared block loop of the coordinate-wise rules."""
 
+    reads_kept_updates = True
+
     def _begin(self, base: StateDict) -> None:
         pass
 
