@@ -106,6 +106,7 @@ from server.roundstore import RoundStore
 from server.starter import RoundStarter, StrayTraining
 from server.status import RoundRecord, RoundTiming, abandoned_record
 from server.strategies import Aggregate, FileUpdates, Strategy
+from server.strategies.optimizers import Plain
 from server.taskfile import PackageTask
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,17 @@ TestData = tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
+
+
+def aggregate_runs_inline(model_bytes: int, strategy: Strategy, reported: int) -> bool:
+    """Whether a round's aggregate is computed on the event loop: a small model
+    (:func:`server.intake.runs_inline`), read once (not again per kept update, as the
+    robust rules do), with no server optimizer state (several times the model's bytes in
+    float64, encoded, hashed and written with the new global). Pure."""
+    if not isinstance(strategy.optimizer, Plain):
+        return False
+    passes = reported + 1 if strategy.reads_kept_updates else 1
+    return runs_inline(model_bytes, passes)
 
 
 class RoundCoordinator:
@@ -517,10 +529,8 @@ class RoundCoordinator:
                 result.weights, version, result.optimizer_state, document
             )
 
-        # A small model's aggregate (read once, not again per kept update) is computed on
-        # the loop: less than the thread hop it saves on the round's critical path.
-        passes = len(rnd.reported) + 1 if self.strategy.reads_kept_updates else 1
-        if runs_inline(model_bytes, passes):
+        # Less than the thread hop it saves on the round's critical path.
+        if aggregate_runs_inline(model_bytes, self.strategy, len(rnd.reported)):
             aggregate, prepared = aggregate_and_prepare()
         else:
             aggregate, prepared = await asyncio.to_thread(aggregate_and_prepare)

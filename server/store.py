@@ -322,9 +322,10 @@ class HistoryJson:
     :meth:`dump` returns exactly what pydantic writes for the list (``indent=1``): each
     record's bytes are kept for as long as the same record object is in the history, so a
     write costs the new records, not the whole history (it grows by one every round).
-    Records are replaced, never changed in place (``model_copy``), except the newest
-    ones: the last :data:`FRESH` records are serialized again every time (the coordinator
-    sets the newest record's ``timing.publishedAt`` after its first save)."""
+    Records are replaced, never changed in place (``model_copy``), except a completed
+    round's ``timing.publishedAt``, which the coordinator sets after the record's first
+    save: a record whose timing has none yet is serialized again at every dump, and so are
+    the last :data:`FRESH` records."""
 
     #: The newest records, serialized again at every dump.
     FRESH = 2
@@ -343,11 +344,13 @@ class HistoryJson:
             parts: list[bytes] = []
             for i, rec in enumerate(history):
                 hit = kept.get(id(rec))
-                if hit is None or hit[0] is not rec or i >= fresh_from:
+                unpublished = rec.timing is not None and rec.timing.published_at is None
+                if hit is None or hit[0] is not rec or i >= fresh_from or unpublished:
                     # One level deeper than alone: every line of it indented once more.
                     text = _RECORD.dump_json(rec, by_alias=True, indent=1)
                     hit = (rec, b" " + text.replace(b"\n", b"\n "))
-                now[id(rec)] = hit
+                if not unpublished:  # its publishedAt is still to be set in place
+                    now[id(rec)] = hit
                 parts.append(hit[1])
             self._kept = now
         return b"[\n" + b",\n".join(parts) + b"\n]"

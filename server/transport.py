@@ -524,13 +524,19 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
     @staticmethod
     def _idle_websocket(socket: Any) -> web.WebSocketResponse | None:
         """The websocket of Engine.IO ``socket`` when a frame may be written straight to it
-        (its writer idle, nothing queued; upgraded, not upgrading or closing); else None."""
+        (its writer idle, nothing queued, nothing unsent in its transport; upgraded, not
+        upgrading or closing); else None."""
         queue = getattr(socket, "queue", None)
         out = getattr(getattr(socket, "fedtray_websocket", None), "_sock", None)
+        transport = getattr(getattr(out, "_writer", None), "transport", None)
         if (
             not isinstance(out, web.WebSocketResponse)
             or not isinstance(queue, WriterQueue)
             or not queue.writer_idle()
+            # Bytes the peer has not taken yet: the write could wait on them (a peer that
+            # stopped reading), where the library's queue never makes the sender wait.
+            or transport is None
+            or transport.get_write_buffer_size() != 0
             or not getattr(socket, "upgraded", False)
             or getattr(socket, "upgrading", True)
             or getattr(socket, "closing", True)

@@ -28,6 +28,7 @@ from client.weights import (
     sha256_hex,
 )
 from server.aggregation import FedAvg
+from server.coordinator import aggregate_runs_inline
 from server.intake import INLINE_WORK_BYTES, _land, land_checked, runs_inline
 from server.roundstore import ROUND_DIR, RoundStore
 from server.strategies import build_strategy
@@ -286,6 +287,26 @@ def test_only_the_robust_rules_read_the_kept_updates_again() -> None:
     names = ("fedavg", "fedprox", "fedavgm", "fedadam", "median", "trimmed-mean")
     reads = {name: build_strategy(StrategySettings(name=name)).reads_kept_updates for name in names}
     assert reads == {name: name in ("median", "trimmed-mean") for name in names}
+
+
+@pytest.mark.parametrize(
+    ("name", "model_bytes", "reported", "inline"),
+    [
+        ("fedavg", 400_000, 3, True),
+        ("fedprox", 400_000, 3, True),
+        ("fedavg", INLINE_WORK_BYTES + 1, 1, False),
+        ("median", 400_000, 1, True),  # the global and one kept update
+        ("median", 400_000, 3, False),  # read again per kept update
+        ("trimmed-mean", 200_000, 3, True),
+        ("fedavgm", 400_000, 3, False),  # server optimizer state: in a thread
+        ("fedadam", 1_000, 1, False),
+    ],
+)
+def test_the_aggregate_runs_on_the_loop_only_when_small_and_read_once_without_state(
+    name: str, model_bytes: int, reported: int, inline: bool
+) -> None:
+    strategy = build_strategy(StrategySettings(name=name))
+    assert aggregate_runs_inline(model_bytes, strategy, reported) is inline
 
 
 def test_clear_removes_a_leftover_incoming_file(tmp_path: Path) -> None:

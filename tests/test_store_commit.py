@@ -22,6 +22,8 @@ from server.store import HISTORY_FILE, HistoryJson, Store
 
 
 def _record(version: int, **extra: Any) -> RoundRecord:
+    if isinstance(extra.get("timing"), RoundTiming):  # each record its own (set in place)
+        extra["timing"] = extra["timing"].model_copy()
     return RoundRecord(
         round_id=f"r{version}",
         number=version,
@@ -188,6 +190,10 @@ def _published(history: list[RoundRecord]) -> list[RoundRecord]:
     return history
 
 
+def _published_second(history: list[RoundRecord]) -> list[RoundRecord]:
+    return [history[0], *_published(history[1:2]), *history[2:]]
+
+
 # Each case: a history, then the changes made to it between two dumps (the same cache).
 @pytest.mark.parametrize(
     ("history", "changes"),
@@ -198,6 +204,9 @@ def _published(history: list[RoundRecord]) -> list[RoundRecord]:
         # Saved, then published (timing set in place), then the next round's record.
         ([_record(1), _record(2), _record(3, timing=_TIMED)], [lambda h: _grown(_published(h))]),
         ([_record(i) for i in range(1, 6)], [_grown, _evaluated, lambda h: h[2:], _grown]),
+        # Saved, then records after it (abandoned attempts), then published: no longer
+        # among the newest, its publishedAt still reaches the file.
+        ([_record(1), _record(2, timing=_TIMED)], [_grown, _grown, _grown, _published_second]),
     ],
 )
 def test_history_json_is_what_pydantic_writes_for_the_list_after_every_change(
