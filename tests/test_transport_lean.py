@@ -494,6 +494,66 @@ def test_packets_of_one_frame_the_library_sends_are_written_straight(tmp_path: P
         assert (sio.frames_written, sio.library_read_inline) == (before, read_before)
 
 
+class _Unsent:
+    """A transport that reports unsent bytes (a peer that stopped reading); the rest is
+    the real transport's."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def get_write_buffer_size(self) -> int:
+        return 1
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+def test_a_frame_is_queued_not_written_straight_while_its_transport_holds_unsent_bytes(
+    tmp_path: Path,
+) -> None:
+    """A straight write could wait for a peer that stopped reading; the library's queue
+    never makes the sender wait: with bytes unsent, the ack goes the library's way."""
+
+    def writers(sio: DeviceServer) -> list[Any]:
+        return [s.fedtray_websocket._sock._writer for s in sio.eio.sockets.values()]
+
+    async def scenario(srv: ServerHandle) -> tuple[list[Any], int, int]:
+        sio: DeviceServer = srv.server.sio
+        dev = ScriptedDevice(srv.url, name="unread")
+        assert (await dev.join())["ok"] is True
+        try:
+
+            async def unsent() -> None:
+                for writer in writers(sio):
+                    writer.transport = _Unsent(writer.transport)
+
+            async def sent() -> None:
+                for writer in writers(sio):
+                    writer.transport = writer.transport._real
+
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(unsent(), srv.loop))
+            before = sio.frames_written
+            answers = [await dev.call("blob:status", {"blobId": f"b{i}"}) for i in range(3)]
+            queued = sio.frames_written - before
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(sent(), srv.loop))
+            # Nothing unsent: straight again, once the writer is idle (the queued acks may
+            # still be on their way).
+            before = sio.frames_written
+            for i in range(20):
+                answers.append(await dev.call("blob:status", {"blobId": f"c{i}"}))
+                if sio.frames_written > before:
+                    break
+            return answers, queued, sio.frames_written - before
+        finally:
+            await dev.sio.eio.disconnect(abort=True)
+
+    with running_server(tmp_path, min_clients=5) as srv:
+        answers, while_unsent, after = run_devices(scenario(srv))
+    assert answers == [{"ok": True, "received": 0, "complete": False}] * len(answers)
+    assert while_unsent == 0  # every ack queued, and each still arrived
+    assert after >= 1  # nothing unsent: written straight again
+
+
 def test_a_binary_packet_and_its_attachment_are_read_in_the_driver_s_read(
     tmp_path: Path,
 ) -> None:
