@@ -206,7 +206,7 @@ class RoundCoordinator:
             config=config,
             registry=registry,
             phase=self.phase,
-            before_waiting=self._before_waiting,
+            before_waiting=lambda: self._broadcast(frozenset()),
         )
 
     def prepare(self, task: Task, test_data: TestData | None, restored: Round | None) -> None:
@@ -380,7 +380,6 @@ class RoundCoordinator:
             model.version,
         )
         self._broadcast_due = False  # deliver_final_to_all sends the final version
-        self._files.forget_pending()
         # federation:finished carries the final version's evaluation: wait for it.
         await self._evaluations.drained()
         self.phase.finish()
@@ -476,12 +475,6 @@ class RoundCoordinator:
         await self.federated.settled(self._model.version)
         return True
 
-    def _before_waiting(self) -> None:
-        """The server is to wait for devices: the new version to every device now, the
-        last round's files removed now (not by the next round's first save)."""
-        self._broadcast(frozenset())
-        self._files.forget_pending()
-
     def _broadcast(self, starting: frozenset[str]) -> None:
         """Send a new version to every connected device but those in ``starting``."""
         if self._broadcast_due:
@@ -575,9 +568,9 @@ class RoundCoordinator:
         timing.published_at = time.time()  # the published record's own timing (status only)
         if saved:
             # Only now: until the new version is saved, the round's updates live in its
-            # files. Removed after publishing, off the round's path: by the next round's
-            # first save, in its thread hop, or when the server waits first (a leftover
-            # after a crash is a round of an older version: discarded at restart).
+            # files. Removed after publishing, off the round's path (a leftover after a
+            # crash is a round of an older version: discarded at restart); the next
+            # round's first save waits for it.
             self._files.forget_later()
         log.info(
             "round %d: %d selected, %d reported, train loss %s, %.1f s (version %d)",

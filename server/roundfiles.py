@@ -10,10 +10,7 @@ Contract: :class:`RoundFiles` orders the writes of ``state_dir/round.json`` and
   open, e.g. one restored from disk): nothing of a round is counted, and its files are
   never removed, before it;
 * :meth:`RoundFiles.forget` removes the closed round's files now (an abandoned round);
-  :meth:`RoundFiles.forget_later` once a new version is published, off the round's path:
-  by the next round's first save (which removes whatever a previous round left, in the
-  same thread hop), or in the background as soon as the server is to wait instead
-  (:meth:`RoundFiles.forget_pending`: before waiting for devices, at the end);
+  :meth:`RoundFiles.forget_later` after a new version is published, off the round's path;
 * :attr:`RoundFiles.commits` makes accepted updates durable (:mod:`server.roundcommit`);
   a round's first save waits until the previous round's last commit is done.
 
@@ -45,14 +42,11 @@ class RoundFiles:
         self._state_dir = state_dir
         self._opening: tuple[Round, asyncio.Task[None]] | None = None
         self._forgetting: asyncio.Task[None] | None = None
-        self._forget_due = False  # a published round's files, removed by the next save
         #: The group commit of accepted updates (used by :class:`server.intake.UpdateIntake`).
         self.commits = RoundCommits(store)
 
     def open(self, rnd: Round) -> None:
-        """Start ``rnd``'s first save (see :meth:`opened`); it removes the files of the
-        round before it first."""
-        self._forget_due = False
+        """Start ``rnd``'s first save (see :meth:`opened`)."""
         self._opening = (rnd, asyncio.create_task(self._persist_logged(rnd)))
 
     async def opened(self, rnd: Round) -> None:
@@ -69,17 +63,8 @@ class RoundFiles:
             log.warning("cannot remove the closed round's files: %s", exc)
 
     def forget_later(self) -> None:
-        """Have them removed by the next round's first save, or by
-        :meth:`forget_pending` if the server waits first."""
-        self._forget_due = True
-
-    def forget_pending(self) -> None:
-        """Remove the files :meth:`forget_later` left for the next round's save now, in the
-        background (the server is to wait for devices, or is at the end); the next
-        round's first save waits for it."""
-        if self._forget_due:
-            self._forget_due = False
-            self._forgetting = asyncio.create_task(self.forget())
+        """Remove them in the background; the next round's first save waits for it."""
+        self._forgetting = asyncio.create_task(self.forget())
 
     async def _persist_logged(self, rnd: Round) -> None:
         forgetting, self._forgetting = self._forgetting, None
