@@ -88,12 +88,9 @@ Contract:
   one of the server's calls, e.g. ``training:start``'s), BINARY_EVENT or BINARY_ACK header
   is handled right there too, the library's way (python-socketio's
   ``_handle_eio_message``, what Engine.IO's loop would call; counted in
-  :attr:`DeviceServer.library_read_inline`, attachments also in
-  :attr:`DeviceServer.attachments_read_inline`), unless the connection is collecting a
-  binary packet's attachments, and so is a binary message while it is (an attachment,
-  e.g. a small ``weights:submit``'s update); everything else (CONNECT, DISCONNECT, other
-  Engine.IO packets, a binary message out of turn) is returned to that loop as before, so
-  arrival order holds.
+  :attr:`DeviceServer.library_read_inline`), unless the connection is collecting a
+  binary packet's attachments; everything else (binary frames, CONNECT, DISCONNECT, other
+  Engine.IO packets) is returned to that loop as before, so arrival order holds.
   Engine.IO's read deadline (``ping_interval + ping_timeout``) restarts only when
   its loop gets a message, so a read hands messages inline only during the first half of
   that deadline; past it, the next message goes through the loop (and the lean path from
@@ -256,10 +253,7 @@ def _tracking_driver(base: type, server: DeviceServer) -> type:
             started = time.monotonic()
             while True:
                 data = (await out.receive()).data
-                kind = type(data)
-                if kind is str and await server._read_inline(owner, data, started):
-                    continue
-                if kind is bytes and await server._read_attachment(owner, data, started):
+                if type(data) is str and await server._read_inline(owner, data, started):
                     continue
                 if not isinstance(data, bytes | str):
                     raise OSError()  # as the driver's own wait: the connection ended
@@ -318,8 +312,6 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
         #: not take, binary packets' headers) handled the library's way in the websocket
         #: driver's read, never reaching Engine.IO's read loop.
         self.library_read_inline = 0
-        #: Binary attachments among them.
-        self.attachments_read_inline = 0
         #: Engine.IO PONGs handled in the websocket driver's read (with the ping sweeper).
         self.pongs_inline = 0
         #: The ping sweeper's PINGs written straight to an idle websocket (lean path).
@@ -420,7 +412,10 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
             data[:1] != MESSAGE
             or data[1:2] not in _READ_INLINE_TYPES
             or len(data) > self.eio.max_http_buffer_size
-            or not self._readable(socket)
+            or not getattr(socket, "upgraded", False)
+            or getattr(socket, "upgrading", True)
+            or getattr(socket, "closing", True)
+            or getattr(socket, "closed", True)
         ):
             return False
         eio_sid = getattr(socket, "sid", None)
@@ -446,38 +441,6 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
         except Exception:
             self.eio.logger.exception("message async handler error")
         return True
-
-    async def _read_attachment(self, socket: Any, data: bytes, started: float) -> bool:
-        """Handle a websocket binary message of ``socket`` (a binary packet's attachment,
-        while its connection collects them) the library's way inside the driver's read, as
-        :meth:`_read_inline` does text; False (before doing anything) to return it to
-        Engine.IO's read loop."""
-        eio_sid = getattr(socket, "sid", None)
-        if (
-            time.monotonic() - started >= self._inline_window
-            or not isinstance(eio_sid, str)
-            or eio_sid not in self._binary_packet
-            or len(data) > self.eio.max_http_buffer_size
-            or not self._readable(socket)
-        ):
-            return False
-        self.library_read_inline += 1
-        self.attachments_read_inline += 1
-        try:
-            await super()._handle_eio_message(eio_sid, data)
-        except Exception:
-            self.eio.logger.exception("message async handler error")
-        return True
-
-    @staticmethod
-    def _readable(socket: Any) -> bool:
-        """Whether Engine.IO ``socket`` is upgraded, not upgrading, closing or closed."""
-        return bool(
-            getattr(socket, "upgraded", False)
-            and not getattr(socket, "upgrading", True)
-            and not getattr(socket, "closing", True)
-            and not getattr(socket, "closed", True)
-        )
 
     async def _handle_lean(self, eio_sid: str, data: str, ack_id: int, start: int) -> bool:
         """Handle a matched packet; False (before doing anything) to leave it to the library."""

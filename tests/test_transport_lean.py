@@ -6,7 +6,6 @@ it relies on is missing."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import time
@@ -552,33 +551,3 @@ def test_a_frame_is_queued_not_written_straight_while_its_transport_holds_unsent
     assert answers == [{"ok": True, "received": 0, "complete": False}] * len(answers)
     assert while_unsent == 0  # every ack queued, and each still arrived
     assert after >= 1  # nothing unsent: written straight again
-
-
-def test_a_binary_packet_and_its_attachment_are_read_in_the_driver_s_read(
-    tmp_path: Path,
-) -> None:
-    """A ``blob:chunk`` (its header a text message, its bytes a binary one): both handled
-    in the websocket driver's read, the library's way, and answered as the library does
-    (the chunk held, the blob complete)."""
-    data = bytes(range(256)) * 8
-
-    async def scenario(url: str, sio: DeviceServer) -> tuple[Any, int]:
-        dev = ScriptedDevice(url, name="chunks")
-        assert (await dev.join())["ok"] is True
-        before = sio.attachments_read_inline
-        try:
-            chunk = {
-                "blobId": "b1",
-                "offset": 0,
-                "total": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(),
-                "data": data,
-            }
-            return await dev.call("blob:chunk", chunk), sio.attachments_read_inline - before
-        finally:
-            await dev.sio.eio.disconnect(abort=True)
-
-    with running_server(tmp_path, min_clients=5) as srv:
-        answer, read = run_devices(scenario(srv.url, srv.server.sio))
-        assert answer == {"ok": True, "received": len(data), "complete": True}
-        assert read == 1
