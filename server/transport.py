@@ -84,14 +84,8 @@ Contract:
   websocket driver (replaced by a subclass, see below) hands each text message it reads
   to :meth:`DeviceServer._read_inline`, which handles a matched one right there and reads
   on, without returning it to Engine.IO's read loop (no task, timer and packet decode per
-  message there); any other text message carrying a Socket.IO EVENT, ACK (the answer to
-  one of the server's calls, e.g. ``training:start``'s), BINARY_EVENT or BINARY_ACK header
-  is handled right there too, the library's way (python-socketio's
-  ``_handle_eio_message``, what Engine.IO's loop would call; counted in
-  :attr:`DeviceServer.library_read_inline`), unless the connection is collecting a
-  binary packet's attachments; everything else (binary frames, CONNECT, DISCONNECT, other
-  Engine.IO packets) is returned to that loop as before, so arrival order holds.
-  Engine.IO's read deadline (``ping_interval + ping_timeout``) restarts only when
+  message there); any other message is returned to that loop as before, so arrival order
+  holds. Engine.IO's read deadline (``ping_interval + ping_timeout``) restarts only when
   its loop gets a message, so a read hands messages inline only during the first half of
   that deadline; past it, the next message goes through the loop (and the lean path from
   there). A connection is thus still dropped at most ``ping_interval + ping_timeout``
@@ -194,11 +188,10 @@ def transport_timing(heartbeat_interval: float) -> TransportTiming:
 
 _HOOKS = ("_handle_event", "_handle_event_internal")
 
+#: How a websocket text message carrying a Socket.IO EVENT starts (Engine.IO MESSAGE, 2).
+_ENGINEIO_EVENT = MESSAGE + "2"
 #: An Engine.IO PONG, as a websocket text message.
 _ENGINEIO_PONG = "3"
-#: Socket.IO packet types a websocket text message may carry to be handled in the
-#: driver's read (EVENT, ACK, BINARY_EVENT, BINARY_ACK; not CONNECT or DISCONNECT).
-_READ_INLINE_TYPES = frozenset("2356")
 
 #: The private names the lean path relies on (python-socketio's and python-engineio's),
 #: checked once at construction; a public name's absence would fail just as loudly.
@@ -308,10 +301,6 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
         #: Events of the lean path handled in the websocket driver's read, never reaching
         #: Engine.IO's read loop (a part of ``lean_handled``).
         self.read_inline = 0
-        #: Other Socket.IO packets (acks of the server's calls, events the lean path does
-        #: not take, binary packets' headers) handled the library's way in the websocket
-        #: driver's read, never reaching Engine.IO's read loop.
-        self.library_read_inline = 0
         #: Engine.IO PONGs handled in the websocket driver's read (with the ping sweeper).
         self.pongs_inline = 0
         #: The ping sweeper's PINGs written straight to an idle websocket (lean path).
@@ -409,8 +398,7 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
             self.pongs_inline += 1
             return True
         if (
-            data[:1] != MESSAGE
-            or data[1:2] not in _READ_INLINE_TYPES
+            not data.startswith(_ENGINEIO_EVENT)
             or len(data) > self.eio.max_http_buffer_size
             or not getattr(socket, "upgraded", False)
             or getattr(socket, "upgrading", True)
@@ -423,24 +411,16 @@ class DeviceServer(socketio.AsyncServer):  # type: ignore[misc]
             return False
         message = data[1:]
         match = match_acked_event(message, self._lean_prefixes)
-        if match is not None:
-            try:
-                handled = await self._handle_lean(eio_sid, message, *match)
-            except Exception:  # as Engine.IO's read loop: log it and read on
-                log.exception("bug while handling a message from %s", eio_sid)
-                return True
-            if handled:
-                self.read_inline += 1
-                return True
-        # What Engine.IO's loop does with it (async_handlers off: python-socketio's
-        # dispatch, awaited; a failure logged by Engine.IO's logger in its words), without
-        # that loop's task, timer and packet decode per message.
-        self.library_read_inline += 1
+        if match is None:
+            return False
         try:
-            await super()._handle_eio_message(eio_sid, message)
-        except Exception:
-            self.eio.logger.exception("message async handler error")
-        return True
+            handled = await self._handle_lean(eio_sid, message, *match)
+        except Exception:  # as Engine.IO's read loop: log it and read on
+            log.exception("bug while handling a message from %s", eio_sid)
+            return True
+        if handled:
+            self.read_inline += 1
+        return handled
 
     async def _handle_lean(self, eio_sid: str, data: str, ack_id: int, start: int) -> bool:
         """Handle a matched packet; False (before doing anything) to leave it to the library."""
