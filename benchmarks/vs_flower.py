@@ -19,6 +19,11 @@ aggregation. For each model size (``--sizes``, in MB of float32: 100 = ~25M floa
   once with ``python -m venv`` and ``pip install`` (PyPI) under
   ``~/.cache/fedtray-bench/flwr-venv`` (``--flower-venv``); fedtray's stays clean.
 
+fedtray's packages are byte-compiled first (``compileall``, as an install is: pip compiles
+what it installs, Flower's virtual environment included), so a client's start-up does not
+depend on which modules an earlier run left compiled (``PYTHONDONTWRITEBYTECODE`` keeps an
+interpreter from writing them itself).
+
 Each run does ``--rounds`` rounds. Reported per system (medians over the pairs; the
 definitions are in :mod:`benchmarks.round_figures`): steady and first-round seconds per
 round, client start to registered and to the first update submitted (fedtray: the server
@@ -35,6 +40,7 @@ after each run. ``--json PATH`` also writes every trial.
 from __future__ import annotations
 
 import argparse
+import compileall
 import contextlib
 import json
 import math
@@ -482,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     except (BenchError, OSError, subprocess.TimeoutExpired) as exc:
         print(f"error: Flower is not available: {exc}", file=sys.stderr)
         return 1
+    for package in ("client", "server"):
+        compileall.compile_dir(ROOT / package, quiet=1)
     trials: dict[str, dict[str, list[Trial]]] = {}
     work = Path(tempfile.mkdtemp(prefix="fedtray-vs-flower-"))
     keep = args.keep
