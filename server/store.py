@@ -18,11 +18,10 @@ The server's own path to a new version shares the fsyncs instead (two one after 
 not four): :meth:`Store.place_weights` / :meth:`Store.place_optimizer` write a version's
 files under their names *without* fsync (no ``history.json`` names them yet: a torn one
 after a power cut is never read, and is replaced when that version is saved again), and
-:meth:`Store.commit_version` makes them the saved state: side by side the fsyncs of the
-placed files and then of the state directory (their renames; one after the other in one
-helper thread) and of ``history.json``'s temporary file (written first); only then
-``history.json`` is renamed and the directory fsynced again. So ``history.json`` never
-names a file whose bytes or name are not durable.
+:meth:`Store.commit_version` makes them the saved state: side by side the fsync of each
+placed file, of ``history.json``'s temporary file (written first) and of the state
+directory (their renames); only then ``history.json`` is renamed and the directory
+fsynced again. So ``history.json`` never names a file whose bytes or name are not durable.
 ``history.json``'s records are serialized by pydantic (a non-finite float is written as
 ``null``, read back as None).
 A server optimizer's state (FedAvgM's momentum, FedAdam's moments) is saved beside the
@@ -230,8 +229,7 @@ class Store:
     ) -> None:
         """Make the files :meth:`place_weights` / :meth:`place_optimizer` wrote the saved
         state: ``history.json``'s temporary file written, then side by side the fsyncs
-        of the placed files and then of the state directory (one helper thread) and of
-        that temporary file; then
+        of the placed files, of that temporary file and of the state directory; then
         ``history.json`` renamed and the directory fsynced (module docstring); then the
         older versions' files removed. Raises OSError (no temporary file left behind)."""
         meta = _meta(
@@ -356,35 +354,26 @@ class HistoryJson:
         return b"[\n" + b",\n".join(parts) + b"\n]"
 
 
-#: The helper thread of the fsyncs run side by side (an fsync waits on the disk, not the
-#: CPU); one version is committed at a time (GlobalModel's history lock).
-_SYNCS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="store-fsync")
+#: Threads for fsyncs run side by side (an fsync waits on the disk, not the CPU).
+_SYNCS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="store-fsync")
 
 
 def _fsync_side_by_side(files: list[Path], directory: Path) -> None:
-    """fsync the last of ``files`` (in this thread) side by side with the others and then
-    ``directory`` (one after the other, in one helper thread: one hand-off; on a
-    journalling file system such as ext4 the first fsync commits the journal for the ones
-    after it); raises the first OSError (after every fsync has ended, so none is left
-    running)."""
-    helper = _SYNCS.submit(_fsync_in_turn, files[:-1], directory)
+    """fsync ``files`` and ``directory`` at the same time; raises the first OSError (after
+    every fsync has ended, so none is left running)."""
+    futures = [_SYNCS.submit(fsync_file, path) for path in files[1:]]
+    futures.append(_SYNCS.submit(_fsync_dir_strict, directory))
     errors: list[BaseException] = []
     try:
-        fsync_file(files[-1])
+        fsync_file(files[0])
     except OSError as exc:
         errors.append(exc)
-    failed = helper.exception()
-    if failed is not None:
-        errors.insert(0, failed)
+    for future in futures:
+        failed = future.exception()
+        if failed is not None:
+            errors.append(failed)
     if errors:
         raise errors[0]
-
-
-def _fsync_in_turn(files: list[Path], directory: Path) -> None:
-    """fsync ``files`` then ``directory``, one after the other."""
-    for path in files:
-        fsync_file(path)
-    _fsync_dir_strict(directory)
 
 
 def _fsync_dir_strict(directory: Path) -> None:
