@@ -122,9 +122,7 @@ class UpdateIntake:
                             metrics=dict(sub.metrics),
                         )
                         try:
-                            name = commits.place(
-                                device_id, incoming, slot, snapshot, round_id=rnd.round_id
-                            )
+                            name = commits.place(device_id, incoming, slot, snapshot)
                         except OSError as exc:
                             log.error("cannot save the update of %s: %s", record.name, exc)
                             raise unsaved from None

@@ -4,12 +4,13 @@ Contract: :class:`RoundCommits` makes an accepted update durable -- its bytes, i
 ``round/`` and a ``round.json`` naming it -- before the server acknowledges it, with as
 few fsyncs one after the other as that order allows, and one commit for every update
 that is ready at the same time. Owned by the server's event loop; a commit's file work
-runs in one thread hop (with one helper thread of a small pool of its own for the fsyncs
-it runs side by side), so a commit costs the loop one hand-off, not one per file.
+runs in one thread hop (its fsyncs side by side on a small pool of its own), so a commit
+costs the loop one hand-off, not one per file.
 
 * :meth:`RoundCommits.place` (on the loop, under the coordinator's aggregation lock) renames
-  a checked incoming file to its device's update file (no fsync) and notes its slot (the
-  commit that holds it fsyncs its bytes). A device has at most one placed update:
+  a checked incoming file to its device's update file (no fsync), notes its slot, and
+  starts the fsync of its bytes at once (on the commits' pool: no hop back to the loop;
+  the commit that holds it waits for it). A device has at most one placed update:
   :meth:`RoundCommits.placed` is the one in flight (wait for it, then check again).
 * :meth:`RoundCommits.commit` returns once a ``round.json`` naming that update is durable;
   raises :class:`OSError` when the commit holding it failed (the update is then
@@ -18,17 +19,13 @@ it runs side by side), so a commit costs the loop one hand-off, not one per file
   while one runs shares the next. A commit takes the round as ``snapshot()`` gives it
   (its counted reports) plus every placed update, and does, in this order:
 
-  1. side by side: the fsync of each placed update's bytes then of ``round/`` (their
-     renames), one after the other in one helper thread, and ``round.json``'s temporary
-     file written and fsynced;
+  1. side by side: the fsync of each placed update's bytes, the fsync of ``round/`` (their
+     renames), and ``round.json``'s temporary file written and fsynced;
   2. the temporary file renamed to ``round.json``, then the state directory fsynced.
 
   So ``round.json`` never names an update whose bytes or name are not durable (a restart
-  would discard the whole saved round), and a commit costs two waits on the disk one
-  after the other, whatever the number of updates in it (on a journalling file system
-  such as ext4 the first fsync of step 1 commits the journal for the ones after it, which
-  then return at once; measured here, one helper thread for them costs no more wall time
-  than one thread per fsync, and less CPU: two thread hand-offs per commit in all).
+  would discard the whole saved round), and a commit costs two fsyncs one after the other,
+  whatever the number of updates in it.
 * :meth:`RoundCommits.settle` ends a placed update's life here once the round counted it
   (``snapshot()`` includes it from then on) or gave it up.
 * :meth:`RoundCommits.idle` returns once no commit runs or waits: a new round's files are
@@ -53,33 +50,24 @@ from server.roundstore import RoundStore, SavedRound, SavedSlot
 __all__ = ["RoundCommits"]
 
 
-#: The helper thread of a commit's fsyncs run side by side with its round.json (an fsync
-#: waits on the disk, not the CPU); one commit runs at a time.
-_SYNCS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="round-fsync")
+#: Threads for a commit's fsyncs run side by side (an fsync waits on the disk, not the CPU).
+_SYNCS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="round-fsync")
 
 
-def _sync_updates(store: RoundStore, updates: list[Path]) -> None:
-    """fsync each update's bytes, then ``round/`` (their names), one after the other."""
-    for path in updates:
-        fsync_file(path)
-    store.sync_round_dir()
-
-
-def _commit(store: RoundStore, saved: SavedRound, updates: list[Path]) -> None:
-    """One commit, blocking (module docstring): side by side the fsyncs of the updates'
-    bytes and then of ``round/`` (in one helper thread: one hand-off per commit, and on a
-    journalling file system the first fsync makes the others cheap) and ``round.json``'s
+def _commit(store: RoundStore, saved: SavedRound, updates: list[Future[None]]) -> None:
+    """One commit, blocking (module docstring): side by side the fsync of each update's
+    bytes (``updates``, started when each was placed), of ``round/`` and ``round.json``'s
     temporary file written and fsynced (in this thread); then, only when all of them
     succeeded, that file installed. Every fsync is waited for before leaving, even when
     one fails; a sync failure is raised first."""
-    syncs: Future[None] = _SYNCS.submit(_sync_updates, store, updates)
+    syncs = [*updates, _SYNCS.submit(store.sync_round_dir)]
     staged: Path | None = None
     stage_error: BaseException | None = None
     try:
         staged = store.stage(saved)
     except BaseException as exc:  # raised below, once every fsync has ended
         stage_error = exc
-    failed = syncs.exception()
+    failed = next((e for e in (f.exception() for f in syncs) if e is not None), None)
     if failed is not None:
         if staged is not None:
             with contextlib.suppress(OSError):
@@ -95,7 +83,7 @@ def _commit(store: RoundStore, saved: SavedRound, updates: list[Path]) -> None:
 class _Placed:
     round_id: str
     slot: SavedSlot
-    path: Path  # its update file (fsynced by the commit that holds it)
+    synced: Future[None]  # the fsync of its bytes (on _SYNCS)
     done: asyncio.Future[None]  # settled (counted, given up or failed)
     snapshot: Callable[[], SavedRound]
 
@@ -120,20 +108,18 @@ class RoundCommits:
         incoming: Path,
         slot: SavedSlot,
         snapshot: Callable[[], SavedRound],
-        round_id: str | None = None,
     ) -> str:
-        """Rename ``incoming`` to the device's update file (its fsync is the commit's);
-        the file name. ``slot`` is its ``round.json`` entry (its ``update_file`` is set
-        here); ``snapshot()`` the open round as counted so far (``round_id``: its id, when
-        the caller knows it, saves building one). Raises OSError (nothing placed)."""
+        """Rename ``incoming`` to the device's update file and start its fsync; the file
+        name. ``slot`` is its ``round.json`` entry (its ``update_file`` is set here);
+        ``snapshot()`` the open round as counted so far. Raises OSError (nothing placed)."""
         if device_id in self._placed:
             raise RuntimeError(f"an update of {device_id} is being committed already")
         name = self._store.place_update(device_id, incoming)
         loop = asyncio.get_running_loop()
         self._placed[device_id] = _Placed(
-            round_id=snapshot().round_id if round_id is None else round_id,
+            round_id=snapshot().round_id,
             slot=slot.model_copy(update={"update_file": name, "reported": True}),
-            path=self._store.update_path(name),
+            synced=_SYNCS.submit(fsync_file, self._store.update_path(name)),
             done=loop.create_future(),
             snapshot=snapshot,
         )
@@ -189,4 +175,4 @@ class RoundCommits:
             if entry.round_id != saved.round_id:
                 raise RuntimeError("updates of two rounds in one commit")
             saved.slots[device_id] = entry.slot
-        await asyncio.to_thread(_commit, self._store, saved, [e.path for e in batch.values()])
+        await asyncio.to_thread(_commit, self._store, saved, [e.synced for e in batch.values()])
