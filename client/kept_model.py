@@ -300,6 +300,13 @@ def data_partition(job: TaskJob) -> Partition | None:
     return job.partition
 
 
+def _stale_base(of: str) -> FedtrayError:
+    """The refusal of a base file that is no longer the one the job names."""
+    return FedtrayError(
+        "stale_base", f"the base weights file changed: it is no longer the base of {of}"
+    )
+
+
 def read_base(job: BaseJob, of: str) -> tuple[bytes | mmap.mmap, str]:
     """The base file's bytes (a read-only map of the file: the page cache's own pages, no
     copy; the caller closes it) and SHA-256, hashed only when its identity is not vouched
@@ -308,10 +315,7 @@ def read_base(job: BaseJob, of: str) -> tuple[bytes | mmap.mmap, str]:
     files are never rewritten in place (each version has its own file), so the map
     stays what was opened."""
     assert job.base_weights_path is not None
-    stale = FedtrayError(
-        "stale_base",
-        f"the base weights file changed: it is no longer the base of {of}",
-    )
+    stale = _stale_base(of)
     try:
         with job.base_weights_path.open("rb") as fh:
             # The identity of the file opened, so a replace after this cannot slip in.
@@ -410,10 +414,7 @@ def _read_into(job: BaseJob, of: str, layout: Layout, targets: dict[str, npt.NDA
     its identity, length and header checked against ``layout`` first (nothing is written
     before that), then its values, as read (module docstring)."""
     assert job.base_weights_path is not None
-    stale = FedtrayError(
-        "stale_base",
-        f"the base weights file changed: it is no longer the base of {of}",
-    )
+    stale = _stale_base(of)
     try:
         with job.base_weights_path.open("rb") as fh:
             fd = fh.fileno()
