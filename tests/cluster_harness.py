@@ -155,7 +155,8 @@ def pid_of_local_port(port: int) -> int | None:
         with contextlib.suppress(OSError), open(table) as fh:
             for line in list(fh)[1:]:
                 cols = line.split()
-                if int(cols[1].rsplit(":", 1)[1], 16) == port:
+                # A closed socket lingering on the same port (TIME_WAIT) has no inode.
+                if int(cols[1].rsplit(":", 1)[1], 16) == port and cols[9] != "0":
                     inode = cols[9]
                     break
         if inode is not None:

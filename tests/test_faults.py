@@ -55,6 +55,7 @@ from tests.device_info import quick_device_info
 from tests.server_harness import (
     REPO_ROOT,
     HolderDevice,
+    ProcessHandle,
     ScriptedDevice,
     ServerHandle,
     run_devices,
@@ -399,15 +400,18 @@ def test_an_update_accepted_before_a_server_kill_still_counts_after_the_restart(
     a = ScriptedDevice("", name="a")
     b = ScriptedDevice("", name="b")
 
-    async def first_half(url: str) -> tuple[str, StateDict]:
+    async def first_half(server: ProcessHandle) -> tuple[str, StateDict]:
         for device in (a, b):
-            device.url = url
+            device.url = server.url
             await device.join()
         await a.until(lambda: bool(a.starts) and bool(b.starts), 30, "both devices started")
         start = a.starts[0]
         base = a.weights[0]
         ack = await a.submit(start["roundId"], 0, _filled(base, 1.0), num_samples=1)
         assert ack["ok"] is True and ack["received"] == 1, ack
+        # Killed while both are connected: b's slot is never freed by a disconnect, so the
+        # round (1 report needed) cannot complete before the kill.
+        server.kill()
         return str(start["roundId"]), base
 
     async def second_half(url: str, round_id: str, base: StateDict) -> dict[str, Any]:
@@ -426,8 +430,7 @@ def test_an_update_accepted_before_a_server_kill_still_counts_after_the_restart(
 
     with server_process(tmp_path, *args) as first:
         port = first.port
-        round_id, base = run_devices(first_half(first.url))
-        first.kill()
+        round_id, base = run_devices(first_half(first))
     with server_process(tmp_path, *args, "--port", str(port)) as second:
         new_global = run_devices(second_half(second.url, round_id, base))
         status = second.wait_for(lambda st: bool(st["history"]), 30, "the round's record")
