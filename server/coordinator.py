@@ -95,7 +95,7 @@ from server.document import IN_PLACE_MIN_BYTES, blank_document, data_bytes
 from server.evaluation import EvaluationQueue, Metrics
 from server.fedeval import FederatedEvaluation
 from server.globalmodel import GlobalModel, Prepared
-from server.intake import UpdateIntake, runs_inline
+from server.intake import UpdateIntake, aggregate_runs_inline
 from server.model import Evaluator, ModelEvaluator
 from server.phase import PhaseMachine
 from server.registry import DeviceRecord, Registry
@@ -104,9 +104,8 @@ from server.roundfiles import RoundFiles
 from server.rounds import Round, abandon_detail, awaiting_return, drop_stale, select_devices
 from server.roundstore import RoundStore
 from server.starter import RoundStarter, StrayTraining
-from server.status import RoundRecord, RoundTiming, abandoned_record
+from server.status import abandoned_record, completed_record
 from server.strategies import Aggregate, FileUpdates, Strategy
-from server.strategies.optimizers import Plain
 from server.taskfile import PackageTask
 
 log = logging.getLogger(__name__)
@@ -116,17 +115,6 @@ TestData = tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
-
-
-def aggregate_runs_inline(model_bytes: int, strategy: Strategy, reported: int) -> bool:
-    """Whether a round's aggregate is computed on the event loop: a small model
-    (:func:`server.intake.runs_inline`), read once (not again per kept update, as the
-    robust rules do), with no server optimizer state (several times the model's bytes in
-    float64, encoded, hashed and written with the new global). Pure."""
-    if not isinstance(strategy.optimizer, Plain):
-        return False
-    passes = reported + 1 if strategy.reads_kept_updates else 1
-    return runs_inline(model_bytes, passes)
 
 
 class RoundCoordinator:
@@ -535,21 +523,11 @@ class RoundCoordinator:
                 if slot.state == "reported" and "trainLoss" in slot.metrics
             ]
         )
-        seconds = time.monotonic() - rnd.started_at
-        now = time.time()
-        timing = RoundTiming(opened_at=now - seconds, collected_at=collected_at, aggregated_at=now)
-        record = RoundRecord(
-            round_id=rnd.round_id,
-            number=rnd.number,
-            outcome="completed",
-            version=version,
-            clients_selected=len(rnd.slots),
-            clients_reported=len(rnd.reported),
-            train_loss=train_loss,
-            seconds=round(seconds, 3),
-            finished_at=now,
-            timing=timing,
+        record = completed_record(
+            rnd, version, train_loss, collected_at, time.monotonic(), time.time()
         )
+        timing = record.timing
+        assert timing is not None
         # Persist first, then publish: a version anyone has seen survives a crash. Its
         # bytes go to the devices meanwhile, all but the last chunk (Distributor.presend):
         # no device completes it, nothing names it, before its save is over.
@@ -578,7 +556,7 @@ class RoundCoordinator:
             len(rnd.slots),
             len(rnd.reported),
             _fmt(train_loss),
-            seconds,
+            record.seconds,
             self._model.version,
         )
         if self._test_data is not None:

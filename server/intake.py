@@ -39,6 +39,7 @@ from server.restore import saved_round_of
 from server.roundfiles import RoundFiles
 from server.roundstore import RoundStore, SavedRound, SavedSlot
 from server.strategies import Strategy
+from server.strategies.optimizers import Plain
 
 log = logging.getLogger("server.coordinator")
 
@@ -52,6 +53,17 @@ def runs_inline(nbytes: int, passes: int = 1) -> bool:
     """Whether work over ``nbytes`` bytes, ``passes`` times over, is done on the event loop
     (at most :data:`INLINE_WORK_BYTES` in all) rather than in a worker thread. Pure."""
     return nbytes * max(1, passes) <= INLINE_WORK_BYTES
+
+
+def aggregate_runs_inline(model_bytes: int, strategy: Strategy, reported: int) -> bool:
+    """Whether a round's aggregate is computed on the event loop: a small model
+    (:func:`runs_inline`), read once (not again per kept update, as the
+    robust rules do), with no server optimizer state (several times the model's bytes in
+    float64, encoded, hashed and written with the new global). Pure."""
+    if not isinstance(strategy.optimizer, Plain):
+        return False
+    passes = reported + 1 if strategy.reads_kept_updates else 1
+    return runs_inline(model_bytes, passes)
 
 
 def unsaved_error() -> FedtrayError:

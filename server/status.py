@@ -283,15 +283,48 @@ def abandoned_record(
     rnd: Round, version: int, detail: str, now_mono: float, now_unix: float
 ) -> RoundRecord:
     """The history record of ``rnd``, given up at ``now`` with ``version`` still current."""
+    return _round_record(rnd, "abandoned", version, now_mono, now_unix, detail=detail)
+
+
+def completed_record(
+    rnd: Round,
+    version: int,
+    train_loss: float | None,
+    collected_at: float,
+    now_mono: float,
+    now_unix: float,
+) -> RoundRecord:
+    """The history record of ``rnd``, aggregated into ``version`` at ``now`` (its updates
+    all in at Unix time ``collected_at``); ``timing.publishedAt`` is the caller's to set."""
+    opened_at = now_unix - (now_mono - rnd.started_at)
+    timing = RoundTiming(opened_at=opened_at, collected_at=collected_at, aggregated_at=now_unix)
+    return _round_record(
+        rnd, "completed", version, now_mono, now_unix, train_loss=train_loss, timing=timing
+    )
+
+
+def _round_record(
+    rnd: Round,
+    outcome: Literal["completed", "abandoned"],
+    version: int,
+    now_mono: float,
+    now_unix: float,
+    *,
+    train_loss: float | None = None,
+    detail: str | None = None,
+    timing: RoundTiming | None = None,
+) -> RoundRecord:
+    extra = {} if detail is None else {"detail": detail}
     return RoundRecord(
         round_id=rnd.round_id,
         number=rnd.number,
-        outcome="abandoned",
+        outcome=outcome,
         version=version,
         clients_selected=len(rnd.slots),
         clients_reported=len(rnd.reported),
-        train_loss=None,
+        train_loss=train_loss,
         seconds=round(now_mono - rnd.started_at, 3),
         finished_at=now_unix,
-        detail=detail,
+        timing=timing,
+        **extra,
     )

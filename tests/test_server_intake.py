@@ -28,8 +28,7 @@ from client.weights import (
     sha256_hex,
 )
 from server.aggregation import FedAvg
-from server.coordinator import aggregate_runs_inline
-from server.intake import INLINE_WORK_BYTES, _land, land_checked, runs_inline
+from server.intake import INLINE_WORK_BYTES, _land, aggregate_runs_inline, land_checked, runs_inline
 from server.roundstore import ROUND_DIR, RoundStore
 from server.strategies import build_strategy
 from server.strategies.settings import StrategySettings

@@ -366,3 +366,42 @@ def test_the_record_of_an_abandoned_round() -> None:
         "detail": "b dropped (disconnected)",
         "timing": None,
     }
+
+
+def test_the_record_of_a_completed_round() -> None:
+    from server.rounds import Round
+    from server.status import completed_record
+
+    rnd = Round.open(
+        round_id="r4-1-x",
+        number=4,
+        attempt=1,
+        base_version=3,
+        selected=["a", "b"],
+        now=100.0,
+        timeout=60.0,
+        required=2,
+    )
+    rnd.record_report("a", 10, {})
+    rnd.record_report("b", 5, {})
+    record = completed_record(rnd, 4, 0.25, 1_800_000_001.5, 102.5, 1_800_000_002.0)
+    assert record.timing is not None
+    assert record.timing.model_dump() == {
+        "opened_at": 1_799_999_999.5,  # 2.5 s before now
+        "collected_at": 1_800_000_001.5,
+        "aggregated_at": 1_800_000_002.0,
+        "published_at": None,
+    }
+    assert record.model_dump() == {
+        **record.model_dump(),
+        "round_id": "r4-1-x",
+        "number": 4,
+        "outcome": "completed",
+        "version": 4,
+        "clients_selected": 2,
+        "clients_reported": 2,
+        "train_loss": 0.25,
+        "seconds": 2.5,
+        "finished_at": 1_800_000_002.0,
+        "detail": None,
+    }
