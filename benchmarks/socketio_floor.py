@@ -1,134 +1,427 @@
-"""What a federated round costs on bare python-socketio: the floor under fedtray's round.
+"""The floor under fedtray's round: the same messages over bare python-socketio, against Flower.
 
-Run ``python -m benchmarks.socketio_floor`` (defaults: 100,000 float32 = 0.4 MB, 3 clients,
-100 rounds). One server process (python-socketio's ``AsyncServer`` on aiohttp, uvloop) and
-``--clients`` client processes (``AsyncClient``, websocket), all on loopback. Each round the
-server calls ``train`` on every client with the weights as one binary attachment; each
-client adds a constant with numpy, acks, and emits ``submit`` with its weights; once every
-client has submitted, the server averages them with numpy and the round ends. It prints the
-median and 10th percentile s/round over rounds 2.. and the loadavg.
+Run ``python -m benchmarks.socketio_floor`` (``--sizes``, ``--rounds``, ``--pairs``,
+``--variants``, ``--skip-flower``; ``--help``). Everything stays on loopback (127.0.0.1),
+in a temporary directory, and stops by itself: every run has a ``--timeout``, and every
+process is in its own process group, stopped on every way out.
 
-Why: ``benchmarks.vs_flower`` compares fedtray's round with Flower's; this shows how much of
-either is the transport itself: no files, no fsyncs, no validation, no worker process, no
-logging -- only what any Socket.IO round has to do. Nothing is written; the clients are
-killed at the end; stops by itself.
+What it answers: how fast could a round of issue 15's workload be with fedtray's wire
+protocol and architecture, before any of fedtray's own code runs? It plays the round of
+``benchmarks.vs_flower`` (3 clients + 1 server, each its own process; the model's floats
+of the chosen size; a trivial fit) with nothing but what the architecture fixes, in three
+variants, each the one before plus one fixed part:
+
+* ``bare``: the wire only -- python-socketio over aiohttp on uvloop, as fedtray's server
+  and client run it; per device and round exactly fedtray's messages: ``training:start``
+  carrying the global as a binary attachment and its ack, ``weights:submit`` carrying the
+  update and its ack. The server averages the updates with numpy. No checks, no disk.
+* ``worker``: + the torch-free session's training process: each client hands the global
+  to its own child process over a pipe and gets the update back (the child copies it).
+* ``durable``: + the promises fedtray keeps (issue 15; ``docs/architecture.md``, "What is
+  fsynced and why"), at their cheapest: SHA-256 of every blob on both ends, every blob's
+  floats checked finite before use (the whole of weight validation here), the global
+  written (not fsynced: it can be fetched again) and the update fsynced on the client
+  before it is submitted, each update fsynced on the server before its ack, each new
+  global fsynced before the next round starts.
+
+Flower's side is ``benchmarks.vs_flower``'s (the same virtual environment and arrays).
+Reported per variant: steady s/round and CPU ms per steady round (server, largest client,
+all processes; :mod:`benchmarks.round_figures`), as ratios to Flower's in the same run,
+with ``/proc/loadavg`` before and after each run. This module's own roles (``server``,
+``client``, ``child``) are what the driver starts; they import only python-socketio,
+aiohttp, numpy and the standard library (no fedtray code).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing as mp
+import hashlib
+import json
+import multiprocessing
 import os
-import statistics
+import signal
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Coroutine
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import socketio
-from aiohttp import web
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.round_figures import Trial, flower_trial
+from benchmarks.vs_flower import (
+    CLIENTS,
+    BenchError,
+    RssSampler,
+    _check_alive,
+    _children,
+    _deadline_check,
+    _env,
+    _free_port,
+    _listening,
+    _sizes,
+    _start,
+    default_flower_venv,
+    ensure_flower,
+    floats_of,
+    loadavg,
+    run_flower,
+    shapes_for,
+    size_label,
+)
 
-from server.serving import loop_factory
-
-#: Longest wait for the clients to connect, and for any one round (seconds).
-JOIN_TIMEOUT_S = 120.0
-ROUND_TIMEOUT_S = 120.0
+VARIANTS = ("bare", "worker", "durable")
+POLL_S = 0.1
+MAX_MESSAGE = 512 * 1024 * 1024
 
 
-def _client_main(port: int) -> None:
-    async def run() -> None:
-        sio = socketio.AsyncClient()
+def _run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Runs ``main`` on uvloop where installed, as fedtray's server and session do."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main())
+    else:
+        uvloop.run(main())
 
-        @sio.on("train")  # type: ignore[misc]
-        async def train(data: bytes) -> dict[str, bool]:
-            trained = np.frombuffer(data, dtype=np.float32) + np.float32(0.001)
-            asyncio.get_running_loop().create_task(sio.emit("submit", trained.tobytes()))
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with path.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# -- the roles -------------------------------------------------------------------------------
+
+
+def serve(port: int, rounds: int, floats: int, variant: str, out: Path, work: Path) -> None:
+    """The server role: waits for CLIENTS registrations, runs ``rounds`` rounds, writes
+    flower_side's record (``registered``, ``opened``, ``aggregated``) to ``out``."""
+    import numpy as np
+    import socketio
+    from aiohttp import web
+
+    durable = variant == "durable"
+    record: dict[str, Any] = {"registered": [], "opened": {}, "aggregated": {}}
+
+    async def main() -> None:
+        sio = socketio.AsyncServer(async_mode="aiohttp", max_http_buffer_size=MAX_MESSAGE)
+        app = web.Application(client_max_size=MAX_MESSAGE)
+        sio.attach(app)
+        devices: list[str] = []
+        joined = asyncio.Event()
+        updates: list[Any] = []
+        collected = asyncio.Event()
+        current = {"round": 0}
+
+        @sio.on("device:register")  # type: ignore[misc]
+        async def register(sid: str, _data: Any) -> dict[str, Any]:
+            devices.append(sid)
+            record["registered"].append(time.time())
+            if len(devices) == CLIENTS:
+                joined.set()
             return {"ok": True}
 
-        await sio.connect(f"http://127.0.0.1:{port}", transports=["websocket"])
-        await sio.wait()
+        @sio.on("weights:submit")  # type: ignore[misc]
+        async def submit(sid: str, data: dict[str, Any]) -> dict[str, Any]:
+            blob = data["weights"]
+            if data["round"] != current["round"] or len(blob) != 4 * floats:
+                return {"ok": False}
+            if durable:
+                if hashlib.sha256(blob).hexdigest() != data["sha256"]:
+                    return {"ok": False}
+                _write_synced(work / f"update-{sid}", blob)
+            update = np.frombuffer(blob, dtype=np.float32)
+            if durable and not np.isfinite(update).all():
+                return {"ok": False}
+            updates.append(update)
+            if len(updates) == CLIENTS:
+                collected.set()
+            return {"ok": True}
 
-    with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        runner.run(run())
-
-
-async def rounds(params: int, clients: int, count: int) -> list[float]:
-    """Seconds of each of ``count`` rounds with ``clients`` clients and ``params`` floats."""
-    sio = socketio.AsyncServer(async_mode="aiohttp", max_http_buffer_size=1 << 30)
-    app = web.Application()
-    sio.attach(app)
-    sids: list[str] = []
-    got: list[np.ndarray[Any, Any]] = []
-    changed = asyncio.Event()
-
-    @sio.on("connect")  # type: ignore[misc]
-    async def connect(sid: str, environ: dict[str, Any]) -> None:
-        sids.append(sid)
-        changed.set()
-
-    @sio.on("submit")  # type: ignore[misc]
-    async def submit(sid: str, data: bytes) -> None:
-        got.append(np.frombuffer(data, dtype=np.float32))
-        changed.set()
-
-    async def until(predicate: Any, timeout: float) -> None:
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                changed.clear()
-                await changed.wait()
-
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_client_main, args=(port,), daemon=True) for _ in range(clients)]
-    for proc in procs:
-        proc.start()
-    try:
-        await until(lambda: len(sids) >= clients, JOIN_TIMEOUT_S)
-        weights = np.zeros(params, np.float32)
-        times: list[float] = []
-        for _ in range(count):
-            started = time.perf_counter()
-            got.clear()
-            data = weights.tobytes()
-            await asyncio.gather(*(sio.call("train", data, to=sid) for sid in sids))
-            await until(lambda: len(got) >= clients, ROUND_TIMEOUT_S)
-            weights = np.mean(got, axis=0, dtype=np.float32)
-            times.append(time.perf_counter() - started)
-        return times
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.join(5)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        await joined.wait()
+        weights = np.zeros(floats, dtype=np.float32)
+        for number in range(1, rounds + 1):
+            current["round"] = number
+            updates.clear()
+            collected.clear()
+            record["opened"][number] = time.time()
+            blob = weights.tobytes()
+            start = {"round": number, "weights": blob}
+            if durable:
+                start["sha256"] = hashlib.sha256(blob).hexdigest()
+            acks = await asyncio.gather(
+                *(sio.call("training:start", start, to=sid, timeout=60) for sid in devices)
+            )
+            if not all(ack.get("ok") for ack in acks):
+                raise RuntimeError(f"round {number}: a device refused training:start")
+            await collected.wait()
+            weights = np.mean(np.stack(updates), axis=0, dtype=np.float32)
+            if durable:
+                _write_synced(work / "global", weights.tobytes())
+            record["aggregated"][number] = time.time()
+        out.write_text(json.dumps(record), encoding="utf-8")
         await runner.cleanup()
+
+    _run(main)
+
+
+def child(conn: Connection) -> None:
+    """The training process of the ``worker`` variants: a global in, an update out."""
+    import numpy as np
+
+    while True:
+        try:
+            blob = conn.recv_bytes()
+        except EOFError:
+            return
+        conn.send_bytes(np.frombuffer(blob, dtype=np.float32).copy().tobytes())
+
+
+def _exchange(conn: Connection, blob: bytes) -> bytes:
+    conn.send_bytes(blob)
+    return conn.recv_bytes()
+
+
+def client(url: str, variant: str, work: Path) -> None:
+    """The client role: registers, then answers every ``training:start`` and submits."""
+    import numpy as np
+    import socketio
+
+    durable = variant == "durable"
+    conn: Connection | None = None
+    if variant != "bare":
+        ctx = multiprocessing.get_context("spawn")  # fedtray's training process is spawned
+        conn, theirs = ctx.Pipe()
+        ctx.Process(target=child, args=(theirs,), daemon=True).start()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        sio = socketio.AsyncClient(reconnection=False)
+        done = asyncio.Event()
+        training: set[asyncio.Task[None]] = set()
+
+        async def train(number: int, blob: bytes) -> None:
+            if conn is None:
+                update = blob
+            else:
+                # One blocking exchange in a helper thread: a pipe's write of a whole
+                # global blocks until the child reads it.
+                update = await loop.run_in_executor(None, _exchange, conn, blob)
+            submit: dict[str, Any] = {"round": number, "weights": update}
+            if durable:
+                _write_synced(work / "update", update)
+                submit["sha256"] = hashlib.sha256(update).hexdigest()
+            ack = await sio.call("weights:submit", submit, timeout=60)
+            if not ack.get("ok"):
+                raise RuntimeError(f"round {number}: update refused")
+
+        @sio.on("training:start")  # type: ignore[misc]
+        async def start(data: dict[str, Any]) -> dict[str, Any]:
+            blob = data["weights"]
+            if durable:  # held, not fsynced: fetched again after a power cut
+                if hashlib.sha256(blob).hexdigest() != data["sha256"]:
+                    return {"ok": False}
+                if not np.isfinite(np.frombuffer(blob, dtype=np.float32)).all():
+                    return {"ok": False}
+                (work / "global").write_bytes(blob)
+            task = loop.create_task(train(data["round"], blob))
+            training.add(task)
+            task.add_done_callback(training.discard)
+            return {"ok": True}
+
+        @sio.event  # type: ignore[misc]
+        async def disconnect(*_args: Any) -> None:
+            done.set()
+
+        await sio.connect(url, transports=["websocket"])
+        await sio.call("device:register", {"name": work.name}, timeout=60)
+        await done.wait()
+
+    _run(main)
+
+
+# -- the driver ------------------------------------------------------------------------------
+
+
+def _role(*args: str) -> list[str]:
+    return [sys.executable, "-m", "benchmarks.socketio_floor", "--role", *args]
+
+
+def run_floor(variant: str, size_mb: float, rounds: int, work: Path, timeout: float) -> Trial:
+    """One run of ``variant``: its figures as a :class:`Trial` (flower_trial's reading of
+    the same record; no per-client fit times, so no first-update figure)."""
+    deadline = time.monotonic() + timeout
+    port = _free_port()
+    record = work / "server.json"
+    floats = floats_of(shapes_for(size_mb))
+    load_before = loadavg()
+    with _children() as children, RssSampler() as rss:
+        cmd = _role("server", "--port", str(port), "--rounds", str(rounds))
+        cmd += ["--floats", str(floats), "--variant", variant, "--out", str(record)]
+        cmd += ["--work", str(work)]
+        server = _start("server", cmd, work / "server.log", _env(None))
+        children.append(server)
+        rss.watch("server", server.proc.pid)
+        while not _listening(port):
+            _check_alive(children, f"{variant} server start")
+            _deadline_check(deadline, f"{variant} server start")
+            time.sleep(POLL_S)
+        starts: list[float] = []
+        for i in range(1, CLIENTS + 1):
+            home = work / f"client-{i}"
+            home.mkdir()
+            cmd = _role("client", "--url", f"http://127.0.0.1:{port}", "--variant", variant)
+            starts.append(time.time())
+            cmd += ["--work", str(home)]
+            child_proc = _start(f"client-{i}", cmd, home / "log", _env(None))
+            children.append(child_proc)
+            rss.watch(child_proc.name, child_proc.proc.pid)
+        while server.proc.poll() is None:
+            if not record.exists():  # the clients leave once the server is done
+                _check_alive(children[1:], f"{variant} run")
+            _deadline_check(deadline, f"{variant} run")
+            time.sleep(POLL_S)
+        if server.proc.returncode != 0 or not record.exists():
+            raise BenchError(f"the {variant} server failed: {server.tail(5).strip()}")
+        fits: list[list[dict[str, Any]]] = [[] for _ in starts]
+        trial = flower_trial(json.loads(record.read_text(encoding="utf-8")), fits, starts)
+    trial.system = variant
+    trial.cpu_ms = rss.cpu_ms(trial.ends)
+    trial.load = f"{load_before} -> {loadavg()}"
+    return trial
+
+
+def _median(values: list[float]) -> float | None:
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def summary(label: str, trials: dict[str, list[Trial]]) -> list[str]:
+    """The table of one size: medians per system, and each as a ratio to Flower's."""
+
+    def med(system: str, pick: Callable[[Trial], float | None]) -> float | None:
+        return _median([v for t in trials.get(system, []) if (v := pick(t)) is not None])
+
+    rows = [
+        ("steady s/round", lambda t: t.steady_s, ".4f"),
+        ("CPU ms/round server", lambda t: t.cpu_ms.get("server"), ".1f"),
+        ("CPU ms/round largest client", lambda t: t.cpu_ms.get("client"), ".1f"),
+        ("CPU ms/round all", lambda t: t.cpu_ms.get("total"), ".1f"),
+    ]
+    systems = [s for s in (*VARIANTS, "Flower") if trials.get(s)]
+    lines = [f"## {label}", "", "| figure (median) | " + " | ".join(systems) + " |"]
+    lines.append("|---|" + "---:|" * len(systems))
+    for name, pick, spec in rows:
+        base = med("Flower", pick)
+        cells = []
+        for system in systems:
+            value = med(system, pick)
+            cell = "-" if value is None else format(value, spec)
+            if value is not None and base and system != "Flower":
+                cell += f" ({value / base:.2f}×)"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.socketio_floor",
+        description=__doc__.splitlines()[0] if __doc__ else None,
+    )
+    p.add_argument("--sizes", type=_sizes, default=[0.4], help="MB (default: 0.4)")
+    p.add_argument("--rounds", type=int, default=200, help="rounds per run (default: 200)")
+    p.add_argument("--pairs", type=int, default=3, help="interleaved repeats (default: 3)")
+    p.add_argument(
+        "--variants",
+        type=lambda text: [v for v in text.split(",") if v],
+        default=list(VARIANTS),
+        help="comma-separated, of " + ",".join(VARIANTS) + " (default: all)",
+    )
+    p.add_argument("--skip-flower", action="store_true", help="the variants only")
+    p.add_argument(
+        "--flower-venv", type=Path, default=None, help=f"default: {default_flower_venv()}"
+    )
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per run (default: 300)")
+    # The roles the driver starts.
+    p.add_argument("--role", choices=("server", "client"), help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--url", help=argparse.SUPPRESS)
+    p.add_argument("--floats", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    p.add_argument("--params", type=int, default=100_000, help="float32 weights (0.4 MB)")
-    p.add_argument("--clients", type=int, default=3, help="client processes")
-    p.add_argument("--rounds", type=int, default=100, help="rounds (the first is not counted)")
-    args = p.parse_args(argv)
-    if args.rounds < 2 or args.clients < 1 or args.params < 1:
-        p.error("needs --rounds >= 2, --clients >= 1, --params >= 1")
-    with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        times = sorted(runner.run(rounds(args.params, args.clients, args.rounds))[1:])
-    mb = args.params * 4 / 1e6
-    print(
-        f"bare python-socketio round, {args.clients} clients, {mb:.1f} MB each way: "
-        f"median {statistics.median(times):.4f} s/round, "
-        f"p10 {times[len(times) // 10]:.4f} s over {len(times)} rounds; "
-        f"loadavg {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
-    )
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.role == "server":
+        serve(args.port, args.rounds, args.floats, args.variant, args.out, args.work)
+        return 0
+    if args.role == "client":
+        client(args.url, args.variant, args.work)
+        return 0
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown or not args.variants:
+        parser.error(f"--variants takes some of {','.join(VARIANTS)}; got {unknown}")
+    if args.rounds < 2 or args.pairs < 1 or args.timeout <= 0:
+        parser.error("--rounds must be at least 2, --pairs at least 1, --timeout positive")
+    print(f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}; loadavg {loadavg()}")
+    try:
+        python = (
+            None if args.skip_flower else ensure_flower(args.flower_venv or default_flower_venv())
+        )
+    except (BenchError, OSError) as exc:
+        print(f"error: Flower is not available: {exc}", file=sys.stderr)
+        return 1
+    results: dict[str, dict[str, list[Trial]]] = {}
+    with tempfile.TemporaryDirectory(prefix="fedtray-floor-") as tmp:
+        try:
+            for pair in range(args.pairs):
+                for size in args.sizes:
+                    label = size_label(size)
+                    systems = [*args.variants, *([] if python is None else ["Flower"])]
+                    if pair % 2:
+                        systems.reverse()
+                    for system in systems:
+                        run_dir = Path(tmp) / f"{label}-{pair + 1}-{system}"
+                        run_dir.mkdir()
+                        if system == "Flower":
+                            assert python is not None
+                            trial = run_flower(python, size, args.rounds, run_dir, args.timeout)
+                        else:
+                            trial = run_floor(system, size, args.rounds, run_dir, args.timeout)
+                        results.setdefault(label, {}).setdefault(system, []).append(trial)
+                        steady = "-" if trial.steady_s is None else f"{trial.steady_s:.4f}"
+                        print(
+                            f"pair {pair + 1} {label} {system:<8} steady {steady} s/round, "
+                            f"CPU ms/round {trial.cpu_ms}, loadavg {trial.load}",
+                            flush=True,
+                        )
+        except BenchError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    for label, trials in results.items():
+        print()
+        print("\n".join(summary(label, trials)))
+    print(f"\nloadavg at the end {loadavg()}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

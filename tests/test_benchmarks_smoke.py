@@ -319,11 +319,38 @@ def test_server_capacity_scaling_smoke(capsys: pytest.CaptureFixture[str]) -> No
     assert re.search(r"^capacity --workers 2 / --workers 1: \d+\.\d\dx", out, re.M), out
 
 
-# Slow: it spawns client processes (no torch).
+# Slow: it spawns a server and client processes (no torch).
 @pytest.mark.slow
 def test_socketio_floor_smoke(capsys: pytest.CaptureFixture[str]) -> None:
-    assert socketio_floor.main(["--params", "1000", "--clients", "2", "--rounds", "3"]) == 0
+    # "durable" includes "worker"'s training processes: the two cover every code path.
+    argv = ["--sizes", "0.01", "--rounds", "4", "--pairs", "1", "--skip-flower"]
+    assert socketio_floor.main([*argv, "--variants", "bare,durable"]) == 0
     out = capsys.readouterr().out
-    assert re.search(
-        r"^bare python-socketio round, 2 clients, .* median \d+\.\d{4} s/round", out, re.M
-    )
+    for variant in ("bare", "durable"):
+        assert re.search(rf"^pair 1 0.01MB {variant} +steady \d+\.\d{{4}} s/round", out, re.M), out
+    assert re.search(r"^\| steady s/round \| \d+\.\d{4} \| \d+\.\d{4} \|$", out, re.M), out
+
+
+def test_socketio_floor_summary_is_a_ratio_to_flower() -> None:
+    def trial(system: str, steady: float, server_ms: float) -> round_figures.Trial:
+        return round_figures.Trial(
+            system=system,
+            first_round_s=1.0,
+            steady_s=steady,
+            register_s=None,
+            first_update_s=None,
+            cpu_ms={"server": server_ms, "client": 1.0, "total": 4 * server_ms},
+        )
+
+    trials = {
+        "bare": [trial("bare", 0.003, 2.0), trial("bare", 0.005, 4.0), trial("bare", 0.004, 3.0)],
+        "Flower": [trial("Flower", 0.010, 8.0), trial("Flower", 0.006, 4.0)],
+    }
+    lines = socketio_floor.summary("0.4MB", trials)
+    assert lines[2] == "| figure (median) | bare | Flower |"
+    # Medians: bare 0.004 s and 3.0 ms; Flower 0.008 s and 6.0 ms (the mean of the middle two).
+    assert lines[4] == "| steady s/round | 0.0040 (0.50×) | 0.0080 |"
+    assert lines[5] == "| CPU ms/round server | 3.0 (0.50×) | 6.0 |"
+    # Without Flower's figures there is no ratio.
+    alone = socketio_floor.summary("0.4MB", {"worker": [trial("worker", 0.004, 3.0)]})
+    assert alone[4] == "| steady s/round | 0.0040 |"
