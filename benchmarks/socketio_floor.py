@@ -17,12 +17,14 @@ variants, each the one before plus one fixed part:
   update and its ack. The server averages the updates with numpy. No checks, no disk.
 * ``worker``: + the torch-free session's training process: each client hands the global
   to its own child process over a pipe and gets the update back (the child copies it).
-* ``durable``: + the promises fedtray keeps (issue 15; ``docs/architecture.md``, "What is
-  fsynced and why"), at their cheapest: SHA-256 of every blob on both ends, every blob's
-  floats checked finite before use (the whole of weight validation here), the global
-  written (not fsynced: it can be fetched again) and the update fsynced on the client
-  before it is submitted, each update fsynced on the server before its ack, each new
-  global fsynced before the next round starts.
+* ``checked``: + the integrity promises and the files, at their cheapest: SHA-256 of every
+  blob on both ends, every blob's floats checked finite before use (the whole of weight
+  validation here), the global and the update written on the client, each update and each
+  new global written on the server -- but nothing fsynced.
+* ``durable``: + the fsyncs fedtray promises (issue 15; ``docs/architecture.md``, "What is
+  fsynced and why"): the update on the client before it is submitted (not the global: it
+  can be fetched again), each update on the server before its ack, each new global before
+  the next round starts.
 
 Flower's side is ``benchmarks.vs_flower``'s (the same virtual environment and arrays).
 Reported per variant: steady s/round and CPU ms per steady round (server, largest client,
@@ -74,7 +76,7 @@ from benchmarks.vs_flower import (
     size_label,
 )
 
-VARIANTS = ("bare", "worker", "durable")
+VARIANTS = ("bare", "worker", "checked", "durable")
 POLL_S = 0.1
 MAX_MESSAGE = 512 * 1024 * 1024
 
@@ -89,11 +91,12 @@ def _run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
         uvloop.run(main())
 
 
-def _write_synced(path: Path, data: bytes) -> None:
+def _write(path: Path, data: bytes, synced: bool) -> None:
     with path.open("wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if synced:
+            f.flush()
+            os.fsync(f.fileno())
 
 
 # -- the roles -------------------------------------------------------------------------------
@@ -106,7 +109,7 @@ def serve(port: int, rounds: int, floats: int, variant: str, out: Path, work: Pa
     import socketio
     from aiohttp import web
 
-    durable = variant == "durable"
+    checked, synced = variant in ("checked", "durable"), variant == "durable"
     record: dict[str, Any] = {"registered": [], "opened": {}, "aggregated": {}}
 
     async def main() -> None:
@@ -132,12 +135,12 @@ def serve(port: int, rounds: int, floats: int, variant: str, out: Path, work: Pa
             blob = data["weights"]
             if data["round"] != current["round"] or len(blob) != 4 * floats:
                 return {"ok": False}
-            if durable:
+            if checked:
                 if hashlib.sha256(blob).hexdigest() != data["sha256"]:
                     return {"ok": False}
-                _write_synced(work / f"update-{sid}", blob)
+                _write(work / f"update-{sid}", blob, synced)
             update = np.frombuffer(blob, dtype=np.float32)
-            if durable and not np.isfinite(update).all():
+            if checked and not np.isfinite(update).all():
                 return {"ok": False}
             updates.append(update)
             if len(updates) == CLIENTS:
@@ -156,7 +159,7 @@ def serve(port: int, rounds: int, floats: int, variant: str, out: Path, work: Pa
             record["opened"][number] = time.time()
             blob = weights.tobytes()
             start = {"round": number, "weights": blob}
-            if durable:
+            if checked:
                 start["sha256"] = hashlib.sha256(blob).hexdigest()
             acks = await asyncio.gather(
                 *(sio.call("training:start", start, to=sid, timeout=60) for sid in devices)
@@ -165,8 +168,8 @@ def serve(port: int, rounds: int, floats: int, variant: str, out: Path, work: Pa
                 raise RuntimeError(f"round {number}: a device refused training:start")
             await collected.wait()
             weights = np.mean(np.stack(updates), axis=0, dtype=np.float32)
-            if durable:
-                _write_synced(work / "global", weights.tobytes())
+            if checked:
+                _write(work / "global", weights.tobytes(), synced)
             record["aggregated"][number] = time.time()
         out.write_text(json.dumps(record), encoding="utf-8")
         await runner.cleanup()
@@ -196,7 +199,7 @@ def client(url: str, variant: str, work: Path) -> None:
     import numpy as np
     import socketio
 
-    durable = variant == "durable"
+    checked, synced = variant in ("checked", "durable"), variant == "durable"
     conn: Connection | None = None
     if variant != "bare":
         ctx = multiprocessing.get_context("spawn")  # fedtray's training process is spawned
@@ -217,8 +220,8 @@ def client(url: str, variant: str, work: Path) -> None:
                 # global blocks until the child reads it.
                 update = await loop.run_in_executor(None, _exchange, conn, blob)
             submit: dict[str, Any] = {"round": number, "weights": update}
-            if durable:
-                _write_synced(work / "update", update)
+            if checked:
+                _write(work / "update", update, synced)
                 submit["sha256"] = hashlib.sha256(update).hexdigest()
             ack = await sio.call("weights:submit", submit, timeout=60)
             if not ack.get("ok"):
@@ -227,12 +230,12 @@ def client(url: str, variant: str, work: Path) -> None:
         @sio.on("training:start")  # type: ignore[misc]
         async def start(data: dict[str, Any]) -> dict[str, Any]:
             blob = data["weights"]
-            if durable:  # held, not fsynced: fetched again after a power cut
+            if checked:  # never fsynced: it can be fetched again after a power cut
                 if hashlib.sha256(blob).hexdigest() != data["sha256"]:
                     return {"ok": False}
                 if not np.isfinite(np.frombuffer(blob, dtype=np.float32)).all():
                     return {"ok": False}
-                (work / "global").write_bytes(blob)
+                _write(work / "global", blob, synced=False)
             task = loop.create_task(train(data["round"], blob))
             training.add(task)
             task.add_done_callback(training.discard)
