@@ -115,6 +115,7 @@ from client.kept_model import (
     BuiltModel,
     KeptModel,
     TaskLoader,
+    cpu_arrays,
     data_partition,
     load_base,
     resolve_task,
@@ -133,6 +134,7 @@ from client.train_memory import (
     free_accelerator_memory,
     is_out_of_memory,
 )
+from client.train_metrics import mode_free, train_accuracy
 from client.weights import encode_parts
 from client.worker_messages import (
     DEFAULT_CHECKPOINT_INTERVAL,
@@ -254,9 +256,11 @@ class LocalTrainer:
         files = JobFiles.of(job)
         # FedProx: the round's base, taken before a checkpoint's weights are restored.
         anchor = proximal_anchor(model, job.proximal_mu)
-        model.zero_grad(set_to_none=True)
-        model.train()
+        # Over every parameter of the model: its zero_grad is the model's (set to None).
         optimizer = make_optimizer(model.parameters(), job.config)
+        optimizer.zero_grad()
+        if not all(m.training for m in model.modules()):  # a kept model is in train mode
+            model.train()
 
         position = self._resume(job, files, fingerprint, model, optimizer, device)
         # A fresh job's model starts as the base file: its first epoch is retried (after
@@ -324,17 +328,19 @@ class LocalTrainer:
             files.discard_checkpoint()
             raise
 
-        model.zero_grad(set_to_none=True)  # the kept model holds no gradients between jobs
-        evaluation = task.evaluate(model, x_np, y_np)
+        optimizer.zero_grad()  # the kept model holds no gradients between jobs
+        if built.mode_free is None:
+            built.mode_free = mode_free(model)
+        accuracy = train_accuracy(task, model, (x_np, y_np, x, y), direct=built.mode_free)
         # Written and hashed from the model's own tensors (no copy of the document).
-        pieces = encode_parts(model_state(model))
+        pieces = encode_parts(cpu_arrays(built) or model_state(model))
         digest = files.write_output(pieces)
         size = sum(memoryview(p).nbytes for p in pieces)
         del pieces
         files.discard_checkpoint()
         metrics = {
             "trainLoss": position.last_epoch_loss,
-            "trainAccuracy": float(evaluation.get("accuracy", math.nan)),
+            "trainAccuracy": accuracy,
             "seconds": position.train_seconds,
             "batchSize": float(position.batch_size),
         }
