@@ -92,14 +92,12 @@ in :mod:`client.optimizers`; this module runs the loop over them. Its names
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import numpy as np
 import psutil
 
 from client.checkpoint import (
@@ -124,6 +122,7 @@ from client.kept_model import (
 from client.optimizers import Optimizer, make_optimizer, state_slots
 from client.protocol import TrainingConfig
 from client.proximal import ProximalAnchor, proximal_anchor
+from client.seeding import epoch_seed
 from client.tasks import get_task
 from client.tasks.base import Task, model_state
 from client.train_memory import (
@@ -182,16 +181,6 @@ FREE_MEMORY_TTL_S = 1.0
 
 #: The ``epoch`` argument of :func:`epoch_seed` that seeds torch's global RNG (dropout).
 MODEL_RNG_STREAM = 1 << 32
-
-
-@functools.lru_cache(maxsize=256)
-def epoch_seed(seed: int, partition_index: int, epoch: int) -> int:
-    """The shuffle seed of one epoch, mixed by numpy's SeedSequence (fits torch's uint64);
-    pure, so remembered for the next rounds."""
-    state = np.random.SeedSequence([seed, partition_index, epoch]).generate_state(
-        1, dtype=np.uint64
-    )
-    return int(state[0])
 
 
 class LocalTrainer:
