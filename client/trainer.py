@@ -75,18 +75,24 @@ Contract:
   model is its base file's weights, so a retry loads that file again, checked as the
   first load was (``stale_base`` if it is no longer there: the device has since held two
   newer globals). The effective batch size is reported.
+* The result's ``trainAccuracy`` is the task's ``evaluate`` accuracy of the trained
+  model on its training data (:func:`client.train_metrics.train_accuracy`: the same
+  value computed directly, without the loss or mode switches, for a task with
+  :class:`~client.tasks.base.Task`'s own ``evaluate`` and a mode-free model).
 * The trained state dict (:func:`client.tasks.base.model_state`: every tensor in its own
-  dtype) is written as safetensors to ``job.output_path`` atomically: readers see the old
-  file or the whole new one; its size and SHA-256 (hashed as written) are in the
-  :class:`TrainResult`. Every file write and delete goes through
-  :class:`client.workfiles.JobFiles`.
+  dtype; for a CPU model the kept arrays over its memory,
+  :func:`client.kept_model.cpu_arrays`) is written as safetensors to ``job.output_path``
+  atomically: readers see the old file or the whole new one; its size and SHA-256
+  (hashed as written) are in the :class:`TrainResult`. Every file write and delete goes
+  through :class:`client.workfiles.JobFiles`.
 
 Its parts: the checkpoint format and :class:`client.checkpoint.Position` live in
 :mod:`client.checkpoint`, the batch-size cap and the out-of-memory retry in
 :mod:`client.train_memory`, the kept model, the task resolution and the base file in
 :mod:`client.kept_model`, federated evaluation in :mod:`client.evaluation`, the optimizers
-in :mod:`client.optimizers`; this module runs the loop over them. Its names
-(``cap_batch_size``, ``is_out_of_memory``, ``DEFAULT_MEMORY_SAFETY``, ``resolve_task``,
+in :mod:`client.optimizers`, ``trainAccuracy`` in :mod:`client.train_metrics`, the epoch
+seeds (:func:`epoch_seed`) in :mod:`client.seeding`; this module runs the loop over them.
+Its names (``cap_batch_size``, ``is_out_of_memory``, ``DEFAULT_MEMORY_SAFETY``, ``resolve_task``,
 ``data_partition``, the seam's job types) stay importable from here.
 """
 
