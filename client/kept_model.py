@@ -45,6 +45,9 @@ Contract (torch is imported only inside functions; the training worker is the on
   are checked as read (NaN/Inf: ``non_finite``, bool bytes), so a file refused for them
   leaves the model holding them, which no job uses: every job loads its base whole (or
   builds a fresh model) before it trains or evaluates.
+* :func:`cpu_arrays` is a kept CPU model's state as numpy arrays over the model's own
+  memory (what the base is read into, and what an update is written from), made once
+  per built model and re-checked at every call (each tensor's dtype, shape and address).
 """
 
 from __future__ import annotations
@@ -92,6 +95,7 @@ __all__ = [
     "TaskJob",
     "TaskLoader",
     "TrainData",
+    "cpu_arrays",
     "data_partition",
     "load_base",
     "model_key",
@@ -157,6 +161,12 @@ class BuiltModel:
     sizes: tuple[int, int] | None = None
     #: Whether torch's load_state_dict is a plain copy for this model (:func:`load_base`).
     plain: bool | None = None
+    #: Whether the model's output is the same in train and eval mode
+    #: (:func:`client.train_metrics.mode_free`), once asked.
+    mode_free: bool | None = None
+    #: :func:`cpu_arrays`' last answer: per state-dict name, the tensor's dtype, address
+    #: and shape then, and the array over its memory.
+    arrays: dict[str, tuple[torch.dtype, int, tuple[int, ...], npt.NDArray[Any]]] | None = None
 
 
 def _loads_plainly(model: torch.nn.Module) -> bool:
@@ -350,7 +360,7 @@ def load_base(built: BuiltModel, job: BaseJob, of: str) -> str:
     if built.plain is None:
         built.plain = _loads_plainly(built.model)
     if built.plain and job.base_identity is not None and job.base_sha256 is not None:
-        arrays = _cpu_targets(built.model)
+        arrays = _cpu_targets(built)
         if arrays is not None:
             _read_into(job, of, built.layout, arrays)
             return job.base_sha256
@@ -391,22 +401,52 @@ def _iov_max() -> int:
 
 _IOV_MAX = _iov_max()
 
+#: Bytes of a base file read first: its header's length and (mostly) the header itself;
+#: a longer header is read on. The header check reads only the header out of it.
+_HEAD_READ = 4096
 
-def _cpu_targets(model: torch.nn.Module) -> dict[str, npt.NDArray[Any]] | None:
-    """The model's state-dict tensors as writable numpy arrays over their own memory, or
-    ``None`` when one cannot be read into directly (not on the CPU, not dense, a dtype
-    numpy lacks) or this OS cannot read into several buffers at once."""
-    if not hasattr(os, "preadv") or sys.byteorder != "little":
-        return None
-    targets: dict[str, npt.NDArray[Any]] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
+
+def cpu_arrays(built: BuiltModel) -> dict[str, npt.NDArray[Any]] | None:
+    """The model's state-dict tensors as writable numpy arrays over their own memory (the
+    arrays :func:`client.tasks.base.model_state` gives for a dense CPU model), or ``None``
+    when one is not a dense tensor on the CPU of a dtype numpy has. Made once and given
+    again while every tensor of the state dict is still of that dtype and shape at that
+    address (checked at every call, so the arrays are always over the model's memory)."""
+    tensors = built.model.state_dict(keep_vars=True)
+    kept = built.arrays
+    if kept is not None and kept.keys() == tensors.keys():
+        for name, (dtype, address, shape, _arr) in kept.items():
+            tensor = tensors[name]
+            if not (
+                tensor.dtype == dtype
+                and tensor.data_ptr() == address
+                and tensor.shape == shape
+                and tensor.device.type == "cpu"
+                and tensor.is_contiguous()
+            ):
+                break
+        else:
+            return {name: entry[3] for name, entry in kept.items()}
+    built.arrays = None
+    made: dict[str, tuple[torch.dtype, int, tuple[int, ...], npt.NDArray[Any]]] = {}
+    for name, tensor in tensors.items():
         if tensor.device.type != "cpu" or not tensor.is_contiguous():
             return None
         try:
-            targets[name] = tensor.detach().numpy()
+            arr = tensor.detach().numpy()
         except (TypeError, RuntimeError):
             return None
-    return targets
+        made[name] = (tensor.dtype, tensor.data_ptr(), tuple(tensor.shape), arr)
+    built.arrays = made
+    return {name: entry[3] for name, entry in made.items()}
+
+
+def _cpu_targets(built: BuiltModel) -> dict[str, npt.NDArray[Any]] | None:
+    """:func:`cpu_arrays`, or ``None`` when this OS cannot read into several buffers at
+    once."""
+    if not hasattr(os, "preadv") or sys.byteorder != "little":
+        return None
+    return cpu_arrays(built)
 
 
 def _read_into(job: BaseJob, of: str, layout: Layout, targets: dict[str, npt.NDArray[Any]]) -> None:
@@ -414,31 +454,39 @@ def _read_into(job: BaseJob, of: str, layout: Layout, targets: dict[str, npt.NDA
     its identity, length and header checked against ``layout`` first (nothing is written
     before that), then its values, as read (module docstring)."""
     assert job.base_weights_path is not None
-    stale = _stale_base(of)
     try:
-        with job.base_weights_path.open("rb") as fh:
-            fd = fh.fileno()
-            if file_identity(fd) != job.base_identity:
-                raise stale
-            total = os.fstat(fd).st_size
-            head = os.pread(fd, _HEADER_LEN.size, 0)
-            if len(head) == _HEADER_LEN.size:
-                (header_len,) = _HEADER_LEN.unpack(head)
-                if header_len <= min(total - len(head), MAX_HEADER_BYTES):
-                    head += os.pread(fd, header_len, len(head))
-            entries, body_start = check_head(head, total, expected=layout)
-            buffers = []
-            for name, dtype, shape, _offset in sorted(entries, key=lambda e: e[3]):
-                target = targets[name]
-                if target.dtype != dtype or target.shape != shape:
-                    raise FedtrayError(
-                        "training_failed", f"the model's tensor {name!r} is not {dtype} {shape}"
-                    )
-                if target.nbytes:
-                    buffers.append(target.reshape(-1).view(np.uint8).data)
-            _pread_exactly(fd, buffers, body_start)
+        fd = os.open(job.base_weights_path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
     except OSError as exc:
         raise FedtrayError("training_failed", f"cannot read the base weights: {exc}") from exc
+    try:
+        identity = file_identity(fd)
+        if identity != job.base_identity:
+            raise _stale_base(of)
+        total = identity.size
+        # The length and, for any model's usual header, the whole header in one read.
+        head = os.pread(fd, _HEAD_READ, 0)
+        if len(head) >= _HEADER_LEN.size:
+            (header_len,) = _HEADER_LEN.unpack_from(head)
+            body_start = _HEADER_LEN.size + header_len
+            if len(head) < body_start and header_len <= min(
+                total - _HEADER_LEN.size, MAX_HEADER_BYTES
+            ):
+                head += os.pread(fd, body_start - len(head), len(head))
+        entries, body_start = check_head(head, total, expected=layout)
+        buffers = []
+        for name, dtype, shape, _offset in sorted(entries, key=lambda e: e[3]):
+            target = targets[name]
+            if target.dtype != dtype or target.shape != shape:
+                raise FedtrayError(
+                    "training_failed", f"the model's tensor {name!r} is not {dtype} {shape}"
+                )
+            if target.nbytes:
+                buffers.append(target.reshape(-1).view(np.uint8).data)
+        _pread_exactly(fd, buffers, body_start)
+    except OSError as exc:
+        raise FedtrayError("training_failed", f"cannot read the base weights: {exc}") from exc
+    finally:
+        os.close(fd)
     check_values(targets)
 
 

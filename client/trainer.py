@@ -75,31 +75,35 @@ Contract:
   model is its base file's weights, so a retry loads that file again, checked as the
   first load was (``stale_base`` if it is no longer there: the device has since held two
   newer globals). The effective batch size is reported.
+* The result's ``trainAccuracy`` is the task's ``evaluate`` accuracy of the trained
+  model on its training data (:func:`client.train_metrics.train_accuracy`: the same
+  value computed directly, without the loss or mode switches, for a task with
+  :class:`~client.tasks.base.Task`'s own ``evaluate`` and a mode-free model).
 * The trained state dict (:func:`client.tasks.base.model_state`: every tensor in its own
-  dtype) is written as safetensors to ``job.output_path`` atomically: readers see the old
-  file or the whole new one; its size and SHA-256 (hashed as written) are in the
-  :class:`TrainResult`. Every file write and delete goes through
-  :class:`client.workfiles.JobFiles`.
+  dtype; for a CPU model the kept arrays over its memory,
+  :func:`client.kept_model.cpu_arrays`) is written as safetensors to ``job.output_path``
+  atomically: readers see the old file or the whole new one; its size and SHA-256
+  (hashed as written) are in the :class:`TrainResult`. Every file write and delete goes
+  through :class:`client.workfiles.JobFiles`.
 
 Its parts: the checkpoint format and :class:`client.checkpoint.Position` live in
 :mod:`client.checkpoint`, the batch-size cap and the out-of-memory retry in
 :mod:`client.train_memory`, the kept model, the task resolution and the base file in
 :mod:`client.kept_model`, federated evaluation in :mod:`client.evaluation`, the optimizers
-in :mod:`client.optimizers`; this module runs the loop over them. Its names
-(``cap_batch_size``, ``is_out_of_memory``, ``DEFAULT_MEMORY_SAFETY``, ``resolve_task``,
+in :mod:`client.optimizers`, ``trainAccuracy`` in :mod:`client.train_metrics`, the epoch
+seeds (:func:`epoch_seed`) in :mod:`client.seeding`; this module runs the loop over them.
+Its names (``cap_batch_size``, ``is_out_of_memory``, ``DEFAULT_MEMORY_SAFETY``, ``resolve_task``,
 ``data_partition``, the seam's job types) stay importable from here.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import numpy as np
 import psutil
 
 from client.checkpoint import (
@@ -115,6 +119,7 @@ from client.kept_model import (
     BuiltModel,
     KeptModel,
     TaskLoader,
+    cpu_arrays,
     data_partition,
     load_base,
     resolve_task,
@@ -123,6 +128,7 @@ from client.kept_model import (
 from client.optimizers import Optimizer, make_optimizer, state_slots
 from client.protocol import TrainingConfig
 from client.proximal import ProximalAnchor, proximal_anchor
+from client.seeding import epoch_seed
 from client.tasks import get_task
 from client.tasks.base import Task, model_state
 from client.train_memory import (
@@ -133,6 +139,7 @@ from client.train_memory import (
     free_accelerator_memory,
     is_out_of_memory,
 )
+from client.train_metrics import mode_free, train_accuracy
 from client.weights import encode_parts
 from client.worker_messages import (
     DEFAULT_CHECKPOINT_INTERVAL,
@@ -180,16 +187,6 @@ FREE_MEMORY_TTL_S = 1.0
 
 #: The ``epoch`` argument of :func:`epoch_seed` that seeds torch's global RNG (dropout).
 MODEL_RNG_STREAM = 1 << 32
-
-
-@functools.lru_cache(maxsize=256)
-def epoch_seed(seed: int, partition_index: int, epoch: int) -> int:
-    """The shuffle seed of one epoch, mixed by numpy's SeedSequence (fits torch's uint64);
-    pure, so remembered for the next rounds."""
-    state = np.random.SeedSequence([seed, partition_index, epoch]).generate_state(
-        1, dtype=np.uint64
-    )
-    return int(state[0])
 
 
 class LocalTrainer:
@@ -254,9 +251,11 @@ class LocalTrainer:
         files = JobFiles.of(job)
         # FedProx: the round's base, taken before a checkpoint's weights are restored.
         anchor = proximal_anchor(model, job.proximal_mu)
-        model.zero_grad(set_to_none=True)
-        model.train()
+        # Over every parameter of the model: its zero_grad is the model's (set to None).
         optimizer = make_optimizer(model.parameters(), job.config)
+        optimizer.zero_grad()
+        if not all(m.training for m in model.modules()):  # a kept model is in train mode
+            model.train()
 
         position = self._resume(job, files, fingerprint, model, optimizer, device)
         # A fresh job's model starts as the base file: its first epoch is retried (after
@@ -324,17 +323,19 @@ class LocalTrainer:
             files.discard_checkpoint()
             raise
 
-        model.zero_grad(set_to_none=True)  # the kept model holds no gradients between jobs
-        evaluation = task.evaluate(model, x_np, y_np)
+        optimizer.zero_grad()  # the kept model holds no gradients between jobs
+        if built.mode_free is None:
+            built.mode_free = mode_free(model)
+        accuracy = train_accuracy(task, model, (x_np, y_np, x, y), direct=built.mode_free)
         # Written and hashed from the model's own tensors (no copy of the document).
-        pieces = encode_parts(model_state(model))
+        pieces = encode_parts(cpu_arrays(built) or model_state(model))
         digest = files.write_output(pieces)
         size = sum(memoryview(p).nbytes for p in pieces)
         del pieces
         files.discard_checkpoint()
         metrics = {
             "trainLoss": position.last_epoch_loss,
-            "trainAccuracy": float(evaluation.get("accuracy", math.nan)),
+            "trainAccuracy": accuracy,
             "seconds": position.train_seconds,
             "batchSize": float(position.batch_size),
         }

@@ -1,0 +1,78 @@
+"""The trained model's accuracy on its own training data (an update's ``trainAccuracy``).
+
+Contract (torch is imported only inside functions; the training worker is the one caller):
+
+* :func:`train_accuracy` is ``task.evaluate(model, x_np, y_np)["accuracy"]`` (``nan``
+  when the task reports none), the value the trainer has always reported.
+* :func:`mode_free` (pure over the model's module tree) says whether a model's output is
+  the same in train and eval mode and never writes into its input: every module is one
+  of :data:`PLAIN_MODULES` (exactly that type, not a subclass; ``ReLU`` only when not
+  in place). For such a model and a task that keeps :meth:`client.tasks.base.Task.evaluate`
+  (not overridden), the same accuracy is computed directly, bit for bit: the model's
+  output over the same batches (:data:`client.tasks.base.EVAL_BATCH` rows) of the kept
+  tensors ``x``/``y`` (the same values as the arrays), without gradients, without the
+  loss the trainer does not report, without switching the model's mode (it makes no
+  difference) and without copying the inputs (nothing writes into them). Any other task
+  or model is evaluated by ``task.evaluate``.
+* It never changes the model's parameters or mode, nor the data.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy.typing as npt
+
+from client.tasks.base import EVAL_BATCH, Task
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["PLAIN_MODULES", "mode_free", "train_accuracy"]
+
+#: torch.nn module class names whose output does not depend on train/eval mode and that
+#: never write into their input (``ReLU``: only with ``inplace=False``).
+PLAIN_MODULES: frozenset[str] = frozenset(
+    {"Sequential", "Linear", "ReLU", "Flatten", "Identity", "Tanh", "Sigmoid", "GELU"}
+)
+
+
+def mode_free(model: torch.nn.Module) -> bool:
+    """Whether every module of ``model`` is a plain one (module docstring)."""
+    from torch import nn
+
+    for module in model.modules():
+        kind = type(module)
+        if kind.__name__ not in PLAIN_MODULES or getattr(nn, kind.__name__, None) is not kind:
+            return False
+        if kind is nn.ReLU and module.inplace:
+            return False
+    return True
+
+
+def train_accuracy(
+    task: Task,
+    model: torch.nn.Module,
+    data: tuple[npt.NDArray[Any], npt.NDArray[Any], torch.Tensor, torch.Tensor],
+    *,
+    direct: bool,
+) -> float:
+    """The accuracy of ``model`` on ``data`` (``(x_np, y_np, x, y)``: the arrays and the
+    tensors made from them, on the model's device); ``direct``: :func:`mode_free` holds
+    for ``model`` (the caller remembers it). Module docstring."""
+    x_np, y_np, x, y = data
+    if not direct or type(task).evaluate is not Task.evaluate:
+        return float(task.evaluate(model, x_np, y_np).get("accuracy", math.nan))
+    import torch
+
+    n = len(y)
+    if n == 0:
+        return math.nan
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, n, EVAL_BATCH):
+            logits = model(x[start : start + EVAL_BATCH])
+            labels = y[start : start + EVAL_BATCH].long()
+            correct += int((logits.argmax(dim=1) == labels).sum().item())
+    return correct / n
