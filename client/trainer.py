@@ -90,20 +90,22 @@ Its parts: the checkpoint format and :class:`client.checkpoint.Position` live in
 :mod:`client.checkpoint`, the batch-size cap and the out-of-memory retry in
 :mod:`client.train_memory`, the kept model, the task resolution and the base file in
 :mod:`client.kept_model`, federated evaluation in :mod:`client.evaluation`, the optimizers
-in :mod:`client.optimizers`, ``trainAccuracy`` in :mod:`client.train_metrics`, the epoch
-seeds (:func:`epoch_seed`) in :mod:`client.seeding`; this module runs the loop over them.
+in :mod:`client.optimizers`, ``trainAccuracy`` in :mod:`client.train_metrics`; this module
+runs the loop over them.
 Its names (``cap_batch_size``, ``is_out_of_memory``, ``DEFAULT_MEMORY_SAFETY``, ``resolve_task``,
 ``data_partition``, the seam's job types) stay importable from here.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import numpy as np
 import psutil
 
 from client.checkpoint import (
@@ -128,7 +130,6 @@ from client.kept_model import (
 from client.optimizers import Optimizer, make_optimizer, state_slots
 from client.protocol import TrainingConfig
 from client.proximal import ProximalAnchor, proximal_anchor
-from client.seeding import epoch_seed
 from client.tasks import get_task
 from client.tasks.base import Task, model_state
 from client.train_memory import (
@@ -187,6 +188,16 @@ FREE_MEMORY_TTL_S = 1.0
 
 #: The ``epoch`` argument of :func:`epoch_seed` that seeds torch's global RNG (dropout).
 MODEL_RNG_STREAM = 1 << 32
+
+
+@functools.lru_cache(maxsize=256)
+def epoch_seed(seed: int, partition_index: int, epoch: int) -> int:
+    """The shuffle seed of one epoch, mixed by numpy's SeedSequence (fits torch's uint64);
+    pure, so remembered for the next rounds."""
+    state = np.random.SeedSequence([seed, partition_index, epoch]).generate_state(
+        1, dtype=np.uint64
+    )
+    return int(state[0])
 
 
 class LocalTrainer:
