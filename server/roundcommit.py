@@ -54,7 +54,7 @@ __all__ = ["RoundCommits"]
 _SYNCS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="round-fsync")
 
 
-def _commit(store: RoundStore, saved: SavedRound, updates: list[Future[None]]) -> None:
+def _commit(store: RoundStore, saved: bytes, updates: list[Future[None]]) -> None:
     """One commit, blocking (module docstring): side by side the fsync of each update's
     bytes (``updates``, started when each was placed), of ``round/`` and ``round.json``'s
     temporary file written and fsynced (in this thread); then, only when all of them
@@ -182,4 +182,7 @@ class RoundCommits:
             if entry.round_id != saved.round_id:
                 raise RuntimeError("updates of two rounds in one commit")
             saved.slots[device_id] = entry.slot
-        await asyncio.to_thread(_commit, self._store, saved, [e.synced for e in batch.values()])
+        # round.json's bytes made here: the thread does only the system calls (Python
+        # work in a worker thread contends with the loop for the GIL).
+        data = self._store.round_json(saved)
+        await asyncio.to_thread(_commit, self._store, data, [e.synced for e in batch.values()])

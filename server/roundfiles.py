@@ -86,12 +86,14 @@ class RoundFiles:
         if forgetting is not None:
             await forgetting  # the previous round's removal, never after this save
         await self.commits.idle()  # a late commit of the previous round, never after it
+        # round.json's bytes made here: the thread does only the system calls.
+        data = self._store.round_json(saved_round_of(rnd, self._task, self._store, time.time()))
         try:
-            await asyncio.to_thread(self._persist, rnd)
+            await asyncio.to_thread(self._persist, data)
         except OSError as exc:
             log.error("cannot save round %s in %s: %s", rnd.round_id, self._state_dir, exc)
 
-    def _persist(self, rnd: Round) -> None:
+    def _persist(self, data: bytes) -> None:
         """A new round replaces whatever round files a previous round left."""
         self._store.clear()
-        self._store.save(saved_round_of(rnd, self._task, self._store, time.time()))
+        self._store.save(data)

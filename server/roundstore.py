@@ -154,15 +154,26 @@ class RoundStore:
         """fsync ``round/``, so the renames made in it so far are durable."""
         fsync_dir(self.state_dir / ROUND_DIR)
 
-    def stage(self, saved: SavedRound) -> Path:
-        """Write ``saved`` to a fresh temporary file beside ``round.json`` and fsync it;
-        :meth:`install` makes it ``round.json``. Raises OSError (nothing left behind)."""
+    @staticmethod
+    def round_json(saved: SavedRound) -> bytes:
+        """``round.json``'s bytes for ``saved`` (pure: made on the loop, so the thread
+        that writes them does only the system calls)."""
+        return saved.model_dump_json(indent=1, by_alias=True).encode("utf-8")
+
+    def stage(self, saved: SavedRound | bytes) -> Path:
+        """Write ``saved`` (or its :meth:`round_json` bytes) to a fresh temporary file
+        beside ``round.json`` and fsync it; :meth:`install` makes it ``round.json``.
+        Raises OSError (nothing left behind)."""
+        data = saved if isinstance(saved, bytes) else self.round_json(saved)
         fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=f".{ROUND_FILE}.", suffix=".tmp")
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(saved.model_dump_json(indent=1, by_alias=True).encode("utf-8"))
-                fh.flush()
-                os.fsync(fh.fileno())
+            try:  # plain system calls: no buffered file object (fstat, ioctl, lseek)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -207,12 +218,11 @@ class RoundStore:
             finally:
                 del views
 
-    def save(self, saved: SavedRound) -> None:
-        """Persist the open round (atomically replacing the previous ``round.json``)."""
-        write_atomic(
-            self.state_dir / ROUND_FILE,
-            saved.model_dump_json(indent=1, by_alias=True).encode("utf-8"),
-        )
+    def save(self, saved: SavedRound | bytes) -> None:
+        """Persist the open round (atomically replacing the previous ``round.json``);
+        ``saved`` may be its :meth:`round_json` bytes."""
+        data = saved if isinstance(saved, bytes) else self.round_json(saved)
+        write_atomic(self.state_dir / ROUND_FILE, data)
 
     def load(self) -> SavedRound | None:
         """The open round a previous run left, or None; StoreError when unreadable."""

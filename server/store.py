@@ -246,8 +246,12 @@ class Store:
         )
         fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=f".{HISTORY_FILE}.", suffix=".tmp")
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(meta)
+            try:  # plain system calls: no buffered file object (fstat, ioctl, lseek)
+                view = memoryview(meta)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
             placed = [weights_name] + ([optimizer_name] if optimizer_name is not None else [])
             paths = [self.state_dir / Path(name).name for name in placed] + [Path(tmp)]
             _fsync_side_by_side(paths, self.state_dir)
