@@ -120,8 +120,10 @@ class RoundStore:
     def write_incoming(path: Path, data: bytes | bytearray | memoryview) -> None:
         """Write an update's bytes to its incoming file (fsynced later, by :meth:`sync`)."""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        try:
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
 
     @staticmethod
     def check_update(path: Path, layout: Layout, max_bytes: int) -> None:
@@ -167,10 +169,8 @@ class RoundStore:
         data = saved if isinstance(saved, bytes) else self.round_json(saved)
         fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=f".{ROUND_FILE}.", suffix=".tmp")
         try:
-            try:  # plain system calls: no buffered file object (fstat, ioctl, lseek)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
+            try:
+                _write_all(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -265,6 +265,14 @@ class RoundStore:
 def _update_file_name(device_id: str) -> str:
     """:meth:`RoundStore.update_file_name` (pure; asked several times per update)."""
     return hashlib.sha256(device_id.encode("utf-8")).hexdigest()[:32] + ".safetensors"
+
+
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """Write ``data`` to an open file with plain system calls (no buffered file object:
+    its fstat, ioctl and lseek cost more than the write of a small update)."""
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 @contextlib.contextmanager
