@@ -130,11 +130,15 @@ class UpdateIntake:
                     if earlier is None:
                         slot = SavedSlot(
                             index=rnd.slots[device_id].index,
+                            reported=True,
                             num_samples=sub.num_samples,
                             metrics=dict(sub.metrics),
+                            update_file=store.update_file_name(device_id),
                         )
                         try:
-                            name = commits.place(device_id, incoming, slot, snapshot)
+                            name = commits.place(
+                                device_id, incoming, slot, snapshot, round_id=rnd.round_id
+                            )
                         except OSError as exc:
                             log.error("cannot save the update of %s: %s", record.name, exc)
                             raise unsaved from None

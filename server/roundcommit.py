@@ -54,7 +54,7 @@ __all__ = ["RoundCommits"]
 _SYNCS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="round-fsync")
 
 
-def _commit(store: RoundStore, saved: SavedRound, updates: list[Future[None]]) -> None:
+def _commit(store: RoundStore, saved: bytes, updates: list[Future[None]]) -> None:
     """One commit, blocking (module docstring): side by side the fsync of each update's
     bytes (``updates``, started when each was placed), of ``round/`` and ``round.json``'s
     temporary file written and fsynced (in this thread); then, only when all of them
@@ -108,17 +108,24 @@ class RoundCommits:
         incoming: Path,
         slot: SavedSlot,
         snapshot: Callable[[], SavedRound],
+        *,
+        round_id: str | None = None,
     ) -> str:
         """Rename ``incoming`` to the device's update file and start its fsync; the file
-        name. ``slot`` is its ``round.json`` entry (its ``update_file`` is set here);
-        ``snapshot()`` the open round as counted so far. Raises OSError (nothing placed)."""
+        name. ``slot`` is its ``round.json`` entry (its ``update_file`` is set here, unless
+        it names the file and is ``reported`` already: then it is kept as it is);
+        ``snapshot()`` the open round as counted so far, whose id is ``round_id`` (when
+        given, ``snapshot`` is not called here: a commit calls it). Raises OSError (nothing
+        placed)."""
         if device_id in self._placed:
             raise RuntimeError(f"an update of {device_id} is being committed already")
         name = self._store.place_update(device_id, incoming)
         loop = asyncio.get_running_loop()
+        if not (slot.reported and slot.update_file == name):
+            slot = slot.model_copy(update={"update_file": name, "reported": True})
         self._placed[device_id] = _Placed(
-            round_id=snapshot().round_id,
-            slot=slot.model_copy(update={"update_file": name, "reported": True}),
+            round_id=snapshot().round_id if round_id is None else round_id,
+            slot=slot,
             synced=_SYNCS.submit(fsync_file, self._store.update_path(name)),
             done=loop.create_future(),
             snapshot=snapshot,
@@ -175,4 +182,7 @@ class RoundCommits:
             if entry.round_id != saved.round_id:
                 raise RuntimeError("updates of two rounds in one commit")
             saved.slots[device_id] = entry.slot
-        await asyncio.to_thread(_commit, self._store, saved, [e.synced for e in batch.values()])
+        # round.json's bytes made here: the thread does only the system calls (Python
+        # work in a worker thread contends with the loop for the GIL).
+        data = self._store.round_json(saved)
+        await asyncio.to_thread(_commit, self._store, data, [e.synced for e in batch.values()])

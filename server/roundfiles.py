@@ -10,7 +10,10 @@ Contract: :class:`RoundFiles` orders the writes of ``state_dir/round.json`` and
   open, e.g. one restored from disk): nothing of a round is counted, and its files are
   never removed, before it;
 * :meth:`RoundFiles.forget` removes the closed round's files now (an abandoned round);
-  :meth:`RoundFiles.forget_later` after a new version is published, off the round's path;
+  :meth:`RoundFiles.forget_later` after a new version is published, off the round's path
+  (when the next round opens before that removal has begun, the next round's first save,
+  which removes whatever a previous round left before it writes, does it instead: one
+  thread hop, not two);
 * :attr:`RoundFiles.commits` makes accepted updates durable (:mod:`server.roundcommit`);
   a round's first save waits until the previous round's last commit is done.
 
@@ -42,11 +45,16 @@ class RoundFiles:
         self._state_dir = state_dir
         self._opening: tuple[Round, asyncio.Task[None]] | None = None
         self._forgetting: asyncio.Task[None] | None = None
+        #: A removal asked by forget_later that has not begun (open takes it over).
+        self._forget_due = False
         #: The group commit of accepted updates (used by :class:`server.intake.UpdateIntake`).
         self.commits = RoundCommits(store)
 
     def open(self, rnd: Round) -> None:
-        """Start ``rnd``'s first save (see :meth:`opened`)."""
+        """Start ``rnd``'s first save (see :meth:`opened`); it removes the previous
+        round's files first, so a removal asked by :meth:`forget_later` that has not
+        begun yet is left to it."""
+        self._forget_due = False
         self._opening = (rnd, asyncio.create_task(self._persist_logged(rnd)))
 
     async def opened(self, rnd: Round) -> None:
@@ -63,20 +71,29 @@ class RoundFiles:
             log.warning("cannot remove the closed round's files: %s", exc)
 
     def forget_later(self) -> None:
-        """Remove them in the background; the next round's first save waits for it."""
-        self._forgetting = asyncio.create_task(self.forget())
+        """Remove them in the background; the next round's first save waits for it (or
+        does it, when it opens before the removal has begun)."""
+        self._forget_due = True
+        self._forgetting = asyncio.create_task(self._forget_if_due())
+
+    async def _forget_if_due(self) -> None:
+        if self._forget_due:
+            self._forget_due = False
+            await self.forget()
 
     async def _persist_logged(self, rnd: Round) -> None:
         forgetting, self._forgetting = self._forgetting, None
         if forgetting is not None:
             await forgetting  # the previous round's removal, never after this save
         await self.commits.idle()  # a late commit of the previous round, never after it
+        # round.json's bytes made here: the thread does only the system calls.
+        data = self._store.round_json(saved_round_of(rnd, self._task, self._store, time.time()))
         try:
-            await asyncio.to_thread(self._persist, rnd)
+            await asyncio.to_thread(self._persist, data)
         except OSError as exc:
             log.error("cannot save round %s in %s: %s", rnd.round_id, self._state_dir, exc)
 
-    def _persist(self, rnd: Round) -> None:
+    def _persist(self, data: bytes) -> None:
         """A new round replaces whatever round files a previous round left."""
         self._store.clear()
-        self._store.save(saved_round_of(rnd, self._task, self._store, time.time()))
+        self._store.save(data)

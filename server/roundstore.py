@@ -120,8 +120,10 @@ class RoundStore:
     def write_incoming(path: Path, data: bytes | bytearray | memoryview) -> None:
         """Write an update's bytes to its incoming file (fsynced later, by :meth:`sync`)."""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        try:
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
 
     @staticmethod
     def check_update(path: Path, layout: Layout, max_bytes: int) -> None:
@@ -154,15 +156,24 @@ class RoundStore:
         """fsync ``round/``, so the renames made in it so far are durable."""
         fsync_dir(self.state_dir / ROUND_DIR)
 
-    def stage(self, saved: SavedRound) -> Path:
-        """Write ``saved`` to a fresh temporary file beside ``round.json`` and fsync it;
-        :meth:`install` makes it ``round.json``. Raises OSError (nothing left behind)."""
+    @staticmethod
+    def round_json(saved: SavedRound) -> bytes:
+        """``round.json``'s bytes for ``saved`` (pure: made on the loop, so the thread
+        that writes them does only the system calls)."""
+        return saved.model_dump_json(indent=1, by_alias=True).encode("utf-8")
+
+    def stage(self, saved: SavedRound | bytes) -> Path:
+        """Write ``saved`` (or its :meth:`round_json` bytes) to a fresh temporary file
+        beside ``round.json`` and fsync it; :meth:`install` makes it ``round.json``.
+        Raises OSError (nothing left behind)."""
+        data = saved if isinstance(saved, bytes) else self.round_json(saved)
         fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=f".{ROUND_FILE}.", suffix=".tmp")
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(saved.model_dump_json(indent=1, by_alias=True).encode("utf-8"))
-                fh.flush()
-                os.fsync(fh.fileno())
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -207,12 +218,11 @@ class RoundStore:
             finally:
                 del views
 
-    def save(self, saved: SavedRound) -> None:
-        """Persist the open round (atomically replacing the previous ``round.json``)."""
-        write_atomic(
-            self.state_dir / ROUND_FILE,
-            saved.model_dump_json(indent=1, by_alias=True).encode("utf-8"),
-        )
+    def save(self, saved: SavedRound | bytes) -> None:
+        """Persist the open round (atomically replacing the previous ``round.json``);
+        ``saved`` may be its :meth:`round_json` bytes."""
+        data = saved if isinstance(saved, bytes) else self.round_json(saved)
+        write_atomic(self.state_dir / ROUND_FILE, data)
 
     def load(self) -> SavedRound | None:
         """The open round a previous run left, or None; StoreError when unreadable."""
@@ -255,6 +265,14 @@ class RoundStore:
 def _update_file_name(device_id: str) -> str:
     """:meth:`RoundStore.update_file_name` (pure; asked several times per update)."""
     return hashlib.sha256(device_id.encode("utf-8")).hexdigest()[:32] + ".safetensors"
+
+
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """Write ``data`` to an open file with plain system calls (no buffered file object:
+    its fstat, ioctl and lseek cost more than the write of a small update)."""
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 @contextlib.contextmanager

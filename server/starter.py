@@ -80,6 +80,17 @@ class RoundStarter:
         self._config = config
         self._registry = registry
         self._distributor = distributor
+        #: The round's training settings, made once per round (task, round id), not per device.
+        self._round_config: tuple[Task, str, TrainingConfig] | None = None
+
+    def _training_config(self, task: Task, rnd: Round) -> TrainingConfig:
+        """:func:`training_config` of ``rnd``, the same object for each of its devices."""
+        kept = self._round_config
+        if kept is not None and kept[0] is task and kept[1] == rnd.round_id:
+            return kept[2]
+        config = training_config(task, self._config, rnd.number)
+        self._round_config = (task, rnd.round_id, config)
+        return config
 
     async def cancel(self, round_id: str, device_ids: list[str], reason: str) -> None:
         """Tell the devices still working on round ``round_id`` to stop
@@ -157,7 +168,7 @@ class RoundStarter:
             round_id=rnd.round_id,
             task=cfg.task,
             model_params=dict(task.params),
-            config=training_config(task, cfg, rnd.number),
+            config=self._training_config(task, rnd),
             partition=partition,
             base_version=rnd.base_version,
             deadline=rnd.deadline_unix,

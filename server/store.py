@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import operator
 import os
 import tempfile
 import threading
@@ -245,8 +246,12 @@ class Store:
         )
         fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=f".{HISTORY_FILE}.", suffix=".tmp")
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(meta)
+            try:  # plain system calls: no buffered file object (fstat, ioctl, lseek)
+                view = memoryview(meta)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
             placed = [weights_name] + ([optimizer_name] if optimizer_name is not None else [])
             paths = [self.state_dir / Path(name).name for name in placed] + [Path(tmp)]
             _fsync_side_by_side(paths, self.state_dir)
@@ -323,7 +328,9 @@ class HistoryJson:
     Records are replaced, never changed in place (``model_copy``), except a completed
     round's ``timing.publishedAt``, which the coordinator sets after the record's first
     save: a record whose timing has none yet is serialized again at every dump, and so are
-    the last :data:`FRESH` records."""
+    the last :data:`FRESH` records. The leading records that no dump has seen replaced
+    are kept joined (the *prefix*): a dump checks them by identity, in one pass in C, and
+    copies their bytes once, so its Python work does not grow with the history."""
 
     #: The newest records, serialized again at every dump.
     FRESH = 2
@@ -331,27 +338,59 @@ class HistoryJson:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._kept: dict[int, tuple[RoundRecord, bytes]] = {}
+        #: The leading records whose parts are joined in _prefix_bytes, and where each
+        #: record's part ends there.
+        self._prefix: list[RoundRecord] = []
+        self._prefix_bytes = b""
+        self._ends: list[int] = []
 
     def dump(self, history: list[RoundRecord]) -> bytes:
         """``history`` as pydantic's ``dump_json(by_alias=True, indent=1)`` writes it."""
         if not history:
             return b"[]"
         with self._lock:
-            kept, fresh_from = self._kept, len(history) - self.FRESH
+            fresh_from = len(history) - self.FRESH
+            self._keep_prefix(history)
+            kept = self._kept
             now: dict[int, tuple[RoundRecord, bytes]] = {}
             parts: list[bytes] = []
-            for i, rec in enumerate(history):
+            for i in range(len(self._prefix), len(history)):
+                rec = history[i]
                 hit = kept.get(id(rec))
                 unpublished = rec.timing is not None and rec.timing.published_at is None
                 if hit is None or hit[0] is not rec or i >= fresh_from or unpublished:
                     # One level deeper than alone: every line of it indented once more.
                     text = _RECORD.dump_json(rec, by_alias=True, indent=1)
                     hit = (rec, b" " + text.replace(b"\n", b"\n "))
-                if not unpublished:  # its publishedAt is still to be set in place
+                if unpublished:  # its publishedAt is still to be set in place
+                    pass
+                elif i < fresh_from and len(self._prefix) == i:
+                    self._extend_prefix(rec, hit[1])
+                    continue
+                else:
                     now[id(rec)] = hit
                 parts.append(hit[1])
             self._kept = now
-        return b"[\n" + b",\n".join(parts) + b"\n]"
+            prefix = self._prefix_bytes
+        if prefix and parts:
+            return b"[\n" + prefix + b",\n" + b",\n".join(parts) + b"\n]"
+        return b"[\n" + (prefix or b",\n".join(parts)) + b"\n]"
+
+    def _keep_prefix(self, history: list[RoundRecord]) -> None:
+        """Cut the prefix at the first record ``history`` no longer holds there."""
+        same = list(map(operator.is_, self._prefix, history))
+        # ``history`` may also be shorter than the prefix (all the same, then)
+        cut = len(same) if all(same) else same.index(False)
+        cut = min(cut, max(0, len(history) - self.FRESH))  # the newest stay out of it
+        if cut < len(self._prefix):
+            del self._prefix[cut:]
+            del self._ends[cut:]
+            self._prefix_bytes = self._prefix_bytes[: self._ends[-1]] if self._ends else b""
+
+    def _extend_prefix(self, rec: RoundRecord, part: bytes) -> None:
+        self._prefix_bytes = self._prefix_bytes + b",\n" + part if self._prefix else part
+        self._prefix.append(rec)
+        self._ends.append(len(self._prefix_bytes))
 
 
 #: Threads for fsyncs run side by side (an fsync waits on the disk, not the CPU).

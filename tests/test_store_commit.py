@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import re
 from pathlib import Path
 from typing import Any
@@ -217,6 +218,35 @@ def test_history_json_is_what_pydantic_writes_for_the_list_after_every_change(
     for change in changes:
         history = change(history)
         assert records.dump(history) == _LIST.dump_json(history, by_alias=True, indent=1)
+
+
+def test_history_json_matches_pydantic_through_a_long_run_of_changes() -> None:
+    """Replacing records anywhere (an evaluation recorded late), publishing in place,
+    growing and shrinking: every dump is what pydantic writes for the list."""
+    rng = random.Random(15)
+    records = HistoryJson()
+    history: list[RoundRecord] = [_record(1)]
+    for step in range(400):
+        op = rng.random()
+        if op < 0.5:
+            history = [*history, _record(len(history) + 1, timing=_published_at(None))]
+        elif op < 0.65 and history:
+            timing = history[-1].timing
+            if timing is not None:
+                timing.published_at = float(step)  # as the coordinator does
+        elif op < 0.9 and history:
+            i = rng.randrange(len(history))
+            changed = history[i].model_copy(update={"eval_loss": step / 7})
+            history = [*history[:i], changed, *history[i + 1 :]]
+        elif op < 0.95:
+            history = history[: rng.randrange(len(history) + 1)]
+        else:
+            history = list(history)  # a new list of the same records
+        assert records.dump(history) == _LIST.dump_json(history, by_alias=True, indent=1), step
+
+
+def _published_at(at: float | None) -> RoundTiming:
+    return RoundTiming(opened_at=1.0, collected_at=2.0, aggregated_at=3.5, published_at=at)
 
 
 def test_publish_hops_benchmark_smoke(capsys: pytest.CaptureFixture[str]) -> None:
