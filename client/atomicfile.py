@@ -162,7 +162,8 @@ def _replace_making_parent(source: Path, target: Path) -> None:
 
 
 def move_into(source: Path, target: Path, *, durable: bool = True) -> None:
-    """Move ``source`` to ``target`` atomically (copy + replace across filesystems).
+    """Move ``source`` to ``target`` atomically (copy + replace across filesystems);
+    makes ``target``'s directory when it is missing.
 
     The source is removed only once the target is complete. ``durable``: the data is
     fsynced before it appears as ``target``, and the directory after (module docstring).
