@@ -149,21 +149,34 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
+def _replace_making_parent(source: Path, target: Path) -> None:
+    """``os.replace(source, target)``, making ``target``'s directory when it is missing
+    (looked at only then: the usual move costs no ``mkdir``)."""
+    try:
+        os.replace(source, target)
+    except FileNotFoundError:
+        if not os.path.lexists(source):
+            raise
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, target)
+
+
 def move_into(source: Path, target: Path, *, durable: bool = True) -> None:
-    """Move ``source`` to ``target`` atomically (copy + replace across filesystems).
+    """Move ``source`` to ``target`` atomically (copy + replace across filesystems);
+    makes ``target``'s directory when it is missing.
 
     The source is removed only once the target is complete. ``durable``: the data is
     fsynced before it appears as ``target``, and the directory after (module docstring).
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
     if durable:
         fsync_file(source)
     try:
-        os.replace(source, target)
+        _replace_making_parent(source, target)
     except OSError:
         if not source.is_file():
             raise
         # Most likely another filesystem (EXDEV): copy to a temp beside the target first.
+        target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as out, source.open("rb") as src:

@@ -12,7 +12,10 @@ Contract:
   version's file never replaces an existing file (a rename over a file costs the
   filesystem a flush of the new data, milliseconds per round on ext4); the file of the
   version held before stays (a round or evaluation that started from it can still read
-  it), every older weights file in the directory is deleted after the JSON is written.
+  it), every older weights file in the directory is deleted after the JSON is written
+  (the directory is listed at the first save of a store; later saves delete the files
+  this store knows of, as its one writer: those it listed or wrote, and those it could
+  not delete before).
   Neither is fsynced: the global can be fetched from the server again, and
   :meth:`GlobalStore.current` verifies it, so a version torn by a power cut is detected
   and fetched again (a ``kill -9`` loses nothing: the OS holds the data). For the same
@@ -101,6 +104,8 @@ class GlobalStore:
         # The name of the weights file this store last wrote or verified (saves are
         # serialised by the one writer, the session's BaseWeights).
         self._held_name: str | None = None
+        # The weights files in the directory (None: not listed yet; see _delete_older).
+        self._files: set[str] | None = None
 
     @property
     def weights_path(self) -> Path:
@@ -134,6 +139,8 @@ class GlobalStore:
         previous = self._held_name or self.weights_path.name
         path = self.directory / name
         write_atomic(path, data, durable=False)
+        if self._files is not None:
+            self._files.add(name)
         # Saves are serialised by the caller: nothing replaced the file since the write.
         identity = file_identity(path)
         write_atomic(
@@ -148,20 +155,27 @@ class GlobalStore:
 
     def _delete_older(self, keep: set[str]) -> None:
         """Delete the weights files of versions before the previous one (module docstring);
-        a file that cannot be deleted now is tried again at the next save."""
-        with os.scandir(self.directory) as entries:
-            stale = [
-                e.path
-                for e in entries
-                if e.name.endswith(WEIGHTS_SUFFIX) and e.name not in keep and e.is_file()
-            ]
-        for path in stale:
+        a file that cannot be deleted now is tried again at the next save.
+
+        The directory is listed once per store (its first save); after that this store,
+        the directory's one writer, knows every weights file in it (those listed, those
+        it wrote since), so a save lists nothing."""
+        files = self._files
+        if files is None:
+            with os.scandir(self.directory) as entries:
+                files = {e.name for e in entries if e.name.endswith(WEIGHTS_SUFFIX) and e.is_file()}
+            self._files = files
+        for name in sorted(files - keep):
             try:
-                os.unlink(path)
+                os.unlink(os.path.join(self.directory, name))
             except FileNotFoundError:
                 pass
             except OSError as exc:
-                log.warning("cannot delete an old global weights file %s: %s", path, exc)
+                log.warning(
+                    "cannot delete an old global weights file %s: %s", self.directory / name, exc
+                )
+                continue
+            files.discard(name)
 
     def current(self) -> GlobalWeights | None:
         """The held version, verified against its JSON; ``None`` when there is none usable."""

@@ -180,10 +180,18 @@ class PendingStore:
         #: How many entries this process added, and the last one (see sole_entry_after).
         self._generation = 0
         self._last_added: PendingUpdate | None = None
+        self._last_paths: tuple[str, tuple[Path, Path]] | None = None
 
     def _paths(self, round_id: str) -> tuple[Path, Path]:
+        # The last round's are kept: a round's entry is looked for, added, read and
+        # removed by the same names (a pure function of the round id).
+        last = self._last_paths
+        if last is not None and last[0] == round_id:
+            return last[1]
         stem = _stem(round_id)
-        return self.directory / f"{stem}{DATA_SUFFIX}", self.directory / f"{stem}{SIDECAR_SUFFIX}"
+        paths = self.directory / f"{stem}{DATA_SUFFIX}", self.directory / f"{stem}{SIDECAR_SUFFIX}"
+        self._last_paths = (round_id, paths)
+        return paths
 
     def add(
         self,
@@ -220,9 +228,10 @@ class PendingStore:
             format=fmt,
             created=created,
         )
-        self.directory.mkdir(parents=True, exist_ok=True)
         if not durable:
+            # Both writes make the directory when it is missing (no mkdir per add).
             return self._add_now(source, sidecar, data_path, sidecar_path)
+        self.directory.mkdir(parents=True, exist_ok=True)
         # The sidecar's bytes are fsynced while the output's are; one directory fsync for
         # both renames (module docstring).
         staged = _SIDECAR_POOL.submit(

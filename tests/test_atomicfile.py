@@ -82,3 +82,22 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary_file(
     monkeypatch.undo()
     assert target.read_bytes() == b"old"
     assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_move_into_makes_a_missing_target_directory_and_refuses_a_missing_source(
+    tmp_path: Path, durable: bool
+) -> None:
+    source = tmp_path / "source.bin"
+    source.write_bytes(b"moved")
+    target = tmp_path / "new" / "dir" / "target.bin"
+    atomicfile.move_into(source, target, durable=durable)
+    assert target.read_bytes() == b"moved" and not source.exists()
+    again = tmp_path / "other" / "target.bin"
+    with pytest.raises(FileNotFoundError):
+        atomicfile.move_into(source, again, durable=durable)
+    assert not again.parent.exists(), "nothing is made for a source that is not there"
+    # Into an existing directory: replaces the file there.
+    source.write_bytes(b"second")
+    atomicfile.move_into(source, target, durable=durable)
+    assert target.read_bytes() == b"second"

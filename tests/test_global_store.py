@@ -39,7 +39,8 @@ def test_save_records_the_identity_without_fsync_and_current_verifies(
 
 
 def _weights_files(store: GlobalStore) -> set[str]:
-    return {p.name for p in store.directory.glob("*.safetensors")}
+    # os.listdir: not os.scandir, which a test counts as the store's listings.
+    return {name for name in os.listdir(store.directory) if name.endswith(".safetensors")}
 
 
 def test_a_new_version_never_replaces_a_file_and_the_previous_one_is_kept(
@@ -99,3 +100,40 @@ def test_a_record_naming_a_file_outside_the_directory_is_not_held(
     assert record["file"] == held.path.name
     (store.directory / "current.json").write_text(json.dumps({**record, "file": name}))
     assert store.current() is None
+
+
+def test_the_directory_is_listed_once_and_an_undeletable_file_is_tried_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = tmp_path / "global"
+    directory.mkdir()
+    (directory / "global-v0-leftover.safetensors").write_bytes(b"from an earlier run")
+    listed: list[object] = []
+    real_scandir, real_unlink = os.scandir, os.unlink
+
+    def scandir(path: object) -> object:
+        listed.append(path)
+        return real_scandir(path)  # type: ignore[call-overload]
+
+    refuse = {"global-v1-"}
+
+    def unlink(path: str | os.PathLike[str]) -> None:
+        if any(Path(path).name.startswith(prefix) for prefix in refuse):
+            raise PermissionError(13, "refused", str(path))
+        real_unlink(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(os, "unlink", unlink)
+    store = GlobalStore(directory)
+    v1 = store.save(version=1, task="digits", data=b"weights v1")
+    # The first save lists the directory: the leftover of an earlier run goes.
+    assert _weights_files(store) == {v1.path.name}
+    v2 = store.save(version=2, task="digits", data=b"weights v2")
+    v3 = store.save(version=3, task="digits", data=b"weights v3")
+    assert len(listed) == 1, "later saves know the directory's weights files"
+    # v1 could not be deleted: kept, and deleted by the next save that can.
+    assert _weights_files(store) == {v1.path.name, v2.path.name, v3.path.name}
+    refuse.clear()
+    v4 = store.save(version=4, task="digits", data=b"weights v4")
+    assert _weights_files(store) == {v3.path.name, v4.path.name}
+    assert len(listed) == 1

@@ -58,10 +58,22 @@ def test_default_dir_follows_xdg_data_home(tmp_path: Path, monkeypatch: pytest.M
     assert default_pending_dir() == tmp_path / "data" / "fedtray" / "pending"
 
 
-def test_lifecycle_add_list_read_remove(tmp_path: Path) -> None:
-    store = PendingStore(tmp_path / "pending")
+@pytest.mark.parametrize("durable", [True, False])
+def test_lifecycle_add_list_read_remove(tmp_path: Path, durable: bool) -> None:
+    store = PendingStore(tmp_path / "pending")  # made by the first add
     src = _update_file(tmp_path)
-    _add(store, src)
+    store.add(
+        src,
+        round_id="r-1",
+        task="digits",
+        base_version=3,
+        num_samples=120,
+        metrics={"trainLoss": 0.5},
+        fmt="safetensors",
+        created=1.0,
+        durable=durable,
+    )
+    store.wait_durable(store.entries()[0])
     assert not src.output.exists(), "the update must be moved, not copied"
     [entry] = store.entries()
     assert entry.round_id == "r-1"

@@ -47,12 +47,16 @@ class SnapshotHub:
     def publish(self, **changes: Any) -> None:
         """Session thread only: apply ``changes`` and tell the subscribers if it changed."""
         current = self._current
-        # Most publishes repeat what is shown: nothing is built for them.
-        if all(getattr(current, name, _UNSET) == value for name, value in changes.items()):
+        # Most publishes repeat what is shown: nothing is built for them. A field compared
+        # as the snapshot's own equality compares it (the same object, or equal): when
+        # one differs, the new snapshot differs, so it is not compared whole again.
+        for name, value in changes.items():
+            old = getattr(current, name, _UNSET)
+            if old is not value and old != value:
+                break
+        else:
             return
         snap = dataclasses.replace(current, **changes)
-        if snap == self._current:
-            return
         self._current = snap
         for callback in list(self._subscribers):
             _notify(callback, snap)

@@ -87,7 +87,7 @@ from client.protocol import (
 )
 from client.session.decisions import HeldBase, refuse_round
 from client.session.hub import SnapshotHub
-from client.session.offload import run_disk
+from client.session.offload import is_small, run_disk
 from client.session.package_cache import LocatedFiles, TaskFiles
 from client.session.tasks import TaskSet
 from client.session.worker_seam import OnWorkerEvent, Worker, WorkerFactory
@@ -376,7 +376,7 @@ class Rounds:
         """A round without a package that nothing refuses: ONE step off the loop (on it for
         a small model) looks for its pending update (then it is sent, as
         :meth:`on_training_start` does) and, when there is none, prepares the work folder;
-        the refusal is checked again after it."""
+        the refusal is checked again after it when it ran in a thread."""
         job = self._job(start, held)
         pending, work, busy = self._pending, self._work, set(self._keeping)
 
@@ -398,7 +398,9 @@ class Rounds:
             return TrainingStartAck(
                 accepted=False, reason="busy", detail=f"cannot prepare the work folder: {exc}"
             )
-        refusal = self._refusal(start, held)  # what changed during the hop
+        # What changed during the hop; none when the step ran on the loop (no await
+        # came between the caller's check and here).
+        refusal = None if is_small(held.size) else self._refusal(start, held)
         if refusal is not None:
             log.info("refused round %s: %s (%s)", start.round_id, refusal.reason, refusal.detail)
             return refusal

@@ -61,7 +61,7 @@ from client.protocol import EV_WEIGHTS_SUBMIT, Limits, SubmitAccepted, WeightsSu
 from client.session.decisions import submit_outcome, upload_retry_delay
 from client.session.hub import SnapshotHub
 from client.session.link import ACK_TIMEOUT_S, Call, error_of
-from client.session.offload import run_disk
+from client.session.offload import is_small, run_disk
 from client.transfer import BlobSourceError, blob_ref, send_file_blob, weights_ref_for
 
 __all__ = ["SUBMIT_TIMEOUT_S", "Uploader"]
@@ -274,6 +274,11 @@ class Uploader:
                 "the server could not take round %s yet (%s): %s", update.round_id, code, message
             )
             return False
+        if is_small(update.size):
+            # Its deletion runs on the loop (run_disk): _resolve never suspends, so no
+            # cancel can come between the deletion and its count or log line.
+            await self._resolve(update, outcome, code, message)
+            return True
         # Shielded: a connection ending now cancels this task, but the answer is final, so
         # the deletion and its count or log line are one step (module docstring).
         settling = asyncio.ensure_future(self._resolve(update, outcome, code, message))
