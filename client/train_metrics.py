@@ -13,20 +13,21 @@ Contract (torch is imported only inside functions; the training worker is the on
   updates its buffers). For such a model, while no global forward hook is registered
   (checked at every call), and a task that keeps both
   :meth:`client.tasks.base.Task.evaluate` and :meth:`~client.tasks.base.Task.train_step`
-  (not overridden: training has then passed every row through the same cross-entropy,
-  so ``evaluate``'s loss would not have raised), the same accuracy is computed directly,
-  bit for bit: the model's output over the same batches
-  (:data:`client.tasks.base.EVAL_BATCH` rows) of the kept tensors ``x``/``y`` (the same
-  values as the arrays), without gradients, without the loss the trainer does not
-  report, without switching the model's mode (it makes no difference) and without
-  copying the inputs (nothing writes into them). Any other task or model is evaluated
-  by ``task.evaluate``.
+  (overridden neither by its class nor on the instance: training has then passed every
+  row through the same cross-entropy, so ``evaluate``'s loss would not have raised), the
+  same accuracy is computed directly, bit for bit: the model's output over the same
+  batches (:data:`client.tasks.base.EVAL_BATCH` rows) of the kept tensors ``x``/``y``
+  (the same values as the arrays), without gradients, without the loss the trainer does
+  not report, without switching the model's mode (it makes no difference) and without
+  copying the inputs (nothing writes into them). Any other task or model is evaluated by
+  ``task.evaluate``.
 * It never changes the model's parameters or mode, nor the data.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy.typing as npt
@@ -74,11 +75,10 @@ def train_accuracy(
     import torch
     from torch.nn.modules import module as modules
 
-    own = type(task)
     if (
         not direct
-        or own.evaluate is not Task.evaluate
-        or own.train_step is not Task.train_step
+        or not _is_tasks_own(task.evaluate, Task.evaluate)
+        or not _is_tasks_own(task.train_step, Task.train_step)
         or modules._global_forward_hooks
         or modules._global_forward_pre_hooks
     ):
@@ -94,3 +94,9 @@ def train_accuracy(
             labels = y[start : start + EVAL_BATCH].long()
             correct += int((logits.argmax(dim=1) == labels).sum().item())
     return correct / n
+
+
+def _is_tasks_own(method: Callable[..., object], default: Callable[..., object]) -> bool:
+    """Whether a task's bound ``method`` is :class:`~client.tasks.base.Task`'s ``default``
+    (overridden neither by its class nor on the instance)."""
+    return getattr(method, "__func__", None) is default

@@ -139,6 +139,11 @@ def test_a_task_with_its_own_evaluate_or_a_model_not_mode_free_uses_task_evaluat
     train_accuracy(Counting(), model, data, direct=True)
     assert Counting.calls == 1
 
+    # Nor one set on the instance (as a test's task loader sets build_model).
+    task = _Plain()
+    task.evaluate = lambda model, x, y: {"accuracy": 0.25}  # type: ignore[method-assign]
+    assert train_accuracy(task, model, data, direct=True) == 0.25
+
 
 def test_a_task_without_accuracy_reports_nan() -> None:
     class NoAccuracy(_Plain):
