@@ -78,7 +78,8 @@ Contract:
 * The result's ``trainAccuracy`` is the task's ``evaluate`` accuracy of the trained
   model on its training data (:func:`client.train_metrics.train_accuracy`: the same
   value computed directly, without the loss or mode switches, for a task with
-  :class:`~client.tasks.base.Task`'s own ``evaluate`` and a mode-free model).
+  :class:`~client.tasks.base.Task`'s own ``evaluate`` and ``train_step`` and a
+  mode-free model: plain modules, no forward hooks).
 * The trained state dict (:func:`client.tasks.base.model_state`: every tensor in its own
   dtype; for a CPU model the kept arrays over its memory,
   :func:`client.kept_model.cpu_arrays`) is written as safetensors to ``job.output_path``

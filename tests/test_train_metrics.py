@@ -24,6 +24,26 @@ class _MyLinear(nn.Linear):
     """A subclass: its forward could do anything, so it is not taken as plain."""
 
 
+def _noise(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """A pre-hook adding a large offset in train mode only (training-time noise)."""
+    return (args[0] + 100.0,) if module.training else args
+
+
+def _hooked(module: nn.Module, *, pre: bool) -> nn.Module:
+    if pre:
+        module.register_forward_pre_hook(_noise)
+    else:
+        module.register_forward_hook(lambda m, args, out: out.neg() if m.training else out)
+    return nn.Sequential(module)
+
+
+def _own_forward(module: nn.Linear) -> nn.Module:
+    """A plain Linear whose instance has its own forward (mode dependent)."""
+    plain = module.forward
+    module.forward = lambda x: plain(x).neg() if module.training else plain(x)  # type: ignore[method-assign]
+    return nn.Sequential(module)
+
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], bool]] = {
     "mlp": (lambda: nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), True),
     "flatten-tanh": (
@@ -35,6 +55,15 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], bool]] = {
     "batch norm": (lambda: nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)), False),
     "subclass": (lambda: nn.Sequential(_MyLinear(4, 2)), False),
     "nested": (lambda: nn.Sequential(nn.Sequential(nn.Linear(4, 2)), nn.Identity()), True),
+    # torch.nn.utils.spectral_norm: a plain Linear whose forward pre-hook runs a power
+    # iteration in train mode only (writing its buffers), not in eval mode.
+    "spectral norm": (
+        lambda: nn.Sequential(nn.utils.spectral_norm(nn.Linear(4, 3)), nn.Linear(3, 2)),
+        False,
+    ),
+    "forward hook": (lambda: _hooked(nn.Linear(4, 2), pre=False), False),
+    "forward pre-hook": (lambda: _hooked(nn.Linear(4, 2), pre=True), False),
+    "own forward": (lambda: _own_forward(nn.Linear(4, 2)), False),
 }
 
 
@@ -110,6 +139,11 @@ def test_a_task_with_its_own_evaluate_or_a_model_not_mode_free_uses_task_evaluat
     train_accuracy(Counting(), model, data, direct=True)
     assert Counting.calls == 1
 
+    # Nor one set on the instance (as a test's task loader sets build_model).
+    task = _Plain()
+    task.evaluate = lambda model, x, y: {"accuracy": 0.25}  # type: ignore[method-assign]
+    assert train_accuracy(task, model, data, direct=True) == 0.25
+
 
 def test_a_task_without_accuracy_reports_nan() -> None:
     class NoAccuracy(_Plain):
@@ -162,3 +196,66 @@ def test_cpu_arrays_are_none_for_a_tensor_that_is_not_dense() -> None:
     built = _built(nn.Sequential(nn.Linear(4, 3)))
     built.model = model
     assert cpu_arrays(built) is None
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_the_accuracy_as_the_trainer_asks_is_task_evaluates_and_changes_nothing(
+    name: str,
+) -> None:
+    """``direct=mode_free(model)`` (what the trainer passes): Task.evaluate's value, the
+    model's state (buffers too) and mode as they were, whatever the model."""
+    task = _Plain()
+    data = _data(300, seed=7)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = MODELS[name][0]()
+        model.train()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        got = train_accuracy(task, model, data, direct=mode_free(model))
+        after = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(before)
+        assert got == task.evaluate(model, data[0], data[1])["accuracy"]
+        assert all(torch.equal(before[k], v) for k, v in after.items()), name
+        assert all(m.training for m in model.modules())
+
+
+def _flip_in_training(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor | None:
+    """A forward hook negating a training model's output (its argmax flips)."""
+    return out.neg() if module.training and isinstance(module, nn.Sequential) else None
+
+
+def test_a_global_forward_hook_is_run_as_task_evaluate_runs_it() -> None:
+    task = _Plain()
+    data = _data(300, seed=3)
+    model = task.build_model({}, 0)
+    model.train()
+    handle = nn.modules.module.register_module_forward_hook(_flip_in_training)
+    try:
+        expected = task.evaluate(model, data[0], data[1])["accuracy"]
+        assert train_accuracy(task, model, data, direct=mode_free(model)) == expected
+        with torch.no_grad():  # the hook does change a training model's output
+            assert torch.equal(model(data[2]), -model.eval()(data[2]))
+    finally:
+        handle.remove()
+
+
+class _OwnTrainStep(_Plain):
+    """Its own loss (not cross-entropy): labels Task.evaluate's cross-entropy refuses
+    train, so its evaluate raises (as it always did for such a task)."""
+
+    def train_step(self, model: nn.Module, x_batch: torch.Tensor, y_batch: torch.Tensor) -> Any:
+        return (model(x_batch)[:, 0] - y_batch.float()).pow(2).mean()
+
+
+def test_a_task_with_its_own_train_step_raises_what_task_evaluate_raises() -> None:
+    x_np, _y, x, _yt = _data(20)
+    y_np = np.arange(20, dtype=np.int64) % 5  # 5 classes for a 2-output model
+    y_np.flags.writeable = False
+    data = (x_np, y_np, x, torch.tensor(y_np))
+    task = _OwnTrainStep()
+    model = task.build_model({}, 0)
+    with pytest.raises(IndexError) as expected:
+        task.evaluate(model, x_np, y_np)
+    with pytest.raises(IndexError) as got:
+        train_accuracy(task, model, data, direct=mode_free(model))
+    assert str(got.value) == str(expected.value)

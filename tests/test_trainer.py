@@ -22,7 +22,7 @@ from client.errors import FedtrayError
 from client.kept_model import KeptModel, load_base
 from client.protocol import Partition, TrainingConfig, TrainingProgress
 from client.tasks import get_task
-from client.tasks.base import Task
+from client.tasks.base import Task, seeded_build
 from client.tasks.digits import DigitsTask
 from client.trainer import (
     Cancelled,
@@ -864,3 +864,32 @@ def test_warm_up_draws_no_random_number_and_a_run_after_it_is_unchanged(tmp_path
     assert torch.equal(torch.get_rng_state(), rng)
     after = LocalTrainer(device="cpu").run(_job(tmp_path / "b")).output_path.read_bytes()
     assert after == before
+
+
+class SpectralDigits(DigitsTask):
+    """Digits with ``torch.nn.utils.spectral_norm`` on its first layer: a plain Linear
+    whose forward pre-hook runs a power iteration (writing its buffers) in train mode only."""
+
+    def build_model(self, params: Mapping[str, JsonValue], seed: int) -> torch.nn.Module:
+        model = super().build_model(params, seed)
+        seeded_build(seed, lambda: torch.nn.utils.spectral_norm(model[0]))
+        return model
+
+
+class SpectralDigitsEvaluated(SpectralDigits):
+    """The same, with an ``evaluate`` of its own that is Task.evaluate (always called)."""
+
+    def evaluate(self, model: torch.nn.Module, x: Any, y: Any) -> dict[str, float]:
+        return super().evaluate(model, x, y)
+
+
+def test_a_hooked_model_reports_the_accuracy_and_update_task_evaluate_gives(
+    tmp_path: Path,
+) -> None:
+    results = []
+    for name, task in (("a", SpectralDigits()), ("b", SpectralDigitsEvaluated())):
+        job = _job(tmp_path, output_path=tmp_path / f"{name}.safetensors")
+        results.append(LocalTrainer(device="cpu", task_loader=_loader(task)).run(job))
+    direct, evaluated = results
+    assert direct.metrics["trainAccuracy"] == evaluated.metrics["trainAccuracy"]
+    assert direct.output_path.read_bytes() == evaluated.output_path.read_bytes()
