@@ -9,7 +9,8 @@ Contract: :class:`RoundFiles` orders the writes of ``state_dir/round.json`` and
 * :meth:`RoundFiles.opened` returns once that save is done (at once for a round it did not
   open, e.g. one restored from disk): nothing of a round is counted, and its files are
   never removed, before it;
-* :meth:`RoundFiles.forget` removes the closed round's files now (an abandoned round);
+* :meth:`RoundFiles.forget` removes the closed round's files now (an abandoned round),
+  once no commit runs (a late commit of the closed round never lands after the removal);
   :meth:`RoundFiles.forget_later` after a new version is published, off the round's path
   (when the next round opens before that removal has begun, the next round's first save,
   which removes whatever a previous round left before it writes, does it instead: one
@@ -64,7 +65,11 @@ class RoundFiles:
             await asyncio.shield(opening[1])
 
     async def forget(self) -> None:
-        """Remove the closed round's files (after its outcome is saved, if it completed)."""
+        """Remove the closed round's files (after its outcome is saved, if it completed),
+        once its last commit is done: an update committed as the round closed never
+        writes ``round.json`` after the removal (a restart would bring an abandoned attempt
+        back; after the last round, nothing else would remove it)."""
+        await self.commits.idle()
         try:
             await asyncio.to_thread(self._store.clear)
         except OSError as exc:

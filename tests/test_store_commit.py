@@ -245,6 +245,49 @@ def test_history_json_matches_pydantic_through_a_long_run_of_changes() -> None:
         assert records.dump(history) == _LIST.dump_json(history, by_alias=True, indent=1), step
 
 
+def test_history_json_matches_pydantic_with_records_moved_repeated_and_published_anywhere() -> None:
+    """The joined prefix is checked by position and identity: records inserted or removed
+    in the middle, the same record object twice, a reordered list, and a record published
+    in place wherever it stands (never one whose bytes are joined)."""
+    rng = random.Random(8)
+    records = HistoryJson()
+    made: list[RoundRecord] = [_record(1)]
+    history = list(made)
+    for step in range(600):
+        op = rng.random()
+        if op < 0.3:
+            at = None if rng.random() < 0.5 else 1.0
+            made.append(_record(len(made) + 1, timing=_published_at(at)))
+            history = [*history, made[-1]]
+        elif op < 0.4:
+            unpublished = [r for r in history if r.timing and r.timing.published_at is None]
+            if unpublished:
+                timing = rng.choice(unpublished).timing
+                assert timing is not None
+                timing.published_at = float(step)
+        elif op < 0.55:
+            i = rng.randrange(len(history) + 1)
+            history = [*history[:i], rng.choice(made), *history[i:]]  # maybe a repeat
+        elif op < 0.7 and history:
+            i = rng.randrange(len(history))
+            history = [*history[:i], *history[i + 1 :]]
+        elif op < 0.8 and history:
+            i = rng.randrange(len(history))
+            history = [
+                *history[:i],
+                history[i].model_copy(update={"eval_loss": step}),
+                *history[i + 1 :],
+            ]
+        elif op < 0.85:
+            history = rng.sample(history, len(history))
+        elif op < 0.9:
+            history = history[: rng.randrange(len(history) + 1)]
+        else:
+            history = list(history)
+        want = _LIST.dump_json(history, by_alias=True, indent=1) if history else b"[]"
+        assert records.dump(history) == want, step
+
+
 def _published_at(at: float | None) -> RoundTiming:
     return RoundTiming(opened_at=1.0, collected_at=2.0, aggregated_at=3.5, published_at=at)
 
