@@ -16,6 +16,7 @@ Contract:
   is on another filesystem; with ``durable=True`` (the default) the moved data is fsynced
   before it appears under the target name (so a file written with ``durable=False`` is
   made durable by the move that hands it over) and the target directory after.
+* :func:`write_all` writes bytes to an open file descriptor, to their end.
 * :func:`file_identity` is a file's :class:`FileIdentity` (size, modification time,
   inode): a file replaced by :func:`write_atomic` or :func:`move_into` gets a new
   identity, so an unchanged identity means the same bytes as when it was taken.
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-__all__ = ["FileIdentity", "file_identity", "move_into", "write_atomic"]
+__all__ = ["FileIdentity", "file_identity", "move_into", "write_all", "write_atomic"]
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ def write_atomic(
         try:
             pieces = [data] if isinstance(data, bytes | bytearray | memoryview) else data
             for piece in pieces:
-                _write_all(fd, piece)
+                write_all(fd, piece)
             if durable:
                 os.fsync(fd)
         finally:
@@ -143,7 +144,10 @@ def _open_temp(path: Path) -> tuple[int, str]:
     raise FileExistsError(f"no free temporary name beside {path}")
 
 
-def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """Write ``data`` to an open file descriptor with plain system calls, to its end (no
+    buffered file object: its fstat, ioctl and lseek cost more than a small file's write);
+    raises :class:`OSError` as ``os.write`` does."""
     view = memoryview(data).cast("B")
     while view:
         view = view[os.write(fd, view) :]

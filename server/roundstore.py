@@ -46,7 +46,7 @@ from typing import TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
-from client.atomicfile import fsync_dir, write_atomic
+from client.atomicfile import fsync_dir, write_all, write_atomic
 from client.weights import Layout, StateDict, WeightsError, decode, decode_views
 from server.store import StoreError
 
@@ -121,7 +121,7 @@ class RoundStore:
         """Write an update's bytes to its incoming file (fsynced later, by :meth:`sync`)."""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            _write_all(fd, data)
+            write_all(fd, data)
         finally:
             os.close(fd)
 
@@ -170,7 +170,7 @@ class RoundStore:
         fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=f".{ROUND_FILE}.", suffix=".tmp")
         try:
             try:
-                _write_all(fd, data)
+                write_all(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -265,14 +265,6 @@ class RoundStore:
 def _update_file_name(device_id: str) -> str:
     """:meth:`RoundStore.update_file_name` (pure; asked several times per update)."""
     return hashlib.sha256(device_id.encode("utf-8")).hexdigest()[:32] + ".safetensors"
-
-
-def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
-    """Write ``data`` to an open file with plain system calls (no buffered file object:
-    its fstat, ioctl and lseek cost more than the write of a small update)."""
-    view = memoryview(data).cast("B")
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 @contextlib.contextmanager

@@ -48,7 +48,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from client.atomicfile import fsync_dir, fsync_file, write_atomic
+from client.atomicfile import fsync_dir, fsync_file, write_all, write_atomic
 from client.weights import Layout, StateDict, WeightsError, decode, encode, sha256_hex
 from server.status import RoundRecord
 
@@ -246,10 +246,8 @@ class Store:
         )
         fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=f".{HISTORY_FILE}.", suffix=".tmp")
         try:
-            try:  # plain system calls: no buffered file object (fstat, ioctl, lseek)
-                view = memoryview(meta)
-                while view:
-                    view = view[os.write(fd, view) :]
+            try:
+                write_all(fd, meta)
             finally:
                 os.close(fd)
             placed = [weights_name] + ([optimizer_name] if optimizer_name is not None else [])
