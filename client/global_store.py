@@ -15,7 +15,8 @@ Contract:
   it), every older weights file in the directory is deleted after the JSON is written
   (the directory is listed at the first save of a store; later saves delete the files
   this store knows of, as its one writer: those it listed or wrote, and those it could
-  not delete before).
+  not delete before). That first listing also removes the temporary files an earlier
+  run left when it was killed mid-write (never this process's own).
   Neither is fsynced: the global can be fetched from the server again, and
   :meth:`GlobalStore.current` verifies it, so a version torn by a power cut is detected
   and fetched again (a ``kill -9`` loses nothing: the OS holds the data). For the same
@@ -38,9 +39,11 @@ Contract:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Final
@@ -94,6 +97,21 @@ class GlobalWeights:
     size: int
     sha256: str
     identity: FileIdentity | None = None
+
+
+#: A temporary file :func:`client.atomicfile.write_atomic` makes for a weights file or the
+#: JSON (``.<name>.<pid>-<n>.tmp``).
+_TEMP: Final = re.compile(
+    rf"\.(?:global-v\d+-[0-9a-f]{{16}}{re.escape(WEIGHTS_SUFFIX)}|{re.escape(WEIGHTS_NAME)}"
+    rf"|{re.escape(META_NAME)})\.(?P<pid>\d+)-\d+\.tmp"
+)
+
+
+def _leftover_temp(name: str) -> bool:
+    """Whether ``name`` is a temporary file another process (a crashed earlier run) left
+    mid-write; this process's own are never taken for one."""
+    match = _TEMP.fullmatch(name)
+    return match is not None and int(match["pid"]) != os.getpid()
 
 
 class GlobalStore:
@@ -162,9 +180,18 @@ class GlobalStore:
         it wrote since), so a save lists nothing."""
         files = self._files
         if files is None:
+            files, leftovers = set(), []
             with os.scandir(self.directory) as entries:
-                files = {e.name for e in entries if e.name.endswith(WEIGHTS_SUFFIX) and e.is_file()}
+                for e in entries:
+                    if e.name.endswith(WEIGHTS_SUFFIX) and e.is_file():
+                        files.add(e.name)
+                    elif _leftover_temp(e.name) and e.is_file():
+                        leftovers.append(e.name)
             self._files = files
+            for name in leftovers:
+                log.info("removing an unfinished temporary file %s", self.directory / name)
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.directory, name))
         for name in sorted(files - keep):
             try:
                 os.unlink(os.path.join(self.directory, name))

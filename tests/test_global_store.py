@@ -137,3 +137,25 @@ def test_the_directory_is_listed_once_and_an_undeletable_file_is_tried_again(
     v4 = store.save(version=4, task="digits", data=b"weights v4")
     assert _weights_files(store) == {v3.path.name, v4.path.name}
     assert len(listed) == 1
+
+
+def test_the_first_save_removes_temporary_files_an_earlier_run_left_mid_write(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "global"
+    directory.mkdir()
+    crashed = os.getpid() + 1
+    leftovers = [
+        f".global-v3-{'a' * 16}.safetensors.{crashed}-0.tmp",  # killed writing weights
+        f".current.json.{crashed}-1.tmp",  # killed writing the record
+    ]
+    kept = [
+        f".global-v3-{'b' * 16}.safetensors.{os.getpid()}-7.tmp",  # this process's own
+        "notes.tmp",
+        ".other.json.1-0.tmp",
+    ]
+    for name in leftovers + kept:
+        (directory / name).write_bytes(b"x" * 10)
+    store = GlobalStore(directory)
+    v1 = store.save(version=1, task="digits", data=b"weights v1")
+    assert sorted(os.listdir(directory)) == sorted([*kept, v1.path.name, "current.json"])

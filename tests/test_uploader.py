@@ -427,3 +427,48 @@ def test_the_one_update_kept_since_the_store_was_seen_empty_is_sent_without_a_li
     server = asyncio.run(run())
     assert server.taken == [b"first", b"second", b"third"]
     assert entries() == []
+
+
+@pytest.mark.parametrize("content", [BIG, SMALL], ids=["streamed", "inline"])
+def test_an_accepted_update_the_disk_will_not_delete_is_counted_once_and_not_sent_again(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    content: bytes,
+) -> None:
+    """The server accepted the update but its deletion fails: the sending task goes on
+    (no exception), the update is counted and its "update accepted" line logged once;
+    the next try only deletes it (never sends it again, never counts it twice)."""
+    from client.session import uploader as uploader_module
+
+    monkeypatch.setattr(uploader_module, "upload_retry_delay", lambda failures: None)
+    pending = PendingStore(tmp_path / "pending")
+    _keep(tmp_path, pending, content)
+    remove = pending.remove
+    refusals = [PermissionError(13, "refused")]
+
+    def refusing_remove(update: Any) -> None:
+        if refusals:
+            raise refusals.pop()
+        remove(update)
+
+    monkeypatch.setattr(pending, "remove", refusing_remove)
+
+    async def run() -> tuple[Server, SnapshotHub]:
+        uploader, server, hub, tasks = _uploader(pending)
+        uploader.kick()
+        await asyncio.gather(*tasks)  # raises what killed the task
+        assert [e.round_id for e in pending.entries()] == ["r-1"], "kept: not deleted"
+        assert hub.current.rounds_completed == 1
+        uploader.kick()
+        await asyncio.gather(*tasks)
+        return server, hub
+
+    with caplog.at_level(logging.INFO, logger="client.session.uploader"):
+        server, hub = asyncio.run(run())
+    assert server.taken == [content], "sent once"
+    assert pending.entries() == []
+    assert hub.current.rounds_completed == 1, "counted once"
+    accepted = [r for r in caplog.records if "update accepted" in r.getMessage()]
+    assert len(accepted) == 1
+    assert any("cannot delete the update of round r-1" in r.getMessage() for r in caplog.records)

@@ -10,7 +10,9 @@ Contract (a loop-only object; disk work runs in worker threads):
   unreadable answer or a lost connection keeps it for a later try. Once an answer is
   final, its settling (the deletion, the count, the log line) runs to the end even when
   the connection ends meanwhile (which cancels the sending task): a deleted update is
-  always counted or logged.
+  always counted or logged. A deletion the disk refuses is logged, the update still
+  counted or logged once, and only its deletion is tried again later (the update is not
+  sent again); the sending task goes on.
 * Updates go one at a time, oldest first, while connected; :meth:`Uploader.kick` starts
   that unless it is under way (after every registration, and whenever an update is
   kept). After :data:`client.session.decisions.UPLOAD_RETRIES` failures in a row it
@@ -51,6 +53,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any, Final
 
 import socketio
@@ -101,7 +104,10 @@ class Uploader:
         self._state_changed = state_changed
         self._task: asyncio.Task[None] | None = None
         #: Settlings under way (held: the loop keeps only weak references to tasks).
-        self._settling: set[asyncio.Future[None]] = set()
+        self._settling: set[asyncio.Future[bool]] = set()
+        #: Updates the server answered finally whose deletion failed: (data file, SHA-256).
+        #: Only their deletion is tried again (never sent again, counted once).
+        self._answered: set[tuple[Path, str]] = set()
         self.uploading: str | None = None
         #: PendingStore.generation when the store was last seen empty (None: unknown).
         self._empty_at: int | None = None
@@ -164,13 +170,15 @@ class Uploader:
         """Send one update (``data``: its verified bytes, why they could not be read, or
         None to stream it from its file); True when it is resolved (and deleted), False to
         retry later."""
+        if (update.path, update.sha256) in self._answered:
+            # Answered finally already (and counted or logged): only its deletion is left.
+            return await self._delete(update)
         call = self._caller()
         if call is None:
             return False
         if isinstance(data, Exception):
             log.error("discarding the update of round %s: %s", update.round_id, data)
-            await asyncio.to_thread(self.pending.remove, update)
-            return True
+            return await self._delete(update)
 
         async def blob_call(event: str, payload: dict[str, Any]) -> Any:
             return await call(event, payload, ACK_TIMEOUT_S)
@@ -237,8 +245,7 @@ class Uploader:
             ack = await call(EV_WEIGHTS_SUBMIT, submit.to_wire(), SUBMIT_TIMEOUT_S)
         except BlobSourceError as exc:
             log.error("discarding the update of round %s: %s", update.round_id, exc)
-            await asyncio.to_thread(self.pending.remove, update)
-            return True
+            return await self._delete(update)
         except FedtrayError as exc:
             if exc.code in _BYTES_REFUSED and update.identity is not None:
                 # Sent on its identity, unhashed here: hashed again before the next try.
@@ -260,14 +267,15 @@ class Uploader:
         except FedtrayError as exc:
             log.warning("unexpected answer to weights:submit: %s", exc.message)
             return False
-        await self._settle(update, None, "")
+        settled = await self._settle(update, None, "")
         log.info(
             "round %s: update accepted (%d received so far)", update.round_id, accepted.received
         )
-        return True
+        return settled
 
     async def _settle(self, update: PendingUpdate, code: str | None, message: str) -> bool:
-        """Act on the server's answer (``code`` None: accepted); True when it is final."""
+        """Act on the server's answer (``code`` None: accepted); True when it is final and
+        the update deleted (False: kept, tried again later; see :meth:`_resolve`)."""
         outcome = submit_outcome(code)
         if outcome == "retry":
             log.warning(
@@ -277,21 +285,21 @@ class Uploader:
         if is_small(update.size):
             # Its deletion runs on the loop (run_disk): _resolve never suspends, so no
             # cancel can come between the deletion and its count or log line.
-            await self._resolve(update, outcome, code, message)
-            return True
+            return await self._resolve(update, outcome, code, message)
         # Shielded: a connection ending now cancels this task, but the answer is final, so
         # the deletion and its count or log line are one step (module docstring).
         settling = asyncio.ensure_future(self._resolve(update, outcome, code, message))
         self._settling.add(settling)
         settling.add_done_callback(self._settling.discard)
-        await asyncio.shield(settling)
-        return True
+        return await asyncio.shield(settling)
 
     async def _resolve(
         self, update: PendingUpdate, outcome: str, code: str | None, message: str
-    ) -> None:
-        """Delete a finally answered update, then count it or log why it was dropped."""
-        await run_disk(update.size, self.pending.remove, update)
+    ) -> bool:
+        """Delete a finally answered update, then count it or log why it was dropped; the
+        count or log line comes even when the deletion fails (the answer is final), and
+        only the deletion is tried again (:meth:`_delete`). True when it was deleted."""
+        deleted = await self._delete(update)
         if outcome in ("accepted", "duplicate"):
             if outcome == "duplicate":
                 log.info("round %s: the server already counted this update", update.round_id)
@@ -305,6 +313,26 @@ class Uploader:
                 code,
                 message,
             )
+        return deleted
+
+    async def _delete(self, update: PendingUpdate) -> bool:
+        """Delete a finally answered update; when the disk refuses, log it and remember it
+        as answered (sent no more, its deletion tried again by the next try). True when
+        it is deleted."""
+        key = (update.path, update.sha256)
+        try:
+            await run_disk(update.size, self.pending.remove, update)
+        except OSError as exc:
+            log.warning(
+                "cannot delete the update of round %s, which the server answered: %s; "
+                "trying again later",
+                update.round_id,
+                exc,
+            )
+            self._answered.add(key)
+            return False
+        self._answered.discard(key)
+        return True
 
 
 #: What the receiver answers to bytes that do not match their announced size or SHA-256.
