@@ -16,6 +16,7 @@ Contract:
   is on another filesystem; with ``durable=True`` (the default) the moved data is fsynced
   before it appears under the target name (so a file written with ``durable=False`` is
   made durable by the move that hands it over) and the target directory after.
+* :func:`leftover_temp_target` recognises a temporary file an earlier run left mid-write.
 * :func:`write_all` writes bytes to an open file descriptor, to their end.
 * :func:`file_identity` is a file's :class:`FileIdentity` (size, modification time,
   inode): a file replaced by :func:`write_atomic` or :func:`move_into` gets a new
@@ -29,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -36,7 +38,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-__all__ = ["FileIdentity", "file_identity", "move_into", "write_all", "write_atomic"]
+__all__ = [
+    "FileIdentity",
+    "file_identity",
+    "leftover_temp_target",
+    "move_into",
+    "write_all",
+    "write_atomic",
+]
 
 
 @dataclass(frozen=True)
@@ -127,13 +136,31 @@ _TEMP_FLAGS: Final = (
 _temp_numbers = itertools.count()
 
 
+def _temp_name(target: str, pid: int, number: int) -> str:
+    """THE name of a temporary file for ``target`` (:data:`_TEMP_NAME` reads it back)."""
+    return f".{target}.{pid}-{number}.tmp"
+
+
+_TEMP_NAME: Final = re.compile(r"\.(?P<target>.+)\.(?P<pid>\d+)-\d+\.tmp")
+
+
+def leftover_temp_target(name: str) -> str | None:
+    """The name of the file a temporary file named ``name`` was written for, when it is one
+    of :func:`write_atomic`'s that another process left (a crashed earlier run: this
+    process's own are never taken for one); else None."""
+    match = _TEMP_NAME.fullmatch(name)
+    if match is None or int(match["pid"]) == os.getpid():
+        return None
+    return match["target"]
+
+
 def _open_temp(path: Path) -> tuple[int, str]:
     """A new temporary file beside ``path`` (``.<name>.<pid>-<n>.tmp``: named as crash
     leftovers are recognised), created private and open for writing; creates the
     directory when missing. Cheaper than :func:`tempfile.mkstemp` (no random names:
     this process's id and a counter are unique, a leftover of the same name is skipped)."""
     for _ in range(10_000):
-        tmp = os.path.join(path.parent, f".{path.name}.{os.getpid()}-{next(_temp_numbers)}.tmp")
+        tmp = os.path.join(path.parent, _temp_name(path.name, os.getpid(), next(_temp_numbers)))
         try:
             return os.open(tmp, _TEMP_FLAGS, 0o600), tmp
         except FileExistsError:

@@ -43,14 +43,13 @@ import contextlib
 import hashlib
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Final
 
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
-from client.atomicfile import FileIdentity, file_identity, write_atomic
+from client.atomicfile import FileIdentity, file_identity, leftover_temp_target, write_atomic
 from client.config import data_dir
 from client.protocol import Identifier, NonNegInt, Sha256Hex
 
@@ -99,19 +98,14 @@ class GlobalWeights:
     identity: FileIdentity | None = None
 
 
-#: A temporary file :func:`client.atomicfile.write_atomic` makes for a weights file or the
-#: JSON (``.<name>.<pid>-<n>.tmp``).
-_TEMP: Final = re.compile(
-    rf"\.(?:global-v\d+-[0-9a-f]{{16}}{re.escape(WEIGHTS_SUFFIX)}|{re.escape(WEIGHTS_NAME)}"
-    rf"|{re.escape(META_NAME)})\.(?P<pid>\d+)-\d+\.tmp"
-)
-
-
 def _leftover_temp(name: str) -> bool:
-    """Whether ``name`` is a temporary file another process (a crashed earlier run) left
-    mid-write; this process's own are never taken for one."""
-    match = _TEMP.fullmatch(name)
-    return match is not None and int(match["pid"]) != os.getpid()
+    """Whether ``name`` is a temporary file for one of this store's files (a weights file
+    or the JSON) that another process (a crashed earlier run) left mid-write."""
+    target = leftover_temp_target(name)
+    return target is not None and (
+        target in (WEIGHTS_NAME, META_NAME)
+        or (target.startswith("global-v") and target.endswith(WEIGHTS_SUFFIX))
+    )
 
 
 class GlobalStore:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from client import atomicfile
-from client.atomicfile import file_identity, write_atomic
+from client.atomicfile import file_identity, leftover_temp_target, write_atomic
 
 
 def _leftovers(directory: Path) -> list[str]:
@@ -101,3 +101,44 @@ def test_move_into_makes_a_missing_target_directory_and_refuses_a_missing_source
     source.write_bytes(b"second")
     atomicfile.move_into(source, target, durable=durable)
     assert target.read_bytes() == b"second"
+
+
+#: Another process's id (a crashed earlier run's).
+_OTHER_PID = os.getpid() + 1
+
+
+@pytest.mark.parametrize(
+    ("name", "target"),
+    [
+        (".current.json.1-0.tmp", "current.json"),
+        (
+            ".global-v3-0123456789abcdef.safetensors.424242-17.tmp",
+            "global-v3-0123456789abcdef.safetensors",
+        ),
+        ("current.json", None),  # not a temporary file
+        (".current.json.tmp", None),  # no pid and number
+        (".current.json.x-1.tmp", None),
+        (f".current.json.{os.getpid()}-5.tmp", None),  # this process's own: being written
+    ],
+)
+def test_leftover_temp_target_reads_back_the_temporary_names(name: str, target: str | None) -> None:
+    assert leftover_temp_target(name) == target
+
+
+def test_a_temporary_file_write_atomic_leaves_is_named_as_leftover_temp_target_reads(
+    tmp_path: Path,
+) -> None:
+    seen: list[str] = []
+    real_replace = os.replace
+
+    def spy(src: str, dst: str) -> None:
+        seen.append(os.path.basename(src))
+        real_replace(src, dst)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "replace", spy)
+        write_atomic(tmp_path / "a.json", b"{}")
+    [temp] = seen
+    # Another process's (a crashed run's) file of the same name is a leftover for a.json.
+    other = temp.replace(f".{os.getpid()}-", f".{os.getpid() + 1}-")
+    assert leftover_temp_target(other) == "a.json"
