@@ -103,25 +103,22 @@ def test_move_into_makes_a_missing_target_directory_and_refuses_a_missing_source
     assert target.read_bytes() == b"second"
 
 
-#: Another process's id (a crashed earlier run's).
-_OTHER_PID = os.getpid() + 1
-
-
 @pytest.mark.parametrize(
-    ("name", "target"),
+    ("template", "target"),
     [
-        (".current.json.1-0.tmp", "current.json"),
-        (
-            ".global-v3-0123456789abcdef.safetensors.424242-17.tmp",
-            "global-v3-0123456789abcdef.safetensors",
-        ),
+        (".current.json.{other}-0.tmp", "current.json"),
+        (".global-v3-0123.safetensors.{other}-17.tmp", "global-v3-0123.safetensors"),
         ("current.json", None),  # not a temporary file
         (".current.json.tmp", None),  # no pid and number
         (".current.json.x-1.tmp", None),
-        (f".current.json.{os.getpid()}-5.tmp", None),  # this process's own: being written
+        (".current.json.{own}-5.tmp", None),  # this process's own: being written
     ],
 )
-def test_leftover_temp_target_reads_back_the_temporary_names(name: str, target: str | None) -> None:
+def test_leftover_temp_target_reads_back_the_temporary_names(
+    template: str, target: str | None
+) -> None:
+    # Filled in here, not in the parameters: each xdist worker is its own process.
+    name = template.format(own=os.getpid(), other=os.getpid() + 1)
     assert leftover_temp_target(name) == target
 
 
