@@ -50,17 +50,22 @@ def _leave_update(store: RoundStore, device_id: str) -> Path:
     return path
 
 
+async def _closed_round(store: RoundStore, tmp_path: Path) -> tuple[RoundFiles, Path]:
+    """Round 1 saved, then closed with an update file of device ``a`` left behind."""
+    files = RoundFiles(store, "synthetic", tmp_path)
+    first = _round(1)
+    files.open(first)
+    await files.opened(first)
+    return files, _leave_update(store, "a")
+
+
 def test_a_removal_not_begun_when_the_next_round_opens_is_done_by_its_first_save(
     tmp_path: Path,
 ) -> None:
     store = CountingStore(tmp_path)
 
     async def main() -> None:
-        files = RoundFiles(store, "synthetic", tmp_path)
-        first = _round(1)
-        files.open(first)
-        await files.opened(first)
-        old = _leave_update(store, "a")
+        files, old = await _closed_round(store, tmp_path)
         store.clears = 0
         files.forget_later()
         second = _round(2)
@@ -78,11 +83,7 @@ def test_a_removal_asked_after_publishing_happens_when_no_round_opens(tmp_path: 
     store = CountingStore(tmp_path)
 
     async def main() -> None:
-        files = RoundFiles(store, "synthetic", tmp_path)
-        first = _round(1)
-        files.open(first)
-        await files.opened(first)
-        old = _leave_update(store, "a")
+        files, old = await _closed_round(store, tmp_path)
         files.forget_later()
         await wait_until_async(
             lambda: not (tmp_path / ROUND_FILE).exists() and not old.exists(),
@@ -100,11 +101,7 @@ def test_a_removal_begun_before_the_next_round_opens_is_awaited_by_its_first_sav
     store = CountingStore(tmp_path)
 
     async def main() -> None:
-        files = RoundFiles(store, "synthetic", tmp_path)
-        first = _round(1)
-        files.open(first)
-        await files.opened(first)
-        old = _leave_update(store, "a")
+        files, old = await _closed_round(store, tmp_path)
         files.forget_later()
         await asyncio.sleep(0)  # the removal begins
         second = _round(2)
