@@ -50,12 +50,18 @@ def _leave_update(store: RoundStore, device_id: str) -> Path:
     return path
 
 
+async def _opened_round(store: RoundStore, tmp_path: Path) -> tuple[RoundFiles, Round]:
+    """Round 1 opened and saved."""
+    files = RoundFiles(store, "synthetic", tmp_path)
+    rnd = _round(1)
+    files.open(rnd)
+    await files.opened(rnd)
+    return files, rnd
+
+
 async def _closed_round(store: RoundStore, tmp_path: Path) -> tuple[RoundFiles, Path]:
     """Round 1 saved, then closed with an update file of device ``a`` left behind."""
-    files = RoundFiles(store, "synthetic", tmp_path)
-    first = _round(1)
-    files.open(first)
-    await files.opened(first)
+    files, _ = await _opened_round(store, tmp_path)
     return files, _leave_update(store, "a")
 
 
@@ -179,10 +185,7 @@ def test_an_abandoned_round_s_files_are_removed_after_its_late_commit(
     store = HeldCommitStore(tmp_path)
 
     async def main() -> None:
-        files = RoundFiles(store, "synthetic", tmp_path)
-        rnd = _round(1)
-        files.open(rnd)
-        await files.opened(rnd)
+        files, rnd = await _opened_round(store, tmp_path)
         committing = await _late_commit(files, store, rnd)
         _release_when_waited_for(files, store, monkeypatch)
         await files.forget()
@@ -204,10 +207,7 @@ def test_after_the_last_round_its_late_commit_lands_before_the_removal(
     store = HeldCommitStore(tmp_path)
 
     async def main() -> None:
-        files = RoundFiles(store, "synthetic", tmp_path)
-        rnd = _round(1)
-        files.open(rnd)
-        await files.opened(rnd)
+        files, rnd = await _opened_round(store, tmp_path)
         committing = await _late_commit(files, store, rnd)
         _release_when_waited_for(files, store, monkeypatch)
         files.forget_later()
