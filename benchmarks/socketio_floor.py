@@ -46,7 +46,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -75,20 +75,11 @@ from benchmarks.vs_flower import (
     shapes_for,
     size_label,
 )
+from server.serving import run_server
 
 VARIANTS = ("bare", "worker", "checked", "durable")
 POLL_S = 0.1
 MAX_MESSAGE = 512 * 1024 * 1024
-
-
-def _run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """Runs ``main`` on uvloop where installed, as fedtray's server and session do."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main())
-    else:
-        uvloop.run(main())
 
 
 def _write(path: Path, data: bytes, synced: bool) -> None:
@@ -174,7 +165,7 @@ def serve(port: int, rounds: int, floats: int, variant: str, out: Path, work: Pa
         out.write_text(json.dumps(record), encoding="utf-8")
         await runner.cleanup()
 
-    _run(main)
+    run_server(main())  # uvloop where installed, as fedtray's server and session run
 
 
 def child(conn: Connection) -> None:
@@ -249,7 +240,7 @@ def client(url: str, variant: str, work: Path) -> None:
         await sio.call("device:register", {"name": work.name}, timeout=60)
         await done.wait()
 
-    _run(main)
+    run_server(main())  # uvloop where installed, as fedtray's server and session run
 
 
 # -- the driver ------------------------------------------------------------------------------

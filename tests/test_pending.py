@@ -8,6 +8,7 @@ import logging
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,32 +26,33 @@ def _update_file(tmp_path: Path, content: bytes = b"weights-bytes") -> JobFiles:
     return files
 
 
-def _add(store: PendingStore, src: JobFiles, round_id: str = "r-1", created: float = 1.0) -> None:
-    store.add(
+def _add(
+    store: PendingStore,
+    src: JobFiles,
+    round_id: str = "r-1",
+    created: float = 1.0,
+    *,
+    num_samples: int = 120,
+    metrics: dict[str, float] | None = None,
+    **options: Any,
+) -> PendingUpdate:
+    """``src`` kept as an update of ``round_id`` (``options``: add's own, e.g. durable)."""
+    return store.add(
         src,
         round_id=round_id,
         task="digits",
         base_version=3,
-        num_samples=120,
-        metrics={"trainLoss": 0.5},
+        num_samples=num_samples,
+        metrics={"trainLoss": 0.5} if metrics is None else metrics,
         fmt="safetensors",
         created=created,
+        **options,
     )
 
 
 def _kept(store: PendingStore, tmp_path: Path, *, durable: bool) -> PendingUpdate:
     """A fresh job output kept as round r-1's update."""
-    return store.add(
-        _update_file(tmp_path),
-        round_id="r-1",
-        task="digits",
-        base_version=3,
-        num_samples=1,
-        metrics={},
-        fmt="safetensors",
-        created=1.0,
-        durable=durable,
-    )
+    return _add(store, _update_file(tmp_path), num_samples=1, metrics={}, durable=durable)
 
 
 def test_default_dir_follows_xdg_data_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -62,17 +64,7 @@ def test_default_dir_follows_xdg_data_home(tmp_path: Path, monkeypatch: pytest.M
 def test_lifecycle_add_list_read_remove(tmp_path: Path, durable: bool) -> None:
     store = PendingStore(tmp_path / "pending")  # made by the first add
     src = _update_file(tmp_path)
-    store.add(
-        src,
-        round_id="r-1",
-        task="digits",
-        base_version=3,
-        num_samples=120,
-        metrics={"trainLoss": 0.5},
-        fmt="safetensors",
-        created=1.0,
-        durable=durable,
-    )
+    _add(store, src, durable=durable)
     store.wait_durable(store.entries()[0])
     assert not src.output.exists(), "the update must be moved, not copied"
     [entry] = store.entries()
@@ -207,29 +199,25 @@ def test_an_output_digest_from_the_trainer_is_recorded_without_reading_the_file(
     store = PendingStore(tmp_path / "pending")
     src = _update_file(tmp_path, b"weights")
     digest = src.write_output(b"weights")
-    entry = store.add(
+    entry = _add(
+        store,
         src,
-        round_id="r-9",
-        task="digits",
-        base_version=3,
+        "r-9",
+        1.0,
         num_samples=5,
         metrics={},
-        fmt="safetensors",
-        created=1.0,
         digest=(7, digest),
     )
     assert (entry.size, entry.sha256) == (7, hashlib.sha256(b"weights").hexdigest())
     assert store.read(entry) == b"weights"
     # A wrong digest is not sent: reading checks the bytes against it.
-    wrong = store.add(
+    wrong = _add(
+        store,
         _update_file(tmp_path, b"other"),
-        round_id="r-10",
-        task="digits",
-        base_version=3,
+        "r-10",
+        2.0,
         num_samples=5,
         metrics={},
-        fmt="safetensors",
-        created=2.0,
         digest=(5, "0" * 64),
     )
     # Bytes this process kept are trusted by their file's identity, as when streamed:
@@ -241,15 +229,13 @@ def test_an_output_digest_from_the_trainer_is_recorded_without_reading_the_file(
         store.read(again)
     assert info.value.code == "checksum_mismatch"
     # A file changed since it was kept (another identity) is hashed too.
-    store.add(
+    _add(
+        store,
         _update_file(tmp_path, b"third"),
-        round_id="r-11",
-        task="digits",
-        base_version=3,
+        "r-11",
+        3.0,
         num_samples=5,
         metrics={},
-        fmt="safetensors",
-        created=3.0,
         digest=(5, hashlib.sha256(b"third").hexdigest()),
     )
     [*_, third] = store.entries()

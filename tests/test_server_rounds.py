@@ -14,6 +14,7 @@ import pytest
 from server_harness import ScriptedDevice, ServerHandle, run_devices, running_server
 
 from client.weights import StateDict
+from server.rounds import Round
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -336,20 +337,24 @@ def test_waiting_reason_is_logged(tmp_path: Path, caplog: pytest.LogCaptureFixtu
     assert "round 1 waiting: 1 of 2 eligible devices (1 paused: battery_low)" in messages
 
 
-def test_the_record_of_an_abandoned_round() -> None:
-    from server.rounds import Round
-    from server.status import abandoned_record
-
-    rnd = Round.open(
-        round_id="r4-2-x",
+def _round_four(round_id: str, attempt: int, selected: list[str]) -> Round:
+    """Round 4 of version 3, opened at t=100 with a 60 s deadline, 2 reports needed."""
+    return Round.open(
+        round_id=round_id,
         number=4,
-        attempt=2,
+        attempt=attempt,
         base_version=3,
-        selected=["a", "b", "c"],
+        selected=selected,
         now=100.0,
         timeout=60.0,
         required=2,
     )
+
+
+def test_the_record_of_an_abandoned_round() -> None:
+    from server.status import abandoned_record
+
+    rnd = _round_four("r4-2-x", 2, ["a", "b", "c"])
     rnd.record_report("a", 10, {})
     record = abandoned_record(rnd, 3, "b dropped (disconnected)", 112.3456, 1_800_000_000.0)
     assert record.model_dump() == {
@@ -369,19 +374,9 @@ def test_the_record_of_an_abandoned_round() -> None:
 
 
 def test_the_record_of_a_completed_round() -> None:
-    from server.rounds import Round
     from server.status import completed_record
 
-    rnd = Round.open(
-        round_id="r4-1-x",
-        number=4,
-        attempt=1,
-        base_version=3,
-        selected=["a", "b"],
-        now=100.0,
-        timeout=60.0,
-        required=2,
-    )
+    rnd = _round_four("r4-1-x", 1, ["a", "b"])
     rnd.record_report("a", 10, {})
     rnd.record_report("b", 5, {})
     record = completed_record(rnd, 4, 0.25, 1_800_000_001.5, 102.5, 1_800_000_002.0)
